@@ -1,0 +1,172 @@
+"""Load and save the released Citrus-V layout: config.json + safetensors shards + index +
+tokenizer/processor files. Also build one from parts (Qwen2.5-VL dir + SAM2 .pt + projector)."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoProcessor
+from transformers.utils import logging as hf_logging
+from transformers.modeling_utils import no_init_weights
+
+from .config import CitrusVConfig
+from .errors import CheckpointError
+from .modeling import CitrusV
+
+INDEX = "model.safetensors.index.json"
+EXTRA_TOKENS = ["[SEG]", "<bbox>", "</bbox>"]
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_model(config: CitrusVConfig, dtype: torch.dtype = torch.float32,
+                random_init: bool = True) -> CitrusV:
+    """Construct the module; without random init when weights are about to be loaded."""
+    with _default_dtype(dtype):
+        if random_init:
+            model = CitrusV(config)
+        else:
+            with no_init_weights():
+                model = CitrusV(config)
+    return model.to(dtype)
+
+
+def shard_files(path: Path) -> list[Path]:
+    index = path / INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / name for name in sorted(set(weight_map.values()))]
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"{path} has no {INDEX} or model.safetensors; "
+                          "point at a Citrus-V checkpoint directory.")
+
+
+def check_keys(expected: set[str], found: set[str], tied: set[str] = frozenset()) -> None:
+    """Raise naming missing and unexpected keys (never a silent random init)."""
+    missing = sorted(expected - found - set(tied))
+    unexpected = sorted(found - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {', '.join(missing[:8])}"
+                         + (" ..." if len(missing) > 8 else ""))
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:8])}"
+                         + (" ..." if len(unexpected) > 8 else ""))
+        raise CheckpointError("checkpoint does not match the model: " + "; ".join(parts))
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32):
+    """-> (model in eval mode on device, processor, config). Local files only."""
+    path = Path(path)
+    config = CitrusVConfig.from_pretrained(path)
+    files = shard_files(path)
+    model = build_model(config, dtype, random_init=False)
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file), device="cpu"))
+    expected = set(model.state_dict().keys())
+    tied = {"mllm.lm_head.weight"} if config.mllm.tie_word_embeddings else set()
+    check_keys(expected, set(state), tied)
+    model.load_state_dict(state, strict=False)
+    if tied:
+        model.mllm.tie_weights()
+    model.to(device=device, dtype=dtype).eval()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # silence the slow->fast image processor notice
+    try:
+        processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model, processor, config
+
+
+def save_checkpoint(model: CitrusV, processor, path: str | Path,
+                    max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """Write the released layout (sharded safetensors + index), config and processor files."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    if model.config.mllm.tie_word_embeddings:
+        state.pop("mllm.lm_head.weight", None)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(state):
+        nbytes = state[key].numel() * state[key].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = state[key]
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    (path / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                          "weight_map": weight_map}, indent=2))
+    model.config.save_pretrained(path)
+    processor.save_pretrained(str(path))
+    return path
+
+
+def from_parts(qwen_dir: str | Path, sam2_pt: str | Path | None, projector_file: str | Path | None,
+               grounding_encoder_config: str | dict = "sam2_hiera_l.yaml",
+               device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """Research path: a base Qwen2.5-VL dir + a SAM2 checkpoint (.pt) + projector weights.
+
+    Adds [SEG], <bbox>, </bbox> to the tokenizer if missing (new embedding rows are random:
+    such a model needs stage-4 fine-tuning before its masks mean anything).
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(str(qwen_dir), local_files_only=True)
+    tok = processor.tokenizer
+    missing = [t for t in EXTRA_TOKENS if t not in tok.get_vocab()]
+    if missing:
+        tok.add_tokens(missing)
+    mllm_cfg = Qwen2_5_VLConfig.from_pretrained(str(qwen_dir), local_files_only=True)
+    ip = processor.image_processor
+    config = CitrusVConfig(
+        mllm=mllm_cfg, seg_token_idx=tok.convert_tokens_to_ids("[SEG]"),
+        grounding_encoder_config=grounding_encoder_config,
+        min_pixels=int(getattr(ip, "min_pixels", None) or ip.size["shortest_edge"]),
+        max_pixels=int(getattr(ip, "max_pixels", None) or ip.size["longest_edge"]),
+    )
+    model = build_model(config, dtype, random_init=True)
+    model.mllm = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        str(qwen_dir), local_files_only=True, dtype=dtype)
+    if len(tok) > model.mllm.get_input_embeddings().weight.shape[0]:
+        model.mllm.resize_token_embeddings(len(tok))
+    config.mllm = model.mllm.config
+    if sam2_pt is not None:
+        sd = torch.load(str(sam2_pt), map_location="cpu", weights_only=True)
+        sd = sd.get("model", sd)
+        check_keys(set(model.sam2.state_dict()), set(sd))
+        model.sam2.load_state_dict(sd)
+    if projector_file is not None:
+        if str(projector_file).endswith(".safetensors"):
+            sd = load_file(str(projector_file))
+        else:
+            sd = torch.load(str(projector_file), map_location="cpu", weights_only=True)
+        sd = {k.removeprefix("seg_projector."): v for k, v in sd.items()}
+        check_keys(set(model.seg_projector.state_dict()), set(sd))
+        model.seg_projector.load_state_dict(sd)
+    model.to(device=device, dtype=dtype).eval()
+    return model, processor, config

@@ -1,0 +1,76 @@
+"""CitrusVConfig: the checkpoint's config.json as data (Qwen2.5-VL fields + the Citrus-V extras)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import Qwen2_5_VLConfig
+
+from .errors import CheckpointError
+
+# Keys of config.json that belong to Citrus-V rather than to Qwen2.5-VL.
+CITRUS_KEYS = (
+    "seg_token_idx", "grounding_encoder_config", "use_res_seg_projector", "image_size",
+    "seg_hidden_offset", "min_pixels", "max_pixels", "out_dim", "system_prompt",
+    "task_system_prompts", "name", "version",
+)
+
+
+@dataclass
+class CitrusVConfig:
+    """Data only: how to build the torch module and how to feed it."""
+
+    mllm: Qwen2_5_VLConfig
+    seg_token_idx: int
+    grounding_encoder_config: str | dict = "sam2_hiera_l.yaml"
+    use_res_seg_projector: bool = False
+    image_size: int = 1024
+    seg_hidden_offset: int = 0  # 0: hidden state AT [SEG] (Citrus-V); -1: the one before (LISA)
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    out_dim: int = 256
+    system_prompt: str = "You are a helpful assistant."
+    task_system_prompts: dict[str, str] = field(default_factory=dict)
+    name: str = "citrusv"
+    version: str = ""
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.mllm.text_config.hidden_size)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CitrusVConfig:
+        data = copy.deepcopy(data)
+        if data.get("model_type") not in (None, "citrus_v"):
+            raise CheckpointError(f"config.json has model_type '{data.get('model_type')}', "
+                                  "expected 'citrus_v'.")
+        if "seg_token_idx" not in data:
+            raise CheckpointError("config.json has no seg_token_idx; it is not a Citrus-V model.")
+        extras = {k: data.pop(k) for k in CITRUS_KEYS if k in data}
+        for k in ("model_type", "architectures", "auto_map"):
+            data.pop(k, None)
+        mllm = Qwen2_5_VLConfig(**data)
+        return cls(mllm=mllm, **extras)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.mllm.to_dict()
+        data["model_type"] = "citrus_v"
+        data["architectures"] = ["CitrusV"]
+        for k in CITRUS_KEYS:
+            data[k] = copy.deepcopy(getattr(self, k))
+        return data
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> CitrusVConfig:
+        file = Path(path) / "config.json"
+        if not file.is_file():
+            raise CheckpointError(f"{path} has no config.json; point at a Citrus-V checkpoint dir.")
+        return cls.from_dict(json.loads(file.read_text()))
+
+    def save_pretrained(self, path: str | Path) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "config.json").write_text(json.dumps(self.to_dict(), indent=2, default=str))

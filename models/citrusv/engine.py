@@ -1,0 +1,399 @@
+"""Engine: the one public entry. Load a checkpoint once, then ask questions about slices.
+
+    engine = Engine.load("models/nano")
+    res = engine.ask(slice_hu, "Please segment the liver in this scan.", window="abdomen")
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from . import imaging
+from .checkpoint import load_checkpoint
+from .errors import InputError
+from .generation import generate_capturing, image_embeddings, teacher_force
+from .imaging import FrameMap
+from .parsing import TASKS, infer_task, parse_output
+from .prompting import pixel_inputs, text_inputs
+from .result import Box, Mask, Result, Step
+from .slice_cache import SliceCache, SliceState, content_hash
+
+AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
+AXIS_NAMES = {v: k for k, v in AXES.items()}
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype, device: str | torch.device) -> torch.dtype:
+    """None -> fp32 on CPU, bf16 on CUDA; strings like "bf16" accepted."""
+    if dtype is None:
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise InputError("dtype", f"dtype '{dtype}' is unknown; use float32 or bfloat16.")
+        return _DTYPES[dtype]
+    return dtype
+
+
+def square_roi(xyxy, height: int, width: int, margin: float = 0.15, min_side: int = 16
+               ) -> list[int]:
+    """A square around a box, grown by `margin` per side, kept inside the slice."""
+    x1, y1, x2, y2 = (float(v) for v in xyxy)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    side = max(x2 - x1, y2 - y1) * (1 + 2 * margin)
+    side = int(min(max(round(side), min_side), width, height))
+    left = int(round(min(max(cx - side / 2, 0), width - side)))
+    top = int(round(min(max(cy - side / 2, 0), height - side)))
+    return [left, top, left + side, top + side]
+
+
+def mask_box(mask: np.ndarray) -> list[float] | None:
+    rows, cols = np.any(mask, axis=1), np.any(mask, axis=0)
+    if not rows.any():
+        return None
+    y = np.flatnonzero(rows)
+    x = np.flatnonzero(cols)
+    return [float(x[0]), float(y[0]), float(x[-1] + 1), float(y[-1] + 1)]
+
+
+class Engine:
+    """Citrus-V on one device: slice -> (masks, boxes, reasoning, answer) as a `Result`."""
+
+    def __init__(self, model, processor, config, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, cache_budget_mb: float = 1024,
+                 max_pixels: int = imaging.DEFAULT_MAX_PIXELS, max_new_tokens: int = 512,
+                 name: str | None = None) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.cache = SliceCache(int(cache_budget_mb * 1024**2))
+        self.max_pixels = int(max_pixels)
+        self.max_new_tokens = int(max_new_tokens)
+        self.name = name or config.name
+        ids = self.tokenizer.convert_tokens_to_ids
+        self.eos_ids = {i for i in (ids("<|im_end|>"), ids("<|endoftext|>")) if i is not None}
+        vc = config.mllm.vision_config
+        self.merge_size = int(vc.spatial_merge_size)
+        self.factor = int(vc.patch_size) * self.merge_size
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu", dtype=None, **settings) -> Engine:
+        """Load a Citrus-V checkpoint directory (released layout; no hub access)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise InputError("model", f"model directory {path} does not exist; "
+                             "pass a Citrus-V checkpoint directory.")
+        torch_dtype = resolve_dtype(dtype, device)
+        model, processor, config = load_checkpoint(path, device=device, dtype=torch_dtype)
+        settings.setdefault("name", config.name if config.name != "citrusv" else path.name)
+        return cls(model, processor, config, device=device, dtype=torch_dtype, **settings)
+
+    # ----------------------------------------------------------------- public API
+    def set_image(self, image, window=None, photometric: str | None = None) -> SliceState:
+        """Prepare (and cache) one slice; later `ask` calls on it skip the image encoders."""
+        arr = imaging.check_slice(image, self.max_pixels)
+        return self._state(arr, window, photometric)
+
+    def ask(self, image, prompt: str, window=None, *, task: str | None = None,
+            slice_index: int | None = None, spacing=None, photometric: str | None = None,
+            image_id: str | None = None, forced_text: str | None = None,
+            max_new_tokens: int | None = None, image_info: dict | None = None) -> Result:
+        """One question about one 2D slice (scanner units or uint8 RGB) -> Result."""
+        t0 = time.perf_counter()
+        prompt = self._check_prompt(prompt)
+        task = self._check_task(task, prompt)
+        arr = imaging.check_slice(image, self.max_pixels)
+        state = self._state(arr, window, photometric)
+        res = self._run(state, prompt, task, forced_text, max_new_tokens)
+        self._finish(res, arr.shape[:2], slice_index, spacing, image_id, image_info, window)
+        res.timing_ms["total"] = (time.perf_counter() - t0) * 1e3
+        return res
+
+    def closer_look(self, image, prompt: str = "", roi=None, margin: float = 0.15, *,
+                    mask: np.ndarray | None = None, label: str | None = None, window=None,
+                    slice_index: int | None = None, spacing=None,
+                    photometric: str | None = None, image_id: str | None = None,
+                    forced_text: str | None = None, image_info: dict | None = None) -> Result:
+        """Crop a square ROI (from `roi`, a previous `mask`, or a first pass), re-ask at model
+        size, paste the refined mask back into the full slice."""
+        t0 = time.perf_counter()
+        if not (prompt or "").strip():
+            prompt = f"Please segment the {label or 'structure'} in this image."
+        prompt = self._check_prompt(prompt)
+        arr = imaging.check_slice(image, self.max_pixels)
+        h, w = arr.shape[:2]
+        before = None
+        if mask is not None:
+            mask = np.asarray(mask, dtype=bool)
+            if mask.shape != (h, w):
+                raise InputError("mask", f"mask shape {mask.shape} differs from the slice "
+                                 f"{(h, w)}; send the mask of this slice.")
+            before = mask
+        first = None
+        if roi is None and before is None:
+            first = self.ask(arr, prompt, window, task="segment", photometric=photometric,
+                             forced_text=forced_text)
+            picked = [m for m in first.masks if label is None or m.label == label]
+            if picked and picked[0].area_px:
+                before = picked[0].array
+            elif first.boxes:
+                roi = first.boxes[0].xyxy
+            else:
+                raise InputError("roi", "the first pass found no region to look closer at; "
+                                 "send roi=[x1, y1, x2, y2] or a mask.")
+        if roi is not None:
+            roi = self._check_roi(roi, h, w)
+            base = roi
+        else:
+            base = mask_box(before)
+            if base is None:
+                raise InputError("mask", "mask is empty; send a mask with the region to refine.")
+        square = square_roi(base, h, w, margin)
+        x1, y1, x2, y2 = square
+        full_rgb = imaging.to_rgb_uint8(arr, window, photometric)
+        crop = full_rgb[y1:y2, x1:x2]
+        size = int(self.config.image_size)
+        canon = np.asarray(Image.fromarray(crop).resize((size, size), Image.Resampling.BICUBIC))
+        key = (content_hash(arr), imaging.window_key(window), tuple(square))
+        state = self._state_from_rgb(canon, key)
+        res = self._run(state, prompt, "closer_look", forced_text, None)
+        to_slice = FrameMap(y2 - y1, x2 - x1, size, size)
+        for box in res.boxes:
+            bx = to_slice.to_input(box.xyxy)
+            box.xyxy = [bx[0] + x1, bx[1] + y1, bx[2] + x1, bx[3] + y1]
+        for m in res.masks:
+            small = F.interpolate(torch.from_numpy(m.array.astype(np.float32))[None, None],
+                                  size=(y2 - y1, x2 - x1), mode="bilinear",
+                                  align_corners=False)[0, 0].numpy() >= 0.5
+            full = np.zeros((h, w), dtype=bool)
+            full[y1:y2, x1:x2] = small
+            m.array = full
+        if first is not None:
+            res.timing_ms["first_pass"] = first.timing_ms.get("total", 0.0)
+        res.closer_look = {
+            "roi": [int(v) for v in square],
+            "area_px_before": int(before.sum()) if before is not None else None,
+            "area_px_after": int(res.masks[0].area_px) if res.masks else 0,
+        }
+        self._finish(res, (h, w), slice_index, spacing, image_id, image_info, window)
+        res.timing_ms["total"] = (time.perf_counter() - t0) * 1e3
+        return res
+
+    def ask_volume(self, volume, prompt: str, slices=None, axis: int | str = 0, window=None, *,
+                   task: str | None = None, spacing=None, photometric: str | None = None,
+                   image_id: str | None = None, batch_size: int = 8,
+                   forced_text: str | None = None) -> Result:
+        """Ask about each slice along `axis`; masks come back as 3D arrays in volume index space.
+
+        SAM2 image features are encoded `batch_size` slices at a time; generation is per slice.
+        """
+        t0 = time.perf_counter()
+        prompt = self._check_prompt(prompt)
+        task = self._check_task(task, prompt)
+        vol = np.asarray(volume)
+        if vol.ndim != 3:
+            raise InputError("image", f"volume has shape {tuple(vol.shape)}; send a 3D array "
+                             "(z, y, x).")
+        ax = AXES.get(axis, axis) if isinstance(axis, str) else int(axis)
+        if ax not in (0, 1, 2):
+            raise InputError("axis", f"axis {axis!r} is unknown; use axial, coronal, sagittal "
+                             "or 0, 1, 2.")
+        n = vol.shape[ax]
+        ks = list(range(n)) if slices is None else [int(k) for k in slices]
+        if not ks:
+            raise InputError("slice", "no slices were asked for; send a non-empty range.")
+        bad = [k for k in ks if not 0 <= k < n]
+        if bad:
+            raise InputError("slice", f"slice {bad[0]} is outside 0..{n - 1} along axis {ax}; "
+                             "send an index inside the volume.")
+        plane_spacing = None
+        if spacing is not None:
+            plane_spacing = tuple(float(s) for i, s in enumerate(spacing) if i != ax)
+        out = Result(task=task, prompt=prompt, model=self._model_info())
+        merged: dict[str, Mask] = {}
+        texts, answers = [], []
+        for start in range(0, len(ks), max(1, int(batch_size))):
+            batch = ks[start:start + batch_size]
+            states = [self._state(imaging.check_slice(np.take(vol, k, axis=ax), self.max_pixels),
+                                  window, photometric) for k in batch]
+            self._encode_sam_batch(states)
+            for k, state in zip(batch, states):
+                res = self._run(state, prompt, task, forced_text, None)
+                texts.append(f"[slice {k}] {res.text}")
+                answers.append(res.answer)
+                out.warnings += [f"slice {k}: {w}" for w in res.warnings]
+                remap = {}
+                for box in res.boxes:
+                    remap[box.id] = f"b{len(out.boxes) + 1}"
+                    out.boxes.append(Box(remap[box.id], box.label, box.xyxy, k, box.score))
+                for step in res.reasoning:
+                    out.reasoning.append(Step(len(out.reasoning) + 1, f"[slice {k}] {step.text}",
+                                              [remap.get(b, b) for b in step.box_ids]))
+                for m in res.masks:
+                    if m.label not in merged:
+                        merged[m.label] = Mask(m.label, np.zeros(vol.shape, dtype=bool),
+                                               len(merged) + 1, None, m.score, plane_spacing,
+                                               [], ax)
+                    target = merged[m.label]
+                    index = [slice(None)] * 3
+                    index[ax] = k
+                    target.array[tuple(index)] |= m.array
+                    target.score = max(target.score or 0.0, m.score or 0.0)
+                for name, value in res.timing_ms.items():
+                    out.timing_ms[name] = out.timing_ms.get(name, 0.0) + value
+        for m in merged.values():
+            m.slices = list(ks)
+        out.masks = list(merged.values())
+        out.text = "\n".join(texts)
+        out.answer = Counter(answers).most_common(1)[0][0] if answers else ""
+        out.image = {"id": image_id, "shape": [int(s) for s in vol.shape],
+                     "spacing": None if spacing is None else [float(s) for s in spacing],
+                     "axis": AXIS_NAMES[ax], "slices": list(ks)}
+        out.timing_ms["total"] = (time.perf_counter() - t0) * 1e3
+        return out
+
+    # ----------------------------------------------------------------- internals
+    def _model_info(self) -> dict:
+        return {"name": self.name, "version": str(self.config.version or "")}
+
+    def _check_prompt(self, prompt) -> str:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError("prompt", "prompt is empty; type a question such as "
+                             "'Please segment the liver in this scan.'")
+        if len(prompt) > 4000:
+            raise InputError("prompt", f"prompt is {len(prompt)} characters; keep it under 4000.")
+        return prompt.strip()
+
+    def _check_task(self, task: str | None, prompt: str) -> str:
+        if task is None:
+            return infer_task(prompt)
+        if task not in TASKS:
+            raise InputError("task", f"task '{task}' is unknown; use one of {', '.join(TASKS)}.")
+        return task
+
+    def _check_roi(self, roi, h: int, w: int) -> list[float]:
+        try:
+            x1, y1, x2, y2 = (float(v) for v in roi)
+        except (TypeError, ValueError):
+            raise InputError("roi", "roi must be four numbers [x1, y1, x2, y2] in slice pixels.")
+        x1, x2 = sorted((min(max(x1, 0), w), min(max(x2, 0), w)))
+        y1, y2 = sorted((min(max(y1, 0), h), min(max(y2, 0), h)))
+        if x2 - x1 < 1 or y2 - y1 < 1:
+            raise InputError("roi", f"roi {list(roi)} is empty inside the {w}x{h} slice; "
+                             "draw a box inside the image.")
+        return [x1, y1, x2, y2]
+
+    def _state(self, arr: np.ndarray, window, photometric) -> SliceState:
+        key = (content_hash(arr), imaging.window_key(window), str(photometric), None)
+        state = self.cache.get(key)
+        if state is not None:
+            return state
+        rgb = imaging.to_rgb_uint8(arr, window, photometric)
+        return self._state_from_rgb(rgb, key)
+
+    def _state_from_rgb(self, rgb: np.ndarray, key: tuple) -> SliceState:
+        state = self.cache.get(key)
+        if state is not None:
+            return state
+        frame, fmap = imaging.qwen_frame(rgb, self.factor, self.config.min_pixels,
+                                         self.config.max_pixels)
+        state = SliceState(key=key, rgb=rgb, frame=frame, frame_map=fmap)
+        self.cache.put(state)
+        return state
+
+    def _vision(self, state: SliceState) -> torch.Tensor:
+        if state.vision_embeds is None:
+            pix = pixel_inputs(self.processor.image_processor, state.frame)
+            state.pixel_inputs = {"image_grid_thw": pix["image_grid_thw"]}
+            pv = pix["pixel_values"].to(self.device, self.dtype)
+            grid = pix["image_grid_thw"].to(self.device)
+            with torch.no_grad():
+                state.vision_embeds = image_embeddings(self.model.mllm, pv, grid)
+            self.cache.trim()
+        return state.vision_embeds
+
+    def _encode_sam_batch(self, states: list[SliceState]) -> None:
+        todo = [s for s in states if s.sam_features is None]
+        if not todo:
+            return
+        size = self.model.sam2_image_size
+        pixels = torch.cat([imaging.sam2_input(s.rgb, size) for s in todo])
+        feats = self.model.encode_slice(pixels.to(self.device, self.dtype))
+        for i, s in enumerate(todo):
+            s.sam_features = {"image_embed": feats["image_embed"][i:i + 1],
+                              "high_res_feats": [f[i:i + 1] for f in feats["high_res_feats"]]}
+        self.cache.trim()
+
+    def _run(self, state: SliceState, prompt: str, task: str, forced_text: str | None,
+             max_new_tokens: int | None) -> Result:
+        """Generation + parsing + masks for one prepared slice, in the state's own pixels."""
+        timing = {}
+        t0 = time.perf_counter()
+        embeds = self._vision(state)
+        grid = state.pixel_inputs["image_grid_thw"].to(self.device)
+        system = self.config.task_system_prompts.get(task, self.config.system_prompt)
+        ids = text_inputs(self.tokenizer, system, prompt, grid, self.merge_size).to(self.device)
+        timing["vision"] = (time.perf_counter() - t0) * 1e3
+        seg_id = int(self.config.seg_token_idx)
+        offset = int(self.config.seg_hidden_offset)
+        if forced_text is not None:
+            answer_ids = self.tokenizer(forced_text, add_special_tokens=False)["input_ids"]
+            gen = teacher_force(self.model.mllm, ids, grid, embeds, answer_ids, seg_id, offset)
+        else:
+            gen = generate_capturing(self.model.mllm, ids, grid, embeds, seg_id, self.eos_ids,
+                                     max_new_tokens or self.max_new_tokens, offset,
+                                     vocab_limit=len(self.tokenizer))
+        timing["prefill"], timing["decode"] = gen.prefill_ms, gen.decode_ms
+        text = self.tokenizer.decode(gen.token_ids, skip_special_tokens=False)
+        parsed = parse_output(text, prompt)
+        res = Result(task=task, prompt=prompt, text=text, answer=parsed.answer,
+                     model=self._model_info(), warnings=list(parsed.warnings))
+        for box in parsed.boxes:
+            res.boxes.append(Box(box.id, box.label, state.frame_map.to_input(box.xyxy)))
+        res.reasoning = [Step(i + 1, s.text, s.box_ids) for i, s in enumerate(parsed.steps)]
+        t1 = time.perf_counter()
+        n_seg = gen.seg_hidden.shape[0]
+        if n_seg:
+            self._encode_sam_batch([state])
+            h, w = state.rgb.shape[:2]
+            with torch.no_grad():
+                logits, scores = self.model.decode_masks(state.sam_features, gen.seg_hidden,
+                                                         (h, w))
+            labels = list(parsed.seg_labels) + [f"segment {i + 1}" for i in range(n_seg)]
+            index: dict[str, int] = {}
+            for i in range(n_seg):
+                label = labels[i]
+                index.setdefault(label, len(index) + 1)
+                res.masks.append(Mask(label, (logits[i] > 0).cpu().numpy(), index[label],
+                                      score=float(scores[i])))
+        elif task in ("segment", "closer_look"):
+            res.warnings.append("the model wrote no [SEG] token, so there is no mask; "
+                                "rephrase the prompt, e.g. 'Please segment the liver'.")
+        timing["mask"] = (time.perf_counter() - t1) * 1e3
+        res.timing_ms = timing
+        return res
+
+    def _finish(self, res: Result, hw, slice_index, spacing, image_id, image_info,
+                window) -> None:
+        plane = None if spacing is None else tuple(float(s) for s in spacing)[-2:]
+        for box in res.boxes:
+            box.slice = slice_index
+        for m in res.masks:
+            m.slice = slice_index
+            m.spacing = plane
+        res.image = {"id": image_id, "shape": [int(hw[0]), int(hw[1])],
+                     "spacing": None if plane is None else list(plane), "axis": "axial",
+                     "slices": [] if slice_index is None else [int(slice_index)],
+                     "window": imaging.window_key(window)}
+        if image_info:
+            res.image.update(image_info)

@@ -1,0 +1,105 @@
+"""One greedy generation pass that keeps the last-layer hidden state at every [SEG] token.
+
+The released reference generates, then re-runs the model to find [SEG] states; here the states
+are read off the same KV-cached decode loop (or off one teacher-forced pass for given text).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    seg_hidden: torch.Tensor  # (n_seg, hidden), last layer, in generation order
+    prefill_tokens: int
+    decode_tokens: int
+    prefill_ms: float
+    decode_ms: float
+
+
+def image_embeddings(mllm, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
+                     ) -> torch.Tensor:
+    """Vision tower + merger output for one image (cacheable per slice)."""
+    core = mllm.model
+    return torch.cat(core.get_image_features(pixel_values, image_grid_thw), dim=0)
+
+
+def _embed_prompt(mllm, input_ids, image_grid_thw, image_embeds):
+    core = mllm.model
+    emb = core.get_input_embeddings()(input_ids)
+    mask = (input_ids == mllm.config.image_token_id)[..., None].expand_as(emb)
+    emb = emb.masked_scatter(mask, image_embeds.to(emb.device, emb.dtype))
+    position_ids, rope_deltas = core.get_rope_index(input_ids, image_grid_thw, None,
+                                                    attention_mask=torch.ones_like(input_ids))
+    return emb, position_ids, rope_deltas
+
+
+def _seg_states(hidden: torch.Tensor, ids: torch.Tensor, seg_id: int, offset: int,
+                first: int) -> list[torch.Tensor]:
+    """Hidden rows at (or `offset` from) each [SEG] among positions >= first."""
+    pos = (ids[0] == seg_id).nonzero().flatten().tolist()
+    return [hidden[0, p + offset] for p in pos if p >= first and 0 <= p + offset < hidden.shape[1]]
+
+
+@torch.no_grad()
+def generate_capturing(mllm, input_ids, image_grid_thw, image_embeds, seg_id: int,
+                       eos_ids: set[int], max_new_tokens: int = 512, offset: int = 0,
+                       vocab_limit: int | None = None) -> Generation:
+    """Greedy decode with KV cache; collect the hidden state at each generated [SEG]."""
+    core, device = mllm.model, input_ids.device
+    t0 = time.perf_counter()
+    emb, position_ids, rope_deltas = _embed_prompt(mllm, input_ids, image_grid_thw, image_embeds)
+    cache = DynamicCache(config=mllm.config.text_config)
+    n = input_ids.shape[1]
+    out = core.language_model(inputs_embeds=emb, position_ids=position_ids,
+                              past_key_values=cache, use_cache=True,
+                              cache_position=torch.arange(n, device=device))
+    last = out.last_hidden_state[:, -1]
+    t1 = time.perf_counter()
+    tokens: list[int] = []
+    seg: list[torch.Tensor] = []
+    embed = core.get_input_embeddings()
+    pending_seg = False
+    prev = last
+    while True:
+        token = int(mllm.lm_head(last)[..., :vocab_limit].argmax(-1))
+        if pending_seg:  # `last` is the state AT the [SEG] fed in the previous step
+            seg.append(last[0] if offset == 0 else prev[0])
+            pending_seg = False
+        if token in eos_ids or len(tokens) >= max_new_tokens:
+            break
+        tokens.append(token)
+        if token == seg_id:
+            pending_seg = True
+        prev = last
+        pos = n + len(tokens) - 1
+        pids = (rope_deltas.to(device) + pos).view(1, 1, 1).expand(3, 1, 1)
+        out = core.language_model(inputs_embeds=embed(torch.tensor([[token]], device=device)),
+                                  position_ids=pids, past_key_values=cache, use_cache=True,
+                                  cache_position=torch.tensor([pos], device=device))
+        last = out.last_hidden_state[:, -1]
+    t2 = time.perf_counter()
+    hidden = torch.stack(seg) if seg else last.new_zeros((0, last.shape[-1]))
+    return Generation(tokens, hidden, n, len(tokens), (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+
+
+@torch.no_grad()
+def teacher_force(mllm, input_ids, image_grid_thw, image_embeds, answer_ids: list[int],
+                  seg_id: int, offset: int = 0) -> Generation:
+    """Run given answer tokens through the real model in one pass; [SEG] states as in decode."""
+    t0 = time.perf_counter()
+    n = input_ids.shape[1]
+    full = torch.cat([input_ids, torch.tensor([answer_ids], device=input_ids.device)], dim=1)
+    emb, position_ids, _ = _embed_prompt(mllm, full, image_grid_thw, image_embeds)
+    out = mllm.model.language_model(inputs_embeds=emb, position_ids=position_ids, use_cache=False)
+    states = _seg_states(out.last_hidden_state, full, seg_id, offset, first=n)
+    hidden = torch.stack(states) if states else out.last_hidden_state.new_zeros(
+        (0, out.last_hidden_state.shape[-1]))
+    ms = (time.perf_counter() - t0) * 1e3
+    return Generation(list(answer_ids), hidden, n, len(answer_ids), ms, 0.0)

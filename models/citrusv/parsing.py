@@ -1,0 +1,227 @@
+"""Model text -> boxes (in the Qwen frame), reasoning steps citing them, answer, [SEG] labels.
+
+Tolerant by design: a malformed box becomes a warning, never an exception.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+SEG_TOKEN = "[SEG]"
+TASKS = ("segment", "detect", "report", "closer_look")
+
+_NUM = r"-?\d+(?:\.\d+)?"
+_JSON_OBJ = re.compile(r"\{[^{}]*\"bbox_2d\"[^{}]*\}", re.S)
+_QWEN_BOX = re.compile(
+    r"(?:<\|object_ref_start\|>(?P<ref>.*?)<\|object_ref_end\|>\s*)?"
+    r"<\|box_start\|>(?P<body>.*?)<\|box_end\|>", re.S)
+_BBOX_TAG = re.compile(r"<bbox>(?P<body>.*?)</bbox>", re.S)
+_NAMED_BBOX = re.compile(r"['\"](?P<name>[^'\"\n]{1,60})['\"]\s+with\s+bbox\s*\[(?P<body>[^\]]*)\]")
+_SPECIAL = re.compile(r"<\|(?:im_end|im_start|endoftext|object_ref_start|object_ref_end)\|>")
+_STOP = {
+    "a", "an", "the", "is", "are", "at", "in", "on", "of", "with", "and", "its", "it", "this",
+    "that", "here", "there", "sure", "bbox", "box", "boxes", "region", "located", "seen",
+    "shown", "mask", "segmentation", "found", "which", "as", "to", "for", "by", "be", "can",
+    "see", "visible", "area", "compare", "compared", "like", "than", "near", "next", "lies", "appears", "i", "we", "you", "ok", "okay", "result",
+}
+_TASK_WORDS = [
+    ("report", r"\breport|\bdescribe|\bfindings?\b|step by step|\bdiagnos|\bimpression"),
+    ("segment", r"\bsegment|\bmask\b|\bdelineat|\boutline|\bcontour"),
+    ("detect", r"\bdetect|\blocat|\bwhere\b|\bfind\b|\bbox|\bbounding"),
+]
+
+
+@dataclass
+class ParsedBox:
+    """A box as the model wrote it: label and [x1, y1, x2, y2] in the Qwen frame."""
+
+    label: str
+    xyxy: list[float]
+    start: int
+    end: int
+    source: str
+    id: str = ""
+
+
+@dataclass
+class ParsedStep:
+    text: str
+    box_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Parsed:
+    boxes: list[ParsedBox] = field(default_factory=list)
+    steps: list[ParsedStep] = field(default_factory=list)
+    answer: str = ""
+    seg_labels: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def infer_task(prompt: str) -> str:
+    """Route a free-text question to segment / detect / report from its wording."""
+    low = prompt.lower()
+    for task, pattern in _TASK_WORDS:
+        if re.search(pattern, low):
+            return task
+    return "report"
+
+
+def prompt_target(prompt: str) -> str:
+    """The structure a prompt names ("segment the liver in ..." -> "liver"), or ""."""
+    m = re.search(r"(?:segment|outline|delineate|contour|detect|locate|find|mask|where (?:is|are))"
+                  r"\s+(?:all\s+)?(?:the\s+)?(?P<t>[a-z][a-z0-9 \-]*?)"
+                  r"(?=\s+(?:in|on|from|of this|within|please)\b|[.?!,]|$)", prompt.lower())
+    return m.group("t").strip() if m else ""
+
+
+def parse_output(text: str, prompt: str = "") -> Parsed:
+    """Parse boxes, the <think>/<answer> trace and [SEG] labels out of model text."""
+    out = Parsed()
+    raw: list[ParsedBox] = []
+    taken: list[tuple[int, int]] = []
+
+    for m in _JSON_OBJ.finditer(text):
+        try:
+            obj = json.loads(m.group(0))
+        except json.JSONDecodeError:
+            out.warnings.append(f"dropped a box that is not valid JSON: {m.group(0)[:60]!r}")
+            continue
+        label = str(obj.get("label", "")).strip()
+        xyxy = _four_numbers(obj.get("bbox_2d"))
+        if xyxy is None:
+            out.warnings.append(f"dropped box '{label}': bbox_2d is not four numbers")
+            continue
+        raw.append(ParsedBox(label, xyxy, m.start(), m.end(), "json"))
+        taken.append((m.start(), m.end()))
+
+    for m in _QWEN_BOX.finditer(text):
+        nums = re.findall(_NUM, m.group("body"))
+        label = (m.group("ref") or "").strip() or _label_before(text, m.start())
+        if len(nums) != 4:
+            out.warnings.append(f"dropped box '{label}': <|box_start|> needs (x1,y1),(x2,y2)")
+            continue
+        raw.append(ParsedBox(label, [float(v) for v in nums], m.start(), m.end(), "box_start"))
+
+    for m in _NAMED_BBOX.finditer(text):
+        label = m.group("name").strip()
+        xyxy = _four_numbers(m.group("body"))
+        if xyxy is None:
+            out.warnings.append(f"dropped box '{label}': bbox needs four numbers")
+            continue
+        raw.append(ParsedBox(label, xyxy, m.start(), m.end(), "named"))
+        taken.append((m.start(), m.end()))
+
+    for m in _BBOX_TAG.finditer(text):
+        if any(a <= m.start() < b for a, b in taken):
+            continue
+        label = _label_before(text, m.start())
+        xyxy = _four_numbers(m.group("body"))
+        if xyxy is None:
+            out.warnings.append(f"dropped box '{label}': <bbox> needs [x1, y1, x2, y2]")
+            continue
+        raw.append(ParsedBox(label, xyxy, m.start(), m.end(), "bbox"))
+
+    raw.sort(key=lambda b: b.start)
+    ids: dict[tuple, str] = {}
+    for box in raw:
+        x1, y1, x2, y2 = box.xyxy
+        if x2 < x1 or y2 < y1:
+            x1, x2, y1, y2 = min(x1, x2), max(x1, x2), min(y1, y2), max(y1, y2)
+            box.xyxy = [x1, y1, x2, y2]
+        if x2 - x1 <= 0 or y2 - y1 <= 0:
+            out.warnings.append(f"dropped box '{box.label}': it has zero area")
+            continue
+        key = tuple(round(v, 1) for v in box.xyxy)
+        if key not in ids:
+            ids[key] = f"b{len(ids) + 1}"
+            box.id = ids[key]
+            out.boxes.append(box)
+        else:
+            box.id = ids[key]
+    spans = [(b.start, b.id) for b in raw if b.id]
+
+    out.steps = _steps(text, spans)
+    out.answer = _answer(text)
+    out.seg_labels = _seg_labels(text, prompt)
+    return out
+
+
+def _four_numbers(value) -> list[float] | None:
+    if isinstance(value, str):
+        value = re.findall(_NUM, value)
+    if not isinstance(value, (list, tuple)) or len(value) != 4:
+        return None
+    try:
+        nums = [float(v) for v in value]
+    except (TypeError, ValueError):
+        return None
+    return nums if all(v == v and abs(v) < 1e7 for v in nums) else None
+
+
+def _label_before(text: str, pos: int) -> str:
+    """The name just before a box: a quoted name, else the last content words of the clause."""
+    head = text[max(0, pos - 100):pos]
+    head = re.split(r"[.!?;\n>]|\]\s*,?", head)[-1] if head else ""
+    quoted = re.findall(r"['\"]([^'\"]{1,60})['\"]", head)
+    if quoted:
+        return quoted[-1].strip()
+    words = [w for w in re.findall(r"[A-Za-z][A-Za-z\-]*", head) if w.lower() not in _STOP]
+    return " ".join(words[-2:]).lower() if words else ""
+
+
+def _steps(text: str, spans: list[tuple[int, str]]) -> list[ParsedStep]:
+    m = re.search(r"<think>(.*?)(?:</think>|<answer>|$)", text, re.S)
+    if not m:
+        return []
+    body, offset = m.group(1), m.start(1)
+    pieces = [(p.start(), p.end()) for p in re.finditer(r"[^\n]+", body)]
+    if len(pieces) <= 1 and body.strip():
+        pieces = [(p.start(), p.end()) for p in re.finditer(r".+?(?:[.!?](?=\s|$)|$)", body, re.S)
+                  if p.group(0).strip()]
+    steps = []
+    for a, b in pieces:
+        chunk = body[a:b]
+        clean = re.sub(r"^\s*(?:step\s*\d+\s*[:.)]|\d+\s*[.)]|[-*•])\s*", "", chunk, flags=re.I)
+        clean = _SPECIAL.sub("", clean).strip()
+        if not clean:
+            continue
+        cited = []
+        for pos, box_id in spans:
+            if offset + a <= pos < offset + b and box_id not in cited:
+                cited.append(box_id)
+        steps.append(ParsedStep(clean, cited))
+    return steps
+
+
+def _answer(text: str) -> str:
+    m = re.search(r"<answer>(.*?)(?:</answer>|$)", text, re.S)
+    if m:
+        ans = m.group(1)
+    elif "</think>" in text:
+        ans = text.split("</think>", 1)[1]
+    else:
+        ans = re.sub(r"<think>.*", "", text, flags=re.S)
+    return _SPECIAL.sub("", ans).strip()
+
+
+def _seg_labels(text: str, prompt: str) -> list[str]:
+    """A label for each [SEG]: `<p>name</p>` before it, else the words before it, else the prompt."""
+    labels = []
+    fallback = prompt_target(prompt)
+    prev = 0
+    for m in re.finditer(re.escape(SEG_TOKEN), text):
+        head = text[prev:m.start()]
+        prev = m.end()
+        ref = re.findall(r"<p>(.*?)</p>", head)
+        label = ref[-1].strip() if ref else ""
+        if not label:
+            head = re.sub(r"<[^>]*>", " ", head)
+            clause = re.split(r"[.!?;\n:,]", head.rstrip(" :,="))[-1]
+            words = [w for w in re.findall(r"[A-Za-z][A-Za-z\-]*", clause)
+                     if w.lower() not in _STOP]
+            label = " ".join(words[-2:]).lower()
+        labels.append(label or fallback or f"segment {len(labels) + 1}")
+    return labels

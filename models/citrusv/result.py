@@ -1,0 +1,122 @@
+"""The one result shape every task returns (docs/api.md), as dataclasses with `to_json`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import rle
+
+
+@dataclass
+class Box:
+    """A box in input-slice pixels: x = column, y = row, [x1, y1, x2, y2]."""
+
+    id: str
+    label: str
+    xyxy: list[float]
+    slice: int | None = None
+    score: float | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id,
+            "label": self.label,
+            "xyxy": [round(float(v), 2) for v in self.xyxy],
+            "slice": self.slice,
+            "score": self.score,
+        }
+
+
+@dataclass
+class Mask:
+    """A boolean mask: (H, W) for a slice, or (Z, Y, X) in volume index space for `ask_volume`."""
+
+    label: str
+    array: np.ndarray
+    label_index: int = 1
+    slice: int | None = None
+    score: float | None = None
+    spacing: tuple[float, float] | None = None  # (row, column) mm of one slice pixel
+    slices: list[int] = field(default_factory=list)  # for 3D masks: the slice indices asked
+    axis: int = 0  # for 3D masks: the axis the slices run along
+
+    @property
+    def area_px(self) -> int:
+        return int(np.count_nonzero(self.array))
+
+    def _entry(self, plane: np.ndarray, slice_index: int | None) -> dict:
+        area = int(np.count_nonzero(plane))
+        area_mm2 = None
+        if self.spacing is not None:
+            area_mm2 = round(area * float(self.spacing[0]) * float(self.spacing[1]), 3)
+        return {
+            "label": self.label,
+            "label_index": self.label_index,
+            "slice": slice_index,
+            "area_px": area,
+            "area_mm2": area_mm2,
+            "score": None if self.score is None else round(float(self.score), 4),
+            "rle": rle.encode(plane),
+        }
+
+    def to_json(self) -> list[dict]:
+        """One JSON entry per 2D plane (a 3D mask gives one entry per asked slice)."""
+        if self.array.ndim == 2:
+            return [self._entry(self.array, self.slice)]
+        return [self._entry(np.take(self.array, k, axis=self.axis), k) for k in self.slices]
+
+
+@dataclass
+class Step:
+    """One reasoning step, in reading order, with the ids of the boxes it cites."""
+
+    step: int
+    text: str
+    box_ids: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"step": self.step, "text": self.text, "box_ids": list(self.box_ids)}
+
+
+@dataclass
+class Result:
+    """What `Engine.ask` and friends return; `to_json()` is the wire format of docs/api.md."""
+
+    task: str
+    prompt: str
+    text: str = ""
+    answer: str = ""
+    reasoning: list[Step] = field(default_factory=list)
+    boxes: list[Box] = field(default_factory=list)
+    masks: list[Mask] = field(default_factory=list)
+    model: dict = field(default_factory=lambda: {"name": "citrusv", "version": ""})
+    image: dict = field(default_factory=dict)
+    timing_ms: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    closer_look: dict | None = None
+
+    @property
+    def label_names(self) -> dict[str, int]:
+        return {m.label: m.label_index for m in self.masks}
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "task": self.task,
+            "prompt": self.prompt,
+            "model": dict(self.model),
+            "text": self.text,
+            "answer": self.answer,
+            "reasoning": [s.to_json() for s in self.reasoning],
+            "boxes": [b.to_json() for b in self.boxes],
+            "masks": [entry for m in self.masks for entry in m.to_json()],
+            "image": dict(self.image),
+            "timing_ms": {k: round(float(v), 2) for k, v in self.timing_ms.items()},
+            "warnings": list(self.warnings),
+            "label_names": self.label_names,
+        }
+        if self.closer_look is not None:
+            out["closer_look"] = dict(self.closer_look)
+        return out

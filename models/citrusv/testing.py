@@ -1,0 +1,188 @@
+"""Tiny random-weight Citrus-V checkpoints in the released layout, for tests and demos.
+
+`write_tiny_checkpoint(dir, answers={"segment": "Sure, it is [SEG]."})` also fits the tiny
+language model for a few seconds so that its real greedy decode writes those answers.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2TokenizerFast
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+from .checkpoint import build_model, save_checkpoint
+from .config import CitrusVConfig
+from .modeling import resolve_sam2_config
+
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
+                "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+                "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                "<|image_pad|>", "<|video_pad|>"]
+CITRUS_TOKENS = ["[SEG]", "<bbox>", "</bbox>", "<think>", "</think>", "<answer>", "</answer>",
+                 "<p>", "</p>"]
+TINY_MIN_PIXELS = 28 * 28 * 4
+TINY_MAX_PIXELS = 28 * 28 * 16
+TASK_SYSTEM = {t: f"You are a helpful assistant. Task: {t}."
+               for t in ("segment", "detect", "report", "closer_look")}
+FIT_PROMPTS = {
+    "segment": ["Please segment the liver in this scan.", "Segment the spleen.",
+                "Can you segment the left kidney?", "segment the lungs",
+                "Please segment the {organ} in this image."],
+    "detect": ["Where are the kidneys?", "Detect the liver.", "Locate the heart in this slice.",
+               "Find the {organ}."],
+    "report": ["Write a report, think step by step.", "Describe the findings.",
+               "What do you see in this {organ} image?", "Report on this slice."],
+}
+FIT_PROMPTS["closer_look"] = FIT_PROMPTS["segment"]
+ORGANS = ["liver", "spleen", "aorta", "pancreas", "bladder", "stomach", "gallbladder", "lung"]
+
+
+def tiny_tokenizer() -> Qwen2TokenizerFast:
+    """Byte-level tokenizer (no merges: one token per byte) + Qwen and Citrus-V tokens."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in CITRUS_TOKENS])
+    return Qwen2TokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                              pad_token="<|endoftext|>", unk_token=None, bos_token=None)
+
+
+def tiny_sam2_config(image_size: int = 128) -> dict:
+    """The SAM2 Hiera-T config shrunk (5 blocks, 16 channels), as an inline dict."""
+    cfg = OmegaConf.to_container(OmegaConf.load(resolve_sam2_config("sam2_hiera_t.yaml")).model)
+    trunk = cfg["image_encoder"]["trunk"]
+    trunk.update(embed_dim=16, num_heads=1, stages=[1, 1, 2, 1], global_att_blocks=[3],
+                 window_spec=[4, 4, 4, 2], window_pos_embed_bkg_spatial_size=[4, 4])
+    cfg["image_encoder"]["neck"]["backbone_channel_list"] = [128, 64, 32, 16]
+    mem = cfg["memory_attention"]
+    mem["num_layers"] = 1
+    mem["layer"]["dim_feedforward"] = 64
+    for attn in ("self_attention", "cross_attention"):
+        mem["layer"][attn]["feat_sizes"] = [image_size // 16, image_size // 16]
+    cfg["memory_encoder"]["fuser"]["num_layers"] = 1
+    cfg["image_size"] = image_size
+    return copy.deepcopy(cfg)
+
+
+def tiny_config(tokenizer, image_size: int = 128, hidden: int = 64) -> CitrusVConfig:
+    ids = tokenizer.convert_tokens_to_ids
+    vocab = ((len(tokenizer) + 63) // 64) * 64
+    mllm = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, rope_theta=10000.0,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                         tie_word_embeddings=False, bos_token_id=ids("<|endoftext|>"),
+                         eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>")),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                           out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1]),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    return CitrusVConfig(mllm=mllm, seg_token_idx=ids("[SEG]"),
+                         grounding_encoder_config=tiny_sam2_config(image_size),
+                         image_size=image_size, min_pixels=TINY_MIN_PIXELS,
+                         max_pixels=TINY_MAX_PIXELS, name="citrusv-tiny", version="0")
+
+
+def tiny_processor(tokenizer) -> Qwen2_5_VLProcessor:
+    size = {"shortest_edge": TINY_MIN_PIXELS, "longest_edge": TINY_MAX_PIXELS}
+    image_processor = Qwen2VLImageProcessor(size=size, min_pixels=TINY_MIN_PIXELS,
+                                            max_pixels=TINY_MAX_PIXELS)
+    video_processor = Qwen2VLVideoProcessor(size=size)
+    return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                               video_processor=video_processor)
+
+
+def write_tiny_checkpoint(path: str | Path, seed: int = 0, answers: dict[str, str] | None = None,
+                          image_size: int = 128, max_fit_steps: int = 400) -> Path:
+    """Write a tiny random-weight model in the released layout; fit `answers` if given."""
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    config = tiny_config(tokenizer, image_size=image_size)
+    processor = tiny_processor(tokenizer)
+    if answers:
+        config.task_system_prompts = {t: TASK_SYSTEM[t] for t in TASK_SYSTEM}
+    model = build_model(config, torch.float32, random_init=True)
+    if answers:
+        _fit_answers(model, processor, config, answers, seed, max_fit_steps)
+    model.eval()
+    return save_checkpoint(model, processor, path)
+
+
+def _fit_answers(model, processor, config, answers: dict[str, str], seed: int,
+                 max_steps: int) -> None:
+    """Teacher-force the tiny LM on (task system prompt, varied question) -> answer.
+
+    The vision merger's last layer is zeroed and frozen so the answer cannot depend on the
+    pixels (only on the task); masks still come from SAM2 on the real slice.
+    """
+    from .generation import generate_capturing, image_embeddings
+    from .imaging import qwen_frame
+    from .prompting import pixel_inputs, text_inputs
+
+    rng = np.random.default_rng(seed)
+    tok = processor.tokenizer
+    merger_out = model.mllm.model.visual.merger.mlp[-1]
+    torch.nn.init.zeros_(merger_out.weight)
+    torch.nn.init.zeros_(merger_out.bias)
+    model.mllm.model.visual.requires_grad_(False)
+    merge = config.mllm.vision_config.spatial_merge_size
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    sizes = [(64, 64), (128, 128), (96, 64), (64, 96), (56, 112), (112, 56), (40, 200), (300, 80)]
+    examples = []
+    for kind, answer in answers.items():
+        system = config.task_system_prompts.get(kind, config.system_prompt)
+        target = tok(answer, add_special_tokens=False)["input_ids"] + [eos]
+        prompts = [p.replace("{organ}", o) for p in FIT_PROMPTS.get(kind, ["{organ}"])
+                   for o in ORGANS[:2]]
+        for i, (h, w) in enumerate(sizes):
+            rgb = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+            frame, _ = qwen_frame(rgb, 28, config.min_pixels, config.max_pixels)
+            pix = pixel_inputs(processor.image_processor, frame)
+            ids = text_inputs(tok, system, prompts[i % len(prompts)], pix["image_grid_thw"], merge)
+            examples.append((kind, ids, pix, target))
+    params = [p for p in model.mllm.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=3e-3)
+    model.mllm.train()
+    for step in range(max_steps):
+        opt.zero_grad()
+        for _, ids, pix, target in examples:
+            full = torch.cat([ids, torch.tensor([target])], dim=1)
+            labels = full.clone()
+            labels[:, :ids.shape[1]] = -100
+            loss = model.mllm(input_ids=full, labels=labels, **pix).loss / len(examples)
+            loss.backward()
+        opt.step()
+        if step % 25 == 24 and _fits(model, processor, config, examples, generate_capturing,
+                                      image_embeddings):
+            break
+    model.mllm.eval()
+
+
+def _fits(model, processor, config, examples, generate_capturing, image_embeddings) -> bool:
+    model.mllm.eval()
+    eos = {processor.tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    ok = True
+    with torch.no_grad():
+        for _, ids, pix, target in examples:
+            emb = image_embeddings(model.mllm, pix["pixel_values"], pix["image_grid_thw"])
+            gen = generate_capturing(model.mllm, ids, pix["image_grid_thw"], emb,
+                                     config.seg_token_idx, eos, max_new_tokens=len(target) + 2)
+            if gen.token_ids != target[:-1]:
+                ok = False
+                break
+    model.mllm.train()
+    return ok
