@@ -1,0 +1,335 @@
+"""HTTP client for the Citrus-V MONAI Label app (docs/api.md).
+
+One ``CitrusVClient`` per server URL. Every failure surfaces as ``CitrusVError`` whose
+``str()`` is a sentence for the user. Safe to call from a worker thread (no Qt, no slicer).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import requests
+
+from .errors import CitrusVError, error_for_exception, error_for_response
+from .label_io import LabelVolume, read_label_volume
+from .multipart import parse_multipart
+from .result import Result
+
+TASK_PREFIX = "citrusv_"
+INFER_TASKS = ("segment", "detect", "report", "closer_look")
+TRAINER = "citrusv_finetune"
+STRATEGY = "citrusv_uncertainty"
+
+
+def task_name(task: str) -> str:
+    """``segment`` → ``citrusv_segment``; full names pass through."""
+    task = task.strip()
+    return task if task.startswith(TASK_PREFIX) else TASK_PREFIX + task
+
+
+@dataclass
+class InferResponse:
+    """A parsed ``/infer`` answer: the result and, when the server sent one, the label file."""
+
+    result: Result
+    label_bytes: bytes | None = None
+    label_filename: str | None = None
+
+    def label_volume(self) -> LabelVolume | None:
+        """The label file as ``[k, j, i]`` array + IJK-to-RAS (None when only JSON came back)."""
+        if not self.label_bytes:
+            return None
+        return read_label_volume(self.label_bytes, self.label_filename)
+
+    def save_label(self, directory: str) -> str | None:
+        """Write the label file to ``directory`` under its server name; returns the path."""
+        if not self.label_bytes:
+            return None
+        name = os.path.basename(self.label_filename or "label.nii.gz")
+        path = os.path.join(directory, name)
+        with open(path, "wb") as f:
+            f.write(self.label_bytes)
+        return path
+
+
+@dataclass
+class NextSample:
+    """The image (and slice) the active-learning strategy wants annotated next."""
+
+    image_id: str
+    slice_index: int | None = None
+    axis: str = "axial"
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def _is_connection_reset(exc: BaseException) -> bool:
+    """True for a dropped keep-alive connection (worth one retry), False for refused/timeout."""
+    seen: set[int] = set()
+    stack: list[Any] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError,
+                          http.client.RemoteDisconnected)):
+            return True
+        if isinstance(e, ConnectionRefusedError):
+            return False
+        if isinstance(e, BaseException):
+            stack.extend([e.__cause__, e.__context__, getattr(e, "reason", None)])
+            stack.extend(a for a in e.args if isinstance(a, BaseException))
+    return False
+
+
+FileSpec = tuple[str, Callable[[], Any], str]  # field name -> (filename, opener, content type)
+
+
+class CitrusVClient:
+    """Talks to one MONAI Label server running the Citrus-V app."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 600.0,
+        session: requests.Session | None = None,
+    ) -> None:
+        self.url = url.strip().rstrip("/")
+        if not self.url:
+            raise CitrusVError("The server URL is empty: enter one like http://127.0.0.1:8000.")
+        self.token = token
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.session = session or requests.Session()
+
+    # -- plumbing -----------------------------------------------------------------------
+    def headers(self) -> dict[str, str]:
+        if not self.token:
+            return {}
+        token = self.token.strip()
+        return {"Authorization": token if " " in token else f"Bearer {token}"}
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Mapping[str, Any] | None = None,
+        data: Mapping[str, str] | None = None,
+        files: Mapping[str, FileSpec] | None = None,
+        json_body: Any = None,
+        task: str | None = None,
+        read_timeout: float | None = None,
+        ok: Sequence[int] = (200,),
+    ) -> requests.Response:
+        """One HTTP call with timeouts, auth and a single retry on a reset connection."""
+        url = self.url + path
+        timeout = (self.connect_timeout, read_timeout or self.read_timeout)
+        for attempt in (1, 2):
+            opened: list[Any] = []
+            try:
+                # form fields go as multipart parts (like MONAI Label's own client), never
+                # url-encoded, so the server sees the same request with or without a file
+                file_args: dict[str, Any] | None = None
+                if data is not None or files:
+                    file_args = {key: (None, value) for key, value in (data or {}).items()}
+                    for key, (filename, opener, ctype) in (files or {}).items():
+                        handle = opener()
+                        opened.append(handle)
+                        file_args[key] = (filename, handle, ctype)
+                response = self.session.request(
+                    method, url, params=query, files=file_args, json=json_body,
+                    headers=self.headers(), timeout=timeout,
+                )
+            except requests.exceptions.RequestException as exc:
+                if attempt == 1 and _is_connection_reset(exc):
+                    time.sleep(0.2)
+                    continue
+                raise error_for_exception(exc, self.url) from exc
+            finally:
+                for handle in opened:
+                    if hasattr(handle, "close"):
+                        handle.close()
+            if response.status_code not in ok:
+                raise error_for_response(response, task)
+            return response
+        raise CitrusVError(f"Could not reach the server at {self.url}.")  # pragma: no cover
+
+    @staticmethod
+    def _json(response: requests.Response) -> Any:
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise CitrusVError("The server answered with something that is not JSON; "
+                               "check that the URL points at the MONAI Label server.") from exc
+
+    @staticmethod
+    def _file_spec(path: str | os.PathLike, content_type: str = "application/octet-stream") -> FileSpec:
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise CitrusVError(f"The file '{path}' does not exist.")
+        return (os.path.basename(path), lambda: open(path, "rb"), content_type)
+
+    # -- API ----------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """``GET /info/``: app name, models, trainers, strategies, model versions."""
+        return self._json(self.request("GET", "/info/", read_timeout=30))
+
+    def infer(
+        self,
+        task: str,
+        image_id: str,
+        params: Mapping[str, Any] | None = None,
+        file: str | os.PathLike | None = None,
+        output: str | None = None,
+    ) -> InferResponse:
+        """``POST /infer/{task}?image=ID`` → parsed result (+ label file when one came back)."""
+        name = task_name(task)
+        query: dict[str, Any] = {"image": image_id}
+        if output:
+            query["output"] = output
+        files = {"file": self._file_spec(file)} if file else None
+        response = self.request(
+            "POST", f"/infer/{quote(name, safe='')}", query=query,
+            data={"params": json.dumps(dict(params or {}))}, files=files, task=name,
+        )
+        return parse_infer_response(response.content, response.headers.get("content-type", ""))
+
+    def upload_image(
+        self, path: str | os.PathLike, image_id: str | None = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> str:
+        """``PUT /datastore/image`` → the datastore id of the uploaded image."""
+        query = {"image": image_id} if image_id else None
+        response = self.request(
+            "PUT", "/datastore/image", query=query,
+            data={"params": json.dumps(dict(params or {}))},
+            files={"file": self._file_spec(path)},
+        )
+        body = self._json(response)
+        return str(body.get("image", image_id))
+
+    def image_exists(self, image_id: str) -> bool:
+        """``HEAD /datastore/image``: whether the server already has this image id."""
+        response = self.request("HEAD", "/datastore/image", query={"image": image_id},
+                                ok=(200, 404), read_timeout=30)
+        return response.status_code == 200
+
+    def download_image(self, image_id: str, directory: str) -> str:
+        """``GET /datastore/image`` to ``directory``; returns the written path."""
+        response = self.request("GET", "/datastore/image", query={"image": image_id})
+        name = _filename_from_disposition(response.headers.get("content-disposition", ""))
+        path = os.path.join(directory, name or f"{image_id}.nii.gz")
+        with open(path, "wb") as f:
+            f.write(response.content)
+        return path
+
+    def put_label(
+        self,
+        image_id: str,
+        label_file: str | os.PathLike,
+        label_info: Sequence[Mapping[str, Any]],
+        prompt: str | None = None,
+        tag: str = "final",
+        params: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """``PUT /datastore/label?image=ID&tag=final``: send a corrected label as training data."""
+        body: dict[str, Any] = dict(params or {})
+        body["label_info"] = [dict(item) for item in label_info]
+        if prompt:
+            body["prompt"] = prompt
+        response = self.request(
+            "PUT", "/datastore/label", query={"image": image_id, "tag": tag},
+            data={"params": json.dumps(body)}, files={"label": self._file_spec(label_file)},
+        )
+        return self._json(response)
+
+    def datastore(self) -> dict[str, Any]:
+        """``GET /datastore/?output=all``: images and their labels."""
+        return self._json(self.request("GET", "/datastore/", query={"output": "all"}))
+
+    def train(self, model: str = TRAINER, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """``POST /train/{model}``: start fine-tuning on the submitted corrections."""
+        response = self.request("POST", f"/train/{quote(model, safe='')}",
+                                json_body=dict(params or {}), task=model)
+        return self._json(response)
+
+    def train_status(self, all_runs: bool = False) -> dict[str, Any] | list[Any] | None:
+        """``GET /train/``: the last (or every) training run; None when none has run yet."""
+        response = self.request("GET", "/train/", query={"all": str(all_runs).lower()},
+                                ok=(200, 404), read_timeout=30)
+        return None if response.status_code == 404 else self._json(response)
+
+    def stop_training(self) -> dict[str, Any]:
+        return self._json(self.request("DELETE", "/train/"))
+
+    def next_sample(
+        self, strategy: str = STRATEGY, params: Mapping[str, Any] | None = None,
+    ) -> NextSample | None:
+        """``POST /activelearning/{strategy}``: what to annotate next (None when nothing is left)."""
+        response = self.request("POST", f"/activelearning/{quote(strategy, safe='')}",
+                                json_body=dict(params or {}), task=strategy)
+        body = self._json(response)
+        if not body or not body.get("id"):
+            return None
+        slice_value = body.get("slice", body.get("slice_index"))
+        if isinstance(slice_value, list):  # a range: look at its middle
+            slice_value = (int(slice_value[0]) + int(slice_value[-1])) // 2 if slice_value else None
+        return NextSample(
+            image_id=str(body["id"]),
+            slice_index=None if slice_value is None else int(slice_value),
+            axis=str(body.get("axis") or "axial"),
+            raw=body,
+        )
+
+
+def _filename_from_disposition(disposition: str) -> str | None:
+    from email.message import Message
+
+    if not disposition:
+        return None
+    msg = Message()
+    msg["content-disposition"] = disposition
+    name = msg.get_filename()
+    return os.path.basename(name) if name else None
+
+
+def parse_infer_response(body: bytes, content_type: str) -> InferResponse:
+    """Parse MONAI Label's ``/infer`` answer: multipart (``params`` + label) or plain JSON."""
+    if content_type.lower().startswith("multipart/"):
+        parts = parse_multipart(body, content_type)
+        if "params" not in parts:
+            raise CitrusVError("The server answer has no 'params' part: is this the Citrus-V app?")
+        data = json.loads(parts["params"].text())
+        label = next((p for n, p in parts.items() if n != "params" and p.filename), None)
+        if label is None:
+            label = next((p for n, p in parts.items() if n != "params"), None)
+        return InferResponse(
+            result=Result.from_json(_unwrap(data)),
+            label_bytes=label.data if label else None,
+            label_filename=label.filename if label else None,
+        )
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except ValueError as exc:
+        raise CitrusVError("The server answer is neither multipart nor JSON; check the server URL.") \
+            from exc
+    return InferResponse(result=Result.from_json(_unwrap(data)))
+
+
+def _unwrap(data: Any) -> Any:
+    """MONAI Label's ``params`` may be the result itself or hold it under ``result``."""
+    if isinstance(data, str):
+        data = json.loads(data)
+    if isinstance(data, Mapping) and "task" not in data and isinstance(data.get("result"), Mapping):
+        return data["result"]
+    return data

@@ -1,0 +1,86 @@
+"""Slicer-less twin of the widget: ask the server about one slice, write the overlay PNG."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+
+import numpy as np
+
+from .client import CitrusVClient
+from .geometry import get_slice
+from .label_io import read_label_volume
+from .overlay import render_overlay
+from .result import Result
+
+# Display windows (level, width) for the PNG; the server applies its own for the model.
+DISPLAY_WINDOWS: dict[str, tuple[float, float]] = {
+    "abdomen": (60.0, 400.0),
+    "soft_tissue": (40.0, 400.0),
+    "lung": (-600.0, 1500.0),
+    "bone": (400.0, 1800.0),
+}
+
+_REPORT = re.compile(r"\b(report|describe|findings|impression|summar\w*|think step)", re.I)
+_DETECT = re.compile(r"\b(where|detect|locate|find|box|boxes|bounding|how many|count)\b", re.I)
+
+
+def guess_task(prompt: str) -> str:
+    """``report`` / ``detect`` / ``segment`` from the wording of a question."""
+    if _REPORT.search(prompt):
+        return "report"
+    if _DETECT.search(prompt):
+        return "detect"
+    return "segment"
+
+
+def to_uint8(plane: np.ndarray, window: str | Sequence[float] | None = None) -> np.ndarray:
+    """Scanner values → 8-bit grey: a CT window (name or [level, width]) or 1–99 percentiles."""
+    data = np.asarray(plane, dtype=np.float32)
+    if isinstance(window, str):
+        if window not in DISPLAY_WINDOWS:
+            raise ValueError(f"window must be one of {', '.join(DISPLAY_WINDOWS)} or [level, width].")
+        level, width = DISPLAY_WINDOWS[window]
+    elif window is not None:
+        level, width = (float(v) for v in window)
+    elif data.size and float(data.min()) < -500:  # looks like CT in Hounsfield units
+        level, width = DISPLAY_WINDOWS["abdomen"]
+    else:
+        lo, hi = (np.percentile(data, (1, 99)) if data.size else (0.0, 1.0))
+        level, width = (lo + hi) / 2, max(hi - lo, 1e-6)
+    lo = level - width / 2
+    return (np.clip((data - lo) / max(width, 1e-6), 0, 1) * 255).round().astype(np.uint8)
+
+
+def ask_server(
+    url: str,
+    image_id: str,
+    slice_index: int,
+    prompt: str,
+    png_path: str | os.PathLike,
+    task: str | None = None,
+    axis: str = "axial",
+    window: str | Sequence[float] | None = None,
+    token: str | None = None,
+    image_path: str | os.PathLike | None = None,
+) -> Result:
+    """Run one question on the server and save masks/boxes/steps drawn on the slice as a PNG.
+
+    The slice pixels come from ``image_path`` when given, else from the server's datastore.
+    """
+    client = CitrusVClient(url, token=token)
+    task = task or guess_task(prompt)
+    params: dict[str, object] = {"prompt": prompt, "slice": int(slice_index), "axis": axis}
+    if window is not None:
+        params["window"] = window if isinstance(window, str) else [float(v) for v in window]
+    response = client.infer(task, image_id, params)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = image_path or client.download_image(image_id, tmp)
+        volume = read_label_volume(path)
+        plane = get_slice(volume.array, axis, int(slice_index))
+        image = to_uint8(plane, window)
+    overlay = render_overlay(image, response.result, slice_index=int(slice_index))
+    overlay.save(os.fspath(png_path))
+    return response.result

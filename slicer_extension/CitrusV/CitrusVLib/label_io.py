@@ -1,0 +1,185 @@
+"""Read and write label volumes with their geometry, as ``[k, j, i]`` arrays + IJK-to-RAS.
+
+NRRD is read and written here with numpy alone (Slicer's Python has no pynrrd); NIfTI uses
+nibabel when it is installed (the server and the headless twin have it).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .geometry import LPS_TO_RAS
+
+_NRRD_TYPES = {
+    "uchar": np.uint8, "unsigned char": np.uint8, "uint8": np.uint8, "uint8_t": np.uint8,
+    "signed char": np.int8, "char": np.int8, "int8": np.int8, "int8_t": np.int8,
+    "short": np.int16, "int16": np.int16, "int16_t": np.int16, "signed short": np.int16,
+    "ushort": np.uint16, "unsigned short": np.uint16, "uint16": np.uint16, "uint16_t": np.uint16,
+    "int": np.int32, "int32": np.int32, "int32_t": np.int32, "signed int": np.int32,
+    "uint": np.uint32, "unsigned int": np.uint32, "uint32": np.uint32, "uint32_t": np.uint32,
+    "longlong": np.int64, "int64": np.int64, "int64_t": np.int64,
+    "ulonglong": np.uint64, "uint64": np.uint64, "uint64_t": np.uint64,
+    "float": np.float32, "double": np.float64,
+}
+_NRRD_NAMES = {np.dtype(np.uint8): "uint8", np.dtype(np.int8): "int8",
+               np.dtype(np.int16): "int16", np.dtype(np.uint16): "uint16",
+               np.dtype(np.int32): "int32", np.dtype(np.uint32): "uint32",
+               np.dtype(np.int64): "int64", np.dtype(np.uint64): "uint64",
+               np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+
+
+@dataclass
+class LabelVolume:
+    """A volume array indexed ``[k, j, i]`` and the 4×4 matrix mapping IJK to RAS."""
+
+    array: np.ndarray
+    ijk_to_ras: np.ndarray
+
+
+def _suffix(name: str) -> str:
+    lower = name.lower()
+    for ext in (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".nhdr"):
+        if lower.endswith(ext):
+            return ext
+    return os.path.splitext(lower)[1]
+
+
+def read_label_volume(source: str | os.PathLike | bytes, filename: str | None = None) -> LabelVolume:
+    """Read a ``.nrrd`` or ``.nii(.gz)`` label file from a path or from bytes plus its name."""
+    if isinstance(source, (bytes, bytearray)):
+        data, name = bytes(source), filename or ""
+    else:
+        name = filename or os.fspath(source)
+        with open(source, "rb") as f:
+            data = f.read()
+    ext = _suffix(name)
+    if ext == ".nrrd" or data[:4] == b"NRRD":
+        return _read_nrrd(data)
+    if ext in (".nii", ".nii.gz") or data[:2] == b"\x1f\x8b":
+        return _read_nifti(data)
+    raise ValueError(f"Cannot read label file '{name}': expected .nrrd or .nii.gz.")
+
+
+def write_label_volume(path: str | os.PathLike, volume: LabelVolume) -> str:
+    """Write ``volume`` to ``path`` (``.nrrd`` always works; ``.nii.gz`` needs nibabel)."""
+    path = os.fspath(path)
+    ext = _suffix(path)
+    if ext == ".nrrd":
+        _write_nrrd(path, volume)
+    elif ext in (".nii", ".nii.gz"):
+        import nibabel as nib
+
+        data = np.ascontiguousarray(np.asarray(volume.array).transpose(2, 1, 0))
+        img = nib.Nifti1Image(data, np.asarray(volume.ijk_to_ras, dtype=float))
+        img.set_qform(img.affine, code=1)
+        img.set_sform(img.affine, code=1)
+        nib.save(img, path)
+    else:
+        raise ValueError(f"Cannot write label file '{path}': use .nrrd or .nii.gz.")
+    return path
+
+
+def _read_nifti(data: bytes) -> LabelVolume:
+    try:
+        import nibabel as nib
+    except ImportError as exc:  # Slicer without nibabel: the adapter loads the file instead
+        raise ValueError("Reading NIfTI label files needs nibabel (pip install nibabel).") from exc
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    img = nib.Nifti1Image.from_bytes(data)
+    array = np.asanyarray(img.dataobj)
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return LabelVolume(np.ascontiguousarray(array.transpose(2, 1, 0)), np.asarray(img.affine, float))
+
+
+def _parse_vector(text: str) -> list[float] | None:
+    text = text.strip()
+    if text == "none":
+        return None
+    return [float(v) for v in text.strip("()").split(",")]
+
+
+def _read_nrrd(data: bytes) -> LabelVolume:
+    stream = io.BytesIO(data)
+    magic = stream.readline()
+    if not magic.startswith(b"NRRD"):
+        raise ValueError("Not a NRRD file.")
+    fields: dict[str, str] = {}
+    while True:
+        line = stream.readline()
+        if not line or line in (b"\n", b"\r\n"):
+            break
+        text = line.decode("latin-1").rstrip("\r\n")
+        if text.startswith("#") or ":" not in text:
+            continue
+        key, value = text.split(":", 1)
+        fields[key.strip().lower()] = value.lstrip("=").strip()
+    sizes = [int(v) for v in fields["sizes"].split()]
+    dtype = np.dtype(_NRRD_TYPES[fields["type"].lower()])
+    if dtype.itemsize > 1:
+        dtype = dtype.newbyteorder("<" if fields.get("endian", "little") == "little" else ">")
+    raw = stream.read()
+    encoding = fields.get("encoding", "raw").lower()
+    if encoding in ("gzip", "gz"):
+        raw = gzip.decompress(raw)
+    elif encoding != "raw":
+        raise ValueError(f"NRRD encoding '{encoding}' is not supported; use raw or gzip.")
+    count = int(np.prod(sizes))
+    array = np.frombuffer(raw[: count * dtype.itemsize], dtype=dtype).reshape(sizes[::-1])
+    directions = [
+        _parse_vector(v) for v in re.findall(r"\([^)]*\)|none", fields["space directions"])
+    ] if "space directions" in fields else None
+    m = np.eye(4)
+    if directions:
+        cols = [d for d in directions if d is not None]
+        m[:3, :3] = np.array(cols, dtype=float).T
+    elif "spacings" in fields:
+        m[:3, :3] = np.diag([float(v) for v in fields["spacings"].split()][:3])
+    if "space origin" in fields:
+        m[:3, 3] = _parse_vector(fields["space origin"])
+    space = fields.get("space", "left-posterior-superior").lower()
+    if space in ("left-posterior-superior", "lps"):
+        m = LPS_TO_RAS @ m
+    return LabelVolume(np.ascontiguousarray(array.astype(dtype.newbyteorder("="))), m)
+
+
+def _write_nrrd(path: str, volume: LabelVolume) -> None:
+    array = np.ascontiguousarray(volume.array)
+    if array.ndim != 3:
+        raise ValueError(f"Label volume must be 3D [k, j, i], got shape {array.shape}.")
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    m = np.asarray(volume.ijk_to_ras, dtype=float)
+    lps = LPS_TO_RAS @ m
+    k, j, i = array.shape
+
+    def vec(v: np.ndarray) -> str:
+        return "(" + ",".join(repr(float(x)) for x in v) + ")"
+
+    header = (
+        "NRRD0004\n"
+        f"type: {_NRRD_NAMES[array.dtype]}\n"
+        "dimension: 3\n"
+        "space: left-posterior-superior\n"
+        f"sizes: {i} {j} {k}\n"
+        f"space directions: {vec(lps[:3, 0])} {vec(lps[:3, 1])} {vec(lps[:3, 2])}\n"
+        "kinds: domain domain domain\n"
+        "endian: little\n"
+        "encoding: gzip\n"
+        f"space origin: {vec(lps[:3, 3])}\n\n"
+    )
+    payload = gzip.compress(array.astype(array.dtype.newbyteorder("<")).tobytes(), compresslevel=1)
+    tmp = path + ".part"
+    with open(tmp, "wb") as f:
+        f.write(header.encode("latin-1"))
+        f.write(payload)
+    os.replace(tmp, path)

@@ -1,0 +1,146 @@
+"""Render a result on its slice as a PNG: masks, labelled boxes, numbered reasoning steps.
+
+Pure Pillow + numpy so that the Slicer-less twin (``citrusv ask``) and the engine share it.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .colors import label_color
+from .result import Result
+
+MIN_SIDE = 512
+PANEL_WIDTH = 360
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _rgb(image_uint8: np.ndarray) -> np.ndarray:
+    image = np.asarray(image_uint8)
+    if image.dtype != np.uint8:
+        raise ValueError(f"render_overlay needs a uint8 image, got {image.dtype}.")
+    if image.ndim == 2:
+        return np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim == 3 and image.shape[2] in (3, 4):
+        return image[:, :, :3]
+    raise ValueError(f"render_overlay needs an (H, W) or (H, W, 3) image, got {image.shape}.")
+
+
+def _edge(mask: np.ndarray) -> np.ndarray:
+    inner = mask.copy()
+    inner[1:, :] &= mask[:-1, :]
+    inner[:-1, :] &= mask[1:, :]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return mask & ~inner
+
+
+def render_overlay(
+    image_uint8: np.ndarray,
+    result_json: Mapping[str, Any] | Result,
+    slice_index: int | None = None,
+    alpha: float = 0.4,
+    panel: bool = True,
+) -> Image.Image:
+    """The slice with the result drawn on it, plus a side panel with the answer and steps.
+
+    ``slice_index`` filters masks/boxes to that slice (None: draw all that fit the image).
+    Small images are upscaled (nearest) so labels stay legible.
+    """
+    result = result_json if isinstance(result_json, Result) else Result.from_json(result_json)
+    base = _rgb(image_uint8)
+    h, w = base.shape[:2]
+    scale = max(1, math.ceil(MIN_SIDE / max(h, w)))
+    canvas = base.astype(np.float32)
+
+    def on_slice(s: int | None) -> bool:
+        return slice_index is None or s is None or s == slice_index
+
+    for m in result.masks:
+        if not on_slice(m.slice) or m.rle is None:
+            continue
+        mask = m.array()
+        if mask.shape != (h, w):
+            continue
+        color = np.array(label_color(m.label, m.label_index), dtype=np.float32)
+        canvas[mask] = (1 - alpha) * canvas[mask] + alpha * color
+        canvas[_edge(mask)] = color
+    img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
+    if scale > 1:
+        img = img.resize((w * scale, h * scale), Image.NEAREST)
+    draw = ImageDraw.Draw(img)
+    font = _font(max(12, 14))
+    small = _font(12)
+
+    steps_for_box: dict[str, list[int]] = {}
+    for s in result.reasoning:
+        for box_id in s.box_ids:
+            steps_for_box.setdefault(box_id, []).append(s.step)
+
+    for n, b in enumerate(result.boxes):
+        if not on_slice(b.slice):
+            continue
+        x1, y1, x2, y2 = (v * scale for v in b.xyxy)
+        x1, x2 = sorted((min(max(x1, 0), w * scale - 1), min(max(x2, 0), w * scale - 1)))
+        y1, y2 = sorted((min(max(y1, 0), h * scale - 1), min(max(y2, 0), h * scale - 1)))
+        color = label_color(b.label, n + 1)
+        draw.rectangle([x1, y1, x2, y2], outline=color, width=2)
+        tag = b.name
+        tb = draw.textbbox((0, 0), tag, font=small)
+        tw, th = tb[2] - tb[0], tb[3] - tb[1]
+        ty = y1 - th - 4 if y1 - th - 4 >= 0 else y2 + 2
+        ty = min(ty, h * scale - th - 4)
+        tx = min(max(x1, 0), max(w * scale - tw - 4, 0))
+        draw.rectangle([tx, ty, tx + tw + 4, ty + th + 4], fill=(0, 0, 0))
+        draw.text((tx + 2, ty + 2 - tb[1]), tag, fill=color, font=small)
+        # numbered step markers along the box's top edge, inside it
+        for k, step in enumerate(steps_for_box.get(b.id, [])):
+            r = 9
+            cx, cy = x1 + r + 2 + k * (2 * r + 2), y1 + r + 2
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(255, 255, 255), outline=color)
+            label = str(step)
+            lb = draw.textbbox((0, 0), label, font=small)
+            draw.text((cx - (lb[2] - lb[0]) / 2 - lb[0], cy - (lb[3] - lb[1]) / 2 - lb[1]),
+                      label, fill=(0, 0, 0), font=small)
+
+    if not panel:
+        return img
+    lines: list[tuple[str, tuple[int, int, int]]] = []
+    title = f"{result.task or 'result'}: {result.prompt}".strip()
+    chars = max(20, PANEL_WIDTH // 7)
+    for t in textwrap.wrap(title, chars):
+        lines.append((t, (255, 255, 255)))
+    if result.answer:
+        lines.append(("", (0, 0, 0)))
+        for t in textwrap.wrap(result.answer, chars):
+            lines.append((t, (230, 230, 160)))
+    if result.reasoning:
+        lines.append(("", (0, 0, 0)))
+        for s in result.reasoning:
+            ids = f" [{', '.join(s.box_ids)}]" if s.box_ids else ""
+            for k, t in enumerate(textwrap.wrap(f"{s.step}. {s.text}{ids}", chars)):
+                lines.append(((t if k == 0 else "   " + t), (200, 220, 255)))
+    for m in result.masks:
+        if on_slice(m.slice):
+            area = f", {m.area_mm2:.0f} mm2" if m.area_mm2 is not None else ""
+            lines.append((f"{m.label}{area}", label_color(m.label, m.label_index)))
+    line_h = 17
+    height = max(img.height, 12 + line_h * len(lines))
+    out = Image.new("RGB", (img.width + PANEL_WIDTH, height), (24, 24, 24))
+    out.paste(img, (0, 0))
+    pd = ImageDraw.Draw(out)
+    for n, (t, color) in enumerate(lines):
+        pd.text((img.width + 10, 8 + n * line_h), t, fill=color, font=font)
+    return out

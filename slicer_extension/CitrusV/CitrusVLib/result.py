@@ -1,0 +1,164 @@
+"""The one result shape (docs/api.md) as plain dataclasses, so callers never index raw dicts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .rle import decode_rle
+
+TASKS = ("segment", "detect", "report", "closer_look")
+
+
+@dataclass
+class ReasoningStep:
+    step: int
+    text: str
+    box_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Box:
+    id: str
+    label: str
+    xyxy: tuple[float, float, float, float]
+    slice: int | None = None
+    score: float | None = None
+
+    @property
+    def name(self) -> str:
+        """Display name used for ROI nodes and overlays, e.g. ``b1 liver``."""
+        return f"{self.id} {self.label}".strip()
+
+
+@dataclass
+class Mask:
+    label: str
+    label_index: int
+    slice: int | None
+    rle: dict[str, Any] | None = None
+    area_px: int | None = None
+    area_mm2: float | None = None
+    score: float | None = None
+
+    def array(self) -> np.ndarray:
+        """The boolean ``(H, W)`` mask of the slice."""
+        if self.rle is None:
+            raise ValueError(f"Mask '{self.label}' carries no RLE; read the label file instead.")
+        return decode_rle(self.rle)
+
+
+@dataclass
+class ImageInfo:
+    id: str | None = None
+    shape: list[int] = field(default_factory=list)
+    spacing: list[float] = field(default_factory=list)
+    axis: str = "axial"
+    slices: list[int] = field(default_factory=list)
+
+
+@dataclass
+class CloserLook:
+    roi: tuple[float, float, float, float]
+    area_px_before: int | None = None
+    area_px_after: int | None = None
+
+
+@dataclass
+class Result:
+    task: str
+    prompt: str = ""
+    text: str = ""
+    answer: str = ""
+    model: dict[str, Any] = field(default_factory=dict)
+    reasoning: list[ReasoningStep] = field(default_factory=list)
+    boxes: list[Box] = field(default_factory=list)
+    masks: list[Mask] = field(default_factory=list)
+    image: ImageInfo = field(default_factory=ImageInfo)
+    timing_ms: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    label_names: dict[str, int] = field(default_factory=dict)
+    closer_look: CloserLook | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def box(self, box_id: str) -> Box | None:
+        return next((b for b in self.boxes if b.id == box_id), None)
+
+    def boxes_for_step(self, step: int) -> list[Box]:
+        """Boxes cited by reasoning step ``step`` (1-based), in citation order."""
+        for s in self.reasoning:
+            if s.step == step:
+                return [b for b in (self.box(i) for i in s.box_ids) if b is not None]
+        return []
+
+    def labels(self) -> dict[str, int]:
+        """Structure name → label index, from ``label_names`` or else from the masks."""
+        names = dict(self.label_names)
+        for m in self.masks:
+            names.setdefault(m.label, m.label_index)
+        return names
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Result:
+        """Parse a result dict; tolerant of missing optional keys, strict on types it uses."""
+        if not isinstance(data, Mapping):
+            raise ValueError("The server answer is not a JSON object.")
+        image = data.get("image") or {}
+        closer = data.get("closer_look")
+        return cls(
+            task=str(data.get("task", "")),
+            prompt=str(data.get("prompt") or ""),
+            text=str(data.get("text") or ""),
+            answer=str(data.get("answer") or ""),
+            model=dict(data.get("model") or {}),
+            reasoning=[
+                ReasoningStep(
+                    step=int(s.get("step", n + 1)),
+                    text=str(s.get("text", "")),
+                    box_ids=[str(b) for b in s.get("box_ids") or []],
+                )
+                for n, s in enumerate(data.get("reasoning") or [])
+            ],
+            boxes=[
+                Box(
+                    id=str(b.get("id", f"b{n + 1}")),
+                    label=str(b.get("label", "")),
+                    xyxy=tuple(float(v) for v in b["xyxy"]),  # type: ignore[arg-type]
+                    slice=None if b.get("slice") is None else int(b["slice"]),
+                    score=None if b.get("score") is None else float(b["score"]),
+                )
+                for n, b in enumerate(data.get("boxes") or [])
+            ],
+            masks=[
+                Mask(
+                    label=str(m.get("label", "")),
+                    label_index=int(m.get("label_index", n + 1)),
+                    slice=None if m.get("slice") is None else int(m["slice"]),
+                    rle=m.get("rle"),
+                    area_px=None if m.get("area_px") is None else int(m["area_px"]),
+                    area_mm2=None if m.get("area_mm2") is None else float(m["area_mm2"]),
+                    score=None if m.get("score") is None else float(m["score"]),
+                )
+                for n, m in enumerate(data.get("masks") or [])
+            ],
+            image=ImageInfo(
+                id=None if image.get("id") is None else str(image["id"]),
+                shape=[int(v) for v in image.get("shape") or []],
+                spacing=[float(v) for v in image.get("spacing") or []],
+                axis=str(image.get("axis") or "axial"),
+                slices=[int(v) for v in image.get("slices") or [] if v is not None],
+            ),
+            timing_ms={str(k): float(v) for k, v in (data.get("timing_ms") or {}).items()
+                       if isinstance(v, (int, float))},
+            warnings=[str(w) for w in data.get("warnings") or []],
+            label_names={str(k): int(v) for k, v in (data.get("label_names") or {}).items()},
+            closer_look=None if not closer else CloserLook(
+                roi=tuple(float(v) for v in closer["roi"]),  # type: ignore[arg-type]
+                area_px_before=closer.get("area_px_before"),
+                area_px_after=closer.get("area_px_after"),
+            ),
+            raw=dict(data),
+        )

@@ -1,0 +1,308 @@
+"""MRML side of Citrus-V: volumes, slice views, segmentations and ROIs ↔ CitrusVLib objects.
+
+Uses ``slicer.util`` and MRML only (no Qt), so it runs in Slicer and against ``slicer-core``.
+Everything that is plain maths lives in CitrusVLib; this module only moves data into nodes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import slicer
+import vtk
+from CitrusVLib import geometry
+from CitrusVLib.colors import label_color_float
+from CitrusVLib.label_io import LabelVolume, write_label_volume
+from CitrusVLib.placement import StructureMask, structure_masks, structure_masks_from_label_volume
+from CitrusVLib.result import Box, Result
+
+VOLUME_ATTR = "CitrusV.VolumeID"      # on segmentation / ROI nodes: the volume they belong to
+IMAGE_ID_ATTR = "CitrusV.ImageID"     # on volume nodes: the server datastore id
+BOX_ID_ATTR = "CitrusV.BoxID"         # on ROI nodes: the result's box id (b1, b2, ...)
+LABEL_INDEX_TAG = "CitrusV.LabelIndex"
+VIEW_NAMES = ("Red", "Yellow", "Green")
+
+
+def _scene(scene: slicer.vtkMRMLScene | None) -> slicer.vtkMRMLScene:
+    return scene if scene is not None else slicer.mrmlScene
+
+
+# -- geometry --------------------------------------------------------------------------------
+def ijk_to_ras(volume_node: slicer.vtkMRMLVolumeNode, world: bool = True) -> np.ndarray:
+    """The volume's IJK-to-RAS 4×4; ``world=True`` includes a linear parent transform."""
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    m = slicer.util.arrayFromVTKMatrix(matrix)
+    transform = volume_node.GetParentTransformNode()
+    if world and transform is not None:
+        if not transform.IsTransformToWorldLinear():
+            raise ValueError(f"Volume '{volume_node.GetName()}' is under a non-linear transform: "
+                             "harden or remove it before asking Citrus-V.")
+        to_world = vtk.vtkMatrix4x4()
+        transform.GetMatrixTransformToWorld(to_world)
+        m = slicer.util.arrayFromVTKMatrix(to_world) @ m
+    return m
+
+
+def volume_shape(volume_node: slicer.vtkMRMLVolumeNode) -> tuple[int, int, int]:
+    """Array shape ``(k, j, i)`` of a volume node."""
+    image = volume_node.GetImageData()
+    if image is None:
+        raise ValueError(f"Volume '{volume_node.GetName()}' has no image data.")
+    i, j, k = image.GetDimensions()
+    return (k, j, i)
+
+
+def slice_node(view_name: str = "Red", scene: slicer.vtkMRMLScene | None = None):
+    """The slice node of the Red/Yellow/Green view (by singleton id, then by layout name)."""
+    scene = _scene(scene)
+    node = scene.GetNodeByID(f"vtkMRMLSliceNode{view_name}")
+    if node is not None:
+        return node
+    for candidate in slicer.util.getNodesByClass("vtkMRMLSliceNode", scene):
+        if candidate.GetLayoutName() == view_name or candidate.GetName() == view_name:
+            return candidate
+    raise ValueError(f"There is no {view_name} slice view in this layout.")
+
+
+def current_slice(
+    volume_node: slicer.vtkMRMLVolumeNode, view_name: str = "Red",
+    scene: slicer.vtkMRMLScene | None = None,
+) -> geometry.ViewSlice:
+    """Axis and slice index the view shows of this volume (any volume/view orientation)."""
+    node = slice_node(view_name, scene)
+    slice_to_ras = slicer.util.arrayFromVTKMatrix(node.GetSliceToRAS())
+    return geometry.slice_for_view(ijk_to_ras(volume_node), slice_to_ras, volume_shape(volume_node))
+
+
+def jump_to_slice(
+    volume_node: slicer.vtkMRMLVolumeNode, axis: str, slice_index: int,
+    scene: slicer.vtkMRMLScene | None = None,
+) -> np.ndarray:
+    """Centre all slice views on the middle of slice ``slice_index``; returns that RAS point."""
+    ras = geometry.slice_center_ras(ijk_to_ras(volume_node), volume_shape(volume_node), axis,
+                                    slice_index)
+    jump_to_ras(ras, scene)
+    return ras
+
+
+def jump_to_ras(ras: Sequence[float], scene: slicer.vtkMRMLScene | None = None) -> None:
+    r, a, s = (float(v) for v in ras)
+    slicer.vtkMRMLSliceNode.JumpAllSlices(_scene(scene), r, a, s,
+                                          slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+
+
+# -- volumes for the server --------------------------------------------------------------------
+def write_volume_for_upload(volume_node: slicer.vtkMRMLVolumeNode, path: str) -> str:
+    """Write the volume (own geometry, no parent transform) as NRRD for ``upload_image``."""
+    array = slicer.util.arrayFromVolume(volume_node)
+    return write_label_volume(path, LabelVolume(np.array(array), ijk_to_ras(volume_node, world=False)))
+
+
+# -- segmentations -----------------------------------------------------------------------------
+def find_segmentation(volume_node, scene: slicer.vtkMRMLScene | None = None):
+    for node in slicer.util.getNodesByClass("vtkMRMLSegmentationNode", _scene(scene)):
+        if node.GetAttribute(VOLUME_ATTR) == volume_node.GetID():
+            return node
+    return None
+
+
+def get_or_create_segmentation(volume_node, scene: slicer.vtkMRMLScene | None = None):
+    """The one Citrus-V segmentation node of this volume (created on first use)."""
+    scene = _scene(scene)
+    node = find_segmentation(volume_node, scene)
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                       f"{volume_node.GetName()} Citrus-V")
+        node.CreateDefaultDisplayNodes()
+        node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+        node.SetAttribute(VOLUME_ATTR, volume_node.GetID())
+    return node
+
+
+def ensure_segment(segmentation_node, label: str, label_index: int) -> str:
+    """Segment id for structure ``label`` (named after it, coloured from CitrusVLib.colors)."""
+    segmentation = segmentation_node.GetSegmentation()
+    segment_id = segmentation.GetSegmentIdBySegmentName(label)
+    if not segment_id:
+        segment_id = segmentation.AddEmptySegment(label, label, label_color_float(label, label_index))
+    segment = segmentation.GetSegment(segment_id)
+    segment.SetTag(LABEL_INDEX_TAG, str(int(label_index)))
+    return segment_id
+
+
+def segment_label_index(segmentation_node, segment_id: str) -> int:
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    value = segment.GetTag(LABEL_INDEX_TAG) if segment is not None else None
+    if value:
+        return int(value)
+    return segmentation_node.GetSegmentation().GetSegmentIndex(segment_id) + 1
+
+
+def segment_array(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
+    """The segment as a uint8 ``[k, j, i]`` array on the volume's grid."""
+    return np.asarray(slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id,
+                                                                 volume_node))
+
+
+def write_structures(
+    structures: Iterable[StructureMask], volume_node, segmentation_node,
+) -> dict[str, str]:
+    """Write structure masks into segments; 2D answers replace only their slices."""
+    ids: dict[str, str] = {}
+    for structure in structures:
+        segment_id = ensure_segment(segmentation_node, structure.label, structure.label_index)
+        existing = None
+        if structure.slices:
+            try:
+                existing = segment_array(segmentation_node, segment_id, volume_node)
+            except RuntimeError:
+                existing = None
+        merged = structure.merge_into(existing)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(merged, segmentation_node, segment_id,
+                                                         volume_node)
+        ids[structure.label] = segment_id
+    return ids
+
+
+# -- ROIs --------------------------------------------------------------------------------------
+def roi_nodes(volume_node, scene: slicer.vtkMRMLScene | None = None) -> list:
+    return [n for n in slicer.util.getNodesByClass("vtkMRMLMarkupsROINode", _scene(scene))
+            if n.GetAttribute(VOLUME_ATTR) == volume_node.GetID()]
+
+
+def set_roi(roi_node, roi: geometry.RoiRAS) -> None:
+    """Place an ROI node on an oriented RAS box (orientation + centre, then size)."""
+    roi_node.SetAndObserveObjectToNodeMatrix(slicer.util.vtkMatrixFromArray(roi.object_to_world()))
+    roi_node.SetCenter(*(float(v) for v in roi.center))
+    roi_node.SetSize(*(float(v) for v in roi.size))
+
+
+def roi_of_node(roi_node) -> geometry.RoiRAS:
+    """The RAS box an ROI node encloses (e.g. after the user moved it)."""
+    center = [0.0, 0.0, 0.0]
+    roi_node.GetCenterWorld(center)
+    axes = np.zeros((3, 3))
+    for n, getter in enumerate((roi_node.GetXAxisWorld, roi_node.GetYAxisWorld,
+                                roi_node.GetZAxisWorld)):
+        v = [0.0, 0.0, 0.0]
+        getter(v)
+        axes[:, n] = v
+    return geometry.RoiRAS(np.array(center), np.array(roi_node.GetSizeWorld()), axes)
+
+
+def create_box_rois(
+    boxes: Sequence[Box], volume_node, axis: str, default_slice: int | None = None,
+    scene: slicer.vtkMRMLScene | None = None, interactive: bool = False,
+    replace: bool = True,
+) -> dict[str, object]:
+    """One ``vtkMRMLMarkupsROINode`` per box, named ``b1 liver``; locked unless ``interactive``."""
+    scene = _scene(scene)
+    if replace:
+        for old in roi_nodes(volume_node, scene):
+            scene.RemoveNode(old)
+    m = ijk_to_ras(volume_node)
+    nodes: dict[str, object] = {}
+    for n, box in enumerate(boxes):
+        slice_index = box.slice if box.slice is not None else default_slice
+        if slice_index is None:
+            raise ValueError(f"Box {box.id} has no slice index.")
+        roi = geometry.box_to_roi(m, axis, slice_index, box.xyxy)
+        node = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", box.name)
+        node.CreateDefaultDisplayNodes()
+        set_roi(node, roi)
+        node.SetAttribute(VOLUME_ATTR, volume_node.GetID())
+        node.SetAttribute(BOX_ID_ATTR, box.id)
+        node.SetLocked(not interactive)
+        display = node.GetDisplayNode()
+        if display is not None:
+            display.SetHandlesInteractive(interactive)
+            display.SetSelectedColor(label_color_float(box.label, n + 1))
+            display.SetFillOpacity(0.05)
+        nodes[box.id] = node
+    return nodes
+
+
+def select_boxes(volume_node, box_ids: Iterable[str], scene: slicer.vtkMRMLScene | None = None,
+                 center: bool = True) -> np.ndarray | None:
+    """Select the ROIs of these boxes (others deselected) and centre the views on them."""
+    wanted = set(box_ids)
+    centres = []
+    for node in roi_nodes(volume_node, scene):
+        selected = node.GetAttribute(BOX_ID_ATTR) in wanted
+        node.SetSelected(selected)
+        if selected:
+            c = [0.0, 0.0, 0.0]
+            node.GetCenterWorld(c)
+            centres.append(c)
+    if not centres:
+        return None
+    ras = np.mean(np.array(centres), axis=0)
+    if center:
+        jump_to_ras(ras, scene)
+    return ras
+
+
+# -- one server result -------------------------------------------------------------------------
+@dataclass
+class AppliedResult:
+    segmentation_node: object | None
+    segment_ids: dict[str, str] = field(default_factory=dict)
+    roi_nodes: dict[str, object] = field(default_factory=dict)
+
+
+def apply_result(
+    result: Result,
+    volume_node,
+    label_volume: LabelVolume | None = None,
+    save_state_for_undo: Callable[[], None] | None = None,
+    scene: slicer.vtkMRMLScene | None = None,
+) -> AppliedResult:
+    """Put one server answer into the scene as a single undo step: segments + box ROIs.
+
+    ``save_state_for_undo`` is the Segment Editor's (in Slicer); the scene's undo otherwise.
+    """
+    scene = _scene(scene)
+    axis = result.image.axis or "axial"
+    shape = volume_shape(volume_node)
+    if save_state_for_undo is not None:
+        save_state_for_undo()
+    elif scene.GetUndoFlag():
+        scene.SaveStateForUndo()
+    if result.masks and all(mk.rle is not None for mk in result.masks):
+        structures = structure_masks(result, shape, axis)
+    elif label_volume is not None:
+        structures = structure_masks_from_label_volume(
+            label_volume, result.labels(), ijk_to_ras(volume_node, world=False),
+            slices=[] if len(result.image.slices) != 1 else result.image.slices, axis=axis)
+    else:
+        structures = structure_masks(result, shape, axis)
+    applied = AppliedResult(segmentation_node=None)
+    if structures:
+        seg = get_or_create_segmentation(volume_node, scene)
+        applied.segmentation_node = seg
+        applied.segment_ids = write_structures(structures.values(), volume_node, seg)
+    if result.boxes:
+        default_slice = result.image.slices[0] if result.image.slices else None
+        applied.roi_nodes = create_box_rois(result.boxes, volume_node, axis, default_slice, scene)
+    return applied
+
+
+# -- corrections -------------------------------------------------------------------------------
+def export_segment_label(
+    segmentation_node, segment_id: str, volume_node, directory: str,
+    label_index: int | None = None, extension: str = ".nrrd",
+) -> tuple[str, list[dict]]:
+    """Write one segment as a label file on the volume's own grid; returns path + label_info."""
+    name = segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
+    index = int(label_index if label_index is not None
+                else segment_label_index(segmentation_node, segment_id))
+    mask = segment_array(segmentation_node, segment_id, volume_node) > 0
+    label = (mask.astype(np.uint8) * np.uint8(index))
+    safe = "".join(ch if ch.isalnum() else "_" for ch in name) or "label"
+    path = os.path.join(directory, f"{safe}{extension}")
+    write_label_volume(path, LabelVolume(label, ijk_to_ras(volume_node, world=False)))
+    return path, [{"name": name, "idx": index}]

@@ -1,0 +1,68 @@
+"""RLE decoding (docs/api.md) and result parsing into plain objects."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from CitrusVLib import Result, decode_rle, encode_rle
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+
+def test_decode_known_mask():
+    # 3 × 4, row-major, starts with a run of zeros
+    rle = {"size": [3, 4], "counts": [1, 2, 3, 4, 2]}
+    expected = np.array([[0, 1, 1, 0],
+                         [0, 0, 1, 1],
+                         [1, 1, 0, 0]], dtype=bool)
+    assert np.array_equal(decode_rle(rle), expected)
+    assert encode_rle(expected) == rle
+
+
+def test_mask_starting_with_ones_has_a_zero_length_first_run():
+    mask = np.array([[1, 1], [0, 1]], dtype=bool)
+    assert encode_rle(mask) == {"size": [2, 2], "counts": [0, 2, 1, 1]}
+    assert np.array_equal(decode_rle({"size": [2, 2], "counts": [0, 2, 1, 1]}), mask)
+
+
+@settings(max_examples=200, deadline=None)
+@given(arrays(bool, st.tuples(st.integers(1, 30), st.integers(1, 30))))
+def test_rle_round_trip(mask):
+    rle = encode_rle(mask)
+    assert sum(rle["counts"]) == mask.size
+    assert np.array_equal(decode_rle(rle), mask)
+
+
+def test_bad_rle_is_refused():
+    with pytest.raises(ValueError, match="sum to 5"):
+        decode_rle({"size": [2, 3], "counts": [2, 3]})
+    with pytest.raises(ValueError, match="non-negative"):
+        decode_rle({"size": [1, 2], "counts": [3, -1]})
+
+
+def test_result_parses_every_field(sample_result):
+    r = Result.from_json(sample_result)
+    assert r.task == "report" and r.answer.startswith("The liver")
+    assert [b.name for b in r.boxes] == ["b1 liver", "b2 spleen"]
+    assert r.boxes[0].xyxy == (15.0, 10.0, 35.0, 20.0) and r.boxes[0].slice == 3
+    assert [b.id for b in r.boxes_for_step(2)] == ["b1", "b2"]
+    assert r.boxes_for_step(9) == []
+    mask = r.masks[0].array()
+    assert mask.shape == (40, 60) and mask.sum() == 200 and mask[10, 15] and not mask[9, 15]
+    assert r.image.slices == [3] and r.image.axis == "axial"
+    assert r.labels() == {"liver": 1}
+    assert r.timing_ms["total"] == 6.0
+    assert r.closer_look is None
+
+
+def test_result_minimal_and_closer_look():
+    r = Result.from_json({"task": "closer_look", "masks": [{"label": "liver", "slice": None}],
+                          "closer_look": {"roi": [1, 2, 3, 4], "area_px_before": 5,
+                                          "area_px_after": 6}})
+    assert r.closer_look.roi == (1.0, 2.0, 3.0, 4.0)
+    assert r.masks[0].slice is None and r.masks[0].label_index == 1
+    with pytest.raises(ValueError, match="no RLE"):
+        r.masks[0].array()
+    with pytest.raises(ValueError, match="not a JSON object"):
+        Result.from_json(["nope"])
