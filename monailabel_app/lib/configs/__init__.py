@@ -1,0 +1,1 @@
+"""One TaskConfig per model, discovered by main.py (MONAI Label radiology-app shape)."""

@@ -1,0 +1,77 @@
+"""Citrus-V config: four infer tasks, the fine-tuning trainer and the uncertainty strategy.
+
+All of them share one `SharedModel` (one engine per process, loaded on first use) and one
+study cache. Settings come from `--conf`: `model_dir`, `device` (cuda|cpu), `dtype`
+(bf16|fp32), and the limits `max_slice_pixels`, `max_voxels`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from monailabel.interfaces.config import TaskConfig
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+
+from .. import images
+from ..images import StudyCache
+from ..infers.citrusv import CitrusVInfer
+from ..model import SharedModel, shared_model
+from ..strategies.citrusv_uncertainty import CitrusVUncertainty
+from ..trainers.citrusv_finetune import CitrusVFinetune
+
+logger = logging.getLogger(__name__)
+
+TASKS = {
+    "segment": "Segment what the prompt names on one slice (or a slice range / all slices)",
+    "detect": "Find what the prompt names: boxes on the slice",
+    "report": "Answer or write a report with reasoning steps that cite boxes",
+    "closer_look": "Crop around a region, look again and refine its mask",
+}
+DTYPES = {"bf16": "bf16", "bfloat16": "bf16", "fp32": "fp32", "float32": "fp32", "fp16": "fp16"}
+
+
+def _device(value: str | None) -> str:
+    if value:
+        if value.split(":")[0] not in ("cuda", "cpu", "mps"):
+            raise ValueError(f"--conf device {value} is not a device; use cuda or cpu.")
+        return value
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dtype(value: str | None) -> str | None:
+    if not value:
+        return None  # engine default: bf16 on GPU, fp32 on CPU
+    if value.lower() not in DTYPES:
+        raise ValueError(f"--conf dtype {value} is not supported; use bf16 or fp32.")
+    return DTYPES[value.lower()]
+
+
+class CitrusV(TaskConfig):
+    def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs) -> None:
+        super().init(name, model_dir, conf, planner, **kwargs)
+        self.model: SharedModel = shared_model(model_dir, _device(conf.get("device")),
+                                               _dtype(conf.get("dtype")))
+        images.MAX_SLICE_PIXELS = int(conf.get("max_slice_pixels", images.MAX_SLICE_PIXELS))
+        images.MAX_VOXELS = int(conf.get("max_voxels", images.MAX_VOXELS))
+        self.studies = StudyCache(size=int(conf.get("study_cache", 2)))
+        self.margin = float(conf.get("closer_look_margin", 0.15))
+        logger.info("Citrus-V model_dir=%s device=%s dtype=%s status=%s", self.model.model_dir,
+                    self.model.device, self.model.dtype or "auto", self.model.status())
+
+    def infer(self) -> dict[str, InferTask]:
+        return {
+            f"citrusv_{task}": CitrusVInfer(task, self.model, self.studies, description,
+                                            closer_look_margin=self.margin)
+            for task, description in TASKS.items()
+        }
+
+    def trainer(self) -> dict[str, TrainTask]:
+        return {"citrusv_finetune": CitrusVFinetune(self.model)}
+
+    def strategy(self) -> dict[str, Strategy]:
+        return {"citrusv_uncertainty": CitrusVUncertainty(self.model, self.studies)}

@@ -1,0 +1,336 @@
+"""Read studies as `[z, y, x]` arrays with their geometry, and write label maps in that geometry.
+
+Index order follows docs/api.md: a NIfTI/NRRD/DICOM series is loaded as `[k, j, i]`, so axial
+is axis 0, coronal axis 1, sagittal axis 2, and the 2D plane for `slice` s along `axis` a is
+`np.take(volume, s, axis=a)`. The label file is a NIfTI with the image's own RAS affine (and the
+source's sform/qform codes for NIfTI inputs), so any viewer overlays it on the image exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .errors import RequestError
+
+# Limits that keep one request from taking the server down; settable with --conf.
+MAX_SLICE_PIXELS = 8192 * 8192
+MAX_VOXELS = 1024 * 1024 * 1024
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+@dataclass
+class Study:
+    """One image as the app sees it: scanner values in `[z, y, x]` plus its geometry."""
+
+    array: np.ndarray  # [z, y, x] (or [1, H, W, 3] for an RGB picture), scanner units
+    affine: np.ndarray  # 4x4, voxel (i, j, k) -> RAS mm
+    is_2d: bool
+    modality: str = ""  # "CT", "CR", "DX", "MR", ... when the file says so
+    path: str = ""
+    nifti_codes: tuple[int, int] = (1, 1)  # (qform_code, sform_code) for the label file
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(v) for v in self.array.shape[:3])  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> list[float]:
+        """Voxel size in mm along the array axes `[z, y, x]`."""
+        ijk = np.linalg.norm(self.affine[:3, :3], axis=0)
+        return [round(float(v), 6) for v in ijk[::-1]]
+
+    def plane(self, slice_index: int, axis: int = 0) -> np.ndarray:
+        """The 2D image at `slice_index` along `axis` (rows, columns = the remaining axes)."""
+        return np.take(self.array, slice_index, axis=axis)
+
+    def plane_spacing(self, axis: int = 0) -> tuple[float, float]:
+        """(row, column) pixel size in mm of a plane along `axis`."""
+        sp = [s for a, s in enumerate(self.spacing) if a != axis]
+        return float(sp[0]), float(sp[1])
+
+
+def _check_size(shape: tuple[int, ...], what: str) -> None:
+    dims = [int(v) for v in shape]
+    if any(v <= 0 for v in dims):
+        raise RequestError(f"The {what} has an empty dimension {tuple(dims)}; upload a real image.")
+    rows_cols = dims[-2] * dims[-1] if len(dims) >= 2 else dims[0]
+    if rows_cols > MAX_SLICE_PIXELS or int(np.prod(dims)) > MAX_VOXELS:
+        raise RequestError(
+            f"The {what} is too large ({' x '.join(map(str, dims))}); the server accepts at most "
+            f"{MAX_SLICE_PIXELS} pixels per slice and {MAX_VOXELS} voxels, so crop or downsample it.",
+            status_code=413,
+        )
+
+
+def _suffix(path: str) -> str:
+    name = os.path.basename(path).lower()
+    for s in (".nii.gz", ".nrrd", ".nhdr", ".nii", *DICOM_SUFFIXES, *PICTURE_SUFFIXES):
+        if name.endswith(s):
+            return s
+    return Path(name).suffix
+
+
+# ---------------------------------------------------------------------------------------------
+# readers
+
+
+def _read_nifti(path: str) -> Study:
+    try:
+        img = nib.load(path)
+        shape = tuple(img.shape)
+    except Exception as e:  # nibabel raises many types for a broken header
+        raise RequestError(f"The file could not be read as NIfTI ({e}); upload a valid .nii.gz.") from e
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) not in (2, 3):
+        raise RequestError(
+            f"The image has {len(img.shape)} dimensions {tuple(img.shape)}; send a 2D or 3D image."
+        )
+    _check_size(shape[::-1], "image")
+    try:
+        data = np.asanyarray(img.dataobj).reshape(shape)
+    except Exception as e:
+        raise RequestError(f"The NIfTI pixel data could not be read ({e}); upload a valid file.") from e
+    is_2d = len(shape) == 2
+    array = data.T[None] if is_2d else data.transpose(2, 1, 0)
+    hdr = img.header
+    codes = (int(hdr["qform_code"]), int(hdr["sform_code"]))
+    return Study(np.ascontiguousarray(array), img.affine.copy(), is_2d, path=path,
+                 nifti_codes=codes if any(codes) else (1, 1))
+
+
+def _read_nrrd(path: str) -> Study:
+    import nrrd
+
+    try:
+        header = nrrd.read_header(path)
+        sizes = tuple(int(v) for v in header["sizes"])
+    except Exception as e:
+        raise RequestError(f"The file could not be read as NRRD ({e}); upload a valid .nrrd.") from e
+    if len(sizes) not in (2, 3):
+        raise RequestError(f"The image has {len(sizes)} dimensions {sizes}; send a 2D or 3D image.")
+    _check_size(sizes[::-1], "image")
+    data, header = nrrd.read(path)  # index order F: [i, j, k]
+    is_2d = data.ndim == 2
+    dirs = np.asarray(header.get("space directions", np.eye(data.ndim)), dtype=float)
+    dirs = np.nan_to_num(dirs)
+    origin = np.asarray(header.get("space origin", np.zeros(dirs.shape[1])), dtype=float)
+    affine = np.eye(4)
+    affine[: dirs.shape[1], : dirs.shape[0]] = dirs.T
+    affine[: origin.shape[0], 3] = origin
+    space = str(header.get("space", "left-posterior-superior")).lower()
+    if space in ("left-posterior-superior", "lps"):
+        affine = LPS_TO_RAS @ affine
+    array = data.T[None] if is_2d else data.transpose(2, 1, 0)
+    return Study(np.ascontiguousarray(array), affine, is_2d, path=path)
+
+
+def _dicom_affine(ds, n_slices: int = 1, last_position=None) -> np.ndarray:
+    """RAS affine of a DICOM image or series (LPS patient frame, converted)."""
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing") or [1.0, 1.0]
+    try:
+        row_mm, col_mm = float(spacing[0]), float(spacing[1])
+    except (TypeError, ValueError, IndexError):
+        row_mm, col_mm = 1.0, 1.0
+    row_mm, col_mm = (row_mm if row_mm > 0 else 1.0), (col_mm if col_mm > 0 else 1.0)
+    iop = [float(v) for v in ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])]
+    row_dir, col_dir = np.asarray(iop[:3]), np.asarray(iop[3:])
+    normal = np.cross(row_dir, col_dir)
+    origin = np.asarray([float(v) for v in ds.get("ImagePositionPatient", [0, 0, 0])])
+    thickness = float(ds.get("SpacingBetweenSlices", ds.get("SliceThickness", 1.0)) or 1.0)
+    slice_vec = normal * (thickness if thickness > 0 else 1.0)
+    if last_position is not None and n_slices > 1:
+        slice_vec = (np.asarray(last_position) - origin) / (n_slices - 1)
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * col_mm  # i runs along a row (columns)
+    lps[:3, 1] = col_dir * row_mm  # j runs down the rows
+    lps[:3, 2] = slice_vec
+    lps[:3, 3] = origin
+    return LPS_TO_RAS @ lps
+
+
+def _dicom_pixels(ds) -> np.ndarray:
+    try:
+        pixels = ds.pixel_array
+    except Exception as e:
+        raise RequestError(
+            f"The DICOM pixel data could not be decoded ({e}); send an uncompressed or "
+            "standard-compressed DICOM image."
+        ) from e
+    pixels = pixels.astype(np.float32)
+    slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+    pixels = pixels * slope + intercept
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        pixels = pixels.max() + pixels.min() - pixels  # show bone bright, as MONOCHROME2
+    return pixels
+
+
+def _read_dicom_header(path: str):
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=False, force=False)
+        _ = ds.Rows, ds.Columns
+    except Exception as e:
+        raise RequestError(
+            "The file is not a readable DICOM image (corrupt or missing pixel data); "
+            "send the original .dcm file."
+        ) from e
+    return ds
+
+
+def _read_dicom_file(path: str) -> Study:
+    ds = _read_dicom_header(path)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    _check_size((frames, int(ds.Rows), int(ds.Columns)), "DICOM image")
+    pixels = _dicom_pixels(ds)
+    if pixels.ndim == 3 and pixels.shape[-1] in (3, 4) and frames == 1:
+        raise RequestError("Colour DICOM images are not supported; send a grayscale image.")
+    array = pixels[None] if pixels.ndim == 2 else pixels
+    return Study(np.ascontiguousarray(array), _dicom_affine(ds), array.shape[0] == 1,
+                 modality=str(ds.get("Modality", "")), path=path)
+
+
+def _read_dicom_series(path: str) -> Study:
+    files = sorted(p for p in Path(path).iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise RequestError("The image folder is empty; put a DICOM series (one file per slice) in it.")
+    slices = [_read_dicom_header(str(f)) for f in files]
+    first = slices[0]
+    _check_size((len(slices), int(first.Rows), int(first.Columns)), "DICOM series")
+    iop = [float(v) for v in first.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])]
+    normal = np.cross(iop[:3], iop[3:])
+
+    def position(ds) -> float:
+        return float(np.dot(normal, [float(v) for v in ds.get("ImagePositionPatient", [0, 0, 0])]))
+
+    slices.sort(key=position)
+    shapes = {(int(s.Rows), int(s.Columns)) for s in slices}
+    if len(shapes) != 1:
+        raise RequestError("The DICOM series mixes slice sizes; send one series per request.")
+    array = np.stack([_dicom_pixels(s) for s in slices])
+    affine = _dicom_affine(slices[0], len(slices), slices[-1].get("ImagePositionPatient"))
+    return Study(array, affine, len(slices) == 1, modality=str(first.get("Modality", "")), path=path)
+
+
+def _read_picture(path: str) -> Study:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            _check_size((im.height, im.width), "image")
+            rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as e:
+        raise RequestError("The file is not a readable picture; send PNG, JPEG, NIfTI, NRRD or DICOM.") from e
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    return Study(rgb[None], affine, True, path=path)
+
+
+def _looks_like_dicom(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+        return head[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def read_study(path: str) -> Study:
+    """Read any supported image; bad files raise `RequestError` with one sentence."""
+    if not path or not os.path.exists(path):
+        raise RequestError("The image was not found; pass an image id from /datastore or upload a file.",
+                           status_code=404)
+    if os.path.isdir(path):
+        return _read_dicom_series(path)
+    if os.path.getsize(path) == 0:
+        raise RequestError("The uploaded file is empty; send the image file itself.")
+    suffix = _suffix(path)
+    if suffix in (".nii", ".nii.gz"):
+        return _read_nifti(path)
+    if suffix in (".nrrd", ".nhdr"):
+        return _read_nrrd(path)
+    if suffix in DICOM_SUFFIXES or _looks_like_dicom(path):
+        return _read_dicom_file(path)
+    if suffix in PICTURE_SUFFIXES:
+        return _read_picture(path)
+    raise RequestError(
+        f"The file type '{suffix or os.path.basename(path)}' is not an image this server reads; "
+        "send NIfTI (.nii.gz), NRRD, DICOM (.dcm), PNG or JPEG."
+    )
+
+
+class StudyCache:
+    """The last few studies read, keyed by path + mtime: a second question reuses the array."""
+
+    def __init__(self, size: int = 2) -> None:
+        self._size = size
+        self._items: OrderedDict[tuple, Study] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: str) -> Study:
+        try:
+            st = os.stat(path)
+            key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+        except OSError:
+            return read_study(path)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        study = read_study(path)
+        with self._lock:
+            self._items[key] = study
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+        return study
+
+
+# ---------------------------------------------------------------------------------------------
+# label maps
+
+
+def empty_label(study: Study) -> np.ndarray:
+    return np.zeros(study.shape, dtype=np.uint8)
+
+
+def paint(label: np.ndarray, mask: np.ndarray, value: int, slice_index: int | None, axis: int) -> None:
+    """Write `value` where `mask` is set: a 2D mask on one plane, or a 3D mask on its own planes."""
+    if mask.ndim == 3:
+        label[mask.astype(bool)] = value
+        return
+    index: list = [slice(None)] * 3
+    index[axis] = 0 if slice_index is None else slice_index
+    plane = label[tuple(index)]
+    plane[mask.astype(bool)] = value
+
+
+def write_label(study: Study, label: np.ndarray, directory: str | None = None) -> str:
+    """Write `label` ([z, y, x]) as .nii.gz in the study's geometry; returns the file path."""
+    data = label.T if label.ndim == 3 else label
+    if label.max(initial=0) > 255:
+        data = data.astype(np.uint16)
+    img = nib.Nifti1Image(np.ascontiguousarray(data), study.affine)
+    img.set_qform(study.affine, code=study.nifti_codes[0] or 1)
+    img.set_sform(study.affine, code=study.nifti_codes[1] or 1)
+    img.header.set_xyzt_units("mm")
+    fd, out = tempfile.mkstemp(suffix=".nii.gz", prefix="citrusv_label_", dir=directory)
+    os.close(fd)
+    nib.save(img, out)
+    return out
+
+
+def read_label(path: str) -> Study:
+    """A label map as a Study (same reader, so its index order matches the image's)."""
+    return read_study(path)

@@ -1,0 +1,1 @@
+"""Infer tasks: parse the request, call the engine, write the label file."""

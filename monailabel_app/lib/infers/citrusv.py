@@ -1,0 +1,156 @@
+"""The four Citrus-V infer tasks: request -> engine -> result JSON + label file in the study's geometry.
+
+One class serves all four (`segment`, `detect`, `report`, `closer_look`); the engine routes by
+prompt, the task name only fixes which parameters apply and what the JSON says it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from ..errors import RequestError
+from ..images import Study, StudyCache, empty_label, paint, write_label
+from ..model import SharedModel
+from ..params import AXES, InferParams, parse
+
+logger = logging.getLogger(__name__)
+
+TASK_TYPES = {
+    "segment": InferType.SEGMENTATION,
+    "detect": InferType.DETECTION,
+    "report": InferType.OTHERS,
+    "closer_look": InferType.SEGMENTATION,
+}
+
+
+def _input_error():
+    try:
+        from citrusv.errors import InputError
+    except ImportError:  # engine not installed: nothing can raise it
+        return ()
+    return InputError
+
+
+class CitrusVInfer(InferTask):
+    """One Citrus-V task over HTTP (`citrusv_<task>`)."""
+
+    def __init__(self, task: str, model: SharedModel, studies: StudyCache, description: str,
+                 closer_look_margin: float = 0.15) -> None:
+        super().__init__(
+            type=TASK_TYPES[task],
+            labels=None,
+            dimension=2,
+            description=description,
+            config={"prompt": "", "slice": "", "axis": "axial", "window": "", "roi": "", "label": ""},
+        )
+        self.task = task
+        self.model = model
+        self.studies = studies
+        self.closer_look_margin = closer_look_margin
+
+    def is_valid(self) -> bool:
+        return True  # listed in /info even before the checkpoint exists (status says why)
+
+    def info(self) -> dict[str, Any]:
+        out = super().info()
+        out["task"] = self.task
+        out["status"] = self.model.status()
+        out["axes"] = list(AXES)
+        return out
+
+    # -- request ---------------------------------------------------------------------------
+    def __call__(self, request: dict) -> tuple[str, dict]:
+        start = time.perf_counter()
+        study = self.studies.get(request.get("image") or "")
+        params = parse(request, study, self.task)
+        engine, version = self.model.engine()
+        image_id = request.get("image_id") or _image_id(request.get("image", ""))
+        try:
+            result = self._ask(engine, study, params, image_id)
+        except _input_error() as e:
+            raise RequestError(str(e)) from e
+        label_file, out = self._respond(study, params, result, version, image_id)
+        out.setdefault("timing_ms", {})["server_total"] = round((time.perf_counter() - start) * 1e3, 2)
+        return label_file, out
+
+    def _ask(self, engine, study: Study, p: InferParams, image_id: str):
+        spacing = study.spacing
+        if p.is_range:
+            return engine.ask_volume(study.array, p.prompt, slices=p.slices, axis=p.axis,
+                                     window=p.window, task=self.task, spacing=spacing,
+                                     image_id=image_id)
+        plane = study.plane(p.slices[0], p.axis)
+        common = dict(window=p.window, slice_index=None if study.is_2d else p.slices[0],
+                      spacing=study.plane_spacing(p.axis), image_id=image_id)
+        if self.task == "closer_look":
+            return engine.closer_look(plane, p.prompt, roi=p.roi, margin=self.closer_look_margin,
+                                      label=p.label, **common)
+        return engine.ask(plane, p.prompt, task=self.task, **common)
+
+    # -- response --------------------------------------------------------------------------
+    def _respond(self, study: Study, p: InferParams, result, version: str,
+                 image_id: str) -> tuple[str, dict]:
+        slice_index = None if study.is_2d else p.slices[0]
+        label_names: dict[str, int] = {}
+        label = empty_label(study)
+        for mask in result.masks:
+            name = p.label if (self.task == "closer_look" and p.label) else mask.label
+            mask.label = name
+            mask.label_index = label_names.setdefault(name, len(label_names) + 1)
+            if mask.spacing is None:
+                mask.spacing = study.plane_spacing(p.axis)
+            if np.ndim(mask.array) == 2:
+                mask.slice = slice_index
+                if self.task == "closer_look" and p.roi is not None:
+                    mask.array = _inside(mask.array, p.roi)
+            elif study.is_2d:
+                mask.slices = []
+            paint(label, mask.array, mask.label_index, slice_index, p.axis)
+        for box in result.boxes:
+            if box.slice is None and not p.is_range:
+                box.slice = slice_index
+
+        out = result.to_json()
+        out["task"] = self.task
+        out["prompt"] = p.prompt
+        out.setdefault("model", {})["version"] = version
+        out["image"] = {
+            "id": image_id,
+            "shape": list(study.shape),
+            "spacing": study.spacing,
+            "axis": p.axis_name,
+            "slices": [] if study.is_2d else list(p.slices),
+        }
+        out["warnings"] = list(p.warnings) + list(out.get("warnings") or [])
+        out["label_names"] = label_names
+        if self.task == "closer_look":
+            cl = dict(out.get("closer_look") or {})
+            if p.roi is not None:  # the user's box; the engine's crop square adds context
+                cl["crop"] = cl.get("roi")
+                cl["roi"] = [round(v, 2) for v in p.roi]
+                cl["area_px_after"] = int(sum(np.count_nonzero(m.array) for m in result.masks))
+            out["closer_look"] = cl
+        return write_label(study, label), out
+
+
+def _inside(mask: np.ndarray, roi: list[float]) -> np.ndarray:
+    """The refined mask, kept to the region the user asked about."""
+    x1, y1, x2, y2 = roi
+    keep = np.zeros_like(mask, dtype=bool)
+    keep[int(np.floor(y1)):int(np.ceil(y2)), int(np.floor(x1)):int(np.ceil(x2))] = True
+    return np.logical_and(mask, keep)
+
+
+def _image_id(path: str) -> str:
+    name = os.path.basename(str(path))
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".dcm"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name or "upload"

@@ -1,0 +1,1 @@
+"""Trainers: corrections (final labels) -> a new model version."""

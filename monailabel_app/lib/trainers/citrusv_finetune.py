@@ -1,0 +1,181 @@
+"""`citrusv_finetune`: corrections -> the engine's segmentation-stage recipe -> model_dir/versions/N.
+
+Runs in MONAI Label's training subprocess. It loads its own engine from the version being
+served, measures Dice on held-out corrected slices, trains (projector + SAM2, MLLM frozen:
+2 Dice + 1 BCE), measures again, and publishes a complete checkpoint: written to a temporary
+folder inside `versions/`, then renamed to the next number in one step. The server notices the
+new folder on its next request. A crash or kill leaves only a temporary folder, removed by the
+next run, and the serving model is never touched. `versions/last_run.json` records the outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.train import TrainTask
+
+from ..corrections import Sample, collect, dice, split
+from ..model import LAST_RUN, TRAIN_STATS, SharedModel, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+TMP_PREFIX = ".tmp-"
+
+
+def evaluate(engine, samples: list[Sample]) -> float | None:
+    """Mean Dice of the engine's masks on positive `samples` (None when there are none)."""
+    scores = []
+    for s in samples:
+        if not s.positive:
+            continue
+        res = engine.ask(s.image, s.prompt, window=s.window, task="segment")
+        pred = np.zeros_like(s.mask)
+        for m in res.masks:
+            pred |= np.asarray(m.array, dtype=bool)
+        scores.append(dice(pred, s.mask))
+    return float(np.mean(scores)) if scores else None
+
+
+class CitrusVFinetune(TrainTask):
+    def __init__(self, model: SharedModel, max_epochs: int = 10, learning_rate: float = 1e-4,
+                 val_every: int = 5, negatives_per_positive: float = 0.5,
+                 max_per_structure: int = 64) -> None:
+        super().__init__("Fine-tune Citrus-V's projector + SAM2 on corrected labels (final)")
+        self.model = model
+        self.defaults = {
+            "max_epochs": max_epochs,
+            "learning_rate": learning_rate,
+            "val_every": val_every,
+            "negatives_per_positive": negatives_per_positive,
+            "max_per_structure": max_per_structure,
+            "seed": 0,
+            "publish_if_worse": False,
+        }
+
+    def config(self) -> dict[str, Any]:
+        return dict(self.defaults)
+
+    def stats(self) -> dict[str, Any]:
+        last = self.model.last_run()
+        if last.get("status") == "running" and not _alive(last.get("pid")):
+            last = {**last, "status": "killed"}
+        versions = self.model.versions_info()
+        return {"versions": versions, "last_run": last,
+                "train_loss": last.get("train_loss"), "val_dice": last.get("val_dice")}
+
+    def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any]:
+        opts = {**self.defaults, **{k: request[k] for k in self.defaults if k in request}}
+        versions_dir = self.model.versions_dir
+        versions_dir.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temp(versions_dir)
+        record: dict[str, Any] = {"status": "running", "pid": os.getpid(),
+                                  "started": time.strftime("%Y-%m-%d %H:%M:%S"), "options": opts}
+        write_json_atomic(versions_dir / LAST_RUN, record)
+        tmp = versions_dir / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        try:
+            record.update(self._train(opts, datastore, tmp))
+        except Exception as e:
+            logger.exception("Citrus-V fine-tuning failed")
+            record.update(status="failed", error=f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+            write_json_atomic(versions_dir / LAST_RUN, record)
+        return record
+
+    def _train(self, opts: dict, datastore: Datastore, tmp: Path) -> dict[str, Any]:
+        from citrusv.training import finetune_segmentation
+
+        samples = collect(datastore, float(opts["negatives_per_positive"]),
+                          int(opts["max_per_structure"]), int(opts["seed"]))
+        train, val = split(samples, int(opts["val_every"]))
+        if not any(s.positive for s in train):
+            raise ValueError("No corrected label has any structure in it; save labels with "
+                             "PUT /datastore/label?tag=final first.")
+        base_version, base_path = self.model.serving()
+        engine = self.model.load_engine(base_path)
+        logger.info("Fine-tuning from version %s on %d slices (%d positive), validating on %d",
+                    base_version, len(train), sum(s.positive for s in train), len(val))
+        dice_before = evaluate(engine, val)
+        t0 = time.time()
+        history = finetune_segmentation(
+            engine,
+            [(s.image, s.mask, s.prompt, s.window) for s in train],
+            epochs=int(opts["max_epochs"]),
+            lr=float(opts["learning_rate"]),
+            seed=int(opts["seed"]),
+        )
+        train_loss = _last_loss(history)
+        dice_after = evaluate(engine, val)
+        result: dict[str, Any] = {
+            "base_version": base_version,
+            "samples": {"train": len(train), "train_positive": sum(s.positive for s in train),
+                        "val": len(val), "structures": sorted({s.label for s in samples})},
+            "train_loss": train_loss,
+            "val_dice_before": dice_before,
+            "val_dice": dice_after,
+            "train_seconds": round(time.time() - t0, 1),
+        }
+        worse = (dice_before is not None and dice_after is not None
+                 and dice_after < dice_before - 0.02)
+        if worse and not opts["publish_if_worse"]:
+            result.update(status="rejected", reason="validation Dice fell; the serving model is "
+                          "unchanged (pass publish_if_worse=true to publish anyway)")
+            return result
+        _save(engine, tmp)
+        number = self.model.next_version()
+        write_json_atomic(tmp / TRAIN_STATS, {**result, "version": str(number),
+                                              "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+        final = self.model.versions_dir / str(number)
+        os.rename(tmp, final)  # atomic: the folder appears complete or not at all
+        result.update(status="done", version=str(number))
+        logger.info("Published Citrus-V version %s: loss %s, val Dice %s -> %s", number,
+                    train_loss, dice_before, dice_after)
+        return result
+
+    @staticmethod
+    def _remove_stale_temp(versions_dir: Path) -> None:
+        for p in versions_dir.glob(f"{TMP_PREFIX}*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _save(engine, path: Path) -> None:
+    """The full checkpoint in the released layout, so `Engine.load` serves it unchanged."""
+    if hasattr(engine, "save_pretrained"):
+        engine.save_pretrained(path)
+        return
+    from citrusv.checkpoint import save_checkpoint
+
+    save_checkpoint(engine.model, engine.processor, path)
+
+
+def _last_loss(history) -> float | None:
+    if isinstance(history, dict):
+        for key in ("train_loss", "loss"):
+            value = history.get(key)
+            if isinstance(value, (list, tuple)) and value:
+                return float(value[-1])
+            if isinstance(value, (int, float)):
+                return float(value)
+    return None
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+

@@ -1,0 +1,134 @@
+"""MONAI Label app for Citrus-V: discovers `lib/configs/*.py` (radiology sample-app shape).
+
+    monailabel start_server --app monailabel_app --studies sample_data/studies \\
+        [--conf model_dir DIR] [--conf device cuda|cpu] [--conf dtype bf16|fp32]
+
+Beyond discovery this class only adds what every config shares: the datastore (DICOM files
+included, corrections written atomically), 4xx answers for unknown tasks and images, and the
+model's status and versions in /info.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lib.configs
+from lib.datastore import EXTENSIONS, CorrectionsDatastore
+from lib.errors import RequestError
+
+import monailabel
+from monailabel.config import settings
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.config import TaskConfig
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.utils.others.class_utils import get_class_names
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_DIR = "models/nano"
+
+
+def resolve_model_dir(app_dir: str, value: str | None) -> str:
+    """`--conf model_dir`: absolute, or relative to the working dir, else to the repository."""
+    repo = Path(app_dir).resolve().parent
+    path = Path(value or DEFAULT_MODEL_DIR).expanduser()
+    if path.is_absolute():
+        return str(path)
+    if value and (Path.cwd() / path).exists():
+        return str((Path.cwd() / path).resolve())
+    return str((repo / path).resolve())
+
+
+class CitrusVApp(MONAILabelApp):
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        self.model_dir = resolve_model_dir(app_dir, conf.get("model_dir"))
+
+        self.configs: dict[str, TaskConfig] = {}
+        for path in sorted(get_class_names(lib.configs, "TaskConfig")):
+            module, cls = path.rsplit(".", 1)
+            name = module.split(".")[-1].lower()
+            config: TaskConfig = getattr(importlib.import_module(module), cls)()
+            config.init(name, self.model_dir, conf, None)
+            self.configs[name] = config
+            logger.info("+++ Adding config: %s => %s", name, path)
+
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="Citrus-V",
+            description="Citrus-V: segment, detect, report and take a closer look, by prompt",
+            version=monailabel.__version__,
+        )
+
+    # -- discovery -------------------------------------------------------------------------
+    def _collect(self, method: str) -> dict[str, Any]:
+        tasks: dict[str, Any] = {}
+        for name, config in self.configs.items():
+            found = getattr(config, method)()
+            if found is None:
+                continue
+            tasks.update(found if isinstance(found, dict) else {name: found})
+        return tasks
+
+    def init_infers(self) -> dict[str, InferTask]:
+        return self._collect("infer")
+
+    def init_trainers(self) -> dict[str, TrainTask]:
+        return self._collect("trainer")
+
+    def init_strategies(self) -> dict[str, Strategy]:
+        return self._collect("strategy")
+
+    def init_scoring_methods(self) -> dict:
+        return {}
+
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        extensions = list(dict.fromkeys([*settings.MONAI_LABEL_DATASTORE_FILE_EXT, *EXTENSIONS]))
+        return CorrectionsDatastore(
+            self.studies,
+            extensions=extensions,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    # -- requests --------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        meta = super().info()
+        for name, config in self.configs.items():
+            model = getattr(config, "model", None)
+            if model is not None:
+                meta[name] = model.info()
+        return meta
+
+    def infer(self, request: dict, datastore=None) -> dict:
+        task = request.get("model")
+        if task not in self._infers:
+            raise RequestError(f"task '{task}' is unknown; use one of "
+                               f"{', '.join(sorted(self._infers))}.", status_code=404)
+        image = request.get("image")
+        if isinstance(image, str):
+            if os.path.exists(image):
+                request = {**request, "image_id": "upload"}
+            elif not (datastore or self.datastore()).get_image_uri(image):
+                raise RequestError(f"image '{image}' is not in the datastore; use an id from "
+                                   "GET /datastore/?output=all or upload the file.", status_code=404)
+            else:
+                request = {**request, "image_id": image}
+        return super().infer(request, datastore)
+
+    def next_sample(self, request: dict) -> dict:
+        strategy = request.get("strategy") or "random"
+        if strategy not in self._strategies:
+            raise RequestError(f"strategy '{strategy}' is unknown; use one of "
+                               f"{', '.join(sorted(self._strategies))}.", status_code=404)
+        return super().next_sample(request)

@@ -1,0 +1,180 @@
+"""pytest plugin: a real MONAI Label server running the Citrus-V app, over HTTP on 127.0.0.1.
+
+Register it from tests/conftest.py with `pytest_plugins = ["tests.server"]`. Fixtures:
+
+- `citrusv_server`: session-wide server on a temporary copy of `sample_data/studies`, serving a
+  tiny Citrus-V checkpoint that answers deterministically. Use `citrusv_server.url`,
+  `.studies` (the copy: labels land in `.studies / "labels" / "final"`), `.model_dir`,
+  `.get(path)`, `.post(path, ...)`, `.put(path, ...)`, `.log()`.
+- `citrusv_server_without_model`: the same app with a missing checkpoint (what a fresh install
+  sees before the model is downloaded): /info/ answers, tasks say "model not installed yet".
+- `start_citrusv_server(studies, model_dir, **conf)`: context manager for your own server.
+
+The sample studies must be built first (`citrusv sample-data`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+APP_DIR = REPO / "monailabel_app"
+SAMPLE_STUDIES = REPO / "sample_data" / "studies"
+START_TIMEOUT_S = float(os.environ.get("CITRUSV_SERVER_START_TIMEOUT", "180"))
+
+# What the tiny test model says for each task (its real greedy decode, fitted on write).
+TINY_ANSWERS = {
+    "segment": "Sure, [SEG].",
+    "detect": '```json [{"bbox_2d": [10, 12, 40, 44], "label": "liver"}] ```',
+    "report": "<think>Step 1: the liver <bbox>[10, 12, 40, 44]</bbox> looks normal.</think>"
+              "<answer>No acute findings.</answer>",
+    "closer_look": "Sure, [SEG].",
+}
+
+
+@dataclass
+class CitrusVServer:
+    """A running server: base URL, its studies folder and checkpoint dir, and HTTP helpers."""
+
+    url: str
+    studies: Path
+    model_dir: Path
+    log_path: Path
+    process: subprocess.Popen
+
+    def get(self, path: str, **kw) -> requests.Response:
+        return requests.get(self.url + path, timeout=kw.pop("timeout", 300), **kw)
+
+    def post(self, path: str, **kw) -> requests.Response:
+        return requests.post(self.url + path, timeout=kw.pop("timeout", 300), **kw)
+
+    def put(self, path: str, **kw) -> requests.Response:
+        return requests.put(self.url + path, timeout=kw.pop("timeout", 300), **kw)
+
+    def log(self, tail: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-tail:]
+        except OSError:
+            return ""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def copy_studies(dest: Path, source: Path = SAMPLE_STUDIES) -> Path:
+    """A private copy of the datastore (images only: no labels, no datastore index)."""
+    if not (source / "chest_ct.nii.gz").exists():
+        pytest.fail(f"sample studies are not built in {source}; run `citrusv sample-data` first.")
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in source.iterdir():
+        if f.is_file() and not f.name.startswith(".") and f.name != "datastore_v2.json":
+            shutil.copy2(f, dest / f.name)
+    return dest
+
+
+@contextlib.contextmanager
+def start_citrusv_server(studies: Path, model_dir: Path, log_path: Path | None = None,
+                         **conf: str) -> Iterator[CitrusVServer]:
+    """Start `monailabel start_server` on the app; stop it (and its training runs) on exit."""
+    port = free_port()
+    log_path = log_path or Path(studies).parent / f"server-{port}.log"
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR),
+           "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port),
+           "--conf", "model_dir", str(model_dir)]
+    for key, value in {"device": "cpu", **conf}.items():
+        cmd += ["--conf", key, str(value)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MONAI_LABEL_")}
+    env.update(MONAI_LABEL_SESSION_PATH=str(Path(studies).parent / "sessions"),
+               MONAI_LABEL_AUTO_UPDATE_SCORING="false", MONAI_LABEL_TRACKING_ENABLED="false",
+               PYTHONUNBUFFERED="1", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"))
+    log = open(log_path, "w")
+    process = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    server = CitrusVServer(f"http://127.0.0.1:{port}", Path(studies), Path(model_dir), log_path,
+                           process)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
+            try:
+                if requests.get(server.url + "/info/", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not answer /info/ in {START_TIMEOUT_S:.0f} s:\n"
+                                   f"{server.log()}")
+            time.sleep(0.5)
+        yield server
+    finally:
+        _stop(process)
+        log.close()
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (uvicorn + any training subprocess), then SIGKILL."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny Citrus-V checkpoint (released layout) that gives TINY_ANSWERS per task."""
+    from citrusv.testing import write_tiny_checkpoint
+
+    path = tmp_path_factory.mktemp("tiny_model") / "citrusv-tiny"
+    return Path(write_tiny_checkpoint(path, seed=0, answers=TINY_ANSWERS))
+
+
+@pytest.fixture(scope="session")
+def citrusv_sample_studies(request) -> Path:
+    """The built datastore root (tests/conftest.py's `sample_root` builds it when missing)."""
+    try:
+        return Path(request.getfixturevalue("sample_root")) / "studies"
+    except pytest.FixtureLookupError:
+        return SAMPLE_STUDIES
+
+
+@pytest.fixture(scope="session")
+def citrusv_server(tmp_path_factory, tiny_model_dir, citrusv_sample_studies
+                   ) -> Iterator[CitrusVServer]:
+    root = tmp_path_factory.mktemp("citrusv_server")
+    studies = copy_studies(root / "studies", citrusv_sample_studies)
+    model_dir = root / "model"
+    shutil.copytree(tiny_model_dir, model_dir)  # private: training adds versions/ to it
+    with start_citrusv_server(studies, model_dir) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def citrusv_server_without_model(tmp_path_factory, citrusv_sample_studies
+                                 ) -> Iterator[CitrusVServer]:
+    root = tmp_path_factory.mktemp("citrusv_server_no_model")
+    studies = copy_studies(root / "studies", citrusv_sample_studies)
+    with start_citrusv_server(studies, root / "not-installed") as server:
+        yield server
