@@ -136,9 +136,9 @@ def ensure_segment(segmentation_node, label: str, label_index: int) -> str:
 
 def segment_label_index(segmentation_node, segment_id: str) -> int:
     segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
-    value = segment.GetTag(LABEL_INDEX_TAG) if segment is not None else None
-    if value:
-        return int(value)
+    value = vtk.reference("")
+    if segment is not None and segment.GetTag(LABEL_INDEX_TAG, value) and str(value):
+        return int(str(value))
     return segmentation_node.GetSegmentation().GetSegmentIndex(segment_id) + 1
 
 
@@ -191,7 +191,9 @@ def roi_of_node(roi_node) -> geometry.RoiRAS:
         v = [0.0, 0.0, 0.0]
         getter(v)
         axes[:, n] = v
-    return geometry.RoiRAS(np.array(center), np.array(roi_node.GetSizeWorld()), axes)
+    size = [0.0, 0.0, 0.0]
+    roi_node.GetSizeWorld(size)
+    return geometry.RoiRAS(np.array(center), np.array(size), axes)
 
 
 def create_box_rois(

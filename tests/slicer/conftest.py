@@ -43,11 +43,8 @@ def mrml():
 
     def fresh():
         scene = slicer.vtkMRMLScene()
-        color_logic = slicer.vtkMRMLColorLogic()
-        color_logic.SetMRMLScene(scene)
         volumes_logic = slicer.vtkSlicerVolumesLogic()
         volumes_logic.SetMRMLScene(scene)
-        volumes_logic.SetColorLogic(color_logic)
         segmentations_logic = slicer.vtkSlicerSegmentationsModuleLogic()
         segmentations_logic.SetMRMLScene(scene)
         slicer.mrmlScene = scene
