@@ -63,7 +63,8 @@ def render_overlay(
     base = _rgb(image_uint8)
     h, w = base.shape[:2]
     scale = max(1, math.ceil(MIN_SIDE / max(h, w)))
-    canvas = base.astype(np.float32)
+    # upscale first (nearest) so that mask outlines stay one pixel thin
+    canvas = np.repeat(np.repeat(base, scale, axis=0), scale, axis=1).astype(np.float32)
 
     def on_slice(s: int | None) -> bool:
         return slice_index is None or s is None or s == slice_index
@@ -74,12 +75,12 @@ def render_overlay(
         mask = m.array()
         if mask.shape != (h, w):
             continue
+        if scale > 1:
+            mask = np.repeat(np.repeat(mask, scale, axis=0), scale, axis=1)
         color = np.array(label_color(m.label, m.label_index), dtype=np.float32)
         canvas[mask] = (1 - alpha) * canvas[mask] + alpha * color
         canvas[_edge(mask)] = color
     img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
-    if scale > 1:
-        img = img.resize((w * scale, h * scale), Image.NEAREST)
     draw = ImageDraw.Draw(img)
     font = _font(max(12, 14))
     small = _font(12)

@@ -1,0 +1,49 @@
+"""Label files with geometry: our NRRD writer/reader vs pynrrd and nibabel."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pytest
+from CitrusVLib.label_io import LabelVolume, read_label_volume, write_label_volume
+
+from .conftest import oblique_lps_ijk_to_ras
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.float32])
+def test_nrrd_round_trip_and_pynrrd_agrees(tmp_path, dtype):
+    m = oblique_lps_ijk_to_ras()
+    array = (np.arange(4 * 5 * 6).reshape(4, 5, 6) % 7).astype(dtype)
+    path = write_label_volume(tmp_path / "x.nrrd", LabelVolume(array, m))
+    back = read_label_volume(path)
+    assert back.array.dtype == dtype and np.array_equal(back.array, array)
+    assert np.allclose(back.ijk_to_ras, m)
+    data, header = nrrd.read(path, index_order="C")
+    assert np.array_equal(data, array)
+    lps = np.diag([-1, -1, 1]) @ m[:3, :3]
+    assert np.allclose(header["space directions"], lps.T)
+
+
+def test_reads_pynrrd_raw_ras_files(tmp_path):
+    array = np.arange(24, dtype=np.uint16).reshape(2, 3, 4)
+    header = {"space": "right-anterior-superior", "space directions": np.diag([0.5, 0.6, 2.0]),
+              "space origin": np.array([1.0, 2.0, 3.0]), "encoding": "raw"}
+    nrrd.write(str(tmp_path / "r.nrrd"), array, header, index_order="C")
+    back = read_label_volume(tmp_path / "r.nrrd")
+    assert np.array_equal(back.array, array)
+    assert np.allclose(back.ijk_to_ras, [[0.5, 0, 0, 1], [0, 0.6, 0, 2], [0, 0, 2, 3], [0, 0, 0, 1]])
+
+
+def test_nifti_round_trip_matches_nibabel(tmp_path):
+    m = oblique_lps_ijk_to_ras()
+    array = np.zeros((4, 5, 6), np.uint8)
+    array[1, 2, 3] = 1
+    path = write_label_volume(tmp_path / "x.nii.gz", LabelVolume(array, m))
+    img = nib.load(path)
+    assert np.allclose(img.affine, m, atol=1e-5)
+    assert np.asanyarray(img.dataobj)[3, 2, 1] == 1  # nibabel indexes [i, j, k]
+    back = read_label_volume(path)
+    assert np.array_equal(back.array, array) and np.allclose(back.ijk_to_ras, m, atol=1e-5)
+    with pytest.raises(ValueError, match="expected .nrrd or .nii.gz"):
+        read_label_volume(b"hello", "x.png")

@@ -1,0 +1,110 @@
+"""The overlay PNG (masks, labelled boxes, numbered steps) and the Slicer-less twin."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from CitrusVLib.colors import label_color
+from CitrusVLib.headless import ask_server, guess_task, to_uint8
+from CitrusVLib.overlay import MIN_SIDE, PANEL_WIDTH, render_overlay
+from PIL import Image
+
+
+def grey(h=40, w=60, value=50):
+    return np.full((h, w), value, dtype=np.uint8)
+
+
+def test_overlay_draws_mask_box_label_and_step_numbers(sample_result):
+    img = render_overlay(grey(), sample_result, slice_index=3)
+    scale = int(np.ceil(MIN_SIDE / 60))  # small slices are upscaled for legible labels
+    assert img.size == (60 * scale + PANEL_WIDTH, max(40 * scale, img.size[1]))
+    px = np.asarray(img).astype(int)
+    liver = np.array(label_color("liver"))
+    # mask interior: 40 % liver colour over grey 50
+    inside = px[15 * scale + scale // 2, 25 * scale + scale // 2]
+    assert np.allclose(inside, 0.6 * 50 + 0.4 * liver, atol=1)
+    # outside any mask/box: untouched grey
+    assert tuple(px[35 * scale, 5 * scale]) == (50, 50, 50)
+    # the spleen box outline in the spleen colour on its right edge
+    spleen = np.array(label_color("spleen", 2))
+    edge_col = 55 * scale
+    column = px[25 * scale:38 * scale, edge_col - 1:edge_col + 1].reshape(-1, 3)
+    assert (np.abs(column - spleen).sum(axis=1) == 0).any()
+    # step markers are white discs inside the top-left of box b1 ("1" and "2")
+    whites = (px[10 * scale:10 * scale + 22, 15 * scale:15 * scale + 44] == 255).all(axis=2).sum()
+    assert whites > 100
+    # the side panel has text (non-background pixels) and is dark elsewhere
+    panel = px[:, 60 * scale:]
+    assert (np.abs(panel - 24).sum(axis=2) > 60).sum() > 500
+
+
+def test_overlay_skips_other_slices_and_accepts_rgb():
+    result = {"task": "segment", "masks": [], "boxes": [
+        {"id": "b1", "label": "liver", "xyxy": [1, 1, 5, 5], "slice": 9}]}
+    rgb = np.zeros((600, 600, 3), np.uint8)
+    img = render_overlay(rgb, result, slice_index=2, panel=False)
+    assert img.size == (600, 600)
+    assert np.asarray(img).max() == 0
+    img = render_overlay(rgb, result, slice_index=9, panel=False)
+    assert np.asarray(img).max() > 0
+    with pytest.raises(ValueError, match="uint8"):
+        render_overlay(rgb.astype(float), result)
+
+
+def test_to_uint8_windows():
+    hu = np.array([[-1000, -160, 40, 240, 3000]], dtype=np.int16)
+    out = to_uint8(hu, "abdomen")  # level 60 width 400 → -140..260
+    assert out.tolist() == [[0, 0, 115, 242, 255]]
+    assert to_uint8(hu, [40, 400]).tolist()[0][2] == 128
+    auto = to_uint8(hu)  # looks like CT → abdomen window
+    assert np.array_equal(auto, out)
+    mr = np.linspace(0, 1000, 101).reshape(1, -1)
+    scaled = to_uint8(mr)
+    assert scaled[0, 0] == 0 and scaled[0, -1] == 255
+    with pytest.raises(ValueError, match="window must be one of"):
+        to_uint8(hu, "brain-ish")
+
+
+@pytest.mark.parametrize("prompt,task", [
+    ("Segment the liver.", "segment"),
+    ("Where are the kidneys?", "detect"),
+    ("Write a report, think step by step.", "report"),
+    ("Describe the findings in this slice", "report"),
+    ("liver", "segment"),
+])
+def test_guess_task(prompt, task):
+    assert guess_task(prompt) == task
+
+
+def test_ask_server_writes_the_overlay_png(http_server, sample_result, tmp_path):
+    ct = np.full((6, 40, 60), -1000, np.int16)
+    ct[3, 10:20, 15:35] = 60  # the "liver" at the abdomen window centre
+    nii = gzip.compress(nib.Nifti1Image(ct.transpose(2, 1, 0).copy(), np.eye(4)).to_bytes())
+    sample_result["task"] = "segment"
+    http_server.routes[("POST", "/infer/citrusv_segment")] = lambda h: (
+        200, "application/json", json.dumps(sample_result))
+
+    def image(handler):
+        return 200, "application/gzip", nii
+
+    http_server.routes[("GET", "/datastore/image")] = image
+    png = tmp_path / "out.png"
+    result = ask_server(http_server.url, "ct1", 3, "segment the liver", png)
+    assert result.masks[0].label == "liver"
+    sent = http_server.seen[0]
+    assert sent["path"] == "/infer/citrusv_segment?image=ct1"
+    from CitrusVLib.multipart import parse_multipart
+
+    params = json.loads(parse_multipart(sent["body"], sent["headers"]["Content-Type"])["params"].text())
+    assert params == {"prompt": "segment the liver", "slice": 3, "axis": "axial"}
+    assert http_server.seen[1]["path"] == "/datastore/image?image=ct1"
+    img = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    scale = int(np.ceil(MIN_SIDE / 60))
+    liver_px = img[15 * scale + scale // 2, 25 * scale + scale // 2]
+    grey_60 = 128  # HU 60 in the abdomen window
+    assert np.allclose(liver_px, 0.6 * grey_60 + 0.4 * np.array(label_color("liver")), atol=1)
+    assert tuple(img[35 * scale, 5 * scale]) == (0, 0, 0)  # air
