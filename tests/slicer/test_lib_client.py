@@ -232,3 +232,19 @@ def test_no_retry_after_two_resets(http_server):
     with pytest.raises(CitrusVError, match="Could not connect"):
         CitrusVClient(http_server.url).info()
     assert len([s for s in http_server.seen if s["path"] == "/info/"]) == 2
+
+
+def test_infer_params_follow_the_api():
+    from CitrusVLib.client import infer_params
+
+    assert infer_params(" liver ", "axial", "slice", 57) == {"axis": "axial", "prompt": "liver",
+                                                             "slice": 57}
+    assert infer_params("liver", "coronal", "range", slice_range=(90, 80), window="lung") == {
+        "axis": "coronal", "prompt": "liver", "slice": [80, 90], "window": "lung"}
+    assert infer_params("liver", scope="volume", window=(40, 400))["slice"] == "all"
+    closer = infer_params(None, "axial", "slice", 3, roi=(1, 2, 30, 40), label="liver")
+    assert closer == {"axis": "axial", "slice": 3, "roi": [1.0, 2.0, 30.0, 40.0], "label": "liver"}
+    with pytest.raises(CitrusVError, match="question is empty"):
+        infer_params("  ", "axial", "slice", 3)
+    with pytest.raises(CitrusVError, match="No slice is selected"):
+        infer_params("liver", "axial", "slice", None)

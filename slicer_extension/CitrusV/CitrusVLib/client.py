@@ -34,6 +34,47 @@ def task_name(task: str) -> str:
     return task if task.startswith(TASK_PREFIX) else TASK_PREFIX + task
 
 
+SCOPES = ("slice", "range", "volume")
+
+
+def infer_params(
+    prompt: str | None,
+    axis: str = "axial",
+    scope: str = "slice",
+    slice_index: int | None = None,
+    slice_range: Sequence[int] | None = None,
+    window: str | Sequence[float] | None = None,
+    roi: Sequence[float] | None = None,
+    label: str | None = None,
+) -> dict[str, Any]:
+    """The ``params`` of ``POST /infer`` (docs/api.md) from what the user chose in the widget."""
+    params: dict[str, Any] = {"axis": axis}
+    if prompt is not None and prompt.strip():
+        params["prompt"] = prompt.strip()
+    elif roi is None:
+        raise CitrusVError("The question is empty: type what you want to know about the slice.")
+    if scope == "slice":
+        if slice_index is None:
+            raise CitrusVError("No slice is selected: show the volume in a slice view first.")
+        params["slice"] = int(slice_index)
+    elif scope == "range":
+        if not slice_range or len(slice_range) != 2:
+            raise CitrusVError("A slice range needs a first and a last slice.")
+        first, last = sorted(int(v) for v in slice_range)
+        params["slice"] = [first, last]
+    elif scope == "volume":
+        params["slice"] = "all"
+    else:
+        raise CitrusVError(f"scope must be one of {', '.join(SCOPES)}, not '{scope}'.")
+    if window is not None and window != "":
+        params["window"] = window if isinstance(window, str) else [float(v) for v in window]
+    if roi is not None:
+        params["roi"] = [float(v) for v in roi]
+    if label:
+        params["label"] = label
+    return params
+
+
 @dataclass
 class InferResponse:
     """A parsed ``/infer`` answer: the result and, when the server sent one, the label file."""
