@@ -8,6 +8,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# the real MONAI Label server fixtures (citrusv_server, citrusv_server_without_model)
+pytest_plugins = ["tests.server"]
+
 
 @pytest.fixture(scope="session")
 def sample_root() -> Path:
