@@ -162,3 +162,14 @@ def sample_result() -> dict:
 
 
 os.environ.setdefault("HYPOTHESIS_PROFILE", "default")
+
+
+# The real MONAI Label server running the Citrus-V app (tests/server.py, from the app issue).
+try:  # imported here so tests/slicer runs on its own; a root-level plugin registration wins
+    from tests.server import (  # noqa: F401
+        citrusv_sample_studies,
+        citrusv_server,
+        tiny_model_dir,
+    )
+except ImportError:  # pragma: no cover - the app's test helpers are not there yet
+    pass

@@ -1,0 +1,148 @@
+"""CitrusVLib against the real MONAI Label server with the Citrus-V app on 127.0.0.1.
+
+Server: tests/server.py `citrusv_server` (tiny deterministic checkpoint, a private copy of the
+sample studies). Every call goes over HTTP through CitrusVClient exactly as Slicer makes it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from CitrusVLib import CitrusVClient, CitrusVError
+from CitrusVLib.geometry import get_slice, slice_shape
+from CitrusVLib.headless import ask_server
+from CitrusVLib.label_io import LabelVolume, read_label_volume, write_label_volume
+from PIL import Image
+
+
+IMAGE = "chest_ct"
+
+
+@pytest.fixture(scope="module")
+def server(citrusv_server):
+    return citrusv_server
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return CitrusVClient(server.url, read_timeout=300)
+
+
+@pytest.fixture(scope="module")
+def ct(client, tmp_path_factory):
+    path = client.download_image(IMAGE, str(tmp_path_factory.mktemp("ct")))
+    return read_label_volume(path)
+
+
+def middle(ct) -> int:
+    return ct.array.shape[0] // 2
+
+
+def test_info_lists_the_citrusv_tasks(client):
+    info = client.info()
+    assert {"citrusv_segment", "citrusv_detect", "citrusv_report",
+            "citrusv_closer_look"} <= set(info["models"])
+    assert "citrusv_finetune" in info["trainers"]
+    assert "citrusv_uncertainty" in info["strategies"]
+
+
+def test_segment_mask_sits_on_the_asked_slice_in_the_volume_geometry(client, ct):
+    k = middle(ct)
+    answer = client.infer("segment", IMAGE, {"prompt": "Segment the liver.", "slice": k,
+                                             "axis": "axial"})
+    result = answer.result
+    assert result.task == "segment"
+    assert result.image.slices == [k]
+    h, w = slice_shape(ct.array.shape, "axial")
+    for mask in result.masks:
+        assert mask.slice == k
+        assert mask.array().shape == (h, w)
+        assert mask.area_px == int(mask.array().sum())
+    label = answer.label_volume()
+    if label is not None:
+        assert label.array.shape == ct.array.shape
+        assert np.allclose(label.ijk_to_ras, ct.ijk_to_ras, atol=1e-3)
+        others = np.delete(label.array, k, axis=0)
+        assert not others.any()  # a 2D request fills only the asked slice
+        for mask in result.masks:
+            assert np.array_equal(label.array[k] == mask.label_index, mask.array())
+
+
+def test_detect_boxes_are_inside_the_slice(client, ct):
+    k = middle(ct)
+    result = client.infer("detect", IMAGE, {"prompt": "Where is the liver?", "slice": k}).result
+    h, w = slice_shape(ct.array.shape, "axial")
+    assert result.boxes
+    for box in result.boxes:
+        x1, y1, x2, y2 = box.xyxy
+        assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
+        assert box.slice == k and box.label
+
+
+def test_report_steps_reference_existing_boxes(client, ct):
+    k = middle(ct)
+    result = client.infer("report", IMAGE, {"prompt": "Write a report, think step by step.",
+                                            "slice": k}).result
+    assert result.answer
+    ids = {b.id for b in result.boxes}
+    assert result.reasoning
+    for step in result.reasoning:
+        assert set(step.box_ids) <= ids
+    assert [s.step for s in result.reasoning] == list(range(1, len(result.reasoning) + 1))
+
+
+def test_closer_look_keeps_the_mask_inside_the_roi(client, ct):
+    k = middle(ct)
+    h, w = slice_shape(ct.array.shape, "axial")
+    roi = [w // 4, h // 4, w // 4 + 64, h // 4 + 64]
+    result = client.infer("closer_look", IMAGE, {"slice": k, "roi": roi, "label": "liver",
+                                                 "prompt": "Segment the liver."}).result
+    assert result.closer_look is not None
+    for mask in result.masks:
+        ys, xs = np.nonzero(mask.array())
+        if xs.size:
+            assert xs.min() >= roi[0] and xs.max() < roi[2]
+            assert ys.min() >= roi[1] and ys.max() < roi[3]
+
+
+def test_bad_requests_are_one_sentence_and_the_server_keeps_serving(client, ct):
+    with pytest.raises(CitrusVError) as err:
+        client.infer("segment", IMAGE, {"prompt": "liver", "slice": 10_000})
+    assert 400 <= err.value.status < 500
+    assert "slice" in str(err.value).lower() and str(err.value).endswith(".")
+    with pytest.raises(CitrusVError) as err:
+        client.infer("citrusv_nonsense", IMAGE, {"prompt": "liver", "slice": 1})
+    assert "nonsense" in str(err.value)
+    assert client.info()["models"]
+
+
+def test_correction_lands_in_the_datastore(client, server, ct, tmp_path):
+    k = middle(ct)
+    label = np.zeros(ct.array.shape, np.uint8)
+    label[k, 20:40, 30:60] = 1
+    path = write_label_volume(tmp_path / "liver.nii.gz", LabelVolume(label, ct.ijk_to_ras))
+    answer = client.put_label(IMAGE, path, [{"name": "liver", "idx": 1}],
+                              prompt="Segment the liver.")
+    assert answer.get("image") == IMAGE
+    final = server.studies / "labels" / "final"
+    saved = [p for p in final.iterdir() if p.name.startswith(IMAGE)]
+    assert saved
+    back = read_label_volume(saved[0])
+    assert np.array_equal(back.array > 0, label > 0)
+
+
+def test_next_sample_names_an_image(client):
+    sample = client.next_sample()
+    assert sample is not None
+    assert sample.image_id in {"chest_ct", "chest_xray"}
+
+
+def test_headless_twin_writes_the_overlay(server, ct, tmp_path):
+    k = middle(ct)
+    png = tmp_path / "ask.png"
+    result = ask_server(server.url, IMAGE, k, "Segment the liver.", png)
+    assert result.task == "segment"
+    with Image.open(png) as img:
+        h, w = slice_shape(ct.array.shape, "axial")
+        assert img.width > w and img.height >= h
+    assert get_slice(ct.array, "axial", k).shape == (h, w)
