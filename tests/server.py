@@ -16,6 +16,8 @@ The sample studies must be built first (`citrusv sample-data`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -35,14 +37,9 @@ APP_DIR = REPO / "monailabel_app"
 SAMPLE_STUDIES = REPO / "sample_data" / "studies"
 START_TIMEOUT_S = float(os.environ.get("CITRUSV_SERVER_START_TIMEOUT", "180"))
 
-# What the tiny test model says for each task (its real greedy decode, fitted on write).
-TINY_ANSWERS = {
-    "segment": "Sure, [SEG].",
-    "detect": '```json [{"bbox_2d": [10, 12, 40, 44], "label": "liver"}] ```',
-    "report": "<think>Step 1: the liver <bbox>[10, 12, 40, 44]</bbox> looks normal.</think>"
-              "<answer>No acute findings.</answer>",
-    "closer_look": "Sure, [SEG].",
-}
+# What the tiny test model says (its real greedy decode, fitted when written; ~40 s on CPU).
+# Fitting one answer is enough: the other tasks' system prompts decode to the same text.
+TINY_ANSWERS = {"segment": "Sure, [SEG]."}
 
 
 @dataclass
@@ -142,13 +139,38 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait(timeout=10)
 
 
+def _engine_fingerprint() -> str:
+    """Changes when the engine's checkpoint code or the answers change (cache key)."""
+    import citrusv
+
+    digest = hashlib.sha256(json.dumps(TINY_ANSWERS, sort_keys=True).encode())
+    for name in ("testing.py", "checkpoint.py", "config.py", "modeling.py"):
+        path = Path(citrusv.__file__).with_name(name)
+        if path.exists():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny Citrus-V checkpoint (released layout) that gives TINY_ANSWERS per task."""
+def tiny_model_dir(request, tmp_path_factory) -> Path:
+    """A tiny Citrus-V checkpoint (released layout) whose decode is TINY_ANSWERS.
+
+    Kept in pytest's cache (.pytest_cache), keyed by the engine's code, so reruns skip the fit.
+    """
     from citrusv.testing import write_tiny_checkpoint
 
-    path = tmp_path_factory.mktemp("tiny_model") / "citrusv-tiny"
-    return Path(write_tiny_checkpoint(path, seed=0, answers=TINY_ANSWERS))
+    cache = getattr(request.config, "cache", None)
+    root = (Path(cache.mkdir("citrusv_tiny_model")) if cache is not None
+            else tmp_path_factory.mktemp("tiny_model"))
+    path = root / _engine_fingerprint()
+    if (path / "config.json").exists():
+        return path
+    tmp = root / f".writing-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_tiny_checkpoint(tmp, seed=0, answers=TINY_ANSWERS)
+    shutil.rmtree(path, ignore_errors=True)
+    os.rename(tmp, path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -54,6 +54,8 @@ class CitrusVInfer(InferTask):
         self.model = model
         self.studies = studies
         self.closer_look_margin = closer_look_margin
+        # 1 until the engine's batched SAM2 encode handles more than one new slice per batch
+        self.volume_batch_size = 1
 
     def is_valid(self) -> bool:
         return True  # listed in /info even before the checkpoint exists (status says why)
@@ -85,7 +87,7 @@ class CitrusVInfer(InferTask):
         if p.is_range:
             return engine.ask_volume(study.array, p.prompt, slices=p.slices, axis=p.axis,
                                      window=p.window, task=self.task, spacing=spacing,
-                                     image_id=image_id)
+                                     image_id=image_id, batch_size=self.volume_batch_size)
         plane = study.plane(p.slices[0], p.axis)
         common = dict(window=p.window, slice_index=None if study.is_2d else p.slices[0],
                       spacing=study.plane_spacing(p.axis), image_id=image_id)

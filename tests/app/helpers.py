@@ -1,0 +1,72 @@
+"""Reading the server's answers: multipart -> (result JSON, label image), schema checks, RLE."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import requests
+from requests_toolbelt.multipart.decoder import MultipartDecoder
+
+RESULT_KEYS = {"task", "prompt", "model", "text", "answer", "reasoning", "boxes", "masks", "image",
+               "timing_ms", "warnings", "label_names"}
+MASK_KEYS = {"label", "label_index", "slice", "area_px", "area_mm2", "score", "rle"}
+BOX_KEYS = {"id", "label", "xyxy", "slice", "score"}
+
+
+def split_multipart(r: requests.Response, tmp: Path) -> tuple[dict, nib.Nifti1Image]:
+    """MONAI Label's infer reply -> (params JSON, the label file loaded with nibabel)."""
+    assert r.status_code == 200, r.text[:500]
+    assert r.headers["content-type"].startswith("multipart/form-data"), r.headers["content-type"]
+    params, label_bytes, name = None, None, None
+    for part in MultipartDecoder.from_response(r).parts:
+        disposition = part.headers[b"Content-Disposition"].decode()
+        if 'name="params"' in disposition:
+            params = json.loads(part.content)
+        else:
+            label_bytes = part.content
+            name = disposition.split('filename="')[1].split('"')[0]
+    assert params is not None and label_bytes is not None
+    assert name.endswith(".nii.gz"), name
+    path = tmp / name
+    path.write_bytes(label_bytes)
+    return params, nib.load(path)
+
+
+def zyx(img: nib.Nifti1Image) -> np.ndarray:
+    """NIfTI data as the API's [z, y, x] index order."""
+    data = np.asarray(img.dataobj)
+    return data.transpose(2, 1, 0) if data.ndim == 3 else data.T[None]
+
+
+def decode_rle(rle: dict) -> np.ndarray:
+    h, w = rle["size"]
+    counts = np.asarray(rle["counts"], dtype=np.int64)
+    assert counts.sum() == h * w
+    values = np.zeros(len(counts), dtype=bool)
+    values[1::2] = True
+    return np.repeat(values, counts).reshape(h, w)
+
+
+def check_result(result: dict, task: str) -> None:
+    """The result JSON of docs/api.md."""
+    assert RESULT_KEYS <= set(result), RESULT_KEYS - set(result)
+    assert result["task"] == task
+    assert set(result["model"]) >= {"name", "version"}
+    assert isinstance(result["text"], str) and isinstance(result["answer"], str)
+    for step in result["reasoning"]:
+        assert set(step) >= {"step", "text", "box_ids"}
+    for box in result["boxes"]:
+        assert BOX_KEYS <= set(box)
+        assert len(box["xyxy"]) == 4
+    for mask in result["masks"]:
+        assert MASK_KEYS <= set(mask)
+        assert mask["label"] in result["label_names"]
+        assert result["label_names"][mask["label"]] == mask["label_index"]
+        assert decode_rle(mask["rle"]).sum() == mask["area_px"]
+    image = result["image"]
+    assert set(image) >= {"id", "shape", "spacing", "axis", "slices"}
+    assert len(image["shape"]) == 3 and len(image["spacing"]) == 3
+    assert isinstance(result["timing_ms"], dict) and isinstance(result["warnings"], list)

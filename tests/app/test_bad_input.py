@@ -1,0 +1,78 @@
+"""Bad requests get a 4xx with one sentence, and the server keeps serving the next good one."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+GOOD = {"prompt": "Segment the liver.", "slice": 60}
+
+
+def _upload(tmp_path, name: str, content: bytes) -> dict:
+    path = tmp_path / name
+    path.write_bytes(content)
+    return {"file": (name, path.read_bytes(), "application/octet-stream")}
+
+
+def _oversized_nifti() -> bytes:
+    img = nib.Nifti1Image(np.zeros((9000, 9000, 1), dtype=np.uint8), np.eye(4))
+    return gzip.compress(img.to_bytes())
+
+
+def _corrupt_dicom(studies) -> bytes:
+    data = (studies / "chest_xray.dcm").read_bytes()
+    return data[:2000]  # valid preamble and header start, the rest cut off
+
+
+CASES = {
+    "unknown task": ("citrusv_segmentt", "chest_ct", GOOD, None, 404, "unknown"),
+    "unknown image": ("citrusv_segment", "no_such_image", GOOD, None, 404, "datastore"),
+    "missing prompt": ("citrusv_segment", "chest_ct", {"slice": 60}, None, 400, "prompt"),
+    "empty prompt": ("citrusv_segment", "chest_ct", {"prompt": "  ", "slice": 60}, None, 400,
+                     "prompt"),
+    "slice out of range": ("citrusv_segment", "chest_ct", {**GOOD, "slice": 133}, None, 400,
+                           "out of range"),
+    "slice not a number": ("citrusv_segment", "chest_ct", {**GOOD, "slice": "middle"}, None, 400,
+                           "slice"),
+    "invalid axis": ("citrusv_segment", "chest_ct", {**GOOD, "axis": "oblique"}, None, 400, "axis"),
+    "unknown window": ("citrusv_segment", "chest_ct", {**GOOD, "window": "brainz"}, None, 400,
+                       "window"),
+    "bad roi": ("citrusv_closer_look", "chest_ct", {**GOOD, "roi": [10, 10, 5]}, None, 400, "roi"),
+    "report on a range": ("citrusv_report", "chest_ct", {**GOOD, "slice": "all"}, None, 400,
+                          "one slice"),
+    "non-image upload": ("citrusv_segment", "", {"prompt": "Segment the liver."},
+                         ("notes.txt", b"this is not an image"), 400, "not an image"),
+    "oversized image": ("citrusv_segment", "", {"prompt": "Segment the liver."},
+                        ("huge.nii.gz", "oversized"), 413, "too large"),
+    "corrupt DICOM": ("citrusv_segment", "", {"prompt": "Segment the lungs."},
+                      ("broken.dcm", "corrupt"), 400, "DICOM"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_request_is_4xx_then_good_request_succeeds(citrusv_server, tmp_path, case):
+    task, image, params, upload, status, words = CASES[case]
+    files = None
+    if upload is not None:
+        name, content = upload
+        if content == "oversized":
+            content = _oversized_nifti()
+        elif content == "corrupt":
+            content = _corrupt_dicom(citrusv_server.studies)
+        files = _upload(tmp_path, name, content)
+    query = f"?image={image}" if image else ""
+    r = citrusv_server.post(f"/infer/{task}{query}", data={"params": json.dumps(params)},
+                            files=files)
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    assert isinstance(detail, str) and words.lower() in detail.lower(), detail
+    assert detail.count(". ") <= 1, f"more than one sentence: {detail}"
+
+    ok = citrusv_server.post("/infer/citrusv_segment?image=chest_ct&output=json",
+                             data={"params": json.dumps(GOOD)})
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["image"]["slices"] == [60]

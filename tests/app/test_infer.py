@@ -1,0 +1,122 @@
+"""Each Citrus-V task over real HTTP: result JSON, label file geometry, mask on the asked slice."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from .helpers import check_result, decode_rle, split_multipart, zyx
+
+
+def _params(**kw) -> dict:
+    return {"params": json.dumps(kw)}
+
+
+@pytest.fixture(scope="module")
+def ct_affine(citrusv_server) -> np.ndarray:
+    return nib.load(citrusv_server.studies / "chest_ct.nii.gz").affine
+
+
+def test_segment_label_in_volume_geometry_on_asked_slice(citrusv_server, ct_affine, tmp_path):
+    r = citrusv_server.post("/infer/citrusv_segment?image=chest_ct",
+                            data=_params(prompt="Please segment the liver in this scan.", slice=60,
+                                         window="abdomen"))
+    result, label = split_multipart(r, tmp_path)
+    check_result(result, "segment")
+    assert result["image"] == {**result["image"], "id": "chest_ct", "shape": [133, 512, 512],
+                               "axis": "axial", "slices": [60]}
+    # geometry: same affine (origin, spacing, direction) and grid as the CT
+    assert label.shape == (512, 512, 133)
+    np.testing.assert_allclose(label.affine, ct_affine, atol=1e-4)
+    np.testing.assert_allclose(label.header.get_zooms()[:3], (0.703125, 0.703125, 2.5), atol=1e-5)
+    data = zyx(label)
+    assert result["masks"], result["text"]
+    assert set(np.flatnonzero(data.reshape(133, -1).any(axis=1))) == {60}
+    for mask in result["masks"]:
+        assert mask["slice"] == 60
+        plane = decode_rle(mask["rle"])
+        assert plane.shape == (512, 512)
+        assert np.array_equal(plane, data[60] == mask["label_index"])
+        assert mask["area_mm2"] == pytest.approx(mask["area_px"] * 0.703125**2, rel=1e-3)
+
+
+def test_segment_coronal_fills_only_that_plane(citrusv_server, tmp_path):
+    r = citrusv_server.post("/infer/citrusv_segment?image=chest_ct",
+                            data=_params(prompt="Segment the liver.", slice=250, axis="coronal"))
+    result, label = split_multipart(r, tmp_path)
+    data = zyx(label)
+    assert result["image"]["axis"] == "coronal"
+    assert result["masks"] and result["masks"][0]["rle"]["size"] == [133, 512]
+    assert set(np.flatnonzero(data.any(axis=(0, 2)))) == {250}
+
+
+def test_segment_slice_range_gives_3d_mask_on_those_slices(citrusv_server, tmp_path):
+    r = citrusv_server.post("/infer/citrusv_segment?image=chest_ct",
+                            data=_params(prompt="Segment the liver.", slice=[59, 61]))
+    result, label = split_multipart(r, tmp_path)
+    check_result(result, "segment")
+    assert result["image"]["slices"] == [59, 60, 61]
+    assert sorted({m["slice"] for m in result["masks"]}) == [59, 60, 61]
+    touched = set(np.flatnonzero(zyx(label).reshape(133, -1).any(axis=1)))
+    assert touched and touched <= {59, 60, 61}
+
+
+@pytest.mark.parametrize("task", ["detect", "report"])
+def test_detect_and_report_as_json(citrusv_server, task):
+    r = citrusv_server.post(f"/infer/citrusv_{task}?image=chest_ct&output=json",
+                            data=_params(prompt="Where is the liver? Think step by step.",
+                                         slice=60))
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    result = r.json()
+    check_result(result, task)
+    for box in result["boxes"]:
+        x1, y1, x2, y2 = box["xyxy"]
+        assert 0 <= x1 <= x2 <= 512 and 0 <= y1 <= y2 <= 512
+        assert box["slice"] == 60
+
+
+def test_closer_look_keeps_mask_inside_roi(citrusv_server, tmp_path):
+    roi = [180, 200, 300, 330]
+    r = citrusv_server.post("/infer/citrusv_closer_look?image=chest_ct",
+                            data=_params(prompt="Segment the liver.", slice=60, roi=roi,
+                                         label="liver"))
+    result, label = split_multipart(r, tmp_path)
+    check_result(result, "closer_look")
+    assert result["closer_look"]["roi"] == roi
+    data = zyx(label)
+    ys, xs = np.nonzero(data[60])
+    assert len(ys), "closer look returned an empty mask"
+    assert xs.min() >= roi[0] and xs.max() < roi[2] and ys.min() >= roi[1] and ys.max() < roi[3]
+    assert set(np.flatnonzero(data.reshape(133, -1).any(axis=1))) == {60}
+    assert [m["label"] for m in result["masks"]] == ["liver"]
+
+
+def test_xray_dicom_2d_without_slice(citrusv_server, tmp_path):
+    r = citrusv_server.post("/infer/citrusv_segment?image=chest_xray",
+                            data=_params(prompt="Segment the lungs."))
+    result, label = split_multipart(r, tmp_path)
+    check_result(result, "segment")
+    assert result["image"]["shape"] == [1, 1955, 1841]
+    assert result["image"]["slices"] == []
+    assert label.shape[:2] == (1841, 1955)
+    for mask in result["masks"]:
+        assert mask["slice"] is None
+        assert mask["rle"]["size"] == [1955, 1841]
+
+
+def test_uploaded_image_file(citrusv_server, tmp_path):
+    ct = nib.load(citrusv_server.studies / "chest_ct.nii.gz")
+    small = nib.Nifti1Image(np.asarray(ct.dataobj[::4, ::4, 58:62]), ct.affine @ np.diag([4, 4, 1, 1]))
+    path = tmp_path / "upload.nii.gz"
+    nib.save(small, path)
+    with open(path, "rb") as f:
+        r = citrusv_server.post("/infer/citrusv_segment",
+                                files={"file": ("upload.nii.gz", f, "application/gzip")},
+                                data=_params(prompt="Segment the liver.", slice=2))
+    result, label = split_multipart(r, tmp_path)
+    assert result["image"]["shape"] == [4, 128, 128]
+    np.testing.assert_allclose(label.affine, small.affine, atol=1e-4)
