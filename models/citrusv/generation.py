@@ -68,15 +68,19 @@ def generate_capturing(mllm, input_ids, image_grid_thw, image_embeds, seg_id: in
     pending_seg = False
     prev = last
     while True:
-        token = int(mllm.lm_head(last)[..., :vocab_limit].argmax(-1))
         if pending_seg:  # `last` is the state AT the [SEG] fed in the previous step
             seg.append(last[0] if offset == 0 else prev[0])
             pending_seg = False
-        if token in eos_ids or len(tokens) >= max_new_tokens:
+        if len(tokens) >= max_new_tokens:
+            break
+        token = int(mllm.lm_head(last)[..., :vocab_limit].argmax(-1))
+        if token in eos_ids:
             break
         tokens.append(token)
         if token == seg_id:
-            pending_seg = True
+            pending_seg = True  # feed it even at the token limit: its state is the prompt
+        elif len(tokens) >= max_new_tokens:
+            break
         prev = last
         pos = n + len(tokens) - 1
         pids = (rope_deltas.to(device) + pos).view(1, 1, 1).expand(3, 1, 1)

@@ -1,0 +1,166 @@
+"""`citrusv bench`: the engine's own overheads, measured in one run on one model.
+
+Figures: plain `generate` vs capture-while-generating, cold vs cached mask step on the same
+slice, prefill/decode tokens/s, peak RSS (and GPU memory on CUDA).
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .engine import Engine, resolve_dtype
+from .generation import generate_capturing, image_embeddings
+from .prompting import pixel_inputs, text_inputs
+
+PROMPT = "Please segment the liver in this scan."
+FORCED = "Sure, the liver is [SEG]."
+
+
+def real_8b_engine(device: str = "cuda", dtype=None) -> Engine:
+    """Random-init model of the released 8B shape (Qwen2.5-VL-7B + SAM2 Hiera-L), for timing."""
+    from transformers import Qwen2_5_VLConfig
+
+    from .checkpoint import build_model
+    from .config import CitrusVConfig
+    from .testing import tiny_processor, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    ids = tok.convert_tokens_to_ids
+    mllm = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                         num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                         max_position_embeddings=128000, rope_theta=1000000.0,
+                         rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+                         tie_word_embeddings=False),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                           out_hidden_size=3584, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[7, 15, 23, 31]),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False)
+    config = CitrusVConfig(mllm=mllm, seg_token_idx=ids("[SEG]"),
+                           grounding_encoder_config="sam2_hiera_l.yaml", image_size=1024,
+                           min_pixels=56 * 56, max_pixels=28 * 28 * 1280, name="citrusv-8b-shape")
+    torch_dtype = resolve_dtype(dtype, device)
+    with torch.device(device):
+        model = build_model(config, torch_dtype, random_init=False)
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+    processor = tiny_processor(tok)
+    processor.image_processor.min_pixels, processor.image_processor.max_pixels = (
+        config.min_pixels, config.max_pixels)
+    return Engine(model.to(device).eval(), processor, config, device=device, dtype=torch_dtype)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _median_ms(fn, repeats: int, device: torch.device) -> float:
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def run_bench(engine: Engine, size: int = 512, new_tokens: int = 32, repeats: int = 5) -> dict:
+    """All figures for one engine; ratios compare paths measured in this same run."""
+    dev = engine.device
+    rng = np.random.default_rng(0)
+    ct = rng.normal(40, 120, (size, size)).astype(np.float32)
+    state = engine.set_image(ct, window="abdomen")
+    pix = pixel_inputs(engine.processor.image_processor, state.frame)
+    pv = pix["pixel_values"].to(dev, engine.dtype)
+    grid = pix["image_grid_thw"].to(dev)
+    ids = text_inputs(engine.tokenizer, engine.config.system_prompt, PROMPT, grid,
+                      engine.merge_size).to(dev)
+    mllm = engine.model.mllm
+
+    def plain():
+        with torch.no_grad():
+            return mllm.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 pixel_values=pv, image_grid_thw=grid, do_sample=False,
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 pad_token_id=0)
+
+    last = {}
+
+    def capture():
+        with torch.no_grad():
+            emb = image_embeddings(mllm, pv, grid)
+            last["gen"] = generate_capturing(mllm, ids, grid, emb, engine.config.seg_token_idx,
+                                             set(), new_tokens, vocab_limit=len(engine.tokenizer))
+
+    plain(), capture()  # warm-up
+    plain_ms = _median_ms(plain, repeats, dev)
+    capture_ms = _median_ms(capture, repeats, dev)
+    gen = last["gen"]
+
+    def cold():
+        engine.cache.clear()
+        return engine.ask(ct, PROMPT, window="abdomen", forced_text=FORCED).timing_ms["mask"]
+
+    def cached():
+        return engine.ask(ct, PROMPT, window="abdomen", forced_text=FORCED).timing_ms["mask"]
+
+    cold()
+    cold_ms = statistics.median(cold() for _ in range(repeats))
+    cached()
+    cached_ms = statistics.median(cached() for _ in range(repeats))
+    out = {
+        "model": engine.name, "device": str(dev), "dtype": str(engine.dtype).replace("torch.", ""),
+        "slice": f"{size}x{size}", "prompt_tokens": int(ids.shape[1]),
+        "new_tokens": len(gen.token_ids),
+        "plain_generate_ms": plain_ms, "capture_generate_ms": capture_ms,
+        "capture_overhead": capture_ms / plain_ms - 1.0,
+        "prefill_tok_s": gen.prefill_tokens / (gen.prefill_ms / 1e3),
+        "decode_tok_s": gen.decode_tokens / (gen.decode_ms / 1e3) if gen.decode_ms else 0.0,
+        "mask_cold_ms": cold_ms, "mask_cached_ms": cached_ms,
+        "mask_cached_over_cold": cached_ms / cold_ms,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if dev.type == "cuda":
+        out["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 1024**2
+    return out
+
+
+def format_bench(r: dict) -> str:
+    lines = [
+        f"model {r['model']} on {r['device']} ({r['dtype']}), slice {r['slice']}, "
+        f"prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new tokens",
+        f"plain generate           {r['plain_generate_ms']:9.1f} ms",
+        f"capture-while-generating {r['capture_generate_ms']:9.1f} ms   overhead "
+        f"{100 * r['capture_overhead']:+.1f}% (target <= +5%)",
+        f"prefill                  {r['prefill_tok_s']:9.1f} tokens/s",
+        f"decode                   {r['decode_tok_s']:9.1f} tokens/s",
+        f"mask step, cold          {r['mask_cold_ms']:9.1f} ms",
+        f"mask step, cached slice  {r['mask_cached_ms']:9.1f} ms   = "
+        f"{100 * r['mask_cached_over_cold']:.1f}% of cold (target <= 20%)",
+        f"peak RSS                 {r['peak_rss_mb']:9.1f} MB",
+    ]
+    if "gpu_peak_mb" in r:
+        lines.append(f"GPU memory peak          {r['gpu_peak_mb']:9.1f} MB")
+    return "\n".join(lines)
+
+
+def bench_cli(model: str | None, shape: str | None, device: str, dtype, size: int,
+              new_tokens: int, repeats: int) -> dict:
+    if shape == "8b":
+        engine = real_8b_engine(device, dtype)
+    else:
+        engine = Engine.load(Path(model), device=device, dtype=dtype)
+    result = run_bench(engine, size=size, new_tokens=new_tokens, repeats=repeats)
+    print(format_bench(result))
+    return result

@@ -1,0 +1,119 @@
+"""The engine's sub-commands of `citrusv`: `ask` (one question, JSON + PNG overlay) and `bench`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _window(value: str | None):
+    if value is None or value.lower() == "auto":
+        return None
+    if "," in value:
+        level, width = (float(v) for v in value.split(","))
+        return [level, width]
+    return value
+
+
+def ask_cli(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import imaging
+    from .engine import AXES, Engine
+    from .errors import InputError
+    from .io import read_study
+    from .overlay import render_overlay
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        study = read_study(args.image)
+        window = _window(args.window)
+        axis = AXES.get(args.axis, 0)
+        slice_index = None
+        spacing = study.spacing
+        if study.kind == "volume" and study.array.ndim == 3:
+            slice_index = study.array.shape[axis] // 2 if args.slice is None else args.slice
+            plane = study.slice(slice_index, axis)
+            spacing = tuple(s for i, s in enumerate(study.spacing) if i != axis)
+        else:
+            plane = study.array
+        engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
+        kwargs = dict(slice_index=slice_index, spacing=spacing, photometric=study.photometric,
+                      image_id=Path(args.image).name, forced_text=args.forced_text)
+        if args.roi:
+            roi = [float(v) for v in args.roi.split(",")]
+            res = engine.closer_look(plane, args.prompt, roi=roi, window=window, **kwargs)
+        else:
+            res = engine.ask(plane, args.prompt, window, task=args.task, **kwargs)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    data = res.to_json()
+    if study.kind == "volume":
+        data["image"].update({"shape": [int(s) for s in study.array.shape],
+                              "spacing": [float(s) for s in study.spacing], "axis": args.axis})
+    print(f"task: {res.task}\ntext: {res.text}\nanswer: {res.answer}")
+    for m in res.masks:
+        print(f"mask '{m.label}': {m.area_px} px, score {m.score:.3f}")
+    for b in res.boxes:
+        print(f"box {b.id} '{b.label}': {[round(v, 1) for v in b.xyxy]}")
+    for s in res.reasoning:
+        print(f"step {s.step}: {s.text} {s.box_ids}")
+    for w in res.warnings:
+        print(f"warning: {w}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(data, indent=2))
+    if args.png:
+        rgb = imaging.to_rgb_uint8(plane, window, study.photometric)
+        render_overlay(data, rgb).save(args.png)
+    return 0
+
+
+def bench_cli_args(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench import bench_cli
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.shape is None and args.model is None:
+        print("error: pass --model DIR or --shape 8b", file=sys.stderr)
+        return 2
+    bench_cli(args.model, args.shape, args.device, args.dtype, args.size, args.new_tokens,
+              args.repeats)
+    return 0
+
+
+def add_commands(sub) -> None:
+    """Register `ask` and `bench` on the `citrusv` sub-command parser."""
+    p = sub.add_parser("ask", help="ask the engine about one slice; print, --json, --png")
+    p.add_argument("--model", required=True, help="Citrus-V checkpoint directory")
+    p.add_argument("--image", required=True, help="NIfTI, NRRD, DICOM file or folder, PNG")
+    p.add_argument("--slice", type=int, default=None, help="slice index (default: middle)")
+    p.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"])
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--task", default=None, choices=["segment", "detect", "report"])
+    p.add_argument("--window", default=None,
+                   help="abdomen, lung, bone, soft_tissue, 'level,width', or auto (percentiles)")
+    p.add_argument("--roi", default=None, help="x1,y1,x2,y2: do a closer look at this box")
+    p.add_argument("--json", default=None, help="write the result JSON here")
+    p.add_argument("--png", default=None, help="write an overlay PNG here")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default by device)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--forced-text", default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=ask_cli)
+    p = sub.add_parser("bench", help="engine overheads: capture vs generate, cached mask step")
+    p.add_argument("--model", default=None, help="Citrus-V checkpoint directory")
+    p.add_argument("--shape", default=None, choices=["8b"],
+                   help="instead of --model: random-init model of the real 8B shape")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--size", type=int, default=512, help="slice side in pixels")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=bench_cli_args)

@@ -1,0 +1,163 @@
+"""Read a study into a (z, y, x) array + spacing/geometry: NIfTI, NRRD, DICOM file/series, PNG.
+
+Index order follows docs/api.md: NIfTI/NRRD voxel [i, j, k] becomes array [k, j, i].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+
+@dataclass
+class Study:
+    """Pixels in index order (z, y, x) or a 2D (y, x[, 3]) image, plus what a viewer needs."""
+
+    array: np.ndarray
+    spacing: tuple[float, ...]  # per array axis, mm
+    affine: np.ndarray | None = None  # 4x4 voxel (i, j, k) -> patient/world, when known
+    kind: str = "volume"  # "volume" or "image"
+    photometric: str | None = None
+    modality: str | None = None
+    meta: dict = field(default_factory=dict)
+
+    def slice(self, index: int, axis: int = 0) -> np.ndarray:
+        if self.array.ndim == 2 or (self.kind == "image"):
+            return self.array
+        if not 0 <= index < self.array.shape[axis]:
+            raise InputError("slice", f"slice {index} is outside 0..{self.array.shape[axis] - 1}; "
+                             "pick a slice inside the volume.")
+        return np.take(self.array, index, axis=axis)
+
+
+def read_study(path: str | Path) -> Study:
+    """Dispatch on the file type; unreadable input is an InputError naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError("image", f"{path} does not exist; pass an image file or DICOM folder.")
+    name = path.name.lower()
+    try:
+        if path.is_dir():
+            return read_dicom_series(path)
+        if name.endswith((".nii", ".nii.gz")):
+            return read_nifti(path)
+        if name.endswith((".nrrd", ".nhdr")):
+            return read_nrrd(path)
+        if name.endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")):
+            return read_png(path)
+        return read_dicom_file(path)
+    except InputError:
+        raise
+    except Exception as exc:  # any reader failure is the user's file, said plainly
+        raise InputError("image", f"{path.name} could not be read ({type(exc).__name__}); "
+                         "send NIfTI, NRRD, DICOM or PNG.") from exc
+
+
+def read_nifti(path: Path) -> Study:
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim == 2:
+        data = data[..., None]
+    zooms = [float(z) for z in img.header.get_zooms()[:3]]
+    return Study(np.ascontiguousarray(data.transpose(2, 1, 0)), tuple(zooms[::-1]),
+                 affine=np.asarray(img.affine, dtype=float))
+
+
+def read_nrrd(path: Path) -> Study:
+    import nrrd
+
+    data, header = nrrd.read(str(path), index_order="C")
+    dirs = header.get("space directions")
+    affine = None
+    spacing = tuple(float(s) for s in header.get("spacings", [1.0] * data.ndim))[::-1]
+    if dirs is not None:
+        dirs = np.asarray(dirs, dtype=float)
+        spacing = tuple(np.linalg.norm(dirs, axis=1)[::-1])
+        affine = np.eye(4)
+        affine[:3, :3] = dirs.T
+        affine[:3, 3] = np.asarray(header.get("space origin", [0, 0, 0]), dtype=float)
+        if str(header.get("space", "")).startswith("left-posterior"):  # LPS -> RAS
+            affine[:2] *= -1
+    return Study(np.ascontiguousarray(data), tuple(float(s) for s in spacing), affine=affine)
+
+
+def _dicom_pixels(ds) -> np.ndarray:
+    arr = ds.pixel_array.astype(np.float32)
+    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+    return arr * slope + intercept
+
+
+def read_dicom_file(path: Path) -> Study:
+    import pydicom
+
+    ds = pydicom.dcmread(str(path))
+    arr = _dicom_pixels(ds)
+    ps = [float(v) for v in getattr(ds, "PixelSpacing", [1.0, 1.0])]
+    photometric = str(getattr(ds, "PhotometricInterpretation", "")) or None
+    modality = str(getattr(ds, "Modality", "")) or None
+    if arr.ndim == 2 or (arr.ndim == 3 and photometric in ("RGB", "YBR_FULL")):
+        return Study(arr, tuple(ps), kind="image", photometric=photometric, modality=modality)
+    thick = float(getattr(ds, "SliceThickness", 1.0) or 1.0)
+    return Study(arr, (thick, *ps), photometric=photometric, modality=modality)
+
+
+def read_dicom_series(folder: Path) -> Study:
+    """All slices of one series in a folder, sorted along the slice normal."""
+    import pydicom
+
+    slices = []
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(str(file))
+        except Exception:
+            continue
+        if "PixelData" in ds:
+            slices.append(ds)
+    if not slices:
+        raise InputError("image", f"{folder} holds no DICOM images; pick a series folder.")
+    uid = slices[0].get("SeriesInstanceUID")
+    slices = [s for s in slices if s.get("SeriesInstanceUID") == uid]
+    orient = np.asarray(getattr(slices[0], "ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), float)
+    normal = np.cross(orient[:3], orient[3:])
+
+    def position(ds) -> float:
+        pos = getattr(ds, "ImagePositionPatient", None)
+        return float(np.dot(normal, np.asarray(pos, float))) if pos is not None else float(
+            getattr(ds, "InstanceNumber", 0) or 0)
+
+    slices.sort(key=position)
+    arr = np.stack([_dicom_pixels(s) for s in slices])
+    ps = [float(v) for v in getattr(slices[0], "PixelSpacing", [1.0, 1.0])]
+    gaps = np.diff([position(s) for s in slices])
+    dz = float(np.median(np.abs(gaps))) if len(gaps) else float(
+        getattr(slices[0], "SliceThickness", 1.0) or 1.0)
+    affine = None
+    if getattr(slices[0], "ImagePositionPatient", None) is not None:
+        affine = np.eye(4)
+        affine[:3, 0] = orient[:3] * ps[1]
+        affine[:3, 1] = orient[3:] * ps[0]
+        affine[:3, 2] = normal * dz
+        affine[:3, 3] = np.asarray(slices[0].ImagePositionPatient, float)
+        affine[:2] *= -1  # DICOM LPS -> RAS
+    return Study(arr, (dz or 1.0, *ps), affine=affine,
+                 photometric=str(getattr(slices[0], "PhotometricInterpretation", "")) or None,
+                 modality=str(getattr(slices[0], "Modality", "")) or None,
+                 meta={"series_uid": str(uid), "n_files": len(slices)})
+
+
+def read_png(path: Path) -> Study:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("RGB") if img.mode not in ("L", "I", "I;16", "F") else img
+        arr = np.asarray(img)
+    return Study(arr, (1.0, 1.0), kind="image")
