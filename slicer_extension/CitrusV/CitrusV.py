@@ -333,7 +333,8 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.promptComboBox.currentText, view.axis,
                 SCOPES[self.ui.scopeComboBox.currentText], view.slice_index,
                 (self.ui.rangeFirstSpinBox.value, self.ui.rangeLastSpinBox.value),
-                None if window == "server default" else window)
+                None if window == "server default" else window,
+                is_2d=min(CitrusVMRML.volume_shape(volume)) == 1)
             self._ask(volume, task, params, f"Asking Citrus-V: {params.get('prompt', '')}")
         except Exception as exc:
             self._report(exc, "Run")
@@ -400,7 +401,8 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             volume, view = self._askContext()
             roi, label = self.logic.closerLookRegion(volume, view, self._selectedBoxIds(),
                                                      self.ui.segmentComboBox.currentText or None)
-            params = infer_params(None, view.axis, "slice", view.slice_index, roi=roi, label=label)
+            params = infer_params(None, view.axis, "slice", view.slice_index, roi=roi, label=label,
+                                  is_2d=min(CitrusVMRML.volume_shape(volume)) == 1)
             prompt = self.ui.promptComboBox.currentText.strip()
             if prompt:
                 params["prompt"] = prompt

@@ -279,7 +279,7 @@ def apply_result(
     elif label_volume is not None:
         structures = structure_masks_from_label_volume(
             label_volume, result.labels(), ijk_to_ras(volume_node, world=False),
-            slices=[] if len(result.image.slices) != 1 else result.image.slices, axis=axis)
+            slices=result.image.slices, axis=axis)
     else:
         structures = structure_masks(result, shape, axis)
     applied = AppliedResult(segmentation_node=None)
@@ -288,7 +288,8 @@ def apply_result(
         applied.segmentation_node = seg
         applied.segment_ids = write_structures(structures.values(), volume_node, seg)
     if result.boxes:
-        default_slice = result.image.slices[0] if result.image.slices else None
+        default_slice = result.image.slices[0] if result.image.slices else (
+            0 if shape[geometry.AXES.index(axis)] == 1 else None)
         applied.roi_nodes = create_box_rois(result.boxes, volume_node, axis, default_slice, scene)
     return applied
 

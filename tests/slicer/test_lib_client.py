@@ -142,7 +142,8 @@ def test_datastore_training_and_active_learning_requests(http_server, tmp_path):
     (500, "Internal Server Error", "citrusv_segment", "failed while handling the request (HTTP 500)"),
     (500, "MONAILabelException: There is no model 'citrusv_x' available", "citrusv_x",
      "does not know the task"),
-    (503, '{"detail": "model is loading"}', None, "(HTTP 503); see the server log: model is loading."),
+    (503, '{"detail": "model not installed yet"}', None,
+     "The server is not ready yet (HTTP 503): model not installed yet."),
 ])
 def test_http_errors_become_one_sentence(http_server, status, body, task, expected):
     ctype = "application/json" if body.startswith("{") else "text/plain"
@@ -244,6 +245,8 @@ def test_infer_params_follow_the_api():
     assert infer_params("liver", scope="volume", window=(40, 400))["slice"] == "all"
     closer = infer_params(None, "axial", "slice", 3, roi=(1, 2, 30, 40), label="liver")
     assert closer == {"axis": "axial", "slice": 3, "roi": [1.0, 2.0, 30.0, 40.0], "label": "liver"}
+    assert infer_params("where is the heart?", "axial", "slice", 0, is_2d=True) == {
+        "axis": "axial", "prompt": "where is the heart?"}
     with pytest.raises(CitrusVError, match="question is empty"):
         infer_params("  ", "axial", "slice", 3)
     with pytest.raises(CitrusVError, match="No slice is selected"):

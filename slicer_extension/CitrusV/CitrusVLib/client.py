@@ -46,14 +46,20 @@ def infer_params(
     window: str | Sequence[float] | None = None,
     roi: Sequence[float] | None = None,
     label: str | None = None,
+    is_2d: bool = False,
 ) -> dict[str, Any]:
-    """The ``params`` of ``POST /infer`` (docs/api.md) from what the user chose in the widget."""
+    """The ``params`` of ``POST /infer`` (docs/api.md) from what the user chose in the widget.
+
+    ``is_2d``: the image is one plane (X-ray), so no slice is sent.
+    """
     params: dict[str, Any] = {"axis": axis}
     if prompt is not None and prompt.strip():
         params["prompt"] = prompt.strip()
     elif roi is None:
         raise CitrusVError("The question is empty: type what you want to know about the slice.")
-    if scope == "slice":
+    if is_2d:
+        pass
+    elif scope == "slice":
         if slice_index is None:
             raise CitrusVError("No slice is selected: show the volume in a slice view first.")
         params["slice"] = int(slice_index)

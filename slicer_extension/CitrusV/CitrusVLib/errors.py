@@ -87,6 +87,9 @@ def error_for_response(response: requests.Response, task: str | None = None) -> 
         )
     elif status == 413:
         message = "The image is too large for the server: send a smaller region or one slice."
+    elif status == 503:
+        message = "The server is not ready yet (HTTP 503)" + (
+            f": {detail.rstrip('.')}." if detail else "; try again in a minute.")
     elif 400 <= status < 500:
         message = _sentence(detail) if detail else f"The server rejected the request (HTTP {status})."
     else:

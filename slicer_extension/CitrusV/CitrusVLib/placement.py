@@ -42,11 +42,14 @@ def structure_masks(
     axis = check_axis(axis or result.image.axis or "axial")
     shape = tuple(int(v) for v in volume_shape_kji)
     h, w = slice_shape(shape, axis)
+    single = shape[AXES.index(axis)] == 1  # a 2D image (X-ray) loaded as a one-slice volume
+    answered = {int(s) for s in result.image.slices} or ({0} if single else set())
     out: dict[str, StructureMask] = {}
     for m in result.masks:
         if m.rle is None:
             continue
-        if m.slice is None:
+        slice_index = 0 if (m.slice is None and single) else m.slice
+        if slice_index is None:
             raise ValueError(f"Mask '{m.label}' has no slice index; a 3D answer needs its label file.")
         plane = m.array()
         if plane.shape != (h, w):
@@ -58,13 +61,15 @@ def structure_masks(
         if entry is None:
             entry = out[m.label] = StructureMask(m.label, m.label_index,
                                                   np.zeros(shape, dtype=bool), set(), axis)
-        put_slice(entry.mask, axis, m.slice, plane)
-        entry.slices.add(int(m.slice))
+        put_slice(entry.mask, axis, slice_index, plane)
+        entry.slices.add(int(slice_index))
+    for entry in out.values():  # every slice the server looked at is replaced, found or not
+        entry.slices |= answered
     # structures named but with an empty answer still get a (blank) entry on the asked slices
     for name, index in result.labels().items():
         if name not in out:
             out[name] = StructureMask(name, index, np.zeros(shape, dtype=bool),
-                                      set(result.image.slices), axis)
+                                      set(answered), axis)
     return out
 
 
