@@ -28,7 +28,7 @@ import CitrusVMRML
 from CitrusVLib import geometry
 from CitrusVLib.client import CitrusVClient, infer_params
 from CitrusVLib.errors import CitrusVCancelled, CitrusVError
-from CitrusVLib.label_io import LabelVolume
+from CitrusVLib.label_io import LabelVolume, write_label_volume
 
 SETTINGS_URL = "CitrusV/ServerURL"
 SETTINGS_HISTORY = "CitrusV/ServerURLHistory"
@@ -544,7 +544,7 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
         self._uploads.clear()
 
     def prepareImage(self, volume, url):
-        """The datastore id to use, or a file to upload once (written here, on the UI thread)."""
+        """The datastore id to use, or a snapshot to upload once (UI thread: only copies voxels)."""
         imageId = volume.GetAttribute(CitrusVMRML.IMAGE_ID_ATTR)
         if imageId:
             return {"image_id": imageId}
@@ -552,13 +552,15 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
         if known:
             return {"image_id": known}
         path = os.path.join(self.tempDirectory(), f"{volume.GetID()}.nrrd")
-        CitrusVMRML.write_volume_for_upload(volume, path)
+        snapshot = CitrusVMRML.volume_snapshot(volume)
         safe = "".join(ch if ch.isalnum() else "_" for ch in volume.GetName()) or "volume"
-        return {"path": path, "image_id": f"slicer_{safe}_{volume.GetID()}"}
+        return {"path": path, "volume": snapshot, "image_id": f"slicer_{safe}_{volume.GetID()}"}
 
     def ensureUploaded(self, client, upload):
-        """Worker thread: upload the prepared file if the server does not have it yet."""
+        """Worker thread: write (NRRD, gzip) and upload the snapshot if the server lacks it."""
         if "path" in upload and not upload.get("uploaded"):
+            if upload.get("volume") is not None:
+                write_label_volume(upload["path"], upload.pop("volume"))
             upload["image_id"] = client.upload_image(upload["path"], upload["image_id"])
             upload["uploaded"] = True
         return upload["image_id"]

@@ -96,10 +96,15 @@ def jump_to_ras(ras: Sequence[float], scene: slicer.vtkMRMLScene | None = None) 
 
 
 # -- volumes for the server --------------------------------------------------------------------
+def volume_snapshot(volume_node: slicer.vtkMRMLVolumeNode) -> LabelVolume:
+    """A copy of the voxels + own geometry (no parent transform): safe to hand to a worker."""
+    array = slicer.util.arrayFromVolume(volume_node)
+    return LabelVolume(np.array(array), ijk_to_ras(volume_node, world=False))
+
+
 def write_volume_for_upload(volume_node: slicer.vtkMRMLVolumeNode, path: str) -> str:
     """Write the volume (own geometry, no parent transform) as NRRD for ``upload_image``."""
-    array = slicer.util.arrayFromVolume(volume_node)
-    return write_label_volume(path, LabelVolume(np.array(array), ijk_to_ras(volume_node, world=False)))
+    return write_label_volume(path, volume_snapshot(volume_node))
 
 
 # -- segmentations -----------------------------------------------------------------------------
