@@ -18,12 +18,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
-from ..corrections import Sample, collect, dice, split
+from ..corrections import Sample, collect, split
 from ..model import LAST_RUN, TRAIN_STATS, SharedModel, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -31,29 +29,16 @@ logger = logging.getLogger(__name__)
 TMP_PREFIX = ".tmp-"
 
 
-def evaluate(engine, samples: list[Sample]) -> float | None:
-    """Mean Dice of the engine's masks on positive `samples` (None when there are none)."""
-    scores = []
-    for s in samples:
-        if not s.positive:
-            continue
-        res = engine.ask(s.image, s.prompt, window=s.window, task="segment")
-        pred = np.zeros_like(s.mask)
-        for m in res.masks:
-            pred |= np.asarray(m.array, dtype=bool)
-        scores.append(dice(pred, s.mask))
-    return float(np.mean(scores)) if scores else None
-
-
 class CitrusVFinetune(TrainTask):
-    def __init__(self, model: SharedModel, max_epochs: int = 10, learning_rate: float = 1e-4,
-                 val_every: int = 5, negatives_per_positive: float = 0.5,
+    def __init__(self, model: SharedModel, steps: int = 200, learning_rate: float = 3e-4,
+                 batch_images: int = 4, val_every: int = 5, negatives_per_positive: float = 0.5,
                  max_per_structure: int = 64) -> None:
         super().__init__("Fine-tune Citrus-V's projector + SAM2 on corrected labels (final)")
         self.model = model
         self.defaults = {
-            "max_epochs": max_epochs,
+            "steps": steps,
             "learning_rate": learning_rate,
+            "batch_images": batch_images,
             "val_every": val_every,
             "negatives_per_positive": negatives_per_positive,
             "max_per_structure": max_per_structure,
@@ -106,29 +91,26 @@ class CitrusVFinetune(TrainTask):
         engine = self.model.load_engine(base_path)
         logger.info("Fine-tuning from version %s on %d slices (%d positive), validating on %d",
                     base_version, len(train), sum(s.positive for s in train), len(val))
-        dice_before = evaluate(engine, val)
         t0 = time.time()
-        history = finetune_segmentation(
-            engine,
-            [(s.image, s.mask, s.prompt, s.window) for s in train],
-            epochs=int(opts["max_epochs"]),
-            lr=float(opts["learning_rate"]),
-            seed=int(opts["seed"]),
-        )
-        train_loss = _last_loss(history)
-        dice_after = evaluate(engine, val)
+        stats = finetune_segmentation(
+            engine.model, engine.processor, [_seg_sample(s) for s in train],
+            steps=int(opts["steps"]), lr=float(opts["learning_rate"]), seed=int(opts["seed"]),
+            batch_images=int(opts["batch_images"]),
+            val_samples=[_seg_sample(s) for s in val] or None, log=_log_every(20))
+        dice_before, dice_after = stats.get("val_dice_before"), stats.get("val_dice_after")
         result: dict[str, Any] = {
             "base_version": base_version,
             "samples": {"train": len(train), "train_positive": sum(s.positive for s in train),
                         "val": len(val), "structures": sorted({s.label for s in samples})},
-            "train_loss": train_loss,
+            "steps": stats.get("steps"),
+            "train_loss": stats.get("final_loss"),
             "val_dice_before": dice_before,
             "val_dice": dice_after,
             "train_seconds": round(time.time() - t0, 1),
         }
         worse = (dice_before is not None and dice_after is not None
                  and dice_after < dice_before - 0.02)
-        if worse and not opts["publish_if_worse"]:
+        if worse and str(opts["publish_if_worse"]).lower() not in ("true", "1", "yes"):
             result.update(status="rejected", reason="validation Dice fell; the serving model is "
                           "unchanged (pass publish_if_worse=true to publish anyway)")
             return result
@@ -140,13 +122,26 @@ class CitrusVFinetune(TrainTask):
         os.rename(tmp, final)  # atomic: the folder appears complete or not at all
         result.update(status="done", version=str(number))
         logger.info("Published Citrus-V version %s: loss %s, val Dice %s -> %s", number,
-                    train_loss, dice_before, dice_after)
+                    result["train_loss"], dice_before, dice_after)
         return result
 
     @staticmethod
     def _remove_stale_temp(versions_dir: Path) -> None:
         for p in versions_dir.glob(f"{TMP_PREFIX}*"):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def _seg_sample(s: Sample) -> dict:
+    return {"image": s.image, "prompt": s.prompt, "mask": s.mask, "window": s.window,
+            "label": s.label}
+
+
+def _log_every(n: int):
+    def log(record: dict) -> None:
+        if record.get("step", 0) % n == 0 or record.get("step") == 1:
+            logger.info("train %s", {k: round(v, 4) if isinstance(v, float) else v
+                                     for k, v in record.items()})
+    return log
 
 
 def _save(engine, path: Path) -> None:
@@ -157,17 +152,6 @@ def _save(engine, path: Path) -> None:
     from citrusv.checkpoint import save_checkpoint
 
     save_checkpoint(engine.model, engine.processor, path)
-
-
-def _last_loss(history) -> float | None:
-    if isinstance(history, dict):
-        for key in ("train_loss", "loss"):
-            value = history.get(key)
-            if isinstance(value, (list, tuple)) and value:
-                return float(value[-1])
-            if isinstance(value, (int, float)):
-                return float(value)
-    return None
 
 
 def _alive(pid) -> bool:

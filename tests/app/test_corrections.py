@@ -1,0 +1,130 @@
+"""Corrections -> labels/final -> fine-tuning -> a new served version; active learning.
+
+These tests share one server and run in file order: save a correction, train on it, then ask
+the strategy (which then only sees the still-unlabelled X-ray).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+REFERENCE = Path(__file__).resolve().parents[2] / "sample_data" / "reference" / "chest_ct"
+SPLEEN = 1  # labels.json: {"1": "spleen", ...}
+
+
+@pytest.fixture(scope="module")
+def spleen_label(citrusv_server, tmp_path_factory) -> Path:
+    """The reference spleen as a correction a radiologist would send (CT's own geometry)."""
+    ref = nib.load(REFERENCE / "mask.nii.gz")
+    spleen = (np.asarray(ref.dataobj) == SPLEEN).astype(np.uint8)
+    ct = nib.load(citrusv_server.studies / "chest_ct.nii.gz")
+    path = tmp_path_factory.mktemp("corrections") / "chest_ct_spleen.nii.gz"
+    nib.save(nib.Nifti1Image(spleen, ct.affine), path)
+    return path
+
+
+def _put_label(server, image: str, path: Path, params: dict):
+    with open(path, "rb") as f:
+        return server.put(f"/datastore/label?image={image}&tag=final",
+                          files={"label": (path.name, f, "application/gzip")},
+                          data={"params": json.dumps(params)})
+
+
+def test_label_with_wrong_shape_is_refused_and_nothing_is_written(citrusv_server, tmp_path):
+    path = tmp_path / "wrong.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((10, 10, 10), dtype=np.uint8), np.eye(4)), path)
+    r = _put_label(citrusv_server, "chest_ct", path, {"label_info": [{"name": "spleen", "idx": 1}]})
+    assert r.status_code == 400, r.text
+    assert "geometry" in r.json()["detail"]
+    assert not (citrusv_server.studies / "labels" / "final" / "chest_ct.nii.gz").exists()
+
+
+def test_submitted_correction_lands_in_labels_final(citrusv_server, spleen_label):
+    params = {"label_info": [{"name": "spleen", "idx": 1}], "prompt": "Segment the spleen."}
+    r = _put_label(citrusv_server, "chest_ct", spleen_label, params)
+    assert r.status_code == 200, r.text
+    saved = citrusv_server.studies / "labels" / "final" / "chest_ct.nii.gz"
+    assert saved.exists()
+    assert saved.read_bytes() == spleen_label.read_bytes()
+    leftovers = [p.name for p in saved.parent.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+    ds = citrusv_server.get("/datastore/?output=all").json()
+    info = ds["objects"]["chest_ct"]["labels"]["final"]["info"]
+    assert info["label_info"] == [{"name": "spleen", "idx": 1}]
+    assert info["prompt"] == "Segment the spleen."
+
+
+def _wait_for_training(server, timeout_s: float = 420) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        r = server.get("/train/")
+        if r.status_code == 200 and r.json().get("status") in ("DONE", "ERROR", "STOPPED"):
+            return r.json()
+        time.sleep(2)
+    raise AssertionError(f"training did not finish in {timeout_s} s:\n{server.log()}")
+
+
+def test_training_publishes_a_new_version_that_infer_serves(citrusv_server, spleen_label):
+    before = citrusv_server.post("/infer/citrusv_segment?image=chest_ct&output=json",
+                                 data={"params": json.dumps({"prompt": "Segment the spleen.",
+                                                             "slice": 40})}).json()
+    assert before["model"]["version"] == "base"
+    r = citrusv_server.post("/train/citrusv_finetune",
+                            json={"steps": 6, "batch_images": 2, "max_per_structure": 8,
+                                  "publish_if_worse": True})
+    assert r.status_code == 200, r.text
+    task = _wait_for_training(citrusv_server)
+    assert task["status"] == "DONE", "\n".join(task.get("details", []))
+
+    assert (citrusv_server.model_dir / "versions" / "1" / "config.json").exists()
+    assert not list((citrusv_server.model_dir / "versions").glob(".tmp-*"))
+    info = citrusv_server.get("/info/").json()
+    versions = info["citrusv"]["versions"]
+    assert [v["version"] for v in versions] == ["1"]
+    assert isinstance(versions[0]["train_loss"], float)
+    assert "val_dice" in versions[0] and "val_dice_before" in versions[0]
+    last = info["train_stats"]["citrusv_finetune"]["last_run"]
+    assert last["status"] == "done" and last["version"] == "1"
+
+    after = citrusv_server.post("/infer/citrusv_segment?image=chest_ct&output=json",
+                                data={"params": json.dumps({"prompt": "Segment the spleen.",
+                                                            "slice": 40})})
+    assert after.status_code == 200, after.text
+    assert after.json()["model"]["version"] == "1"
+
+
+def test_failed_training_leaves_the_serving_model(citrusv_server):
+    # a run with an impossible setting fails inside the trainer: no new version, still serving
+    r = citrusv_server.post("/train/citrusv_finetune", json={"steps": 2, "batch_images": 0})
+    assert r.status_code == 200, r.text
+    task = _wait_for_training(citrusv_server)
+    assert task["status"] == "ERROR"
+    info = citrusv_server.get("/info/").json()
+    assert [v["version"] for v in info["citrusv"]["versions"]] == ["1"]
+    assert info["train_stats"]["citrusv_finetune"]["last_run"]["status"] == "failed"
+    assert not list((citrusv_server.model_dir / "versions").glob(".tmp-*"))
+    ok = citrusv_server.post("/infer/citrusv_segment?image=chest_ct&output=json",
+                             data={"params": json.dumps({"prompt": "Segment the spleen.",
+                                                         "slice": 40})})
+    assert ok.status_code == 200 and ok.json()["model"]["version"] == "1"
+
+
+def test_strategy_returns_least_sure_unlabelled_image(citrusv_server):
+    r = citrusv_server.post("/activelearning/citrusv_uncertainty", json={})
+    assert r.status_code == 200, r.text
+    pick = r.json()
+    assert pick["id"] == "chest_xray"  # chest_ct has a final label now
+    assert "slice" in pick and pick["slice"] is None  # 2D image
+    assert pick["score"] is not None and 0.0 <= pick["uncertainty"] <= 1.0
+
+
+def test_unknown_strategy_is_404(citrusv_server):
+    r = citrusv_server.post("/activelearning/citrusv_certainty", json={})
+    assert r.status_code == 404
+    assert "unknown" in r.json()["detail"]
