@@ -1,0 +1,89 @@
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from citrusv.checkpoint import from_parts, load_checkpoint
+from citrusv.errors import CheckpointError
+from citrusv.modeling import resolve_sam2_config
+
+
+def test_released_layout_on_disk(tiny_dir):
+    config = json.loads((tiny_dir / "config.json").read_text())
+    assert config["model_type"] == "citrus_v" and config["architectures"] == ["CitrusV"]
+    assert config["seg_hidden_offset"] == 0 and config["use_res_seg_projector"] is False
+    tok = json.loads((tiny_dir / "tokenizer.json").read_text())
+    added = {t["content"]: t["id"] for t in tok["added_tokens"]}
+    assert config["seg_token_idx"] == added["[SEG]"]
+    assert {"<bbox>", "</bbox>", "<|box_start|>", "<|image_pad|>"} <= set(added)
+    index = json.loads((tiny_dir / "model.safetensors.index.json").read_text())
+    prefixes = {".".join(k.split(".")[:3]) if k.startswith("mllm.model") else
+                ".".join(k.split(".")[:2]) for k in index["weight_map"]}
+    assert prefixes == {"mllm.model.language_model", "mllm.model.visual", "mllm.lm_head",
+                        "grounding_encoder.sam2_model", "seg_projector.0", "seg_projector.2"}
+    for name in set(index["weight_map"].values()):
+        assert (tiny_dir / name).is_file()
+
+
+def test_loads_back_the_same_weights(tiny_dir):
+    model, processor, config = load_checkpoint(tiny_dir)
+    saved = {}
+    for f in tiny_dir.glob("model-*.safetensors"):
+        saved.update(load_file(str(f)))
+    state = model.state_dict()
+    assert set(state) == set(saved)
+    for key in ("seg_projector.2.weight", "mllm.lm_head.weight",
+                "grounding_encoder.sam2_model.sam_mask_decoder.iou_token.weight"):
+        assert torch.equal(state[key], saved[key])
+    assert type(processor).__name__ == "Qwen2_5_VLProcessor"
+    assert processor.tokenizer.convert_tokens_to_ids("[SEG]") == config.seg_token_idx
+
+
+def _edit_shard(src, dst, edit):
+    shutil.copytree(src, dst)
+    index_file = dst / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    shard = dst / index["weight_map"]["seg_projector.2.bias"]
+    state = load_file(str(shard))
+    edit(state)
+    save_file(state, str(shard))
+    index["weight_map"] = {k: shard.name for k in state}
+    index_file.write_text(json.dumps(index))
+
+
+def test_missing_key_is_named(tiny_dir, tmp_path):
+    _edit_shard(tiny_dir, tmp_path / "m", lambda s: s.pop("seg_projector.2.bias"))
+    with pytest.raises(CheckpointError, match=r"1 missing key\(s\): seg_projector\.2\.bias"):
+        load_checkpoint(tmp_path / "m")
+
+
+def test_unexpected_key_is_named(tiny_dir, tmp_path):
+    _edit_shard(tiny_dir, tmp_path / "u",
+                lambda s: s.__setitem__("seg_projector.9.weight", torch.zeros(2)))
+    with pytest.raises(CheckpointError, match=r"unexpected key\(s\): seg_projector\.9\.weight"):
+        load_checkpoint(tmp_path / "u")
+
+
+def test_authors_absolute_sam2_config_resolves_by_basename():
+    path = resolve_sam2_config("/mnt/jd/citrus/projects/sam2/configs/sam2_hiera_l.yaml")
+    assert path.name == "sam2_hiera_l.yaml" and path.parent.name == "sam2" and path.is_file()
+    with pytest.raises(CheckpointError, match="no SAM2 config named"):
+        resolve_sam2_config("/x/sam3_hiera_q.yaml")
+
+
+def test_from_parts_matches_the_whole_checkpoint(tiny_dir, tmp_path):
+    model, processor, config = load_checkpoint(tiny_dir)
+    model.mllm.save_pretrained(tmp_path / "qwen")
+    processor.save_pretrained(tmp_path / "qwen")
+    torch.save({"model": model.sam2.state_dict()}, tmp_path / "sam2.pt")
+    save_file({f"seg_projector.{k}": v for k, v in model.seg_projector.state_dict().items()},
+              str(tmp_path / "projector.safetensors"))
+    built, _, built_cfg = from_parts(tmp_path / "qwen", tmp_path / "sam2.pt",
+                                     tmp_path / "projector.safetensors",
+                                     grounding_encoder_config=config.grounding_encoder_config)
+    assert built_cfg.seg_token_idx == config.seg_token_idx
+    a, b = model.state_dict(), built.state_dict()
+    assert set(a) == set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)

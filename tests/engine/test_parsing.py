@@ -1,0 +1,64 @@
+from citrusv.parsing import infer_task, parse_output, prompt_target
+
+TEXT = (
+    "<think>1. The rib cage <bbox>[10, 20, 30, 40]</bbox> is intact.\n"
+    "2. The 'right lung' with bbox [50, 60, 70, 80] is clear; compare the rib cage "
+    "<bbox>[10, 20, 30, 40]</bbox>.\n"
+    "3. The heart is normal.</think>"
+    "<answer>No acute findings. The liver is [SEG] and the spleen: [SEG].\n"
+    '```json\n[{"bbox_2d": [1, 2, 3, 4], "label": "liver"}, {"bbox_2d": [1, 2, 3], '
+    '"label": "bad"}]\n```\n'
+    "<|object_ref_start|>kidney<|object_ref_end|><|box_start|>(5,6),(9,10)<|box_end|>"
+    "</answer>"
+)
+
+
+def test_boxes_from_all_four_formats():
+    p = parse_output(TEXT, "Write a report.")
+    got = [(b.id, b.label, b.xyxy, b.source) for b in p.boxes]
+    assert got == [
+        ("b1", "rib cage", [10.0, 20.0, 30.0, 40.0], "bbox"),
+        ("b2", "right lung", [50.0, 60.0, 70.0, 80.0], "named"),
+        ("b3", "liver", [1.0, 2.0, 3.0, 4.0], "json"),
+        ("b4", "kidney", [5.0, 6.0, 9.0, 10.0], "box_start"),
+    ]
+
+
+def test_malformed_box_is_a_warning_not_a_crash():
+    p = parse_output(TEXT)
+    assert p.warnings == ["dropped box 'bad': bbox_2d is not four numbers"]
+    p = parse_output("<bbox>[1, 2]</bbox> and <|box_start|>(1,2)<|box_end|> and {\"bbox_2d\": x}")
+    assert p.boxes == [] and len(p.warnings) == 3
+
+
+def test_trace_steps_in_order_cite_existing_boxes():
+    p = parse_output(TEXT)
+    assert [s.text[:14] for s in p.steps] == ["The rib cage <", "The 'right lun",
+                                               "The heart is n"]
+    assert [s.box_ids for s in p.steps] == [["b1"], ["b2", "b1"], []]
+    ids = {b.id for b in p.boxes}
+    assert all(i in ids for s in p.steps for i in s.box_ids)
+
+
+def test_answer_and_seg_labels():
+    p = parse_output(TEXT)
+    assert p.answer.startswith("No acute findings. The liver is [SEG]")
+    assert p.seg_labels == ["liver", "spleen"]
+    q = parse_output("Sure, it is [SEG].", "Please segment the left kidney in this scan.")
+    assert q.seg_labels == ["left kidney"] and q.answer == "Sure, it is [SEG]."
+    r = parse_output("<p>aorta</p> [SEG] and <p>portal vein</p>[SEG]")
+    assert r.seg_labels == ["aorta", "portal vein"]
+
+
+def test_single_line_think_splits_into_sentences():
+    p = parse_output("<think>Liver <bbox>[1,1,5,5]</bbox> fine. Spleen fine.</think>ok")
+    assert [s.text for s in p.steps] == ["Liver <bbox>[1,1,5,5]</bbox> fine.", "Spleen fine."]
+    assert p.steps[0].box_ids == ["b1"] and p.answer == "ok"
+
+
+def test_task_routing_from_prompt():
+    assert infer_task("Please segment the liver in this scan.") == "segment"
+    assert infer_task("Where are the kidneys?") == "detect"
+    assert infer_task("Write a report, think step by step.") == "report"
+    assert infer_task("Is this normal?") == "report"
+    assert prompt_target("Please segment the liver in this scan.") == "liver"
