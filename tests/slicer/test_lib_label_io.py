@@ -45,5 +45,32 @@ def test_nifti_round_trip_matches_nibabel(tmp_path):
     assert np.asanyarray(img.dataobj)[3, 2, 1] == 1  # nibabel indexes [i, j, k]
     back = read_label_volume(path)
     assert np.array_equal(back.array, array) and np.allclose(back.ijk_to_ras, m, atol=1e-5)
-    with pytest.raises(ValueError, match="expected .nrrd or .nii.gz"):
+    with pytest.raises(ValueError, match="expected .nrrd, .nii.gz or a single DICOM"):
         read_label_volume(b"hello", "x.png")
+
+
+def test_single_dicom_file_reads_as_one_slice(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(tmp_path / "x.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+    pixels = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 10)
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 16, 16, 15
+    ds.PixelRepresentation = 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.ImagerPixelSpacing = [0.2, 0.3]
+    ds.RescaleSlope, ds.RescaleIntercept = 2, -5
+    ds.PixelData = pixels.tobytes()
+    ds.is_little_endian, ds.is_implicit_VR = True, False  # pydicom 2.x
+    ds.save_as(str(tmp_path / "x.dcm"), write_like_original=False)
+    vol = read_label_volume(tmp_path / "x.dcm")
+    assert vol.array.shape == (1, 3, 4)
+    assert np.allclose(vol.array[0], pixels.astype(float) * 2 - 5)
+    assert np.allclose(np.linalg.norm(vol.ijk_to_ras[:3, :2], axis=0), [0.3, 0.2])
+    assert pydicom.__version__

@@ -59,11 +59,13 @@ def read_label_volume(source: str | os.PathLike | bytes, filename: str | None = 
         with open(source, "rb") as f:
             data = f.read()
     ext = _suffix(name)
+    if ext == ".dcm" or data[128:132] == b"DICM":
+        return _read_dicom(data)
     if ext == ".nrrd" or data[:4] == b"NRRD":
         return _read_nrrd(data)
     if ext in (".nii", ".nii.gz") or data[:2] == b"\x1f\x8b":
         return _read_nifti(data)
-    raise ValueError(f"Cannot read label file '{name}': expected .nrrd or .nii.gz.")
+    raise ValueError(f"Cannot read '{name}': expected .nrrd, .nii.gz or a single DICOM file.")
 
 
 def write_label_volume(path: str | os.PathLike, volume: LabelVolume) -> str:
@@ -99,6 +101,35 @@ def _read_nifti(data: bytes) -> LabelVolume:
     if array.ndim == 2:
         array = array[:, :, None]
     return LabelVolume(np.ascontiguousarray(array.transpose(2, 1, 0)), np.asarray(img.affine, float))
+
+
+def _read_dicom(data: bytes) -> LabelVolume:
+    """A single DICOM file (e.g. an X-ray) as a one-slice volume, in modality units."""
+    try:
+        import pydicom
+    except ImportError as exc:
+        raise ValueError("Reading DICOM files needs pydicom (pip install pydicom).") from exc
+    ds = pydicom.dcmread(io.BytesIO(data))
+    pixels = ds.pixel_array.astype(np.float32)
+    if pixels.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) > 1:
+        pixels = pixels.mean(axis=-1)
+    if pixels.ndim == 2:
+        pixels = pixels[None]
+    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+    pixels = pixels * slope + intercept
+    if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
+        pixels = pixels.max() - pixels + pixels.min()
+    spacing = getattr(ds, "PixelSpacing", None) or getattr(ds, "ImagerPixelSpacing", None) or [1, 1]
+    origin = [float(v) for v in getattr(ds, "ImagePositionPatient", None) or [0, 0, 0]]
+    cosines = [float(v) for v in getattr(ds, "ImageOrientationPatient", None) or [1, 0, 0, 0, 1, 0]]
+    row, col = np.array(cosines[:3]), np.array(cosines[3:])
+    m = np.eye(4)
+    m[:3, 0] = row * float(spacing[1])
+    m[:3, 1] = col * float(spacing[0])
+    m[:3, 2] = np.cross(row, col) * float(getattr(ds, "SliceThickness", None) or 1.0)
+    m[:3, 3] = origin
+    return LabelVolume(pixels, LPS_TO_RAS @ m)
 
 
 def _parse_vector(text: str) -> list[float] | None:
