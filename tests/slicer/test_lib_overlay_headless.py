@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from CitrusVLib.colors import label_color
 from CitrusVLib.headless import ask_server, guess_task, to_uint8
+from CitrusVLib.label_io import LabelVolume, write_label_volume
+from CitrusVLib.multipart import parse_multipart
 from CitrusVLib.overlay import MIN_SIDE, PANEL_WIDTH, render_overlay
 from PIL import Image
 
@@ -95,16 +97,36 @@ def test_ask_server_writes_the_overlay_png(http_server, sample_result, tmp_path)
     png = tmp_path / "out.png"
     result = ask_server(http_server.url, "ct1", 3, "segment the liver", png)
     assert result.masks[0].label == "liver"
-    sent = http_server.seen[0]
-    assert sent["path"] == "/infer/citrusv_segment?image=ct1"
-    from CitrusVLib.multipart import parse_multipart
-
+    sent = http_server.seen[-1]
     params = json.loads(parse_multipart(sent["body"], sent["headers"]["Content-Type"])["params"].text())
     assert params == {"prompt": "segment the liver", "slice": 3, "axis": "axial"}
-    assert http_server.seen[1]["path"] == "/datastore/image?image=ct1"
+    assert http_server.seen[-1]["path"] == "/infer/citrusv_segment?image=ct1"
+    assert any(s["path"] == "/datastore/image?image=ct1" for s in http_server.seen)
     img = np.asarray(Image.open(png).convert("RGB")).astype(int)
     scale = int(np.ceil(MIN_SIDE / 60))
     liver_px = img[15 * scale + scale // 2, 25 * scale + scale // 2]
     grey_60 = 128  # HU 60 in the abdomen window
     assert np.allclose(liver_px, 0.6 * grey_60 + 0.4 * np.array(label_color("liver")), atol=1)
     assert tuple(img[35 * scale, 5 * scale]) == (0, 0, 0)  # air
+
+
+def test_ask_server_on_a_2d_image_sends_no_slice(http_server, tmp_path):
+    xray = np.linspace(0, 4000, 30 * 50).reshape(1, 30, 50).astype(np.int16)
+    path = write_label_volume(tmp_path / "xray.nrrd", LabelVolume(xray, np.eye(4)))
+    answer = {"task": "detect", "prompt": "where is the heart?", "boxes": [
+        {"id": "b1", "label": "heart", "xyxy": [10, 5, 30, 25], "slice": None}],
+        "image": {"axis": "axial", "slices": []}}
+    http_server.routes[("POST", "/infer/citrusv_detect")] = lambda h: (
+        200, "application/json", json.dumps(answer))
+    png = tmp_path / "xray.png"
+    result = ask_server(http_server.url, "chest_xray", None, "Where is the heart?", png,
+                        image_path=path)
+    assert result.boxes[0].name == "b1 heart"
+    sent = http_server.seen[-1]
+    params = json.loads(parse_multipart(sent["body"], sent["headers"]["Content-Type"])["params"].text())
+    assert params == {"prompt": "Where is the heart?", "axis": "axial"}
+    img = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    scale = int(np.ceil(MIN_SIDE / 50))
+    heart = np.array(label_color("heart"))
+    edge = img[15 * scale, 30 * scale - 1: 30 * scale + 1].reshape(-1, 3)
+    assert (np.abs(edge - heart).sum(axis=1) == 0).any()

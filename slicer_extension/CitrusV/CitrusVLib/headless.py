@@ -9,8 +9,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .client import CitrusVClient
-from .geometry import get_slice
+from .client import CitrusVClient, infer_params
+from .errors import CitrusVError
+from .geometry import AXES, get_slice
 from .label_io import read_label_volume
 from .overlay import render_overlay
 from .result import Result
@@ -57,7 +58,7 @@ def to_uint8(plane: np.ndarray, window: str | Sequence[float] | None = None) -> 
 def ask_server(
     url: str,
     image_id: str,
-    slice_index: int,
+    slice_index: int | None,
     prompt: str,
     png_path: str | os.PathLike,
     task: str | None = None,
@@ -69,18 +70,19 @@ def ask_server(
     """Run one question on the server and save masks/boxes/steps drawn on the slice as a PNG.
 
     The slice pixels come from ``image_path`` when given, else from the server's datastore.
+    For a 2D image (X-ray) ``slice_index`` may be None and no slice is sent.
     """
     client = CitrusVClient(url, token=token)
     task = task or guess_task(prompt)
-    params: dict[str, object] = {"prompt": prompt, "slice": int(slice_index), "axis": axis}
-    if window is not None:
-        params["window"] = window if isinstance(window, str) else [float(v) for v in window]
-    response = client.infer(task, image_id, params)
     with tempfile.TemporaryDirectory() as tmp:
-        path = image_path or client.download_image(image_id, tmp)
-        volume = read_label_volume(path)
-        plane = get_slice(volume.array, axis, int(slice_index))
-        image = to_uint8(plane, window)
-    overlay = render_overlay(image, response.result, slice_index=int(slice_index))
+        volume = read_label_volume(image_path or client.download_image(image_id, tmp))
+    is_2d = volume.array.shape[AXES.index(axis)] == 1
+    if slice_index is None and not is_2d:
+        raise CitrusVError(f"'{image_id}' is a volume: give the slice index to ask about.")
+    index = 0 if is_2d else int(slice_index)
+    params = infer_params(prompt, axis, "slice", index, window=window, is_2d=is_2d)
+    response = client.infer(task, image_id, params)
+    image = to_uint8(get_slice(volume.array, axis, index), window)
+    overlay = render_overlay(image, response.result, slice_index=None if is_2d else index)
     overlay.save(os.fspath(png_path))
     return response.result
