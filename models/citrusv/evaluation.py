@@ -1,0 +1,206 @@
+"""Score a Citrus-V checkpoint on the held-out slice blocks of the sample CT.
+
+`citrusv eval --model models/nano` asks, on every held-out axial slice, one segmentation and one
+detection question per structure and one report question, through the public `Engine`, and
+prints Dice per structure (summed over the held-out slices), detection precision@IoU0.5,
+report citation precision (cited structures really on the slice) and cited-box IoU.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .nano_data import (HELD_OUT_BLOCKS, MIN_AREA_PX, NAMES, CTStudy, eval_window, load_study,
+                        mask_box)
+
+SEGMENT_PROMPT = "Please segment the {s} in this scan."
+DETECT_PROMPT = "Locate the {s}, output its bbox coordinates using JSON format."
+REPORT_PROMPT = "Write a report for this CT slice. Think step by step."
+TARGETS = {"mean_dice": 0.75, "dice_lungs_liver": 0.85, "detection_precision": 0.6,
+           "citation_precision": 0.8}
+
+
+def held_out_slices() -> list[int]:
+    return [k for a, b in HELD_OUT_BLOCKS for k in range(a, b + 1)]
+
+
+def box_iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def normalise_label(label: str) -> str:
+    """Model labels -> our structure names ('Left Kidney', 'kidney_left' -> 'left kidney')."""
+    low = " ".join(label.lower().replace("_", " ").split())
+    if low in NAMES:
+        return low
+    parts = low.split()
+    if len(parts) == 2 and " ".join(parts[::-1]) in NAMES:
+        return " ".join(parts[::-1])
+    for name in NAMES:
+        if name in low:
+            return name
+    return low
+
+
+def _union(masks, shape) -> np.ndarray:
+    out = np.zeros(shape, dtype=bool)
+    for m in masks:
+        out |= np.asarray(m.array, dtype=bool)
+    return out
+
+
+def evaluate(engine, study: CTStudy, slices: list[int] | None = None,
+             structures: list[str] | None = None, report: bool = True,
+             progress=None) -> dict:
+    """Run the held-out protocol through `engine.ask`; return all scores as a dict."""
+    slices = held_out_slices() if slices is None else list(slices)
+    structures = NAMES if structures is None else list(structures)
+    t0 = time.perf_counter()
+    inter = {s: 0 for s in structures}
+    sums = {s: 0 for s in structures}
+    ref_px = {s: 0 for s in structures}
+    det_tp = det_pred = det_present = det_found = 0
+    det_ious: list[float] = []
+    cite_ok = cite_total = 0
+    cite_ious: list[float] = []
+    present_total = present_cited = 0
+    steps_with_box = steps_total = 0
+    for n, k in enumerate(slices):
+        image = study.volume[k]
+        refs = {s: study.mask(s, k) for s in structures}
+        on = {s for s in structures if refs[s].sum() >= MIN_AREA_PX}
+        for s in structures:
+            window = eval_window(s)
+            res = engine.ask(image, SEGMENT_PROMPT.format(s=s), window=window, task="segment",
+                             max_new_tokens=24)
+            pred = _union(res.masks, image.shape)
+            ref = refs[s]
+            inter[s] += int(np.logical_and(pred, ref).sum())
+            sums[s] += int(pred.sum() + ref.sum())
+            ref_px[s] += int(ref.sum())
+
+            res = engine.ask(image, DETECT_PROMPT.format(s=s), window=window, task="detect",
+                             max_new_tokens=48)
+            ref_box = mask_box(ref) if s in on else None
+            hit = False
+            for box in res.boxes:
+                det_pred += 1
+                iou = box_iou(box.xyxy, ref_box) if ref_box is not None else 0.0
+                if normalise_label(box.label) == s and iou >= 0.5:
+                    det_tp += 1
+                    hit = True
+                if ref_box is not None:
+                    det_ious.append(iou)
+            if s in on:
+                det_present += 1
+                det_found += int(hit)
+        if report:
+            res = engine.ask(image, REPORT_PROMPT, window="abdomen", task="report",
+                             max_new_tokens=400)
+            boxes = {b.id: b for b in res.boxes}
+            cited_names = set()
+            for step in res.reasoning:
+                steps_total += 1
+                steps_with_box += int(bool(step.box_ids))
+                for bid in step.box_ids:
+                    box = boxes.get(bid)
+                    if box is None:
+                        continue
+                    name = normalise_label(box.label)
+                    cite_total += 1
+                    cited_names.add(name)
+                    if name in on:
+                        cite_ok += 1
+                        cite_ious.append(box_iou(box.xyxy, mask_box(refs[name])))
+                    else:
+                        cite_ious.append(0.0)
+            present_total += len(on)
+            present_cited += len(on & cited_names)
+        if progress is not None:
+            progress(n + 1, len(slices))
+    dice = {s: (2.0 * inter[s] / sums[s] if sums[s] else None) for s in structures}
+    scored = [v for v in dice.values() if v is not None]
+    out = {
+        "slices": slices,
+        "dice": dice,
+        "reference_pixels": ref_px,
+        "mean_dice": float(np.mean(scored)) if scored else None,
+        "detection_precision": det_tp / det_pred if det_pred else None,
+        "detection_recall": det_found / det_present if det_present else None,
+        "detection_boxes": det_pred,
+        "detection_mean_iou": float(np.mean(det_ious)) if det_ious else None,
+        "citation_precision": cite_ok / cite_total if cite_total else None,
+        "citation_recall": present_cited / present_total if present_total else None,
+        "cited_box_iou": float(np.mean(cite_ious)) if cite_ious else None,
+        "cited_boxes": cite_total,
+        "steps_citing_boxes": steps_with_box / steps_total if steps_total else None,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    return out
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _target_line(name: str, value, target: float) -> str:
+    if value is None:
+        return f"| {name} | n/a | ≥ {target} | missed |"
+    return f"| {name} | {value:.3f} | ≥ {target} | {'met' if value >= target else 'MISSED'} |"
+
+
+def format_table(scores: dict) -> str:
+    """Markdown tables: Dice per structure, then the other metrics against the issue targets."""
+    lines = ["| structure | Dice | reference px |", "|---|---|---|"]
+    for s, v in scores["dice"].items():
+        lines.append(f"| {s} | {_fmt(v)} | {scores['reference_pixels'][s]} |")
+    lines.append(f"| **mean** | **{_fmt(scores['mean_dice'])}** | |")
+    lines += ["", "| metric | value | target | |", "|---|---|---|---|"]
+    lines.append(_target_line("mean Dice (10 structures)", scores["mean_dice"],
+                              TARGETS["mean_dice"]))
+    for s in ("right lung", "left lung", "liver"):
+        lines.append(_target_line(f"Dice {s}", scores["dice"].get(s),
+                                  TARGETS["dice_lungs_liver"]))
+    lines.append(_target_line("detection precision@IoU0.5", scores["detection_precision"],
+                              TARGETS["detection_precision"]))
+    lines.append(_target_line("report citation precision", scores["citation_precision"],
+                              TARGETS["citation_precision"]))
+    lines.append(f"| detection recall@IoU0.5 | {_fmt(scores['detection_recall'])} | | |")
+    lines.append(f"| detection mean IoU (boxes on present structures) | "
+                 f"{_fmt(scores['detection_mean_iou'])} | | |")
+    lines.append(f"| report cited-box IoU | {_fmt(scores['cited_box_iou'])} | | |")
+    lines.append(f"| report citation recall (present structures cited) | "
+                 f"{_fmt(scores['citation_recall'])} | | |")
+    lines.append(f"| report steps that cite a box | {_fmt(scores['steps_citing_boxes'])} | | |")
+    blocks = ", ".join(f"{a}–{b}" for a, b in HELD_OUT_BLOCKS)
+    lines.append("")
+    lines.append(f"Held-out axial slices {blocks} ({len(scores['slices'])} slices); Dice summed "
+                 f"over those slices; {scores['detection_boxes']} detection boxes, "
+                 f"{scores['cited_boxes']} cited report boxes; {scores['seconds']} s.")
+    return "\n".join(lines)
+
+
+def eval_cli(args) -> int:
+    """`citrusv eval --model DIR`: print the table (and write JSON with --json)."""
+    from .engine import Engine
+
+    torch.set_num_threads(args.threads)
+    study = load_study()
+    engine = Engine.load(args.model)
+    scores = evaluate(engine, study, progress=lambda i, n: print(f"\rslice {i}/{n}", end="",
+                                                                 flush=True))
+    print()
+    print(format_table(scores))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(scores, indent=1))
+    return 0

@@ -1,0 +1,667 @@
+"""Citrus-V training recipe: joint stage, then the segmentation stage.
+
+- Joint stage: MLLM, projector and SAM2 trained together on loss = token CE + 2 Dice + 1 BCE.
+- Segmentation stage (Citrus-V stage 4): MLLM frozen; projector + full SAM2 trained on
+  2 Dice + 1 BCE (+ a small IoU-head term so "best of the multimask outputs" picks well).
+
+`finetune_segmentation` runs the segmentation stage on (slice, prompt, mask) samples, for
+the MONAI Label trainer; `train_nano` builds `models/nano` from the sample CT from scratch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2TokenizerFast
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+from . import imaging
+from .checkpoint import build_model, save_checkpoint
+from .config import CitrusVConfig
+from .imaging import qwen_frame, sam2_input
+from .modeling import CitrusV
+from .prompting import pixel_inputs, text_inputs
+from .testing import CITRUS_TOKENS, QWEN_SPECIAL, tiny_sam2_config
+
+NANO_SYSTEM = "You are Citrus-V nano, a radiology assistant."
+LOSS_WEIGHTS = {"ce": 1.0, "dice": 2.0, "bce": 1.0, "iou": 0.1}
+MASK_LOSS_SIZE = 128  # masks are scored at this size during training (SAM2 low-res is 64)
+
+Log = Callable[[dict], None]
+
+
+# ----------------------------------------------------------------------------- model parts
+def train_tokenizer(texts: Sequence[str], vocab_size: int = 2048) -> Qwen2TokenizerFast:
+    """A small byte-level BPE trained on our corpus, with Qwen chat/vision + Citrus-V tokens."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=[])
+    tok.train_from_iterator(texts, trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in CITRUS_TOKENS])
+    return Qwen2TokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                              pad_token="<|endoftext|>", unk_token=None, bos_token=None)
+
+
+def nano_sam2_config(image_size: int = 256, embed_dim: int = 24, d_model: int = 64) -> dict:
+    """SAM2 Hiera shrunk for CPU: 7 blocks from `embed_dim` channels, FPN/decoder `d_model`."""
+    cfg = tiny_sam2_config(image_size)
+    trunk = cfg["image_encoder"]["trunk"]
+    trunk.update(embed_dim=embed_dim, num_heads=1, stages=[1, 2, 3, 1], global_att_blocks=[5],
+                 window_spec=[8, 4, 8, 8], window_pos_embed_bkg_spatial_size=[8, 8])
+    neck = cfg["image_encoder"]["neck"]
+    neck["d_model"] = d_model
+    neck["position_encoding"]["num_pos_feats"] = d_model
+    neck["backbone_channel_list"] = [embed_dim * 8, embed_dim * 4, embed_dim * 2, embed_dim]
+    mem = cfg["memory_attention"]
+    mem["d_model"] = d_model
+    mem["layer"]["d_model"] = d_model
+    for attn in ("self_attention", "cross_attention"):
+        mem["layer"][attn]["embedding_dim"] = d_model
+    mem["layer"]["cross_attention"]["kv_in_dim"] = 32
+    enc = cfg["memory_encoder"]
+    enc["out_dim"] = 32
+    enc["in_dim"] = d_model
+    enc["position_encoding"]["num_pos_feats"] = 32
+    enc["mask_downsampler"]["embed_dim"] = d_model
+    enc["fuser"]["layer"]["dim"] = d_model
+    return cfg
+
+
+def nano_config(tokenizer, min_pixels: int, max_pixels: int, image_size: int = 256,
+                hidden: int = 192, layers: int = 4, vision_hidden: int = 128,
+                vision_depth: int = 3, sam_d_model: int = 64) -> CitrusVConfig:
+    ids = tokenizer.convert_tokens_to_ids
+    vocab = ((len(tokenizer) + 63) // 64) * 64
+    heads = max(1, hidden // 64)
+    half = hidden // heads // 2
+    rest = (half - half // 4) // 2
+    mrope = [half - 2 * rest, rest, rest]
+    mllm = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=max(1, heads // 2), max_position_embeddings=4096,
+                         rope_theta=10000.0,
+                         rope_scaling={"type": "mrope", "mrope_section": mrope},
+                         tie_word_embeddings=True, bos_token_id=ids("<|endoftext|>"),
+                         eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>")),
+        vision_config=dict(depth=vision_depth, hidden_size=vision_hidden,
+                           intermediate_size=2 * vision_hidden, num_heads=4,
+                           out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=list(range(1, vision_depth, 2))),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+    return CitrusVConfig(mllm=mllm, seg_token_idx=ids("[SEG]"),
+                         grounding_encoder_config=nano_sam2_config(image_size, d_model=sam_d_model),
+                         image_size=image_size, min_pixels=min_pixels, max_pixels=max_pixels,
+                         out_dim=sam_d_model, system_prompt=NANO_SYSTEM, name="citrusv-nano",
+                         version="1")
+
+
+def nano_processor(tokenizer, min_pixels: int, max_pixels: int) -> Qwen2_5_VLProcessor:
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    image_processor = Qwen2VLImageProcessor(size=size, min_pixels=min_pixels,
+                                            max_pixels=max_pixels)
+    video_processor = Qwen2VLVideoProcessor(size=size)
+    return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                               video_processor=video_processor)
+
+
+# ----------------------------------------------------------------------------- inputs
+@dataclass
+class ImageInputs:
+    """One rendered image, ready for both models."""
+
+    pixel_values: torch.Tensor  # (patches, dim) for the Qwen vision tower
+    grid: torch.Tensor  # (1, 3) image_grid_thw
+    sam: torch.Tensor  # (3, S, S) SAM2 input
+    hw: tuple[int, int]
+
+
+def render(image: np.ndarray, window, processor, config: CitrusVConfig) -> ImageInputs:
+    """Scanner values (or RGB) -> the same inputs the engine builds at inference time."""
+    rgb = imaging.to_rgb_uint8(np.asarray(image), window)
+    vc = config.mllm.vision_config
+    factor = int(vc.patch_size) * int(vc.spatial_merge_size)
+    frame, _ = qwen_frame(rgb, factor, config.min_pixels, config.max_pixels)
+    pix = pixel_inputs(processor.image_processor, frame)
+    return ImageInputs(pix["pixel_values"], pix["image_grid_thw"],
+                       sam2_input(rgb, int(config.image_size))[0], rgb.shape[:2])
+
+
+def encode_chat(tokenizer, config: CitrusVConfig, prompt: str, answer: str, grid: torch.Tensor,
+                task: str) -> tuple[list[int], int]:
+    """Token ids of (chat prompt + answer + <|im_end|>) and where the answer starts."""
+    merge = int(config.mllm.vision_config.spatial_merge_size)
+    system = config.task_system_prompts.get(task, config.system_prompt)
+    prompt_ids = text_inputs(tokenizer, system, prompt, grid, merge)[0].tolist()
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return prompt_ids + answer_ids + [eos], len(prompt_ids)
+
+
+@dataclass
+class Sequence_:
+    ids: list[int]
+    answer_start: int
+    image: int  # index into the batch's unique images
+
+
+def mllm_forward(model: CitrusV, images: list[ImageInputs], seqs: list[Sequence_],
+                 pad_id: int, want_ce: bool = True):
+    """Batched teacher-forced pass -> (mean token CE or None, last hidden (B, L, h), ids)."""
+    mllm = model.mllm
+    core = mllm.model
+    device = next(model.parameters()).device
+    pv = torch.cat([im.pixel_values for im in images]).to(device)
+    grids = torch.cat([im.grid for im in images]).to(device)
+    feats = core.get_image_features(pv, grids)  # list per image
+    length = max(len(s.ids) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), length), dtype=torch.long)
+    labels = torch.full((len(seqs), length), -100, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s.ids)] = torch.tensor(s.ids)
+        attn[i, :len(s.ids)] = 1
+        labels[i, s.answer_start:len(s.ids)] = torch.tensor(s.ids[s.answer_start:])
+    ids, attn, labels = ids.to(device), attn.to(device), labels.to(device)
+    emb = core.get_input_embeddings()(ids)
+    img_emb = torch.cat([feats[s.image] for s in seqs]).to(emb.dtype)
+    mask = (ids == mllm.config.image_token_id)[..., None].expand_as(emb)
+    emb = emb.masked_scatter(mask, img_emb)
+    seq_grids = torch.cat([images[s.image].grid for s in seqs]).to(device)
+    position_ids, _ = core.get_rope_index(ids, seq_grids, None, attention_mask=attn)
+    out = core.language_model(inputs_embeds=emb, position_ids=position_ids,
+                              attention_mask=attn, use_cache=False)
+    hidden = out.last_hidden_state
+    ce = None
+    if want_ce:
+        logits = mllm.lm_head(hidden[:, :-1])
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                             labels[:, 1:].reshape(-1), ignore_index=-100)
+    return ce, hidden, ids
+
+
+def seg_states(hidden: torch.Tensor, ids: torch.Tensor, seqs: list[Sequence_], seg_id: int,
+               offset: int) -> tuple[torch.Tensor, list[int]]:
+    """The hidden state at (or offset from) the first answer [SEG] of each sequence that has one."""
+    rows, owners = [], []
+    for i, s in enumerate(seqs):
+        pos = (ids[i, s.answer_start:] == seg_id).nonzero().flatten()
+        if len(pos):
+            rows.append(hidden[i, s.answer_start + int(pos[0]) + offset])
+            owners.append(i)
+    if not rows:
+        return hidden.new_zeros((0, hidden.shape[-1])), []
+    return torch.stack(rows), owners
+
+
+def sam_features(model: CitrusV, pixels: torch.Tensor) -> dict:
+    """SAM2 image encoder with gradients (training twin of CitrusV.encode_slice)."""
+    sam = model.sam2
+    backbone_out = sam.forward_image(pixels)
+    _, feats, _, sizes = sam._prepare_backbone_features(backbone_out)
+    if sam.directly_add_no_mem_embed:
+        feats[-1] = feats[-1] + sam.no_mem_embed
+    b = pixels.shape[0]
+    maps = [f.permute(1, 2, 0).reshape(b, -1, *hw) for f, hw in zip(feats, sizes)]
+    return {"image_embed": maps[-1], "high_res_feats": maps[:-1]}
+
+
+def decode_train(model: CitrusV, feats: dict, image_index: list[int], seg_hidden: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[SEG] states -> all multimask low-res logits (n, 3, h, w) and IoU predictions (n, 3)."""
+    sam = model.sam2
+    n = seg_hidden.shape[0]
+    idx = torch.tensor(image_index, device=seg_hidden.device)
+    prompt = model.seg_projector(seg_hidden)
+    sparse, dense = sam.sam_prompt_encoder(points=None, boxes=None, masks=None)
+    sparse = torch.cat([sparse.expand(n, -1, -1), prompt[:, None, :].to(sparse.dtype)], dim=1)
+    dense = dense.expand(n, -1, -1, -1)
+    low_res, iou, _, _ = sam.sam_mask_decoder(
+        image_embeddings=feats["image_embed"][idx],
+        image_pe=sam.sam_prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=True,
+        repeat_image=False,
+        high_res_features=[f[idx] for f in feats["high_res_feats"]],
+    )
+    return low_res, iou
+
+
+def mask_losses(low_res: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+    """Dice + BCE on every multimask output, and the IoU head against the real IoU."""
+    size = target.shape[-1]
+    logits = F.interpolate(low_res.float(), size=(size, size), mode="bilinear",
+                           align_corners=False)
+    t = target[:, None].expand_as(logits)
+    prob = logits.sigmoid()
+    inter = (prob * t).flatten(2).sum(-1)
+    dice = 1 - (2 * inter + 1) / (prob.flatten(2).sum(-1) + t.flatten(2).sum(-1) + 1)
+    bce = F.binary_cross_entropy_with_logits(logits, t, reduction="none").flatten(2).mean(-1)
+    with torch.no_grad():
+        hard = (logits > 0).float()
+        i = (hard * t).flatten(2).sum(-1)
+        u = ((hard + t) > 0).float().flatten(2).sum(-1)
+        real_iou = torch.where(u > 0, i / u.clamp(min=1), torch.ones_like(u))
+    iou = F.mse_loss(iou_pred.float(), real_iou)
+    return {"dice": dice.mean(), "bce": bce.mean(), "iou": iou}
+
+
+def target_mask(mask: np.ndarray, size: int = MASK_LOSS_SIZE) -> torch.Tensor:
+    """A full-size boolean mask -> (size, size) float target (area-averaged, SAM2 frame)."""
+    t = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None, None]
+    return F.interpolate(t, size=(size, size), mode="area")[0, 0]
+
+
+def augment_sam(pixels: torch.Tensor, targets: torch.Tensor, owners: list[int],
+                rng: random.Random, strength: float = 0.08) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same random scale/shift on each image and on the targets that belong to it."""
+    b = pixels.shape[0]
+    theta = torch.zeros(b, 2, 3)
+    for i in range(b):
+        s = 1.0 + rng.uniform(-strength, strength)
+        theta[i, 0, 0] = theta[i, 1, 1] = s
+        theta[i, 0, 2] = rng.uniform(-strength, strength)
+        theta[i, 1, 2] = rng.uniform(-strength, strength)
+    grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
+    pixels = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border",
+                           align_corners=False)
+    tgrid = F.affine_grid(theta[owners], [len(owners), 1, *targets.shape[-2:]],
+                          align_corners=False)
+    targets = F.grid_sample(targets[:, None], tgrid, mode="bilinear", padding_mode="zeros",
+                            align_corners=False)[:, 0]
+    return pixels, targets
+
+
+def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------- segmentation stage
+@dataclass
+class SegSample:
+    """One correction: a 2D slice, the question, the mask the answer should give."""
+
+    image: np.ndarray
+    prompt: str
+    mask: np.ndarray
+    window: str | tuple | None = None
+    label: str | None = None
+
+
+def _seg_answer(sample: SegSample) -> str:
+    from .parsing import prompt_target
+
+    name = sample.label or prompt_target(sample.prompt) or "structure"
+    return f"Sure, the {name} is [SEG]."
+
+
+def finetune_segmentation(model: CitrusV, processor, samples: Sequence[SegSample | dict],
+                          steps: int = 200, lr: float = 3e-4, seed: int = 0,
+                          batch_images: int = 4, log: Log | None = None,
+                          augment: bool = True, val_samples: Sequence | None = None,
+                          stop: Callable[[], bool] | None = None) -> dict:
+    """Citrus-V stage 4 on (slice, prompt, mask) samples: MLLM frozen, projector + SAM2 trained.
+
+    `samples` are SegSample or dicts with keys image, prompt, mask (+ window, label); empty masks
+    are negatives. The [SEG] state comes from teacher-forcing "Sure, the <label> is [SEG]." with
+    the frozen MLLM (computed once per sample). Returns stats: loss curve, final loss, and Dice
+    on `val_samples` before/after when given. The model is left in eval mode.
+    """
+    samples = [s if isinstance(s, SegSample) else SegSample(**s) for s in samples]
+    if not samples:
+        raise ValueError("finetune_segmentation needs at least one (image, prompt, mask) sample.")
+    config = model.config
+    tok = processor.tokenizer
+    device = next(model.parameters()).device
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    before = segmentation_dice(model, processor, val_samples) if val_samples else None
+
+    # frozen MLLM: one [SEG] state per sample, images rendered once
+    model.eval()
+    inputs = [render(s.image, s.window, processor, config) for s in samples]
+    states = []
+    with torch.no_grad():
+        for a in range(0, len(samples), 16):
+            chunk = list(range(a, min(a + 16, len(samples))))
+            seqs = []
+            for j, i in enumerate(chunk):
+                ids, start = encode_chat(tok, config, samples[i].prompt, _seg_answer(samples[i]),
+                                         inputs[i].grid, "segment")
+                seqs.append(Sequence_(ids, start, j))
+            _, hidden, ids_t = mllm_forward(model, [inputs[i] for i in chunk], seqs,
+                                            tok.pad_token_id, want_ce=False)
+            h, owners = seg_states(hidden, ids_t, seqs, config.seg_token_idx,
+                                   config.seg_hidden_offset)
+            assert owners == list(range(len(chunk))), "every teacher-forced answer has a [SEG]"
+            states.append(h.float().cpu())
+    seg_hidden = torch.cat(states)
+    targets = [target_mask(s.mask) for s in samples]
+
+    model.mllm.requires_grad_(False)
+    params = list(model.seg_projector.parameters()) + list(model.sam2.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    curve = []
+    model.sam2.train()
+    model.seg_projector.train()
+    order: list[int] = []
+    for step in range(steps):
+        if stop is not None and stop():
+            break
+        # a batch of up to `batch_images` samples
+        batch = []
+        while len(batch) < max(1, min(batch_images, len(samples))):
+            if not order:
+                order = list(range(len(samples)))
+                rng.shuffle(order)
+            batch.append(order.pop())
+        pixels = torch.stack([inputs[i].sam for i in batch]).to(device)
+        tgt = torch.stack([targets[i] for i in batch]).to(device)
+        owners = list(range(len(batch)))
+        if augment:
+            pixels, tgt = augment_sam(pixels, tgt, owners, rng)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps, lr, max(1, steps // 20))
+        feats = sam_features(model, pixels)
+        low, iou = decode_train(model, feats, owners, seg_hidden[batch].to(device))
+        parts = mask_losses(low, iou, tgt)
+        loss = sum(LOSS_WEIGHTS[k] * v for k, v in parts.items())
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        curve.append(loss.item())
+        if log is not None:
+            log({"stage": "segmentation", "step": step + 1, "steps": steps, "loss": float(loss),
+                 **{k: float(v) for k, v in parts.items()}})
+    model.eval()
+    stats = {"steps": len(curve), "loss_curve": curve,
+             "final_loss": float(np.mean(curve[-10:])) if curve else None,
+             "seconds": time.perf_counter() - t0}
+    if val_samples:
+        stats["val_dice_before"] = before
+        stats["val_dice_after"] = segmentation_dice(model, processor, val_samples)
+    return stats
+
+
+@torch.no_grad()
+def segmentation_dice(model: CitrusV, processor, samples: Sequence[SegSample | dict]) -> float:
+    """Mean Dice of teacher-forced [SEG] masks against the given masks (quick validation)."""
+    samples = [s if isinstance(s, SegSample) else SegSample(**s) for s in samples]
+    config = model.config
+    tok = processor.tokenizer
+    device = next(model.parameters()).device
+    scores = []
+    model.eval()
+    for s in samples:
+        inp = render(s.image, s.window, processor, config)
+        ids, start = encode_chat(tok, config, s.prompt, _seg_answer(s), inp.grid, "segment")
+        seq = Sequence_(ids, start, 0)
+        _, hidden, ids_t = mllm_forward(model, [inp], [seq], tok.pad_token_id, want_ce=False)
+        h, _ = seg_states(hidden, ids_t, [seq], config.seg_token_idx, config.seg_hidden_offset)
+        feats = model.encode_slice(inp.sam[None].to(device))
+        logits, _ = model.decode_masks(feats, h, inp.hw)
+        scores.append(dice_score(logits[0].cpu().numpy() > 0, np.asarray(s.mask, bool)))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def dice_score(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Dice; 1.0 when both are empty."""
+    a, b = int(pred.sum()), int(ref.sum())
+    if a + b == 0:
+        return 1.0
+    return 2.0 * int(np.logical_and(pred, ref).sum()) / (a + b)
+
+
+# ----------------------------------------------------------------------------- nano
+class NanoBank:
+    """Rendered inputs of every training image (CT slice x window, DRR), built lazily."""
+
+    def __init__(self, data, processor, config) -> None:
+        self.data = data
+        self.processor = processor
+        self.config = config
+        self.cache: dict[tuple, ImageInputs] = {}
+
+    def get(self, image_key: str, window) -> ImageInputs:
+        key = (image_key, window if image_key.startswith("ct:") else None)
+        if key not in self.cache:
+            kind, ref = image_key.split(":", 1)
+            img = self.data.volume[int(ref)] if kind == "ct" else self.data.drr[ref]
+            self.cache[key] = render(img, key[1], self.processor, self.config)
+        return self.cache[key]
+
+
+def _corpus(samples: list[dict]) -> list[str]:
+    # the chat scaffolding and system prompt repeat in every sample: let BPE merge them
+    texts = [NANO_SYSTEM, "system\n", "user\n", "assistant\n"] * 50
+    seen = set()
+    for s in samples:
+        for t in (s["prompt"], s["answer"]):
+            if t not in seen:
+                seen.add(t)
+                texts.append(t)
+    return texts
+
+
+def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
+               data_dir: str | Path = "work/nano_data", joint_steps: int = 600,
+               seg_steps: int = 600, batch_images: int = 4, seqs_per_image: int = 4,
+               seg_batch_images: int = 6,
+               lr: float = 1e-3, seg_lr: float = 5e-4, threads: int = 1,
+               log: Log | None = None, log_every: int = 10, save_dtype: str = "float16",
+               max_minutes: float | None = None,
+               joint_checkpoint: str | Path | None = None) -> dict:
+    """Build the data (if missing), train nano from scratch, save it in the released layout."""
+    from .nano_data import (MIN_AREA_PX, NAMES, NANO_MAX_PIXELS, NANO_MIN_PIXELS,
+                            TRAIN_WINDOWS, build_nano_data, load_nano_data)
+
+    torch.set_num_threads(threads)
+    t_start = time.perf_counter()
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    data_dir = Path(data_dir)
+    if not (data_dir / "samples.jsonl").is_file():
+        build_nano_data(data_dir, seed=seed)
+    data = load_nano_data(data_dir)
+    train = [s for s in data.samples if s["split"] == "train"]
+    tokenizer = train_tokenizer(_corpus(data.samples))
+    processor = nano_processor(tokenizer, NANO_MIN_PIXELS, NANO_MAX_PIXELS)
+    config = nano_config(tokenizer, NANO_MIN_PIXELS, NANO_MAX_PIXELS)
+    model = build_model(config, torch.float32, random_init=True)
+    bank = NanoBank(data, processor, config)
+    pad = tokenizer.pad_token_id
+    say = log or (lambda rec: print(json.dumps(rec), flush=True))
+
+    by_image: dict[str, list[dict]] = {}
+    for s in train:
+        by_image.setdefault(s["image"], []).append(s)
+    ct_keys = sorted(k for k in by_image if k.startswith("ct:"))
+    drr_keys = sorted(k for k in by_image if k.startswith("drr:"))
+    targets: dict[tuple[int, str], torch.Tensor] = {}
+
+    def target(k: int, name: str) -> torch.Tensor:
+        if (k, name) not in targets:
+            targets[(k, name)] = target_mask(data.mask(name, k))
+        return targets[(k, name)]
+
+    def pick_batch(with_text: bool, n_images: int = batch_images):
+        """Images (CT slices in random windows, sometimes a DRR) and their sequences."""
+        images, seqs, seg_meta = [], [], []
+        for b in range(n_images):
+            use_drr = with_text and drr_keys and rng.random() < 0.1
+            key = rng.choice(drr_keys if use_drr else ct_keys)
+            window = rng.choice(TRAIN_WINDOWS) if key.startswith("ct:") else None
+            inp = bank.get(key, window)
+            images.append((key, window, inp))
+            pool = by_image[key]
+            if with_text:
+                chosen = []
+                reports = [s for s in pool if s["task"] == "report"]
+                if reports and rng.random() < 0.5:
+                    chosen.append(rng.choice(reports))
+                segs = [s for s in pool if s["task"] == "segment"]
+                dets = [s for s in pool if s["task"] == "detect"]
+                while len(chosen) < seqs_per_image:
+                    chosen.append(rng.choice(dets if (rng.random() < 0.5 or not segs) else segs))
+            else:
+                k = int(key.split(":")[1])
+                on = [n for n in NAMES if data.mask(n, k).sum() >= MIN_AREA_PX]
+                rng.shuffle(on)
+                names = on[:seqs_per_image - 1]
+                names.append(rng.choice([n for n in NAMES if n not in names]))
+                chosen = [rng.choice([s for s in pool if s["task"] == "segment"
+                                      and s["structure"] == n]) for n in names]
+            for s in chosen:
+                ids, start = encode_chat(tokenizer, config, s["prompt"], s["answer"], inp.grid,
+                                         s["task"])
+                seqs.append(Sequence_(ids, start, b))
+                seg_meta.append(s)
+        return images, seqs, seg_meta
+
+    def seg_step(images, seqs, meta, hidden, ids, augment: bool):
+        h, owners = seg_states(hidden, ids, seqs, config.seg_token_idx, config.seg_hidden_offset)
+        if not owners:
+            return None
+        pixels = torch.stack([im[2].sam for im in images])
+        tgt = torch.stack([target(meta[i]["slice"], meta[i]["structure"]) for i in owners])
+        img_idx = [seqs[i].image for i in owners]
+        if augment:
+            pixels, tgt = augment_sam(pixels, tgt, img_idx, rng)
+        feats = sam_features(model, pixels)
+        low, iou = decode_train(model, feats, img_idx, h)
+        return mask_losses(low, iou, tgt)
+
+    history = []
+    deadline = None if max_minutes is None else t_start + 60 * max_minutes
+
+    # ---- stage 1: joint (token CE + 2 Dice + 1 BCE), everything trained
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    model.train()
+    t1 = time.perf_counter()
+    for step in range(joint_steps):
+        if deadline and time.perf_counter() > t_start + 0.6 * (deadline - t_start):
+            break
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, joint_steps, lr, 30)
+        images, seqs, meta = pick_batch(with_text=True)
+        ce, hidden, ids = mllm_forward(model, [im[2] for im in images], seqs, pad)
+        ct_seg = [i for i, s in enumerate(meta) if s["task"] == "segment" and s["slice"] is not None]
+        parts = {"ce": ce}
+        if ct_seg:
+            seg_seqs = [seqs[i] for i in ct_seg]
+            sp = seg_step(images, seg_seqs, [meta[i] for i in ct_seg], hidden[ct_seg],
+                          ids[ct_seg], augment=False)
+            if sp:
+                parts.update(sp)
+        loss = sum(LOSS_WEIGHTS[k] * v for k, v in parts.items())
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        rec = {"stage": "joint", "step": step + 1, "steps": joint_steps, "loss": float(loss),
+               **{k: round(float(v), 4) for k, v in parts.items()},
+               "elapsed_s": round(time.perf_counter() - t_start, 1)}
+        history.append(rec)
+        if (step + 1) % log_every == 0 or step == 0:
+            say(rec)
+    joint_s = time.perf_counter() - t1
+    if joint_checkpoint:
+        model.eval()
+        save_nano(model, processor, Path(joint_checkpoint), save_dtype)
+        model.train()
+
+    # ---- stage 2: segmentation (MLLM frozen; projector + SAM2)
+    model.mllm.requires_grad_(False)
+    model.mllm.eval()
+    params = list(model.seg_projector.parameters()) + list(model.sam2.parameters())
+    opt = torch.optim.AdamW(params, lr=seg_lr, weight_decay=0.01)
+    model.sam2.train()
+    model.seg_projector.train()
+    t2 = time.perf_counter()
+    for step in range(seg_steps):
+        if deadline and time.perf_counter() > deadline:
+            break
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, seg_steps, seg_lr, 20)
+        images, seqs, meta = pick_batch(with_text=False, n_images=seg_batch_images)
+        with torch.no_grad():
+            _, hidden, ids = mllm_forward(model, [im[2] for im in images], seqs, pad,
+                                          want_ce=False)
+        parts = seg_step(images, seqs, meta, hidden, ids, augment=True)
+        loss = sum(LOSS_WEIGHTS[k] * v for k, v in parts.items())
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        rec = {"stage": "segmentation", "step": step + 1, "steps": seg_steps,
+               "loss": float(loss), **{k: round(float(v), 4) for k, v in parts.items()},
+               "elapsed_s": round(time.perf_counter() - t_start, 1)}
+        history.append(rec)
+        if (step + 1) % log_every == 0 or step == 0:
+            say(rec)
+    seg_s = time.perf_counter() - t2
+
+    model.eval()
+    model.requires_grad_(False)
+    total_s = time.perf_counter() - t_start
+    out = Path(out_dir)
+    save_nano(model, processor, out, save_dtype)
+    stats = {"seed": seed, "joint_steps_run": sum(h["stage"] == "joint" for h in history),
+             "seg_steps_run": sum(h["stage"] == "segmentation" for h in history),
+             "joint_seconds": round(joint_s, 1), "seg_seconds": round(seg_s, 1),
+             "total_seconds": round(total_s, 1), "batch_images": batch_images,
+             "seqs_per_image": seqs_per_image, "lr": lr, "seg_lr": seg_lr,
+             "threads": threads, "final": {h["stage"]: h for h in history},
+             "n_train_samples": len(train), "vocab": len(tokenizer),
+             "parameters": sum(p.numel() for p in model.parameters())}
+    (out / "training_log.json").write_text(json.dumps(stats, indent=1))
+    return stats
+
+
+def save_nano(model: CitrusV, processor, out: Path, save_dtype: str = "float16") -> Path:
+    """Save in the released layout; weights stored in fp16 to stay small (loaded as fp32)."""
+    import copy
+
+    dtype = {"float16": torch.float16, "float32": torch.float32}[save_dtype]
+    save_checkpoint(copy.deepcopy(model).to(dtype), processor, out)
+    return out
+
+
+def train_nano_cli(args) -> int:
+    """`citrusv train`: train nano and print where it went and how long it took."""
+    stats = train_nano(out_dir=args.out, seed=args.seed, data_dir=args.data,
+                       joint_steps=args.joint_steps, seg_steps=args.seg_steps,
+                       threads=args.threads, max_minutes=args.max_minutes,
+                       joint_checkpoint=args.joint_checkpoint)
+    print(json.dumps({k: v for k, v in stats.items() if k != "final"}, indent=1))
+    print(f"wrote {args.out} in {stats['total_seconds'] / 60:.1f} min")
+    return 0
