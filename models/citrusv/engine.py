@@ -268,8 +268,8 @@ class Engine:
 
     def _check_prompt(self, prompt) -> str:
         if not isinstance(prompt, str) or not prompt.strip():
-            raise InputError("prompt", "prompt is empty; type a question such as "
-                             "'Please segment the liver in this scan.'")
+            raise InputError("prompt", "prompt is empty; type a question, for example "
+                             "'Segment the liver'.")
         if len(prompt) > 4000:
             raise InputError("prompt", f"prompt is {len(prompt)} characters; keep it under 4000.")
         return prompt.strip()

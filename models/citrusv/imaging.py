@@ -174,7 +174,7 @@ def qwen_frame(rgb: np.ndarray, factor: int, min_pixels: int, max_pixels: int
 
 def sam2_input(rgb: np.ndarray, image_size: int) -> torch.Tensor:
     """(H, W, 3) uint8 -> (1, 3, S, S) float tensor, resized and ImageNet-normalised like SAM2."""
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 255.0
+    x = torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1)[None] / 255.0
     x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False,
                       antialias=True)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)

@@ -85,13 +85,13 @@ class CitrusV(nn.Module):
 
     @torch.no_grad()
     def encode_slice(self, pixels: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
-        """SAM2 image encoder on one (1, 3, S, S) slice; `no_mem_embed` added (image mode)."""
+        """SAM2 image encoder on (B, 3, S, S) slices; `no_mem_embed` added (image mode)."""
         sam = self.sam2
         backbone_out = sam.forward_image(pixels)
         _, feats, _, sizes = sam._prepare_backbone_features(backbone_out)
         if sam.directly_add_no_mem_embed:
             feats[-1] = feats[-1] + sam.no_mem_embed
-        maps = [f.permute(1, 2, 0).reshape(1, -1, *hw) for f, hw in zip(feats, sizes)]
+        maps = [f.permute(1, 2, 0).reshape(f.shape[1], -1, *hw) for f, hw in zip(feats, sizes)]
         return {"image_embed": maps[-1], "high_res_feats": maps[:-1]}
 
     @torch.no_grad()

@@ -1,0 +1,232 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from citrusv import Engine, InputError, rle
+from citrusv.generation import generate_capturing, image_embeddings, teacher_force
+from citrusv.imaging import smart_resize
+from citrusv.prompting import pixel_inputs, text_inputs
+from conftest import ANSWERS
+
+FORCED = (
+    "<think>1. The liver <bbox>[28, 14, 84, 70]</bbox> is enlarged.\n"
+    "2. The 'spleen' with bbox [0, 42, 28, 84] is normal.</think>"
+    "<answer>The liver is [SEG] and the spleen: [SEG].\n"
+    '```json\n[{"bbox_2d": [28, 14, 84, 70], "label": "liver"}]\n```\n'
+    "<|object_ref_start|>kidney<|object_ref_end|><|box_start|>(56,28),(200,90)<|box_end|>"
+    "</answer>"
+)
+
+
+def ct_slice(h=100, w=150, seed=0):
+    rng = np.random.default_rng(seed)
+    img = rng.normal(-100, 50, (h, w)).astype(np.float32)
+    img[20:70, 30:90] = 60.0
+    return img
+
+
+def test_injected_generation_gives_masks_boxes_and_trace(engine):
+    img = ct_slice()
+    res = engine.ask(img, "Write a report, think step by step.", window="abdomen",
+                     forced_text=FORCED, slice_index=7, spacing=(0.5, 0.8))
+    assert res.task == "report" and res.text == FORCED
+    # masks: one per [SEG], slice shape, labelled from the text around each [SEG]
+    assert [(m.label, m.label_index, m.array.shape, m.array.dtype) for m in res.masks] == [
+        ("liver", 1, (100, 150), np.dtype(bool)), ("spleen", 2, (100, 150), np.dtype(bool))]
+    assert all(0.0 <= m.score <= 1.0 for m in res.masks)
+    # boxes: Qwen frame (84 x 112 for a 100 x 150 slice with the tiny pixel limits) -> input
+    assert smart_resize(100, 150, 28, engine.config.min_pixels, engine.config.max_pixels) == (
+        84, 112)
+    sx, sy = 150 / 112, 100 / 84
+    boxes = {b.id: (b.label, b.xyxy) for b in res.boxes}
+    assert set(boxes) == {"b1", "b2", "b3"}
+    assert boxes["b1"][0] == "liver"
+    np.testing.assert_allclose(boxes["b1"][1], [28 * sx, 14 * sy, 84 * sx, 70 * sy])
+    assert boxes["b2"][0] == "spleen"
+    np.testing.assert_allclose(boxes["b2"][1], [0, 42 * sy, 28 * sx, 84 * sy])
+    assert boxes["b3"][0] == "kidney"  # (200, 90) lies outside the frame: clipped to the slice
+    np.testing.assert_allclose(boxes["b3"][1], [56 * sx, 28 * sy, 150, 100])
+    # trace: ordered steps citing boxes that exist
+    assert [(s.step, s.box_ids) for s in res.reasoning] == [(1, ["b1"]), (2, ["b2"])]
+    assert res.answer.startswith("The liver is [SEG]")
+    # JSON per docs/api.md
+    data = json.loads(json.dumps(res.to_json()))
+    assert set(data) >= {"task", "prompt", "model", "text", "answer", "reasoning", "boxes",
+                         "masks", "image", "timing_ms", "warnings", "label_names"}
+    m0 = data["masks"][0]
+    assert m0["slice"] == 7 and m0["area_px"] == res.masks[0].area_px
+    assert m0["area_mm2"] == pytest.approx(res.masks[0].area_px * 0.4, rel=1e-6)
+    np.testing.assert_array_equal(rle.decode(m0["rle"]), res.masks[0].array)
+    assert data["boxes"][0]["slice"] == 7 and data["label_names"] == {"liver": 1, "spleen": 2}
+    assert data["image"]["slices"] == [7] and data["image"]["shape"] == [100, 150]
+    assert set(data["timing_ms"]) >= {"prefill", "decode", "mask", "total"}
+
+
+def test_several_seg_tokens_use_their_own_hidden_states(engine):
+    img = ct_slice()
+    one = engine.ask(img, "Segment the liver.", window="abdomen", forced_text="liver [SEG]")
+    two = engine.ask(img, "Segment the liver.", window="abdomen",
+                     forced_text="liver [SEG] spleen [SEG]")
+    np.testing.assert_array_equal(one.masks[0].array, two.masks[0].array)
+    assert len(two.masks) == 2
+
+
+def test_real_greedy_generation_emits_seg_and_boxes(fitted_engine):
+    img = ct_slice(120, 90, seed=3)
+    seg = fitted_engine.ask(img, "Please segment the liver in this scan.", window="abdomen")
+    assert seg.text == ANSWERS["segment"]
+    assert [(m.label, m.array.shape) for m in seg.masks] == [("liver", (120, 90))]
+    det = fitted_engine.ask(img, "Where is the liver?", window="abdomen")
+    assert det.task == "detect" and det.text == ANSWERS["detect"] and det.masks == []
+    fh, fw = det_frame = smart_resize(120, 90, 28, fitted_engine.config.min_pixels,
+                                      fitted_engine.config.max_pixels)
+    assert det_frame == (112, 84)
+    np.testing.assert_allclose(det.boxes[0].xyxy, [28 * 90 / fw, 14 * 120 / fh,
+                                                   84 * 90 / fw, 70 * 120 / fh])
+    rep = fitted_engine.ask(img, "Write a report, think step by step.", window="abdomen")
+    assert rep.reasoning[0].box_ids == ["b1"] and rep.answer == "Normal liver [SEG]."
+    assert len(rep.masks) == 1
+
+
+@pytest.mark.parametrize("offset", [0, -1])
+def test_capture_while_generating_equals_teacher_forced_states(fitted_engine, offset):
+    """The [SEG] state read during decoding is the one a second full pass would give."""
+    e = fitted_engine
+    state = e.set_image(ct_slice(), window="abdomen")
+    pix = pixel_inputs(e.processor.image_processor, state.frame)
+    system = e.config.task_system_prompts["report"]
+    ids = text_inputs(e.tokenizer, system, "Describe it.", pix["image_grid_thw"], e.merge_size)
+    emb = image_embeddings(e.model.mllm, pix["pixel_values"], pix["image_grid_thw"])
+    seg = e.config.seg_token_idx
+    gen = generate_capturing(e.model.mllm, ids, pix["image_grid_thw"], emb, seg, e.eos_ids,
+                             200, offset)
+    assert gen.token_ids.count(seg) == 1 and gen.seg_hidden.shape == (1, 64)
+    forced = teacher_force(e.model.mllm, ids, pix["image_grid_thw"], emb, gen.token_ids, seg,
+                           offset)
+    torch.testing.assert_close(gen.seg_hidden, forced.seg_hidden, atol=1e-4, rtol=1e-4)
+    other = teacher_force(e.model.mllm, ids, pix["image_grid_thw"], emb, gen.token_ids, seg,
+                          -1 - offset)
+    assert not torch.allclose(other.seg_hidden, forced.seg_hidden)
+
+
+def _count_calls(module):
+    calls = []
+    handle = module.register_forward_hook(lambda *a: calls.append(1))
+    return calls, handle
+
+
+def test_second_question_on_same_slice_skips_image_encoders(engine):
+    sam_calls, h1 = _count_calls(engine.model.sam2.image_encoder)
+    vit_calls, h2 = _count_calls(engine.model.mllm.model.visual)
+    try:
+        img = ct_slice(seed=11)
+        engine.ask(img, "Segment the liver.", window="abdomen", forced_text="liver [SEG]")
+        engine.ask(img.copy(), "Segment the spleen.", window="abdomen",
+                   forced_text="spleen [SEG]")
+        assert (len(sam_calls), len(vit_calls)) == (1, 1)
+        engine.ask(img, "Segment the liver.", window="lung", forced_text="liver [SEG]")
+        assert (len(sam_calls), len(vit_calls)) == (2, 2)
+    finally:
+        h1.remove()
+        h2.remove()
+    assert engine.cache.hits >= 1
+
+
+def test_cache_respects_memory_budget(tiny_dir):
+    e = Engine.load(tiny_dir, cache_budget_mb=0.5)
+    for seed in range(4):
+        e.ask(ct_slice(seed=seed), "Segment the liver.", window="abdomen",
+              forced_text="liver [SEG]")
+    assert len(e.cache) == 1  # each entry is over the budget: only the newest is kept
+    big = Engine.load(tiny_dir, cache_budget_mb=512)
+    for seed in range(4):
+        big.ask(ct_slice(seed=seed), "Segment the liver.", window="abdomen",
+                forced_text="liver [SEG]")
+    assert len(big.cache) == 4 and big.cache.nbytes > 0
+
+
+@pytest.mark.parametrize("image, prompt, field", [
+    (np.zeros((32, 32)), "", "prompt"),
+    (np.zeros((32, 32)), "   ", "prompt"),
+    (np.zeros(32), "Segment the liver.", "image"),
+    (np.zeros((2, 3, 32, 32)), "Segment the liver.", "image"),
+    (np.full((32, 32), np.nan), "Segment the liver.", "image"),
+])
+def test_bad_input_is_one_plain_sentence(engine, image, prompt, field):
+    with pytest.raises(InputError) as err:
+        engine.ask(image, prompt)
+    assert isinstance(err.value, ValueError) and err.value.field == field
+    assert str(err.value).endswith(".") and "\n" not in str(err.value)
+
+
+def test_pixel_limit_and_unknown_task(tiny_dir, engine):
+    small = Engine.load(tiny_dir, max_pixels=1000)
+    with pytest.raises(InputError, match="over the limit of 1000"):
+        small.ask(np.zeros((40, 40)), "Segment the liver.")
+    with pytest.raises(InputError, match="task 'paint' is unknown"):
+        engine.ask(np.zeros((40, 40)), "Segment the liver.", task="paint")
+
+
+def test_closer_look_crops_square_roi_and_pastes_back(engine):
+    img = ct_slice(120, 160, seed=5)
+    res = engine.closer_look(img, "Segment the liver.", roi=[40, 30, 80, 60], margin=0.15,
+                             window="abdomen", forced_text="liver [SEG] <bbox>[0, 0, 64, 64]"
+                             "</bbox>")
+    x1, y1, x2, y2 = res.closer_look["roi"]
+    assert x2 - x1 == y2 - y1 == 52  # 40 px side * (1 + 2 * 0.15)
+    assert x1 <= 40 and y1 <= 30 and x2 >= 80 and y2 >= 60
+    assert res.task == "closer_look" and res.masks[0].array.shape == (120, 160)
+    outside = res.masks[0].array.copy()
+    outside[y1:y2, x1:x2] = False
+    assert not outside.any()
+    assert res.closer_look["area_px_after"] == res.masks[0].area_px
+    assert res.closer_look["area_px_before"] is None
+    box = res.boxes[0].xyxy  # model frame of the canonical crop -> slice pixels
+    size = engine.config.image_size
+    fh, fw = smart_resize(size, size, 28, engine.config.min_pixels, engine.config.max_pixels)
+    np.testing.assert_allclose(box, [x1, y1, x1 + 64 / fw * 52, y1 + 64 / fh * 52], atol=1e-6)
+    assert res.to_json()["closer_look"]["roi"] == [x1, y1, x2, y2]
+
+
+def test_closer_look_from_previous_mask(engine):
+    img = ct_slice(120, 160, seed=6)
+    prev = np.zeros((120, 160), bool)
+    prev[50:70, 60:100] = True
+    res = engine.closer_look(img, "", mask=prev, label="liver", window="abdomen",
+                             forced_text="liver [SEG]")
+    assert res.closer_look["area_px_before"] == 800
+    x1, y1, x2, y2 = res.closer_look["roi"]
+    assert x2 - x1 == 52 and x1 <= 60 and x2 >= 100 and y1 <= 50 and y2 >= 70
+    assert res.prompt == "Please segment the liver in this image."
+
+
+def test_ask_volume_returns_3d_masks_in_volume_index_space(engine):
+    vol = np.stack([ct_slice(40, 50, seed=s) for s in range(6)])
+    res = engine.ask_volume(vol, "Segment the liver.", slices=range(1, 4), axis=0,
+                            window="abdomen", spacing=(2.5, 0.7, 0.7), batch_size=2,
+                            forced_text="liver [SEG]")
+    (m,) = res.masks
+    assert m.array.shape == vol.shape and m.label == "liver"
+    assert not m.array[[0, 4, 5]].any()
+    per_slice = [engine.ask(vol[k], "Segment the liver.", window="abdomen",
+                            forced_text="liver [SEG]").masks[0].array for k in (1, 2, 3)]
+    for k, expected in zip((1, 2, 3), per_slice):
+        np.testing.assert_array_equal(m.array[k], expected)
+    data = res.to_json()
+    assert [e["slice"] for e in data["masks"]] == [1, 2, 3]
+    assert data["image"] == {"id": None, "shape": [6, 40, 50], "spacing": [2.5, 0.7, 0.7],
+                             "axis": "axial", "slices": [1, 2, 3]}
+    assert data["masks"][0]["area_mm2"] == pytest.approx(data["masks"][0]["area_px"] * 0.49)
+    cor = engine.ask_volume(vol, "Segment the liver.", slices=[10], axis="coronal",
+                            forced_text="liver [SEG]")
+    assert cor.masks[0].array.shape == vol.shape and not cor.masks[0].array[:, :10].any()
+    with pytest.raises(InputError, match="slice 40 is outside"):
+        engine.ask_volume(vol, "Segment the liver.", slices=[40], axis=1)
+
+
+def test_uint8_rgb_input(engine):
+    rgb = np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    res = engine.ask(rgb, "Segment the liver.", forced_text="liver [SEG]")
+    assert res.masks[0].array.shape == (64, 80)
