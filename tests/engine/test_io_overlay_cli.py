@@ -1,0 +1,128 @@
+import json
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pytest
+from PIL import Image
+
+from citrusv import InputError, rle
+from citrusv.bench import run_bench
+from citrusv.cli import main
+from citrusv.io import read_study
+from citrusv.overlay import render_overlay
+
+
+def _volume():
+    return np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)  # (x, y, z) as stored
+
+
+def test_nifti_is_read_in_zyx_index_order(tmp_path):
+    data = _volume()
+    affine = np.diag([0.7, 0.8, 2.5, 1.0])
+    nib.save(nib.Nifti1Image(data, affine), str(tmp_path / "ct.nii.gz"))
+    study = read_study(tmp_path / "ct.nii.gz")
+    assert study.array.shape == (6, 5, 4) and study.spacing == pytest.approx((2.5, 0.8, 0.7))
+    assert study.array[3, 2, 1] == data[1, 2, 3]
+    np.testing.assert_allclose(study.affine, affine)
+
+
+def test_nrrd_is_read_in_zyx_index_order(tmp_path):
+    data = _volume()
+    header = {"space": "left-posterior-superior",
+              "space directions": np.diag([0.7, 0.8, 2.5]), "space origin": [1.0, 2.0, 3.0]}
+    nrrd.write(str(tmp_path / "ct.nrrd"), data, header)
+    study = read_study(tmp_path / "ct.nrrd")
+    assert study.array.shape == (6, 5, 4) and study.array[3, 2, 1] == data[1, 2, 3]
+    assert study.spacing == pytest.approx((2.5, 0.8, 0.7))
+
+
+def _dicom(path, z, value, photometric="MONOCHROME2"):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.is_little_endian, ds.is_implicit_VR = True, False
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.SeriesInstanceUID = "1.2.3.4"
+    ds.Modality = "CT"
+    ds.Rows, ds.Columns = 4, 3
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation, ds.SamplesPerPixel = 0, 1
+    ds.PhotometricInterpretation = photometric
+    ds.PixelSpacing = [0.6, 0.9]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.ImagePositionPatient = [0, 0, z]
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    ds.PixelData = np.full((4, 3), value, np.uint16).tobytes()
+    ds.save_as(str(path), write_like_original=False)
+
+
+def test_dicom_series_sorted_along_normal_and_rescaled(tmp_path):
+    for i, z in enumerate([5.0, -5.0, 0.0]):
+        _dicom(tmp_path / f"im{i}.dcm", z, 1000 + int(z))
+    study = read_study(tmp_path)
+    assert study.array.shape == (3, 4, 3)
+    assert study.array[:, 0, 0].tolist() == [-29.0, -24.0, -19.0]
+    assert study.spacing == pytest.approx((5.0, 0.6, 0.9)) and study.modality == "CT"
+    single = read_study(tmp_path / "im0.dcm")
+    assert single.kind == "image" and single.array.shape == (4, 3)
+
+
+def test_png_and_unreadable(tmp_path):
+    Image.fromarray(np.full((7, 9), 200, np.uint8)).save(tmp_path / "x.png")
+    study = read_study(tmp_path / "x.png")
+    assert study.kind == "image" and study.array.shape == (7, 9)
+    (tmp_path / "junk.dcm").write_bytes(b"not an image")
+    with pytest.raises(InputError, match="could not be read"):
+        read_study(tmp_path / "junk.dcm")
+
+
+def test_overlay_draws_masks_boxes_and_steps():
+    mask = np.zeros((40, 50), bool)
+    mask[10:20, 10:30] = True
+    result = {"masks": [{"label": "liver", "label_index": 1, "slice": None,
+                         "rle": rle.encode(mask)}],
+              "boxes": [{"id": "b1", "label": "liver", "xyxy": [30, 25, 45, 38]}],
+              "reasoning": [{"step": 1, "text": "The liver is normal.", "box_ids": ["b1"]}],
+              "answer": "Normal."}
+    img = render_overlay(result, np.zeros((40, 50), np.uint8), panel_width=200)
+    arr = np.asarray(img)
+    assert img.size[0] == 250 and img.size[1] >= 40  # the panel may be taller than the slice
+    assert tuple(arr[15, 15]) == (92, 10, 30)  # 0.4 * (230, 25, 75) over black
+    assert tuple(arr[25, 35]) == (230, 25, 75)  # box outline
+    assert arr[5:20, 55:249].max() > 200  # step text drawn in the panel
+
+
+def test_cli_ask_writes_json_and_png(fitted_dir, tmp_path, capsys):
+    vol = np.full((60, 50, 5), -100, np.int16)
+    nib.save(nib.Nifti1Image(vol, np.diag([0.8, 0.8, 3.0, 1.0])), str(tmp_path / "ct.nii.gz"))
+    rc = main(["ask", "--model", str(fitted_dir), "--image", str(tmp_path / "ct.nii.gz"),
+               "--slice", "3", "--prompt", "Please segment the liver in this scan.",
+               "--window", "abdomen", "--json", str(tmp_path / "r.json"),
+               "--png", str(tmp_path / "r.png")])
+    assert rc == 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["text"] == "Sure, the liver is [SEG]." and data["masks"][0]["slice"] == 3
+    assert data["masks"][0]["rle"]["size"] == [50, 60]
+    assert data["image"]["shape"] == [5, 50, 60] and data["image"]["slices"] == [3]
+    assert Image.open(tmp_path / "r.png").size[1] >= 50
+    assert "mask 'liver'" in capsys.readouterr().out
+    rc = main(["ask", "--model", str(fitted_dir), "--image", str(tmp_path / "ct.nii.gz"),
+               "--slice", "9", "--prompt", "Segment the liver."])
+    assert rc == 2 and "slice 9 is outside" in capsys.readouterr().err
+
+
+def test_bench_figures_on_tiny_model(tiny_dir):
+    from citrusv import Engine
+
+    r = run_bench(Engine.load(tiny_dir), size=96, new_tokens=8, repeats=2)
+    assert r["new_tokens"] == 8 and r["prompt_tokens"] > 40
+    assert r["plain_generate_ms"] > 0 and r["capture_generate_ms"] > 0
+    assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["peak_rss_mb"] > 0
+    assert r["mask_cached_ms"] < r["mask_cold_ms"]
