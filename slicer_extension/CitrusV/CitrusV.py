@@ -14,8 +14,13 @@ import tempfile
 import threading
 import time
 
+import CitrusVMRML
 import qt
 import slicer
+from CitrusVLib import geometry
+from CitrusVLib.client import CitrusVClient, infer_params
+from CitrusVLib.errors import CitrusVCancelled, CitrusVError
+from CitrusVLib.label_io import LabelVolume, write_label_volume
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -23,12 +28,6 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
-
-import CitrusVMRML
-from CitrusVLib import geometry
-from CitrusVLib.client import CitrusVClient, infer_params
-from CitrusVLib.errors import CitrusVCancelled, CitrusVError
-from CitrusVLib.label_io import LabelVolume, write_label_volume
 
 SETTINGS_URL = "CitrusV/ServerURL"
 SETTINGS_HISTORY = "CitrusV/ServerURLHistory"

@@ -161,15 +161,57 @@ def sample_result() -> dict:
     }
 
 
-os.environ.setdefault("HYPOTHESIS_PROFILE", "default")
 
 
-# The real MONAI Label server running the Citrus-V app (tests/server.py, from the app issue).
-try:  # imported here so tests/slicer runs on its own; a root-level plugin registration wins
-    from tests.server import (  # noqa: F401
-        citrusv_sample_studies,
-        citrusv_server,
-        tiny_model_dir,
-    )
-except ImportError:  # pragma: no cover - the app's test helpers are not there yet
-    pass
+# A second real server whose tiny checkpoint answers detect and report with boxes and a
+# reasoning trace (the shared `citrusv_server` answers "Sure, [SEG]." to every task), so the
+# Slicer library's box and trace handling is tested against real server output.
+REASONING_ANSWERS = {
+    "segment": "Sure, [SEG].",
+    "detect": '```json [{"bbox_2d": [10, 12, 40, 44], "label": "liver"}] ```',
+    "report": "<think>Step 1: the liver <bbox>[10, 12, 40, 44]</bbox> looks normal. "
+              "Step 2: the spleen <bbox>[50, 14, 70, 40]</bbox> is small.</think>"
+              "<answer>No acute findings.</answer>",
+}
+
+
+@pytest.fixture(scope="session")
+def reasoning_model_dir(request, tmp_path_factory):
+    """Tiny checkpoint fitted to REASONING_ANSWERS; cached in .pytest_cache by engine code."""
+    import hashlib
+    import json
+    import shutil
+
+    import citrusv
+    from citrusv.testing import write_tiny_checkpoint
+
+    digest = hashlib.sha256(json.dumps(REASONING_ANSWERS, sort_keys=True).encode())
+    for name in ("testing.py", "checkpoint.py", "config.py", "modeling.py", "prompting.py"):
+        path = Path(citrusv.__file__).with_name(name)
+        if path.exists():
+            digest.update(path.read_bytes())
+    cache = getattr(request.config, "cache", None)
+    root = (Path(cache.mkdir("citrusv_reasoning_model")) if cache is not None
+            else tmp_path_factory.mktemp("reasoning_model"))
+    path = root / digest.hexdigest()[:16]
+    if not (path / "config.json").exists():
+        tmp = root / f".writing-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_tiny_checkpoint(tmp, seed=0, answers=REASONING_ANSWERS)
+        shutil.rmtree(path, ignore_errors=True)
+        os.rename(tmp, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def citrusv_reasoning_server(tmp_path_factory, reasoning_model_dir, citrusv_sample_studies):
+    import shutil
+
+    from tests.server import copy_studies, start_citrusv_server
+
+    root = tmp_path_factory.mktemp("citrusv_reasoning_server")
+    studies = copy_studies(root / "studies", citrusv_sample_studies)
+    model_dir = root / "model"
+    shutil.copytree(reasoning_model_dir, model_dir)
+    with start_citrusv_server(studies, model_dir) as server:
+        yield server

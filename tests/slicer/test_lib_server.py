@@ -14,7 +14,6 @@ from CitrusVLib.headless import ask_server
 from CitrusVLib.label_io import LabelVolume, read_label_volume, write_label_volume
 from PIL import Image
 
-
 IMAGE = "chest_ct"
 
 
@@ -68,22 +67,29 @@ def test_segment_mask_sits_on_the_asked_slice_in_the_volume_geometry(client, ct)
             assert np.array_equal(label.array[k] == mask.label_index, mask.array())
 
 
-def test_detect_boxes_are_inside_the_slice(client, ct):
+@pytest.fixture(scope="module")
+def reasoning_client(citrusv_reasoning_server):
+    return CitrusVClient(citrusv_reasoning_server.url, read_timeout=300)
+
+
+def test_detect_boxes_are_inside_the_slice(reasoning_client, ct):
     k = middle(ct)
-    result = client.infer("detect", IMAGE, {"prompt": "Where is the liver?", "slice": k}).result
+    result = reasoning_client.infer("detect", IMAGE, {"prompt": "Where is the liver?",
+                                                      "slice": k}).result
     h, w = slice_shape(ct.array.shape, "axial")
     assert result.boxes
     for box in result.boxes:
         x1, y1, x2, y2 = box.xyxy
         assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
-        assert box.slice == k and box.label
+        assert box.slice == k and box.label == "liver"
 
 
-def test_report_steps_reference_existing_boxes(client, ct):
+def test_report_steps_reference_existing_boxes(reasoning_client, ct):
     k = middle(ct)
-    result = client.infer("report", IMAGE, {"prompt": "Write a report, think step by step.",
-                                            "slice": k}).result
-    assert result.answer
+    result = reasoning_client.infer("report", IMAGE, {"prompt": "Write a report, think step by step.",
+                                                      "slice": k}).result
+    assert result.answer == "No acute findings."
+    assert len(result.boxes) == 2
     ids = {b.id for b in result.boxes}
     assert result.reasoning
     for step in result.reasoning:

@@ -6,10 +6,9 @@ library and adapters import and agree with the running Slicer's MRML.
 
 import unittest
 
+import CitrusVMRML
 import numpy as np
 import slicer
-
-import CitrusVMRML
 from CitrusVLib import Result, decode_rle, encode_rle, geometry
 
 
