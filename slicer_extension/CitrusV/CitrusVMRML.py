@@ -125,6 +125,9 @@ def get_or_create_segmentation(volume_node, scene: slicer.vtkMRMLScene | None = 
         node.CreateDefaultDisplayNodes()
         node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
         node.SetAttribute(VOLUME_ATTR, volume_node.GetID())
+    # labelmaps are stored in the volume's own (node) coordinates: follow its transform
+    if node.GetTransformNodeID() != volume_node.GetTransformNodeID():
+        node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
     return node
 
 

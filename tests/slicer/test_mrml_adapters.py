@@ -214,6 +214,16 @@ def test_transformed_volume_uses_world_geometry_for_views(adapters, volume, scen
     volume.SetAndObserveTransformNodeID(transform.GetID())
     assert np.allclose(adapters.ijk_to_ras(volume), shift @ oblique_lps_ijk_to_ras())
     assert np.allclose(adapters.ijk_to_ras(volume, world=False), oblique_lps_ijk_to_ras())
+    # segments follow the volume's transform; boxes are placed in world RAS
+    result, mask = segment_result(slice_index=2)
+    applied = adapters.apply_result(result, volume)
+    assert applied.segmentation_node.GetTransformNodeID() == transform.GetID()
+    back = su.arrayFromSegmentBinaryLabelmap(applied.segmentation_node,
+                                             applied.segment_ids["liver"], volume)
+    assert np.array_equal(back[2] > 0, mask) and back.sum() == mask.sum()
+    roi = adapters.roi_of_node(applied.roi_nodes["b1"])
+    xyxy, s = geometry.roi_to_box(adapters.ijk_to_ras(volume), "axial", roi)
+    assert np.allclose(xyxy, [15, 10, 35, 20], atol=1e-4) and s == pytest.approx(2, abs=1e-4)
 
 
 def test_export_segment_writes_a_label_on_the_volume_grid(adapters, volume, tmp_path, mrml):
