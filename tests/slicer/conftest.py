@@ -215,3 +215,25 @@ def citrusv_reasoning_server(tmp_path_factory, reasoning_model_dir, citrusv_samp
     shutil.copytree(reasoning_model_dir, model_dir)
     with start_citrusv_server(studies, model_dir) as server:
         yield server
+
+
+@pytest.fixture
+def citrusv_module(mrml, monkeypatch):
+    """CitrusV.py imported on slicer-core. Its Qt layer (``qt``, ``slicer.ScriptedLoadableModule``)
+    does not exist outside Slicer and the logic uses none of it: those two get empty stand-ins."""
+    import importlib
+    import types
+
+    base = types.ModuleType("slicer.ScriptedLoadableModule")
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget",
+                 "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest"):
+        setattr(base, name, type(name, (), {"__init__": lambda self, *a, **k: None}))
+    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", base)
+    monkeypatch.setitem(sys.modules, "qt", types.ModuleType("qt"))
+    if not hasattr(mrml.slicer.util, "VTKObservationMixin"):
+        monkeypatch.setattr(mrml.slicer.util, "VTKObservationMixin", type("M", (), {}),
+                            raising=False)
+    sys.modules.pop("CitrusV", None)
+    module = importlib.import_module("CitrusV")
+    yield module
+    sys.modules.pop("CitrusV", None)

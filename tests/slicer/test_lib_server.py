@@ -52,6 +52,7 @@ def test_segment_mask_sits_on_the_asked_slice_in_the_volume_geometry(client, ct)
     result = answer.result
     assert result.task == "segment"
     assert result.image.slices == [k]
+    assert result.masks and answer.label_volume() is not None
     h, w = slice_shape(ct.array.shape, "axial")
     for mask in result.masks:
         assert mask.slice == k

@@ -6,10 +6,7 @@ the logic uses none of it, so only those two imports are given empty stand-ins h
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -20,23 +17,6 @@ from CitrusVLib.multipart import parse_multipart
 from .conftest import oblique_lps_ijk_to_ras
 
 SHAPE = (6, 40, 60)
-
-
-@pytest.fixture
-def citrusv_module(mrml, monkeypatch):
-    base = types.ModuleType("slicer.ScriptedLoadableModule")
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget",
-                 "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest"):
-        setattr(base, name, type(name, (), {"__init__": lambda self, *a, **k: None}))
-    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", base)
-    monkeypatch.setitem(sys.modules, "qt", types.ModuleType("qt"))
-    if not hasattr(mrml.slicer.util, "VTKObservationMixin"):
-        monkeypatch.setattr(mrml.slicer.util, "VTKObservationMixin", type("M", (), {}),
-                            raising=False)
-    sys.modules.pop("CitrusV", None)
-    module = importlib.import_module("CitrusV")
-    yield module
-    sys.modules.pop("CitrusV", None)
 
 
 @pytest.fixture

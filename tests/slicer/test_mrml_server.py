@@ -1,0 +1,71 @@
+"""End to end without Qt: a volume in a real MRML scene, CitrusVLogic, the real MONAI Label
+server. The volume is uploaded from the scene, the Red view's slice is asked about, the answer
+lands on that slice of the segmentation, and the edited segment arrives in labels/final."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+from CitrusVLib import geometry
+from CitrusVLib.label_io import read_label_volume
+
+
+@pytest.fixture
+def ct_volume(mrml, citrusv_server):
+    """chest_ct loaded into the scene the way Slicer loads a NIfTI (IJK-to-RAS = affine)."""
+    mrml.fresh()
+    img = nib.load(str(citrusv_server.studies / "chest_ct.nii.gz"))
+    array = np.ascontiguousarray(np.asanyarray(img.dataobj).transpose(2, 1, 0)).astype(np.int16)
+    return mrml.slicer.util.addVolumeFromArray(array, ijkToRAS=img.affine, name="chest ct")
+
+
+def test_upload_ask_apply_and_correct_over_http(citrusv_module, ct_volume, citrusv_server, mrml):
+    import CitrusVMRML
+
+    su = mrml.slicer.util
+    logic = citrusv_module.CitrusVLogic()
+    url = citrusv_server.url
+    client = logic.client(url)
+
+    # the Red view sits on slice 60 of the volume
+    k = 60
+    CitrusVMRML.jump_to_slice(ct_volume, "axial", k)
+    view = CitrusVMRML.current_slice(ct_volume, "Red")
+    assert (view.axis, view.slice_index) == ("axial", k)
+
+    upload = logic.prepareImage(ct_volume, url)
+    assert "path" in upload  # not from the datastore: it is uploaded once
+    params = {"prompt": "Segment the liver.", "slice": view.slice_index, "axis": view.axis}
+    response = logic.infer(client, upload, "segment", params)
+    logic.rememberImage(ct_volume, url, upload)
+    assert logic.prepareImage(ct_volume, url) == {"image_id": upload["image_id"]}
+
+    label = response.label_volume()
+    assert np.allclose(label.ijk_to_ras, CitrusVMRML.ijk_to_ras(ct_volume, world=False), atol=1e-3)
+    applied = logic.applyResult(response, ct_volume)
+    seg = applied.segmentation_node
+    assert applied.segment_ids
+    name, segment_id = next(iter(applied.segment_ids.items()))
+    mask = su.arrayFromSegmentBinaryLabelmap(seg, segment_id, ct_volume)
+    assert mask.shape == CitrusVMRML.volume_shape(ct_volume)
+    assert set(np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))) <= {k}
+    index = response.result.labels()[name]
+    assert np.array_equal(mask[k] > 0, label.array[k] == index)
+
+    # the user paints a square into the slice and submits it as a correction
+    edited = (mask > 0).astype(np.uint8)
+    edited[k, 100:140, 200:260] = 1
+    su.updateSegmentBinaryLabelmapFromArray(edited, seg, segment_id, ct_volume)
+    path, info = logic.exportCorrection(ct_volume, segment_id)
+    answer = logic.submitCorrection(client, logic.prepareImage(ct_volume, url), path, info,
+                                    "Segment the liver.")
+    assert answer["image"] == upload["image_id"]
+    final = citrusv_server.studies / "labels" / "final"
+    saved = [p for p in final.iterdir() if p.name.startswith(upload["image_id"])]
+    assert saved
+    back = read_label_volume(saved[0])
+    assert np.array_equal(back.array > 0, edited > 0)
+    assert np.allclose(back.ijk_to_ras, CitrusVMRML.ijk_to_ras(ct_volume, world=False), atol=1e-3)
+    assert geometry.slice_shape(back.array.shape, "axial") == mask[k].shape
+    logic.cleanup()
