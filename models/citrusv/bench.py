@@ -59,6 +59,22 @@ def real_8b_engine(device: str = "cuda", dtype=None) -> Engine:
     return Engine(model.to(device).eval(), processor, config, device=device, dtype=torch_dtype)
 
 
+def tiny_llm_sam2_l_engine(device: str = "cpu", dtype=None) -> Engine:
+    """Tiny language model + the real SAM2 Hiera-L at 1024 (random init): mask-step timing at
+    the released SAM2 size on any machine."""
+    from .checkpoint import build_model
+    from .testing import tiny_config, tiny_processor, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    config = tiny_config(tok)
+    config.grounding_encoder_config = "sam2_hiera_l.yaml"
+    config.image_size = 1024
+    config.name = "citrusv-tiny-llm+sam2-hiera-l"
+    torch_dtype = resolve_dtype(dtype, device)
+    model = build_model(config, torch_dtype, random_init=True).to(device).eval()
+    return Engine(model, tiny_processor(tok), config, device=device, dtype=torch_dtype)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -159,6 +175,8 @@ def bench_cli(model: str | None, shape: str | None, device: str, dtype, size: in
               new_tokens: int, repeats: int) -> dict:
     if shape == "8b":
         engine = real_8b_engine(device, dtype)
+    elif shape == "tiny-sam2l":
+        engine = tiny_llm_sam2_l_engine(device, dtype)
     else:
         engine = Engine.load(Path(model), device=device, dtype=dtype)
     result = run_bench(engine, size=size, new_tokens=new_tokens, repeats=repeats)

@@ -108,8 +108,9 @@ def add_commands(sub) -> None:
     p.set_defaults(func=ask_cli)
     p = sub.add_parser("bench", help="engine overheads: capture vs generate, cached mask step")
     p.add_argument("--model", default=None, help="Citrus-V checkpoint directory")
-    p.add_argument("--shape", default=None, choices=["8b"],
-                   help="instead of --model: random-init model of the real 8B shape")
+    p.add_argument("--shape", default=None, choices=["8b", "tiny-sam2l"],
+                   help="instead of --model: random-init model of the real 8B shape, or a tiny "
+                   "LLM with the real SAM2 Hiera-L")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None)
     p.add_argument("--size", type=int, default=512, help="slice side in pixels")
