@@ -153,3 +153,17 @@ def test_headless_twin_writes_the_overlay(server, ct, tmp_path):
         h, w = slice_shape(ct.array.shape, "axial")
         assert img.width > w and img.height >= h
     assert get_slice(ct.array, "axial", k).shape == (h, w)
+
+
+def test_training_status_before_any_run_is_none(reasoning_client):
+    assert reasoning_client.train_status() is None
+
+
+def test_next_sample_gives_a_slice_for_a_volume(reasoning_client):
+    sample = reasoning_client.next_sample()
+    assert sample is not None and sample.image_id in {"chest_ct", "chest_xray"}
+    if sample.image_id == "chest_ct":
+        assert sample.slice_index is None or 0 <= sample.slice_index < 133
+    else:
+        assert sample.slice_index is None
+    assert sample.axis == "axial" and sample.raw.get("reason")
