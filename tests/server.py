@@ -5,7 +5,7 @@ Register it from tests/conftest.py with `pytest_plugins = ["tests.server"]`. Fix
 - `citrusv_server`: session-wide server on a temporary copy of `sample_data/studies`, serving a
   tiny Citrus-V checkpoint that answers deterministically. Use `citrusv_server.url`,
   `.studies` (the copy: labels land in `.studies / "labels" / "final"`), `.model_dir`,
-  `.get(path)`, `.post(path, ...)`, `.put(path, ...)`, `.log()`.
+  `.get(path)`, `.post(path, ...)`, `.put(path, ...)`, `.delete(path)`, `.log()`.
 - `citrusv_server_without_model`: the same app with a missing checkpoint (what a fresh install
   sees before the model is downloaded): /info/ answers, tasks say "model not installed yet".
 - `start_citrusv_server(studies, model_dir, **conf)`: context manager for your own server.
@@ -60,6 +60,9 @@ class CitrusVServer:
 
     def put(self, path: str, **kw) -> requests.Response:
         return requests.put(self.url + path, timeout=kw.pop("timeout", 300), **kw)
+
+    def delete(self, path: str, **kw) -> requests.Response:
+        return requests.delete(self.url + path, timeout=kw.pop("timeout", 300), **kw)
 
     def log(self, tail: int = 4000) -> str:
         try:

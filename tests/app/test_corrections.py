@@ -100,8 +100,8 @@ def test_training_publishes_a_new_version_that_infer_serves(citrusv_server, sple
 
 
 def test_failed_training_leaves_the_serving_model(citrusv_server):
-    # a run with an impossible setting fails inside the trainer: no new version, still serving
-    r = citrusv_server.post("/train/citrusv_finetune", json={"steps": 2, "batch_images": 0})
+    # a negative learning rate makes the optimiser raise mid-run: no new version, still serving
+    r = citrusv_server.post("/train/citrusv_finetune", json={"steps": 2, "learning_rate": -1.0})
     assert r.status_code == 200, r.text
     task = _wait_for_training(citrusv_server)
     assert task["status"] == "ERROR"
@@ -109,6 +109,28 @@ def test_failed_training_leaves_the_serving_model(citrusv_server):
     assert [v["version"] for v in info["citrusv"]["versions"]] == ["1"]
     assert info["train_stats"]["citrusv_finetune"]["last_run"]["status"] == "failed"
     assert not list((citrusv_server.model_dir / "versions").glob(".tmp-*"))
+    ok = citrusv_server.post("/infer/citrusv_segment?image=chest_ct&output=json",
+                             data={"params": json.dumps({"prompt": "Segment the spleen.",
+                                                         "slice": 40})})
+    assert ok.status_code == 200 and ok.json()["model"]["version"] == "1"
+
+
+def test_killed_training_leaves_the_serving_model(citrusv_server):
+    last_run = citrusv_server.model_dir / "versions" / "last_run.json"
+    r = citrusv_server.post("/train/citrusv_finetune", json={"steps": 100000, "batch_images": 1})
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait until the run is really training
+        if last_run.exists() and json.loads(last_run.read_text()).get("status") == "running":
+            break
+        time.sleep(0.5)
+    time.sleep(3)
+    stopped = citrusv_server.delete("/train/")
+    assert stopped.status_code == 200, stopped.text
+    assert _wait_for_training(citrusv_server)["status"] == "STOPPED"
+    info = citrusv_server.get("/info/").json()
+    assert [v["version"] for v in info["citrusv"]["versions"]] == ["1"]
+    assert info["train_stats"]["citrusv_finetune"]["last_run"]["status"] == "killed"
     ok = citrusv_server.post("/infer/citrusv_segment?image=chest_ct&output=json",
                              data={"params": json.dumps({"prompt": "Segment the spleen.",
                                                          "slice": 40})})

@@ -155,11 +155,10 @@ def _save(engine, path: Path) -> None:
 
 
 def _alive(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (TypeError, ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
+    """Is the training process still there (a killed, unreaped zombie counts as gone)?"""
+    import psutil
 
+    try:
+        return psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE
+    except (TypeError, ValueError, psutil.Error):
+        return False
