@@ -18,7 +18,7 @@ from PIL import Image
 from . import imaging
 from .checkpoint import load_checkpoint
 from .errors import InputError
-from .generation import generate_capturing, image_embeddings, teacher_force
+from .generation import generate_capturing, image_embeddings, prefix_length, teacher_force
 from .imaging import FrameMap
 from .parsing import TASKS, infer_task, parse_output
 from .prompting import pixel_inputs, text_inputs
@@ -69,7 +69,7 @@ class Engine:
     def __init__(self, model, processor, config, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, cache_budget_mb: float = 1024,
                  max_pixels: int = imaging.DEFAULT_MAX_PIXELS, max_new_tokens: int = 512,
-                 name: str | None = None) -> None:
+                 name: str | None = None, reuse_prefix: bool = True) -> None:
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -80,6 +80,7 @@ class Engine:
         self.max_pixels = int(max_pixels)
         self.max_new_tokens = int(max_new_tokens)
         self.name = name or config.name
+        self.reuse_prefix = reuse_prefix
         ids = self.tokenizer.convert_tokens_to_ids
         self.eos_ids = {i for i in (ids("<|im_end|>"), ids("<|endoftext|>")) if i is not None}
         vc = config.mllm.vision_config
@@ -350,9 +351,18 @@ class Engine:
             answer_ids = self.tokenizer(forced_text, add_special_tokens=False)["input_ids"]
             gen = teacher_force(self.model.mllm, ids, grid, embeds, answer_ids, seg_id, offset)
         else:
+            prefix = state.prefixes.get(system) if self.reuse_prefix else None
+            keep = 0
+            if self.reuse_prefix and prefix is None:
+                keep = prefix_length(ids, self.config.mllm.vision_end_token_id)
             gen = generate_capturing(self.model.mllm, ids, grid, embeds, seg_id, self.eos_ids,
                                      max_new_tokens or self.max_new_tokens, offset,
-                                     vocab_limit=len(self.tokenizer))
+                                     vocab_limit=len(self.tokenizer), prefix=prefix,
+                                     keep_prefix=keep)
+            if gen.prefix is not None:
+                state.prefixes[system] = gen.prefix
+                self.cache.trim()
+            timing["prefill_reused_tokens"] = gen.prefill_reused
         timing["prefill"], timing["decode"] = gen.prefill_ms, gen.decode_ms
         text = self.tokenizer.decode(gen.token_ids, skip_special_tokens=False)
         parsed = parse_output(text, prompt)

@@ -6,6 +6,7 @@ are read off the same KV-cached decode loop (or off one teacher-forced pass for 
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ class Generation:
     decode_tokens: int
     prefill_ms: float
     decode_ms: float
+    prefix: PromptPrefix | None = None  # a fresh KV prefix snapshot, when one was asked for
+    prefill_reused: int = 0  # prompt tokens served from a cached prefix
 
 
 def image_embeddings(mllm, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
@@ -47,19 +50,62 @@ def _seg_states(hidden: torch.Tensor, ids: torch.Tensor, seg_id: int, offset: in
     return [hidden[0, p + offset] for p in pos if p >= first and 0 <= p + offset < hidden.shape[1]]
 
 
+@dataclass
+class PromptPrefix:
+    """KV cache of the prompt up to the end of the image (system + image tokens), reusable for
+    any later question about the same slice with the same system prompt."""
+
+    input_ids: torch.Tensor  # (1, L)
+    cache: DynamicCache
+
+    @property
+    def nbytes(self) -> int:
+        total = 0
+        for layer in getattr(self.cache, "layers", []):
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total
+
+
+def prefix_length(input_ids: torch.Tensor, vision_end_id: int) -> int:
+    """Tokens up to and including the last <|vision_end|> (0 when there is no image)."""
+    hits = (input_ids[0] == vision_end_id).nonzero().flatten()
+    return int(hits[-1]) + 1 if len(hits) else 0
+
+
 @torch.no_grad()
 def generate_capturing(mllm, input_ids, image_grid_thw, image_embeds, seg_id: int,
                        eos_ids: set[int], max_new_tokens: int = 512, offset: int = 0,
-                       vocab_limit: int | None = None) -> Generation:
-    """Greedy decode with KV cache; collect the hidden state at each generated [SEG]."""
+                       vocab_limit: int | None = None, prefix: PromptPrefix | None = None,
+                       keep_prefix: int = 0) -> Generation:
+    """Greedy decode with KV cache; collect the hidden state at each generated [SEG].
+
+    `prefix`: a cached KV prefix to start from (its tokens must open `input_ids`).
+    `keep_prefix`: when > 0, snapshot the KV of the first `keep_prefix` tokens into
+    `Generation.prefix` for the next question on this slice.
+    """
     core, device = mllm.model, input_ids.device
     t0 = time.perf_counter()
     emb, position_ids, rope_deltas = _embed_prompt(mllm, input_ids, image_grid_thw, image_embeds)
-    cache = DynamicCache(config=mllm.config.text_config)
     n = input_ids.shape[1]
-    out = core.language_model(inputs_embeds=emb, position_ids=position_ids,
+    start, snapshot = 0, None
+    if prefix is not None:
+        k = prefix.input_ids.shape[1]
+        if k < n and torch.equal(prefix.input_ids.to(device), input_ids[:, :k]):
+            cache, start = copy.deepcopy(prefix.cache), k
+    if start == 0:
+        cache = DynamicCache(config=mllm.config.text_config)
+        if 0 < keep_prefix < n:
+            core.language_model(inputs_embeds=emb[:, :keep_prefix],
+                                position_ids=position_ids[:, :, :keep_prefix],
+                                past_key_values=cache, use_cache=True,
+                                cache_position=torch.arange(keep_prefix, device=device))
+            snapshot = PromptPrefix(input_ids[:, :keep_prefix].clone(), copy.deepcopy(cache))
+            start = keep_prefix
+    out = core.language_model(inputs_embeds=emb[:, start:], position_ids=position_ids[:, :, start:],
                               past_key_values=cache, use_cache=True,
-                              cache_position=torch.arange(n, device=device))
+                              cache_position=torch.arange(start, n, device=device))
     last = out.last_hidden_state[:, -1]
     t1 = time.perf_counter()
     tokens: list[int] = []
@@ -90,7 +136,8 @@ def generate_capturing(mllm, input_ids, image_grid_thw, image_embeds, seg_id: in
         last = out.last_hidden_state[:, -1]
     t2 = time.perf_counter()
     hidden = torch.stack(seg) if seg else last.new_zeros((0, last.shape[-1]))
-    return Generation(tokens, hidden, n, len(tokens), (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+    return Generation(tokens, hidden, n, len(tokens), (t1 - t0) * 1e3, (t2 - t1) * 1e3,
+                      snapshot, start if snapshot is None else 0)
 
 
 @torch.no_grad()

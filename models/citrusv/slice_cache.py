@@ -1,7 +1,7 @@
 """LRU cache of per-slice model inputs and features, bounded by a memory budget in bytes.
 
 Key: (content hash, window, crop). A second question about the same slice reuses the SAM2
-image features and the vision-tower embeddings instead of re-encoding.
+image features, the vision-tower embeddings and the KV cache of the prompt up to the image.
 """
 
 from __future__ import annotations
@@ -47,11 +47,12 @@ class SliceState:
     pixel_inputs: dict = field(default_factory=dict)
     vision_embeds: torch.Tensor | None = None
     sam_features: dict | None = None
+    prefixes: dict = field(default_factory=dict)  # system prompt -> PromptPrefix (KV cache)
 
     @property
     def nbytes(self) -> int:
         return (self.rgb.nbytes + _nbytes(self.pixel_inputs) + _nbytes(self.vision_embeds)
-                + _nbytes(self.sam_features))
+                + _nbytes(self.sam_features) + sum(p.nbytes for p in self.prefixes.values()))
 
 
 class SliceCache:

@@ -230,3 +230,16 @@ def test_uint8_rgb_input(engine):
     rgb = np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)
     res = engine.ask(rgb, "Segment the liver.", forced_text="liver [SEG]")
     assert res.masks[0].array.shape == (64, 80)
+
+
+def test_cached_prompt_prefix_gives_the_same_answer(fitted_dir, fitted_engine):
+    """The second question on a slice starts from the KV cache of system + image tokens."""
+    img = ct_slice(90, 90, seed=21)
+    first = fitted_engine.ask(img, "Describe the findings.", window="abdomen")
+    second = fitted_engine.ask(img, "Write a report, think step by step.", window="abdomen")
+    assert first.timing_ms["prefill_reused_tokens"] == 0
+    assert second.timing_ms["prefill_reused_tokens"] > 20
+    fresh = Engine.load(fitted_dir, reuse_prefix=False)
+    again = fresh.ask(img, "Write a report, think step by step.", window="abdomen")
+    assert second.text == again.text == ANSWERS["report"]
+    np.testing.assert_array_equal(second.masks[0].array, again.masks[0].array)
