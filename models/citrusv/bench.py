@@ -135,7 +135,17 @@ def run_bench(engine: Engine, size: int = 512, new_tokens: int = 32, repeats: in
     cold_ms = statistics.median(cold() for _ in range(repeats))
     cached()
     cached_ms = statistics.median(cached() for _ in range(repeats))
+    def questions():
+        engine.cache.clear()
+        a = engine.ask(ct, PROMPT, window="abdomen", max_new_tokens=1).timing_ms
+        b = engine.ask(ct, "Segment the spleen.", window="abdomen", max_new_tokens=1).timing_ms
+        return a["vision"] + a["prefill"], b["vision"] + b["prefill"]
+
+    questions()
+    pairs = [questions() for _ in range(repeats)]
     out = {
+        "prompt_first_ms": statistics.median(p[0] for p in pairs),
+        "prompt_second_ms": statistics.median(p[1] for p in pairs),
         "model": engine.name, "device": str(dev), "dtype": str(engine.dtype).replace("torch.", ""),
         "slice": f"{size}x{size}", "prompt_tokens": int(ids.shape[1]),
         "new_tokens": len(gen.token_ids),
@@ -164,6 +174,8 @@ def format_bench(r: dict) -> str:
         f"mask step, cold          {r['mask_cold_ms']:9.1f} ms",
         f"mask step, cached slice  {r['mask_cached_ms']:9.1f} ms   = "
         f"{100 * r['mask_cached_over_cold']:.1f}% of cold (target <= 20%)",
+        f"vision+prefill, 1st question on a slice {r['prompt_first_ms']:9.1f} ms",
+        f"vision+prefill, 2nd question (cached)   {r['prompt_second_ms']:9.1f} ms",
         f"peak RSS                 {r['peak_rss_mb']:9.1f} MB",
     ]
     if "gpu_peak_mb" in r:
