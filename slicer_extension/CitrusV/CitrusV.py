@@ -21,6 +21,7 @@ from CitrusVLib import geometry
 from CitrusVLib.client import CitrusVClient, infer_params
 from CitrusVLib.errors import CitrusVCancelled, CitrusVError
 from CitrusVLib.label_io import LabelVolume, write_label_volume
+from CitrusVLib.result import step_text
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -368,8 +369,9 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.answerTextBrowser.setPlainText(text)
         self.ui.reasoningListWidget.clear()
         for step in result.reasoning:
-            ids = f"  [{', '.join(step.box_ids)}]" if step.box_ids else ""
-            item = qt.QListWidgetItem(f"{step.step}. {step.text}{ids}")
+            text = step_text(step.text, step.box_ids)
+            ids = f"  [{', '.join(step.box_ids)}]" if step.box_ids and text == step.text else ""
+            item = qt.QListWidgetItem(f"{step.step}. {text}{ids}")
             item.setData(qt.Qt.UserRole, step.step)
             self.ui.reasoningListWidget.addItem(item)
         model = result.model or {}

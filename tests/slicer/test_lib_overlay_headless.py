@@ -130,3 +130,11 @@ def test_ask_server_on_a_2d_image_sends_no_slice(http_server, tmp_path):
     heart = np.array(label_color("heart"))
     edge = img[15 * scale, 30 * scale - 1: 30 * scale + 1].reshape(-1, 3)
     assert (np.abs(edge - heart).sum(axis=1) == 0).any()
+
+
+def test_step_text_replaces_box_tags_with_ids():
+    from CitrusVLib.result import step_text
+
+    assert step_text("the liver <bbox>[10, 12, 40, 44]</bbox> and <bbox>[1,2,3,4]</bbox> ok",
+                     ["b1", "b2"]) == "the liver (b1) and (b2) ok"
+    assert step_text("<|box_start|>(1,2),(3,4)<|box_end|> spleen", []) == "(box) spleen"

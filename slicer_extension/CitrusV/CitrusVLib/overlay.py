@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .colors import label_color
-from .result import Result
+from .result import BOX_TAG, Result, step_text
 
 MIN_SIDE = 512
 PANEL_WIDTH = 360
@@ -82,8 +82,12 @@ def render_overlay(
         canvas[_edge(mask)] = color
     img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
-    font = _font(max(12, 14))
-    small = _font(12)
+    # text and markers grow with large images (X-rays) so they stay readable when shrunk
+    k_text = max(1.0, max(img.width, img.height) / 900)
+    font = _font(round(14 * k_text))
+    small = _font(round(12 * k_text))
+    line_h = round(17 * k_text)
+    panel_width = round(PANEL_WIDTH * k_text)
 
     steps_for_box: dict[str, list[int]] = {}
     for s in result.reasoning:
@@ -108,7 +112,7 @@ def render_overlay(
         draw.text((tx + 2, ty + 2 - tb[1]), tag, fill=color, font=small)
         # numbered step markers along the box's top edge, inside it
         for k, step in enumerate(steps_for_box.get(b.id, [])):
-            r = 9
+            r = round(9 * k_text)
             cx, cy = x1 + r + 2 + k * (2 * r + 2), y1 + r + 2
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(255, 255, 255), outline=color)
             label = str(step)
@@ -120,7 +124,7 @@ def render_overlay(
         return img
     lines: list[tuple[str, tuple[int, int, int]]] = []
     title = f"{result.task or 'result'}: {result.prompt}".strip()
-    chars = max(20, PANEL_WIDTH // 7)
+    chars = max(20, PANEL_WIDTH // 7)  # characters per line, independent of the text scale
     for t in textwrap.wrap(title, chars):
         lines.append((t, (255, 255, 255)))
     if result.answer:
@@ -130,16 +134,17 @@ def render_overlay(
     if result.reasoning:
         lines.append(("", (0, 0, 0)))
         for s in result.reasoning:
-            ids = f" [{', '.join(s.box_ids)}]" if s.box_ids else ""
-            for k, t in enumerate(textwrap.wrap(f"{s.step}. {s.text}{ids}", chars)):
+            cited = BOX_TAG.search(s.text) is not None
+            ids = f" [{', '.join(s.box_ids)}]" if s.box_ids and not cited else ""
+            for k, t in enumerate(textwrap.wrap(f"{s.step}. {step_text(s.text, s.box_ids)}{ids}",
+                                                chars)):
                 lines.append(((t if k == 0 else "   " + t), (200, 220, 255)))
     for m in result.masks:
         if on_slice(m.slice):
             area = f", {m.area_mm2:.0f} mm2" if m.area_mm2 is not None else ""
             lines.append((f"{m.label}{area}", label_color(m.label, m.label_index)))
-    line_h = 17
     height = max(img.height, 12 + line_h * len(lines))
-    out = Image.new("RGB", (img.width + PANEL_WIDTH, height), (24, 24, 24))
+    out = Image.new("RGB", (img.width + panel_width, height), (24, 24, 24))
     out.paste(img, (0, 0))
     pd = ImageDraw.Draw(out)
     for n, (t, color) in enumerate(lines):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +12,14 @@ import numpy as np
 from .rle import decode_rle
 
 TASKS = ("segment", "detect", "report", "closer_look")
+
+BOX_TAG = re.compile(r"<bbox>.*?</bbox>|<\|box_start\|>.*?<\|box_end\|>", re.S)
+
+
+def step_text(text: str, box_ids: list[str]) -> str:
+    """A reasoning step for reading: each inline box tag becomes the id of the box it cites."""
+    ids = iter(box_ids)
+    return BOX_TAG.sub(lambda _: f"({next(ids, 'box')})", text).strip()
 
 
 @dataclass
