@@ -1,7 +1,7 @@
 """Final labels (radiologists' corrections) -> 2D training samples for the segmentation stage.
 
 Each structure of each final label gives its axial slices that contain it (positives) plus a
-few slices where it is absent (negatives, empty target). Validation holds out every
+few slices well outside its extent (negatives, empty target). Validation holds out every
 `val_every`-th positive slice of each structure, so Dice is measured on slices never trained on.
 """
 
@@ -20,6 +20,8 @@ from .images import read_study
 from .params import parse
 
 logger = logging.getLogger(__name__)
+
+NEGATIVE_GAP = 3  # slices between a structure's extent and the nearest negative
 
 
 @dataclass
@@ -81,10 +83,14 @@ def collect(datastore: Datastore, negatives_per_positive: float = 0.5, max_per_s
                 continue
             present = (label.array == value).reshape(study.shape[0], -1).any(axis=1)
             pos = [int(k) for k in np.flatnonzero(present)]
-            neg = [int(k) for k in np.flatnonzero(~present)]
+            # negatives only well outside the structure's extent: a correction may label just
+            # some of its slices, and the unlabelled ones in between are not "absent"
+            neg = [k for k in range(study.shape[0])
+                   if k < pos[0] - NEGATIVE_GAP or k > pos[-1] + NEGATIVE_GAP]
             if len(pos) > max_per_structure:
                 pos = [pos[int(i)] for i in np.linspace(0, len(pos) - 1, max_per_structure)]
             n_neg = min(len(neg), max(1, int(round(len(pos) * negatives_per_positive))))
+            n_neg = n_neg if negatives_per_positive > 0 else 0
             for k in pos + rng.sample(neg, n_neg):
                 samples.append(Sample(study.plane(k, 0), label.array[k] == value, prompt, name,
                                       window, image_id, k))
