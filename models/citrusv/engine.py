@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -63,6 +65,17 @@ def mask_box(mask: np.ndarray) -> list[float] | None:
     return [float(x[0]), float(y[0]), float(x[-1] + 1), float(y[-1] + 1)]
 
 
+def _serialised(method):
+    """One question at a time per engine: the slice cache and KV prefixes are shared state."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class Engine:
     """Citrus-V on one device: slice -> (masks, boxes, reasoning, answer) as a `Result`."""
 
@@ -81,6 +94,7 @@ class Engine:
         self.max_new_tokens = int(max_new_tokens)
         self.name = name or config.name
         self.reuse_prefix = reuse_prefix
+        self._lock = threading.RLock()
         ids = self.tokenizer.convert_tokens_to_ids
         self.eos_ids = {i for i in (ids("<|im_end|>"), ids("<|endoftext|>")) if i is not None}
         vc = config.mllm.vision_config
@@ -100,11 +114,13 @@ class Engine:
         return cls(model, processor, config, device=device, dtype=torch_dtype, **settings)
 
     # ----------------------------------------------------------------- public API
+    @_serialised
     def set_image(self, image, window=None, photometric: str | None = None) -> SliceState:
         """Prepare (and cache) one slice; later `ask` calls on it skip the image encoders."""
         arr = imaging.check_slice(image, self.max_pixels)
         return self._state(arr, window, photometric)
 
+    @_serialised
     def ask(self, image, prompt: str, window=None, *, task: str | None = None,
             slice_index: int | None = None, spacing=None, photometric: str | None = None,
             image_id: str | None = None, forced_text: str | None = None,
@@ -120,6 +136,7 @@ class Engine:
         res.timing_ms["total"] = (time.perf_counter() - t0) * 1e3
         return res
 
+    @_serialised
     def closer_look(self, image, prompt: str = "", roi=None, margin: float = 0.15, *,
                     mask: np.ndarray | None = None, label: str | None = None, window=None,
                     slice_index: int | None = None, spacing=None,
@@ -190,6 +207,7 @@ class Engine:
         res.timing_ms["total"] = (time.perf_counter() - t0) * 1e3
         return res
 
+    @_serialised
     def ask_volume(self, volume, prompt: str, slices=None, axis: int | str = 0, window=None, *,
                    task: str | None = None, spacing=None, photometric: str | None = None,
                    image_id: str | None = None, batch_size: int = 8,
