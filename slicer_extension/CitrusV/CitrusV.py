@@ -34,17 +34,23 @@ SETTINGS_URL = "CitrusV/ServerURL"
 SETTINGS_HISTORY = "CitrusV/ServerURLHistory"
 DEFAULT_URL = "http://127.0.0.1:8000"
 HISTORY_LENGTH = 10
-PROGRESS_DELAY_S = 0.8      # show the progress dialog only for calls slower than this
-WAIT_STEP_S = 0.03          # UI thread: event.wait step between processEvents
+PROGRESS_DELAY_S = 0.8  # show the progress dialog only for calls slower than this
+WAIT_STEP_S = 0.03  # UI thread: event.wait step between processEvents
 TRAIN_POLL_MS = 5000
 
 EXAMPLE_PROMPTS = {
-    "Segment": ["Segment the liver.", "Segment the spleen.", "Segment the left kidney.",
-                "Segment the lesion."],
+    "Segment": [
+        "Segment the liver.",
+        "Segment the spleen.",
+        "Segment the left kidney.",
+        "Segment the lesion.",
+    ],
     "Detect": ["Where are the kidneys?", "Locate the aorta.", "Find any nodules in the lungs."],
-    "Report": ["Write a report for this slice, think step by step.",
-               "Describe the liver: shape, size, position.",
-               "Is there anything abnormal? Think step by step."],
+    "Report": [
+        "Write a report for this slice, think step by step.",
+        "Describe the liver: shape, size, position.",
+        "Is there anything abnormal? Think step by step.",
+    ],
 }
 TASKS = {"Segment": "segment", "Detect": "detect", "Report": "report"}
 SCOPES = {"Current slice": "slice", "Slice range": "range", "Whole volume": "volume"}
@@ -65,7 +71,8 @@ class CitrusV(ScriptedLoadableModule):
             "Shortcuts: Ctrl+Enter runs the question, <b>c</b> takes a closer look."
         )
         self.parent.acknowledgementText = (
-            "Citrus-V (JD Health, 2025) and the CT appearance-reasoning closer look (Oxford, 2026); "
+            "Citrus-V (JD Health, 2025) and the CT appearance-reasoning closer look "
+            "(Oxford, 2026); "
             "served with MONAI Label."
         )
 
@@ -79,11 +86,11 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = None
         self._busy = False
         self._shortcuts = []
-        self._result = None            # last Result shown in the answer panel
+        self._result = None  # last Result shown in the answer panel
         self._resultVolumeID = None
         self._trainTimer = None
         self._trainThread = None
-        self._trainStatus = None       # written by the polling thread, read by the timer
+        self._trainStatus = None  # written by the polling thread, read by the timer
 
     # -- set-up / tear-down ---------------------------------------------------------------------
     def setup(self):
@@ -142,8 +149,11 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._shortcuts:
             return
         mainWindow = slicer.util.mainWindow()
-        for keys, callback in (("Ctrl+Return", self.onRun), ("Ctrl+Enter", self.onRun),
-                               ("c", self.onCloserLook)):
+        for keys, callback in (
+            ("Ctrl+Return", self.onRun),
+            ("Ctrl+Enter", self.onRun),
+            ("c", self.onCloserLook),
+        ):
             shortcut = qt.QShortcut(qt.QKeySequence(keys), mainWindow)
             shortcut.connect("activated()", callback)
             self._shortcuts.append(shortcut)
@@ -194,8 +204,9 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.promptComboBox.clear()
         for prompt in examples:
             self.ui.promptComboBox.addItem(prompt)
-        self.ui.promptComboBox.setEditText(examples[0] if (not text or isExample) and examples
-                                          else text)
+        self.ui.promptComboBox.setEditText(
+            examples[0] if (not text or isExample) and examples else text
+        )
 
     # -- state -----------------------------------------------------------------------------------
     def _onVolumeChanged(self, volumeNode):
@@ -240,8 +251,11 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volume = self.ui.volumeSelector.currentNode()
         if volume is None:
             return []
-        return [n.GetAttribute(CitrusVMRML.BOX_ID_ATTR) for n in CitrusVMRML.roi_nodes(volume)
-                if n.GetSelected()]
+        return [
+            n.GetAttribute(CitrusVMRML.BOX_ID_ATTR)
+            for n in CitrusVMRML.roi_nodes(volume)
+            if n.GetSelected()
+        ]
 
     # -- worker-thread calls ---------------------------------------------------------------------
     def callServer(self, label, function, *args, **kwargs):
@@ -271,8 +285,11 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.app.processEvents()
                 if dialog is None and time.monotonic() - started > PROGRESS_DELAY_S:
                     dialog = slicer.util.createProgressDialog(
-                        parent=slicer.util.mainWindow(), windowTitle="Citrus-V",
-                        labelText=label, maximum=0)
+                        parent=slicer.util.mainWindow(),
+                        windowTitle="Citrus-V",
+                        labelText=label,
+                        maximum=0,
+                    )
                     dialog.setCancelButtonText("Cancel")
                     dialog.show()
                 if dialog is not None and dialog.wasCanceled:
@@ -317,9 +334,12 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             raise CitrusVError("Select a volume first.")
         view = CitrusVMRML.current_slice(volume, self.ui.viewComboBox.currentText)
         if not view.aligned:
-            logging.warning("Citrus-V: the %s view is oblique to the volume; sending the nearest "
-                            "%s slice %d.", self.ui.viewComboBox.currentText, view.axis,
-                            view.slice_index)
+            logging.warning(
+                "Citrus-V: the %s view is oblique to the volume; sending the nearest %s slice %d.",
+                self.ui.viewComboBox.currentText,
+                view.axis,
+                view.slice_index,
+            )
         return volume, view
 
     def onRun(self):
@@ -330,11 +350,14 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             task = TASKS[self.ui.taskComboBox.currentText]
             window = self.ui.windowComboBox.currentText
             params = infer_params(
-                self.ui.promptComboBox.currentText, view.axis,
-                SCOPES[self.ui.scopeComboBox.currentText], view.slice_index,
+                self.ui.promptComboBox.currentText,
+                view.axis,
+                SCOPES[self.ui.scopeComboBox.currentText],
+                view.slice_index,
                 (self.ui.rangeFirstSpinBox.value, self.ui.rangeLastSpinBox.value),
                 None if window == "server default" else window,
-                is_2d=min(CitrusVMRML.volume_shape(volume)) == 1)
+                is_2d=min(CitrusVMRML.volume_shape(volume)) == 1,
+            )
             self._ask(volume, task, params, f"Asking Citrus-V: {params.get('prompt', '')}")
         except Exception as exc:
             self._report(exc, "Run")
@@ -400,10 +423,18 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         try:
             volume, view = self._askContext()
-            roi, label = self.logic.closerLookRegion(volume, view, self._selectedBoxIds(),
-                                                     self.ui.segmentComboBox.currentText or None)
-            params = infer_params(None, view.axis, "slice", view.slice_index, roi=roi, label=label,
-                                  is_2d=min(CitrusVMRML.volume_shape(volume)) == 1)
+            roi, label = self.logic.closerLookRegion(
+                volume, view, self._selectedBoxIds(), self.ui.segmentComboBox.currentText or None
+            )
+            params = infer_params(
+                None,
+                view.axis,
+                "slice",
+                view.slice_index,
+                roi=roi,
+                label=label,
+                is_2d=min(CitrusVMRML.volume_shape(volume)) == 1,
+            )
             prompt = self.ui.promptComboBox.currentText.strip()
             if prompt:
                 params["prompt"] = prompt
@@ -434,13 +465,20 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             upload = self.logic.prepareImage(volume, self.serverUrl())
             path, labelInfo = self.logic.exportCorrection(volume, segmentId)
             prompt = self.ui.promptComboBox.currentText.strip() or None
-            answer = self.callServer(f"Sending the corrected {labelInfo[0]['name']}...",
-                                     self.logic.submitCorrection, client, upload, path,
-                                     labelInfo, prompt)
+            answer = self.callServer(
+                f"Sending the corrected {labelInfo[0]['name']}...",
+                self.logic.submitCorrection,
+                client,
+                upload,
+                path,
+                labelInfo,
+                prompt,
+            )
             self.logic.rememberImage(volume, self.serverUrl(), upload)
             self.ui.trainStatusLabel.text = (
                 f"Correction of {labelInfo[0]['name']} saved on the server "
-                f"(label {answer.get('label', '?')}); press Train to learn from it.")
+                f"(label {answer.get('label', '?')}); press Train to learn from it."
+            )
         except Exception as exc:
             self._report(exc, "Submit correction")
 
@@ -473,8 +511,9 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 except CitrusVError as exc:
                     self._trainStatus = {"status": "UNKNOWN", "detail": str(exc)}
 
-            self._trainThread = threading.Thread(target=poll, name="CitrusV-train-status",
-                                                 daemon=True)
+            self._trainThread = threading.Thread(
+                target=poll, name="CitrusV-train-status", daemon=True
+            )
             self._trainThread.start()
 
     def onNextSample(self):
@@ -489,8 +528,9 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             volume = self.logic.volumeForImage(sample.image_id, self.serverUrl())
             if volume is None:
                 tmp = self.logic.tempDirectory()
-                path = self.callServer(f"Downloading {sample.image_id}...",
-                                       client.download_image, sample.image_id, tmp)
+                path = self.callServer(
+                    f"Downloading {sample.image_id}...", client.download_image, sample.image_id, tmp
+                )
                 volume = slicer.util.loadVolume(path)
                 self.logic.rememberImage(volume, self.serverUrl(), sample.image_id)
             self.ui.volumeSelector.setCurrentNode(volume)
@@ -498,8 +538,11 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if sample.slice_index is not None:
                 CitrusVMRML.jump_to_slice(volume, sample.axis, sample.slice_index)
             reason = sample.raw.get("reason", "")
-            where = f", {sample.axis} slice {sample.slice_index}" if sample.slice_index is not None \
+            where = (
+                f", {sample.axis} slice {sample.slice_index}"
+                if sample.slice_index is not None
                 else ""
+            )
             self.ui.trainStatusLabel.text = f"Next: {sample.image_id}{where}. {reason}".strip()
         except Exception as exc:
             self._report(exc, "Next sample")
@@ -516,7 +559,7 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
         self._clients = {}
-        self._uploads = {}      # (url, volume id, image mtime) -> datastore image id
+        self._uploads = {}  # (url, volume id, image mtime) -> datastore image id
         self._tmp = None
 
     def cleanup(self):
@@ -594,8 +637,9 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
         result = response.result
         if response.label_bytes and not all(m.rle is not None for m in result.masks):
             labelVolume = self._readLabel(response, volume)
-        return CitrusVMRML.apply_result(result, volume, label_volume=labelVolume,
-                                        save_state_for_undo=saveStateForUndo)
+        return CitrusVMRML.apply_result(
+            result, volume, label_volume=labelVolume, save_state_for_undo=saveStateForUndo
+        )
 
     def _readLabel(self, response, volume):
         """The label file as [k, j, i] + geometry: nibabel if present, else Slicer's reader."""
@@ -605,8 +649,10 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
             path = response.save_label(self.tempDirectory())
             node = slicer.util.loadLabelVolume(path, {"show": False})
             try:
-                return LabelVolume(slicer.util.arrayFromVolume(node).copy(),
-                                   CitrusVMRML.ijk_to_ras(node, world=False))
+                return LabelVolume(
+                    slicer.util.arrayFromVolume(node).copy(),
+                    CitrusVMRML.ijk_to_ras(node, world=False),
+                )
             finally:
                 slicer.mrmlScene.RemoveNode(node)
 
@@ -623,12 +669,16 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
                     return geometry.closer_look_roi(box, (h, w)), label
         seg = CitrusVMRML.find_segmentation(volume)
         if seg is None or not segmentName:
-            raise CitrusVError("Select a box (click a reasoning step) or a segment for a closer look.")
+            raise CitrusVError(
+                "Select a box (click a reasoning step) or a segment for a closer look."
+            )
         segmentId = seg.GetSegmentation().GetSegmentIdBySegmentName(segmentName)
         mask = CitrusVMRML.segment_array(seg, segmentId, volume) > 0
         plane = geometry.get_slice(mask, view.axis, view.slice_index)
         if not plane.any():
-            raise CitrusVError(f"'{segmentName}' is empty on this slice: nothing to look at closer.")
+            raise CitrusVError(
+                f"'{segmentName}' is empty on this slice: nothing to look at closer."
+            )
         return geometry.closer_look_roi(plane, (h, w)), segmentName
 
     def exportCorrection(self, volume, segmentId):
@@ -692,8 +742,10 @@ class CitrusVTest(ScriptedLoadableModuleTest):
         widget.ui.serverComboBox.setEditText(url)
 
         widget.onTestConnection()
-        self.assertTrue(widget.ui.serverStatusLabel.text.startswith("Connected"),
-                        widget.ui.serverStatusLabel.text)
+        self.assertTrue(
+            widget.ui.serverStatusLabel.text.startswith("Connected"),
+            widget.ui.serverStatusLabel.text,
+        )
 
         widget.onNextSample()
         volume = widget.ui.volumeSelector.currentNode()

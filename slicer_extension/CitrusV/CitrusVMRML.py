@@ -19,9 +19,9 @@ from CitrusVLib.label_io import LabelVolume, write_label_volume
 from CitrusVLib.placement import StructureMask, structure_masks, structure_masks_from_label_volume
 from CitrusVLib.result import Box, Result
 
-VOLUME_ATTR = "CitrusV.VolumeID"      # on segmentation / ROI nodes: the volume they belong to
-IMAGE_ID_ATTR = "CitrusV.ImageID"     # on volume nodes: the server datastore id
-BOX_ID_ATTR = "CitrusV.BoxID"         # on ROI nodes: the result's box id (b1, b2, ...)
+VOLUME_ATTR = "CitrusV.VolumeID"  # on segmentation / ROI nodes: the volume they belong to
+IMAGE_ID_ATTR = "CitrusV.ImageID"  # on volume nodes: the server datastore id
+BOX_ID_ATTR = "CitrusV.BoxID"  # on ROI nodes: the result's box id (b1, b2, ...)
 LABEL_INDEX_TAG = "CitrusV.LabelIndex"
 VIEW_NAMES = ("Red", "Yellow", "Green")
 
@@ -39,8 +39,10 @@ def ijk_to_ras(volume_node: slicer.vtkMRMLVolumeNode, world: bool = True) -> np.
     transform = volume_node.GetParentTransformNode()
     if world and transform is not None:
         if not transform.IsTransformToWorldLinear():
-            raise ValueError(f"Volume '{volume_node.GetName()}' is under a non-linear transform: "
-                             "harden or remove it before asking Citrus-V.")
+            raise ValueError(
+                f"Volume '{volume_node.GetName()}' is under a non-linear transform: "
+                "harden or remove it before asking Citrus-V."
+            )
         to_world = vtk.vtkMatrix4x4()
         transform.GetMatrixTransformToWorld(to_world)
         m = slicer.util.arrayFromVTKMatrix(to_world) @ m
@@ -69,7 +71,8 @@ def slice_node(view_name: str = "Red", scene: slicer.vtkMRMLScene | None = None)
 
 
 def current_slice(
-    volume_node: slicer.vtkMRMLVolumeNode, view_name: str = "Red",
+    volume_node: slicer.vtkMRMLVolumeNode,
+    view_name: str = "Red",
     scene: slicer.vtkMRMLScene | None = None,
 ) -> geometry.ViewSlice:
     """Axis and slice index the view shows of this volume (any volume/view orientation)."""
@@ -79,20 +82,24 @@ def current_slice(
 
 
 def jump_to_slice(
-    volume_node: slicer.vtkMRMLVolumeNode, axis: str, slice_index: int,
+    volume_node: slicer.vtkMRMLVolumeNode,
+    axis: str,
+    slice_index: int,
     scene: slicer.vtkMRMLScene | None = None,
 ) -> np.ndarray:
     """Centre all slice views on the middle of slice ``slice_index``; returns that RAS point."""
-    ras = geometry.slice_center_ras(ijk_to_ras(volume_node), volume_shape(volume_node), axis,
-                                    slice_index)
+    ras = geometry.slice_center_ras(
+        ijk_to_ras(volume_node), volume_shape(volume_node), axis, slice_index
+    )
     jump_to_ras(ras, scene)
     return ras
 
 
 def jump_to_ras(ras: Sequence[float], scene: slicer.vtkMRMLScene | None = None) -> None:
     r, a, s = (float(v) for v in ras)
-    slicer.vtkMRMLSliceNode.JumpAllSlices(_scene(scene), r, a, s,
-                                          slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+    slicer.vtkMRMLSliceNode.JumpAllSlices(
+        _scene(scene), r, a, s, slicer.vtkMRMLSliceNode.CenteredJumpSlice
+    )
 
 
 # -- volumes for the server --------------------------------------------------------------------
@@ -120,8 +127,9 @@ def get_or_create_segmentation(volume_node, scene: slicer.vtkMRMLScene | None = 
     scene = _scene(scene)
     node = find_segmentation(volume_node, scene)
     if node is None:
-        node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
-                                       f"{volume_node.GetName()} Citrus-V")
+        node = scene.AddNewNodeByClass(
+            "vtkMRMLSegmentationNode", f"{volume_node.GetName()} Citrus-V"
+        )
         node.CreateDefaultDisplayNodes()
         node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
         node.SetAttribute(VOLUME_ATTR, volume_node.GetID())
@@ -136,7 +144,9 @@ def ensure_segment(segmentation_node, label: str, label_index: int) -> str:
     segmentation = segmentation_node.GetSegmentation()
     segment_id = segmentation.GetSegmentIdBySegmentName(label)
     if not segment_id:
-        segment_id = segmentation.AddEmptySegment(label, label, label_color_float(label, label_index))
+        segment_id = segmentation.AddEmptySegment(
+            label, label, label_color_float(label, label_index)
+        )
     segment = segmentation.GetSegment(segment_id)
     segment.SetTag(LABEL_INDEX_TAG, str(int(label_index)))
     return segment_id
@@ -152,12 +162,15 @@ def segment_label_index(segmentation_node, segment_id: str) -> int:
 
 def segment_array(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
     """The segment as a uint8 ``[k, j, i]`` array on the volume's grid."""
-    return np.asarray(slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id,
-                                                                 volume_node))
+    return np.asarray(
+        slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id, volume_node)
+    )
 
 
 def write_structures(
-    structures: Iterable[StructureMask], volume_node, segmentation_node,
+    structures: Iterable[StructureMask],
+    volume_node,
+    segmentation_node,
 ) -> dict[str, str]:
     """Write structure masks into segments; 2D answers replace only their slices."""
     ids: dict[str, str] = {}
@@ -170,16 +183,20 @@ def write_structures(
             except RuntimeError:
                 existing = None
         merged = structure.merge_into(existing)
-        slicer.util.updateSegmentBinaryLabelmapFromArray(merged, segmentation_node, segment_id,
-                                                         volume_node)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(
+            merged, segmentation_node, segment_id, volume_node
+        )
         ids[structure.label] = segment_id
     return ids
 
 
 # -- ROIs --------------------------------------------------------------------------------------
 def roi_nodes(volume_node, scene: slicer.vtkMRMLScene | None = None) -> list:
-    return [n for n in slicer.util.getNodesByClass("vtkMRMLMarkupsROINode", _scene(scene))
-            if n.GetAttribute(VOLUME_ATTR) == volume_node.GetID()]
+    return [
+        n
+        for n in slicer.util.getNodesByClass("vtkMRMLMarkupsROINode", _scene(scene))
+        if n.GetAttribute(VOLUME_ATTR) == volume_node.GetID()
+    ]
 
 
 def set_roi(roi_node, roi: geometry.RoiRAS) -> None:
@@ -194,8 +211,9 @@ def roi_of_node(roi_node) -> geometry.RoiRAS:
     center = [0.0, 0.0, 0.0]
     roi_node.GetCenterWorld(center)
     axes = np.zeros((3, 3))
-    for n, getter in enumerate((roi_node.GetXAxisWorld, roi_node.GetYAxisWorld,
-                                roi_node.GetZAxisWorld)):
+    for n, getter in enumerate(
+        (roi_node.GetXAxisWorld, roi_node.GetYAxisWorld, roi_node.GetZAxisWorld)
+    ):
         v = [0.0, 0.0, 0.0]
         getter(v)
         axes[:, n] = v
@@ -205,8 +223,12 @@ def roi_of_node(roi_node) -> geometry.RoiRAS:
 
 
 def create_box_rois(
-    boxes: Sequence[Box], volume_node, axis: str, default_slice: int | None = None,
-    scene: slicer.vtkMRMLScene | None = None, interactive: bool = False,
+    boxes: Sequence[Box],
+    volume_node,
+    axis: str,
+    default_slice: int | None = None,
+    scene: slicer.vtkMRMLScene | None = None,
+    interactive: bool = False,
     replace: bool = True,
 ) -> dict[str, object]:
     """One ``vtkMRMLMarkupsROINode`` per box, named ``b1 liver``; locked unless ``interactive``."""
@@ -236,8 +258,12 @@ def create_box_rois(
     return nodes
 
 
-def select_boxes(volume_node, box_ids: Iterable[str], scene: slicer.vtkMRMLScene | None = None,
-                 center: bool = True) -> np.ndarray | None:
+def select_boxes(
+    volume_node,
+    box_ids: Iterable[str],
+    scene: slicer.vtkMRMLScene | None = None,
+    center: bool = True,
+) -> np.ndarray | None:
     """Select the ROIs of these boxes (others deselected) and centre the views on them."""
     wanted = set(box_ids)
     centres = []
@@ -286,8 +312,12 @@ def apply_result(
         structures = structure_masks(result, shape, axis)
     elif label_volume is not None:
         structures = structure_masks_from_label_volume(
-            label_volume, result.labels(), ijk_to_ras(volume_node, world=False),
-            slices=result.image.slices, axis=axis)
+            label_volume,
+            result.labels(),
+            ijk_to_ras(volume_node, world=False),
+            slices=result.image.slices,
+            axis=axis,
+        )
     else:
         structures = structure_masks(result, shape, axis)
     applied = AppliedResult(segmentation_node=None)
@@ -296,23 +326,33 @@ def apply_result(
         applied.segmentation_node = seg
         applied.segment_ids = write_structures(structures.values(), volume_node, seg)
     if result.boxes:
-        default_slice = result.image.slices[0] if result.image.slices else (
-            0 if shape[geometry.AXES.index(axis)] == 1 else None)
+        default_slice = (
+            result.image.slices[0]
+            if result.image.slices
+            else (0 if shape[geometry.AXES.index(axis)] == 1 else None)
+        )
         applied.roi_nodes = create_box_rois(result.boxes, volume_node, axis, default_slice, scene)
     return applied
 
 
 # -- corrections -------------------------------------------------------------------------------
 def export_segment_label(
-    segmentation_node, segment_id: str, volume_node, directory: str,
-    label_index: int | None = None, extension: str = ".nrrd",
+    segmentation_node,
+    segment_id: str,
+    volume_node,
+    directory: str,
+    label_index: int | None = None,
+    extension: str = ".nrrd",
 ) -> tuple[str, list[dict]]:
     """Write one segment as a label file on the volume's own grid; returns path + label_info."""
     name = segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
-    index = int(label_index if label_index is not None
-                else segment_label_index(segmentation_node, segment_id))
+    index = int(
+        label_index
+        if label_index is not None
+        else segment_label_index(segmentation_node, segment_id)
+    )
     mask = segment_array(segmentation_node, segment_id, volume_node) > 0
-    label = (mask.astype(np.uint8) * np.uint8(index))
+    label = mask.astype(np.uint8) * np.uint8(index)
     safe = "".join(ch if ch.isalnum() else "_" for ch in name) or "label"
     path = os.path.join(directory, f"{safe}{extension}")
     write_label_volume(path, LabelVolume(label, ijk_to_ras(volume_node, world=False)))

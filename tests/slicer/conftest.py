@@ -82,8 +82,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _handle(self):
         length = int(self.headers.get("content-length") or 0)
         body = self.rfile.read(length) if length else b""
-        self.requests_seen.append({"method": self.command, "path": self.path,
-                                   "headers": dict(self.headers), "body": body})
+        self.requests_seen.append(
+            {"method": self.command, "path": self.path, "headers": dict(self.headers), "body": body}
+        )
         route = self.path.split("?")[0]
         handler = self.routes.get((self.command, route))
         if handler is None:
@@ -110,6 +111,7 @@ def http_server() -> Iterator:
     import types
 
     handler = type("Handler", (_Handler,), {"routes": {}, "requests_seen": []})
+
     class QuietServer(http.server.ThreadingHTTPServer):
         def handle_error(self, request, client_address):  # dropped connections are on purpose
             pass
@@ -118,8 +120,11 @@ def http_server() -> Iterator:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield types.SimpleNamespace(url=f"http://127.0.0.1:{server.server_address[1]}",
-                                    routes=handler.routes, seen=handler.requests_seen)
+        yield types.SimpleNamespace(
+            url=f"http://127.0.0.1:{server.server_address[1]}",
+            routes=handler.routes,
+            seen=handler.requests_seen,
+        )
     finally:
         server.shutdown()
         server.server_close()
@@ -142,25 +147,53 @@ def sample_result() -> dict:
     mask = np.zeros((40, 60), dtype=bool)
     mask[10:20, 15:35] = True
     return {
-        "task": "report", "prompt": "describe the liver, think step by step",
+        "task": "report",
+        "prompt": "describe the liver, think step by step",
         "model": {"name": "citrusv-nano", "version": "1"},
         "text": "<think>...</think><answer>Liver normal.</answer>",
         "answer": "The liver is normal in size.",
-        "reasoning": [{"step": 1, "text": "Find the liver.", "box_ids": ["b1"]},
-                      {"step": 2, "text": "Compare with the spleen.", "box_ids": ["b1", "b2"]}],
-        "boxes": [{"id": "b1", "label": "liver", "xyxy": [15.0, 10.0, 35.0, 20.0], "slice": 3,
-                   "score": 0.9},
-                  {"id": "b2", "label": "spleen", "xyxy": [40.0, 25.0, 55.0, 38.0], "slice": 3,
-                   "score": 0.7}],
-        "masks": [{"label": "liver", "label_index": 1, "slice": 3, "area_px": int(mask.sum()),
-                   "area_mm2": 123.0, "score": 0.91, "rle": encode_rle(mask)}],
-        "image": {"id": "ct1", "shape": [6, 40, 60], "spacing": [2.5, 0.82, 0.78],
-                  "axis": "axial", "slices": [3]},
+        "reasoning": [
+            {"step": 1, "text": "Find the liver.", "box_ids": ["b1"]},
+            {"step": 2, "text": "Compare with the spleen.", "box_ids": ["b1", "b2"]},
+        ],
+        "boxes": [
+            {
+                "id": "b1",
+                "label": "liver",
+                "xyxy": [15.0, 10.0, 35.0, 20.0],
+                "slice": 3,
+                "score": 0.9,
+            },
+            {
+                "id": "b2",
+                "label": "spleen",
+                "xyxy": [40.0, 25.0, 55.0, 38.0],
+                "slice": 3,
+                "score": 0.7,
+            },
+        ],
+        "masks": [
+            {
+                "label": "liver",
+                "label_index": 1,
+                "slice": 3,
+                "area_px": int(mask.sum()),
+                "area_mm2": 123.0,
+                "score": 0.91,
+                "rle": encode_rle(mask),
+            }
+        ],
+        "image": {
+            "id": "ct1",
+            "shape": [6, 40, 60],
+            "spacing": [2.5, 0.82, 0.78],
+            "axis": "axial",
+            "slices": [3],
+        },
         "timing_ms": {"prefill": 1.0, "decode": 2.0, "mask": 3.0, "total": 6.0},
-        "warnings": [], "label_names": {"liver": 1},
+        "warnings": [],
+        "label_names": {"liver": 1},
     }
-
-
 
 
 # A second real server whose tiny checkpoint answers detect and report with boxes and a
@@ -170,8 +203,8 @@ REASONING_ANSWERS = {
     "segment": "Sure, [SEG].",
     "detect": '```json [{"bbox_2d": [10, 12, 40, 44], "label": "liver"}] ```',
     "report": "<think>Step 1: the liver <bbox>[10, 12, 40, 44]</bbox> looks normal. "
-              "Step 2: the spleen <bbox>[50, 14, 70, 40]</bbox> is small.</think>"
-              "<answer>No acute findings.</answer>",
+    "Step 2: the spleen <bbox>[50, 14, 70, 40]</bbox> is small.</think>"
+    "<answer>No acute findings.</answer>",
 }
 
 
@@ -191,8 +224,11 @@ def reasoning_model_dir(request, tmp_path_factory):
         if path.exists():
             digest.update(path.read_bytes())
     cache = getattr(request.config, "cache", None)
-    root = (Path(cache.mkdir("citrusv_reasoning_model")) if cache is not None
-            else tmp_path_factory.mktemp("reasoning_model"))
+    root = (
+        Path(cache.mkdir("citrusv_reasoning_model"))
+        if cache is not None
+        else tmp_path_factory.mktemp("reasoning_model")
+    )
     path = root / digest.hexdigest()[:16]
     if not (path / "config.json").exists():
         tmp = root / f".writing-{os.getpid()}"
@@ -225,14 +261,19 @@ def citrusv_module(mrml, monkeypatch):
     import types
 
     base = types.ModuleType("slicer.ScriptedLoadableModule")
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget",
-                 "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest"):
+    for name in (
+        "ScriptedLoadableModule",
+        "ScriptedLoadableModuleWidget",
+        "ScriptedLoadableModuleLogic",
+        "ScriptedLoadableModuleTest",
+    ):
         setattr(base, name, type(name, (), {"__init__": lambda self, *a, **k: None}))
     monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", base)
     monkeypatch.setitem(sys.modules, "qt", types.ModuleType("qt"))
     if not hasattr(mrml.slicer.util, "VTKObservationMixin"):
-        monkeypatch.setattr(mrml.slicer.util, "VTKObservationMixin", type("M", (), {}),
-                            raising=False)
+        monkeypatch.setattr(
+            mrml.slicer.util, "VTKObservationMixin", type("M", (), {}), raising=False
+        )
     sys.modules.pop("CitrusV", None)
     module = importlib.import_module("CitrusV")
     yield module

@@ -16,15 +16,21 @@ MODULE = EXT / "CitrusV"
 def test_cmake_lists_every_script_and_resource():
     top = (EXT / "CMakeLists.txt").read_text()
     assert "project(CitrusV)" in top and "add_subdirectory(CitrusV)" in top
-    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_DESCRIPTION",
-                "EXTENSION_ICONURL", "EXTENSION_DEPENDS"):
+    for key in (
+        "EXTENSION_HOMEPAGE",
+        "EXTENSION_CATEGORY",
+        "EXTENSION_DESCRIPTION",
+        "EXTENSION_ICONURL",
+        "EXTENSION_DEPENDS",
+    ):
         assert f"set({key} " in top
     module = (MODULE / "CMakeLists.txt").read_text()
     assert "slicerMacroBuildScriptedModule(" in module
     listed = set(re.findall(r"\$\{MODULE_NAME\}(\S+)", module))
     scripts = {"CitrusV" + s for s in listed}
     on_disk = {str(p.relative_to(MODULE)) for p in MODULE.glob("*.py")} | {
-        str(p.relative_to(MODULE)) for p in (MODULE / "CitrusVLib").glob("*.py")}
+        str(p.relative_to(MODULE)) for p in (MODULE / "CitrusVLib").glob("*.py")
+    }
     assert on_disk <= scripts, on_disk - scripts
     assert "Resources/Icons/${MODULE_NAME}.png" in module
     assert "Resources/UI/${MODULE_NAME}.ui" in module
@@ -46,13 +52,26 @@ def test_module_classes_and_ui_widgets_match():
     used = set(re.findall(r"\.ui\.(\w+)", source))
     assert used, "the widget should use the Designer file"
     assert used <= names, used - names
-    for required in ("serverComboBox", "testConnectionButton", "taskComboBox", "promptComboBox",
-                     "scopeComboBox", "runButton", "reasoningListWidget", "closerLookButton",
-                     "submitCorrectionButton", "trainButton", "nextSampleButton"):
+    for required in (
+        "serverComboBox",
+        "testConnectionButton",
+        "taskComboBox",
+        "promptComboBox",
+        "scopeComboBox",
+        "runButton",
+        "reasoningListWidget",
+        "closerLookButton",
+        "submitCorrectionButton",
+        "trainButton",
+        "nextSampleButton",
+    ):
         assert required in names
     custom = {c.findtext("class") for c in ui.iter("customwidget")}
-    assert {w.get("class") for w in ui.iter("widget") if w.get("class").startswith(("q", "ctk"))
-            and not w.get("class").startswith("qt")} <= custom | {"QWidget"}
+    assert {
+        w.get("class")
+        for w in ui.iter("widget")
+        if w.get("class").startswith(("q", "ctk")) and not w.get("class").startswith("qt")
+    } <= custom | {"QWidget"}
 
 
 def test_widget_rules_from_the_style_guide():

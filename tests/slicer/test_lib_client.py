@@ -26,8 +26,10 @@ def nifti_bytes(array_kji: np.ndarray, affine: np.ndarray) -> bytes:
 
 def monailabel_multipart(result: dict, label: bytes, name: str = "label.nii.gz"):
     """Exactly what monailabel/endpoints/infer.py send_response builds."""
-    fields = {"params": (None, json.dumps(result), "application/json"),
-              "image": (name, io.BytesIO(label), "application/gzip")}
+    fields = {
+        "params": (None, json.dumps(result), "application/json"),
+        "image": (name, io.BytesIO(label), "application/gzip"),
+    }
     enc = MultipartEncoder(fields=fields)
     return enc.to_string(), enc.content_type
 
@@ -81,11 +83,15 @@ def test_infer_sends_monailabel_request_and_parses_answer(http_server, sample_re
 
 def test_infer_with_uploaded_file_and_json_output(http_server, sample_result, tmp_path):
     http_server.routes[("POST", "/infer/citrusv_detect")] = lambda h: (
-        200, "application/json", json.dumps(sample_result))
+        200,
+        "application/json",
+        json.dumps(sample_result),
+    )
     image = tmp_path / "scan.nrrd"
     image.write_bytes(b"NRRD0004\nfake")
-    answer = CitrusVClient(http_server.url).infer("citrusv_detect", "", {"prompt": "where?"},
-                                                  file=image, output="json")
+    answer = CitrusVClient(http_server.url).infer(
+        "citrusv_detect", "", {"prompt": "where?"}, file=image, output="json"
+    )
     assert answer.result.boxes[1].label == "spleen"
     seen = http_server.seen[-1]
     assert seen["path"] == "/infer/citrusv_detect?image=&output=json"
@@ -97,14 +103,23 @@ def test_infer_with_uploaded_file_and_json_output(http_server, sample_result, tm
 def test_datastore_training_and_active_learning_requests(http_server, tmp_path):
     r = http_server.routes
     r[("PUT", "/datastore/image")] = lambda h: (200, "application/json", '{"image": "ct7"}')
-    r[("PUT", "/datastore/label")] = lambda h: (200, "application/json",
-                                                 '{"image": "ct7", "label": "ct7"}')
-    r[("HEAD", "/datastore/image")] = lambda h: (200 if "ct7" in h.path else 404,
-                                                  "application/json", "{}")
+    r[("PUT", "/datastore/label")] = lambda h: (
+        200,
+        "application/json",
+        '{"image": "ct7", "label": "ct7"}',
+    )
+    r[("HEAD", "/datastore/image")] = lambda h: (
+        200 if "ct7" in h.path else 404,
+        "application/json",
+        "{}",
+    )
     r[("POST", "/train/citrusv_finetune")] = lambda h: (200, "application/json", '{"id": "t1"}')
     r[("GET", "/train/")] = lambda h: (200, "application/json", '{"status": "RUNNING"}')
     r[("POST", "/activelearning/citrusv_uncertainty")] = lambda h: (
-        200, "application/json", '{"id": "ct9", "slice": 12, "axis": "axial", "name": "ct9"}')
+        200,
+        "application/json",
+        '{"id": "ct9", "slice": 12, "axis": "axial", "name": "ct9"}',
+    )
     client = CitrusVClient(http_server.url)
     vol = tmp_path / "ct.nrrd"
     vol.write_bytes(b"volume")
@@ -117,8 +132,10 @@ def test_datastore_training_and_active_learning_requests(http_server, tmp_path):
     assert put["method"] == "PUT" and put["path"] == "/datastore/label?image=ct7&tag=final"
     sent = parse_multipart(put["body"], put["headers"]["Content-Type"])
     assert sent["label"].data == b"label" and sent["label"].filename == "liver.nrrd"
-    assert json.loads(sent["params"].text()) == {"label_info": [{"name": "liver", "idx": 1}],
-                                                 "prompt": "segment the liver"}
+    assert json.loads(sent["params"].text()) == {
+        "label_info": [{"name": "liver", "idx": 1}],
+        "prompt": "segment the liver",
+    }
     assert client.train() == {"id": "t1"}
     assert client.train_status() == {"status": "RUNNING"}
     sample = client.next_sample()
@@ -130,24 +147,57 @@ def test_datastore_training_and_active_learning_requests(http_server, tmp_path):
     assert task_name("segment") == "citrusv_segment" == task_name("citrusv_segment")
 
 
-@pytest.mark.parametrize("status,body,task,expected", [
-    (401, '{"detail": "Not authenticated"}', None, "not authorised"),
-    (403, '{"detail": "Forbidden"}', None, "not authorised"),
-    (404, '{"detail": "Not Found"}', "citrusv_segmnt", "does not know the task 'citrusv_segmnt'"),
-    (404, '{"detail": "Image \'ct9\' not found"}', "citrusv_segment", "Image 'ct9' not found."),
-    (422, '{"detail": "slice 400 is out of range: the volume has 120 axial slices; use 0-119"}',
-     "citrusv_segment", "slice 400 is out of range: the volume has 120 axial slices; use 0-119."),
-    (422, '{"detail": [{"loc": ["body", "params"], "msg": "field required"}]}', "citrusv_segment",
-     "params: field required."),
-    (500, "Internal Server Error", "citrusv_segment", "failed while handling the request (HTTP 500)"),
-    (500, "MONAILabelException: There is no model 'citrusv_x' available", "citrusv_x",
-     "does not know the task"),
-    (503, '{"detail": "model not installed yet"}', None,
-     "The server is not ready yet (HTTP 503): model not installed yet."),
-])
+@pytest.mark.parametrize(
+    "status,body,task,expected",
+    [
+        (401, '{"detail": "Not authenticated"}', None, "not authorised"),
+        (403, '{"detail": "Forbidden"}', None, "not authorised"),
+        (
+            404,
+            '{"detail": "Not Found"}',
+            "citrusv_segmnt",
+            "does not know the task 'citrusv_segmnt'",
+        ),
+        (404, '{"detail": "Image \'ct9\' not found"}', "citrusv_segment", "Image 'ct9' not found."),
+        (
+            422,
+            '{"detail": "slice 400 is out of range: the volume has 120 axial slices; use 0-119"}',
+            "citrusv_segment",
+            "slice 400 is out of range: the volume has 120 axial slices; use 0-119.",
+        ),
+        (
+            422,
+            '{"detail": [{"loc": ["body", "params"], "msg": "field required"}]}',
+            "citrusv_segment",
+            "params: field required.",
+        ),
+        (
+            500,
+            "Internal Server Error",
+            "citrusv_segment",
+            "failed while handling the request (HTTP 500)",
+        ),
+        (
+            500,
+            "MONAILabelException: There is no model 'citrusv_x' available",
+            "citrusv_x",
+            "does not know the task",
+        ),
+        (
+            503,
+            '{"detail": "model not installed yet"}',
+            None,
+            "The server is not ready yet (HTTP 503): model not installed yet.",
+        ),
+    ],
+)
 def test_http_errors_become_one_sentence(http_server, status, body, task, expected):
     ctype = "application/json" if body.startswith("{") else "text/plain"
-    http_server.routes[("POST", f"/infer/{task or 'citrusv_segment'}")] = lambda h: (status, ctype, body)
+    http_server.routes[("POST", f"/infer/{task or 'citrusv_segment'}")] = lambda h: (
+        status,
+        ctype,
+        body,
+    )
     client = CitrusVClient(http_server.url)
     with pytest.raises(CitrusVError) as err:
         client.infer(task or "segment", "ct1", {"prompt": "liver"})
@@ -195,8 +245,9 @@ def test_connect_timeout_is_a_sentence():
         client = CitrusVClient(f"http://127.0.0.1:{port}", connect_timeout=0.3, read_timeout=0.5)
         with pytest.raises(CitrusVError) as err:
             client.info()
-        assert ("did not answer in time" in str(err.value)
-                or "took too long to answer" in str(err.value))
+        assert "did not answer in time" in str(err.value) or "took too long to answer" in str(
+            err.value
+        )
     finally:
         for c in fillers:
             c.close()
@@ -209,8 +260,9 @@ def test_one_retry_on_connection_reset(http_server):
     def flaky(handler):
         calls["n"] += 1
         if calls["n"] == 1:  # drop the connection without an answer (RST)
-            handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                          b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            handler.connection.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
             handler.close_connection = True
             handler.connection.close()
             return None
@@ -223,8 +275,9 @@ def test_one_retry_on_connection_reset(http_server):
 
 def test_no_retry_after_two_resets(http_server):
     def always_reset(handler):
-        handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                      b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        handler.connection.setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+        )
         handler.close_connection = True
         handler.connection.close()
         return None
@@ -238,15 +291,24 @@ def test_no_retry_after_two_resets(http_server):
 def test_infer_params_follow_the_api():
     from CitrusVLib.client import infer_params
 
-    assert infer_params(" liver ", "axial", "slice", 57) == {"axis": "axial", "prompt": "liver",
-                                                             "slice": 57}
+    assert infer_params(" liver ", "axial", "slice", 57) == {
+        "axis": "axial",
+        "prompt": "liver",
+        "slice": 57,
+    }
     assert infer_params("liver", "coronal", "range", slice_range=(90, 80), window="lung") == {
-        "axis": "coronal", "prompt": "liver", "slice": [80, 90], "window": "lung"}
+        "axis": "coronal",
+        "prompt": "liver",
+        "slice": [80, 90],
+        "window": "lung",
+    }
     assert infer_params("liver", scope="volume", window=(40, 400))["slice"] == "all"
     closer = infer_params(None, "axial", "slice", 3, roi=(1, 2, 30, 40), label="liver")
     assert closer == {"axis": "axial", "slice": 3, "roi": [1.0, 2.0, 30.0, 40.0], "label": "liver"}
     assert infer_params("where is the heart?", "axial", "slice", 0, is_2d=True) == {
-        "axis": "axial", "prompt": "where is the heart?"}
+        "axis": "axial",
+        "prompt": "where is the heart?",
+    }
     with pytest.raises(CitrusVError, match="question is empty"):
         infer_params("  ", "axial", "slice", 3)
     with pytest.raises(CitrusVError, match="No slice is selected"):

@@ -29,8 +29,9 @@ flips = st.tuples(*[st.sampled_from([-1.0, 1.0])] * 3)
 def matrices(draw) -> np.ndarray:
     """Random oblique IJK-to-RAS, stored as RAS or as LPS (DICOM), possibly with flipped axes."""
     direction = rotation(draw(angles)) @ np.diag(draw(flips))
-    return geometry.ijk_to_ras_matrix(draw(origins), draw(spacings), direction,
-                                      lps=draw(st.booleans()))
+    return geometry.ijk_to_ras_matrix(
+        draw(origins), draw(spacings), direction, lps=draw(st.booleans())
+    )
 
 
 @settings(max_examples=200, deadline=None)
@@ -67,8 +68,13 @@ def slice_to_ras_for(m: np.ndarray, ijk_axis: int, index: float, tilt: np.ndarra
 
 
 @settings(max_examples=150, deadline=None)
-@given(m=matrices(), ijk_axis=st.integers(0, 2), frac=st.floats(0, 1),
-       spin=st.floats(-np.pi, np.pi), flip_normal=st.booleans())
+@given(
+    m=matrices(),
+    ijk_axis=st.integers(0, 2),
+    frac=st.floats(0, 1),
+    spin=st.floats(-np.pi, np.pi),
+    flip_normal=st.booleans(),
+)
 def test_slice_index_of_a_view_any_orientation(m, ijk_axis, frac, spin, flip_normal):
     shape_kji = (37, 64, 52)
     n = shape_kji[2 - ijk_axis]
@@ -125,16 +131,18 @@ def test_box_roi_encloses_exactly_the_box(m, axis, data):
     for px in (x1, x2):
         for py in (y1, y2):
             for ds in (-0.5, 0.5):
-                corners.append(geometry.ijk_to_ras(
-                    m, geometry.pixel_to_ijk(axis, s + ds, px - 0.5, py - 0.5)))
+                corners.append(
+                    geometry.ijk_to_ras(m, geometry.pixel_to_ijk(axis, s + ds, px - 0.5, py - 0.5))
+                )
     corners = np.array(corners)
     roi_corners = roi.corners()
     for c in corners:
         assert np.min(np.linalg.norm(roi_corners - c, axis=1)) < 1e-6
     assert roi.contains(corners, tol=1e-6).all()
     # voxel centres strictly inside the box are inside, the next ones out are not
-    inside = geometry.ijk_to_ras(m, geometry.pixel_to_ijk(axis, s, np.ceil(x1 - 0.5 + 1e-9),
-                                                          np.ceil(y1 - 0.5 + 1e-9)))
+    inside = geometry.ijk_to_ras(
+        m, geometry.pixel_to_ijk(axis, s, np.ceil(x1 - 0.5 + 1e-9), np.ceil(y1 - 0.5 + 1e-9))
+    )
     outside = geometry.ijk_to_ras(m, geometry.pixel_to_ijk(axis, s, x2 + 0.5, y1 + 0.5))
     assert roi.contains(inside)
     assert not roi.contains(outside)
@@ -162,15 +170,32 @@ def test_mask_bbox_and_closer_look_square():
 
 def test_closer_look_shifts_inside_and_clips_only_when_the_image_is_smaller():
     # near the corner: the square is shifted, keeping its size
-    assert geometry.closer_look_roi([0, 0, 10, 10], (100, 100), margin=0.5, min_size=4) == [0, 0, 20, 20]
+    assert geometry.closer_look_roi([0, 0, 10, 10], (100, 100), margin=0.5, min_size=4) == [
+        0,
+        0,
+        20,
+        20,
+    ]
     assert geometry.closer_look_roi([95, 90, 100, 100], (100, 100), margin=0.5, min_size=4) == [
-        80, 80, 100, 100]
+        80,
+        80,
+        100,
+        100,
+    ]
     # minimum size
     assert geometry.closer_look_roi([50, 50, 52, 52], (100, 100), margin=0.1, min_size=32) == [
-        35, 35, 67, 67]
+        35,
+        35,
+        67,
+        67,
+    ]
     # larger than a (thin) image along one side: clipped to that side only
     assert geometry.closer_look_roi([0, 0, 60, 10], (20, 200), margin=0.25, min_size=8) == [
-        0, 0, 90, 20]
+        0,
+        0,
+        90,
+        20,
+    ]
     with pytest.raises(ValueError, match="empty"):
         geometry.closer_look_roi(np.zeros((5, 5), bool), (5, 5))
 

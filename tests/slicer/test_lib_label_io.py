@@ -27,12 +27,18 @@ def test_nrrd_round_trip_and_pynrrd_agrees(tmp_path, dtype):
 
 def test_reads_pynrrd_raw_ras_files(tmp_path):
     array = np.arange(24, dtype=np.uint16).reshape(2, 3, 4)
-    header = {"space": "right-anterior-superior", "space directions": np.diag([0.5, 0.6, 2.0]),
-              "space origin": np.array([1.0, 2.0, 3.0]), "encoding": "raw"}
+    header = {
+        "space": "right-anterior-superior",
+        "space directions": np.diag([0.5, 0.6, 2.0]),
+        "space origin": np.array([1.0, 2.0, 3.0]),
+        "encoding": "raw",
+    }
     nrrd.write(str(tmp_path / "r.nrrd"), array, header, index_order="C")
     back = read_label_volume(tmp_path / "r.nrrd")
     assert np.array_equal(back.array, array)
-    assert np.allclose(back.ijk_to_ras, [[0.5, 0, 0, 1], [0, 0.6, 0, 2], [0, 0, 2, 3], [0, 0, 0, 1]])
+    assert np.allclose(
+        back.ijk_to_ras, [[0.5, 0, 0, 1], [0, 0.6, 0, 2], [0, 0, 2, 3], [0, 0, 0, 1]]
+    )
 
 
 def test_nifti_round_trip_matches_nibabel(tmp_path):
@@ -59,7 +65,7 @@ def test_single_dicom_file_reads_as_one_slice(tmp_path):
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(str(tmp_path / "x.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
-    pixels = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 10)
+    pixels = np.arange(12, dtype=np.uint16).reshape(3, 4) * 10
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 16, 16, 15
     ds.PixelRepresentation = 0

@@ -37,7 +37,8 @@ def test_every_module_imports_with_slicer_blocked():
         "assert not bad, bad\n"
         "print('ok', len(sys.modules))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=LIB.parent)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=LIB.parent
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok")

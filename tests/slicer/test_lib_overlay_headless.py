@@ -34,19 +34,24 @@ def test_overlay_draws_mask_box_label_and_step_numbers(sample_result):
     # the spleen box outline in the spleen colour on its right edge
     spleen = np.array(label_color("spleen", 2))
     edge_col = 55 * scale
-    column = px[25 * scale:38 * scale, edge_col - 1:edge_col + 1].reshape(-1, 3)
+    column = px[25 * scale : 38 * scale, edge_col - 1 : edge_col + 1].reshape(-1, 3)
     assert (np.abs(column - spleen).sum(axis=1) == 0).any()
     # step markers are white discs inside the top-left of box b1 ("1" and "2")
-    whites = (px[10 * scale:10 * scale + 22, 15 * scale:15 * scale + 44] == 255).all(axis=2).sum()
+    whites = (
+        (px[10 * scale : 10 * scale + 22, 15 * scale : 15 * scale + 44] == 255).all(axis=2).sum()
+    )
     assert whites > 100
     # the side panel has text (non-background pixels) and is dark elsewhere
-    panel = px[:, 60 * scale:]
+    panel = px[:, 60 * scale :]
     assert (np.abs(panel - 24).sum(axis=2) > 60).sum() > 500
 
 
 def test_overlay_skips_other_slices_and_accepts_rgb():
-    result = {"task": "segment", "masks": [], "boxes": [
-        {"id": "b1", "label": "liver", "xyxy": [1, 1, 5, 5], "slice": 9}]}
+    result = {
+        "task": "segment",
+        "masks": [],
+        "boxes": [{"id": "b1", "label": "liver", "xyxy": [1, 1, 5, 5], "slice": 9}],
+    }
     rgb = np.zeros((600, 600, 3), np.uint8)
     img = render_overlay(rgb, result, slice_index=2, panel=False)
     assert img.size == (600, 600)
@@ -71,13 +76,16 @@ def test_to_uint8_windows():
         to_uint8(hu, "brain-ish")
 
 
-@pytest.mark.parametrize("prompt,task", [
-    ("Segment the liver.", "segment"),
-    ("Where are the kidneys?", "detect"),
-    ("Write a report, think step by step.", "report"),
-    ("Describe the findings in this slice", "report"),
-    ("liver", "segment"),
-])
+@pytest.mark.parametrize(
+    "prompt,task",
+    [
+        ("Segment the liver.", "segment"),
+        ("Where are the kidneys?", "detect"),
+        ("Write a report, think step by step.", "report"),
+        ("Describe the findings in this slice", "report"),
+        ("liver", "segment"),
+    ],
+)
 def test_guess_task(prompt, task):
     assert guess_task(prompt) == task
 
@@ -88,7 +96,10 @@ def test_ask_server_writes_the_overlay_png(http_server, sample_result, tmp_path)
     nii = gzip.compress(nib.Nifti1Image(ct.transpose(2, 1, 0).copy(), np.eye(4)).to_bytes())
     sample_result["task"] = "segment"
     http_server.routes[("POST", "/infer/citrusv_segment")] = lambda h: (
-        200, "application/json", json.dumps(sample_result))
+        200,
+        "application/json",
+        json.dumps(sample_result),
+    )
 
     def image(handler):
         return 200, "application/gzip", nii
@@ -98,7 +109,9 @@ def test_ask_server_writes_the_overlay_png(http_server, sample_result, tmp_path)
     result = ask_server(http_server.url, "ct1", 3, "segment the liver", png)
     assert result.masks[0].label == "liver"
     sent = http_server.seen[-1]
-    params = json.loads(parse_multipart(sent["body"], sent["headers"]["Content-Type"])["params"].text())
+    params = json.loads(
+        parse_multipart(sent["body"], sent["headers"]["Content-Type"])["params"].text()
+    )
     assert params == {"prompt": "segment the liver", "slice": 3, "axis": "axial"}
     assert http_server.seen[-1]["path"] == "/infer/citrusv_segment?image=ct1"
     assert any(s["path"] == "/datastore/image?image=ct1" for s in http_server.seen)
@@ -113,28 +126,41 @@ def test_ask_server_writes_the_overlay_png(http_server, sample_result, tmp_path)
 def test_ask_server_on_a_2d_image_sends_no_slice(http_server, tmp_path):
     xray = np.linspace(0, 4000, 30 * 50).reshape(1, 30, 50).astype(np.int16)
     path = write_label_volume(tmp_path / "xray.nrrd", LabelVolume(xray, np.eye(4)))
-    answer = {"task": "detect", "prompt": "where is the heart?", "boxes": [
-        {"id": "b1", "label": "heart", "xyxy": [10, 5, 30, 25], "slice": None}],
-        "image": {"axis": "axial", "slices": []}}
+    answer = {
+        "task": "detect",
+        "prompt": "where is the heart?",
+        "boxes": [{"id": "b1", "label": "heart", "xyxy": [10, 5, 30, 25], "slice": None}],
+        "image": {"axis": "axial", "slices": []},
+    }
     http_server.routes[("POST", "/infer/citrusv_detect")] = lambda h: (
-        200, "application/json", json.dumps(answer))
+        200,
+        "application/json",
+        json.dumps(answer),
+    )
     png = tmp_path / "xray.png"
-    result = ask_server(http_server.url, "chest_xray", None, "Where is the heart?", png,
-                        image_path=path)
+    result = ask_server(
+        http_server.url, "chest_xray", None, "Where is the heart?", png, image_path=path
+    )
     assert result.boxes[0].name == "b1 heart"
     sent = http_server.seen[-1]
-    params = json.loads(parse_multipart(sent["body"], sent["headers"]["Content-Type"])["params"].text())
+    params = json.loads(
+        parse_multipart(sent["body"], sent["headers"]["Content-Type"])["params"].text()
+    )
     assert params == {"prompt": "Where is the heart?", "axis": "axial"}
     img = np.asarray(Image.open(png).convert("RGB")).astype(int)
     scale = int(np.ceil(MIN_SIDE / 50))
     heart = np.array(label_color("heart"))
-    edge = img[15 * scale, 30 * scale - 1: 30 * scale + 1].reshape(-1, 3)
+    edge = img[15 * scale, 30 * scale - 1 : 30 * scale + 1].reshape(-1, 3)
     assert (np.abs(edge - heart).sum(axis=1) == 0).any()
 
 
 def test_step_text_replaces_box_tags_with_ids():
     from CitrusVLib.result import step_text
 
-    assert step_text("the liver <bbox>[10, 12, 40, 44]</bbox> and <bbox>[1,2,3,4]</bbox> ok",
-                     ["b1", "b2"]) == "the liver (b1) and (b2) ok"
+    assert (
+        step_text(
+            "the liver <bbox>[10, 12, 40, 44]</bbox> and <bbox>[1,2,3,4]</bbox> ok", ["b1", "b2"]
+        )
+        == "the liver (b1) and (b2) ok"
+    )
     assert step_text("<|box_start|>(1,2),(3,4)<|box_end|> spleen", []) == "(box) spleen"

@@ -13,9 +13,7 @@ from hypothesis.extra.numpy import arrays
 def test_decode_known_mask():
     # 3 × 4, row-major, starts with a run of zeros
     rle = {"size": [3, 4], "counts": [1, 2, 3, 4, 2]}
-    expected = np.array([[0, 1, 1, 0],
-                         [0, 0, 1, 1],
-                         [1, 1, 0, 0]], dtype=bool)
+    expected = np.array([[0, 1, 1, 0], [0, 0, 1, 1], [1, 1, 0, 0]], dtype=bool)
     assert np.array_equal(decode_rle(rle), expected)
     assert encode_rle(expected) == rle
 
@@ -57,9 +55,13 @@ def test_result_parses_every_field(sample_result):
 
 
 def test_result_minimal_and_closer_look():
-    r = Result.from_json({"task": "closer_look", "masks": [{"label": "liver", "slice": None}],
-                          "closer_look": {"roi": [1, 2, 3, 4], "area_px_before": 5,
-                                          "area_px_after": 6}})
+    r = Result.from_json(
+        {
+            "task": "closer_look",
+            "masks": [{"label": "liver", "slice": None}],
+            "closer_look": {"roi": [1, 2, 3, 4], "area_px_before": 5, "area_px_after": 6},
+        }
+    )
     assert r.closer_look.roi == (1.0, 2.0, 3.0, 4.0)
     assert r.masks[0].slice is None and r.masks[0].label_index == 1
     with pytest.raises(ValueError, match="no RLE"):

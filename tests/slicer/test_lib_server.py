@@ -39,16 +39,18 @@ def middle(ct) -> int:
 
 def test_info_lists_the_citrusv_tasks(client):
     info = client.info()
-    assert {"citrusv_segment", "citrusv_detect", "citrusv_report",
-            "citrusv_closer_look"} <= set(info["models"])
+    assert {"citrusv_segment", "citrusv_detect", "citrusv_report", "citrusv_closer_look"} <= set(
+        info["models"]
+    )
     assert "citrusv_finetune" in info["trainers"]
     assert "citrusv_uncertainty" in info["strategies"]
 
 
 def test_segment_mask_sits_on_the_asked_slice_in_the_volume_geometry(client, ct):
     k = middle(ct)
-    answer = client.infer("segment", IMAGE, {"prompt": "Segment the liver.", "slice": k,
-                                             "axis": "axial"})
+    answer = client.infer(
+        "segment", IMAGE, {"prompt": "Segment the liver.", "slice": k, "axis": "axial"}
+    )
     result = answer.result
     assert result.task == "segment"
     assert result.image.slices == [k]
@@ -75,8 +77,9 @@ def reasoning_client(citrusv_reasoning_server):
 
 def test_detect_boxes_are_inside_the_slice(reasoning_client, ct):
     k = middle(ct)
-    result = reasoning_client.infer("detect", IMAGE, {"prompt": "Where is the liver?",
-                                                      "slice": k}).result
+    result = reasoning_client.infer(
+        "detect", IMAGE, {"prompt": "Where is the liver?", "slice": k}
+    ).result
     h, w = slice_shape(ct.array.shape, "axial")
     assert result.boxes
     for box in result.boxes:
@@ -87,8 +90,9 @@ def test_detect_boxes_are_inside_the_slice(reasoning_client, ct):
 
 def test_report_steps_reference_existing_boxes(reasoning_client, ct):
     k = middle(ct)
-    result = reasoning_client.infer("report", IMAGE, {"prompt": "Write a report, think step by step.",
-                                                      "slice": k}).result
+    result = reasoning_client.infer(
+        "report", IMAGE, {"prompt": "Write a report, think step by step.", "slice": k}
+    ).result
     assert result.answer == "No acute findings."
     assert len(result.boxes) == 2
     ids = {b.id for b in result.boxes}
@@ -102,8 +106,11 @@ def test_closer_look_keeps_the_mask_inside_the_roi(client, ct):
     k = middle(ct)
     h, w = slice_shape(ct.array.shape, "axial")
     roi = [w // 4, h // 4, w // 4 + 64, h // 4 + 64]
-    result = client.infer("closer_look", IMAGE, {"slice": k, "roi": roi, "label": "liver",
-                                                 "prompt": "Segment the liver."}).result
+    result = client.infer(
+        "closer_look",
+        IMAGE,
+        {"slice": k, "roi": roi, "label": "liver", "prompt": "Segment the liver."},
+    ).result
     assert result.closer_look is not None
     for mask in result.masks:
         ys, xs = np.nonzero(mask.array())
@@ -128,8 +135,9 @@ def test_correction_lands_in_the_datastore(client, server, ct, tmp_path):
     label = np.zeros(ct.array.shape, np.uint8)
     label[k, 20:40, 30:60] = 1
     path = write_label_volume(tmp_path / "liver.nii.gz", LabelVolume(label, ct.ijk_to_ras))
-    answer = client.put_label(IMAGE, path, [{"name": "liver", "idx": 1}],
-                              prompt="Segment the liver.")
+    answer = client.put_label(
+        IMAGE, path, [{"name": "liver", "idx": 1}], prompt="Segment the liver."
+    )
     assert answer.get("image") == IMAGE
     final = server.studies / "labels" / "final"
     saved = [p for p in final.iterdir() if p.name.startswith(IMAGE)]

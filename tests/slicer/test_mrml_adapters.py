@@ -33,20 +33,42 @@ def adapters(mrml):
     return CitrusVMRML
 
 
-def segment_result(label="liver", slice_index=3, rows=slice(10, 20), cols=slice(15, 35),
-                   axis="axial", shape=SHAPE, index=1):
+def segment_result(
+    label="liver",
+    slice_index=3,
+    rows=slice(10, 20),
+    cols=slice(15, 35),
+    axis="axial",
+    shape=SHAPE,
+    index=1,
+):
     h, w = geometry.slice_shape(shape, axis)
     mask = np.zeros((h, w), dtype=bool)
     mask[rows, cols] = True
-    return Result.from_json({
-        "task": "segment", "prompt": f"segment the {label}",
-        "boxes": [{"id": "b1", "label": label, "xyxy": [cols.start, rows.start, cols.stop,
-                                                        rows.stop], "slice": slice_index}],
-        "masks": [{"label": label, "label_index": index, "slice": slice_index,
-                   "rle": encode_rle(mask)}],
-        "image": {"id": "ct1", "shape": list(shape), "axis": axis, "slices": [slice_index]},
-        "label_names": {label: index},
-    }), mask
+    return Result.from_json(
+        {
+            "task": "segment",
+            "prompt": f"segment the {label}",
+            "boxes": [
+                {
+                    "id": "b1",
+                    "label": label,
+                    "xyxy": [cols.start, rows.start, cols.stop, rows.stop],
+                    "slice": slice_index,
+                }
+            ],
+            "masks": [
+                {
+                    "label": label,
+                    "label_index": index,
+                    "slice": slice_index,
+                    "rle": encode_rle(mask),
+                }
+            ],
+            "image": {"id": "ct1", "shape": list(shape), "axis": axis, "slices": [slice_index]},
+            "label_names": {label: index},
+        }
+    ), mask
 
 
 def test_volume_geometry_is_read_from_the_node(adapters, volume):
@@ -59,7 +81,9 @@ def test_server_mask_lands_on_the_right_voxels(adapters, volume, mrml, axis):
     su = mrml.slicer.util
     result, mask = segment_result(axis=axis, slice_index=2, rows=slice(1, 4), cols=slice(5, 9))
     undo_steps = []
-    applied = adapters.apply_result(result, volume, save_state_for_undo=lambda: undo_steps.append(1))
+    applied = adapters.apply_result(
+        result, volume, save_state_for_undo=lambda: undo_steps.append(1)
+    )
     assert undo_steps == [1]  # one undo step per server result
     seg = applied.segmentation_node
     segment_id = applied.segment_ids["liver"]
@@ -102,12 +126,15 @@ def test_two_structures_get_two_segments_with_names_and_colors(adapters, volume,
     adapters.apply_result(liver, volume)
     applied = adapters.apply_result(spleen, volume)
     segmentation = applied.segmentation_node.GetSegmentation()
-    names = [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())]
+    names = [
+        segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())
+    ]
     assert names == ["liver", "spleen"]
     spleen_id = applied.segment_ids["spleen"]
     assert adapters.segment_label_index(applied.segmentation_node, spleen_id) == 2
-    assert np.allclose(segmentation.GetSegment(spleen_id).GetColor(),
-                       np.array([157, 108, 162]) / 255)
+    assert np.allclose(
+        segmentation.GetSegment(spleen_id).GetColor(), np.array([157, 108, 162]) / 255
+    )
 
 
 def test_label_file_answer_is_used_for_whole_volume_results(adapters, volume, mrml):
@@ -115,15 +142,24 @@ def test_label_file_answer_is_used_for_whole_volume_results(adapters, volume, mr
     label = np.zeros(SHAPE, np.uint8)
     label[1:5, 10:20, 15:35] = 1
     label[2, 30:35, 40:50] = 2
-    result = Result.from_json({"task": "segment", "masks": [
-        {"label": "liver", "label_index": 1, "slice": None},
-        {"label": "spleen", "label_index": 2, "slice": None}],
-        "image": {"axis": "axial", "slices": []}, "label_names": {"liver": 1, "spleen": 2}})
+    result = Result.from_json(
+        {
+            "task": "segment",
+            "masks": [
+                {"label": "liver", "label_index": 1, "slice": None},
+                {"label": "spleen", "label_index": 2, "slice": None},
+            ],
+            "image": {"axis": "axial", "slices": []},
+            "label_names": {"liver": 1, "spleen": 2},
+        }
+    )
     lv = LabelVolume(label, adapters.ijk_to_ras(volume, world=False))
     applied = adapters.apply_result(result, volume, label_volume=lv)
     seg = applied.segmentation_node
-    assert np.array_equal(su.arrayFromSegmentBinaryLabelmap(seg, applied.segment_ids["liver"], volume),
-                          (label == 1).astype(np.uint8))
+    assert np.array_equal(
+        su.arrayFromSegmentBinaryLabelmap(seg, applied.segment_ids["liver"], volume),
+        (label == 1).astype(np.uint8),
+    )
     assert su.arrayFromSegmentBinaryLabelmap(seg, applied.segment_ids["spleen"], volume).sum() == 50
     other = LabelVolume(label, np.eye(4))
     with pytest.raises(ValueError, match="geometry differs"):
@@ -131,10 +167,16 @@ def test_label_file_answer_is_used_for_whole_volume_results(adapters, volume, mr
 
 
 def test_box_roi_encloses_exactly_the_box_in_ras(adapters, volume, scene):
-    result = Result.from_json({"task": "detect", "boxes": [
-        {"id": "b1", "label": "liver", "xyxy": [15.0, 10.0, 35.0, 20.0], "slice": 3},
-        {"id": "b2", "label": "spleen", "xyxy": [40.5, 25.25, 55.0, 38.0], "slice": 2}],
-        "image": {"axis": "axial", "slices": [3]}})
+    result = Result.from_json(
+        {
+            "task": "detect",
+            "boxes": [
+                {"id": "b1", "label": "liver", "xyxy": [15.0, 10.0, 35.0, 20.0], "slice": 3},
+                {"id": "b2", "label": "spleen", "xyxy": [40.5, 25.25, 55.0, 38.0], "slice": 2},
+            ],
+            "image": {"axis": "axial", "slices": [3]},
+        }
+    )
     applied = adapters.apply_result(result, volume)
     assert applied.segmentation_node is None
     m = adapters.ijk_to_ras(volume)
@@ -145,8 +187,14 @@ def test_box_roi_encloses_exactly_the_box_in_ras(adapters, volume, scene):
         roi = adapters.roi_of_node(node)
         # the eight pixel-box corners (± half a slice) are the ROI node's corners
         x1, y1, x2, y2 = box.xyxy
-        corners = np.array([geometry.ijk_to_ras(m, [x - 0.5, y - 0.5, box.slice + dz])
-                            for x in (x1, x2) for y in (y1, y2) for dz in (-0.5, 0.5)])
+        corners = np.array(
+            [
+                geometry.ijk_to_ras(m, [x - 0.5, y - 0.5, box.slice + dz])
+                for x in (x1, x2)
+                for y in (y1, y2)
+                for dz in (-0.5, 0.5)
+            ]
+        )
         node_corners = roi.corners()
         for c in corners:
             assert np.min(np.linalg.norm(node_corners - c, axis=1)) < 1e-4
@@ -159,14 +207,22 @@ def test_box_roi_encloses_exactly_the_box_in_ras(adapters, volume, scene):
         assert np.allclose(bounds[0::2], corners.min(axis=0), atol=1e-4)
         assert np.allclose(bounds[1::2], corners.max(axis=0), atol=1e-4)
     # a new result replaces the previous boxes of this volume
-    adapters.apply_result(Result.from_json({"task": "detect", "boxes": [
-        {"id": "b1", "label": "kidney", "xyxy": [1, 1, 5, 5], "slice": 0}]}), volume)
+    adapters.apply_result(
+        Result.from_json(
+            {
+                "task": "detect",
+                "boxes": [{"id": "b1", "label": "kidney", "xyxy": [1, 1, 5, 5], "slice": 0}],
+            }
+        ),
+        volume,
+    )
     names = [n.GetName() for n in adapters.roi_nodes(volume)]
     assert names == ["b1 kidney"]
 
 
-def test_clicking_a_step_selects_its_boxes_and_centres_the_views(adapters, volume, scene,
-                                                                sample_result):
+def test_clicking_a_step_selects_its_boxes_and_centres_the_views(
+    adapters, volume, scene, sample_result
+):
     result = Result.from_json(sample_result)
     adapters.apply_result(result, volume)
     centre = adapters.select_boxes(volume, [b.id for b in result.boxes_for_step(1)])
@@ -189,11 +245,18 @@ def test_current_slice_of_each_view_and_jump(adapters, volume, scene, mrml):
         normal_axis = geometry.SLICE_IJK_AXIS[axis]
         x_axis, y_axis = [a for a in range(3) if a != normal_axis]
         s = np.eye(4)
-        s[:3, 0], s[:3, 1], s[:3, 2] = columns[:, x_axis], columns[:, y_axis], columns[:, normal_axis]
+        s[:3, 0], s[:3, 1], s[:3, 2] = (
+            columns[:, x_axis],
+            columns[:, y_axis],
+            columns[:, normal_axis],
+        )
         node.GetSliceToRAS().DeepCopy(mrml.slicer.util.vtkMatrixFromArray(s))
         node.UpdateMatrices()
-    for view, axis, index in (("Red", "axial", 4), ("Green", "coronal", 17),
-                              ("Yellow", "sagittal", 41)):
+    for view, axis, index in (
+        ("Red", "axial", 4),
+        ("Green", "coronal", 17),
+        ("Yellow", "sagittal", 41),
+    ):
         ras = adapters.jump_to_slice(volume, axis, index)
         got = adapters.current_slice(volume, view)
         assert (got.axis, got.slice_index, got.aligned) == (axis, index, True)
@@ -218,8 +281,9 @@ def test_transformed_volume_uses_world_geometry_for_views(adapters, volume, scen
     result, mask = segment_result(slice_index=2)
     applied = adapters.apply_result(result, volume)
     assert applied.segmentation_node.GetTransformNodeID() == transform.GetID()
-    back = su.arrayFromSegmentBinaryLabelmap(applied.segmentation_node,
-                                             applied.segment_ids["liver"], volume)
+    back = su.arrayFromSegmentBinaryLabelmap(
+        applied.segmentation_node, applied.segment_ids["liver"], volume
+    )
     assert np.array_equal(back[2] > 0, mask) and back.sum() == mask.sum()
     roi = adapters.roi_of_node(applied.roi_nodes["b1"])
     xyxy, s = geometry.roi_to_box(adapters.ijk_to_ras(volume), "axial", roi)
@@ -229,8 +293,9 @@ def test_transformed_volume_uses_world_geometry_for_views(adapters, volume, scen
 def test_export_segment_writes_a_label_on_the_volume_grid(adapters, volume, tmp_path, mrml):
     result, mask = segment_result("spleen", index=2, slice_index=5)
     applied = adapters.apply_result(result, volume)
-    path, info = adapters.export_segment_label(applied.segmentation_node,
-                                               applied.segment_ids["spleen"], volume, str(tmp_path))
+    path, info = adapters.export_segment_label(
+        applied.segmentation_node, applied.segment_ids["spleen"], volume, str(tmp_path)
+    )
     assert info == [{"name": "spleen", "idx": 2}]
     lv = read_label_volume(path)
     assert np.allclose(lv.ijk_to_ras, oblique_lps_ijk_to_ras(), atol=1e-6)

@@ -24,19 +24,25 @@ def volume(mrml):
     mrml.fresh()
     array = np.zeros(SHAPE, np.int16)
     array[2, 10:20, 15:35] = 100
-    return mrml.slicer.util.addVolumeFromArray(array, ijkToRAS=oblique_lps_ijk_to_ras(),
-                                               name="CT 1")
+    return mrml.slicer.util.addVolumeFromArray(
+        array, ijkToRAS=oblique_lps_ijk_to_ras(), name="CT 1"
+    )
 
 
 def segment_answer(slice_index=2):
     mask = np.zeros((40, 60), bool)
     mask[10:20, 15:35] = True
-    return {"task": "segment", "prompt": "Segment the liver.",
-            "boxes": [{"id": "b1", "label": "liver", "xyxy": [15, 10, 35, 20], "slice": slice_index}],
-            "masks": [{"label": "liver", "label_index": 1, "slice": slice_index,
-                       "rle": encode_rle(mask)}],
-            "reasoning": [{"step": 1, "text": "The liver.", "box_ids": ["b1"]}],
-            "image": {"axis": "axial", "slices": [slice_index]}, "label_names": {"liver": 1}}
+    return {
+        "task": "segment",
+        "prompt": "Segment the liver.",
+        "boxes": [{"id": "b1", "label": "liver", "xyxy": [15, 10, 35, 20], "slice": slice_index}],
+        "masks": [
+            {"label": "liver", "label_index": 1, "slice": slice_index, "rle": encode_rle(mask)}
+        ],
+        "reasoning": [{"step": 1, "text": "The liver.", "box_ids": ["b1"]}],
+        "image": {"axis": "axial", "slices": [slice_index]},
+        "label_names": {"liver": 1},
+    }
 
 
 def test_upload_once_ask_apply_correct(citrusv_module, volume, http_server, mrml):
@@ -49,10 +55,16 @@ def test_upload_once_ask_apply_correct(citrusv_module, volume, http_server, mrml
 
     r = http_server.routes
     r[("PUT", "/datastore/image")] = upload
-    r[("POST", "/infer/citrusv_segment")] = lambda h: (200, "application/json",
-                                                        json.dumps(segment_answer()))
-    r[("PUT", "/datastore/label")] = lambda h: (200, "application/json",
-                                                 '{"image": "slicer_CT_1", "label": "slicer_CT_1"}')
+    r[("POST", "/infer/citrusv_segment")] = lambda h: (
+        200,
+        "application/json",
+        json.dumps(segment_answer()),
+    )
+    r[("PUT", "/datastore/label")] = lambda h: (
+        200,
+        "application/json",
+        '{"image": "slicer_CT_1", "label": "slicer_CT_1"}',
+    )
     logic = citrusv_module.CitrusVLogic()
     client = logic.client(http_server.url)
     url = http_server.url
@@ -89,14 +101,17 @@ def test_upload_once_ask_apply_correct(citrusv_module, volume, http_server, mrml
     edited[2, 10:12, :] = 1
     su.updateSegmentBinaryLabelmapFromArray(edited, seg, applied.segment_ids["liver"], volume)
     path, info = logic.exportCorrection(volume, applied.segment_ids["liver"])
-    answer = logic.submitCorrection(client, logic.prepareImage(volume, url), path, info,
-                                    "Segment the liver.")
+    answer = logic.submitCorrection(
+        client, logic.prepareImage(volume, url), path, info, "Segment the liver."
+    )
     assert answer["label"] == "slicer_CT_1"
     put = http_server.seen[-1]
     assert put["path"] == "/datastore/label?image=slicer_CT_1&tag=final"
     parts = parse_multipart(put["body"], put["headers"]["Content-Type"])
-    assert json.loads(parts["params"].text()) == {"label_info": [{"name": "liver", "idx": 1}],
-                                                  "prompt": "Segment the liver."}
+    assert json.loads(parts["params"].text()) == {
+        "label_info": [{"name": "liver", "idx": 1}],
+        "prompt": "Segment the liver.",
+    }
     label = read_label_volume(parts["label"].data, parts["label"].filename)
     assert np.array_equal(label.array, edited)
     assert np.allclose(label.ijk_to_ras, oblique_lps_ijk_to_ras())
@@ -118,7 +133,11 @@ def test_status_sentences(citrusv_module):
     assert (text, done) == ("Training: running (epoch 2).", False)
     assert logic.describeTraining({"status": "DONE", "details": []}) == ("Training: done.", True)
     assert logic.describeTraining(None) == ("No training has run yet.", True)
-    info = {"name": "Citrus-V", "models": {"citrusv_segment": {}, "citrusv_detect": {}},
-            "citrusv": {"status": "model not installed yet"}}
+    info = {
+        "name": "Citrus-V",
+        "models": {"citrusv_segment": {}, "citrusv_detect": {}},
+        "citrusv": {"status": "model not installed yet"},
+    }
     assert logic.describeServer(info) == (
-        "Connected: Citrus-V with 2 Citrus-V task(s); model model not installed yet.")
+        "Connected: Citrus-V with 2 Citrus-V task(s); model model not installed yet."
+    )

@@ -58,8 +58,9 @@ def test_upload_ask_apply_and_correct_over_http(citrusv_module, ct_volume, citru
     edited[k, 100:140, 200:260] = 1
     su.updateSegmentBinaryLabelmapFromArray(edited, seg, segment_id, ct_volume)
     path, info = logic.exportCorrection(ct_volume, segment_id)
-    answer = logic.submitCorrection(client, logic.prepareImage(ct_volume, url), path, info,
-                                    "Segment the liver.")
+    answer = logic.submitCorrection(
+        client, logic.prepareImage(ct_volume, url), path, info, "Segment the liver."
+    )
     assert answer["image"] == upload["image_id"]
     final = citrusv_server.studies / "labels" / "final"
     saved = [p for p in final.iterdir() if p.name.startswith(upload["image_id"])]

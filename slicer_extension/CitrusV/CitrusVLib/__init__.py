@@ -6,7 +6,19 @@ from .result import Box, CloserLook, ImageInfo, Mask, ReasoningStep, Result
 from .rle import decode_rle, encode_rle
 
 __all__ = [
-    "Box", "CitrusVCancelled", "CitrusVClient", "CitrusVError", "CloserLook", "ImageInfo",
-    "InferResponse", "Mask", "NextSample", "ReasoningStep", "Result", "decode_rle", "encode_rle",
-    "parse_infer_response", "task_name",
+    "Box",
+    "CitrusVCancelled",
+    "CitrusVClient",
+    "CitrusVError",
+    "CloserLook",
+    "ImageInfo",
+    "InferResponse",
+    "Mask",
+    "NextSample",
+    "ReasoningStep",
+    "Result",
+    "decode_rle",
+    "encode_rle",
+    "parse_infer_response",
+    "task_name",
 ]

@@ -125,8 +125,15 @@ def _is_connection_reset(exc: BaseException) -> bool:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError,
-                          http.client.RemoteDisconnected)):
+        if isinstance(
+            e,
+            (
+                ConnectionResetError,
+                ConnectionAbortedError,
+                BrokenPipeError,
+                http.client.RemoteDisconnected,
+            ),
+        ):
             return True
         if isinstance(e, ConnectionRefusedError):
             return False
@@ -194,8 +201,13 @@ class CitrusVClient:
                         opened.append(handle)
                         file_args[key] = (filename, handle, ctype)
                 response = self.session.request(
-                    method, url, params=query, files=file_args, json=json_body,
-                    headers=self.headers(), timeout=timeout,
+                    method,
+                    url,
+                    params=query,
+                    files=file_args,
+                    json=json_body,
+                    headers=self.headers(),
+                    timeout=timeout,
                 )
             except requests.exceptions.RequestException as exc:
                 if attempt == 1 and _is_connection_reset(exc):
@@ -216,11 +228,15 @@ class CitrusVClient:
         try:
             return response.json()
         except ValueError as exc:
-            raise CitrusVError("The server answered with something that is not JSON; "
-                               "check that the URL points at the MONAI Label server.") from exc
+            raise CitrusVError(
+                "The server answered with something that is not JSON; "
+                "check that the URL points at the MONAI Label server."
+            ) from exc
 
     @staticmethod
-    def _file_spec(path: str | os.PathLike, content_type: str = "application/octet-stream") -> FileSpec:
+    def _file_spec(
+        path: str | os.PathLike, content_type: str = "application/octet-stream"
+    ) -> FileSpec:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise CitrusVError(f"The file '{path}' does not exist.")
@@ -246,19 +262,27 @@ class CitrusVClient:
             query["output"] = output
         files = {"file": self._file_spec(file)} if file else None
         response = self.request(
-            "POST", f"/infer/{quote(name, safe='')}", query=query,
-            data={"params": json.dumps(dict(params or {}))}, files=files, task=name,
+            "POST",
+            f"/infer/{quote(name, safe='')}",
+            query=query,
+            data={"params": json.dumps(dict(params or {}))},
+            files=files,
+            task=name,
         )
         return parse_infer_response(response.content, response.headers.get("content-type", ""))
 
     def upload_image(
-        self, path: str | os.PathLike, image_id: str | None = None,
+        self,
+        path: str | os.PathLike,
+        image_id: str | None = None,
         params: Mapping[str, Any] | None = None,
     ) -> str:
         """``PUT /datastore/image`` → the datastore id of the uploaded image."""
         query = {"image": image_id} if image_id else None
         response = self.request(
-            "PUT", "/datastore/image", query=query,
+            "PUT",
+            "/datastore/image",
+            query=query,
             data={"params": json.dumps(dict(params or {}))},
             files={"file": self._file_spec(path)},
         )
@@ -267,8 +291,9 @@ class CitrusVClient:
 
     def image_exists(self, image_id: str) -> bool:
         """``HEAD /datastore/image``: whether the server already has this image id."""
-        response = self.request("HEAD", "/datastore/image", query={"image": image_id},
-                                ok=(200, 404), read_timeout=30)
+        response = self.request(
+            "HEAD", "/datastore/image", query={"image": image_id}, ok=(200, 404), read_timeout=30
+        )
         return response.status_code == 200
 
     def download_image(self, image_id: str, directory: str) -> str:
@@ -295,8 +320,11 @@ class CitrusVClient:
         if prompt:
             body["prompt"] = prompt
         response = self.request(
-            "PUT", "/datastore/label", query={"image": image_id, "tag": tag},
-            data={"params": json.dumps(body)}, files={"label": self._file_spec(label_file)},
+            "PUT",
+            "/datastore/label",
+            query={"image": image_id, "tag": tag},
+            data={"params": json.dumps(body)},
+            files={"label": self._file_spec(label_file)},
         )
         return self._json(response)
 
@@ -304,27 +332,37 @@ class CitrusVClient:
         """``GET /datastore/?output=all``: images and their labels."""
         return self._json(self.request("GET", "/datastore/", query={"output": "all"}))
 
-    def train(self, model: str = TRAINER, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def train(
+        self, model: str = TRAINER, params: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """``POST /train/{model}``: start fine-tuning on the submitted corrections."""
-        response = self.request("POST", f"/train/{quote(model, safe='')}",
-                                json_body=dict(params or {}), task=model)
+        response = self.request(
+            "POST", f"/train/{quote(model, safe='')}", json_body=dict(params or {}), task=model
+        )
         return self._json(response)
 
     def train_status(self, all_runs: bool = False) -> dict[str, Any] | list[Any] | None:
         """``GET /train/``: the last (or every) training run; None when none has run yet."""
-        response = self.request("GET", "/train/", query={"all": str(all_runs).lower()},
-                                ok=(200, 404), read_timeout=30)
+        response = self.request(
+            "GET", "/train/", query={"all": str(all_runs).lower()}, ok=(200, 404), read_timeout=30
+        )
         return None if response.status_code == 404 else self._json(response)
 
     def stop_training(self) -> dict[str, Any]:
         return self._json(self.request("DELETE", "/train/"))
 
     def next_sample(
-        self, strategy: str = STRATEGY, params: Mapping[str, Any] | None = None,
+        self,
+        strategy: str = STRATEGY,
+        params: Mapping[str, Any] | None = None,
     ) -> NextSample | None:
-        """``POST /activelearning/{strategy}``: what to annotate next (None when nothing is left)."""
-        response = self.request("POST", f"/activelearning/{quote(strategy, safe='')}",
-                                json_body=dict(params or {}), task=strategy)
+        """``POST /activelearning/{strategy}``: what to annotate next (None when none is left)."""
+        response = self.request(
+            "POST",
+            f"/activelearning/{quote(strategy, safe='')}",
+            json_body=dict(params or {}),
+            task=strategy,
+        )
         body = self._json(response)
         if not body or not body.get("id"):
             return None
@@ -368,8 +406,9 @@ def parse_infer_response(body: bytes, content_type: str) -> InferResponse:
     try:
         data = json.loads(body.decode("utf-8"))
     except ValueError as exc:
-        raise CitrusVError("The server answer is neither multipart nor JSON; check the server URL.") \
-            from exc
+        raise CitrusVError(
+            "The server answer is neither multipart nor JSON; check the server URL."
+        ) from exc
     return InferResponse(result=Result.from_json(_unwrap(data)))
 
 

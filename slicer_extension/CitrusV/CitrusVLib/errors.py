@@ -82,16 +82,21 @@ def error_for_response(response: requests.Response, task: str | None = None) -> 
             "the Citrus-V app."
         )
     elif status == 404:
-        message = _sentence(detail) if detail else (
-            "The server has no such resource: check the server URL and the image id."
+        message = (
+            _sentence(detail)
+            if detail
+            else ("The server has no such resource: check the server URL and the image id.")
         )
     elif status == 413:
         message = "The image is too large for the server: send a smaller region or one slice."
     elif status == 503:
         message = "The server is not ready yet (HTTP 503)" + (
-            f": {detail.rstrip('.')}." if detail else "; try again in a minute.")
+            f": {detail.rstrip('.')}." if detail else "; try again in a minute."
+        )
     elif 400 <= status < 500:
-        message = _sentence(detail) if detail else f"The server rejected the request (HTTP {status})."
+        message = (
+            _sentence(detail) if detail else f"The server rejected the request (HTTP {status})."
+        )
     else:
         message = (
             f"The server failed while handling the request (HTTP {status}); see the server log"
@@ -115,8 +120,14 @@ def error_for_exception(exc: BaseException, url: str) -> CitrusVError:
         message = f"Could not make a secure connection to {url}: check http:// versus https://."
     elif isinstance(exc, requests.exceptions.ConnectionError):
         message = f"Could not connect to the server at {url}: check that it is running and the URL."
-    elif isinstance(exc, (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
-                          requests.exceptions.InvalidSchema)):
+    elif isinstance(
+        exc,
+        (
+            requests.exceptions.InvalidURL,
+            requests.exceptions.MissingSchema,
+            requests.exceptions.InvalidSchema,
+        ),
+    ):
         message = f"The server URL '{url}' is not valid: use a form like http://127.0.0.1:8000."
     else:
         message = f"The request to {url} failed: {exc}."

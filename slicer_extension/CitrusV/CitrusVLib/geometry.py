@@ -68,14 +68,18 @@ def spacing_of(ijk_to_ras: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray
     return np.linalg.norm(_matrix(ijk_to_ras)[:3, :3], axis=0)
 
 
-def ijk_to_ras(ijk_to_ras_m: Sequence[Sequence[float]] | np.ndarray, ijk: np.ndarray | Sequence) -> np.ndarray:
+def ijk_to_ras(
+    ijk_to_ras_m: Sequence[Sequence[float]] | np.ndarray, ijk: np.ndarray | Sequence
+) -> np.ndarray:
     """Map continuous IJK point(s) ``(..., 3)`` to RAS."""
     m = _matrix(ijk_to_ras_m)
     p = np.asarray(ijk, dtype=float)
     return p @ m[:3, :3].T + m[:3, 3]
 
 
-def ras_to_ijk(ijk_to_ras_m: Sequence[Sequence[float]] | np.ndarray, ras: np.ndarray | Sequence) -> np.ndarray:
+def ras_to_ijk(
+    ijk_to_ras_m: Sequence[Sequence[float]] | np.ndarray, ras: np.ndarray | Sequence
+) -> np.ndarray:
     """Map RAS point(s) ``(..., 3)`` to continuous IJK."""
     m = _matrix(ijk_to_ras_m)
     p = np.asarray(ras, dtype=float)
@@ -123,7 +127,9 @@ def get_slice(volume: np.ndarray, axis: str, slice_index: int) -> np.ndarray:
     return volume[tuple(index)]
 
 
-def view_ijk_axis(ijk_to_ras_m: Sequence[Sequence[float]] | np.ndarray, view_normal_ras: Sequence[float]) -> int:
+def view_ijk_axis(
+    ijk_to_ras_m: Sequence[Sequence[float]] | np.ndarray, view_normal_ras: Sequence[float]
+) -> int:
     """The IJK axis (0 = I, 1 = J, 2 = K) a slice view with this normal steps through."""
     m = _matrix(ijk_to_ras_m)
     columns = m[:3, :3] / np.linalg.norm(m[:3, :3], axis=0)
@@ -146,10 +152,10 @@ def axis_name(ijk_axis: int) -> str:
 class ViewSlice:
     """Where a slice view sits in a volume's index space."""
 
-    axis: str            # API axis name (index space)
-    slice_index: int     # nearest voxel index along that axis
-    continuous: float    # exact continuous index of the plane
-    aligned: bool        # view plane parallel to the volume's slices (within tolerance)
+    axis: str  # API axis name (index space)
+    slice_index: int  # nearest voxel index along that axis
+    continuous: float  # exact continuous index of the plane
+    aligned: bool  # view plane parallel to the volume's slices (within tolerance)
 
 
 def slice_for_view(
@@ -204,22 +210,24 @@ def box_center_ras(
     xyxy: Sequence[float],
 ) -> np.ndarray:
     x1, y1, x2, y2 = (float(v) for v in xyxy)
-    return ijk_to_ras(ijk_to_ras_m, pixel_to_ijk(axis, slice_index, (x1 + x2) / 2 - 0.5,
-                                                 (y1 + y2) / 2 - 0.5))
+    return ijk_to_ras(
+        ijk_to_ras_m, pixel_to_ijk(axis, slice_index, (x1 + x2) / 2 - 0.5, (y1 + y2) / 2 - 0.5)
+    )
 
 
 @dataclass
 class RoiRAS:
     """An oriented box in RAS: centre, full edge lengths and unit axes (columns, right-handed)."""
 
-    center: np.ndarray   # (3,)
-    size: np.ndarray     # (3,) mm along axes[:, 0..2]
-    axes: np.ndarray     # (3, 3) columns: RAS unit vectors of the ROI's own x, y, z
+    center: np.ndarray  # (3,)
+    size: np.ndarray  # (3,) mm along axes[:, 0..2]
+    axes: np.ndarray  # (3, 3) columns: RAS unit vectors of the ROI's own x, y, z
 
     def corners(self) -> np.ndarray:
         """The 8 corners in RAS, shape (8, 3)."""
-        signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)],
-                         dtype=float)
+        signs = np.array(
+            [[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=float
+        )
         return self.center + (signs * (self.size / 2)) @ self.axes.T
 
     def contains(self, ras: np.ndarray | Sequence, tol: float = 1e-6) -> np.ndarray:
@@ -279,8 +287,9 @@ def roi_to_box(
     corners_ijk = ras_to_ijk(ijk_to_ras_m, roi.corners())
     ax_x, ax_y, ax_s = PIXEL_IJK_AXES[check_axis(axis)]
     xs, ys = corners_ijk[:, ax_x] + 0.5, corners_ijk[:, ax_y] + 0.5
-    return [float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())], \
-        float(corners_ijk[:, ax_s].mean())
+    return [float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())], float(
+        corners_ijk[:, ax_s].mean()
+    )
 
 
 def mask_bbox(mask: np.ndarray) -> list[int] | None:

@@ -42,14 +42,16 @@ def to_uint8(plane: np.ndarray, window: str | Sequence[float] | None = None) -> 
     data = np.asarray(plane, dtype=np.float32)
     if isinstance(window, str):
         if window not in DISPLAY_WINDOWS:
-            raise ValueError(f"window must be one of {', '.join(DISPLAY_WINDOWS)} or [level, width].")
+            raise ValueError(
+                f"window must be one of {', '.join(DISPLAY_WINDOWS)} or [level, width]."
+            )
         level, width = DISPLAY_WINDOWS[window]
     elif window is not None:
         level, width = (float(v) for v in window)
     elif data.size and float(data.min()) < -500:  # looks like CT in Hounsfield units
         level, width = DISPLAY_WINDOWS["abdomen"]
     else:
-        lo, hi = (np.percentile(data, (1, 99)) if data.size else (0.0, 1.0))
+        lo, hi = np.percentile(data, (1, 99)) if data.size else (0.0, 1.0)
         level, width = (lo + hi) / 2, max(hi - lo, 1e-6)
     lo = level - width / 2
     return (np.clip((data - lo) / max(width, 1e-6), 0, 1) * 255).round().astype(np.uint8)

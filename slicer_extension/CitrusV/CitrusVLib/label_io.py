@@ -17,21 +17,51 @@ import numpy as np
 from .geometry import LPS_TO_RAS
 
 _NRRD_TYPES = {
-    "uchar": np.uint8, "unsigned char": np.uint8, "uint8": np.uint8, "uint8_t": np.uint8,
-    "signed char": np.int8, "char": np.int8, "int8": np.int8, "int8_t": np.int8,
-    "short": np.int16, "int16": np.int16, "int16_t": np.int16, "signed short": np.int16,
-    "ushort": np.uint16, "unsigned short": np.uint16, "uint16": np.uint16, "uint16_t": np.uint16,
-    "int": np.int32, "int32": np.int32, "int32_t": np.int32, "signed int": np.int32,
-    "uint": np.uint32, "unsigned int": np.uint32, "uint32": np.uint32, "uint32_t": np.uint32,
-    "longlong": np.int64, "int64": np.int64, "int64_t": np.int64,
-    "ulonglong": np.uint64, "uint64": np.uint64, "uint64_t": np.uint64,
-    "float": np.float32, "double": np.float64,
+    "uchar": np.uint8,
+    "unsigned char": np.uint8,
+    "uint8": np.uint8,
+    "uint8_t": np.uint8,
+    "signed char": np.int8,
+    "char": np.int8,
+    "int8": np.int8,
+    "int8_t": np.int8,
+    "short": np.int16,
+    "int16": np.int16,
+    "int16_t": np.int16,
+    "signed short": np.int16,
+    "ushort": np.uint16,
+    "unsigned short": np.uint16,
+    "uint16": np.uint16,
+    "uint16_t": np.uint16,
+    "int": np.int32,
+    "int32": np.int32,
+    "int32_t": np.int32,
+    "signed int": np.int32,
+    "uint": np.uint32,
+    "unsigned int": np.uint32,
+    "uint32": np.uint32,
+    "uint32_t": np.uint32,
+    "longlong": np.int64,
+    "int64": np.int64,
+    "int64_t": np.int64,
+    "ulonglong": np.uint64,
+    "uint64": np.uint64,
+    "uint64_t": np.uint64,
+    "float": np.float32,
+    "double": np.float64,
 }
-_NRRD_NAMES = {np.dtype(np.uint8): "uint8", np.dtype(np.int8): "int8",
-               np.dtype(np.int16): "int16", np.dtype(np.uint16): "uint16",
-               np.dtype(np.int32): "int32", np.dtype(np.uint32): "uint32",
-               np.dtype(np.int64): "int64", np.dtype(np.uint64): "uint64",
-               np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+_NRRD_NAMES = {
+    np.dtype(np.uint8): "uint8",
+    np.dtype(np.int8): "int8",
+    np.dtype(np.int16): "int16",
+    np.dtype(np.uint16): "uint16",
+    np.dtype(np.int32): "int32",
+    np.dtype(np.uint32): "uint32",
+    np.dtype(np.int64): "int64",
+    np.dtype(np.uint64): "uint64",
+    np.dtype(np.float32): "float",
+    np.dtype(np.float64): "double",
+}
 
 
 @dataclass
@@ -50,7 +80,9 @@ def _suffix(name: str) -> str:
     return os.path.splitext(lower)[1]
 
 
-def read_label_volume(source: str | os.PathLike | bytes, filename: str | None = None) -> LabelVolume:
+def read_label_volume(
+    source: str | os.PathLike | bytes, filename: str | None = None
+) -> LabelVolume:
     """Read a ``.nrrd`` or ``.nii(.gz)`` label file from a path or from bytes plus its name."""
     if isinstance(source, (bytes, bytearray)):
         data, name = bytes(source), filename or ""
@@ -100,7 +132,9 @@ def _read_nifti(data: bytes) -> LabelVolume:
         array = array[..., 0]
     if array.ndim == 2:
         array = array[:, :, None]
-    return LabelVolume(np.ascontiguousarray(array.transpose(2, 1, 0)), np.asarray(img.affine, float))
+    return LabelVolume(
+        np.ascontiguousarray(array.transpose(2, 1, 0)), np.asarray(img.affine, float)
+    )
 
 
 def _read_dicom(data: bytes) -> LabelVolume:
@@ -166,9 +200,11 @@ def _read_nrrd(data: bytes) -> LabelVolume:
         raise ValueError(f"NRRD encoding '{encoding}' is not supported; use raw or gzip.")
     count = int(np.prod(sizes))
     array = np.frombuffer(raw[: count * dtype.itemsize], dtype=dtype).reshape(sizes[::-1])
-    directions = [
-        _parse_vector(v) for v in re.findall(r"\([^)]*\)|none", fields["space directions"])
-    ] if "space directions" in fields else None
+    directions = (
+        [_parse_vector(v) for v in re.findall(r"\([^)]*\)|none", fields["space directions"])]
+        if "space directions" in fields
+        else None
+    )
     m = np.eye(4)
     if directions:
         cols = [d for d in directions if d is not None]

@@ -69,8 +69,11 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, Part]:
                 key, value = line.split(b":", 1)
                 headers[key.decode("latin-1").strip().lower()] = value.decode("utf-8").strip()
         disposition = headers.get("content-disposition", "")
-        _, dparams = _header_params("x/x; " + disposition.split(";", 1)[1]) if ";" in disposition \
+        _, dparams = (
+            _header_params("x/x; " + disposition.split(";", 1)[1])
+            if ";" in disposition
             else ("", {})
+        )
         name = dparams.get("name")
         if name is None:
             continue

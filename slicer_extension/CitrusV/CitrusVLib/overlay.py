@@ -117,8 +117,12 @@ def render_overlay(
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(255, 255, 255), outline=color)
             label = str(step)
             lb = draw.textbbox((0, 0), label, font=small)
-            draw.text((cx - (lb[2] - lb[0]) / 2 - lb[0], cy - (lb[3] - lb[1]) / 2 - lb[1]),
-                      label, fill=(0, 0, 0), font=small)
+            draw.text(
+                (cx - (lb[2] - lb[0]) / 2 - lb[0], cy - (lb[3] - lb[1]) / 2 - lb[1]),
+                label,
+                fill=(0, 0, 0),
+                font=small,
+            )
 
     if not panel:
         return img
@@ -136,8 +140,9 @@ def render_overlay(
         for s in result.reasoning:
             cited = BOX_TAG.search(s.text) is not None
             ids = f" [{', '.join(s.box_ids)}]" if s.box_ids and not cited else ""
-            for k, t in enumerate(textwrap.wrap(f"{s.step}. {step_text(s.text, s.box_ids)}{ids}",
-                                                chars)):
+            for k, t in enumerate(
+                textwrap.wrap(f"{s.step}. {step_text(s.text, s.box_ids)}{ids}", chars)
+            ):
                 lines.append(((t if k == 0 else "   " + t), (200, 220, 255)))
     for m in result.masks:
         if on_slice(m.slice):

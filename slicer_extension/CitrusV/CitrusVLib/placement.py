@@ -18,7 +18,7 @@ class StructureMask:
 
     label: str
     label_index: int
-    mask: np.ndarray                      # bool [k, j, i]
+    mask: np.ndarray  # bool [k, j, i]
     slices: set[int] = field(default_factory=set)  # empty = the whole volume was answered
     axis: str = "axial"
 
@@ -36,7 +36,9 @@ class StructureMask:
 
 
 def structure_masks(
-    result: Result, volume_shape_kji: Sequence[int], axis: str | None = None,
+    result: Result,
+    volume_shape_kji: Sequence[int],
+    axis: str | None = None,
 ) -> dict[str, StructureMask]:
     """Place every RLE mask of ``result`` on its slice; one entry per structure name."""
     axis = check_axis(axis or result.image.axis or "axial")
@@ -50,7 +52,9 @@ def structure_masks(
             continue
         slice_index = 0 if (m.slice is None and single) else m.slice
         if slice_index is None:
-            raise ValueError(f"Mask '{m.label}' has no slice index; a 3D answer needs its label file.")
+            raise ValueError(
+                f"Mask '{m.label}' has no slice index; a 3D answer needs its label file."
+            )
         plane = m.array()
         if plane.shape != (h, w):
             raise ValueError(
@@ -59,8 +63,9 @@ def structure_masks(
             )
         entry = out.get(m.label)
         if entry is None:
-            entry = out[m.label] = StructureMask(m.label, m.label_index,
-                                                  np.zeros(shape, dtype=bool), set(), axis)
+            entry = out[m.label] = StructureMask(
+                m.label, m.label_index, np.zeros(shape, dtype=bool), set(), axis
+            )
         put_slice(entry.mask, axis, slice_index, plane)
         entry.slices.add(int(slice_index))
     for entry in out.values():  # every slice the server looked at is replaced, found or not
@@ -68,8 +73,7 @@ def structure_masks(
     # structures named but with an empty answer still get a (blank) entry on the asked slices
     for name, index in result.labels().items():
         if name not in out:
-            out[name] = StructureMask(name, index, np.zeros(shape, dtype=bool),
-                                      set(answered), axis)
+            out[name] = StructureMask(name, index, np.zeros(shape, dtype=bool), set(answered), axis)
     return out
 
 
@@ -83,10 +87,13 @@ def structure_masks_from_label_volume(
 ) -> dict[str, StructureMask]:
     """Split a server label file into structures; checks it has the volume's geometry."""
     if ijk_to_ras is not None and not np.allclose(volume.ijk_to_ras, ijk_to_ras, atol=tolerance_mm):
-        raise ValueError("The label file's geometry differs from the volume's: it belongs to "
-                         "another image or the server resampled it.")
+        raise ValueError(
+            "The label file's geometry differs from the volume's: it belongs to "
+            "another image or the server resampled it."
+        )
     return {
-        name: StructureMask(name, int(index), volume.array == int(index),
-                            set(int(s) for s in slices or []), axis)
+        name: StructureMask(
+            name, int(index), volume.array == int(index), set(int(s) for s in slices or []), axis
+        )
         for name, index in label_names.items()
     }

@@ -160,11 +160,16 @@ class Result:
                 axis=str(image.get("axis") or "axial"),
                 slices=[int(v) for v in image.get("slices") or [] if v is not None],
             ),
-            timing_ms={str(k): float(v) for k, v in (data.get("timing_ms") or {}).items()
-                       if isinstance(v, (int, float))},
+            timing_ms={
+                str(k): float(v)
+                for k, v in (data.get("timing_ms") or {}).items()
+                if isinstance(v, (int, float))
+            },
             warnings=[str(w) for w in data.get("warnings") or []],
             label_names={str(k): int(v) for k, v in (data.get("label_names") or {}).items()},
-            closer_look=None if not closer else CloserLook(
+            closer_look=None
+            if not closer
+            else CloserLook(
                 roi=tuple(float(v) for v in closer["roi"]),  # type: ignore[arg-type]
                 area_px_before=closer.get("area_px_before"),
                 area_px_after=closer.get("area_px_after"),

@@ -23,20 +23,27 @@ class CitrusVLibSelfTest(unittest.TestCase):
 
     def test_mask_lands_on_voxels_of_an_oblique_lps_volume(self):
         angle = np.radians(20)
-        direction = np.array([[np.cos(angle), -np.sin(angle), 0],
-                              [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+        direction = np.array(
+            [[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]
+        )
         m = geometry.ijk_to_ras_matrix([-100, -80, 200], [0.8, 0.8, 2.5], direction, lps=True)
         volume = slicer.util.addVolumeFromArray(np.zeros((5, 30, 40), np.int16), ijkToRAS=m)
         mask = np.zeros((30, 40), bool)
         mask[5:9, 10:20] = True
-        result = Result.from_json({
-            "task": "segment",
-            "masks": [{"label": "liver", "label_index": 1, "slice": 3, "rle": encode_rle(mask)}],
-            "boxes": [{"id": "b1", "label": "liver", "xyxy": [10, 5, 20, 9], "slice": 3}],
-            "image": {"axis": "axial", "slices": [3]}})
+        result = Result.from_json(
+            {
+                "task": "segment",
+                "masks": [
+                    {"label": "liver", "label_index": 1, "slice": 3, "rle": encode_rle(mask)}
+                ],
+                "boxes": [{"id": "b1", "label": "liver", "xyxy": [10, 5, 20, 9], "slice": 3}],
+                "image": {"axis": "axial", "slices": [3]},
+            }
+        )
         applied = CitrusVMRML.apply_result(result, volume)
         back = slicer.util.arrayFromSegmentBinaryLabelmap(
-            applied.segmentation_node, applied.segment_ids["liver"], volume)
+            applied.segmentation_node, applied.segment_ids["liver"], volume
+        )
         self.assertEqual(int(back[3].sum()), 40)
         self.assertTrue(np.array_equal(back[3] > 0, mask))
         roi = CitrusVMRML.roi_of_node(applied.roi_nodes["b1"])
