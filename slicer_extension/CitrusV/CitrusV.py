@@ -90,7 +90,7 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._resultVolumeID = None
         self._trainTimer = None
         self._trainThread = None
-        self._trainStatus = None  # written by the polling thread, read by the timer
+        self._trainStatus = None  # (status,) written by the polling thread, read by the timer
 
     # -- set-up / tear-down ---------------------------------------------------------------------
     def setup(self):
@@ -495,21 +495,23 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onTrainTimer(self):
         """Poll training status without blocking the UI: a thread fetches, the timer shows."""
-        status = self._trainStatus
-        if status is not None:
+        fetched = self._trainStatus
+        if fetched is not None:
             self._trainStatus = None
-            text, finished = CitrusVLogic.describeTraining(status)
+            text, finished = CitrusVLogic.describeTraining(fetched[0])
             self.ui.trainStatusLabel.text = text
             if finished:
                 self._trainTimer.stop()
+                return
         if self._trainThread is None or not self._trainThread.is_alive():
             client = self.client()
 
             def poll():
+                # only a plain attribute is written here; the timer reads it on the UI thread
                 try:
-                    self._trainStatus = client.train_status()
+                    self._trainStatus = (client.train_status(),)
                 except CitrusVError as exc:
-                    self._trainStatus = {"status": "UNKNOWN", "detail": str(exc)}
+                    self._trainStatus = ({"status": "UNKNOWN", "detail": str(exc)},)
 
             self._trainThread = threading.Thread(
                 target=poll, name="CitrusV-train-status", daemon=True
@@ -535,6 +537,7 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.logic.rememberImage(volume, self.serverUrl(), sample.image_id)
             self.ui.volumeSelector.setCurrentNode(volume)
             slicer.util.setSliceViewerLayers(background=volume, fit=True)
+            CitrusVMRML.align_views_to_volume(volume)
             if sample.slice_index is not None:
                 CitrusVMRML.jump_to_slice(volume, sample.axis, sample.slice_index)
             reason = sample.raw.get("reason", "")

@@ -81,6 +81,20 @@ def current_slice(
     return geometry.slice_for_view(ijk_to_ras(volume_node), slice_to_ras, volume_shape(volume_node))
 
 
+def align_views_to_volume(
+    volume_node: slicer.vtkMRMLVolumeNode,
+    scene: slicer.vtkMRMLScene | None = None,
+    view_names: Sequence[str] = VIEW_NAMES,
+) -> None:
+    """Rotate the slice views onto the volume's own planes, so each steps through one index axis."""
+    for name in view_names:
+        try:
+            node = slice_node(name, scene)
+        except ValueError:
+            continue
+        node.RotateToVolumePlane(volume_node)
+
+
 def jump_to_slice(
     volume_node: slicer.vtkMRMLVolumeNode,
     axis: str,

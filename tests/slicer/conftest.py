@@ -52,12 +52,14 @@ def mrml():
             volumes=types.SimpleNamespace(logic=lambda: volumes_logic),
             segmentations=types.SimpleNamespace(logic=lambda: segmentations_logic),
         )
+        # the three standard views, with the orientation presets the app registers
+        slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
         for view, orientation in (("Red", "Axial"), ("Yellow", "Sagittal"), ("Green", "Coronal")):
-            node = slicer.vtkMRMLSliceNode()
+            node = scene.CreateNodeByClass("vtkMRMLSliceNode")
             node.SetName(view)
             node.SetLayoutName(view)
             node.SetSingletonTag(view)
-            node.SetOrientation(orientation)
+            assert node.SetOrientation(orientation)
             scene.AddNode(node)
         return scene
 

@@ -316,3 +316,17 @@ def test_volume_written_for_upload_round_trips(adapters, volume, tmp_path, mrml)
     assert np.array_equal(lv.array, mrml.slicer.util.arrayFromVolume(volume))
     assert lv.array.dtype == np.int16
     assert np.allclose(lv.ijk_to_ras, oblique_lps_ijk_to_ras())
+
+
+def test_views_rotated_to_the_oblique_volume_step_through_its_axes(adapters, volume, scene):
+    for view in ("Red", "Green", "Yellow"):
+        assert not adapters.current_slice(volume, view).aligned  # default RAS views: oblique
+    adapters.align_views_to_volume(volume)
+    seen = set()
+    for view in ("Red", "Green", "Yellow"):
+        got = adapters.current_slice(volume, view)
+        assert got.aligned
+        seen.add(got.axis)
+    assert seen == {"axial", "coronal", "sagittal"}
+    adapters.jump_to_slice(volume, "axial", 5)
+    assert adapters.current_slice(volume, "Red").slice_index == 5
