@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import imaging
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import InputError
 from .generation import generate_capturing, image_embeddings, prefix_length, teacher_force
 from .imaging import FrameMap
@@ -112,6 +112,11 @@ class Engine:
         model, processor, config = load_checkpoint(path, device=device, dtype=torch_dtype)
         settings.setdefault("name", config.name if config.name != "citrusv" else path.name)
         return cls(model, processor, config, device=device, dtype=torch_dtype, **settings)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the served model in the released layout (what `Engine.load` reads back)."""
+        with self._lock:
+            return save_checkpoint(self.model, self.processor, path)
 
     # ----------------------------------------------------------------- public API
     @_serialised

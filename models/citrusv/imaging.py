@@ -30,7 +30,7 @@ DEFAULT_MAX_PIXELS = 4096 * 4096
 
 def window_key(window: str | tuple | list | None) -> str:
     """A hashable, printable name for a window setting (part of the slice-cache key)."""
-    if window is None:
+    if window is None or window == "auto":
         return "auto"
     if isinstance(window, str):
         return window
@@ -92,7 +92,7 @@ def to_rgb_uint8(
             rgb = _scale(rgb.astype(np.float64), *_percentile_range(rgb, percentiles))
         return np.ascontiguousarray(rgb)
     values = arr.astype(np.float64)
-    if window is not None:
+    if window is not None and window != "auto":
         level, width = resolve_window(window)
         grey = _scale(values, level - width / 2.0, level + width / 2.0)
     elif arr.dtype == np.uint8:

@@ -243,3 +243,12 @@ def test_cached_prompt_prefix_gives_the_same_answer(fitted_dir, fitted_engine):
     again = fresh.ask(img, "Write a report, think step by step.", window="abdomen")
     assert second.text == again.text == ANSWERS["report"]
     np.testing.assert_array_equal(second.masks[0].array, again.masks[0].array)
+
+
+def test_save_pretrained_round_trip(engine, tmp_path):
+    path = engine.save_pretrained(tmp_path / "copy")
+    again = Engine.load(path)
+    img = ct_slice(seed=2)
+    a = engine.ask(img, "Segment the liver.", window="auto", forced_text="liver [SEG]")
+    b = again.ask(img, "Segment the liver.", forced_text="liver [SEG]")
+    np.testing.assert_array_equal(a.masks[0].array, b.masks[0].array)
