@@ -34,7 +34,10 @@ def resolve_sam2_config(name: str) -> Path:
 
 
 def build_sam2(spec: str | dict) -> nn.Module:
-    """Instantiate SAM2Base from a config name/path or an inline dict of its `model` section."""
+    """Instantiate SAM2Base from a config name/path, the released form
+    `{"cfg_path": ".../sam2_hiera_l.yaml", ...}`, or an inline dict of the yaml's `model`."""
+    if isinstance(spec, dict) and "cfg_path" in spec:
+        spec = str(spec["cfg_path"])
     if isinstance(spec, str):
         cfg = OmegaConf.load(resolve_sam2_config(spec))
         cfg = cfg.model if "model" in cfg else cfg
