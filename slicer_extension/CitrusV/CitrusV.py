@@ -106,7 +106,7 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.testConnectionButton.connect("clicked(bool)", self.onTestConnection)
         self.ui.taskComboBox.connect("currentIndexChanged(int)", self._fillExamplePrompts)
-        self.ui.scopeComboBox.connect("currentIndexChanged(int)", self._updateButtons)
+        self.ui.scopeComboBox.connect("currentIndexChanged(int)", self._onScopeChanged)
         self.ui.volumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self._onVolumeChanged)
         self.ui.runButton.connect("clicked(bool)", self.onRun)
         self.ui.reasoningListWidget.connect("itemClicked(QListWidgetItem*)", self.onStepClicked)
@@ -215,6 +215,22 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.rangeFirstSpinBox.setMaximum(n - 1)
             self.ui.rangeLastSpinBox.setMaximum(n - 1)
         self._refreshSegments()
+        self._updateButtons()
+
+    def _onScopeChanged(self, *args):
+        """Slice range starts as the current slice ± 5, clipped to the volume."""
+        volume = self.ui.volumeSelector.currentNode()
+        if self.ui.scopeComboBox.currentText == "Slice range" and volume is not None:
+            try:
+                view = CitrusVMRML.current_slice(volume, self.ui.viewComboBox.currentText)
+                n = geometry.slice_count(CitrusVMRML.volume_shape(volume), view.axis)
+                self.ui.rangeFirstSpinBox.setMaximum(n - 1)
+                self.ui.rangeLastSpinBox.setMaximum(n - 1)
+                if self.ui.rangeFirstSpinBox.value == self.ui.rangeLastSpinBox.value:
+                    self.ui.rangeFirstSpinBox.value = max(view.slice_index - 5, 0)
+                    self.ui.rangeLastSpinBox.value = min(view.slice_index + 5, n - 1)
+            except ValueError:
+                pass
         self._updateButtons()
 
     def _updateButtons(self, *args):
