@@ -113,6 +113,11 @@ class Engine:
         settings.setdefault("name", config.name if config.name != "citrusv" else path.name)
         return cls(model, processor, config, device=device, dtype=torch_dtype, **settings)
 
+    def clear_cache(self) -> None:
+        """Forget cached slice features (needed after the weights change in place)."""
+        with self._lock:
+            self.cache.clear()
+
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the served model in the released layout (what `Engine.load` reads back)."""
         with self._lock:
@@ -147,8 +152,11 @@ class Engine:
                     slice_index: int | None = None, spacing=None,
                     photometric: str | None = None, image_id: str | None = None,
                     forced_text: str | None = None, image_info: dict | None = None) -> Result:
-        """Crop a square ROI (from `roi`, a previous `mask`, or a first pass), re-ask at model
-        size, paste the refined mask back into the full slice."""
+        """Crop a square (from `roi`, a previous `mask`, or a first pass) plus margin, re-ask at
+        model size, paste the refined mask back into the full slice (kept inside `roi`).
+
+        `closer_look` in the result: `roi` (the given box, else the square), `crop` (the square
+        the model saw), `area_px_before` (of `mask` or the first pass), `area_px_after`."""
         t0 = time.perf_counter()
         if not (prompt or "").strip():
             prompt = f"Please segment the {label or 'structure'} in this image."
@@ -174,7 +182,8 @@ class Engine:
             else:
                 raise InputError("roi", "the first pass found no region to look closer at; "
                                  "send roi=[x1, y1, x2, y2] or a mask.")
-        if roi is not None:
+        user_roi = roi is not None
+        if user_roi:
             roi = self._check_roi(roi, h, w)
             base = roi
         else:
@@ -200,11 +209,16 @@ class Engine:
                                   align_corners=False)[0, 0].numpy() >= 0.5
             full = np.zeros((h, w), dtype=bool)
             full[y1:y2, x1:x2] = small
+            if user_roi:  # the user's box bounds the refined structure
+                keep = np.zeros((h, w), dtype=bool)
+                keep[int(roi[1]):int(np.ceil(roi[3])), int(roi[0]):int(np.ceil(roi[2]))] = True
+                full &= keep
             m.array = full
         if first is not None:
             res.timing_ms["first_pass"] = first.timing_ms.get("total", 0.0)
         res.closer_look = {
-            "roi": [int(v) for v in square],
+            "roi": [round(float(v), 2) for v in roi] if user_roi else [int(v) for v in square],
+            "crop": [int(v) for v in square],
             "area_px_before": int(before.sum()) if before is not None else None,
             "area_px_after": int(res.masks[0].area_px) if res.masks else 0,
         }
@@ -424,7 +438,7 @@ class Engine:
         for m in res.masks:
             m.slice = slice_index
             m.spacing = plane
-        res.image = {"id": image_id, "shape": [int(hw[0]), int(hw[1])],
+        res.image = {"id": image_id, "shape": [1, int(hw[0]), int(hw[1])],
                      "spacing": None if plane is None else list(plane), "axis": "axial",
                      "slices": [] if slice_index is None else [int(slice_index)],
                      "window": imaging.window_key(window)}

@@ -84,7 +84,8 @@ def to_rgb_uint8(
     photometric: str | None = None,
     percentiles: tuple[float, float] = (0.5, 99.5),
 ) -> np.ndarray:
-    """Scanner values -> (H, W, 3) uint8. CT: a window; MR/X-ray (window None): percentiles."""
+    """Scanner values -> (H, W, 3) uint8. A window for CT; with none given, "abdomen" when the
+    values look like HU (below -500), else 0.5-99.5 percentiles (MR, X-ray)."""
     arr = np.asarray(image)
     if arr.ndim == 3:
         rgb = arr[..., :3]
@@ -92,6 +93,8 @@ def to_rgb_uint8(
             rgb = _scale(rgb.astype(np.float64), *_percentile_range(rgb, percentiles))
         return np.ascontiguousarray(rgb)
     values = arr.astype(np.float64)
+    if (window is None or window == "auto") and arr.dtype != np.uint8 and _looks_like_ct(values):
+        window = "abdomen"
     if window is not None and window != "auto":
         level, width = resolve_window(window)
         grey = _scale(values, level - width / 2.0, level + width / 2.0)
@@ -102,6 +105,12 @@ def to_rgb_uint8(
     if photometric is not None and str(photometric).upper() == "MONOCHROME1":
         grey = 255 - grey
     return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def _looks_like_ct(values: np.ndarray) -> bool:
+    """Hounsfield units: air is about -1000, so values below -500 mean CT (docs/api.md)."""
+    finite = values[np.isfinite(values)]
+    return bool(finite.size) and float(finite.min()) < -500.0
 
 
 def _percentile_range(values: np.ndarray, percentiles: tuple[float, float]) -> tuple[float, float]:

@@ -60,7 +60,7 @@ def test_injected_generation_gives_masks_boxes_and_trace(engine):
     assert m0["area_mm2"] == pytest.approx(res.masks[0].area_px * 0.4, rel=1e-6)
     np.testing.assert_array_equal(rle.decode(m0["rle"]), res.masks[0].array)
     assert data["boxes"][0]["slice"] == 7 and data["label_names"] == {"liver": 1, "spleen": 2}
-    assert data["image"]["slices"] == [7] and data["image"]["shape"] == [100, 150]
+    assert data["image"]["slices"] == [7] and data["image"]["shape"] == [1, 100, 150]
     assert set(data["timing_ms"]) >= {"prefill", "decode", "mask", "total"}
 
 
@@ -174,12 +174,13 @@ def test_closer_look_crops_square_roi_and_pastes_back(engine):
     res = engine.closer_look(img, "Segment the liver.", roi=[40, 30, 80, 60], margin=0.15,
                              window="abdomen", forced_text="liver [SEG] <bbox>[0, 0, 64, 64]"
                              "</bbox>")
-    x1, y1, x2, y2 = res.closer_look["roi"]
+    assert res.closer_look["roi"] == [40, 30, 80, 60]
+    x1, y1, x2, y2 = res.closer_look["crop"]
     assert x2 - x1 == y2 - y1 == 52  # 40 px side * (1 + 2 * 0.15)
     assert x1 <= 40 and y1 <= 30 and x2 >= 80 and y2 >= 60
     assert res.task == "closer_look" and res.masks[0].array.shape == (120, 160)
     outside = res.masks[0].array.copy()
-    outside[y1:y2, x1:x2] = False
+    outside[30:60, 40:80] = False  # kept inside the user's roi
     assert not outside.any()
     assert res.closer_look["area_px_after"] == res.masks[0].area_px
     assert res.closer_look["area_px_before"] is None
@@ -187,7 +188,7 @@ def test_closer_look_crops_square_roi_and_pastes_back(engine):
     size = engine.config.image_size
     fh, fw = smart_resize(size, size, 28, engine.config.min_pixels, engine.config.max_pixels)
     np.testing.assert_allclose(box, [x1, y1, x1 + 64 / fw * 52, y1 + 64 / fh * 52], atol=1e-6)
-    assert res.to_json()["closer_look"]["roi"] == [x1, y1, x2, y2]
+    assert res.to_json()["closer_look"]["crop"] == [x1, y1, x2, y2]
 
 
 def test_closer_look_from_previous_mask(engine):
@@ -197,7 +198,8 @@ def test_closer_look_from_previous_mask(engine):
     res = engine.closer_look(img, "", mask=prev, label="liver", window="abdomen",
                              forced_text="liver [SEG]")
     assert res.closer_look["area_px_before"] == 800
-    x1, y1, x2, y2 = res.closer_look["roi"]
+    assert res.closer_look["roi"] == res.closer_look["crop"]
+    x1, y1, x2, y2 = res.closer_look["crop"]
     assert x2 - x1 == 52 and x1 <= 60 and x2 >= 100 and y1 <= 50 and y2 >= 70
     assert res.prompt == "Please segment the liver in this image."
 

@@ -30,6 +30,13 @@ def test_percentile_scaling_and_monochrome1():
     np.testing.assert_array_equal(inverted, 255 - grey)
 
 
+def test_no_window_means_abdomen_for_hu_and_percentiles_otherwise():
+    hu = np.array([[-1000.0, 40.0, 240.0]])
+    np.testing.assert_array_equal(imaging.to_rgb_uint8(hu), imaging.to_rgb_uint8(hu, "abdomen"))
+    mr = np.array([[0.0, 500.0, 1000.0]])
+    assert imaging.to_rgb_uint8(mr, "auto")[0, :, 0].tolist() == [0, 128, 255]
+
+
 def test_rgb_is_three_channel_uint8():
     rgb = imaging.to_rgb_uint8(np.zeros((4, 5)), "abdomen")
     assert rgb.shape == (4, 5, 3) and rgb.dtype == np.uint8
