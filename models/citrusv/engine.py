@@ -20,9 +20,16 @@ from PIL import Image
 from . import imaging
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import InputError
-from .generation import generate_capturing, image_embeddings, prefix_length, teacher_force
+from .generation import (
+    Generation,
+    generate_capturing,
+    generate_capturing_batch,
+    image_embeddings,
+    prefix_length,
+    teacher_force,
+)
 from .imaging import FrameMap
-from .parsing import TASKS, infer_task, parse_output
+from .parsing import SEG_TOKEN, TASKS, infer_task, parse_output
 from .prompting import pixel_inputs, text_inputs
 from .result import Box, Mask, Result, Step
 from .slice_cache import SliceCache, SliceState, content_hash
@@ -233,7 +240,8 @@ class Engine:
                    forced_text: str | None = None) -> Result:
         """Ask about each slice along `axis`; masks come back as 3D arrays in volume index space.
 
-        SAM2 image features are encoded `batch_size` slices at a time; generation is per slice.
+        `batch_size` slices at a time go through the SAM2 image encoder, the vision tower and
+        one batched greedy decode together.
         """
         t0 = time.perf_counter()
         prompt = self._check_prompt(prompt)
@@ -264,9 +272,7 @@ class Engine:
             batch = ks[start:start + batch_size]
             states = [self._state(imaging.check_slice(np.take(vol, k, axis=ax), self.max_pixels),
                                   window, photometric) for k in batch]
-            self._encode_sam_batch(states)
-            for k, state in zip(batch, states):
-                res = self._run(state, prompt, task, forced_text, None)
+            for k, res in zip(batch, self._run_batch(states, prompt, task, forced_text)):
                 texts.append(f"[slice {k}] {res.text}")
                 answers.append(res.answer)
                 out.warnings += [f"slice {k}: {w}" for w in res.warnings]
@@ -360,6 +366,42 @@ class Engine:
             self.cache.trim()
         return state.vision_embeds
 
+    def _run_batch(self, states: list[SliceState], prompt: str, task: str,
+                   forced_text: str | None) -> list[Result]:
+        """Slices of one volume: one batched vision pass and one batched greedy decode when
+        every slice has the same frame (so the same prompt layout); else one by one."""
+        sizes = {s.frame.size for s in states}
+        if forced_text is not None or len(states) < 2 or len(sizes) > 1:
+            if forced_text is not None and SEG_TOKEN in forced_text:
+                self._encode_sam_batch(states)
+            return [self._run(s, prompt, task, forced_text, None) for s in states]
+        t0 = time.perf_counter()
+        todo = [s for s in states if s.vision_embeds is None]
+        if todo:
+            pix = [pixel_inputs(self.processor.image_processor, s.frame) for s in todo]
+            pv = torch.cat([p["pixel_values"] for p in pix]).to(self.device, self.dtype)
+            grid = torch.cat([p["image_grid_thw"] for p in pix]).to(self.device)
+            with torch.no_grad():
+                embeds = image_embeddings(self.model.mllm, pv, grid)
+            counts = [int(g.prod()) // self.merge_size ** 2 for g in grid]
+            for s, p, e in zip(todo, pix, torch.split(embeds, counts)):
+                s.pixel_inputs = {"image_grid_thw": p["image_grid_thw"]}
+                s.vision_embeds = e
+            self.cache.trim()
+        grid = torch.cat([s.pixel_inputs["image_grid_thw"] for s in states]).to(self.device)
+        system = self.config.task_system_prompts.get(task, self.config.system_prompt)
+        ids = text_inputs(self.tokenizer, system, prompt, grid[:1], self.merge_size)
+        ids = ids.repeat(len(states), 1).to(self.device)
+        embeds = torch.cat([s.vision_embeds for s in states])
+        vision_ms = (time.perf_counter() - t0) * 1e3 / len(states)
+        gens = generate_capturing_batch(self.model.mllm, ids, grid, embeds,
+                                        int(self.config.seg_token_idx), self.eos_ids,
+                                        self.max_new_tokens, int(self.config.seg_hidden_offset),
+                                        vocab_limit=len(self.tokenizer))
+        self._encode_sam_batch([s for s, g in zip(states, gens) if g.seg_hidden.shape[0]])
+        return [self._result(s, prompt, task, g, {"vision": vision_ms})
+                for s, g in zip(states, gens)]
+
     def _encode_sam_batch(self, states: list[SliceState]) -> None:
         todo = [s for s in states if s.sam_features is None]
         if not todo:
@@ -400,6 +442,11 @@ class Engine:
                 state.prefixes[system] = gen.prefix
                 self.cache.trim()
             timing["prefill_reused_tokens"] = gen.prefill_reused
+        return self._result(state, prompt, task, gen, timing)
+
+    def _result(self, state: SliceState, prompt: str, task: str, gen: Generation,
+                timing: dict) -> Result:
+        """Parse one generation and decode its [SEG] masks, in the state's own pixels."""
         timing["prefill"], timing["decode"] = gen.prefill_ms, gen.decode_ms
         text = self.tokenizer.decode(gen.token_ids, skip_special_tokens=False)
         parsed = parse_output(text, prompt)

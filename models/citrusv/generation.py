@@ -154,3 +154,65 @@ def teacher_force(mllm, input_ids, image_grid_thw, image_embeds, answer_ids: lis
         (0, out.last_hidden_state.shape[-1]))
     ms = (time.perf_counter() - t0) * 1e3
     return Generation(list(answer_ids), hidden, n, len(answer_ids), ms, 0.0)
+
+
+@torch.no_grad()
+def generate_capturing_batch(mllm, input_ids, image_grid_thw, image_embeds, seg_id: int,
+                             eos_ids: set[int], max_new_tokens: int = 512, offset: int = 0,
+                             vocab_limit: int | None = None) -> list[Generation]:
+    """Greedy decode of B prompts of identical layout (same length, same image grid: the
+    slices of one volume) in one batch; rows that finish early idle until all are done."""
+    core, device = mllm.model, input_ids.device
+    b, n = input_ids.shape
+    t0 = time.perf_counter()
+    emb, position_ids, rope_deltas = _embed_prompt(mllm, input_ids, image_grid_thw, image_embeds)
+    cache = DynamicCache(config=mllm.config.text_config)
+    out = core.language_model(inputs_embeds=emb, position_ids=position_ids,
+                              past_key_values=cache, use_cache=True,
+                              cache_position=torch.arange(n, device=device))
+    last = out.last_hidden_state[:, -1]
+    t1 = time.perf_counter()
+    tokens: list[list[int]] = [[] for _ in range(b)]
+    seg: list[list[torch.Tensor]] = [[] for _ in range(b)]
+    done = [False] * b
+    pending = [False] * b
+    prev = last
+    embed = core.get_input_embeddings()
+    deltas = rope_deltas.to(device).view(1, b, 1)
+    step = 0
+    while True:
+        for i in range(b):
+            if pending[i]:
+                seg[i].append(last[i] if offset == 0 else prev[i])
+                pending[i] = False
+        if all(done) or step >= max_new_tokens:
+            break
+        next_ids = mllm.lm_head(last)[..., :vocab_limit].argmax(-1).tolist()
+        feed = []
+        for i, token in enumerate(next_ids):
+            if done[i] or token in eos_ids:
+                done[i] = True
+                feed.append(tokens[i][-1] if tokens[i] else token)
+                continue
+            tokens[i].append(token)
+            pending[i] = token == seg_id
+            if len(tokens[i]) >= max_new_tokens and not pending[i]:
+                done[i] = True
+            feed.append(token)
+        step += 1
+        if all(done) and not any(pending):
+            break
+        prev = last
+        pos = n + step - 1
+        pids = (deltas + pos).expand(3, b, 1)
+        out = core.language_model(inputs_embeds=embed(torch.tensor([feed], device=device).T),
+                                  position_ids=pids, past_key_values=cache, use_cache=True,
+                                  cache_position=torch.tensor([pos], device=device))
+        last = out.last_hidden_state[:, -1]
+    t2 = time.perf_counter()
+    gens = []
+    for i in range(b):
+        hidden = torch.stack(seg[i]) if seg[i] else last.new_zeros((0, last.shape[-1]))
+        gens.append(Generation(tokens[i], hidden, n, len(tokens[i]), (t1 - t0) * 1e3 / b,
+                               (t2 - t1) * 1e3 / b))
+    return gens

@@ -254,3 +254,24 @@ def test_save_pretrained_round_trip(engine, tmp_path):
     a = engine.ask(img, "Segment the liver.", window="auto", forced_text="liver [SEG]")
     b = again.ask(img, "Segment the liver.", forced_text="liver [SEG]")
     np.testing.assert_array_equal(a.masks[0].array, b.masks[0].array)
+
+
+def test_ask_volume_batched_decode_matches_slice_by_slice(fitted_dir):
+    """Slices of one volume share one batched vision pass and greedy decode."""
+    e = Engine.load(fitted_dir)
+    vol = np.stack([ct_slice(70, 60, seed=s) for s in range(5)])
+    for prompt, answer in (("Please segment the liver in this scan.", ANSWERS["segment"]),
+                           ("Where is the liver?", ANSWERS["detect"])):
+        res = e.ask_volume(vol, prompt, slices=range(5), window="abdomen", batch_size=3)
+        assert res.text.split("\n")[:1] == [f"[slice 0] {answer.splitlines()[0]}"]
+        assert res.text.count("[slice ") == 5
+        single = Engine.load(fitted_dir)
+        for k in (0, 3):
+            one = single.ask(vol[k], prompt, window="abdomen")
+            assert one.text == answer
+            if one.masks:
+                diff = np.count_nonzero(res.masks[0].array[k] ^ one.masks[0].array)
+                assert diff <= 0.005 * one.masks[0].array.size
+            else:
+                assert [b.xyxy for b in res.boxes if b.slice == k] == [
+                    b.xyxy for b in one.boxes]
