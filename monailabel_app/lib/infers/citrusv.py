@@ -54,8 +54,7 @@ class CitrusVInfer(InferTask):
         self.model = model
         self.studies = studies
         self.closer_look_margin = closer_look_margin
-        # 1 until the engine's batched SAM2 encode handles more than one new slice per batch
-        self.volume_batch_size = 1
+        self.volume_batch_size = 8  # slices per batched SAM2 encode in slice ranges
 
     def is_valid(self) -> bool:
         return True  # listed in /info even before the checkpoint exists (status says why)
