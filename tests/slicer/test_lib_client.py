@@ -184,6 +184,13 @@ def test_datastore_training_and_active_learning_requests(http_server, tmp_path):
             "does not know the task",
         ),
         (
+            413,
+            '{"detail": "The image has 90000000 voxels, over max_voxels 50000000: crop it."}',
+            "citrusv_segment",
+            "The image has 90000000 voxels, over max_voxels 50000000: crop it.",
+        ),
+        (413, '{"detail": ""}', "citrusv_segment", "The image is too large for the server"),
+        (
             503,
             '{"detail": "model not installed yet"}',
             None,
@@ -305,9 +312,9 @@ def test_infer_params_follow_the_api():
     assert infer_params("liver", scope="volume", window=(40, 400))["slice"] == "all"
     closer = infer_params(None, "axial", "slice", 3, roi=(1, 2, 30, 40), label="liver")
     assert closer == {"axis": "axial", "slice": 3, "roi": [1.0, 2.0, 30.0, 40.0], "label": "liver"}
+    # 2D images: neither slice nor axis (docs/api.md, app details)
     assert infer_params("where is the heart?", "axial", "slice", 0, is_2d=True) == {
-        "axis": "axial",
-        "prompt": "where is the heart?",
+        "prompt": "where is the heart?"
     }
     with pytest.raises(CitrusVError, match="question is empty"):
         infer_params("  ", "axial", "slice", 3)

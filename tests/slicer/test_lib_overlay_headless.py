@@ -146,7 +146,7 @@ def test_ask_server_on_a_2d_image_sends_no_slice(http_server, tmp_path):
     params = json.loads(
         parse_multipart(sent["body"], sent["headers"]["Content-Type"])["params"].text()
     )
-    assert params == {"prompt": "Where is the heart?", "axis": "axial"}
+    assert params == {"prompt": "Where is the heart?"}  # 2D: no slice, no axis (docs/api.md)
     img = np.asarray(Image.open(png).convert("RGB")).astype(int)
     scale = int(np.ceil(MIN_SIDE / 50))
     heart = np.array(label_color("heart"))

@@ -112,6 +112,10 @@ def test_closer_look_keeps_the_mask_inside_the_roi(client, ct):
         {"slice": k, "roi": roi, "label": "liver", "prompt": "Segment the liver."},
     ).result
     assert result.closer_look is not None
+    assert list(result.closer_look.roi) == roi
+    if result.closer_look.crop is not None:
+        cx1, cy1, cx2, cy2 = result.closer_look.crop
+        assert cx1 <= roi[0] and cy1 <= roi[1] and cx2 >= roi[2] and cy2 >= roi[3]
     for mask in result.masks:
         ys, xs = np.nonzero(mask.array())
         if xs.size:
@@ -175,3 +179,12 @@ def test_next_sample_gives_a_slice_for_a_volume(reasoning_client):
     else:
         assert sample.slice_index is None
     assert sample.axis == "axial" and sample.raw.get("reason")
+
+
+def test_headless_twin_on_the_2d_xray(server, tmp_path):
+    png = tmp_path / "xray.png"
+    result = ask_server(server.url, "chest_xray", None, "Segment the lungs.", png)
+    assert result.image.slices == [] and result.image.shape[0] == 1
+    assert all(m.slice is None for m in result.masks)
+    with Image.open(png) as img:
+        assert img.width > result.image.shape[2]

@@ -50,9 +50,9 @@ def infer_params(
 ) -> dict[str, Any]:
     """The ``params`` of ``POST /infer`` (docs/api.md) from what the user chose in the widget.
 
-    ``is_2d``: the image is one plane (X-ray), so no slice is sent.
+    ``is_2d``: the image is one plane (X-ray, picture): neither slice nor axis is sent.
     """
-    params: dict[str, Any] = {"axis": axis}
+    params: dict[str, Any] = {} if is_2d else {"axis": axis}
     if prompt is not None and prompt.strip():
         params["prompt"] = prompt.strip()
     elif roi is None:

@@ -88,7 +88,11 @@ def error_for_response(response: requests.Response, task: str | None = None) -> 
             else ("The server has no such resource: check the server URL and the image id.")
         )
     elif status == 413:
-        message = "The image is too large for the server: send a smaller region or one slice."
+        message = (
+            _sentence(detail)
+            if detail
+            else ("The image is too large for the server: send a smaller region or one slice.")
+        )
     elif status == 503:
         message = "The server is not ready yet (HTTP 503)" + (
             f": {detail.rstrip('.')}." if detail else "; try again in a minute."

@@ -71,9 +71,10 @@ class ImageInfo:
 
 @dataclass
 class CloserLook:
-    roi: tuple[float, float, float, float]
+    roi: tuple[float, float, float, float]  # the asked box (or the engine's pick)
     area_px_before: int | None = None
     area_px_after: int | None = None
+    crop: tuple[float, float, float, float] | None = None  # the square the model saw
 
 
 @dataclass
@@ -173,6 +174,7 @@ class Result:
                 roi=tuple(float(v) for v in closer["roi"]),  # type: ignore[arg-type]
                 area_px_before=closer.get("area_px_before"),
                 area_px_after=closer.get("area_px_after"),
+                crop=None if not closer.get("crop") else tuple(float(v) for v in closer["crop"]),  # type: ignore[arg-type]
             ),
             raw=dict(data),
         )
