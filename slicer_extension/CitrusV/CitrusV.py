@@ -417,7 +417,7 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         total = result.timing_ms.get("total")
         parts = [f"{len(result.masks)} mask(s), {len(result.boxes)} box(es)"]
         if model:
-            parts.append(f"model {model.get('name', '?')} v{model.get('version', '?')}")
+            parts.append(f"model {model.get('name', '?')}, version {model.get('version', '?')}")
         if total is not None:
             parts.append(f"{total / 1000:.1f} s")
         self.ui.statusLabel.text = "; ".join(parts) + "."
@@ -708,12 +708,18 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def describeServer(info):
+        """One line for /info/: app, Citrus-V tasks, serving model version or why none."""
         models = info.get("models", {}) or {}
         names = [m for m in models if m.startswith("citrusv_")]
         citrus = info.get("citrusv", {}) or {}
-        status = citrus.get("status") or citrus.get("version") or ""
         text = f"Connected: {info.get('name', 'MONAI Label')} with {len(names)} Citrus-V task(s)"
-        return text + (f"; model {status}." if status else ".")
+        version = citrus.get("serving_version")
+        status = citrus.get("status")
+        if version is not None:
+            text += f"; serving model version {version}"
+        if status and status not in ("ready", "loaded", "ok"):
+            text += f"; model {status}"
+        return text + "."
 
     @staticmethod
     def describeTraining(status):

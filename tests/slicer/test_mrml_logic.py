@@ -141,3 +141,7 @@ def test_status_sentences(citrusv_module):
     assert logic.describeServer(info) == (
         "Connected: Citrus-V with 2 Citrus-V task(s); model model not installed yet."
     )
+    info["citrusv"] = {"status": "ready", "serving_version": "3"}
+    assert logic.describeServer(info) == (
+        "Connected: Citrus-V with 2 Citrus-V task(s); serving model version 3."
+    )
