@@ -120,3 +120,35 @@ def test_uploaded_image_file(citrusv_server, tmp_path):
     result, label = split_multipart(r, tmp_path)
     assert result["image"]["shape"] == [4, 128, 128]
     np.testing.assert_allclose(label.affine, small.affine, atol=1e-4)
+
+
+def test_closer_look_without_roi_uses_first_pass_region(citrusv_server, tmp_path):
+    r = citrusv_server.post("/infer/citrusv_closer_look?image=chest_ct",
+                            data=_params(prompt="Segment the liver.", slice=60))
+    result, label = split_multipart(r, tmp_path)
+    check_result(result, "closer_look")
+    x1, y1, x2, y2 = result["closer_look"]["roi"]
+    ys, xs = np.nonzero(zyx(label)[60])
+    if len(ys):
+        assert xs.min() >= x1 and xs.max() < x2 and ys.min() >= y1 and ys.max() < y2
+
+
+def test_uploaded_nrrd_label_keeps_its_geometry(citrusv_server, tmp_path):
+    import nrrd
+
+    ct = nib.load(citrusv_server.studies / "chest_ct.nii.gz")
+    data = np.asarray(ct.dataobj[::8, ::8, 50:53])  # [i, j, k]
+    ras = ct.affine @ np.diag([8, 8, 1, 1])
+    ras[:3, 3] = ct.affine[:3, :3] @ [0, 0, 50] + ct.affine[:3, 3]
+    lps = np.diag([-1, -1, 1, 1]) @ ras
+    path = tmp_path / "upload.nrrd"
+    nrrd.write(str(path), data, {"space": "left-posterior-superior",
+                                 "space directions": lps[:3, :3].T, "space origin": lps[:3, 3]})
+    with open(path, "rb") as f:
+        r = citrusv_server.post("/infer/citrusv_segment",
+                                files={"file": ("upload.nrrd", f, "application/octet-stream")},
+                                data=_params(prompt="Segment the liver.", slice=1))
+    result, label = split_multipart(r, tmp_path)
+    assert result["image"]["shape"] == [3, 64, 64]
+    np.testing.assert_allclose(label.affine, ras, atol=1e-4)
+    assert set(np.flatnonzero(zyx(label).reshape(3, -1).any(axis=1))) <= {1}

@@ -87,6 +87,8 @@ class CitrusVFinetune(TrainTask):
         if not any(s.positive for s in train):
             raise ValueError("No corrected label has any structure in it; save labels with "
                              "PUT /datastore/label?tag=final first.")
+        if not self.model.installed():
+            raise ValueError(self.model.not_installed_sentence())
         base_version, base_path = self.model.serving()
         engine = self.model.load_engine(base_path)
         logger.info("Fine-tuning from version %s on %d slices (%d positive), validating on %d",
