@@ -37,7 +37,8 @@ def ask_cli(args: argparse.Namespace) -> int:
         if study.kind == "volume" and study.array.ndim == 3:
             slice_index = study.array.shape[axis] // 2 if args.slice is None else args.slice
             plane = study.slice(slice_index, axis)
-            spacing = tuple(s for i, s in enumerate(study.spacing) if i != axis)
+            spacing = None if study.spacing is None else tuple(
+                s for i, s in enumerate(study.spacing) if i != axis)
         else:
             plane = study.array
         engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
@@ -53,8 +54,9 @@ def ask_cli(args: argparse.Namespace) -> int:
         return 2
     data = res.to_json()
     if study.kind == "volume":
-        data["image"].update({"shape": [int(s) for s in study.array.shape],
-                              "spacing": [float(s) for s in study.spacing], "axis": args.axis})
+        data["image"].update({"shape": [int(s) for s in study.array.shape], "axis": args.axis,
+                              "spacing": None if study.spacing is None else
+                              [float(s) for s in study.spacing]})
     print(f"task: {res.task}\ntext: {res.text}\nanswer: {res.answer}")
     for m in res.masks:
         print(f"mask '{m.label}': {m.area_px} px, score {m.score:.3f}")

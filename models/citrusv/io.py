@@ -18,7 +18,7 @@ class Study:
     """Pixels in index order (z, y, x) or a 2D (y, x[, 3]) image, plus what a viewer needs."""
 
     array: np.ndarray
-    spacing: tuple[float, ...]  # per array axis, mm
+    spacing: tuple[float, ...] | None  # per array axis, mm; None when the file does not say
     affine: np.ndarray | None = None  # 4x4 voxel (i, j, k) -> patient/world, when known
     kind: str = "volume"  # "volume" or "image"
     photometric: str | None = None
@@ -96,18 +96,29 @@ def _dicom_pixels(ds) -> np.ndarray:
     return arr * slope + intercept
 
 
+def _pixel_spacing(ds) -> list[float] | None:
+    """PixelSpacing, else ImagerPixelSpacing (X-ray); None when absent or zero."""
+    for tag in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = getattr(ds, tag, None)
+        if value is not None and len(value) == 2 and all(float(v) > 0 for v in value):
+            return [float(v) for v in value]
+    return None
+
+
 def read_dicom_file(path: Path) -> Study:
     import pydicom
 
     ds = pydicom.dcmread(str(path))
     arr = _dicom_pixels(ds)
-    ps = [float(v) for v in getattr(ds, "PixelSpacing", [1.0, 1.0])]
+    ps = _pixel_spacing(ds)
     photometric = str(getattr(ds, "PhotometricInterpretation", "")) or None
     modality = str(getattr(ds, "Modality", "")) or None
     if arr.ndim == 2 or (arr.ndim == 3 and photometric in ("RGB", "YBR_FULL")):
-        return Study(arr, tuple(ps), kind="image", photometric=photometric, modality=modality)
+        return Study(arr, None if ps is None else tuple(ps), kind="image",
+                     photometric=photometric, modality=modality)
     thick = float(getattr(ds, "SliceThickness", 1.0) or 1.0)
-    return Study(arr, (thick, *ps), photometric=photometric, modality=modality)
+    return Study(arr, None if ps is None else (thick, *ps), photometric=photometric,
+                 modality=modality)
 
 
 def read_dicom_series(folder: Path) -> Study:
@@ -136,7 +147,7 @@ def read_dicom_series(folder: Path) -> Study:
 
     slices.sort(key=position)
     arr = np.stack([_dicom_pixels(s) for s in slices])
-    ps = [float(v) for v in getattr(slices[0], "PixelSpacing", [1.0, 1.0])]
+    ps = _pixel_spacing(slices[0]) or [1.0, 1.0]
     gaps = np.diff([position(s) for s in slices])
     dz = float(np.median(np.abs(gaps))) if len(gaps) else float(
         getattr(slices[0], "SliceThickness", 1.0) or 1.0)
@@ -160,4 +171,4 @@ def read_png(path: Path) -> Study:
     with Image.open(path) as img:
         img = img.convert("RGB") if img.mode not in ("L", "I", "I;16", "F") else img
         arr = np.asarray(img)
-    return Study(arr, (1.0, 1.0), kind="image")
+    return Study(arr, None, kind="image")

@@ -3,6 +3,7 @@ boxes, numbered reasoning steps. Pure Pillow, so the Slicer headless client can 
 
 from __future__ import annotations
 
+import re
 import textwrap
 
 import numpy as np
@@ -30,18 +31,26 @@ def render_overlay(result: dict, image: np.ndarray, slice_index: int | None = No
             continue
         colour = np.array(COLOURS[(int(m.get("label_index", 1)) - 1) % len(COLOURS)], np.float32)
         base[mask] = (1 - alpha) * base[mask] + alpha * colour
-    font = ImageFont.load_default()
+    scale = max(1.0, h / 512)  # keep text readable on large X-rays
+    size = int(round(11 * scale))
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        font = ImageFont.load_default()
+    panel_width = int(panel_width * scale)
+    line = int(round(14 * scale))
     steps = result.get("reasoning", [])
     answer = result.get("answer", "")
-    wrap = max(20, panel_width // 7)
+    wrap = max(20, int(panel_width / (7 * scale)))
     lines: list[str] = []
     for s in steps:
         cites = f" [{', '.join(s.get('box_ids', []))}]" if s.get("box_ids") else ""
-        lines += textwrap.wrap(f"{s.get('step')}. {s.get('text', '')}{cites}", wrap) or [""]
+        text = re.sub(r"\s*<bbox>.*?</bbox>", "", s.get("text", ""))  # cited as [b1] instead
+        lines += textwrap.wrap(f"{s.get('step')}. {text}{cites}", wrap) or [""]
     if answer:
         lines += [""] + textwrap.wrap(f"Answer: {answer}", wrap)
     panel = panel_width if lines else 0
-    canvas = Image.new("RGB", (w + panel, max(h, 14 * len(lines) + 10)), (20, 20, 20))
+    canvas = Image.new("RGB", (w + panel, max(h, line * len(lines) + 10)), (20, 20, 20))
     canvas.paste(Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)), (0, 0))
     draw = ImageDraw.Draw(canvas)
     for i, b in enumerate(result.get("boxes", [])):
@@ -49,9 +58,10 @@ def render_overlay(result: dict, image: np.ndarray, slice_index: int | None = No
             continue
         x1, y1, x2, y2 = b["xyxy"]
         colour = COLOURS[i % len(COLOURS)]
-        draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=colour, width=2)
-        draw.text((x1 + 2, max(0, y1 - 12)), f"{b.get('id', '')} {b.get('label', '')}",
+        draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=colour,
+                       width=max(2, int(2 * scale)))
+        draw.text((x1 + 2, max(0, y1 - line)), f"{b.get('id', '')} {b.get('label', '')}",
                   fill=colour, font=font)
-    for i, line in enumerate(lines):
-        draw.text((w + 8, 6 + 14 * i), line, fill=(235, 235, 235), font=font)
+    for i, text in enumerate(lines):
+        draw.text((w + 8, 6 + line * i), text, fill=(235, 235, 235), font=font)
     return canvas
