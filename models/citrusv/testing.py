@@ -114,7 +114,8 @@ def write_tiny_checkpoint(path: str | Path, seed: int = 0, answers: dict[str, st
     config = tiny_config(tokenizer, image_size=image_size)
     processor = tiny_processor(tokenizer)
     if answers:
-        config.task_system_prompts = {t: TASK_SYSTEM[t] for t in answers}
+        config.task_system_prompts = {
+            t: TASK_SYSTEM.get(t, f"You are a helpful assistant. Task: {t}.") for t in answers}
         if "closer_look" not in answers and "segment" in answers:
             config.task_system_prompts["closer_look"] = TASK_SYSTEM["segment"]
     model = build_model(config, torch.float32, random_init=True)
@@ -212,3 +213,7 @@ def _fit_answers(model, processor, config, answers: dict[str, str], seed: int,
             if passed >= 3:
                 break
     model.mllm.eval()
+    if passed < 3:
+        raise RuntimeError(f"the tiny model did not learn the answers in {max_steps} steps; "
+                           "pass shorter answers or a larger max_fit_steps.")
+    model.fit_steps = step + 1

@@ -275,3 +275,9 @@ def test_ask_volume_batched_decode_matches_slice_by_slice(fitted_dir):
             else:
                 assert [b.xyxy for b in res.boxes if b.slice == k] == [
                     b.xyxy for b in one.boxes]
+
+
+def test_unknown_model_directory_is_input_error(tmp_path):
+    with pytest.raises(InputError, match="does not exist") as err:
+        Engine.load(tmp_path / "nope")
+    assert err.value.field == "model"
