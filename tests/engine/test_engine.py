@@ -8,7 +8,7 @@ from citrusv import Engine, InputError, rle
 from citrusv.generation import generate_capturing, image_embeddings, teacher_force
 from citrusv.imaging import smart_resize
 from citrusv.prompting import pixel_inputs, text_inputs
-from conftest import ANSWERS
+from .conftest import ANSWERS
 
 FORCED = (
     "<think>1. The liver <bbox>[28, 14, 84, 70]</bbox> is enlarged.\n"
