@@ -3,6 +3,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from citrusv import Engine, InputError, rle
 from citrusv.generation import generate_capturing, image_embeddings, teacher_force
@@ -281,3 +283,28 @@ def test_unknown_model_directory_is_input_error(tmp_path):
     with pytest.raises(InputError, match="does not exist") as err:
         Engine.load(tmp_path / "nope")
     assert err.value.field == "model"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(h=st.integers(30, 400), w=st.integers(30, 400), data=st.data())
+def test_box_through_the_engine_maps_back_to_the_drawn_box(engine, h, w, data):
+    """A box drawn on the slice, written by the model in its frame (integers), comes back in
+    slice pixels within the rounding of one frame pixel (<= 1 px unless the frame is smaller)."""
+    if max(h, w) / min(h, w) > 20:
+        return
+    fh, fw = smart_resize(h, w, 28, engine.config.min_pixels, engine.config.max_pixels)
+    x1 = data.draw(st.integers(0, w - 2))
+    y1 = data.draw(st.integers(0, h - 2))
+    x2 = data.draw(st.integers(x1 + 1, w))
+    y2 = data.draw(st.integers(y1 + 1, h))
+    frame = [round(x1 * fw / w), round(y1 * fh / h), round(x2 * fw / w), round(y2 * fh / h)]
+    if frame[2] <= frame[0] or frame[3] <= frame[1]:
+        return
+    res = engine.ask(np.zeros((h, w), np.float32), "Where is the liver?",
+                     forced_text=f"The liver <bbox>{frame}</bbox>.")
+    (box,) = res.boxes
+    tol_x, tol_y = 0.5 * w / fw + 1e-6, 0.5 * h / fh + 1e-6
+    assert abs(box.xyxy[0] - x1) <= tol_x and abs(box.xyxy[2] - x2) <= tol_x
+    assert abs(box.xyxy[1] - y1) <= tol_y and abs(box.xyxy[3] - y2) <= tol_y
+    if fw >= w / 2 and fh >= h / 2:
+        assert max(abs(a - b) for a, b in zip(box.xyxy, [x1, y1, x2, y2])) <= 1.0
