@@ -164,7 +164,7 @@ def _four_numbers(value) -> list[float] | None:
 def _label_before(text: str, pos: int) -> str:
     """The name just before a box: a quoted name, else the last content words of the clause."""
     head = text[max(0, pos - 100):pos]
-    head = re.split(r"[.!?;\n>]|\]\s*,?", head)[-1] if head else ""
+    head = re.split(r"[.!?;:\n>]|\]\s*,?", head)[-1] if head else ""
     quoted = re.findall(r"['\"]([^'\"]{1,60})['\"]", head)
     if quoted:
         return quoted[-1].strip()

@@ -62,3 +62,11 @@ def test_task_routing_from_prompt():
     assert infer_task("Write a report, think step by step.") == "report"
     assert infer_task("Is this normal?") == "report"
     assert prompt_target("Please segment the liver in this scan.") == "liver"
+
+
+def test_step_numbers_are_not_part_of_box_labels():
+    text = ("<think>Step 1: the liver <bbox>[1, 2, 30, 40]</bbox> is normal.\n"
+            "Step 2: Spleen <bbox>[5, 6, 20, 22]</bbox>.</think><answer>Normal.</answer>")
+    p = parse_output(text)
+    assert [b.label for b in p.boxes] == ["liver", "spleen"]
+    assert [s.box_ids for s in p.steps] == [["b1"], ["b2"]]
