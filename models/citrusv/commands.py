@@ -24,8 +24,13 @@ def ask_cli(args: argparse.Namespace) -> int:
     from .engine import AXES, Engine
     from .errors import InputError
     from .io import read_study
-    from .overlay import render_overlay
 
+    if args.server:
+        return _ask_server(args)
+    if not args.model:
+        print("error: pass --model DIR (local engine) or --server URL (a running server)",
+              file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -69,8 +74,35 @@ def ask_cli(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(data, indent=2))
     if args.png:
+        from CitrusVLib.overlay import render_overlay  # the one renderer, shared with Slicer
+
         rgb = imaging.to_rgb_uint8(plane, window, study.photometric)
-        render_overlay(data, rgb).save(args.png)
+        render_overlay(rgb, data).save(args.png)
+    return 0
+
+
+def _ask_server(args: argparse.Namespace) -> int:
+    """The headless twin of the Slicer module: same client, same overlay, no Slicer."""
+    from CitrusVLib.errors import CitrusVError
+    from CitrusVLib.headless import ask_server
+
+    if not args.png:
+        print("error: --server needs --png to write the overlay", file=sys.stderr)
+        return 2
+    try:
+        result = ask_server(args.server, args.image, args.slice, args.prompt, args.png,
+                            task=args.task, axis=args.axis, window=_window(args.window))
+    except CitrusVError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"task: {result.task}\nanswer: {result.answer}")
+    for b in result.boxes:
+        print(f"box {b.id} '{b.label}': {[round(v, 1) for v in b.xyxy]}")
+    for step in result.reasoning:
+        print(f"step {step.step}: {step.text} {step.box_ids}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.raw, indent=2))
+    print(f"overlay: {args.png}")
     return 0
 
 
@@ -91,9 +123,12 @@ def bench_cli_args(args: argparse.Namespace) -> int:
 
 def add_commands(sub) -> None:
     """Register `ask` and `bench` on the `citrusv` sub-command parser."""
-    p = sub.add_parser("ask", help="ask the engine about one slice; print, --json, --png")
-    p.add_argument("--model", required=True, help="Citrus-V checkpoint directory")
-    p.add_argument("--image", required=True, help="NIfTI, NRRD, DICOM file or folder, PNG")
+    p = sub.add_parser("ask", help="ask about one slice (local engine or a server); --json, --png")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--model", help="Citrus-V checkpoint directory (runs the engine here)")
+    where.add_argument("--server", help="MONAI Label server URL (then --image is a datastore id)")
+    p.add_argument("--image", required=True,
+                   help="NIfTI, NRRD, DICOM file or folder, PNG; with --server: the image id")
     p.add_argument("--slice", type=int, default=None, help="slice index (default: middle)")
     p.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"])
     p.add_argument("--prompt", required=True)

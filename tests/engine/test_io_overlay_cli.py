@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from citrusv import InputError, rle
+from citrusv import InputError
 from citrusv.bench import run_bench
 from citrusv.cli import main
 from citrusv.io import read_study
-from citrusv.overlay import render_overlay
 
 
 def _volume():
@@ -81,22 +80,6 @@ def test_png_and_unreadable(tmp_path):
     (tmp_path / "junk.dcm").write_bytes(b"not an image")
     with pytest.raises(InputError, match="could not be read"):
         read_study(tmp_path / "junk.dcm")
-
-
-def test_overlay_draws_masks_boxes_and_steps():
-    mask = np.zeros((40, 50), bool)
-    mask[10:20, 10:30] = True
-    result = {"masks": [{"label": "liver", "label_index": 1, "slice": None,
-                         "rle": rle.encode(mask)}],
-              "boxes": [{"id": "b1", "label": "liver", "xyxy": [30, 25, 45, 38]}],
-              "reasoning": [{"step": 1, "text": "The liver is normal.", "box_ids": ["b1"]}],
-              "answer": "Normal."}
-    img = render_overlay(result, np.zeros((40, 50), np.uint8), panel_width=200)
-    arr = np.asarray(img)
-    assert img.size[0] == 250 and img.size[1] >= 40  # the panel may be taller than the slice
-    assert tuple(arr[15, 15]) == (92, 10, 30)  # 0.4 * (230, 25, 75) over black
-    assert tuple(arr[25, 35]) == (230, 25, 75)  # box outline
-    assert arr[5:20, 55:249].max() > 200  # step text drawn in the panel
 
 
 def test_cli_ask_writes_json_and_png(fitted_dir, tmp_path, capsys):
