@@ -1,12 +1,14 @@
 """Corrections -> labels/final -> fine-tuning -> a new served version; active learning.
 
-These tests share one server and run in file order: save a correction, train on it, then ask
-the strategy (which then only sees the still-unlabelled X-ray).
+These tests change the server's state (labels, model versions), so they run on a private
+server of their own, in file order: save a correction, train on it, then ask the strategy
+(which then only sees the still-unlabelled X-ray).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -14,8 +16,20 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from tests.server import copy_studies, start_citrusv_server
+
 REFERENCE = Path(__file__).resolve().parents[2] / "sample_data" / "reference" / "chest_ct"
 SPLEEN = 1  # labels.json: {"1": "spleen", ...}
+
+
+@pytest.fixture(scope="module")
+def citrusv_server(tmp_path_factory, tiny_model_dir, citrusv_sample_studies):
+    """A private server (shadows the shared session one for this module)."""
+    root = tmp_path_factory.mktemp("corrections_server")
+    studies = copy_studies(root / "studies", citrusv_sample_studies)
+    shutil.copytree(tiny_model_dir, root / "model")
+    with start_citrusv_server(studies, root / "model") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +142,15 @@ def test_killed_training_leaves_the_serving_model(citrusv_server):
     stopped = citrusv_server.delete("/train/")
     assert stopped.status_code == 200, stopped.text
     assert _wait_for_training(citrusv_server)["status"] == "STOPPED"
-    info = citrusv_server.get("/info/").json()
+    deadline = time.monotonic() + 15  # the kill lands within moments of STOPPED
+    while True:
+        info = citrusv_server.get("/info/").json()
+        status = info["train_stats"]["citrusv_finetune"]["last_run"]["status"]
+        if status == "killed" or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert status == "killed"
     assert [v["version"] for v in info["citrusv"]["versions"]] == ["1"]
-    assert info["train_stats"]["citrusv_finetune"]["last_run"]["status"] == "killed"
     ok = citrusv_server.post("/infer/citrusv_segment?image=chest_ct&output=json",
                              data={"params": json.dumps({"prompt": "Segment the spleen.",
                                                          "slice": 40})})
