@@ -161,7 +161,9 @@ def present(study: CTStudy, k: int) -> dict[str, np.ndarray]:
 
 
 def segment_answer(name: str) -> str:
-    return f"Sure, the {name} is [SEG]."
+    """The name also follows [SEG]: the state at [SEG] must predict it, so it tells SAM2 which
+    structure to cut (a tiny LM trained from scratch otherwise gives near-identical states)."""
+    return f"Sure, the {name} is [SEG] {name}."
 
 
 def detect_answer(name: str, box: list[int] | None) -> str:

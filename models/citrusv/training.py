@@ -170,7 +170,7 @@ def mllm_forward(model: CitrusV, images: list[ImageInputs], seqs: list[Sequence_
     mllm = model.mllm
     core = mllm.model
     device = next(model.parameters()).device
-    pv = torch.cat([im.pixel_values for im in images]).to(device)
+    pv = torch.cat([im.pixel_values for im in images]).to(device, _dtype(model))
     grids = torch.cat([im.grid for im in images]).to(device)
     feats = core.get_image_features(pv, grids)  # list per image
     length = max(len(s.ids) for s in seqs)
@@ -315,8 +315,9 @@ class SegSample:
 def _seg_answer(sample: SegSample) -> str:
     from .parsing import prompt_target
 
-    name = sample.label or prompt_target(sample.prompt) or "structure"
-    return f"Sure, the {name} is [SEG]."
+    from .nano_data import segment_answer
+
+    return segment_answer(sample.label or prompt_target(sample.prompt) or "structure")
 
 
 def finetune_segmentation(model: CitrusV, processor, samples: Sequence[SegSample | dict],
@@ -335,32 +336,17 @@ def finetune_segmentation(model: CitrusV, processor, samples: Sequence[SegSample
     if not samples:
         raise ValueError("finetune_segmentation needs at least one (image, prompt, mask) sample.")
     config = model.config
-    tok = processor.tokenizer
     device = next(model.parameters()).device
     rng = random.Random(seed)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     before = segmentation_dice(model, processor, val_samples) if val_samples else None
 
-    # frozen MLLM: one [SEG] state per sample, images rendered once
+    # frozen MLLM: one [SEG] state per sample (its own greedy answer), images rendered once
     model.eval()
     inputs = [render(s.image, s.window, processor, config) for s in samples]
-    states = []
-    with torch.no_grad():
-        for a in range(0, len(samples), 16):
-            chunk = list(range(a, min(a + 16, len(samples))))
-            seqs = []
-            for j, i in enumerate(chunk):
-                ids, start = encode_chat(tok, config, samples[i].prompt, _seg_answer(samples[i]),
-                                         inputs[i].grid, "segment")
-                seqs.append(Sequence_(ids, start, j))
-            _, hidden, ids_t = mllm_forward(model, [inputs[i] for i in chunk], seqs,
-                                            tok.pad_token_id, want_ce=False)
-            h, owners = seg_states(hidden, ids_t, seqs, config.seg_token_idx,
-                                   config.seg_hidden_offset)
-            assert owners == list(range(len(chunk))), "every teacher-forced answer has a [SEG]"
-            states.append(h.float().cpu())
-    seg_hidden = torch.cat(states)
+    states = [own_seg_state(model, processor, inp, s) for inp, s in zip(inputs, samples)]
+    seg_hidden = torch.stack(states)
     targets = [target_mask(s.mask) for s in samples]
 
     model.mllm.requires_grad_(False)
@@ -382,7 +368,7 @@ def finetune_segmentation(model: CitrusV, processor, samples: Sequence[SegSample
                 order = list(range(len(samples)))
                 rng.shuffle(order)
             batch.append(order.pop())
-        pixels = torch.stack([inputs[i].sam for i in batch]).to(device)
+        pixels = torch.stack([inputs[i].sam for i in batch]).to(device, _dtype(model))
         tgt = torch.stack([targets[i] for i in batch]).to(device)
         owners = list(range(len(batch)))
         if augment:
@@ -390,7 +376,8 @@ def finetune_segmentation(model: CitrusV, processor, samples: Sequence[SegSample
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, lr, max(1, steps // 20))
         feats = sam_features(model, pixels)
-        low, iou = decode_train(model, feats, owners, seg_hidden[batch].to(device))
+        low, iou = decode_train(model, feats, owners,
+                                seg_hidden[batch].to(device, _dtype(model)))
         parts = mask_losses(low, iou, tgt)
         loss = sum(LOSS_WEIGHTS[k] * v for k, v in parts.items())
         opt.zero_grad()
@@ -411,22 +398,53 @@ def finetune_segmentation(model: CitrusV, processor, samples: Sequence[SegSample
     return stats
 
 
+def _dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
 @torch.no_grad()
-def segmentation_dice(model: CitrusV, processor, samples: Sequence[SegSample | dict]) -> float:
-    """Mean Dice of teacher-forced [SEG] masks against the given masks (quick validation)."""
-    samples = [s if isinstance(s, SegSample) else SegSample(**s) for s in samples]
+def own_seg_state(model: CitrusV, processor, inp: ImageInputs, sample: SegSample
+                  ) -> torch.Tensor:
+    """The [SEG] state of the model's own greedy answer to the prompt (what inference feeds
+    SAM2); falls back to teacher-forcing "Sure, the <label> is [SEG] <label>." if it writes none.
+    """
+    from .generation import generate_capturing, image_embeddings
+
     config = model.config
     tok = processor.tokenizer
+    device, dtype = next(model.parameters()).device, _dtype(model)
+    merge = int(config.mllm.vision_config.spatial_merge_size)
+    grid = inp.grid.to(device)
+    embeds = image_embeddings(model.mllm, inp.pixel_values.to(device, dtype), grid)
+    system = config.task_system_prompts.get("segment", config.system_prompt)
+    ids = text_inputs(tok, system, sample.prompt, inp.grid, merge).to(device)
+    eos = {i for i in (tok.convert_tokens_to_ids("<|im_end|>"),
+                       tok.convert_tokens_to_ids("<|endoftext|>")) if i is not None}
+    gen = generate_capturing(model.mllm, ids, grid, embeds, int(config.seg_token_idx), eos,
+                             max_new_tokens=64, offset=int(config.seg_hidden_offset),
+                             vocab_limit=len(tok))
+    if gen.seg_hidden.shape[0]:
+        return gen.seg_hidden[0].float().cpu()
+    full, start = encode_chat(tok, config, sample.prompt, _seg_answer(sample), inp.grid,
+                              "segment")
+    seq = Sequence_(full, start, 0)
+    _, hidden, ids_t = mllm_forward(model, [inp], [seq], tok.pad_token_id, want_ce=False)
+    h, _ = seg_states(hidden, ids_t, [seq], config.seg_token_idx, config.seg_hidden_offset)
+    return h[0].float().cpu()
+
+
+@torch.no_grad()
+def segmentation_dice(model: CitrusV, processor, samples: Sequence[SegSample | dict]) -> float:
+    """Mean Dice of the masks the model gives for each prompt (its own [SEG] state)."""
+    samples = [s if isinstance(s, SegSample) else SegSample(**s) for s in samples]
+    config = model.config
     device = next(model.parameters()).device
     scores = []
     model.eval()
     for s in samples:
         inp = render(s.image, s.window, processor, config)
-        ids, start = encode_chat(tok, config, s.prompt, _seg_answer(s), inp.grid, "segment")
-        seq = Sequence_(ids, start, 0)
-        _, hidden, ids_t = mllm_forward(model, [inp], [seq], tok.pad_token_id, want_ce=False)
-        h, _ = seg_states(hidden, ids_t, [seq], config.seg_token_idx, config.seg_hidden_offset)
-        feats = model.encode_slice(inp.sam[None].to(device))
+        h = own_seg_state(model, processor, inp, s)[None].to(device, _dtype(model))
+        feats = model.encode_slice(inp.sam[None].to(device, _dtype(model)))
         logits, _ = model.decode_masks(feats, h, inp.hw)
         scores.append(dice_score(logits[0].cpu().numpy() > 0, np.asarray(s.mask, bool)))
     return float(np.mean(scores)) if scores else float("nan")
@@ -530,7 +548,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
                 segs = [s for s in pool if s["task"] == "segment"]
                 dets = [s for s in pool if s["task"] == "detect"]
                 while len(chosen) < seqs_per_image:
-                    chosen.append(rng.choice(dets if (rng.random() < 0.5 or not segs) else segs))
+                    chosen.append(rng.choice(dets if (rng.random() < 0.6 or not segs) else segs))
             else:
                 k = int(key.split(":")[1])
                 on = [n for n in NAMES if data.mask(n, k).sum() >= MIN_AREA_PX]
