@@ -87,9 +87,11 @@ class SharedModel:
     def status(self) -> str:
         if not self.installed():
             return NOT_INSTALLED
+        if self._engine is not None:
+            return "loaded"
         if self._load_error:
             return f"failed to load: {self._load_error}"
-        return "loaded" if self._engine is not None else "ready (loads on first request)"
+        return "ready (loads on first request)"
 
     def not_installed_sentence(self) -> str:
         return (f"{NOT_INSTALLED}: no Citrus-V checkpoint in {self.model_dir}; install models/nano "
@@ -115,6 +117,8 @@ class SharedModel:
             "device": self.device,
             "dtype": self.dtype or "auto",
             "versions": self.versions_info(),
+            "skipped_versions": sorted(self._failed, key=int),
+            "load_error": self._load_error,
             "last_training": self.last_run(),
         }
 

@@ -134,7 +134,7 @@ class CitrusVInfer(InferTask):
         if self.task == "closer_look":
             cl = dict(out.get("closer_look") or {})
             if p.roi is not None:  # the user's box; the engine's crop square adds context
-                cl["crop"] = cl.get("roi")
+                cl.setdefault("crop", cl.get("roi"))
                 cl["roi"] = [round(v, 2) for v in p.roi]
                 cl["area_px_after"] = int(sum(np.count_nonzero(m.array) for m in result.masks))
             out["closer_look"] = cl
