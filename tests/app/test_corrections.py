@@ -157,6 +157,22 @@ def test_killed_training_leaves_the_serving_model(citrusv_server):
     assert ok.status_code == 200 and ok.json()["model"]["version"] == "1"
 
 
+def test_unloadable_version_is_skipped_and_serving_goes_on(citrusv_server):
+    broken = citrusv_server.model_dir / "versions" / "2"
+    broken.mkdir()
+    (broken / "config.json").write_text("{ not json")
+    try:
+        r = citrusv_server.post("/infer/citrusv_segment?image=chest_ct&output=json",
+                                data={"params": json.dumps({"prompt": "Segment the spleen.",
+                                                            "slice": 40})})
+        assert r.status_code == 200, r.text
+        assert r.json()["model"]["version"] == "1"
+        info = citrusv_server.get("/info/").json()["citrusv"]
+        assert info["skipped_versions"] == ["2"] and info["serving_version"] == "1"
+    finally:
+        shutil.rmtree(broken)
+
+
 def test_strategy_returns_least_sure_unlabelled_image(citrusv_server):
     r = citrusv_server.post("/activelearning/citrusv_uncertainty", json={})
     assert r.status_code == 200, r.text

@@ -8,6 +8,7 @@ SAM2) on the *held-out* spleen slices is compared with Dice before training.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -21,6 +22,9 @@ from .helpers import decode_rle
 
 REFERENCE = Path(__file__).resolve().parents[2] / "sample_data" / "reference" / "chest_ct"
 PROMPT = "Segment the spleen."
+# Set to a real checkpoint (e.g. models/nano) to run the same benchmark on it.
+MODEL_DIR = os.environ.get("CITRUSV_FINETUNE_BENCH_MODEL")
+STEPS = int(os.environ.get("CITRUSV_FINETUNE_BENCH_STEPS", "60"))
 
 
 def _dice(server, k: int, truth: np.ndarray) -> float:
@@ -39,7 +43,8 @@ def test_finetune_on_some_slices_raises_dice_on_the_others(tmp_path_factory, tin
     root = tmp_path_factory.mktemp("finetune_bench")
     studies = copy_studies(root / "studies", citrusv_sample_studies)
     model_dir = root / "model"
-    shutil.copytree(tiny_model_dir, model_dir)
+    shutil.copytree(MODEL_DIR or tiny_model_dir, model_dir,
+                    ignore=shutil.ignore_patterns("versions"))
 
     ref = nib.load(REFERENCE / "mask.nii.gz")
     names = json.loads((REFERENCE / "labels.json").read_text())
@@ -63,7 +68,7 @@ def test_finetune_on_some_slices_raises_dice_on_the_others(tmp_path_factory, tin
         assert r.status_code == 200, r.text
         t0 = time.monotonic()
         r = server.post("/train/citrusv_finetune",
-                        json={"steps": 60, "batch_images": 4, "val_every": 0})
+                        json={"steps": STEPS, "batch_images": 4, "val_every": 0})
         assert r.status_code == 200, r.text
         while True:
             task = server.get("/train/").json()
