@@ -142,38 +142,42 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait(timeout=10)
 
 
-def _engine_fingerprint() -> str:
+def _engine_fingerprint(answers: dict[str, str]) -> str:
     """Changes when the engine's checkpoint code or the answers change (cache key)."""
     import citrusv
 
-    digest = hashlib.sha256(json.dumps(TINY_ANSWERS, sort_keys=True).encode())
-    for name in ("testing.py", "checkpoint.py", "config.py", "modeling.py"):
+    digest = hashlib.sha256(json.dumps(answers, sort_keys=True).encode())
+    for name in ("testing.py", "checkpoint.py", "config.py", "modeling.py", "prompting.py"):
         path = Path(citrusv.__file__).with_name(name)
         if path.exists():
             digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(request, tmp_path_factory) -> Path:
-    """A tiny Citrus-V checkpoint (released layout) whose decode is TINY_ANSWERS.
+def cached_tiny_checkpoint(request, tmp_path_factory, name: str, answers: dict[str, str]) -> Path:
+    """A tiny checkpoint fitted to `answers`, kept in .pytest_cache keyed by the engine's code.
 
-    Kept in pytest's cache (.pytest_cache), keyed by the engine's code, so reruns skip the fit.
+    Written to a scratch folder and renamed, so an interrupted fit never leaves a half model.
     """
     from citrusv.testing import write_tiny_checkpoint
 
     cache = getattr(request.config, "cache", None)
-    root = (Path(cache.mkdir("citrusv_tiny_model")) if cache is not None
-            else tmp_path_factory.mktemp("tiny_model"))
-    path = root / _engine_fingerprint()
+    root = Path(cache.mkdir(name)) if cache is not None else tmp_path_factory.mktemp(name)
+    path = root / _engine_fingerprint(answers)
     if (path / "config.json").exists():
         return path
     tmp = root / f".writing-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_tiny_checkpoint(tmp, seed=0, answers=TINY_ANSWERS)
+    write_tiny_checkpoint(tmp, seed=0, answers=answers)
     shutil.rmtree(path, ignore_errors=True)
     os.rename(tmp, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(request, tmp_path_factory) -> Path:
+    """A tiny Citrus-V checkpoint (released layout) whose decode is TINY_ANSWERS."""
+    return cached_tiny_checkpoint(request, tmp_path_factory, "citrusv_tiny_model", TINY_ANSWERS)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
 import socket
 import sys
 import threading
@@ -213,32 +212,10 @@ REASONING_ANSWERS = {
 @pytest.fixture(scope="session")
 def reasoning_model_dir(request, tmp_path_factory):
     """Tiny checkpoint fitted to REASONING_ANSWERS; cached in .pytest_cache by engine code."""
-    import hashlib
-    import json
-    import shutil
+    from tests.server import cached_tiny_checkpoint
 
-    import citrusv
-    from citrusv.testing import write_tiny_checkpoint
-
-    digest = hashlib.sha256(json.dumps(REASONING_ANSWERS, sort_keys=True).encode())
-    for name in ("testing.py", "checkpoint.py", "config.py", "modeling.py", "prompting.py"):
-        path = Path(citrusv.__file__).with_name(name)
-        if path.exists():
-            digest.update(path.read_bytes())
-    cache = getattr(request.config, "cache", None)
-    root = (
-        Path(cache.mkdir("citrusv_reasoning_model"))
-        if cache is not None
-        else tmp_path_factory.mktemp("reasoning_model")
-    )
-    path = root / digest.hexdigest()[:16]
-    if not (path / "config.json").exists():
-        tmp = root / f".writing-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        write_tiny_checkpoint(tmp, seed=0, answers=REASONING_ANSWERS)
-        shutil.rmtree(path, ignore_errors=True)
-        os.rename(tmp, path)
-    return path
+    return cached_tiny_checkpoint(request, tmp_path_factory, "citrusv_reasoning_model",
+                                  REASONING_ANSWERS)
 
 
 @pytest.fixture(scope="module")
