@@ -17,6 +17,20 @@ def _window(value: str | None):
     return value
 
 
+def print_result(data: dict) -> None:
+    """The result JSON as lines a person reads in a terminal (local engine or server alike)."""
+    print(f"task: {data.get('task')}\ntext: {data.get('text')}\nanswer: {data.get('answer')}")
+    for m in data.get("masks", []):
+        score = "n/a" if m.get("score") is None else f"{m['score']:.3f}"
+        print(f"mask '{m['label']}': {m['area_px']} px, score {score}")
+    for b in data.get("boxes", []):
+        print(f"box {b['id']} '{b['label']}': {[round(v, 1) for v in b['xyxy']]}")
+    for step in data.get("reasoning", []):
+        print(f"step {step['step']}: {step['text']} {step['box_ids']}")
+    for w in data.get("warnings", []):
+        print(f"warning: {w}")
+
+
 def ask_cli(args: argparse.Namespace) -> int:
     import torch
 
@@ -62,15 +76,7 @@ def ask_cli(args: argparse.Namespace) -> int:
         data["image"].update({"shape": [int(s) for s in study.array.shape], "axis": args.axis,
                               "spacing": None if study.spacing is None else
                               [float(s) for s in study.spacing]})
-    print(f"task: {res.task}\ntext: {res.text}\nanswer: {res.answer}")
-    for m in res.masks:
-        print(f"mask '{m.label}': {m.area_px} px, score {m.score:.3f}")
-    for b in res.boxes:
-        print(f"box {b.id} '{b.label}': {[round(v, 1) for v in b.xyxy]}")
-    for s in res.reasoning:
-        print(f"step {s.step}: {s.text} {s.box_ids}")
-    for w in res.warnings:
-        print(f"warning: {w}")
+    print_result(data)
     if args.json:
         Path(args.json).write_text(json.dumps(data, indent=2))
     if args.png:
@@ -95,11 +101,7 @@ def _ask_server(args: argparse.Namespace) -> int:
     except CitrusVError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"task: {result.task}\nanswer: {result.answer}")
-    for b in result.boxes:
-        print(f"box {b.id} '{b.label}': {[round(v, 1) for v in b.xyxy]}")
-    for step in result.reasoning:
-        print(f"step {step.step}: {step.text} {step.box_ids}")
+    print_result(result.raw)
     if args.json:
         Path(args.json).write_text(json.dumps(result.raw, indent=2))
     print(f"overlay: {args.png}")
