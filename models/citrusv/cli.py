@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="safety stop: end each stage early when the time is used up")
     p.add_argument("--joint-checkpoint", default=None,
                    help="also save the model after the joint stage here (for inspection)")
+    p.add_argument("--init", default=None,
+                   help="continue from this checkpoint instead of from scratch")
+    p.add_argument("--lr", type=float, default=1e-3, help="joint-stage learning rate")
+    p.add_argument("--seg-lr", type=float, default=5e-4, help="segmentation-stage learning rate")
     p.set_defaults(func=_train)
     p = sub.add_parser("eval", help="score a model on the held-out slice blocks of the sample CT")
     p.add_argument("--model", default="models/nano")

@@ -496,7 +496,8 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
                lr: float = 1e-3, seg_lr: float = 5e-4, threads: int = 1,
                log: Log | None = None, log_every: int = 10, save_dtype: str = "float16",
                max_minutes: float | None = None,
-               joint_checkpoint: str | Path | None = None) -> dict:
+               joint_checkpoint: str | Path | None = None,
+               init_from: str | Path | None = None) -> dict:
     """Build the data (if missing), train nano from scratch, save it in the released layout."""
     from .nano_data import (MIN_AREA_PX, NAMES, NANO_MAX_PIXELS, NANO_MIN_PIXELS,
                             TRAIN_WINDOWS, build_nano_data, load_nano_data)
@@ -510,10 +511,17 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
         build_nano_data(data_dir, seed=seed)
     data = load_nano_data(data_dir)
     train = [s for s in data.samples if s["split"] == "train"]
-    tokenizer = train_tokenizer(_corpus(data.samples))
-    processor = nano_processor(tokenizer, NANO_MIN_PIXELS, NANO_MAX_PIXELS)
-    config = nano_config(tokenizer, NANO_MIN_PIXELS, NANO_MAX_PIXELS)
-    model = build_model(config, torch.float32, random_init=True)
+    if init_from:  # continue from a saved nano (e.g. more segmentation-stage steps)
+        from .checkpoint import load_checkpoint
+
+        model, processor, config = load_checkpoint(init_from, dtype=torch.float32)
+        tokenizer = processor.tokenizer
+    else:
+        tokenizer = train_tokenizer(_corpus(data.samples))
+        processor = nano_processor(tokenizer, NANO_MIN_PIXELS, NANO_MAX_PIXELS)
+        config = nano_config(tokenizer, NANO_MIN_PIXELS, NANO_MAX_PIXELS)
+        model = build_model(config, torch.float32, random_init=True)
+    model.requires_grad_(True)
     bank = NanoBank(data, processor, config)
     pad = tokenizer.pad_token_id
     say = log or (lambda rec: print(json.dumps(rec), flush=True))
@@ -612,7 +620,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
         if (step + 1) % log_every == 0 or step == 0:
             say(rec)
     joint_s = time.perf_counter() - t1
-    if joint_checkpoint:
+    if joint_checkpoint and joint_steps:
         model.eval()
         save_nano(model, processor, Path(joint_checkpoint), save_dtype)
         model.train()
@@ -653,7 +661,8 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
     total_s = time.perf_counter() - t_start
     out = Path(out_dir)
     save_nano(model, processor, out, save_dtype)
-    stats = {"seed": seed, "joint_steps_run": sum(h["stage"] == "joint" for h in history),
+    stats = {"seed": seed, "init_from": None if init_from is None else str(init_from),
+             "joint_steps_run": sum(h["stage"] == "joint" for h in history),
              "seg_steps_run": sum(h["stage"] == "segmentation" for h in history),
              "joint_seconds": round(joint_s, 1), "seg_seconds": round(seg_s, 1),
              "total_seconds": round(total_s, 1), "batch_images": batch_images,
@@ -670,7 +679,13 @@ def save_nano(model: CitrusV, processor, out: Path, save_dtype: str = "float16")
     import copy
 
     dtype = {"float16": torch.float16, "float32": torch.float32}[save_dtype]
-    save_checkpoint(copy.deepcopy(model).to(dtype), processor, out)
+    model = copy.deepcopy(model)
+    if model.config.mllm.tie_word_embeddings:  # the released layout stores mllm.lm_head.*
+        weight = model.mllm.get_input_embeddings().weight
+        model.mllm.lm_head.weight = torch.nn.Parameter(weight.detach().clone())
+        model.config.mllm.tie_word_embeddings = False
+        model.config.mllm.text_config.tie_word_embeddings = False
+    save_checkpoint(model.to(dtype), processor, out)
     return out
 
 
@@ -679,7 +694,8 @@ def train_nano_cli(args) -> int:
     stats = train_nano(out_dir=args.out, seed=args.seed, data_dir=args.data,
                        joint_steps=args.joint_steps, seg_steps=args.seg_steps,
                        threads=args.threads, max_minutes=args.max_minutes,
-                       joint_checkpoint=args.joint_checkpoint)
+                       joint_checkpoint=args.joint_checkpoint, init_from=args.init,
+                       lr=args.lr, seg_lr=args.seg_lr)
     print(json.dumps({k: v for k, v in stats.items() if k != "final"}, indent=1))
     print(f"wrote {args.out} in {stats['total_seconds'] / 60:.1f} min")
     return 0

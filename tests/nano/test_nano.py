@@ -1,0 +1,84 @@
+"""The shipped `models/nano` checkpoint: loads through the real loader and answers on a
+held-out slice of the sample CT (slice 25 lies in the held-out block 20-29)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from citrusv import Engine
+from citrusv.evaluation import box_iou, normalise_label
+from citrusv.nano_data import HELD_OUT_BLOCKS, mask_box, split_of
+from citrusv.training import dice_score
+
+NANO = Path(__file__).resolve().parents[2] / "models" / "nano"
+SLICE = 25
+PREFIXES = ("mllm.model.language_model.", "mllm.model.visual.", "mllm.lm_head.",
+            "grounding_encoder.sam2_model.", "seg_projector.0.", "seg_projector.2.")
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine.load(NANO)
+
+
+
+def test_slice_is_held_out():
+    assert split_of(SLICE) == "test"
+    assert any(a <= SLICE <= b for a, b in HELD_OUT_BLOCKS)
+
+
+def test_checkpoint_is_in_the_released_layout_and_small():
+    config = json.loads((NANO / "config.json").read_text())
+    assert config["model_type"] == "citrus_v" and config["architectures"] == ["CitrusV"]
+    index = json.loads((NANO / "model.safetensors.index.json").read_text())
+    keys = list(index["weight_map"])
+    for prefix in PREFIXES:
+        assert any(k.startswith(prefix) for k in keys), f"no key starts with {prefix}"
+    assert all(k.startswith(PREFIXES) for k in keys)
+    size = sum(f.stat().st_size for f in NANO.iterdir() if f.is_file())
+    assert size <= 30 * 1024**2, f"models/nano is {size / 1024**2:.1f} MB, over 30 MB"
+    assert (NANO / "MODEL_CARD.md").is_file()
+
+
+def test_loads_through_the_engine(engine):
+    tok = engine.tokenizer
+    for t in ("[SEG]", "<bbox>", "</bbox>", "<think>", "</think>", "<answer>", "</answer>"):
+        assert t in tok.get_vocab(), t
+    assert engine.config.seg_token_idx == tok.convert_tokens_to_ids("[SEG]")
+
+
+def test_segments_the_liver_on_a_held_out_slice(engine, study):
+    res = engine.ask(study.volume[SLICE], "Please segment the liver in this scan.",
+                     window="abdomen")
+    assert res.masks, f"no mask; the model wrote {res.text!r}"
+    pred = np.zeros(study.volume.shape[1:], dtype=bool)
+    for m in res.masks:
+        pred |= m.array
+    dice = dice_score(pred, study.mask("liver", SLICE))
+    assert dice >= 0.8, f"liver Dice {dice:.3f} < 0.8 (text {res.text!r})"
+
+
+def test_detects_the_liver_on_a_held_out_slice(engine, study):
+    res = engine.ask(study.volume[SLICE],
+                     "Locate the liver, output its bbox coordinates using JSON format.",
+                     window="abdomen")
+    ref = mask_box(study.mask("liver", SLICE))
+    livers = [b for b in res.boxes if normalise_label(b.label) == "liver"]
+    assert livers, f"no liver box; the model wrote {res.text!r}"
+    iou = max(box_iou(b.xyxy, ref) for b in livers)
+    assert iou >= 0.5, f"liver box IoU {iou:.3f} < 0.5 (text {res.text!r})"
+
+
+def test_report_trace_cites_boxes(engine, study):
+    res = engine.ask(study.volume[SLICE], "Write a report for this CT slice. Think step by step.",
+                     window="abdomen")
+    assert len(res.reasoning) >= 2, f"no reasoning trace; the model wrote {res.text!r}"
+    ids = {b.id for b in res.boxes}
+    for step in res.reasoning:
+        assert step.box_ids, f"step {step.step} cites no box: {step.text!r}"
+        assert set(step.box_ids) <= ids
+    assert res.answer.strip()
