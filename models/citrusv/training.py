@@ -158,13 +158,15 @@ def encode_chat(tokenizer, config: CitrusVConfig, prompt: str, answer: str, grid
 
 
 @dataclass
-class Sequence_:
+class ChatSequence:
+    """One tokenised chat (prompt + answer); `image` indexes the batch's images."""
+
     ids: list[int]
     answer_start: int
     image: int  # index into the batch's unique images
 
 
-def mllm_forward(model: CitrusV, images: list[ImageInputs], seqs: list[Sequence_],
+def mllm_forward(model: CitrusV, images: list[ImageInputs], seqs: list[ChatSequence],
                  pad_id: int, want_ce: bool = True):
     """Batched teacher-forced pass -> (mean token CE or None, last hidden (B, L, h), ids)."""
     mllm = model.mllm
@@ -199,7 +201,7 @@ def mllm_forward(model: CitrusV, images: list[ImageInputs], seqs: list[Sequence_
     return ce, hidden, ids
 
 
-def seg_states(hidden: torch.Tensor, ids: torch.Tensor, seqs: list[Sequence_], seg_id: int,
+def seg_states(hidden: torch.Tensor, ids: torch.Tensor, seqs: list[ChatSequence], seg_id: int,
                offset: int) -> tuple[torch.Tensor, list[int]]:
     """The hidden state at (or offset from) the first answer [SEG] of each sequence that has one."""
     rows, owners = [], []
@@ -427,7 +429,7 @@ def own_seg_state(model: CitrusV, processor, inp: ImageInputs, sample: SegSample
         return gen.seg_hidden[0].float().cpu()
     full, start = encode_chat(tok, config, sample.prompt, _seg_answer(sample), inp.grid,
                               "segment")
-    seq = Sequence_(full, start, 0)
+    seq = ChatSequence(full, start, 0)
     _, hidden, ids_t = mllm_forward(model, [inp], [seq], tok.pad_token_id, want_ce=False)
     h, _ = seg_states(hidden, ids_t, [seq], config.seg_token_idx, config.seg_hidden_offset)
     return h[0].float().cpu()
@@ -568,7 +570,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
             for s in chosen:
                 ids, start = encode_chat(tokenizer, config, s["prompt"], s["answer"], inp.grid,
                                          s["task"])
-                seqs.append(Sequence_(ids, start, b))
+                seqs.append(ChatSequence(ids, start, b))
                 seg_meta.append(s)
         return images, seqs, seg_meta
 
