@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoProcessor
+from transformers import AutoProcessor, Qwen2_5_VLProcessor
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 from transformers.utils import logging as hf_logging
 from transformers.modeling_utils import no_init_weights
 
@@ -19,6 +21,15 @@ from .modeling import CitrusV
 
 INDEX = "model.safetensors.index.json"
 EXTRA_TOKENS = ["[SEG]", "<bbox>", "</bbox>"]
+
+
+def qwen_processor(tokenizer, min_pixels: int, max_pixels: int) -> Qwen2_5_VLProcessor:
+    """A Qwen2.5-VL processor for our own tokenizer, with the model's min/max pixels fixed."""
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    image_processor = Qwen2VLImageProcessor(size=size, min_pixels=min_pixels,
+                                            max_pixels=max_pixels)
+    return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                               video_processor=Qwen2VLVideoProcessor(size=size))
 
 
 @contextmanager

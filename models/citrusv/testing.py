@@ -14,10 +14,8 @@ import torch
 from omegaconf import OmegaConf
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2TokenizerFast
-from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-from .checkpoint import build_model, save_checkpoint
+from .checkpoint import build_model, qwen_processor, save_checkpoint
 from .config import CitrusVConfig
 from .modeling import resolve_sam2_config
 
@@ -98,12 +96,7 @@ def tiny_config(tokenizer, image_size: int = 128, hidden: int = 64) -> CitrusVCo
 
 
 def tiny_processor(tokenizer) -> Qwen2_5_VLProcessor:
-    size = {"shortest_edge": TINY_MIN_PIXELS, "longest_edge": TINY_MAX_PIXELS}
-    image_processor = Qwen2VLImageProcessor(size=size, min_pixels=TINY_MIN_PIXELS,
-                                            max_pixels=TINY_MAX_PIXELS)
-    video_processor = Qwen2VLVideoProcessor(size=size)
-    return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                               video_processor=video_processor)
+    return qwen_processor(tokenizer, TINY_MIN_PIXELS, TINY_MAX_PIXELS)
 
 
 def write_tiny_checkpoint(path: str | Path, seed: int = 0, answers: dict[str, str] | None = None,

@@ -23,11 +23,9 @@ import torch
 import torch.nn.functional as F
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2TokenizerFast
-from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
 from . import imaging
-from .checkpoint import build_model, save_checkpoint
+from .checkpoint import build_model, qwen_processor, save_checkpoint
 from .config import CitrusVConfig
 from .imaging import qwen_frame, sam2_input
 from .modeling import CitrusV
@@ -116,12 +114,7 @@ def nano_config(tokenizer, min_pixels: int, max_pixels: int, image_size: int = 2
 
 
 def nano_processor(tokenizer, min_pixels: int, max_pixels: int) -> Qwen2_5_VLProcessor:
-    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-    image_processor = Qwen2VLImageProcessor(size=size, min_pixels=min_pixels,
-                                            max_pixels=max_pixels)
-    video_processor = Qwen2VLVideoProcessor(size=size)
-    return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                               video_processor=video_processor)
+    return qwen_processor(tokenizer, min_pixels, max_pixels)
 
 
 # ----------------------------------------------------------------------------- inputs
