@@ -74,6 +74,13 @@ def test_submitted_correction_lands_in_labels_final(citrusv_server, spleen_label
     assert info["prompt"] == "Segment the spleen."
 
 
+def _assert_serves_version(server, version: str) -> None:
+    """The server still answers a segment request, with the given model version."""
+    ok = server.post("/infer/citrusv_segment?image=chest_ct&output=json",
+                     data={"params": json.dumps({"prompt": "Segment the spleen.", "slice": 40})})
+    assert ok.status_code == 200 and ok.json()["model"]["version"] == version
+
+
 def _wait_for_training(server, timeout_s: float = 420) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -123,10 +130,7 @@ def test_failed_training_leaves_the_serving_model(citrusv_server):
     assert [v["version"] for v in info["citrusv"]["versions"]] == ["1"]
     assert info["train_stats"]["citrusv_finetune"]["last_run"]["status"] == "failed"
     assert not list((citrusv_server.model_dir / "versions").glob(".tmp-*"))
-    ok = citrusv_server.post("/infer/citrusv_segment?image=chest_ct&output=json",
-                             data={"params": json.dumps({"prompt": "Segment the spleen.",
-                                                         "slice": 40})})
-    assert ok.status_code == 200 and ok.json()["model"]["version"] == "1"
+    _assert_serves_version(citrusv_server, "1")
 
 
 def test_killed_training_leaves_the_serving_model(citrusv_server):
@@ -151,10 +155,7 @@ def test_killed_training_leaves_the_serving_model(citrusv_server):
         time.sleep(0.5)
     assert status == "killed"
     assert [v["version"] for v in info["citrusv"]["versions"]] == ["1"]
-    ok = citrusv_server.post("/infer/citrusv_segment?image=chest_ct&output=json",
-                             data={"params": json.dumps({"prompt": "Segment the spleen.",
-                                                         "slice": 40})})
-    assert ok.status_code == 200 and ok.json()["model"]["version"] == "1"
+    _assert_serves_version(citrusv_server, "1")
 
 
 def test_unloadable_version_is_skipped_and_serving_goes_on(citrusv_server):
