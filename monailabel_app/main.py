@@ -46,8 +46,35 @@ def resolve_model_dir(app_dir: str, value: str | None) -> str:
     return str((repo / path).resolve())
 
 
+def _answer_missing_image_with_400() -> None:
+    """MONAI Label 0.8.5's /infer endpoint answers 500 when neither `image` nor `file` is given.
+
+    That check runs before any app code, so the app wraps the endpoint's module-level
+    `run_inference` (looked up at call time) to answer the same case with a 400 sentence.
+    """
+    from fastapi import HTTPException
+
+    from monailabel.endpoints import infer as endpoint
+
+    original = endpoint.run_inference
+    if getattr(original, "_citrusv", False):
+        return
+
+    def run_inference(background_tasks, model, image="", session_id="", params="{}", file=None,
+                      label=None, output=None):
+        if not file and not image and not session_id:
+            raise HTTPException(status_code=400, detail=(
+                "Name the image to ask about: add ?image=ID of a datastore image, or upload it "
+                "in the 'file' field."))
+        return original(background_tasks, model, image, session_id, params, file, label, output)
+
+    run_inference._citrusv = True
+    endpoint.run_inference = run_inference
+
+
 class CitrusVApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        _answer_missing_image_with_400()
         self.model_dir = resolve_model_dir(app_dir, conf.get("model_dir"))
 
         self.configs: dict[str, TaskConfig] = {}

@@ -31,6 +31,7 @@ def _corrupt_dicom(studies) -> bytes:
 CASES = {
     "unknown task": ("citrusv_segmentt", "chest_ct", GOOD, None, 404, "unknown"),
     "unknown image": ("citrusv_segment", "no_such_image", GOOD, None, 404, "datastore"),
+    "no image at all": ("citrusv_segment", "", GOOD, None, 400, "?image=ID"),
     "missing prompt": ("citrusv_segment", "chest_ct", {"slice": 60}, None, 400, "prompt"),
     "empty prompt": ("citrusv_segment", "chest_ct", {"prompt": "  ", "slice": 60}, None, 400,
                      "prompt"),
