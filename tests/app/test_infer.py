@@ -111,16 +111,21 @@ def test_xray_dicom_2d_without_slice(citrusv_server, tmp_path):
         assert mask["rle"]["size"] == [1955, 1841]
 
 
+def _segment_upload(server, path, slice_index: int, tmp_path):
+    """Ask for the liver on an image uploaded in the `file` field (session use)."""
+    with open(path, "rb") as f:
+        r = server.post("/infer/citrusv_segment",
+                        files={"file": (path.name, f, "application/octet-stream")},
+                        data=_params(prompt="Segment the liver.", slice=slice_index))
+    return split_multipart(r, tmp_path)
+
+
 def test_uploaded_image_file(citrusv_server, tmp_path):
     ct = nib.load(citrusv_server.studies / "chest_ct.nii.gz")
     small = nib.Nifti1Image(np.asarray(ct.dataobj[::4, ::4, 58:62]), ct.affine @ np.diag([4, 4, 1, 1]))
     path = tmp_path / "upload.nii.gz"
     nib.save(small, path)
-    with open(path, "rb") as f:
-        r = citrusv_server.post("/infer/citrusv_segment",
-                                files={"file": ("upload.nii.gz", f, "application/gzip")},
-                                data=_params(prompt="Segment the liver.", slice=2))
-    result, label = split_multipart(r, tmp_path)
+    result, label = _segment_upload(citrusv_server, path, 2, tmp_path)
     assert result["image"]["shape"] == [4, 128, 128]
     np.testing.assert_allclose(label.affine, small.affine, atol=1e-4)
 
@@ -147,11 +152,7 @@ def test_uploaded_nrrd_label_keeps_its_geometry(citrusv_server, tmp_path):
     path = tmp_path / "upload.nrrd"
     nrrd.write(str(path), data, {"space": "left-posterior-superior",
                                  "space directions": lps[:3, :3].T, "space origin": lps[:3, 3]})
-    with open(path, "rb") as f:
-        r = citrusv_server.post("/infer/citrusv_segment",
-                                files={"file": ("upload.nrrd", f, "application/octet-stream")},
-                                data=_params(prompt="Segment the liver.", slice=1))
-    result, label = split_multipart(r, tmp_path)
+    result, label = _segment_upload(citrusv_server, path, 1, tmp_path)
     assert result["image"]["shape"] == [3, 64, 64]
     np.testing.assert_allclose(label.affine, ras, atol=1e-4)
     assert set(np.flatnonzero(zyx(label).reshape(3, -1).any(axis=1))) <= {1}
