@@ -43,7 +43,7 @@ NANO_MIN_PIXELS = 112 * 112
 NANO_MAX_PIXELS = 224 * 224
 # The recipe `citrusv train` runs by default: it is how models/nano was made (one command,
 # fixed step counts, so the same seed gives the same model).
-NANO_RECIPE = dict(joint_steps=2600, seg_steps=2600, lr=1e-3, seg_lr=5e-4, augment_p=0.5,
+NANO_RECIPE = dict(joint_steps=3000, seg_steps=3000, lr=1e-3, seg_lr=5e-4, augment_p=0.5,
                    threads=2)
 DATA_FORMAT = 2  # bump when the built samples change (frame size, answers): data is rebuilt
 QWEN_FACTOR = 28

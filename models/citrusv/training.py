@@ -46,15 +46,8 @@ Log = Callable[[dict], None]
 
 
 # ----------------------------------------------------------------------------- model parts
-def train_tokenizer(texts: Sequence[str], vocab_size: int = 2048,
-                    whole_names: Sequence[str] = ()) -> Qwen2TokenizerFast:
-    """A small byte-level BPE trained on our corpus, with Qwen chat/vision + Citrus-V tokens.
-
-    `whole_names` (e.g. "right kidney") become one token each, written with their leading
-    space: the state at [SEG] is trained to predict the name that follows it, and with
-    "right" as the first token of both "right lung" and "right kidney" the two states came
-    out nearly equal (cosine 0.98), so SAM2 could not tell the structures apart.
-    """
+def train_tokenizer(texts: Sequence[str], vocab_size: int = 2048) -> Qwen2TokenizerFast:
+    """A small byte-level BPE trained on our corpus, with Qwen chat/vision + Citrus-V tokens."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -64,7 +57,6 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 2048,
     tok.train_from_iterator(texts, trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in CITRUS_TOKENS])
-    tok.add_tokens([AddedToken(" " + n, special=False, normalized=False) for n in whole_names])
     return Qwen2TokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
                               pad_token="<|endoftext|>", unk_token=None, bos_token=None)
 
@@ -543,8 +535,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
         model, processor, config = load_checkpoint(init_from, dtype=torch.float32)
         tokenizer = processor.tokenizer
     else:
-        tokenizer = train_tokenizer(_corpus(data.samples),
-                                    whole_names=[n for n in NAMES if " " in n])
+        tokenizer = train_tokenizer(_corpus(data.samples))
         processor = nano_processor(tokenizer, NANO_MIN_PIXELS, NANO_MAX_PIXELS)
         config = nano_config(tokenizer, NANO_MIN_PIXELS, NANO_MAX_PIXELS)
         model = build_model(config, torch.float32, random_init=True)

@@ -100,20 +100,3 @@ def test_augmented_report_cites_moved_boxes_with_anatomical_sides_and_sizes(stud
     x1, y1, x2, y2 = fmap.to_frame(mask_box(lab == liver))
     assert moved["liver"][1] == [int(np.floor(x1)), int(np.floor(y1)), int(np.ceil(x2)),
                                  int(np.ceil(y2))]
-
-
-def test_seg_answer_names_each_structure_with_one_distinct_token():
-    """The state at [SEG] learns to predict the token after it: that token must tell the ten
-    structures apart (a shared 'right' made right lung and right kidney states 0.98 alike)."""
-    from citrusv.training import train_tokenizer
-
-    texts = [segment_answer(n) for n in NAMES] + [f"Please segment the {n}." for n in NAMES]
-    tok = train_tokenizer(texts * 5, whole_names=[n for n in NAMES if " " in n])
-    after = []
-    for name in NAMES:
-        ids = tok(segment_answer(name), add_special_tokens=False)["input_ids"]
-        seg = ids.index(tok.convert_tokens_to_ids("[SEG]"))
-        after.append(ids[seg + 1])
-        assert tok.decode(ids) == segment_answer(name)
-        assert tok.decode(ids[seg + 1:seg + 2]).strip() == name
-    assert len(set(after)) == len(NAMES)
