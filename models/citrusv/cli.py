@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .nano_data import NANO_RECIPE
-
 
 def _sample_data(args: argparse.Namespace) -> int:
     from sample_data.build import build_all
@@ -40,21 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default="work/nano_data", help="training-data work dir (built if "
                    "missing; never committed)")
-    p.add_argument("--joint-steps", type=int, default=NANO_RECIPE["joint_steps"])
-    p.add_argument("--seg-steps", type=int, default=NANO_RECIPE["seg_steps"])
-    p.add_argument("--threads", type=int, default=NANO_RECIPE["threads"], help="torch threads")
+    p.add_argument("--joint-steps", type=int, default=500)
+    p.add_argument("--seg-steps", type=int, default=500)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1 is fastest on a busy 2-core machine)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="safety stop: end each stage early when the time is used up")
     p.add_argument("--joint-checkpoint", default=None,
                    help="also save the model after the joint stage here (for inspection)")
     p.add_argument("--init", default=None,
                    help="continue from this checkpoint instead of from scratch")
-    p.add_argument("--lr", type=float, default=NANO_RECIPE["lr"],
-                   help="joint-stage learning rate")
-    p.add_argument("--seg-lr", type=float, default=NANO_RECIPE["seg_lr"],
-                   help="segmentation-stage learning rate")
-    p.add_argument("--augment", type=float, default=NANO_RECIPE["augment_p"],
-                   help="share of joint-stage CT slices moved/zoomed (boxes follow)")
+    p.add_argument("--lr", type=float, default=1e-3, help="joint-stage learning rate")
+    p.add_argument("--seg-lr", type=float, default=5e-4, help="segmentation-stage learning rate")
     p.set_defaults(func=_train)
     p = sub.add_parser("eval", help="score a model on the held-out slice blocks of the sample CT")
     p.add_argument("--model", default="models/nano")

@@ -38,14 +38,9 @@ HELD_OUT_BLOCKS = ((20, 29), (60, 69), (100, 109))  # inclusive slice ranges
 GUARD = 2  # slices on each side of a held-out block that are used for nothing
 MIN_AREA_PX = 40  # a structure is "on the slice" from this many pixels (512 x 512 grid)
 
-# Qwen frame of the nano model: a 512 x 512 slice becomes 224 x 224 (8 x 8 merged tokens).
+# Qwen frame of the nano model: a 512 x 512 slice becomes 168 x 168 (6 x 6 merged tokens).
 NANO_MIN_PIXELS = 112 * 112
-NANO_MAX_PIXELS = 224 * 224
-# The recipe `citrusv train` runs by default: it is how models/nano was made (one command,
-# fixed step counts, so the same seed gives the same model).
-NANO_RECIPE = dict(joint_steps=3000, seg_steps=3000, lr=1e-3, seg_lr=5e-4, augment_p=0.5,
-                   threads=2)
-DATA_FORMAT = 2  # bump when the built samples change (frame size, answers): data is rebuilt
+NANO_MAX_PIXELS = 168 * 168
 QWEN_FACTOR = 28
 
 SEGMENT_PROMPTS = [
@@ -194,54 +189,17 @@ def report_answer(items: list[tuple[str, list[int], str, float, float]], modalit
             f"<answer>{modality}, {len(items)} structures: {findings}.</answer>")
 
 
-def ct_items(study: CTStudy, k: int, labels: np.ndarray | None = None
-             ) -> list[tuple[str, list[int], str, float, float]]:
-    """Report items for axial slice k: frame box, laterality and in-plane size in mm.
-
-    `labels` is an augmented (moved/scaled) copy of the slice's label map: boxes then come from
-    it, while laterality and mm sizes stay those of the anatomy (the unmoved slice).
-    """
+def ct_items(study: CTStudy, k: int) -> list[tuple[str, list[int], str, float, float]]:
+    """Report items for axial slice k: frame box, laterality and in-plane size in mm."""
     _, h, w = study.volume.shape
     fmap = frame_map(h, w)
     sy, sx = study.spacing[1], study.spacing[2]
-    anatomy = present(study, k)
-    shown = anatomy if labels is None else present_in(labels)
     items = []
-    for name, m in shown.items():
+    for name, m in present(study, k).items():
         box = mask_box(m)
-        ref = mask_box(anatomy[name]) if name in anatomy else box
-        items.append((name, frame_box(box, fmap), side_of(ref, w),
-                      (ref[2] - ref[0]) * sx, (ref[3] - ref[1]) * sy))
+        items.append((name, frame_box(box, fmap), side_of(box, w),
+                      (box[2] - box[0]) * sx, (box[3] - box[1]) * sy))
     return items
-
-
-def present_in(labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Structures of a 2D label slice (values 1..10) with at least MIN_AREA_PX pixels."""
-    out = {}
-    for i, name in enumerate(NAMES):
-        m = labels == i + 1
-        if m.sum() >= MIN_AREA_PX:
-            out[name] = m
-    return out
-
-
-def augment_slice(image: np.ndarray, labels: np.ndarray, rng, scale: float = 0.15,
-                  shift: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
-    """The same random zoom (1 +- scale) and shift (+- shift of the side) on a HU slice and its
-    label slice; what moves out of view is gone, what comes in is air (-1000 HU)."""
-    from scipy import ndimage
-
-    h, w = image.shape
-    s = 1.0 + rng.uniform(-scale, scale)
-    ty, tx = rng.uniform(-shift, shift) * h, rng.uniform(-shift, shift) * w
-    centre = np.array([(h - 1) / 2.0, (w - 1) / 2.0])
-    # output pixel o samples input at centre + (o - centre - t) / s
-    offset = centre - (centre + np.array([ty, tx])) / s
-    matrix = np.diag([1.0 / s, 1.0 / s])
-    img = ndimage.affine_transform(image.astype(np.float32), matrix, offset, order=1,
-                                   mode="constant", cval=-1000.0)
-    lab = ndimage.affine_transform(labels, matrix, offset, order=0, mode="constant", cval=0)
-    return img.astype(np.int16), lab
 
 
 # ----------------------------------------------------------------------------- DRR (X-ray)
@@ -392,8 +350,7 @@ def build_nano_data(out_dir: str | Path = "work/nano_data", root: Path | None = 
     for s in samples:
         key = f"{s['split']}/{s['task']}"
         counts[key] = counts.get(key, 0) + 1
-    meta = dict(format=DATA_FORMAT, frame_max_pixels=NANO_MAX_PIXELS, structures=NAMES,
-                held_out_blocks=HELD_OUT_BLOCKS, guard=GUARD,
+    meta = dict(structures=NAMES, held_out_blocks=HELD_OUT_BLOCKS, guard=GUARD,
                 spacing=study.spacing, shape=list(study.volume.shape), drr=dict(zip(names, metas)),
                 counts=counts, seed=seed,
                 windows=[w or "auto" for w in TRAIN_WINDOWS])
@@ -425,11 +382,3 @@ def load_nano_data(data_dir: str | Path) -> NanoData:
     drrs = {name: np.asarray(Image.open(d / "drr" / name)) for name in meta["drr"]}
     return NanoData(np.load(d / "volume.npy"), np.load(d / "labels.npy"),
                     tuple(meta["spacing"]), drrs, samples, meta)
-
-
-def data_is_current(data_dir: str | Path) -> bool:
-    """True when `data_dir` holds data built by this version of the builder."""
-    meta = Path(data_dir) / "meta.json"
-    if not (meta.is_file() and (Path(data_dir) / "samples.jsonl").is_file()):
-        return False
-    return json.loads(meta.read_text()).get("format") == DATA_FORMAT

@@ -28,19 +28,13 @@ from . import imaging
 from .checkpoint import build_model, qwen_processor, save_checkpoint
 from .config import CitrusVConfig
 from .imaging import qwen_frame, sam2_input
-from .nano_data import NANO_RECIPE
 from .modeling import CitrusV
 from .prompting import pixel_inputs, text_inputs
 from .testing import CITRUS_TOKENS, QWEN_SPECIAL, tiny_sam2_config
 
 NANO_SYSTEM = "You are Citrus-V nano, a radiology assistant."
 LOSS_WEIGHTS = {"ce": 1.0, "dice": 2.0, "bce": 1.0, "iou": 0.1}
-MASK_LOSS_SIZE = 128  # masks are scored at least at this size during training
-
-
-def mask_loss_size(model: CitrusV) -> int:
-    """Training scores masks at twice SAM2's low-res logit size (image_size / 4), >= 128."""
-    return max(MASK_LOSS_SIZE, int(model.config.image_size) // 2)
+MASK_LOSS_SIZE = 128  # masks are scored at this size during training (SAM2 low-res is 64)
 
 Log = Callable[[dict], None]
 
@@ -86,11 +80,7 @@ def nano_sam2_config(image_size: int = 256, embed_dim: int = 24, d_model: int = 
     return cfg
 
 
-NANO_SAM2_IMAGE_SIZE = 384  # SAM2 input side: mask logits at 96 x 96 (spinal cord ~4 px wide)
-
-
-def nano_config(tokenizer, min_pixels: int, max_pixels: int,
-                image_size: int = NANO_SAM2_IMAGE_SIZE,
+def nano_config(tokenizer, min_pixels: int, max_pixels: int, image_size: int = 256,
                 hidden: int = 192, layers: int = 4, vision_hidden: int = 128,
                 vision_depth: int = 3, sam_d_model: int = 64) -> CitrusVConfig:
     ids = tokenizer.convert_tokens_to_ids
@@ -352,7 +342,7 @@ def finetune_segmentation(model: CitrusV, processor, samples: Sequence[SegSample
     inputs = [render(s.image, s.window, processor, config) for s in samples]
     states = [own_seg_state(model, processor, inp, s) for inp, s in zip(inputs, samples)]
     seg_hidden = torch.stack(states)
-    targets = [target_mask(s.mask, mask_loss_size(model)) for s in samples]
+    targets = [target_mask(s.mask) for s in samples]
 
     model.mllm.requires_grad_(False)
     params = list(model.seg_projector.parameters()) + list(model.sam2.parameters())
@@ -464,14 +454,6 @@ def dice_score(pred: np.ndarray, ref: np.ndarray) -> float:
 
 
 # ----------------------------------------------------------------------------- nano
-class _StudyView:
-    """NanoData seen as a CTStudy (what nano_data's report helpers take)."""
-
-    def __init__(self, data) -> None:
-        self.volume, self.labels, self.spacing = data.volume, data.labels, data.spacing
-        self.mask = data.mask
-
-
 class NanoBank:
     """Rendered inputs of every training image (CT slice x window, DRR), built lazily."""
 
@@ -503,29 +485,24 @@ def _corpus(samples: list[dict]) -> list[str]:
 
 
 def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
-               data_dir: str | Path = "work/nano_data",
-               joint_steps: int = NANO_RECIPE["joint_steps"],
-               seg_steps: int = NANO_RECIPE["seg_steps"], batch_images: int = 4,
-               seqs_per_image: int = 4, seg_batch_images: int = 6,
-               lr: float = NANO_RECIPE["lr"], seg_lr: float = NANO_RECIPE["seg_lr"],
-               augment_p: float = NANO_RECIPE["augment_p"],
-               threads: int = NANO_RECIPE["threads"],
+               data_dir: str | Path = "work/nano_data", joint_steps: int = 600,
+               seg_steps: int = 600, batch_images: int = 4, seqs_per_image: int = 4,
+               seg_batch_images: int = 6,
+               lr: float = 1e-3, seg_lr: float = 5e-4, threads: int = 1,
                log: Log | None = None, log_every: int = 10, save_dtype: str = "float16",
                max_minutes: float | None = None,
                joint_checkpoint: str | Path | None = None,
                init_from: str | Path | None = None) -> dict:
     """Build the data (if missing), train nano from scratch, save it in the released layout."""
     from .nano_data import (MIN_AREA_PX, NAMES, NANO_MAX_PIXELS, NANO_MIN_PIXELS,
-                            TRAIN_WINDOWS, augment_slice, build_nano_data, ct_items,
-                            data_is_current, detect_answer, frame_box, frame_map,
-                            load_nano_data, mask_box, report_answer)
+                            TRAIN_WINDOWS, build_nano_data, load_nano_data)
 
     torch.set_num_threads(threads)
     t_start = time.perf_counter()
     rng = random.Random(seed)
     torch.manual_seed(seed)
     data_dir = Path(data_dir)
-    if not data_is_current(data_dir):
+    if not (data_dir / "samples.jsonl").is_file():
         build_nano_data(data_dir, seed=seed)
     data = load_nano_data(data_dir)
     train = [s for s in data.samples if s["split"] == "train"]
@@ -550,30 +527,11 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
     ct_keys = sorted(k for k in by_image if k.startswith("ct:"))
     drr_keys = sorted(k for k in by_image if k.startswith("drr:"))
     targets: dict[tuple[int, str], torch.Tensor] = {}
-    loss_size = mask_loss_size(model)
-    np_rng = np.random.default_rng(seed)
-    fmap = frame_map(*data.volume.shape[1:])
-    study = _StudyView(data)
 
-    def target(s: dict) -> torch.Tensor:
-        if "_labels" in s:  # an augmented (moved/zoomed) slice
-            value = NAMES.index(s["structure"]) + 1
-            return target_mask(s["_labels"] == value, loss_size)
-        k, name = s["slice"], s["structure"]
+    def target(k: int, name: str) -> torch.Tensor:
         if (k, name) not in targets:
-            targets[(k, name)] = target_mask(data.mask(name, k), loss_size)
+            targets[(k, name)] = target_mask(data.mask(name, k))
         return targets[(k, name)]
-
-    def augmented(s: dict, labels: np.ndarray) -> dict:
-        """The sample re-answered for the moved/zoomed slice (boxes follow the anatomy)."""
-        s = dict(s, _labels=labels)
-        if s["task"] == "detect":
-            m = labels == NAMES.index(s["structure"]) + 1
-            box = frame_box(mask_box(m), fmap) if m.sum() >= MIN_AREA_PX else None
-            s["answer"] = detect_answer(s["structure"], box)
-        elif s["task"] == "report":
-            s["answer"] = report_answer(ct_items(study, s["slice"], labels), "CT")
-        return s
 
     def pick_batch(with_text: bool, n_images: int = batch_images):
         """Images (CT slices in random windows, sometimes a DRR) and their sequences."""
@@ -582,13 +540,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
             use_drr = with_text and drr_keys and rng.random() < 0.1
             key = rng.choice(drr_keys if use_drr else ct_keys)
             window = rng.choice(TRAIN_WINDOWS) if key.startswith("ct:") else None
-            aug_labels = None
-            if with_text and key.startswith("ct:") and rng.random() < augment_p:
-                k = int(key.split(":")[1])
-                img, aug_labels = augment_slice(data.volume[k], data.labels[k], np_rng)
-                inp = render(img, window, processor, config)
-            else:
-                inp = bank.get(key, window)
+            inp = bank.get(key, window)
             images.append((key, window, inp))
             pool = by_image[key]
             if with_text:
@@ -608,8 +560,6 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
                 names.append(rng.choice([n for n in NAMES if n not in names]))
                 chosen = [rng.choice([s for s in pool if s["task"] == "segment"
                                       and s["structure"] == n]) for n in names]
-            if aug_labels is not None:
-                chosen = [augmented(s, aug_labels) for s in chosen]
             for s in chosen:
                 ids, start = encode_chat(tokenizer, config, s["prompt"], s["answer"], inp.grid,
                                          s["task"])
@@ -622,7 +572,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
         if not owners:
             return None
         pixels = torch.stack([im[2].sam for im in images])
-        tgt = torch.stack([target(meta[i]) for i in owners])
+        tgt = torch.stack([target(meta[i]["slice"], meta[i]["structure"]) for i in owners])
         img_idx = [seqs[i].image for i in owners]
         if augment:
             pixels, tgt = augment_sam(pixels, tgt, img_idx, rng)
@@ -712,7 +662,6 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
              "joint_seconds": round(joint_s, 1), "seg_seconds": round(seg_s, 1),
              "total_seconds": round(total_s, 1), "batch_images": batch_images,
              "seqs_per_image": seqs_per_image, "lr": lr, "seg_lr": seg_lr,
-             "augment_p": augment_p,
              "threads": threads, "final": {h["stage"]: h for h in history},
              "n_train_samples": len(train), "vocab": len(tokenizer),
              "parameters": sum(p.numel() for p in model.parameters())}
@@ -741,7 +690,7 @@ def train_nano_cli(args) -> int:
                        joint_steps=args.joint_steps, seg_steps=args.seg_steps,
                        threads=args.threads, max_minutes=args.max_minutes,
                        joint_checkpoint=args.joint_checkpoint, init_from=args.init,
-                       lr=args.lr, seg_lr=args.seg_lr, augment_p=args.augment)
+                       lr=args.lr, seg_lr=args.seg_lr)
     print(json.dumps({k: v for k, v in stats.items() if k != "final"}, indent=1))
     print(f"wrote {args.out} in {stats['total_seconds'] / 60:.1f} min")
     return 0
