@@ -30,7 +30,7 @@ from .generation import (
 )
 from .imaging import FrameMap
 from .parsing import SEG_TOKEN, TASKS, infer_task, parse_output
-from .prompting import pixel_inputs, text_inputs
+from .prompting import pixel_inputs, stop_token_ids, text_inputs
 from .result import Box, Mask, Result, Step
 from .slice_cache import SliceCache, SliceState, content_hash
 
@@ -102,8 +102,7 @@ class Engine:
         self.name = name or config.name
         self.reuse_prefix = reuse_prefix
         self._lock = threading.RLock()
-        ids = self.tokenizer.convert_tokens_to_ids
-        self.eos_ids = {i for i in (ids("<|im_end|>"), ids("<|endoftext|>")) if i is not None}
+        self.eos_ids = stop_token_ids(self.tokenizer)
         vc = config.mllm.vision_config
         self.merge_size = int(vc.spatial_merge_size)
         self.factor = int(vc.patch_size) * self.merge_size
@@ -227,7 +226,7 @@ class Engine:
             "roi": [round(float(v), 2) for v in roi] if user_roi else [int(v) for v in square],
             "crop": [int(v) for v in square],
             "area_px_before": int(before.sum()) if before is not None else None,
-            "area_px_after": int(res.masks[0].area_px) if res.masks else 0,
+            "area_px_after": sum(m.area_px for m in res.masks),
         }
         self._finish(res, (h, w), slice_index, spacing, image_id, image_info, window)
         res.timing_ms["total"] = (time.perf_counter() - t0) * 1e3

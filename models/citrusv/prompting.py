@@ -15,6 +15,12 @@ def chat_text(system: str, prompt: str, n_image_tokens: int) -> str:
             f"{prompt}<|im_end|>\n<|im_start|>assistant\n")
 
 
+def stop_token_ids(tokenizer) -> set[int]:
+    """Token ids that end an answer: <|im_end|> (end of the chat turn) and <|endoftext|>."""
+    ids = tokenizer.convert_tokens_to_ids
+    return {i for i in (ids("<|im_end|>"), ids("<|endoftext|>")) if i is not None}
+
+
 def pixel_inputs(image_processor, frame: Image.Image) -> dict[str, torch.Tensor]:
     """Patchify an image already resized to the Qwen frame (no second resize, exact geometry)."""
     out = image_processor(images=[frame], do_resize=False, return_tensors="pt")

@@ -22,14 +22,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2TokenizerFast
+from transformers import Qwen2_5_VLConfig, Qwen2TokenizerFast
 
 from . import imaging
 from .checkpoint import build_model, qwen_processor, save_checkpoint
 from .config import CitrusVConfig
 from .imaging import qwen_frame, sam2_input
 from .modeling import CitrusV
-from .prompting import pixel_inputs, text_inputs
+from .prompting import pixel_inputs, stop_token_ids, text_inputs
 from .testing import CITRUS_TOKENS, QWEN_SPECIAL, tiny_sam2_config
 
 NANO_SYSTEM = "You are Citrus-V nano, a radiology assistant."
@@ -111,10 +111,6 @@ def nano_config(tokenizer, min_pixels: int, max_pixels: int, image_size: int = 2
                          image_size=image_size, min_pixels=min_pixels, max_pixels=max_pixels,
                          out_dim=sam_d_model, system_prompt=NANO_SYSTEM, name="citrusv-nano",
                          version="1")
-
-
-def nano_processor(tokenizer, min_pixels: int, max_pixels: int) -> Qwen2_5_VLProcessor:
-    return qwen_processor(tokenizer, min_pixels, max_pixels)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -413,9 +409,8 @@ def own_seg_state(model: CitrusV, processor, inp: ImageInputs, sample: SegSample
     embeds = image_embeddings(model.mllm, inp.pixel_values.to(device, dtype), grid)
     system = config.task_system_prompts.get("segment", config.system_prompt)
     ids = text_inputs(tok, system, sample.prompt, inp.grid, merge).to(device)
-    eos = {i for i in (tok.convert_tokens_to_ids("<|im_end|>"),
-                       tok.convert_tokens_to_ids("<|endoftext|>")) if i is not None}
-    gen = generate_capturing(model.mllm, ids, grid, embeds, int(config.seg_token_idx), eos,
+    gen = generate_capturing(model.mllm, ids, grid, embeds, int(config.seg_token_idx),
+                             stop_token_ids(tok),
                              max_new_tokens=64, offset=int(config.seg_hidden_offset),
                              vocab_limit=len(tok))
     if gen.seg_hidden.shape[0]:
@@ -513,7 +508,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
         tokenizer = processor.tokenizer
     else:
         tokenizer = train_tokenizer(_corpus(data.samples))
-        processor = nano_processor(tokenizer, NANO_MIN_PIXELS, NANO_MAX_PIXELS)
+        processor = qwen_processor(tokenizer, NANO_MIN_PIXELS, NANO_MAX_PIXELS)
         config = nano_config(tokenizer, NANO_MIN_PIXELS, NANO_MAX_PIXELS)
         model = build_model(config, torch.float32, random_init=True)
     model.requires_grad_(True)

@@ -109,8 +109,6 @@ class CitrusVInfer(InferTask):
                 mask.spacing = study.plane_spacing(p.axis)
             if np.ndim(mask.array) == 2:
                 mask.slice = slice_index
-                if self.task == "closer_look" and p.roi is not None:
-                    mask.array = _inside(mask.array, p.roi)
             elif study.is_2d:
                 mask.slices = []
             paint(label, mask.array, mask.label_index, slice_index, p.axis)
@@ -131,22 +129,7 @@ class CitrusVInfer(InferTask):
         }
         out["warnings"] = list(p.warnings) + list(out.get("warnings") or [])
         out["label_names"] = label_names
-        if self.task == "closer_look":
-            cl = dict(out.get("closer_look") or {})
-            if p.roi is not None:  # the user's box; the engine's crop square adds context
-                cl.setdefault("crop", cl.get("roi"))
-                cl["roi"] = [round(v, 2) for v in p.roi]
-                cl["area_px_after"] = int(sum(np.count_nonzero(m.array) for m in result.masks))
-            out["closer_look"] = cl
         return write_label(study, label), out
-
-
-def _inside(mask: np.ndarray, roi: list[float]) -> np.ndarray:
-    """The refined mask, kept to the region the user asked about."""
-    x1, y1, x2, y2 = roi
-    keep = np.zeros_like(mask, dtype=bool)
-    keep[int(np.floor(y1)):int(np.ceil(y2)), int(np.floor(x1)):int(np.ceil(x2))] = True
-    return np.logical_and(mask, keep)
 
 
 def _image_id(path: str) -> str:
