@@ -38,8 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default="work/nano_data", help="training-data work dir (built if "
                    "missing; never committed)")
-    p.add_argument("--joint-steps", type=int, default=500)
-    p.add_argument("--seg-steps", type=int, default=500)
+    p.add_argument("--joint-steps", type=int, default=None,
+                   help="with --seg-steps/--lr/--seg-lr: train one round of these instead of "
+                   "the recipe (training.NANO_RECIPE)")
+    p.add_argument("--seg-steps", type=int, default=None)
+    p.add_argument("--whole-names", action=argparse.BooleanOptionalAction, default=None,
+                   help="two-word structure names are one token each (default: the recipe's)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is fastest on a busy 2-core machine)")
     p.add_argument("--max-minutes", type=float, default=None,
@@ -48,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also save the model after the joint stage here (for inspection)")
     p.add_argument("--init", default=None,
                    help="continue from this checkpoint instead of from scratch")
-    p.add_argument("--lr", type=float, default=1e-3, help="joint-stage learning rate")
-    p.add_argument("--seg-lr", type=float, default=5e-4, help="segmentation-stage learning rate")
+    p.add_argument("--lr", type=float, default=None, help="joint-stage learning rate")
+    p.add_argument("--seg-lr", type=float, default=None, help="segmentation-stage learning rate")
     p.set_defaults(func=_train)
     p = sub.add_parser("eval", help="score a model on the held-out slice blocks of the sample CT")
     p.add_argument("--model", default="models/nano")

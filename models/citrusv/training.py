@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import Qwen2_5_VLConfig, Qwen2TokenizerFast
 
 from . import imaging
-from .checkpoint import build_model, qwen_processor, save_checkpoint
+from .checkpoint import build_model, load_checkpoint, qwen_processor, save_checkpoint
 from .config import CitrusVConfig
 from .imaging import qwen_frame, sam2_input
 from .modeling import CitrusV
@@ -40,8 +41,12 @@ Log = Callable[[dict], None]
 
 
 # ----------------------------------------------------------------------------- model parts
-def train_tokenizer(texts: Sequence[str], vocab_size: int = 2048) -> Qwen2TokenizerFast:
-    """A small byte-level BPE trained on our corpus, with Qwen chat/vision + Citrus-V tokens."""
+def train_tokenizer(texts: Sequence[str], vocab_size: int = 2048,
+                    whole_names: Sequence[str] = ()) -> Qwen2TokenizerFast:
+    """A small byte-level BPE trained on our corpus, with Qwen chat/vision + Citrus-V tokens.
+
+    Each of `whole_names` (e.g. "right kidney") becomes one token, with its leading space.
+    """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -51,6 +56,7 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 2048) -> Qwen2Tokeni
     tok.train_from_iterator(texts, trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in CITRUS_TOKENS])
+    tok.add_tokens([AddedToken(" " + n, special=False, normalized=False) for n in whole_names])
     return Qwen2TokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
                               pad_token="<|endoftext|>", unk_token=None, bos_token=None)
 
@@ -479,39 +485,56 @@ def _corpus(samples: list[dict]) -> list[str]:
     return texts
 
 
+# The recipe `citrusv train` runs by default, and how models/nano was made: rounds of
+# (joint stage, segmentation stage) with fixed step counts. Round r uses seed + r, a fresh
+# optimizer and a warm restart of the learning rate, and starts from the previous round's
+# checkpoint as stored (fp16, the released layout's separate lm_head), exactly as `--init`
+# continues a saved model; the same seed gives the same model. `whole_names`: two-word
+# structure names ("right kidney") are one token each (see train_nano).
+NANO_RECIPE: dict = dict(
+    whole_names=False,
+    rounds=(dict(joint_steps=900, seg_steps=900, lr=1e-3, seg_lr=5e-4),
+            dict(joint_steps=450, seg_steps=2000, lr=5e-4, seg_lr=5e-4)),
+)
+
+
 def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
-               data_dir: str | Path = "work/nano_data", joint_steps: int = 600,
-               seg_steps: int = 600, batch_images: int = 4, seqs_per_image: int = 4,
-               seg_batch_images: int = 6,
-               lr: float = 1e-3, seg_lr: float = 5e-4, threads: int = 1,
-               log: Log | None = None, log_every: int = 10, save_dtype: str = "float16",
-               max_minutes: float | None = None,
+               data_dir: str | Path = "work/nano_data",
+               rounds: Sequence[dict] = NANO_RECIPE["rounds"],
+               whole_names: bool = NANO_RECIPE["whole_names"],
+               batch_images: int = 4, seqs_per_image: int = 4, seg_batch_images: int = 6,
+               threads: int = 1, log: Log | None = None, log_every: int = 10,
+               save_dtype: str = "float16", max_minutes: float | None = None,
                joint_checkpoint: str | Path | None = None,
                init_from: str | Path | None = None) -> dict:
-    """Build the data (if missing), train nano from scratch, save it in the released layout."""
+    """Build the data (if missing), train nano from scratch, save it in the released layout.
+
+    `whole_names`: two-word structure names ("right kidney") are one token each. The state
+    at [SEG] is trained to predict the token after it, and "right" starts both "right lung"
+    and "right kidney", which made their [SEG] states nearly equal.
+    """
     from .nano_data import (MIN_AREA_PX, NAMES, NANO_MAX_PIXELS, NANO_MIN_PIXELS,
                             TRAIN_WINDOWS, build_nano_data, load_nano_data)
 
     torch.set_num_threads(threads)
     t_start = time.perf_counter()
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
+    deadline = None if max_minutes is None else t_start + 60 * max_minutes
     data_dir = Path(data_dir)
     if not (data_dir / "samples.jsonl").is_file():
         build_nano_data(data_dir, seed=seed)
     data = load_nano_data(data_dir)
     train = [s for s in data.samples if s["split"] == "train"]
+    torch.manual_seed(seed)
     if init_from:  # continue from a saved nano (e.g. more segmentation-stage steps)
-        from .checkpoint import load_checkpoint
-
         model, processor, config = load_checkpoint(init_from, dtype=torch.float32)
         tokenizer = processor.tokenizer
     else:
-        tokenizer = train_tokenizer(_corpus(data.samples))
+        tokenizer = train_tokenizer(_corpus(data.samples),
+                                    whole_names=[n for n in NAMES if " " in n] if whole_names
+                                    else ())
         processor = qwen_processor(tokenizer, NANO_MIN_PIXELS, NANO_MAX_PIXELS)
         config = nano_config(tokenizer, NANO_MIN_PIXELS, NANO_MAX_PIXELS)
         model = build_model(config, torch.float32, random_init=True)
-    model.requires_grad_(True)
     bank = NanoBank(data, processor, config)
     pad = tokenizer.pad_token_id
     say = log or (lambda rec: print(json.dumps(rec), flush=True))
@@ -522,6 +545,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
     ct_keys = sorted(k for k in by_image if k.startswith("ct:"))
     drr_keys = sorted(k for k in by_image if k.startswith("drr:"))
     targets: dict[tuple[int, str], torch.Tensor] = {}
+    rng = random.Random(seed)
 
     def target(k: int, name: str) -> torch.Tensor:
         if (k, name) not in targets:
@@ -575,90 +599,98 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
         low, iou = decode_train(model, feats, img_idx, h)
         return mask_losses(low, iou, tgt)
 
-    history = []
-    deadline = None if max_minutes is None else t_start + 60 * max_minutes
+    def out_of_time() -> bool:
+        return deadline is not None and time.perf_counter() > deadline
 
-    # ---- stage 1: joint (token CE + 2 Dice + 1 BCE), everything trained
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    model.train()
-    t1 = time.perf_counter()
-    for step in range(joint_steps):
-        if deadline and time.perf_counter() > t_start + 0.6 * (deadline - t_start):
-            break
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, joint_steps, lr, 30)
+    def run_stage(stage: str, steps: int, lr: float, warmup: int, r: int, params: list,
+                  batch) -> None:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+        for step in range(steps):
+            if out_of_time():
+                break
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, steps, lr, warmup)
+            parts = batch()
+            loss = sum(LOSS_WEIGHTS[k] * v for k, v in parts.items())
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            rec = {"round": r + 1, "stage": stage, "step": step + 1, "steps": steps,
+                   "loss": loss.item(), **{k: round(v.item(), 4) for k, v in parts.items()},
+                   "elapsed_s": round(time.perf_counter() - t_start, 1)}
+            history.append(rec)
+            if (step + 1) % log_every == 0 or step == 0:
+                say(rec)
+
+    def joint_batch() -> dict:
         images, seqs, meta = pick_batch(with_text=True)
         ce, hidden, ids = mllm_forward(model, [im[2] for im in images], seqs, pad)
         ct_seg = [i for i, s in enumerate(meta) if s["task"] == "segment" and s["slice"] is not None]
         parts = {"ce": ce}
         if ct_seg:
-            seg_seqs = [seqs[i] for i in ct_seg]
-            sp = seg_step(images, seg_seqs, [meta[i] for i in ct_seg], hidden[ct_seg],
-                          ids[ct_seg], augment=False)
+            sp = seg_step(images, [seqs[i] for i in ct_seg], [meta[i] for i in ct_seg],
+                          hidden[ct_seg], ids[ct_seg], augment=False)
             if sp:
                 parts.update(sp)
-        loss = sum(LOSS_WEIGHTS[k] * v for k, v in parts.items())
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        rec = {"stage": "joint", "step": step + 1, "steps": joint_steps, "loss": float(loss),
-               **{k: round(float(v), 4) for k, v in parts.items()},
-               "elapsed_s": round(time.perf_counter() - t_start, 1)}
-        history.append(rec)
-        if (step + 1) % log_every == 0 or step == 0:
-            say(rec)
-    joint_s = time.perf_counter() - t1
-    if joint_checkpoint and joint_steps:
-        model.eval()
-        save_nano(model, processor, Path(joint_checkpoint), save_dtype)
-        model.train()
+        return parts
 
-    # ---- stage 2: segmentation (MLLM frozen; projector + SAM2)
-    model.mllm.requires_grad_(False)
-    model.mllm.eval()
-    params = list(model.seg_projector.parameters()) + list(model.sam2.parameters())
-    opt = torch.optim.AdamW(params, lr=seg_lr, weight_decay=0.01)
-    model.sam2.train()
-    model.seg_projector.train()
-    t2 = time.perf_counter()
-    for step in range(seg_steps):
-        if deadline and time.perf_counter() > deadline:
-            break
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, seg_steps, seg_lr, 20)
+    def segmentation_batch() -> dict:
         images, seqs, meta = pick_batch(with_text=False, n_images=seg_batch_images)
         with torch.no_grad():
             _, hidden, ids = mllm_forward(model, [im[2] for im in images], seqs, pad,
                                           want_ce=False)
-        parts = seg_step(images, seqs, meta, hidden, ids, augment=True)
-        loss = sum(LOSS_WEIGHTS[k] * v for k, v in parts.items())
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        rec = {"stage": "segmentation", "step": step + 1, "steps": seg_steps,
-               "loss": float(loss), **{k: round(float(v), 4) for k, v in parts.items()},
-               "elapsed_s": round(time.perf_counter() - t_start, 1)}
-        history.append(rec)
-        if (step + 1) % log_every == 0 or step == 0:
-            say(rec)
-    seg_s = time.perf_counter() - t2
+        return seg_step(images, seqs, meta, hidden, ids, augment=True)
+
+    history: list[dict] = []
+    seconds: list[dict] = []
+    for r, spec in enumerate(rounds):
+        if r:  # the next round starts from this round's checkpoint as stored (as --init does)
+            with tempfile.TemporaryDirectory() as tmp:
+                save_nano(model, processor, Path(tmp), save_dtype)
+                model = load_checkpoint(tmp, dtype=torch.float32)[0]
+        rng.seed(seed + r)
+        torch.manual_seed(seed + r)
+        # stage 1: joint (token CE + 2 Dice + 1 BCE), everything trained
+        model.requires_grad_(True)
+        model.train()
+        t1 = time.perf_counter()
+        run_stage("joint", spec["joint_steps"], spec["lr"], 30, r,
+                  [p for p in model.parameters() if p.requires_grad], joint_batch)
+        joint_s = time.perf_counter() - t1
+        if joint_checkpoint and spec["joint_steps"] and r == 0:
+            model.eval()
+            save_nano(model, processor, Path(joint_checkpoint), save_dtype)
+        # stage 2: segmentation (MLLM frozen; projector + SAM2)
+        model.train()
+        model.mllm.requires_grad_(False)
+        model.mllm.eval()
+        t2 = time.perf_counter()
+        run_stage("segmentation", spec["seg_steps"], spec["seg_lr"], 20, r,
+                  list(model.seg_projector.parameters()) + list(model.sam2.parameters()),
+                  segmentation_batch)
+        seconds.append({"joint_seconds": round(joint_s, 1),
+                        "seg_seconds": round(time.perf_counter() - t2, 1)})
 
     model.eval()
     model.requires_grad_(False)
     total_s = time.perf_counter() - t_start
     out = Path(out_dir)
     save_nano(model, processor, out, save_dtype)
+    ran = [{**spec,
+            "joint_steps_run": sum(h["stage"] == "joint" and h["round"] == r + 1 for h in history),
+            "seg_steps_run": sum(h["stage"] == "segmentation" and h["round"] == r + 1
+                                 for h in history),
+            **seconds[r],
+            "final": {h["stage"]: h for h in history if h["round"] == r + 1}}
+           for r, spec in enumerate(rounds)]
     stats = {"seed": seed, "init_from": None if init_from is None else str(init_from),
-             "joint_steps_run": sum(h["stage"] == "joint" for h in history),
-             "seg_steps_run": sum(h["stage"] == "segmentation" for h in history),
-             "joint_seconds": round(joint_s, 1), "seg_seconds": round(seg_s, 1),
+             "whole_names": whole_names, "rounds": ran,
+             "stopped_early": any(x["joint_steps_run"] < x["joint_steps"]
+                                  or x["seg_steps_run"] < x["seg_steps"] for x in ran),
              "total_seconds": round(total_s, 1), "batch_images": batch_images,
-             "seqs_per_image": seqs_per_image, "lr": lr, "seg_lr": seg_lr,
-             "threads": threads, "final": {h["stage"]: h for h in history},
-             "n_train_samples": len(train), "vocab": len(tokenizer),
+             "seqs_per_image": seqs_per_image, "seg_batch_images": seg_batch_images,
+             "threads": threads, "n_train_samples": len(train), "vocab": len(tokenizer),
              "parameters": sum(p.numel() for p in model.parameters())}
     (out / "training_log.json").write_text(json.dumps(stats, indent=1))
     return stats
@@ -681,11 +713,15 @@ def save_nano(model: CitrusV, processor, out: Path, save_dtype: str = "float16")
 
 def train_nano_cli(args) -> int:
     """`citrusv train`: train nano and print where it went and how long it took."""
-    stats = train_nano(out_dir=args.out, seed=args.seed, data_dir=args.data,
-                       joint_steps=args.joint_steps, seg_steps=args.seg_steps,
+    given = {k: getattr(args, k) for k in ("joint_steps", "seg_steps", "lr", "seg_lr")
+             if getattr(args, k) is not None}
+    # the recipe by default; step counts or rates on the command line make one round of them
+    rounds = NANO_RECIPE["rounds"] if not given else ({**NANO_RECIPE["rounds"][0], **given},)
+    whole_names = NANO_RECIPE["whole_names"] if args.whole_names is None else args.whole_names
+    stats = train_nano(out_dir=args.out, seed=args.seed, data_dir=args.data, rounds=rounds,
+                       whole_names=whole_names,
                        threads=args.threads, max_minutes=args.max_minutes,
-                       joint_checkpoint=args.joint_checkpoint, init_from=args.init,
-                       lr=args.lr, seg_lr=args.seg_lr)
-    print(json.dumps({k: v for k, v in stats.items() if k != "final"}, indent=1))
+                       joint_checkpoint=args.joint_checkpoint, init_from=args.init)
+    print(json.dumps({k: v for k, v in stats.items() if k != "rounds"}, indent=1))
     print(f"wrote {args.out} in {stats['total_seconds'] / 60:.1f} min")
     return 0
