@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import Qwen2_5_VLConfig, Qwen2TokenizerFast
 
 from . import imaging
@@ -41,14 +41,28 @@ Log = Callable[[dict], None]
 
 
 # ----------------------------------------------------------------------------- model parts
+# Qwen2's pre-tokenizer split: among others, every digit is a piece of its own, so a box
+# coordinate is written digit by digit ("58" -> "5", "8") wherever it stands.
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
 def train_tokenizer(texts: Sequence[str], vocab_size: int = 2048,
-                    whole_names: Sequence[str] = ()) -> Qwen2TokenizerFast:
+                    whole_names: Sequence[str] = (),
+                    split_digits: bool = False) -> Qwen2TokenizerFast:
     """A small byte-level BPE trained on our corpus, with Qwen chat/vision + Citrus-V tokens.
 
     Each of `whole_names` (e.g. "right kidney") becomes one token, with its leading space.
+    `split_digits`: pre-tokenize as Qwen2 does (one token per digit); otherwise GPT-2's split,
+    where BPE learns whole numbers ("58", " 58" and "158" are unrelated tokens).
     """
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if split_digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -489,10 +503,10 @@ def _corpus(samples: list[dict]) -> list[str]:
 # (joint stage, segmentation stage) with fixed step counts. Round r uses seed + r, a fresh
 # optimizer and a warm restart of the learning rate, and starts from the previous round's
 # checkpoint as stored (fp16, the released layout's separate lm_head), exactly as `--init`
-# continues a saved model; the same seed gives the same model. `whole_names`: two-word
-# structure names ("right kidney") are one token each (see train_nano).
+# continues a saved model; the same seed gives the same model. Tokenizer options: see
+# train_tokenizer.
 NANO_RECIPE: dict = dict(
-    whole_names=False,
+    whole_names=False, split_digits=False,
     rounds=(dict(joint_steps=900, seg_steps=900, lr=1e-3, seg_lr=5e-4),
             dict(joint_steps=450, seg_steps=2000, lr=5e-4, seg_lr=5e-4)),
 )
@@ -502,6 +516,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
                data_dir: str | Path = "work/nano_data",
                rounds: Sequence[dict] = NANO_RECIPE["rounds"],
                whole_names: bool = NANO_RECIPE["whole_names"],
+               split_digits: bool = NANO_RECIPE["split_digits"],
                batch_images: int = 4, seqs_per_image: int = 4, seg_batch_images: int = 6,
                threads: int = 1, log: Log | None = None, log_every: int = 10,
                save_dtype: str = "float16", max_minutes: float | None = None,
@@ -531,7 +546,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
     else:
         tokenizer = train_tokenizer(_corpus(data.samples),
                                     whole_names=[n for n in NAMES if " " in n] if whole_names
-                                    else ())
+                                    else (), split_digits=split_digits)
         processor = qwen_processor(tokenizer, NANO_MIN_PIXELS, NANO_MAX_PIXELS)
         config = nano_config(tokenizer, NANO_MIN_PIXELS, NANO_MAX_PIXELS)
         model = build_model(config, torch.float32, random_init=True)
@@ -685,7 +700,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
             "final": {h["stage"]: h for h in history if h["round"] == r + 1}}
            for r, spec in enumerate(rounds)]
     stats = {"seed": seed, "init_from": None if init_from is None else str(init_from),
-             "whole_names": whole_names, "rounds": ran,
+             "whole_names": whole_names, "split_digits": split_digits, "rounds": ran,
              "stopped_early": any(x["joint_steps_run"] < x["joint_steps"]
                                   or x["seg_steps_run"] < x["seg_steps"] for x in ran),
              "total_seconds": round(total_s, 1), "batch_images": batch_images,
@@ -717,9 +732,10 @@ def train_nano_cli(args) -> int:
              if getattr(args, k) is not None}
     # the recipe by default; step counts or rates on the command line make one round of them
     rounds = NANO_RECIPE["rounds"] if not given else ({**NANO_RECIPE["rounds"][0], **given},)
-    whole_names = NANO_RECIPE["whole_names"] if args.whole_names is None else args.whole_names
+    tokens = {k: NANO_RECIPE[k] if getattr(args, k) is None else getattr(args, k)
+              for k in ("whole_names", "split_digits")}
     stats = train_nano(out_dir=args.out, seed=args.seed, data_dir=args.data, rounds=rounds,
-                       whole_names=whole_names,
+                       **tokens,
                        threads=args.threads, max_minutes=args.max_minutes,
                        joint_checkpoint=args.joint_checkpoint, init_from=args.init)
     print(json.dumps({k: v for k, v in stats.items() if k != "rounds"}, indent=1))
