@@ -504,9 +504,9 @@ def _corpus(samples: list[dict]) -> list[str]:
 # optimizer and a warm restart of the learning rate, and starts from the previous round's
 # checkpoint as stored (fp16, the released layout's separate lm_head), exactly as `--init`
 # continues a saved model; the same seed gives the same model. Tokenizer options: see
-# train_tokenizer.
+# train_tokenizer; augment_p: see train_nano.
 NANO_RECIPE: dict = dict(
-    whole_names=False, split_digits=False,
+    whole_names=False, split_digits=False, augment_p=0.0,
     rounds=(dict(joint_steps=900, seg_steps=900, lr=1e-3, seg_lr=5e-4),
             dict(joint_steps=450, seg_steps=2000, lr=5e-4, seg_lr=5e-4)),
 )
@@ -517,6 +517,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
                rounds: Sequence[dict] = NANO_RECIPE["rounds"],
                whole_names: bool = NANO_RECIPE["whole_names"],
                split_digits: bool = NANO_RECIPE["split_digits"],
+               augment_p: float = NANO_RECIPE["augment_p"],
                batch_images: int = 4, seqs_per_image: int = 4, seg_batch_images: int = 6,
                threads: int = 1, log: Log | None = None, log_every: int = 10,
                save_dtype: str = "float16", max_minutes: float | None = None,
@@ -527,9 +528,13 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
     `whole_names`: two-word structure names ("right kidney") are one token each. The state
     at [SEG] is trained to predict the token after it, and "right" starts both "right lung"
     and "right kidney", which made their [SEG] states nearly equal.
+    `augment_p`: in the joint stage, this share of CT slices is moved and zoomed at random
+    and asked only detection and report questions, whose boxes are rewritten from the moved
+    label map (text-side augmentation; SAM2 sees moved slices only in its own stage).
     """
     from .nano_data import (MIN_AREA_PX, NAMES, NANO_MAX_PIXELS, NANO_MIN_PIXELS,
-                            TRAIN_WINDOWS, build_nano_data, load_nano_data)
+                            TRAIN_WINDOWS, augment_slice, build_nano_data, load_nano_data,
+                            moved_answer)
 
     torch.set_num_threads(threads)
     t_start = time.perf_counter()
@@ -574,7 +579,14 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
             use_drr = with_text and drr_keys and rng.random() < 0.1
             key = rng.choice(drr_keys if use_drr else ct_keys)
             window = rng.choice(TRAIN_WINDOWS) if key.startswith("ct:") else None
-            inp = bank.get(key, window)
+            moved = None
+            if (with_text and key.startswith("ct:") and augment_p > 0
+                    and rng.random() < augment_p):
+                k = int(key.split(":")[1])
+                img, moved = augment_slice(data.volume[k], data.labels[k], rng)
+                inp = render(img, window, processor, config)
+            else:
+                inp = bank.get(key, window)
             images.append((key, window, inp))
             pool = by_image[key]
             if with_text:
@@ -582,7 +594,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
                 reports = [s for s in pool if s["task"] == "report"]
                 if reports and rng.random() < 0.5:
                     chosen.append(rng.choice(reports))
-                segs = [s for s in pool if s["task"] == "segment"]
+                segs = [] if moved is not None else [s for s in pool if s["task"] == "segment"]
                 dets = [s for s in pool if s["task"] == "detect"]
                 while len(chosen) < seqs_per_image:
                     chosen.append(rng.choice(dets if (rng.random() < 0.6 or not segs) else segs))
@@ -595,7 +607,8 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
                 chosen = [rng.choice([s for s in pool if s["task"] == "segment"
                                       and s["structure"] == n]) for n in names]
             for s in chosen:
-                ids, start = encode_chat(tokenizer, config, s["prompt"], s["answer"], inp.grid,
+                answer = s["answer"] if moved is None else moved_answer(s, data, moved)
+                ids, start = encode_chat(tokenizer, config, s["prompt"], answer, inp.grid,
                                          s["task"])
                 seqs.append(ChatSequence(ids, start, b))
                 seg_meta.append(s)
@@ -700,7 +713,8 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
             "final": {h["stage"]: h for h in history if h["round"] == r + 1}}
            for r, spec in enumerate(rounds)]
     stats = {"seed": seed, "init_from": None if init_from is None else str(init_from),
-             "whole_names": whole_names, "split_digits": split_digits, "rounds": ran,
+             "whole_names": whole_names, "split_digits": split_digits, "augment_p": augment_p,
+             "rounds": ran,
              "stopped_early": any(x["joint_steps_run"] < x["joint_steps"]
                                   or x["seg_steps_run"] < x["seg_steps"] for x in ran),
              "total_seconds": round(total_s, 1), "batch_images": batch_images,
@@ -732,10 +746,10 @@ def train_nano_cli(args) -> int:
              if getattr(args, k) is not None}
     # the recipe by default; step counts or rates on the command line make one round of them
     rounds = NANO_RECIPE["rounds"] if not given else ({**NANO_RECIPE["rounds"][0], **given},)
-    tokens = {k: NANO_RECIPE[k] if getattr(args, k) is None else getattr(args, k)
-              for k in ("whole_names", "split_digits")}
+    options = {k: NANO_RECIPE[k] if getattr(args, k) is None else getattr(args, k)
+               for k in ("whole_names", "split_digits", "augment_p")}
     stats = train_nano(out_dir=args.out, seed=args.seed, data_dir=args.data, rounds=rounds,
-                       **tokens,
+                       **options,
                        threads=args.threads, max_minutes=args.max_minutes,
                        joint_checkpoint=args.joint_checkpoint, init_from=args.init)
     print(json.dumps({k: v for k, v in stats.items() if k != "rounds"}, indent=1))
