@@ -49,9 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment-p", type=float, default=None,
                    help="share of joint-stage CT slices moved/zoomed for detection and report "
                    "questions (default: the recipe's)")
-    p.add_argument("--pos-weight-cap", type=float, default=None,
-                   help="BCE weight of structure pixels, background/structure area capped at "
-                   "this (default: the recipe's)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is fastest on a busy 2-core machine)")
     p.add_argument("--max-minutes", type=float, default=None,

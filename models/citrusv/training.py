@@ -258,15 +258,9 @@ def decode_train(model: CitrusV, feats: dict, image_index: list[int], seg_hidden
     return low_res, iou
 
 
-def mask_losses(low_res: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor,
-                pos_weight_cap: float = 1.0) -> dict[str, torch.Tensor]:
-    """Dice + BCE on every multimask output, and the IoU head against the real IoU.
-
-    `pos_weight_cap` > 1: in the BCE, a mask's pixels inside the structure weigh
-    background/structure area, capped at this. With plain BCE a thin structure (the spinal
-    cord: ~16 of 128 x 128 pixels) settles on an empty mask whose sigmoid saturates, where
-    the Dice gradient vanishes too.
-    """
+def mask_losses(low_res: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+    """Dice + BCE on every multimask output, and the IoU head against the real IoU."""
     size = target.shape[-1]
     logits = F.interpolate(low_res.float(), size=(size, size), mode="bilinear",
                            align_corners=False)
@@ -274,13 +268,7 @@ def mask_losses(low_res: torch.Tensor, iou_pred: torch.Tensor, target: torch.Ten
     prob = logits.sigmoid()
     inter = (prob * t).flatten(2).sum(-1)
     dice = 1 - (2 * inter + 1) / (prob.flatten(2).sum(-1) + t.flatten(2).sum(-1) + 1)
-    weight = None
-    if pos_weight_cap > 1:
-        pos = target.flatten(1).sum(-1)
-        w = ((target[0].numel() - pos) / pos.clamp(min=1.0)).clamp(1.0, pos_weight_cap)
-        weight = 1 + (w[:, None, None, None] - 1) * t
-    bce = F.binary_cross_entropy_with_logits(logits, t, weight=weight,
-                                             reduction="none").flatten(2).mean(-1)
+    bce = F.binary_cross_entropy_with_logits(logits, t, reduction="none").flatten(2).mean(-1)
     with torch.no_grad():
         hard = (logits > 0).float()
         i = (hard * t).flatten(2).sum(-1)
@@ -516,9 +504,9 @@ def _corpus(samples: list[dict]) -> list[str]:
 # optimizer and a warm restart of the learning rate, and starts from the previous round's
 # checkpoint as stored (fp16, the released layout's separate lm_head), exactly as `--init`
 # continues a saved model; the same seed gives the same model. Tokenizer options: see
-# train_tokenizer; augment_p: see train_nano; pos_weight_cap: see mask_losses.
+# train_tokenizer; augment_p: see train_nano.
 NANO_RECIPE: dict = dict(
-    whole_names=False, split_digits=False, augment_p=0.0, pos_weight_cap=1.0,
+    whole_names=False, split_digits=False, augment_p=0.0,
     rounds=(dict(joint_steps=900, seg_steps=900, lr=1e-3, seg_lr=5e-4),
             dict(joint_steps=450, seg_steps=2000, lr=5e-4, seg_lr=5e-4)),
 )
@@ -530,7 +518,6 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
                whole_names: bool = NANO_RECIPE["whole_names"],
                split_digits: bool = NANO_RECIPE["split_digits"],
                augment_p: float = NANO_RECIPE["augment_p"],
-               pos_weight_cap: float = NANO_RECIPE["pos_weight_cap"],
                batch_images: int = 4, seqs_per_image: int = 4, seg_batch_images: int = 6,
                threads: int = 1, log: Log | None = None, log_every: int = 10,
                save_dtype: str = "float16", max_minutes: float | None = None,
@@ -638,7 +625,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
             pixels, tgt = augment_sam(pixels, tgt, img_idx, rng)
         feats = sam_features(model, pixels)
         low, iou = decode_train(model, feats, img_idx, h)
-        return mask_losses(low, iou, tgt, pos_weight_cap)
+        return mask_losses(low, iou, tgt)
 
     def out_of_time() -> bool:
         return deadline is not None and time.perf_counter() > deadline
@@ -727,7 +714,6 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
            for r, spec in enumerate(rounds)]
     stats = {"seed": seed, "init_from": None if init_from is None else str(init_from),
              "whole_names": whole_names, "split_digits": split_digits, "augment_p": augment_p,
-             "pos_weight_cap": pos_weight_cap,
              "rounds": ran,
              "stopped_early": any(x["joint_steps_run"] < x["joint_steps"]
                                   or x["seg_steps_run"] < x["seg_steps"] for x in ran),
@@ -761,7 +747,7 @@ def train_nano_cli(args) -> int:
     # the recipe by default; step counts or rates on the command line make one round of them
     rounds = NANO_RECIPE["rounds"] if not given else ({**NANO_RECIPE["rounds"][0], **given},)
     options = {k: NANO_RECIPE[k] if getattr(args, k) is None else getattr(args, k)
-               for k in ("whole_names", "split_digits", "augment_p", "pos_weight_cap")}
+               for k in ("whole_names", "split_digits", "augment_p")}
     stats = train_nano(out_dir=args.out, seed=args.seed, data_dir=args.data, rounds=rounds,
                        **options,
                        threads=args.threads, max_minutes=args.max_minutes,
