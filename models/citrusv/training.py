@@ -506,9 +506,9 @@ def _corpus(samples: list[dict]) -> list[str]:
 # continues a saved model; the same seed gives the same model. Tokenizer options: see
 # train_tokenizer; augment_p: see train_nano.
 NANO_RECIPE: dict = dict(
-    whole_names=False, split_digits=False, augment_p=0.0,
+    whole_names=True, split_digits=False, augment_p=0.0,
     rounds=(dict(joint_steps=900, seg_steps=900, lr=1e-3, seg_lr=5e-4),
-            dict(joint_steps=450, seg_steps=2000, lr=5e-4, seg_lr=5e-4)),
+            dict(joint_steps=450, seg_steps=3000, lr=5e-4, seg_lr=5e-4)),
 )
 
 
