@@ -44,11 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seg-steps", type=int, default=None)
     p.add_argument("--whole-names", action=argparse.BooleanOptionalAction, default=None,
                    help="two-word structure names are one token each (default: the recipe's)")
-    p.add_argument("--split-digits", action=argparse.BooleanOptionalAction, default=None,
-                   help="one token per digit, as Qwen2 splits numbers (default: the recipe's)")
-    p.add_argument("--augment-p", type=float, default=None,
-                   help="share of joint-stage CT slices moved/zoomed for detection and report "
-                   "questions (default: the recipe's)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is fastest on a busy 2-core machine)")
     p.add_argument("--max-minutes", type=float, default=None,

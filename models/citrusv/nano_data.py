@@ -189,65 +189,17 @@ def report_answer(items: list[tuple[str, list[int], str, float, float]], modalit
             f"<answer>{modality}, {len(items)} structures: {findings}.</answer>")
 
 
-def ct_items(study: CTStudy, k: int, labels: np.ndarray | None = None
-             ) -> list[tuple[str, list[int], str, float, float]]:
-    """Report items for axial slice k: frame box, laterality and in-plane size in mm.
-
-    `labels` is an augmented (moved/scaled) copy of the slice's label map: boxes then come from
-    it, while laterality and mm sizes stay those of the anatomy (the unmoved slice).
-    """
+def ct_items(study: CTStudy, k: int) -> list[tuple[str, list[int], str, float, float]]:
+    """Report items for axial slice k: frame box, laterality and in-plane size in mm."""
     _, h, w = study.volume.shape
     fmap = frame_map(h, w)
     sy, sx = study.spacing[1], study.spacing[2]
-    anatomy = present(study, k)
-    shown = anatomy if labels is None else present_in(labels)
     items = []
-    for name, m in shown.items():
+    for name, m in present(study, k).items():
         box = mask_box(m)
-        ref = mask_box(anatomy[name]) if name in anatomy else box
-        items.append((name, frame_box(box, fmap), side_of(ref, w),
-                      (ref[2] - ref[0]) * sx, (ref[3] - ref[1]) * sy))
+        items.append((name, frame_box(box, fmap), side_of(box, w),
+                      (box[2] - box[0]) * sx, (box[3] - box[1]) * sy))
     return items
-
-
-def present_in(labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Structures of a 2D label slice (values 1..10) with at least MIN_AREA_PX pixels."""
-    out = {}
-    for i, name in enumerate(NAMES):
-        m = labels == i + 1
-        if m.sum() >= MIN_AREA_PX:
-            out[name] = m
-    return out
-
-
-def augment_slice(image: np.ndarray, labels: np.ndarray, rng, scale: float = 0.15,
-                  shift: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
-    """The same random zoom (1 +- scale) and shift (+- shift of the side) on a HU slice and its
-    label slice; what moves out of view is gone, what comes in is air (-1000 HU)."""
-    from scipy import ndimage
-
-    h, w = image.shape
-    s = 1.0 + rng.uniform(-scale, scale)
-    ty, tx = rng.uniform(-shift, shift) * h, rng.uniform(-shift, shift) * w
-    centre = np.array([(h - 1) / 2.0, (w - 1) / 2.0])
-    # output pixel o samples input at centre + (o - centre - t) / s
-    offset = centre - (centre + np.array([ty, tx])) / s
-    matrix = np.diag([1.0 / s, 1.0 / s])
-    img = ndimage.affine_transform(image.astype(np.float32), matrix, offset, order=1,
-                                   mode="constant", cval=-1000.0)
-    lab = ndimage.affine_transform(labels, matrix, offset, order=0, mode="constant", cval=0)
-    return img.astype(np.int16), lab
-
-
-def moved_answer(sample: dict, study: CTStudy, labels: np.ndarray) -> str:
-    """A detection or report sample's answer for its slice moved by `augment_slice`."""
-    k = sample["slice"]
-    if sample["task"] == "report":
-        return report_answer(ct_items(study, k, labels), "CT")
-    name = sample["structure"]
-    m = present_in(labels).get(name)
-    return detect_answer(name, None if m is None else frame_box(mask_box(m),
-                                                                frame_map(*labels.shape)))
 
 
 # ----------------------------------------------------------------------------- DRR (X-ray)

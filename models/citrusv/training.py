@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import Qwen2_5_VLConfig, Qwen2TokenizerFast
 
 from . import imaging
@@ -41,28 +41,14 @@ Log = Callable[[dict], None]
 
 
 # ----------------------------------------------------------------------------- model parts
-# Qwen2's pre-tokenizer split: among others, every digit is a piece of its own, so a box
-# coordinate is written digit by digit ("58" -> "5", "8") wherever it stands.
-QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
 def train_tokenizer(texts: Sequence[str], vocab_size: int = 2048,
-                    whole_names: Sequence[str] = (),
-                    split_digits: bool = False) -> Qwen2TokenizerFast:
+                    whole_names: Sequence[str] = ()) -> Qwen2TokenizerFast:
     """A small byte-level BPE trained on our corpus, with Qwen chat/vision + Citrus-V tokens.
 
     Each of `whole_names` (e.g. "right kidney") becomes one token, with its leading space.
-    `split_digits`: pre-tokenize as Qwen2 does (one token per digit); otherwise GPT-2's split,
-    where BPE learns whole numbers ("58", " 58" and "158" are unrelated tokens).
     """
     tok = Tokenizer(models.BPE())
-    if split_digits:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    else:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -503,10 +489,9 @@ def _corpus(samples: list[dict]) -> list[str]:
 # (joint stage, segmentation stage) with fixed step counts. Round r uses seed + r, a fresh
 # optimizer and a warm restart of the learning rate, and starts from the previous round's
 # checkpoint as stored (fp16, the released layout's separate lm_head), exactly as `--init`
-# continues a saved model; the same seed gives the same model. Tokenizer options: see
-# train_tokenizer; augment_p: see train_nano.
+# continues a saved model; the same seed gives the same model. whole_names: see train_nano.
 NANO_RECIPE: dict = dict(
-    whole_names=True, split_digits=False, augment_p=0.0,
+    whole_names=True,
     rounds=(dict(joint_steps=900, seg_steps=900, lr=1e-3, seg_lr=5e-4),
             dict(joint_steps=450, seg_steps=3000, lr=5e-4, seg_lr=5e-4)),
 )
@@ -516,8 +501,6 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
                data_dir: str | Path = "work/nano_data",
                rounds: Sequence[dict] = NANO_RECIPE["rounds"],
                whole_names: bool = NANO_RECIPE["whole_names"],
-               split_digits: bool = NANO_RECIPE["split_digits"],
-               augment_p: float = NANO_RECIPE["augment_p"],
                batch_images: int = 4, seqs_per_image: int = 4, seg_batch_images: int = 6,
                threads: int = 1, log: Log | None = None, log_every: int = 10,
                save_dtype: str = "float16", max_minutes: float | None = None,
@@ -528,13 +511,9 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
     `whole_names`: two-word structure names ("right kidney") are one token each. The state
     at [SEG] is trained to predict the token after it, and "right" starts both "right lung"
     and "right kidney", which made their [SEG] states nearly equal.
-    `augment_p`: in the joint stage, this share of CT slices is moved and zoomed at random
-    and asked only detection and report questions, whose boxes are rewritten from the moved
-    label map (text-side augmentation; SAM2 sees moved slices only in its own stage).
     """
     from .nano_data import (MIN_AREA_PX, NAMES, NANO_MAX_PIXELS, NANO_MIN_PIXELS,
-                            TRAIN_WINDOWS, augment_slice, build_nano_data, load_nano_data,
-                            moved_answer)
+                            TRAIN_WINDOWS, build_nano_data, load_nano_data)
 
     torch.set_num_threads(threads)
     t_start = time.perf_counter()
@@ -551,7 +530,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
     else:
         tokenizer = train_tokenizer(_corpus(data.samples),
                                     whole_names=[n for n in NAMES if " " in n] if whole_names
-                                    else (), split_digits=split_digits)
+                                    else ())
         processor = qwen_processor(tokenizer, NANO_MIN_PIXELS, NANO_MAX_PIXELS)
         config = nano_config(tokenizer, NANO_MIN_PIXELS, NANO_MAX_PIXELS)
         model = build_model(config, torch.float32, random_init=True)
@@ -579,14 +558,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
             use_drr = with_text and drr_keys and rng.random() < 0.1
             key = rng.choice(drr_keys if use_drr else ct_keys)
             window = rng.choice(TRAIN_WINDOWS) if key.startswith("ct:") else None
-            moved = None
-            if (with_text and key.startswith("ct:") and augment_p > 0
-                    and rng.random() < augment_p):
-                k = int(key.split(":")[1])
-                img, moved = augment_slice(data.volume[k], data.labels[k], rng)
-                inp = render(img, window, processor, config)
-            else:
-                inp = bank.get(key, window)
+            inp = bank.get(key, window)
             images.append((key, window, inp))
             pool = by_image[key]
             if with_text:
@@ -594,7 +566,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
                 reports = [s for s in pool if s["task"] == "report"]
                 if reports and rng.random() < 0.5:
                     chosen.append(rng.choice(reports))
-                segs = [] if moved is not None else [s for s in pool if s["task"] == "segment"]
+                segs = [s for s in pool if s["task"] == "segment"]
                 dets = [s for s in pool if s["task"] == "detect"]
                 while len(chosen) < seqs_per_image:
                     chosen.append(rng.choice(dets if (rng.random() < 0.6 or not segs) else segs))
@@ -607,8 +579,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
                 chosen = [rng.choice([s for s in pool if s["task"] == "segment"
                                       and s["structure"] == n]) for n in names]
             for s in chosen:
-                answer = s["answer"] if moved is None else moved_answer(s, data, moved)
-                ids, start = encode_chat(tokenizer, config, s["prompt"], answer, inp.grid,
+                ids, start = encode_chat(tokenizer, config, s["prompt"], s["answer"], inp.grid,
                                          s["task"])
                 seqs.append(ChatSequence(ids, start, b))
                 seg_meta.append(s)
@@ -713,8 +684,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
             "final": {h["stage"]: h for h in history if h["round"] == r + 1}}
            for r, spec in enumerate(rounds)]
     stats = {"seed": seed, "init_from": None if init_from is None else str(init_from),
-             "whole_names": whole_names, "split_digits": split_digits, "augment_p": augment_p,
-             "rounds": ran,
+             "whole_names": whole_names, "rounds": ran,
              "stopped_early": any(x["joint_steps_run"] < x["joint_steps"]
                                   or x["seg_steps_run"] < x["seg_steps"] for x in ran),
              "total_seconds": round(total_s, 1), "batch_images": batch_images,
@@ -746,10 +716,9 @@ def train_nano_cli(args) -> int:
              if getattr(args, k) is not None}
     # the recipe by default; step counts or rates on the command line make one round of them
     rounds = NANO_RECIPE["rounds"] if not given else ({**NANO_RECIPE["rounds"][0], **given},)
-    options = {k: NANO_RECIPE[k] if getattr(args, k) is None else getattr(args, k)
-               for k in ("whole_names", "split_digits", "augment_p")}
+    whole_names = NANO_RECIPE["whole_names"] if args.whole_names is None else args.whole_names
     stats = train_nano(out_dir=args.out, seed=args.seed, data_dir=args.data, rounds=rounds,
-                       **options,
+                       whole_names=whole_names,
                        threads=args.threads, max_minutes=args.max_minutes,
                        joint_checkpoint=args.joint_checkpoint, init_from=args.init)
     print(json.dumps({k: v for k, v in stats.items() if k != "rounds"}, indent=1))

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from citrusv.nano_data import (GUARD, HELD_OUT_BLOCKS, NAMES, augment_slice, build_samples,
-                               ct_items, detect_answer, drr, drr_boxes, frame_map, mask_box,
-                               moved_answer, report_answer, segment_answer, split_of)
+from citrusv.nano_data import (GUARD, HELD_OUT_BLOCKS, NAMES, build_samples, ct_items,
+                               detect_answer, drr, drr_boxes, frame_map,
+                               report_answer, segment_answer, split_of)
 from citrusv.parsing import parse_output
 
 
@@ -60,54 +60,3 @@ def test_drr_boxes_lie_inside_the_radiograph(study):
     # the liver sits low and on the image left (patient's right) in an AP view
     x1, y1, x2, y2 = boxes["liver"]
     assert (x1 + x2) / 2 < w / 2 and (y1 + y2) / 2 > h / 2
-
-
-class _Fixed:
-    """A stand-in rng that returns preset uniforms (zoom, then dy, then dx)."""
-
-    def __init__(self, *values):
-        self.values = list(values)
-
-    def uniform(self, lo, hi):
-        return self.values.pop(0)
-
-
-def test_augmented_slice_moves_image_and_labels_together(study):
-    k = 50
-    # zoom 1.0, shift down 0.05 * 512 = 25.6 px, left -0.1 * 512 = -51.2 px
-    img, lab = augment_slice(study.volume[k], study.labels[k], _Fixed(0.0, 0.05, -0.1))
-    assert img.shape == lab.shape == study.volume[k].shape and img.dtype == np.int16
-    liver = NAMES.index("liver") + 1
-    before, after = mask_box(study.labels[k] == liver), mask_box(lab == liver)
-    assert abs((after[1] - before[1]) - 25.6) <= 1 and abs((after[0] - before[0]) + 51.2) <= 1
-    # the image moved with it: the CT inside the moved liver is the CT inside the old one
-    assert abs(np.median(img[lab == liver]) - np.median(study.volume[k][study.labels[k] == liver])) < 5
-    assert img[0, -1] == -1000  # what came into view is air
-    # zoom 1.1 about the centre: box sides grow by 10 %
-    _, lab = augment_slice(study.volume[k], study.labels[k], _Fixed(0.1, 0.0, 0.0))
-    b = mask_box(lab == liver)
-    assert abs((b[2] - b[0]) - 1.1 * (before[2] - before[0])) <= 2
-
-
-def test_moved_answers_cite_moved_boxes_with_anatomical_sides_and_sizes(study):
-    k = 50
-    _, lab = augment_slice(study.volume[k], study.labels[k], _Fixed(0.1, 0.0, 0.08))
-    plain, moved = {i[0]: i for i in ct_items(study, k)}, {i[0]: i for i in ct_items(study, k, lab)}
-    assert set(moved) == set(plain)
-    for name in plain:
-        assert moved[name][2:] == plain[name][2:]  # laterality, mm sizes: the anatomy's
-    liver = NAMES.index("liver") + 1
-    x1, y1, x2, y2 = frame_map(512, 512).to_frame(mask_box(lab == liver))
-    box = [int(np.floor(x1)), int(np.floor(y1)), int(np.ceil(x2)), int(np.ceil(y2))]
-    assert moved["liver"][1] == box
-    det = parse_output(moved_answer(dict(task="detect", slice=k, structure="liver"), study, lab),
-                       "Detect the liver.")
-    assert det.boxes[0].xyxy == [float(v) for v in box]
-    rep = parse_output(moved_answer(dict(task="report", slice=k, structure=None), study, lab),
-                       "Write a report. Think step by step.")
-    assert [b.xyxy for b in rep.boxes] == [[float(v) for v in it[1]] for it in moved.values()]
-    # a structure moved out of view is not there any more
-    _, gone = augment_slice(study.volume[k], study.labels[k], _Fixed(0.0, 0.0, 0.1))
-    gone[gone == liver] = 0
-    assert moved_answer(dict(task="detect", slice=k, structure="liver"), study, gone) == (
-        "No liver is visible in this image.")
