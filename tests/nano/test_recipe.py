@@ -4,10 +4,27 @@ checkpoint, and the shipped models/nano is what one such run wrote (fixed steps,
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from citrusv.training import train_nano
+from citrusv.training import NANO_RECIPE, train_nano
+
+NANO = Path(__file__).resolve().parents[2] / "models" / "nano"
+
+
+def test_shipped_nano_was_made_by_one_run_of_the_default_recipe():
+    log = json.loads((NANO / "training_log.json").read_text())
+    assert log["init_from"] is None and log["seed"] == 0
+    assert log["stopped_early"] is False
+    assert log["whole_names"] == NANO_RECIPE["whole_names"]
+    keys = ("joint_steps", "seg_steps", "lr", "seg_lr")
+    assert [{k: r[k] for k in keys} for r in log["rounds"]] == [dict(r) for r in
+                                                                NANO_RECIPE["rounds"]]
+    for r in log["rounds"]:
+        assert (r["joint_steps_run"], r["seg_steps_run"]) == (r["joint_steps"], r["seg_steps"])
+    assert log["total_seconds"] < 2 * 3600
+
 
 def test_cli_defaults_are_the_recipe():
     from citrusv.cli import build_parser
