@@ -383,8 +383,8 @@ def finetune_segmentation(model: CitrusV, processor, samples: Sequence[SegSample
         opt.step()
         curve.append(loss.item())
         if log is not None:
-            log({"stage": "segmentation", "step": step + 1, "steps": steps, "loss": float(loss),
-                 **{k: float(v) for k, v in parts.items()}})
+            log({"stage": "segmentation", "step": step + 1, "steps": steps, "loss": curve[-1],
+                 **{k: v.item() for k, v in parts.items()}})
     model.eval()
     stats = {"steps": len(curve), "loss_curve": curve,
              "final_loss": float(np.mean(curve[-10:])) if curve else None,
