@@ -2,7 +2,8 @@
 
 - Joint stage: MLLM, projector and SAM2 trained together on loss = token CE + 2 Dice + 1 BCE.
 - Segmentation stage (Citrus-V stage 4): MLLM frozen; projector + full SAM2 trained on
-  2 Dice + 1 BCE (+ a small IoU-head term so "best of the multimask outputs" picks well).
+  2 Dice + 1 BCE, plus a small IoU-head term (so "best of the multimask outputs" picks well)
+  and a small area-normalised recall term (so thin structures such as the spinal cord learn).
 
 `finetune_segmentation` runs the segmentation stage on (slice, prompt, mask) samples, for
 the MONAI Label trainer; `train_nano` builds `models/nano` from the sample CT from scratch.
@@ -34,7 +35,12 @@ from .prompting import pixel_inputs, stop_token_ids, text_inputs
 from .testing import CITRUS_TOKENS, QWEN_SPECIAL, tiny_sam2_config
 
 NANO_SYSTEM = "You are Citrus-V nano, a radiology assistant."
-LOSS_WEIGHTS = {"ce": 1.0, "dice": 2.0, "bce": 1.0, "iou": 0.1}
+LOSS_WEIGHTS = {"ce": 1.0, "dice": 2.0, "bce": 1.0, "iou": 0.1, "recall": 0.0}
+# Segmentation stage only: weight of the "recall" term (mask_losses). Pixel-mean BCE and soft
+# Dice give a thin structure whose logits are all strongly negative almost no gradient (nano's
+# spinal cord stayed empty even on training slices); this term is normalised by the
+# structure's own area, so it does not vanish with size.
+SEG_RECALL_WEIGHT = 0.05
 MASK_LOSS_SIZE = 128  # masks are scored at this size during training (SAM2 low-res is 64)
 
 Log = Callable[[dict], None]
@@ -246,7 +252,8 @@ def decode_train(model: CitrusV, feats: dict, image_index: list[int], seg_hidden
 
 def mask_losses(low_res: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
-    """Dice + BCE on every multimask output, and the IoU head against the real IoU."""
+    """Dice + BCE on every multimask output, the IoU head against the real IoU, and "recall":
+    the BCE of the target's own pixels averaged over the target (area-normalised)."""
     size = target.shape[-1]
     logits = F.interpolate(low_res.float(), size=(size, size), mode="bilinear",
                            align_corners=False)
@@ -255,13 +262,15 @@ def mask_losses(low_res: torch.Tensor, iou_pred: torch.Tensor, target: torch.Ten
     inter = (prob * t).flatten(2).sum(-1)
     dice = 1 - (2 * inter + 1) / (prob.flatten(2).sum(-1) + t.flatten(2).sum(-1) + 1)
     bce = F.binary_cross_entropy_with_logits(logits, t, reduction="none").flatten(2).mean(-1)
+    recall = ((F.softplus(-logits) * t).flatten(2).sum(-1)
+              / t.flatten(2).sum(-1).clamp(min=1))
     with torch.no_grad():
         hard = (logits > 0).float()
         i = (hard * t).flatten(2).sum(-1)
         u = ((hard + t) > 0).float().flatten(2).sum(-1)
         real_iou = torch.where(u > 0, i / u.clamp(min=1), torch.ones_like(u))
     iou = F.mse_loss(iou_pred.float(), real_iou)
-    return {"dice": dice.mean(), "bce": bce.mean(), "iou": iou}
+    return {"dice": dice.mean(), "bce": bce.mean(), "iou": iou, "recall": recall.mean()}
 
 
 def target_mask(mask: np.ndarray, size: int = MASK_LOSS_SIZE) -> torch.Tensor:
@@ -297,6 +306,29 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def optimise(params: list, steps: int, lr: float, warmup: int,
+             batch: Callable[[], dict[str, torch.Tensor]], weights: dict[str, float],
+             on_step: Callable[[int, float, dict[str, float]], None],
+             stop: Callable[[], bool] | None = None) -> int:
+    """The one step loop of every stage: AdamW (weight decay 0.01), linear warmup then cosine
+    to 10% of `lr`, loss = weighted sum of `batch()`'s parts, gradient norm clipped at 1.
+    `on_step(step, loss, parts)` sees plain floats. Returns the number of steps run."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    for step in range(steps):
+        if stop is not None and stop():
+            return step
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps, lr, warmup)
+        parts = batch()
+        loss = sum(weights[k] * v for k, v in parts.items())
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        on_step(step, loss.item(), {k: v.item() for k, v in parts.items()})
+    return steps
+
+
 # ----------------------------------------------------------------------------- segmentation stage
 @dataclass
 class SegSample:
@@ -321,12 +353,13 @@ def finetune_segmentation(model: CitrusV, processor, samples: Sequence[SegSample
                           steps: int = 200, lr: float = 3e-4, seed: int = 0,
                           batch_images: int = 4, log: Log | None = None,
                           augment: bool = True, val_samples: Sequence | None = None,
-                          stop: Callable[[], bool] | None = None) -> dict:
+                          stop: Callable[[], bool] | None = None,
+                          recall_weight: float = SEG_RECALL_WEIGHT) -> dict:
     """Citrus-V stage 4 on (slice, prompt, mask) samples: MLLM frozen, projector + SAM2 trained.
 
     `samples` are SegSample or dicts with keys image, prompt, mask (+ window, label); empty masks
-    are negatives. The [SEG] state comes from teacher-forcing "Sure, the <label> is [SEG]." with
-    the frozen MLLM (computed once per sample). Returns stats: loss curve, final loss, and Dice
+    are negatives. The [SEG] state is the frozen MLLM's own, from its greedy answer to the prompt
+    (computed once per sample; see own_seg_state). Returns stats: loss curve, final loss, and Dice
     on `val_samples` before/after when given. The model is left in eval mode.
     """
     samples = [s if isinstance(s, SegSample) else SegSample(**s) for s in samples]
@@ -350,41 +383,36 @@ def finetune_segmentation(model: CitrusV, processor, samples: Sequence[SegSample
     params = list(model.seg_projector.parameters()) + list(model.sam2.parameters())
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    curve = []
+    curve: list[float] = []
     model.sam2.train()
     model.seg_projector.train()
     order: list[int] = []
-    for step in range(steps):
-        if stop is not None and stop():
-            break
-        # a batch of up to `batch_images` samples
-        batch = []
-        while len(batch) < max(1, min(batch_images, len(samples))):
+
+    def batch() -> dict[str, torch.Tensor]:  # up to `batch_images` samples, each once per epoch
+        chosen = []
+        while len(chosen) < max(1, min(batch_images, len(samples))):
             if not order:
-                order = list(range(len(samples)))
+                order.extend(range(len(samples)))
                 rng.shuffle(order)
-            batch.append(order.pop())
-        pixels = torch.stack([inputs[i].sam for i in batch]).to(device, _dtype(model))
-        tgt = torch.stack([targets[i] for i in batch]).to(device)
-        owners = list(range(len(batch)))
+            chosen.append(order.pop())
+        pixels = torch.stack([inputs[i].sam for i in chosen]).to(device, _dtype(model))
+        tgt = torch.stack([targets[i] for i in chosen]).to(device)
+        owners = list(range(len(chosen)))
         if augment:
             pixels, tgt = augment_sam(pixels, tgt, owners, rng)
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr, max(1, steps // 20))
         feats = sam_features(model, pixels)
         low, iou = decode_train(model, feats, owners,
-                                seg_hidden[batch].to(device, _dtype(model)))
-        parts = mask_losses(low, iou, tgt)
-        loss = sum(LOSS_WEIGHTS[k] * v for k, v in parts.items())
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        curve.append(loss.item())
+                                seg_hidden[chosen].to(device, _dtype(model)))
+        return mask_losses(low, iou, tgt)
+
+    def on_step(step: int, loss: float, parts: dict[str, float]) -> None:
+        curve.append(loss)
         if log is not None:
-            log({"stage": "segmentation", "step": step + 1, "steps": steps, "loss": curve[-1],
-                 **{k: v.item() for k, v in parts.items()}})
+            log({"stage": "segmentation", "step": step + 1, "steps": steps, "loss": loss,
+                 **parts})
+
+    optimise(params, steps, lr, max(1, steps // 20), batch,
+             {**LOSS_WEIGHTS, "recall": recall_weight}, on_step, stop)
     model.eval()
     stats = {"steps": len(curve), "loss_curve": curve,
              "final_loss": float(np.mean(curve[-10:])) if curve else None,
@@ -492,6 +520,7 @@ def _corpus(samples: list[dict]) -> list[str]:
 # continues a saved model; the same seed gives the same model. whole_names: see train_nano.
 NANO_RECIPE: dict = dict(
     whole_names=True,
+    recall_weight=SEG_RECALL_WEIGHT,
     rounds=(dict(joint_steps=900, seg_steps=900, lr=1e-3, seg_lr=5e-4),
             dict(joint_steps=450, seg_steps=3000, lr=5e-4, seg_lr=5e-4)),
 )
@@ -501,6 +530,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
                data_dir: str | Path = "work/nano_data",
                rounds: Sequence[dict] = NANO_RECIPE["rounds"],
                whole_names: bool = NANO_RECIPE["whole_names"],
+               recall_weight: float = NANO_RECIPE["recall_weight"],
                batch_images: int = 4, seqs_per_image: int = 4, seg_batch_images: int = 6,
                threads: int = 1, log: Log | None = None, log_every: int = 10,
                save_dtype: str = "float16", max_minutes: float | None = None,
@@ -602,25 +632,16 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
         return deadline is not None and time.perf_counter() > deadline
 
     def run_stage(stage: str, steps: int, lr: float, warmup: int, r: int, params: list,
-                  batch) -> None:
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-        for step in range(steps):
-            if out_of_time():
-                break
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, steps, lr, warmup)
-            parts = batch()
-            loss = sum(LOSS_WEIGHTS[k] * v for k, v in parts.items())
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+                  batch, weights: dict) -> None:
+        def on_step(step: int, loss: float, parts: dict[str, float]) -> None:
             rec = {"round": r + 1, "stage": stage, "step": step + 1, "steps": steps,
-                   "loss": loss.item(), **{k: round(v.item(), 4) for k, v in parts.items()},
+                   "loss": loss, **{k: round(v, 4) for k, v in parts.items()},
                    "elapsed_s": round(time.perf_counter() - t_start, 1)}
             history.append(rec)
             if (step + 1) % log_every == 0 or step == 0:
                 say(rec)
+
+        optimise(params, steps, lr, warmup, batch, weights, on_step, out_of_time)
 
     def joint_batch() -> dict:
         images, seqs, meta = pick_batch(with_text=True)
@@ -655,7 +676,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
         model.train()
         t1 = time.perf_counter()
         run_stage("joint", spec["joint_steps"], spec["lr"], 30, r,
-                  [p for p in model.parameters() if p.requires_grad], joint_batch)
+                  [p for p in model.parameters() if p.requires_grad], joint_batch, LOSS_WEIGHTS)
         joint_s = time.perf_counter() - t1
         if joint_checkpoint and spec["joint_steps"] and r == 0:
             model.eval()
@@ -667,7 +688,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
         t2 = time.perf_counter()
         run_stage("segmentation", spec["seg_steps"], spec["seg_lr"], 20, r,
                   list(model.seg_projector.parameters()) + list(model.sam2.parameters()),
-                  segmentation_batch)
+                  segmentation_batch, {**LOSS_WEIGHTS, "recall": recall_weight})
         seconds.append({"joint_seconds": round(joint_s, 1),
                         "seg_seconds": round(time.perf_counter() - t2, 1)})
 
@@ -684,7 +705,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
             "final": {h["stage"]: h for h in history if h["round"] == r + 1}}
            for r, spec in enumerate(rounds)]
     stats = {"seed": seed, "init_from": None if init_from is None else str(init_from),
-             "whole_names": whole_names, "rounds": ran,
+             "whole_names": whole_names, "recall_weight": recall_weight, "rounds": ran,
              "stopped_early": any(x["joint_steps_run"] < x["joint_steps"]
                                   or x["seg_steps_run"] < x["seg_steps"] for x in ran),
              "total_seconds": round(total_s, 1), "batch_images": batch_images,
@@ -718,7 +739,7 @@ def train_nano_cli(args) -> int:
     rounds = NANO_RECIPE["rounds"] if not given else ({**NANO_RECIPE["rounds"][0], **given},)
     whole_names = NANO_RECIPE["whole_names"] if args.whole_names is None else args.whole_names
     stats = train_nano(out_dir=args.out, seed=args.seed, data_dir=args.data, rounds=rounds,
-                       whole_names=whole_names,
+                       whole_names=whole_names, recall_weight=NANO_RECIPE["recall_weight"],
                        threads=args.threads, max_minutes=args.max_minutes,
                        joint_checkpoint=args.joint_checkpoint, init_from=args.init)
     print(json.dumps({k: v for k, v in stats.items() if k != "rounds"}, indent=1))

@@ -2,8 +2,9 @@
 
 Runs in MONAI Label's training subprocess. It loads its own engine from the version being
 served, measures Dice on held-out corrected slices, trains (projector + SAM2, MLLM frozen:
-2 Dice + 1 BCE), measures again, and publishes a complete checkpoint: written to a temporary
-folder inside `versions/`, then renamed to the next number in one step. The server notices the
+2 Dice + 1 BCE + a small recall term, see `citrusv.training.mask_losses`), measures again, and
+publishes a complete checkpoint: written to a temporary folder inside `versions/`, then renamed
+to the next number in one step. The server notices the
 new folder on its next request. A crash or kill leaves only a temporary folder, removed by the
 next run, and the serving model is never touched. `versions/last_run.json` records the outcome.
 """
