@@ -109,3 +109,11 @@ def test_bench_figures_on_tiny_model(tiny_dir):
     assert r["plain_generate_ms"] > 0 and r["capture_generate_ms"] > 0
     assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["peak_rss_mb"] > 0
     assert r["mask_cached_ms"] < r["mask_cold_ms"]
+
+
+def test_cli_eval_on_a_missing_model_says_one_sentence(tmp_path, capsys):
+    rc = main(["eval", "--model", str(tmp_path / "no-such-model")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("error: model directory ") and "does not exist" in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
