@@ -18,6 +18,7 @@ def test_shipped_nano_was_made_by_one_run_of_the_default_recipe():
     assert log["init_from"] is None and log["seed"] == 0
     assert log["stopped_early"] is False
     assert log["whole_names"] == NANO_RECIPE["whole_names"]
+    assert log["recall_weight"] == NANO_RECIPE["recall_weight"]
     keys = ("joint_steps", "seg_steps", "lr", "seg_lr")
     assert [{k: r[k] for k in keys} for r in log["rounds"]] == [dict(r) for r in
                                                                 NANO_RECIPE["rounds"]]
