@@ -36,7 +36,6 @@ def ask_cli(args: argparse.Namespace) -> int:
 
     from . import imaging
     from .engine import AXES, Engine
-    from .errors import InputError
     from .io import read_study
 
     if args.server:
@@ -47,30 +46,27 @@ def ask_cli(args: argparse.Namespace) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        study = read_study(args.image)
-        window = _window(args.window)
-        axis = AXES.get(args.axis, 0)
-        slice_index = None
-        spacing = study.spacing
-        if study.kind == "volume" and study.array.ndim == 3:
-            slice_index = study.array.shape[axis] // 2 if args.slice is None else args.slice
-            plane = study.slice(slice_index, axis)
-            spacing = None if study.spacing is None else tuple(
-                s for i, s in enumerate(study.spacing) if i != axis)
-        else:
-            plane = study.array
-        engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
-        kwargs = dict(slice_index=slice_index, spacing=spacing, photometric=study.photometric,
-                      image_id=Path(args.image).name, forced_text=args.forced_text)
-        if args.roi:
-            roi = [float(v) for v in args.roi.split(",")]
-            res = engine.closer_look(plane, args.prompt, roi=roi, window=window, **kwargs)
-        else:
-            res = engine.ask(plane, args.prompt, window, task=args.task, **kwargs)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    # bad input raises InputError: `citrusv` (cli.main) prints it as one sentence, exit 2
+    study = read_study(args.image)
+    window = _window(args.window)
+    axis = AXES.get(args.axis, 0)
+    slice_index = None
+    spacing = study.spacing
+    if study.kind == "volume" and study.array.ndim == 3:
+        slice_index = study.array.shape[axis] // 2 if args.slice is None else args.slice
+        plane = study.slice(slice_index, axis)
+        spacing = None if study.spacing is None else tuple(
+            s for i, s in enumerate(study.spacing) if i != axis)
+    else:
+        plane = study.array
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
+    kwargs = dict(slice_index=slice_index, spacing=spacing, photometric=study.photometric,
+                  image_id=Path(args.image).name, forced_text=args.forced_text)
+    if args.roi:
+        roi = [float(v) for v in args.roi.split(",")]
+        res = engine.closer_look(plane, args.prompt, roi=roi, window=window, **kwargs)
+    else:
+        res = engine.ask(plane, args.prompt, window, task=args.task, **kwargs)
     data = res.to_json()
     if study.kind == "volume":
         data["image"].update({"shape": [int(s) for s in study.array.shape], "axis": args.axis,
