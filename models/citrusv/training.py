@@ -41,6 +41,11 @@ LOSS_WEIGHTS = {"ce": 1.0, "dice": 2.0, "bce": 1.0, "iou": 0.1, "recall": 0.0}
 # spinal cord stayed empty even on training slices); this term is normalised by the
 # structure's own area, so it does not vanish with size.
 SEG_RECALL_WEIGHT = 0.05
+
+
+def segmentation_weights(recall_weight: float = SEG_RECALL_WEIGHT) -> dict[str, float]:
+    """Loss weights of the segmentation stage: the joint stage's plus the recall term."""
+    return {**LOSS_WEIGHTS, "recall": recall_weight}
 MASK_LOSS_SIZE = 128  # masks are scored at this size during training (SAM2 low-res is 64)
 
 Log = Callable[[dict], None]
@@ -412,7 +417,7 @@ def finetune_segmentation(model: CitrusV, processor, samples: Sequence[SegSample
                  **parts})
 
     optimise(params, steps, lr, max(1, steps // 20), batch,
-             {**LOSS_WEIGHTS, "recall": recall_weight}, on_step, stop)
+             segmentation_weights(recall_weight), on_step, stop)
     model.eval()
     stats = {"steps": len(curve), "loss_curve": curve,
              "final_loss": float(np.mean(curve[-10:])) if curve else None,
@@ -688,7 +693,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
         t2 = time.perf_counter()
         run_stage("segmentation", spec["seg_steps"], spec["seg_lr"], 20, r,
                   list(model.seg_projector.parameters()) + list(model.sam2.parameters()),
-                  segmentation_batch, {**LOSS_WEIGHTS, "recall": recall_weight})
+                  segmentation_batch, segmentation_weights(recall_weight))
         seconds.append({"joint_seconds": round(joint_s, 1),
                         "seg_seconds": round(time.perf_counter() - t2, 1)})
 
@@ -739,7 +744,7 @@ def train_nano_cli(args) -> int:
     rounds = NANO_RECIPE["rounds"] if not given else ({**NANO_RECIPE["rounds"][0], **given},)
     whole_names = NANO_RECIPE["whole_names"] if args.whole_names is None else args.whole_names
     stats = train_nano(out_dir=args.out, seed=args.seed, data_dir=args.data, rounds=rounds,
-                       whole_names=whole_names, recall_weight=NANO_RECIPE["recall_weight"],
+                       whole_names=whole_names,
                        threads=args.threads, max_minutes=args.max_minutes,
                        joint_checkpoint=args.joint_checkpoint, init_from=args.init)
     print(json.dumps({k: v for k, v in stats.items() if k != "rounds"}, indent=1))
