@@ -314,11 +314,11 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 def optimise(params: list, steps: int, lr: float, warmup: int,
              batch: Callable[[], dict[str, torch.Tensor]], weights: dict[str, float],
              on_step: Callable[[int, float, dict[str, float]], None],
-             stop: Callable[[], bool] | None = None, weight_decay: float = 0.01) -> int:
-    """The one step loop of every stage: AdamW (weight decay 0.01 unless given), linear warmup then cosine
+             stop: Callable[[], bool] | None = None) -> int:
+    """The one step loop of every stage: AdamW (weight decay 0.01), linear warmup then cosine
     to 10% of `lr`, loss = weighted sum of `batch()`'s parts, gradient norm clipped at 1.
     `on_step(step, loss, parts)` sees plain floats. Returns the number of steps run."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     for step in range(steps):
         if stop is not None and stop():
             return step
@@ -637,7 +637,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
         return deadline is not None and time.perf_counter() > deadline
 
     def run_stage(stage: str, steps: int, lr: float, warmup: int, r: int, params: list,
-                  batch, weights: dict, weight_decay: float = 0.01) -> None:
+                  batch, weights: dict) -> None:
         def on_step(step: int, loss: float, parts: dict[str, float]) -> None:
             rec = {"round": r + 1, "stage": stage, "step": step + 1, "steps": steps,
                    "loss": loss, **{k: round(v, 4) for k, v in parts.items()},
@@ -646,7 +646,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
             if (step + 1) % log_every == 0 or step == 0:
                 say(rec)
 
-        optimise(params, steps, lr, warmup, batch, weights, on_step, out_of_time, weight_decay)
+        optimise(params, steps, lr, warmup, batch, weights, on_step, out_of_time)
 
     def joint_batch() -> dict:
         images, seqs, meta = pick_batch(with_text=True)
@@ -681,8 +681,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
         model.train()
         t1 = time.perf_counter()
         run_stage("joint", spec["joint_steps"], spec["lr"], 30, r,
-                  [p for p in model.parameters() if p.requires_grad], joint_batch, LOSS_WEIGHTS,
-                  spec.get("joint_weight_decay", 0.01))
+                  [p for p in model.parameters() if p.requires_grad], joint_batch, LOSS_WEIGHTS)
         joint_s = time.perf_counter() - t1
         if joint_checkpoint and spec["joint_steps"] and r == 0:
             model.eval()
