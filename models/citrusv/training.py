@@ -526,8 +526,8 @@ def _corpus(samples: list[dict]) -> list[str]:
 NANO_RECIPE: dict = dict(
     whole_names=True,
     recall_weight=SEG_RECALL_WEIGHT,
-    rounds=(dict(joint_steps=1800, seg_steps=900, lr=1e-3, seg_lr=5e-4),
-            dict(joint_steps=900, seg_steps=3000, lr=5e-4, seg_lr=5e-4)),
+    rounds=(dict(joint_steps=900, seg_steps=900, lr=1e-3, seg_lr=5e-4),
+            dict(joint_steps=450, seg_steps=3000, lr=5e-4, seg_lr=5e-4)),
 )
 
 
