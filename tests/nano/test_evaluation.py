@@ -1,0 +1,94 @@
+"""`citrusv eval`'s scorer: scripted answerers with known answers on two real slices of the
+sample CT give the scores worked out by hand (perfect answers score 1, shifted boxes IoU 1/3,
+boxes for absent structures count against precision)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from citrusv.evaluation import evaluate, format_table
+from citrusv.nano_data import MIN_AREA_PX, NAMES, mask_box
+from citrusv.result import Box, Mask, Result, Step
+
+SLICES = [25, 64]
+
+
+class ScriptedAnswerer:
+    """Answers from the reference label map; `shift` moves detection boxes right by that
+    fraction of their width; `boxes_for_absent` also boxes structures that are not there."""
+
+    def __init__(self, study, shift: float = 0.0, boxes_for_absent: bool = False):
+        self.study, self.shift, self.boxes_for_absent = study, shift, boxes_for_absent
+
+    def _slice(self, image: np.ndarray) -> int:
+        return next(k for k in SLICES if np.array_equal(self.study.volume[k], image))
+
+    def ask(self, image, prompt, window=None, task=None, max_new_tokens=None) -> Result:
+        k = self._slice(image)
+        res = Result(task=task, prompt=prompt)
+        if task == "report":
+            on = [s for s in NAMES if self.study.mask(s, k).sum() >= MIN_AREA_PX]
+            res.boxes = [Box(id=f"b{i}", label=s, xyxy=mask_box(self.study.mask(s, k)))
+                         for i, s in enumerate(on, 1)]
+            res.reasoning = [Step(step=i, text=f"The {b.label}.", box_ids=[b.id])
+                             for i, b in enumerate(res.boxes, 1)]
+            return res
+        name = re.search(r"the (.+?)(?: in this scan|, output)", prompt).group(1)
+        ref = self.study.mask(name, k)
+        if task == "segment" and ref.any():
+            res.masks = [Mask(label=name, array=ref.copy())]
+        if task == "detect":
+            if ref.sum() >= MIN_AREA_PX:
+                x1, y1, x2, y2 = mask_box(ref)
+                dx = self.shift * (x2 - x1)
+                res.boxes = [Box(id="b1", label=name, xyxy=[x1 + dx, y1, x2 + dx, y2])]
+            elif self.boxes_for_absent:
+                res.boxes = [Box(id="b1", label=name, xyxy=[10.0, 10.0, 60.0, 60.0])]
+        return res
+
+
+def _present(study) -> dict[str, int]:
+    return {s: sum(int(study.mask(s, k).sum() >= MIN_AREA_PX) for k in SLICES) for s in NAMES}
+
+
+def test_perfect_answers_score_one(study):
+    scores = evaluate(ScriptedAnswerer(study), study, slices=SLICES)
+    present = _present(study)
+    scored = {s: v for s, v in scores["dice"].items() if v is not None}
+    assert scored and all(v == pytest.approx(1.0) for v in scored.values())
+    assert set(scored) == {s for s in NAMES if any(study.mask(s, k).any() for k in SLICES)}
+    assert scores["mean_dice"] == pytest.approx(1.0)
+    assert scores["detection_precision"] == scores["detection_recall"] == 1.0
+    assert scores["detection_boxes"] == sum(present.values())
+    assert scores["detection_found"] == {s: [n, n] for s, n in present.items()}
+    assert scores["citation_precision"] == scores["citation_recall"] == 1.0
+    assert scores["cited_box_iou"] == pytest.approx(1.0)
+    assert scores["steps_citing_boxes"] == 1.0
+    table = format_table(scores)
+    assert "| mean Dice (10 structures) | 1.000 | ≥ 0.75 | met |" in table
+    assert present["liver"] == 2  # liver is on both slices (733 px on slice 64)
+    assert f"| liver | 1.000 | {scores['reference_pixels']['liver']} | 2 / 2 |" in table
+    assert "Axial slices 25, 64 (2 slices)" in table
+
+
+def test_boxes_shifted_by_half_their_width_miss(study):
+    scores = evaluate(ScriptedAnswerer(study, shift=0.5), study, slices=SLICES, report=False)
+    assert scores["detection_precision"] == 0.0 and scores["detection_recall"] == 0.0
+    assert scores["detection_mean_iou"] == pytest.approx(1 / 3)
+    assert all(found == 0 for found, _ in scores["detection_found"].values())
+    assert scores["citation_precision"] is None  # no report asked
+    assert "| detection precision@IoU0.5 | 0.000 | ≥ 0.6 | MISSED |" in format_table(scores)
+
+
+def test_boxes_for_absent_structures_lower_precision_only(study):
+    scores = evaluate(ScriptedAnswerer(study, boxes_for_absent=True), study, slices=SLICES,
+                      report=False)
+    n_present = sum(_present(study).values())
+    n_absent = len(NAMES) * len(SLICES) - n_present
+    assert n_absent > 0
+    assert scores["detection_boxes"] == n_present + n_absent
+    assert scores["detection_precision"] == pytest.approx(n_present / (n_present + n_absent))
+    assert scores["detection_recall"] == 1.0
