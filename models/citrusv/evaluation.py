@@ -68,7 +68,7 @@ def evaluate(engine, study: CTStudy, slices: list[int] | None = None,
     inter = {s: 0 for s in structures}
     sums = {s: 0 for s in structures}
     ref_px = {s: 0 for s in structures}
-    det_tp = det_pred = det_present = det_found = 0
+    det_tp = det_pred = 0
     found_by = {s: [0, 0] for s in structures}  # structure -> [present slices found, present]
     det_ious: list[float] = []
     cite_ok = cite_total = 0
@@ -102,8 +102,6 @@ def evaluate(engine, study: CTStudy, slices: list[int] | None = None,
                 if ref_box is not None:
                     det_ious.append(iou)
             if s in on:
-                det_present += 1
-                det_found += int(hit)
                 found_by[s][0] += int(hit)
                 found_by[s][1] += 1
         if report:
@@ -132,6 +130,8 @@ def evaluate(engine, study: CTStudy, slices: list[int] | None = None,
             progress(n + 1, len(slices))
     dice = {s: (2.0 * inter[s] / sums[s] if sums[s] else None) for s in structures}
     scored = [v for v in dice.values() if v is not None]
+    det_found = sum(f for f, _ in found_by.values())
+    det_present = sum(n for _, n in found_by.values())
     out = {
         "slices": slices,
         "dice": dice,
