@@ -41,12 +41,13 @@ LOSS_WEIGHTS = {"ce": 1.0, "dice": 2.0, "bce": 1.0, "iou": 0.1, "recall": 0.0}
 # spinal cord stayed empty even on training slices); this term is normalised by the
 # structure's own area, so it does not vanish with size.
 SEG_RECALL_WEIGHT = 0.05
+MASK_LOSS_SIZE = 128  # masks are scored at this size during training (SAM2 low-res is 64)
 
 
 def segmentation_weights(recall_weight: float = SEG_RECALL_WEIGHT) -> dict[str, float]:
     """Loss weights of the segmentation stage: the joint stage's plus the recall term."""
     return {**LOSS_WEIGHTS, "recall": recall_weight}
-MASK_LOSS_SIZE = 128  # masks are scored at this size during training (SAM2 low-res is 64)
+
 
 Log = Callable[[dict], None]
 
