@@ -174,10 +174,8 @@ class ChatSequence:
 
 
 def mllm_forward(model: CitrusV, images: list[ImageInputs], seqs: list[ChatSequence],
-                 pad_id: int, want_ce: bool = True, image_features: list | None = None,
-                 soft_targets: torch.Tensor | None = None):
+                 pad_id: int, want_ce: bool = True, soft_targets: torch.Tensor | None = None):
     """Batched teacher-forced pass -> (mean token CE or None, last hidden (B, L, h), ids).
-    `image_features`, when given, receives the vision tower's merged tokens of each image.
     `soft_targets` (vocab, vocab): where a row is not all zero, the target distribution that
     replaces the one-hot label of that token (see number_soft_targets)."""
     mllm = model.mllm
@@ -186,8 +184,6 @@ def mllm_forward(model: CitrusV, images: list[ImageInputs], seqs: list[ChatSeque
     pv = torch.cat([im.pixel_values for im in images]).to(device, _dtype(model))
     grids = torch.cat([im.grid for im in images]).to(device)
     feats = core.get_image_features(pv, grids)  # list per image
-    if image_features is not None:
-        image_features.extend(feats)
     length = max(len(s.ids) for s in seqs)
     ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
     attn = torch.zeros((len(seqs), length), dtype=torch.long)
@@ -317,18 +313,6 @@ def number_soft_targets(tokenizer, vocab: int, sigma: float, mix: float = 0.5
         rows = mix * g + (1 - mix) * torch.eye(len(members))
         out[ids[:, None], ids[None, :]] = rows
     return out
-
-
-def layout_target(labels: np.ndarray, n_classes: int, grid: torch.Tensor, merge: int
-                  ) -> torch.Tensor:
-    """(tokens, merge * merge * n_classes) soft targets for the layout term: for each merged
-    vision token, the fraction of each of its patches covered by each structure (labels: 0 =
-    background, i + 1 = structure i). Same token order as the Qwen vision tower's output."""
-    _, gh, gw = (int(v) for v in grid[0])
-    one_hot = torch.stack([torch.from_numpy(labels == i + 1) for i in range(n_classes)]).float()
-    occ = F.interpolate(one_hot[None], size=(gh, gw), mode="area")[0]  # (n, gh, gw)
-    occ = occ.reshape(n_classes, gh // merge, merge, gw // merge, merge)
-    return occ.permute(1, 3, 2, 4, 0).reshape((gh // merge) * (gw // merge), -1)
 
 
 def target_mask(mask: np.ndarray, size: int = MASK_LOSS_SIZE) -> torch.Tensor:
@@ -593,7 +577,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
                threads: int = 1, log: Log | None = None, log_every: int = 10,
                save_dtype: str = "float16", max_minutes: float | None = None,
                joint_checkpoint: str | Path | None = None,
-               init_from: str | Path | None = None, layout_weight: float = 0.0,
+               init_from: str | Path | None = None,
                number_sigma: float = 0.0) -> dict:
     """Build the data (if missing), train nano from scratch, save it in the released layout.
 
@@ -625,12 +609,6 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
         model = build_model(config, torch.float32, random_init=True)
     bank = NanoBank(data, processor, config)
     pad = tokenizer.pad_token_id
-    merge = int(config.mllm.vision_config.spatial_merge_size)
-    layout_head = None
-    if layout_weight:  # training only: never saved, not part of the released layout
-        layout_head = torch.nn.Linear(int(config.mllm.vision_config.out_hidden_size),
-                                      merge * merge * len(NAMES))
-    layouts: dict[int, torch.Tensor] = {}
     soft_targets = None
     if number_sigma:
         soft_targets = number_soft_targets(
@@ -712,30 +690,12 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
 
         optimise(params, steps, lr, warmup, batch, weights, on_step, out_of_time)
 
-    def layout_loss(images, feats) -> torch.Tensor | None:
-        preds, tgts = [], []
-        for (key, _, inp), f in zip(images, feats):
-            if not key.startswith("ct:"):
-                continue
-            k = int(key.split(":")[1])
-            if k not in layouts:
-                layouts[k] = layout_target(data.labels[k], len(NAMES), inp.grid, merge)
-            preds.append(layout_head(f.float()))
-            tgts.append(layouts[k])
-        if not preds:
-            return None
-        return F.binary_cross_entropy_with_logits(torch.cat(preds), torch.cat(tgts))
-
     def joint_batch() -> dict:
         images, seqs, meta = pick_batch(with_text=True)
-        feats: list = []
         ce, hidden, ids = mllm_forward(model, [im[2] for im in images], seqs, pad,
-                                       image_features=feats, soft_targets=soft_targets)
+                                       soft_targets=soft_targets)
         ct_seg = [i for i, s in enumerate(meta) if s["task"] == "segment" and s["slice"] is not None]
         parts = {"ce": ce}
-        if layout_head is not None:
-            lay = layout_loss(images, feats)
-            parts["layout"] = lay if lay is not None else ce.new_zeros(())
         if ct_seg:
             sp = seg_step(images, [seqs[i] for i in ct_seg], [meta[i] for i in ct_seg],
                           hidden[ct_seg], ids[ct_seg], augment=False)
@@ -764,9 +724,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
         model.train()
         t1 = time.perf_counter()
         run_stage("joint", spec["joint_steps"], spec["lr"], 30, r,
-                  [p for p in model.parameters() if p.requires_grad]
-                  + ([] if layout_head is None else list(layout_head.parameters())),
-                  joint_batch, {**LOSS_WEIGHTS, "layout": layout_weight})
+                  [p for p in model.parameters() if p.requires_grad], joint_batch, LOSS_WEIGHTS)
         joint_s = time.perf_counter() - t1
         if joint_checkpoint and spec["joint_steps"] and r == 0:
             model.eval()
@@ -796,7 +754,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
            for r, spec in enumerate(rounds)]
     stats = {"seed": seed, "init_from": None if init_from is None else str(init_from),
              "whole_names": whole_names, "recall_weight": recall_weight,
-             "layout_weight": layout_weight, "number_sigma": number_sigma, "rounds": ran,
+             "number_sigma": number_sigma, "rounds": ran,
              "stopped_early": any(x["joint_steps_run"] < x["joint_steps"]
                                   or x["seg_steps_run"] < x["seg_steps"] for x in ran),
              "total_seconds": round(total_s, 1), "batch_images": batch_images,
