@@ -174,10 +174,8 @@ class ChatSequence:
 
 
 def mllm_forward(model: CitrusV, images: list[ImageInputs], seqs: list[ChatSequence],
-                 pad_id: int, want_ce: bool = True, soft_targets: torch.Tensor | None = None):
-    """Batched teacher-forced pass -> (mean token CE or None, last hidden (B, L, h), ids).
-    `soft_targets` (vocab, vocab): where a row is not all zero, the target distribution that
-    replaces the one-hot label of that token (see number_soft_targets)."""
+                 pad_id: int, want_ce: bool = True):
+    """Batched teacher-forced pass -> (mean token CE or None, last hidden (B, L, h), ids)."""
     mllm = model.mllm
     core = mllm.model
     device = next(model.parameters()).device
@@ -205,17 +203,8 @@ def mllm_forward(model: CitrusV, images: list[ImageInputs], seqs: list[ChatSeque
     ce = None
     if want_ce:
         logits = mllm.lm_head(hidden[:, :-1])
-        flat = logits.reshape(-1, logits.shape[-1]).float()
-        target = labels[:, 1:].reshape(-1)
-        if soft_targets is None:
-            ce = F.cross_entropy(flat, target, ignore_index=-100)
-        else:
-            keep = target != -100
-            flat, target = flat[keep], target[keep]
-            q = soft_targets.to(flat.device)[target]  # rows of zeros for ordinary tokens
-            soft = q.sum(-1) > 0
-            q[~soft] = F.one_hot(target[~soft], flat.shape[-1]).to(q.dtype)
-            ce = -(q * F.log_softmax(flat, -1)).sum(-1).mean()
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                             labels[:, 1:].reshape(-1), ignore_index=-100)
     return ce, hidden, ids
 
 
@@ -288,31 +277,6 @@ def mask_losses(low_res: torch.Tensor, iou_pred: torch.Tensor, target: torch.Ten
         real_iou = torch.where(u > 0, i / u.clamp(min=1), torch.ones_like(u))
     iou = F.mse_loss(iou_pred.float(), real_iou)
     return {"dice": dice.mean(), "bce": bce.mean(), "iou": iou, "recall": recall.mean()}
-
-
-def number_soft_targets(tokenizer, vocab: int, sigma: float, mix: float = 0.5
-                        ) -> torch.Tensor:
-    """(vocab, vocab) soft labels for whole-number tokens ("58", " 139"): (1 - mix) on the
-    token itself + mix spread over the number tokens of the same kind (with or without the
-    leading space) by a Gaussian of width `sigma` in value, so that a box coordinate one or
-    two off costs less than one far off. Rows of other tokens are zero (one-hot is used)."""
-    out = torch.zeros(vocab, vocab)
-    kinds: dict[bool, list[tuple[int, int]]] = {True: [], False: []}
-    for tid in range(len(tokenizer)):
-        text = tokenizer.decode([tid])
-        body = text[1:] if text.startswith(" ") else text
-        if body.isdigit() and body.isascii() and (body == "0" or not body.startswith("0")):
-            kinds[text.startswith(" ")].append((tid, int(body)))
-    for members in kinds.values():
-        if not members:
-            continue
-        ids = torch.tensor([m[0] for m in members])
-        values = torch.tensor([float(m[1]) for m in members])
-        g = torch.exp(-0.5 * ((values[:, None] - values[None, :]) / sigma) ** 2)
-        g = g / g.sum(-1, keepdim=True)
-        rows = mix * g + (1 - mix) * torch.eye(len(members))
-        out[ids[:, None], ids[None, :]] = rows
-    return out
 
 
 def target_mask(mask: np.ndarray, size: int = MASK_LOSS_SIZE) -> torch.Tensor:
@@ -577,8 +541,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
                threads: int = 1, log: Log | None = None, log_every: int = 10,
                save_dtype: str = "float16", max_minutes: float | None = None,
                joint_checkpoint: str | Path | None = None,
-               init_from: str | Path | None = None,
-               number_sigma: float = 0.0) -> dict:
+               init_from: str | Path | None = None) -> dict:
     """Build the data (if missing), train nano from scratch, save it in the released layout.
 
     `whole_names`: two-word structure names ("right kidney") are one token each. The state
@@ -609,10 +572,6 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
         model = build_model(config, torch.float32, random_init=True)
     bank = NanoBank(data, processor, config)
     pad = tokenizer.pad_token_id
-    soft_targets = None
-    if number_sigma:
-        soft_targets = number_soft_targets(
-            tokenizer, model.mllm.get_input_embeddings().weight.shape[0], number_sigma)
     say = log or (lambda rec: print(json.dumps(rec), flush=True))
 
     by_image: dict[str, list[dict]] = {}
@@ -692,8 +651,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
 
     def joint_batch() -> dict:
         images, seqs, meta = pick_batch(with_text=True)
-        ce, hidden, ids = mllm_forward(model, [im[2] for im in images], seqs, pad,
-                                       soft_targets=soft_targets)
+        ce, hidden, ids = mllm_forward(model, [im[2] for im in images], seqs, pad)
         ct_seg = [i for i, s in enumerate(meta) if s["task"] == "segment" and s["slice"] is not None]
         parts = {"ce": ce}
         if ct_seg:
@@ -753,8 +711,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
             "final": {h["stage"]: h for h in history if h["round"] == r + 1}}
            for r, spec in enumerate(rounds)]
     stats = {"seed": seed, "init_from": None if init_from is None else str(init_from),
-             "whole_names": whole_names, "recall_weight": recall_weight,
-             "number_sigma": number_sigma, "rounds": ran,
+             "whole_names": whole_names, "recall_weight": recall_weight, "rounds": ran,
              "stopped_early": any(x["joint_steps_run"] < x["joint_steps"]
                                   or x["seg_steps_run"] < x["seg_steps"] for x in ran),
              "total_seconds": round(total_s, 1), "batch_images": batch_images,
