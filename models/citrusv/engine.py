@@ -26,7 +26,9 @@ from .generation import (
     generate_capturing_batch,
     image_embeddings,
     prefix_length,
+    span_score,
     teacher_force,
+    token_char_ends,
 )
 from .imaging import FrameMap
 from .parsing import SEG_TOKEN, TASKS, infer_task, parse_output
@@ -451,8 +453,11 @@ class Engine:
         parsed = parse_output(text, prompt)
         res = Result(task=task, prompt=prompt, text=text, answer=parsed.answer,
                      model=self._model_info(), warnings=list(parsed.warnings))
+        ends = token_char_ends(self.tokenizer, gen.token_ids, text) if gen.token_probs else []
         for box in parsed.boxes:
-            res.boxes.append(Box(box.id, box.label, state.frame_map.to_input(box.xyxy)))
+            score = span_score(text, ends, gen.token_probs, box.start, box.end) if ends else None
+            res.boxes.append(Box(box.id, box.label, state.frame_map.to_input(box.xyxy),
+                                 score=score))
         res.reasoning = [Step(i + 1, s.text, s.box_ids) for i, s in enumerate(parsed.steps)]
         t1 = time.perf_counter()
         n_seg = gen.seg_hidden.shape[0]

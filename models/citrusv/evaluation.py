@@ -21,6 +21,9 @@ from .nano_data import (HELD_OUT_BLOCKS, MIN_AREA_PX, NAMES, CTStudy, eval_windo
 SEGMENT_PROMPT = "Please segment the {s} in this scan."
 DETECT_PROMPT = "Locate the {s}, output its bbox coordinates using JSON format."
 REPORT_PROMPT = "Write a report for this CT slice. Think step by step."
+# detection is also scored on the boxes whose score (the model's probability of the box's
+# numbers) is at least this: how well the score tells right boxes from wrong ones
+SCORE_LINE = 0.5
 TARGETS = {"mean_dice": 0.75, "dice_lungs_liver": 0.85, "detection_precision": 0.6,
            "citation_precision": 0.8}
 
@@ -71,6 +74,8 @@ def evaluate(engine, study: CTStudy, slices: list[int] | None = None,
     det_tp = det_pred = 0
     found_by = {s: [0, 0] for s in structures}  # structure -> [present slices found, present]
     det_ious: list[float] = []
+    det_scored: list[tuple[float | None, bool]] = []  # (box score, right) for every box
+    found_scored = 0  # present structures with a right box scored >= SCORE_LINE
     cite_ok = cite_total = 0
     cite_ious: list[float] = []
     present_total = present_cited = 0
@@ -92,17 +97,21 @@ def evaluate(engine, study: CTStudy, slices: list[int] | None = None,
             res = engine.ask(image, DETECT_PROMPT.format(s=s), window=window, task="detect",
                              max_new_tokens=48)
             ref_box = mask_box(ref) if s in on else None
-            hit = False
+            hit = hit_scored = False
             for box in res.boxes:
                 det_pred += 1
                 iou = box_iou(box.xyxy, ref_box) if ref_box is not None else 0.0
-                if normalise_label(box.label) == s and iou >= 0.5:
+                right = normalise_label(box.label) == s and iou >= 0.5
+                det_scored.append((box.score, right))
+                if right:
                     det_tp += 1
                     hit = True
+                    hit_scored |= box.score is not None and box.score >= SCORE_LINE
                 if ref_box is not None:
                     det_ious.append(iou)
             if s in on:
                 found_by[s][0] += int(hit)
+                found_scored += int(hit_scored)
                 found_by[s][1] += 1
         if report:
             res = engine.ask(image, REPORT_PROMPT, window="abdomen", task="report",
@@ -132,6 +141,7 @@ def evaluate(engine, study: CTStudy, slices: list[int] | None = None,
     scored = [v for v in dice.values() if v is not None]
     det_found = sum(f for f, _ in found_by.values())
     det_present = sum(n for _, n in found_by.values())
+    kept = [right for score, right in det_scored if score is not None and score >= SCORE_LINE]
     out = {
         "slices": slices,
         "dice": dice,
@@ -142,6 +152,10 @@ def evaluate(engine, study: CTStudy, slices: list[int] | None = None,
         "detection_found": found_by,
         "detection_boxes": det_pred,
         "detection_mean_iou": float(np.mean(det_ious)) if det_ious else None,
+        "detection_box_scores": det_scored,
+        "scored_detection_precision": sum(kept) / len(kept) if kept else None,
+        "scored_detection_recall": found_scored / det_present if det_present else None,
+        "scored_detection_boxes": len(kept),
         "citation_precision": cite_ok / cite_total if cite_total else None,
         "citation_recall": present_cited / present_total if present_total else None,
         "cited_box_iou": float(np.mean(cite_ious)) if cite_ious else None,
@@ -183,6 +197,10 @@ def format_table(scores: dict) -> str:
     lines.append(f"| detection recall@IoU0.5 | {_fmt(scores['detection_recall'])} | | |")
     lines.append(f"| detection mean IoU (boxes on present structures) | "
                  f"{_fmt(scores['detection_mean_iou'])} | | |")
+    lines.append(f"| detection precision / recall, boxes scored ≥ {SCORE_LINE} "
+                 f"({scores['scored_detection_boxes']} boxes) | "
+                 f"{_fmt(scores['scored_detection_precision'])} / "
+                 f"{_fmt(scores['scored_detection_recall'])} | | |")
     lines.append(f"| report cited-box IoU | {_fmt(scores['cited_box_iou'])} | | |")
     lines.append(f"| report citation recall (present structures cited) | "
                  f"{_fmt(scores['citation_recall'])} | | |")

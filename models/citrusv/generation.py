@@ -7,8 +7,10 @@ are read off the same KV-cached decode loop (or off one teacher-forced pass for 
 from __future__ import annotations
 
 import copy
+import math
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
@@ -24,6 +26,8 @@ class Generation:
     decode_ms: float
     prefix: PromptPrefix | None = None  # a fresh KV prefix snapshot, when one was asked for
     prefill_reused: int = 0  # prompt tokens served from a cached prefix
+    # the model's probability of each token in token_ids (greedy: its top probability)
+    token_probs: list[float] = field(default_factory=list)
 
 
 def image_embeddings(mllm, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
@@ -109,6 +113,7 @@ def generate_capturing(mllm, input_ids, image_grid_thw, image_embeds, seg_id: in
     last = out.last_hidden_state[:, -1]
     t1 = time.perf_counter()
     tokens: list[int] = []
+    probs: list[float] = []
     seg: list[torch.Tensor] = []
     embed = core.get_input_embeddings()
     pending_seg = False
@@ -119,10 +124,12 @@ def generate_capturing(mllm, input_ids, image_grid_thw, image_embeds, seg_id: in
             pending_seg = False
         if len(tokens) >= max_new_tokens:
             break
-        token = int(mllm.lm_head(last)[..., :vocab_limit].argmax(-1))
+        p = torch.softmax(mllm.lm_head(last)[0, :vocab_limit].float(), -1)
+        token = int(p.argmax())
         if token in eos_ids:
             break
         tokens.append(token)
+        probs.append(float(p[token]))
         if token == seg_id:
             pending_seg = True  # feed it even at the token limit: its state is the prompt
         elif len(tokens) >= max_new_tokens:
@@ -137,7 +144,7 @@ def generate_capturing(mllm, input_ids, image_grid_thw, image_embeds, seg_id: in
     t2 = time.perf_counter()
     hidden = torch.stack(seg) if seg else last.new_zeros((0, last.shape[-1]))
     return Generation(tokens, hidden, n, len(tokens), (t1 - t0) * 1e3, (t2 - t1) * 1e3,
-                      snapshot, start if snapshot is None else 0)
+                      snapshot, start if snapshot is None else 0, probs)
 
 
 @torch.no_grad()
@@ -152,8 +159,11 @@ def teacher_force(mllm, input_ids, image_grid_thw, image_embeds, answer_ids: lis
     states = _seg_states(out.last_hidden_state, full, seg_id, offset, first=n)
     hidden = torch.stack(states) if states else out.last_hidden_state.new_zeros(
         (0, out.last_hidden_state.shape[-1]))
+    # the state before each answer token predicts it
+    logits = mllm.lm_head(out.last_hidden_state[0, n - 1:full.shape[1] - 1]).float()
+    probs = torch.softmax(logits, -1).gather(1, full[0, n:, None]).flatten().tolist()
     ms = (time.perf_counter() - t0) * 1e3
-    return Generation(list(answer_ids), hidden, n, len(answer_ids), ms, 0.0)
+    return Generation(list(answer_ids), hidden, n, len(answer_ids), ms, 0.0, token_probs=probs)
 
 
 @torch.no_grad()
@@ -173,6 +183,7 @@ def generate_capturing_batch(mllm, input_ids, image_grid_thw, image_embeds, seg_
     last = out.last_hidden_state[:, -1]
     t1 = time.perf_counter()
     tokens: list[list[int]] = [[] for _ in range(b)]
+    probs: list[list[float]] = [[] for _ in range(b)]
     seg: list[list[torch.Tensor]] = [[] for _ in range(b)]
     done = [False] * b
     pending = [False] * b
@@ -187,7 +198,9 @@ def generate_capturing_batch(mllm, input_ids, image_grid_thw, image_embeds, seg_
                 pending[i] = False
         if all(done) or step >= max_new_tokens:
             break
-        next_ids = mllm.lm_head(last)[..., :vocab_limit].argmax(-1).tolist()
+        p = torch.softmax(mllm.lm_head(last)[..., :vocab_limit].float(), -1)
+        top, best = p.max(-1)
+        next_ids, top = best.tolist(), top.tolist()
         feed = []
         for i, token in enumerate(next_ids):
             if done[i] or token in eos_ids:
@@ -195,6 +208,7 @@ def generate_capturing_batch(mllm, input_ids, image_grid_thw, image_embeds, seg_
                 feed.append(tokens[i][-1] if tokens[i] else token)
                 continue
             tokens[i].append(token)
+            probs[i].append(top[i])
             pending[i] = token == seg_id
             if len(tokens[i]) >= max_new_tokens and not pending[i]:
                 done[i] = True
@@ -214,5 +228,36 @@ def generate_capturing_batch(mllm, input_ids, image_grid_thw, image_embeds, seg_
     for i in range(b):
         hidden = torch.stack(seg[i]) if seg[i] else last.new_zeros((0, last.shape[-1]))
         gens.append(Generation(tokens[i], hidden, n, len(tokens[i]), (t1 - t0) * 1e3 / b,
-                               (t2 - t1) * 1e3 / b))
+                               (t2 - t1) * 1e3 / b, token_probs=probs[i]))
     return gens
+
+
+def token_char_ends(tokenizer, token_ids: list[int], text: str) -> list[int]:
+    """End offset in `text` (= decode(token_ids)) of each token."""
+    pieces = tokenizer.batch_decode([[t] for t in token_ids], skip_special_tokens=False)
+    if "".join(pieces) == text:
+        ends, pos = [], 0
+        for piece in pieces:
+            pos += len(piece)
+            ends.append(pos)
+        return ends
+    # a piece that is part of a multi-byte character decodes alone to U+FFFD: use prefixes
+    return [len(tokenizer.decode(token_ids[:i + 1], skip_special_tokens=False))
+            for i in range(len(token_ids))]
+
+
+def span_score(text: str, ends: list[int], probs: list[float], start: int, end: int
+               ) -> float | None:
+    """Geometric-mean probability of the tokens that write the numbers inside
+    text[start:end] (not digits inside words, such as bbox_2d): how sure the model was of a
+    box's coordinates. None when there is no such token."""
+    spans = [(start + m.start(), start + m.end()) for m in _NUMBER.finditer(text[start:end])]
+    logs, begin = [], 0
+    for stop, p in zip(ends, probs):
+        if any(max(begin, a) < min(stop, b) for a, b in spans):
+            logs.append(math.log(max(p, 1e-12)))
+        begin = stop
+    return float(math.exp(sum(logs) / len(logs))) if logs else None
+
+
+_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?")

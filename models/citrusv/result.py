@@ -26,7 +26,7 @@ class Box:
             "label": self.label,
             "xyxy": [round(float(v), 2) for v in self.xyxy],
             "slice": self.slice,
-            "score": self.score,
+            "score": None if self.score is None else round(float(self.score), 4),
         }
 
 

@@ -92,6 +92,40 @@ def test_real_greedy_generation_emits_seg_and_boxes(fitted_engine):
     assert len(rep.masks) == 1
 
 
+def test_box_score_is_the_models_probability_of_the_coordinates(fitted_engine):
+    """A box's score is the geometric mean of the probabilities the model gave the tokens
+    that write its four numbers; decoding and a teacher-forced pass agree on them."""
+    e = fitted_engine
+    img = ct_slice(120, 90, seed=3)
+    det = e.ask(img, "Where is the liver?", window="abdomen")
+    state = e.set_image(img, window="abdomen")
+    pix = pixel_inputs(e.processor.image_processor, state.frame)
+    ids = text_inputs(e.tokenizer, e.config.task_system_prompts["detect"], "Where is the liver?",
+                      pix["image_grid_thw"], e.merge_size)
+    emb = image_embeddings(e.model.mllm, pix["pixel_values"], pix["image_grid_thw"])
+    gen = generate_capturing(e.model.mllm, ids, pix["image_grid_thw"], emb,
+                             e.config.seg_token_idx, e.eos_ids, 200)
+    assert e.tokenizer.decode(gen.token_ids) == ANSWERS["detect"]
+    forced = teacher_force(e.model.mllm, ids, pix["image_grid_thw"], emb, gen.token_ids,
+                           e.config.seg_token_idx)
+    np.testing.assert_allclose(gen.token_probs, forced.token_probs, atol=1e-4)
+    # the tokens that write a digit of [28, 14, 84, 70] ("bbox_2d" is not a coordinate)
+    text = ANSWERS["detect"]
+    lo = text.index("[28")
+    digits = {i for i in range(lo, text.index("]", lo)) if text[i].isdigit()}
+    nums, pos = [], 0
+    for t, p in zip(gen.token_ids, gen.token_probs):
+        piece = e.tokenizer.decode([t])
+        if digits & set(range(pos, pos + len(piece))):
+            nums.append(p)
+        pos += len(piece)
+    assert pos == len(text) and 4 <= len(nums) <= 8
+    expected = float(np.exp(np.mean(np.log(nums))))
+    assert det.boxes[0].score == pytest.approx(expected, rel=2e-3)  # engine: cached prefix
+    assert 0.5 < det.boxes[0].score <= 1.0  # a fitted answer is a confident one
+    assert det.to_json()["boxes"][0]["score"] == round(det.boxes[0].score, 4)
+
+
 @pytest.mark.parametrize("offset", [0, -1])
 def test_capture_while_generating_equals_teacher_forced_states(fitted_engine, offset):
     """The [SEG] state read during decoding is the one a second full pass would give."""

@@ -44,9 +44,11 @@ class ScriptedAnswerer:
             if ref.sum() >= MIN_AREA_PX:
                 x1, y1, x2, y2 = mask_box(ref)
                 dx = self.shift * (x2 - x1)
-                res.boxes = [Box(id="b1", label=name, xyxy=[x1 + dx, y1, x2 + dx, y2])]
-            elif self.boxes_for_absent:
-                res.boxes = [Box(id="b1", label=name, xyxy=[10.0, 10.0, 60.0, 60.0])]
+                res.boxes = [Box(id="b1", label=name, xyxy=[x1 + dx, y1, x2 + dx, y2],
+                                 score=0.9)]
+            elif self.boxes_for_absent:  # an unsure box: scored below SCORE_LINE
+                res.boxes = [Box(id="b1", label=name, xyxy=[10.0, 10.0, 60.0, 60.0],
+                                 score=0.2)]
         return res
 
 
@@ -92,3 +94,8 @@ def test_boxes_for_absent_structures_lower_precision_only(study):
     assert scores["detection_boxes"] == n_present + n_absent
     assert scores["detection_precision"] == pytest.approx(n_present / (n_present + n_absent))
     assert scores["detection_recall"] == 1.0
+    # the unsure boxes (0.2) fall below the score line (0.5), the sure right ones (0.9) don't
+    assert scores["scored_detection_boxes"] == n_present
+    assert scores["scored_detection_precision"] == scores["scored_detection_recall"] == 1.0
+    assert (f"| detection precision / recall, boxes scored ≥ 0.5 ({n_present} boxes) | "
+            "1.000 / 1.000 | | |") in format_table(scores)

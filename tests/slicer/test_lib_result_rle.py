@@ -42,7 +42,7 @@ def test_bad_rle_is_refused():
 def test_result_parses_every_field(sample_result):
     r = Result.from_json(sample_result)
     assert r.task == "report" and r.answer.startswith("The liver")
-    assert [b.name for b in r.boxes] == ["b1 liver", "b2 spleen"]
+    assert [b.name for b in r.boxes] == ["b1 liver 0.90", "b2 spleen 0.70"]
     assert r.boxes[0].xyxy == (15.0, 10.0, 35.0, 20.0) and r.boxes[0].slice == 3
     assert [b.id for b in r.boxes_for_step(2)] == ["b1", "b2"]
     assert r.boxes_for_step(9) == []

@@ -227,7 +227,7 @@ def test_clicking_a_step_selects_its_boxes_and_centres_the_views(
     adapters.apply_result(result, volume)
     centre = adapters.select_boxes(volume, [b.id for b in result.boxes_for_step(1)])
     selected = {n.GetName(): bool(n.GetSelected()) for n in adapters.roi_nodes(volume)}
-    assert selected == {"b1 liver": True, "b2 spleen": False}
+    assert selected == {"b1 liver 0.90": True, "b2 spleen 0.70": False}
     m = adapters.ijk_to_ras(volume)
     assert np.allclose(centre, geometry.box_center_ras(m, "axial", 3, [15, 10, 35, 20]), atol=1e-6)
     # the red view now shows slice 3 of the volume

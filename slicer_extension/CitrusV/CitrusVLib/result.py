@@ -39,8 +39,10 @@ class Box:
 
     @property
     def name(self) -> str:
-        """Display name used for ROI nodes and overlays, e.g. ``b1 liver``."""
-        return f"{self.id} {self.label}".strip()
+        """Display name used for ROI nodes and overlays, e.g. ``b1 liver 0.90``: the score
+        is how sure the model was of the box's coordinates (left out when there is none)."""
+        name = f"{self.id} {self.label}".strip()
+        return name if self.score is None else f"{name} {self.score:.2f}"
 
 
 @dataclass
