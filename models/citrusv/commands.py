@@ -24,7 +24,8 @@ def print_result(data: dict) -> None:
         score = "n/a" if m.get("score") is None else f"{m['score']:.3f}"
         print(f"mask '{m['label']}': {m['area_px']} px, score {score}")
     for b in data.get("boxes", []):
-        print(f"box {b['id']} '{b['label']}': {[round(v, 1) for v in b['xyxy']]}")
+        score = "" if b.get("score") is None else f", score {b['score']:.3f}"
+        print(f"box {b['id']} '{b['label']}': {[round(v, 1) for v in b['xyxy']]}{score}")
     for step in data.get("reasoning", []):
         print(f"step {step['step']}: {step['text']} {step['box_ids']}")
     for w in data.get("warnings", []):

@@ -101,6 +101,17 @@ def test_cli_ask_writes_json_and_png(fitted_dir, tmp_path, capsys):
     assert rc == 2 and "slice 9 is outside" in capsys.readouterr().err
 
 
+def test_printed_boxes_carry_their_score(capsys):
+    from citrusv.commands import print_result
+
+    print_result({"task": "detect", "text": "", "answer": "", "boxes": [
+        {"id": "b1", "label": "liver", "xyxy": [1.0, 2.0, 30.25, 40.0], "score": 0.42},
+        {"id": "b2", "label": "spleen", "xyxy": [5.0, 6.0, 7.0, 8.0], "score": None}]})
+    out = capsys.readouterr().out.splitlines()
+    assert "box b1 'liver': [1.0, 2.0, 30.2, 40.0], score 0.420" in out
+    assert "box b2 'spleen': [5.0, 6.0, 7.0, 8.0]" in out
+
+
 def test_bench_figures_on_tiny_model(tiny_dir):
     from citrusv import Engine
 
