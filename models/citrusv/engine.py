@@ -453,7 +453,8 @@ class Engine:
         parsed = parse_output(text, prompt)
         res = Result(task=task, prompt=prompt, text=text, answer=parsed.answer,
                      model=self._model_info(), warnings=list(parsed.warnings))
-        ends = token_char_ends(self.tokenizer, gen.token_ids, text) if gen.token_probs else []
+        ends = (token_char_ends(self.tokenizer, gen.token_ids, text)
+                if parsed.boxes and gen.token_probs else [])  # only when there is a box
         for box in parsed.boxes:
             score = span_score(text, ends, gen.token_probs, box.start, box.end) if ends else None
             res.boxes.append(Box(box.id, box.label, state.frame_map.to_input(box.xyxy),
