@@ -86,6 +86,8 @@ def test_detect_boxes_are_inside_the_slice(reasoning_client, ct):
         x1, y1, x2, y2 = box.xyxy
         assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
         assert box.slice == k and box.label == "liver"
+        assert 0.0 < box.score <= 1.0  # the model's probability of the box's numbers
+        assert box.name == f"{box.id} liver {box.score:.2f}"
 
 
 def test_report_steps_reference_existing_boxes(reasoning_client, ct):
