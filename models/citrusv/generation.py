@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from .parsing import _NUM
+
 
 @dataclass
 class Generation:
@@ -260,4 +262,5 @@ def span_score(text: str, ends: list[int], probs: list[float], start: int, end: 
     return float(math.exp(sum(logs) / len(logs))) if logs else None
 
 
-_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?")
+# the parser's number pattern, not inside a word (bbox_2d) or after a decimal point
+_NUMBER = re.compile(r"(?<![\w.])" + _NUM)
