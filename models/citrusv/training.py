@@ -526,13 +526,11 @@ def _corpus(samples: list[dict]) -> list[str]:
 # optimizer and a warm restart of the learning rate, and starts from the previous round's
 # checkpoint as stored (fp16, the released layout's separate lm_head), exactly as `--init`
 # continues a saved model; the same seed gives the same model. whole_names: see train_nano.
-TEXT_SEED_OFFSET = 100  # the text stage's seed is seed + this, whatever the number of rounds
 NANO_RECIPE: dict = dict(
     whole_names=True,
     recall_weight=SEG_RECALL_WEIGHT,
     position_channels=False,
     shift_p=0.0,
-    text_stage=None,
     rounds=(dict(joint_steps=900, seg_steps=900, lr=1e-3, seg_lr=5e-4),
             dict(joint_steps=450, seg_steps=3000, lr=5e-4, seg_lr=5e-4)),
 )
@@ -545,7 +543,6 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
                recall_weight: float = NANO_RECIPE["recall_weight"],
                position_channels: bool = NANO_RECIPE["position_channels"],
                shift_p: float = NANO_RECIPE["shift_p"], shift_frac: float = 0.1,
-               text_stage: dict | None = NANO_RECIPE["text_stage"],
                batch_images: int = 4, seqs_per_image: int = 4, seg_batch_images: int = 6,
                threads: int = 1, log: Log | None = None, log_every: int = 10,
                save_dtype: str = "float16", max_minutes: float | None = None,
@@ -562,9 +559,6 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
     CT slices is moved by up to `shift_frac` of each side (air comes in), and its detection and
     report boxes and segmentation targets are rewritten from the moved label map, so a box
     has to follow what the image shows rather than which slice it is.
-    `text_stage` (dict(steps, lr, shift_p)): after the last round, from its checkpoint as
-    stored, the MLLM alone is trained on token CE of the joint stage's questions (SAM2 and
-    projector frozen), with `shift_p` of the CT slices moved; seed + TEXT_SEED_OFFSET.
     """
     from .nano_data import (MIN_AREA_PX, NAMES, NANO_MAX_PIXELS, NANO_MIN_PIXELS,
                             TRAIN_WINDOWS, build_nano_data, load_nano_data, shift_slice,
@@ -607,16 +601,15 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
             targets[(k, name)] = target_mask(data.mask(name, k))
         return targets[(k, name)]
 
-    def pick_batch(with_text: bool, n_images: int = batch_images, shift: float | None = None):
+    def pick_batch(with_text: bool, n_images: int = batch_images):
         """Images (CT slices in random windows, sometimes a DRR) and their sequences."""
-        shift = shift_p if shift is None else shift
         images, seqs, seg_meta = [], [], []
         for b in range(n_images):
             use_drr = with_text and drr_keys and rng.random() < 0.1
             key = rng.choice(drr_keys if use_drr else ct_keys)
             window = rng.choice(TRAIN_WINDOWS) if key.startswith("ct:") else None
             moved = None
-            if with_text and shift and key.startswith("ct:") and rng.random() < shift:
+            if with_text and shift_p and key.startswith("ct:") and rng.random() < shift_p:
                 k = int(key.split(":")[1])
                 h, w = data.labels[k].shape
                 dy = rng.randint(-int(shift_frac * h), int(shift_frac * h))
@@ -697,11 +690,6 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
                 parts.update(sp)
         return parts
 
-    def text_batch() -> dict:
-        images, seqs, _ = pick_batch(with_text=True, shift=text_stage["shift_p"])
-        ce, _, _ = mllm_forward(model, [im[2] for im in images], seqs, pad)
-        return {"ce": ce}
-
     def segmentation_batch() -> dict:
         images, seqs, meta = pick_batch(with_text=False, n_images=seg_batch_images)
         with torch.no_grad():
@@ -739,23 +727,6 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
         seconds.append({"joint_seconds": round(joint_s, 1),
                         "seg_seconds": round(time.perf_counter() - t2, 1)})
 
-    text_s = None
-    if text_stage and text_stage["steps"]:
-        if rounds:  # from the last round's checkpoint as stored, as --init would start it
-            with tempfile.TemporaryDirectory() as tmp:
-                save_nano(model, processor, Path(tmp), save_dtype)
-                model = load_checkpoint(tmp, dtype=torch.float32)[0]
-        rng.seed(seed + TEXT_SEED_OFFSET)
-        torch.manual_seed(seed + TEXT_SEED_OFFSET)
-        model.requires_grad_(False)
-        model.eval()
-        model.mllm.requires_grad_(True)
-        model.mllm.train()
-        t3 = time.perf_counter()
-        run_stage("text", text_stage["steps"], text_stage["lr"], 20, len(rounds),
-                  list(model.mllm.parameters()), text_batch, {"ce": 1.0})
-        text_s = round(time.perf_counter() - t3, 1)
-
     model.eval()
     model.requires_grad_(False)
     total_s = time.perf_counter() - t_start
@@ -772,14 +743,8 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
              "whole_names": whole_names, "recall_weight": recall_weight,
              "position_channels": config.position_channels, "shift_p": shift_p,
              "rounds": ran,
-             "text_stage": None if not text_stage else {
-                 **text_stage, "steps_run": sum(h["stage"] == "text" for h in history),
-                 "seconds": text_s,
-                 "final": next((h for h in reversed(history) if h["stage"] == "text"), None)},
              "stopped_early": any(x["joint_steps_run"] < x["joint_steps"]
-                                  or x["seg_steps_run"] < x["seg_steps"] for x in ran)
-             or bool(text_stage and sum(h["stage"] == "text" for h in history)
-                     < text_stage["steps"]),
+                                  or x["seg_steps_run"] < x["seg_steps"] for x in ran),
              "total_seconds": round(total_s, 1), "batch_images": batch_images,
              "seqs_per_image": seqs_per_image, "seg_batch_images": seg_batch_images,
              "threads": threads, "n_train_samples": len(train), "vocab": len(tokenizer),

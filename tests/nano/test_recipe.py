@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from citrusv.training import NANO_RECIPE, train_nano
 
@@ -60,23 +59,3 @@ def test_two_rounds_write_a_loadable_checkpoint_with_whole_name_tokens(tmp_path)
     assert tok.tokenize(" right kidney") == [" right kidney"]
     assert tok.tokenize(" spinal cord") == [" spinal cord"]
     assert len(tok.tokenize(" right lung")) == 1 and len(tok.tokenize(" liver")) == 1
-
-
-@pytest.mark.usefixtures("sample_root")
-def test_text_stage_trains_the_mllm_only(tmp_path):
-    """Same seed with and without the text stage: SAM2 and projector come out identical, the
-    MLLM does not, and the log counts the text steps."""
-    from safetensors.torch import load_file
-
-    rounds = (dict(joint_steps=1, seg_steps=1, lr=1e-3, seg_lr=5e-4),)
-    outs = {}
-    for name, text in (("plain", None), ("text", dict(steps=2, lr=1e-3, shift_p=1.0))):
-        stats = train_nano(tmp_path / name, seed=5, data_dir=tmp_path / "data", rounds=rounds,
-                           position_channels=True, text_stage=text, log=lambda rec: None)
-        outs[name] = load_file(str(tmp_path / name / "model-00001-of-00001.safetensors"))
-    assert stats["text_stage"]["steps_run"] == 2 and stats["stopped_early"] is False
-    frozen = [k for k in outs["plain"] if not k.startswith("mllm.")]
-    trained = [k for k in outs["plain"] if k.startswith("mllm.model.language_model.")]
-    assert frozen and trained
-    assert all(torch.equal(outs["plain"][k], outs["text"][k]) for k in frozen)
-    assert any(not torch.equal(outs["plain"][k], outs["text"][k]) for k in trained)
