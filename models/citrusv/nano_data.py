@@ -189,59 +189,17 @@ def report_answer(items: list[tuple[str, list[int], str, float, float]], modalit
             f"<answer>{modality}, {len(items)} structures: {findings}.</answer>")
 
 
-def ct_items(study: CTStudy, k: int, labels: np.ndarray | None = None
-             ) -> list[tuple[str, list[int], str, float, float]]:
-    """Report items for axial slice k: frame box, laterality and in-plane size in mm.
-
-    `labels`: the slice's label map moved by `shift_slice`; boxes then come from it, while
-    laterality and sizes stay those of the anatomy (the unmoved slice)."""
+def ct_items(study: CTStudy, k: int) -> list[tuple[str, list[int], str, float, float]]:
+    """Report items for axial slice k: frame box, laterality and in-plane size in mm."""
     _, h, w = study.volume.shape
     fmap = frame_map(h, w)
     sy, sx = study.spacing[1], study.spacing[2]
-    anatomy = present(study, k)
-    shown = anatomy if labels is None else present_in(labels)
     items = []
-    for name, m in shown.items():
+    for name, m in present(study, k).items():
         box = mask_box(m)
-        ref = mask_box(anatomy[name]) if name in anatomy else box
-        items.append((name, frame_box(box, fmap), side_of(ref, w),
-                      (ref[2] - ref[0]) * sx, (ref[3] - ref[1]) * sy))
+        items.append((name, frame_box(box, fmap), side_of(box, w),
+                      (box[2] - box[0]) * sx, (box[3] - box[1]) * sy))
     return items
-
-
-def present_in(labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Structures of a 2D label slice (values 1..10) with at least MIN_AREA_PX pixels."""
-    out = {}
-    for i, name in enumerate(NAMES):
-        m = labels == i + 1
-        if m.sum() >= MIN_AREA_PX:
-            out[name] = m
-    return out
-
-
-def shift_slice(image: np.ndarray, labels: np.ndarray, dy: int, dx: int
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Move a HU slice and its label slice by (dy, dx) pixels (down/right positive); what
-    leaves the view is gone, what comes in is air (-1000 HU) and background."""
-    h, w = image.shape
-    img = np.full_like(image, -1000)
-    lab = np.zeros_like(labels)
-    src = (slice(max(-dy, 0), h - max(dy, 0)), slice(max(-dx, 0), w - max(dx, 0)))
-    dst = (slice(max(dy, 0), h - max(-dy, 0)), slice(max(dx, 0), w - max(-dx, 0)))
-    img[dst] = image[src]
-    lab[dst] = labels[src]
-    return img, lab
-
-
-def shifted_answer(sample: dict, study: CTStudy, labels: np.ndarray) -> str:
-    """A detection or report sample's answer for its slice moved by `shift_slice`."""
-    k = sample["slice"]
-    if sample["task"] == "report":
-        return report_answer(ct_items(study, k, labels), "CT")
-    name = sample["structure"]
-    m = present_in(labels).get(name)
-    return detect_answer(name, None if m is None else frame_box(mask_box(m),
-                                                                frame_map(*labels.shape)))
 
 
 # ----------------------------------------------------------------------------- DRR (X-ray)

@@ -530,7 +530,6 @@ NANO_RECIPE: dict = dict(
     whole_names=True,
     recall_weight=SEG_RECALL_WEIGHT,
     position_channels=False,
-    shift_p=0.0,
     rounds=(dict(joint_steps=900, seg_steps=900, lr=1e-3, seg_lr=5e-4),
             dict(joint_steps=450, seg_steps=3000, lr=5e-4, seg_lr=5e-4)),
 )
@@ -542,7 +541,6 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
                whole_names: bool = NANO_RECIPE["whole_names"],
                recall_weight: float = NANO_RECIPE["recall_weight"],
                position_channels: bool = NANO_RECIPE["position_channels"],
-               shift_p: float = NANO_RECIPE["shift_p"], shift_frac: float = 0.1,
                batch_images: int = 4, seqs_per_image: int = 4, seg_batch_images: int = 6,
                threads: int = 1, log: Log | None = None, log_every: int = 10,
                save_dtype: str = "float16", max_minutes: float | None = None,
@@ -553,16 +551,9 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
     `whole_names`: two-word structure names ("right kidney") are one token each. The state
     at [SEG] is trained to predict the token after it, and "right" starts both "right lung"
     and "right kidney", which made their [SEG] states nearly equal.
-
-    `position_channels`: the Qwen frame carries x/y ramps (`imaging.qwen_frame`), saved in
-    config.json so the engine feeds them too. `shift_p`: in the joint stage, this share of
-    CT slices is moved by up to `shift_frac` of each side (air comes in), and its detection and
-    report boxes and segmentation targets are rewritten from the moved label map, so a box
-    has to follow what the image shows rather than which slice it is.
     """
     from .nano_data import (MIN_AREA_PX, NAMES, NANO_MAX_PIXELS, NANO_MIN_PIXELS,
-                            TRAIN_WINDOWS, build_nano_data, load_nano_data, shift_slice,
-                            shifted_answer)
+                            TRAIN_WINDOWS, build_nano_data, load_nano_data)
 
     torch.set_num_threads(threads)
     t_start = time.perf_counter()
@@ -608,16 +599,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
             use_drr = with_text and drr_keys and rng.random() < 0.1
             key = rng.choice(drr_keys if use_drr else ct_keys)
             window = rng.choice(TRAIN_WINDOWS) if key.startswith("ct:") else None
-            moved = None
-            if with_text and shift_p and key.startswith("ct:") and rng.random() < shift_p:
-                k = int(key.split(":")[1])
-                h, w = data.labels[k].shape
-                dy = rng.randint(-int(shift_frac * h), int(shift_frac * h))
-                dx = rng.randint(-int(shift_frac * w), int(shift_frac * w))
-                img, moved = shift_slice(data.volume[k], data.labels[k], dy, dx)
-                inp = render(img, window, processor, config)
-            else:
-                inp = bank.get(key, window)
+            inp = bank.get(key, window)
             images.append((key, window, inp))
             pool = by_image[key]
             if with_text:
@@ -638,12 +620,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
                 chosen = [rng.choice([s for s in pool if s["task"] == "segment"
                                       and s["structure"] == n]) for n in names]
             for s in chosen:
-                answer = s["answer"]
-                if moved is not None and s["task"] == "segment":
-                    s = {**s, "moved_mask": moved == NAMES.index(s["structure"]) + 1}
-                elif moved is not None:
-                    answer = shifted_answer(s, data, moved)
-                ids, start = encode_chat(tokenizer, config, s["prompt"], answer, inp.grid,
+                ids, start = encode_chat(tokenizer, config, s["prompt"], s["answer"], inp.grid,
                                          s["task"])
                 seqs.append(ChatSequence(ids, start, b))
                 seg_meta.append(s)
@@ -654,8 +631,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
         if not owners:
             return None
         pixels = torch.stack([im[2].sam for im in images])
-        tgt = torch.stack([target_mask(meta[i]["moved_mask"]) if "moved_mask" in meta[i]
-                           else target(meta[i]["slice"], meta[i]["structure"]) for i in owners])
+        tgt = torch.stack([target(meta[i]["slice"], meta[i]["structure"]) for i in owners])
         img_idx = [seqs[i].image for i in owners]
         if augment:
             pixels, tgt = augment_sam(pixels, tgt, img_idx, rng)
@@ -741,8 +717,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
            for r, spec in enumerate(rounds)]
     stats = {"seed": seed, "init_from": None if init_from is None else str(init_from),
              "whole_names": whole_names, "recall_weight": recall_weight,
-             "position_channels": config.position_channels, "shift_p": shift_p,
-             "rounds": ran,
+             "position_channels": config.position_channels, "rounds": ran,
              "stopped_early": any(x["joint_steps_run"] < x["joint_steps"]
                                   or x["seg_steps_run"] < x["seg_steps"] for x in ran),
              "total_seconds": round(total_s, 1), "batch_images": batch_images,

@@ -6,9 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from citrusv.nano_data import (GUARD, HELD_OUT_BLOCKS, NAMES, build_samples, ct_items,
-                               detect_answer, drr, drr_boxes, frame_map, mask_box,
-                               report_answer, segment_answer, shift_slice, shifted_answer,
-                               split_of)
+                               detect_answer, drr, drr_boxes, frame_map,
+                               report_answer, segment_answer, split_of)
 from citrusv.parsing import parse_output
 
 
@@ -61,28 +60,3 @@ def test_drr_boxes_lie_inside_the_radiograph(study):
     # the liver sits low and on the image left (patient's right) in an AP view
     x1, y1, x2, y2 = boxes["liver"]
     assert (x1 + x2) / 2 < w / 2 and (y1 + y2) / 2 > h / 2
-
-
-def test_shifted_slice_moves_its_boxes_with_it(study):
-    """Joint-stage shift augmentation: image and labels move together, air comes in, the
-    detection/report boxes are those of the moved label map, laterality and mm stay."""
-    k, dy, dx = 45, 20, -30
-    img, lab = shift_slice(study.volume[k], study.labels[k], dy, dx)
-    assert img.shape == lab.shape == study.volume[k].shape
-    assert (img[:dy] == -1000).all() and (img[:, dx:] == -1000).all() and (lab[:dy] == 0).all()
-    assert (img[dy:, :dx] == study.volume[k][:-dy, -dx:]).all()
-    fmap = frame_map(*lab.shape)
-    liver = NAMES.index("liver") + 1
-    was = fmap.to_frame(mask_box(study.labels[k] == liver))
-    now = fmap.to_frame(mask_box(lab == liver))
-    step = [dx * 168 / 512, dy * 168 / 512] * 2
-    assert np.allclose(np.subtract(now, was), step, atol=1e-6)
-    det = parse_output(shifted_answer(dict(slice=k, task="detect", structure="liver"), study,
-                                      lab), "Locate the liver.")
-    assert max(abs(a - b) for a, b in zip(det.boxes[0].xyxy, now)) <= 1.0
-    rep = parse_output(shifted_answer(dict(slice=k, task="report", structure=None), study,
-                                      lab), "Write a report. Think step by step.")
-    unmoved = parse_output(report_answer(ct_items(study, k), "CT"), "Write a report.")
-    assert [b.label for b in rep.boxes] == [b.label for b in unmoved.boxes]
-    assert rep.answer == unmoved.answer  # laterality and sizes are the anatomy's
-    assert rep.boxes[0].xyxy != unmoved.boxes[0].xyxy

@@ -44,17 +44,14 @@ def test_two_rounds_write_a_loadable_checkpoint_with_whole_name_tokens(tmp_path)
               dict(joint_steps=1, seg_steps=3, lr=5e-4, seg_lr=5e-4))
     out = tmp_path / "nano"
     stats = train_nano(out, seed=3, data_dir=tmp_path / "data", rounds=rounds,
-                       whole_names=True, position_channels=True, shift_p=1.0,
-                       log=lambda rec: None)
+                       whole_names=True, log=lambda rec: None)
     log = json.loads((out / "training_log.json").read_text())
     assert log == json.loads(json.dumps(stats))
     assert [(r["joint_steps_run"], r["seg_steps_run"]) for r in log["rounds"]] == [(2, 2), (1, 3)]
     assert [r["final"]["segmentation"]["round"] for r in log["rounds"]] == [1, 2]
     assert log["stopped_early"] is False
     assert log["whole_names"] is True
-    assert log["position_channels"] is True and log["shift_p"] == 1.0
     engine = Engine.load(out)
-    assert engine.config.position_channels is True
     tok = engine.processor.tokenizer
     assert tok.tokenize(" right kidney") == [" right kidney"]
     assert tok.tokenize(" spinal cord") == [" spinal cord"]
