@@ -16,7 +16,7 @@ from .errors import CheckpointError
 CITRUS_KEYS = (
     "seg_token_idx", "grounding_encoder_config", "use_res_seg_projector", "image_size",
     "seg_hidden_offset", "min_pixels", "max_pixels", "out_dim", "system_prompt",
-    "task_system_prompts", "name", "version", "position_channels",
+    "task_system_prompts", "name", "version",
 )
 
 
@@ -37,8 +37,6 @@ class CitrusVConfig:
     task_system_prompts: dict[str, str] = field(default_factory=dict)
     name: str = "citrusv"
     version: str = ""
-    # Qwen frame's green/blue channels carry x/y ramps (imaging.qwen_frame); nano only.
-    position_channels: bool = False
 
     @property
     def hidden_size(self) -> int:

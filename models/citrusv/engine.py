@@ -351,7 +351,7 @@ class Engine:
         if state is not None:
             return state
         frame, fmap = imaging.qwen_frame(rgb, self.factor, self.config.min_pixels,
-                                         self.config.max_pixels, self.config.position_channels)
+                                         self.config.max_pixels)
         state = SliceState(key=key, rgb=rgb, frame=frame, frame_map=fmap)
         self.cache.put(state)
         return state

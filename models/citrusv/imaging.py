@@ -172,30 +172,13 @@ class FrameMap:
         return [x1 * sx, y1 * sy, x2 * sx, y2 * sy]
 
 
-def qwen_frame(rgb: np.ndarray, factor: int, min_pixels: int, max_pixels: int,
-               position_channels: bool = False) -> tuple[Image.Image, FrameMap]:
-    """Resize the slice the way the Qwen processor would (bicubic) and return the exact map.
-
-    `position_channels` (a checkpoint option, off for Citrus-V-8B): after the resize, the green
-    and blue channels become ramps of the frame's x and y (0 at the left/top edge, 255 at the
-    right/bottom), so every image token carries where it is in the frame that boxes are written
-    in; red keeps the grey slice."""
+def qwen_frame(rgb: np.ndarray, factor: int, min_pixels: int, max_pixels: int
+               ) -> tuple[Image.Image, FrameMap]:
+    """Resize the slice the way the Qwen processor would (bicubic) and return the exact map."""
     h, w = rgb.shape[:2]
     out_h, out_w = smart_resize(h, w, factor, min_pixels, max_pixels)
     img = Image.fromarray(rgb).resize((out_w, out_h), Image.Resampling.BICUBIC)
-    if position_channels:
-        img = Image.fromarray(with_position_channels(np.asarray(img)))
     return img, FrameMap(h, w, out_h, out_w)
-
-
-def with_position_channels(frame: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 -> red = the grey image, green = x ramp, blue = y ramp (pixel centres)."""
-    h, w = frame.shape[:2]
-    out = np.empty((h, w, 3), np.uint8)
-    out[..., 0] = frame[..., 0]
-    out[..., 1] = np.rint((np.arange(w) + 0.5) / w * 255.0).astype(np.uint8)[None, :]
-    out[..., 2] = np.rint((np.arange(h) + 0.5) / h * 255.0).astype(np.uint8)[:, None]
-    return out
 
 
 def sam2_input(rgb: np.ndarray, image_size: int) -> torch.Tensor:

@@ -100,8 +100,7 @@ def nano_sam2_config(image_size: int = 256, embed_dim: int = 24, d_model: int = 
 
 def nano_config(tokenizer, min_pixels: int, max_pixels: int, image_size: int = 256,
                 hidden: int = 192, layers: int = 4, vision_hidden: int = 128,
-                vision_depth: int = 3, sam_d_model: int = 64,
-                position_channels: bool = False) -> CitrusVConfig:
+                vision_depth: int = 3, sam_d_model: int = 64) -> CitrusVConfig:
     ids = tokenizer.convert_tokens_to_ids
     vocab = ((len(tokenizer) + 63) // 64) * 64
     heads = max(1, hidden // 64)
@@ -129,7 +128,7 @@ def nano_config(tokenizer, min_pixels: int, max_pixels: int, image_size: int = 2
                          grounding_encoder_config=nano_sam2_config(image_size, d_model=sam_d_model),
                          image_size=image_size, min_pixels=min_pixels, max_pixels=max_pixels,
                          out_dim=sam_d_model, system_prompt=NANO_SYSTEM, name="citrusv-nano",
-                         version="1", position_channels=position_channels)
+                         version="1")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -148,8 +147,7 @@ def render(image: np.ndarray, window, processor, config: CitrusVConfig) -> Image
     rgb = imaging.to_rgb_uint8(np.asarray(image), window)
     vc = config.mllm.vision_config
     factor = int(vc.patch_size) * int(vc.spatial_merge_size)
-    frame, _ = qwen_frame(rgb, factor, config.min_pixels, config.max_pixels,
-                          config.position_channels)
+    frame, _ = qwen_frame(rgb, factor, config.min_pixels, config.max_pixels)
     pix = pixel_inputs(processor.image_processor, frame)
     return ImageInputs(pix["pixel_values"], pix["image_grid_thw"],
                        sam2_input(rgb, int(config.image_size))[0], rgb.shape[:2])
@@ -529,7 +527,6 @@ def _corpus(samples: list[dict]) -> list[str]:
 NANO_RECIPE: dict = dict(
     whole_names=True,
     recall_weight=SEG_RECALL_WEIGHT,
-    position_channels=False,
     rounds=(dict(joint_steps=900, seg_steps=900, lr=1e-3, seg_lr=5e-4),
             dict(joint_steps=450, seg_steps=3000, lr=5e-4, seg_lr=5e-4)),
 )
@@ -540,7 +537,6 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
                rounds: Sequence[dict] = NANO_RECIPE["rounds"],
                whole_names: bool = NANO_RECIPE["whole_names"],
                recall_weight: float = NANO_RECIPE["recall_weight"],
-               position_channels: bool = NANO_RECIPE["position_channels"],
                batch_images: int = 4, seqs_per_image: int = 4, seg_batch_images: int = 6,
                threads: int = 1, log: Log | None = None, log_every: int = 10,
                save_dtype: str = "float16", max_minutes: float | None = None,
@@ -572,8 +568,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
                                     whole_names=[n for n in NAMES if " " in n] if whole_names
                                     else ())
         processor = qwen_processor(tokenizer, NANO_MIN_PIXELS, NANO_MAX_PIXELS)
-        config = nano_config(tokenizer, NANO_MIN_PIXELS, NANO_MAX_PIXELS,
-                             position_channels=position_channels)
+        config = nano_config(tokenizer, NANO_MIN_PIXELS, NANO_MAX_PIXELS)
         model = build_model(config, torch.float32, random_init=True)
     bank = NanoBank(data, processor, config)
     pad = tokenizer.pad_token_id
@@ -716,8 +711,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
             "final": {h["stage"]: h for h in history if h["round"] == r + 1}}
            for r, spec in enumerate(rounds)]
     stats = {"seed": seed, "init_from": None if init_from is None else str(init_from),
-             "whole_names": whole_names, "recall_weight": recall_weight,
-             "position_channels": config.position_channels, "rounds": ran,
+             "whole_names": whole_names, "recall_weight": recall_weight, "rounds": ran,
              "stopped_early": any(x["joint_steps_run"] < x["joint_steps"]
                                   or x["seg_steps_run"] < x["seg_steps"] for x in ran),
              "total_seconds": round(total_s, 1), "batch_images": batch_images,

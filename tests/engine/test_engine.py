@@ -342,24 +342,3 @@ def test_box_through_the_engine_maps_back_to_the_drawn_box(engine, h, w, data):
     assert abs(box.xyxy[1] - y1) <= tol_y and abs(box.xyxy[3] - y2) <= tol_y
     if fw >= w / 2 and fh >= h / 2:
         assert max(abs(a - b) for a, b in zip(box.xyxy, [x1, y1, x2, y2])) <= 1.0
-
-
-def test_position_channels_in_config_reach_the_vision_tower(tiny_dir, tmp_path):
-    """A checkpoint whose config.json says position_channels feeds x/y ramps in the Qwen
-    frame's green/blue channels (nano); without the key the frame stays grey (8B)."""
-    import shutil
-    coded_dir = tmp_path / "coded"
-    shutil.copytree(tiny_dir, coded_dir)
-    cfg = json.loads((coded_dir / "config.json").read_text())
-    assert "position_channels" not in cfg or cfg["position_channels"] is False
-    cfg["position_channels"] = True
-    (coded_dir / "config.json").write_text(json.dumps(cfg))
-    plain, coded = Engine.load(tiny_dir), Engine.load(coded_dir)
-    ct = np.full((96, 128), -1000.0)
-    ct[30:60, 40:90] = 60.0
-    s0, s1 = plain._state(ct, "abdomen", None), coded._state(ct, "abdomen", None)
-    f0, f1 = np.asarray(s0.frame), np.asarray(s1.frame)
-    assert (f0[..., 1] == f0[..., 0]).all() and (f1[..., 0] == f0[..., 0]).all()
-    assert f1[0, 0, 1] < 10 and f1[0, -1, 1] > 245 and f1[-1, 0, 2] > 245
-    assert s0.frame_map == s1.frame_map
-    assert not torch.allclose(plain._vision(s0), coded._vision(s1))

@@ -83,22 +83,3 @@ def test_box_maps_to_frame_and_back_within_one_pixel(h, w, data):
     back = fmap.to_input(frame)
     assert max(abs(a - b) for a, b in zip(back, [x1, y1, x2, y2])) <= 1.0
     assert 0 <= back[0] <= back[2] <= w and 0 <= back[1] <= back[3] <= h
-
-
-def test_position_channels_put_frame_x_and_y_in_green_and_blue():
-    """Off (the 8B model): the frame stays grey. On (nano): red is the grey frame, green/blue
-    rise left->right and top->bottom over the frame that boxes are written in."""
-    rgb = np.zeros((512, 384, 3), np.uint8)
-    rgb[100:200, 50:60] = 200
-    grey, fmap = imaging.qwen_frame(rgb, 28, 56 * 56, 28 * 28 * 64)
-    coded, fmap2 = imaging.qwen_frame(rgb, 28, 56 * 56, 28 * 28 * 64, position_channels=True)
-    assert fmap == fmap2
-    grey, coded = np.asarray(grey), np.asarray(coded)
-    assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 0] == grey[..., 2]).all()
-    assert (coded[..., 0] == grey[..., 0]).all()
-    h, w = coded.shape[:2]
-    assert (coded[:, :, 1] == coded[0, :, 1]).all() and (coded[:, :, 2].T == coded[:, 0, 2]).all()
-    assert (np.diff(coded[0, :, 1].astype(int)) >= 0).all() and coded[0, :, 1].max() > 250
-    assert coded[0, 0, 1] <= 2 and coded[0, 0, 2] <= 2 and coded[h - 1, w - 1, 2] >= 253
-    # a frame x maps back to its ramp value within one step of 8-bit rounding
-    assert abs(int(coded[0, w // 2, 1]) - 128) <= 1
