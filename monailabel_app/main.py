@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import lib.configs
-from lib.datastore import EXTENSIONS, CorrectionsDatastore
+from dicomweb_client.session_utils import create_session_from_user_pass
+from lib.datastore import EXTENSIONS, CorrectionsDatastore, PacsDatastore
 from lib.errors import RequestError
 
 import monailabel
 from monailabel.config import settings
+from monailabel.datastore.dicom import DICOMwebClientX
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.datastore import Datastore
@@ -33,6 +35,7 @@ from monailabel.utils.others.class_utils import get_class_names
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_DIR = "models/nano"
+MONAI_LABEL_DEFAULT_SEARCH = {"Modality": "CT"}  # MONAI_LABEL_DICOMWEB_SEARCH_FILTER's default
 
 
 def resolve_model_dir(app_dir: str, value: str | None) -> str:
@@ -119,7 +122,7 @@ class CitrusVApp(MONAILabelApp):
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
+            return super().init_datastore()  # DICOMweb: see _init_dicomweb_datastore
         extensions = list(dict.fromkeys([*settings.MONAI_LABEL_DATASTORE_FILE_EXT, *EXTENSIONS]))
         return CorrectionsDatastore(
             self.studies,
@@ -127,6 +130,36 @@ class CitrusVApp(MONAILabelApp):
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )
+
+    def _init_dicomweb_datastore(self) -> Datastore:
+        """A PACS over DICOMweb (Orthanc, dcm4chee, ...): MONAI Label's client settings
+        (MONAI_LABEL_DICOMWEB_USERNAME/PASSWORD, QIDO/WADO/STOW prefixes, cache path), our
+        datastore (`lib.datastore.PacsDatastore`: corrections kept locally first)."""
+        session = None
+        if settings.MONAI_LABEL_DICOMWEB_USERNAME and settings.MONAI_LABEL_DICOMWEB_PASSWORD:
+            session = create_session_from_user_pass(settings.MONAI_LABEL_DICOMWEB_USERNAME,
+                                                    settings.MONAI_LABEL_DICOMWEB_PASSWORD)
+        client = DICOMwebClientX(url=self.studies, session=session,
+                                 qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+                                 wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+                                 stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+        # dicomweb-client retries 5 times over ~30 s; a radiologist waits on each of these
+        # calls, so give up after ~1.5 s (the cache and the local corrections carry on)
+        client.set_http_retry_params(max_attempts=3, wait_exponential_multiplier=250)
+        cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip()
+        # MONAI Label's default filter lists CT series only; Citrus-V also reads X-ray and MR,
+        # so that default becomes "every image series" (any other filter is used as given)
+        search = settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER
+        if search == MONAI_LABEL_DEFAULT_SEARCH:
+            search = {}
+        return PacsDatastore(client=client, search_filter=search,
+                             cache_path=cache or None,
+                             fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
+                             convert_to_nifti=True)
+
+    def _download_dcmqi_tools(self) -> None:
+        """MONAI Label downloads dcmqi from GitHub here (for DICOM SEG); a hospital server has
+        no such access and pydicom-seg writes the SEG (`PacsDatastore`), so nothing is fetched."""
 
     # -- requests --------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -146,7 +179,11 @@ class CitrusVApp(MONAILabelApp):
         if isinstance(image, str):
             if os.path.exists(image):
                 request = {**request, "image_id": "upload"}
-            elif not (datastore or self.datastore()).get_image_uri(image):
+            elif not (store := datastore or self.datastore()).get_image_uri(image):
+                if isinstance(store, PacsDatastore):
+                    raise RequestError(f"image '{image}' is not a series on the PACS; use a "
+                                       "SeriesInstanceUID that the PACS lists, or upload the "
+                                       "file.", status_code=404)
                 raise RequestError(f"image '{image}' is not in the datastore; use an id from "
                                    "GET /datastore/?output=all or upload the file.", status_code=404)
             else:

@@ -89,25 +89,34 @@ def copy_studies(dest: Path, source: Path = SAMPLE_STUDIES) -> Path:
 
 
 @contextlib.contextmanager
-def start_citrusv_server(studies: Path, model_dir: Path, log_path: Path | None = None,
+def start_citrusv_server(studies: Path | str, model_dir: Path, log_path: Path | None = None,
+                         workdir: Path | None = None, env: dict[str, str] | None = None,
                          **conf: str) -> Iterator[CitrusVServer]:
-    """Start `monailabel start_server` on the app; stop it (and its training runs) on exit."""
+    """Start `monailabel start_server` on the app; stop it (and its training runs) on exit.
+
+    `studies` is a folder or a DICOMweb URL (a PACS); `workdir` holds the log, the sessions
+    and the PACS cache (default: the studies folder's parent); `env`: extra environment."""
     port = free_port()
-    log_path = log_path or Path(studies).parent / f"server-{port}.log"
+    remote = str(studies).startswith(("http://", "https://"))
+    workdir = Path(workdir) if workdir else Path(studies).parent
+    log_path = log_path or workdir / f"server-{port}.log"
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR),
            "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port),
            "--conf", "model_dir", str(model_dir)]
     for key, value in {"device": "cpu", **conf}.items():
         cmd += ["--conf", key, str(value)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MONAI_LABEL_")}
-    env.update(MONAI_LABEL_SESSION_PATH=str(Path(studies).parent / "sessions"),
+    extra, env = env or {}, {k: v for k, v in os.environ.items() if not k.startswith("MONAI_LABEL_")}
+    if remote:
+        env["MONAI_LABEL_DICOMWEB_CACHE_PATH"] = str(workdir / "pacs-cache")
+    env.update(MONAI_LABEL_SESSION_PATH=str(workdir / "sessions"),
                MONAI_LABEL_AUTO_UPDATE_SCORING="false", MONAI_LABEL_TRACKING_ENABLED="false",
                PYTHONUNBUFFERED="1", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"))
+    env.update(extra)
     log = open(log_path, "w")
     process = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
-    server = CitrusVServer(f"http://127.0.0.1:{port}", Path(studies), Path(model_dir), log_path,
-                           process)
+    server = CitrusVServer(f"http://127.0.0.1:{port}", Path(studies) if not remote else workdir,
+                           Path(model_dir), log_path, process)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:

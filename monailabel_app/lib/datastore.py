@@ -15,9 +15,15 @@ import uuid
 from typing import Any
 
 import numpy as np
+import requests
 from filelock import FileLock
+from pydicom import Dataset
 
+from monailabel.config import settings
+from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import DataModel, LocalDatastore
+from monailabel.datastore.utils.convert import nifti_to_dicom_seg
+from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from .errors import RequestError
@@ -136,3 +142,114 @@ class CorrectionsDatastore(LocalDatastore):
                 write()
         else:
             write()
+
+
+# DICOM objects a PACS lists as series that are not images to ask about
+NON_IMAGE_MODALITIES = {"SEG", "SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTDOSE", "REG", "DOC"}
+
+
+class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):
+    """`--studies http(s)://pacs/dicom-web`: images come from the department's PACS.
+
+    MONAI Label's DICOMweb datastore, with three on-prem changes:
+    - a final label (a radiologist's correction) is first written atomically to the local
+      cache (`labels/final/`), which is what fine-tuning reads, and only then sent to the PACS
+      as DICOM SEG; when the PACS refuses it the correction stays here and its label info says
+      why (`pacs_error`), instead of the request failing and the correction being lost;
+    - DICOM SEG is written with pydicom-seg, so nothing is downloaded (MONAI Label fetches
+      dcmqi from GitHub for that);
+    - the local corrections are never removed because the PACS has no SEG for them.
+    """
+
+    def _pacs_series(self) -> list[str]:
+        """Image series on the PACS that match the search filter (SEG, SR and other non-image
+        objects left out), asked again after `MONAI_LABEL_DICOMWEB_CACHE_EXPIRY` seconds."""
+        now = time.monotonic()
+        if self._series_cache is None or now - self._series_cache[0] > settings.MONAI_LABEL_DICOMWEB_CACHE_EXPIRY:
+            found = self._client.search_for_series(search_filters=self._search_filter,
+                                                   fields=["Modality"])
+            series = [str(Dataset.from_json(ds)["SeriesInstanceUID"].value) for ds in found
+                      if str(Dataset.from_json(ds).get("Modality", "")) not in NON_IMAGE_MODALITIES]
+            self._series_cache = (now, series)
+        return self._series_cache[1]
+
+    _series_cache: tuple[float, list[str]] | None = None
+
+    def list_images(self) -> list[str]:
+        """The PACS's series; while the PACS does not answer, the series cached here (so /info
+        and the other requests that count images go on working)."""
+        try:
+            return self._pacs_series()
+        except requests.RequestException as e:
+            logger.warning("The PACS at %s did not answer (%s); listing the cached series only.",
+                           self._client.base_url, e)
+            return list(self._datastore.objects)
+
+    def _on_pacs(self, image_id: str) -> bool:
+        try:
+            return image_id in self._pacs_series()
+        except requests.RequestException as e:
+            raise RequestError(f"The PACS at {self._client.base_url} did not answer ({e}); check "
+                               "that it is running and reachable from this server.",
+                               status_code=503) from e
+
+    def get_image_uri(self, image_id: str) -> str:
+        """The cached NIfTI of a PACS series: fetched once, then served from the cache even
+        while the PACS is down; '' when the PACS has no such series."""
+        if image_id in self._datastore.objects:
+            cached = LocalDatastore.get_image_uri(self, image_id)
+            if cached and os.path.exists(cached):
+                return cached
+        if not self._on_pacs(image_id):
+            return ""
+        return super().get_image_uri(image_id)
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str,
+                   label_info: dict[str, Any], label_id: str = "") -> str:
+        if not self.get_image_uri(image_id):  # fetches the series into the cache
+            raise RequestError(f"image '{image_id}' is not a series on the PACS; save the label "
+                               "for a SeriesInstanceUID that the PACS lists.", status_code=404)
+        label_info = dict(label_info or {})
+        saved = CorrectionsDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
+        if (label_tag or DefaultLabelTag.FINAL.value) != DefaultLabelTag.FINAL.value:
+            return saved
+        info = self.get_label_info(image_id, DefaultLabelTag.FINAL.value)
+        try:
+            series_dir = os.path.join(self._datastore.image_path(), image_id)
+            seg_file = nifti_to_dicom_seg(series_dir, self.get_label_uri(image_id, label_tag),
+                                          _seg_label_info(info), use_itk=False)
+            if not seg_file:
+                raise ValueError("the label is empty, so there is no DICOM SEG to send")
+            try:
+                info["SeriesInstanceUID"] = dicom_web_upload_dcm(seg_file, self._client)
+            finally:
+                os.unlink(seg_file)
+            info.pop("pacs_error", None)
+        except Exception as e:  # the PACS copy is best effort; the correction is already safe
+            logger.error("Correction for %s kept locally; the PACS did not take it: %s", image_id, e)
+            info["pacs_error"] = f"{type(e).__name__}: {e}"
+        with FileLock(self._lock_file):
+            self._update_datastore_file(lock=False)
+        return saved
+
+    def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
+        return LocalDatastore.get_label_uri(self, image_id or label_id, label_tag)
+
+    def get_labeled_images(self, label_tag: str | None = None,
+                           labels: list[str] | None = None) -> list[str]:
+        return LocalDatastore.get_labeled_images(self, label_tag, labels)
+
+    def get_unlabeled_images(self, label_tag: str | None = None,
+                             labels: list[str] | None = None) -> list[str]:
+        labeled = set(self.get_labeled_images())
+        return [i for i in self.list_images() if i not in labeled]
+
+    def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
+        return LocalDatastore.datalist(self, full_path)
+
+
+def _seg_label_info(info: dict[str, Any]) -> list[dict[str, Any]]:
+    """Segment names for the DICOM SEG, in label-value order (from the saved label info)."""
+    names = {int(i["idx"]): str(i["name"]) for i in info.get("label_info") or []}
+    return [{"name": names.get(v, f"label {v}"), "model_name": "Citrus-V correction",
+             "description": "Corrected in 3D Slicer"} for v in info.get("label_values", [])]

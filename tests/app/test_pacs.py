@@ -1,0 +1,184 @@
+"""The app on a real PACS: Orthanc over DICOMweb, `--studies http://.../dicom-web`.
+
+A hospital runs the server against its PACS, offline. These tests start Orthanc loaded with the
+sample CT series and the app on the shipped nano model, and check, in file order: the server
+starts without reaching the internet; a segment request by SeriesInstanceUID gives the same
+geometry as the NIfTI study and a real liver mask; an unknown series is a 404 sentence; a
+correction lands in the local cache (what fine-tuning reads) and on the PACS as a DICOM SEG
+that reads back voxel for voxel; and while the PACS is down a correction is still kept.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pydicom_seg
+import pytest
+import requests
+from requests_toolbelt.multipart.decoder import MultipartDecoder
+
+from tests.app.helpers import decode_rle, split_multipart, zyx
+from tests.app.test_corrections import _wait_for_training
+from tests.pacs import start_orthanc
+from tests.server import REPO, start_citrusv_server
+
+REFERENCE = REPO / "sample_data" / "reference" / "chest_ct"
+NANO = REPO / "models" / "nano"
+LIVER, SPLEEN = 5, 1  # labels.json
+SLICE = 25  # a held-out slice of nano's training split
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    with start_orthanc(tmp_path_factory.mktemp("orthanc")) as pacs:
+        yield pacs
+
+
+@pytest.fixture(scope="module")
+def pacs_server(pacs, tmp_path_factory):
+    work = tmp_path_factory.mktemp("pacs_server")
+    model_dir = shutil.copytree(NANO, work / "model")  # private: training adds versions/ to it
+    # the series list is cached 1 s (default 180 s), so the outage test sees the PACS down
+    with start_citrusv_server(pacs.dicomweb, model_dir, workdir=work,
+                              env={"MONAI_LABEL_DICOMWEB_CACHE_EXPIRY": "1"}) as server:
+        yield server
+
+
+def _final_labels(server) -> Path:
+    (cache,) = (server.studies / "pacs-cache").iterdir()  # one folder per PACS URL
+    return cache / "labels" / "final"
+
+
+def _reference_label(tmp: Path, index: int, name: str) -> Path:
+    ref = nib.load(REFERENCE / "mask.nii.gz")
+    ct = nib.load(REPO / "sample_data" / "studies" / "chest_ct.nii.gz")
+    path = tmp / f"{name}.nii.gz"
+    nib.save(nib.Nifti1Image((np.asarray(ref.dataobj) == index).astype(np.uint8), ct.affine), path)
+    return path
+
+
+def _put_label(server, image: str, path: Path, params: dict) -> requests.Response:
+    with open(path, "rb") as f:
+        return server.put(f"/datastore/label?image={image}&tag=final",
+                          files={"label": (path.name, f, "application/gzip")},
+                          data={"params": json.dumps(params)})
+
+
+def test_segments_a_pacs_series_in_the_studys_own_geometry(pacs, pacs_server, tmp_path):
+    r = pacs_server.post(f"/infer/citrusv_segment?image={pacs.series_uid}",
+                         data={"params": json.dumps({"prompt": "Please segment the liver in this "
+                                                     "scan.", "slice": SLICE})})
+    result, label = split_multipart(r, tmp_path)
+    ct = nib.load(REPO / "sample_data" / "studies" / "chest_ct.nii.gz")
+    assert label.shape == ct.shape
+    np.testing.assert_allclose(label.affine, ct.affine, atol=1e-3)
+    assert result["image"]["shape"] == [133, 512, 512]
+    ref = zyx(nib.load(REFERENCE / "mask.nii.gz"))[SLICE] == LIVER
+    (mask,) = result["masks"]
+    got = decode_rle(mask["rle"])
+    dice = 2 * (got & ref).sum() / (got.sum() + ref.sum())
+    assert dice >= 0.8, dice  # nano's liver on this held-out slice (tests/nano: the same bar)
+    assert np.array_equal(zyx(label)[SLICE] > 0, got)
+
+
+def test_xray_series_is_listed_and_answered_as_a_2d_image(pacs, pacs_server, tmp_path):
+    # MONAI Label's default search lists CT series only; the app asks for every image series
+    r = pacs_server.post(f"/infer/citrusv_segment?image={pacs.xray_uid}",
+                         data={"params": json.dumps({"prompt": "Segment the lungs."})})
+    result, label = split_multipart(r, tmp_path)
+    # MONAI Label's DICOMweb cache converts the series to NIfTI: the radiograph comes back as
+    # a one-slice volume (slice 0), where the same file in a studies folder is a 2D image
+    assert result["image"]["shape"] == [1, 1955, 1841]
+    assert result["image"]["slices"] == [0]
+    assert label.shape[:2] == (1841, 1955)
+    assert result["masks"] and all(m["slice"] == 0 for m in result["masks"])
+
+
+def test_unknown_series_is_a_404_sentence_and_the_server_goes_on(pacs, pacs_server):
+    params = {"params": json.dumps({"prompt": "Segment the liver.", "slice": 3})}
+    r = pacs_server.post("/infer/citrusv_segment?image=1.2.3.4&output=json", data=params)
+    assert r.status_code == 404, r.text
+    assert r.json()["detail"].startswith("image '1.2.3.4' is not a series on the PACS")
+    ok = pacs_server.post(f"/infer/citrusv_segment?image={pacs.series_uid}&output=json", data=params)
+    assert ok.status_code == 200, ok.text
+
+
+def test_correction_is_kept_locally_and_stored_on_the_pacs_as_dicom_seg(pacs, pacs_server,
+                                                                         tmp_path):
+    liver = _reference_label(tmp_path, LIVER, "liver")
+    r = _put_label(pacs_server, pacs.series_uid, liver, {"label_info": [{"name": "liver", "idx": 1}]})
+    assert r.status_code == 200, r.text
+    saved = _final_labels(pacs_server) / f"{pacs.series_uid}.nii.gz"
+    assert saved.read_bytes() == liver.read_bytes()
+
+    (seg,) = pacs.series(Modality="SEG")
+    study, series = seg["0020000D"]["Value"][0], seg["0020000E"]["Value"][0]
+    instances = requests.get(f"{pacs.dicomweb}/studies/{study}/series/{series}/instances",
+                             timeout=30).json()
+    assert len(instances) == 1
+    sop = instances[0]["00080018"]["Value"][0]
+    got = requests.get(f"{pacs.dicomweb}/studies/{study}/series/{series}/instances/{sop}",
+                       headers={"Accept": 'multipart/related; type="application/dicom"'},
+                       timeout=60)
+    ds = pydicom.dcmread(io.BytesIO(MultipartDecoder.from_response(got).parts[0].content))
+    assert ds.Modality == "SEG"
+    assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == pacs.series_uid
+    assert ds.SegmentSequence[0].SegmentLabel == "liver"
+    back = pydicom_seg.MultiClassReader().read(ds)
+    sent = zyx(nib.load(liver)) > 0
+    assert back.data.shape == sent.shape
+    assert np.array_equal(back.data == 1, sent)  # voxel for voxel, same slice order
+
+    info = pacs_server.get("/datastore/?output=all").json()["objects"][pacs.series_uid]
+    final = info["labels"]["final"]["info"]
+    assert final["SeriesInstanceUID"] == series and "pacs_error" not in final
+    # the SEG is on the PACS but is not an image to ask about
+    r = pacs_server.post(f"/infer/citrusv_segment?image={series}&output=json",
+                         data={"params": json.dumps({"prompt": "Segment the liver.", "slice": 3})})
+    assert r.status_code == 404, r.text
+
+
+def test_fine_tuning_trains_on_the_pacs_correction(pacs, pacs_server):
+    r = pacs_server.post("/train/citrusv_finetune",
+                         json={"steps": 4, "batch_images": 2, "max_per_structure": 4,
+                               "publish_if_worse": True})
+    assert r.status_code == 200, r.text
+    task = _wait_for_training(pacs_server)
+    assert task["status"] == "DONE", "\n".join(task.get("details", []))
+    info = pacs_server.get("/info/").json()
+    assert [v["version"] for v in info["citrusv"]["versions"]] == ["1"]
+    last = info["train_stats"]["citrusv_finetune"]["last_run"]
+    assert last["status"] == "done", last
+    assert last["samples"]["train_positive"] > 0 and last["samples"]["structures"] == ["liver"]
+    params = {"params": json.dumps({"prompt": "Segment the liver.", "slice": SLICE})}
+    after = pacs_server.post(f"/infer/citrusv_segment?image={pacs.series_uid}&output=json",
+                             data=params)
+    assert after.status_code == 200 and after.json()["model"]["version"] == "1", after.text
+
+
+def test_correction_is_kept_while_the_pacs_is_down(pacs, pacs_server, tmp_path):
+    pacs.stop()
+    time.sleep(1.5)  # past the server's cached series list
+    spleen = _reference_label(tmp_path, SPLEEN, "spleen")
+    r = _put_label(pacs_server, pacs.series_uid, spleen,
+                   {"label_info": [{"name": "spleen", "idx": 1}]})
+    assert r.status_code == 200, r.text
+    saved = _final_labels(pacs_server) / f"{pacs.series_uid}.nii.gz"
+    assert saved.read_bytes() == spleen.read_bytes()
+    final = pacs_server.get("/datastore/?output=all").json()["objects"][pacs.series_uid]
+    assert "pacs_error" in final["labels"]["final"]["info"]
+    # the series is cached: the radiologist can go on asking while the PACS is down
+    params = {"params": json.dumps({"prompt": "Segment the spleen.", "slice": 40})}
+    ok = pacs_server.post(f"/infer/citrusv_segment?image={pacs.series_uid}&output=json",
+                          data=params)
+    assert ok.status_code == 200, ok.text
+    r = pacs_server.post("/infer/citrusv_segment?image=1.2.3.4&output=json", data=params)
+    assert r.status_code == 503, r.text
+    assert "did not answer" in r.json()["detail"]
