@@ -101,6 +101,21 @@ def test_xray_series_is_listed_and_answered_as_a_2d_image(pacs, pacs_server, tmp
     assert result["masks"] and all(m["slice"] == 0 for m in result["masks"])
 
 
+def test_slicer_upload_works_beside_the_pacs(pacs_server):
+    # the Slicer module uploads the volume it shows (PUT /datastore/image) and asks about it
+    from CitrusVLib.client import CitrusVClient
+
+    client = CitrusVClient(pacs_server.url)
+    image_id = client.upload_image(REPO / "sample_data" / "studies" / "chest_ct.nii.gz",
+                                   "slicer_chest_ct")
+    assert image_id == "slicer_chest_ct"
+    params = {"params": json.dumps({"prompt": "Please segment the liver in this scan.",
+                                    "slice": SLICE})}
+    r = pacs_server.post(f"/infer/citrusv_segment?image={image_id}&output=json", data=params)
+    assert r.status_code == 200, r.text
+    assert r.json()["masks"][0]["area_px"] > 5000  # nano's liver on slice 25 (~12600 px)
+
+
 def test_unknown_series_is_a_404_sentence_and_the_server_goes_on(pacs, pacs_server):
     params = {"params": json.dumps({"prompt": "Segment the liver.", "slice": 3})}
     r = pacs_server.post("/infer/citrusv_segment?image=1.2.3.4&output=json", data=params)
