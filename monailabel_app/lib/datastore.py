@@ -151,29 +151,32 @@ NON_IMAGE_MODALITIES = {"SEG", "SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTDOSE",
 class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):
     """`--studies http(s)://pacs/dicom-web`: images come from the department's PACS.
 
-    MONAI Label's DICOMweb datastore, with three on-prem changes:
+    MONAI Label's DICOMweb datastore, changed for an on-prem server:
     - a final label (a radiologist's correction) is first written atomically to the local
       cache (`labels/final/`), which is what fine-tuning reads, and only then sent to the PACS
       as DICOM SEG; when the PACS refuses it the correction stays here and its label info says
       why (`pacs_error`), instead of the request failing and the correction being lost;
     - DICOM SEG is written with pydicom-seg, so nothing is downloaded (MONAI Label fetches
       dcmqi from GitHub for that);
-    - the local corrections are never removed because the PACS has no SEG for them.
+    - the local corrections are never removed because the PACS has no SEG for them;
+    - every image series is listed (not CT only; SEG and other non-image objects left out),
+      and a series once fetched is served from the cache while the PACS is down.
     """
+
+    _series_cache: tuple[float, list[str]] | None = None  # (when asked, series)
 
     def _pacs_series(self) -> list[str]:
         """Image series on the PACS that match the search filter (SEG, SR and other non-image
         objects left out), asked again after `MONAI_LABEL_DICOMWEB_CACHE_EXPIRY` seconds."""
         now = time.monotonic()
-        if self._series_cache is None or now - self._series_cache[0] > settings.MONAI_LABEL_DICOMWEB_CACHE_EXPIRY:
-            found = self._client.search_for_series(search_filters=self._search_filter,
-                                                   fields=["Modality"])
-            series = [str(Dataset.from_json(ds)["SeriesInstanceUID"].value) for ds in found
-                      if str(Dataset.from_json(ds).get("Modality", "")) not in NON_IMAGE_MODALITIES]
+        expiry = settings.MONAI_LABEL_DICOMWEB_CACHE_EXPIRY
+        if self._series_cache is None or now - self._series_cache[0] > expiry:
+            found = [Dataset.from_json(ds) for ds in self._client.search_for_series(
+                search_filters=self._search_filter, fields=["Modality"])]
+            series = [str(ds.SeriesInstanceUID) for ds in found
+                      if str(ds.get("Modality", "")) not in NON_IMAGE_MODALITIES]
             self._series_cache = (now, series)
         return self._series_cache[1]
-
-    _series_cache: tuple[float, list[str]] | None = None
 
     def list_images(self) -> list[str]:
         """The PACS's series; while the PACS does not answer, the series cached here (so /info

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -70,3 +71,14 @@ def check_result(result: dict, task: str) -> None:
     assert set(image) >= {"id", "shape", "spacing", "axis", "slices"}
     assert len(image["shape"]) == 3 and len(image["spacing"]) == 3
     assert isinstance(result["timing_ms"], dict) and isinstance(result["warnings"], list)
+
+
+def wait_for_training(server, timeout_s: float = 420) -> dict:
+    """Poll GET /train/ until the running training task ends; its last status."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        r = server.get("/train/")
+        if r.status_code == 200 and r.json().get("status") in ("DONE", "ERROR", "STOPPED"):
+            return r.json()
+        time.sleep(2)
+    raise AssertionError(f"training did not finish in {timeout_s} s:\n{server.log()}")

@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from tests.app.helpers import wait_for_training
 from tests.server import copy_studies, start_citrusv_server
 
 REFERENCE = Path(__file__).resolve().parents[2] / "sample_data" / "reference" / "chest_ct"
@@ -81,14 +82,6 @@ def _assert_serves_version(server, version: str) -> None:
     assert ok.status_code == 200 and ok.json()["model"]["version"] == version
 
 
-def _wait_for_training(server, timeout_s: float = 420) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        r = server.get("/train/")
-        if r.status_code == 200 and r.json().get("status") in ("DONE", "ERROR", "STOPPED"):
-            return r.json()
-        time.sleep(2)
-    raise AssertionError(f"training did not finish in {timeout_s} s:\n{server.log()}")
 
 
 def test_training_publishes_a_new_version_that_infer_serves(citrusv_server, spleen_label):
@@ -100,7 +93,7 @@ def test_training_publishes_a_new_version_that_infer_serves(citrusv_server, sple
                             json={"steps": 6, "batch_images": 2, "max_per_structure": 8,
                                   "publish_if_worse": True})
     assert r.status_code == 200, r.text
-    task = _wait_for_training(citrusv_server)
+    task = wait_for_training(citrusv_server)
     assert task["status"] == "DONE", "\n".join(task.get("details", []))
 
     assert (citrusv_server.model_dir / "versions" / "1" / "config.json").exists()
@@ -124,7 +117,7 @@ def test_failed_training_leaves_the_serving_model(citrusv_server):
     # a negative learning rate makes the optimiser raise mid-run: no new version, still serving
     r = citrusv_server.post("/train/citrusv_finetune", json={"steps": 2, "learning_rate": -1.0})
     assert r.status_code == 200, r.text
-    task = _wait_for_training(citrusv_server)
+    task = wait_for_training(citrusv_server)
     assert task["status"] == "ERROR"
     info = citrusv_server.get("/info/").json()
     assert [v["version"] for v in info["citrusv"]["versions"]] == ["1"]
@@ -145,7 +138,7 @@ def test_killed_training_leaves_the_serving_model(citrusv_server):
     time.sleep(3)
     stopped = citrusv_server.delete("/train/")
     assert stopped.status_code == 200, stopped.text
-    assert _wait_for_training(citrusv_server)["status"] == "STOPPED"
+    assert wait_for_training(citrusv_server)["status"] == "STOPPED"
     deadline = time.monotonic() + 15  # the kill lands within moments of STOPPED
     while True:
         info = citrusv_server.get("/info/").json()

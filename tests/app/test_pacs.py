@@ -24,8 +24,7 @@ import pytest
 import requests
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
-from tests.app.helpers import decode_rle, split_multipart, zyx
-from tests.app.test_corrections import _wait_for_training
+from tests.app.helpers import decode_rle, split_multipart, wait_for_training, zyx
 from tests.pacs import start_orthanc
 from tests.server import REPO, start_citrusv_server
 
@@ -165,7 +164,7 @@ def test_fine_tuning_trains_on_the_pacs_correction(pacs, pacs_server):
                          json={"steps": 4, "batch_images": 2, "max_per_structure": 4,
                                "publish_if_worse": True})
     assert r.status_code == 200, r.text
-    task = _wait_for_training(pacs_server)
+    task = wait_for_training(pacs_server)
     assert task["status"] == "DONE", "\n".join(task.get("details", []))
     info = pacs_server.get("/info/").json()
     assert [v["version"] for v in info["citrusv"]["versions"]] == ["1"]
