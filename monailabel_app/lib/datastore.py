@@ -197,15 +197,23 @@ class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):
                                status_code=503) from e
 
     def get_image_uri(self, image_id: str) -> str:
-        """The cached NIfTI of a PACS series: fetched once, then served from the cache even
-        while the PACS is down; '' when the PACS has no such series."""
+        """A PACS series from the cache: fetched once, then served from there even while the
+        PACS is down; '' when the PACS has no such series. A series of one instance (a
+        radiograph) is served as its DICOM file, not as the NIfTI that MONAI Label converts it
+        to: the NIfTI drops Modality and PhotometricInterpretation, so a MONOCHROME1 X-ray
+        would reach the model inverted and answer as a one-slice volume."""
+        uri = ""
         if image_id in self._datastore.objects:
             cached = LocalDatastore.get_image_uri(self, image_id)
             if cached and os.path.exists(cached):
-                return cached
-        if not self._on_pacs(image_id):
-            return ""
-        return super().get_image_uri(image_id)
+                uri = cached
+        if not uri:
+            if not self._on_pacs(image_id):
+                return ""
+            uri = super().get_image_uri(image_id)
+        series_dir = os.path.join(self._datastore.image_path(), image_id)
+        instances = os.listdir(series_dir) if os.path.isdir(series_dir) else []
+        return os.path.join(series_dir, instances[0]) if len(instances) == 1 else uri
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str,
                    label_info: dict[str, Any], label_id: str = "") -> str:
