@@ -200,8 +200,8 @@ class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):
         """A PACS series from the cache: fetched once, then served from there even while the
         PACS is down; '' when the PACS has no such series. A series of one instance (a
         radiograph) is served as its DICOM file, not as the NIfTI that MONAI Label converts it
-        to: the NIfTI drops Modality and PhotometricInterpretation, so a MONOCHROME1 X-ray
-        would reach the model inverted and answer as a one-slice volume."""
+        to: the NIfTI drops Modality and the 2D-ness, so the radiograph would answer as a
+        one-slice volume with its scaling guessed from the values."""
         uri = ""
         if image_id in self._datastore.objects:
             cached = LocalDatastore.get_image_uri(self, image_id)

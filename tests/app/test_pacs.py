@@ -95,8 +95,7 @@ def test_xray_series_is_listed_and_answered_as_a_2d_image(pacs, pacs_server, tmp
     assert result["image"]["shape"] == [1, 1955, 1841]
     assert result["image"]["slices"] == []  # a 2D image, as the same file in a studies folder
     assert label.shape[:2] == (1841, 1955)
-    # the same DICOM uploaded as a file: the same pixels reach the model (MONOCHROME1 inverted
-    # once, as for a local study), so the same masks come back
+    # the same DICOM uploaded as a file: read the same way, so the same masks come back
     with open(REPO / "sample_data" / "studies" / "chest_xray.dcm", "rb") as f:
         local = pacs_server.post("/infer/citrusv_segment?output=json", data=params,
                                  files={"file": ("chest_xray.dcm", f, "application/dicom")})
