@@ -196,6 +196,10 @@ class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):
                                "that it is running and reachable from this server.",
                                status_code=503) from e
 
+    def _series_dir(self, image_id: str) -> str:
+        """Where MONAI Label's DICOMweb datastore keeps the fetched instances of a series."""
+        return os.path.join(self._datastore.image_path(), image_id)
+
     def get_image_uri(self, image_id: str) -> str:
         """A PACS series from the cache: fetched once, then served from there even while the
         PACS is down; '' when the PACS has no such series. A series of one instance (a
@@ -211,7 +215,7 @@ class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):
             if not self._on_pacs(image_id):
                 return ""
             uri = super().get_image_uri(image_id)
-        series_dir = os.path.join(self._datastore.image_path(), image_id)
+        series_dir = self._series_dir(image_id)
         instances = os.listdir(series_dir) if os.path.isdir(series_dir) else []
         return os.path.join(series_dir, instances[0]) if len(instances) == 1 else uri
 
@@ -226,8 +230,7 @@ class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):
             return saved
         info = self.get_label_info(image_id, DefaultLabelTag.FINAL.value)
         try:
-            series_dir = os.path.join(self._datastore.image_path(), image_id)
-            seg_file = nifti_to_dicom_seg(series_dir, self.get_label_uri(image_id, label_tag),
+            seg_file = nifti_to_dicom_seg(self._series_dir(image_id), self.get_label_uri(image_id, label_tag),
                                           _seg_label_info(info), use_itk=False)
             if not seg_file:
                 raise ValueError("the label is empty, so there is no DICOM SEG to send")
