@@ -109,6 +109,8 @@ class CorrectionsDatastore(LocalDatastore):
             raise RequestError(
                 f"The label has shape {list(label.shape)} but image '{image_id}' has "
                 f"{list(image.shape)}; save the label in the image's own geometry.")
+        if not image.is_2d:
+            _check_same_grid(label.affine, image.affine, image_id)
         values = np.unique(np.asarray(label.array)).astype(int).tolist()
         info = label_info.get("label_info")
         if isinstance(info, str):
@@ -146,6 +148,23 @@ class CorrectionsDatastore(LocalDatastore):
 
 # DICOM objects a PACS lists as series that are not images to ask about
 NON_IMAGE_MODALITIES = {"SEG", "SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTDOSE", "REG", "DOC"}
+
+
+def _check_same_grid(label_affine: np.ndarray, image_affine: np.ndarray, image_id: str) -> None:
+    """A 3D label must lie on its image's voxels: same axis directions, and the two origins
+    within half a voxel. Same shape but, say, the slices in the other order would otherwise
+    be trained on as if aligned. (2D images are not checked: a radiograph has no patient
+    geometry that viewers agree on.)"""
+    lab, img = np.asarray(label_affine, float), np.asarray(image_affine, float)
+    spacing = np.linalg.norm(img[:3, :3], axis=0)
+    cosines = np.sum(lab[:3, :3] * img[:3, :3], axis=0) / (
+        np.linalg.norm(lab[:3, :3], axis=0) * spacing)
+    offset = np.abs(np.linalg.solve(img[:3, :3], lab[:3, 3] - img[:3, 3]))
+    if np.any(cosines < 0.999) or np.any(offset > 0.5):
+        raise RequestError(
+            f"The label is not on the voxel grid of image '{image_id}' (IJK-to-RAS differs: axis "
+            f"cosines {np.round(cosines, 3).tolist()}, origin {np.round(offset, 2).tolist()} voxels "
+            "off); save the label in the image's own geometry.")
 
 
 class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):

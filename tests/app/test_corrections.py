@@ -60,6 +60,21 @@ def test_label_with_wrong_shape_is_refused_and_nothing_is_written(citrusv_server
     assert not (citrusv_server.studies / "labels" / "final" / "chest_ct.nii.gz").exists()
 
 
+def test_label_on_another_voxel_grid_is_refused(citrusv_server, spleen_label, tmp_path):
+    # the right shape, but the slices in the other order (a valid scan geometry of its own):
+    # trained on as it is, every slice would pair with the wrong CT slice
+    label = nib.load(spleen_label)
+    flip = np.eye(4)
+    flip[2, 2], flip[2, 3] = -1, label.shape[2] - 1
+    path = tmp_path / "flipped.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(label.dataobj)[:, :, ::-1], label.affine @ flip), path)
+    r = _put_label(citrusv_server, "chest_ct", path, {"label_info": [{"name": "spleen", "idx": 1}]})
+    assert r.status_code == 400, r.text
+    assert "voxel grid of image 'chest_ct'" in r.json()["detail"]
+    assert "-1.0" in r.json()["detail"]  # the slice axis points the other way
+    assert not (citrusv_server.studies / "labels" / "final" / "chest_ct.nii.gz").exists()
+
+
 def test_submitted_correction_lands_in_labels_final(citrusv_server, spleen_label):
     params = {"label_info": [{"name": "spleen", "idx": 1}], "prompt": "Segment the spleen."}
     r = _put_label(citrusv_server, "chest_ct", spleen_label, params)

@@ -155,4 +155,5 @@ def test_uploaded_nrrd_label_keeps_its_geometry(citrusv_server, tmp_path):
     result, label = _segment_upload(citrusv_server, path, 1, tmp_path)
     assert result["image"]["shape"] == [3, 64, 64]
     np.testing.assert_allclose(label.affine, ras, atol=1e-4)
+    np.testing.assert_allclose(result["image"]["ijk_to_ras"], ras, atol=1e-4)  # LPS file -> RAS
     assert set(np.flatnonzero(zyx(label).reshape(3, -1).any(axis=1))) <= {1}

@@ -124,6 +124,7 @@ class CitrusVInfer(InferTask):
             "id": image_id,
             "shape": list(study.shape),
             "spacing": study.spacing,
+            "ijk_to_ras": [[round(float(v), 6) for v in row] for row in study.affine],
             "axis": p.axis_name,
             "slices": [] if study.is_2d else list(p.slices),
         }
