@@ -37,6 +37,7 @@ HISTORY_LENGTH = 10
 PROGRESS_DELAY_S = 0.8  # show the progress dialog only for calls slower than this
 WAIT_STEP_S = 0.03  # UI thread: event.wait step between processEvents
 TRAIN_POLL_MS = 5000
+PACS_FETCH_TIMEOUT_S = 600  # a server on a PACS fetches a series it has not cached before it answers
 
 EXAMPLE_PROMPTS = {
     "Segment": [
@@ -607,7 +608,12 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
         self._uploads.clear()
 
     def prepareImage(self, volume, url):
-        """The datastore id to use, or a snapshot to upload once (UI thread: only copies voxels)."""
+        """The datastore id to use, or a snapshot to upload once (UI thread: only copies voxels).
+
+        A volume loaded from DICOM also carries its SeriesInstanceUID: a server on the PACS
+        has that series, and asking about it by UID sends no voxels and lets corrections go to
+        the PACS against the right series (see ``infer``).
+        """
         imageId = volume.GetAttribute(CitrusVMRML.IMAGE_ID_ATTR)
         if imageId:
             return {"image_id": imageId}
@@ -617,7 +623,13 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
         path = os.path.join(self.tempDirectory(), f"{volume.GetID()}.nrrd")
         snapshot = CitrusVMRML.volume_snapshot(volume)
         safe = "".join(ch if ch.isalnum() else "_" for ch in volume.GetName()) or "volume"
-        return {"path": path, "volume": snapshot, "image_id": f"slicer_{safe}_{volume.GetID()}"}
+        upload = {"path": path, "volume": snapshot, "image_id": f"slicer_{safe}_{volume.GetID()}",
+                  "name": volume.GetName()}
+        series = CitrusVMRML.dicom_series_uid(volume)
+        if series:
+            upload["series_uid"] = series
+            upload["grid"] = (snapshot.array.shape, snapshot.ijk_to_ras)
+        return upload
 
     def ensureUploaded(self, client, upload):
         """Worker thread: write (NRRD, gzip) and upload the snapshot if the server lacks it."""
@@ -643,10 +655,42 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
 
     # -- worker-thread steps -----------------------------------------------------------------------
     def infer(self, client, upload, task, params):
+        """Ask about the image. A DICOM volume is asked about by its SeriesInstanceUID first
+        when the server has that series; its answer is kept only if the server read the series
+        onto the same voxel grid as Slicer did (``image.ijk_to_ras``), since slice numbers and
+        mask rows mean voxels. Otherwise the volume is uploaded and asked about, with a warning.
+        """
+        warning = None
+        series = upload.pop("series_uid", None)
+        if series and not upload.get("uploaded"):
+            try:
+                on_server = client.image_exists(series, read_timeout=PACS_FETCH_TIMEOUT_S)
+            except CitrusVError as e:
+                on_server, warning = False, (
+                    f"The server could not look up DICOM series {series} ({e}); "
+                    f"'{upload.get('name')}' was uploaded instead.")
+            if on_server:
+                response = client.infer(task, series, params)
+                shape, ijk_to_ras = upload["grid"]
+                image = response.result.image
+                if image.ijk_to_ras is not None and geometry.same_voxel_grid(
+                        image.shape, image.ijk_to_ras, shape, ijk_to_ras):
+                    upload.update(image_id=series, uploaded=True)
+                    upload.pop("volume", None)
+                    return response
+                warning = (f"The server's copy of DICOM series {series} is not on the voxel grid "
+                           f"of '{upload.get('name')}' in Slicer, so its answer was not used; "
+                           "the volume was uploaded and asked about instead.")
         imageId = self.ensureUploaded(client, upload)
-        return client.infer(task, imageId, params)
+        response = client.infer(task, imageId, params)
+        if warning:
+            response.result.warnings.append(warning)
+        return response
 
     def submitCorrection(self, client, upload, path, labelInfo, prompt):
+        """Send a correction as training data. Against a DICOM series only once an answer has
+        shown the server's copy to be on the same grid (``infer``); else the volume is uploaded."""
+        upload.pop("series_uid", None)
         imageId = self.ensureUploaded(client, upload)
         return client.put_label(imageId, path, labelInfo, prompt=prompt, tag="final")
 

@@ -123,6 +123,18 @@ def volume_snapshot(volume_node: slicer.vtkMRMLVolumeNode) -> LabelVolume:
     return LabelVolume(np.array(array), ijk_to_ras(volume_node, world=False))
 
 
+def dicom_series_uid(volume_node, scene: slicer.vtkMRMLScene | None = None) -> str | None:
+    """The SeriesInstanceUID that Slicer's DICOM module recorded for the volume (the "DICOM" UID
+    of its subject hierarchy item), or None for a volume that was not loaded from DICOM."""
+    scene = volume_node.GetScene() or _scene(scene)
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    item = sh.GetItemByDataNode(volume_node) if sh is not None else 0
+    if not item:
+        return None
+    uid = sh.GetItemUID(item, slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMUIDName())
+    return uid or None
+
+
 def write_volume_for_upload(volume_node: slicer.vtkMRMLVolumeNode, path: str) -> str:
     """Write the volume (own geometry, no parent transform) as NRRD for ``upload_image``."""
     return write_label_volume(path, volume_snapshot(volume_node))

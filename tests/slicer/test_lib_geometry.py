@@ -221,3 +221,18 @@ def test_bad_matrix_and_axis_are_refused_with_a_sentence():
         geometry.ijk_to_ras(np.diag([1, 0, 1, 1]), [0, 0, 0])
     with pytest.raises(ValueError, match="axis must be one of"):
         geometry.slice_shape((1, 2, 3), "oblique")
+
+
+def test_same_voxel_grid_tells_two_readers_of_a_series_from_another_grid():
+    m = oblique_lps_ijk_to_ras()
+    shape = (40, 64, 80)  # k, j, i
+    noise = m + np.r_[np.full((3, 4), 1e-4), np.zeros((1, 4))]  # float32 storage, rounding
+    assert geometry.same_voxel_grid(shape, m, shape, m)
+    assert geometry.same_voxel_grid(shape, m, shape, noise)
+    flip = np.eye(4)
+    flip[2, 2], flip[2, 3] = -1, shape[0] - 1  # the same voxels, slices in the other order
+    assert not geometry.same_voxel_grid(shape, m, shape, m @ flip)
+    shifted = m.copy()
+    shifted[:3, 3] += 0.5 * m[:3, 0]  # half a voxel along I
+    assert not geometry.same_voxel_grid(shape, m, shape, shifted)
+    assert not geometry.same_voxel_grid(shape, m, (41, 64, 80), m)

@@ -289,10 +289,18 @@ class CitrusVClient:
         body = self._json(response)
         return str(body.get("image", image_id))
 
-    def image_exists(self, image_id: str) -> bool:
-        """``HEAD /datastore/image``: whether the server already has this image id."""
+    def image_exists(self, image_id: str, read_timeout: float = 30) -> bool:
+        """``HEAD /datastore/image``: whether the server already has this image id.
+
+        A server on a PACS fetches a series it has not cached yet before it answers, so give a
+        SeriesInstanceUID a longer ``read_timeout``.
+        """
         response = self.request(
-            "HEAD", "/datastore/image", query={"image": image_id}, ok=(200, 404), read_timeout=30
+            "HEAD",
+            "/datastore/image",
+            query={"image": image_id},
+            ok=(200, 404),
+            read_timeout=read_timeout,
         )
         return response.status_code == 200
 

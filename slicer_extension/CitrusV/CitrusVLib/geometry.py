@@ -86,6 +86,25 @@ def ras_to_ijk(
     return np.linalg.solve(m[:3, :3], (p - m[:3, 3]).T).T
 
 
+def same_voxel_grid(
+    shape_kji: Sequence[int],
+    ijk_to_ras_m: Sequence[Sequence[float]] | np.ndarray,
+    other_shape_kji: Sequence[int],
+    other_ijk_to_ras_m: Sequence[Sequence[float]] | np.ndarray,
+    tolerance_voxels: float = 0.1,
+) -> bool:
+    """Whether two images index the same voxels: same shape, and each corner of the grid at
+    the same RAS point to within ``tolerance_voxels`` of the smallest spacing. Two readers of
+    one DICOM series agree this way; a flipped slice order or another series does not."""
+    if tuple(int(v) for v in shape_kji) != tuple(int(v) for v in other_shape_kji):
+        return False
+    a, b = _matrix(ijk_to_ras_m), _matrix(other_ijk_to_ras_m)
+    k, j, i = (max(int(v) - 1, 0) for v in shape_kji)
+    corners = np.array([[x, y, z] for x in (0, i) for y in (0, j) for z in (0, k)], dtype=float)
+    deviation = np.abs(ijk_to_ras(a, corners) - ijk_to_ras(b, corners)).max()
+    return bool(deviation <= tolerance_voxels * spacing_of(a).min())
+
+
 def pixel_to_ijk(axis: str, slice_index: float, x: float, y: float) -> np.ndarray:
     """Continuous IJK of slice pixel *index* ``(x, y)`` (pixel centres are integers here)."""
     ax_x, ax_y, ax_s = PIXEL_IJK_AXES[check_axis(axis)]

@@ -69,6 +69,7 @@ class ImageInfo:
     spacing: list[float] = field(default_factory=list)
     axis: str = "axial"
     slices: list[int] = field(default_factory=list)
+    ijk_to_ras: list[list[float]] | None = None  # how the server read the image
 
 
 @dataclass
@@ -162,6 +163,9 @@ class Result:
                 spacing=[float(v) for v in image.get("spacing") or []],
                 axis=str(image.get("axis") or "axial"),
                 slices=[int(v) for v in image.get("slices") or [] if v is not None],
+                ijk_to_ras=None
+                if not image.get("ijk_to_ras")
+                else [[float(v) for v in row] for row in image["ijk_to_ras"]],
             ),
             timing_ms={
                 str(k): float(v)

@@ -1,0 +1,148 @@
+"""A volume that Slicer loaded from the PACS, a server on the same PACS: no upload.
+
+Slicer's DICOM module records the SeriesInstanceUID on the volume's subject hierarchy item.
+CitrusVLogic asks the server about that series by UID, and keeps the answer only when the
+server read the series onto the same voxel grid as the volume in Slicer; the correction then
+goes to the PACS as a DICOM SEG of that series. A volume on another grid (here: the same
+voxels with the slices in the other order) is uploaded and asked about instead, with a warning.
+Real Orthanc + DICOMweb, real MONAI Label server (tiny model: geometry, not quality), real
+MRML nodes.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tests.pacs import start_orthanc
+from tests.server import REPO, start_citrusv_server
+
+SLICE = 25
+PROMPT = "Please segment the liver in this scan."
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    with start_orthanc(tmp_path_factory.mktemp("orthanc")) as pacs:
+        yield pacs
+
+
+@pytest.fixture(scope="module")
+def pacs_server(pacs, tiny_model_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp("slicer_pacs_server")
+    model_dir = shutil.copytree(tiny_model_dir, work / "model")
+    with start_citrusv_server(pacs.dicomweb, model_dir, workdir=work) as server:
+        yield server
+
+
+def _dicom_volume(mrml, series_uid: str, flip_slices: bool = False):
+    """The sample CT as Slicer's DICOM module leaves it: a volume on the series' grid whose
+    subject hierarchy item carries the SeriesInstanceUID (UID name "DICOM")."""
+    img = nib.load(REPO / "sample_data" / "studies" / "chest_ct.nii.gz")
+    array = np.asanyarray(img.dataobj).transpose(2, 1, 0).astype(np.int16)  # [k, j, i]
+    ijk_to_ras = img.affine.copy()
+    if flip_slices:  # the same voxels in RAS, the slices stored in the other order
+        flip = np.eye(4)
+        flip[2, 2], flip[2, 3] = -1, array.shape[0] - 1
+        array, ijk_to_ras = array[::-1], ijk_to_ras @ flip
+    su = mrml.slicer.util
+    volume = su.addVolumeFromArray(np.ascontiguousarray(array), ijkToRAS=ijk_to_ras, name="CT")
+    sh = mrml.slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(mrml.slicer.mrmlScene)
+    item = sh.CreateItem(sh.GetSceneItemID(), volume)
+    sh.SetItemUID(item, mrml.slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMUIDName(), series_uid)
+    return volume
+
+
+def _segment_ras_voxels(mrml, volume, applied) -> set[tuple[float, float, float]]:
+    """Where the answer's segment lies, as RAS points of its voxels (grid-independent)."""
+    import CitrusVMRML
+
+    (segment_id,) = applied.segment_ids.values()
+    mask = mrml.slicer.util.arrayFromSegmentBinaryLabelmap(
+        applied.segmentation_node, segment_id, volume)
+    kji = np.argwhere(mask > 0)
+    ras = kji[:, ::-1] @ CitrusVMRML.ijk_to_ras(volume)[:3, :3].T + CitrusVMRML.ijk_to_ras(volume)[:3, 3]
+    return {tuple(p) for p in np.round(ras, 1)}
+
+
+def _ask(module, server, volume, slice_index: int):
+    logic = module.CitrusVLogic()
+    client = logic.client(server.url)
+    upload = logic.prepareImage(volume, server.url)
+    response = logic.infer(client, upload, "segment", {"prompt": PROMPT, "slice": slice_index})
+    logic.rememberImage(volume, server.url, upload)
+    return logic, client, upload, response
+
+
+def test_pacs_volume_is_asked_about_by_series_uid_and_corrected_on_the_pacs(
+        pacs, pacs_server, citrusv_module, mrml):
+    import CitrusVMRML
+
+    mrml.fresh()
+    volume = _dicom_volume(mrml, pacs.series_uid)
+    assert CitrusVMRML.dicom_series_uid(volume) == pacs.series_uid
+    logic, client, upload, response = _ask(citrusv_module, pacs_server, volume, SLICE)
+    assert upload["image_id"] == pacs.series_uid
+    assert response.result.image.id == pacs.series_uid
+    assert response.result.warnings == []
+    # nothing was uploaded: the server's datastore has the PACS series and no Slicer copy
+    objects = client.datastore()["objects"]
+    assert pacs.series_uid in objects
+    assert not [i for i in objects if i.startswith("slicer_")], list(objects)
+    assert logic.prepareImage(volume, pacs_server.url) == {"image_id": pacs.series_uid}
+
+    # the answer lands on the asked slice, as the label file says
+    applied = logic.applyResult(response, volume)
+    label = response.label_volume()
+    assert np.allclose(label.ijk_to_ras, CitrusVMRML.ijk_to_ras(volume), atol=1e-3)
+    (segment_id,) = applied.segment_ids.values()
+    mask = mrml.slicer.util.arrayFromSegmentBinaryLabelmap(
+        applied.segmentation_node, segment_id, volume) > 0
+    assert set(np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))) == {SLICE}
+    assert np.array_equal(mask[SLICE], label.array[SLICE] > 0)
+
+    # the correction goes to that series: kept by the server, and on the PACS as a DICOM SEG
+    before = len(pacs.series(Modality="SEG"))
+    path, info = logic.exportCorrection(volume, segment_id)
+    answer = logic.submitCorrection(
+        client, logic.prepareImage(volume, pacs_server.url), path, info, PROMPT)
+    assert answer["image"] == pacs.series_uid
+    saved = client.datastore()["objects"][pacs.series_uid]["labels"]["final"]
+    assert "pacs_error" not in saved["info"], saved["info"]
+    assert len(pacs.series(Modality="SEG")) == before + 1
+    logic.cleanup()
+
+
+def test_volume_on_another_grid_is_uploaded_and_answers_at_the_same_place(
+        pacs, pacs_server, citrusv_module, mrml):
+    mrml.fresh()
+    same = _dicom_volume(mrml, pacs.series_uid)
+    *_, response = _ask(citrusv_module, pacs_server, same, SLICE)
+    expected = _segment_ras_voxels(mrml, same, citrusv_module.CitrusVLogic().applyResult(
+        response, same))
+    assert expected
+
+    # the same CT with its slices stored in the other order: its slice 107 is the series'
+    # slice 25, and the series' answer for "slice 107" would be another part of the body
+    flipped = _dicom_volume(mrml, pacs.series_uid, flip_slices=True)
+    flipped_slice = flipped.GetImageData().GetDimensions()[2] - 1 - SLICE
+    logic, _, upload, response = _ask(citrusv_module, pacs_server, flipped, flipped_slice)
+    assert upload["image_id"].startswith("slicer_") and upload["uploaded"]
+    (warning,) = response.result.warnings
+    assert pacs.series_uid in warning and "not on the voxel grid" in warning
+    # the same pixels were asked about, so the segment covers the same RAS voxels
+    assert _segment_ras_voxels(mrml, flipped, logic.applyResult(response, flipped)) == expected
+    logic.cleanup()
+
+
+def test_series_the_server_does_not_have_is_uploaded_without_a_warning(
+        pacs_server, citrusv_module, mrml):
+    mrml.fresh()
+    volume = _dicom_volume(mrml, "1.2.826.0.1.3680043.99.1")
+    logic, _, upload, response = _ask(citrusv_module, pacs_server, volume, SLICE)
+    assert upload["image_id"].startswith("slicer_") and upload["uploaded"]
+    assert response.result.warnings == []
+    logic.cleanup()
