@@ -60,7 +60,11 @@ def _names(info: dict, values: list[int]) -> dict[int, tuple[str, str]]:
 
 def collect(datastore: Datastore, negatives_per_positive: float = 0.5, max_per_structure: int = 64,
             seed: int = 0) -> list[Sample]:
-    """Every structure in every final label, as 2D samples along the axial axis."""
+    """Every structure in every final label, as 2D samples along the axial axis (on a PACS,
+    after importing the DICOM SEGs that other tools stored there: `PacsDatastore`)."""
+    import_segs = getattr(datastore, "import_pacs_segs", None)
+    if import_segs is not None:
+        import_segs()
     rng = random.Random(seed)
     samples: list[Sample] = []
     for image_id in sorted(datastore.get_labeled_images()):

@@ -15,7 +15,9 @@ import uuid
 from typing import Any
 
 import numpy as np
+import pydicom_seg
 import requests
+import SimpleITK as sitk
 from filelock import FileLock
 from pydicom import Dataset
 
@@ -27,7 +29,7 @@ from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from .errors import RequestError
-from .images import read_study
+from .images import Study, read_study, write_label
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,20 @@ def _fsync_dir(path: str) -> None:
 
 class CorrectionsDatastore(LocalDatastore):
     """LocalDatastore whose labels and index file are replaced atomically."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        handler = getattr(self, "_handler", None)
+        if handler is not None:
+            # the index file is replaced by a rename, which MONAI Label's watcher does not
+            # follow: without this, what another process (the training run, which imports
+            # PACS SEGs) writes there would stay unseen by the server until it restarts
+            handler.on_moved = self._on_moved_event
+
+    def _on_moved_event(self, event) -> None:
+        if os.path.realpath(getattr(event, "dest_path", "")) == os.path.realpath(
+                self._datastore_config_path):
+            self._init_from_datastore_file()  # a no-op for this process's own writes (mtime)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str,
                    label_info: dict[str, Any]) -> str:
@@ -177,7 +193,9 @@ class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):
       why (`pacs_error`), instead of the request failing and the correction being lost;
     - DICOM SEG is written with pydicom-seg, so nothing is downloaded (MONAI Label fetches
       dcmqi from GitHub for that);
-    - the local corrections are never removed because the PACS has no SEG for them;
+    - the local corrections are never removed because the PACS has no SEG for them, and SEGs
+      that other tools stored on the PACS are imported as final labels on the image's grid
+      before training (`import_pacs_segs`), never over a label already here;
     - every image series is listed (not CT only; SEG and other non-image objects left out),
       and a series once fetched is served from the cache while the PACS is down.
     """
@@ -278,7 +296,88 @@ class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):
         return [i for i in self.list_images() if i not in labeled]
 
     def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
+        """The local images and labels, after importing new SEGs from the PACS."""
+        self.import_pacs_segs()
         return LocalDatastore.datalist(self, full_path)
+
+    def import_pacs_segs(self) -> list[str]:
+        """Final labels from DICOM SEGs that other tools stored on the PACS (as MONAI Label's
+        DICOMweb datastore uses them), resampled onto their image's voxel grid. A series that
+        already has a final label here keeps it (a correction sent through this server, or an
+        earlier import); SEGs this server wrote are skipped. A PACS that does not answer, or a
+        SEG that cannot be read, is logged and left out: training goes on with what is here.
+        Returns the image series that got a label."""
+        try:
+            found = [Dataset.from_json(ds) for ds in self._client.search_for_series(
+                search_filters={"Modality": "SEG"}, fields=["StudyInstanceUID"])]
+            images = set(self._pacs_series())
+        except requests.RequestException as e:
+            logger.warning("The PACS did not answer (%s); no new DICOM SEGs imported.", e)
+            return []
+        written = {str(obj.labels[DefaultLabelTag.FINAL.value].info.get("SeriesInstanceUID"))
+                   for obj in self._datastore.objects.values()
+                   if DefaultLabelTag.FINAL.value in obj.labels}
+        imported = []
+        for seg in found:
+            seg_uid = str(seg.SeriesInstanceUID)
+            if seg_uid in written:
+                continue
+            try:
+                image_id = self._import_seg(str(seg.StudyInstanceUID), seg_uid, images)
+            except Exception as e:  # one bad SEG must not stop training on the others
+                logger.warning("DICOM SEG %s on the PACS not imported: %s", seg_uid, e)
+                continue
+            if image_id:
+                imported.append(image_id)
+        return imported
+
+    def _import_seg(self, study_uid: str, seg_uid: str, images: set[str]) -> str | None:
+        (ds, *_) = self._client.retrieve_series(study_uid, seg_uid)
+        refs = ds.get("ReferencedSeriesSequence") or []
+        image_id = str(refs[0].SeriesInstanceUID) if refs else ""
+        if image_id not in images:
+            logger.info("DICOM SEG %s references no image series listed here (%r); skipped.",
+                        seg_uid, image_id)
+            return None
+        obj = self._datastore.objects.get(image_id)
+        if obj is not None and DefaultLabelTag.FINAL.value in obj.labels:
+            logger.info("DICOM SEG %s skipped: series %s already has a final label here.",
+                        seg_uid, image_id)
+            return None
+        study = read_study(self.get_image_uri(image_id))  # fetches the series into the cache
+        label, label_info = _seg_to_label(ds, study)
+        path = write_label(study, label)
+        try:
+            CorrectionsDatastore.save_label(self, image_id, path, DefaultLabelTag.FINAL.value, {
+                "label_info": label_info, "SeriesInstanceUID": seg_uid,
+                "source": f"DICOM SEG {seg_uid} on the PACS"})
+        finally:
+            os.unlink(path)
+        logger.info("Imported DICOM SEG %s as the final label of %s: %s", seg_uid, image_id,
+                    [i["name"] for i in label_info])
+        return image_id
+
+
+def _seg_to_label(ds: Dataset, study: Study) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """A DICOM SEG as a label map ([z, y, x]) on the study's voxel grid, one value per segment
+    (in segment-number order), and its label info (segment names, lower case)."""
+    result = pydicom_seg.SegmentReader().read(ds)
+    ras_to_lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    m = ras_to_lps @ study.affine
+    spacing = np.linalg.norm(m[:3, :3], axis=0)
+    reference = sitk.Image(*[int(v) for v in study.shape[::-1]], sitk.sitkUInt8)
+    reference.SetSpacing([float(v) for v in spacing])
+    reference.SetOrigin([float(v) for v in m[:3, 3]])
+    reference.SetDirection([float(v) for v in (m[:3, :3] / spacing).ravel()])
+    label = np.zeros(study.shape, dtype=np.uint8)
+    label_info = []
+    for value, number in enumerate(sorted(result.available_segments), start=1):
+        on_grid = sitk.Resample(result.segment_image(number), reference, sitk.Transform(),
+                                sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        label[sitk.GetArrayFromImage(on_grid).reshape(study.shape) > 0] = value
+        name = str(result.segment_infos[number].get("SegmentLabel", f"segment {number}"))
+        label_info.append({"name": name.strip().lower(), "idx": value})
+    return label, label_info
 
 
 def _seg_label_info(info: dict[str, Any]) -> list[dict[str, Any]]:

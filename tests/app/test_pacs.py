@@ -25,7 +25,7 @@ import requests
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 from tests.app.helpers import decode_rle, split_multipart, wait_for_training, zyx
-from tests.pacs import start_orthanc
+from tests.pacs import SAMPLE_SERIES, start_orthanc
 from tests.server import REPO, start_citrusv_server
 
 REFERENCE = REPO / "sample_data" / "reference" / "chest_ct"
@@ -63,6 +63,29 @@ def _reference_label(tmp: Path, index: int, name: str) -> Path:
     return path
 
 
+def _seg_made_elsewhere(label: Path, name: str) -> pydicom.Dataset:
+    """A DICOM SEG of the sample CT series as another tool would store it (pydicom-seg, cropped
+    in-plane, empty slices left out)."""
+    import SimpleITK as sitk
+
+    template = pydicom_seg.template.from_dcmqi_metainfo({
+        "ContentCreatorName": "Other^Tool", "SeriesDescription": "other tool", "SeriesNumber": "77",
+        "InstanceNumber": "1", "ContentLabel": "SEG", "ContentDescription": "made elsewhere",
+        "ClinicalTrialSeriesID": "1", "ClinicalTrialTimePointID": "1",
+        "ClinicalTrialCoordinatingCenterName": "x", "BodyPartExamined": "",
+        "segmentAttributes": [[{
+            "labelID": 1, "SegmentLabel": name, "SegmentAlgorithmType": "MANUAL",
+            "SegmentedPropertyCategoryCodeSequence": {
+                "CodeValue": "123037004", "CodingSchemeDesignator": "SCT",
+                "CodeMeaning": "Anatomical Structure"},
+            "SegmentedPropertyTypeCodeSequence": {
+                "CodeValue": "78961009", "CodingSchemeDesignator": "SCT", "CodeMeaning": name}}]],
+    })
+    writer = pydicom_seg.MultiClassWriter(template, inplane_cropping=True, skip_empty_slices=True)
+    sources = [pydicom.dcmread(p) for p in sorted(SAMPLE_SERIES.iterdir())]
+    return writer.write(sitk.ReadImage(str(label)), sources)
+
+
 def _put_label(server, image: str, path: Path, params: dict) -> requests.Response:
     with open(path, "rb") as f:
         return server.put(f"/datastore/label?image={image}&tag=final",
@@ -79,6 +102,7 @@ def test_segments_a_pacs_series_in_the_studys_own_geometry(pacs, pacs_server, tm
     assert label.shape == ct.shape
     np.testing.assert_allclose(label.affine, ct.affine, atol=1e-3)
     assert result["image"]["shape"] == [133, 512, 512]
+    np.testing.assert_allclose(result["image"]["ijk_to_ras"], ct.affine, atol=1e-3)
     ref = zyx(nib.load(REFERENCE / "mask.nii.gz"))[SLICE] == LIVER
     (mask,) = result["masks"]
     got = decode_rle(mask["rle"])
@@ -128,16 +152,50 @@ def test_unknown_series_is_a_404_sentence_and_the_server_goes_on(pacs, pacs_serv
     assert ok.status_code == 200, ok.text
 
 
+def test_seg_another_tool_stored_on_the_pacs_is_trained_on(pacs, pacs_server, tmp_path):
+    # a SEG made elsewhere, only on the PACS; cropped to the spleen in-plane and covering only
+    # the slices with spleen, so importing it means placing its frames on the CT's grid
+    seg = _seg_made_elsewhere(_reference_label(tmp_path, SPLEEN, "spleen"), "Spleen")
+    seg_uid = str(seg.SeriesInstanceUID)
+    assert int(seg.NumberOfFrames) < 133 and (seg.Rows, seg.Columns) < (512, 512)
+    buffer = io.BytesIO()
+    seg.save_as(buffer)
+    r = requests.post(f"{pacs.url}/instances", data=buffer.getvalue(), timeout=60)
+    assert r.status_code == 200, r.text
+    assert not (_final_labels(pacs_server) / f"{pacs.series_uid}.nii.gz").exists()
+
+    r = pacs_server.post("/train/citrusv_finetune",
+                         json={"steps": 2, "batch_images": 2, "max_per_structure": 4,
+                               "publish_if_worse": True})
+    assert r.status_code == 200, r.text
+    task = wait_for_training(pacs_server)
+    assert task["status"] == "DONE", "\n".join(task.get("details", []))
+    last = pacs_server.get("/info/").json()["train_stats"]["citrusv_finetune"]["last_run"]
+    assert last["samples"]["structures"] == ["spleen"], last
+
+    saved = nib.load(_final_labels(pacs_server) / f"{pacs.series_uid}.nii.gz")
+    ct = nib.load(REPO / "sample_data" / "studies" / "chest_ct.nii.gz")
+    np.testing.assert_allclose(saved.affine, ct.affine, atol=1e-3)
+    ref = zyx(nib.load(REFERENCE / "mask.nii.gz")) == SPLEEN
+    assert np.array_equal(zyx(saved) == 1, ref)  # voxel for voxel on the CT's grid
+    info = pacs_server.get("/datastore/?output=all").json()["objects"][pacs.series_uid]
+    final = info["labels"]["final"]["info"]
+    assert final["SeriesInstanceUID"] == seg_uid
+    assert final["label_info"] == [{"name": "spleen", "idx": 1}]
+
+
 def test_correction_is_kept_locally_and_stored_on_the_pacs_as_dicom_seg(pacs, pacs_server,
                                                                          tmp_path):
     liver = _reference_label(tmp_path, LIVER, "liver")
     r = _put_label(pacs_server, pacs.series_uid, liver, {"label_info": [{"name": "liver", "idx": 1}]})
     assert r.status_code == 200, r.text
     saved = _final_labels(pacs_server) / f"{pacs.series_uid}.nii.gz"
-    assert saved.read_bytes() == liver.read_bytes()
+    assert saved.read_bytes() == liver.read_bytes()  # replaces the label imported above
 
-    (seg,) = pacs.series(Modality="SEG")
-    study, series = seg["0020000D"]["Value"][0], seg["0020000E"]["Value"][0]
+    info = pacs_server.get("/datastore/?output=all").json()["objects"][pacs.series_uid]
+    series = info["labels"]["final"]["info"]["SeriesInstanceUID"]
+    (seg,) = [s for s in pacs.series(Modality="SEG") if s["0020000E"]["Value"][0] == series]
+    study = seg["0020000D"]["Value"][0]
     instances = requests.get(f"{pacs.dicomweb}/studies/{study}/series/{series}/instances",
                              timeout=30).json()
     assert len(instances) == 1
@@ -154,9 +212,8 @@ def test_correction_is_kept_locally_and_stored_on_the_pacs_as_dicom_seg(pacs, pa
     assert back.data.shape == sent.shape
     assert np.array_equal(back.data == 1, sent)  # voxel for voxel, same slice order
 
-    info = pacs_server.get("/datastore/?output=all").json()["objects"][pacs.series_uid]
     final = info["labels"]["final"]["info"]
-    assert final["SeriesInstanceUID"] == series and "pacs_error" not in final
+    assert "pacs_error" not in final
     # the SEG is on the PACS but is not an image to ask about
     r = pacs_server.post(f"/infer/citrusv_segment?image={series}&output=json",
                          data={"params": json.dumps({"prompt": "Segment the liver.", "slice": 3})})
@@ -171,14 +228,15 @@ def test_fine_tuning_trains_on_the_pacs_correction(pacs, pacs_server):
     task = wait_for_training(pacs_server)
     assert task["status"] == "DONE", "\n".join(task.get("details", []))
     info = pacs_server.get("/info/").json()
-    assert [v["version"] for v in info["citrusv"]["versions"]] == ["1"]
+    assert [v["version"] for v in info["citrusv"]["versions"]] == ["1", "2"]
     last = info["train_stats"]["citrusv_finetune"]["last_run"]
     assert last["status"] == "done", last
+    # the correction, not the SEG imported before it (the series' label is the correction now)
     assert last["samples"]["train_positive"] > 0 and last["samples"]["structures"] == ["liver"]
     params = {"params": json.dumps({"prompt": "Segment the liver.", "slice": SLICE})}
     after = pacs_server.post(f"/infer/citrusv_segment?image={pacs.series_uid}&output=json",
                              data=params)
-    assert after.status_code == 200 and after.json()["model"]["version"] == "1", after.text
+    assert after.status_code == 200 and after.json()["model"]["version"] == "2", after.text
 
 
 def test_correction_is_kept_while_the_pacs_is_down(pacs, pacs_server, tmp_path):
