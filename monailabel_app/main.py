@@ -75,6 +75,21 @@ def _answer_missing_image_with_400() -> None:
     endpoint.run_inference = run_inference
 
 
+DEFAULT_PACS_CACHE_GB = 50.0
+
+
+def pacs_cache_bytes(value: str | None) -> int:
+    """`--conf pacs_cache_gb N`: the PACS cache's size limit (default 50 GB; 0 = no limit)."""
+    try:
+        gb = float(DEFAULT_PACS_CACHE_GB if value is None or str(value).strip() == "" else value)
+    except ValueError:
+        gb = -1.0
+    if not gb >= 0:  # also NaN
+        raise ValueError(f"--conf pacs_cache_gb must be a number of gigabytes >= 0 (0: no "
+                         f"limit), not '{value}'.")
+    return int(gb * 1e9)
+
+
 class CitrusVApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         _answer_missing_image_with_400()
@@ -152,10 +167,12 @@ class CitrusVApp(MONAILabelApp):
         search = settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER
         if search == MONAI_LABEL_DEFAULT_SEARCH:
             search = {}
-        return PacsDatastore(client=client, search_filter=search,
-                             cache_path=cache or None,
-                             fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
-                             convert_to_nifti=True)
+        datastore = PacsDatastore(client=client, search_filter=search,
+                                  cache_path=cache or None,
+                                  fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
+                                  convert_to_nifti=True)
+        datastore.cache_limit_bytes = pacs_cache_bytes(self.conf.get("pacs_cache_gb"))
+        return datastore
 
     def _download_dcmqi_tools(self) -> None:
         """MONAI Label downloads dcmqi from GitHub here (for DICOM SEG); a hospital server has

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 import uuid
 from typing import Any
@@ -201,6 +202,7 @@ class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):
     """
 
     _series_cache: tuple[float, list[str]] | None = None  # (when asked, series)
+    cache_limit_bytes: int = 0  # 0: no limit; the app sets it from `--conf pacs_cache_gb`
 
     def _pacs_series(self) -> list[str]:
         """Image series on the PACS that match the search filter (SEG, SR and other non-image
@@ -248,13 +250,57 @@ class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):
             cached = LocalDatastore.get_image_uri(self, image_id)
             if cached and os.path.exists(cached):
                 uri = cached
+        series_dir = self._series_dir(image_id)
+        if uri and os.path.isdir(series_dir):
+            os.utime(series_dir)  # last asked: the cache keeps the recently asked series
         if not uri:
             if not self._on_pacs(image_id):
                 return ""
             uri = super().get_image_uri(image_id)
-        series_dir = self._series_dir(image_id)
+            self.evict_over_limit(keep=image_id)
         instances = os.listdir(series_dir) if os.path.isdir(series_dir) else []
         return os.path.join(series_dir, instances[0]) if len(instances) == 1 else uri
+
+    def evict_over_limit(self, keep: str = "") -> list[str]:
+        """Keep the cache under `cache_limit_bytes`: the PACS series asked least recently are
+        removed (their DICOM files and NIfTI) until it fits; they are fetched again when asked.
+        Never removed: `keep` (the series being served), a series with a final label (training
+        reads it), an image uploaded by Slicer (not on the PACS, so its only copy). Returns
+        the removed series."""
+        if not self.cache_limit_bytes:
+            return []
+        total, candidates = 0, []
+        for image_id, obj in list(self._datastore.objects.items()):
+            series_dir = self._series_dir(image_id)
+            if not os.path.isdir(series_dir):
+                continue  # an upload
+            size = _tree_bytes(series_dir) + _tree_bytes(self._nifti_path(image_id))
+            total += size
+            if image_id != keep and DefaultLabelTag.FINAL.value not in obj.labels:
+                candidates.append((os.stat(series_dir).st_mtime, size, image_id))
+        evicted = []
+        for _, size, image_id in sorted(candidates):
+            if total <= self.cache_limit_bytes:
+                break
+            with FileLock(self._lock_file):
+                shutil.rmtree(self._series_dir(image_id), ignore_errors=True)
+                if os.path.exists(self._nifti_path(image_id)):
+                    os.unlink(self._nifti_path(image_id))
+                self._datastore.objects.pop(image_id, None)
+                self._update_datastore_file(lock=False)
+            total -= size
+            evicted.append(image_id)
+        if evicted:
+            logger.info("PACS cache over %.1f GB: removed %d least recently asked series (%s)",
+                        self.cache_limit_bytes / 1e9, len(evicted), ", ".join(evicted))
+        if total > self.cache_limit_bytes:
+            logger.warning("PACS cache holds %.1f GB, over its %.1f GB limit: the rest is the "
+                           "series being served and series with labels (kept for training).",
+                           total / 1e9, self.cache_limit_bytes / 1e9)
+        return evicted
+
+    def _nifti_path(self, image_id: str) -> str:
+        return os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz")
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str,
                    label_info: dict[str, Any], label_id: str = "") -> str:
@@ -356,6 +402,14 @@ class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):
         logger.info("Imported DICOM SEG %s as the final label of %s: %s", seg_uid, image_id,
                     [i["name"] for i in label_info])
         return image_id
+
+
+def _tree_bytes(path: str) -> int:
+    """Bytes in a file, or in all files under a folder (0 if it is not there)."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(root, name))
+               for root, _, names in os.walk(path) for name in names)
 
 
 def _seg_to_label(ds: Dataset, study: Study) -> tuple[np.ndarray, list[dict[str, Any]]]:

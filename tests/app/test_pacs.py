@@ -239,6 +239,49 @@ def test_fine_tuning_trains_on_the_pacs_correction(pacs, pacs_server):
     assert after.status_code == 200 and after.json()["model"]["version"] == "2", after.text
 
 
+def test_cache_over_its_limit_drops_the_least_recently_asked_series_without_labels(
+        pacs, tiny_model_dir, tmp_path_factory, tmp_path):
+    # CT series: 68 MB of DICOM + 33 MB NIfTI in the cache; X-ray: 13 MB; limit 50 MB
+    work = tmp_path_factory.mktemp("small_cache")
+    model_dir = shutil.copytree(tiny_model_dir, work / "model")
+    with start_citrusv_server(pacs.dicomweb, model_dir, workdir=work,
+                              pacs_cache_gb="0.05") as server:
+        (cache,) = (work / "pacs-cache").iterdir()
+
+        def ask(series: str, **params) -> None:
+            r = server.post(f"/infer/citrusv_segment?image={series}&output=json",
+                            data={"params": json.dumps({"prompt": "Segment the liver.", **params})})
+            assert r.status_code == 200, r.text
+
+        def cached() -> set[str]:
+            listed = set(server.get("/datastore/?output=all").json()["objects"])
+            on_disk = {p.name for p in cache.iterdir() if p.is_dir() and p.name != "labels"}
+            assert on_disk <= listed, (on_disk, listed)  # an evicted series leaves no files
+            return on_disk
+
+        ask(pacs.series_uid, slice=SLICE)
+        assert cached() == {pacs.series_uid}  # over the limit alone: the served one stays
+        ask(pacs.xray_uid)
+        assert cached() == {pacs.xray_uid}  # the CT was asked least recently
+        assert not (cache / f"{pacs.series_uid}.nii.gz").exists()
+        ask(pacs.series_uid, slice=SLICE)  # fetched again from the PACS
+        assert cached() == {pacs.series_uid}
+
+        liver = _reference_label(tmp_path, LIVER, "liver")
+        r = _put_label(server, pacs.series_uid, liver, {"label_info": [{"name": "liver", "idx": 1}]})
+        assert r.status_code == 200, r.text
+        ask(pacs.xray_uid)
+        assert cached() == {pacs.series_uid, pacs.xray_uid}  # a labelled series stays
+        assert (cache / "labels" / "final" / f"{pacs.series_uid}.nii.gz").exists()
+
+
+def test_bad_cache_limit_stops_the_server_with_a_sentence(pacs, tiny_model_dir, tmp_path):
+    with pytest.raises(RuntimeError, match="pacs_cache_gb must be a number of gigabytes >= 0"):
+        with start_citrusv_server(pacs.dicomweb, tiny_model_dir, workdir=tmp_path,
+                                  pacs_cache_gb="lots"):
+            pass
+
+
 def test_correction_is_kept_while_the_pacs_is_down(pacs, pacs_server, tmp_path):
     pacs.stop()
     time.sleep(1.5)  # past the server's cached series list
