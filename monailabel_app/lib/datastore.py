@@ -30,7 +30,7 @@ from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from .errors import RequestError
-from .images import Study, read_study, write_label
+from .images import LPS_TO_RAS, Study, read_study, write_label
 
 logger = logging.getLogger(__name__)
 
@@ -416,8 +416,7 @@ def _seg_to_label(ds: Dataset, study: Study) -> tuple[np.ndarray, list[dict[str,
     """A DICOM SEG as a label map ([z, y, x]) on the study's voxel grid, one value per segment
     (in segment-number order), and its label info (segment names, lower case)."""
     result = pydicom_seg.SegmentReader().read(ds)
-    ras_to_lps = np.diag([-1.0, -1.0, 1.0, 1.0])
-    m = ras_to_lps @ study.affine
+    m = LPS_TO_RAS @ study.affine  # its own inverse: RAS -> LPS, ITK's frame
     spacing = np.linalg.norm(m[:3, :3], axis=0)
     reference = sitk.Image(*[int(v) for v in study.shape[::-1]], sitk.sitkUInt8)
     reference.SetSpacing([float(v) for v in spacing])

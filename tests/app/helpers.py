@@ -73,6 +73,14 @@ def check_result(result: dict, task: str) -> None:
     assert isinstance(result["timing_ms"], dict) and isinstance(result["warnings"], list)
 
 
+def run_training(server, **options) -> dict:
+    """POST /train/citrusv_finetune with these options and wait for the run to end; returns
+    its last status (check `status` == "DONE")."""
+    r = server.post("/train/citrusv_finetune", json=options)
+    assert r.status_code == 200, r.text
+    return wait_for_training(server)
+
+
 def wait_for_training(server, timeout_s: float = 420) -> dict:
     """Poll GET /train/ until the running training task ends; its last status."""
     deadline = time.monotonic() + timeout_s

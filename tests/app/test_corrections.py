@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.app.helpers import wait_for_training
+from tests.app.helpers import run_training, wait_for_training
 from tests.server import copy_studies, start_citrusv_server
 
 REFERENCE = Path(__file__).resolve().parents[2] / "sample_data" / "reference" / "chest_ct"
@@ -104,11 +104,8 @@ def test_training_publishes_a_new_version_that_infer_serves(citrusv_server, sple
                                  data={"params": json.dumps({"prompt": "Segment the spleen.",
                                                              "slice": 40})}).json()
     assert before["model"]["version"] == "base"
-    r = citrusv_server.post("/train/citrusv_finetune",
-                            json={"steps": 6, "batch_images": 2, "max_per_structure": 8,
-                                  "publish_if_worse": True})
-    assert r.status_code == 200, r.text
-    task = wait_for_training(citrusv_server)
+    task = run_training(citrusv_server, steps=6, batch_images=2, max_per_structure=8,
+                        publish_if_worse=True)
     assert task["status"] == "DONE", "\n".join(task.get("details", []))
 
     assert (citrusv_server.model_dir / "versions" / "1" / "config.json").exists()
@@ -130,9 +127,7 @@ def test_training_publishes_a_new_version_that_infer_serves(citrusv_server, sple
 
 def test_failed_training_leaves_the_serving_model(citrusv_server):
     # a negative learning rate makes the optimiser raise mid-run: no new version, still serving
-    r = citrusv_server.post("/train/citrusv_finetune", json={"steps": 2, "learning_rate": -1.0})
-    assert r.status_code == 200, r.text
-    task = wait_for_training(citrusv_server)
+    task = run_training(citrusv_server, steps=2, learning_rate=-1.0)
     assert task["status"] == "ERROR"
     info = citrusv_server.get("/info/").json()
     assert [v["version"] for v in info["citrusv"]["versions"]] == ["1"]

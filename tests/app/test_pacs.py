@@ -24,7 +24,7 @@ import pytest
 import requests
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
-from tests.app.helpers import decode_rle, split_multipart, wait_for_training, zyx
+from tests.app.helpers import decode_rle, run_training, split_multipart, zyx
 from tests.pacs import SAMPLE_SERIES, start_orthanc
 from tests.server import REPO, start_citrusv_server
 
@@ -164,11 +164,8 @@ def test_seg_another_tool_stored_on_the_pacs_is_trained_on(pacs, pacs_server, tm
     assert r.status_code == 200, r.text
     assert not (_final_labels(pacs_server) / f"{pacs.series_uid}.nii.gz").exists()
 
-    r = pacs_server.post("/train/citrusv_finetune",
-                         json={"steps": 2, "batch_images": 2, "max_per_structure": 4,
-                               "publish_if_worse": True})
-    assert r.status_code == 200, r.text
-    task = wait_for_training(pacs_server)
+    task = run_training(pacs_server, steps=2, batch_images=2, max_per_structure=4,
+                        publish_if_worse=True)
     assert task["status"] == "DONE", "\n".join(task.get("details", []))
     last = pacs_server.get("/info/").json()["train_stats"]["citrusv_finetune"]["last_run"]
     assert last["samples"]["structures"] == ["spleen"], last
@@ -221,11 +218,8 @@ def test_correction_is_kept_locally_and_stored_on_the_pacs_as_dicom_seg(pacs, pa
 
 
 def test_fine_tuning_trains_on_the_pacs_correction(pacs, pacs_server):
-    r = pacs_server.post("/train/citrusv_finetune",
-                         json={"steps": 4, "batch_images": 2, "max_per_structure": 4,
-                               "publish_if_worse": True})
-    assert r.status_code == 200, r.text
-    task = wait_for_training(pacs_server)
+    task = run_training(pacs_server, steps=4, batch_images=2, max_per_structure=4,
+                        publish_if_worse=True)
     assert task["status"] == "DONE", "\n".join(task.get("details", []))
     info = pacs_server.get("/info/").json()
     assert [v["version"] for v in info["citrusv"]["versions"]] == ["1", "2"]
