@@ -221,11 +221,38 @@ class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):
         """The PACS's series; while the PACS does not answer, the series cached here (so /info
         and the other requests that count images go on working)."""
         try:
-            return self._pacs_series()
+            series = self._pacs_series()
         except requests.RequestException as e:
             logger.warning("The PACS at %s did not answer (%s); listing the cached series only.",
                            self._client.base_url, e)
+            self._pacs_answered = False
             return list(self._datastore.objects)
+        self._pacs_answered = True
+        return series
+
+    def status(self) -> dict[str, Any]:
+        """MONAI Label's counts (`/info/` "datastore") plus, under "pacs", what an admin
+        watches: whether the PACS answered the last series search and how full the cache is."""
+        out = super().status()  # lists the images, so `_pacs_answered` is current
+        total, series = self._cache_usage()
+        out["pacs"] = {"url": self._client.base_url,
+                       "reachable": bool(getattr(self, "_pacs_answered", False)),
+                       "cached_series": len(series), "cache_bytes": total,
+                       "cache_limit_bytes": self.cache_limit_bytes}
+        return out
+
+    def _cache_usage(self) -> tuple[int, list[tuple[float, int, str]]]:
+        """Bytes of the PACS series in the cache (DICOM files + NIfTI) and, per series,
+        (last asked, bytes, id). Uploads (no series folder) are not counted."""
+        total, series = 0, []
+        for image_id in list(self._datastore.objects):
+            series_dir = self._series_dir(image_id)
+            if not os.path.isdir(series_dir):
+                continue  # an upload
+            size = _tree_bytes(series_dir) + _tree_bytes(self._nifti_path(image_id))
+            total += size
+            series.append((os.stat(series_dir).st_mtime, size, image_id))
+        return total, series
 
     def _on_pacs(self, image_id: str) -> bool:
         try:
@@ -269,15 +296,10 @@ class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):
         the removed series."""
         if not self.cache_limit_bytes:
             return []
-        total, candidates = 0, []
-        for image_id, obj in list(self._datastore.objects.items()):
-            series_dir = self._series_dir(image_id)
-            if not os.path.isdir(series_dir):
-                continue  # an upload
-            size = _tree_bytes(series_dir) + _tree_bytes(self._nifti_path(image_id))
-            total += size
-            if image_id != keep and DefaultLabelTag.FINAL.value not in obj.labels:
-                candidates.append((os.stat(series_dir).st_mtime, size, image_id))
+        total, series = self._cache_usage()
+        objects = self._datastore.objects
+        candidates = [entry for entry in series if entry[2] != keep and entry[2] in objects
+                      and DefaultLabelTag.FINAL.value not in objects[entry[2]].labels]
         evicted = []
         for _, size, image_id in sorted(candidates):
             if total <= self.cache_limit_bytes:

@@ -258,6 +258,12 @@ def test_cache_over_its_limit_drops_the_least_recently_asked_series_without_labe
         ask(pacs.xray_uid)
         assert cached() == {pacs.xray_uid}  # the CT was asked least recently
         assert not (cache / f"{pacs.series_uid}.nii.gz").exists()
+        # what an admin watches in /info/
+        on_disk = sum(p.stat().st_size for p in [*(cache / pacs.xray_uid).iterdir(),
+                                                 cache / f"{pacs.xray_uid}.nii.gz"])
+        assert server.get("/info/").json()["datastore"]["pacs"] == {
+            "url": pacs.dicomweb, "reachable": True, "cached_series": 1,
+            "cache_bytes": on_disk, "cache_limit_bytes": 50_000_000}
         ask(pacs.series_uid, slice=SLICE)  # fetched again from the PACS
         assert cached() == {pacs.series_uid}
 
@@ -295,3 +301,5 @@ def test_correction_is_kept_while_the_pacs_is_down(pacs, pacs_server, tmp_path):
     r = pacs_server.post("/infer/citrusv_segment?image=1.2.3.4&output=json", data=params)
     assert r.status_code == 503, r.text
     assert "did not answer" in r.json()["detail"]
+    pacs_info = pacs_server.get("/info/").json()["datastore"]["pacs"]
+    assert pacs_info["reachable"] is False and pacs_info["cached_series"] == 2  # CT and X-ray
