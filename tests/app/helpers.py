@@ -73,6 +73,16 @@ def check_result(result: dict, task: str) -> None:
     assert isinstance(result["timing_ms"], dict) and isinstance(result["warnings"], list)
 
 
+def reference_label(path: Path, index: int, ct: Path) -> Path:
+    """Structure `index` of the sample CT's reference label map, written to `path` as a
+    correction a radiologist would send: 0/1 on the CT's own grid (`ct`: the CT's NIfTI)."""
+    ref = nib.load(Path(__file__).resolve().parents[2] / "sample_data" / "reference"
+                   / "chest_ct" / "mask.nii.gz")
+    mask = (np.asarray(ref.dataobj) == index).astype(np.uint8)
+    nib.save(nib.Nifti1Image(mask, nib.load(ct).affine), path)
+    return path
+
+
 def run_training(server, **options) -> dict:
     """POST /train/citrusv_finetune with these options and wait for the run to end; returns
     its last status (check `status` == "DONE")."""

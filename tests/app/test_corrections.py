@@ -16,10 +16,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.app.helpers import run_training, wait_for_training
+from tests.app.helpers import reference_label, run_training, wait_for_training
 from tests.server import copy_studies, start_citrusv_server
 
-REFERENCE = Path(__file__).resolve().parents[2] / "sample_data" / "reference" / "chest_ct"
 SPLEEN = 1  # labels.json: {"1": "spleen", ...}
 
 
@@ -36,12 +35,8 @@ def citrusv_server(tmp_path_factory, tiny_model_dir, citrusv_sample_studies):
 @pytest.fixture(scope="module")
 def spleen_label(citrusv_server, tmp_path_factory) -> Path:
     """The reference spleen as a correction a radiologist would send (CT's own geometry)."""
-    ref = nib.load(REFERENCE / "mask.nii.gz")
-    spleen = (np.asarray(ref.dataobj) == SPLEEN).astype(np.uint8)
-    ct = nib.load(citrusv_server.studies / "chest_ct.nii.gz")
-    path = tmp_path_factory.mktemp("corrections") / "chest_ct_spleen.nii.gz"
-    nib.save(nib.Nifti1Image(spleen, ct.affine), path)
-    return path
+    return reference_label(tmp_path_factory.mktemp("corrections") / "chest_ct_spleen.nii.gz",
+                           SPLEEN, citrusv_server.studies / "chest_ct.nii.gz")
 
 
 def _put_label(server, image: str, path: Path, params: dict):

@@ -24,7 +24,7 @@ import pytest
 import requests
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
-from tests.app.helpers import decode_rle, run_training, split_multipart, zyx
+from tests.app.helpers import decode_rle, reference_label, run_training, split_multipart, zyx
 from tests.pacs import SAMPLE_SERIES, start_orthanc
 from tests.server import REPO, start_citrusv_server
 
@@ -56,11 +56,8 @@ def _final_labels(server) -> Path:
 
 
 def _reference_label(tmp: Path, index: int, name: str) -> Path:
-    ref = nib.load(REFERENCE / "mask.nii.gz")
-    ct = nib.load(REPO / "sample_data" / "studies" / "chest_ct.nii.gz")
-    path = tmp / f"{name}.nii.gz"
-    nib.save(nib.Nifti1Image((np.asarray(ref.dataobj) == index).astype(np.uint8), ct.affine), path)
-    return path
+    return reference_label(tmp / f"{name}.nii.gz", index,
+                           REPO / "sample_data" / "studies" / "chest_ct.nii.gz")
 
 
 def _seg_made_elsewhere(label: Path, name: str) -> pydicom.Dataset:
