@@ -13,13 +13,13 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import lib.configs
 from dicomweb_client.session_utils import create_session_from_user_pass
 from lib.datastore import EXTENSIONS, CorrectionsDatastore, PacsDatastore
 from lib.errors import RequestError
+from lib.model import resolve_model_dir
 
 import monailabel
 from monailabel.config import settings
@@ -34,19 +34,7 @@ from monailabel.utils.others.class_utils import get_class_names
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_DIR = "models/nano"
 MONAI_LABEL_DEFAULT_SEARCH = {"Modality": "CT"}  # MONAI_LABEL_DICOMWEB_SEARCH_FILTER's default
-
-
-def resolve_model_dir(app_dir: str, value: str | None) -> str:
-    """`--conf model_dir`: absolute, or relative to the working dir, else to the repository."""
-    repo = Path(app_dir).resolve().parent
-    path = Path(value or DEFAULT_MODEL_DIR).expanduser()
-    if path.is_absolute():
-        return str(path)
-    if value and (Path.cwd() / path).exists():
-        return str((Path.cwd() / path).resolve())
-    return str((repo / path).resolve())
 
 
 def _answer_missing_image_with_400() -> None:

@@ -2,6 +2,9 @@
 
 `model_dir` holds the released checkpoint; fine-tuning writes `model_dir/versions/N` (complete
 checkpoints, renamed into place atomically), and the newest one is served without a restart.
+An admin can withdraw a version (`monailabel_app/versions.py withdraw N`): a `withdrawn.json`
+mark in its folder, so the server goes back to the newest version that is not withdrawn on its
+next request, and the next fine-tuning run starts from that one. Nothing is deleted.
 MONAI Label re-imports the app in its training subprocess: nothing here loads weights until a
 task actually asks for the engine, so that import stays cheap.
 """
@@ -13,6 +16,7 @@ import logging
 import os
 import re
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,19 @@ NOT_INSTALLED = "model not installed yet"
 VERSION_DIR = re.compile(r"^\d+$")
 TRAIN_STATS = "train_stats.json"
 LAST_RUN = "last_run.json"
+WITHDRAWN = "withdrawn.json"
+DEFAULT_MODEL_DIR = "models/nano"
+
+
+def resolve_model_dir(app_dir: str | Path, value: str | None) -> str:
+    """`--conf model_dir`: absolute, or relative to the working dir, else to the repository."""
+    repo = Path(app_dir).resolve().parent
+    path = Path(value or DEFAULT_MODEL_DIR).expanduser()
+    if path.is_absolute():
+        return str(path)
+    if value and (Path.cwd() / path).exists():
+        return str((Path.cwd() / path).resolve())
+    return str((repo / path).resolve())
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -55,7 +72,9 @@ class SharedModel:
         self._engine = None
         self._loaded: tuple[str, Path] | None = None  # (version name, path)
         self._load_error: str | None = None
-        self._failed: set[str] = set()  # versions that would not load: never retried
+        # versions that would not load, with their config.json's mtime then: not retried
+        # unless that file changes (a version folder removed and published again)
+        self._failed: dict[str, int | None] = {}
 
     # -- versions --------------------------------------------------------------------------
     @property
@@ -73,9 +92,29 @@ class SharedModel:
         numbers = self.version_numbers()
         return (numbers[-1] + 1) if numbers else 1
 
+    def withdrawn(self, version: str) -> dict | None:
+        """The admin's withdrawal mark of `version` ({"at", "reason"}), or None."""
+        if not VERSION_DIR.match(str(version)):
+            return None
+        mark = self.versions_dir / str(version) / WITHDRAWN
+        if not mark.is_file():
+            return None
+        return read_json(mark) or {"at": None, "reason": None}  # a damaged mark still counts
+
+    def _stamp(self, version: str) -> int | None:
+        try:
+            return (self.versions_dir / version / "config.json").stat().st_mtime_ns
+        except OSError:
+            return None
+
+    def failed(self, version: str) -> bool:
+        return version in self._failed and self._failed[version] == self._stamp(version)
+
     def serving(self) -> tuple[str, Path]:
-        """(version name, checkpoint dir) that infer tasks should use right now."""
-        numbers = [n for n in self.version_numbers() if str(n) not in self._failed]
+        """(version name, checkpoint dir) that infer tasks should use right now: the newest
+        version that loads and is not withdrawn, else the released checkpoint ("base")."""
+        numbers = [n for n in self.version_numbers()
+                   if not self.failed(str(n)) and self.withdrawn(str(n)) is None]
         if numbers:
             return str(numbers[-1]), self.versions_dir / str(numbers[-1])
         return "base", self.model_dir
@@ -102,7 +141,8 @@ class SharedModel:
         for n in self.version_numbers():
             stats = read_json(self.versions_dir / str(n) / TRAIN_STATS)
             out.append({"version": str(n), **{k: stats.get(k) for k in
-                        ("created", "train_loss", "val_dice", "val_dice_before", "samples")}})
+                        ("created", "base_version", "train_loss", "val_dice", "val_dice_before",
+                         "samples")}, "withdrawn": self.withdrawn(str(n))})
         return out
 
     def last_run(self) -> dict:
@@ -117,7 +157,7 @@ class SharedModel:
             "device": self.device,
             "dtype": self.dtype or "auto",
             "versions": self.versions_info(),
-            "skipped_versions": sorted(self._failed, key=int),
+            "skipped_versions": sorted((v for v in self._failed if self.failed(v)), key=int),
             "load_error": self._load_error,
             "last_training": self.last_run(),
         }
@@ -154,10 +194,34 @@ class SharedModel:
                     self._load_error = f"version {version}: {e}"
                     if version == "base":
                         raise ModelNotInstalled(f"The model in {path} failed to load ({e}).") from e
-                    self._failed.add(version)
+                    self._failed[version] = self._stamp(version)
                     continue
                 self._engine, self._loaded = engine, (version, path)
                 return engine, version
+
+
+def set_withdrawn(model_dir: str | Path, version: str, reason: str | None) -> str:
+    """Withdraw (`reason` given, may be "") or restore (`reason` None) fine-tuned `version`.
+
+    Returns what the server serves afterwards; raises ValueError with a sentence for a version
+    that is not there. The mark is one file written atomically; the checkpoint is untouched.
+    """
+    model = SharedModel(model_dir)
+    version = str(version).strip()
+    if version == "base":
+        raise ValueError("The released checkpoint ('base') cannot be withdrawn: it is what the "
+                         "server falls back to. Point --conf model_dir at another checkpoint "
+                         "instead.")
+    if not VERSION_DIR.match(version) or int(version) not in model.version_numbers():
+        have = ", ".join(str(n) for n in model.version_numbers()) or "none"
+        raise ValueError(f"There is no fine-tuned version {version!r} in {model.versions_dir} "
+                         f"(versions there: {have}).")
+    mark = model.versions_dir / version / WITHDRAWN
+    if reason is None:
+        mark.unlink(missing_ok=True)
+    else:
+        write_json_atomic(mark, {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "reason": reason})
+    return model.serving()[0]
 
 
 _shared: dict[tuple, SharedModel] = {}

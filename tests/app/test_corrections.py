@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -170,6 +172,83 @@ def test_unloadable_version_is_skipped_and_serving_goes_on(citrusv_server):
         assert info["skipped_versions"] == ["2"] and info["serving_version"] == "1"
     finally:
         shutil.rmtree(broken)
+
+
+VERSIONS_CLI = Path(__file__).resolve().parents[2] / "monailabel_app" / "versions.py"
+
+
+def _versions(server, *args: str) -> subprocess.CompletedProcess:
+    """The admin's command line, on the running server's model_dir."""
+    return subprocess.run([sys.executable, str(VERSIONS_CLI), "--model-dir", str(server.model_dir),
+                           *args], capture_output=True, text=True, timeout=120)
+
+
+def test_admin_withdraws_a_version_and_the_server_goes_back(citrusv_server):
+    r = _versions(citrusv_server, "withdraw", "1", "--reason", "misses the spleen tip")
+    assert r.returncode == 0, r.stderr
+    assert "Version 1 withdrawn; the server now serves base." in r.stdout
+    _assert_serves_version(citrusv_server, "base")  # next request, no restart
+    info = citrusv_server.get("/info/").json()["citrusv"]
+    assert info["serving_version"] == "base"
+    assert info["versions"][0]["withdrawn"]["reason"] == "misses the spleen tip"
+    assert (citrusv_server.model_dir / "versions" / "1" / "config.json").exists()  # kept
+
+    # the next run starts from what is served; its version is 2, the number of the broken
+    # folder the previous test made this process skip: a new folder 2 must be served
+    task = run_training(citrusv_server, steps=4, batch_images=2, max_per_structure=8,
+                        publish_if_worse=True)
+    assert task["status"] == "DONE", "\n".join(task.get("details", []))
+    info = citrusv_server.get("/info/").json()
+    last = info["train_stats"]["citrusv_finetune"]["last_run"]
+    assert last["base_version"] == "base" and last["version"] == "2"
+    _assert_serves_version(citrusv_server, "2")
+    assert info["citrusv"]["skipped_versions"] == []
+    assert [(v["version"], v["base_version"]) for v in info["citrusv"]["versions"]] == [
+        ("1", "base"), ("2", "base")]
+
+    r = _versions(citrusv_server, "restore", "1")
+    assert r.returncode == 0 and "the server now serves 2." in r.stdout, r.stderr
+    r = _versions(citrusv_server, "withdraw", "2")
+    assert r.returncode == 0 and "the server now serves 1." in r.stdout, r.stderr
+    _assert_serves_version(citrusv_server, "1")
+    listing = _versions(citrusv_server).stdout.splitlines()
+    assert listing[0].endswith("serving 1")
+    assert listing[3].startswith("1 ") and listing[3].endswith("serving")
+    assert listing[4].startswith("2 ") and "withdrawn" in listing[4] and "no reason given" in listing[4]
+
+
+def test_versions_command_refuses_what_is_not_there(citrusv_server):
+    r = _versions(citrusv_server, "withdraw", "7")
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"error: There is no fine-tuned version '7' in "
+                                f"{citrusv_server.model_dir.resolve() / 'versions'} "
+                                "(versions there: 1, 2).")
+    r = _versions(citrusv_server, "withdraw", "base")
+    assert r.returncode == 2 and "cannot be withdrawn" in r.stderr and "Traceback" not in r.stderr
+    _assert_serves_version(citrusv_server, "1")
+
+
+def test_run_from_a_version_withdrawn_meanwhile_is_not_published(citrusv_server):
+    def runs_from_1() -> int:  # the trainer's log line once it has loaded version 1
+        return citrusv_server.log_path.read_text(errors="replace").count(
+            "Fine-tuning from version 1 ")
+
+    earlier = runs_from_1()
+    r = citrusv_server.post("/train/citrusv_finetune", json={  # ~12 s of training steps
+        "steps": 200, "batch_images": 1, "max_per_structure": 8, "publish_if_worse": True})
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 120
+    while runs_from_1() == earlier:
+        assert time.monotonic() < deadline, citrusv_server.log()
+        time.sleep(0.2)
+    assert _versions(citrusv_server, "withdraw", "1").returncode == 0
+    assert wait_for_training(citrusv_server)["status"] == "DONE"
+    info = citrusv_server.get("/info/").json()
+    last = info["train_stats"]["citrusv_finetune"]["last_run"]
+    assert last["status"] == "rejected" and last["base_version"] == "1", last
+    assert last["reason"].startswith("version 1, which this run started from, was withdrawn")
+    assert [v["version"] for v in info["citrusv"]["versions"]] == ["1", "2"]
+    _assert_serves_version(citrusv_server, "base")
 
 
 def test_strategy_returns_least_sure_unlabelled_image(citrusv_server):

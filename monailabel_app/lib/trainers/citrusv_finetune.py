@@ -4,7 +4,8 @@ Runs in MONAI Label's training subprocess. It loads its own engine from the vers
 served, measures Dice on held-out corrected slices, trains (projector + SAM2, MLLM frozen:
 2 Dice + 1 BCE + a small recall term, see `citrusv.training.mask_losses`), measures again, and
 publishes a complete checkpoint: written to a temporary folder inside `versions/`, then renamed
-to the next number in one step. The server notices the
+to the next number in one step (not when the version it started from was withdrawn
+meanwhile, see `lib/model.py`). The server notices the
 new folder on its next request. A crash or kill leaves only a temporary folder, removed by the
 next run, and the serving model is never touched. `versions/last_run.json` records the outcome.
 """
@@ -116,6 +117,11 @@ class CitrusVFinetune(TrainTask):
         if worse and str(opts["publish_if_worse"]).lower() not in ("true", "1", "yes"):
             result.update(status="rejected", reason="validation Dice fell; the serving model is "
                           "unchanged (pass publish_if_worse=true to publish anyway)")
+            return result
+        if self.model.withdrawn(base_version) is not None:
+            result.update(status="rejected", reason=f"version {base_version}, which this run "
+                          "started from, was withdrawn during the run; the serving model is "
+                          "unchanged (train again to start from the version now served)")
             return result
         _save(engine, tmp)
         number = self.model.next_version()

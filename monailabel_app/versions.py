@@ -1,0 +1,73 @@
+"""List, withdraw and restore the fine-tuned Citrus-V versions a MONAI Label server serves.
+
+    python monailabel_app/versions.py [--model-dir DIR]                       # list
+    python monailabel_app/versions.py [--model-dir DIR] withdraw N --reason "why"
+    python monailabel_app/versions.py [--model-dir DIR] restore N
+
+`--model-dir` is the server's `--conf model_dir` (default models/nano). A withdrawn version
+stays on disk with a `withdrawn.json` mark; a running server serves the newest version that is
+not withdrawn from its next request on (no restart), and the next fine-tuning run starts from
+that one. Run it with the server's Python (`.venv/bin/python`); it loads no model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+APP_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(APP_DIR))
+
+from lib.model import SharedModel, resolve_model_dir, set_withdrawn  # noqa: E402
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def list_versions(model_dir: str) -> str:
+    model = SharedModel(model_dir)
+    serving = model.serving()[0] if model.installed() else None
+    rows = [("version", "created", "from", "val Dice before -> after", "state")]
+    rows.append(("base", "-", "-", "-", "serving" if serving == "base" else ""))
+    for v in model.versions_info():
+        w = v["withdrawn"]
+        state = ("serving" if v["version"] == serving else
+                 f"withdrawn {w.get('at') or ''}: {w.get('reason') or 'no reason given'}" if w else "")
+        rows.append((v["version"], _fmt(v["created"]), _fmt(v["base_version"]),
+                     f"{_fmt(v['val_dice_before'])} -> {_fmt(v['val_dice'])}", state))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
+    head = f"{model.model_dir}: " + (f"serving {serving}" if serving else "no checkpoint installed")
+    return "\n".join([head, *(line.rstrip() for line in lines)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model-dir", default=None, help="the server's --conf model_dir")
+    sub = ap.add_subparsers(dest="cmd")
+    sub.add_parser("list", help="list versions and which one is served (the default)")
+    p = sub.add_parser("withdraw", help="stop serving version N (kept on disk)")
+    p.add_argument("version")
+    p.add_argument("--reason", default="", help="why, for the other admins and /info/")
+    p = sub.add_parser("restore", help="serve version N again if it is the newest")
+    p.add_argument("version")
+    args = ap.parse_args(argv)
+    model_dir = resolve_model_dir(APP_DIR, args.model_dir)
+    try:
+        if args.cmd == "withdraw":
+            now = set_withdrawn(model_dir, args.version, args.reason)
+            print(f"Version {args.version} withdrawn; the server now serves {now}.")
+        elif args.cmd == "restore":
+            now = set_withdrawn(model_dir, args.version, None)
+            print(f"Version {args.version} restored; the server now serves {now}.")
+        print(list_versions(model_dir))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
