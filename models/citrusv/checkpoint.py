@@ -1,13 +1,25 @@
 """Load and save the released Citrus-V layout: config.json + safetensors shards + index +
-tokenizer/processor files. Also build one from parts (Qwen2.5-VL dir + SAM2 .pt + projector)."""
+tokenizer/processor files. Also build one from parts (Qwen2.5-VL dir + SAM2 .pt + projector).
+
+A checkpoint may also be saved *on top of a base*: weights under some prefixes (the MLLM,
+`mllm.`, which the segmentation-stage fine-tune keeps frozen) are not written again but read
+from the full checkpoint named in `citrusv_base.json`. For Citrus-V-8B that is the difference
+between ~17 GB and well under 1 GB per fine-tuned version. The base is fingerprinted (each
+shard's size and a hash of its safetensors header), so a base that was replaced or re-saved
+makes loading fail with a sentence, never a silent mix of weights.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import struct
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor, Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
@@ -20,6 +32,7 @@ from .errors import CheckpointError
 from .modeling import CitrusV
 
 INDEX = "model.safetensors.index.json"
+BASE_FILE = "citrusv_base.json"
 EXTRA_TOKENS = ["[SEG]", "<bbox>", "</bbox>"]
 
 
@@ -66,6 +79,57 @@ def shard_files(path: Path) -> list[Path]:
                           "point at a Citrus-V checkpoint directory.")
 
 
+def _header_hash(file: Path) -> str:
+    """sha256 of a safetensors file's header (tensor names, dtypes, shapes, offsets)."""
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return hashlib.sha256(f.read(n)).hexdigest()
+
+
+def base_fingerprint(path: Path) -> dict[str, list]:
+    return {f.name: [f.stat().st_size, _header_hash(f)] for f in shard_files(path)}
+
+
+def full_checkpoint(path: str | Path) -> Path:
+    """The checkpoint that holds all weights: `path`, or the base it was saved on top of."""
+    path = Path(path)
+    ref = path / BASE_FILE
+    if not ref.is_file():
+        return path
+    return (path / json.loads(ref.read_text())["path"]).resolve()
+
+
+def _base_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint saved on top of a base takes from that base (checked)."""
+    try:
+        ref = json.loads((path / BASE_FILE).read_text())
+        base, prefixes = (path / ref["path"]).resolve(), tuple(ref["prefixes"])
+        fingerprint = ref["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / BASE_FILE} cannot be read ({e}); this checkpoint needs "
+                              "it to find its base weights.") from e
+    if not base.is_dir():
+        raise CheckpointError(f"{path} was saved on top of the checkpoint in {base}, which is "
+                              "not there any more; put it back, or remove this checkpoint.")
+    try:
+        found = base_fingerprint(base)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path} was saved on top of {base}, which holds no weights "
+                              f"now: {e}") from e
+    if found != fingerprint:
+        raise CheckpointError(f"{path} was saved on top of the checkpoint in {base}, but that "
+                              "checkpoint's weight files changed since (other shards or tensors); "
+                              "its frozen weights would not match. Restore the original base, or "
+                              "remove this checkpoint.")
+    state: dict[str, torch.Tensor] = {}
+    for file in shard_files(base):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key.startswith(prefixes):
+                    state[key] = f.get_tensor(key)
+    return state
+
+
 def check_keys(expected: set[str], found: set[str], tied: set[str] = frozenset()) -> None:
     """Raise naming missing and unexpected keys (never a silent random init)."""
     missing = sorted(expected - found - set(tied))
@@ -89,6 +153,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     files = shard_files(path)
     model = build_model(config, dtype, random_init=False)
     state: dict[str, torch.Tensor] = {}
+    if (path / BASE_FILE).is_file():
+        state.update(_base_weights(path))
     for file in files:
         state.update(load_file(str(file), device="cpu"))
     expected = set(model.state_dict().keys())
@@ -108,13 +174,25 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
 
 
 def save_checkpoint(model: CitrusV, processor, path: str | Path,
-                    max_shard_bytes: int = 2 * 1024**3) -> Path:
-    """Write the released layout (sharded safetensors + index), config and processor files."""
+                    max_shard_bytes: int = 2 * 1024**3, base: str | Path | None = None,
+                    from_base: tuple[str, ...] = ("mllm.",)) -> Path:
+    """Write the released layout (sharded safetensors + index), config and processor files.
+
+    With `base` (a checkpoint dir), the weights under `from_base` are not written: loading reads
+    them from the full checkpoint behind `base`. The caller vouches that they are unchanged
+    (e.g. the MLLM after `training.finetune_segmentation`, which keeps it frozen).
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()
+             if base is None or not k.startswith(tuple(from_base))}
     if model.config.mllm.tie_word_embeddings:
         state.pop("mllm.lm_head.weight", None)
+    if base is not None:
+        root = full_checkpoint(base).resolve()
+        (path / BASE_FILE).write_text(json.dumps({
+            "path": os.path.relpath(root, path.resolve()), "prefixes": list(from_base),
+            "fingerprint": base_fingerprint(root)}, indent=2))
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key in sorted(state):

@@ -126,10 +126,11 @@ class Engine:
         with self._lock:
             self.cache.clear()
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write the served model in the released layout (what `Engine.load` reads back)."""
+    def save_pretrained(self, path: str | Path, base: str | Path | None = None) -> Path:
+        """Write the served model in the released layout (what `Engine.load` reads back);
+        with `base`, the MLLM's weights are read from that checkpoint instead of written."""
         with self._lock:
-            return save_checkpoint(self.model, self.processor, path)
+            return save_checkpoint(self.model, self.processor, path, base=base)
 
     # ----------------------------------------------------------------- public API
     @_serialised

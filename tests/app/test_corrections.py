@@ -105,8 +105,13 @@ def test_training_publishes_a_new_version_that_infer_serves(citrusv_server, sple
                         publish_if_worse=True)
     assert task["status"] == "DONE", "\n".join(task.get("details", []))
 
-    assert (citrusv_server.model_dir / "versions" / "1" / "config.json").exists()
+    version = citrusv_server.model_dir / "versions" / "1"
+    assert (version / "config.json").exists()
     assert not list((citrusv_server.model_dir / "versions").glob(".tmp-*"))
+    # only what the fine-tune trained is written; the frozen MLLM is read from model_dir
+    weight_map = json.loads((version / "model.safetensors.index.json").read_text())["weight_map"]
+    assert {k.split(".")[0] for k in weight_map} == {"grounding_encoder", "seg_projector"}
+    assert json.loads((version / "citrusv_base.json").read_text())["path"] == "../.."
     info = citrusv_server.get("/info/").json()
     versions = info["citrusv"]["versions"]
     assert [v["version"] for v in versions] == ["1"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from citrusv.checkpoint import from_parts, load_checkpoint
+from citrusv.checkpoint import from_parts, load_checkpoint, save_checkpoint
 from citrusv.errors import CheckpointError
 from citrusv.modeling import resolve_sam2_config
 
@@ -87,3 +87,60 @@ def test_from_parts_matches_the_whole_checkpoint(tiny_dir, tmp_path):
     a, b = model.state_dict(), built.state_dict()
     assert set(a) == set(b)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _sizes(path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def _changed_sam2(tiny_dir):
+    model, processor, _ = load_checkpoint(tiny_dir)
+    with torch.no_grad():  # what a segmentation-stage fine-tune changes
+        model.seg_projector[2].bias.add_(0.5)
+        model.sam2.sam_mask_decoder.iou_token.weight.mul_(-1.0)
+    return model, processor
+
+
+def test_saved_on_top_of_a_base_loads_the_same_weights(tiny_dir, tmp_path):
+    base = tmp_path / "model"
+    shutil.copytree(tiny_dir, base)
+    model, processor = _changed_sam2(base)
+    version = save_checkpoint(model, processor, base / "versions" / "1", base=base)
+    index = json.loads((version / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] and not any(k.startswith("mllm.") for k in index["weight_map"])
+    assert _sizes(version) < _sizes(base)
+    # a version trained from that version points at the same full checkpoint, not at it
+    again = save_checkpoint(model, processor, base / "versions" / "2", base=version)
+    assert json.loads((again / "citrusv_base.json").read_text())["path"] == "../.."
+    for path in (version, again):
+        loaded, _, _ = load_checkpoint(path)
+        want = model.state_dict()
+        got = loaded.state_dict()
+        assert set(got) == set(want)
+        assert all(torch.equal(got[k], want[k]) for k in want), path
+    # moving the model folder with its versions keeps them loadable (relative path)
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(base), moved)
+    assert torch.equal(load_checkpoint(moved / "versions" / "2")[0].seg_projector[2].bias,
+                       model.seg_projector[2].bias)
+
+
+def test_base_that_changed_or_went_is_refused_with_a_sentence(tiny_dir, tmp_path):
+    base = tmp_path / "model"
+    shutil.copytree(tiny_dir, base)
+    model, processor = _changed_sam2(base)
+    version = save_checkpoint(model, processor, base / "versions" / "1", base=base)
+    # the base re-saved in another dtype: same keys, other tensors
+    fp16, proc, _ = load_checkpoint(base)
+    save_checkpoint(fp16.half(), proc, base)
+    with pytest.raises(CheckpointError, match="weight files changed since"):
+        load_checkpoint(version)
+    alone = tmp_path / "a" / "b" / "copied_alone"  # "../.." is tmp_path/a: no checkpoint
+    shutil.copytree(version, alone)
+    with pytest.raises(CheckpointError, match=r"was saved on top of .*/a, which holds no weights"):
+        load_checkpoint(alone)
+    beside = save_checkpoint(model, processor, tmp_path / "beside", base=base)  # "../model"
+    shutil.rmtree(base)
+    with pytest.raises(CheckpointError, match=r"on top of the checkpoint in .*/model, which is "
+                                              "not there any more"):
+        load_checkpoint(beside)

@@ -3,7 +3,10 @@
 Runs in MONAI Label's training subprocess. It loads its own engine from the version being
 served, measures Dice on held-out corrected slices, trains (projector + SAM2, MLLM frozen:
 2 Dice + 1 BCE + a small recall term, see `citrusv.training.mask_losses`), measures again, and
-publishes a complete checkpoint: written to a temporary folder inside `versions/`, then renamed
+publishes a checkpoint of what it trained: projector + SAM2 in the released layout, the frozen
+MLLM read from `model_dir` when the version loads (`citrusv.checkpoint`, "saved on top of a
+base"), so a version of Citrus-V-8B costs SAM2's size on disk, not the whole model's. It is
+written to a temporary folder inside `versions/`, then renamed
 to the next number in one step (not when the version it started from was withdrawn
 meanwhile, see `lib/model.py`). The server notices the
 new folder on its next request. A crash or kill leaves only a temporary folder, removed by the
@@ -123,7 +126,7 @@ class CitrusVFinetune(TrainTask):
                           "started from, was withdrawn during the run; the serving model is "
                           "unchanged (train again to start from the version now served)")
             return result
-        _save(engine, tmp)
+        _save(engine, tmp, self.model.model_dir)
         number = self.model.next_version()
         write_json_atomic(tmp / TRAIN_STATS, {**result, "version": str(number),
                                               "created": time.strftime("%Y-%m-%d %H:%M:%S")})
@@ -153,14 +156,10 @@ def _log_every(n: int):
     return log
 
 
-def _save(engine, path: Path) -> None:
-    """The full checkpoint in the released layout, so `Engine.load` serves it unchanged."""
-    if hasattr(engine, "save_pretrained"):
-        engine.save_pretrained(path)
-        return
-    from citrusv.checkpoint import save_checkpoint
-
-    save_checkpoint(engine.model, engine.processor, path)
+def _save(engine, path: Path, base: Path) -> None:
+    """Projector + SAM2 in the released layout on top of `base` (the MLLM stayed frozen), so
+    `Engine.load` serves it unchanged."""
+    engine.save_pretrained(path, base=base)
 
 
 def _alive(pid) -> bool:
