@@ -41,9 +41,10 @@ class Sample:
         return bool(self.mask.any())
 
 
-def _names(info: dict, values: list[int]) -> dict[int, tuple[str, str]]:
-    """label value -> (name, prompt) from the saved params (label_info, prompt)."""
-    names: dict[int, tuple[str, str]] = {}
+def _names(info: dict, values: list[int]) -> dict[int, tuple[str, str, object]]:
+    """label value -> (name, prompt, window) from the saved params: each structure's own
+    (kept by the datastore's merge), else the label's, else "Segment the <name>."."""
+    names: dict[int, tuple[str, str, object]] = {}
     entries = info.get("label_info") or []
     prompt = info.get("prompt") if isinstance(info.get("prompt"), str) else None
     for entry in entries:
@@ -52,9 +53,12 @@ def _names(info: dict, values: list[int]) -> dict[int, tuple[str, str]]:
         except (KeyError, TypeError, ValueError):
             continue
         name = str(entry.get("name") or f"label {idx}")
-        names[idx] = (name, prompt if (prompt and len(entries) == 1) else f"Segment the {name}.")
+        own = entry.get("prompt") if isinstance(entry.get("prompt"), str) else None
+        names[idx] = (name, own or (prompt if (prompt and len(entries) == 1)
+                                    else f"Segment the {name}."),
+                      entry.get("window", info.get("window")))
     for v in values:
-        names.setdefault(v, (f"label {v}", prompt or f"Segment the label {v}."))
+        names.setdefault(v, (f"label {v}", prompt or f"Segment the label {v}.", info.get("window")))
     return names
 
 
@@ -79,12 +83,12 @@ def collect(datastore: Datastore, negatives_per_positive: float = 0.5, max_per_s
             logger.warning("Skipping %s: label shape %s != image %s", image_id, label.shape,
                            study.shape)
             continue
-        window = parse({"prompt": "x", "slice": 0 if study.is_2d else None,
-                        "window": info.get("window")}, study, "segment").window
         values = [int(v) for v in np.unique(label.array) if v]
-        for value, (name, prompt) in _names(info, values).items():
+        for value, (name, prompt, window) in _names(info, values).items():
             if value not in values:
                 continue
+            window = parse({"prompt": "x", "slice": 0 if study.is_2d else None,
+                            "window": window}, study, "segment").window
             present = (label.array == value).reshape(study.shape[0], -1).any(axis=1)
             pos = [int(k) for k in np.flatnonzero(present)]
             # negatives only well outside the structure's extent: a correction may label just

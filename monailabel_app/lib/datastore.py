@@ -3,6 +3,12 @@
 A radiologist's correction is the most expensive thing the server holds: it is validated
 against the image (readable, same shape) and written to a temporary name, fsynced and renamed
 into `labels/<tag>/`, so a crash or a kill mid-write leaves either the old label or the new one.
+
+An image has one final label, but radiologists correct one structure at a time (the Slicer
+module sends one segment per correction): a final label is therefore *merged* into the one
+already stored, by structure name. The structures it names replace theirs (a named structure
+with no voxels removes it), every other structure already there is kept, and each structure
+keeps the prompt, window and time of the correction that last set it.
 """
 
 from __future__ import annotations
@@ -84,11 +90,12 @@ class CorrectionsDatastore(LocalDatastore):
                                "of the ids listed by GET /datastore/?output=all.", status_code=404)
         label_tag = label_tag or DefaultLabelTag.FINAL.value
         label_info = dict(label_info or {})
-        self._check_label(image_id, label_filename, label_info)
+        label, image = self._check_label(image_id, label_filename, label_info)
+        final = label_tag == DefaultLabelTag.FINAL.value
 
         _, label_ext = self._to_id(os.path.basename(label_filename))
-        if label_ext not in (".nii.gz", ".nii", ".nrrd"):
-            label_ext = ".nii.gz"
+        if final or label_ext not in (".nii.gz", ".nii", ".nrrd"):
+            label_ext = ".nii.gz"  # a final label is written by write_label after the merge
         label_path = self._datastore.label_path(label_tag)
         name = self._filename(image_id, label_ext)
         dest = os.path.join(label_path, name)
@@ -96,14 +103,24 @@ class CorrectionsDatastore(LocalDatastore):
 
         with FileLock(self._lock_file):
             os.makedirs(label_path, exist_ok=True)
+            previous = obj.labels.get(label_tag)
             try:
-                _fsync_copy(label_filename, tmp)
+                if final:
+                    array, entries = _merge_final(self._stored_final(image_id, previous),
+                                                  label.array, label_info)
+                    label_info["label_info"] = entries
+                    label_info["label_values"] = [e["idx"] for e in entries]
+                    written = write_label(image, array, directory=label_path)
+                    os.replace(written, tmp)
+                    with open(tmp, "rb") as f:
+                        os.fsync(f.fileno())
+                else:
+                    _fsync_copy(label_filename, tmp)
                 os.replace(tmp, dest)
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
             _fsync_dir(label_path)
-            previous = obj.labels.get(label_tag)
             if previous is not None and previous.ext and previous.ext != label_ext:
                 stale = os.path.join(label_path, self._filename(image_id, previous.ext))
                 if os.path.exists(stale):
@@ -115,8 +132,22 @@ class CorrectionsDatastore(LocalDatastore):
         logger.info("Saved %s label for %s: %s", label_tag, image_id, label_info.get("label_info"))
         return image_id
 
-    def _check_label(self, image_id: str, label_filename: str, label_info: dict) -> None:
-        """The label must be a readable map in the image's own index space."""
+    def _stored_final(self, image_id: str, previous: DataModel | None):
+        """(label array, label info) of the final label already stored, or None."""
+        if previous is None or not previous.ext:
+            return None
+        path = os.path.join(self._datastore.label_path(DefaultLabelTag.FINAL.value),
+                            self._filename(image_id, previous.ext))
+        try:
+            return read_study(path).array, dict(previous.info or {})
+        except (RequestError, OSError) as e:
+            logger.warning("Final label of %s could not be read to merge into (%s); it is "
+                           "replaced", image_id, e)
+            return None
+
+    def _check_label(self, image_id: str, label_filename: str,
+                     label_info: dict) -> tuple[Study, Study]:
+        """The label must be a readable map in the image's own index space; (label, image)."""
         try:
             label = read_study(label_filename)
         except RequestError as e:
@@ -143,6 +174,7 @@ class CorrectionsDatastore(LocalDatastore):
                                    "[{\"name\": \"liver\", \"idx\": 1}].")
             label_info["label_info"] = info
         label_info["label_values"] = [v for v in values if v]
+        return label, image
 
     def _update_datastore_file(self, lock: bool = True) -> None:
         def write() -> None:
@@ -165,6 +197,50 @@ class CorrectionsDatastore(LocalDatastore):
 
 # DICOM objects a PACS lists as series that are not images to ask about
 NON_IMAGE_MODALITIES = {"SEG", "SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTDOSE", "REG", "DOC"}
+
+
+def _structures(array: np.ndarray, info: dict) -> dict[str, tuple[int, dict[str, Any]]]:
+    """lower-case structure name -> (label value, its label_info entry) of one label map."""
+    entries = {}
+    for e in info.get("label_info") or []:
+        try:
+            entries[int(e["idx"])] = dict(e)
+        except (KeyError, TypeError, ValueError):
+            continue
+    values = {int(v) for v in np.unique(array) if v} | set(entries)
+    own = {k: info[k] for k in ("prompt", "window") if info.get(k) is not None}
+    out: dict[str, tuple[int, dict[str, Any]]] = {}
+    for v in sorted(values):
+        e = entries.get(v, {})
+        e["name"] = str(e.get("name") or f"label {v}")
+        if len(entries) <= 1:  # a one-structure correction's question and window are its own
+            e = {**own, **e}
+        out[e["name"].strip().lower()] = (v, e)
+    return out
+
+
+def _merge_final(stored: tuple[np.ndarray, dict] | None, new: np.ndarray,
+                 new_info: dict) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """The stored final label with the new one's structures put in (see the module text):
+    (label map, label_info entries numbered 1..n, earlier structures first)."""
+    now = int(time.time())
+    incoming = _structures(new, new_info)
+    earlier = {} if stored is None else _structures(*stored)
+    merged = np.zeros(new.shape, dtype=np.uint16)
+    entries: list[dict[str, Any]] = []
+    sources = [(stored[0] if stored else None, k, v, e, False) for k, (v, e) in earlier.items()
+               if k not in incoming]
+    sources += [(new, k, v, e, True) for k, (v, e) in incoming.items()]
+    for array, _, value, entry, is_new in sources:
+        voxels = np.asarray(array) == value
+        if not voxels.any():
+            continue  # an empty structure in a correction removes it
+        entry = {**entry, "idx": len(entries) + 1}
+        if is_new:
+            entry["ts"] = now
+        merged[voxels] = entry["idx"]
+        entries.append(entry)
+    return (merged.astype(np.uint8) if len(entries) < 256 else merged), entries
 
 
 def _check_same_grid(label_affine: np.ndarray, image_affine: np.ndarray, image_id: str) -> None:

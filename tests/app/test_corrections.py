@@ -78,12 +78,16 @@ def test_submitted_correction_lands_in_labels_final(citrusv_server, spleen_label
     assert r.status_code == 200, r.text
     saved = citrusv_server.studies / "labels" / "final" / "chest_ct.nii.gz"
     assert saved.exists()
-    assert saved.read_bytes() == spleen_label.read_bytes()
+    stored, sent = nib.load(saved), nib.load(spleen_label)
+    np.testing.assert_allclose(stored.affine, sent.affine, atol=1e-4)
+    assert np.array_equal(np.asarray(stored.dataobj), np.asarray(sent.dataobj))
     leftovers = [p.name for p in saved.parent.iterdir() if p.name.startswith(".")]
     assert leftovers == []
     ds = citrusv_server.get("/datastore/?output=all").json()
     info = ds["objects"]["chest_ct"]["labels"]["final"]["info"]
-    assert info["label_info"] == [{"name": "spleen", "idx": 1}]
+    (entry,) = info["label_info"]
+    assert {k: entry[k] for k in ("name", "idx", "prompt")} == {
+        "name": "spleen", "idx": 1, "prompt": "Segment the spleen."}
     assert info["prompt"] == "Segment the spleen."
 
 
@@ -269,3 +273,53 @@ def test_unknown_strategy_is_404(citrusv_server):
     r = citrusv_server.post("/activelearning/citrusv_certainty", json={})
     assert r.status_code == 404
     assert "unknown" in r.json()["detail"]
+
+
+LIVER = 5  # labels.json
+
+
+def _stored_final(server) -> tuple[np.ndarray, dict[str, int]]:
+    """The stored final label of chest_ct (NIfTI data order) and its name -> value map."""
+    data = np.asarray(nib.load(server.studies / "labels" / "final" / "chest_ct.nii.gz").dataobj)
+    info = server.get("/datastore/?output=all").json()["objects"]["chest_ct"]["labels"]["final"]
+    return data, {e["name"]: e["idx"] for e in info["info"]["label_info"]}
+
+
+def test_correcting_another_structure_keeps_the_earlier_corrections(citrusv_server, tmp_path):
+    ct = citrusv_server.studies / "chest_ct.nii.gz"
+    spleen = np.asarray(nib.load(reference_label(tmp_path / "s.nii.gz", SPLEEN, ct)).dataobj) > 0
+    liver_file = reference_label(tmp_path / "liver.nii.gz", LIVER, ct)
+    liver = np.asarray(nib.load(liver_file).dataobj) > 0
+    before, names = _stored_final(citrusv_server)
+    assert list(names) == ["spleen"] and np.array_equal(before == names["spleen"], spleen)
+
+    # a second radiologist sends the liver (one segment, value 1, as the Slicer module does)
+    r = _put_label(citrusv_server, "chest_ct", liver_file, {
+        "label_info": [{"name": "liver", "idx": 1}], "prompt": "Please segment the liver."})
+    assert r.status_code == 200, r.text
+    data, names = _stored_final(citrusv_server)
+    assert names == {"spleen": 1, "liver": 2}
+    assert np.array_equal(data == 1, spleen) and np.array_equal(data == 2, liver)
+
+    # the spleen corrected again on its upper half only: replaced; the liver stays as it was
+    half = spleen.copy()
+    half[:, :, : int(np.flatnonzero(spleen.any(axis=(0, 1))).mean())] = False
+    path = tmp_path / "spleen_half.nii.gz"
+    nib.save(nib.Nifti1Image(half.astype(np.uint8), nib.load(ct).affine), path)
+    r = _put_label(citrusv_server, "chest_ct", path, {"label_info": [{"name": "Spleen", "idx": 1}]})
+    assert r.status_code == 200, r.text
+    data, names = _stored_final(citrusv_server)
+    assert names == {"liver": 1, "Spleen": 2}
+    assert np.array_equal(data == 1, liver) and np.array_equal(data == 2, half)
+    info = citrusv_server.get("/datastore/?output=all").json()["objects"]["chest_ct"]
+    entries = {e["name"]: e for e in info["labels"]["final"]["info"]["label_info"]}
+    assert entries["liver"]["prompt"] == "Please segment the liver."  # each keeps its own
+    assert "prompt" not in entries["Spleen"]
+
+    # a named structure with no voxels removes it
+    path = tmp_path / "no_liver.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(half.shape, np.uint8), nib.load(ct).affine), path)
+    r = _put_label(citrusv_server, "chest_ct", path, {"label_info": [{"name": "liver", "idx": 1}]})
+    assert r.status_code == 200, r.text
+    data, names = _stored_final(citrusv_server)
+    assert names == {"Spleen": 1} and np.array_equal(data == 1, half) and data.max() == 1

@@ -175,7 +175,7 @@ def test_seg_another_tool_stored_on_the_pacs_is_trained_on(pacs, pacs_server, tm
     info = pacs_server.get("/datastore/?output=all").json()["objects"][pacs.series_uid]
     final = info["labels"]["final"]["info"]
     assert final["SeriesInstanceUID"] == seg_uid
-    assert final["label_info"] == [{"name": "spleen", "idx": 1}]
+    assert [(e["name"], e["idx"]) for e in final["label_info"]] == [("spleen", 1)]
 
 
 def test_correction_is_kept_locally_and_stored_on_the_pacs_as_dicom_seg(pacs, pacs_server,
@@ -183,8 +183,11 @@ def test_correction_is_kept_locally_and_stored_on_the_pacs_as_dicom_seg(pacs, pa
     liver = _reference_label(tmp_path, LIVER, "liver")
     r = _put_label(pacs_server, pacs.series_uid, liver, {"label_info": [{"name": "liver", "idx": 1}]})
     assert r.status_code == 200, r.text
-    saved = _final_labels(pacs_server) / f"{pacs.series_uid}.nii.gz"
-    assert saved.read_bytes() == liver.read_bytes()  # replaces the label imported above
+    saved = zyx(nib.load(_final_labels(pacs_server) / f"{pacs.series_uid}.nii.gz"))
+    sent = zyx(nib.load(liver)) > 0
+    # merged into the label imported above: its spleen kept, the liver added
+    assert np.array_equal(saved == 1, zyx(nib.load(REFERENCE / "mask.nii.gz")) == SPLEEN)
+    assert np.array_equal(saved == 2, sent)
 
     info = pacs_server.get("/datastore/?output=all").json()["objects"][pacs.series_uid]
     series = info["labels"]["final"]["info"]["SeriesInstanceUID"]
@@ -200,11 +203,10 @@ def test_correction_is_kept_locally_and_stored_on_the_pacs_as_dicom_seg(pacs, pa
     ds = pydicom.dcmread(io.BytesIO(MultipartDecoder.from_response(got).parts[0].content))
     assert ds.Modality == "SEG"
     assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == pacs.series_uid
-    assert ds.SegmentSequence[0].SegmentLabel == "liver"
+    assert [s.SegmentLabel for s in ds.SegmentSequence] == ["spleen", "liver"]
     back = pydicom_seg.MultiClassReader().read(ds)
-    sent = zyx(nib.load(liver)) > 0
     assert back.data.shape == sent.shape
-    assert np.array_equal(back.data == 1, sent)  # voxel for voxel, same slice order
+    assert np.array_equal(back.data == 2, sent)  # voxel for voxel, same slice order
 
     final = info["labels"]["final"]["info"]
     assert "pacs_error" not in final
@@ -222,8 +224,9 @@ def test_fine_tuning_trains_on_the_pacs_correction(pacs, pacs_server):
     assert [v["version"] for v in info["citrusv"]["versions"]] == ["1", "2"]
     last = info["train_stats"]["citrusv_finetune"]["last_run"]
     assert last["status"] == "done", last
-    # the correction, not the SEG imported before it (the series' label is the correction now)
-    assert last["samples"]["train_positive"] > 0 and last["samples"]["structures"] == ["liver"]
+    # the correction and the structure of the SEG imported before it, merged into one label
+    assert last["samples"]["train_positive"] > 0
+    assert last["samples"]["structures"] == ["liver", "spleen"]
     params = {"params": json.dumps({"prompt": "Segment the liver.", "slice": SLICE})}
     after = pacs_server.post(f"/infer/citrusv_segment?image={pacs.series_uid}&output=json",
                              data=params)
@@ -286,8 +289,9 @@ def test_correction_is_kept_while_the_pacs_is_down(pacs, pacs_server, tmp_path):
     r = _put_label(pacs_server, pacs.series_uid, spleen,
                    {"label_info": [{"name": "spleen", "idx": 1}]})
     assert r.status_code == 200, r.text
-    saved = _final_labels(pacs_server) / f"{pacs.series_uid}.nii.gz"
-    assert saved.read_bytes() == spleen.read_bytes()
+    saved = zyx(nib.load(_final_labels(pacs_server) / f"{pacs.series_uid}.nii.gz"))
+    assert np.array_equal(saved == 2, zyx(nib.load(spleen)) > 0)  # the liver before it kept
+    assert np.array_equal(saved == 1, zyx(nib.load(REFERENCE / "mask.nii.gz")) == LIVER)
     final = pacs_server.get("/datastore/?output=all").json()["objects"][pacs.series_uid]
     assert "pacs_error" in final["labels"]["final"]["info"]
     # the series is cached: the radiologist can go on asking while the PACS is down
