@@ -110,6 +110,8 @@ class CorrectionsDatastore(LocalDatastore):
                                                   label.array, label_info)
                     label_info["label_info"] = entries
                     label_info["label_values"] = [e["idx"] for e in entries]
+                    for key in SUBMISSION_KEYS:  # now in the entries of the structures they set
+                        label_info.pop(key, None)
                     written = write_label(image, array, directory=label_path)
                     os.replace(written, tmp)
                     with open(tmp, "rb") as f:
@@ -199,8 +201,13 @@ class CorrectionsDatastore(LocalDatastore):
 NON_IMAGE_MODALITIES = {"SEG", "SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTDOSE", "REG", "DOC"}
 
 
+SUBMISSION_KEYS = ("prompt", "window")  # what a one-structure correction says of its structure
+
+
 def _structures(array: np.ndarray, info: dict) -> dict[str, tuple[int, dict[str, Any]]]:
-    """lower-case structure name -> (label value, its label_info entry) of one label map."""
+    """lower-case structure name -> (label value, its label_info entry) of one label map; the
+    entry of a one-structure label takes the label's `prompt` and `window` (a merged label
+    has none at the top: its entries carry their own)."""
     entries = {}
     for e in info.get("label_info") or []:
         try:
@@ -208,7 +215,7 @@ def _structures(array: np.ndarray, info: dict) -> dict[str, tuple[int, dict[str,
         except (KeyError, TypeError, ValueError):
             continue
     values = {int(v) for v in np.unique(array) if v} | set(entries)
-    own = {k: info[k] for k in ("prompt", "window") if info.get(k) is not None}
+    own = {k: info[k] for k in SUBMISSION_KEYS if info.get(k) is not None}
     out: dict[str, tuple[int, dict[str, Any]]] = {}
     for v in sorted(values):
         e = entries.get(v, {})
@@ -228,10 +235,9 @@ def _merge_final(stored: tuple[np.ndarray, dict] | None, new: np.ndarray,
     earlier = {} if stored is None else _structures(*stored)
     merged = np.zeros(new.shape, dtype=np.uint16)
     entries: list[dict[str, Any]] = []
-    sources = [(stored[0] if stored else None, k, v, e, False) for k, (v, e) in earlier.items()
-               if k not in incoming]
-    sources += [(new, k, v, e, True) for k, (v, e) in incoming.items()]
-    for array, _, value, entry, is_new in sources:
+    sources = [(stored[0], v, e, False) for k, (v, e) in earlier.items() if k not in incoming]
+    sources += [(new, v, e, True) for v, e in incoming.values()]
+    for array, value, entry, is_new in sources:
         voxels = np.asarray(array) == value
         if not voxels.any():
             continue  # an empty structure in a correction removes it

@@ -1,7 +1,8 @@
 """The one Citrus-V engine of this process: loaded lazily, shared by every task, versioned.
 
-`model_dir` holds the released checkpoint; fine-tuning writes `model_dir/versions/N` (complete
-checkpoints, renamed into place atomically), and the newest one is served without a restart.
+`model_dir` holds the released checkpoint; fine-tuning writes `model_dir/versions/N` (what it
+trained, saved on top of `model_dir`; renamed into place atomically), and the newest one is
+served without a restart.
 An admin can withdraw a version (`monailabel_app/versions.py withdraw N`): a `withdrawn.json`
 mark in its folder, so the server goes back to the newest version that is not withdrawn on its
 next request, and the next fine-tuning run starts from that one. Nothing is deleted.
