@@ -3,8 +3,8 @@ tokenizer/processor files. Also build one from parts (Qwen2.5-VL dir + SAM2 .pt 
 
 A checkpoint may also be saved *on top of a base*: weights under some prefixes (the MLLM,
 `mllm.`, which the segmentation-stage fine-tune keeps frozen) are not written again but read
-from the full checkpoint named in `citrusv_base.json`. For Citrus-V-8B that is the difference
-between ~17 GB and well under 1 GB per fine-tuned version. The base is fingerprinted (each
+from the full checkpoint named in `citrusv_base.json`. For Citrus-V-8B in bf16 that is about
+0.5 GB per fine-tuned version instead of about 17 GB (from the parameter counts). The base is fingerprinted (each
 shard's size and a hash of its safetensors header), so a base that was replaced or re-saved
 makes loading fail with a sentence, never a silent mix of weights.
 """
