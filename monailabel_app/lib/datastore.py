@@ -106,8 +106,8 @@ class CorrectionsDatastore(LocalDatastore):
             previous = obj.labels.get(label_tag)
             try:
                 if final:
-                    array, entries = _merge_final(self._stored_final(image_id, previous),
-                                                  label.array, label_info)
+                    stored = self._stored_final(image_id, previous, label.array.shape)
+                    array, entries = _merge_final(stored, label.array, label_info)
                     label_info["label_info"] = entries
                     label_info["label_values"] = [e["idx"] for e in entries]
                     for key in SUBMISSION_KEYS:  # now in the entries of the structures they set
@@ -134,18 +134,27 @@ class CorrectionsDatastore(LocalDatastore):
         logger.info("Saved %s label for %s: %s", label_tag, image_id, label_info.get("label_info"))
         return image_id
 
-    def _stored_final(self, image_id: str, previous: DataModel | None):
-        """(label array, label info) of the final label already stored, or None."""
+    def _stored_final(self, image_id: str, previous: DataModel | None, shape: tuple):
+        """(label array, label info) of the final label already stored, or None (none, or one
+        that cannot be merged into: unreadable, or not of the image's shape, e.g. a file put
+        into labels/final by hand; the new correction then replaces it, and the log says so)."""
         if previous is None or not previous.ext:
             return None
         path = os.path.join(self._datastore.label_path(DefaultLabelTag.FINAL.value),
                             self._filename(image_id, previous.ext))
+        if not os.path.exists(path):
+            return None
         try:
-            return read_study(path).array, dict(previous.info or {})
+            array = read_study(path).array
         except (RequestError, OSError) as e:
             logger.warning("Final label of %s could not be read to merge into (%s); it is "
                            "replaced", image_id, e)
             return None
+        if tuple(array.shape) != tuple(shape):
+            logger.warning("Final label of %s has shape %s, not the image's %s; it is replaced",
+                           image_id, list(array.shape), list(shape))
+            return None
+        return array, dict(previous.info or {})
 
     def _check_label(self, image_id: str, label_filename: str,
                      label_info: dict) -> tuple[Study, Study]:

@@ -327,3 +327,29 @@ def test_correcting_another_structure_keeps_the_earlier_corrections(citrusv_serv
     info = citrusv_server.get("/datastore/?output=all").json()["objects"]["chest_ct"]
     (entry,) = info["labels"]["final"]["info"]["label_info"]
     assert "prompt" not in entry and "prompt" not in info["labels"]["final"]["info"]
+
+
+def test_correction_replaces_a_stored_label_it_cannot_merge_into(citrusv_server, tmp_path):
+    # a file an admin put into labels/final by hand, not on the X-ray's grid: a correction
+    # must still be stored (replacing it), not fail on the merge
+    final = citrusv_server.studies / "labels" / "final"
+    nib.save(nib.Nifti1Image(np.ones((10, 10, 1), np.uint8), np.eye(4)), final / "chest_xray.nii.gz")
+    deadline = time.monotonic() + 30
+    while True:  # MONAI Label's watcher lists the hand-placed label
+        objects = citrusv_server.get("/datastore/?output=all").json()["objects"]
+        if "final" in objects["chest_xray"].get("labels", {}):
+            break
+        assert time.monotonic() < deadline, "the datastore did not pick up the label file"
+        time.sleep(0.5)
+    shape = citrusv_server.post("/infer/citrusv_segment?image=chest_xray&output=json", data={
+        "params": json.dumps({"prompt": "Segment the right lung."})}).json()["image"]["shape"]
+    mask = np.zeros(shape[::-1], np.uint8)  # NIfTI order [x, y, z]
+    mask[100:200, 150:300] = 1
+    path = tmp_path / "xray_lung.nii.gz"
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), path)
+    r = _put_label(citrusv_server, "chest_xray", path, {"label_info": [{"name": "right lung", "idx": 1}]})
+    assert r.status_code == 200, r.text
+    stored = np.asarray(nib.load(final / "chest_xray.nii.gz").dataobj)
+    assert stored.shape == mask.shape and np.array_equal(stored, mask)
+    info = citrusv_server.get("/datastore/?output=all").json()["objects"]["chest_xray"]
+    assert [e["name"] for e in info["labels"]["final"]["info"]["label_info"]] == ["right lung"]
