@@ -11,6 +11,7 @@ model's status and versions in /info.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 from typing import Any
@@ -78,9 +79,76 @@ def pacs_cache_bytes(value: str | None) -> int:
     return int(gb * 1e9)
 
 
+def _record_who_corrected() -> None:
+    """MONAI Label 0.8.5's `PUT /datastore/label` knows the signed-in user but does not hand it
+    to the datastore. With authentication on, the app wraps the endpoint's module-level
+    `save_label` (looked up at call time) to put that user into the label's params as `user`,
+    over anything the client wrote there, so each corrected structure records who sent it.
+    Params that are not a JSON object get a 400 sentence (MONAI Label answered 500)."""
+    from fastapi import HTTPException
+
+    from monailabel.endpoints import datastore as endpoint
+
+    original = endpoint.save_label
+    if getattr(original, "_citrusv", False):
+        return
+
+    def save_label(background_tasks, image, params="{}", tag="final", label=None, user=None):
+        try:
+            body = json.loads(params) if params else {}
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise HTTPException(status_code=400, detail=(
+                "params must be a JSON object, e.g. {\"label_info\": [{\"name\": \"liver\", "
+                "\"idx\": 1}], \"prompt\": \"...\"}."))
+        for entry in [body, *(e for e in body.get("label_info") or [] if isinstance(e, dict))]:
+            entry.pop("user", None)  # only the server says who sent a correction
+        if settings.MONAI_LABEL_AUTH_ENABLE and user:
+            body["user"] = user
+        return original(background_tasks, image, json.dumps(body), tag, label, user)
+
+    save_label._citrusv = True
+    endpoint.save_label = save_label
+
+
+# signature algorithms accepted for access tokens: the identity provider's public-key ones
+# (Keycloak signs RS256 by default); never "none" or the shared-secret HS*, which a public key
+# must not verify
+TOKEN_ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"]
+
+
+def _check_tokens_with_pyjwt2() -> None:
+    """MONAI Label 0.8.5 checks access tokens with `jwt.decode(token, key, options=...)` and no
+    `algorithms`, which PyJWT 2 (what its unpinned `pyjwt` requirement installs) refuses, so
+    with authentication on every token was answered 401. Its auth module gets a `jwt` whose
+    `decode` names the algorithms; everything else (key, roles, expiry) stays MONAI Label's."""
+    import jwt
+
+    from monailabel.endpoints.user import auth
+
+    if getattr(auth.jwt, "_citrusv", False):
+        return
+
+    class _Jwt:
+        _citrusv = True
+
+        def __getattr__(self, name):
+            return getattr(jwt, name)
+
+        @staticmethod
+        def decode(token, key=None, options=None, **kw):
+            kw.setdefault("algorithms", TOKEN_ALGORITHMS)
+            return jwt.decode(token, key, options=options, **kw)
+
+    auth.jwt = _Jwt()
+
+
 class CitrusVApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         _answer_missing_image_with_400()
+        _record_who_corrected()
+        _check_tokens_with_pyjwt2()
         self.model_dir = resolve_model_dir(app_dir, conf.get("model_dir"))
 
         self.configs: dict[str, TaskConfig] = {}

@@ -123,7 +123,8 @@ def start_citrusv_server(studies: Path | str, model_dir: Path, log_path: Path | 
             if process.poll() is not None:
                 raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
             try:
-                if requests.get(server.url + "/info/", timeout=5).status_code == 200:
+                # 401: up, with MONAI Label's authentication on (tests/app/test_auth.py)
+                if requests.get(server.url + "/info/", timeout=5).status_code in (200, 401):
                     break
             except requests.RequestException:
                 pass

@@ -110,7 +110,7 @@ class CorrectionsDatastore(LocalDatastore):
                     array, entries = _merge_final(stored, label.array, label_info)
                     label_info["label_info"] = entries
                     label_info["label_values"] = [e["idx"] for e in entries]
-                    for key in SUBMISSION_KEYS:  # now in the entries of the structures they set
+                    for key in SUBMISSION_KEYS + SENDER_KEYS:  # now in the entries they set
                         label_info.pop(key, None)
                     written = write_label(image, array, directory=label_path)
                     os.replace(written, tmp)
@@ -211,6 +211,9 @@ NON_IMAGE_MODALITIES = {"SEG", "SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTDOSE",
 
 
 SUBMISSION_KEYS = ("prompt", "window")  # what a one-structure correction says of its structure
+# who sent a correction (set by the server when authentication is on, never by the client: see
+# main._record_who_corrected), recorded on every structure it sets
+SENDER_KEYS = ("user",)
 
 
 def _structures(array: np.ndarray, info: dict) -> dict[str, tuple[int, dict[str, Any]]]:
@@ -225,12 +228,14 @@ def _structures(array: np.ndarray, info: dict) -> dict[str, tuple[int, dict[str,
             continue
     values = {int(v) for v in np.unique(array) if v} | set(entries)
     own = {k: info[k] for k in SUBMISSION_KEYS if info.get(k) is not None}
+    sender = {k: info[k] for k in SENDER_KEYS if info.get(k) is not None}
     out: dict[str, tuple[int, dict[str, Any]]] = {}
     for v in sorted(values):
         e = entries.get(v, {})
         e["name"] = str(e.get("name") or f"label {v}")
         if len(entries) <= 1:  # a one-structure correction's question and window are its own
             e = {**own, **e}
+        e.update(sender)
         out[e["name"].strip().lower()] = (v, e)
     return out
 

@@ -353,3 +353,18 @@ def test_correction_replaces_a_stored_label_it_cannot_merge_into(citrusv_server,
     assert stored.shape == mask.shape and np.array_equal(stored, mask)
     info = citrusv_server.get("/datastore/?output=all").json()["objects"]["chest_xray"]
     assert [e["name"] for e in info["labels"]["final"]["info"]["label_info"]] == ["right lung"]
+
+
+def test_label_params_must_be_json_and_cannot_name_the_sender(citrusv_server, spleen_label):
+    with open(spleen_label, "rb") as f:
+        r = citrusv_server.put("/datastore/label?image=chest_ct&tag=final",
+                               files={"label": (spleen_label.name, f, "application/gzip")},
+                               data={"params": "{not json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"].startswith("params must be a JSON object")
+    r = _put_label(citrusv_server, "chest_ct", spleen_label, {
+        "label_info": [{"name": "spleen", "idx": 1, "user": "mallory"}], "user": "mallory"})
+    assert r.status_code == 200, r.text
+    info = citrusv_server.get("/datastore/?output=all").json()["objects"]["chest_ct"]
+    final = info["labels"]["final"]["info"]
+    assert "user" not in final and all("user" not in e for e in final["label_info"])
