@@ -38,6 +38,17 @@ logger = logging.getLogger(__name__)
 MONAI_LABEL_DEFAULT_SEARCH = {"Modality": "CT"}  # MONAI_LABEL_DICOMWEB_SEARCH_FILTER's default
 
 
+def _patch_once(module, name: str, make) -> None:
+    """Replace `module.name` (a MONAI Label internal it looks up at call time) with
+    `make(original)`, once per process: the app may be constructed more than once."""
+    original = getattr(module, name)
+    if getattr(original, "_citrusv", False):
+        return
+    patched = make(original)
+    patched._citrusv = True
+    setattr(module, name, patched)
+
+
 def _answer_missing_image_with_400() -> None:
     """MONAI Label 0.8.5's /infer endpoint answers 500 when neither `image` nor `file` is given.
 
@@ -48,20 +59,18 @@ def _answer_missing_image_with_400() -> None:
 
     from monailabel.endpoints import infer as endpoint
 
-    original = endpoint.run_inference
-    if getattr(original, "_citrusv", False):
-        return
+    def make(original):
+        def run_inference(background_tasks, model, image="", session_id="", params="{}",
+                          file=None, label=None, output=None):
+            if not file and not image and not session_id:
+                raise HTTPException(status_code=400, detail=(
+                    "Name the image to ask about: add ?image=ID of a datastore image, or upload "
+                    "it in the 'file' field."))
+            return original(background_tasks, model, image, session_id, params, file, label,
+                            output)
+        return run_inference
 
-    def run_inference(background_tasks, model, image="", session_id="", params="{}", file=None,
-                      label=None, output=None):
-        if not file and not image and not session_id:
-            raise HTTPException(status_code=400, detail=(
-                "Name the image to ask about: add ?image=ID of a datastore image, or upload it "
-                "in the 'file' field."))
-        return original(background_tasks, model, image, session_id, params, file, label, output)
-
-    run_inference._citrusv = True
-    endpoint.run_inference = run_inference
+    _patch_once(endpoint, "run_inference", make)
 
 
 DEFAULT_PACS_CACHE_GB = 50.0
@@ -89,27 +98,24 @@ def _record_who_corrected() -> None:
 
     from monailabel.endpoints import datastore as endpoint
 
-    original = endpoint.save_label
-    if getattr(original, "_citrusv", False):
-        return
+    def make(original):
+        def save_label(background_tasks, image, params="{}", tag="final", label=None, user=None):
+            try:
+                body = json.loads(params) if params else {}
+            except ValueError:
+                body = None
+            if not isinstance(body, dict):
+                raise HTTPException(status_code=400, detail=(
+                    "params must be a JSON object, e.g. {\"label_info\": [{\"name\": "
+                    "\"liver\", \"idx\": 1}], \"prompt\": \"...\"}."))
+            for entry in [body, *(e for e in body.get("label_info") or [] if isinstance(e, dict))]:
+                entry.pop("user", None)  # only the server says who sent a correction
+            if settings.MONAI_LABEL_AUTH_ENABLE and user:
+                body["user"] = user
+            return original(background_tasks, image, json.dumps(body), tag, label, user)
+        return save_label
 
-    def save_label(background_tasks, image, params="{}", tag="final", label=None, user=None):
-        try:
-            body = json.loads(params) if params else {}
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
-            raise HTTPException(status_code=400, detail=(
-                "params must be a JSON object, e.g. {\"label_info\": [{\"name\": \"liver\", "
-                "\"idx\": 1}], \"prompt\": \"...\"}."))
-        for entry in [body, *(e for e in body.get("label_info") or [] if isinstance(e, dict))]:
-            entry.pop("user", None)  # only the server says who sent a correction
-        if settings.MONAI_LABEL_AUTH_ENABLE and user:
-            body["user"] = user
-        return original(background_tasks, image, json.dumps(body), tag, label, user)
-
-    save_label._citrusv = True
-    endpoint.save_label = save_label
+    _patch_once(endpoint, "save_label", make)
 
 
 # signature algorithms accepted for access tokens: the identity provider's public-key ones
@@ -127,12 +133,7 @@ def _check_tokens_with_pyjwt2() -> None:
 
     from monailabel.endpoints.user import auth
 
-    if getattr(auth.jwt, "_citrusv", False):
-        return
-
     class _Jwt:
-        _citrusv = True
-
         def __getattr__(self, name):
             return getattr(jwt, name)
 
@@ -141,7 +142,7 @@ def _check_tokens_with_pyjwt2() -> None:
             kw.setdefault("algorithms", TOKEN_ALGORITHMS)
             return jwt.decode(token, key, options=options, **kw)
 
-    auth.jwt = _Jwt()
+    _patch_once(auth, "jwt", lambda original: _Jwt())
 
 
 class CitrusVApp(MONAILabelApp):
