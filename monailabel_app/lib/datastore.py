@@ -104,6 +104,7 @@ class CorrectionsDatastore(LocalDatastore):
         with FileLock(self._lock_file):
             os.makedirs(label_path, exist_ok=True)
             previous = obj.labels.get(label_tag)
+            merged = None  # the merged final label, written outside labels/ first
             try:
                 if final:
                     stored = self._stored_final(image_id, previous, label.array.shape)
@@ -112,16 +113,13 @@ class CorrectionsDatastore(LocalDatastore):
                     label_info["label_values"] = [e["idx"] for e in entries]
                     for key in SUBMISSION_KEYS + SENDER_KEYS:  # now in the entries they set
                         label_info.pop(key, None)
-                    written = write_label(image, array, directory=label_path)
-                    os.replace(written, tmp)
-                    with open(tmp, "rb") as f:
-                        os.fsync(f.fileno())
-                else:
-                    _fsync_copy(label_filename, tmp)
+                    merged = write_label(image, array)
+                _fsync_copy(merged or label_filename, tmp)
                 os.replace(tmp, dest)
             finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+                for path in (tmp, merged):
+                    if path and os.path.exists(path):
+                        os.unlink(path)
             _fsync_dir(label_path)
             if previous is not None and previous.ext and previous.ext != label_ext:
                 stale = os.path.join(label_path, self._filename(image_id, previous.ext))

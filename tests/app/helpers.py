@@ -83,6 +83,17 @@ def reference_label(path: Path, index: int, ct: Path) -> Path:
     return path
 
 
+def put_label(server, image: str, path: Path, params: dict,
+              token: str | None = None) -> requests.Response:
+    """PUT /datastore/label?tag=final: the label file at `path` with these params (JSON), as
+    the Slicer module sends a correction; `token`: a bearer token when sign-in is on."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with open(path, "rb") as f:
+        return server.put(f"/datastore/label?image={image}&tag=final", headers=headers,
+                          files={"label": (path.name, f, "application/gzip")},
+                          data={"params": json.dumps(params)})
+
+
 def run_training(server, **options) -> dict:
     """POST /train/citrusv_finetune with these options and wait for the run to end; returns
     its last status (check `status` == "DONE")."""

@@ -21,7 +21,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.app.helpers import reference_label
+from tests.app.helpers import put_label, reference_label
 from tests.server import copy_studies, start_citrusv_server
 
 LIVER, SPLEEN = 5, 1  # labels.json
@@ -68,14 +68,6 @@ def auth_server(realm, tmp_path_factory, tiny_model_dir, citrusv_sample_studies)
         yield server
 
 
-def _put(server, path, params, token=None):
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    with open(path, "rb") as f:
-        return server.put("/datastore/label?image=chest_ct&tag=final", headers=headers,
-                          files={"label": (path.name, f, "application/gzip")},
-                          data={"params": json.dumps(params)})
-
-
 def test_each_corrected_structure_records_who_sent_it(auth_server, realm, tmp_path):
     sign = realm[1]
     ct = auth_server.studies / "chest_ct.nii.gz"
@@ -83,19 +75,20 @@ def test_each_corrected_structure_records_who_sent_it(auth_server, realm, tmp_pa
     spleen = reference_label(tmp_path / "spleen.nii.gz", SPLEEN, ct)
     final = auth_server.studies / "labels" / "final" / "chest_ct.nii.gz"
 
-    r = _put(auth_server, liver, {"label_info": [{"name": "liver", "idx": 1}]})
+    r = put_label(auth_server, "chest_ct", liver, {"label_info": [{"name": "liver", "idx": 1}]})
     assert r.status_code == 401, r.text  # no token
-    r = _put(auth_server, liver, {"label_info": [{"name": "liver", "idx": 1}]},
-             sign("dr.viewer", [USER]))
+    r = put_label(auth_server, "chest_ct", liver, {"label_info": [{"name": "liver", "idx": 1}]},
+                  sign("dr.viewer", [USER]))
     assert r.status_code == 403, r.text  # may look, not correct
     assert not final.exists()
 
     # what the client says about the sender is not taken
-    r = _put(auth_server, liver, {"label_info": [{"name": "liver", "idx": 1, "user": "x"}],
-                                  "user": "someone.else"}, sign("dr.lee", [ANNOTATOR]))
+    r = put_label(auth_server, "chest_ct", liver,
+                  {"label_info": [{"name": "liver", "idx": 1, "user": "x"}], "user": "someone.else"},
+                  sign("dr.lee", [ANNOTATOR]))
     assert r.status_code == 200, r.text
-    r = _put(auth_server, spleen, {"label_info": [{"name": "spleen", "idx": 1}]},
-             sign("dr.kim", [ANNOTATOR]))
+    r = put_label(auth_server, "chest_ct", spleen, {"label_info": [{"name": "spleen", "idx": 1}]},
+                  sign("dr.kim", [ANNOTATOR]))
     assert r.status_code == 200, r.text
 
     token = sign("dr.lee", [USER])

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.app.helpers import reference_label, run_training, wait_for_training
+from tests.app.helpers import put_label, reference_label, run_training, wait_for_training
 from tests.server import copy_studies, start_citrusv_server
 
 SPLEEN = 1  # labels.json: {"1": "spleen", ...}
@@ -41,17 +41,10 @@ def spleen_label(citrusv_server, tmp_path_factory) -> Path:
                            SPLEEN, citrusv_server.studies / "chest_ct.nii.gz")
 
 
-def _put_label(server, image: str, path: Path, params: dict):
-    with open(path, "rb") as f:
-        return server.put(f"/datastore/label?image={image}&tag=final",
-                          files={"label": (path.name, f, "application/gzip")},
-                          data={"params": json.dumps(params)})
-
-
 def test_label_with_wrong_shape_is_refused_and_nothing_is_written(citrusv_server, tmp_path):
     path = tmp_path / "wrong.nii.gz"
     nib.save(nib.Nifti1Image(np.ones((10, 10, 10), dtype=np.uint8), np.eye(4)), path)
-    r = _put_label(citrusv_server, "chest_ct", path, {"label_info": [{"name": "spleen", "idx": 1}]})
+    r = put_label(citrusv_server, "chest_ct", path, {"label_info": [{"name": "spleen", "idx": 1}]})
     assert r.status_code == 400, r.text
     assert "geometry" in r.json()["detail"]
     assert not (citrusv_server.studies / "labels" / "final" / "chest_ct.nii.gz").exists()
@@ -65,7 +58,7 @@ def test_label_on_another_voxel_grid_is_refused(citrusv_server, spleen_label, tm
     flip[2, 2], flip[2, 3] = -1, label.shape[2] - 1
     path = tmp_path / "flipped.nii.gz"
     nib.save(nib.Nifti1Image(np.asarray(label.dataobj)[:, :, ::-1], label.affine @ flip), path)
-    r = _put_label(citrusv_server, "chest_ct", path, {"label_info": [{"name": "spleen", "idx": 1}]})
+    r = put_label(citrusv_server, "chest_ct", path, {"label_info": [{"name": "spleen", "idx": 1}]})
     assert r.status_code == 400, r.text
     assert "voxel grid of image 'chest_ct'" in r.json()["detail"]
     assert "-1.0" in r.json()["detail"]  # the slice axis points the other way
@@ -74,7 +67,7 @@ def test_label_on_another_voxel_grid_is_refused(citrusv_server, spleen_label, tm
 
 def test_submitted_correction_lands_in_labels_final(citrusv_server, spleen_label):
     params = {"label_info": [{"name": "spleen", "idx": 1}], "prompt": "Segment the spleen."}
-    r = _put_label(citrusv_server, "chest_ct", spleen_label, params)
+    r = put_label(citrusv_server, "chest_ct", spleen_label, params)
     assert r.status_code == 200, r.text
     saved = citrusv_server.studies / "labels" / "final" / "chest_ct.nii.gz"
     assert saved.exists()
@@ -294,7 +287,7 @@ def test_correcting_another_structure_keeps_the_earlier_corrections(citrusv_serv
     assert list(names) == ["spleen"] and np.array_equal(before == names["spleen"], spleen)
 
     # a second radiologist sends the liver (one segment, value 1, as the Slicer module does)
-    r = _put_label(citrusv_server, "chest_ct", liver_file, {
+    r = put_label(citrusv_server, "chest_ct", liver_file, {
         "label_info": [{"name": "liver", "idx": 1}], "prompt": "Please segment the liver."})
     assert r.status_code == 200, r.text
     data, names = _stored_final(citrusv_server)
@@ -306,7 +299,7 @@ def test_correcting_another_structure_keeps_the_earlier_corrections(citrusv_serv
     half[:, :, : int(np.flatnonzero(spleen.any(axis=(0, 1))).mean())] = False
     path = tmp_path / "spleen_half.nii.gz"
     nib.save(nib.Nifti1Image(half.astype(np.uint8), nib.load(ct).affine), path)
-    r = _put_label(citrusv_server, "chest_ct", path, {"label_info": [{"name": "Spleen", "idx": 1}]})
+    r = put_label(citrusv_server, "chest_ct", path, {"label_info": [{"name": "Spleen", "idx": 1}]})
     assert r.status_code == 200, r.text
     data, names = _stored_final(citrusv_server)
     assert names == {"liver": 1, "Spleen": 2}
@@ -319,7 +312,7 @@ def test_correcting_another_structure_keeps_the_earlier_corrections(citrusv_serv
     # a named structure with no voxels removes it; its question is not the spleen's
     path = tmp_path / "no_liver.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros(half.shape, np.uint8), nib.load(ct).affine), path)
-    r = _put_label(citrusv_server, "chest_ct", path, {
+    r = put_label(citrusv_server, "chest_ct", path, {
         "label_info": [{"name": "liver", "idx": 1}], "prompt": "Segment the liver."})
     assert r.status_code == 200, r.text
     data, names = _stored_final(citrusv_server)
@@ -347,7 +340,7 @@ def test_correction_replaces_a_stored_label_it_cannot_merge_into(citrusv_server,
     mask[100:200, 150:300] = 1
     path = tmp_path / "xray_lung.nii.gz"
     nib.save(nib.Nifti1Image(mask, np.eye(4)), path)
-    r = _put_label(citrusv_server, "chest_xray", path, {"label_info": [{"name": "right lung", "idx": 1}]})
+    r = put_label(citrusv_server, "chest_xray", path, {"label_info": [{"name": "right lung", "idx": 1}]})
     assert r.status_code == 200, r.text
     stored = np.asarray(nib.load(final / "chest_xray.nii.gz").dataobj)
     assert stored.shape == mask.shape and np.array_equal(stored, mask)
@@ -362,7 +355,7 @@ def test_label_params_must_be_json_and_cannot_name_the_sender(citrusv_server, sp
                                data={"params": "{not json"})
     assert r.status_code == 400, r.text
     assert r.json()["detail"].startswith("params must be a JSON object")
-    r = _put_label(citrusv_server, "chest_ct", spleen_label, {
+    r = put_label(citrusv_server, "chest_ct", spleen_label, {
         "label_info": [{"name": "spleen", "idx": 1, "user": "mallory"}], "user": "mallory"})
     assert r.status_code == 200, r.text
     info = citrusv_server.get("/datastore/?output=all").json()["objects"]["chest_ct"]

@@ -16,6 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from tests.app.helpers import put_label
 from tests.server import copy_studies, start_citrusv_server
 
 from .helpers import decode_rle
@@ -59,12 +60,8 @@ def test_finetune_on_some_slices_raises_dice_on_the_others(tmp_path_factory, tin
 
     with start_citrusv_server(studies, model_dir) as server:
         before = [_dice(server, k, spleen[k]) for k in held_out]
-        with open(label_path, "rb") as f:
-            r = server.put("/datastore/label?image=chest_ct&tag=final",
-                           files={"label": (label_path.name, f, "application/gzip")},
-                           data={"params": json.dumps({"label_info": [{"name": "spleen",
-                                                                       "idx": 1}],
-                                                       "prompt": PROMPT})})
+        r = put_label(server, "chest_ct", label_path,
+                      {"label_info": [{"name": "spleen", "idx": 1}], "prompt": PROMPT})
         assert r.status_code == 200, r.text
         t0 = time.monotonic()
         r = server.post("/train/citrusv_finetune",

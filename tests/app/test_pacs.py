@@ -24,7 +24,8 @@ import pytest
 import requests
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
-from tests.app.helpers import decode_rle, reference_label, run_training, split_multipart, zyx
+from tests.app.helpers import (decode_rle, put_label, reference_label, run_training,
+                               split_multipart, zyx)
 from tests.pacs import SAMPLE_SERIES, start_orthanc
 from tests.server import REPO, start_citrusv_server
 
@@ -81,13 +82,6 @@ def _seg_made_elsewhere(label: Path, name: str) -> pydicom.Dataset:
     writer = pydicom_seg.MultiClassWriter(template, inplane_cropping=True, skip_empty_slices=True)
     sources = [pydicom.dcmread(p) for p in sorted(SAMPLE_SERIES.iterdir())]
     return writer.write(sitk.ReadImage(str(label)), sources)
-
-
-def _put_label(server, image: str, path: Path, params: dict) -> requests.Response:
-    with open(path, "rb") as f:
-        return server.put(f"/datastore/label?image={image}&tag=final",
-                          files={"label": (path.name, f, "application/gzip")},
-                          data={"params": json.dumps(params)})
 
 
 def test_segments_a_pacs_series_in_the_studys_own_geometry(pacs, pacs_server, tmp_path):
@@ -181,7 +175,7 @@ def test_seg_another_tool_stored_on_the_pacs_is_trained_on(pacs, pacs_server, tm
 def test_correction_is_kept_locally_and_stored_on_the_pacs_as_dicom_seg(pacs, pacs_server,
                                                                          tmp_path):
     liver = _reference_label(tmp_path, LIVER, "liver")
-    r = _put_label(pacs_server, pacs.series_uid, liver, {"label_info": [{"name": "liver", "idx": 1}]})
+    r = put_label(pacs_server, pacs.series_uid, liver, {"label_info": [{"name": "liver", "idx": 1}]})
     assert r.status_code == 200, r.text
     saved = zyx(nib.load(_final_labels(pacs_server) / f"{pacs.series_uid}.nii.gz"))
     sent = zyx(nib.load(liver)) > 0
@@ -268,7 +262,7 @@ def test_cache_over_its_limit_drops_the_least_recently_asked_series_without_labe
         assert cached() == {pacs.series_uid}
 
         liver = _reference_label(tmp_path, LIVER, "liver")
-        r = _put_label(server, pacs.series_uid, liver, {"label_info": [{"name": "liver", "idx": 1}]})
+        r = put_label(server, pacs.series_uid, liver, {"label_info": [{"name": "liver", "idx": 1}]})
         assert r.status_code == 200, r.text
         ask(pacs.xray_uid)
         assert cached() == {pacs.series_uid, pacs.xray_uid}  # a labelled series stays
@@ -286,8 +280,8 @@ def test_correction_is_kept_while_the_pacs_is_down(pacs, pacs_server, tmp_path):
     pacs.stop()
     time.sleep(1.5)  # past the server's cached series list
     spleen = _reference_label(tmp_path, SPLEEN, "spleen")
-    r = _put_label(pacs_server, pacs.series_uid, spleen,
-                   {"label_info": [{"name": "spleen", "idx": 1}]})
+    r = put_label(pacs_server, pacs.series_uid, spleen,
+                  {"label_info": [{"name": "spleen", "idx": 1}]})
     assert r.status_code == 200, r.text
     saved = zyx(nib.load(_final_labels(pacs_server) / f"{pacs.series_uid}.nii.gz"))
     assert np.array_equal(saved == 2, zyx(nib.load(spleen)) > 0)  # the liver before it kept
