@@ -9,6 +9,11 @@ module sends one segment per correction): a final label is therefore *merged* in
 already stored, by structure name. The structures it names replace theirs (a named structure
 with no voxels removes it), every other structure already there is kept, and each structure
 keeps the prompt, window and time of the correction that last set it.
+
+Every final label is also kept *as it was sent* in `labels/final/.history/<image id>/`, with
+what it said (structures, prompt, window, sender, time), before it is merged: a structure that a
+later correction re-draws or removes can be put back (`monailabel_app/history.py`), and a
+correction whose merge fails is still on disk. The server never deletes that history.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import os
 import shutil
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,6 +43,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 
 from .errors import RequestError
 from .images import LPS_TO_RAS, Study, read_study, write_label
+from .model import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +110,8 @@ class CorrectionsDatastore(LocalDatastore):
 
         with FileLock(self._lock_file):
             os.makedirs(label_path, exist_ok=True)
+            if final:
+                keep_submission(label_path, image_id, label_filename, label_info)
             previous = obj.labels.get(label_tag)
             merged = None  # the merged final label, written outside labels/ first
             try:
@@ -212,6 +221,32 @@ SUBMISSION_KEYS = ("prompt", "window")  # what a one-structure correction says o
 # who sent a correction (set by the server when authentication is on, never by the client: see
 # main._record_who_corrected), recorded on every structure it sets
 SENDER_KEYS = ("user",)
+
+
+HISTORY_DIR = ".history"  # under labels/final; MONAI Label lists only files matching EXTENSIONS
+
+
+def keep_submission(label_path: str, image_id: str, label_filename: str,
+                    label_info: dict[str, Any]) -> str:
+    """Copy a final label as it was sent to labels/final/.history/<image id>/<stamp><ext>, with
+    `<stamp>.json` (what it said); both written to hidden names and renamed. The stamp (UTC time
+    + 6 hex digits) sorts in the order the corrections arrived. Returns the stamp."""
+    folder = os.path.join(label_path, HISTORY_DIR, image_id)
+    os.makedirs(folder, exist_ok=True)
+    name = os.path.basename(label_filename).lower()
+    ext = next((e for e in (".nii.gz", ".nii", ".nrrd") if name.endswith(e)), ".nii.gz")
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"-{uuid.uuid4().hex[:6]}"
+    said = {k: label_info[k] for k in ("label_info", *SUBMISSION_KEYS, *SENDER_KEYS)
+            if label_info.get(k) is not None}
+    record = {"image": image_id, "file": stamp + ext, "ts": int(now),
+              "received": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now)), **said}
+    tmp = os.path.join(folder, f".{stamp}{ext}.part")
+    _fsync_copy(label_filename, tmp)
+    os.replace(tmp, os.path.join(folder, stamp + ext))
+    write_json_atomic(Path(folder) / f"{stamp}.json", record)
+    _fsync_dir(folder)
+    return stamp
 
 
 def _structures(array: np.ndarray, info: dict) -> dict[str, tuple[int, dict[str, Any]]]:

@@ -98,6 +98,12 @@ def test_each_corrected_structure_records_who_sent_it(auth_server, realm, tmp_pa
     assert {e["name"]: e["user"] for e in info["label_info"]} == {"liver": "dr.lee",
                                                                   "spleen": "dr.kim"}
     assert "user" not in info
+    # the corrections kept as sent (labels/final/.history) name the same senders, and only them
+    kept = sorted((final.parent / ".history" / "chest_ct").glob("*.json"))
+    records = [json.loads(p.read_text()) for p in kept]
+    assert [(r["user"], r["label_info"][0]["name"]) for r in records] == [
+        ("dr.lee", "liver"), ("dr.kim", "spleen")]
+    assert "someone.else" not in kept[0].read_text() and '"x"' not in kept[0].read_text()
     data = np.asarray(nib.load(final).dataobj)
     assert np.array_equal(data == 1, np.asarray(nib.load(liver).dataobj) > 0)
     assert np.array_equal(data == 2, np.asarray(nib.load(spleen).dataobj) > 0)

@@ -75,7 +75,14 @@ def test_submitted_correction_lands_in_labels_final(citrusv_server, spleen_label
     np.testing.assert_allclose(stored.affine, sent.affine, atol=1e-4)
     assert np.array_equal(np.asarray(stored.dataobj), np.asarray(sent.dataobj))
     leftovers = [p.name for p in saved.parent.iterdir() if p.name.startswith(".")]
-    assert leftovers == []
+    assert leftovers == [".history"]  # no temporary file; the kept submissions (below)
+    # kept as sent, byte for byte, with what it said; the two refused labels above are not
+    kept = _kept(citrusv_server)
+    assert len(kept) == 1 and kept[0]["label_info"] == [{"name": "spleen", "idx": 1}]
+    assert kept[0]["prompt"] == "Segment the spleen." and kept[0]["image"] == "chest_ct"
+    assert kept[0]["path"].read_bytes() == spleen_label.read_bytes()
+    assert sorted(p.name for p in kept[0]["path"].parent.iterdir()) == sorted([
+        kept[0]["path"].name, kept[0]["path"].name.split(".")[0] + ".json"])
     ds = citrusv_server.get("/datastore/?output=all").json()
     info = ds["objects"]["chest_ct"]["labels"]["final"]["info"]
     (entry,) = info["label_info"]
@@ -320,6 +327,57 @@ def test_correcting_another_structure_keeps_the_earlier_corrections(citrusv_serv
     info = citrusv_server.get("/datastore/?output=all").json()["objects"]["chest_ct"]
     (entry,) = info["labels"]["final"]["info"]["label_info"]
     assert "prompt" not in entry and "prompt" not in info["labels"]["final"]["info"]
+
+
+def _kept(server, image: str = "chest_ct") -> list[dict]:
+    """The corrections of `image` kept as sent (their records + `path`), oldest first."""
+    folder = server.studies / "labels" / "final" / ".history" / image
+    records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    return [{**r, "path": folder / r["file"]} for r in records]
+
+
+def _history(server, *args: str) -> subprocess.CompletedProcess:
+    """The admin's command line, on the running server's studies folder."""
+    return subprocess.run([sys.executable, str(VERSIONS_CLI.parent / "history.py"), "--datastore",
+                           str(server.studies), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_a_removed_structure_is_put_back_from_the_kept_corrections(citrusv_server, tmp_path):
+    # after the test above, the stored label holds only the re-drawn Spleen; the liver
+    # correction it removed is kept as it was sent, and the history command sends it again
+    kept = _kept(citrusv_server)
+    assert [[e["name"] for e in k["label_info"]] for k in kept][-3:] == [
+        ["liver"], ["Spleen"], ["liver"]]
+    liver_entry = kept[-3]
+    assert liver_entry["prompt"] == "Please segment the liver."
+    listing = _history(citrusv_server, "list", "chest_ct")
+    assert listing.returncode == 0, listing.stderr
+    rows = {line.split()[1]: line for line in listing.stdout.splitlines()[1:]}
+    stamp = liver_entry["file"].split(".")[0]
+    liver_voxels = int((np.asarray(nib.load(liver_entry["path"]).dataobj) > 0).sum())
+    assert f"liver {liver_voxels} voxels" in rows[stamp]
+    assert rows[kept[-1]["file"].split(".")[0]].endswith("liver 0 voxels (removes it)")
+
+    before, names = _stored_final(citrusv_server)
+    spleen = before == names["Spleen"]
+    r = _history(citrusv_server, "restore", "chest_ct", stamp, "--server", citrusv_server.url)
+    assert r.returncode == 0, r.stderr
+    assert "structures are back: liver" in r.stdout
+    data, names = _stored_final(citrusv_server)
+    assert names == {"Spleen": 1, "liver": 2}
+    assert np.array_equal(data == 1, spleen)
+    assert np.array_equal(data == 2, np.asarray(nib.load(liver_entry["path"]).dataobj) > 0)
+    info = citrusv_server.get("/datastore/?output=all").json()["objects"]["chest_ct"]
+    entry = info["labels"]["final"]["info"]["label_info"][1]
+    assert entry["prompt"] == "Please segment the liver."
+    assert len(_kept(citrusv_server)) == len(kept) + 1  # the restore is a correction too
+
+    r = _history(citrusv_server, "restore", "chest_ct", "20000101T000000-000000",
+                 "--server", citrusv_server.url)
+    assert r.returncode == 2 and r.stderr.startswith("error: image 'chest_ct' has no kept"), r.stderr
+    r = _history(citrusv_server, "restore", "chest_ct", stamp, "--server", "http://127.0.0.1:9")
+    assert r.returncode == 2 and "could not send the correction" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_correction_replaces_a_stored_label_it_cannot_merge_into(citrusv_server, tmp_path):

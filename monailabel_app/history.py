@@ -1,0 +1,131 @@
+"""List the corrections a MONAI Label server received, as they were sent, and send one again.
+
+    python monailabel_app/history.py --datastore DIR                  # every image's corrections
+    python monailabel_app/history.py --datastore DIR list IMAGE       # one image's, with voxels
+    python monailabel_app/history.py --datastore DIR restore IMAGE ENTRY [--server URL] [--token T]
+
+`--datastore` is the server's `--studies` folder (with a PACS, its cache folder: see the README's
+"What the server keeps on disk"). The server keeps each final label it receives in
+`labels/final/.history/IMAGE/ENTRY.*` before it merges it into the image's label, so a structure
+that a later correction re-drew or removed is still there. `restore` sends entry ENTRY to the
+running server again as a new correction (PUT /datastore/label), with the structures, question
+and window it had: those structures are put back, the others stay as they are. With sign-in on,
+pass an annotator's access token; the server then records that person as the sender. Run it with
+the server's Python (`.venv/bin/python`); it loads no model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HISTORY = Path("labels") / "final" / ".history"
+
+
+def entries(datastore: Path, image: str | None = None) -> list[dict]:
+    """The kept corrections (their .json records, plus `path` of the label file), oldest first."""
+    root = datastore / HISTORY
+    folders = [root / image] if image else sorted(p for p in root.glob("*") if p.is_dir())
+    out = []
+    for folder in folders:
+        for meta in sorted(folder.glob("*.json")):
+            try:
+                record = json.loads(meta.read_text())
+            except (OSError, ValueError):
+                continue
+            record["path"] = folder / record.get("file", "")
+            out.append(record)
+    return out
+
+
+def _structures(record: dict, count: bool) -> str:
+    names = {int(e["idx"]): str(e["name"]) for e in record.get("label_info") or []
+             if isinstance(e, dict) and "idx" in e and "name" in e}
+    if not count:
+        return ", ".join(names.values()) or "-"
+    import nibabel as nib
+
+    try:
+        data = np.asarray(nib.load(record["path"]).dataobj)
+    except Exception as e:  # a damaged file is listed as such, not a stack trace
+        return f"unreadable label file ({type(e).__name__})"
+    values = {int(v): int(n) for v, n in zip(*np.unique(data, return_counts=True)) if v}
+    parts = [f"{names.get(v, f'label {v}')} {values.get(v, 0)} voxels"
+             + ("" if values.get(v) else " (removes it)") for v in sorted(set(names) | set(values))]
+    return ", ".join(parts) or "empty"
+
+
+def list_entries(datastore: Path, image: str | None) -> str:
+    found = entries(datastore, image)
+    if not found:
+        where = datastore / HISTORY / (image or "")
+        return f"No corrections kept in {where}."
+    rows = [("image", "entry", "received", "sender", "structures")]
+    for r in found:
+        rows.append((r.get("image", "?"), Path(r["file"]).name.split(".")[0], r.get("received", "?"),
+                     r.get("user") or "-", _structures(r, count=image is not None)))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4]
+                     for row in rows)
+
+
+def restore(datastore: Path, image: str, entry: str, server: str, token: str | None) -> str:
+    import requests
+
+    match = [r for r in entries(datastore, image) if Path(r["file"]).name.split(".")[0] == entry]
+    if not match:
+        raise ValueError(f"image '{image}' has no kept correction '{entry}'; run "
+                         f"`list {image}` to see its entries.")
+    record = match[0]
+    params = {k: record[k] for k in ("label_info", "prompt", "window") if k in record}
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    url = f"{server.rstrip('/')}/datastore/label"
+    try:
+        with open(record["path"], "rb") as f:
+            r = requests.put(url, params={"image": image, "tag": "final"}, headers=headers,
+                             files={"label": (record["path"].name, f, "application/gzip")},
+                             data={"params": json.dumps(params)}, timeout=120)
+    except OSError as e:  # requests' connection errors are OSErrors too
+        raise ValueError(f"could not send the correction to {server}: {e}") from None
+    if r.status_code != 200:
+        try:
+            detail = r.json().get("detail", r.text)
+        except ValueError:
+            detail = r.text
+        raise ValueError(f"the server at {server} answered {r.status_code}: {detail}")
+    return f"Sent {entry} of {image} again; its structures are back: {_structures(record, False)}."
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--datastore", default="sample_data/studies",
+                    help="the server's --studies folder (with a PACS: its cache folder)")
+    sub = ap.add_subparsers(dest="cmd")
+    p = sub.add_parser("list", help="list kept corrections (the default: every image's)")
+    p.add_argument("image", nargs="?")
+    p = sub.add_parser("restore", help="send a kept correction to the server again")
+    p.add_argument("image")
+    p.add_argument("entry")
+    p.add_argument("--server", default="http://127.0.0.1:8000", help="the MONAI Label server")
+    p.add_argument("--token", default=None, help="an annotator's access token (sign-in on)")
+    args = ap.parse_args(argv)
+    datastore = Path(args.datastore)
+    try:
+        if not datastore.is_dir():
+            raise ValueError(f"{datastore} is not a folder; pass the server's --studies folder.")
+        if args.cmd == "restore":
+            print(restore(datastore, args.image, args.entry, args.server, args.token))
+        else:
+            print(list_entries(datastore, getattr(args, "image", None)))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
