@@ -6,6 +6,7 @@ slice, prefill/decode tokens/s, peak RSS (and GPU memory on CUDA).
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import time
@@ -73,6 +74,81 @@ def tiny_llm_sam2_l_engine(device: str = "cpu", dtype=None) -> Engine:
     torch_dtype = resolve_dtype(dtype, device)
     model = build_model(config, torch_dtype, random_init=True).to(device).eval()
     return Engine(model, tiny_processor(tok), config, device=device, dtype=torch_dtype)
+
+
+def wide_llm_engine(device: str = "cpu", dtype=None) -> Engine:
+    """A 0.4 B-parameter language model (24 layers of width 1024) on the tiny vision tower and
+    SAM2, random init: big enough that the MLLM's share of memory shows on a CPU."""
+    from .checkpoint import build_model
+    from .testing import tiny_config, tiny_processor, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    config = tiny_config(tok, hidden=1024, layers=24, intermediate=4096)
+    config.name = "citrusv-wide-llm"
+    torch_dtype = resolve_dtype(dtype, device)
+    model = build_model(config, torch_dtype, random_init=True).to(device).eval()
+    return Engine(model, tiny_processor(tok), config, device=device, dtype=torch_dtype)
+
+
+def _memory_mb(device: torch.device) -> float:
+    """Memory in use now: allocated on a GPU, the process's resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 1024**2
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024**2
+
+
+def finetune_memory(model: str | None, shape: str | None, device: str, dtype, steps: int = 10,
+                    size: int = 256, samples: int = 4) -> dict:
+    """Memory during the segmentation-stage fine-tune's steps (what MONAI Label's training run
+    does), with the run's MLLM copy kept and with it released after its [SEG] states. Each
+    mode runs in a fresh process of its own (memory a process freed is not always handed back
+    to the OS, so one process for both would blur them). GPU: peak allocated over steps 2..N;
+    CPU: the largest resident set seen at a step."""
+    import multiprocessing
+
+    out: dict = {"finetune_steps": steps, "device": device}
+    ctx = multiprocessing.get_context("spawn")
+    for mode in ("kept", "released"):
+        with ctx.Pool(1) as pool:
+            one = pool.apply(_finetune_memory_once, (model, shape, device, dtype, steps, size,
+                                                     samples, mode == "released",
+                                                     torch.get_num_threads()))
+        out["mllm_weights_mb"] = one["mllm_weights_mb"]
+        out[f"finetune_{mode}_mb"] = one["peak_mb"]
+    out["finetune_released_over_kept"] = out["finetune_released_mb"] / out["finetune_kept_mb"]
+    return out
+
+
+def _finetune_memory_once(model, shape, device, dtype, steps, size, samples, release,
+                          threads) -> dict:
+    from .training import SegSample, finetune_segmentation
+
+    torch.set_num_threads(threads)
+    engine = load_engine(model, shape, device, dtype)
+    dev = engine.device
+    rng = np.random.default_rng(0)
+    data = []
+    for _ in range(samples + 2):
+        image = rng.normal(40, 60, (size, size)).astype(np.float32)
+        mask = np.zeros((size, size), bool)
+        y, x = rng.integers(size // 8, size // 2, 2)
+        mask[y:y + size // 3, x:x + size // 3] = True
+        image[mask] += 200
+        data.append(SegSample(image, "Please segment the liver in this scan.", mask, "abdomen"))
+    weights = sum(p.numel() * p.element_size() for p in engine.model.mllm.parameters())
+    seen: list[float] = []
+
+    def log(record: dict) -> None:
+        if record.get("step") == 1 and dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        seen.append(_memory_mb(dev))
+
+    finetune_segmentation(engine.model, engine.processor, data[:samples], steps=steps,
+                          batch_images=2, val_samples=data[samples:], log=log,
+                          release_mllm=release)
+    peak = torch.cuda.max_memory_allocated(dev) / 1024**2 if dev.type == "cuda" else max(seen)
+    return {"mllm_weights_mb": weights / 1024**2, "peak_mb": peak}
 
 
 def _sync(device: torch.device) -> None:
@@ -184,14 +260,34 @@ def format_bench(r: dict) -> str:
     return "\n".join(lines)
 
 
+def format_finetune_memory(r: dict) -> str:
+    where = "GPU allocated" if r.get("device", "").startswith("cuda") else "resident set"
+    return "\n".join([
+        f"fine-tune steps ({r['finetune_steps']}, {where}); the MLLM's weights: "
+        f"{r['mllm_weights_mb']:.1f} MB",
+        f"MLLM copy kept           {r['finetune_kept_mb']:9.1f} MB",
+        f"MLLM copy released       {r['finetune_released_mb']:9.1f} MB   = "
+        f"{100 * r['finetune_released_over_kept']:.1f}% of kept",
+    ])
+
+
+SHAPES = {"8b": real_8b_engine, "tiny-sam2l": tiny_llm_sam2_l_engine, "wide-llm": wide_llm_engine}
+
+
+def load_engine(model: str | None, shape: str | None, device: str, dtype) -> Engine:
+    """The checkpoint in `model`, or a random-init model of `shape` (SHAPES)."""
+    if shape:
+        return SHAPES[shape](device, dtype)
+    return Engine.load(Path(model), device=device, dtype=dtype)
+
+
 def bench_cli(model: str | None, shape: str | None, device: str, dtype, size: int,
-              new_tokens: int, repeats: int) -> dict:
-    if shape == "8b":
-        engine = real_8b_engine(device, dtype)
-    elif shape == "tiny-sam2l":
-        engine = tiny_llm_sam2_l_engine(device, dtype)
-    else:
-        engine = Engine.load(Path(model), device=device, dtype=dtype)
-    result = run_bench(engine, size=size, new_tokens=new_tokens, repeats=repeats)
+              new_tokens: int, repeats: int, finetune_steps: int = 0) -> dict:
+    if finetune_steps:  # the fine-tune figure alone: it loads the model in two processes
+        result = finetune_memory(model, shape, device, dtype, steps=finetune_steps)
+        print(format_finetune_memory(result))
+        return result
+    result = run_bench(load_engine(model, shape, device, dtype), size=size,
+                       new_tokens=new_tokens, repeats=repeats)
     print(format_bench(result))
     return result

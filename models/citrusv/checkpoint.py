@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from contextlib import contextmanager
@@ -77,6 +78,20 @@ def shard_files(path: Path) -> list[Path]:
         return [single]
     raise CheckpointError(f"{path} has no {INDEX} or model.safetensors; "
                           "point at a Citrus-V checkpoint directory.")
+
+
+def count_parameters(path: str | Path, prefix: str = "") -> int:
+    """Number of stored values under `prefix` (e.g. "mllm.") in a checkpoint, read from the
+    safetensors headers alone (no weights loaded); a checkpoint saved on top of a base counts
+    its base's."""
+    total = 0
+    for file in shard_files(full_checkpoint(path)):
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        total += sum(math.prod(v["shape"]) for k, v in header.items()
+                     if k != "__metadata__" and k.startswith(prefix))
+    return total
 
 
 def _header_hash(file: Path) -> str:
@@ -182,6 +197,9 @@ def save_checkpoint(model: CitrusV, processor, path: str | Path,
     them from the full checkpoint behind `base`. The caller vouches that they are unchanged
     (e.g. the MLLM after `training.finetune_segmentation`, which keeps it frozen).
     """
+    if base is None and getattr(model, "mllm", None) is None:
+        raise CheckpointError("This model's MLLM was released after training (release_mllm); "
+                              "save it with base= the checkpoint it was loaded from.")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()

@@ -116,7 +116,7 @@ def bench_cli_args(args: argparse.Namespace) -> int:
         print("error: pass --model DIR or --shape 8b", file=sys.stderr)
         return 2
     bench_cli(args.model, args.shape, args.device, args.dtype, args.size, args.new_tokens,
-              args.repeats)
+              args.repeats, args.finetune_steps)
     return 0
 
 
@@ -144,13 +144,16 @@ def add_commands(sub) -> None:
     p.set_defaults(func=ask_cli)
     p = sub.add_parser("bench", help="engine overheads: capture vs generate, cached mask step")
     p.add_argument("--model", default=None, help="Citrus-V checkpoint directory")
-    p.add_argument("--shape", default=None, choices=["8b", "tiny-sam2l"],
-                   help="instead of --model: random-init model of the real 8B shape, or a tiny "
-                   "LLM with the real SAM2 Hiera-L")
+    p.add_argument("--shape", default=None, choices=["8b", "tiny-sam2l", "wide-llm"],
+                   help="instead of --model: random-init model of the real 8B shape, a tiny "
+                   "LLM with the real SAM2 Hiera-L, or a 0.4B LLM on the tiny SAM2")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None)
     p.add_argument("--size", type=int, default=512, help="slice side in pixels")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--finetune-steps", type=int, default=0,
+                   help="instead: memory of N fine-tune steps with the training run's MLLM copy "
+                   "kept vs released after its [SEG] states")
     p.set_defaults(func=bench_cli_args)

@@ -72,14 +72,18 @@ def tiny_sam2_config(image_size: int = 128) -> dict:
     return copy.deepcopy(cfg)
 
 
-def tiny_config(tokenizer, image_size: int = 128, hidden: int = 64) -> CitrusVConfig:
+def tiny_config(tokenizer, image_size: int = 128, hidden: int = 64, layers: int = 2,
+                intermediate: int | None = None) -> CitrusVConfig:
     ids = tokenizer.convert_tokens_to_ids
     vocab = ((len(tokenizer) + 63) // 64) * 64
+    half_head = hidden // 4 // 2  # 4 heads; M-RoPE sections (t, h, w) in the ratio 2:3:3
+    section = [half_head // 4, 3 * half_head // 8, half_head - half_head // 4 - 3 * half_head // 8]
     mllm = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        text_config=dict(vocab_size=vocab, hidden_size=hidden,
+                         intermediate_size=intermediate or 2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=4096, rope_theta=10000.0,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                         rope_scaling={"type": "mrope", "mrope_section": section},
                          tie_word_embeddings=False, bos_token_id=ids("<|endoftext|>"),
                          eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>")),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,

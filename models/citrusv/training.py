@@ -360,32 +360,46 @@ def finetune_segmentation(model: CitrusV, processor, samples: Sequence[SegSample
                           batch_images: int = 4, log: Log | None = None,
                           augment: bool = True, val_samples: Sequence | None = None,
                           stop: Callable[[], bool] | None = None,
-                          recall_weight: float = SEG_RECALL_WEIGHT) -> dict:
+                          recall_weight: float = SEG_RECALL_WEIGHT, release_mllm: bool = False,
+                          train_device: str | torch.device | None = None) -> dict:
     """Citrus-V stage 4 on (slice, prompt, mask) samples: MLLM frozen, projector + SAM2 trained.
 
     `samples` are SegSample or dicts with keys image, prompt, mask (+ window, label); empty masks
-    are negatives. The [SEG] state is the frozen MLLM's own, from its greedy answer to the prompt
-    (computed once per sample; see own_seg_state). Returns stats: loss curve, final loss, and Dice
-    on `val_samples` before/after when given. The model is left in eval mode.
+    are negatives. The [SEG] state is the frozen MLLM's own, from its greedy answer to the prompt,
+    computed once per sample (training and validation) before any step (see own_seg_state): the
+    steps and the Dice on `val_samples` need SAM2 and the projector only. `release_mllm` then drops
+    the MLLM from `model` (`model.mllm` is None afterwards; save it with `base=`), and
+    `train_device` moves what is left there, so the MLLM can compute the states on the CPU while
+    SAM2 trains on the GPU. Returns stats: loss curve, final loss, and Dice on `val_samples`
+    before/after when given. The model is left in eval mode.
     """
     samples = [s if isinstance(s, SegSample) else SegSample(**s) for s in samples]
     if not samples:
         raise ValueError("finetune_segmentation needs at least one (image, prompt, mask) sample.")
-    config = model.config
-    device = next(model.parameters()).device
+    val = [s if isinstance(s, SegSample) else SegSample(**s) for s in val_samples or []]
     rng = random.Random(seed)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    before = segmentation_dice(model, processor, val_samples) if val_samples else None
 
     # frozen MLLM: one [SEG] state per sample (its own greedy answer), images rendered once
-    model.eval()
-    inputs = [render(s.image, s.window, processor, config) for s in samples]
-    states = [own_seg_state(model, processor, inp, s) for inp, s in zip(inputs, samples)]
-    seg_hidden = torch.stack(states)
+    inputs, seg_hidden = seg_states_of(model, processor, samples)
+    val_inputs, val_hidden = seg_states_of(model, processor, val) if val else ([], None)
+    states_seconds = time.perf_counter() - t0
+    if release_mllm:
+        model.mllm = None  # its weights go when the caller's engine holds no other reference
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if train_device is not None:
+        model.to(train_device)
+    device = next(model.parameters()).device
+    before = _dice_of_states(model, val_inputs, val_hidden, val) if val else None
     targets = [target_mask(s.mask) for s in samples]
 
-    model.mllm.requires_grad_(False)
+    if model.mllm is not None:
+        model.mllm.requires_grad_(False)
     params = list(model.seg_projector.parameters()) + list(model.sam2.parameters())
     for p in params:
         p.requires_grad_(True)
@@ -422,11 +436,21 @@ def finetune_segmentation(model: CitrusV, processor, samples: Sequence[SegSample
     model.eval()
     stats = {"steps": len(curve), "loss_curve": curve,
              "final_loss": float(np.mean(curve[-10:])) if curve else None,
-             "seconds": time.perf_counter() - t0}
-    if val_samples:
+             "states_seconds": states_seconds, "seconds": time.perf_counter() - t0}
+    if val:
         stats["val_dice_before"] = before
-        stats["val_dice_after"] = segmentation_dice(model, processor, val_samples)
+        stats["val_dice_after"] = _dice_of_states(model, val_inputs, val_hidden, val)
     return stats
+
+
+@torch.no_grad()
+def seg_states_of(model: CitrusV, processor, samples: Sequence[SegSample]
+                  ) -> tuple[list[ImageInputs], torch.Tensor]:
+    """(rendered inputs, [SEG] states on the CPU in float32) of the samples, with the MLLM."""
+    model.eval()
+    inputs = [render(s.image, s.window, processor, model.config) for s in samples]
+    states = [own_seg_state(model, processor, inp, s) for inp, s in zip(inputs, samples)]
+    return inputs, torch.stack(states)
 
 
 def _dtype(model) -> torch.dtype:
@@ -467,15 +491,21 @@ def own_seg_state(model: CitrusV, processor, inp: ImageInputs, sample: SegSample
 def segmentation_dice(model: CitrusV, processor, samples: Sequence[SegSample | dict]) -> float:
     """Mean Dice of the masks the model gives for each prompt (its own [SEG] state)."""
     samples = [s if isinstance(s, SegSample) else SegSample(**s) for s in samples]
-    config = model.config
-    device = next(model.parameters()).device
-    scores = []
+    if not samples:
+        return float("nan")
+    return _dice_of_states(model, *seg_states_of(model, processor, samples), samples)
+
+
+@torch.no_grad()
+def _dice_of_states(model: CitrusV, inputs: Sequence[ImageInputs], states: torch.Tensor,
+                    samples: Sequence[SegSample]) -> float:
+    """Mean Dice of SAM2's masks for given [SEG] states (needs no MLLM)."""
+    device, dtype = next(model.parameters()).device, _dtype(model)
     model.eval()
-    for s in samples:
-        inp = render(s.image, s.window, processor, config)
-        h = own_seg_state(model, processor, inp, s)[None].to(device, _dtype(model))
-        feats = model.encode_slice(inp.sam[None].to(device, _dtype(model)))
-        logits, _ = model.decode_masks(feats, h, inp.hw)
+    scores = []
+    for inp, h, s in zip(inputs, states, samples):
+        feats = model.encode_slice(inp.sam[None].to(device, dtype))
+        logits, _ = model.decode_masks(feats, h[None].to(device, dtype), inp.hw)
         scores.append(dice_score(logits[0].cpu().numpy() > 0, np.asarray(s.mask, bool)))
     return float(np.mean(scores)) if scores else float("nan")
 

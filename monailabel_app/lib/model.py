@@ -164,13 +164,16 @@ class SharedModel:
         }
 
     # -- engine ----------------------------------------------------------------------------
-    def load_engine(self, path: Path):
-        """A fresh engine from `path` (used by the trainer, which must not touch the shared one)."""
+    def load_engine(self, path: Path, device: str | None = None):
+        """A fresh engine from `path` (used by the trainer, which must not touch the shared one),
+        on `device` (default the server's) in the server's dtype."""
         try:
             from citrusv import Engine
+            from citrusv.engine import resolve_dtype
         except ImportError as e:
             raise ModelNotInstalled(f"{NOT_INSTALLED}: the citrusv engine is not importable ({e}).")
-        return Engine.load(str(path), device=self.device, dtype=self.dtype)
+        return Engine.load(str(path), device=device or self.device,
+                           dtype=resolve_dtype(self.dtype, self.device))
 
     def engine(self):
         """(engine, version name); loads on first use and again when a newer version lands.

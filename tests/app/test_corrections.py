@@ -123,6 +123,9 @@ def test_training_publishes_a_new_version_that_infer_serves(citrusv_server, sple
     assert "val_dice" in versions[0] and "val_dice_before" in versions[0]
     last = info["train_stats"]["citrusv_finetune"]["last_run"]
     assert last["status"] == "done" and last["version"] == "1"
+    # the run computed its [SEG] states, then trained without its MLLM copy (CPU server here)
+    assert last["states"]["device"] == "cpu" and last["states"]["why"] == "training runs on cpu"
+    assert 0 < last["states"]["seconds"] <= last["train_seconds"]
 
     after = citrusv_server.post("/infer/citrusv_segment?image=chest_ct&output=json",
                                 data={"params": json.dumps({"prompt": "Segment the spleen.",

@@ -122,6 +122,19 @@ def test_bench_figures_on_tiny_model(tiny_dir):
     assert r["mask_cached_ms"] < r["mask_cold_ms"]
 
 
+def test_finetune_memory_figure_runs_each_mode_in_its_own_process(tiny_dir):
+    from citrusv import Engine
+    from citrusv.bench import finetune_memory, format_finetune_memory
+
+    r = finetune_memory(str(tiny_dir), None, "cpu", None, steps=2, size=64, samples=2)
+    mllm = Engine.load(tiny_dir).model.mllm
+    assert r["mllm_weights_mb"] == sum(p.numel() * p.element_size()
+                                       for p in mllm.parameters()) / 1024**2
+    assert r["finetune_kept_mb"] > 100 and r["finetune_released_mb"] > 100  # torch alone is more
+    text = format_finetune_memory(r)
+    assert "resident set" in text and "% of kept" in text
+
+
 def test_cli_eval_on_a_missing_model_says_one_sentence(tmp_path, capsys):
     rc = main(["eval", "--model", str(tmp_path / "no-such-model")])
     err = capsys.readouterr().err.strip()

@@ -1,7 +1,11 @@
 """`citrusv_finetune`: corrections -> the engine's segmentation-stage recipe -> model_dir/versions/N.
 
 Runs in MONAI Label's training subprocess. It loads its own engine from the version being
-served, measures Dice on held-out corrected slices, trains (projector + SAM2, MLLM frozen:
+served, computes the frozen MLLM's [SEG] state for every corrected slice, then drops that MLLM
+(the server's copy keeps serving), so the steps hold SAM2 and the projector only. Where the GPU
+lacks room for a second MLLM next to the server's, the states are computed on the CPU instead
+(`--conf train_mllm_device auto|cuda|cpu`, see `choose_mllm_device`). It measures Dice on
+held-out corrected slices, trains (projector + SAM2, MLLM frozen:
 2 Dice + 1 BCE + a small recall term, see `citrusv.training.mask_losses`), measures again, and
 publishes a checkpoint of what it trained: projector + SAM2 in the released layout, the frozen
 MLLM read from `model_dir` when the version loads (`citrusv.checkpoint`, "saved on top of a
@@ -34,12 +38,47 @@ logger = logging.getLogger(__name__)
 TMP_PREFIX = ".tmp-"
 
 
+MLLM_DEVICES = ("auto", "cuda", "cpu")
+GIB = 1024**3
+# what computing the states needs on the GPU beyond the weights (activations of one slice's
+# answer, CUDA context, allocator slack); a guess, not measured on a GPU here
+STATES_HEADROOM_BYTES = 2 * GIB
+
+
+def choose_mllm_device(choice: str, train_device: str, weight_bytes: int,
+                       free_gpu_bytes: int | None) -> tuple[str, str]:
+    """Where the training run's own copy of the model computes the [SEG] states: (device, why).
+
+    `choice` is `--conf train_mllm_device`: cuda or cpu as asked; auto puts it on the GPU when
+    the GPU has the checkpoint's weights (`weight_bytes`) x 1.2 + 2 GiB free (the server's copy
+    is already there), else on the CPU (slower, but no out-of-memory)."""
+    if not str(train_device).startswith("cuda"):
+        return str(train_device), f"training runs on {train_device}"
+    if choice in ("cuda", "cpu"):
+        return (str(train_device) if choice == "cuda" else "cpu"), f"--conf train_mllm_device {choice}"
+    need = int(weight_bytes * 1.2) + STATES_HEADROOM_BYTES
+    if free_gpu_bytes is not None and free_gpu_bytes >= need:
+        return str(train_device), (f"{free_gpu_bytes / GIB:.1f} GiB free on the GPU, a second copy "
+                                   f"needs about {need / GIB:.1f} GiB")
+    free = "unknown" if free_gpu_bytes is None else f"{free_gpu_bytes / GIB:.1f} GiB"
+    return "cpu", (f"{free} free on the GPU, a second copy needs about {need / GIB:.1f} GiB: the "
+                   "[SEG] states are computed on the CPU (slower); SAM2 trains on the GPU")
+
+
+def parse_mllm_device(value: str | None) -> str:
+    value = (value or "auto").strip().lower()
+    if value not in MLLM_DEVICES:
+        raise ValueError(f"--conf train_mllm_device {value} is not one of auto, cuda, cpu.")
+    return value
+
+
 class CitrusVFinetune(TrainTask):
     def __init__(self, model: SharedModel, steps: int = 200, learning_rate: float = 3e-4,
                  batch_images: int = 4, val_every: int = 5, negatives_per_positive: float = 0.5,
-                 max_per_structure: int = 64) -> None:
+                 max_per_structure: int = 64, mllm_device: str = "auto") -> None:
         super().__init__("Fine-tune Citrus-V's projector + SAM2 on corrected labels (final)")
         self.model = model
+        self.mllm_device = parse_mllm_device(mllm_device)
         self.defaults = {
             "steps": steps,
             "learning_rate": learning_rate,
@@ -95,15 +134,18 @@ class CitrusVFinetune(TrainTask):
         if not self.model.installed():
             raise ValueError(self.model.not_installed_sentence())
         base_version, base_path = self.model.serving()
-        engine = self.model.load_engine(base_path)
-        logger.info("Fine-tuning from version %s on %d slices (%d positive), validating on %d",
-                    base_version, len(train), sum(s.positive for s in train), len(val))
+        mllm_device, why = self._states_device(base_path)
+        engine = self.model.load_engine(base_path, device=mllm_device)
+        logger.info("Fine-tuning from version %s on %d slices (%d positive), validating on %d; "
+                    "[SEG] states on %s (%s), then the MLLM copy is dropped", base_version,
+                    len(train), sum(s.positive for s in train), len(val), mllm_device, why)
         t0 = time.time()
         stats = finetune_segmentation(
             engine.model, engine.processor, [_seg_sample(s) for s in train],
             steps=int(opts["steps"]), lr=float(opts["learning_rate"]), seed=int(opts["seed"]),
             batch_images=int(opts["batch_images"]),
-            val_samples=[_seg_sample(s) for s in val] or None, log=_log_every(20))
+            val_samples=[_seg_sample(s) for s in val] or None, log=_log_every(20),
+            release_mllm=True, train_device=self.model.device)
         dice_before, dice_after = stats.get("val_dice_before"), stats.get("val_dice_after")
         result: dict[str, Any] = {
             "base_version": base_version,
@@ -114,6 +156,8 @@ class CitrusVFinetune(TrainTask):
             "val_dice_before": dice_before,
             "val_dice": dice_after,
             "train_seconds": round(time.time() - t0, 1),
+            "states": {"device": mllm_device, "why": why,
+                       "seconds": round(float(stats.get("states_seconds") or 0.0), 1)},
         }
         worse = (dice_before is not None and dice_after is not None
                  and dice_after < dice_before - 0.02)
@@ -136,6 +180,21 @@ class CitrusVFinetune(TrainTask):
         logger.info("Published Citrus-V version %s: loss %s, val Dice %s -> %s", number,
                     result["train_loss"], dice_before, dice_after)
         return result
+
+    def _states_device(self, base_path: Path) -> tuple[str, str]:
+        """`choose_mllm_device` for this run, with the GPU's free memory now."""
+        import torch
+
+        from citrusv.checkpoint import count_parameters
+        from citrusv.engine import resolve_dtype
+
+        device = self.model.device
+        free = None
+        if device.startswith("cuda") and self.mllm_device == "auto" and torch.cuda.is_available():
+            free = torch.cuda.mem_get_info(torch.device(device))[0]
+        itemsize = torch.empty((), dtype=resolve_dtype(self.model.dtype, device)).element_size()
+        weight_bytes = count_parameters(base_path) * itemsize if free is not None else 0
+        return choose_mllm_device(self.mllm_device, device, weight_bytes, free)
 
     @staticmethod
     def _remove_stale_temp(versions_dir: Path) -> None:

@@ -1,0 +1,45 @@
+"""Where a training run computes its [SEG] states: `--conf train_mllm_device auto|cuda|cpu`.
+
+The choice is a pure function of the GPU's free memory, so it is checked here with numbers; the
+server tests (CPU only here) check that a run records where it computed them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from tests.server import APP_DIR, copy_studies, start_citrusv_server
+
+sys.path.insert(0, str(APP_DIR))
+from lib.trainers.citrusv_finetune import choose_mllm_device, parse_mllm_device  # noqa: E402
+
+GIB = 1024**3
+WEIGHTS_8B = 17 * GIB  # Citrus-V-8B in bf16, about
+
+
+def test_auto_puts_a_second_copy_on_the_gpu_only_where_it_fits():
+    # 80 GB card with the server's copy loaded: ~63 GiB free
+    device, why = choose_mllm_device("auto", "cuda", WEIGHTS_8B, 63 * GIB)
+    assert device == "cuda" and why.startswith("63.0 GiB free on the GPU")
+    # 24 GB card: the server's copy leaves ~6 GiB
+    device, why = choose_mllm_device("auto", "cuda:0", WEIGHTS_8B, 6 * GIB)
+    assert device == "cpu" and "a second copy needs about 22.4 GiB" in why
+    assert choose_mllm_device("auto", "cuda", WEIGHTS_8B, int(22.4 * GIB) + GIB)[0] == "cuda"
+    assert choose_mllm_device("auto", "cuda", WEIGHTS_8B, None)[0] == "cpu"
+
+
+def test_asked_device_is_used_and_cpu_training_stays_on_cpu():
+    assert choose_mllm_device("cuda", "cuda:1", WEIGHTS_8B, 1 * GIB)[0] == "cuda:1"
+    assert choose_mllm_device("cpu", "cuda", WEIGHTS_8B, 80 * GIB)[0] == "cpu"
+    assert choose_mllm_device("cuda", "cpu", WEIGHTS_8B, None) == ("cpu", "training runs on cpu")
+    assert parse_mllm_device(None) == "auto" and parse_mllm_device(" CPU ") == "cpu"
+
+
+def test_unknown_choice_stops_the_server_with_a_sentence(tiny_model_dir, citrusv_sample_studies,
+                                                         tmp_path):
+    with pytest.raises(RuntimeError, match="train_mllm_device gpu is not one of auto, cuda, cpu"):
+        with start_citrusv_server(copy_studies(tmp_path / "studies", citrusv_sample_studies),
+                                  tiny_model_dir, train_mllm_device="gpu"):
+            pass

@@ -1,0 +1,71 @@
+"""The segmentation-stage fine-tune without its MLLM: [SEG] states first, then SAM2 alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from citrusv import Engine
+from citrusv.checkpoint import count_parameters
+from citrusv.errors import CheckpointError
+from citrusv.training import SegSample, finetune_segmentation
+
+
+def _samples(seed: int, n: int) -> list[SegSample]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        image = rng.normal(40, 60, (96, 96)).astype(np.float32)
+        mask = np.zeros((96, 96), bool)
+        y, x = rng.integers(10, 50, 2)
+        mask[y:y + 30, x:x + 30] = True
+        image[mask] += 200  # a bright square to find
+        out.append(SegSample(image=image, prompt="Please segment the liver in this scan.",
+                             mask=mask, window="abdomen", label="liver"))
+    return out
+
+
+def _trained(engine: Engine) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in engine.model.state_dict().items() if not k.startswith("mllm.")}
+
+
+def test_released_mllm_trains_the_same_weights_and_saves_on_its_base(fitted_dir, tmp_path):
+    train, val = _samples(0, 6), _samples(1, 3)
+    kept, released = Engine.load(fitted_dir), Engine.load(fitted_dir)
+    a = finetune_segmentation(kept.model, kept.processor, train, steps=6, batch_images=2,
+                              val_samples=val)
+    b = finetune_segmentation(released.model, released.processor, train, steps=6,
+                              batch_images=2, val_samples=val, release_mllm=True,
+                              train_device="cpu")
+    assert released.model.mllm is None and kept.model.mllm is not None
+    assert sum(p.numel() for p in released.model.parameters()) == sum(
+        p.numel() for k, p in kept.model.named_parameters() if not k.startswith("mllm."))
+    # the same steps, the same losses, the same weights, the same held-out Dice
+    assert b["loss_curve"] == a["loss_curve"]
+    assert (b["val_dice_before"], b["val_dice_after"]) == (a["val_dice_before"], a["val_dice_after"])
+    wa, wb = _trained(kept), _trained(released)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(not torch.equal(wa[k], v) for k, v in _trained(Engine.load(fitted_dir)).items())
+
+    with pytest.raises(CheckpointError, match="MLLM was released"):
+        released.save_pretrained(tmp_path / "whole")
+    version = released.save_pretrained(tmp_path / "version", base=fitted_dir)
+    back = Engine.load(version)
+    assert all(torch.equal(back.model.state_dict()[k], v) for k, v in wb.items())
+    base = Engine.load(fitted_dir).model.state_dict()
+    assert all(torch.equal(v, base[k]) for k, v in back.model.state_dict().items()
+               if k.startswith("mllm."))
+
+
+def test_parameter_count_read_from_the_headers(fitted_dir, tmp_path):
+    model = Engine.load(fitted_dir).model
+    stored = {k: v for k, v in model.state_dict().items()}
+    if model.config.mllm.tie_word_embeddings:
+        stored.pop("mllm.lm_head.weight")
+    assert count_parameters(fitted_dir, "mllm.") == sum(
+        v.numel() for k, v in stored.items() if k.startswith("mllm."))
+    assert count_parameters(fitted_dir) == sum(v.numel() for v in stored.values())
+    engine = Engine.load(fitted_dir)
+    version = engine.save_pretrained(tmp_path / "v", base=fitted_dir)
+    assert count_parameters(version, "mllm.") == count_parameters(fitted_dir, "mllm.")
