@@ -237,8 +237,8 @@ def keep_submission(label_path: str, image_id: str, label_filename: str,
     ext = next((e for e in (".nii.gz", ".nii", ".nrrd") if name.endswith(e)), ".nii.gz")
     now = time.time()
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"-{uuid.uuid4().hex[:6]}"
-    said = {k: label_info[k] for k in ("label_info", *SUBMISSION_KEYS, *SENDER_KEYS)
-            if label_info.get(k) is not None}
+    said = {k: label_info[k] for k in ("label_info", *SUBMISSION_KEYS, *SENDER_KEYS, "source",
+                                       "SeriesInstanceUID") if label_info.get(k) is not None}
     record = {"image": image_id, "file": stamp + ext, "ts": int(now),
               "received": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now)), **said}
     tmp = os.path.join(folder, f".{stamp}{ext}.part")

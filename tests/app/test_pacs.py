@@ -170,6 +170,11 @@ def test_seg_another_tool_stored_on_the_pacs_is_trained_on(pacs, pacs_server, tm
     final = info["labels"]["final"]["info"]
     assert final["SeriesInstanceUID"] == seg_uid
     assert [(e["name"], e["idx"]) for e in final["label_info"]] == [("spleen", 1)]
+    # kept as imported in the history too, saying where it came from
+    (kept,) = (_final_labels(pacs_server) / ".history" / pacs.series_uid).glob("*.json")
+    record = json.loads(kept.read_text())
+    assert record["SeriesInstanceUID"] == seg_uid and seg_uid in record["source"]
+    assert [e["name"] for e in record["label_info"]] == ["spleen"]
 
 
 def test_correction_is_kept_locally_and_stored_on_the_pacs_as_dicom_seg(pacs, pacs_server,
