@@ -23,23 +23,21 @@ from pathlib import Path
 
 import numpy as np
 
-HISTORY = Path("labels") / "final" / ".history"
+APP_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(APP_DIR))
+
+from lib.files import HISTORY_DIR, kept_records  # noqa: E402
+
+LABELS = Path("labels") / "final"
+HISTORY = LABELS / HISTORY_DIR
 
 
 def entries(datastore: Path, image: str | None = None) -> list[dict]:
     """The kept corrections (their .json records, plus `path` of the label file), oldest first."""
     root = datastore / HISTORY
-    folders = [root / image] if image else sorted(p for p in root.glob("*") if p.is_dir())
-    out = []
-    for folder in folders:
-        for meta in sorted(folder.glob("*.json")):
-            try:
-                record = json.loads(meta.read_text())
-            except (OSError, ValueError):
-                continue
-            record["path"] = folder / record.get("file", "")
-            out.append(record)
-    return out
+    images = [image] if image else sorted(p.name for p in root.glob("*") if p.is_dir())
+    return [{**r, "path": root / name / r.get("file", "")} for name in images
+            for r in kept_records(str(datastore / LABELS), name)]
 
 
 def _structures(record: dict, count: bool) -> str:

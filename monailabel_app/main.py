@@ -18,7 +18,7 @@ from typing import Any
 
 import lib.configs
 from dicomweb_client.session_utils import create_session_from_user_pass
-from lib.datastore import EXTENSIONS, CorrectionsDatastore, PacsDatastore
+from lib.datastore import SERVER_KEYS, EXTENSIONS, CorrectionsDatastore, PacsDatastore
 from lib.errors import RequestError
 from lib.model import resolve_model_dir
 
@@ -109,7 +109,8 @@ def _record_who_corrected() -> None:
                     "params must be a JSON object, e.g. {\"label_info\": [{\"name\": "
                     "\"liver\", \"idx\": 1}], \"prompt\": \"...\"}."))
             for entry in [body, *(e for e in body.get("label_info") or [] if isinstance(e, dict))]:
-                entry.pop("user", None)  # only the server says who sent a correction
+                for key in SERVER_KEYS:  # only the server says who sent a correction, and
+                    entry.pop(key, None)  # which PACS SEGs a label came from or went to
             if settings.MONAI_LABEL_AUTH_ENABLE and user:
                 body["user"] = user
             return original(background_tasks, image, json.dumps(body), tag, label, user)

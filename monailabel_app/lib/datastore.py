@@ -24,7 +24,6 @@ import os
 import shutil
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,34 +41,13 @@ from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from .errors import RequestError
+from .files import fsync_copy, fsync_dir, keep_submission, kept_records
 from .images import LPS_TO_RAS, Study, read_study, write_label
-from .model import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
 # MONAI Label's defaults plus DICOM files (the sample chest X-ray is a single .dcm).
 EXTENSIONS = ["*.nii.gz", "*.nii", "*.nrrd", "*.dcm", "*.png", "*.jpg"]
-
-
-def _fsync_copy(src: str, dst: str) -> None:
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        while chunk := fin.read(1 << 20):
-            fout.write(chunk)
-        fout.flush()
-        os.fsync(fout.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class CorrectionsDatastore(LocalDatastore):
@@ -111,8 +89,13 @@ class CorrectionsDatastore(LocalDatastore):
         with FileLock(self._lock_file):
             os.makedirs(label_path, exist_ok=True)
             if final:
-                keep_submission(label_path, image_id, label_filename, label_info)
+                keep_submission(label_path, image_id, label_filename, {
+                    k: label_info[k] for k in KEPT_KEYS if label_info.get(k) is not None})
             previous = obj.labels.get(label_tag)
+            if final and previous is not None:
+                for key in CARRIED_KEYS:  # what the server keeps of a label's PACS SEGs
+                    if previous.info.get(key) and key not in label_info:
+                        label_info[key] = previous.info[key]
             merged = None  # the merged final label, written outside labels/ first
             try:
                 if final:
@@ -123,13 +106,13 @@ class CorrectionsDatastore(LocalDatastore):
                     for key in SUBMISSION_KEYS + SENDER_KEYS:  # now in the entries they set
                         label_info.pop(key, None)
                     merged = write_label(image, array)
-                _fsync_copy(merged or label_filename, tmp)
+                fsync_copy(merged or label_filename, tmp)
                 os.replace(tmp, dest)
             finally:
                 for path in (tmp, merged):
                     if path and os.path.exists(path):
                         os.unlink(path)
-            _fsync_dir(label_path)
+            fsync_dir(label_path)
             if previous is not None and previous.ext and previous.ext != label_ext:
                 stale = os.path.join(label_path, self._filename(image_id, previous.ext))
                 if os.path.exists(stale):
@@ -217,36 +200,18 @@ class CorrectionsDatastore(LocalDatastore):
 NON_IMAGE_MODALITIES = {"SEG", "SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTDOSE", "REG", "DOC"}
 
 
+# kept from one final label to the next: the DICOM SEGs this server stored on the PACS for the
+# image, and those of other tools it imported (each is imported once, never written back)
+CARRIED_KEYS = ("pacs_segs_written", "pacs_segs_imported")
+# label info only the server sets (main._record_who_corrected drops them from clients)
+SERVER_KEYS = ("user", "SeriesInstanceUID", "pacs_error", "source", *CARRIED_KEYS)
+
 SUBMISSION_KEYS = ("prompt", "window")  # what a one-structure correction says of its structure
 # who sent a correction (set by the server when authentication is on, never by the client: see
 # main._record_who_corrected), recorded on every structure it sets
 SENDER_KEYS = ("user",)
-
-
-HISTORY_DIR = ".history"  # under labels/final; MONAI Label lists only files matching EXTENSIONS
-
-
-def keep_submission(label_path: str, image_id: str, label_filename: str,
-                    label_info: dict[str, Any]) -> str:
-    """Copy a final label as it was sent to labels/final/.history/<image id>/<stamp><ext>, with
-    `<stamp>.json` (what it said); both written to hidden names and renamed. The stamp (UTC time
-    + 6 hex digits) sorts in the order the corrections arrived. Returns the stamp."""
-    folder = os.path.join(label_path, HISTORY_DIR, image_id)
-    os.makedirs(folder, exist_ok=True)
-    name = os.path.basename(label_filename).lower()
-    ext = next((e for e in (".nii.gz", ".nii", ".nrrd") if name.endswith(e)), ".nii.gz")
-    now = time.time()
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"-{uuid.uuid4().hex[:6]}"
-    said = {k: label_info[k] for k in ("label_info", *SUBMISSION_KEYS, *SENDER_KEYS, "source",
-                                       "SeriesInstanceUID") if label_info.get(k) is not None}
-    record = {"image": image_id, "file": stamp + ext, "ts": int(now),
-              "received": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now)), **said}
-    tmp = os.path.join(folder, f".{stamp}{ext}.part")
-    _fsync_copy(label_filename, tmp)
-    os.replace(tmp, os.path.join(folder, stamp + ext))
-    write_json_atomic(Path(folder) / f"{stamp}.json", record)
-    _fsync_dir(folder)
-    return stamp
+# what the kept copy of a final label records of what came with it
+KEPT_KEYS = ("label_info", *SUBMISSION_KEYS, *SENDER_KEYS, "source", "SeriesInstanceUID")
 
 
 def _structures(array: np.ndarray, info: dict) -> dict[str, tuple[int, dict[str, Any]]]:
@@ -470,6 +435,8 @@ class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):
                 raise ValueError("the label is empty, so there is no DICOM SEG to send")
             try:
                 info["SeriesInstanceUID"] = dicom_web_upload_dcm(seg_file, self._client)
+                info["pacs_segs_written"] = sorted(
+                    set(info.get("pacs_segs_written") or []) | {info["SeriesInstanceUID"]})
             finally:
                 os.unlink(seg_file)
             info.pop("pacs_error", None)
@@ -499,11 +466,13 @@ class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):
 
     def import_pacs_segs(self) -> list[str]:
         """Final labels from DICOM SEGs that other tools stored on the PACS (as MONAI Label's
-        DICOMweb datastore uses them), resampled onto their image's voxel grid. A series that
-        already has a final label here keeps it (a correction sent through this server, or an
-        earlier import); SEGs this server wrote are skipped. A PACS that does not answer, or a
-        SEG that cannot be read, is logged and left out: training goes on with what is here.
-        Returns the image series that got a label."""
+        DICOMweb datastore uses them), resampled onto their image's voxel grid. Each SEG is
+        imported once; SEGs this server wrote are skipped. A series without a final label here
+        gets the SEG's structures. A series with one gets only the SEG's structures that no
+        label of it ever named (neither the stored label nor any kept correction or import):
+        what radiologists drew, re-drew or removed stays as they left it. A PACS that does not
+        answer, or a SEG that cannot be read, is logged and left out: training goes on with
+        what is here. Returns the image series whose label changed."""
         try:
             found = [Dataset.from_json(ds) for ds in self._client.search_for_series(
                 search_filters={"Modality": "SEG"}, fields=["StudyInstanceUID"])]
@@ -511,13 +480,17 @@ class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):
         except requests.RequestException as e:
             logger.warning("The PACS did not answer (%s); no new DICOM SEGs imported.", e)
             return []
-        written = {str(obj.labels[DefaultLabelTag.FINAL.value].info.get("SeriesInstanceUID"))
-                   for obj in self._datastore.objects.values()
-                   if DefaultLabelTag.FINAL.value in obj.labels}
+        done: set[str] = set()  # SEGs written here or imported before
+        for obj in self._datastore.objects.values():
+            final = obj.labels.get(DefaultLabelTag.FINAL.value)
+            if final is not None:
+                done.add(str(final.info.get("SeriesInstanceUID")))
+                for key in CARRIED_KEYS:
+                    done.update(str(u) for u in final.info.get(key) or [])
         imported = []
         for seg in found:
             seg_uid = str(seg.SeriesInstanceUID)
-            if seg_uid in written:
+            if seg_uid in done:
                 continue
             try:
                 image_id = self._import_seg(str(seg.StudyInstanceUID), seg_uid, images)
@@ -536,23 +509,50 @@ class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):
             logger.info("DICOM SEG %s references no image series listed here (%r); skipped.",
                         seg_uid, image_id)
             return None
-        obj = self._datastore.objects.get(image_id)
-        if obj is not None and DefaultLabelTag.FINAL.value in obj.labels:
-            logger.info("DICOM SEG %s skipped: series %s already has a final label here.",
-                        seg_uid, image_id)
-            return None
         study = read_study(self.get_image_uri(image_id))  # fetches the series into the cache
         label, label_info = _seg_to_label(ds, study)
+        source = f"DICOM SEG {seg_uid} on the PACS"
+        obj = self._datastore.objects.get(image_id)
+        stored = obj.labels.get(DefaultLabelTag.FINAL.value) if obj is not None else None
+        if stored is None:
+            info = {"label_info": label_info, "SeriesInstanceUID": seg_uid, "source": source,
+                    "pacs_segs_imported": [seg_uid]}
+        else:
+            named = self._named_structures(image_id, stored)
+            new = [e for e in label_info if e["name"].strip().lower() not in named]
+            if not new:
+                self._note_imported(image_id, seg_uid)
+                logger.info("DICOM SEG %s adds nothing to series %s: its label names each of "
+                            "the SEG's structures %s already.", seg_uid, image_id,
+                            [e["name"] for e in label_info])
+                return None
+            label = np.where(np.isin(label, [e["idx"] for e in new]), label, 0)
+            label_info = [{**e, "source": source} for e in new]
+            info = {"label_info": label_info, "pacs_segs_imported": sorted(
+                set(stored.info.get("pacs_segs_imported") or []) | {seg_uid})}
         path = write_label(study, label)
         try:
-            CorrectionsDatastore.save_label(self, image_id, path, DefaultLabelTag.FINAL.value, {
-                "label_info": label_info, "SeriesInstanceUID": seg_uid,
-                "source": f"DICOM SEG {seg_uid} on the PACS"})
+            CorrectionsDatastore.save_label(self, image_id, path, DefaultLabelTag.FINAL.value, info)
         finally:
             os.unlink(path)
-        logger.info("Imported DICOM SEG %s as the final label of %s: %s", seg_uid, image_id,
+        logger.info("Imported DICOM SEG %s into the final label of %s: %s", seg_uid, image_id,
                     [i["name"] for i in label_info])
         return image_id
+
+    def _named_structures(self, image_id: str, stored: DataModel) -> set[str]:
+        """Lower-case names of every structure the image's stored final label has or any kept
+        correction or import of it named (a removed structure too)."""
+        records = [stored.info, *kept_records(
+            self._datastore.label_path(DefaultLabelTag.FINAL.value), image_id)]
+        return {str(e.get("name", "")).strip().lower() for r in records
+                for e in r.get("label_info") or [] if isinstance(e, dict)}
+
+    def _note_imported(self, image_id: str, seg_uid: str) -> None:
+        with FileLock(self._lock_file):
+            info = self._datastore.objects[image_id].labels[DefaultLabelTag.FINAL.value].info
+            info["pacs_segs_imported"] = sorted(set(info.get("pacs_segs_imported") or [])
+                                                | {seg_uid})
+            self._update_datastore_file(lock=False)
 
 
 def _tree_bytes(path: str) -> int:

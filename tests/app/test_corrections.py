@@ -417,8 +417,11 @@ def test_label_params_must_be_json_and_cannot_name_the_sender(citrusv_server, sp
     assert r.status_code == 400, r.text
     assert r.json()["detail"].startswith("params must be a JSON object")
     r = put_label(citrusv_server, "chest_ct", spleen_label, {
-        "label_info": [{"name": "spleen", "idx": 1, "user": "mallory"}], "user": "mallory"})
+        "label_info": [{"name": "spleen", "idx": 1, "user": "mallory"}], "user": "mallory",
+        "SeriesInstanceUID": "1.2.3", "pacs_segs_written": ["1.2.4"], "source": "me"})
     assert r.status_code == 200, r.text
     info = citrusv_server.get("/datastore/?output=all").json()["objects"]["chest_ct"]
     final = info["labels"]["final"]["info"]
     assert "user" not in final and all("user" not in e for e in final["label_info"])
+    # nor which PACS SEGs a label came from or went to (what the SEG import trusts)
+    assert not {"SeriesInstanceUID", "pacs_segs_written", "source"} & set(final)

@@ -31,7 +31,7 @@ from tests.server import REPO, start_citrusv_server
 
 REFERENCE = REPO / "sample_data" / "reference" / "chest_ct"
 NANO = REPO / "models" / "nano"
-LIVER, SPLEEN = 5, 1  # labels.json
+LIVER, SPLEEN, LEFT_KIDNEY, STOMACH = 5, 1, 3, 6  # labels.json
 SLICE = 25  # a held-out slice of nano's training split
 
 
@@ -61,10 +61,12 @@ def _reference_label(tmp: Path, index: int, name: str) -> Path:
                            REPO / "sample_data" / "studies" / "chest_ct.nii.gz")
 
 
-def _seg_made_elsewhere(label: Path, name: str) -> pydicom.Dataset:
+def _seg_made_elsewhere(label: Path, names: str | list[str]) -> pydicom.Dataset:
     """A DICOM SEG of the sample CT series as another tool would store it (pydicom-seg, cropped
-    in-plane, empty slices left out)."""
+    in-plane, empty slices left out); `names` of the label's values 1, 2, ..."""
     import SimpleITK as sitk
+
+    names = [names] if isinstance(names, str) else names
 
     template = pydicom_seg.template.from_dcmqi_metainfo({
         "ContentCreatorName": "Other^Tool", "SeriesDescription": "other tool", "SeriesNumber": "77",
@@ -72,12 +74,13 @@ def _seg_made_elsewhere(label: Path, name: str) -> pydicom.Dataset:
         "ClinicalTrialSeriesID": "1", "ClinicalTrialTimePointID": "1",
         "ClinicalTrialCoordinatingCenterName": "x", "BodyPartExamined": "",
         "segmentAttributes": [[{
-            "labelID": 1, "SegmentLabel": name, "SegmentAlgorithmType": "MANUAL",
+            "labelID": i, "SegmentLabel": name, "SegmentAlgorithmType": "MANUAL",
             "SegmentedPropertyCategoryCodeSequence": {
                 "CodeValue": "123037004", "CodingSchemeDesignator": "SCT",
                 "CodeMeaning": "Anatomical Structure"},
             "SegmentedPropertyTypeCodeSequence": {
-                "CodeValue": "78961009", "CodingSchemeDesignator": "SCT", "CodeMeaning": name}}]],
+                "CodeValue": "78961009", "CodingSchemeDesignator": "SCT", "CodeMeaning": name}}
+            for i, name in enumerate(names, 1)]],
     })
     writer = pydicom_seg.MultiClassWriter(template, inplane_cropping=True, skip_empty_slices=True)
     sources = [pydicom.dcmread(p) for p in sorted(SAMPLE_SERIES.iterdir())]
@@ -232,6 +235,55 @@ def test_fine_tuning_trains_on_the_pacs_correction(pacs, pacs_server):
     assert after.status_code == 200 and after.json()["model"]["version"] == "2", after.text
 
 
+def _structures_of(server, series: str) -> tuple[np.ndarray, dict[str, int], dict]:
+    """(stored final label [z, y, x], name -> value, label info) of a series."""
+    data = zyx(nib.load(_final_labels(server) / f"{series}.nii.gz"))
+    info = server.get("/datastore/?output=all").json()["objects"][series]["labels"]["final"]["info"]
+    return data, {e["name"]: e["idx"] for e in info["label_info"]}, info
+
+
+def test_another_tools_seg_adds_only_structures_no_label_here_named(pacs, pacs_server, tmp_path):
+    # the series has the imported spleen and the corrected liver; a radiologist says there is
+    # no stomach to train on (a named structure sent empty)
+    empty = tmp_path / "no_stomach.nii.gz"
+    ct = nib.load(REPO / "sample_data" / "studies" / "chest_ct.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros(ct.shape, np.uint8), ct.affine), empty)
+    r = put_label(pacs_server, pacs.series_uid, empty, {"label_info": [{"name": "stomach", "idx": 1}]})
+    assert r.status_code == 200, r.text
+    before, names, info = _structures_of(pacs_server, pacs.series_uid)
+    assert names == {"spleen": 1, "liver": 2} and len(info["pacs_segs_written"]) == 2
+
+    # another tool stores a SEG with its own liver (one slice short), a left kidney, a stomach
+    ref = zyx(nib.load(REFERENCE / "mask.nii.gz"))
+    liver = ref == LIVER
+    liver[np.flatnonzero(liver.any(axis=(1, 2)))[0]] = False
+    kidney = ref == LEFT_KIDNEY
+    multi = np.zeros(ref.shape, np.uint8)
+    multi[liver], multi[kidney], multi[ref == STOMACH] = 1, 2, 3
+    path = tmp_path / "other.nii.gz"
+    nib.save(nib.Nifti1Image(multi.transpose(2, 1, 0), ct.affine), path)
+    seg = _seg_made_elsewhere(path, ["Liver", "Left Kidney", "Stomach"])
+    buffer = io.BytesIO()
+    seg.save_as(buffer)
+    assert requests.post(f"{pacs.url}/instances", data=buffer.getvalue(), timeout=60).ok
+    kept = len(list((_final_labels(pacs_server) / ".history" / pacs.series_uid).glob("*.json")))
+
+    for _ in range(2):  # the second run imports nothing more: each SEG is imported once
+        task = run_training(pacs_server, steps=1, batch_images=2, max_per_structure=2,
+                            publish_if_worse=True)
+        assert task["status"] == "DONE", "\n".join(task.get("details", []))
+        data, names, info = _structures_of(pacs_server, pacs.series_uid)
+        # only the kidney is new; the radiologists' liver, the spleen and "no stomach" stay
+        assert names == {"spleen": 1, "liver": 2, "left kidney": 3}, names
+        assert np.array_equal(data == 1, before == 1) and np.array_equal(data == 2, before == 2)
+        assert np.array_equal(data == 3, kidney)
+        entry = info["label_info"][2]
+        assert entry["source"] == f"DICOM SEG {seg.SeriesInstanceUID} on the PACS"
+        assert str(seg.SeriesInstanceUID) in info["pacs_segs_imported"]
+        history = sorted((_final_labels(pacs_server) / ".history" / pacs.series_uid).glob("*.json"))
+        assert len(history) == kept + 1  # the two SEGs this server wrote were not imported
+
+
 def test_cache_over_its_limit_drops_the_least_recently_asked_series_without_labels(
         pacs, tiny_model_dir, tmp_path_factory, tmp_path):
     # CT series: 68 MB of DICOM + 33 MB NIfTI in the cache; X-ray: 13 MB; limit 50 MB
@@ -288,11 +340,12 @@ def test_correction_is_kept_while_the_pacs_is_down(pacs, pacs_server, tmp_path):
     r = put_label(pacs_server, pacs.series_uid, spleen,
                   {"label_info": [{"name": "spleen", "idx": 1}]})
     assert r.status_code == 200, r.text
-    saved = zyx(nib.load(_final_labels(pacs_server) / f"{pacs.series_uid}.nii.gz"))
-    assert np.array_equal(saved == 2, zyx(nib.load(spleen)) > 0)  # the liver before it kept
-    assert np.array_equal(saved == 1, zyx(nib.load(REFERENCE / "mask.nii.gz")) == LIVER)
-    final = pacs_server.get("/datastore/?output=all").json()["objects"][pacs.series_uid]
-    assert "pacs_error" in final["labels"]["final"]["info"]
+    saved, names, info = _structures_of(pacs_server, pacs.series_uid)
+    assert np.array_equal(saved == names["spleen"], zyx(nib.load(spleen)) > 0)
+    ref = zyx(nib.load(REFERENCE / "mask.nii.gz"))
+    assert np.array_equal(saved == names["liver"], ref == LIVER)  # the others before it kept
+    assert np.array_equal(saved == names["left kidney"], ref == LEFT_KIDNEY)
+    assert "pacs_error" in info
     # the series is cached: the radiologist can go on asking while the PACS is down
     params = {"params": json.dumps({"prompt": "Segment the spleen.", "slice": 40})}
     ok = pacs_server.post(f"/infer/citrusv_segment?image={pacs.series_uid}&output=json",

@@ -1,0 +1,74 @@
+"""Files a crash cannot half-write, and the copies of corrections kept as they were sent.
+
+Light on purpose (no MONAI Label, no torch): `monailabel_app/history.py` reads the kept
+corrections with it on the workstation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from .model import write_json_atomic
+
+HISTORY_DIR = ".history"  # under labels/final; MONAI Label lists only label files there
+
+
+def fsync_copy(src: str, dst: str) -> None:
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        while chunk := fin.read(1 << 20):
+            fout.write(chunk)
+        fout.flush()
+        os.fsync(fout.fileno())
+
+
+def fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def keep_submission(label_path: str, image_id: str, label_filename: str,
+                    said: dict[str, Any]) -> str:
+    """Copy a final label as it was sent to labels/final/.history/<image id>/<stamp><ext>, with
+    `<stamp>.json` (`said`: what came with it); both written to hidden names and renamed. The
+    stamp (UTC time + 6 hex digits) sorts in the order the corrections arrived. Returns it."""
+    folder = os.path.join(label_path, HISTORY_DIR, image_id)
+    os.makedirs(folder, exist_ok=True)
+    name = os.path.basename(label_filename).lower()
+    ext = next((e for e in (".nii.gz", ".nii", ".nrrd") if name.endswith(e)), ".nii.gz")
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"-{uuid.uuid4().hex[:6]}"
+    record = {"image": image_id, "file": stamp + ext, "ts": int(now),
+              "received": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now)), **said}
+    tmp = os.path.join(folder, f".{stamp}{ext}.part")
+    fsync_copy(label_filename, tmp)
+    os.replace(tmp, os.path.join(folder, stamp + ext))
+    write_json_atomic(Path(folder) / f"{stamp}.json", record)
+    fsync_dir(folder)
+    return stamp
+
+
+def kept_records(label_path: str, image_id: str) -> list[dict[str, Any]]:
+    """The .json records of an image's kept corrections (see keep_submission), oldest first."""
+    folder = os.path.join(label_path, HISTORY_DIR, image_id)
+    records = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith(".json") and not name.startswith("."):
+            try:
+                with open(os.path.join(folder, name)) as f:
+                    records.append(json.load(f))
+            except (OSError, ValueError):
+                continue
+    return records
