@@ -14,6 +14,11 @@ Every final label is also kept *as it was sent* in `labels/final/.history/<image
 what it said (structures, prompt, window, sender, time), before it is merged: a structure that a
 later correction re-draws or removes can be put back (`monailabel_app/history.py`), and a
 correction whose merge fails is still on disk. The server never deletes that history.
+
+Two processes write the datastore: the server (corrections) and its training run (SEGs that
+other tools stored on the PACS, imported at the start of each run). Both hold the index in
+memory; every write takes the file lock and re-reads the index if the other process replaced
+it, so neither puts back an older index over a label the other just saved.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -35,7 +41,7 @@ from pydicom import Dataset
 
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMWebDatastore
-from monailabel.datastore.local import DataModel, LocalDatastore
+from monailabel.datastore.local import DataModel, LocalDatastore, LocalDatastoreModel
 from monailabel.datastore.utils.convert import nifti_to_dicom_seg
 from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
 from monailabel.interfaces.datastore import DefaultLabelTag
@@ -67,16 +73,34 @@ class CorrectionsDatastore(LocalDatastore):
                 self._datastore_config_path):
             self._init_from_datastore_file()  # a no-op for this process's own writes (mtime)
 
+    def _reload_index(self) -> None:
+        """Re-read the index if another process (the server, or its training run, which imports
+        PACS SEGs) replaced it since this one last read or wrote it, so a write under the lock
+        never puts back an older index. The caller holds the lock."""
+        try:
+            ts = os.stat(self._datastore_config_path).st_mtime
+        except OSError:
+            return
+        if ts != self._config_ts:
+            with open(self._datastore_config_path) as f:
+                fresh = LocalDatastoreModel.model_validate_json(f.read())
+            fresh.base_path = self._datastore_path
+            self._datastore, self._config_ts = fresh, ts
+
     def save_label(self, image_id: str, label_filename: str, label_tag: str,
-                   label_info: dict[str, Any]) -> str:
-        obj = self._datastore.objects.get(image_id)
-        if not obj:
+                   label_info: dict[str, Any], decide: Decide | None = None) -> str:
+        """Check, keep, merge and write a label (see the module text). `decide` (used by the PACS
+        SEG import) sees the stored final label and the new one under the lock and returns the
+        (label map, label info) to merge, or None to save nothing (it may note something in the
+        stored label's info, which is then written); the return is "" then."""
+        if image_id not in self._datastore.objects:
             raise RequestError(f"image '{image_id}' is not in the datastore; save the label for one "
                                "of the ids listed by GET /datastore/?output=all.", status_code=404)
         label_tag = label_tag or DefaultLabelTag.FINAL.value
         label_info = dict(label_info or {})
         label, image = self._check_label(image_id, label_filename, label_info)
         final = label_tag == DefaultLabelTag.FINAL.value
+        incoming = label.array
 
         _, label_ext = self._to_id(os.path.basename(label_filename))
         if final or label_ext not in (".nii.gz", ".nii", ".nrrd"):
@@ -87,11 +111,28 @@ class CorrectionsDatastore(LocalDatastore):
         tmp = os.path.join(label_path, f".{name}.{uuid.uuid4().hex}.part")
 
         with FileLock(self._lock_file):
+            self._reload_index()
+            obj = self._datastore.objects.get(image_id)
+            if obj is None:
+                raise RequestError(f"image '{image_id}' was removed from the datastore meanwhile; "
+                                   "nothing was saved.", status_code=404)
             os.makedirs(label_path, exist_ok=True)
-            if final:
-                keep_submission(label_path, image_id, label_filename, {
-                    k: label_info[k] for k in KEPT_KEYS if label_info.get(k) is not None})
             previous = obj.labels.get(label_tag)
+            kept_file = label_filename
+            if decide is not None:
+                decided = decide(previous, incoming, label_info)
+                if decided is None:
+                    self._update_datastore_file(lock=False)
+                    return ""
+                incoming, label_info = decided
+                kept_file = write_label(image, incoming)
+            if final:
+                try:
+                    keep_submission(label_path, image_id, kept_file, {
+                        k: label_info[k] for k in KEPT_KEYS if label_info.get(k) is not None})
+                finally:
+                    if kept_file != label_filename:
+                        os.unlink(kept_file)
             if final and previous is not None:
                 for key in CARRIED_KEYS:  # what the server keeps of a label's PACS SEGs
                     if previous.info.get(key) and key not in label_info:
@@ -99,8 +140,8 @@ class CorrectionsDatastore(LocalDatastore):
             merged = None  # the merged final label, written outside labels/ first
             try:
                 if final:
-                    stored = self._stored_final(image_id, previous, label.array.shape)
-                    array, entries = _merge_final(stored, label.array, label_info)
+                    stored = self._stored_final(image_id, previous, incoming.shape)
+                    array, entries = _merge_final(stored, incoming, label_info)
                     label_info["label_info"] = entries
                     label_info["label_values"] = [e["idx"] for e in entries]
                     for key in SUBMISSION_KEYS + SENDER_KEYS:  # now in the entries they set
@@ -199,6 +240,9 @@ class CorrectionsDatastore(LocalDatastore):
 # DICOM objects a PACS lists as series that are not images to ask about
 NON_IMAGE_MODALITIES = {"SEG", "SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTDOSE", "REG", "DOC"}
 
+
+# (stored final label or None, new label map, its label info) -> what to merge, or None
+Decide = Callable[[DataModel | None, np.ndarray, dict], tuple[np.ndarray, dict] | None]
 
 # kept from one final label to the next: the DICOM SEGs this server stored on the PACS for the
 # image, and those of other tools it imported (each is imported once, never written back)
@@ -428,22 +472,28 @@ class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):
         if (label_tag or DefaultLabelTag.FINAL.value) != DefaultLabelTag.FINAL.value:
             return saved
         info = self.get_label_info(image_id, DefaultLabelTag.FINAL.value)
+        uid, error = None, None
         try:
             seg_file = nifti_to_dicom_seg(self._series_dir(image_id), self.get_label_uri(image_id, label_tag),
                                           _seg_label_info(info), use_itk=False)
             if not seg_file:
                 raise ValueError("the label is empty, so there is no DICOM SEG to send")
             try:
-                info["SeriesInstanceUID"] = dicom_web_upload_dcm(seg_file, self._client)
-                info["pacs_segs_written"] = sorted(
-                    set(info.get("pacs_segs_written") or []) | {info["SeriesInstanceUID"]})
+                uid = str(dicom_web_upload_dcm(seg_file, self._client))
             finally:
                 os.unlink(seg_file)
-            info.pop("pacs_error", None)
         except Exception as e:  # the PACS copy is best effort; the correction is already safe
             logger.error("Correction for %s kept locally; the PACS did not take it: %s", image_id, e)
-            info["pacs_error"] = f"{type(e).__name__}: {e}"
+            error = f"{type(e).__name__}: {e}"
         with FileLock(self._lock_file):
+            self._reload_index()  # another correction or import may have landed meanwhile
+            info = self._datastore.objects[image_id].labels[DefaultLabelTag.FINAL.value].info
+            if uid:
+                info["SeriesInstanceUID"] = uid
+                info["pacs_segs_written"] = sorted(set(info.get("pacs_segs_written") or []) | {uid})
+                info.pop("pacs_error", None)
+            else:
+                info["pacs_error"] = error
             self._update_datastore_file(lock=False)
         return saved
 
@@ -512,32 +562,34 @@ class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):
         study = read_study(self.get_image_uri(image_id))  # fetches the series into the cache
         label, label_info = _seg_to_label(ds, study)
         source = f"DICOM SEG {seg_uid} on the PACS"
-        obj = self._datastore.objects.get(image_id)
-        stored = obj.labels.get(DefaultLabelTag.FINAL.value) if obj is not None else None
-        if stored is None:
-            info = {"label_info": label_info, "SeriesInstanceUID": seg_uid, "source": source,
-                    "pacs_segs_imported": [seg_uid]}
-        else:
+
+        def decide(stored: DataModel | None, array: np.ndarray, _info: dict):
+            # under the datastore lock, on the index as it is now
+            if stored is None:
+                return array, {"label_info": label_info, "SeriesInstanceUID": seg_uid,
+                               "source": source, "pacs_segs_imported": [seg_uid]}
+            imported = sorted(set(stored.info.get("pacs_segs_imported") or []) | {seg_uid})
             named = self._named_structures(image_id, stored)
             new = [e for e in label_info if e["name"].strip().lower() not in named]
             if not new:
-                self._note_imported(image_id, seg_uid)
+                stored.info["pacs_segs_imported"] = imported
                 logger.info("DICOM SEG %s adds nothing to series %s: its label names each of "
                             "the SEG's structures %s already.", seg_uid, image_id,
                             [e["name"] for e in label_info])
                 return None
-            label = np.where(np.isin(label, [e["idx"] for e in new]), label, 0)
-            label_info = [{**e, "source": source} for e in new]
-            info = {"label_info": label_info, "pacs_segs_imported": sorted(
-                set(stored.info.get("pacs_segs_imported") or []) | {seg_uid})}
+            return (np.where(np.isin(array, [e["idx"] for e in new]), array, 0),
+                    {"label_info": [{**e, "source": source} for e in new],
+                     "pacs_segs_imported": imported})
+
         path = write_label(study, label)
         try:
-            CorrectionsDatastore.save_label(self, image_id, path, DefaultLabelTag.FINAL.value, info)
+            saved = CorrectionsDatastore.save_label(self, image_id, path,
+                                                    DefaultLabelTag.FINAL.value, {}, decide)
         finally:
             os.unlink(path)
-        logger.info("Imported DICOM SEG %s into the final label of %s: %s", seg_uid, image_id,
-                    [i["name"] for i in label_info])
-        return image_id
+        if saved:
+            logger.info("Imported DICOM SEG %s into the final label of %s", seg_uid, image_id)
+        return saved or None
 
     def _named_structures(self, image_id: str, stored: DataModel) -> set[str]:
         """Lower-case names of every structure the image's stored final label has or any kept
@@ -546,13 +598,6 @@ class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):
             self._datastore.label_path(DefaultLabelTag.FINAL.value), image_id)]
         return {str(e.get("name", "")).strip().lower() for r in records
                 for e in r.get("label_info") or [] if isinstance(e, dict)}
-
-    def _note_imported(self, image_id: str, seg_uid: str) -> None:
-        with FileLock(self._lock_file):
-            info = self._datastore.objects[image_id].labels[DefaultLabelTag.FINAL.value].info
-            info["pacs_segs_imported"] = sorted(set(info.get("pacs_segs_imported") or [])
-                                                | {seg_uid})
-            self._update_datastore_file(lock=False)
 
 
 def _tree_bytes(path: str) -> int:

@@ -1,0 +1,46 @@
+"""Two processes write one datastore: the server (corrections) and its training run (PACS SEG
+imports). Each keeps the index in memory; a write must start from the index on disk, or it puts
+an older one back and a correction saved meanwhile loses its structure.
+
+Two `CorrectionsDatastore` objects on one studies folder stand for the two processes (each reads
+the index once when created, as each process does)."""
+
+from __future__ import annotations
+
+import sys
+
+import nibabel as nib
+import numpy as np
+
+from tests.app.helpers import reference_label
+from tests.server import APP_DIR, copy_studies
+
+sys.path.insert(0, str(APP_DIR))
+from lib.datastore import EXTENSIONS, CorrectionsDatastore  # noqa: E402
+
+LIVER, SPLEEN = 5, 1  # labels.json
+
+
+def test_a_stale_process_merges_into_the_label_another_one_saved(citrusv_sample_studies, tmp_path):
+    studies = copy_studies(tmp_path / "studies", citrusv_sample_studies)
+    server, training = (CorrectionsDatastore(str(studies), extensions=EXTENSIONS)
+                        for _ in range(2))
+    ct = studies / "chest_ct.nii.gz"
+    liver = reference_label(tmp_path / "liver.nii.gz", LIVER, ct)
+    spleen = reference_label(tmp_path / "spleen.nii.gz", SPLEEN, ct)
+
+    server.save_label("chest_ct", str(liver), "final", {"label_info": [{"name": "liver", "idx": 1}]})
+    # the other process has not seen that save; its write must still keep the liver
+    training.save_label("chest_ct", str(spleen), "final",
+                        {"label_info": [{"name": "spleen", "idx": 1}]})
+
+    fresh = CorrectionsDatastore(str(studies), extensions=EXTENSIONS)
+    info = fresh.get_label_info("chest_ct", "final")
+    assert [(e["name"], e["idx"]) for e in info["label_info"]] == [("liver", 1), ("spleen", 2)]
+    stored = np.asarray(nib.load(studies / "labels" / "final" / "chest_ct.nii.gz").dataobj)
+    assert np.array_equal(stored == 1, np.asarray(nib.load(liver).dataobj) > 0)
+    assert np.array_equal(stored == 2, np.asarray(nib.load(spleen).dataobj) > 0)
+    # and the first process, writing again, does not put its older index back either
+    server.save_label("chest_ct", str(liver), "final", {"label_info": [{"name": "liver", "idx": 1}]})
+    info = CorrectionsDatastore(str(studies), extensions=EXTENSIONS).get_label_info("chest_ct", "final")
+    assert [e["name"] for e in info["label_info"]] == ["spleen", "liver"]
