@@ -11,6 +11,7 @@ the MONAI Label trainer; `train_nano` builds `models/nano` from the sample CT fr
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import random
@@ -387,8 +388,6 @@ def finetune_segmentation(model: CitrusV, processor, samples: Sequence[SegSample
     states_seconds = time.perf_counter() - t0
     if release_mllm:
         model.mllm = None  # its weights go when the caller's engine holds no other reference
-        import gc
-
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -124,8 +124,9 @@ class CorrectionsDatastore(LocalDatastore):
                 if decided is None:
                     self._update_datastore_file(lock=False)
                     return ""
+                if decided[0] is not incoming:  # keep what is merged, not the whole SEG
+                    kept_file = write_label(image, decided[0])
                 incoming, label_info = decided
-                kept_file = write_label(image, incoming)
             if final:
                 try:
                     keep_submission(label_path, image_id, kept_file, {
@@ -530,6 +531,8 @@ class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):
         except requests.RequestException as e:
             logger.warning("The PACS did not answer (%s); no new DICOM SEGs imported.", e)
             return []
+        with FileLock(self._lock_file):
+            self._reload_index()  # the server's latest corrections and their SEGs
         done: set[str] = set()  # SEGs written here or imported before
         for obj in self._datastore.objects.values():
             final = obj.labels.get(DefaultLabelTag.FINAL.value)
