@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU figures in one run, for a session lent a GPU machine through the `device` tool (its
+# python3 has torch but not this project's pins), or any CUDA machine with the project's venv
+# (SKIP_WHEELS=1 PY=.venv/bin/python).
+#
+#   Once, here:  see "GPU figures" in models/citrusv/README.md (downloads ./.whl, git-ignored)
+#   There:       bash scripts/gpu_bench.sh            (writes to $OUT, else ./bench_out)
+#
+# Runs: the engine bench of the random-init 8B shape (bf16: capture-while-generating overhead,
+# prefill/decode tokens/s, cold vs cached mask step, GPU memory) and the fine-tune memory with
+# the training run's MLLM copy kept vs released. SHAPE, DEVICE override the defaults.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+SHAPE=${SHAPE:-8b}
+DEVICE=${DEVICE:-cuda}
+OUT=${OUT:-bench_out}
+mkdir -p "$OUT"
+if [ "${SKIP_WHEELS:-0}" != 1 ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/models" PYTHONUNBUFFERED=1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
+  "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+} | tee "$OUT/machine.txt"
+"$PY" -m citrusv.cli bench --shape "$SHAPE" --device "$DEVICE" --size 512 --new-tokens 32 \
+    --repeats 5 2>&1 | tee "$OUT/bench_$SHAPE.txt"
+"$PY" -m citrusv.cli bench --shape "$SHAPE" --device "$DEVICE" --finetune-steps 10 2>&1 \
+    | tee "$OUT/finetune_$SHAPE.txt"
