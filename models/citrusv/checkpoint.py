@@ -3,8 +3,9 @@ tokenizer/processor files. Also build one from parts (Qwen2.5-VL dir + SAM2 .pt 
 
 A checkpoint may also be saved *on top of a base*: weights under some prefixes (the MLLM,
 `mllm.`, which the segmentation-stage fine-tune keeps frozen) are not written again but read
-from the full checkpoint named in `citrusv_base.json`. For Citrus-V-8B in bf16 that is about
-0.5 GB per fine-tuned version instead of about 17 GB (from the parameter counts). The base is fingerprinted (each
+from the full checkpoint named in `citrusv_base.json`. For Citrus-V-8B that is about 1 GB per
+fine-tuned version (SAM2 + projector, kept fp32) instead of about 17 GB (from the parameter
+counts). The base is fingerprinted (each
 shard's size and a hash of its safetensors header), so a base that was replaced or re-saved
 makes loading fail with a sentence, never a silent mix of weights.
 """
@@ -58,14 +59,15 @@ def _default_dtype(dtype: torch.dtype):
 
 def build_model(config: CitrusVConfig, dtype: torch.dtype = torch.float32,
                 random_init: bool = True) -> CitrusV:
-    """Construct the module; without random init when weights are about to be loaded."""
+    """Construct the module; without random init when weights are about to be loaded. `dtype`
+    is the MLLM's: SAM2 and the projector stay fp32 (see `CitrusV.keep_sam2_fp32`)."""
     with _default_dtype(dtype):
         if random_init:
             model = CitrusV(config)
         else:
             with no_init_weights():
                 model = CitrusV(config)
-    return model.to(dtype)
+    return model.to(dtype).keep_sam2_fp32()
 
 
 def shard_files(path: Path) -> list[Path]:
@@ -178,7 +180,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     model.load_state_dict(state, strict=False)
     if tied:
         model.mllm.tie_weights()
-    model.to(device=device, dtype=dtype).eval()
+    model.to(device=device, dtype=dtype).keep_sam2_fp32().eval()
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # silence the slow->fast image processor notice
     try:
@@ -275,5 +277,5 @@ def from_parts(qwen_dir: str | Path, sam2_pt: str | Path | None, projector_file:
         sd = {k.removeprefix("seg_projector."): v for k, v in sd.items()}
         check_keys(set(model.seg_projector.state_dict()), set(sd))
         model.seg_projector.load_state_dict(sd)
-    model.to(device=device, dtype=dtype).eval()
+    model.to(device=device, dtype=dtype).keep_sam2_fp32().eval()
     return model, processor, config

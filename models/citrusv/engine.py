@@ -410,7 +410,7 @@ class Engine:
             return
         size = self.model.sam2_image_size
         pixels = torch.cat([imaging.sam2_input(s.rgb, size) for s in todo])
-        feats = self.model.encode_slice(pixels.to(self.device, self.dtype))
+        feats = self.model.encode_slice(pixels.to(self.device, self.model.sam2_dtype))
         for i, s in enumerate(todo):
             s.sam_features = {"image_embed": feats["image_embed"][i:i + 1],
                               "high_res_feats": [f[i:i + 1] for f in feats["high_res_feats"]]}

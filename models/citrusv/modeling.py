@@ -86,6 +86,21 @@ class CitrusV(nn.Module):
     def sam2_image_size(self) -> int:
         return int(self.sam2.image_size)
 
+    @property
+    def sam2_dtype(self) -> torch.dtype:
+        """What SAM2 and the projector take: fp32 (see keep_sam2_fp32)."""
+        return self.seg_projector[0].weight.dtype
+
+    def keep_sam2_fp32(self) -> CitrusV:
+        """SAM2 and the projector in fp32 whatever the MLLM's dtype. SAM2's own code builds fp32
+        tensors on the way (the FPN's top-down path, the prompt encoder's empty sparse prompt
+        and grid) and feeds them to its layers, which fails against bf16 weights unless
+        autocast runs; fp32 is also what its fine-tune should update. Its cost is small next to
+        the MLLM (Citrus-V-8B: SAM2 Hiera-L 224 M parameters, 0.9 GB in fp32)."""
+        self.grounding_encoder.float()
+        self.seg_projector.float()
+        return self
+
     @torch.no_grad()
     def encode_slice(self, pixels: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         """SAM2 image encoder on (B, 3, S, S) slices; `no_mem_embed` added (image mode)."""

@@ -414,14 +414,14 @@ def finetune_segmentation(model: CitrusV, processor, samples: Sequence[SegSample
                 order.extend(range(len(samples)))
                 rng.shuffle(order)
             chosen.append(order.pop())
-        pixels = torch.stack([inputs[i].sam for i in chosen]).to(device, _dtype(model))
+        pixels = torch.stack([inputs[i].sam for i in chosen]).to(device, model.sam2_dtype)
         tgt = torch.stack([targets[i] for i in chosen]).to(device)
         owners = list(range(len(chosen)))
         if augment:
             pixels, tgt = augment_sam(pixels, tgt, owners, rng)
         feats = sam_features(model, pixels)
         low, iou = decode_train(model, feats, owners,
-                                seg_hidden[chosen].to(device, _dtype(model)))
+                                seg_hidden[chosen].to(device, model.sam2_dtype))
         return mask_losses(low, iou, tgt)
 
     def on_step(step: int, loss: float, parts: dict[str, float]) -> None:
@@ -453,7 +453,8 @@ def seg_states_of(model: CitrusV, processor, samples: Sequence[SegSample]
 
 
 def _dtype(model) -> torch.dtype:
-    return next(model.parameters()).dtype
+    """The MLLM's dtype (SAM2 and the projector take `model.sam2_dtype`)."""
+    return next(model.mllm.parameters()).dtype
 
 
 @torch.no_grad()
@@ -499,7 +500,7 @@ def segmentation_dice(model: CitrusV, processor, samples: Sequence[SegSample | d
 def _dice_of_states(model: CitrusV, inputs: Sequence[ImageInputs], states: torch.Tensor,
                     samples: Sequence[SegSample]) -> float:
     """Mean Dice of SAM2's masks for given [SEG] states (needs no MLLM)."""
-    device, dtype = next(model.parameters()).device, _dtype(model)
+    device, dtype = next(model.parameters()).device, model.sam2_dtype
     model.eval()
     scores = []
     for inp, h, s in zip(inputs, states, samples):

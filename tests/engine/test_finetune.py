@@ -69,3 +69,17 @@ def test_parameter_count_read_from_the_headers(fitted_dir, tmp_path):
     engine = Engine.load(fitted_dir)
     version = engine.save_pretrained(tmp_path / "v", base=fitted_dir)
     assert count_parameters(version, "mllm.") == count_parameters(fitted_dir, "mllm.")
+
+
+def test_bf16_model_fine_tunes_sam2_in_fp32(fitted_dir, tmp_path):
+    # bf16 is the default on a GPU; SAM2's own code needs fp32 weights without autocast
+    engine = Engine.load(fitted_dir, dtype="bf16")
+    assert next(engine.model.mllm.parameters()).dtype == torch.bfloat16
+    stats = finetune_segmentation(engine.model, engine.processor, _samples(0, 4), steps=3,
+                                  batch_images=2, val_samples=_samples(1, 2), release_mllm=True)
+    assert len(stats["loss_curve"]) == 3 and all(np.isfinite(stats["loss_curve"]))
+    assert {p.dtype for p in engine.model.parameters()} == {torch.float32}
+    back = Engine.load(engine.save_pretrained(tmp_path / "v", base=fitted_dir), dtype="bf16")
+    res = back.ask(_samples(2, 1)[0].image, "Please segment the liver in this scan.",
+                   window="abdomen")
+    assert res.masks and res.masks[0].area_px > 0
