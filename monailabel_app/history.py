@@ -26,6 +26,7 @@ import numpy as np
 APP_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(APP_DIR))
 
+from lib.cli import run, table  # noqa: E402
 from lib.files import HISTORY_DIR, kept_records  # noqa: E402
 
 LABELS = Path("labels") / "final"
@@ -66,9 +67,7 @@ def list_entries(datastore: Path, image: str | None) -> str:
     for r in found:
         rows.append((r.get("image", "?"), Path(r["file"]).name.split(".")[0], r.get("received", "?"),
                      r.get("user") or "-", _structures(r, count=image is not None)))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4]
-                     for row in rows)
+    return table(rows)
 
 
 def restore(datastore: Path, image: str, entry: str, server: str, token: str | None) -> str:
@@ -112,17 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token", default=None, help="an annotator's access token (sign-in on)")
     args = ap.parse_args(argv)
     datastore = Path(args.datastore)
-    try:
+
+    def act() -> str:
         if not datastore.is_dir():
             raise ValueError(f"{datastore} is not a folder; pass the server's --studies folder.")
         if args.cmd == "restore":
-            print(restore(datastore, args.image, args.entry, args.server, args.token))
-        else:
-            print(list_entries(datastore, getattr(args, "image", None)))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+            return restore(datastore, args.image, args.entry, args.server, args.token)
+        return list_entries(datastore, getattr(args, "image", None))
+
+    return run(act)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 APP_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(APP_DIR))
 
+from lib.cli import run, table  # noqa: E402
 from lib.model import SharedModel, resolve_model_dir, set_withdrawn  # noqa: E402
 
 
@@ -37,10 +38,8 @@ def list_versions(model_dir: str) -> str:
                  f"withdrawn {w.get('at') or ''}: {w.get('reason') or 'no reason given'}" if w else "")
         rows.append((v["version"], _fmt(v["created"]), _fmt(v["base_version"]),
                      f"{_fmt(v['val_dice_before'])} -> {_fmt(v['val_dice'])}", state))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
     head = f"{model.model_dir}: " + (f"serving {serving}" if serving else "no checkpoint installed")
-    return "\n".join([head, *(line.rstrip() for line in lines)])
+    return f"{head}\n{table(rows)}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,18 +54,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("version")
     args = ap.parse_args(argv)
     model_dir = resolve_model_dir(APP_DIR, args.model_dir)
-    try:
+
+    def act() -> str:
+        done = ""
         if args.cmd == "withdraw":
             now = set_withdrawn(model_dir, args.version, args.reason)
-            print(f"Version {args.version} withdrawn; the server now serves {now}.")
+            done = f"Version {args.version} withdrawn; the server now serves {now}.\n"
         elif args.cmd == "restore":
             now = set_withdrawn(model_dir, args.version, None)
-            print(f"Version {args.version} restored; the server now serves {now}.")
-        print(list_versions(model_dir))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+            done = f"Version {args.version} restored; the server now serves {now}.\n"
+        return done + list_versions(model_dir)
+
+    return run(act)
 
 
 if __name__ == "__main__":

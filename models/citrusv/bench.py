@@ -122,20 +122,13 @@ def finetune_memory(model: str | None, shape: str | None, device: str, dtype, st
 
 def _finetune_memory_once(model, shape, device, dtype, steps, size, samples, release,
                           threads) -> dict:
-    from .training import SegSample, finetune_segmentation
+    from .testing import bright_square_samples
+    from .training import finetune_segmentation
 
     torch.set_num_threads(threads)
     engine = load_engine(model, shape, device, dtype)
     dev = engine.device
-    rng = np.random.default_rng(0)
-    data = []
-    for _ in range(samples + 2):
-        image = rng.normal(40, 60, (size, size)).astype(np.float32)
-        mask = np.zeros((size, size), bool)
-        y, x = rng.integers(size // 8, size // 2, 2)
-        mask[y:y + size // 3, x:x + size // 3] = True
-        image[mask] += 200
-        data.append(SegSample(image, "Please segment the liver in this scan.", mask, "abdomen"))
+    data = bright_square_samples(samples + 2, size)
     weights = sum(p.numel() * p.element_size() for p in engine.model.mllm.parameters())
     seen: list[float] = []
 

@@ -214,3 +214,21 @@ def _fit_answers(model, processor, config, answers: dict[str, str], seed: int,
         raise RuntimeError(f"the tiny model did not learn the answers in {max_steps} steps; "
                            "pass shorter answers or a larger max_fit_steps.")
     model.fit_steps = step + 1
+
+
+def bright_square_samples(n: int, size: int = 96, seed: int = 0) -> list:
+    """`n` segmentation-stage samples (`training.SegSample`): noise slices in HU, each with one
+    bright square as the "liver" mask to find. For fine-tune plumbing and the memory bench."""
+    from .training import SegSample
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        image = rng.normal(40, 60, (size, size)).astype(np.float32)
+        mask = np.zeros((size, size), bool)
+        y, x = rng.integers(size // 8, size // 2, 2)
+        mask[y:y + size // 3, x:x + size // 3] = True
+        image[mask] += 200
+        out.append(SegSample(image=image, prompt="Please segment the liver in this scan.",
+                             mask=mask, window="abdomen", label="liver"))
+    return out

@@ -9,21 +9,12 @@ import torch
 from citrusv import Engine
 from citrusv.checkpoint import count_parameters
 from citrusv.errors import CheckpointError
+from citrusv.testing import bright_square_samples
 from citrusv.training import SegSample, finetune_segmentation
 
 
 def _samples(seed: int, n: int) -> list[SegSample]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        image = rng.normal(40, 60, (96, 96)).astype(np.float32)
-        mask = np.zeros((96, 96), bool)
-        y, x = rng.integers(10, 50, 2)
-        mask[y:y + 30, x:x + 30] = True
-        image[mask] += 200  # a bright square to find
-        out.append(SegSample(image=image, prompt="Please segment the liver in this scan.",
-                             mask=mask, window="abdomen", label="liver"))
-    return out
+    return bright_square_samples(n, 96, seed)
 
 
 def _trained(engine: Engine) -> dict[str, torch.Tensor]:
