@@ -290,7 +290,7 @@ def augment_sam(pixels: torch.Tensor, targets: torch.Tensor, owners: list[int],
                 rng: random.Random, strength: float = 0.08) -> tuple[torch.Tensor, torch.Tensor]:
     """Same random scale/shift on each image and on the targets that belong to it."""
     b = pixels.shape[0]
-    theta = torch.zeros(b, 2, 3)
+    theta = torch.zeros(b, 2, 3, device=pixels.device)  # on the images' device (GPU)
     for i in range(b):
         s = 1.0 + rng.uniform(-strength, strength)
         theta[i, 0, 0] = theta[i, 1, 1] = s
@@ -393,7 +393,6 @@ def finetune_segmentation(model: CitrusV, processor, samples: Sequence[SegSample
             torch.cuda.empty_cache()
     if train_device is not None:
         model.to(train_device)
-    device = next(model.parameters()).device
     before = _dice_of_states(model, val_inputs, val_hidden, val) if val else None
     targets = [target_mask(s.mask) for s in samples]
 
@@ -414,15 +413,9 @@ def finetune_segmentation(model: CitrusV, processor, samples: Sequence[SegSample
                 order.extend(range(len(samples)))
                 rng.shuffle(order)
             chosen.append(order.pop())
-        pixels = torch.stack([inputs[i].sam for i in chosen]).to(device, model.sam2_dtype)
-        tgt = torch.stack([targets[i] for i in chosen]).to(device)
-        owners = list(range(len(chosen)))
-        if augment:
-            pixels, tgt = augment_sam(pixels, tgt, owners, rng)
-        feats = sam_features(model, pixels)
-        low, iou = decode_train(model, feats, owners,
-                                seg_hidden[chosen].to(device, model.sam2_dtype))
-        return mask_losses(low, iou, tgt)
+        return seg_batch_losses(model, [inputs[i] for i in chosen],
+                                [targets[i] for i in chosen], seg_hidden[chosen],
+                                rng if augment else None)
 
     def on_step(step: int, loss: float, parts: dict[str, float]) -> None:
         curve.append(loss)
@@ -440,6 +433,22 @@ def finetune_segmentation(model: CitrusV, processor, samples: Sequence[SegSample
         stats["val_dice_before"] = before
         stats["val_dice_after"] = _dice_of_states(model, val_inputs, val_hidden, val)
     return stats
+
+
+def seg_batch_losses(model: CitrusV, inputs: Sequence[ImageInputs], targets: Sequence[torch.Tensor],
+                     seg_hidden: torch.Tensor, rng: random.Random | None) -> dict[str, torch.Tensor]:
+    """One segmentation-stage batch on the model's device: images (randomly scaled/shifted with
+    their targets when `rng` is given), SAM2 with gradients, the [SEG] states through the
+    projector, and `mask_losses`. Inputs, targets and states may be on the CPU."""
+    device = next(model.parameters()).device
+    pixels = torch.stack([inp.sam for inp in inputs]).to(device, model.sam2_dtype)
+    tgt = torch.stack(list(targets)).to(device)
+    owners = list(range(len(inputs)))
+    if rng is not None:
+        pixels, tgt = augment_sam(pixels, tgt, owners, rng)
+    feats = sam_features(model, pixels)
+    low, iou = decode_train(model, feats, owners, seg_hidden.to(device, model.sam2_dtype))
+    return mask_losses(low, iou, tgt)
 
 
 @torch.no_grad()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,8 @@ from citrusv import Engine
 from citrusv.checkpoint import count_parameters
 from citrusv.errors import CheckpointError
 from citrusv.testing import bright_square_samples
-from citrusv.training import SegSample, finetune_segmentation
+from citrusv.training import (SegSample, finetune_segmentation, seg_batch_losses,
+                              seg_states_of, target_mask)
 
 
 def _samples(seed: int, n: int) -> list[SegSample]:
@@ -74,3 +77,25 @@ def test_bf16_model_fine_tunes_sam2_in_fp32(fitted_dir, tmp_path):
     res = back.ask(_samples(2, 1)[0].image, "Please segment the liver in this scan.",
                    window="abdomen")
     assert res.masks and res.masks[0].area_px > 0
+
+
+def test_fine_tune_step_and_masks_keep_to_the_gpu(fitted_dir):
+    # No GPU here: torch's fake tensors carry a device ("cuda") and check the devices of every
+    # op as the GPU would, without computing. A tensor a step builds on the CPU fails it.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    engine = Engine.load(fitted_dir)
+    samples = _samples(0, 2)
+    # the [SEG] states need real values (generation); the fine-tune computes them first anyway
+    inputs, states = seg_states_of(engine.model, engine.processor, samples)
+    targets = [target_mask(s.mask) for s in samples]
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = engine.model.to("cuda")
+        assert next(model.parameters()).device.type == "cuda"
+        parts = seg_batch_losses(model, inputs, targets, states, random.Random(0))  # augmented
+        assert set(parts) == {"dice", "bce", "iou", "recall"}
+        assert {v.device.type for v in parts.values()} == {"cuda"}
+        feats = model.encode_slice(inputs[0].sam[None].to("cuda"))
+        logits, iou = model.decode_masks(feats, states[:1].to("cuda"), inputs[0].hw)
+        assert logits.device.type == iou.device.type == "cuda"
+        assert tuple(logits.shape) == (1, *inputs[0].hw)
