@@ -3,11 +3,14 @@
     python monailabel_app/versions.py [--model-dir DIR]                       # list
     python monailabel_app/versions.py [--model-dir DIR] withdraw N --reason "why"
     python monailabel_app/versions.py [--model-dir DIR] restore N
+    python monailabel_app/versions.py [--model-dir DIR] prune --keep N
 
 `--model-dir` is the server's `--conf model_dir` (default models/nano). A withdrawn version
 stays on disk with a `withdrawn.json` mark; a running server serves the newest version that is
 not withdrawn from its next request on (no restart), and the next fine-tuning run starts from
-that one. Run it with the server's Python (`.venv/bin/python`); it loads no model.
+that one. `prune --keep N` deletes the weights of every version but the N newest that are not
+withdrawn (withdrawn ones included); their records stay, and they can never be served again.
+Run it with the server's Python (`.venv/bin/python`); it loads no model.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ APP_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(APP_DIR))
 
 from lib.cli import run, table  # noqa: E402
-from lib.model import SharedModel, resolve_model_dir, set_withdrawn  # noqa: E402
+from lib.model import SharedModel, prune_versions, resolve_model_dir, set_withdrawn  # noqa: E402
 
 
 def _fmt(v) -> str:
@@ -33,9 +36,11 @@ def list_versions(model_dir: str) -> str:
     rows = [("version", "created", "from", "val Dice before -> after", "state")]
     rows.append(("base", "-", "-", "-", "serving" if serving == "base" else ""))
     for v in model.versions_info():
-        w = v["withdrawn"]
+        w, gone = v["withdrawn"], v["pruned"]
         state = ("serving" if v["version"] == serving else
                  f"withdrawn {w.get('at') or ''}: {w.get('reason') or 'no reason given'}" if w else "")
+        if gone:
+            state = f"pruned {gone.get('at') or ''}" + (f"; {state}" if state else "")
         rows.append((v["version"], _fmt(v["created"]), _fmt(v["base_version"]),
                      f"{_fmt(v['val_dice_before'])} -> {_fmt(v['val_dice'])}", state))
     head = f"{model.model_dir}: " + (f"serving {serving}" if serving else "no checkpoint installed")
@@ -52,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reason", default="", help="why, for the other admins and /info/")
     p = sub.add_parser("restore", help="serve version N again if it is the newest")
     p.add_argument("version")
+    p = sub.add_parser("prune", help="delete the weights of all but the N newest versions "
+                       "that are not withdrawn (records kept)")
+    p.add_argument("--keep", type=int, required=True, metavar="N")
     args = ap.parse_args(argv)
     model_dir = resolve_model_dir(APP_DIR, args.model_dir)
 
@@ -63,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "restore":
             now = set_withdrawn(model_dir, args.version, None)
             done = f"Version {args.version} restored; the server now serves {now}.\n"
+        elif args.cmd == "prune":
+            gone = prune_versions(model_dir, args.keep, f"versions.py prune --keep {args.keep}")
+            freed = sum(g["freed_bytes"] for g in gone) / 1e6
+            done = (f"Pruned version{'s' if len(gone) > 1 else ''} "
+                    f"{', '.join(g['version'] for g in gone)} ({freed:.1f} MB freed).\n"
+                    if gone else "Nothing to prune.\n")
         return done + list_versions(model_dir)
 
     return run(act)

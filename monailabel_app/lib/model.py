@@ -5,7 +5,9 @@ trained, saved on top of `model_dir`; renamed into place atomically), and the ne
 served without a restart.
 An admin can withdraw a version (`monailabel_app/versions.py withdraw N`): a `withdrawn.json`
 mark in its folder, so the server goes back to the newest version that is not withdrawn on its
-next request, and the next fine-tuning run starts from that one. Nothing is deleted.
+next request, and the next fine-tuning run starts from that one. Nothing is deleted, unless
+the admin prunes old versions (`versions.py prune --keep N`, or `--conf keep_versions N` after
+each published run): a pruned version loses its weights and keeps its record.
 MONAI Label re-imports the app in its training subprocess: nothing here loads weights until a
 task actually asks for the engine, so that import stays cheap.
 """
@@ -16,6 +18,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -30,6 +33,8 @@ VERSION_DIR = re.compile(r"^\d+$")
 TRAIN_STATS = "train_stats.json"
 LAST_RUN = "last_run.json"
 WITHDRAWN = "withdrawn.json"
+PRUNED = "pruned.json"
+KEPT_WHEN_PRUNED = (TRAIN_STATS, WITHDRAWN, PRUNED)
 DEFAULT_MODEL_DIR = "models/nano"
 
 
@@ -102,6 +107,15 @@ class SharedModel:
             return None
         return read_json(mark) or {"at": None, "reason": None}  # a damaged mark still counts
 
+    def pruned(self, version: str) -> dict | None:
+        """The mark of a version whose weights were pruned ({"at", "by", "freed_bytes"}), or None."""
+        if not VERSION_DIR.match(str(version)):
+            return None
+        mark = self.versions_dir / str(version) / PRUNED
+        if not mark.is_file():
+            return None
+        return read_json(mark) or {"at": None}
+
     def _stamp(self, version: str) -> int | None:
         try:
             return (self.versions_dir / version / "config.json").stat().st_mtime_ns
@@ -113,9 +127,10 @@ class SharedModel:
 
     def serving(self) -> tuple[str, Path]:
         """(version name, checkpoint dir) that infer tasks should use right now: the newest
-        version that loads and is not withdrawn, else the released checkpoint ("base")."""
-        numbers = [n for n in self.version_numbers()
-                   if not self.failed(str(n)) and self.withdrawn(str(n)) is None]
+        version that loads and is neither withdrawn nor pruned, else the released checkpoint
+        ("base")."""
+        numbers = [n for n in self.version_numbers() if not self.failed(str(n))
+                   and self.withdrawn(str(n)) is None and self.pruned(str(n)) is None]
         if numbers:
             return str(numbers[-1]), self.versions_dir / str(numbers[-1])
         return "base", self.model_dir
@@ -143,7 +158,8 @@ class SharedModel:
             stats = read_json(self.versions_dir / str(n) / TRAIN_STATS)
             out.append({"version": str(n), **{k: stats.get(k) for k in
                         ("created", "base_version", "train_loss", "val_dice", "val_dice_before",
-                         "samples")}, "withdrawn": self.withdrawn(str(n))})
+                         "samples")}, "withdrawn": self.withdrawn(str(n)),
+                        "pruned": self.pruned(str(n))})
         return out
 
     def last_run(self) -> dict:
@@ -220,12 +236,48 @@ def set_withdrawn(model_dir: str | Path, version: str, reason: str | None) -> st
         have = ", ".join(str(n) for n in model.version_numbers()) or "none"
         raise ValueError(f"There is no fine-tuned version {version!r} in {model.versions_dir} "
                          f"(versions there: {have}).")
+    gone = model.pruned(version)
+    if reason is None and gone is not None:
+        raise ValueError(f"Version {version} cannot be served again: its weights were pruned "
+                         f"({gone.get('at') or 'at an unknown time'}); only its record is left.")
     mark = model.versions_dir / version / WITHDRAWN
     if reason is None:
         mark.unlink(missing_ok=True)
     else:
         write_json_atomic(mark, {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "reason": reason})
     return model.serving()[0]
+
+
+def prune_versions(model_dir: str | Path, keep: int, by: str) -> list[dict]:
+    """Delete the weights of every fine-tuned version but the `keep` newest that are not
+    withdrawn (the one served is among them, unless it fails to load); withdrawn versions are
+    pruned too. Each pruned folder keeps its training record (and withdrawal mark) and gets a
+    `pruned.json` mark, written before anything is deleted, so a server never loads half a
+    version; numbers are never reused. Returns [{"version", "freed_bytes"}] of this call."""
+    if int(keep) < 1:
+        raise ValueError(f"keep must be at least 1 (got {keep}): the version served is kept. "
+                         "To stop serving every fine-tuned version, withdraw them instead.")
+    model = SharedModel(model_dir)
+    alive = [str(n) for n in model.version_numbers() if model.pruned(str(n)) is None]
+    kept = [v for v in alive if model.withdrawn(v) is None][-int(keep):]
+    done = []
+    for v in alive:
+        if v in kept:
+            continue
+        folder = model.versions_dir / v
+        doomed = [p for p in folder.iterdir() if p.name not in KEPT_WHEN_PRUNED]
+        freed = sum(f.stat().st_size for p in doomed
+                    for f in ([p] if not p.is_dir() else p.rglob("*")) if f.is_file())
+        write_json_atomic(folder / PRUNED, {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "by": by,
+                                            "freed_bytes": freed})
+        for p in doomed:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        logger.info("Pruned Citrus-V version %s (%s): %.1f MB freed", v, by, freed / 1e6)
+        done.append({"version": v, "freed_bytes": freed})
+    return done
 
 
 _shared: dict[tuple, SharedModel] = {}

@@ -263,6 +263,50 @@ def test_run_from_a_version_withdrawn_meanwhile_is_not_published(citrusv_server)
     _assert_serves_version(citrusv_server, "base")
 
 
+def test_admin_prunes_old_versions_and_keeps_their_records(citrusv_server):
+    # here: 1 and 2 withdrawn, base served; two more runs publish 3 (from base) and 4 (from 3)
+    for number, base in (("3", "base"), ("4", "3")):
+        task = run_training(citrusv_server, steps=2, batch_images=2, max_per_structure=4,
+                            publish_if_worse=True)
+        assert task["status"] == "DONE", "\n".join(task.get("details", []))
+        last = citrusv_server.get("/info/").json()["train_stats"]["citrusv_finetune"]["last_run"]
+        assert (last["version"], last["base_version"]) == (number, base), last
+        assert "pruned" not in last  # no keep_versions on this server: nothing is pruned
+    versions = citrusv_server.model_dir / "versions"
+    size_3 = sum(f.stat().st_size for f in (versions / "3").iterdir())
+
+    r = _versions(citrusv_server, "prune", "--keep", "1")
+    assert r.returncode == 0, r.stderr
+    head = r.stdout.splitlines()[0]
+    assert head.startswith("Pruned versions 1, 2, 3 (") and head.endswith(" MB freed)."), head
+    assert sorted(p.name for p in (versions / "3").iterdir()) == ["pruned.json", "train_stats.json"]
+    assert sorted(p.name for p in (versions / "1").iterdir()) == [
+        "pruned.json", "train_stats.json", "withdrawn.json"]
+    assert (versions / "4" / "config.json").is_file() and not (versions / "4" / "pruned.json").exists()
+    mark = json.loads((versions / "3" / "pruned.json").read_text())
+    assert mark["by"] == "versions.py prune --keep 1" and 0 < mark["freed_bytes"] < size_3
+    _assert_serves_version(citrusv_server, "4")
+    info = citrusv_server.get("/info/").json()["citrusv"]
+    assert [(v["version"], v["pruned"] is not None, v["created"] is not None)
+            for v in info["versions"]] == [("1", True, True), ("2", True, True), ("3", True, True),
+                                           ("4", False, True)]  # records kept
+    listing = _versions(citrusv_server).stdout.splitlines()
+    assert "pruned" in listing[5] and listing[5].startswith("3 ")
+    assert listing[6].startswith("4 ") and listing[6].endswith("serving")
+
+    r = _versions(citrusv_server, "restore", "3")
+    assert r.returncode == 2 and r.stderr.startswith(
+        "error: Version 3 cannot be served again: its weights were pruned"), r.stderr
+    r = _versions(citrusv_server, "prune", "--keep", "0")
+    assert r.returncode == 2 and "keep must be at least 1" in r.stderr and "Traceback" not in r.stderr
+    assert _versions(citrusv_server, "prune", "--keep", "1").stdout.startswith("Nothing to prune.")
+    # withdrawing the one left goes back to base, never to a pruned version
+    assert "now serves base." in _versions(citrusv_server, "withdraw", "4").stdout
+    _assert_serves_version(citrusv_server, "base")
+    assert "now serves 4." in _versions(citrusv_server, "restore", "4").stdout
+    _assert_serves_version(citrusv_server, "4")
+
+
 def test_strategy_returns_least_sure_unlabelled_image(citrusv_server):
     r = citrusv_server.post("/activelearning/citrusv_uncertainty", json={})
     assert r.status_code == 200, r.text

@@ -3,7 +3,8 @@
 All of them share one `SharedModel` (one engine per process, loaded on first use) and one
 study cache. Settings come from `--conf`: `model_dir`, `device` (cuda|cpu), `dtype`
 (bf16|fp32), `train_mllm_device` (auto|cuda|cpu: where a training run computes its [SEG]
-states), and the limits `max_slice_pixels`, `max_voxels`.
+states), `keep_versions` (N: a published run prunes the weights of older versions; 0 keeps
+all), and the limits `max_slice_pixels`, `max_voxels`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ..images import StudyCache
 from ..infers.citrusv import CitrusVInfer
 from ..model import SharedModel, shared_model
 from ..strategies.citrusv_uncertainty import CitrusVUncertainty
-from ..trainers.citrusv_finetune import CitrusVFinetune, parse_mllm_device
+from ..trainers.citrusv_finetune import CitrusVFinetune, parse_keep_versions, parse_mllm_device
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class CitrusV(TaskConfig):
         self.studies = StudyCache(size=int(conf.get("study_cache", 2)))
         self.margin = float(conf.get("closer_look_margin", 0.15))
         self.mllm_device = parse_mllm_device(conf.get("train_mllm_device"))
+        self.keep_versions = parse_keep_versions(conf.get("keep_versions"))
         logger.info("Citrus-V model_dir=%s device=%s dtype=%s status=%s", self.model.model_dir,
                     self.model.device, self.model.dtype or "auto", self.model.status())
 
@@ -73,7 +75,8 @@ class CitrusV(TaskConfig):
         }
 
     def trainer(self) -> dict[str, TrainTask]:
-        return {"citrusv_finetune": CitrusVFinetune(self.model, mllm_device=self.mllm_device)}
+        return {"citrusv_finetune": CitrusVFinetune(self.model, mllm_device=self.mllm_device,
+                                                    keep_versions=self.keep_versions)}
 
     def strategy(self) -> dict[str, Strategy]:
         return {"citrusv_uncertainty": CitrusVUncertainty(self.model, self.studies)}

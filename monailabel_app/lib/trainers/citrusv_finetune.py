@@ -15,6 +15,8 @@ to the next number in one step (not when the version it started from was withdra
 meanwhile, see `lib/model.py`). The server notices the
 new folder on its next request. A crash or kill leaves only a temporary folder, removed by the
 next run, and the serving model is never touched. `versions/last_run.json` records the outcome.
+With `--conf keep_versions N` (default 0: keep all), a published run then prunes the weights of
+the versions beyond the N newest that are not withdrawn (`lib/model.py`, `prune_versions`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
 from ..corrections import Sample, collect, split
-from ..model import LAST_RUN, TRAIN_STATS, SharedModel, write_json_atomic
+from ..model import LAST_RUN, TRAIN_STATS, SharedModel, prune_versions, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -72,13 +74,28 @@ def parse_mllm_device(value: str | None) -> str:
     return value
 
 
+def parse_keep_versions(value: str | None) -> int:
+    """`--conf keep_versions N`: after a published run, keep the weights of the N newest
+    versions that are not withdrawn; 0 (the default) keeps every version."""
+    try:
+        keep = int(str(value).strip()) if value not in (None, "") else 0
+    except ValueError:
+        keep = -1
+    if keep < 0:
+        raise ValueError(f"--conf keep_versions {value} is not a whole number >= 0 (0 keeps "
+                         "every fine-tuned version; N keeps the N newest).")
+    return keep
+
+
 class CitrusVFinetune(TrainTask):
     def __init__(self, model: SharedModel, steps: int = 200, learning_rate: float = 3e-4,
                  batch_images: int = 4, val_every: int = 5, negatives_per_positive: float = 0.5,
-                 max_per_structure: int = 64, mllm_device: str = "auto") -> None:
+                 max_per_structure: int = 64, mllm_device: str = "auto",
+                 keep_versions: int = 0) -> None:
         super().__init__("Fine-tune Citrus-V's projector + SAM2 on corrected labels (final)")
         self.model = model
         self.mllm_device = parse_mllm_device(mllm_device)
+        self.keep_versions = int(keep_versions)
         self.defaults = {
             "steps": steps,
             "learning_rate": learning_rate,
@@ -179,6 +196,13 @@ class CitrusVFinetune(TrainTask):
         result.update(status="done", version=str(number))
         logger.info("Published Citrus-V version %s: loss %s, val Dice %s -> %s", number,
                     result["train_loss"], dice_before, dice_after)
+        if self.keep_versions:
+            try:  # the run is published either way; a failed prune only leaves more on disk
+                result["pruned"] = prune_versions(self.model.model_dir, self.keep_versions,
+                                                  f"--conf keep_versions {self.keep_versions}")
+            except Exception as e:
+                logger.exception("Pruning old Citrus-V versions failed")
+                result["prune_error"] = f"{type(e).__name__}: {e}"
         return result
 
     def _states_device(self, base_path: Path) -> tuple[str, str]:
