@@ -70,7 +70,8 @@ def list_entries(datastore: Path, image: str | None) -> str:
     return table(rows)
 
 
-def restore(datastore: Path, image: str, entry: str, server: str, token: str | None) -> str:
+def restore(datastore: Path, image: str, entry: str, server: str, token: str | None,
+            ca_cert: str | None = None) -> str:
     import requests
 
     match = [r for r in entries(datastore, image) if Path(r["file"]).name.split(".")[0] == entry]
@@ -85,7 +86,8 @@ def restore(datastore: Path, image: str, entry: str, server: str, token: str | N
         with open(record["path"], "rb") as f:
             r = requests.put(url, params={"image": image, "tag": "final"}, headers=headers,
                              files={"label": (record["path"].name, f, "application/gzip")},
-                             data={"params": json.dumps(params)}, timeout=120)
+                             data={"params": json.dumps(params)}, timeout=120,
+                             verify=ca_cert or True)
     except OSError as e:  # requests' connection errors are OSErrors too
         raise ValueError(f"could not send the correction to {server}: {e}") from None
     if r.status_code != 200:
@@ -109,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("entry")
     p.add_argument("--server", default="http://127.0.0.1:8000", help="the MONAI Label server")
     p.add_argument("--token", default=None, help="an annotator's access token (sign-in on)")
+    p.add_argument("--ca-cert", default=None,
+                   help="with an https server: the CA certificate (PEM) that signed its certificate")
     args = ap.parse_args(argv)
     datastore = Path(args.datastore)
 
@@ -116,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         if not datastore.is_dir():
             raise ValueError(f"{datastore} is not a folder; pass the server's --studies folder.")
         if args.cmd == "restore":
-            return restore(datastore, args.image, args.entry, args.server, args.token)
+            return restore(datastore, args.image, args.entry, args.server, args.token,
+                           args.ca_cert)
         return list_entries(datastore, getattr(args, "image", None))
 
     return run(act)

@@ -51,18 +51,22 @@ class CitrusVServer:
     model_dir: Path
     log_path: Path
     process: subprocess.Popen
+    verify: str | bool = True  # https: the CA certificate that signed the server's
 
     def get(self, path: str, **kw) -> requests.Response:
-        return requests.get(self.url + path, timeout=kw.pop("timeout", 300), **kw)
+        return requests.get(self.url + path, **self._kw(kw))
 
     def post(self, path: str, **kw) -> requests.Response:
-        return requests.post(self.url + path, timeout=kw.pop("timeout", 300), **kw)
+        return requests.post(self.url + path, **self._kw(kw))
 
     def put(self, path: str, **kw) -> requests.Response:
-        return requests.put(self.url + path, timeout=kw.pop("timeout", 300), **kw)
+        return requests.put(self.url + path, **self._kw(kw))
 
     def delete(self, path: str, **kw) -> requests.Response:
-        return requests.delete(self.url + path, timeout=kw.pop("timeout", 300), **kw)
+        return requests.delete(self.url + path, **self._kw(kw))
+
+    def _kw(self, kw: dict) -> dict:
+        return {"timeout": 300, "verify": self.verify, **kw}
 
     def log(self, tail: int = 4000) -> str:
         try:
@@ -91,11 +95,13 @@ def copy_studies(dest: Path, source: Path = SAMPLE_STUDIES) -> Path:
 @contextlib.contextmanager
 def start_citrusv_server(studies: Path | str, model_dir: Path, log_path: Path | None = None,
                          workdir: Path | None = None, env: dict[str, str] | None = None,
+                         tls: tuple[Path, Path, Path] | None = None,
                          **conf: str) -> Iterator[CitrusVServer]:
     """Start `monailabel start_server` on the app; stop it (and its training runs) on exit.
 
     `studies` is a folder or a DICOMweb URL (a PACS); `workdir` holds the log, the sessions
-    and the PACS cache (default: the studies folder's parent); `env`: extra environment."""
+    and the PACS cache (default: the studies folder's parent); `env`: extra environment;
+    `tls`: (certificate, key, CA certificate) to serve https (MONAI Label's --ssl_* options)."""
     port = free_port()
     remote = str(studies).startswith(("http://", "https://"))
     workdir = Path(workdir) if workdir else Path(studies).parent
@@ -103,6 +109,8 @@ def start_citrusv_server(studies: Path | str, model_dir: Path, log_path: Path | 
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR),
            "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port),
            "--conf", "model_dir", str(model_dir)]
+    if tls:
+        cmd += ["--ssl_certfile", str(tls[0]), "--ssl_keyfile", str(tls[1])]
     for key, value in {"device": "cpu", **conf}.items():
         cmd += ["--conf", key, str(value)]
     extra, env = env or {}, {k: v for k, v in os.environ.items() if not k.startswith("MONAI_LABEL_")}
@@ -115,8 +123,9 @@ def start_citrusv_server(studies: Path | str, model_dir: Path, log_path: Path | 
     log = open(log_path, "w")
     process = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
-    server = CitrusVServer(f"http://127.0.0.1:{port}", Path(studies) if not remote else workdir,
-                           Path(model_dir), log_path, process)
+    server = CitrusVServer(f"{'https' if tls else 'http'}://127.0.0.1:{port}",
+                           Path(studies) if not remote else workdir, Path(model_dir), log_path,
+                           process, str(tls[2]) if tls else True)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
@@ -124,7 +133,7 @@ def start_citrusv_server(studies: Path | str, model_dir: Path, log_path: Path | 
                 raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
             try:
                 # 401: up, with MONAI Label's authentication on (tests/app/test_auth.py)
-                if requests.get(server.url + "/info/", timeout=5).status_code in (200, 401):
+                if server.get("/info/", timeout=5).status_code in (200, 401):
                     break
             except requests.RequestException:
                 pass

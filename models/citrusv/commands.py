@@ -94,7 +94,8 @@ def _ask_server(args: argparse.Namespace) -> int:
         return 2
     try:
         result = ask_server(args.server, args.image, args.slice, args.prompt, args.png,
-                            task=args.task, axis=args.axis, window=_window(args.window))
+                            task=args.task, axis=args.axis, window=_window(args.window),
+                            ca_certificate=args.ca_cert)
     except CitrusVError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -126,6 +127,8 @@ def add_commands(sub) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--model", help="Citrus-V checkpoint directory (runs the engine here)")
     where.add_argument("--server", help="MONAI Label server URL (then --image is a datastore id)")
+    p.add_argument("--ca-cert", default=None,
+                   help="with an https --server: the CA certificate (PEM) that signed its certificate")
     p.add_argument("--image", required=True,
                    help="NIfTI, NRRD, DICOM file or folder, PNG; with --server: the image id")
     p.add_argument("--slice", type=int, default=None, help="slice index (default: middle)")

@@ -32,6 +32,7 @@ from slicer.util import VTKObservationMixin
 
 SETTINGS_URL = "CitrusV/ServerURL"
 SETTINGS_HISTORY = "CitrusV/ServerURLHistory"
+SETTINGS_CA = "CitrusV/CACertificate"
 DEFAULT_URL = "http://127.0.0.1:8000"
 HISTORY_LENGTH = 10
 PROGRESS_DELAY_S = 0.8  # show the progress dialog only for calls slower than this
@@ -103,9 +104,14 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = CitrusVLogic()
 
         self._loadServerHistory()
+        self.ui.caCertificatePathLineEdit.currentPath = qt.QSettings().value(SETTINGS_CA) or ""
         self._fillExamplePrompts()
 
         self.ui.testConnectionButton.connect("clicked(bool)", self.onTestConnection)
+        self.ui.caCertificatePathLineEdit.connect(
+            "currentPathChanged(QString)",
+            lambda path: qt.QSettings().setValue(SETTINGS_CA, path.strip()),
+        )
         self.ui.taskComboBox.connect("currentIndexChanged(int)", self._fillExamplePrompts)
         self.ui.scopeComboBox.connect("currentIndexChanged(int)", self._onScopeChanged)
         self.ui.volumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self._onVolumeChanged)
@@ -194,7 +200,8 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def client(self):
         token = self.ui.tokenLineEdit.text.strip() or None
-        return self.logic.client(self.serverUrl(), token)
+        ca = self.ui.caCertificatePathLineEdit.currentPath.strip() or None
+        return self.logic.client(self.serverUrl(), token, ca)
 
     def _fillExamplePrompts(self, *args):
         """Examples for the chosen task; a typed question is kept, an example is swapped."""
@@ -592,10 +599,10 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
             self._tmp = tempfile.mkdtemp(prefix="CitrusV-")
         return self._tmp
 
-    def client(self, url, token=None):
-        key = (url, token)
+    def client(self, url, token=None, caCertificate=None):
+        key = (url, token, caCertificate)
         if key not in self._clients:
-            self._clients[key] = CitrusVClient(url, token=token)
+            self._clients[key] = CitrusVClient(url, token=token, ca_certificate=caCertificate)
         return self._clients[key]
 
     # -- images on the server --------------------------------------------------------------------

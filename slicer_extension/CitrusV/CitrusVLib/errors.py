@@ -109,6 +109,26 @@ def error_for_response(response: requests.Response, task: str | None = None) -> 
     return CitrusVError(message, status=status, detail=detail)
 
 
+def _tls_sentence(text: str, url: str) -> str:
+    """What went wrong in an https handshake, from OpenSSL's words in the exception."""
+    lowered = text.lower()
+    if "wrong_version_number" in lowered or "wrong version number" in lowered:
+        return f"The server at {url} does not use https: change the URL to http://."
+    if "certificate has expired" in lowered:
+        return f"The certificate of the server at {url} has expired: ask IT to renew it."
+    if "mismatch" in lowered or "doesn't match" in lowered or "not valid for" in lowered:
+        return (
+            f"The certificate of the server at {url} is for another name: use the address "
+            "written in the certificate (ask IT which one), not an alias or an IP address."
+        )
+    if "certificate_verify_failed" in lowered or "certificate verify failed" in lowered:
+        return (
+            f"This computer does not trust the certificate of the server at {url}: choose the "
+            "department's CA certificate (a .pem or .crt file from IT) in the Server section."
+        )
+    return f"Could not make a secure connection to {url}: check http:// versus https://."
+
+
 def error_for_exception(exc: BaseException, url: str) -> CitrusVError:
     """Map a requests/network exception to a CitrusVError with one sentence."""
     if isinstance(exc, CitrusVError):
@@ -121,9 +141,17 @@ def error_for_exception(exc: BaseException, url: str) -> CitrusVError:
             "try again or raise the timeout."
         )
     elif isinstance(exc, requests.exceptions.SSLError):
-        message = f"Could not make a secure connection to {url}: check http:// versus https://."
+        message = _tls_sentence(str(exc), url)
     elif isinstance(exc, requests.exceptions.ConnectionError):
-        message = f"Could not connect to the server at {url}: check that it is running and the URL."
+        if url.lower().startswith("http://") and "closed connection without response" in str(exc):
+            message = (
+                f"The server at {url} closed the connection without answering: if it uses "
+                "https, change the URL to https://; otherwise check that it is running."
+            )
+        else:
+            message = (
+                f"Could not connect to the server at {url}: check that it is running and the URL."
+            )
     elif isinstance(
         exc,
         (

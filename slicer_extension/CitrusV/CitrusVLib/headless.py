@@ -68,13 +68,14 @@ def ask_server(
     window: str | Sequence[float] | None = None,
     token: str | None = None,
     image_path: str | os.PathLike | None = None,
+    ca_certificate: str | os.PathLike | None = None,
 ) -> Result:
     """Run one question on the server and save masks/boxes/steps drawn on the slice as a PNG.
 
     The slice pixels come from ``image_path`` when given, else from the server's datastore.
     For a 2D image (X-ray) ``slice_index`` may be None and no slice is sent.
     """
-    client = CitrusVClient(url, token=token)
+    client = CitrusVClient(url, token=token, ca_certificate=ca_certificate)
     task = task or guess_task(prompt)
     with tempfile.TemporaryDirectory() as tmp:
         volume = read_label_volume(image_path or client.download_image(image_id, tmp))
