@@ -10,6 +10,8 @@ model's status and versions in /info.
 
 from __future__ import annotations
 
+import errno
+import functools
 import importlib
 import json
 import logging
@@ -38,15 +40,70 @@ logger = logging.getLogger(__name__)
 MONAI_LABEL_DEFAULT_SEARCH = {"Modality": "CT"}  # MONAI_LABEL_DICOMWEB_SEARCH_FILTER's default
 
 
-def _patch_once(module, name: str, make) -> None:
+def _patch_once(module, name: str, make, tag: str = "") -> None:
     """Replace `module.name` (a MONAI Label internal it looks up at call time) with
-    `make(original)`, once per process: the app may be constructed more than once."""
+    `make(original)`, once per process and `tag`: the app may be constructed more than once,
+    and one internal may be wrapped by more than one patch."""
     original = getattr(module, name)
-    if getattr(original, "_citrusv", False):
+    done = getattr(original, "_citrusv_patches", frozenset())
+    if tag in done:
         return
     patched = make(original)
-    patched._citrusv = True
+    patched._citrusv_patches = done | {tag}
     setattr(module, name, patched)
+
+
+# what a full (or read-only) disk looks like to a write, and what it means for the request
+STORAGE_ERRORS = {
+    errno.ENOSPC: "ran out of disk space",
+    errno.EDQUOT: "used up its disk quota",
+    errno.EFBIG: "hit the file size limit set for its process",
+    errno.EROFS: "found its storage read-only",
+}
+
+
+def _storage_errors_as_507(doing: str, then: str, image_arg: int):
+    """Wrap an endpoint helper: a write that fails for lack of space (or on a read-only disk)
+    answers HTTP 507 with a sentence instead of MONAI Label's bare 500, and is logged.
+    `doing` names what was being stored ({image}: the helper's argument `image`, positional
+    index `image_arg`), `then` what the sender should do."""
+    from fastapi import HTTPException
+
+    def wrap(function):
+        @functools.wraps(function)
+        def wrapped(*args, **kwargs):
+            try:
+                return function(*args, **kwargs)
+            except OSError as e:
+                if e.errno not in STORAGE_ERRORS:
+                    raise
+                image = kwargs.get("image") or (args[image_arg] if len(args) > image_arg else "")
+                what = doing.format(image=f"'{image}'" if image else "").strip()
+                logger.error("Storage error while %s: %s (%s)", what, e, e.filename or "")
+                raise HTTPException(status_code=507, detail=(
+                    f"The server {STORAGE_ERRORS[e.errno]} while {what} "
+                    f"({e.strerror}){then}")) from None
+        return wrapped
+    return wrap
+
+
+def _answer_full_disk_with_507() -> None:
+    """Corrections, image uploads and answers write files; on a full disk MONAI Label 0.8.5
+    answers those requests 500 with no word of why. A correction that could not be merged may
+    still be kept as sent (labels/final/.history), but the sender must not take it as saved."""
+    from monailabel.endpoints import datastore, infer
+
+    _patch_once(datastore, "save_label", _storage_errors_as_507(
+        "storing the correction for {image}",
+        "; it may not be saved. Keep it and send it again once IT has freed space on the "
+        "server.", image_arg=1), tag="507")
+    _patch_once(datastore, "add_image", _storage_errors_as_507(
+        "storing the uploaded image {image}",
+        ": nothing was added. Ask IT to free space on the server, then send it again.",
+        image_arg=1), tag="507")
+    _patch_once(infer, "run_inference", _storage_errors_as_507(
+        "answering about {image}", ": ask IT to free space on the server, then ask again.",
+        image_arg=2), tag="507")
 
 
 def _answer_missing_image_with_400() -> None:
@@ -150,6 +207,7 @@ class CitrusVApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         _answer_missing_image_with_400()
         _record_who_corrected()
+        _answer_full_disk_with_507()  # after the wrappers above: it wraps them too
         _check_tokens_with_pyjwt2()
         self.model_dir = resolve_model_dir(app_dir, conf.get("model_dir"))
 

@@ -223,12 +223,17 @@ class CorrectionsDatastore(LocalDatastore):
         def write() -> None:
             self._ignore_event_config = True
             tmp = f"{self._datastore_config_path}.{os.getpid()}.part"
-            with open(tmp, "w") as f:
-                f.write(json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2,
-                                   default=str))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._datastore_config_path)
+            try:
+                with open(tmp, "w") as f:
+                    f.write(json.dumps(self._datastore.model_dump(exclude={"base_path"}),
+                                       indent=2, default=str))
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self._datastore_config_path)
+            except OSError:  # a full disk: the index on disk stays the last whole one
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
             self._config_ts = os.stat(self._datastore_config_path).st_mtime
 
         if lock:

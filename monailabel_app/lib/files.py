@@ -53,8 +53,13 @@ def keep_submission(label_path: str, image_id: str, label_filename: str,
     record = {"image": image_id, "file": stamp + ext, "ts": int(now),
               "received": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now)), **said}
     tmp = os.path.join(folder, f".{stamp}{ext}.part")
-    fsync_copy(label_filename, tmp)
-    os.replace(tmp, os.path.join(folder, stamp + ext))
+    try:
+        fsync_copy(label_filename, tmp)
+        os.replace(tmp, os.path.join(folder, stamp + ext))
+    except OSError:  # a full disk: leave no partial copy behind
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     write_json_atomic(Path(folder) / f"{stamp}.json", record)
     fsync_dir(folder)
     return stamp

@@ -53,11 +53,15 @@ def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON next to `path` and rename it over: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:  # a full disk: no half-written temporary file left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_json(path: Path) -> dict:

@@ -93,9 +93,22 @@ def error_for_response(response: requests.Response, task: str | None = None) -> 
             if detail
             else ("The image is too large for the server: send a smaller region or one slice.")
         )
+    elif status == 507:
+        message = (
+            _sentence(detail)
+            if detail
+            else "The server's disk is full (HTTP 507): ask IT to free space, then try again."
+        )
     elif status == 503:
         message = "The server is not ready yet (HTTP 503)" + (
             f": {detail.rstrip('.')}." if detail else "; try again in a minute."
+        )
+    elif status == 400 and (detail or "").strip() == "There was an error parsing the body":
+        # FastAPI's answer when the server cannot spool an upload (over 1 MB) to its disk,
+        # before the app sees it; this client always sends well-formed multipart
+        message = (
+            f"The server could not take in the upload ('{detail.strip()}'); the usual cause is "
+            "a full disk on the server: ask IT to free space, then send it again."
         )
     elif 400 <= status < 500:
         message = (
