@@ -43,3 +43,20 @@ def test_unknown_choice_stops_the_server_with_a_sentence(tiny_model_dir, citrusv
         with start_citrusv_server(copy_studies(tmp_path / "studies", citrusv_sample_studies),
                                   tiny_model_dir, train_mllm_device="gpu"):
             pass
+
+
+def test_device_the_process_cannot_use_stops_the_server_with_a_sentence(
+        tiny_model_dir, citrusv_sample_studies, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the check is for a server that sees none")
+    studies = copy_studies(tmp_path / "studies", citrusv_sample_studies)
+    # before: the server started and answered the first question 503 with torch's words
+    with pytest.raises(RuntimeError, match=r"--conf device cuda: this process sees no CUDA GPU "
+                       r"\(check the NVIDIA driver with nvidia-smi"):
+        with start_citrusv_server(studies, tiny_model_dir, device="cuda"):
+            pass
+    with pytest.raises(RuntimeError, match="--conf device gpu0 is not a device; use cuda or cpu"):
+        with start_citrusv_server(studies, tiny_model_dir, device="gpu0"):
+            pass
