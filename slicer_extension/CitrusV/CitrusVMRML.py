@@ -7,6 +7,7 @@ Everything that is plain maths lives in CitrusVLib; this module only moves data 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +24,9 @@ VOLUME_ATTR = "CitrusV.VolumeID"  # on segmentation / ROI nodes: the volume they
 IMAGE_ID_ATTR = "CitrusV.ImageID"  # on volume nodes: the server datastore id
 BOX_ID_ATTR = "CitrusV.BoxID"  # on ROI nodes: the result's box id (b1, b2, ...)
 LABEL_INDEX_TAG = "CitrusV.LabelIndex"
+MODEL_ATTR = "CitrusV.Model"  # on answer text nodes, and a tag on segments: "name version"
+PROMPT_ATTR = "CitrusV.Prompt"  # the question that made it
+TASK_ATTR = "CitrusV.Task"
 VIEW_NAMES = ("Red", "Yellow", "Green")
 
 
@@ -314,6 +318,38 @@ class AppliedResult:
     segmentation_node: object | None
     segment_ids: dict[str, str] = field(default_factory=dict)
     roi_nodes: dict[str, object] = field(default_factory=dict)
+    text_node: object | None = None  # the answer's record (saved with the scene)
+
+
+def _model_name(result: Result) -> str:
+    model = result.model or {}
+    return f"{model.get('name', '?')} {model.get('version', '?')}"
+
+
+def answer_records(volume_node, scene: slicer.vtkMRMLScene | None = None) -> list:
+    """The text nodes that record the answers about this volume, oldest first."""
+    scene = _scene(scene)
+    nodes = scene.GetNodesByClass("vtkMRMLTextNode")
+    found = [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
+    return [n for n in found if n.GetAttribute(VOLUME_ATTR) == volume_node.GetID()
+            and n.GetAttribute(TASK_ATTR)]
+
+
+def record_answer(result: Result, volume_node, scene: slicer.vtkMRMLScene | None = None,
+                  when: str | None = None):
+    """A ``vtkMRMLTextNode`` holding ``result.record()`` (question, model version, answer,
+    reasoning, boxes, masks), tied to the volume; kept with the scene when it is saved, one per
+    answer, so the report a radiologist read and who made it stay with their work."""
+    scene = _scene(scene)
+    prompt = " ".join(result.prompt.split())
+    short = prompt if len(prompt) <= 48 else prompt[:47] + "…"
+    node = scene.AddNewNodeByClass("vtkMRMLTextNode", f"Citrus-V {result.task}: {short}")
+    node.SetText(result.record(when or time.strftime("%Y-%m-%d %H:%M:%S")))
+    node.SetAttribute(VOLUME_ATTR, volume_node.GetID())
+    node.SetAttribute(TASK_ATTR, result.task)
+    node.SetAttribute(MODEL_ATTR, _model_name(result))
+    node.SetAttribute(PROMPT_ATTR, prompt)
+    return node
 
 
 def apply_result(
@@ -322,8 +358,10 @@ def apply_result(
     label_volume: LabelVolume | None = None,
     save_state_for_undo: Callable[[], None] | None = None,
     scene: slicer.vtkMRMLScene | None = None,
+    when: str | None = None,
 ) -> AppliedResult:
-    """Put one server answer into the scene as a single undo step: segments + box ROIs.
+    """Put one server answer into the scene as a single undo step: segments (tagged with the
+    model version and question) + box ROIs + the answer's text record (``record_answer``).
 
     ``save_state_for_undo`` is the Segment Editor's (in Slicer); the scene's undo otherwise.
     """
@@ -351,6 +389,10 @@ def apply_result(
         seg = get_or_create_segmentation(volume_node, scene)
         applied.segmentation_node = seg
         applied.segment_ids = write_structures(structures.values(), volume_node, seg)
+        for segment_id in applied.segment_ids.values():
+            segment = seg.GetSegmentation().GetSegment(segment_id)
+            segment.SetTag(MODEL_ATTR, _model_name(result))
+            segment.SetTag(PROMPT_ATTR, " ".join(result.prompt.split()))
     if result.boxes:
         default_slice = (
             result.image.slices[0]
@@ -358,6 +400,7 @@ def apply_result(
             else (0 if shape[geometry.AXES.index(axis)] == 1 else None)
         )
         applied.roi_nodes = create_box_rois(result.boxes, volume_node, axis, default_slice, scene)
+    applied.text_node = record_answer(result, volume_node, scene, when)
     return applied
 
 

@@ -330,3 +330,58 @@ def test_views_rotated_to_the_oblique_volume_step_through_its_axes(adapters, vol
     assert seen == {"axial", "coronal", "sagittal"}
     adapters.jump_to_slice(volume, "axial", 5)
     assert adapters.current_slice(volume, "Red").slice_index == 5
+
+
+RECORD = """Question: describe the liver, think step by step
+Task: report
+Model: citrusv-nano, version 1
+Image: ct1 (axial slice 3)
+Asked: 2026-11-27 17:40:00
+
+Answer:
+The liver is normal in size.
+
+Reasoning:
+1. Find the liver. [b1]
+2. Compare with the spleen. [b1, b2]
+
+Boxes (pixels of the slice: x1, y1, x2, y2):
+b1 liver: slice 3, [15, 10, 35, 20], score 0.90
+b2 spleen: slice 3, [40, 25, 55, 38], score 0.70
+
+Masks:
+liver: slice 3, 123.0 mm², score 0.91
+"""
+
+
+def test_each_answer_is_recorded_in_the_scene_and_saved_with_it(
+    adapters, volume, scene, mrml, sample_result, tmp_path
+):
+    result = Result.from_json(sample_result)
+    applied = adapters.apply_result(result, volume, when="2026-11-27 17:40:00")
+    node = applied.text_node
+    assert node.GetText() == RECORD
+    assert node.GetName() == "Citrus-V report: describe the liver, think step by step"
+    assert node.GetAttribute(adapters.MODEL_ATTR) == "citrusv-nano 1"
+    assert node.GetAttribute(adapters.VOLUME_ATTR) == volume.GetID()
+    # the segment says which model version and question made it
+    seg = applied.segmentation_node.GetSegmentation().GetSegment(applied.segment_ids["liver"])
+    import vtk
+
+    tag = vtk.reference("")
+    assert seg.GetTag(adapters.MODEL_ATTR, tag) and str(tag) == "citrusv-nano 1"
+    assert seg.GetTag(adapters.PROMPT_ATTR, tag) and str(tag) == result.prompt
+    # a second answer adds a record; the first stays (boxes are replaced, records are not)
+    second = Result.from_json({**sample_result, "task": "detect", "prompt": "find the spleen",
+                               "reasoning": [], "masks": [], "answer": "Here it is."})
+    adapters.apply_result(second, volume)
+    records = adapters.answer_records(volume)
+    assert [n.GetName() for n in records] == [node.GetName(), "Citrus-V detect: find the spleen"]
+    assert "Question: find the spleen\nTask: detect\n" in records[1].GetText()
+    # saved with the scene: the text storage node writes it and reads it back unchanged
+    storage = scene.AddNewNodeByClass("vtkMRMLTextStorageNode")
+    storage.SetFileName(str(tmp_path / "answer.txt"))
+    assert storage.WriteData(node)
+    back = scene.AddNewNodeByClass("vtkMRMLTextNode")
+    assert storage.ReadData(back)
+    assert back.GetText() == RECORD

@@ -16,6 +16,10 @@ TASKS = ("segment", "detect", "report", "closer_look")
 BOX_TAG = re.compile(r"<bbox>.*?</bbox>|<\|box_start\|>.*?<\|box_end\|>", re.S)
 
 
+def _numbers(values) -> str:
+    return "[" + ", ".join(f"{float(v):g}" for v in values) + "]"
+
+
 def step_text(text: str, box_ids: list[str]) -> str:
     """A reasoning step for reading: each inline box tag becomes the id of the box it cites."""
     ids = iter(box_ids)
@@ -106,6 +110,47 @@ class Result:
             if s.step == step:
                 return [b for b in (self.box(i) for i in s.box_ids) if b is not None]
         return []
+
+    def record(self, when: str | None = None) -> str:
+        """The answer as plain text for the record kept with the scene: the question, the
+        model and version that answered, the slices, the answer, each reasoning step with the
+        boxes it cites, the masks and the warnings. ``when``: the time it was asked."""
+        model = self.model or {}
+        slices = ", ".join(str(s) for s in self.image.slices) or "-"
+        lines = [
+            f"Question: {self.prompt}",
+            f"Task: {self.task}",
+            f"Model: {model.get('name', '?')}, version {model.get('version', '?')}",
+            f"Image: {self.image.id or '?'} ({self.image.axis} slice {slices})",
+        ]
+        if when:
+            lines.append(f"Asked: {when}")
+        if self.closer_look is not None:
+            lines.append("Closer look at box " + _numbers(self.closer_look.roi))
+        lines += ["", "Answer:", (self.answer or self.text or "(none)").strip()]
+        if self.reasoning:
+            lines += ["", "Reasoning:"]
+            for step in self.reasoning:  # as the module lists them: cited ids inline or after
+                text = step_text(step.text, step.box_ids)
+                ids = f" [{', '.join(step.box_ids)}]" if step.box_ids and text == step.text else ""
+                lines.append(f"{step.step}. {text}{ids}")
+        if self.boxes:
+            lines += ["", "Boxes (pixels of the slice: x1, y1, x2, y2):"]
+            for b in self.boxes:
+                where = f"slice {b.slice}, " if b.slice is not None else ""
+                score = f", score {b.score:.2f}" if b.score is not None else ""
+                lines.append(f"{b.id} {b.label}: {where}{_numbers(b.xyxy)}{score}")
+        if self.masks:
+            lines += ["", "Masks:"]
+            for m in self.masks:
+                where = f"slice {m.slice}" if m.slice is not None else "all slices"
+                area = (f", {m.area_mm2:.1f} mm²" if m.area_mm2 is not None
+                        else f", {m.area_px} px" if m.area_px is not None else "")
+                score = f", score {m.score:.2f}" if m.score is not None else ""
+                lines.append(f"{m.label}: {where}{area}{score}")
+        if self.warnings:
+            lines += ["", "Warnings:", *(f"- {w}" for w in self.warnings)]
+        return "\n".join(lines) + "\n"
 
     def labels(self) -> dict[str, int]:
         """Structure name → label index, from ``label_names`` or else from the masks."""
