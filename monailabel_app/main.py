@@ -23,6 +23,7 @@ from dicomweb_client.session_utils import create_session_from_user_pass
 from lib.datastore import SERVER_KEYS, EXTENSIONS, CorrectionsDatastore, PacsDatastore
 from lib.errors import RequestError
 from lib.model import resolve_model_dir
+from lib.trainers.citrusv_finetune import check_options
 
 import monailabel
 from monailabel.config import settings
@@ -123,6 +124,14 @@ def _answer_missing_image_with_400() -> None:
                 raise HTTPException(status_code=400, detail=(
                     "Name the image to ask about: add ?image=ID of a datastore image, or upload "
                     "it in the 'file' field."))
+            try:
+                body = json.loads(params) if params else {}
+            except ValueError:
+                body = None  # MONAI Label answers its own 500 for this; say it here
+            if not isinstance(body, dict):
+                raise HTTPException(status_code=400, detail=(
+                    "params must be a JSON object, e.g. {\"prompt\": \"Segment the liver.\", "
+                    "\"slice\": 60}."))
             return original(background_tasks, model, image, session_id, params, file, label,
                             output)
         return run_inference
@@ -143,6 +152,31 @@ def pacs_cache_bytes(value: str | None) -> int:
         raise ValueError(f"--conf pacs_cache_gb must be a number of gigabytes >= 0 (0: no "
                          f"limit), not '{value}'.")
     return int(gb * 1e9)
+
+
+def _check_training_options() -> None:
+    """MONAI Label 0.8.5 starts any training request and its options fail, if at all, inside
+    the run (a bad value gave a raw Python error in `last_run`; an unknown option was silently
+    ignored). The app wraps the endpoint's `run_model` so the Citrus-V trainer's options are
+    checked first: 400 with a sentence, and no run is started."""
+    from fastapi import HTTPException
+
+    from monailabel.endpoints import train as endpoint
+    from monailabel.interfaces.utils.app import app_instance
+
+    def make(original):
+        def run_model(model, params=None, run_sync=False, enqueue=False):
+            trainer = getattr(app_instance(), "_trainers", {}).get(model) if model else None
+            defaults = getattr(trainer, "defaults", None)
+            if defaults is not None:
+                try:
+                    check_options(params, defaults)
+                except ValueError as e:
+                    raise HTTPException(status_code=400, detail=str(e)) from None
+            return original(model, params, run_sync, enqueue)
+        return run_model
+
+    _patch_once(endpoint, "run_model", make)
 
 
 def _record_who_corrected() -> None:
@@ -207,6 +241,7 @@ class CitrusVApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         _answer_missing_image_with_400()
         _record_who_corrected()
+        _check_training_options()
         _answer_full_disk_with_507()  # after the wrappers above: it wraps them too
         _check_tokens_with_pyjwt2()
         self.model_dir = resolve_model_dir(app_dir, conf.get("model_dir"))

@@ -68,6 +68,22 @@ class CitrusVServer:
     def _kw(self, kw: dict) -> dict:
         return {"timeout": 300, "verify": self.verify, **kw}
 
+    def limit_writes(self, nbytes: int) -> None:
+        """A "full disk" for the server: RLIMIT_FSIZE of every process of its group (server and
+        training runs, which inherit it), set from outside; a write past `nbytes` fails with
+        EFBIG as a full disk fails with ENOSPC. `resource.RLIM_INFINITY` lifts it."""
+        import resource
+
+        pgid = self.process.pid  # started in its own session
+        for entry in os.listdir("/proc"):
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text() if entry.isdigit() else ""
+            except OSError:
+                continue
+            if stat and int(stat.rsplit(")", 1)[1].split()[2]) == pgid:  # field 5: group
+                resource.prlimit(int(entry), resource.RLIMIT_FSIZE,
+                                 (nbytes, resource.RLIM_INFINITY))
+
     def log(self, tail: int = 4000) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-tail:]

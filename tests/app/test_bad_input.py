@@ -51,6 +51,8 @@ CASES = {
                         ("huge.nii.gz", "oversized"), 413, "too large"),
     "corrupt DICOM": ("citrusv_segment", "", {"prompt": "Segment the lungs."},
                       ("broken.dcm", "corrupt"), 400, "DICOM"),
+    "params a JSON list": ("citrusv_segment", "chest_ct", [1, 2], None, 400, "JSON object"),
+    "params null": ("citrusv_segment", "chest_ct", None, None, 400, "JSON object"),
 }
 
 

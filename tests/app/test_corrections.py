@@ -8,6 +8,7 @@ server of their own, in file order: save a correction, train on it, then ask the
 from __future__ import annotations
 
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -135,14 +136,41 @@ def test_training_publishes_a_new_version_that_infer_serves(citrusv_server, sple
 
 
 def test_failed_training_leaves_the_serving_model(citrusv_server):
-    # a negative learning rate makes the optimiser raise mid-run: no new version, still serving
-    task = run_training(citrusv_server, steps=2, learning_rate=-1.0)
+    # the disk fills up while the run writes its version: no new version, still serving
+    citrusv_server.limit_writes(100_000)  # the run (a child of the server) inherits it
+    try:
+        task = run_training(citrusv_server, steps=2, batch_images=2, max_per_structure=4,
+                            publish_if_worse=True)
+    finally:
+        citrusv_server.limit_writes(resource.RLIM_INFINITY)
     assert task["status"] == "ERROR"
     info = citrusv_server.get("/info/").json()
     assert [v["version"] for v in info["citrusv"]["versions"]] == ["1"]
-    assert info["train_stats"]["citrusv_finetune"]["last_run"]["status"] == "failed"
+    last = info["train_stats"]["citrusv_finetune"]["last_run"]
+    assert last["status"] == "failed" and "File too large" in last["error"], last
     assert not list((citrusv_server.model_dir / "versions").glob(".tmp-*"))
     _assert_serves_version(citrusv_server, "1")
+
+
+BAD_OPTIONS = {
+    "learning_rate": (-1.0, "learning_rate must be a number above 0 and at most 1, not -1.0."),
+    "steps": ("abc", "steps must be a whole number, not 'abc'."),
+    "batch_images": (0, "batch_images must be a whole number from 1 to 64, not 0."),
+    "val_every": (1, "val_every 1 would hold out every corrected slice"),
+    "publish_if_worse": ("maybe", "publish_if_worse must be true or false, not 'maybe'."),
+    "step": (5, "Unknown training option 'step'; the options are steps, learning_rate,"),
+}
+
+
+@pytest.mark.parametrize("option", list(BAD_OPTIONS))
+def test_bad_training_option_is_400_and_starts_no_run(citrusv_server, option):
+    value, words = BAD_OPTIONS[option]
+    before = citrusv_server.get("/info/").json()["train_stats"]["citrusv_finetune"]["last_run"]
+    r = citrusv_server.post("/train/citrusv_finetune", json={"steps": 2, option: value})
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"].startswith(words), r.json()["detail"]
+    after = citrusv_server.get("/info/").json()["train_stats"]["citrusv_finetune"]["last_run"]
+    assert after == before  # no run was started
 
 
 def test_killed_training_leaves_the_serving_model(citrusv_server):

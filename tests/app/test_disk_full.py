@@ -3,7 +3,7 @@ HTTP 507 with a sentence (MONAI Label 0.8.5 answered a bare 500), the stored lab
 stay whole, nothing half-written is left, and the server goes on serving.
 
 The disk is made "full" with the file size limit of the running server's processes
-(RLIMIT_FSIZE, set from outside with prlimit): a write past 100 kB fails as it would on a full
+(RLIMIT_FSIZE, set from outside: `CitrusVServer.limit_writes`): a write past 100 kB fails as it would on a full
 disk (EFBIG here instead of ENOSPC; both take the same path), while reads and small writes go on.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import resource
 import shutil
 import sys
@@ -38,20 +37,6 @@ def server(tmp_path_factory, tiny_model_dir, citrusv_sample_studies):
     model_dir = shutil.copytree(tiny_model_dir, root / "model")
     with start_citrusv_server(studies, model_dir) as server:
         yield server
-
-
-def _limit_writes(server, nbytes: int) -> None:
-    """RLIMIT_FSIZE of every process in the server's process group (server + any child)."""
-    pgid = server.process.pid  # started in its own session
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[2]) == pgid:  # field 5: process group
-            resource.prlimit(int(entry), resource.RLIMIT_FSIZE, (nbytes, resource.RLIM_INFINITY))
 
 
 def _sha(path: Path) -> str:
@@ -86,7 +71,7 @@ def test_correction_on_a_full_disk_gets_507_and_nothing_breaks(server, tmp_path)
     assert liver_file.stat().st_size < LIMIT and liver.sum() > 1000
 
     client = CitrusVClient(server.url, read_timeout=300)
-    _limit_writes(server, LIMIT)
+    server.limit_writes(LIMIT)
     try:
         with pytest.raises(CitrusVError) as caught:
             client.put_label("chest_ct", liver_file, [{"name": "liver", "idx": 1}],
@@ -124,7 +109,7 @@ def test_correction_on_a_full_disk_gets_507_and_nothing_breaks(server, tmp_path)
         # the server still answers
         assert server.get("/info/").status_code == 200
     finally:
-        _limit_writes(server, resource.RLIM_INFINITY)
+        server.limit_writes(resource.RLIM_INFINITY)
 
     assert not {"big_ct", "small_image"} & set(server.get("/datastore/?output=all").json()["objects"])
     # space again: the same correction goes through and merges with the spleen

@@ -74,6 +74,83 @@ def parse_mllm_device(value: str | None) -> str:
     return value
 
 
+# MONAI Label's own keys in a training request (its clients and AsyncTask add them)
+GENERIC_KEYS = {"model", "gpus", "multi_gpu", "dataset", "name", "bundle_path", "local_rank"}
+TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def _whole(low: int, high: int | None = None):
+    def check(name: str, v: Any) -> int:
+        digits = isinstance(v, str) and v.strip().lstrip("-").isdigit()
+        if isinstance(v, bool) or not (isinstance(v, int) or digits):
+            raise ValueError(f"{name} must be a whole number, not {v!r}.")
+        v = int(v)
+        if v < low or (high is not None and v > high):
+            span = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise ValueError(f"{name} must be a whole number {span}, not {v}.")
+        return v
+    return check
+
+
+def _number(low: float, high: float, low_open: bool = False):
+    def check(name: str, v: Any) -> float:
+        try:
+            x = float(v) if not isinstance(v, bool) else float("nan")
+        except (TypeError, ValueError):
+            x = float("nan")
+        if not (x > low if low_open else x >= low) or not x <= high:  # NaN fails both
+            above = "above" if low_open else "at least"
+            raise ValueError(f"{name} must be a number {above} {low:g} and at most {high:g}, "
+                             f"not {v!r}.")
+        return x
+    return check
+
+
+def _val_every(name: str, v: Any) -> int:
+    n = _whole(0)(name, v)
+    if n == 1:
+        raise ValueError(f"{name} 1 would hold out every corrected slice; use 0 (no held-out "
+                         "check) or N >= 2 (every Nth slice of a structure is held out).")
+    return n
+
+
+def _flag(name: str, v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if str(v).strip().lower() in TRUE + FALSE:
+        return str(v).strip().lower() in TRUE
+    raise ValueError(f"{name} must be true or false, not {v!r}.")
+
+
+OPTION_CHECKS = {
+    "steps": _whole(1, 100_000),
+    "learning_rate": _number(0.0, 1.0, low_open=True),
+    "batch_images": _whole(1, 64),
+    "val_every": _val_every,
+    "negatives_per_positive": _number(0.0, 10.0),
+    "max_per_structure": _whole(1),
+    "seed": _whole(0, 2**31 - 1),
+    "publish_if_worse": _flag,
+}
+
+
+def check_options(options: dict | None, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The run's options: `defaults` updated by the request's, each checked (ValueError with
+    one sentence naming the option for an unknown name or a bad value). MONAI Label's own
+    request keys (`model`, `gpus`, ...) are passed over."""
+    if options is not None and not isinstance(options, dict):
+        raise ValueError("The training options must be a JSON object, e.g. {\"steps\": 200}.")
+    unknown = sorted(k for k in (options or {}) if k not in defaults and k not in GENERIC_KEYS)
+    if unknown:
+        raise ValueError(f"Unknown training option {', '.join(map(repr, unknown))}; the options "
+                         f"are {', '.join(defaults)}.")
+    opts = dict(defaults)
+    for k, v in (options or {}).items():
+        if k in defaults:
+            opts[k] = OPTION_CHECKS[k](k, v) if k in OPTION_CHECKS else v
+    return opts
+
+
 def parse_keep_versions(value: str | None) -> int:
     """`--conf keep_versions N`: after a published run, keep the weights of the N newest
     versions that are not withdrawn; 0 (the default) keeps every version."""
@@ -119,7 +196,9 @@ class CitrusVFinetune(TrainTask):
                 "train_loss": last.get("train_loss"), "val_dice": last.get("val_dice")}
 
     def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any]:
-        opts = {**self.defaults, **{k: request[k] for k in self.defaults if k in request}}
+        # the POST was checked already (main.py); this is the same check, for direct callers
+        opts = check_options({k: request[k] for k in self.defaults if k in request},
+                             self.defaults)
         versions_dir = self.model.versions_dir
         versions_dir.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temp(versions_dir)
