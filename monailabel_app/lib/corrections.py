@@ -15,6 +15,8 @@ import numpy as np
 
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 
+from citrusv.imaging import resolve_window
+
 from .errors import RequestError
 from .images import read_study
 from .params import parse
@@ -87,8 +89,14 @@ def collect(datastore: Datastore, negatives_per_positive: float = 0.5, max_per_s
         for value, (name, prompt, window) in _names(info, values).items():
             if value not in values:
                 continue
-            window = parse({"prompt": "x", "slice": 0 if study.is_2d else None,
-                            "window": window}, study, "segment").window
+            try:
+                window = parse({"prompt": "x", "slice": 0 if study.is_2d else None,
+                                "window": window}, study, "segment").window
+                if window is not None:
+                    resolve_window(window)  # what the engine will do with it
+            except (RequestError, ValueError) as e:  # saved before the save-time checks
+                logger.warning("Skipping %s of %s: %s", name, image_id, getattr(e, "detail", e))
+                continue
             present = (label.array == value).reshape(study.shape[0], -1).any(axis=1)
             pos = [int(k) for k in np.flatnonzero(present)]
             # negatives only well outside the structure's extent: a correction may label just

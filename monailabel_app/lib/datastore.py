@@ -202,7 +202,7 @@ class CorrectionsDatastore(LocalDatastore):
                 f"{list(image.shape)}; save the label in the image's own geometry.")
         if not image.is_2d:
             _check_same_grid(label.affine, image.affine, image_id)
-        values = np.unique(np.asarray(label.array)).astype(int).tolist()
+        values = _label_values(np.asarray(label.array))
         info = label_info.get("label_info")
         if isinstance(info, str):
             try:
@@ -215,7 +215,10 @@ class CorrectionsDatastore(LocalDatastore):
                     isinstance(i, dict) and "name" in i and "idx" in i for i in info):
                 raise RequestError("params.label_info must be a list like "
                                    "[{\"name\": \"liver\", \"idx\": 1}].")
+            _check_entries(info, values)
             label_info["label_info"] = info
+        for where in [label_info, *(info or [])]:  # a bad one would fail every training run
+            _check_submission(where)
         label_info["label_values"] = [v for v in values if v]
         return label, image
 
@@ -262,6 +265,66 @@ SUBMISSION_KEYS = ("prompt", "window")  # what a one-structure correction says o
 SENDER_KEYS = ("user",)
 # what the kept copy of a final label records of what came with it
 KEPT_KEYS = ("label_info", *SUBMISSION_KEYS, *SENDER_KEYS, "source", "SeriesInstanceUID")
+
+
+MAX_NAME = 128  # characters of a structure name
+EXAMPLE = "[{\"name\": \"liver\", \"idx\": 1}]"
+
+
+def _label_values(array: np.ndarray) -> list[int]:
+    """The values of a label map, which must be whole numbers 0..65535 (0: background)."""
+    values = np.unique(array)
+    if array.dtype.kind == "f" and not np.all(np.isfinite(values) & (values == np.round(values))):
+        raise RequestError("The label holds values that are not whole numbers (a probability "
+                           "map?); send a label map: 0 for background, 1, 2, ... per structure.")
+    if len(values) and (values.min() < 0 or values.max() > 65535):
+        raise RequestError(f"The label holds values from {values.min():g} to {values.max():g}; "
+                           "label values must be 0 (background) to 65535.")
+    return [int(v) for v in values]
+
+
+def _check_entries(info: list[dict], values: list[int]) -> None:
+    """Each entry names one label value (1..65535) with a non-empty name, once; and every value
+    in the file is named. (An entry whose value is not in the file removes that structure.)"""
+    names: set[str] = set()
+    numbered: set[int] = set()
+    for e in info:
+        idx, name = e["idx"], e["name"]
+        if isinstance(idx, str) and idx.strip().isdigit():
+            idx = e["idx"] = int(idx)
+        if isinstance(idx, bool) or not isinstance(idx, int) or not 1 <= idx <= 65535:
+            raise RequestError(f"params.label_info idx {idx!r} of {name!r} must be a whole number "
+                               "from 1 to 65535 (0 is the background).")
+        if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME:
+            shown = repr(name[:40] + "…" if isinstance(name, str) and len(name) > 40 else name)
+            raise RequestError(f"params.label_info name {shown} (idx {idx}) must be the "
+                               f"structure's name, 1 to {MAX_NAME} characters.")
+        key = name.strip().lower()
+        if key in names or idx in numbered:
+            raise RequestError(f"params.label_info names {name!r} or idx {idx} twice; give each "
+                               f"structure one entry, e.g. {EXAMPLE}.")
+        names.add(key)
+        numbered.add(idx)
+    unnamed = [v for v in values if v and v not in numbered]
+    if unnamed:
+        raise RequestError(f"The label has value(s) {', '.join(map(str, unnamed))} that "
+                           f"params.label_info does not name; name each one, e.g. {EXAMPLE}.")
+
+
+def _check_submission(where: dict) -> None:
+    """The question and window that come with a correction (or one of its entries): what the
+    fine-tune asks with them must be a valid question."""
+    from citrusv.imaging import resolve_window  # the engine's own presets and rules
+
+    prompt, window = where.get("prompt"), where.get("window")
+    if prompt is not None and (not isinstance(prompt, str) or len(prompt) > 4000):
+        raise RequestError("params.prompt must be the question as text (at most 4000 "
+                           "characters).")
+    if window is not None and window not in ("", "auto"):
+        try:
+            resolve_window(window.strip().lower() if isinstance(window, str) else window)
+        except ValueError as e:  # InputError: its sentence names the presets
+            raise RequestError(f"params.window: {e}") from None
 
 
 def _structures(array: np.ndarray, info: dict) -> dict[str, tuple[int, dict[str, Any]]]:
@@ -632,8 +695,10 @@ def _seg_to_label(ds: Dataset, study: Study) -> tuple[np.ndarray, list[dict[str,
         on_grid = sitk.Resample(result.segment_image(number), reference, sitk.Transform(),
                                 sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
         label[sitk.GetArrayFromImage(on_grid).reshape(study.shape) > 0] = value
-        name = str(result.segment_infos[number].get("SegmentLabel", f"segment {number}"))
-        label_info.append({"name": name.strip().lower(), "idx": value})
+        name = str(result.segment_infos[number].get("SegmentLabel") or "").strip().lower()
+        if not name or any(e["name"] == name for e in label_info):  # unnamed, or named twice
+            name = f"{name or 'segment'} {number}".strip()
+        label_info.append({"name": name[:MAX_NAME], "idx": value})
     return label, label_info
 
 

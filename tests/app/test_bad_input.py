@@ -79,3 +79,57 @@ def test_bad_request_is_4xx_then_good_request_succeeds(citrusv_server, tmp_path,
                              data={"params": json.dumps(GOOD)})
     assert ok.status_code == 200, ok.text
     assert ok.json()["image"]["slices"] == [60]
+
+
+def _label(kind: str) -> np.ndarray:
+    """A correction on the sample CT's grid (x, y, z): the liver-ish box on slices 60-62."""
+    m = np.zeros((512, 512, 133), np.uint8)
+    m[200:260, 200:260, 60:63] = 1
+    if kind == "two values":
+        m[300:320, 300:320, 60] = 2
+    if kind == "probabilities":
+        return m.astype(np.float32) * 0.5
+    if kind == "negative":
+        return m.astype(np.int16) * -1
+    return m
+
+
+LIVER = [{"name": "liver", "idx": 1}]
+BAD_CORRECTIONS = {  # label file, params, words of the 400 sentence
+    "idx 0 (the background)": ("one value", {"label_info": [{"name": "liver", "idx": 0}]},
+                               "idx 0 of 'liver' must be a whole number from 1 to 65535"),
+    "idx not a number": ("one value", {"label_info": [{"name": "liver", "idx": "one"}]},
+                         "idx 'one' of 'liver' must be a whole number"),
+    "a name twice": ("two values", {"label_info": [{"name": "liver", "idx": 1},
+                                                   {"name": "Liver", "idx": 2}]}, "twice"),
+    "empty name": ("one value", {"label_info": [{"name": " ", "idx": 1}]},
+                   "must be the structure's name"),
+    "value not named": ("two values", {"label_info": LIVER},
+                        "The label has value(s) 2 that params.label_info does not name"),
+    "probability map": ("probabilities", {"label_info": LIVER}, "not whole numbers"),
+    "negative values": ("negative", {"label_info": LIVER}, "label values must be 0"),
+    "prompt not text": ("one value", {"label_info": LIVER, "prompt": 5},
+                        "params.prompt must be the question as text"),
+    "unknown window": ("one value", {"label_info": LIVER, "window": "brainz"},
+                       "params.window: window 'brainz' is unknown"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CORRECTIONS))
+def test_bad_correction_is_400_and_nothing_is_kept(citrusv_server, tmp_path, case):
+    # each of these was stored before; some removed a structure (idx 0 made the background
+    # "liver"), and a bad window made every later training run fail
+    kind, params, words = BAD_CORRECTIONS[case]
+    ct = nib.load(citrusv_server.studies / "chest_ct.nii.gz")
+    path = tmp_path / "correction.nii.gz"
+    nib.save(nib.Nifti1Image(_label(kind), ct.affine), path)
+    final = citrusv_server.studies / "labels" / "final"
+    before = sorted(p.name for p in final.rglob("*")) if final.exists() else []
+    with open(path, "rb") as f:
+        r = citrusv_server.put("/datastore/label?image=chest_ct&tag=final",
+                               files={"label": (path.name, f, "application/gzip")},
+                               data={"params": json.dumps(params)})
+    assert r.status_code == 400, r.text
+    assert words in r.json()["detail"], r.json()["detail"]
+    after = sorted(p.name for p in final.rglob("*")) if final.exists() else []
+    assert after == before  # nothing stored, nothing kept as sent
