@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -67,6 +68,38 @@ class CorrectionsDatastore(LocalDatastore):
             # follow: without this, what another process (the training run, which imports
             # PACS SEGs) writes there would stay unseen by the server until it restarts
             handler.on_moved = self._on_moved_event
+
+    def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        """An uploaded image, checked first: an id that names a file in the studies folder and
+        nowhere else (before, "../x" wrote outside it), an image this server reads (an empty
+        file or a text file was stored as an "image"), and never another image under an id
+        that is taken: the corrections stored for that id would then belong to the wrong image
+        (409). The same image sent again is a no-op."""
+        derived, ext = self._to_id(os.path.basename(image_filename))
+        image_id = str(image_id or derived or "").strip()
+        if not IMAGE_ID.match(image_id) or ".." in image_id:
+            raise RequestError(f"image id {image_id[:60]!r} cannot name a file here; use 1 to 128 "
+                               "letters, digits, '.', '_' or '-', not starting with a dot, e.g. "
+                               "?image=patient12_ct.")
+        new = read_study(image_filename)  # RequestError: not an image this server reads
+        existing = self._datastore.objects.get(image_id)
+        if existing is not None:
+            old = read_study(self.get_image_uri(image_id))
+            same = (old.array.shape == new.array.shape and np.allclose(old.affine, new.affine)
+                    and np.array_equal(old.array, new.array))
+            if same:
+                logger.info("Image %s uploaded again, unchanged; kept as it was", image_id)
+                return image_id
+            raise RequestError(f"image id '{image_id}' is already in the datastore with another "
+                               "image (its corrections belong to that one); upload this image "
+                               "under another id.", status_code=409)
+        return super().add_image(image_id, image_filename, image_info)
+
+    def remove_image(self, image_id: str) -> None:
+        if image_id not in self._datastore.objects:  # MONAI Label answered 500
+            raise RequestError(f"image '{str(image_id)[:60]}' is not in the datastore; nothing "
+                               "was removed.", status_code=404)
+        super().remove_image(image_id)
 
     def _on_moved_event(self, event) -> None:
         if os.path.realpath(getattr(event, "dest_path", "")) == os.path.realpath(
@@ -268,6 +301,7 @@ KEPT_KEYS = ("label_info", *SUBMISSION_KEYS, *SENDER_KEYS, "source", "SeriesInst
 
 
 MAX_NAME = 128  # characters of a structure name
+IMAGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # a file name in the studies folder
 EXAMPLE = "[{\"name\": \"liver\", \"idx\": 1}]"
 
 

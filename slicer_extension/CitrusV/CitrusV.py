@@ -20,7 +20,7 @@ import slicer
 from CitrusVLib import geometry
 from CitrusVLib.client import CitrusVClient, infer_params
 from CitrusVLib.errors import CitrusVCancelled, CitrusVError
-from CitrusVLib.label_io import LabelVolume, write_label_volume
+from CitrusVLib.label_io import LabelVolume, upload_id, write_label_volume
 from CitrusVLib.result import step_text
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -629,9 +629,8 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
             return {"image_id": known}
         path = os.path.join(self.tempDirectory(), f"{volume.GetID()}.nrrd")
         snapshot = CitrusVMRML.volume_snapshot(volume)
-        safe = "".join(ch if ch.isalnum() else "_" for ch in volume.GetName()) or "volume"
-        upload = {"path": path, "volume": snapshot, "image_id": f"slicer_{safe}_{volume.GetID()}",
-                  "name": volume.GetName()}
+        upload = {"path": path, "volume": snapshot,
+                  "image_id": upload_id(volume.GetName(), snapshot), "name": volume.GetName()}
         series = CitrusVMRML.dicom_series_uid(volume)
         if series:
             upload["series_uid"] = series

@@ -133,3 +133,41 @@ def test_bad_correction_is_400_and_nothing_is_kept(citrusv_server, tmp_path, cas
     assert words in r.json()["detail"], r.json()["detail"]
     after = sorted(p.name for p in final.rglob("*")) if final.exists() else []
     assert after == before  # nothing stored, nothing kept as sent
+
+
+def _put_image(server, image_id: str, name: str, content: bytes):
+    return server.put(f"/datastore/image?image={image_id}", files={"file": (name, content)})
+
+
+def test_uploads_that_would_misfile_or_are_no_image_are_refused(citrusv_server):
+    studies = citrusv_server.studies
+    outside = sorted(p.name for p in studies.parent.iterdir())
+    ct = (studies / "chest_ct.nii.gz").read_bytes()
+    # "../escaped" used to be written next to the studies folder (any path the caller chose)
+    for image_id in ("../escaped", "a/b", "..", ".hidden"):
+        r = _put_image(citrusv_server, image_id, "x.nii.gz", ct)
+        assert r.status_code == 400 and "cannot name a file here" in r.json()["detail"], r.text
+    assert sorted(p.name for p in studies.parent.iterdir()) == outside
+    r = _put_image(citrusv_server, "empty", "empty.nii.gz", b"")
+    assert r.status_code == 400 and r.json()["detail"].startswith("The uploaded file is empty")
+    r = _put_image(citrusv_server, "notes", "notes.txt", b"not an image")
+    assert r.status_code == 400 and "is not an image this server reads" in r.json()["detail"]
+    objects = citrusv_server.get("/datastore/?output=all").json()["objects"]
+    assert not {"empty", "notes", "a", "escaped", "..", ".hidden"} & set(objects)
+
+    # another image under a taken id would inherit that image's corrections: 409
+    labels_before = objects["chest_ct"].get("labels")
+    xray = (studies / "chest_xray.dcm").read_bytes()
+    r = _put_image(citrusv_server, "chest_ct", "other.dcm", xray)
+    assert r.status_code == 409, r.text
+    assert r.json()["detail"] == ("image id 'chest_ct' is already in the datastore with another "
+                                  "image (its corrections belong to that one); upload this image "
+                                  "under another id.")
+    # the same image again is a no-op that keeps its labels
+    r = _put_image(citrusv_server, "chest_ct", "chest_ct.nii.gz", ct)
+    assert r.status_code == 200 and r.json()["image"] == "chest_ct"
+    after = citrusv_server.get("/datastore/?output=all").json()["objects"]["chest_ct"]
+    assert after.get("labels") == labels_before
+
+    r = citrusv_server.delete("/datastore/image?id=no_such_image")
+    assert r.status_code == 404 and "nothing was removed" in r.json()["detail"]

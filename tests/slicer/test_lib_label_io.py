@@ -80,3 +80,17 @@ def test_single_dicom_file_reads_as_one_slice(tmp_path):
     assert np.allclose(vol.array[0], pixels.astype(float) * 2 - 5)
     assert np.allclose(np.linalg.norm(vol.ijk_to_ras[:3, :2], axis=0), [0.3, 0.2])
     assert pydicom.__version__
+
+
+def test_upload_id_names_the_content_not_the_session():
+    from CitrusVLib.label_io import upload_id
+
+    a = LabelVolume(np.arange(24, dtype=np.int16).reshape(2, 3, 4), np.eye(4))
+    same = LabelVolume(a.array.copy(), np.eye(4))
+    other = LabelVolume(a.array + 1, np.eye(4))
+    moved = LabelVolume(a.array.copy(), np.diag([1.0, 1.0, 2.0, 1.0]))
+    ida = upload_id("CT chest (1)", a)
+    assert ida.startswith("slicer_CT_chest__1__") and len(ida.rsplit("_", 1)[1]) == 12
+    assert upload_id("CT chest (1)", same) == ida  # another Slicer session: the same id
+    assert upload_id("CT chest (1)", other) != ida and upload_id("CT chest (1)", moved) != ida
+    assert len(upload_id("x" * 300, a)) <= 128  # within the server's id rule

@@ -7,6 +7,7 @@ nibabel when it is installed (the server and the headless twin have it).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import os
 import re
@@ -70,6 +71,20 @@ class LabelVolume:
 
     array: np.ndarray
     ijk_to_ras: np.ndarray
+
+
+def upload_id(name: str, volume: LabelVolume) -> str:
+    """The datastore id an uploaded volume gets: ``slicer_<name>_<12 hex digits>`` of its
+    voxels and geometry. The same volume gets the same id in every Slicer session (the server
+    keeps one copy); two volumes never share one, so a correction never lands on another
+    volume's image (the server refuses another image under a taken id)."""
+    digest = hashlib.blake2b(digest_size=6)
+    array = np.ascontiguousarray(volume.array)
+    digest.update(repr((array.shape, array.dtype.str)).encode())
+    digest.update(np.round(np.asarray(volume.ijk_to_ras, dtype=float), 6).tobytes())
+    digest.update(array.tobytes())
+    safe = "".join(ch if ch.isalnum() else "_" for ch in name)[:40] or "volume"
+    return f"slicer_{safe}_{digest.hexdigest()}"
 
 
 def _suffix(name: str) -> str:
