@@ -163,6 +163,17 @@ def start_citrusv_server(studies: Path | str, model_dir: Path, log_path: Path | 
         log.close()
 
 
+@contextlib.contextmanager
+def private_citrusv_server(root: Path, model_dir: Path, studies: Path = SAMPLE_STUDIES,
+                           **kwargs) -> Iterator[CitrusVServer]:
+    """A server of a test module's own, on copies of the studies and of the checkpoint under
+    `root` (for tests that change labels or model versions); `kwargs` as start_citrusv_server."""
+    copies = copy_studies(root / "studies", studies)
+    model = shutil.copytree(model_dir, root / "model")
+    with start_citrusv_server(copies, model, **kwargs) as server:
+        yield server
+
+
 def _stop(process: subprocess.Popen) -> None:
     """SIGTERM the server's process group (uvicorn + any training subprocess), then SIGKILL."""
     if process.poll() is not None:

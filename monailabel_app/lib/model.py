@@ -102,23 +102,23 @@ class SharedModel:
         numbers = self.version_numbers()
         return (numbers[-1] + 1) if numbers else 1
 
-    def withdrawn(self, version: str) -> dict | None:
-        """The admin's withdrawal mark of `version` ({"at", "reason"}), or None."""
+    def _mark(self, version: str, name: str, damaged: dict) -> dict | None:
+        """A mark file in a version's folder, or None; `damaged` when it cannot be read (it
+        still counts)."""
         if not VERSION_DIR.match(str(version)):
             return None
-        mark = self.versions_dir / str(version) / WITHDRAWN
+        mark = self.versions_dir / str(version) / name
         if not mark.is_file():
             return None
-        return read_json(mark) or {"at": None, "reason": None}  # a damaged mark still counts
+        return read_json(mark) or damaged
+
+    def withdrawn(self, version: str) -> dict | None:
+        """The admin's withdrawal mark of `version` ({"at", "reason"}), or None."""
+        return self._mark(version, WITHDRAWN, {"at": None, "reason": None})
 
     def pruned(self, version: str) -> dict | None:
         """The mark of a version whose weights were pruned ({"at", "by", "freed_bytes"}), or None."""
-        if not VERSION_DIR.match(str(version)):
-            return None
-        mark = self.versions_dir / str(version) / PRUNED
-        if not mark.is_file():
-            return None
-        return read_json(mark) or {"at": None}
+        return self._mark(version, PRUNED, {"at": None})
 
     def _stamp(self, version: str) -> int | None:
         try:

@@ -5,22 +5,19 @@ Limits). Asks, a closer look and a training run, on a private server with `--con
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
 from tests.app.helpers import put_label, reference_label, run_training
-from tests.server import copy_studies, start_citrusv_server
+from tests.server import private_citrusv_server
 
 SPLEEN = 1  # labels.json
 
 
 @pytest.fixture(scope="module")
 def bf16_server(tmp_path_factory, tiny_model_dir, citrusv_sample_studies):
-    root = tmp_path_factory.mktemp("bf16_server")
-    studies = copy_studies(root / "studies", citrusv_sample_studies)
-    model_dir = shutil.copytree(tiny_model_dir, root / "model")
-    with start_citrusv_server(studies, model_dir, dtype="bf16") as server:
+    with private_citrusv_server(tmp_path_factory.mktemp("bf16_server"), tiny_model_dir,
+                                citrusv_sample_studies, dtype="bf16") as server:
         yield server
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from tests.app.helpers import put_label, reference_label, run_training, wait_for_training
-from tests.server import copy_studies, start_citrusv_server
+from tests.server import private_citrusv_server
 
 SPLEEN = 1  # labels.json: {"1": "spleen", ...}
 
@@ -28,10 +28,8 @@ SPLEEN = 1  # labels.json: {"1": "spleen", ...}
 @pytest.fixture(scope="module")
 def citrusv_server(tmp_path_factory, tiny_model_dir, citrusv_sample_studies):
     """A private server (shadows the shared session one for this module)."""
-    root = tmp_path_factory.mktemp("corrections_server")
-    studies = copy_studies(root / "studies", citrusv_sample_studies)
-    shutil.copytree(tiny_model_dir, root / "model")
-    with start_citrusv_server(studies, root / "model") as server:
+    with private_citrusv_server(tmp_path_factory.mktemp("corrections_server"), tiny_model_dir,
+                                citrusv_sample_studies) as server:
         yield server
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import resource
-import shutil
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 
 from tests.app.helpers import put_label, reference_label
-from tests.server import REPO, copy_studies, start_citrusv_server
+from tests.server import private_citrusv_server, REPO
 
 sys.path.insert(0, str(REPO / "slicer_extension" / "CitrusV"))
 from CitrusVLib import CitrusVClient, CitrusVError  # noqa: E402
@@ -32,10 +31,8 @@ LIMIT = 100_000  # bytes a server process may write into one file
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir, citrusv_sample_studies):
-    root = tmp_path_factory.mktemp("disk_full_server")
-    studies = copy_studies(root / "studies", citrusv_sample_studies)
-    model_dir = shutil.copytree(tiny_model_dir, root / "model")
-    with start_citrusv_server(studies, model_dir) as server:
+    with private_citrusv_server(tmp_path_factory.mktemp("disk_full_server"), tiny_model_dir,
+                                citrusv_sample_studies) as server:
         yield server
 
 

@@ -5,22 +5,19 @@ about 1 GB per Citrus-V-8B version). A private server with keep_versions 1."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
 from tests.app.helpers import put_label, reference_label, run_training
-from tests.server import copy_studies, start_citrusv_server
+from tests.server import private_citrusv_server, copy_studies, start_citrusv_server
 
 SPLEEN = 1  # labels.json
 
 
 @pytest.fixture(scope="module")
 def keep_one_server(tmp_path_factory, tiny_model_dir, citrusv_sample_studies):
-    root = tmp_path_factory.mktemp("keep_versions_server")
-    studies = copy_studies(root / "studies", citrusv_sample_studies)
-    model_dir = shutil.copytree(tiny_model_dir, root / "model")
-    with start_citrusv_server(studies, model_dir, keep_versions="1") as server:
+    with private_citrusv_server(tmp_path_factory.mktemp("keep_versions_server"), tiny_model_dir,
+                                citrusv_sample_studies, keep_versions="1") as server:
         yield server
 
 

@@ -7,7 +7,6 @@ each way of getting https wrong gets its own sentence."""
 from __future__ import annotations
 
 import http.server
-import shutil
 import ssl
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import pytest
 from CitrusVLib import CitrusVClient, CitrusVError
 
 from tests.app.helpers import reference_label
-from tests.server import REPO, copy_studies, start_citrusv_server
+from tests.server import private_citrusv_server, REPO
 from tests.tls import make_certificates
 
 SPLEEN = 1  # labels.json
@@ -32,10 +31,8 @@ def certs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def https_server(tmp_path_factory, tiny_model_dir, citrusv_sample_studies, certs):
-    root = tmp_path_factory.mktemp("https_server")
-    studies = copy_studies(root / "studies", citrusv_sample_studies)
-    model_dir = shutil.copytree(tiny_model_dir, root / "model")
-    with start_citrusv_server(studies, model_dir, tls=(certs.cert, certs.key, certs.ca)) as server:
+    with private_citrusv_server(tmp_path_factory.mktemp("https_server"), tiny_model_dir,
+                                citrusv_sample_studies, tls=(certs.cert, certs.key, certs.ca)) as server:
         yield server
 
 
