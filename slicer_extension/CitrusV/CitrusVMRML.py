@@ -421,7 +421,7 @@ def export_segment_label(
         else segment_label_index(segmentation_node, segment_id)
     )
     mask = segment_array(segmentation_node, segment_id, volume_node) > 0
-    label = mask.astype(np.uint8) * np.uint8(index)
+    label = mask.astype(np.uint16 if index > 255 else np.uint8) * index  # uint8 wrapped 300 to 44
     safe = "".join(ch if ch.isalnum() else "_" for ch in name) or "label"
     path = os.path.join(directory, f"{safe}{extension}")
     write_label_volume(path, LabelVolume(label, ijk_to_ras(volume_node, world=False)))

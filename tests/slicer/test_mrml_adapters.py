@@ -310,6 +310,16 @@ def test_export_segment_writes_a_label_on_the_volume_grid(adapters, volume, tmp_
     assert header["space"] == "left-posterior-superior"
 
 
+def test_export_keeps_a_label_index_over_255(adapters, volume, tmp_path, mrml):
+    result, mask = segment_result("spleen", index=300, slice_index=5)
+    applied = adapters.apply_result(result, volume)
+    path, info = adapters.export_segment_label(
+        applied.segmentation_node, applied.segment_ids["spleen"], volume, str(tmp_path)
+    )
+    assert info == [{"name": "spleen", "idx": 300}]
+    assert set(np.unique(read_label_volume(path).array)) == {0, 300}  # not 44 (uint8)
+
+
 def test_volume_written_for_upload_round_trips(adapters, volume, tmp_path, mrml):
     path = adapters.write_volume_for_upload(volume, str(tmp_path / "ct.nrrd"))
     lv = read_label_volume(path)
