@@ -44,3 +44,23 @@ def test_a_stale_process_merges_into_the_label_another_one_saved(citrusv_sample_
     server.save_label("chest_ct", str(liver), "final", {"label_info": [{"name": "liver", "idx": 1}]})
     info = CorrectionsDatastore(str(studies), extensions=EXTENSIONS).get_label_info("chest_ct", "final")
     assert [e["name"] for e in info["label_info"]] == ["spleen", "liver"]
+
+
+def test_training_skips_a_structure_stored_with_a_bad_window(citrusv_sample_studies, tmp_path):
+    # a correction saved before the save-time checks, with a window the engine does not know,
+    # used to fail every training run; now that structure is left out and the rest trains
+    from lib.corrections import collect
+
+    studies = copy_studies(tmp_path / "studies", citrusv_sample_studies)
+    store = CorrectionsDatastore(str(studies), extensions=EXTENSIONS)
+    ct = studies / "chest_ct.nii.gz"
+    for name, value in (("liver", LIVER), ("spleen", SPLEEN)):
+        store.save_label("chest_ct", str(reference_label(tmp_path / f"{name}.nii.gz", value, ct)),
+                         "final", {"label_info": [{"name": name, "idx": 1}], "window": "abdomen"})
+    index = studies / "datastore_v2.json"
+    text = index.read_text()
+    assert text.count('"window": "abdomen"') == 2
+    index.write_text(text.replace('"window": "abdomen"', '"window": "brainz"', 1))  # the liver's
+    samples = collect(CorrectionsDatastore(str(studies), extensions=EXTENSIONS),
+                      max_per_structure=4)
+    assert {s.label for s in samples} == {"spleen"} and len(samples) >= 4
