@@ -107,6 +107,20 @@ def _answer_full_disk_with_507() -> None:
         image_arg=2), tag="507")
 
 
+def _json_object(params: str | None, example: str) -> dict:
+    """A request's `params` form field as a dict; anything but a JSON object is a 400 sentence
+    (MONAI Label answered 500)."""
+    from fastapi import HTTPException
+
+    try:
+        body = json.loads(params) if params else {}
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise HTTPException(status_code=400, detail=f"params must be a JSON object, e.g. {example}.")
+    return body
+
+
 def _answer_missing_image_with_400() -> None:
     """MONAI Label 0.8.5's /infer endpoint answers 500 when neither `image` nor `file` is given.
 
@@ -124,14 +138,7 @@ def _answer_missing_image_with_400() -> None:
                 raise HTTPException(status_code=400, detail=(
                     "Name the image to ask about: add ?image=ID of a datastore image, or upload "
                     "it in the 'file' field."))
-            try:
-                body = json.loads(params) if params else {}
-            except ValueError:
-                body = None  # MONAI Label answers its own 500 for this; say it here
-            if not isinstance(body, dict):
-                raise HTTPException(status_code=400, detail=(
-                    "params must be a JSON object, e.g. {\"prompt\": \"Segment the liver.\", "
-                    "\"slice\": 60}."))
+            _json_object(params, '{"prompt": "Segment the liver.", "slice": 60}')
             return original(background_tasks, model, image, session_id, params, file, label,
                             output)
         return run_inference
@@ -185,20 +192,13 @@ def _record_who_corrected() -> None:
     `save_label` (looked up at call time) to put that user into the label's params as `user`,
     over anything the client wrote there, so each corrected structure records who sent it.
     Params that are not a JSON object get a 400 sentence (MONAI Label answered 500)."""
-    from fastapi import HTTPException
 
     from monailabel.endpoints import datastore as endpoint
 
     def make(original):
         def save_label(background_tasks, image, params="{}", tag="final", label=None, user=None):
-            try:
-                body = json.loads(params) if params else {}
-            except ValueError:
-                body = None
-            if not isinstance(body, dict):
-                raise HTTPException(status_code=400, detail=(
-                    "params must be a JSON object, e.g. {\"label_info\": [{\"name\": "
-                    "\"liver\", \"idx\": 1}], \"prompt\": \"...\"}."))
+            body = _json_object(params, '{"label_info": [{"name": "liver", "idx": 1}], '
+                                        '"prompt": "..."}')
             for entry in [body, *(e for e in body.get("label_info") or [] if isinstance(e, dict))]:
                 for key in SERVER_KEYS:  # only the server says who sent a correction, and
                     entry.pop(key, None)  # which PACS SEGs a label came from or went to

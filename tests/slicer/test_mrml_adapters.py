@@ -290,12 +290,18 @@ def test_transformed_volume_uses_world_geometry_for_views(adapters, volume, scen
     assert np.allclose(xyxy, [15, 10, 35, 20], atol=1e-4) and s == pytest.approx(2, abs=1e-4)
 
 
-def test_export_segment_writes_a_label_on_the_volume_grid(adapters, volume, tmp_path, mrml):
-    result, mask = segment_result("spleen", index=2, slice_index=5)
+def _exported_spleen(adapters, volume, tmp_path, index: int):
+    """A spleen answer with this label index on slice 5, exported as a correction would be."""
+    result, mask = segment_result("spleen", index=index, slice_index=5)
     applied = adapters.apply_result(result, volume)
     path, info = adapters.export_segment_label(
         applied.segmentation_node, applied.segment_ids["spleen"], volume, str(tmp_path)
     )
+    return path, info, mask
+
+
+def test_export_segment_writes_a_label_on_the_volume_grid(adapters, volume, tmp_path, mrml):
+    path, info, mask = _exported_spleen(adapters, volume, tmp_path, 2)
     assert info == [{"name": "spleen", "idx": 2}]
     lv = read_label_volume(path)
     assert np.allclose(lv.ijk_to_ras, oblique_lps_ijk_to_ras(), atol=1e-6)
@@ -311,11 +317,7 @@ def test_export_segment_writes_a_label_on_the_volume_grid(adapters, volume, tmp_
 
 
 def test_export_keeps_a_label_index_over_255(adapters, volume, tmp_path, mrml):
-    result, mask = segment_result("spleen", index=300, slice_index=5)
-    applied = adapters.apply_result(result, volume)
-    path, info = adapters.export_segment_label(
-        applied.segmentation_node, applied.segment_ids["spleen"], volume, str(tmp_path)
-    )
+    path, info, _ = _exported_spleen(adapters, volume, tmp_path, 300)
     assert info == [{"name": "spleen", "idx": 300}]
     assert set(np.unique(read_label_volume(path).array)) == {0, 300}  # not 44 (uint8)
 
