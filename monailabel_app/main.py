@@ -42,7 +42,7 @@ MONAI_LABEL_DEFAULT_SEARCH = {"Modality": "CT"}  # MONAI_LABEL_DICOMWEB_SEARCH_F
 
 
 def _patch_once(module, name: str, make, tag: str = "") -> None:
-    """Replace `module.name` (a MONAI Label internal it looks up at call time) with
+    """Replace `module.name` (a MONAI Label or Starlette internal looked up at call time) with
     `make(original)`, once per process and `tag`: the app may be constructed more than once,
     and one internal may be wrapped by more than one patch."""
     original = getattr(module, name)
@@ -105,6 +105,36 @@ def _answer_full_disk_with_507() -> None:
     _patch_once(infer, "run_inference", _storage_errors_as_507(
         "answering about {image}", ": ask IT to free space on the server, then ask again.",
         image_arg=2), tag="507")
+
+
+def _receive_uploads_with_507() -> None:
+    """Starlette spools an uploaded file over 1 MB into the server's temporary folder while it
+    reads the request, before any endpoint runs. On a full disk that write fails, and FastAPI
+    answered "There was an error parsing the body" (400), which reads as the client's fault.
+    The multipart parser (a class attribute, looked up per request) now answers 507 with a
+    sentence for a write that fails for lack of space; other failures stay as they were."""
+    import tempfile
+
+    from fastapi import HTTPException
+    from starlette.formparsers import MultiPartParser
+
+    def make(parse):
+        @functools.wraps(parse)
+        async def wrapped(self, *args, **kwargs):
+            try:
+                return await parse(self, *args, **kwargs)
+            except OSError as e:
+                if e.errno not in STORAGE_ERRORS:
+                    raise
+                logger.error("Storage error while receiving an upload into %s: %s",
+                             tempfile.gettempdir(), e)
+                raise HTTPException(status_code=507, detail=(
+                    f"The server {STORAGE_ERRORS[e.errno]} while receiving the upload into its "
+                    f"temporary folder ({e.strerror}): nothing was stored. Ask IT to free space "
+                    "on the server, then send it again.")) from None
+        return wrapped
+
+    _patch_once(MultiPartParser, "parse", make, tag="507")
 
 
 def _json_object(params: str | None, example: str) -> dict:
@@ -243,6 +273,7 @@ class CitrusVApp(MONAILabelApp):
         _record_who_corrected()
         _check_training_options()
         _answer_full_disk_with_507()  # after the wrappers above: it wraps them too
+        _receive_uploads_with_507()
         _check_tokens_with_pyjwt2()
         self.model_dir = resolve_model_dir(app_dir, conf.get("model_dir"))
 

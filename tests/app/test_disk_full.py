@@ -96,13 +96,22 @@ def test_correction_on_a_full_disk_gets_507_and_nothing_breaks(server, tmp_path)
             "The server hit the file size limit set for its process while storing the uploaded "
             "image 'small_image' (File too large): nothing was added. Ask IT to free space on the "
             "server, then send it again.")
-        # a CT: FastAPI spools it to disk before the app sees it, fails, and answers 400
+        # a CT: over 1 MB, Starlette spools it to a temporary file while reading the request,
+        # before the app sees it (FastAPI answered 400 "There was an error parsing the body")
         with pytest.raises(CitrusVError) as caught:
             client.upload_image(ct, "big_ct")
-        assert caught.value.status == 400 and str(caught.value) == (
-            "The server could not take in the upload ('There was an error parsing the body'); "
-            "the usual cause is a full disk on the server: ask IT to free space, then send it "
-            "again.")
+        assert caught.value.status == 507
+        assert str(caught.value) == (
+            "The server hit the file size limit set for its process while receiving the upload "
+            "into its temporary folder (File too large): nothing was stored. Ask IT to free "
+            "space on the server, then send it again.")
+        # a correction over 1 MB (the liver label uncompressed) goes the same way
+        liver_nii = tmp_path / "liver.nii"
+        nib.save(nib.Nifti1Image(liver, nib.load(ct).affine), liver_nii)
+        with pytest.raises(CitrusVError) as caught:
+            client.put_label("chest_ct", liver_nii, [{"name": "liver", "idx": 1}])
+        assert caught.value.status == 507 and "receiving the upload" in str(caught.value)
+        assert (_sha(final), _sha(index)) == before
         # the server still answers
         assert server.get("/info/").status_code == 200
     finally:

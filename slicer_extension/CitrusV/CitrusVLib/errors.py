@@ -104,11 +104,12 @@ def error_for_response(response: requests.Response, task: str | None = None) -> 
             f": {detail.rstrip('.')}." if detail else "; try again in a minute."
         )
     elif status == 400 and (detail or "").strip() == "There was an error parsing the body":
-        # FastAPI's answer when the server cannot spool an upload (over 1 MB) to its disk,
-        # before the app sees it; this client always sends well-formed multipart
+        # FastAPI's answer when reading the upload fails on the server before the app sees
+        # it (a full disk answers 507 since the app's fix; this client sends well-formed
+        # multipart, so the cause is on the server's side)
         message = (
-            f"The server could not take in the upload ('{detail.strip()}'); the usual cause is "
-            "a full disk on the server: ask IT to free space, then send it again."
+            f"The server could not read the upload ('{detail.strip()}'); the server log says "
+            "why. Send it again; if it fails again, ask IT to look at the server."
         )
     elif 400 <= status < 500:
         message = (
