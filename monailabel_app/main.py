@@ -63,12 +63,24 @@ STORAGE_ERRORS = {
 }
 
 
+def _storage_error_507(e: OSError, what: str, then: str, where: str = ""):
+    """The HTTP 507 (logged, with the file or `where`) for a write that failed for lack of space
+    or on a read-only disk while the server was `what`; None for any other OSError. `then`:
+    what the sender does."""
+    if e.errno not in STORAGE_ERRORS:
+        return None
+    from fastapi import HTTPException
+
+    logger.error("Storage error while %s: %s (%s)", what, e, e.filename or where)
+    return HTTPException(status_code=507, detail=(
+        f"The server {STORAGE_ERRORS[e.errno]} while {what} ({e.strerror}){then}"))
+
+
 def _storage_errors_as_507(doing: str, then: str, image_arg: int):
     """Wrap an endpoint helper: a write that fails for lack of space (or on a read-only disk)
     answers HTTP 507 with a sentence instead of MONAI Label's bare 500, and is logged.
     `doing` names what was being stored ({image}: the helper's argument `image`, positional
     index `image_arg`), `then` what the sender should do."""
-    from fastapi import HTTPException
 
     def wrap(function):
         @functools.wraps(function)
@@ -76,14 +88,12 @@ def _storage_errors_as_507(doing: str, then: str, image_arg: int):
             try:
                 return function(*args, **kwargs)
             except OSError as e:
-                if e.errno not in STORAGE_ERRORS:
-                    raise
                 image = kwargs.get("image") or (args[image_arg] if len(args) > image_arg else "")
                 what = doing.format(image=f"'{image}'" if image else "").strip()
-                logger.error("Storage error while %s: %s (%s)", what, e, e.filename or "")
-                raise HTTPException(status_code=507, detail=(
-                    f"The server {STORAGE_ERRORS[e.errno]} while {what} "
-                    f"({e.strerror}){then}")) from None
+                answer = _storage_error_507(e, what, then)
+                if answer is None:
+                    raise
+                raise answer from None
         return wrapped
     return wrap
 
@@ -115,7 +125,6 @@ def _receive_uploads_with_507() -> None:
     sentence for a write that fails for lack of space; other failures stay as they were."""
     import tempfile
 
-    from fastapi import HTTPException
     from starlette.formparsers import MultiPartParser
 
     def make(parse):
@@ -124,14 +133,13 @@ def _receive_uploads_with_507() -> None:
             try:
                 return await parse(self, *args, **kwargs)
             except OSError as e:
-                if e.errno not in STORAGE_ERRORS:
+                answer = _storage_error_507(
+                    e, "receiving the upload into its temporary folder",
+                    ": nothing was stored. Ask IT to free space on the server, then send it again.",
+                    where=tempfile.gettempdir())
+                if answer is None:
                     raise
-                logger.error("Storage error while receiving an upload into %s: %s",
-                             tempfile.gettempdir(), e)
-                raise HTTPException(status_code=507, detail=(
-                    f"The server {STORAGE_ERRORS[e.errno]} while receiving the upload into its "
-                    f"temporary folder ({e.strerror}): nothing was stored. Ask IT to free space "
-                    "on the server, then send it again.")) from None
+                raise answer from None
         return wrapped
 
     _patch_once(MultiPartParser, "parse", make, tag="507")
