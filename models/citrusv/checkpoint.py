@@ -36,6 +36,27 @@ from .modeling import CitrusV
 INDEX = "model.safetensors.index.json"
 BASE_FILE = "citrusv_base.json"
 EXTRA_TOKENS = ["[SEG]", "<bbox>", "</bbox>"]
+# optional file of a model dir: {"segment": [questions], "detect": [...], "report": [...]}, the
+# questions the model is known to answer (a small model knows only its training phrasings)
+EXAMPLES_FILE = "example_prompts.json"
+
+
+def read_example_prompts(path: str | Path) -> dict[str, list[str]]:
+    """A model dir's example questions per task ({} when it names none). A file that is not
+    a JSON object of lists of non-empty strings raises CheckpointError with a sentence."""
+    file = Path(path) / EXAMPLES_FILE
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{file} is not readable JSON ({e}).") from e
+    if not (isinstance(data, dict) and all(
+            isinstance(v, list) and all(isinstance(q, str) and q.strip() for q in v)
+            for v in data.values())):
+        raise CheckpointError(f"{file} must map each task to a list of questions, e.g. "
+                              '{"segment": ["Segment the liver."]}.')
+    return {str(task): [q.strip() for q in questions] for task, questions in data.items()}
 
 
 def qwen_processor(tokenizer, min_pixels: int, max_pixels: int) -> Qwen2_5_VLProcessor:

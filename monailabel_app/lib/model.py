@@ -152,6 +152,18 @@ class SharedModel:
             return f"failed to load: {self._load_error}"
         return "ready (loads on first request)"
 
+    def example_prompts(self, task: str) -> list[str]:
+        """The questions `model_dir` names for `task` (its example_prompts.json; [] when it
+        names none, or when the file is malformed, which is logged)."""
+        from citrusv.checkpoint import read_example_prompts
+        from citrusv.errors import CheckpointError
+
+        try:
+            return read_example_prompts(self.model_dir).get(task, [])
+        except CheckpointError as e:
+            logger.warning("No example questions: %s", e)
+            return []
+
     def not_installed_sentence(self) -> str:
         return (f"{NOT_INSTALLED}: no Citrus-V checkpoint in {self.model_dir}; install models/nano "
                 "or start the server with --conf model_dir DIR.")

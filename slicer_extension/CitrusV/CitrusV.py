@@ -105,6 +105,7 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self._loadServerHistory()
         self.ui.caCertificatePathLineEdit.currentPath = qt.QSettings().value(SETTINGS_CA) or ""
+        self._examples = dict(EXAMPLE_PROMPTS)  # the connected server's model's, once known
         self._fillExamplePrompts()
 
         self.ui.testConnectionButton.connect("clicked(bool)", self.onTestConnection)
@@ -207,8 +208,9 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Examples for the chosen task; a typed question is kept, an example is swapped."""
         task = self.ui.taskComboBox.currentText
         text = self.ui.promptComboBox.currentText.strip()
-        examples = EXAMPLE_PROMPTS.get(task, [])
-        isExample = any(text in prompts for prompts in EXAMPLE_PROMPTS.values())
+        examples = self._examples.get(task, [])
+        isExample = any(text in prompts
+                        for prompts in (*EXAMPLE_PROMPTS.values(), *self._examples.values()))
         self.ui.promptComboBox.clear()
         for prompt in examples:
             self.ui.promptComboBox.addItem(prompt)
@@ -351,6 +353,8 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._rememberServer(url)
         self.ui.serverStatusLabel.text = CitrusVLogic.describeServer(info)
+        self._examples = CitrusVLogic.examplePrompts(info)
+        self._fillExamplePrompts()
 
     def _askContext(self):
         volume = self.ui.volumeSelector.currentNode()
@@ -755,6 +759,19 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
         if seg is None:
             raise CitrusVError("There is no Citrus-V segmentation for this volume to submit.")
         return CitrusVMRML.export_segment_label(seg, segmentId, volume, self.tempDirectory())
+
+    @staticmethod
+    def examplePrompts(info):
+        """Example questions per task choice: the served model's own (`examples` of each
+        citrusv_<task> in /info/; a small model such as nano knows only its training
+        phrasings) where it names some, else the module's general ones."""
+        models = (info or {}).get("models", {}) or {}
+        out = {}
+        for choice, task in TASKS.items():
+            named = (models.get(f"citrusv_{task}") or {}).get("examples") or []
+            named = [q for q in named if isinstance(q, str) and q.strip()]
+            out[choice] = named or list(EXAMPLE_PROMPTS[choice])
+        return out
 
     @staticmethod
     def describeServer(info):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 TASKS = {"citrusv_segment", "citrusv_detect", "citrusv_report", "citrusv_closer_look"}
 
 
@@ -31,3 +33,29 @@ def test_strategy_without_model_falls_back_to_random(citrusv_server_without_mode
     assert r.status_code == 200
     assert r.json()["id"] in {"chest_ct", "chest_xray"}
     assert "random" in r.json()["reason"]
+
+
+def test_info_offers_the_models_example_questions(tmp_path_factory, tiny_model_dir,
+                                                  citrusv_sample_studies):
+    """Each task's `examples` in /info/ are the questions the model dir names
+    (example_prompts.json; models/nano ships one), read on each call; none when it names none
+    or when the file is malformed (logged), and /info/ still answers."""
+    from tests.server import private_citrusv_server
+
+    with private_citrusv_server(tmp_path_factory.mktemp("examples_server"), tiny_model_dir,
+                                citrusv_sample_studies) as server:
+        def examples() -> dict:
+            r = server.get("/info/")
+            assert r.status_code == 200
+            return {task: r.json()["models"][task]["examples"] for task in TASKS}
+
+        assert examples() == {task: [] for task in TASKS}
+        file = server.model_dir / "example_prompts.json"
+        file.write_text(json.dumps({"segment": ["Segment the liver.", " Segment the spleen. "],
+                                    "report": ["Write a report for this CT slice."]}))
+        assert examples() == {"citrusv_segment": ["Segment the liver.", "Segment the spleen."],
+                              "citrusv_detect": [], "citrusv_closer_look": [],
+                              "citrusv_report": ["Write a report for this CT slice."]}
+        file.write_text(json.dumps({"segment": "Segment the liver."}))  # not a list
+        assert examples() == {task: [] for task in TASKS}
+        assert "must map each task to a list of questions" in server.log()

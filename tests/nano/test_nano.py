@@ -12,7 +12,9 @@ import torch
 
 from citrusv import Engine
 from citrusv.evaluation import box_iou, normalise_label
-from citrusv.nano_data import HELD_OUT_BLOCKS, mask_box, split_of
+from citrusv.checkpoint import read_example_prompts
+from citrusv.io import read_study
+from citrusv.nano_data import HELD_OUT_BLOCKS, NAMES, mask_box, nano_example_prompts, split_of
 from citrusv.training import dice_score
 
 NANO = Path(__file__).resolve().parents[2] / "models" / "nano"
@@ -105,3 +107,42 @@ def test_report_trace_cites_boxes(engine, study):
         assert step.box_ids, f"step {step.step} cites no box: {step.text!r}"
         assert set(step.box_ids) <= ids
     assert res.answer.strip()
+
+
+def test_shipped_example_questions_are_the_recipes():
+    """models/nano/example_prompts.json (what the server offers as the Slicer module's
+    examples) is what `citrusv train` writes."""
+    shipped = read_example_prompts(NANO)
+    assert shipped == nano_example_prompts()
+    assert {task: len(questions) for task, questions in shipped.items()} == {
+        "segment": 4, "detect": 3, "report": 3}
+
+
+def test_each_example_question_is_answered_as_its_task(engine, study, sample_root):
+    """Each example question the server offers for nano gets an answer of its task, on the
+    held-out slice where the structure it names is largest (the general examples the Slicer
+    module showed before did not: on held-out slice 64 "Where are the kidneys?" got a right
+    lung box, and "Describe the liver: shape, size, position." got "Sure, 42, 60, 91, ...")."""
+    held_out = [k for first, last in HELD_OUT_BLOCKS for k in range(first, last + 1)]
+    examples = nano_example_prompts()
+    for task in ("segment", "detect"):
+        for question in examples[task]:
+            name = max((n for n in NAMES if n in question), key=len)
+            k = max(held_out, key=lambda k: study.mask(name, k).sum())
+            res = engine.ask(study.volume[k], question,
+                             window="lung" if "lung" in name else "abdomen")
+            if task == "segment":
+                assert [m.label for m in res.masks] == [name] and not res.boxes, res.text
+                pred = res.masks[0].array
+                dice = dice_score(pred, study.mask(name, k))
+                assert dice >= 0.8, f"{question!r} on slice {k}: Dice {dice:.3f}"
+            else:
+                assert [b.label for b in res.boxes] == [name] and not res.masks, res.text
+    ct_reports, xray_report = examples["report"][:-1], examples["report"][-1]
+    for question in ct_reports:
+        res = engine.ask(study.volume[64], question, window="abdomen")
+        assert len(res.reasoning) >= 4 and all(step.box_ids for step in res.reasoning), res.text
+    xray = read_study(Path(sample_root) / "studies" / "chest_xray.dcm")
+    res = engine.ask(xray.array, xray_report)
+    assert len(res.reasoning) >= 4 and all(step.box_ids for step in res.reasoning), res.text
+

@@ -145,3 +145,21 @@ def test_status_sentences(citrusv_module):
     assert logic.describeServer(info) == (
         "Connected: Citrus-V with 2 Citrus-V task(s); serving model version 3."
     )
+
+
+def test_example_questions_follow_the_served_model(citrusv_module):
+    """The module's example questions are the served model's (`examples` in /info/) where it
+    names some, else the module's general ones; what is not a question is dropped."""
+    logic = citrusv_module.CitrusVLogic
+    general = citrusv_module.EXAMPLE_PROMPTS
+    info = {"models": {
+        "citrusv_segment": {"examples": ["Please segment the liver in this scan.", "", 3]},
+        "citrusv_detect": {"examples": []},
+        "citrusv_report": {},
+    }}
+    assert logic.examplePrompts(info) == {
+        "Segment": ["Please segment the liver in this scan."],
+        "Detect": general["Detect"],
+        "Report": general["Report"],
+    }
+    assert logic.examplePrompts({}) == general

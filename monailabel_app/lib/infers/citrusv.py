@@ -64,6 +64,9 @@ class CitrusVInfer(InferTask):
         out["task"] = self.task
         out["status"] = self.model.status()
         out["axes"] = list(AXES)
+        # questions the served model is known to answer as this task (the Slicer module shows
+        # them as its examples); [] when the model dir names none
+        out["examples"] = self.model.example_prompts(self.task)
         return out
 
     # -- request ---------------------------------------------------------------------------
