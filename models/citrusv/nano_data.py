@@ -56,7 +56,24 @@ DETECT_PROMPTS = [
     "Detect the {s} in this image.",
     "Where is the {s}? Give its bounding box.",
     "Find the {s} and output its bounding box in JSON.",
+    "Find the {s}.",
+    "Where is the {s}?",
 ]
+# paired structures asked about together ("Find the kidneys."): the answer boxes each member
+# on the slice
+PAIRS = {"kidneys": ("right kidney", "left kidney"), "lungs": ("right lung", "left lung")}
+PLURAL_DETECT_PROMPTS = [
+    "Find the {p}.",
+    "Locate the {p}, output their bbox coordinates using JSON format.",
+    "Where are the {p}?",
+]
+# share of all questions written as typed in a hurry: first letter lower case and/or no final
+# full stop or question mark (each 70 % of those), so "segment the liver" is a segmentation
+# question too
+CASUAL_SHARE = 0.4
+# bumped whenever build_samples changes what it writes (2: detection phrasings, pairs, casual
+# wording); `citrusv train` rebuilds data of another version
+DATA_VERSION = 2
 REPORT_PROMPTS = [
     "Write a report for this CT slice. Think step by step.",
     "Describe the findings in this image step by step.",
@@ -190,6 +207,22 @@ def detect_answer(name: str, box: list[int] | None) -> str:
         return f"No {name} is visible in this image."
     obj = json.dumps([{"bbox_2d": box, "label": name}])
     return f"```json\n{obj}\n```"
+
+
+def plural_detect_answer(plural: str, objects: list[dict]) -> str:
+    """Boxes of the pair's members on the slice ({"bbox_2d", "label"} each), or none."""
+    if not objects:
+        return f"No {plural} are visible in this image."
+    return f"```json\n{json.dumps(objects)}\n```"
+
+
+def casual(prompt: str, rng: np.random.Generator) -> str:
+    """The question as typed in a hurry: lower-case start and/or no final punctuation."""
+    if rng.random() < 0.7:
+        prompt = prompt[0].lower() + prompt[1:]
+    if rng.random() < 0.7:
+        prompt = prompt.rstrip(".?")
+    return prompt
 
 
 def report_answer(items: list[tuple[str, list[int], str, float, float]], modality: str) -> str:
@@ -339,6 +372,22 @@ def build_samples(study: CTStudy, drr_names: list[str], drr_meta: list[dict],
             samples.append(dict(image=f"drr:{fname}", slice=None, split="train", task="detect",
                                 structure=name, prompt=p.format(s=name),
                                 answer=detect_answer(name, fb), box=fb))
+    for k in range(z):
+        split = split_of(k)
+        if split == "guard":
+            continue
+        on = present(study, k)
+        for plural, members in PAIRS.items():
+            objects = [{"bbox_2d": frame_box(mask_box(on[m]), fmap), "label": m}
+                       for m in members if m in on]
+            for p in PLURAL_DETECT_PROMPTS:
+                samples.append(dict(image=f"ct:{k}", slice=k, split=split, task="detect",
+                                    structure=plural, prompt=p.format(p=plural),
+                                    answer=plural_detect_answer(plural, objects), box=None))
+    wording = np.random.default_rng(seed + 7)
+    for sample in samples:
+        if wording.random() < CASUAL_SHARE:
+            sample["prompt"] = casual(sample["prompt"], wording)
     return samples
 
 
@@ -372,9 +421,20 @@ def build_nano_data(out_dir: str | Path = "work/nano_data", root: Path | None = 
     meta = dict(structures=NAMES, held_out_blocks=HELD_OUT_BLOCKS, guard=GUARD,
                 spacing=study.spacing, shape=list(study.volume.shape), drr=dict(zip(names, metas)),
                 counts=counts, seed=seed,
-                windows=[w or "auto" for w in TRAIN_WINDOWS])
+                windows=[w or "auto" for w in TRAIN_WINDOWS], data_version=DATA_VERSION)
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     return out
+
+
+def data_is_current(data_dir: str | Path) -> bool:
+    """Whether `data_dir` holds data built by this version of the builder (an older build
+    would silently train an older recipe)."""
+    d = Path(data_dir)
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (d / "samples.jsonl").is_file() and meta.get("data_version") == DATA_VERSION
 
 
 @dataclass

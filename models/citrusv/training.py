@@ -589,13 +589,13 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
     and "right kidney", which made their [SEG] states nearly equal.
     """
     from .nano_data import (MIN_AREA_PX, NAMES, NANO_MAX_PIXELS, NANO_MIN_PIXELS,
-                            TRAIN_WINDOWS, build_nano_data, load_nano_data)
+                            TRAIN_WINDOWS, build_nano_data, data_is_current, load_nano_data)
 
     torch.set_num_threads(threads)
     t_start = time.perf_counter()
     deadline = None if max_minutes is None else t_start + 60 * max_minutes
     data_dir = Path(data_dir)
-    if not (data_dir / "samples.jsonl").is_file():
+    if not data_is_current(data_dir):  # missing, or built by an older builder
         build_nano_data(data_dir, seed=seed)
     data = load_nano_data(data_dir)
     train = [s for s in data.samples if s["split"] == "train"]

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from citrusv.nano_data import (GUARD, HELD_OUT_BLOCKS, NAMES, build_samples, ct_items,
-                               detect_answer, drr, drr_boxes, frame_map,
-                               report_answer, segment_answer, split_of)
+import pytest
+from citrusv.nano_data import (CASUAL_SHARE, GUARD, HELD_OUT_BLOCKS, MIN_AREA_PX, NAMES,
+                               build_samples, ct_items, data_is_current, detect_answer, drr,
+                               drr_boxes, frame_map, report_answer, segment_answer, split_of)
 from citrusv.parsing import parse_output
 
 
@@ -40,8 +41,12 @@ def test_answers_parse_back_through_the_engine_parser(study):
     assert seg.seg_labels == ["spinal cord"]
 
 
-def test_no_held_out_or_guard_slice_is_trained_on(study):
-    samples = build_samples(study, [], [])
+@pytest.fixture(scope="module")
+def samples(study) -> list[dict]:
+    return build_samples(study, [], [])
+
+
+def test_no_held_out_or_guard_slice_is_trained_on(samples):
     train_slices = {s["slice"] for s in samples if s["split"] == "train"}
     assert not any(split_of(k) != "train" for k in train_slices)
     assert not any(s["split"] == "guard" for s in samples)
@@ -60,3 +65,28 @@ def test_drr_boxes_lie_inside_the_radiograph(study):
     # the liver sits low and on the image left (patient's right) in an AP view
     x1, y1, x2, y2 = boxes["liver"]
     assert (x1 + x2) / 2 < w / 2 and (y1 + y2) / 2 > h / 2
+
+
+def test_questions_come_as_typed_and_about_pairs_too(study, samples):
+    """Besides the written phrasings: a share of every task's questions as typed in a hurry
+    ("segment the liver"), and pair questions ("Find the kidneys.") answered with a box for
+    each member on the slice, which the engine's parser reads back."""
+    casual = [s for s in samples if s["prompt"][0].islower() or s["prompt"][-1] not in ".?"]
+    assert abs(len(casual) / len(samples) - CASUAL_SHARE * (1 - 0.3 * 0.3)) < 0.02
+    assert {s["task"] for s in casual} == {"segment", "detect", "report"}
+    pairs = [s for s in samples if s["slice"] == 22 and s["structure"] == "kidneys"]
+    assert len(pairs) == 3
+    parsed = parse_output(pairs[0]["answer"], pairs[0]["prompt"])
+    assert [b.label for b in parsed.boxes] == ["right kidney", "left kidney"]
+    no_lungs = next(k for k in range(study.volume.shape[0]) if split_of(k) == "train" and all(
+        study.mask(m, k).sum() < MIN_AREA_PX for m in ("right lung", "left lung")))
+    assert {s["answer"] for s in samples if s["slice"] == no_lungs and s["structure"] == "lungs"
+            } == {"No lungs are visible in this image."}
+
+
+def test_training_rebuilds_data_of_an_older_builder(tmp_path):
+    assert not data_is_current(tmp_path)
+    (tmp_path / "samples.jsonl").write_text("")
+    (tmp_path / "meta.json").write_text('{"seed": 0}')  # built before data_version existed
+    assert not data_is_current(tmp_path)
+
