@@ -90,17 +90,15 @@ XRAY_REPORT_PROMPTS = [
 def nano_example_prompts() -> dict[str, list[str]]:
     """Questions nano answers as their task (models/nano/example_prompts.json, shown as the
     Slicer module's examples): its training phrasings, with structures it segments and finds
-    best on the held-out slices (MODEL_CARD). Free wording ("segment the liver" without
-    capital and full stop) can get another task's answer. The X-ray phrasing is the one that
-    gave a full report on the demo radiograph (the first X-ray phrasing stopped after one
-    step there)."""
+    best on the held-out slices (MODEL_CARD); other wording can get another task's answer
+    ("show the liver")."""
     return {
         "segment": [SEGMENT_PROMPTS[0].format(s="liver"), SEGMENT_PROMPTS[2].format(s="left lung"),
                     SEGMENT_PROMPTS[1].format(s="right lung"),
                     SEGMENT_PROMPTS[5].format(s="spinal cord")],
         "detect": [DETECT_PROMPTS[0].format(s="right lung"), DETECT_PROMPTS[2].format(s="liver"),
                    DETECT_PROMPTS[3].format(s="heart")],
-        "report": [REPORT_PROMPTS[0], REPORT_PROMPTS[2], XRAY_REPORT_PROMPTS[1]],
+        "report": [REPORT_PROMPTS[0], REPORT_PROMPTS[2], XRAY_REPORT_PROMPTS[0]],
     }
 
 

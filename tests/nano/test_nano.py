@@ -120,9 +120,10 @@ def test_shipped_example_questions_are_the_recipes():
 
 def test_each_example_question_is_answered_as_its_task(engine, study, sample_root):
     """Each example question the server offers for nano gets an answer of its task, on the
-    held-out slice where the structure it names is largest (the general examples the Slicer
-    module showed before did not: on held-out slice 64 "Where are the kidneys?" got a right
-    lung box, and "Describe the liver: shape, size, position." got "Sure, 42, 60, 91, ...")."""
+    held-out slice where the structure it names is largest (with the weights shipped before,
+    the general examples the Slicer module showed did not: on held-out slice 64 "Where are
+    the kidneys?" got a right lung box, and "Describe the liver: shape, size, position." got
+    "Sure, 42, 60, 91, ...")."""
     held_out = [k for first, last in HELD_OUT_BLOCKS for k in range(first, last + 1)]
     examples = nano_example_prompts()
     for task in ("segment", "detect"):
