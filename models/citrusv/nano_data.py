@@ -200,18 +200,22 @@ def segment_answer(name: str) -> str:
     return f"Sure, the {name} is [SEG] {name}."
 
 
+def _boxes_json(objects: list[dict]) -> str:
+    """Citrus-V's box answer: ```json [{"bbox_2d": [x1, y1, x2, y2], "label": ...}] ```."""
+    return f"```json\n{json.dumps(objects)}\n```"
+
+
 def detect_answer(name: str, box: list[int] | None) -> str:
     if box is None:
         return f"No {name} is visible in this image."
-    obj = json.dumps([{"bbox_2d": box, "label": name}])
-    return f"```json\n{obj}\n```"
+    return _boxes_json([{"bbox_2d": box, "label": name}])
 
 
 def plural_detect_answer(plural: str, objects: list[dict]) -> str:
     """Boxes of the pair's members on the slice ({"bbox_2d", "label"} each), or none."""
     if not objects:
         return f"No {plural} are visible in this image."
-    return f"```json\n{json.dumps(objects)}\n```"
+    return _boxes_json(objects)
 
 
 def casual(prompt: str, rng: np.random.Generator) -> str:
@@ -370,7 +374,7 @@ def build_samples(study: CTStudy, drr_names: list[str], drr_meta: list[dict],
             samples.append(dict(image=f"drr:{fname}", slice=None, split="train", task="detect",
                                 structure=name, prompt=p.format(s=name),
                                 answer=detect_answer(name, fb), box=fb))
-    for k in range(z):
+    for k in range(z):  # pairs after the DRR samples: the order the shipped weights saw
         split = split_of(k)
         if split == "guard":
             continue
