@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from citrusv import Engine
-from citrusv.evaluation import box_iou, normalise_label
+from citrusv.evaluation import box_iou, held_out_slices, normalise_label
 from citrusv.checkpoint import read_example_prompts
 from citrusv.io import read_study
 from citrusv.nano_data import HELD_OUT_BLOCKS, NAMES, mask_box, nano_example_prompts, split_of
@@ -124,7 +124,7 @@ def test_each_example_question_is_answered_as_its_task(engine, study, sample_roo
     the general examples the Slicer module showed did not: on held-out slice 64 "Where are
     the kidneys?" got a right lung box, and "Describe the liver: shape, size, position." got
     "Sure, 42, 60, 91, ...")."""
-    held_out = [k for first, last in HELD_OUT_BLOCKS for k in range(first, last + 1)]
+    held_out = held_out_slices()
     examples = nano_example_prompts()
     for task in ("segment", "detect"):
         for question in examples[task]:
