@@ -10,7 +10,8 @@
 that a later correction re-drew or removed is still there. `restore` sends entry ENTRY to the
 running server again as a new correction (PUT /datastore/label), with the structures, question
 and window it had: those structures are put back, the others stay as they are. With sign-in on,
-pass an annotator's access token; the server then records that person as the sender. Run it with
+pass an annotator's access token; the server then records that person as the sender (without
+sign-in, the name the entry's sender gave is sent again, marked as claimed). Run it with
 the server's Python (`.venv/bin/python`); it loads no model.
 """
 
@@ -58,6 +59,16 @@ def _structures(record: dict, count: bool) -> str:
     return ", ".join(parts) or "empty"
 
 
+def sender(record: dict) -> str:
+    """Who sent a kept correction: the signed-in user, or the name the client gave when nobody
+    signed in (marked as claimed), or "-"."""
+    if record.get("user"):
+        return str(record["user"])
+    if record.get("claimed_by"):
+        return f"{record['claimed_by']} (claimed, no sign-in)"
+    return "-"
+
+
 def list_entries(datastore: Path, image: str | None) -> str:
     found = entries(datastore, image)
     if not found:
@@ -66,7 +77,7 @@ def list_entries(datastore: Path, image: str | None) -> str:
     rows = [("image", "entry", "received", "sender", "structures")]
     for r in found:
         rows.append((r.get("image", "?"), Path(r["file"]).name.split(".")[0], r.get("received", "?"),
-                     r.get("user") or "-", _structures(r, count=image is not None)))
+                     sender(r), _structures(r, count=image is not None)))
     return table(rows)
 
 
@@ -79,7 +90,9 @@ def restore(datastore: Path, image: str, entry: str, server: str, token: str | N
         raise ValueError(f"image '{image}' has no kept correction '{entry}'; run "
                          f"`list {image}` to see its entries.")
     record = match[0]
-    params = {k: record[k] for k in ("label_info", "prompt", "window") if k in record}
+    # without sign-in the entry's sender is sent again as it was given (a server with sign-in
+    # drops it and records the token's user)
+    params = {k: record[k] for k in ("label_info", "prompt", "window", "claimed_by") if k in record}
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     url = f"{server.rstrip('/')}/datastore/label"
     try:

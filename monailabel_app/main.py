@@ -224,12 +224,33 @@ def _check_training_options() -> None:
     _patch_once(endpoint, "run_model", make)
 
 
+MAX_SENDER = 128  # characters of a claimed sender's name
+
+
+def _claimed_sender(body: dict) -> str | None:
+    """The name a client gives for who sent a correction (`claimed_by`, the Slicer user's name)
+    when nobody signs in: trimmed, 1 to MAX_SENDER printable characters, else a 400 sentence."""
+    from fastapi import HTTPException
+
+    claim = body.get("claimed_by")
+    if claim is None:
+        return None
+    if not isinstance(claim, str) or not claim.strip() or len(claim.strip()) > MAX_SENDER \
+            or not claim.strip().isprintable():
+        raise HTTPException(status_code=400, detail=(
+            f"params.claimed_by must be the sender's name as text, 1 to {MAX_SENDER} printable "
+            'characters (e.g. "Dr. A. Lee"), or left out.'))
+    return claim.strip()
+
+
 def _record_who_corrected() -> None:
     """MONAI Label 0.8.5's `PUT /datastore/label` knows the signed-in user but does not hand it
-    to the datastore. With authentication on, the app wraps the endpoint's module-level
-    `save_label` (looked up at call time) to put that user into the label's params as `user`,
-    over anything the client wrote there, so each corrected structure records who sent it.
-    Params that are not a JSON object get a 400 sentence (MONAI Label answered 500)."""
+    to the datastore. The app wraps the endpoint's module-level `save_label` (looked up at call
+    time): with authentication on, it puts that user into the label's params as `user`, over
+    anything the client wrote there, so each corrected structure records who sent it. Without
+    sign-in nobody is known, and the name the client gives (`claimed_by`) is kept under that
+    key, never as `user`; with sign-in a claim is dropped. Params that are not a JSON object get
+    a 400 sentence (MONAI Label answered 500)."""
 
     from monailabel.endpoints import datastore as endpoint
 
@@ -237,11 +258,15 @@ def _record_who_corrected() -> None:
         def save_label(background_tasks, image, params="{}", tag="final", label=None, user=None):
             body = _json_object(params, '{"label_info": [{"name": "liver", "idx": 1}], '
                                         '"prompt": "..."}')
+            claim = _claimed_sender(body)
             for entry in [body, *(e for e in body.get("label_info") or [] if isinstance(e, dict))]:
-                for key in SERVER_KEYS:  # only the server says who sent a correction, and
-                    entry.pop(key, None)  # which PACS SEGs a label came from or went to
-            if settings.MONAI_LABEL_AUTH_ENABLE and user:
-                body["user"] = user
+                for key in (*SERVER_KEYS, "claimed_by"):  # only the server says who sent a
+                    entry.pop(key, None)  # correction, and which PACS SEGs a label came from
+            if settings.MONAI_LABEL_AUTH_ENABLE:  # or went to
+                if user:
+                    body["user"] = user
+            elif claim:
+                body["claimed_by"] = claim
             return original(background_tasks, image, json.dumps(body), tag, label, user)
         return save_label
 

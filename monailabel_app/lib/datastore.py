@@ -293,9 +293,10 @@ CARRIED_KEYS = ("pacs_segs_written", "pacs_segs_imported")
 SERVER_KEYS = ("user", "SeriesInstanceUID", "pacs_error", "source", *CARRIED_KEYS)
 
 SUBMISSION_KEYS = ("prompt", "window")  # what a one-structure correction says of its structure
-# who sent a correction (set by the server when authentication is on, never by the client: see
-# main._record_who_corrected), recorded on every structure it sets
-SENDER_KEYS = ("user",)
+# who sent a correction, recorded on every structure it sets: `user`, the signed-in user (set by
+# the server when authentication is on, never by the client), or without sign-in `claimed_by`,
+# the name the client gave (not checked by anyone; see main._record_who_corrected)
+SENDER_KEYS = ("user", "claimed_by")
 # what the kept copy of a final label records of what came with it
 KEPT_KEYS = ("label_info", *SUBMISSION_KEYS, *SENDER_KEYS, "source", "SeriesInstanceUID")
 

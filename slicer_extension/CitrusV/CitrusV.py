@@ -493,6 +493,8 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             upload = self.logic.prepareImage(volume, self.serverUrl())
             path, labelInfo = self.logic.exportCorrection(volume, segmentId)
             prompt = self.ui.promptComboBox.currentText.strip() or None
+            # without sign-in, the server keeps the Slicer user's name as who sent it (claimed)
+            sender = self.logic.senderName(slicer.app.applicationLogic().GetUserInformation())
             answer = self.callServer(
                 f"Sending the corrected {labelInfo[0]['name']}...",
                 self.logic.submitCorrection,
@@ -501,6 +503,7 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 path,
                 labelInfo,
                 prompt,
+                sender,
             )
             self.logic.rememberImage(volume, self.serverUrl(), upload)
             self.ui.trainStatusLabel.text = (
@@ -697,12 +700,27 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
             response.result.warnings.append(warning)
         return response
 
-    def submitCorrection(self, client, upload, path, labelInfo, prompt):
+    def submitCorrection(self, client, upload, path, labelInfo, prompt, sender=None):
         """Send a correction as training data. Against a DICOM series only once an answer has
-        shown the server's copy to be on the same grid (``infer``); else the volume is uploaded."""
+        shown the server's copy to be on the same grid (``infer``); else the volume is uploaded.
+        ``sender`` (``senderName``) is who sends it, for a server without sign-in: it keeps the
+        name as claimed, not checked; a server with sign-in records the token's user instead."""
         upload.pop("series_uid", None)
         imageId = self.ensureUploaded(client, upload)
-        return client.put_label(imageId, path, labelInfo, prompt=prompt, tag="final")
+        params = {"claimed_by": sender} if sender else None
+        return client.put_label(imageId, path, labelInfo, prompt=prompt, tag="final", params=params)
+
+    @staticmethod
+    def senderName(userInformation):
+        """The name in Slicer's Application Settings > User (a ``vtkPersonInformation``), else
+        its login, else None; trimmed to the server's 128 characters."""
+        if userInformation is None:
+            return None
+        for value in (userInformation.GetName(), userInformation.GetLogin()):
+            value = " ".join((value or "").split())  # no line breaks or tabs
+            if value:
+                return value[:128]
+        return None
 
     # -- UI-thread steps ---------------------------------------------------------------------------
     def applyResult(self, response, volume, saveStateForUndo=None):

@@ -84,7 +84,8 @@ def test_each_corrected_structure_records_who_sent_it(auth_server, realm, tmp_pa
 
     # what the client says about the sender is not taken
     r = put_label(auth_server, "chest_ct", liver,
-                  {"label_info": [{"name": "liver", "idx": 1, "user": "x"}], "user": "someone.else"},
+                  {"label_info": [{"name": "liver", "idx": 1, "user": "x"}], "user": "someone.else",
+                   "claimed_by": "Dr. Claimed"},  # a name claimed without sign-in, dropped here
                   sign("dr.lee", [ANNOTATOR]))
     assert r.status_code == 200, r.text
     r = put_label(auth_server, "chest_ct", spleen, {"label_info": [{"name": "spleen", "idx": 1}]},
@@ -104,6 +105,7 @@ def test_each_corrected_structure_records_who_sent_it(auth_server, realm, tmp_pa
     assert [(r["user"], r["label_info"][0]["name"]) for r in records] == [
         ("dr.lee", "liver"), ("dr.kim", "spleen")]
     assert "someone.else" not in kept[0].read_text() and '"x"' not in kept[0].read_text()
+    assert "Dr. Claimed" not in kept[0].read_text() + json.dumps(info)
     data = np.asarray(nib.load(final).dataobj)
     assert np.array_equal(data == 1, np.asarray(nib.load(liver).dataobj) > 0)
     assert np.array_equal(data == 2, np.asarray(nib.load(spleen).dataobj) > 0)

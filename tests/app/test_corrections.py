@@ -495,3 +495,36 @@ def test_label_params_must_be_json_and_cannot_name_the_sender(citrusv_server, sp
     assert "user" not in final and all("user" not in e for e in final["label_info"])
     # nor which PACS SEGs a label came from or went to (what the SEG import trusts)
     assert not {"SeriesInstanceUID", "pacs_segs_written", "source"} & set(final)
+
+
+def test_without_sign_in_the_sender_is_kept_as_claimed(citrusv_server, spleen_label):
+    # this server has no sign-in: the name the client gives is kept as `claimed_by`, never as
+    # `user`, and the admin's listing marks it as claimed
+    before = len(_kept(citrusv_server))
+    for claim in (5, "", "   ", "x" * 129, "Dr.\nLee", ["Dr. Lee"]):
+        r = put_label(citrusv_server, "chest_ct", spleen_label,
+                      {"label_info": [{"name": "spleen", "idx": 1}], "claimed_by": claim})
+        assert r.status_code == 400, (claim, r.text)
+        assert r.json()["detail"].startswith("params.claimed_by must be the sender's name")
+    assert len(_kept(citrusv_server)) == before  # nothing kept or merged
+    r = put_label(citrusv_server, "chest_ct", spleen_label, {
+        "label_info": [{"name": "spleen", "idx": 1, "claimed_by": "mallory"}],
+        "claimed_by": "  Dr. Kim ", "prompt": "Segment the spleen."})
+    assert r.status_code == 200, r.text
+    info = citrusv_server.get("/datastore/?output=all").json()["objects"]["chest_ct"]
+    final = info["labels"]["final"]["info"]
+    spleen = next(e for e in final["label_info"] if e["name"] == "spleen")
+    assert spleen["claimed_by"] == "Dr. Kim" and "user" not in spleen
+    assert "claimed_by" not in final  # on the structures it set, not the whole label
+    kept = _kept(citrusv_server)
+    assert len(kept) == before + 1 and kept[-1]["claimed_by"] == "Dr. Kim"
+    stamp = kept[-1]["file"].split(".")[0]
+    assert "mallory" not in (kept[-1]["path"].parent / f"{stamp}.json").read_text()
+    listing = _history(citrusv_server, "list", "chest_ct")
+    assert listing.returncode == 0, listing.stderr
+    row = next(line for line in listing.stdout.splitlines() if stamp in line)
+    assert "Dr. Kim (claimed, no sign-in)" in row
+    # sent again by the admin, the entry keeps its sender's name
+    r = _history(citrusv_server, "restore", "chest_ct", stamp, "--server", citrusv_server.url)
+    assert r.returncode == 0, r.stderr
+    assert _kept(citrusv_server)[-1]["claimed_by"] == "Dr. Kim"

@@ -4,6 +4,8 @@ lands on that slice of the segmentation, and the edited segment arrives in label
 
 from __future__ import annotations
 
+import json
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -58,13 +60,31 @@ def test_upload_ask_apply_and_correct_over_http(citrusv_module, ct_volume, citru
     edited[k, 100:140, 200:260] = 1
     su.updateSegmentBinaryLabelmapFromArray(edited, seg, segment_id, ct_volume)
     path, info = logic.exportCorrection(ct_volume, segment_id)
+    # who sends it: the name in Slicer's Application Settings > User (no sign-in here)
+    person = mrml.slicer.vtkPersonInformation()
+    person.SetName("  Dr. Ada\tLee ")
+    person.SetLogin("alee")
+    sender = logic.senderName(person)
+    assert sender == "Dr. Ada Lee"
+    unnamed = mrml.slicer.vtkPersonInformation()
+    unnamed.SetLogin("alee")
+    assert logic.senderName(unnamed) == "alee"
+    assert logic.senderName(mrml.slicer.vtkPersonInformation()) is None
     answer = logic.submitCorrection(
-        client, logic.prepareImage(ct_volume, url), path, info, "Segment the liver."
+        client, logic.prepareImage(ct_volume, url), path, info, "Segment the liver.", sender
     )
     assert answer["image"] == upload["image_id"]
     final = citrusv_server.studies / "labels" / "final"
     saved = [p for p in final.iterdir() if p.name.startswith(upload["image_id"])]
     assert saved
+    # the server keeps the name as claimed (not as a signed-in user), on the structure and in
+    # the copy kept as sent
+    stored = citrusv_server.get("/datastore/?output=all").json()["objects"][upload["image_id"]]
+    entries = stored["labels"]["final"]["info"]["label_info"]
+    assert [(e["name"], e.get("claimed_by"), e.get("user")) for e in entries] == [
+        (info[0]["name"], "Dr. Ada Lee", None)]
+    kept = sorted((final / ".history" / upload["image_id"]).glob("*.json"))
+    assert [json.loads(p.read_text()).get("claimed_by") for p in kept] == ["Dr. Ada Lee"]
     back = read_label_volume(saved[0])
     assert np.array_equal(back.array > 0, edited > 0)
     assert np.allclose(back.ijk_to_ras, CitrusVMRML.ijk_to_ras(ct_volume, world=False), atol=1e-3)
