@@ -39,6 +39,10 @@ EXTRA_TOKENS = ["[SEG]", "<bbox>", "</bbox>"]
 # optional file of a model dir: {"segment": [questions], "detect": [...], "report": [...]}, the
 # questions the model is known to answer (a small model knows only its training phrasings)
 EXAMPLES_FILE = "example_prompts.json"
+# optional file of a model dir: one plain sentence on what the model may be used for (the model
+# card's or the department's), shown to the radiologist with the model's name and answers
+INTENDED_USE_FILE = "intended_use.txt"
+MAX_INTENDED_USE = 300  # characters
 
 
 def read_example_prompts(path: str | Path) -> dict[str, list[str]]:
@@ -57,6 +61,23 @@ def read_example_prompts(path: str | Path) -> dict[str, list[str]]:
         raise CheckpointError(f"{file} must map each task to a list of questions, e.g. "
                               '{"segment": ["Segment the liver."]}.')
     return {str(task): [q.strip() for q in questions] for task, questions in data.items()}
+
+
+def read_intended_use(path: str | Path) -> str | None:
+    """A model dir's intended-use statement, its lines joined by spaces (None when it has none).
+    An unreadable or empty file, or one over MAX_INTENDED_USE characters, raises CheckpointError
+    with a sentence."""
+    file = Path(path) / INTENDED_USE_FILE
+    if not file.is_file():
+        return None
+    try:
+        text = " ".join(file.read_text(encoding="utf-8").split())
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not readable UTF-8 text ({e}).") from e
+    if not text or len(text) > MAX_INTENDED_USE:
+        raise CheckpointError(f"{file} must hold one sentence of 1 to {MAX_INTENDED_USE} "
+                              "characters, e.g. \"Research use only; not for diagnosis.\"")
+    return text
 
 
 def qwen_processor(tokenizer, min_pixels: int, max_pixels: int) -> Qwen2_5_VLProcessor:

@@ -87,6 +87,12 @@ XRAY_REPORT_PROMPTS = [
 ]
 
 
+# models/nano/intended_use.txt (written by `citrusv train`): the model card's first line, which
+# the server lists in /info/ and with each answer, and the Slicer module shows
+NANO_INTENDED_USE = ("Citrus-V nano: trained on one patient's CT; demonstration only; not for "
+                     "clinical use.")
+
+
 def nano_example_prompts() -> dict[str, list[str]]:
     """Questions nano answers as their task (models/nano/example_prompts.json, shown as the
     Slicer module's examples): its training phrasings, with structures it segments and finds

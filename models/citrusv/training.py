@@ -28,8 +28,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import Qwen2_5_VLConfig, Qwen2TokenizerFast
 
 from . import imaging
-from .checkpoint import (EXAMPLES_FILE, build_model, load_checkpoint, qwen_processor,
-                         save_checkpoint)
+from .checkpoint import (EXAMPLES_FILE, INTENDED_USE_FILE, build_model, load_checkpoint,
+                         qwen_processor, save_checkpoint)
 from .config import CitrusVConfig
 from .imaging import qwen_frame, sam2_input
 from .modeling import CitrusV
@@ -774,9 +774,10 @@ def save_nano(model: CitrusV, processor, out: Path, save_dtype: str = "float16")
         model.config.mllm.tie_word_embeddings = False
         model.config.mllm.text_config.tie_word_embeddings = False
     save_checkpoint(model.to(dtype), processor, out)
-    from .nano_data import nano_example_prompts
+    from .nano_data import NANO_INTENDED_USE, nano_example_prompts
 
     (Path(out) / EXAMPLES_FILE).write_text(json.dumps(nano_example_prompts(), indent=2) + "\n")
+    (Path(out) / INTENDED_USE_FILE).write_text(NANO_INTENDED_USE + "\n")
     return out
 
 

@@ -164,6 +164,18 @@ class SharedModel:
             logger.warning("No example questions: %s", e)
             return []
 
+    def intended_use(self) -> str | None:
+        """What `model_dir` says the model may be used for (its intended_use.txt; None when it
+        says nothing, or when the file is malformed, which is logged)."""
+        from citrusv.checkpoint import read_intended_use
+        from citrusv.errors import CheckpointError
+
+        try:
+            return read_intended_use(self.model_dir)
+        except CheckpointError as e:
+            logger.warning("No intended use: %s", e)
+            return None
+
     def not_installed_sentence(self) -> str:
         return (f"{NOT_INSTALLED}: no Citrus-V checkpoint in {self.model_dir}; install models/nano "
                 "or start the server with --conf model_dir DIR.")
@@ -187,6 +199,7 @@ class SharedModel:
             "status": self.status(),
             "model_dir": str(self.model_dir),
             "serving_version": name if self.installed() else None,
+            "intended_use": self.intended_use(),
             "device": self.device,
             "dtype": self.dtype or "auto",
             "versions": self.versions_info(),

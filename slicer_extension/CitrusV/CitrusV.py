@@ -414,10 +414,7 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _showResult(self, result, volume):
         self._result = result
         self._resultVolumeID = volume.GetID()
-        text = result.answer or result.text or ""
-        if result.warnings:
-            text += "\n\nWarnings:\n" + "\n".join(f"- {w}" for w in result.warnings)
-        self.ui.answerTextBrowser.setPlainText(text)
+        self.ui.answerTextBrowser.setPlainText(result.shown_text())
         self.ui.reasoningListWidget.clear()
         for step in result.reasoning:
             text = step_text(step.text, step.box_ids)
@@ -804,7 +801,10 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
             text += f"; serving model version {version}"
         if status and status not in ("ready", "loaded", "ok"):
             text += f"; model {status}"
-        return text + "."
+        text += "."
+        if citrus.get("intended_use"):  # the model folder's own words (intended_use.txt)
+            text += f" Intended use: {citrus['intended_use']}"
+        return text
 
     @staticmethod
     def describeTraining(status):

@@ -35,7 +35,7 @@ def test_strategy_without_model_falls_back_to_random(citrusv_server_without_mode
     assert "random" in r.json()["reason"]
 
 
-def test_info_offers_the_models_example_questions(tmp_path_factory, tiny_model_dir,
+def test_info_offers_the_models_example_questions_and_intended_use(tmp_path_factory, tiny_model_dir,
                                                   citrusv_sample_studies):
     """Each task's `examples` in /info/ are the questions the model dir names
     (example_prompts.json; models/nano ships one), read on each call; none when it names none
@@ -59,3 +59,19 @@ def test_info_offers_the_models_example_questions(tmp_path_factory, tiny_model_d
         file.write_text(json.dumps({"segment": "Segment the liver."}))  # not a list
         assert examples() == {task: [] for task in TASKS}
         assert "must map each task to a list of questions" in server.log()
+
+        # what the model may be used for (intended_use.txt): in /info/ and with each answer
+        def intended_use() -> tuple:
+            info = server.get("/info/").json()["citrusv"]
+            r = server.post("/infer/citrusv_detect?image=chest_ct&output=json",
+                            data={"params": json.dumps({"prompt": "Find the liver.", "slice": 60})})
+            assert r.status_code == 200, r.text
+            return info["intended_use"], r.json()["model"].get("intended_use")
+
+        assert intended_use() == (None, None)
+        use = server.model_dir / "intended_use.txt"
+        use.write_text("Research use only;\n not for diagnosis.\n")
+        assert intended_use() == ("Research use only; not for diagnosis.",) * 2
+        use.write_text("x" * 301)  # not one sentence: logged, nothing shown, still answers
+        assert intended_use() == (None, None)
+        assert "must hold one sentence of 1 to 300 characters" in server.log()

@@ -12,9 +12,10 @@ import torch
 
 from citrusv import Engine
 from citrusv.evaluation import box_iou, held_out_slices, normalise_label
-from citrusv.checkpoint import read_example_prompts
+from citrusv.checkpoint import read_example_prompts, read_intended_use
 from citrusv.io import read_study
-from citrusv.nano_data import HELD_OUT_BLOCKS, NAMES, mask_box, nano_example_prompts, split_of
+from citrusv.nano_data import (HELD_OUT_BLOCKS, NAMES, NANO_INTENDED_USE, mask_box,
+                               nano_example_prompts, split_of)
 from citrusv.training import dice_score
 
 NANO = Path(__file__).resolve().parents[2] / "models" / "nano"
@@ -116,6 +117,11 @@ def test_shipped_example_questions_are_the_recipes():
     assert shipped == nano_example_prompts()
     assert {task: len(questions) for task, questions in shipped.items()} == {
         "segment": 4, "detect": 3, "report": 3}
+    # and its intended use, shown with each answer, is the model card's first line
+    assert read_intended_use(NANO) == NANO_INTENDED_USE
+    assert "demonstration only; not for clinical use" in NANO_INTENDED_USE
+    assert "**One patient; demonstration only; not for clinical use.**" in (
+        NANO / "MODEL_CARD.md").read_text()
 
 
 def test_each_example_question_is_answered_as_its_task(engine, study, sample_root):

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from citrusv.checkpoint import read_example_prompts, read_intended_use
+from citrusv.nano_data import NANO_INTENDED_USE, nano_example_prompts
 from citrusv.training import NANO_RECIPE, train_nano
 
 NANO = Path(__file__).resolve().parents[2] / "models" / "nano"
@@ -51,6 +53,9 @@ def test_two_rounds_write_a_loadable_checkpoint_with_whole_name_tokens(tmp_path)
     assert [r["final"]["segmentation"]["round"] for r in log["rounds"]] == [1, 2]
     assert log["stopped_early"] is False
     assert log["whole_names"] is True
+    # the folder's own words for the server: its example questions and intended use
+    assert read_example_prompts(out) == nano_example_prompts()
+    assert read_intended_use(out) == NANO_INTENDED_USE
     engine = Engine.load(out)
     tok = engine.processor.tokenizer
     assert tok.tokenize(" right kidney") == [" right kidney"]

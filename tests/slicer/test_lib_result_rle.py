@@ -68,3 +68,13 @@ def test_result_minimal_and_closer_look():
         r.masks[0].array()
     with pytest.raises(ValueError, match="not a JSON object"):
         Result.from_json(["nope"])
+
+
+def test_shown_answer_has_the_warnings_and_the_model_s_intended_use(sample_result):
+    r = Result.from_json(sample_result)
+    assert r.intended_use is None and r.shown_text() == "The liver is normal in size."
+    r = Result.from_json({**sample_result, "warnings": ["Slice 3 is outside the CT."],
+                          "model": {**sample_result["model"],
+                                    "intended_use": "Demonstration only; not for clinical use."}})
+    assert r.shown_text() == ("The liver is normal in size.\n\nWarnings:\n- Slice 3 is outside "
+                              "the CT.\n\nIntended use: Demonstration only; not for clinical use.")

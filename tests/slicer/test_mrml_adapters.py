@@ -385,11 +385,14 @@ def test_each_answer_is_recorded_in_the_scene_and_saved_with_it(
     assert seg.GetTag(adapters.PROMPT_ATTR, tag) and str(tag) == result.prompt
     # a second answer adds a record; the first stays (boxes are replaced, records are not)
     second = Result.from_json({**sample_result, "task": "detect", "prompt": "find the spleen",
-                               "reasoning": [], "masks": [], "answer": "Here it is."})
+                               "reasoning": [], "masks": [], "answer": "Here it is.",
+                               "model": {"name": "citrusv-nano", "version": "1",
+                                         "intended_use": "Demonstration only."}})
     adapters.apply_result(second, volume)
     records = adapters.answer_records(volume)
     assert [n.GetName() for n in records] == [node.GetName(), "Citrus-V detect: find the spleen"]
-    assert "Question: find the spleen\nTask: detect\n" in records[1].GetText()
+    assert ("Question: find the spleen\nTask: detect\nModel: citrusv-nano, version 1\n"
+            "Intended use: Demonstration only.\nImage: ") in records[1].GetText()
     # saved with the scene: the text storage node writes it and reads it back unchanged
     storage = scene.AddNewNodeByClass("vtkMRMLTextStorageNode")
     storage.SetFileName(str(tmp_path / "answer.txt"))

@@ -145,6 +145,11 @@ def test_status_sentences(citrusv_module):
     assert logic.describeServer(info) == (
         "Connected: Citrus-V with 2 Citrus-V task(s); serving model version 3."
     )
+    info["citrusv"]["intended_use"] = "Research use only; not for diagnosis."
+    assert logic.describeServer(info) == (
+        "Connected: Citrus-V with 2 Citrus-V task(s); serving model version 3. "
+        "Intended use: Research use only; not for diagnosis."
+    )
 
 
 def test_example_questions_follow_the_served_model(citrusv_module):

@@ -123,6 +123,8 @@ class CitrusVInfer(InferTask):
         out["task"] = self.task
         out["prompt"] = p.prompt
         out.setdefault("model", {})["version"] = version
+        if (use := self.model.intended_use()) is not None:  # shown with the answer in Slicer
+            out["model"]["intended_use"] = use
         out["image"] = {
             "id": image_id,
             "shape": list(study.shape),

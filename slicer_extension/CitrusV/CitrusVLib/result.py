@@ -111,6 +111,22 @@ class Result:
                 return [b for b in (self.box(i) for i in s.box_ids) if b is not None]
         return []
 
+    @property
+    def intended_use(self) -> str | None:
+        """What the answering model's folder says it may be used for, if anything."""
+        use = (self.model or {}).get("intended_use")
+        return str(use) if use else None
+
+    def shown_text(self) -> str:
+        """What the module shows as the answer: the answer (else the raw text), the warnings,
+        and the model's intended use."""
+        text = (self.answer or self.text or "").strip()
+        if self.warnings:
+            text += "\n\nWarnings:\n" + "\n".join(f"- {w}" for w in self.warnings)
+        if self.intended_use:
+            text += f"\n\nIntended use: {self.intended_use}"
+        return text
+
     def record(self, when: str | None = None) -> str:
         """The answer as plain text for the record kept with the scene: the question, the
         model and version that answered, the slices, the answer, each reasoning step with the
@@ -121,8 +137,10 @@ class Result:
             f"Question: {self.prompt}",
             f"Task: {self.task}",
             f"Model: {model.get('name', '?')}, version {model.get('version', '?')}",
-            f"Image: {self.image.id or '?'} ({self.image.axis} slice {slices})",
         ]
+        if self.intended_use:
+            lines.append(f"Intended use: {self.intended_use}")
+        lines += [f"Image: {self.image.id or '?'} ({self.image.axis} slice {slices})"]
         if when:
             lines.append(f"Asked: {when}")
         if self.closer_look is not None:
