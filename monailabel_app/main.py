@@ -258,13 +258,15 @@ def _record_who_corrected() -> None:
         def save_label(background_tasks, image, params="{}", tag="final", label=None, user=None):
             body = _json_object(params, '{"label_info": [{"name": "liver", "idx": 1}], '
                                         '"prompt": "..."}')
-            claim = _claimed_sender(body)
+            signed_in = settings.MONAI_LABEL_AUTH_ENABLE
+            claim = None if signed_in else _claimed_sender(body)
+            # only the server says who sent a correction, and which PACS SEGs a label came
+            # from or went to
             for entry in [body, *(e for e in body.get("label_info") or [] if isinstance(e, dict))]:
-                for key in (*SERVER_KEYS, "claimed_by"):  # only the server says who sent a
-                    entry.pop(key, None)  # correction, and which PACS SEGs a label came from
-            if settings.MONAI_LABEL_AUTH_ENABLE:  # or went to
-                if user:
-                    body["user"] = user
+                for key in (*SERVER_KEYS, "claimed_by"):
+                    entry.pop(key, None)
+            if signed_in and user:
+                body["user"] = user
             elif claim:
                 body["claimed_by"] = claim
             return original(background_tasks, image, json.dumps(body), tag, label, user)

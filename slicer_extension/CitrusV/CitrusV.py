@@ -490,8 +490,10 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             upload = self.logic.prepareImage(volume, self.serverUrl())
             path, labelInfo = self.logic.exportCorrection(volume, segmentId)
             prompt = self.ui.promptComboBox.currentText.strip() or None
-            # without sign-in, the server keeps the Slicer user's name as who sent it (claimed)
-            sender = self.logic.senderName(slicer.app.applicationLogic().GetUserInformation())
+            # without sign-in, the server keeps the Slicer user's name as who sent it (claimed);
+            # with a token it records the token's user
+            sender = None if self.ui.tokenLineEdit.text.strip() else self.logic.senderName(
+                slicer.app.applicationLogic().GetUserInformation())
             answer = self.callServer(
                 f"Sending the corrected {labelInfo[0]['name']}...",
                 self.logic.submitCorrection,
