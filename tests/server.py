@@ -143,24 +143,30 @@ def start_citrusv_server(studies: Path | str, model_dir: Path, log_path: Path | 
                            Path(studies) if not remote else workdir, Path(model_dir), log_path,
                            process, str(tls[2]) if tls else True)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
-            try:
-                # 401: up, with MONAI Label's authentication on (tests/app/test_auth.py)
-                if server.get("/info/", timeout=5).status_code in (200, 401):
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not answer /info/ in {START_TIMEOUT_S:.0f} s:\n"
-                                   f"{server.log()}")
-            time.sleep(0.5)
+        wait_until_up(server)
         yield server
     finally:
         _stop(process)
         log.close()
+
+
+def wait_until_up(server: CitrusVServer) -> None:
+    """Until the server answers /info/; RuntimeError with its log if it exits first or does not
+    answer within START_TIMEOUT_S."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()}")
+        try:
+            # 401: up, with MONAI Label's authentication on (tests/app/test_auth.py)
+            if server.get("/info/", timeout=5).status_code in (200, 401):
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"server did not answer /info/ in {START_TIMEOUT_S:.0f} s:\n"
+                               f"{server.log()}")
+        time.sleep(0.5)
 
 
 @contextlib.contextmanager

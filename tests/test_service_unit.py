@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 
-from tests.server import REPO, copy_studies, free_port
+from tests.server import REPO, CitrusVServer, copy_studies, free_port, wait_until_up
 
 UNIT = REPO / "scripts" / "citrusv-server.service"
 
@@ -69,22 +68,14 @@ def test_unit_command_starts_the_server_and_stop_ends_it(tmp_path, tiny_model_di
     log = open(tmp_path / "server.log", "w")
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
+    server = CitrusVServer(f"http://127.0.0.1:{port}", studies, model, tmp_path / "server.log",
+                           process)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            try:
-                r = requests.get(f"http://127.0.0.1:{port}/info/", timeout=5)
-                if r.status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
-        info = r.json()["citrusv"]
+        wait_until_up(server)
+        info = server.get("/info/").json()["citrusv"]
         assert info["model_dir"] == str(model.resolve()) and info["device"] == "cpu"
-        r = requests.post(f"http://127.0.0.1:{port}/infer/citrusv_segment?image=chest_ct&output=json",
-                          data={"params": '{"prompt": "Segment the liver.", "slice": 60}'}, timeout=120)
+        r = server.post("/infer/citrusv_segment?image=chest_ct&output=json",
+                        data={"params": '{"prompt": "Segment the liver.", "slice": 60}'})
         assert r.status_code == 200, r.text
         stop_s = float(s["TimeoutStopSec"][0])
         start = time.monotonic()

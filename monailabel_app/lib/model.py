@@ -156,25 +156,26 @@ class SharedModel:
         """The questions `model_dir` names for `task` (its example_prompts.json; [] when it
         names none, or when the file is malformed, which is logged)."""
         from citrusv.checkpoint import read_example_prompts
-        from citrusv.errors import CheckpointError
 
-        try:
-            return read_example_prompts(self.model_dir).get(task, [])
-        except CheckpointError as e:
-            logger.warning("No example questions: %s", e)
-            return []
+        return self._model_file(read_example_prompts, {}, "No example questions").get(task, [])
 
     def intended_use(self) -> str | None:
         """What `model_dir` says the model may be used for (its intended_use.txt; None when it
         says nothing, or when the file is malformed, which is logged)."""
         from citrusv.checkpoint import read_intended_use
+
+        return self._model_file(read_intended_use, None, "No intended use")
+
+    def _model_file(self, read, default, what: str):
+        """`read(model_dir)`, read on each call (an admin's edit shows without a restart); a
+        malformed file is logged as `what` and gives `default`."""
         from citrusv.errors import CheckpointError
 
         try:
-            return read_intended_use(self.model_dir)
+            return read(self.model_dir)
         except CheckpointError as e:
-            logger.warning("No intended use: %s", e)
-            return None
+            logger.warning("%s: %s", what, e)
+            return default
 
     def not_installed_sentence(self) -> str:
         return (f"{NOT_INSTALLED}: no Citrus-V checkpoint in {self.model_dir}; install models/nano "
