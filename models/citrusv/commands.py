@@ -30,12 +30,15 @@ def print_result(data: dict) -> None:
         print(f"step {step['step']}: {step['text']} {step['box_ids']}")
     for w in data.get("warnings", []):
         print(f"warning: {w}")
+    if (data.get("model") or {}).get("intended_use"):
+        print(f"intended use: {data['model']['intended_use']}")
 
 
 def ask_cli(args: argparse.Namespace) -> int:
     import torch
 
     from . import imaging
+    from .checkpoint import read_intended_use
     from .engine import AXES, Engine
     from .io import read_study
 
@@ -69,6 +72,10 @@ def ask_cli(args: argparse.Namespace) -> int:
     else:
         res = engine.ask(plane, args.prompt, window, task=args.task, **kwargs)
     data = res.to_json()
+    # what the model folder says it may be used for, as the server sends it with each answer
+    # (a malformed intended_use.txt: CheckpointError, printed as one sentence by cli.main)
+    if (use := read_intended_use(args.model)) is not None:
+        data.setdefault("model", {})["intended_use"] = use
     if study.kind == "volume":
         data["image"].update({"shape": [int(s) for s in study.array.shape], "axis": args.axis,
                               "spacing": None if study.spacing is None else

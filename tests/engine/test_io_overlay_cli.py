@@ -95,7 +95,20 @@ def test_cli_ask_writes_json_and_png(fitted_dir, tmp_path, capsys):
     assert data["masks"][0]["rle"]["size"] == [50, 60]
     assert data["image"]["shape"] == [5, 50, 60] and data["image"]["slices"] == [3]
     assert Image.open(tmp_path / "r.png").size[1] >= 50
-    assert "mask 'liver'" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "mask 'liver'" in out and "intended use" not in out and "intended_use" not in data["model"]
+    # with the model folder's intended use: in the JSON and printed, as the server sends it
+    (fitted_dir / "intended_use.txt").write_text("Test model; not for clinical use.\n")
+    try:
+        rc = main(["ask", "--model", str(fitted_dir), "--image", str(tmp_path / "ct.nii.gz"),
+                   "--slice", "3", "--prompt", "Please segment the liver in this scan.",
+                   "--json", str(tmp_path / "r.json")])
+    finally:
+        (fitted_dir / "intended_use.txt").unlink()
+    assert rc == 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["model"]["intended_use"] == "Test model; not for clinical use."
+    assert "intended use: Test model; not for clinical use." in capsys.readouterr().out.splitlines()
     rc = main(["ask", "--model", str(fitted_dir), "--image", str(tmp_path / "ct.nii.gz"),
                "--slice", "9", "--prompt", "Segment the liver."])
     assert rc == 2 and "slice 9 is outside" in capsys.readouterr().err
