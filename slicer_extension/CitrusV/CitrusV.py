@@ -712,13 +712,15 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def senderName(userInformation):
         """The name in Slicer's Application Settings > User (a ``vtkPersonInformation``), else
-        its login, else None; trimmed to the server's 128 characters."""
+        its login, else None; as the server takes it (printable characters, at most 128), so an
+        odd name never stops a correction."""
         if userInformation is None:
             return None
         for value in (userInformation.GetName(), userInformation.GetLogin()):
             value = " ".join((value or "").split())  # no line breaks or tabs
+            value = "".join(c for c in value if c.isprintable()).strip()[:128].strip()
             if value:
-                return value[:128]
+                return value
         return None
 
     # -- UI-thread steps ---------------------------------------------------------------------------

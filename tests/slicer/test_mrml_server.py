@@ -70,6 +70,9 @@ def test_upload_ask_apply_and_correct_over_http(citrusv_module, ct_volume, citru
     unnamed.SetLogin("alee")
     assert logic.senderName(unnamed) == "alee"
     assert logic.senderName(mrml.slicer.vtkPersonInformation()) is None
+    odd = mrml.slicer.vtkPersonInformation()
+    odd.SetName("\u200b" + "Dr. " + "x" * 130)  # a zero-width space, too long: what the server takes
+    assert logic.senderName(odd) == ("Dr. " + "x" * 130)[:128]
     answer = logic.submitCorrection(
         client, logic.prepareImage(ct_volume, url), path, info, "Segment the liver.", sender
     )
