@@ -235,12 +235,12 @@ def _claimed_sender(body: dict) -> str | None:
     claim = body.get("claimed_by")
     if claim is None:
         return None
-    if not isinstance(claim, str) or not claim.strip() or len(claim.strip()) > MAX_SENDER \
-            or not claim.strip().isprintable():
+    name = claim.strip() if isinstance(claim, str) else ""
+    if not name or len(name) > MAX_SENDER or not name.isprintable():
         raise HTTPException(status_code=400, detail=(
             f"params.claimed_by must be the sender's name as text, 1 to {MAX_SENDER} printable "
             'characters (e.g. "Dr. A. Lee"), or left out.'))
-    return claim.strip()
+    return name
 
 
 def _record_who_corrected() -> None:
