@@ -63,6 +63,10 @@ def ask_cli(args: argparse.Namespace) -> int:
             s for i, s in enumerate(study.spacing) if i != axis)
     else:
         plane = study.array
+    # what the model folder says it may be used for, as the server sends it with each answer;
+    # read first, so a malformed intended_use.txt (CheckpointError, printed as one sentence by
+    # cli.main) stops the command before the model is loaded and asked
+    use = read_intended_use(args.model)
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
     kwargs = dict(slice_index=slice_index, spacing=spacing, photometric=study.photometric,
                   image_id=Path(args.image).name, forced_text=args.forced_text)
@@ -72,9 +76,7 @@ def ask_cli(args: argparse.Namespace) -> int:
     else:
         res = engine.ask(plane, args.prompt, window, task=args.task, **kwargs)
     data = res.to_json()
-    # what the model folder says it may be used for, as the server sends it with each answer
-    # (a malformed intended_use.txt: CheckpointError, printed as one sentence by cli.main)
-    if (use := read_intended_use(args.model)) is not None:
+    if use is not None:
         data.setdefault("model", {})["intended_use"] = use
     if study.kind == "volume":
         data["image"].update({"shape": [int(s) for s in study.array.shape], "axis": args.axis,
