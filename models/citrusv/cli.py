@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from this checkpoint instead of from scratch")
     p.add_argument("--lr", type=float, default=None, help="joint-stage learning rate")
     p.add_argument("--seg-lr", type=float, default=None, help="segmentation-stage learning rate")
+    p.add_argument("--state-swap", type=float, default=None,
+                   help="share of [SEG] states swapped for the same structure's state from "
+                        "another slice in the segmentation stages (default: the recipe's)")
     p.set_defaults(func=_train)
     p = sub.add_parser("eval", help="score a model on the held-out slice blocks of the sample CT")
     p.add_argument("--model", default="models/nano")

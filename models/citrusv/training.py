@@ -529,6 +529,30 @@ def dice_score(pred: np.ndarray, ref: np.ndarray) -> float:
 
 
 # ----------------------------------------------------------------------------- nano
+class StateBank:
+    """[SEG] states seen per structure (the last `keep`), and a `share` of each batch's states
+    swapped for one of them: the state then names the structure without telling whether it is
+    on the slice, so SAM2 has to see that in the image. `share` 0 changes nothing and draws no
+    random numbers (runs without it stay as they were)."""
+
+    def __init__(self, share: float, rng: random.Random, keep: int = 64) -> None:
+        self.share, self.rng, self.keep = share, rng, keep
+        self.states: dict[str, list[torch.Tensor]] = {}
+
+    def swap(self, h: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+        if self.share <= 0:
+            return h
+        h = h.detach().clone()
+        for i, name in enumerate(names):
+            bank = self.states.setdefault(name, [])
+            bank.append(h[i].clone())
+            del bank[:-self.keep]
+        for i, name in enumerate(names):
+            if self.rng.random() < self.share:
+                h[i] = self.rng.choice(self.states[name])
+        return h
+
+
 class NanoBank:
     """Rendered inputs of every training image (CT slice x window, DRR), built lazily."""
 
@@ -581,12 +605,19 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
                threads: int = 1, log: Log | None = None, log_every: int = 10,
                save_dtype: str = "float16", max_minutes: float | None = None,
                joint_checkpoint: str | Path | None = None,
-               init_from: str | Path | None = None) -> dict:
+               init_from: str | Path | None = None,
+               state_swap: float = NANO_RECIPE.get("state_swap", 0.0)) -> dict:
     """Build the data (if missing), train nano from scratch, save it in the released layout.
 
     `whole_names`: two-word structure names ("right kidney") are one token each. The state
     at [SEG] is trained to predict the token after it, and "right" starts both "right lung"
     and "right kidney", which made their [SEG] states nearly equal.
+
+    `state_swap`: in the segmentation stages, the share of [SEG] states replaced by a state of
+    the same structure from another training slice (present there or not; kept from earlier
+    batches). The state then names the structure but no longer says whether it is on the
+    slice, so SAM2 learns that from the image: the frozen MLLM's presence judgement is what
+    loses a structure on unseen slices (the liver dome in run R, MODEL_CARD).
     """
     from .nano_data import (MIN_AREA_PX, NAMES, NANO_MAX_PIXELS, NANO_MIN_PIXELS,
                             TRAIN_WINDOWS, build_nano_data, data_is_current, load_nano_data)
@@ -661,10 +692,14 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
                 seg_meta.append(s)
         return images, seqs, seg_meta
 
-    def seg_step(images, seqs, meta, hidden, ids, augment: bool):
+    state_bank = StateBank(state_swap, rng)
+
+    def seg_step(images, seqs, meta, hidden, ids, augment: bool, swap: bool = False):
         h, owners = seg_states(hidden, ids, seqs, config.seg_token_idx, config.seg_hidden_offset)
         if not owners:
             return None
+        if swap:
+            h = state_bank.swap(h, [meta[i]["structure"] for i in owners])
         pixels = torch.stack([im[2].sam for im in images])
         tgt = torch.stack([target(meta[i]["slice"], meta[i]["structure"]) for i in owners])
         img_idx = [seqs[i].image for i in owners]
@@ -706,7 +741,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
         with torch.no_grad():
             _, hidden, ids = mllm_forward(model, [im[2] for im in images], seqs, pad,
                                           want_ce=False)
-        return seg_step(images, seqs, meta, hidden, ids, augment=True)
+        return seg_step(images, seqs, meta, hidden, ids, augment=True, swap=True)
 
     history: list[dict] = []
     seconds: list[dict] = []
@@ -751,7 +786,8 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
             "final": {h["stage"]: h for h in history if h["round"] == r + 1}}
            for r, spec in enumerate(rounds)]
     stats = {"seed": seed, "init_from": None if init_from is None else str(init_from),
-             "whole_names": whole_names, "recall_weight": recall_weight, "rounds": ran,
+             "whole_names": whole_names, "recall_weight": recall_weight,
+             "state_swap": state_swap, "rounds": ran,
              "stopped_early": any(x["joint_steps_run"] < x["joint_steps"]
                                   or x["seg_steps_run"] < x["seg_steps"] for x in ran),
              "total_seconds": round(total_s, 1), "batch_images": batch_images,
@@ -790,6 +826,8 @@ def train_nano_cli(args) -> int:
     whole_names = NANO_RECIPE["whole_names"] if args.whole_names is None else args.whole_names
     stats = train_nano(out_dir=args.out, seed=args.seed, data_dir=args.data, rounds=rounds,
                        whole_names=whole_names,
+                       state_swap=(NANO_RECIPE.get("state_swap", 0.0) if args.state_swap is None
+                                   else args.state_swap),
                        threads=args.threads, max_minutes=args.max_minutes,
                        joint_checkpoint=args.joint_checkpoint, init_from=args.init)
     print(json.dumps({k: v for k, v in stats.items() if k != "rounds"}, indent=1))

@@ -68,3 +68,27 @@ def test_optimise_follows_the_schedule_and_stops_when_told():
     assert optimise([w], 10, 0.1, 2, batch, {"a": 1.0, "b": 0.0}, lambda *a: opt_lr.append(a),
                     stop=lambda: next(calls)) == 2
     assert len(opt_lr) == 2
+
+
+def test_state_bank_swaps_only_states_of_the_same_structure():
+    import random
+
+    from citrusv.training import StateBank
+
+    rng = random.Random(0)
+    keep_all = StateBank(0.0, rng)
+    h = torch.arange(6.0).reshape(3, 2)
+    assert keep_all.swap(h, ["liver", "heart", "liver"]) is h
+    assert rng.random() == random.Random(0).random()  # share 0 draws no random numbers
+
+    bank = StateBank(1.0, random.Random(1), keep=3)
+    seen = {"liver": set(), "heart": set()}
+    for step in range(20):  # liver states are >= 100, heart states < 0
+        liver = torch.full((2,), 100.0 + step)
+        heart = torch.full((2,), -1.0 - step)
+        out = bank.swap(torch.stack([liver, heart]), ["liver", "heart"])
+        assert out[0, 0] >= 100 and out[1, 0] < 0  # never another structure's state
+        assert out[0, 0] >= 100 + step - 2  # only the last `keep` states are kept
+        seen["liver"].add(float(out[0, 0]))
+        seen["heart"].add(float(out[1, 0]))
+    assert len(seen["liver"]) > 3 and len(seen["heart"]) > 3  # states do come from other steps

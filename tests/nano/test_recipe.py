@@ -33,8 +33,8 @@ def test_cli_defaults_are_the_recipe():
     from citrusv.cli import build_parser
 
     args = build_parser().parse_args(["train"])
-    assert (args.joint_steps, args.seg_steps, args.lr, args.seg_lr, args.whole_names) == (
-        None,) * 5
+    assert (args.joint_steps, args.seg_steps, args.lr, args.seg_lr, args.whole_names,
+            args.state_swap) == (None,) * 6
     assert args.seed == 0 and args.out == "models/nano"
 
 
