@@ -21,6 +21,7 @@ def test_shipped_nano_was_made_by_one_run_of_the_default_recipe():
     assert log["stopped_early"] is False
     assert log["whole_names"] == NANO_RECIPE["whole_names"]
     assert log["recall_weight"] == NANO_RECIPE["recall_weight"]
+    assert log.get("state_swap", 0.0) == NANO_RECIPE["state_swap"]  # W's log predates the option
     keys = ("joint_steps", "seg_steps", "lr", "seg_lr")
     assert [{k: r[k] for k in keys} for r in log["rounds"]] == [dict(r) for r in
                                                                 NANO_RECIPE["rounds"]]
