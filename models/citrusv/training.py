@@ -43,6 +43,8 @@ LOSS_WEIGHTS = {"ce": 1.0, "dice": 2.0, "bce": 1.0, "iou": 0.1, "recall": 0.0}
 # spinal cord stayed empty even on training slices); this term is normalised by the
 # structure's own area, so it does not vanish with size.
 SEG_RECALL_WEIGHT = 0.05
+# Environment variables that pin the CPU kernels torch's MKL / oneDNN / ATen dispatch to
+KERNEL_PINS = ("MKL_CBWR", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
 MASK_LOSS_SIZE = 128  # masks are scored at this size during training (SAM2 low-res is 64)
 
 
@@ -597,6 +599,33 @@ NANO_RECIPE: dict = dict(
 )
 
 
+def training_host() -> dict:
+    """What ran the training, as far as it can change the numbers: on CPU, MKL and oneDNN
+    pick kernels by the instruction set, and another kernel sums in another order, so the
+    same seed on another CPU (or with another MKL_CBWR pin) gives other weights."""
+    import os
+    import platform
+
+    cpu: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "cpu family", "model", "flags") and key not in cpu:
+                cpu[key] = value.strip()
+    except OSError:
+        pass
+    flags = set(cpu.pop("flags", "").split())
+    libs = [line.strip(" -") for line in torch.__config__.show().splitlines()
+            if "Math Kernel Library Version" in line or "MKL-DNN v" in line]
+    return {"machine": platform.machine(), "cpu": cpu.get("model name", platform.processor()),
+            "cpu_family_model": f"{cpu.get('cpu family', '?')}/{cpu.get('model', '?')}",
+            "isa_flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_tile"}),
+            "torch": torch.__version__, "torch_cpu_capability":
+                torch.backends.cpu.get_cpu_capability(), "libraries": libs,
+            "kernel_pins": {k: os.environ[k] for k in KERNEL_PINS if k in os.environ}}
+
+
 def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
                data_dir: str | Path = "work/nano_data",
                rounds: Sequence[dict] = NANO_RECIPE["rounds"],
@@ -794,7 +823,8 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
              "total_seconds": round(total_s, 1), "batch_images": batch_images,
              "seqs_per_image": seqs_per_image, "seg_batch_images": seg_batch_images,
              "threads": threads, "n_train_samples": len(train), "vocab": len(tokenizer),
-             "parameters": sum(p.numel() for p in model.parameters())}
+             "parameters": sum(p.numel() for p in model.parameters()),
+             "host": training_host()}
     (out / "training_log.json").write_text(json.dumps(stats, indent=1))
     return stats
 

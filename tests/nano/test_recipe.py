@@ -10,7 +10,7 @@ import pytest
 
 from citrusv.checkpoint import read_example_prompts, read_intended_use
 from citrusv.nano_data import NANO_INTENDED_USE, nano_example_prompts
-from citrusv.training import NANO_RECIPE, train_nano
+from citrusv.training import NANO_RECIPE, train_nano, training_host
 
 NANO = Path(__file__).resolve().parents[2] / "models" / "nano"
 
@@ -54,6 +54,10 @@ def test_two_rounds_write_a_loadable_checkpoint_with_whole_name_tokens(tmp_path)
     assert [r["final"]["segmentation"]["round"] for r in log["rounds"]] == [1, 2]
     assert log["stopped_early"] is False
     assert log["whole_names"] is True
+    # what ran it: the CPU's kernels change the numbers, so the log says which ran
+    import torch
+    assert log["host"]["torch"] == torch.__version__
+    assert log["host"]["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     # the folder's own words for the server: its example questions and intended use
     assert read_example_prompts(out) == nano_example_prompts()
     assert read_intended_use(out) == NANO_INTENDED_USE
@@ -62,3 +66,13 @@ def test_two_rounds_write_a_loadable_checkpoint_with_whole_name_tokens(tmp_path)
     assert tok.tokenize(" right kidney") == [" right kidney"]
     assert tok.tokenize(" spinal cord") == [" spinal cord"]
     assert len(tok.tokenize(" right lung")) == 1 and len(tok.tokenize(" liver")) == 1
+
+
+def test_training_host_names_the_kernel_pins_that_were_set(monkeypatch):
+    monkeypatch.setenv("MKL_CBWR", "AVX2")
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    host = training_host()
+    assert host["kernel_pins"] == {"MKL_CBWR": "AVX2"}
+    assert set(host["isa_flags"]) <= {"avx2", "avx512f", "avx512_bf16", "amx_tile"}
+    assert any("Math Kernel Library" in line for line in host["libraries"])
