@@ -44,6 +44,7 @@ LOSS_WEIGHTS = {"ce": 1.0, "dice": 2.0, "bce": 1.0, "iou": 0.1, "recall": 0.0}
 # structure's own area, so it does not vanish with size.
 SEG_RECALL_WEIGHT = 0.05
 # Environment variables that pin the CPU kernels torch's MKL / oneDNN / ATen dispatch to
+# (recorded in training_log.json; none is set by default)
 KERNEL_PINS = ("MKL_CBWR", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
 MASK_LOSS_SIZE = 128  # masks are scored at this size during training (SAM2 low-res is 64)
 
@@ -601,8 +602,9 @@ NANO_RECIPE: dict = dict(
 
 def training_host() -> dict:
     """What ran the training, as far as it can change the numbers: on CPU, MKL and oneDNN
-    pick kernels by the instruction set, and another kernel sums in another order, so the
-    same seed on another CPU (or with another MKL_CBWR pin) gives other weights."""
+    pick kernels by the instruction set, library version and pins (MKL_CBWR changes the
+    losses), and another kernel sums in another order. A busy machine changes them too
+    (MODEL_CARD.md, "Recipe"), which no field here can show."""
     import os
     import platform
 
