@@ -25,7 +25,11 @@ def print_result(data: dict) -> None:
         print(f"mask '{m['label']}': {m['area_px']} px, score {score}")
     for b in data.get("boxes", []):
         score = "" if b.get("score") is None else f", score {b['score']:.3f}"
-        print(f"box {b['id']} '{b['label']}': {[round(v, 1) for v in b['xyxy']]}{score}")
+        origin = ""
+        if b.get("source") == "mask":
+            origin = (f" (from the '{b['label']}' mask; written "
+                      f"{[round(v, 1) for v in b.get('text_xyxy') or []]})")
+        print(f"box {b['id']} '{b['label']}': {[round(v, 1) for v in b['xyxy']]}{origin}{score}")
     for step in data.get("reasoning", []):
         print(f"step {step['step']}: {step['text']} {step['box_ids']}")
     for w in data.get("warnings", []):

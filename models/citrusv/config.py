@@ -16,8 +16,12 @@ from .errors import CheckpointError
 CITRUS_KEYS = (
     "seg_token_idx", "grounding_encoder_config", "use_res_seg_projector", "image_size",
     "seg_hidden_offset", "min_pixels", "max_pixels", "out_dim", "system_prompt",
-    "task_system_prompts", "name", "version",
+    "task_system_prompts", "name", "version", "box_source",
 )
+# Where the boxes of an answer come from: "text", the numbers the model wrote (Citrus-V as
+# trained), or "mask", each written box replaced by the box of the model's own mask of that
+# label (`Engine` grounding; the written box is kept beside it).
+BOX_SOURCES = ("text", "mask")
 
 
 @dataclass
@@ -37,6 +41,12 @@ class CitrusVConfig:
     task_system_prompts: dict[str, str] = field(default_factory=dict)
     name: str = "citrusv"
     version: str = ""
+    box_source: str = "text"
+
+    def __post_init__(self) -> None:
+        if self.box_source not in BOX_SOURCES:
+            raise CheckpointError(f"config.json has box_source '{self.box_source}'; use "
+                                  f"{' or '.join(repr(b) for b in BOX_SOURCES)}.")
 
     @property
     def hidden_size(self) -> int:

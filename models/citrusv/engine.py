@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 import time
@@ -16,9 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from scipy import ndimage
 
 from . import imaging
 from .checkpoint import load_checkpoint, save_checkpoint
+from .config import BOX_SOURCES
 from .errors import InputError
 from .generation import (
     Generation,
@@ -40,6 +43,13 @@ AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
 AXIS_NAMES = {v: k for k, v in AXES.items()}
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+# box_source "mask": the question that gets the model's mask of a box's label, and how much of
+# that mask the box spans: every connected part at least this share of the largest part
+# (a few stray pixels away from the structure would otherwise stretch the box; the share was
+# picked on training slices, see models/nano/MODEL_CARD.md)
+GROUND_PROMPT = "Please segment the {label} in this scan."
+GROUND_MIN_PART = 0.25
+GROUND_MAX_NEW_TOKENS = 64
 
 
 def resolve_dtype(dtype, device: str | torch.device) -> torch.dtype:
@@ -74,6 +84,18 @@ def mask_box(mask: np.ndarray) -> list[float] | None:
     return [float(x[0]), float(y[0]), float(x[-1] + 1), float(y[-1] + 1)]
 
 
+def main_parts_box(mask: np.ndarray | None, min_part: float = GROUND_MIN_PART
+                   ) -> list[float] | None:
+    """The box around the connected parts of `mask` (8-connected) that are at least
+    `min_part` times the size of its largest part; None for an empty mask."""
+    if mask is None or not np.any(mask):
+        return None
+    parts, n = ndimage.label(np.asarray(mask, dtype=bool), structure=np.ones((3, 3)))
+    sizes = np.bincount(parts.ravel())[1:]
+    keep = 1 + np.flatnonzero(sizes >= min_part * sizes.max())
+    return mask_box(np.isin(parts, keep))
+
+
 def _serialised(method):
     """One question at a time per engine: the slice cache and KV prefixes are shared state."""
 
@@ -91,7 +113,8 @@ class Engine:
     def __init__(self, model, processor, config, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, cache_budget_mb: float = 1024,
                  max_pixels: int = imaging.DEFAULT_MAX_PIXELS, max_new_tokens: int = 512,
-                 name: str | None = None, reuse_prefix: bool = True) -> None:
+                 name: str | None = None, reuse_prefix: bool = True,
+                 box_source: str | None = None) -> None:
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -103,6 +126,10 @@ class Engine:
         self.max_new_tokens = int(max_new_tokens)
         self.name = name or config.name
         self.reuse_prefix = reuse_prefix
+        self.box_source = box_source or config.box_source
+        if self.box_source not in BOX_SOURCES:
+            raise ValueError(f"box_source '{self.box_source}' is unknown; use "
+                             f"{' or '.join(repr(b) for b in BOX_SOURCES)}.")
         self._lock = threading.RLock()
         self.eos_ids = stop_token_ids(self.tokenizer)
         vc = config.mllm.vision_config
@@ -212,6 +239,9 @@ class Engine:
         for box in res.boxes:
             bx = to_slice.to_input(box.xyxy)
             box.xyxy = [bx[0] + x1, bx[1] + y1, bx[2] + x1, bx[3] + y1]
+            if box.text_xyxy is not None:
+                bx = to_slice.to_input(box.text_xyxy)
+                box.text_xyxy = [bx[0] + x1, bx[1] + y1, bx[2] + x1, bx[3] + y1]
         for m in res.masks:
             small = F.interpolate(torch.from_numpy(m.array.astype(np.float32))[None, None],
                                   size=(y2 - y1, x2 - x1), mode="bilinear",
@@ -281,7 +311,7 @@ class Engine:
                 remap = {}
                 for box in res.boxes:
                     remap[box.id] = f"b{len(out.boxes) + 1}"
-                    out.boxes.append(Box(remap[box.id], box.label, box.xyxy, k, box.score))
+                    out.boxes.append(dataclasses.replace(box, id=remap[box.id], slice=k))
                 for step in res.reasoning:
                     out.reasoning.append(Step(len(out.reasoning) + 1, f"[slice {k}] {step.text}",
                                               [remap.get(b, b) for b in step.box_ids]))
@@ -417,7 +447,7 @@ class Engine:
         self.cache.trim()
 
     def _run(self, state: SliceState, prompt: str, task: str, forced_text: str | None,
-             max_new_tokens: int | None) -> Result:
+             max_new_tokens: int | None, ground: bool = True) -> Result:
         """Generation + parsing + masks for one prepared slice, in the state's own pixels."""
         timing = {}
         t0 = time.perf_counter()
@@ -444,10 +474,10 @@ class Engine:
                 state.prefixes[system] = gen.prefix
                 self.cache.trim()
             timing["prefill_reused_tokens"] = gen.prefill_reused
-        return self._result(state, prompt, task, gen, timing)
+        return self._result(state, prompt, task, gen, timing, ground)
 
     def _result(self, state: SliceState, prompt: str, task: str, gen: Generation,
-                timing: dict) -> Result:
+                timing: dict, ground: bool = True) -> Result:
         """Parse one generation and decode its [SEG] masks, in the state's own pixels."""
         timing["prefill"], timing["decode"] = gen.prefill_ms, gen.decode_ms
         text = self.tokenizer.decode(gen.token_ids, skip_special_tokens=False)
@@ -481,7 +511,32 @@ class Engine:
                                 "rephrase the prompt, e.g. 'Please segment the liver'.")
         timing["mask"] = (time.perf_counter() - t1) * 1e3
         res.timing_ms = timing
+        if ground and self.box_source == "mask" and res.boxes:
+            self._ground_boxes(state, res)
         return res
+
+    def _ground_boxes(self, state: SliceState, res: Result) -> None:
+        """box_source "mask": ask the model for its mask of each box's label on the same slice
+        and put the box of that mask's main parts in place of the written one (kept as
+        `text_xyxy`). A label the model gives no mask for keeps the written box."""
+        t0 = time.perf_counter()
+        found: dict[str, list[float] | None] = {}
+        for box in res.boxes:
+            label = box.label.strip()
+            if not label:
+                continue
+            if label not in found:
+                seg = self._run(state, GROUND_PROMPT.format(label=label), "segment", None,
+                                GROUND_MAX_NEW_TOKENS, ground=False)
+                mask = None
+                for m in seg.masks:
+                    mask = m.array if mask is None else mask | m.array
+                found[label] = main_parts_box(mask)
+            if found[label] is not None:
+                box.text_xyxy = list(box.xyxy)
+                box.xyxy = list(found[label])
+                box.source = "mask"
+        res.timing_ms["ground"] = (time.perf_counter() - t0) * 1e3
 
     def _finish(self, res: Result, hw, slice_index, spacing, image_id, image_info,
                 window) -> None:

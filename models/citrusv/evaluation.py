@@ -61,6 +61,44 @@ def _union(masks, shape) -> np.ndarray:
     return out
 
 
+def _written(box) -> list[float]:
+    """The box as the model wrote it (with box_source "mask" the engine returns another)."""
+    return box.xyxy if getattr(box, "text_xyxy", None) is None else box.text_xyxy
+
+
+class _Detections:
+    """Detection tallies over the held-out questions for one kind of box."""
+
+    def __init__(self, structures: list[str]) -> None:
+        self.right = self.boxes = 0
+        self.found_by = {s: [0, 0] for s in structures}  # [present slices found, present]
+        self.ious: list[float] = []
+
+    def add(self, asked: str, boxes: list[tuple[str, list[float]]], ref_box) -> list[bool]:
+        """Score the boxes answered to a question about `asked` (`ref_box` None: absent)."""
+        rights = []
+        for label, xyxy in boxes:
+            iou = box_iou(xyxy, ref_box) if ref_box is not None else 0.0
+            rights.append(normalise_label(label) == asked and iou >= 0.5)
+            if ref_box is not None:
+                self.ious.append(iou)
+        self.boxes += len(boxes)
+        self.right += sum(rights)
+        if ref_box is not None:
+            self.found_by[asked][0] += int(any(rights))
+            self.found_by[asked][1] += 1
+        return rights
+
+    def scores(self, prefix: str) -> dict:
+        found = sum(f for f, _ in self.found_by.values())
+        present = sum(n for _, n in self.found_by.values())
+        return {f"{prefix}_precision": self.right / self.boxes if self.boxes else None,
+                f"{prefix}_recall": found / present if present else None,
+                f"{prefix}_found": self.found_by,
+                f"{prefix}_boxes": self.boxes,
+                f"{prefix}_mean_iou": float(np.mean(self.ious)) if self.ious else None}
+
+
 def evaluate(engine, study: CTStudy, slices: list[int] | None = None,
              structures: list[str] | None = None, report: bool = True,
              progress=None) -> dict:
@@ -71,13 +109,13 @@ def evaluate(engine, study: CTStudy, slices: list[int] | None = None,
     inter = {s: 0 for s in structures}
     sums = {s: 0 for s in structures}
     ref_px = {s: 0 for s in structures}
-    det_tp = det_pred = 0
-    found_by = {s: [0, 0] for s in structures}  # structure -> [present slices found, present]
-    det_ious: list[float] = []
+    det = _Detections(structures)  # the boxes the engine returns
+    written = _Detections(structures)  # the boxes as the model wrote them (box_source "text")
     det_scored: list[tuple[float | None, bool]] = []  # (box score, right) for every box
     found_scored = 0  # present structures with a right box scored >= SCORE_LINE
     cite_ok = cite_total = 0
     cite_ious: list[float] = []
+    written_cite_ious: list[float] = []
     present_total = present_cited = 0
     steps_with_box = steps_total = 0
     for n, k in enumerate(slices):
@@ -97,22 +135,11 @@ def evaluate(engine, study: CTStudy, slices: list[int] | None = None,
             res = engine.ask(image, DETECT_PROMPT.format(s=s), window=window, task="detect",
                              max_new_tokens=48)
             ref_box = mask_box(ref) if s in on else None
-            hit = hit_scored = False
-            for box in res.boxes:
-                det_pred += 1
-                iou = box_iou(box.xyxy, ref_box) if ref_box is not None else 0.0
-                right = normalise_label(box.label) == s and iou >= 0.5
-                det_scored.append((box.score, right))
-                if right:
-                    det_tp += 1
-                    hit = True
-                    hit_scored |= box.score is not None and box.score >= SCORE_LINE
-                if ref_box is not None:
-                    det_ious.append(iou)
-            if s in on:
-                found_by[s][0] += int(hit)
-                found_scored += int(hit_scored)
-                found_by[s][1] += 1
+            rights = det.add(s, [(b.label, b.xyxy) for b in res.boxes], ref_box)
+            written.add(s, [(b.label, _written(b)) for b in res.boxes], ref_box)
+            det_scored += [(b.score, r) for b, r in zip(res.boxes, rights)]
+            found_scored += int(any(r and b.score is not None and b.score >= SCORE_LINE
+                                    for b, r in zip(res.boxes, rights)))
         if report:
             res = engine.ask(image, REPORT_PROMPT, window="abdomen", task="report",
                              max_new_tokens=400)
@@ -131,27 +158,26 @@ def evaluate(engine, study: CTStudy, slices: list[int] | None = None,
                     if name in on:
                         cite_ok += 1
                         cite_ious.append(box_iou(box.xyxy, mask_box(refs[name])))
+                        written_cite_ious.append(box_iou(_written(box), mask_box(refs[name])))
                     else:
                         cite_ious.append(0.0)
+                        written_cite_ious.append(0.0)
             present_total += len(on)
             present_cited += len(on & cited_names)
         if progress is not None:
             progress(n + 1, len(slices))
     dice = {s: (2.0 * inter[s] / sums[s] if sums[s] else None) for s in structures}
     scored = [v for v in dice.values() if v is not None]
-    det_found = sum(f for f, _ in found_by.values())
-    det_present = sum(n for _, n in found_by.values())
+    det_present = sum(n for _, n in det.found_by.values())
     kept = [right for score, right in det_scored if score is not None and score >= SCORE_LINE]
     out = {
         "slices": slices,
         "dice": dice,
         "reference_pixels": ref_px,
         "mean_dice": float(np.mean(scored)) if scored else None,
-        "detection_precision": det_tp / det_pred if det_pred else None,
-        "detection_recall": det_found / det_present if det_present else None,
-        "detection_found": found_by,
-        "detection_boxes": det_pred,
-        "detection_mean_iou": float(np.mean(det_ious)) if det_ious else None,
+        "box_source": getattr(engine, "box_source", "text"),
+        **det.scores("detection"),
+        **written.scores("written_detection"),
         "detection_box_scores": det_scored,
         "scored_detection_precision": sum(kept) / len(kept) if kept else None,
         "scored_detection_recall": found_scored / det_present if det_present else None,
@@ -159,6 +185,7 @@ def evaluate(engine, study: CTStudy, slices: list[int] | None = None,
         "citation_precision": cite_ok / cite_total if cite_total else None,
         "citation_recall": present_cited / present_total if present_total else None,
         "cited_box_iou": float(np.mean(cite_ious)) if cite_ious else None,
+        "written_cited_box_iou": float(np.mean(written_cite_ious)) if written_cite_ious else None,
         "cited_boxes": cite_total,
         "steps_citing_boxes": steps_with_box / steps_total if steps_total else None,
         "seconds": round(time.perf_counter() - t0, 1),
@@ -190,18 +217,28 @@ def format_table(scores: dict) -> str:
     for s in ("right lung", "left lung", "liver"):
         lines.append(_target_line(f"Dice {s}", scores["dice"].get(s),
                                   TARGETS["dice_lungs_liver"]))
-    lines.append(_target_line("detection precision@IoU0.5", scores["detection_precision"],
+    source = scores.get("box_source", "text")
+    lines.append(_target_line(f"detection precision@IoU0.5, boxes returned (box_source "
+                              f"{source})", scores["detection_precision"],
+                              TARGETS["detection_precision"]))
+    lines.append(_target_line("detection precision@IoU0.5, boxes as the model wrote them",
+                              scores["written_detection_precision"],
                               TARGETS["detection_precision"]))
     lines.append(_target_line("report citation precision", scores["citation_precision"],
                               TARGETS["citation_precision"]))
-    lines.append(f"| detection recall@IoU0.5 | {_fmt(scores['detection_recall'])} | | |")
-    lines.append(f"| detection mean IoU (boxes on present structures) | "
-                 f"{_fmt(scores['detection_mean_iou'])} | | |")
+    lines.append(f"| detection recall@IoU0.5, returned / as written | "
+                 f"{_fmt(scores['detection_recall'])} / "
+                 f"{_fmt(scores['written_detection_recall'])} | | |")
+    lines.append(f"| detection mean IoU (boxes on present structures), returned / as written | "
+                 f"{_fmt(scores['detection_mean_iou'])} / "
+                 f"{_fmt(scores['written_detection_mean_iou'])} | | |")
     lines.append(f"| detection precision / recall, boxes scored ≥ {SCORE_LINE} "
                  f"({scores['scored_detection_boxes']} boxes) | "
                  f"{_fmt(scores['scored_detection_precision'])} / "
                  f"{_fmt(scores['scored_detection_recall'])} | | |")
-    lines.append(f"| report cited-box IoU | {_fmt(scores['cited_box_iou'])} | | |")
+    lines.append(f"| report cited-box IoU, returned / as written | "
+                 f"{_fmt(scores['cited_box_iou'])} / "
+                 f"{_fmt(scores['written_cited_box_iou'])} | | |")
     lines.append(f"| report citation recall (present structures cited) | "
                  f"{_fmt(scores['citation_recall'])} | | |")
     lines.append(f"| report steps that cite a box | {_fmt(scores['steps_citing_boxes'])} | | |")

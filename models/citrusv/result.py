@@ -12,21 +12,30 @@ from . import rle
 
 @dataclass
 class Box:
-    """A box in input-slice pixels: x = column, y = row, [x1, y1, x2, y2]."""
+    """A box in input-slice pixels: x = column, y = row, [x1, y1, x2, y2].
+
+    `source` says where `xyxy` comes from: "text" (the numbers the model wrote) or "mask" (the
+    box of the model's own mask of `label`); `text_xyxy` is the box the model wrote, either
+    way, and `score` is the model's probability of those numbers."""
 
     id: str
     label: str
     xyxy: list[float]
     slice: int | None = None
     score: float | None = None
+    source: str = "text"
+    text_xyxy: list[float] | None = None
 
     def to_json(self) -> dict:
+        written = self.xyxy if self.text_xyxy is None else self.text_xyxy
         return {
             "id": self.id,
             "label": self.label,
             "xyxy": [round(float(v), 2) for v in self.xyxy],
             "slice": self.slice,
             "score": None if self.score is None else round(float(self.score), 4),
+            "source": self.source,
+            "text_xyxy": [round(float(v), 2) for v in written],
         }
 
 

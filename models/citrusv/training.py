@@ -133,7 +133,7 @@ def nano_config(tokenizer, min_pixels: int, max_pixels: int, image_size: int = 2
                          grounding_encoder_config=nano_sam2_config(image_size, d_model=sam_d_model),
                          image_size=image_size, min_pixels=min_pixels, max_pixels=max_pixels,
                          out_dim=sam_d_model, system_prompt=NANO_SYSTEM, name="citrusv-nano",
-                         version="1")
+                         version="1", box_source="mask")
 
 
 # ----------------------------------------------------------------------------- inputs

@@ -14,7 +14,7 @@ from requests_toolbelt.multipart.decoder import MultipartDecoder
 RESULT_KEYS = {"task", "prompt", "model", "text", "answer", "reasoning", "boxes", "masks", "image",
                "timing_ms", "warnings", "label_names"}
 MASK_KEYS = {"label", "label_index", "slice", "area_px", "area_mm2", "score", "rle"}
-BOX_KEYS = {"id", "label", "xyxy", "slice", "score"}
+BOX_KEYS = {"id", "label", "xyxy", "slice", "score", "source", "text_xyxy"}
 
 
 def split_multipart(r: requests.Response, tmp: Path) -> tuple[dict, nib.Nifti1Image]:

@@ -144,3 +144,22 @@ def test_base_that_changed_or_went_is_refused_with_a_sentence(tiny_dir, tmp_path
     with pytest.raises(CheckpointError, match=r"on top of the checkpoint in .*/model, which is "
                                               "not there any more"):
         load_checkpoint(beside)
+
+
+def test_box_source_is_read_from_config_json_and_checked(tiny_dir, tmp_path):
+    """config.json's box_source says where the engine's boxes come from ("text" when absent,
+    as in the released Citrus-V configs); anything else is refused with a sentence."""
+    assert "box_source" in json.loads((tiny_dir / "config.json").read_text())
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg.pop("box_source")
+    (bad / "config.json").write_text(json.dumps(cfg))
+    assert load_checkpoint(bad)[2].box_source == "text"
+    cfg["box_source"] = "mask"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    assert load_checkpoint(bad)[2].box_source == "mask"
+    cfg["box_source"] = "masks"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="box_source 'masks'; use 'text' or 'mask'"):
+        load_checkpoint(bad)

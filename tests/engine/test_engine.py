@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from citrusv import Engine, InputError, rle
+from citrusv.engine import main_parts_box
 from citrusv.generation import generate_capturing, image_embeddings, teacher_force
 from citrusv.imaging import smart_resize
 from citrusv.prompting import pixel_inputs, text_inputs
@@ -342,3 +343,74 @@ def test_box_through_the_engine_maps_back_to_the_drawn_box(engine, h, w, data):
     assert abs(box.xyxy[1] - y1) <= tol_y and abs(box.xyxy[3] - y2) <= tol_y
     if fw >= w / 2 and fh >= h / 2:
         assert max(abs(a - b) for a, b in zip(box.xyxy, [x1, y1, x2, y2])) <= 1.0
+
+
+def test_main_parts_box_leaves_out_small_stray_parts():
+    mask = np.zeros((60, 80), dtype=bool)
+    mask[10:30, 20:40] = True  # 400 px
+    mask[50:52, 70:72] = True  # 4 px far away: < 25 % of the largest part
+    assert main_parts_box(mask) == [20.0, 10.0, 40.0, 30.0]
+    mask[40:55, 0:10] = True  # 150 px: a main part too (>= 100 px)
+    assert main_parts_box(mask) == [0.0, 10.0, 40.0, 55.0]
+    assert main_parts_box(mask, min_part=0.0) == [0.0, 10.0, 72.0, 55.0]
+    diagonal = np.eye(5, dtype=bool)  # 8-connected: one part
+    assert main_parts_box(diagonal) == [0.0, 0.0, 5.0, 5.0]
+    assert main_parts_box(np.zeros((4, 4), dtype=bool)) is None and main_parts_box(None) is None
+
+
+def test_box_source_mask_puts_the_box_of_the_labels_mask_in_place_of_the_written_one(
+        fitted_dir):
+    """With box_source "mask" every written box is replaced by the box of the model's own mask
+    of its label (asked on the same slice), the written box kept as text_xyxy; the default
+    ("text", Citrus-V as trained) returns the written boxes."""
+    assert Engine.load(fitted_dir).box_source == "text"
+    e = Engine.load(fitted_dir, box_source="mask")
+    img = ct_slice(120, 90, seed=3)
+    seg = e.ask(img, "Please segment the liver in this scan.", window="abdomen")
+    grounded = main_parts_box(seg.masks[0].array)
+    assert grounded is not None
+    fh, fw = smart_resize(120, 90, 28, e.config.min_pixels, e.config.max_pixels)
+    written = [28 * 90 / fw, 14 * 120 / fh, 84 * 90 / fw, 70 * 120 / fh]
+    det = e.ask(img, "Where is the liver?", window="abdomen", slice_index=4)
+    assert det.text == ANSWERS["detect"] and len(det.boxes) == 1
+    box = det.boxes[0]
+    assert (box.label, box.source, box.xyxy, box.slice) == ("liver", "mask", grounded, 4)
+    np.testing.assert_allclose(box.text_xyxy, written)
+    assert box.score > 0.5  # still the model's probability of the numbers it wrote
+    assert det.timing_ms["ground"] > 0
+    data = json.loads(json.dumps(det.to_json()))["boxes"][0]
+    assert data["source"] == "mask" and data["xyxy"] == grounded
+    np.testing.assert_allclose(data["text_xyxy"], written, atol=0.01)
+    plain = Engine.load(fitted_dir).ask(img, "Where is the liver?", window="abdomen")
+    assert plain.boxes[0].source == "text" and plain.boxes[0].text_xyxy is None
+    np.testing.assert_allclose(plain.boxes[0].xyxy, written)
+    np.testing.assert_allclose(plain.to_json()["boxes"][0]["text_xyxy"], written, atol=0.01)
+    # report boxes too, and each slice of a volume
+    rep = e.ask(img, "Write a report, think step by step.", window="abdomen")
+    assert [(b.label, b.source, b.xyxy) for b in rep.boxes] == [("liver", "mask", grounded)]
+    vol = np.stack([img, img])
+    res = e.ask_volume(vol, "Where is the liver?", slices=[0, 1], window="abdomen")
+    assert [(b.id, b.slice, b.source, b.xyxy) for b in res.boxes] == [
+        ("b1", 0, "mask", grounded), ("b2", 1, "mask", grounded)]
+    with pytest.raises(ValueError, match="box_source 'pixels' is unknown"):
+        Engine.load(fitted_dir, box_source="pixels")
+
+
+def test_box_source_mask_in_a_closer_look_maps_both_boxes_to_the_slice(fitted_dir):
+    e = Engine.load(fitted_dir, box_source="mask")
+    img = ct_slice(120, 160, seed=5)
+    unnamed = e.closer_look(img, "Segment the liver.", roi=[40, 30, 80, 60], window="abdomen",
+                            forced_text="liver [SEG] <bbox>[0, 0, 64, 64]</bbox>")
+    assert [(b.label, b.source) for b in unnamed.boxes] == [("", "text")]  # nothing to ask
+    res = e.closer_look(img, "Segment the liver.", roi=[40, 30, 80, 60], window="abdomen",
+                        forced_text="The liver <bbox>[0, 0, 64, 64]</bbox> is [SEG].")
+    x1, y1, x2, y2 = res.closer_look["crop"]
+    box = res.boxes[0]
+    assert box.label == "liver"
+    size = e.config.image_size
+    fh, fw = smart_resize(size, size, 28, e.config.min_pixels, e.config.max_pixels)
+    assert box.source == "mask"
+    np.testing.assert_allclose(box.text_xyxy, [x1, y1, x1 + 64 / fw * 52, y1 + 64 / fh * 52],
+                               atol=1e-6)
+    bx1, by1, bx2, by2 = box.xyxy  # the crop's mask box, in slice pixels: inside the crop
+    assert x1 <= bx1 < bx2 <= x2 and y1 <= by1 < by2 <= y2

@@ -119,10 +119,14 @@ def test_printed_boxes_carry_their_score(capsys):
 
     print_result({"task": "detect", "text": "", "answer": "", "boxes": [
         {"id": "b1", "label": "liver", "xyxy": [1.0, 2.0, 30.25, 40.0], "score": 0.42},
-        {"id": "b2", "label": "spleen", "xyxy": [5.0, 6.0, 7.0, 8.0], "score": None}]})
+        {"id": "b2", "label": "spleen", "xyxy": [5.0, 6.0, 7.0, 8.0], "score": None},
+        {"id": "b3", "label": "heart", "xyxy": [5.0, 6.0, 9.0, 8.0], "score": 0.3,
+         "source": "mask", "text_xyxy": [4.0, 6.0, 9.5, 8.25]}]})
     out = capsys.readouterr().out.splitlines()
     assert "box b1 'liver': [1.0, 2.0, 30.2, 40.0], score 0.420" in out
     assert "box b2 'spleen': [5.0, 6.0, 7.0, 8.0]" in out
+    assert ("box b3 'heart': [5.0, 6.0, 9.0, 8.0] (from the 'heart' mask; written "
+            "[4.0, 6.0, 9.5, 8.2]), score 0.300") in out
 
 
 def test_bench_figures_on_tiny_model(tiny_dir):

@@ -20,8 +20,11 @@ class ScriptedAnswerer:
     """Answers from the reference label map; `shift` moves detection boxes right by that
     fraction of their width; `boxes_for_absent` also boxes structures that are not there."""
 
-    def __init__(self, study, shift: float = 0.0, boxes_for_absent: bool = False):
+    def __init__(self, study, shift: float = 0.0, boxes_for_absent: bool = False,
+                 grounded: bool = False):
         self.study, self.shift, self.boxes_for_absent = study, shift, boxes_for_absent
+        self.grounded = grounded  # box_source "mask": right boxes, the written ones shifted
+        self.box_source = "mask" if grounded else "text"
 
     def _slice(self, image: np.ndarray) -> int:
         return next(k for k in SLICES if np.array_equal(self.study.volume[k], image))
@@ -46,6 +49,9 @@ class ScriptedAnswerer:
                 dx = self.shift * (x2 - x1)
                 res.boxes = [Box(id="b1", label=name, xyxy=[x1 + dx, y1, x2 + dx, y2],
                                  score=0.9)]
+                if self.grounded:
+                    res.boxes[0].text_xyxy = res.boxes[0].xyxy
+                    res.boxes[0].xyxy, res.boxes[0].source = [x1, y1, x2, y2], "mask"
             elif self.boxes_for_absent:  # an unsure box: scored below SCORE_LINE
                 res.boxes = [Box(id="b1", label=name, xyxy=[10.0, 10.0, 60.0, 60.0],
                                  score=0.2)]
@@ -67,7 +73,7 @@ def test_perfect_answers_score_one(study):
     assert scores["detection_boxes"] == sum(present.values())
     assert scores["detection_found"] == {s: [n, n] for s, n in present.items()}
     assert scores["citation_precision"] == scores["citation_recall"] == 1.0
-    assert scores["cited_box_iou"] == pytest.approx(1.0)
+    assert scores["cited_box_iou"] == scores["written_cited_box_iou"] == pytest.approx(1.0)
     assert scores["steps_citing_boxes"] == 1.0
     table = format_table(scores)
     assert "| mean Dice (10 structures) | 1.000 | ≥ 0.75 | met |" in table
@@ -82,7 +88,28 @@ def test_boxes_shifted_by_half_their_width_miss(study):
     assert scores["detection_mean_iou"] == pytest.approx(1 / 3)
     assert all(found == 0 for found, _ in scores["detection_found"].values())
     assert scores["citation_precision"] is None  # no report asked
-    assert "| detection precision@IoU0.5 | 0.000 | ≥ 0.6 | MISSED |" in format_table(scores)
+    table = format_table(scores)
+    assert ("| detection precision@IoU0.5, boxes returned (box_source text) | 0.000 | ≥ 0.6 | "
+            "MISSED |") in table
+    assert ("| detection precision@IoU0.5, boxes as the model wrote them | 0.000 | ≥ 0.6 | "
+            "MISSED |") in table
+
+
+def test_grounded_boxes_are_scored_apart_from_the_written_ones(study):
+    """box_source "mask": the returned (mask) boxes and the boxes as written get a row each."""
+    scores = evaluate(ScriptedAnswerer(study, shift=0.5, grounded=True), study, slices=SLICES,
+                      report=False)
+    assert scores["box_source"] == "mask"
+    assert scores["detection_precision"] == scores["detection_recall"] == 1.0
+    assert scores["written_detection_precision"] == scores["written_detection_recall"] == 0.0
+    assert scores["written_detection_mean_iou"] == pytest.approx(1 / 3)
+    assert scores["written_detection_boxes"] == scores["detection_boxes"] > 0
+    table = format_table(scores)
+    assert ("| detection precision@IoU0.5, boxes returned (box_source mask) | 1.000 | ≥ 0.6 | "
+            "met |") in table
+    assert ("| detection precision@IoU0.5, boxes as the model wrote them | 0.000 | ≥ 0.6 | "
+            "MISSED |") in table
+    assert "| detection recall@IoU0.5, returned / as written | 1.000 / 0.000 | | |" in table
 
 
 def test_boxes_for_absent_structures_lower_precision_only(study):

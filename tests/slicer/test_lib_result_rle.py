@@ -78,3 +78,18 @@ def test_shown_answer_has_the_warnings_and_the_model_s_intended_use(sample_resul
                                     "intended_use": "Demonstration only; not for clinical use."}})
     assert r.shown_text() == ("The liver is normal in size.\n\nWarnings:\n- Slice 3 is outside "
                               "the CT.\n\nIntended use: Demonstration only; not for clinical use.")
+
+
+def test_box_from_the_models_mask_says_so(sample_result):
+    """A server with box_source "mask" sends the box of the model's mask and the written one:
+    the ROI name and the answer's record say which is shown; a result without `source`
+    (an older server) reads as written boxes."""
+    boxes = [{**sample_result["boxes"][0], "source": "mask",
+              "text_xyxy": [12.5, 8.0, 30.0, 22.0]}, sample_result["boxes"][1]]
+    r = Result.from_json({**sample_result, "boxes": boxes})
+    assert [b.name for b in r.boxes] == ["b1 liver 0.90 (from mask)", "b2 spleen 0.70"]
+    assert r.boxes[0].text_xyxy == (12.5, 8.0, 30.0, 22.0) and r.boxes[1].source == "text"
+    record = r.record()
+    assert ("b1 liver: slice 3, [15, 10, 35, 20] (from the liver mask, written "
+            "[12.5, 8, 30, 22]), score 0.90") in record
+    assert "b2 spleen: slice 3, [40, 25, 55, 38], score 0.70" in record

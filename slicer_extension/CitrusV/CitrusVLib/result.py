@@ -40,13 +40,18 @@ class Box:
     xyxy: tuple[float, float, float, float]
     slice: int | None = None
     score: float | None = None
+    source: str = "text"  # "mask": the box of the model's own mask of `label`
+    text_xyxy: tuple[float, float, float, float] | None = None  # the box the model wrote
 
     @property
     def name(self) -> str:
         """Display name used for ROI nodes and overlays, e.g. ``b1 liver 0.90``: the score
-        is how sure the model was of the box's coordinates (left out when there is none)."""
+        is how sure the model was of the box's coordinates (left out when there is none);
+        ``(from mask)`` when the server put the box of the model's mask in its place."""
         name = f"{self.id} {self.label}".strip()
-        return name if self.score is None else f"{name} {self.score:.2f}"
+        if self.score is not None:
+            name = f"{name} {self.score:.2f}"
+        return f"{name} (from mask)" if self.source == "mask" else name
 
 
 @dataclass
@@ -157,7 +162,11 @@ class Result:
             for b in self.boxes:
                 where = f"slice {b.slice}, " if b.slice is not None else ""
                 score = f", score {b.score:.2f}" if b.score is not None else ""
-                lines.append(f"{b.id} {b.label}: {where}{_numbers(b.xyxy)}{score}")
+                origin = ""
+                if b.source == "mask":
+                    written = f", written {_numbers(b.text_xyxy)}" if b.text_xyxy else ""
+                    origin = f" (from the {b.label} mask{written})"
+                lines.append(f"{b.id} {b.label}: {where}{_numbers(b.xyxy)}{origin}{score}")
         if self.masks:
             lines += ["", "Masks:"]
             for m in self.masks:
@@ -205,6 +214,9 @@ class Result:
                     xyxy=tuple(float(v) for v in b["xyxy"]),  # type: ignore[arg-type]
                     slice=None if b.get("slice") is None else int(b["slice"]),
                     score=None if b.get("score") is None else float(b["score"]),
+                    source=str(b.get("source") or "text"),
+                    text_xyxy=(None if b.get("text_xyxy") is None
+                               else tuple(float(v) for v in b["text_xyxy"])),  # type: ignore[arg-type]
                 )
                 for n, b in enumerate(data.get("boxes") or [])
             ],
