@@ -205,12 +205,14 @@ def _target_line(name: str, value, target: float) -> str:
 
 def format_table(scores: dict) -> str:
     """Markdown tables: Dice per structure, then the other metrics against the issue targets."""
-    lines = ["| structure | Dice | reference px | detected (IoU ≥ 0.5) / slices present |",
-             "|---|---|---|---|"]
+    lines = ["| structure | Dice | reference px | detected (IoU ≥ 0.5) / slices present: boxes "
+             "returned | boxes as written |", "|---|---|---|---|---|"]
+    written = scores.get("written_detection_found") or scores["detection_found"]
     for s, v in scores["dice"].items():
         found, present = scores["detection_found"][s]
-        lines.append(f"| {s} | {_fmt(v)} | {scores['reference_pixels'][s]} | {found} / {present} |")
-    lines.append(f"| **mean** | **{_fmt(scores['mean_dice'])}** | | |")
+        lines.append(f"| {s} | {_fmt(v)} | {scores['reference_pixels'][s]} | {found} / {present} "
+                     f"| {written[s][0]} / {present} |")
+    lines.append(f"| **mean** | **{_fmt(scores['mean_dice'])}** | | | |")
     lines += ["", "| metric | value | target | |", "|---|---|---|---|"]
     lines.append(_target_line("mean Dice (10 structures)", scores["mean_dice"],
                               TARGETS["mean_dice"]))

@@ -78,7 +78,7 @@ def test_perfect_answers_score_one(study):
     table = format_table(scores)
     assert "| mean Dice (10 structures) | 1.000 | ≥ 0.75 | met |" in table
     assert present["liver"] == 2  # liver is on both slices (733 px on slice 64)
-    assert f"| liver | 1.000 | {scores['reference_pixels']['liver']} | 2 / 2 |" in table
+    assert f"| liver | 1.000 | {scores['reference_pixels']['liver']} | 2 / 2 | 2 / 2 |" in table
     assert "Axial slices 25, 64 (2 slices)" in table
 
 
@@ -110,6 +110,7 @@ def test_grounded_boxes_are_scored_apart_from_the_written_ones(study):
     assert ("| detection precision@IoU0.5, boxes as the model wrote them | 0.000 | ≥ 0.6 | "
             "MISSED |") in table
     assert "| detection recall@IoU0.5, returned / as written | 1.000 / 0.000 | | |" in table
+    assert f"| liver | 1.000 | {scores['reference_pixels']['liver']} | 2 / 2 | 0 / 2 |" in table
 
 
 def test_boxes_for_absent_structures_lower_precision_only(study):
