@@ -166,6 +166,19 @@ class SharedModel:
 
         return self._model_file(read_intended_use, None, "No intended use")
 
+    def box_source(self) -> str | None:
+        """Where the served model's boxes come from: "text" (as the model wrote them) or "mask"
+        (its own mask's box; docs/api.md). The loaded engine's setting, else the serving
+        checkpoint's config.json; None when there is no readable config."""
+        engine, loaded = self._engine, self._loaded
+        version, path = self.serving()
+        if engine is not None and loaded == (version, path):
+            return engine.box_source
+        try:
+            return str(json.loads((path / "config.json").read_text()).get("box_source", "text"))
+        except (OSError, ValueError, AttributeError):
+            return None
+
     def _model_file(self, read, default, what: str):
         """`read(model_dir)`, read on each call (an admin's edit shows without a restart); a
         malformed file is logged as `what` and gives `default`."""
@@ -201,6 +214,7 @@ class SharedModel:
             "model_dir": str(self.model_dir),
             "serving_version": name if self.installed() else None,
             "intended_use": self.intended_use(),
+            "box_source": self.box_source(),
             "device": self.device,
             "dtype": self.dtype or "auto",
             "versions": self.versions_info(),

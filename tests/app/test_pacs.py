@@ -122,6 +122,7 @@ def test_nano_detection_box_over_http_is_the_box_of_its_liver_mask(pacs, pacs_se
     ref_box = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
     assert box_iou(box["xyxy"], ref_box) >= 0.85
     assert box_iou(box["text_xyxy"], ref_box) < 0.5
+    assert pacs_server.get("/info/").json()["citrusv"]["box_source"] == "mask"
 
 
 def test_xray_series_is_listed_and_answered_as_a_2d_image(pacs, pacs_server, tmp_path):
