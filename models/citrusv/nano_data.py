@@ -434,15 +434,18 @@ def build_nano_data(out_dir: str | Path = "work/nano_data", root: Path | None = 
     return out
 
 
-def data_is_current(data_dir: str | Path) -> bool:
+def data_is_current(data_dir: str | Path, seed: int | None = None) -> bool:
     """Whether `data_dir` holds data built by this version of the builder (an older build
-    would silently train an older recipe)."""
+    would silently train an older recipe) and, when `seed` is given, with that seed (the
+    seed draws the questions' wording and windows: `citrusv train --seed 1` on data built
+    for seed 0 would not be the run its seed names)."""
     d = Path(data_dir)
     try:
         meta = json.loads((d / "meta.json").read_text())
     except (OSError, ValueError):
         return False
-    return (d / "samples.jsonl").is_file() and meta.get("data_version") == DATA_VERSION
+    return ((d / "samples.jsonl").is_file() and meta.get("data_version") == DATA_VERSION
+            and (seed is None or meta.get("seed") == seed))
 
 
 @dataclass

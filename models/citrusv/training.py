@@ -658,7 +658,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = 0,
     t_start = time.perf_counter()
     deadline = None if max_minutes is None else t_start + 60 * max_minutes
     data_dir = Path(data_dir)
-    if not data_is_current(data_dir):  # missing, or built by an older builder
+    if not data_is_current(data_dir, seed):  # missing, built by an older builder or seed
         build_nano_data(data_dir, seed=seed)
     data = load_nano_data(data_dir)
     train = [s for s in data.samples if s["split"] == "train"]

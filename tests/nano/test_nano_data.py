@@ -3,10 +3,12 @@ exactly (labels, boxes, steps), DRR boxes inside the radiograph."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 import pytest
-from citrusv.nano_data import (CASUAL_SHARE, GUARD, HELD_OUT_BLOCKS, MIN_AREA_PX, NAMES,
+from citrusv.nano_data import (CASUAL_SHARE, DATA_VERSION, GUARD, HELD_OUT_BLOCKS, MIN_AREA_PX, NAMES,
                                build_samples, ct_items, data_is_current, detect_answer, drr,
                                drr_boxes, frame_map, report_answer, segment_answer, split_of)
 from citrusv.parsing import parse_output
@@ -89,4 +91,11 @@ def test_training_rebuilds_data_of_an_older_builder(tmp_path):
     (tmp_path / "samples.jsonl").write_text("")
     (tmp_path / "meta.json").write_text('{"seed": 0}')  # built before data_version existed
     assert not data_is_current(tmp_path)
+
+
+def test_training_rebuilds_data_built_with_another_seed(tmp_path):
+    (tmp_path / "samples.jsonl").write_text("")
+    (tmp_path / "meta.json").write_text(json.dumps({"seed": 0, "data_version": DATA_VERSION}))
+    assert data_is_current(tmp_path) and data_is_current(tmp_path, 0)
+    assert not data_is_current(tmp_path, 1)
 
