@@ -37,9 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_sample_data)
     p = sub.add_parser("train", help="train the nano model from the sample CT (from scratch)")
     p.add_argument("--out", default="models/nano", help="checkpoint directory to write")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="draws the training data's wording and windows and the training run")
     p.add_argument("--data", default="work/nano_data", help="training-data work dir (built if "
-                   "missing; never committed)")
+                   "missing or built with another seed; never committed)")
     p.add_argument("--joint-steps", type=int, default=None,
                    help="with --seg-steps/--lr/--seg-lr: train one round of these instead of "
                    "the recipe (training.NANO_RECIPE)")
@@ -47,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--whole-names", action=argparse.BooleanOptionalAction, default=None,
                    help="two-word structure names are one token each (default: the recipe's)")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (1 is fastest on a busy 2-core machine)")
+                   help="torch threads; at 1 (the default) a run gives the same weights "
+                   "byte for byte on the same kind of CPU, busy or not; more threads can be "
+                   "faster on an idle machine but are another draw whenever it is busy")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="safety stop: end each stage early when the time is used up")
     p.add_argument("--joint-checkpoint", default=None,
