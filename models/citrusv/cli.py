@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_sample_data)
     p = sub.add_parser("train", help="train the nano model from the sample CT (from scratch)")
     p.add_argument("--out", default="models/nano", help="checkpoint directory to write")
-    p.add_argument("--seed", type=int, default=0,
-                   help="draws the training data's wording and windows and the training run")
+    p.add_argument("--seed", type=int, default=None,
+                   help="draws the training data's wording and windows and the training run "
+                   "(default: the recipe's, 1, which made models/nano)")
     p.add_argument("--data", default="work/nano_data", help="training-data work dir (built if "
                    "missing or built with another seed; never committed)")
     p.add_argument("--joint-steps", type=int, default=None,

@@ -17,7 +17,8 @@ NANO = Path(__file__).resolve().parents[2] / "models" / "nano"
 
 def test_shipped_nano_was_made_by_one_run_of_the_default_recipe():
     log = json.loads((NANO / "training_log.json").read_text())
-    assert log["init_from"] is None and log["seed"] == 0
+    assert log["init_from"] is None and log["seed"] == NANO_RECIPE["seed"] == 1
+    assert log["threads"] == 1  # the default: repeats byte for byte on the same kind of CPU
     assert log["stopped_early"] is False
     assert log["whole_names"] == NANO_RECIPE["whole_names"]
     assert log["recall_weight"] == NANO_RECIPE["recall_weight"]
@@ -35,8 +36,8 @@ def test_cli_defaults_are_the_recipe():
 
     args = build_parser().parse_args(["train"])
     assert (args.joint_steps, args.seg_steps, args.lr, args.seg_lr, args.whole_names,
-            args.state_swap) == (None,) * 6
-    assert args.seed == 0 and args.out == "models/nano"
+            args.state_swap, args.seed) == (None,) * 7
+    assert args.threads == 1 and args.out == "models/nano"
 
 
 @pytest.mark.usefixtures("sample_root")
