@@ -46,6 +46,10 @@ SEG_RECALL_WEIGHT = 0.05
 # Environment variables that pin the CPU kernels torch's MKL / oneDNN / ATen dispatch to
 # (recorded in training_log.json; none is set by default)
 KERNEL_PINS = ("MKL_CBWR", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+# the fields of training_host() that tell one kind of machine from another
+HOST_KIND = ("machine", "cpu_family_model", "isa_flags", "torch", "torch_cpu_capability",
+             "libraries", "kernel_pins")
+SHIPPED_NANO = Path(__file__).resolve().parents[1] / "nano"
 MASK_LOSS_SIZE = 128  # masks are scored at this size during training (SAM2 low-res is 64)
 
 
@@ -631,6 +635,31 @@ def training_host() -> dict:
             "kernel_pins": {k: os.environ[k] for k in KERNEL_PINS if k in os.environ}}
 
 
+def host_differences(host: dict, other: dict) -> list[str]:
+    """Where two training_host() records differ in kind of machine: "field here (other)"."""
+    return [f"{k} {host.get(k)} (there: {other.get(k)})" for k in HOST_KIND
+            if host.get(k) != other.get(k)]
+
+
+def recipe_host_note(host: dict, shipped: str | Path = SHIPPED_NANO,
+                     out: str | Path = "OUT") -> str | None:
+    """What a one-thread run of the recipe on this host can expect against the shipped nano:
+    its weights repeat only on the kind of machine that made them (MODEL_CARD.md, "Recipe")."""
+    try:
+        made_on = json.loads((Path(shipped) / "training_log.json").read_text())["host"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no shipped nano beside this code (an installed package), or no host record
+    diffs = host_differences(host, made_on)
+    if not diffs:
+        return ("This machine is of the kind that made models/nano: at one thread the recipe "
+                "repeats there, so the weights should come out as shipped (compare them with "
+                "cmp; checked only in part, MODEL_CARD.md).")
+    return ("This machine is not of the kind that made models/nano (" + "; ".join(diffs) + "): "
+            "the recipe gives other weights here, which can miss the model card's targets (run "
+            "T2i in MODEL_CARD.md missed mean Dice and liver). Score them with `citrusv eval "
+            f"--model {out}` before serving them.")
+
+
 def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["seed"],
                data_dir: str | Path = "work/nano_data",
                rounds: Sequence[dict] = NANO_RECIPE["rounds"],
@@ -861,12 +890,21 @@ def train_nano_cli(args) -> int:
     rounds = NANO_RECIPE["rounds"] if not given else ({**NANO_RECIPE["rounds"][0], **given},)
     whole_names = NANO_RECIPE["whole_names"] if args.whole_names is None else args.whole_names
     seed = NANO_RECIPE["seed"] if args.seed is None else args.seed
+    state_swap = NANO_RECIPE["state_swap"] if args.state_swap is None else args.state_swap
+    is_recipe = (not given and seed == NANO_RECIPE["seed"] and args.init is None
+                 and whole_names == NANO_RECIPE["whole_names"]
+                 and state_swap == NANO_RECIPE["state_swap"] and args.threads == 1
+                 and args.max_minutes is None)
+    note = recipe_host_note(training_host(), out=args.out) if is_recipe else None
+    if note:
+        print(note, flush=True)
     stats = train_nano(out_dir=args.out, seed=seed, data_dir=args.data, rounds=rounds,
                        whole_names=whole_names,
-                       state_swap=(NANO_RECIPE["state_swap"] if args.state_swap is None
-                                   else args.state_swap),
+                       state_swap=state_swap,
                        threads=args.threads, max_minutes=args.max_minutes,
                        joint_checkpoint=args.joint_checkpoint, init_from=args.init)
     print(json.dumps({k: v for k, v in stats.items() if k != "rounds"}, indent=1))
     print(f"wrote {args.out} in {stats['total_seconds'] / 60:.1f} min")
+    if note:
+        print(note)
     return 0

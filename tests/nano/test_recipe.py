@@ -10,7 +10,8 @@ import pytest
 
 from citrusv.checkpoint import read_example_prompts, read_intended_use
 from citrusv.nano_data import NANO_INTENDED_USE, nano_example_prompts
-from citrusv.training import NANO_RECIPE, train_nano, training_host
+from citrusv.training import (NANO_RECIPE, host_differences, recipe_host_note, train_nano,
+                              training_host)
 
 NANO = Path(__file__).resolve().parents[2] / "models" / "nano"
 
@@ -77,3 +78,27 @@ def test_training_host_names_the_kernel_pins_that_were_set(monkeypatch):
     assert host["kernel_pins"] == {"MKL_CBWR": "AVX2"}
     assert set(host["isa_flags"]) <= {"avx2", "avx512f", "avx512_bf16", "amx_tile"}
     assert any("Math Kernel Library" in line for line in host["libraries"])
+
+
+def test_recipe_run_is_told_whether_this_machine_made_the_shipped_nano(tmp_path):
+    """`citrusv train` says up front whether its weights can come out as shipped: one-thread
+    runs repeat only on the kind of machine that made them (MODEL_CARD.md, run T2i)."""
+    here = training_host()
+    assert host_differences(here, here) == []
+    (tmp_path / "training_log.json").write_text(json.dumps({"host": here}))
+    assert recipe_host_note(here, tmp_path).startswith("This machine is of the kind that made")
+
+    other = {**here, "cpu_family_model": "0/0", "torch": "0.0"}  # a kind no machine is
+    assert host_differences(here, other) == [
+        f"cpu_family_model {here['cpu_family_model']} (there: 0/0)",
+        f"torch {here['torch']} (there: 0.0)"]
+    (tmp_path / "training_log.json").write_text(json.dumps({"host": other}))
+    note = recipe_host_note(here, tmp_path)
+    assert note.startswith("This machine is not of the kind that made models/nano (")
+    assert "cpu_family_model" in note and "citrusv eval --model OUT" in note
+
+    # the shipped folder's own record is read when no folder is named
+    shipped = json.loads((NANO / "training_log.json").read_text())["host"]
+    same_kind = host_differences(here, shipped) == []
+    assert ("is of the kind" in recipe_host_note(here)) == same_kind
+    assert recipe_host_note(here, tmp_path / "missing") is None
