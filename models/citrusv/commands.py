@@ -45,6 +45,7 @@ def ask_cli(args: argparse.Namespace) -> int:
     from .checkpoint import read_intended_use
     from .engine import AXES, Engine
     from .io import read_study
+    from .parsing import modality_warning
 
     if args.server:
         return _ask_server(args)
@@ -82,6 +83,8 @@ def ask_cli(args: argparse.Namespace) -> int:
     data = res.to_json()
     if use is not None:
         data.setdefault("model", {})["intended_use"] = use
+    if kind := modality_warning(res.answer or res.text, study.modality or ""):
+        data["warnings"].append(kind)  # as the server adds it
     if study.kind == "volume":
         data["image"].update({"shape": [int(s) for s in study.array.shape], "axis": args.axis,
                               "spacing": None if study.spacing is None else

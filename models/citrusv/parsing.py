@@ -225,3 +225,38 @@ def _seg_labels(text: str, prompt: str) -> list[str]:
             label = " ".join(words[-2:]).lower()
         labels.append(label or fallback or f"segment {len(labels) + 1}")
     return labels
+
+
+# ----------------------------------------------------------------------------- image kind
+# What kind of image an answer says it looks at, against what the study's DICOM says it is.
+# Abbreviations match case-sensitively ("CT", "MRI"), words in any case.
+_MODALITY_WORDS = {
+    "CT": re.compile(r"\bCT\b|(?i:\bcomputed tomograph)"),
+    "X-ray": re.compile(r"\bCXR\b|\bCR\b|\bDX\b|(?i:\bx-?rays?\b|\bradiograph)"),
+    "MR": re.compile(r"\bMRI?\b|(?i:\bmagnetic resonance)"),
+    "ultrasound": re.compile(r"(?i:\bultrasound|\bsonograph)"),
+}
+# DICOM Modality (0008,0060) -> the kind above; kinds with no words here still count as known
+DICOM_MODALITY_KIND = {"CT": "CT", "CR": "X-ray", "DX": "X-ray", "RG": "X-ray", "MG": "X-ray",
+                       "PX": "X-ray", "IO": "X-ray", "MR": "MR", "US": "ultrasound",
+                       "PT": "PET", "NM": "nuclear medicine"}
+
+
+def named_modalities(text: str) -> set[str]:
+    """The kinds of image (CT, X-ray, MR, ultrasound) a model's text calls the image."""
+    return {kind for kind, pattern in _MODALITY_WORDS.items() if pattern.search(text or "")}
+
+
+def modality_warning(answer: str, dicom_modality: str) -> str | None:
+    """A sentence for the radiologist when the answer names another kind of image than the
+    study's DICOM Modality (e.g. a report that starts "CT, ..." on a CR); None when they agree,
+    when the answer names none, or when the study does not say (NIfTI, unknown codes)."""
+    code = (dicom_modality or "").strip().upper()
+    kind = DICOM_MODALITY_KIND.get(code)
+    named = named_modalities(answer)
+    if kind is None or not named or kind in named:
+        return None
+    said = " and ".join(sorted(named))
+    return (f"The answer calls this image {said}, but the study is {code} ({kind}) by its "
+            f"DICOM header: the model may have taken it for another kind of image, so read its "
+            f"findings (sizes included) with that in mind.")

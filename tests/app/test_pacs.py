@@ -142,6 +142,28 @@ def test_xray_series_is_listed_and_answered_as_a_2d_image(pacs, pacs_server, tmp
     assert [m["rle"] for m in result["masks"]] == [m["rle"] for m in local.json()["masks"]]
 
 
+def test_report_names_the_kind_of_image_and_a_contradiction_comes_with_a_warning(pacs, pacs_server):
+    # nano, trained on CT slices and DRRs, reports the real CR from the PACS as an X-ray
+    prompt = "Write a report for this X-ray. Think step by step."
+    params = {"params": json.dumps({"prompt": prompt})}
+    r = pacs_server.post(f"/infer/citrusv_report?image={pacs.xray_uid}&output=json", data=params)
+    assert r.status_code == 200, r.text
+    assert r.json()["answer"].startswith("X-ray, "), r.json()["answer"]
+    assert not [w for w in r.json()["warnings"] if "DICOM header" in w]
+    # the same CR with its PhotometricInterpretation mislabelled MONOCHROME2 reaches the model
+    # with bone dark and lungs bright; nano then calls it a CT, and the DICOM says CR
+    ds = pydicom.dcmread(REPO / "sample_data" / "studies" / "chest_xray.dcm")
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    r = pacs_server.post("/infer/citrusv_report?output=json", data=params,
+                         files={"file": ("mislabelled.dcm", buffer.getvalue(), "application/dicom")})
+    assert r.status_code == 200, r.text
+    assert r.json()["answer"].startswith("CT, "), r.json()["answer"]
+    assert [w for w in r.json()["warnings"] if w.startswith(
+        "The answer calls this image CT, but the study is CR (X-ray) by its DICOM header")]
+
+
 def test_slicer_upload_works_beside_the_pacs(pacs_server):
     # the Slicer module uploads the volume it shows (PUT /datastore/image) and asks about it
     from CitrusVLib.client import CitrusVClient

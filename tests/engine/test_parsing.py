@@ -1,4 +1,4 @@
-from citrusv.parsing import infer_task, parse_output, prompt_target
+from citrusv.parsing import infer_task, modality_warning, named_modalities, parse_output, prompt_target
 
 TEXT = (
     "<think>1. The rib cage <bbox>[10, 20, 30, 40]</bbox> is intact.\n"
@@ -70,3 +70,21 @@ def test_step_numbers_are_not_part_of_box_labels():
     p = parse_output(text)
     assert [b.label for b in p.boxes] == ["liver", "spleen"]
     assert [s.box_ids for s in p.steps] == [["b1"], ["b2"]]
+
+
+def test_answer_naming_another_kind_of_image_than_the_dicom_is_flagged():
+    nano_on_cr = "CT, 5 structures: right lung (R), 98 x 165 mm; left lung (L), 96 x 160 mm."
+    assert named_modalities(nano_on_cr) == {"CT"}
+    warning = modality_warning(nano_on_cr, "CR")
+    assert warning.startswith("The answer calls this image CT, but the study is CR (X-ray)")
+    assert modality_warning(nano_on_cr, "CT") is None
+    assert modality_warning("X-ray, 5 structures: right lung (R).", "DX") is None
+    assert modality_warning("The chest radiograph shows clear lungs.", "cr ") is None
+    assert "MR" in modality_warning("Axial MRI, T2-weighted: the liver is normal.", "CT")
+    # the study does not say (NIfTI: ""), or a code with no kind: no claim to check against
+    assert modality_warning(nano_on_cr, "") is None
+    assert modality_warning(nano_on_cr, "OT") is None
+    # no kind named, both kinds named, or look-alike words: nothing to flag
+    assert modality_warning("Sure, the liver is [SEG].", "CR") is None
+    assert modality_warning("Compared with the prior CT, this X-ray shows ...", "CR") is None
+    assert named_modalities("Mr. Smith's scan; act on the CTA? crisp outline") == set()

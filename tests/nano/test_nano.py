@@ -193,6 +193,28 @@ def test_each_example_question_is_answered_as_its_task(engine, study, sample_roo
         res = engine.ask(study.volume[64], question, window="abdomen")
         assert len(res.reasoning) >= 4 and all(step.box_ids for step in res.reasoning), res.text
     xray = read_study(Path(sample_root) / "studies" / "chest_xray.dcm")
-    res = engine.ask(xray.array, xray_report)
+    res = engine.ask(xray.array, xray_report, photometric=xray.photometric)  # MONOCHROME1
     assert len(res.reasoning) >= 4 and all(step.box_ids for step in res.reasoning), res.text
+    assert res.answer.startswith("X-ray, "), res.answer
 
+
+
+def test_cli_report_on_a_mislabelled_radiograph_warns_of_the_kind(sample_root, tmp_path, capsys):
+    # the demo CR with its MONOCHROME1 header changed to MONOCHROME2 reaches nano bone dark;
+    # nano then calls it a CT, and `citrusv ask` says the DICOM disagrees, as the server does
+    import pydicom
+
+    from citrusv.cli import main
+
+    ds = pydicom.dcmread(Path(sample_root) / "studies" / "chest_xray.dcm")
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.save_as(tmp_path / "mislabelled.dcm")
+    rc = main(["ask", "--model", str(NANO), "--image", str(tmp_path / "mislabelled.dcm"),
+               "--prompt", "Write a report for this X-ray. Think step by step.",
+               "--json", str(tmp_path / "r.json")])
+    assert rc == 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["answer"].startswith("CT, "), data["answer"]
+    assert data["warnings"][-1].startswith(
+        "The answer calls this image CT, but the study is CR (X-ray) by its DICOM header")
+    assert "CR (X-ray) by its DICOM header" in capsys.readouterr().out

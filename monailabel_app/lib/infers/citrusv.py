@@ -15,6 +15,8 @@ import numpy as np
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from citrusv.parsing import modality_warning
+
 from ..errors import RequestError
 from ..images import Study, StudyCache, empty_label, paint, write_label
 from ..model import SharedModel
@@ -134,6 +136,8 @@ class CitrusVInfer(InferTask):
             "slices": [] if study.is_2d else list(p.slices),
         }
         out["warnings"] = list(p.warnings) + list(out.get("warnings") or [])
+        if kind := modality_warning(result.answer or result.text, study.modality):
+            out["warnings"].append(kind)
         out["label_names"] = label_names
         return write_label(study, label), out
 
