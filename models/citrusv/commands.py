@@ -83,7 +83,7 @@ def ask_cli(args: argparse.Namespace) -> int:
     data = res.to_json()
     if use is not None:
         data.setdefault("model", {})["intended_use"] = use
-    if kind := modality_warning(res.answer or res.text, study.modality or ""):
+    if kind := modality_warning(res.answer or res.text, study.modality):
         data["warnings"].append(kind)  # as the server adds it
     if study.kind == "volume":
         data["image"].update({"shape": [int(s) for s in study.array.shape], "axis": args.axis,

@@ -247,7 +247,7 @@ def named_modalities(text: str) -> set[str]:
     return {kind for kind, pattern in _MODALITY_WORDS.items() if pattern.search(text or "")}
 
 
-def modality_warning(answer: str, dicom_modality: str) -> str | None:
+def modality_warning(answer: str, dicom_modality: str | None) -> str | None:
     """A sentence for the radiologist when the answer names another kind of image than the
     study's DICOM Modality (e.g. a report that starts "CT, ..." on a CR); None when they agree,
     when the answer names none, or when the study does not say (NIfTI, unknown codes)."""

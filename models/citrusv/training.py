@@ -45,7 +45,7 @@ LOSS_WEIGHTS = {"ce": 1.0, "dice": 2.0, "bce": 1.0, "iou": 0.1, "recall": 0.0}
 SEG_RECALL_WEIGHT = 0.05
 # Environment variables that pin the CPU kernels torch's MKL / oneDNN / ATen dispatch to
 # (recorded in training_log.json; none is set by default)
-KERNEL_PINS = ("MKL_CBWR", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+KERNEL_PINS = ("MKL_CBWR", "DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
 # the fields of training_host() that tell one kind of machine from another
 HOST_KIND = ("machine", "cpu_family_model", "isa_flags", "torch", "torch_cpu_capability",
              "libraries", "kernel_pins")

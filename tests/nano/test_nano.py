@@ -198,7 +198,6 @@ def test_each_example_question_is_answered_as_its_task(engine, study, sample_roo
     assert res.answer.startswith("X-ray, "), res.answer
 
 
-
 def test_cli_report_on_a_mislabelled_radiograph_warns_of_the_kind(sample_root, tmp_path, capsys):
     # the demo CR with its MONOCHROME1 header changed to MONOCHROME2 reaches nano bone dark;
     # nano then calls it a CT, and `citrusv ask` says the DICOM disagrees, as the server does
