@@ -107,6 +107,16 @@ def to_rgb_uint8(
     return np.repeat(grey[..., None], 3, axis=-1)
 
 
+def bone_bright(pixels: np.ndarray, photometric: str | None) -> np.ndarray:
+    """Pixels of a MONOCHROME1 DICOM (low values shown white) mirrored within their range, so
+    they read as MONOCHROME2 (bone bright), as every reader of this product shows them: the
+    engine's `citrusv.io` and the server's `monailabel_app/lib/images.py`. The whole array is
+    mirrored at once, so a series keeps one scale across its slices. Other images unchanged."""
+    if photometric is None or str(photometric).strip().upper() != "MONOCHROME1":
+        return pixels
+    return pixels.max() + pixels.min() - pixels
+
+
 def _looks_like_ct(values: np.ndarray) -> bool:
     """Hounsfield units: air is about -1000, so values below -500 mean CT (docs/api.md)."""
     finite = values[np.isfinite(values)]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import imaging
 from .errors import InputError
 
 
@@ -96,6 +97,16 @@ def _dicom_pixels(ds) -> np.ndarray:
     return arr * slope + intercept
 
 
+def _shown(arr: np.ndarray, ds) -> tuple[np.ndarray, str | None]:
+    """MONOCHROME1 pixels mirrored at read (bone bright), as the server's reader does, so
+    `Study.array` is what a viewer shows; the Study then says MONOCHROME2, and callers that
+    pass its `photometric` on to the engine do not mirror it twice."""
+    photometric = str(getattr(ds, "PhotometricInterpretation", "")).strip() or None
+    if photometric is not None and photometric.upper() == "MONOCHROME1":
+        return imaging.bone_bright(arr, photometric), "MONOCHROME2"
+    return arr, photometric
+
+
 def _pixel_spacing(ds) -> list[float] | None:
     """PixelSpacing, else ImagerPixelSpacing (X-ray); None when absent or zero."""
     for tag in ("PixelSpacing", "ImagerPixelSpacing"):
@@ -109,9 +120,8 @@ def read_dicom_file(path: Path) -> Study:
     import pydicom
 
     ds = pydicom.dcmread(str(path))
-    arr = _dicom_pixels(ds)
     ps = _pixel_spacing(ds)
-    photometric = str(getattr(ds, "PhotometricInterpretation", "")) or None
+    arr, photometric = _shown(_dicom_pixels(ds), ds)
     modality = str(getattr(ds, "Modality", "")) or None
     if arr.ndim == 2 or (arr.ndim == 3 and photometric in ("RGB", "YBR_FULL")):
         return Study(arr, None if ps is None else tuple(ps), kind="image",
@@ -146,7 +156,7 @@ def read_dicom_series(folder: Path) -> Study:
             getattr(ds, "InstanceNumber", 0) or 0)
 
     slices.sort(key=position)
-    arr = np.stack([_dicom_pixels(s) for s in slices])
+    arr, photometric = _shown(np.stack([_dicom_pixels(s) for s in slices]), slices[0])
     ps = _pixel_spacing(slices[0]) or [1.0, 1.0]
     gaps = np.diff([position(s) for s in slices])
     dz = float(np.median(np.abs(gaps))) if len(gaps) else float(
@@ -160,7 +170,7 @@ def read_dicom_series(folder: Path) -> Study:
         affine[:3, 3] = np.asarray(slices[0].ImagePositionPatient, float)
         affine[:2] *= -1  # DICOM LPS -> RAS
     return Study(arr, (dz or 1.0, *ps), affine=affine,
-                 photometric=str(getattr(slices[0], "PhotometricInterpretation", "")) or None,
+                 photometric=photometric,
                  modality=str(getattr(slices[0], "Modality", "")) or None,
                  meta={"series_uid": str(uid), "n_files": len(slices)})
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from citrusv.imaging import bone_bright  # the engine's reader mirrors MONOCHROME1 alike
+
 from .errors import RequestError
 
 # Limits that keep one request from taking the server down; settable with --conf.
@@ -171,10 +173,7 @@ def _dicom_pixels(ds) -> np.ndarray:
         ) from e
     pixels = pixels.astype(np.float32)
     slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
-    pixels = pixels * slope + intercept
-    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        pixels = pixels.max() + pixels.min() - pixels  # show bone bright, as MONOCHROME2
-    return pixels
+    return pixels * slope + intercept
 
 
 def _read_dicom_header(path: str):
@@ -195,7 +194,7 @@ def _read_dicom_file(path: str) -> Study:
     ds = _read_dicom_header(path)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     _check_size((frames, int(ds.Rows), int(ds.Columns)), "DICOM image")
-    pixels = _dicom_pixels(ds)
+    pixels = bone_bright(_dicom_pixels(ds), ds.get("PhotometricInterpretation"))
     if pixels.ndim == 3 and pixels.shape[-1] in (3, 4) and frames == 1:
         raise RequestError("Colour DICOM images are not supported; send a grayscale image.")
     array = pixels[None] if pixels.ndim == 2 else pixels
@@ -220,7 +219,9 @@ def _read_dicom_series(path: str) -> Study:
     shapes = {(int(s.Rows), int(s.Columns)) for s in slices}
     if len(shapes) != 1:
         raise RequestError("The DICOM series mixes slice sizes; send one series per request.")
-    array = np.stack([_dicom_pixels(s) for s in slices])
+    # one mirror for the whole series (bone bright), so its slices keep one scale
+    array = bone_bright(np.stack([_dicom_pixels(s) for s in slices]),
+                        first.get("PhotometricInterpretation"))
     affine = _dicom_affine(slices[0], len(slices), slices[-1].get("ImagePositionPatient"))
     return Study(array, affine, len(slices) == 1, modality=str(first.get("Modality", "")), path=path)
 

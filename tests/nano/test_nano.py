@@ -193,7 +193,8 @@ def test_each_example_question_is_answered_as_its_task(engine, study, sample_roo
         res = engine.ask(study.volume[64], question, window="abdomen")
         assert len(res.reasoning) >= 4 and all(step.box_ids for step in res.reasoning), res.text
     xray = read_study(Path(sample_root) / "studies" / "chest_xray.dcm")
-    res = engine.ask(xray.array, xray_report, photometric=xray.photometric)  # MONOCHROME1
+    assert xray.photometric == "MONOCHROME2"  # the file's MONOCHROME1, mirrored at read
+    res = engine.ask(xray.array, xray_report)
     assert len(res.reasoning) >= 4 and all(step.box_ids for step in res.reasoning), res.text
     assert res.answer.startswith("X-ray, "), res.answer
 

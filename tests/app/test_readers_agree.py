@@ -1,0 +1,47 @@
+"""The server's reader (`monailabel_app/lib/images.py`) and the engine's (`citrusv.io`, used by
+`citrusv ask`) give the same pixels for a DICOM: MONOCHROME1 (low values shown white, as CR
+films often are) is mirrored at read, bone bright, once for a whole series."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+from citrusv.io import read_study as engine_read
+from tests.engine.test_io_overlay_cli import _dicom
+from tests.server import APP_DIR
+
+sys.path.insert(0, str(APP_DIR))
+from lib.images import read_study as server_read  # noqa: E402
+
+
+def test_a_monochrome1_series_is_mirrored_once_as_a_whole(tmp_path):
+    for i, z in enumerate([0.0, 5.0, 10.0]):
+        _dicom(tmp_path / f"im{i}.dcm", z, 1000 + 100 * i, photometric="MONOCHROME1")
+    ours, theirs = engine_read(tmp_path), server_read(str(tmp_path))
+    # stored 1000 / 1100 / 1200, rescaled -24 / 76 / 176 HU: the brightest slice as stored
+    # shows darkest, and the slices keep one scale (not each mirrored in its own range)
+    assert ours.array[:, 0, 0].tolist() == [176.0, 76.0, -24.0]
+    np.testing.assert_array_equal(ours.array, theirs.array)
+    assert ours.photometric == "MONOCHROME2"  # so `citrusv ask` does not mirror it again
+    # MONOCHROME2 stays as stored
+    for f in tmp_path.iterdir():
+        f.unlink()
+    for i, z in enumerate([0.0, 5.0]):
+        _dicom(tmp_path / f"im{i}.dcm", z, 1000 + 100 * i)
+    assert engine_read(tmp_path).array[:, 0, 0].tolist() == [-24.0, 76.0]
+    np.testing.assert_array_equal(server_read(str(tmp_path)).array, engine_read(tmp_path).array)
+
+
+def test_the_demo_radiograph_reads_alike(sample_root):
+    path = Path(sample_root) / "studies" / "chest_xray.dcm"
+    assert pydicom.dcmread(path).PhotometricInterpretation == "MONOCHROME1"
+    ours, theirs = engine_read(path), server_read(str(path))
+    np.testing.assert_array_equal(ours.array, theirs.array[0])
+    assert ours.photometric == "MONOCHROME2" and ours.modality == "CR"
+    # the stored values mirrored within their range (the file has no rescale)
+    stored = pydicom.dcmread(path).pixel_array.astype(np.float32)
+    np.testing.assert_array_equal(ours.array, stored.max() + stored.min() - stored)
