@@ -32,3 +32,16 @@ def test_ask_server_on_an_unknown_image_is_one_sentence(citrusv_server, tmp_path
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and len(err.splitlines()) == 1
     assert not (tmp_path / "x.png").exists()
+
+
+def test_ask_server_without_png_prints_the_answer(citrusv_server, tmp_path, capsys):
+    # answer only: no overlay asked for, none written
+    rc = main(["ask", "--server", citrusv_server.url, "--image", "chest_ct", "--slice", "60",
+               "--prompt", "Please segment the liver in this scan.",
+               "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["task"] == "segment" and [m["slice"] for m in data["masks"]] == [60]
+    assert "mask 'liver'" in out and "overlay:" not in out
+    assert list(tmp_path.iterdir()) == [tmp_path / "r.json"]

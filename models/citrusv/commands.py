@@ -105,9 +105,6 @@ def _ask_server(args: argparse.Namespace) -> int:
     from CitrusVLib.errors import CitrusVError
     from CitrusVLib.headless import ask_server
 
-    if not args.png:
-        print("error: --server needs --png to write the overlay", file=sys.stderr)
-        return 2
     try:
         result = ask_server(args.server, args.image, args.slice, args.prompt, args.png,
                             task=args.task, axis=args.axis, window=_window(args.window),
@@ -118,7 +115,8 @@ def _ask_server(args: argparse.Namespace) -> int:
     print_result(result.raw)
     if args.json:
         Path(args.json).write_text(json.dumps(result.raw, indent=2))
-    print(f"overlay: {args.png}")
+    if args.png:
+        print(f"overlay: {args.png}")
     return 0
 
 

@@ -62,7 +62,7 @@ def ask_server(
     image_id: str,
     slice_index: int | None,
     prompt: str,
-    png_path: str | os.PathLike,
+    png_path: str | os.PathLike | None,
     task: str | None = None,
     axis: str = "axial",
     window: str | Sequence[float] | None = None,
@@ -70,7 +70,8 @@ def ask_server(
     image_path: str | os.PathLike | None = None,
     ca_certificate: str | os.PathLike | None = None,
 ) -> Result:
-    """Run one question on the server and save masks/boxes/steps drawn on the slice as a PNG.
+    """Run one question on the server and, where ``png_path`` is given, save masks/boxes/steps
+    drawn on the slice as a PNG.
 
     The slice pixels come from ``image_path`` when given, else from the server's datastore.
     For a 2D image (X-ray) ``slice_index`` may be None and no slice is sent.
@@ -85,7 +86,8 @@ def ask_server(
     index = 0 if is_2d else int(slice_index)
     params = infer_params(prompt, axis, "slice", index, window=window, is_2d=is_2d)
     response = client.infer(task, image_id, params)
-    image = to_uint8(get_slice(volume.array, axis, index), window)
-    overlay = render_overlay(image, response.result, slice_index=None if is_2d else index)
-    overlay.save(os.fspath(png_path))
+    if png_path is not None:
+        image = to_uint8(get_slice(volume.array, axis, index), window)
+        overlay = render_overlay(image, response.result, slice_index=None if is_2d else index)
+        overlay.save(os.fspath(png_path))
     return response.result
