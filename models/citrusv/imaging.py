@@ -102,9 +102,14 @@ def to_rgb_uint8(
         grey = arr.copy()
     else:
         grey = _scale(values, *_percentile_range(values, percentiles))
-    if photometric is not None and str(photometric).upper() == "MONOCHROME1":
+    if is_monochrome1(photometric):
         grey = 255 - grey
     return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def is_monochrome1(photometric: str | None) -> bool:
+    """DICOM PhotometricInterpretation MONOCHROME1: low values are shown white."""
+    return photometric is not None and str(photometric).strip().upper() == "MONOCHROME1"
 
 
 def bone_bright(pixels: np.ndarray, photometric: str | None) -> np.ndarray:
@@ -112,7 +117,7 @@ def bone_bright(pixels: np.ndarray, photometric: str | None) -> np.ndarray:
     they read as MONOCHROME2 (bone bright), as every reader of this product shows them: the
     engine's `citrusv.io` and the server's `monailabel_app/lib/images.py`. The whole array is
     mirrored at once, so a series keeps one scale across its slices. Other images unchanged."""
-    if photometric is None or str(photometric).strip().upper() != "MONOCHROME1":
+    if not is_monochrome1(photometric):
         return pixels
     return pixels.max() + pixels.min() - pixels
 

@@ -102,7 +102,7 @@ def _shown(arr: np.ndarray, ds) -> tuple[np.ndarray, str | None]:
     `Study.array` is what a viewer shows; the Study then says MONOCHROME2, and callers that
     pass its `photometric` on to the engine do not mirror it twice."""
     photometric = str(getattr(ds, "PhotometricInterpretation", "")).strip() or None
-    if photometric is not None and photometric.upper() == "MONOCHROME1":
+    if imaging.is_monochrome1(photometric):
         return imaging.bone_bright(arr, photometric), "MONOCHROME2"
     return arr, photometric
 
