@@ -27,8 +27,9 @@ def print_result(data: dict) -> None:
         score = "" if b.get("score") is None else f", score {b['score']:.3f}"
         origin = ""
         if b.get("source") == "mask":
-            origin = (f" (from the '{b['label']}' mask; written "
-                      f"{[round(v, 1) for v in b.get('text_xyxy') or []]})")
+            written = ("nothing written" if b.get("text_xyxy") is None else
+                       f"written {[round(v, 1) for v in b['text_xyxy']]}")
+            origin = f" (from the '{b['label']}' mask; {written})"
         print(f"box {b['id']} '{b['label']}': {[round(v, 1) for v in b['xyxy']]}{origin}{score}")
     for step in data.get("reasoning", []):
         print(f"step {step['step']}: {step['text']} {step['box_ids']}")

@@ -50,6 +50,29 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 GROUND_PROMPT = "Please segment the {label} in this scan."
 GROUND_MIN_PART = 0.25
 GROUND_MAX_NEW_TOKENS = 64
+# a structure the answer says is not visible gets its mask's box only from a mask this large:
+# the line at which the evaluation counts a structure as on a slice (MIN_AREA_PX), not tuned
+GROUND_MIN_ABSENT_PX = 40
+
+
+def empty_mask_warning(label: str, slices: int | None = None) -> str:
+    """Said when a [SEG] mask marks no pixel, so "Sure, the liver is [SEG]" with nothing drawn
+    is not left unexplained (on nano's held-out CT slices 144 of the 150 empty masks were for
+    a structure that is not there)."""
+    where = "the image" if slices is None else f"any of the {slices} slices asked"
+    return (f"the {label} mask is empty: the model marks no {label} pixel in {where}, "
+            "so the structure may not be in view.")
+
+
+def unconfirmed_boxes_warning(labels: list[str]) -> str:
+    """box_source "mask": said when some boxes' labels get no mask, so those boxes stay as the
+    model wrote them, with nothing to check them against."""
+    names = " or ".join(labels) if len(labels) < 3 else (
+        ", ".join(labels[:-1]) + " or " + labels[-1])
+    box, it = ("that box", "it") if len(labels) == 1 else ("those boxes", "them")
+    return (f"the model's own segmentation marks no {names} in the image, so {box} "
+            f"{'is' if it == 'it' else 'are'} as the model wrote {it}, not the box of a mask; "
+            f"treat {it} as unconfirmed.")
 
 
 def resolve_dtype(dtype, device: str | torch.device) -> torch.dtype:
@@ -94,6 +117,19 @@ def main_parts_box(mask: np.ndarray | None, min_part: float = GROUND_MIN_PART
     sizes = np.bincount(parts.ravel())[1:]
     keep = 1 + np.flatnonzero(sizes >= min_part * sizes.max())
     return mask_box(np.isin(parts, keep))
+
+
+def slice_list(ks: list[int]) -> str:
+    """"slice 4", or "slices 3-7, 9" for the slices a warning was said on (runs joined)."""
+    if len(ks) == 1:
+        return f"slice {ks[0]}"
+    runs: list[list[int]] = []
+    for k in sorted(set(ks)):
+        if runs and k == runs[-1][1] + 1:
+            runs[-1][1] = k
+        else:
+            runs.append([k, k])
+    return "slices " + ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _serialised(method):
@@ -300,6 +336,7 @@ class Engine:
         out = Result(task=task, prompt=prompt, model=self._model_info())
         merged: dict[str, Mask] = {}
         texts, answers = [], []
+        per_slice: dict[str, list[int]] = {}  # a warning -> the slices it was said on
         for start in range(0, len(ks), max(1, int(batch_size))):
             batch = ks[start:start + batch_size]
             states = [self._state(imaging.check_slice(np.take(vol, k, axis=ax), self.max_pixels),
@@ -307,7 +344,8 @@ class Engine:
             for k, res in zip(batch, self._run_batch(states, prompt, task, forced_text)):
                 texts.append(f"[slice {k}] {res.text}")
                 answers.append(res.answer)
-                out.warnings += [f"slice {k}: {w}" for w in res.warnings]
+                for w in res.warnings:
+                    per_slice.setdefault(w, []).append(k)
                 remap = {}
                 for box in res.boxes:
                     remap[box.id] = f"b{len(out.boxes) + 1}"
@@ -327,8 +365,11 @@ class Engine:
                     target.score = max(target.score or 0.0, m.score or 0.0)
                 for name, value in res.timing_ms.items():
                     out.timing_ms[name] = out.timing_ms.get(name, 0.0) + value
+        out.warnings += [f"{slice_list(on)}: {w}" for w, on in per_slice.items()]
         for m in merged.values():
             m.slices = list(ks)
+            if not m.area_px:
+                out.warnings.append(empty_mask_warning(m.label, len(ks)))
         out.masks = list(merged.values())
         out.text = "\n".join(texts)
         out.answer = Counter(answers).most_common(1)[0][0] if answers else ""
@@ -511,31 +552,69 @@ class Engine:
                                 "rephrase the prompt, e.g. 'Please segment the liver'.")
         timing["mask"] = (time.perf_counter() - t1) * 1e3
         res.timing_ms = timing
-        if ground and self.box_source == "mask" and res.boxes:
-            self._ground_boxes(state, res)
+        absent = parsed.absent if task == "detect" else []
+        if ground and self.box_source == "mask" and (res.boxes or absent):
+            self._ground_boxes(state, res, absent)
         return res
 
-    def _ground_boxes(self, state: SliceState, res: Result) -> None:
+    def _ground_boxes(self, state: SliceState, res: Result,
+                      absent: list[tuple[str, str]] = ()) -> None:
         """box_source "mask": ask the model for its mask of each box's label on the same slice
         and put the box of that mask's main parts in place of the written one (kept as
-        `text_xyxy`). A label the model gives no mask for keeps the written box."""
+        `text_xyxy`). A label the model gives no mask for keeps the written box, and a warning
+        names it. A structure a detection answer says is not visible ("No liver is visible",
+        `absent`; plurals such as "No kidneys are visible" are left alone) but the model's own
+        mask marks (at least GROUND_MIN_ABSENT_PX pixels) gets the box of that mask (nothing
+        written: `text_xyxy` None), with a warning that the two disagree."""
         t0 = time.perf_counter()
-        found: dict[str, list[float] | None] = {}
+        masks_of: dict[str, list[Mask]] = {}
+
+        def masks(label: str) -> list[Mask]:
+            if label not in masks_of:
+                seg = self._run(state, GROUND_PROMPT.format(label=label), "segment", None,
+                                GROUND_MAX_NEW_TOKENS, ground=False)
+                masks_of[label] = [m for m in seg.masks if m.area_px]
+            return masks_of[label]
+
+        unconfirmed: list[str] = []
         for box in res.boxes:
             label = box.label.strip()
             if not label:
                 continue
-            if label not in found:
-                seg = self._run(state, GROUND_PROMPT.format(label=label), "segment", None,
-                                GROUND_MAX_NEW_TOKENS, ground=False)
-                mask = None
-                for m in seg.masks:
-                    mask = m.array if mask is None else mask | m.array
-                found[label] = main_parts_box(mask)
-            if found[label] is not None:
+            union = None
+            for m in masks(label):
+                union = m.array if union is None else union | m.array
+            found = main_parts_box(union)
+            if found is not None:
                 box.text_xyxy = list(box.xyxy)
-                box.xyxy = list(found[label])
+                box.xyxy = list(found)
                 box.source = "mask"
+            elif label not in unconfirmed:
+                unconfirmed.append(label)
+        if unconfirmed:
+            res.warnings.append(unconfirmed_boxes_warning(unconfirmed))
+        boxed = {b.label.strip() for b in res.boxes}
+        ids = {b.id for b in res.boxes}
+        for label, verb in absent:
+            if label in boxed or verb != "is":
+                continue
+            by_name: dict[str, np.ndarray] = {}
+            for m in masks(label):
+                by_name[m.label] = m.array | by_name[m.label] if m.label in by_name else m.array
+            for name, array in by_name.items():
+                if name in boxed or np.count_nonzero(array) < GROUND_MIN_ABSENT_PX:
+                    continue
+                xyxy = main_parts_box(array)
+                n = len(ids) + 1
+                while f"b{n}" in ids:
+                    n += 1
+                ids.add(f"b{n}")
+                boxed.add(name)
+                res.boxes.append(Box(f"b{n}", name, list(xyxy), source="mask"))
+                res.warnings.append(
+                    f"the answer says no {label} is visible, but the model's own "
+                    f"segmentation marks {int(np.count_nonzero(array))} {name} pixels in the "
+                    f"image; box b{n} is the box of that mask, not one the model wrote.")
         res.timing_ms["ground"] = (time.perf_counter() - t0) * 1e3
 
     def _finish(self, res: Result, hw, slice_index, spacing, image_id, image_info,
@@ -546,6 +625,8 @@ class Engine:
         for m in res.masks:
             m.slice = slice_index
             m.spacing = plane
+            if not m.area_px:
+                res.warnings.append(empty_mask_warning(m.label))
         res.image = {"id": image_id, "shape": [1, int(hw[0]), int(hw[1])],
                      "spacing": None if plane is None else list(plane), "axis": "axial",
                      "slices": [] if slice_index is None else [int(slice_index)],

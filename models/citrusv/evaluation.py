@@ -61,9 +61,12 @@ def _union(masks, shape) -> np.ndarray:
     return out
 
 
-def _written(box) -> list[float]:
-    """The box as the model wrote it (with box_source "mask" the engine returns another)."""
-    return box.xyxy if getattr(box, "text_xyxy", None) is None else box.text_xyxy
+def _written(box) -> list[float] | None:
+    """The box as the model wrote it (with box_source "mask" the engine returns another);
+    None for a box the model did not write (a mask's box where its answer said "No ...")."""
+    if getattr(box, "text_xyxy", None) is not None:
+        return box.text_xyxy
+    return None if getattr(box, "source", "text") == "mask" else box.xyxy
 
 
 class _Detections:
@@ -136,7 +139,8 @@ def evaluate(engine, study: CTStudy, slices: list[int] | None = None,
                              max_new_tokens=48)
             ref_box = mask_box(ref) if s in on else None
             rights = det.add(s, [(b.label, b.xyxy) for b in res.boxes], ref_box)
-            written.add(s, [(b.label, _written(b)) for b in res.boxes], ref_box)
+            written.add(s, [(b.label, _written(b)) for b in res.boxes
+                            if _written(b) is not None], ref_box)
             det_scored += [(b.score, r) for b, r in zip(res.boxes, rights)]
             found_scored += int(any(r and b.score is not None and b.score >= SCORE_LINE
                                     for b, r in zip(res.boxes, rights)))

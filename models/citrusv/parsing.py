@@ -19,6 +19,8 @@ _QWEN_BOX = re.compile(
     r"<\|box_start\|>(?P<body>.*?)<\|box_end\|>", re.S)
 _BBOX_TAG = re.compile(r"<bbox>(?P<body>.*?)</bbox>", re.S)
 _NAMED_BBOX = re.compile(r"['\"](?P<name>[^'\"\n]{1,60})['\"]\s+with\s+bbox\s*\[(?P<body>[^\]]*)\]")
+# "No liver is visible in this image." / "No kidneys are visible": what the answer says is absent
+_ABSENT = re.compile(r"\b[Nn]o\s+(?P<label>[a-z][a-z\- ]{0,40}?)\s+(?P<verb>is|are)\s+visible\b")
 _SPECIAL = re.compile(r"<\|(?:im_end|im_start|endoftext|object_ref_start|object_ref_end)\|>")
 _STOP = {
     "a", "an", "the", "is", "are", "at", "in", "on", "of", "with", "and", "its", "it", "this",
@@ -58,6 +60,7 @@ class Parsed:
     answer: str = ""
     seg_labels: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    absent: list[tuple[str, str]] = field(default_factory=list)  # (label, "is" | "are")
 
 
 def infer_task(prompt: str) -> str:
@@ -146,6 +149,18 @@ def parse_output(text: str, prompt: str = "") -> Parsed:
     out.steps = _steps(text, spans)
     out.answer = _answer(text)
     out.seg_labels = _seg_labels(text, prompt)
+    out.absent = absent_labels(_SPECIAL.sub("", text))
+    return out
+
+
+def absent_labels(text: str) -> list[tuple[str, str]]:
+    """The structures an answer says are not in the image ("No liver is visible in this
+    image." -> [("liver", "is")]), each once, in the order written."""
+    out: list[tuple[str, str]] = []
+    for m in _ABSENT.finditer(text):
+        label = m.group("label").strip()
+        if label and label not in [a for a, _ in out]:
+            out.append((label, m.group("verb")))
     return out
 
 

@@ -16,7 +16,9 @@ class Box:
 
     `source` says where `xyxy` comes from: "text" (the numbers the model wrote) or "mask" (the
     box of the model's own mask of `label`); `text_xyxy` is the box the model wrote, either
-    way, and `score` is the model's probability of those numbers."""
+    way, and `score` is the model's probability of those numbers. A "mask" box with no
+    `text_xyxy` is one the model wrote no box for (its answer said the structure is not
+    visible; its mask said otherwise): `text_xyxy` and `score` are null in JSON."""
 
     id: str
     label: str
@@ -27,7 +29,9 @@ class Box:
     text_xyxy: list[float] | None = None
 
     def to_json(self) -> dict:
-        written = self.xyxy if self.text_xyxy is None else self.text_xyxy
+        written = self.text_xyxy
+        if written is None and self.source != "mask":
+            written = self.xyxy
         return {
             "id": self.id,
             "label": self.label,
@@ -35,7 +39,7 @@ class Box:
             "slice": self.slice,
             "score": None if self.score is None else round(float(self.score), 4),
             "source": self.source,
-            "text_xyxy": [round(float(v), 2) for v in written],
+            "text_xyxy": None if written is None else [round(float(v), 2) for v in written],
         }
 
 

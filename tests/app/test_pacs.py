@@ -150,6 +150,11 @@ def test_report_names_the_kind_of_image_and_a_contradiction_comes_with_a_warning
     assert r.status_code == 200, r.text
     assert r.json()["answer"].startswith("X-ray, "), r.json()["answer"]
     assert not [w for w in r.json()["warnings"] if "DICOM header" in w]
+    # the kidneys nano cites on a chest film get no mask of its own: said, not left silent
+    unconfirmed = [b["label"] for b in r.json()["boxes"] if b["source"] == "text"]
+    assert {"right kidney", "left kidney"} <= set(unconfirmed)
+    (said,) = [w for w in r.json()["warnings"] if "treat them as unconfirmed" in w]
+    assert all(label in said for label in unconfirmed), said
     # the same CR with its PhotometricInterpretation mislabelled MONOCHROME2 reaches the model
     # with bone dark and lungs bright; nano then calls it a CT, and the DICOM says CR
     ds = pydicom.dcmread(REPO / "sample_data" / "studies" / "chest_xray.dcm")

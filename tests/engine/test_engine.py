@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from citrusv import Engine, InputError, rle
-from citrusv.engine import main_parts_box
+from citrusv.engine import main_parts_box, slice_list
 from citrusv.generation import generate_capturing, image_embeddings, teacher_force
 from citrusv.imaging import smart_resize
 from citrusv.prompting import pixel_inputs, text_inputs
@@ -345,6 +345,11 @@ def test_box_through_the_engine_maps_back_to_the_drawn_box(engine, h, w, data):
         assert max(abs(a - b) for a, b in zip(box.xyxy, [x1, y1, x2, y2])) <= 1.0
 
 
+def test_slice_list_joins_runs_of_slices():
+    assert slice_list([7]) == "slice 7"
+    assert slice_list([9, 3, 4, 5, 7, 10, 4]) == "slices 3-5, 7, 9-10"
+
+
 def test_main_parts_box_leaves_out_small_stray_parts():
     mask = np.zeros((60, 80), dtype=bool)
     mask[10:30, 20:40] = True  # 400 px
@@ -394,6 +399,34 @@ def test_box_source_mask_puts_the_box_of_the_labels_mask_in_place_of_the_written
         ("b1", 0, "mask", grounded), ("b2", 1, "mask", grounded)]
     with pytest.raises(ValueError, match="box_source 'pixels' is unknown"):
         Engine.load(fitted_dir, box_source="pixels")
+
+
+def test_box_source_mask_boxes_the_mask_of_a_structure_the_answer_calls_not_visible(
+        fitted_dir):
+    """A detection answer "No liver is visible" while the model's own liver mask marks the
+    liver: with box_source "mask" the box of that mask comes back (nothing written, no score)
+    with a sentence saying the two disagree; a plural ("No kidneys are visible") is left
+    alone, and box_source "text" returns the answer as written."""
+    e = Engine.load(fitted_dir, box_source="mask")
+    img = ct_slice(120, 90, seed=3)
+    seg = e.ask(img, "Please segment the liver in this scan.", window="abdomen")
+    area = seg.masks[0].area_px
+    assert area >= 40
+    res = e.ask(img, "Where is the liver?", window="abdomen",
+                forced_text="No liver is visible in this image.")
+    assert [(b.id, b.label, b.source, b.xyxy, b.text_xyxy, b.score) for b in res.boxes] == [
+        ("b1", "liver", "mask", main_parts_box(seg.masks[0].array), None, None)]
+    assert res.warnings == [
+        f"the answer says no liver is visible, but the model's own segmentation marks {area} "
+        "liver pixels in the image; box b1 is the box of that mask, not one the model wrote."]
+    data = json.loads(json.dumps(res.to_json()))["boxes"][0]
+    assert data["text_xyxy"] is None and data["score"] is None and data["source"] == "mask"
+    plural = e.ask(img, "Where are the kidneys?", window="abdomen",
+                   forced_text="No kidneys are visible in this image.")
+    assert plural.boxes == [] and plural.warnings == []
+    plain = Engine.load(fitted_dir).ask(img, "Where is the liver?", window="abdomen",
+                                        forced_text="No liver is visible in this image.")
+    assert plain.boxes == [] and plain.warnings == []
 
 
 def test_box_source_mask_in_a_closer_look_maps_both_boxes_to_the_slice(fitted_dir):

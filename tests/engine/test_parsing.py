@@ -1,4 +1,5 @@
-from citrusv.parsing import infer_task, modality_warning, named_modalities, parse_output, prompt_target
+from citrusv.parsing import (absent_labels, infer_task, modality_warning, named_modalities,
+                             parse_output, prompt_target)
 
 TEXT = (
     "<think>1. The rib cage <bbox>[10, 20, 30, 40]</bbox> is intact.\n"
@@ -22,6 +23,16 @@ def test_boxes_from_all_four_formats():
         ("b3", "liver", [1.0, 2.0, 3.0, 4.0], "json"),
         ("b4", "kidney", [5.0, 6.0, 9.0, 10.0], "box_start"),
     ]
+
+
+def test_structures_an_answer_says_are_not_visible():
+    assert parse_output("No liver is visible in this image.<|im_end|>").absent == [
+        ("liver", "is")]
+    assert absent_labels("No kidneys are visible in this image. no right kidney is visible; "
+                         "No right kidney is visible.") == [("kidneys", "are"),
+                                                            ("right kidney", "is")]
+    assert absent_labels("The liver is visible. No acute findings are seen.") == []
+    assert parse_output(TEXT).absent == []
 
 
 def test_malformed_box_is_a_warning_not_a_crash():

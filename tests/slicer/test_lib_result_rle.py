@@ -93,3 +93,9 @@ def test_box_from_the_models_mask_says_so(sample_result):
     assert ("b1 liver: slice 3, [15, 10, 35, 20] (from the liver mask, written "
             "[12.5, 8, 30, 22]), score 0.90") in record
     assert "b2 spleen: slice 3, [40, 25, 55, 38], score 0.70" in record
+    # a structure the answer called not visible, boxed from the model's mask: nothing written
+    unwritten = [{**sample_result["boxes"][0], "source": "mask", "text_xyxy": None,
+                  "score": None}]
+    r = Result.from_json({**sample_result, "boxes": unwritten})
+    assert [b.name for b in r.boxes] == ["b1 liver (from mask)"]
+    assert "b1 liver: slice 3, [15, 10, 35, 20] (from the liver mask)" in r.record().splitlines()
