@@ -69,10 +69,9 @@ def unconfirmed_boxes_warning(labels: list[str]) -> str:
     model wrote them, with nothing to check them against."""
     names = " or ".join(labels) if len(labels) < 3 else (
         ", ".join(labels[:-1]) + " or " + labels[-1])
-    box, it = ("that box", "it") if len(labels) == 1 else ("those boxes", "them")
-    return (f"the model's own segmentation marks no {names} in the image, so {box} "
-            f"{'is' if it == 'it' else 'are'} as the model wrote {it}, not the box of a mask; "
-            f"treat {it} as unconfirmed.")
+    boxes, it = ("that box is", "it") if len(labels) == 1 else ("those boxes are", "them")
+    return (f"the model's own segmentation marks no {names} in the image, so {boxes} as the "
+            f"model wrote {it}, not the box of a mask; treat {it} as unconfirmed.")
 
 
 def resolve_dtype(dtype, device: str | torch.device) -> torch.dtype:
