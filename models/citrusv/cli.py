@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from this checkpoint instead of from scratch")
     p.add_argument("--lr", type=float, default=None, help="joint-stage learning rate")
     p.add_argument("--seg-lr", type=float, default=None, help="segmentation-stage learning rate")
+    p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
+                   help="after training, score the weights on the held-out blocks (as "
+                   "`citrusv eval`, ~1 min), write OUT/evaluation.json and say whether they "
+                   "meet the targets (default: on)")
     p.add_argument("--state-swap", type=float, default=None,
                    help="share of [SEG] states swapped for the same structure's state from "
                         "another slice in the segmentation stages (default: the recipe's)")

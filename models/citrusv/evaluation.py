@@ -259,18 +259,41 @@ def format_table(scores: dict) -> str:
     return "\n".join(lines)
 
 
-def eval_cli(args) -> int:
-    """`citrusv eval --model DIR`: print the table (and write JSON with --json)."""
+def missed_targets(scores: dict) -> list[str]:
+    """The issue's targets these scores miss, as sentences; the boxes the engine returns stand
+    for detection (the rule models/nano was shipped by). Empty: all met."""
+    checks = [("mean Dice", scores.get("mean_dice"), TARGETS["mean_dice"])]
+    checks += [(f"{s} Dice", scores["dice"].get(s), TARGETS["dice_lungs_liver"])
+               for s in ("right lung", "left lung", "liver")]
+    checks += [("detection precision@IoU0.5 (boxes returned)", scores.get("detection_precision"),
+                TARGETS["detection_precision"]),
+               ("report citation precision", scores.get("citation_precision"),
+                TARGETS["citation_precision"])]
+    return [f"{name} {_fmt(value)} < {target} (by {target - value:.3f})" if value is not None
+            else f"{name} n/a (target {target})"
+            for name, value, target in checks if value is None or value < target]
+
+
+def evaluate_model(model_dir, threads: int = 1, slices: list[int] | None = None,
+                   json_path=None, progress=None) -> dict:
+    """Load `model_dir`, score it on the held-out blocks (or `slices`), write JSON if asked."""
     from .engine import Engine
 
-    torch.set_num_threads(args.threads)
-    study = load_study()
-    engine = Engine.load(args.model)
-    scores = evaluate(engine, study, progress=lambda i, n: print(f"\rslice {i}/{n}", end="",
-                                                                 flush=True))
+    torch.set_num_threads(threads)
+    scores = evaluate(Engine.load(model_dir), load_study(), slices=slices, progress=progress)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(scores, indent=1))
+    return scores
+
+
+def _progress(i: int, n: int) -> None:
+    print(f"\rslice {i}/{n}", end="", flush=True)
+
+
+def eval_cli(args) -> int:
+    """`citrusv eval --model DIR`: print the table (and write JSON with --json)."""
+    scores = evaluate_model(args.model, args.threads, json_path=args.json, progress=_progress)
     print()
     print(format_table(scores))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(scores, indent=1))
     return 0

@@ -907,4 +907,23 @@ def train_nano_cli(args) -> int:
     print(f"wrote {args.out} in {stats['total_seconds'] / 60:.1f} min")
     if note:
         print(note)
+    if getattr(args, "eval", True):
+        print(post_training_verdict(args.out, args.threads))
     return 0
+
+
+def post_training_verdict(out_dir, threads: int = 1, slices: list[int] | None = None) -> str:
+    """Score freshly trained weights on the held-out blocks (`citrusv eval`), write the scores
+    to `<out_dir>/evaluation.json`, and say whether they meet the issue's targets: a retrain is
+    another draw of the recipe and can miss them (MODEL_CARD.md, "Recipe")."""
+    from .evaluation import evaluate_model, format_table, missed_targets
+
+    path = Path(out_dir) / "evaluation.json"
+    scores = evaluate_model(out_dir, threads, slices=slices, json_path=path)
+    missed = missed_targets(scores)
+    verdict = (f"These weights meet the targets on the held-out blocks (scores: {path})."
+               if not missed else
+               f"These weights MISS targets on the held-out blocks: {'; '.join(missed)}. "
+               f"Do not serve them in place of a model that meets them; train again with "
+               f"another --seed, or keep models/nano (scores: {path}).")
+    return format_table(scores) + "\n\n" + verdict

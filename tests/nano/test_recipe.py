@@ -39,6 +39,44 @@ def test_cli_defaults_are_the_recipe():
     assert (args.joint_steps, args.seg_steps, args.lr, args.seg_lr, args.whole_names,
             args.state_swap, args.seed) == (None,) * 7
     assert args.threads == 1 and args.out == "models/nano"
+    assert args.eval is True  # a retrain is scored before anyone serves it
+    assert build_parser().parse_args(["train", "--no-eval"]).eval is False
+
+
+def test_missed_targets_are_named_with_their_shortfall():
+    from citrusv.evaluation import missed_targets
+
+    dice = {"right lung": 0.97, "left lung": 0.98, "liver": 0.55}
+    scores = {"mean_dice": 0.701, "dice": dice, "detection_precision": 0.759,
+              "citation_precision": 0.852}  # T2i's figures (MODEL_CARD.md)
+    assert missed_targets(scores) == ["mean Dice 0.701 < 0.75 (by 0.049)",
+                                      "liver Dice 0.550 < 0.85 (by 0.300)"]
+    shipped = {**scores, "mean_dice": 0.766, "dice": {**dice, "liver": 0.852}}
+    assert missed_targets(shipped) == []
+    assert missed_targets({**shipped, "citation_precision": None}) == [
+        "report citation precision n/a (target 0.8)"]
+
+
+@pytest.mark.usefixtures("sample_root")
+def test_after_training_the_weights_are_scored_and_the_verdict_follows_the_scores(tmp_path):
+    """What `citrusv train` prints at its end (here on one held-out slice, the shipped weights
+    standing in for fresh ones): the table, evaluation.json beside the weights, a verdict."""
+    import shutil
+
+    from citrusv.evaluation import missed_targets
+    from citrusv.training import post_training_verdict
+
+    out = shutil.copytree(NANO, tmp_path / "nano")
+    text = post_training_verdict(out, slices=[60])
+    scores = json.loads((out / "evaluation.json").read_text())
+    assert scores["slices"] == [60]
+    assert "| mean Dice (10 structures) |" in text
+    # on slice 60 alone nano's liver (the dome) has Dice 0.764: the verdict names that miss
+    assert missed_targets(scores) == ["liver Dice 0.764 < 0.85 (by 0.086)"]
+    assert text.splitlines()[-1] == (
+        "These weights MISS targets on the held-out blocks: liver Dice 0.764 < 0.85 (by "
+        "0.086). Do not serve them in place of a model that meets them; train again with "
+        f"another --seed, or keep models/nano (scores: {out / 'evaluation.json'}).")
 
 
 @pytest.mark.usefixtures("sample_root")
