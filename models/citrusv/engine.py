@@ -64,6 +64,15 @@ def empty_mask_warning(label: str, slices: int | None = None) -> str:
             "so the structure may not be in view.")
 
 
+def absent_box_warning(said: str, label: str) -> str:
+    """box_source "mask": the answer said `said` is not visible, the model's mask of it marks
+    `label`, so that mask's box is returned. No box id or pixel count in it, so that over a
+    slice range the same sentence comes once for all its slices."""
+    return (f"the answer says no {said} is visible, but the model's own segmentation marks the "
+            f"{label} in the image; the {label} box returned is the box of that mask, not one "
+            "the model wrote.")
+
+
 def unconfirmed_boxes_warning(labels: list[str]) -> str:
     """box_source "mask": said when some boxes' labels get no mask, so those boxes stay as the
     model wrote them, with nothing to check them against."""
@@ -610,10 +619,7 @@ class Engine:
                 ids.add(f"b{n}")
                 boxed.add(name)
                 res.boxes.append(Box(f"b{n}", name, list(xyxy), source="mask"))
-                res.warnings.append(
-                    f"the answer says no {label} is visible, but the model's own "
-                    f"segmentation marks {int(np.count_nonzero(array))} {name} pixels in the "
-                    f"image; box b{n} is the box of that mask, not one the model wrote.")
+                res.warnings.append(absent_box_warning(label, name))
         res.timing_ms["ground"] = (time.perf_counter() - t0) * 1e3
 
     def _finish(self, res: Result, hw, slice_index, spacing, image_id, image_info,

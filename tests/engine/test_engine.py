@@ -417,8 +417,8 @@ def test_box_source_mask_boxes_the_mask_of_a_structure_the_answer_calls_not_visi
     assert [(b.id, b.label, b.source, b.xyxy, b.text_xyxy, b.score) for b in res.boxes] == [
         ("b1", "liver", "mask", main_parts_box(seg.masks[0].array), None, None)]
     assert res.warnings == [
-        f"the answer says no liver is visible, but the model's own segmentation marks {area} "
-        "liver pixels in the image; box b1 is the box of that mask, not one the model wrote."]
+        "the answer says no liver is visible, but the model's own segmentation marks the liver "
+        "in the image; the liver box returned is the box of that mask, not one the model wrote."]
     data = json.loads(json.dumps(res.to_json()))["boxes"][0]
     assert data["text_xyxy"] is None and data["score"] is None and data["source"] == "mask"
     plural = e.ask(img, "Where are the kidneys?", window="abdomen",

@@ -139,11 +139,16 @@ def test_a_structure_nano_calls_not_visible_gets_its_masks_box(engine, study):
     assert (box.label, box.source, box.text_xyxy, box.score) == ("left kidney", "mask", None,
                                                                  None)
     assert box_iou(box.xyxy, mask_box(study.mask("left kidney", k))) >= 0.75
-    (said,) = res.warnings
-    assert said.startswith("the answer says no left kidney is visible, but the model's own "
-                           "segmentation marks ") and said.endswith(
-        " left kidney pixels in the image; box b1 is the box of that mask, not one the model "
-        "wrote.")
+    assert res.warnings == [
+        "the answer says no left kidney is visible, but the model's own segmentation marks the "
+        "left kidney in the image; the left kidney box returned is the box of that mask, not "
+        "one the model wrote."]
+    # over a slice range (20-25: nano says this on each) the sentence comes once
+    vol = engine.ask_volume(study.volume, "Locate the left kidney, output its bbox "
+                            "coordinates using JSON format.", slices=range(20, 26),
+                            window="abdomen")
+    assert [b.slice for b in vol.boxes] == [20, 21, 22, 23, 24, 25], vol.text
+    assert vol.warnings == ["slices 20-25: " + res.warnings[0]]
 
 
 def test_a_box_whose_structure_gets_no_mask_stays_as_written(engine, study):
