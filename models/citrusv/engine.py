@@ -575,13 +575,18 @@ class Engine:
         mask marks (at least GROUND_MIN_ABSENT_PX pixels) gets the box of that mask (nothing
         written: `text_xyxy` None), with a warning that the two disagree."""
         t0 = time.perf_counter()
-        masks_of: dict[str, list[Mask]] = {}
+        masks_of: dict[str, dict[str, np.ndarray]] = {}  # label asked -> {mask label: pixels}
 
-        def masks(label: str) -> list[Mask]:
+        def masks(label: str) -> dict[str, np.ndarray]:
+            """The model's non-empty masks when asked to segment `label`, one per mask label."""
             if label not in masks_of:
                 seg = self._run(state, GROUND_PROMPT.format(label=label), "segment", None,
                                 GROUND_MAX_NEW_TOKENS, ground=False)
-                masks_of[label] = [m for m in seg.masks if m.area_px]
+                by_name: dict[str, np.ndarray] = {}
+                for m in seg.masks:
+                    if m.area_px:
+                        by_name[m.label] = m.array | by_name.get(m.label, False)
+                masks_of[label] = by_name
             return masks_of[label]
 
         unconfirmed: list[str] = []
@@ -589,10 +594,8 @@ class Engine:
             label = box.label.strip()
             if not label:
                 continue
-            union = None
-            for m in masks(label):
-                union = m.array if union is None else union | m.array
-            found = main_parts_box(union)
+            parts = list(masks(label).values())
+            found = main_parts_box(np.logical_or.reduce(parts)) if parts else None
             if found is not None:
                 box.text_xyxy = list(box.xyxy)
                 box.xyxy = list(found)
@@ -606,10 +609,7 @@ class Engine:
         for label, verb in absent:
             if label in boxed or verb != "is":
                 continue
-            by_name: dict[str, np.ndarray] = {}
-            for m in masks(label):
-                by_name[m.label] = m.array | by_name[m.label] if m.label in by_name else m.array
-            for name, array in by_name.items():
+            for name, array in masks(label).items():
                 if name in boxed or np.count_nonzero(array) < GROUND_MIN_ABSENT_PX:
                     continue
                 xyxy = main_parts_box(array)

@@ -139,8 +139,8 @@ def evaluate(engine, study: CTStudy, slices: list[int] | None = None,
                              max_new_tokens=48)
             ref_box = mask_box(ref) if s in on else None
             rights = det.add(s, [(b.label, b.xyxy) for b in res.boxes], ref_box)
-            written.add(s, [(b.label, _written(b)) for b in res.boxes
-                            if _written(b) is not None], ref_box)
+            written.add(s, [(b.label, xyxy) for b in res.boxes
+                            if (xyxy := _written(b)) is not None], ref_box)
             det_scored += [(b.score, r) for b, r in zip(res.boxes, rights)]
             found_scored += int(any(r and b.score is not None and b.score >= SCORE_LINE
                                     for b, r in zip(res.boxes, rights)))
