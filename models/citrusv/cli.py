@@ -58,9 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also save the model after the joint stage here (for inspection)")
     p.add_argument("--init", default=None,
                    help="continue from this checkpoint instead of from scratch")
-    p.add_argument("--shift-px", type=int, default=None,
-                   help="joint stages: show 3 in 4 CT slices moved by up to this many pixels, "
-                   "boxes moved alike (default: the recipe's, 0 = off)")
     p.add_argument("--lr", type=float, default=None, help="joint-stage learning rate")
     p.add_argument("--seg-lr", type=float, default=None, help="segmentation-stage learning rate")
     p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,

@@ -262,54 +262,6 @@ def ct_items(study: CTStudy, k: int) -> list[tuple[str, list[int], str, float, f
     return items
 
 
-def shift_image(image: np.ndarray, dx: int, dy: int) -> np.ndarray:
-    """`image` moved dx columns right and dy rows down; what comes in is the image's minimum
-    (air, or outside the scanner's field of view)."""
-    out = np.full_like(image, image.min())
-    h, w = image.shape[:2]
-    out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
-        image[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
-    return out
-
-
-def shift_room(study, k: int, limit: int) -> tuple[int, int, int, int]:
-    """(dx_min, dx_max, dy_min, dy_max), within +-limit pixels, that keep every labelled
-    structure of axial slice k whole in the image."""
-    _, h, w = study.volume.shape
-    boxes = [mask_box(m) for m in present(study, k).values()]
-    if not boxes:
-        return -limit, limit, -limit, limit
-    x1, y1 = min(b[0] for b in boxes), min(b[1] for b in boxes)
-    x2, y2 = max(b[2] for b in boxes), max(b[3] for b in boxes)
-    return (max(-limit, -int(x1)), min(limit, int(w - x2)),
-            max(-limit, -int(y1)), min(limit, int(h - y2)))
-
-
-def shifted_answer(study, sample: dict, dx: int, dy: int) -> str:
-    """The answer of a CT `sample` when its slice is shown moved by (dx, dy) pixels
-    (`shift_image`): boxes move with the image; laterality and sizes in mm are the anatomy's
-    and stay. The shift must keep the structures whole (`shift_room`)."""
-    k = sample["slice"]
-    _, h, w = study.volume.shape
-    fmap = frame_map(h, w)
-    on = present(study, k)
-
-    def moved(name: str) -> list[int]:
-        x1, y1, x2, y2 = mask_box(on[name])
-        return frame_box([x1 + dx, y1 + dy, x2 + dx, y2 + dy], fmap)
-
-    if sample["task"] == "segment":
-        return sample["answer"]
-    if sample["task"] == "report":
-        return report_answer([(name, moved(name), side, wmm, hmm)
-                              for name, _, side, wmm, hmm in ct_items(study, k)], "CT")
-    name = sample["structure"]
-    if name in PAIRS:
-        return plural_detect_answer(name, [{"bbox_2d": moved(m), "label": m}
-                                           for m in PAIRS[name] if m in on])
-    return detect_answer(name, moved(name) if name in on else None)
-
-
 # ----------------------------------------------------------------------------- DRR (X-ray)
 def hu_to_mu(hu: np.ndarray) -> np.ndarray:
     """Linear attenuation (1/mm) from HU at ~70 keV; bone a little harder, as in DRR practice."""

@@ -603,7 +603,6 @@ NANO_RECIPE: dict = dict(
     recall_weight=SEG_RECALL_WEIGHT,
     state_swap=0.0,  # off: run S with 0.5 missed mean Dice and citation precision
     # (docs/nano_training_history.md)
-    shift_px=0,  # off: see train_nano
     rounds=(dict(joint_steps=900, seg_steps=900, lr=1e-3, seg_lr=5e-4),
             dict(joint_steps=450, seg_steps=3000, lr=5e-4, seg_lr=5e-4)),
 )
@@ -672,8 +671,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
                save_dtype: str = "float16", max_minutes: float | None = None,
                joint_checkpoint: str | Path | None = None,
                init_from: str | Path | None = None,
-               state_swap: float = NANO_RECIPE["state_swap"],
-               shift_px: int = NANO_RECIPE["shift_px"], shift_share: float = 0.75) -> dict:
+               state_swap: float = NANO_RECIPE["state_swap"]) -> dict:
     """Build the data (if missing), train nano from scratch, save it in the released layout.
 
     `whole_names`: two-word structure names ("right kidney") are one token each. The state
@@ -685,16 +683,9 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
     batches). The state then names the structure but no longer says whether it is on the
     slice, so SAM2 learns that from the image; the frozen MLLM's judgement of that is what
     lost the liver dome in run R (docs/nano_training_history.md).
-
-    `shift_px`: in the joint stages, `shift_share` of the CT slices are shown moved by up to
-    this many pixels each way (as far as every labelled structure stays whole), with the boxes
-    in their answers and the mask targets moved alike. Trained without it, nano writes the
-    boxes of the training slices it remembers (MODEL_CARD, "Evaluation"). The shifts come
-    from their own random stream, so the batches are the same with and without them.
     """
     from .nano_data import (MIN_AREA_PX, NAMES, NANO_MAX_PIXELS, NANO_MIN_PIXELS,
-                            TRAIN_WINDOWS, build_nano_data, data_is_current, load_nano_data,
-                            shift_image, shift_room, shifted_answer)
+                            TRAIN_WINDOWS, build_nano_data, data_is_current, load_nano_data)
 
     torch.set_num_threads(threads)
     t_start = time.perf_counter()
@@ -726,11 +717,8 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
     drr_keys = sorted(k for k in by_image if k.startswith("drr:"))
     targets: dict[tuple[int, str], torch.Tensor] = {}
     rng = random.Random(seed)
-    shift_rng = random.Random(seed + 7919)
 
-    def target(k: int, name: str, shift: tuple[int, int] | None = None) -> torch.Tensor:
-        if shift:
-            return target_mask(shift_image(data.mask(name, k), *shift))
+    def target(k: int, name: str) -> torch.Tensor:
         if (k, name) not in targets:
             targets[(k, name)] = target_mask(data.mask(name, k))
         return targets[(k, name)]
@@ -743,12 +731,6 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
             key = rng.choice(drr_keys if use_drr else ct_keys)
             window = rng.choice(TRAIN_WINDOWS) if key.startswith("ct:") else None
             inp = bank.get(key, window)
-            shift = None
-            if with_text and shift_px and key.startswith("ct:") and shift_rng.random() < shift_share:
-                k = int(key.split(":")[1])
-                x0, x1, y0, y1 = shift_room(data, k, shift_px)
-                shift = (shift_rng.randint(x0, x1), shift_rng.randint(y0, y1))
-                inp = render(shift_image(data.volume[k], *shift), window, processor, config)
             images.append((key, window, inp))
             pool = by_image[key]
             if with_text:
@@ -768,9 +750,6 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
                 names.append(rng.choice([n for n in NAMES if n not in names]))
                 chosen = [rng.choice([s for s in pool if s["task"] == "segment"
                                       and s["structure"] == n]) for n in names]
-            if shift:
-                chosen = [{**s, "answer": shifted_answer(data, s, *shift), "shift": shift}
-                          for s in chosen]
             for s in chosen:
                 ids, start = encode_chat(tokenizer, config, s["prompt"], s["answer"], inp.grid,
                                          s["task"])
@@ -787,8 +766,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
         if swap:
             h = state_bank.swap(h, [meta[i]["structure"] for i in owners])
         pixels = torch.stack([im[2].sam for im in images])
-        tgt = torch.stack([target(meta[i]["slice"], meta[i]["structure"], meta[i].get("shift"))
-                           for i in owners])
+        tgt = torch.stack([target(meta[i]["slice"], meta[i]["structure"]) for i in owners])
         img_idx = [seqs[i].image for i in owners]
         if augment:
             pixels, tgt = augment_sam(pixels, tgt, img_idx, rng)
@@ -839,7 +817,6 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
                 model = load_checkpoint(tmp, dtype=torch.float32)[0]
         rng.seed(seed + r)
         torch.manual_seed(seed + r)
-        shift_rng.seed(seed + 7919 + r)
         # stage 1: joint (token CE + 2 Dice + 1 BCE), everything trained
         model.requires_grad_(True)
         model.train()
@@ -875,8 +852,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
            for r, spec in enumerate(rounds)]
     stats = {"seed": seed, "init_from": None if init_from is None else str(init_from),
              "whole_names": whole_names, "recall_weight": recall_weight,
-             "state_swap": state_swap, "shift_px": shift_px,
-             "shift_share": shift_share if shift_px else None, "rounds": ran,
+             "state_swap": state_swap, "rounds": ran,
              "stopped_early": any(x["joint_steps_run"] < x["joint_steps"]
                                   or x["seg_steps_run"] < x["seg_steps"] for x in ran),
              "total_seconds": round(total_s, 1), "batch_images": batch_images,
@@ -916,18 +892,16 @@ def train_nano_cli(args) -> int:
     whole_names = NANO_RECIPE["whole_names"] if args.whole_names is None else args.whole_names
     seed = NANO_RECIPE["seed"] if args.seed is None else args.seed
     state_swap = NANO_RECIPE["state_swap"] if args.state_swap is None else args.state_swap
-    shift_px = NANO_RECIPE["shift_px"] if args.shift_px is None else args.shift_px
     is_recipe = (not given and seed == NANO_RECIPE["seed"] and args.init is None
                  and whole_names == NANO_RECIPE["whole_names"]
-                 and state_swap == NANO_RECIPE["state_swap"]
-                 and shift_px == NANO_RECIPE["shift_px"] and args.threads == 1
+                 and state_swap == NANO_RECIPE["state_swap"] and args.threads == 1
                  and args.max_minutes is None)
     note = recipe_host_note(training_host(), out=args.out) if is_recipe else None
     if note:
         print(note, flush=True)
     stats = train_nano(out_dir=args.out, seed=seed, data_dir=args.data, rounds=rounds,
                        whole_names=whole_names,
-                       state_swap=state_swap, shift_px=shift_px,
+                       state_swap=state_swap,
                        threads=args.threads, max_minutes=args.max_minutes,
                        joint_checkpoint=args.joint_checkpoint, init_from=args.init)
     print(json.dumps({k: v for k, v in stats.items() if k != "rounds"}, indent=1))

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from citrusv.nano_data import (CASUAL_SHARE, DATA_VERSION, GUARD, HELD_OUT_BLOCKS, MIN_AREA_PX, NAMES,
                                build_samples, ct_items, data_is_current, detect_answer, drr,
-                               drr_boxes, frame_box, frame_map, mask_box, report_answer,
-                               segment_answer, shift_image, shift_room, shifted_answer, split_of)
+                               drr_boxes, frame_map, report_answer, segment_answer, split_of)
 from citrusv.parsing import parse_output
 
 
@@ -100,36 +99,3 @@ def test_training_rebuilds_data_built_with_another_seed(tmp_path):
     assert data_is_current(tmp_path) and data_is_current(tmp_path, 0)
     assert not data_is_current(tmp_path, 1)
 
-
-
-def test_a_shifted_slice_has_its_boxes_moved_and_its_anatomy_kept(study, samples):
-    """Joint-stage shift augmentation (`shift_px`): the boxes in the answer move with the
-    image, the laterality and the sizes in mm stay, and no structure is cut."""
-    k, dx, dy = 40, 64, -21
-    x0, x1, y0, y1 = shift_room(study, k, 64)
-    assert (x0, x1, y0, y1) == (-64, 64, -64, 64)  # labels span x 79-436, y 121-378
-    assert shift_room(study, 126, 300)[2:] == (-271, 218)  # the spinal cord alone: rows 271-293
-    mask = study.mask("liver", k)
-    moved = shift_image(mask, dx, dy)
-    assert moved.sum() == mask.sum()
-    assert mask_box(moved) == [b + d for b, d in zip(mask_box(mask), (dx, dy, dx, dy))]
-    image = study.volume[k]
-    assert shift_image(image, dx, dy)[0, 0] == image.min()  # what comes in is air
-    fmap = frame_map(*image.shape)
-    on_k = [s for s in samples if s["slice"] == k]
-    assert all(shifted_answer(study, s, 0, 0) == s["answer"] for s in on_k)
-    det = next(s for s in on_k if s["task"] == "detect" and s["structure"] == "liver")
-    box = parse_output(shifted_answer(study, det, dx, dy), det["prompt"]).boxes[0].xyxy
-    assert box == [float(v) for v in frame_box(mask_box(moved), fmap)]
-    assert box != det["box"]
-    report = next(s for s in on_k if s["task"] == "report")
-    before = parse_output(report["answer"], report["prompt"])
-    after = parse_output(shifted_answer(study, report, dx, dy), report["prompt"])
-    assert after.answer == before.answer  # laterality and mm are the anatomy's
-    assert [b.label for b in after.boxes] == [b.label for b in before.boxes]
-    assert all(a.xyxy != b.xyxy for a, b in zip(after.boxes, before.boxes))
-    pair = next(s for s in samples if s["slice"] == 15 and s["structure"] == "kidneys")
-    both = parse_output(shifted_answer(study, pair, dx, dy), pair["prompt"]).boxes
-    assert [b.label for b in both] == ["right kidney", "left kidney"]
-    assert both[0].xyxy == [float(v) for v in frame_box(
-        mask_box(shift_image(study.mask("right kidney", 15), dx, dy)), fmap)]

@@ -24,7 +24,6 @@ def test_shipped_nano_was_made_by_one_run_of_the_default_recipe():
     assert log["whole_names"] == NANO_RECIPE["whole_names"]
     assert log["recall_weight"] == NANO_RECIPE["recall_weight"]
     assert log.get("state_swap", 0.0) == NANO_RECIPE["state_swap"]  # W's log predates the option
-    assert log.get("shift_px", 0) == NANO_RECIPE["shift_px"]  # T2's log predates the option
     keys = ("joint_steps", "seg_steps", "lr", "seg_lr")
     assert [{k: r[k] for k in keys} for r in log["rounds"]] == [dict(r) for r in
                                                                 NANO_RECIPE["rounds"]]
@@ -38,7 +37,7 @@ def test_cli_defaults_are_the_recipe():
 
     args = build_parser().parse_args(["train"])
     assert (args.joint_steps, args.seg_steps, args.lr, args.seg_lr, args.whole_names,
-            args.state_swap, args.shift_px, args.seed) == (None,) * 8
+            args.state_swap, args.seed) == (None,) * 7
     assert args.threads == 1 and args.out == "models/nano"
     assert args.eval is True  # a retrain is scored before anyone serves it
     assert build_parser().parse_args(["train", "--no-eval"]).eval is False
