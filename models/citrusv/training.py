@@ -917,7 +917,8 @@ def post_training_verdict(out_dir, threads: int = 1, slices: list[int] | None = 
     """Score freshly trained weights on the held-out blocks (`citrusv eval`), write the scores
     to `<out_dir>/evaluation.json`, and say whether they meet the issue's targets: a retrain is
     another draw of the recipe and can miss them (MODEL_CARD.md, "Recipe")."""
-    from .evaluation import TARGETS, evaluate_model, format_table, missed_targets
+    from .evaluation import (evaluate_model, format_table, missed_targets,
+                             written_detection_miss)
 
     path = Path(out_dir) / "evaluation.json"
     scores = evaluate_model(out_dir, threads, slices=slices, json_path=path)
@@ -928,10 +929,8 @@ def post_training_verdict(out_dir, threads: int = 1, slices: list[int] | None = 
                f"These weights MISS targets on the held-out blocks: {'; '.join(missed)}. "
                f"Do not serve them in place of a model that meets them; train again with "
                f"another --seed, or keep models/nano (scores: {path}).")
-    written = scores.get("written_detection_precision")
-    if written is not None and written < TARGETS["detection_precision"]:
-        verdict += (f" The boxes as the model writes them miss detection: precision@IoU0.5 "
-                    f"{written:.3f} < {TARGETS['detection_precision']} (by "
-                    f"{TARGETS['detection_precision'] - written:.3f}), as for every nano so far "
-                    f"(models/nano/MODEL_CARD.md).")
+    written = written_detection_miss(scores)
+    if written:
+        verdict += (f" The boxes as the model writes them miss detection: {written}, as for "
+                    f"every nano so far (models/nano/MODEL_CARD.md).")
     return format_table(scores) + "\n\n" + verdict
