@@ -67,9 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-swap", type=float, default=None,
                    help="share of [SEG] states swapped for the same structure's state from "
                         "another slice in the segmentation stages (default: the recipe's)")
-    p.add_argument("--freeze-vision", action="store_true",
-                   help="experiment: keep the Qwen vision tower at its random initial weights "
-                        "in the joint stages (off in the recipe)")
     p.set_defaults(func=_train)
     p = sub.add_parser("eval", help="score a model on the held-out slice blocks of the sample CT")
     p.add_argument("--model", default="models/nano")

@@ -671,8 +671,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
                save_dtype: str = "float16", max_minutes: float | None = None,
                joint_checkpoint: str | Path | None = None,
                init_from: str | Path | None = None,
-               state_swap: float = NANO_RECIPE["state_swap"],
-               freeze_vision: bool = False) -> dict:
+               state_swap: float = NANO_RECIPE["state_swap"]) -> dict:
     """Build the data (if missing), train nano from scratch, save it in the released layout.
 
     `whole_names`: two-word structure names ("right kidney") are one token each. The state
@@ -684,11 +683,6 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
     batches). The state then names the structure but no longer says whether it is on the
     slice, so SAM2 learns that from the image; the frozen MLLM's judgement of that is what
     lost the liver dome in run R (docs/nano_training_history.md).
-
-    `freeze_vision` (an experiment, off in the recipe): the Qwen vision tower keeps its random
-    initial weights in the joint stages. Random image tokens keep neighbouring slices close
-    (the nearest training slice by them is the nearest in z for every held-out slice);
-    trained ones do not (docs/nano_training_history.md).
     """
     from .nano_data import (MIN_AREA_PX, NAMES, NANO_MAX_PIXELS, NANO_MIN_PIXELS,
                             TRAIN_WINDOWS, build_nano_data, data_is_current, load_nano_data)
@@ -825,8 +819,6 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
         torch.manual_seed(seed + r)
         # stage 1: joint (token CE + 2 Dice + 1 BCE), everything trained
         model.requires_grad_(True)
-        if freeze_vision:
-            model.mllm.model.visual.requires_grad_(False)
         model.train()
         t1 = time.perf_counter()
         run_stage("joint", spec["joint_steps"], spec["lr"], 30, r,
@@ -860,7 +852,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
            for r, spec in enumerate(rounds)]
     stats = {"seed": seed, "init_from": None if init_from is None else str(init_from),
              "whole_names": whole_names, "recall_weight": recall_weight,
-             "state_swap": state_swap, "freeze_vision": freeze_vision, "rounds": ran,
+             "state_swap": state_swap, "rounds": ran,
              "stopped_early": any(x["joint_steps_run"] < x["joint_steps"]
                                   or x["seg_steps_run"] < x["seg_steps"] for x in ran),
              "total_seconds": round(total_s, 1), "batch_images": batch_images,
@@ -903,14 +895,13 @@ def train_nano_cli(args) -> int:
     is_recipe = (not given and seed == NANO_RECIPE["seed"] and args.init is None
                  and whole_names == NANO_RECIPE["whole_names"]
                  and state_swap == NANO_RECIPE["state_swap"] and args.threads == 1
-                 and not args.freeze_vision
                  and args.max_minutes is None)
     note = recipe_host_note(training_host(), out=args.out) if is_recipe else None
     if note:
         print(note, flush=True)
     stats = train_nano(out_dir=args.out, seed=seed, data_dir=args.data, rounds=rounds,
                        whole_names=whole_names,
-                       state_swap=state_swap, freeze_vision=args.freeze_vision,
+                       state_swap=state_swap,
                        threads=args.threads, max_minutes=args.max_minutes,
                        joint_checkpoint=args.joint_checkpoint, init_from=args.init)
     print(json.dumps({k: v for k, v in stats.items() if k != "rounds"}, indent=1))
