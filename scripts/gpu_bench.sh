@@ -8,7 +8,8 @@
 #
 # Runs: the engine bench of the random-init 8B shape (bf16: capture-while-generating overhead,
 # prefill/decode tokens/s, cold vs cached mask step, GPU memory) and the fine-tune memory with
-# the training run's MLLM copy kept vs released. SHAPE, DEVICE override the defaults.
+# the training run's MLLM copy kept vs released; then the engine bench of the shipped models/nano.
+# SHAPE, DEVICE override the defaults.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -25,7 +26,12 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/models" PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
   "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } | tee "$OUT/machine.txt"
+# Each step runs even when one before it failed; the script's status is the worst of them.
+rc=0
 "$PY" -m citrusv.cli bench --shape "$SHAPE" --device "$DEVICE" --size 512 --new-tokens 32 \
-    --repeats 5 2>&1 | tee "$OUT/bench_$SHAPE.txt"
+    --repeats 5 2>&1 | tee "$OUT/bench_$SHAPE.txt" || rc=1
 "$PY" -m citrusv.cli bench --shape "$SHAPE" --device "$DEVICE" --finetune-steps 10 2>&1 \
-    | tee "$OUT/finetune_$SHAPE.txt"
+    | tee "$OUT/finetune_$SHAPE.txt" || rc=1
+"$PY" -m citrusv.cli bench --model models/nano --device "$DEVICE" --size 512 --new-tokens 32 \
+    --repeats 5 2>&1 | tee "$OUT/bench_nano.txt" || rc=1
+exit $rc
