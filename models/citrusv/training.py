@@ -46,8 +46,10 @@ SEG_RECALL_WEIGHT = 0.05
 # Environment variables that pin the CPU kernels torch's MKL / oneDNN / ATen dispatch to
 # (recorded in training_log.json; none is set by default)
 KERNEL_PINS = ("MKL_CBWR", "DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
-# the fields of training_host() that tell one kind of machine from another
-HOST_KIND = ("machine", "cpu_family_model", "isa_flags", "torch", "torch_cpu_capability",
+# what tells one kind of machine from another: the fields of training_host() and the CPU's
+# maker (cpu_vendor). Not the CPU's family/model: the recipe wrote T2's weights byte for byte
+# on AMD EPYC 23/49 (T2) and 25/1 (T2a), both AVX2 only (docs/nano_training_history.md)
+HOST_KIND = ("machine", "cpu_vendor", "isa_flags", "torch", "torch_cpu_capability",
              "libraries", "kernel_pins")
 SHIPPED_NANO = Path(__file__).resolve().parents[1] / "nano"
 MASK_LOSS_SIZE = 128  # masks are scored at this size during training (SAM2 low-res is 64)
@@ -636,10 +638,19 @@ def training_host() -> dict:
             "kernel_pins": {k: os.environ[k] for k in KERNEL_PINS if k in os.environ}}
 
 
+def cpu_vendor(host: dict) -> str:
+    """The CPU's maker, from training_host()'s model name ("AMD EPYC" -> "AMD"): MKL and oneDNN
+    choose kernels by maker as well as by instruction set."""
+    name = str(host.get("cpu") or "")
+    return next((v for v in ("AMD", "Intel") if v in name), name or "?")
+
+
 def host_differences(host: dict, other: dict) -> list[str]:
     """Where two training_host() records differ in kind of machine: "field here (other)"."""
-    return [f"{k} {host.get(k)} (there: {other.get(k)})" for k in HOST_KIND
-            if host.get(k) != other.get(k)]
+    def kind(h: dict, k: str):
+        return cpu_vendor(h) if k == "cpu_vendor" else h.get(k)
+    return [f"{k} {kind(host, k)} (there: {kind(other, k)})" for k in HOST_KIND
+            if kind(host, k) != kind(other, k)]
 
 
 def recipe_host_note(host: dict, shipped: str | Path = SHIPPED_NANO,
@@ -654,7 +665,7 @@ def recipe_host_note(host: dict, shipped: str | Path = SHIPPED_NANO,
     if not diffs:
         return ("This machine is of the kind that made models/nano: at one thread the recipe "
                 "repeats there, so the weights should come out as shipped (compare them with "
-                "cmp; checked only in part, MODEL_CARD.md).")
+                "cmp; they did on two AMD EPYC models, MODEL_CARD.md).")
     return ("This machine is not of the kind that made models/nano (" + "; ".join(diffs) + "): "
             "the recipe gives other weights here, which can miss the model card's targets (run "
             "T2i in MODEL_CARD.md missed mean Dice and liver). Score them with `citrusv eval "

@@ -10,8 +10,8 @@ import pytest
 
 from citrusv.checkpoint import read_example_prompts, read_intended_use
 from citrusv.nano_data import NANO_INTENDED_USE, nano_example_prompts
-from citrusv.training import (NANO_RECIPE, host_differences, recipe_host_note, train_nano,
-                              training_host)
+from citrusv.training import (NANO_RECIPE, cpu_vendor, host_differences, recipe_host_note,
+                              train_nano, training_host)
 
 NANO = Path(__file__).resolve().parents[2] / "models" / "nano"
 
@@ -129,14 +129,21 @@ def test_recipe_run_is_told_whether_this_machine_made_the_shipped_nano(tmp_path)
     (tmp_path / "training_log.json").write_text(json.dumps({"host": here}))
     assert recipe_host_note(here, tmp_path).startswith("This machine is of the kind that made")
 
-    other = {**here, "cpu_family_model": "0/0", "torch": "0.0"}  # a kind no machine is
+    # another model of the same maker and instruction set is the same kind: T2's command wrote
+    # T2's weights byte for byte on AMD EPYC 23/49 and 25/1 (MODEL_CARD.md, "Recipe")
+    assert host_differences({**here, "cpu_family_model": "0/0"}, here) == []
+    assert [cpu_vendor({"cpu": c}) for c in ("AMD EPYC", "Intel(R) Xeon(R) Platinum 8480+",
+                                             "", "Other CPU")] == ["AMD", "Intel", "?",
+                                                                  "Other CPU"]
+
+    other = {**here, "cpu": "Other CPU", "torch": "0.0"}  # a kind no machine is
     assert host_differences(here, other) == [
-        f"cpu_family_model {here['cpu_family_model']} (there: 0/0)",
+        f"cpu_vendor {cpu_vendor(here)} (there: Other CPU)",
         f"torch {here['torch']} (there: 0.0)"]
     (tmp_path / "training_log.json").write_text(json.dumps({"host": other}))
     note = recipe_host_note(here, tmp_path)
     assert note.startswith("This machine is not of the kind that made models/nano (")
-    assert "cpu_family_model" in note and "citrusv eval --model OUT" in note
+    assert "cpu_vendor" in note and "citrusv eval --model OUT" in note
 
     # the shipped folder's own record is read when no folder is named
     shipped = json.loads((NANO / "training_log.json").read_text())["host"]
