@@ -26,7 +26,7 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/models" PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
   "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } | tee "$OUT/machine.txt"
-# Each step runs even when one before it failed; the script's status is the worst of them.
+# Each step runs even when one before it failed; the script exits 1 when any of them failed.
 rc=0
 "$PY" -m citrusv.cli bench --shape "$SHAPE" --device "$DEVICE" --size 512 --new-tokens 32 \
     --repeats 5 2>&1 | tee "$OUT/bench_$SHAPE.txt" || rc=1
