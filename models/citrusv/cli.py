@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="models/nano")
     p.add_argument("--json", default=None, help="also write the scores as JSON here")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (a GPU)")
+    p.add_argument("--dtype", default=None,
+                   help="the MLLM's float32 or bfloat16 (default by device: bf16 on cuda)")
+    p.add_argument("--sample-data", default=None, metavar="DIR",
+                   help="the sample data folder to read studies/chest_ct.nii.gz and "
+                        "reference/chest_ct from (default: the repository's sample_data)")
     p.set_defaults(func=_eval)
     from .commands import add_commands
 
@@ -86,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        if getattr(args, "device", None) not in (None, "cpu"):
+            from .engine import check_device
+
+            check_device(args.device, what="--device")
         return int(args.func(args) or 0)
     except (InputError, CheckpointError) as exc:  # bad input: one sentence, no traceback
         print(f"error: {exc}", file=sys.stderr)

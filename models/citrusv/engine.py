@@ -83,6 +83,24 @@ def unconfirmed_boxes_warning(labels: list[str]) -> str:
             f"model wrote {it}, not the box of a mask; treat {it} as unconfirmed.")
 
 
+def check_device(device: str | torch.device, what: str = "device") -> torch.device:
+    """The torch device for `device`, or one sentence (naming the setting as `what`) when this
+    process cannot use it: say so at load time, not with torch's words at the first question."""
+    value = str(device)
+    kind, _, index = value.partition(":")
+    if kind not in ("cuda", "cpu", "mps") or (index and not index.isdigit()):
+        raise InputError("device", f"{what} {value} is not a device; use cuda or cpu.")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("device", f"{what} {value}: this process sees no CUDA GPU (check "
+                             "the NVIDIA driver with nvidia-smi, and CUDA_VISIBLE_DEVICES), "
+                             f"or use {what} cpu.")
+        if index and int(index) >= torch.cuda.device_count():
+            raise InputError("device", f"{what} {value}: this process sees "
+                             f"{torch.cuda.device_count()} GPU(s), numbered from cuda:0.")
+    return torch.device(value)
+
+
 def resolve_dtype(dtype, device: str | torch.device) -> torch.dtype:
     """None -> fp32 on CPU, bf16 on CUDA; strings like "bf16" accepted."""
     if dtype is None:
@@ -187,6 +205,7 @@ class Engine:
         if not path.is_dir():
             raise InputError("model", f"model directory {path} does not exist; "
                              "pass a Citrus-V checkpoint directory.")
+        check_device(device)
         torch_dtype = resolve_dtype(dtype, device)
         model, processor, config = load_checkpoint(path, device=device, dtype=torch_dtype)
         settings.setdefault("name", config.name if config.name != "citrusv" else path.name)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import InputError
 from .nano_data import (HELD_OUT_BLOCKS, MIN_AREA_PX, NAMES, CTStudy, eval_window, load_study,
                         mask_box)
 
@@ -288,12 +289,20 @@ def written_detection_miss(scores: dict) -> str | None:
 
 
 def evaluate_model(model_dir, threads: int = 1, slices: list[int] | None = None,
-                   json_path=None, progress=None) -> dict:
+                   json_path=None, progress=None, device: str = "cpu", dtype=None,
+                   sample_data=None) -> dict:
     """Load `model_dir`, score it on the held-out blocks (or `slices`), write JSON if asked."""
     from .engine import Engine
 
+    if sample_data is None:
+        from sample_data.build import ROOT as sample_data
+    for need in ("studies/chest_ct.nii.gz", "reference/chest_ct/mask.nii.gz"):
+        if not (Path(sample_data) / need).is_file():
+            raise InputError("sample_data", f"{Path(sample_data) / need} is missing; build the "
+                             "sample data with `python -m sample_data` (scripts/install.sh does).")
     torch.set_num_threads(threads)
-    scores = evaluate(Engine.load(model_dir), load_study(), slices=slices, progress=progress)
+    engine = Engine.load(model_dir, device=device, dtype=dtype)
+    scores = evaluate(engine, load_study(sample_data), slices=slices, progress=progress)
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(scores, indent=1))
@@ -306,7 +315,8 @@ def _progress(i: int, n: int) -> None:
 
 def eval_cli(args) -> int:
     """`citrusv eval --model DIR`: print the table (and write JSON with --json)."""
-    scores = evaluate_model(args.model, args.threads, json_path=args.json, progress=_progress)
+    scores = evaluate_model(args.model, args.threads, json_path=args.json, progress=_progress,
+                            device=args.device, dtype=args.dtype, sample_data=args.sample_data)
     print()
     print(format_table(scores))
     return 0

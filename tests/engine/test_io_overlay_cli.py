@@ -158,3 +158,35 @@ def test_cli_eval_on_a_missing_model_says_one_sentence(tmp_path, capsys):
     assert rc == 2
     assert err.startswith("error: model directory ") and "does not exist" in err
     assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("device, words", [
+    ("gpu", "error: --device gpu is not a device; use cuda or cpu."),
+    ("cuda:x", "error: --device cuda:x is not a device; use cuda or cpu."),
+    ("cuda", "error: --device cuda: this process sees no CUDA GPU (check the NVIDIA driver"),
+])
+@pytest.mark.parametrize("command", [["eval"], ["bench", "--model", "models/nano"]])
+def test_cli_device_this_process_cannot_use_says_one_sentence(command, device, words, capsys):
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the check is for one that has none")
+    rc = main(command + ["--device", device])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith(words)
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_engine_load_checks_the_device_first(tiny_dir):
+    from citrusv import Engine
+
+    with pytest.raises(InputError, match=r"^device cuda:x is not a device; use cuda or cpu\.$"):
+        Engine.load(tiny_dir, device="cuda:x")
+
+
+def test_cli_eval_without_the_sample_data_says_one_sentence(tmp_path, capsys):
+    rc = main(["eval", "--sample-data", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err == (f"error: {tmp_path}/studies/chest_ct.nii.gz is missing; build the sample data "
+                   "with `python -m sample_data` (scripts/install.sh does).")

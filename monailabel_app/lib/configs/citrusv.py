@@ -38,18 +38,14 @@ DTYPES = {"bf16": "bf16", "bfloat16": "bf16", "fp32": "fp32", "float32": "fp32",
 def _device(value: str | None) -> str:
     import torch
 
+    from citrusv.engine import check_device
+    from citrusv.errors import InputError
+
     if value:
-        if value.split(":")[0] not in ("cuda", "cpu", "mps"):
-            raise ValueError(f"--conf device {value} is not a device; use cuda or cpu.")
-        if value.startswith("cuda"):  # say so now, not at the first question
-            if not torch.cuda.is_available():
-                raise ValueError(f"--conf device {value}: this process sees no CUDA GPU (check "
-                                 "the NVIDIA driver with nvidia-smi, and CUDA_VISIBLE_DEVICES), "
-                                 "or use --conf device cpu.")
-            index = value.partition(":")[2]
-            if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
-                raise ValueError(f"--conf device {value}: this process sees "
-                                 f"{torch.cuda.device_count()} GPU(s), numbered from cuda:0.")
+        try:
+            check_device(value, what="--conf device")  # say so now, not at the first question
+        except InputError as e:
+            raise ValueError(str(e)) from None
         return value
     return "cuda" if torch.cuda.is_available() else "cpu"
 
