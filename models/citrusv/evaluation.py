@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import InputError
 from .nano_data import (HELD_OUT_BLOCKS, MIN_AREA_PX, NAMES, CTStudy, eval_window, load_study,
                         mask_box)
 
@@ -294,15 +293,10 @@ def evaluate_model(model_dir, threads: int = 1, slices: list[int] | None = None,
     """Load `model_dir`, score it on the held-out blocks (or `slices`), write JSON if asked."""
     from .engine import Engine
 
-    if sample_data is None:
-        from sample_data.build import ROOT as sample_data
-    for need in ("studies/chest_ct.nii.gz", "reference/chest_ct/mask.nii.gz"):
-        if not (Path(sample_data) / need).is_file():
-            raise InputError("sample_data", f"{Path(sample_data) / need} is missing; build the "
-                             "sample data with `python -m sample_data` (scripts/install.sh does).")
+    study = load_study(sample_data)
     torch.set_num_threads(threads)
     engine = Engine.load(model_dir, device=device, dtype=dtype)
-    scores = evaluate(engine, load_study(sample_data), slices=slices, progress=progress)
+    scores = evaluate(engine, study, slices=slices, progress=progress)
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(scores, indent=1))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import InputError
 from .imaging import FrameMap, smart_resize
 
 # The ten structures, in the fixed anatomical reading order the report trace walks.
@@ -148,6 +149,11 @@ def load_study(root: Path | None = None) -> CTStudy:
     if root is None:
         from sample_data.build import ROOT as root
     root = Path(root)
+    for need in ("studies/chest_ct.nii.gz", "reference/chest_ct/mask.nii.gz",
+                 "reference/chest_ct/labels.json"):
+        if not (root / need).is_file():
+            raise InputError("sample_data", f"{root / need} is missing; build the sample data "
+                             "with `python -m sample_data` (scripts/install.sh does).")
     img = nib.load(str(root / "studies" / "chest_ct.nii.gz"))
     ref = root / "reference" / "chest_ct"
     names = json.loads((ref / "labels.json").read_text())
