@@ -13,7 +13,8 @@ import pytest
 from tests.server import APP_DIR, copy_studies, start_citrusv_server
 
 sys.path.insert(0, str(APP_DIR))
-from lib.trainers.citrusv_finetune import choose_mllm_device, parse_mllm_device  # noqa: E402
+from lib.trainers.citrusv_finetune import (choose_mllm_device, failure_sentence,  # noqa: E402
+                                           parse_mllm_device)
 
 GIB = 1024**3
 WEIGHTS_8B = 17 * GIB  # Citrus-V-8B in bf16, about
@@ -60,3 +61,15 @@ def test_device_the_process_cannot_use_stops_the_server_with_a_sentence(
     with pytest.raises(RuntimeError, match="--conf device gpu0 is not a device; use cuda or cpu"):
         with start_citrusv_server(studies, tiny_model_dir, device="gpu0"):
             pass
+
+
+def test_a_run_out_of_gpu_memory_says_what_to_do():
+    import torch
+
+    oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+    said = failure_sentence(oom, {"batch_images": 4})
+    assert said.startswith("The GPU ran out of memory in the fine-tune (4 slices per step): "
+                           "send a smaller batch_images or free GPU memory; the corrections "
+                           "are kept.")
+    assert said.endswith("OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB.")
+    assert failure_sentence(OSError(27, "File too large"), {}) == "OSError: [Errno 27] File too large"
