@@ -8,7 +8,8 @@
 #
 # Runs: the engine bench of the random-init 8B shape (bf16: capture-while-generating overhead,
 # prefill/decode tokens/s, cold vs cached mask step, GPU memory) and the fine-tune memory with
-# the training run's MLLM copy kept vs released; then the engine bench of the shipped models/nano.
+# the training run's MLLM copy kept vs released; then the engine bench of the shipped models/nano,
+# and its evaluation where the held-out copy of the sample data came along (HELD_OUT, below).
 # SHAPE, DEVICE override the defaults.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,4 +35,12 @@ rc=0
     | tee "$OUT/finetune_$SHAPE.txt" || rc=1
 "$PY" -m citrusv.cli bench --model models/nano --device "$DEVICE" --size 512 --new-tokens 32 \
     --repeats 5 2>&1 | tee "$OUT/bench_nano.txt" || rc=1
+# nano's evaluation on this device, where the small sample-data copy came along
+# (python scripts/held_out_copy.py work/held_out here; carry work/held_out too; ~2 min on an H200)
+HELD_OUT=${HELD_OUT:-work/held_out}
+if [ -f "$HELD_OUT/studies/chest_ct.nii.gz" ]; then
+    "$PY" -m citrusv.cli eval --device "$DEVICE" --sample-data "$HELD_OUT" \
+        --json "$OUT/eval_nano.json" 2>&1 | tr '\r' '\n' | grep -v '^slice' \
+        | tee "$OUT/eval_nano.txt" || rc=1
+fi
 exit $rc
