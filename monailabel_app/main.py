@@ -16,12 +16,13 @@ import importlib
 import json
 import logging
 import os
+import sys
 from typing import Any
 
 import lib.configs
 from dicomweb_client.session_utils import create_session_from_user_pass
 from lib.datastore import SERVER_KEYS, EXTENSIONS, CorrectionsDatastore, PacsDatastore
-from lib.errors import RequestError
+from lib.errors import EXIT_CONF, ConfError, RequestError
 from lib.model import resolve_model_dir
 from lib.trainers.citrusv_finetune import check_options
 
@@ -194,7 +195,7 @@ def pacs_cache_bytes(value: str | None) -> int:
     except ValueError:
         gb = -1.0
     if not gb >= 0:  # also NaN
-        raise ValueError(f"--conf pacs_cache_gb must be a number of gigabytes >= 0 (0: no "
+        raise ConfError(f"--conf pacs_cache_gb must be a number of gigabytes >= 0 (0: no "
                          f"limit), not '{value}'.")
     return int(gb * 1e9)
 
@@ -302,8 +303,25 @@ def _check_tokens_with_pyjwt2() -> None:
     _patch_once(auth, "jwt", lambda original: _Jwt())
 
 
+def _stop_for_setting(e: ConfError) -> None:
+    """A `--conf` setting the server cannot start with: its sentence alone in the log (MONAI
+    Label and uvicorn would print it under a traceback) and exit status EXIT_CONF (78), on
+    which the systemd unit does not restart (`RestartPreventExitStatus`)."""
+    logger.error("Citrus-V cannot start: %s", e)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_CONF)
+
+
 class CitrusVApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        try:
+            self._init(app_dir, studies, conf)
+        except ConfError as e:
+            _stop_for_setting(e)
+
+    def _init(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         _answer_missing_image_with_400()
         _record_who_corrected()
         _check_training_options()

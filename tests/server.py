@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -148,6 +149,20 @@ def start_citrusv_server(studies: Path | str, model_dir: Path, log_path: Path | 
     finally:
         _stop(process)
         log.close()
+
+
+def assert_refuses_setting(sentence: str, studies: Path | str, model_dir: Path,
+                           **kwargs) -> None:
+    """A server started with a `--conf` setting it cannot start with (in `kwargs`, as for
+    start_citrusv_server) exits with status 78 (EX_CONFIG: the systemd unit does not restart
+    on it) and logs "Citrus-V cannot start: " and the sentence (a regex), with no traceback."""
+    with pytest.raises(RuntimeError) as info:
+        with start_citrusv_server(studies, model_dir, **kwargs):
+            pass
+    said = str(info.value)
+    assert said.startswith("server exited with 78:"), said[-3000:]
+    assert re.search("Citrus-V cannot start: " + sentence, said), said[-3000:]
+    assert "Traceback" not in said, said[-3000:]
 
 
 def wait_until_up(server: CitrusVServer) -> None:

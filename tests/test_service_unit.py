@@ -10,6 +10,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -47,6 +48,9 @@ def test_unit_runs_as_a_restarting_unprivileged_service():
     assert s["User"] == ["citrusv"] and s["Restart"] == ["on-failure"]
     assert s["WantedBy"] == ["multi-user.target"] and s["KillMode"] == ["control-group"]
     assert int(s["StartLimitBurst"][0]) >= 2 and int(s["RestartSec"][0]) > 0
+    # the app's exit status for a --conf setting it cannot start with (tests/server.py
+    # assert_refuses_setting): systemd does not restart on it
+    assert s["RestartPreventExitStatus"] == ["78"]
     command = shlex.split(s["ExecStart"][0])
     assert command[:4] == ["/opt/citrusv/.venv/bin/python", "-m", "monailabel.main", "start_server"]
     assert command[command.index("--app") + 1] == "/opt/citrusv/monailabel_app"
@@ -87,6 +91,24 @@ def test_unit_command_starts_the_server_and_stop_ends_it(tmp_path, tiny_model_di
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
         log.close()
+
+
+def test_the_unit_under_real_systemd():
+    """scripts/systemd_check.py: the unit under Debian's systemd, PID 1 of namespaces of its own
+    (root only, ~90 s): `enable --now`; the server as the unit's user with its state directory,
+    private /tmp, read-only /usr and /etc; `systemctl stop` during a training run ends the
+    whole control group within TimeoutStopSec and the correction sent before is stored whole;
+    SIGKILL is followed by a restart; `--conf device cuda` without a GPU fails with status 78,
+    is not restarted, and `systemctl status` shows the sentence. The script checks each value
+    and exits 1 naming the first that does not hold."""
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "systemd_check.py")],
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode == 2:  # not root, no namespaces, no systemd, or a real install here
+        pytest.skip(r.stdout.strip())
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    for step in ("1. enable --now: /info/ answers", "2. stop during a training run",
+                 "3. SIGKILL to MainPID", "4. --conf device cuda without a GPU: failed"):
+        assert step in r.stdout, r.stdout
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None,

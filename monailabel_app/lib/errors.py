@@ -15,6 +15,14 @@ class RequestError(HTTPException):
         super().__init__(status_code=status_code, detail=sentence)
 
 
+class ConfError(ValueError):
+    """A `--conf` setting the server cannot start with; the sentence names it and the fix.
+    The app logs the sentence alone and exits with EXIT_CONF (main.py)."""
+
+
+EXIT_CONF = 78  # EX_CONFIG (sysexits.h); scripts/citrusv-server.service does not restart on it
+
+
 class ModelNotInstalled(HTTPException):
     """The checkpoint is missing: the server runs, the tasks answer 503 until it is installed."""
 

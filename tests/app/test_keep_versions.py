@@ -9,7 +9,7 @@ import json
 import pytest
 
 from tests.app.helpers import put_label, reference_label, run_training
-from tests.server import private_citrusv_server, copy_studies, start_citrusv_server
+from tests.server import assert_refuses_setting, copy_studies, private_citrusv_server
 
 SPLEEN = 1  # labels.json
 
@@ -51,7 +51,6 @@ def test_published_run_prunes_the_older_versions(keep_one_server, tmp_path):
 
 def test_bad_keep_versions_stops_the_server_with_a_sentence(tiny_model_dir,
                                                              citrusv_sample_studies, tmp_path):
-    with pytest.raises(RuntimeError, match="keep_versions two is not a whole number >= 0"):
-        with start_citrusv_server(copy_studies(tmp_path / "studies", citrusv_sample_studies),
-                                  tiny_model_dir, keep_versions="two"):
-            pass
+    assert_refuses_setting("--conf keep_versions two is not a whole number >= 0",
+                           copy_studies(tmp_path / "studies", citrusv_sample_studies),
+                           tiny_model_dir, keep_versions="two")

@@ -28,7 +28,7 @@ from citrusv.evaluation import box_iou
 from tests.app.helpers import (decode_rle, put_label, reference_label, run_training,
                                split_multipart, zyx)
 from tests.pacs import SAMPLE_SERIES, start_orthanc
-from tests.server import REPO, start_citrusv_server
+from tests.server import REPO, assert_refuses_setting, start_citrusv_server
 
 REFERENCE = REPO / "sample_data" / "reference" / "chest_ct"
 NANO = REPO / "models" / "nano"
@@ -374,10 +374,8 @@ def test_cache_over_its_limit_drops_the_least_recently_asked_series_without_labe
 
 
 def test_bad_cache_limit_stops_the_server_with_a_sentence(pacs, tiny_model_dir, tmp_path):
-    with pytest.raises(RuntimeError, match="pacs_cache_gb must be a number of gigabytes >= 0"):
-        with start_citrusv_server(pacs.dicomweb, tiny_model_dir, workdir=tmp_path,
-                                  pacs_cache_gb="lots"):
-            pass
+    assert_refuses_setting("--conf pacs_cache_gb must be a number of gigabytes >= 0",
+                           pacs.dicomweb, tiny_model_dir, workdir=tmp_path, pacs_cache_gb="lots")
 
 
 def test_correction_is_kept_while_the_pacs_is_down(pacs, pacs_server, tmp_path):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.server import APP_DIR, copy_studies, start_citrusv_server
+from tests.server import APP_DIR, assert_refuses_setting, copy_studies
 
 sys.path.insert(0, str(APP_DIR))
 from lib.trainers.citrusv_finetune import (choose_mllm_device, failure_sentence,  # noqa: E402
@@ -40,10 +40,9 @@ def test_asked_device_is_used_and_cpu_training_stays_on_cpu():
 
 def test_unknown_choice_stops_the_server_with_a_sentence(tiny_model_dir, citrusv_sample_studies,
                                                          tmp_path):
-    with pytest.raises(RuntimeError, match="train_mllm_device gpu is not one of auto, cuda, cpu"):
-        with start_citrusv_server(copy_studies(tmp_path / "studies", citrusv_sample_studies),
-                                  tiny_model_dir, train_mllm_device="gpu"):
-            pass
+    assert_refuses_setting("--conf train_mllm_device gpu is not one of auto, cuda, cpu",
+                           copy_studies(tmp_path / "studies", citrusv_sample_studies),
+                           tiny_model_dir, train_mllm_device="gpu")
 
 
 def test_device_the_process_cannot_use_stops_the_server_with_a_sentence(
@@ -54,13 +53,11 @@ def test_device_the_process_cannot_use_stops_the_server_with_a_sentence(
         pytest.skip("this machine has a GPU; the check is for a server that sees none")
     studies = copy_studies(tmp_path / "studies", citrusv_sample_studies)
     # before: the server started and answered the first question 503 with torch's words
-    with pytest.raises(RuntimeError, match=r"--conf device cuda: this process sees no CUDA GPU "
-                       r"\(check the NVIDIA driver with nvidia-smi"):
-        with start_citrusv_server(studies, tiny_model_dir, device="cuda"):
-            pass
-    with pytest.raises(RuntimeError, match="--conf device gpu0 is not a device; use cuda or cpu"):
-        with start_citrusv_server(studies, tiny_model_dir, device="gpu0"):
-            pass
+    assert_refuses_setting(r"--conf device cuda: this process sees no CUDA GPU "
+                           r"\(check the NVIDIA driver with nvidia-smi", studies, tiny_model_dir,
+                           device="cuda")
+    assert_refuses_setting("--conf device gpu0 is not a device; use cuda or cpu", studies,
+                           tiny_model_dir, device="gpu0")
 
 
 def test_a_run_out_of_gpu_memory_says_what_to_do():

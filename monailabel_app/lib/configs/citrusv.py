@@ -18,6 +18,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 
 from .. import images
+from ..errors import ConfError
 from ..images import StudyCache
 from ..infers.citrusv import CitrusVInfer
 from ..model import SharedModel, shared_model
@@ -45,7 +46,7 @@ def _device(value: str | None) -> str:
         try:
             check_device(value, what="--conf device")  # say so now, not at the first question
         except InputError as e:
-            raise ValueError(str(e)) from None
+            raise ConfError(str(e)) from None
         return value
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -54,7 +55,7 @@ def _dtype(value: str | None) -> str | None:
     if not value:
         return None  # engine default: bf16 on GPU, fp32 on CPU
     if value.lower() not in DTYPES:
-        raise ValueError(f"--conf dtype {value} is not supported; use bf16 or fp32.")
+        raise ConfError(f"--conf dtype {value} is not supported; use bf16 or fp32.")
     return DTYPES[value.lower()]
 
 

@@ -33,6 +33,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
 from ..corrections import Sample, collect, split
+from ..errors import ConfError
 from ..model import LAST_RUN, TRAIN_STATS, SharedModel, prune_versions, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def failure_sentence(error: BaseException, opts: dict) -> str:
 def parse_mllm_device(value: str | None) -> str:
     value = (value or "auto").strip().lower()
     if value not in MLLM_DEVICES:
-        raise ValueError(f"--conf train_mllm_device {value} is not one of auto, cuda, cpu.")
+        raise ConfError(f"--conf train_mllm_device {value} is not one of auto, cuda, cpu.")
     return value
 
 
@@ -173,7 +174,7 @@ def parse_keep_versions(value: str | None) -> int:
     except ValueError:
         keep = -1
     if keep < 0:
-        raise ValueError(f"--conf keep_versions {value} is not a whole number >= 0 (0 keeps "
+        raise ConfError(f"--conf keep_versions {value} is not a whole number >= 0 (0 keeps "
                          "every fine-tuned version; N keeps the N newest).")
     return keep
 
