@@ -196,7 +196,7 @@ def pacs_cache_bytes(value: str | None) -> int:
         gb = -1.0
     if not gb >= 0:  # also NaN
         raise ConfError(f"--conf pacs_cache_gb must be a number of gigabytes >= 0 (0: no "
-                         f"limit), not '{value}'.")
+                        f"limit), not '{value}'.")
     return int(gb * 1e9)
 
 

@@ -200,13 +200,13 @@ class Namespace:
 
 # ---- the checks ----------------------------------------------------------------------------
 
-def drop_in(scratch: Path, port: int, extra: str = "") -> str:
-    """The unit's ExecStart with this checkout's folders, a CPU, fp32, 127.0.0.1, `port`."""
+def drop_in(scratch: Path, port: int, device: str = "cpu") -> str:
+    """The unit's ExecStart with this checkout's folders, `device`, fp32, 127.0.0.1, `port`."""
     line = next(x for x in UNIT.read_text().splitlines() if x.startswith("ExecStart="))
     for old, new in (("/data/studies", str(scratch / "data" / "studies")),
                      ("/data/models/Citrus-V-8B", str(scratch / "data" / "model")),
                      ("--host 0.0.0.0", "--host 127.0.0.1"), ("--port 8000", f"--port {port}"),
-                     ("--conf device cuda", "--conf device cpu" if not extra else extra),
+                     ("--conf device cuda", f"--conf device {device}"),
                      ("--conf dtype bf16", "--conf dtype fp32")):
         check(old in line, f"the unit's ExecStart no longer has '{old}'")
         line = line.replace(old, new)
@@ -350,7 +350,7 @@ def run_checks(scratch: Path, port: int) -> None:
 
         # 4. a setting that keeps the server from starting: exit 78, not restarted
         (etc / f"{UNIT_NAME}.d" / "here.conf").write_text(
-            drop_in(scratch, port, extra="--conf device cuda"))
+            drop_in(scratch, port, device="cuda"))
         ns.systemctl("daemon-reload")
         ns.systemctl("reset-failed", UNIT_NAME)
         t0 = time.monotonic()
@@ -373,7 +373,7 @@ def run_checks(scratch: Path, port: int) -> None:
         check("Traceback" not in ns.journal().split("Started citrusv-server.service")[-1],
               "the failed start logged a traceback:\n" + status)
         say(f"4. --conf device cuda without a GPU: failed after {failed_s:.1f} s with status 78"
-            f", not restarted (NRestarts 0 {12} s later); systemctl status shows:\n"
+            f", not restarted (NRestarts 0 12 s later); systemctl status shows:\n"
             f"   {sentence.strip()}")
     except CheckFailed:
         say("journalctl -u, last lines:\n" + "\n".join(ns.journal().splitlines()[-25:]))

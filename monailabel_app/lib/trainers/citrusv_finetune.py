@@ -175,7 +175,7 @@ def parse_keep_versions(value: str | None) -> int:
         keep = -1
     if keep < 0:
         raise ConfError(f"--conf keep_versions {value} is not a whole number >= 0 (0 keeps "
-                         "every fine-tuned version; N keeps the N newest).")
+                        "every fine-tuned version; N keeps the N newest).")
     return keep
 
 
