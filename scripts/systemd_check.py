@@ -210,7 +210,12 @@ def drop_in(scratch: Path, port: int, device: str = "cpu") -> str:
                      ("--conf dtype bf16", "--conf dtype fp32")):
         check(old in line, f"the unit's ExecStart no longer has '{old}'")
         line = line.replace(old, new)
-    return f"[Service]\nExecStart=\n{line}\n"
+    text = f"[Service]\nExecStart=\n{line}\n"
+    if REPO.is_relative_to("/tmp") or REPO.is_relative_to("/var/tmp"):
+        # a checkout under /tmp (a CI clone): the venv imports the citrusv package from it,
+        # and PrivateTmp would hide it from the service (a workstation's /opt/citrusv is not)
+        text += f"BindReadOnlyPaths={REPO}\n"
+    return text
 
 
 def wait_http(url: str, ns: Namespace, timeout: float = 180) -> float:
