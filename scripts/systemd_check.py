@@ -109,6 +109,7 @@ def prepare(scratch: Path) -> None:
         for path in [root, *root.rglob("*")]:
             os.lchown(path, UID, UID)
     (scratch / "pyenv").mkdir()
+    (scratch / "repo").mkdir()
     (scratch / "boot.sh").write_text(BOOT.format(scratch=scratch, repo=REPO, opt=OPT,
                                                  systemd=SYSTEMD))
 
@@ -120,8 +121,10 @@ def prepare(scratch: Path) -> None:
 BOOT = """#!/bin/bash
 set -e
 mount --make-rprivate /
+mount --bind {repo} {scratch}/repo  # a checkout under /tmp (a CI clone) stays reachable
 mount -t tmpfs -o mode=755 tmpfs /run
 mount -t tmpfs -o mode=1777 tmpfs /tmp
+if [ ! -d {repo}/.venv ]; then mkdir -p {repo}; mount --bind {scratch}/repo {repo}; fi
 [ -d /var/log/journal ] && mount -t tmpfs tmpfs /var/log/journal
 mount --bind {scratch}/lib-units /usr/lib/systemd/system
 mount --bind {scratch}/etc-units /etc/systemd/system
