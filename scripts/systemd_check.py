@@ -125,12 +125,12 @@ mount --bind {repo} {scratch}/repo  # a checkout under /tmp (a CI clone) stays r
 mount -t tmpfs -o mode=755 tmpfs /run
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 if [ ! -d {repo}/.venv ]; then mkdir -p {repo}; mount --bind {scratch}/repo {repo}; fi
-[ -d /var/log/journal ] && mount -t tmpfs tmpfs /var/log/journal
+if [ -d /var/log/journal ]; then mount -t tmpfs tmpfs /var/log/journal; fi
 mount --bind {scratch}/lib-units /usr/lib/systemd/system
 mount --bind {scratch}/etc-units /etc/systemd/system
 for d in /usr/lib/systemd/system-generators /etc/systemd/system-generators \
          /usr/lib/systemd/system-environment-generators; do
-    [ -d "$d" ] && mount --bind {scratch}/generators "$d"
+    if [ -d "$d" ]; then mount --bind {scratch}/generators "$d"; fi
 done
 mount --bind {scratch}/passwd /etc/passwd
 mount --bind {scratch}/group /etc/group
