@@ -40,9 +40,11 @@ def test_asked_device_is_used_and_cpu_training_stays_on_cpu():
 
 def test_unknown_choice_stops_the_server_with_a_sentence(tiny_model_dir, citrusv_sample_studies,
                                                          tmp_path):
+    studies = copy_studies(tmp_path / "studies", citrusv_sample_studies)
     assert_refuses_setting("--conf train_mllm_device gpu is not one of auto, cuda, cpu",
-                           copy_studies(tmp_path / "studies", citrusv_sample_studies),
-                           tiny_model_dir, train_mllm_device="gpu")
+                           studies, tiny_model_dir, train_mllm_device="gpu")
+    assert_refuses_setting(r"--conf dtype fp8 is not supported; use bf16 or fp32\.",
+                           studies, tiny_model_dir, dtype="fp8")
 
 
 def test_device_the_process_cannot_use_stops_the_server_with_a_sentence(
