@@ -45,6 +45,10 @@ def test_unknown_choice_stops_the_server_with_a_sentence(tiny_model_dir, citrusv
                            studies, tiny_model_dir, train_mllm_device="gpu")
     assert_refuses_setting(r"--conf dtype fp8 is not supported; use bf16 or fp32\.",
                            studies, tiny_model_dir, dtype="fp8")
+    # accepted without a word before; Qwen2.5 in fp16 can overflow (configs/citrusv.py)
+    assert_refuses_setting(r"--conf dtype fp16 is not supported: Qwen2.5-VL was trained in bf16 "
+                           r"and can overflow in fp16; use bf16, or fp32 on a GPU without bf16\.",
+                           studies, tiny_model_dir, dtype="fp16")
 
 
 def test_device_the_process_cannot_use_stops_the_server_with_a_sentence(

@@ -33,7 +33,8 @@ TASKS = {
     "report": "Answer or write a report with reasoning steps that cite boxes",
     "closer_look": "Crop around a region, look again and refine its mask",
 }
-DTYPES = {"bf16": "bf16", "bfloat16": "bf16", "fp32": "fp32", "float32": "fp32", "fp16": "fp16"}
+DTYPES = {"bf16": "bf16", "bfloat16": "bf16", "fp32": "fp32", "float32": "fp32"}
+FP16 = ("fp16", "float16", "half")
 
 
 def _device(value: str | None) -> str:
@@ -54,6 +55,12 @@ def _device(value: str | None) -> str:
 def _dtype(value: str | None) -> str | None:
     if not value:
         return None  # engine default: bf16 on GPU, fp32 on CPU
+    if value.lower() in FP16:
+        # Qwen2.5 was trained in bf16; in fp16 its activations can overflow to inf/NaN
+        # (QwenLM/Qwen3#868), so the answers would be garbage rather than an error
+        raise ConfError(f"--conf dtype {value} is not supported: Qwen2.5-VL was trained in "
+                        "bf16 and can overflow in fp16; use bf16, or fp32 on a GPU without "
+                        "bf16.")
     if value.lower() not in DTYPES:
         raise ConfError(f"--conf dtype {value} is not supported; use bf16 or fp32.")
     return DTYPES[value.lower()]
