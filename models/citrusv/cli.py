@@ -96,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             from .engine import check_device
 
             check_device(args.device, what="--device")
+        if getattr(args, "dtype", None):
+            from .engine import resolve_dtype
+
+            resolve_dtype(args.dtype, args.device or "cpu", what="--dtype")
         return int(args.func(args) or 0)
     except (InputError, CheckpointError) as exc:  # bad input: one sentence, no traceback
         print(f"error: {exc}", file=sys.stderr)

@@ -42,7 +42,10 @@ from .slice_cache import SliceCache, SliceState, content_hash
 AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
 AXIS_NAMES = {v: k for k, v in AXES.items()}
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+           "bf16": torch.bfloat16}
+# refused with their reason: Qwen2.5 was trained in bf16 and its activations can overflow to
+# inf/NaN in fp16 (QwenLM/Qwen3#868), so the answers would be garbage, not an error
+_FP16 = ("float16", "fp16", "half")
 # box_source "mask": the question that gets the model's mask of a box's label, and how much of
 # that mask the box spans: every connected part at least this share of the largest part
 # (a few stray pixels away from the structure would otherwise stretch the box; the share was
@@ -101,14 +104,19 @@ def check_device(device: str | torch.device, what: str = "device") -> torch.devi
     return torch.device(value)
 
 
-def resolve_dtype(dtype, device: str | torch.device) -> torch.dtype:
-    """None -> fp32 on CPU, bf16 on CUDA; strings like "bf16" accepted."""
+def resolve_dtype(dtype, device: str | torch.device, what: str = "dtype") -> torch.dtype:
+    """None -> fp32 on CPU, bf16 on CUDA; strings like "bf16" accepted; else one sentence
+    naming the setting as `what`."""
     if dtype is None:
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise InputError("dtype", f"dtype '{dtype}' is unknown; use float32 or bfloat16.")
-        return _DTYPES[dtype]
+        if dtype.lower() in _FP16:
+            raise InputError("dtype", f"{what} {dtype} is not supported: Qwen2.5-VL was trained "
+                             "in bf16 and can overflow in fp16; use bf16, or fp32 on a GPU "
+                             "without bf16.")
+        if dtype.lower() not in _DTYPES:
+            raise InputError("dtype", f"{what} {dtype} is not supported; use bf16 or fp32.")
+        return _DTYPES[dtype.lower()]
     return dtype
 
 

@@ -1,4 +1,5 @@
 import json
+import re
 
 import nibabel as nib
 import nrrd
@@ -182,6 +183,33 @@ def test_engine_load_checks_the_device_first(tiny_dir):
 
     with pytest.raises(InputError, match=r"^device cuda:x is not a device; use cuda or cpu\.$"):
         Engine.load(tiny_dir, device="cuda:x")
+
+
+FP16_REFUSED = ("is not supported: Qwen2.5-VL was trained in bf16 and can overflow in fp16; "
+                "use bf16, or fp32 on a GPU without bf16.")
+
+
+@pytest.mark.parametrize("dtype, words", [
+    ("fp16", f"error: --dtype fp16 {FP16_REFUSED}"),
+    ("int8", "error: --dtype int8 is not supported; use bf16 or fp32."),
+])
+@pytest.mark.parametrize("command", [["eval"], ["bench", "--model", "models/nano"]])
+def test_cli_dtype_it_cannot_run_says_one_sentence(command, dtype, words, capsys):
+    rc = main(command + ["--dtype", dtype])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == words
+
+
+def test_engine_refuses_fp16_and_takes_the_dtype_names_in_any_case(tiny_dir):
+    import torch
+
+    from citrusv import Engine
+    from citrusv.engine import resolve_dtype
+
+    with pytest.raises(InputError, match=f"^dtype half {re.escape(FP16_REFUSED)}$"):
+        Engine.load(tiny_dir, dtype="half")
+    assert resolve_dtype("BF16", "cpu") is torch.bfloat16
+    assert resolve_dtype(None, "cpu") is torch.float32 and resolve_dtype(None, "cuda") is torch.bfloat16
 
 
 def test_cli_eval_without_the_sample_data_says_one_sentence(tmp_path, capsys):

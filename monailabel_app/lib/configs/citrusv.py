@@ -34,7 +34,6 @@ TASKS = {
     "closer_look": "Crop around a region, look again and refine its mask",
 }
 DTYPES = {"bf16": "bf16", "bfloat16": "bf16", "fp32": "fp32", "float32": "fp32"}
-FP16 = ("fp16", "float16", "half")
 
 
 def _device(value: str | None) -> str:
@@ -55,14 +54,13 @@ def _device(value: str | None) -> str:
 def _dtype(value: str | None) -> str | None:
     if not value:
         return None  # engine default: bf16 on GPU, fp32 on CPU
-    if value.lower() in FP16:
-        # Qwen2.5 was trained in bf16; in fp16 its activations can overflow to inf/NaN
-        # (QwenLM/Qwen3#868), so the answers would be garbage rather than an error
-        raise ConfError(f"--conf dtype {value} is not supported: Qwen2.5-VL was trained in "
-                        "bf16 and can overflow in fp16; use bf16, or fp32 on a GPU without "
-                        "bf16.")
-    if value.lower() not in DTYPES:
-        raise ConfError(f"--conf dtype {value} is not supported; use bf16 or fp32.")
+    from citrusv.engine import resolve_dtype
+    from citrusv.errors import InputError
+
+    try:
+        resolve_dtype(value, "cpu", what="--conf dtype")  # say so now, not at the first question
+    except InputError as e:
+        raise ConfError(str(e)) from None
     return DTYPES[value.lower()]
 
 
