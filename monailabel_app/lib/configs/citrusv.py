@@ -33,7 +33,6 @@ TASKS = {
     "report": "Answer or write a report with reasoning steps that cite boxes",
     "closer_look": "Crop around a region, look again and refine its mask",
 }
-DTYPES = {"bf16": "bf16", "bfloat16": "bf16", "fp32": "fp32", "float32": "fp32"}
 
 
 def _device(value: str | None) -> str:
@@ -54,14 +53,16 @@ def _device(value: str | None) -> str:
 def _dtype(value: str | None) -> str | None:
     if not value:
         return None  # engine default: bf16 on GPU, fp32 on CPU
+    import torch
+
     from citrusv.engine import resolve_dtype
     from citrusv.errors import InputError
 
-    try:
-        resolve_dtype(value, "cpu", what="--conf dtype")  # say so now, not at the first question
+    try:  # say so now, not at the first question
+        chosen = resolve_dtype(value, "cpu", what="--conf dtype")
     except InputError as e:
         raise ConfError(str(e)) from None
-    return DTYPES[value.lower()]
+    return "bf16" if chosen == torch.bfloat16 else "fp32"  # as /info/ shows it
 
 
 class CitrusV(TaskConfig):
