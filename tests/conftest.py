@@ -17,8 +17,10 @@ pytest_plugins = ["tests.server"]
 # Much of a test's time is a server starting (one core importing MONAI Label) or a test waiting
 # on one, so two workers overlap that. Each worker and what it starts (servers, their training
 # runs) gets its share of the cores as torch threads: two workers with two threads each on two
-# cores made one 12-second training run take 230 s.
+# cores made one 12-second training run take 230 s. At most two threads each, as the servers
+# had before (a container may see more cores than its CPU quota lets it use).
 MAX_WORKERS = 2
+MAX_THREADS = 2
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
@@ -27,9 +29,10 @@ def pytest_xdist_auto_num_workers(config) -> int:
 
 if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
     _share = len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    os.environ["OMP_NUM_THREADS"] = str(max(1, _share))
+    _share = max(1, min(MAX_THREADS, _share))
+    os.environ["OMP_NUM_THREADS"] = str(_share)
     if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(max(1, _share))
+        sys.modules["torch"].set_num_threads(_share)
 
 
 @pytest.fixture(scope="session")
