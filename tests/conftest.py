@@ -38,10 +38,12 @@ if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ
 @pytest.fixture(scope="session")
 def sample_root() -> Path:
     """The built sample_data folder; builds it (from the pinned wheels) if it is missing."""
-    from sample_data.build import ROOT, build_all, is_built
-    from tests.server import exclusive
+    from filelock import FileLock
 
-    with exclusive(REPO / ".pytest_cache" / "sample_data.lock"):  # one xdist worker builds
+    from sample_data.build import ROOT, build_all, is_built
+
+    # one pytest-xdist worker builds, the other waits
+    with FileLock(REPO / ".pytest_cache" / "sample_data.lock"):
         if not is_built(ROOT):
             assert build_all() == 0, "citrusv sample-data failed; see its message above"
     return ROOT

@@ -231,7 +231,9 @@ def cached_tiny_checkpoint(request, tmp_path_factory, name: str, answers: dict[s
     cache = getattr(request.config, "cache", None)
     root = Path(cache.mkdir(name)) if cache is not None else tmp_path_factory.mktemp(name)
     path = root / _engine_fingerprint(answers)
-    with exclusive(root / ".lock"):  # the other pytest-xdist worker waits, then reuses it
+    from filelock import FileLock
+
+    with FileLock(root / ".lock"):  # the other pytest-xdist worker waits, then reuses it
         if (path / "config.json").exists():
             return path
         tmp = root / f".writing-{os.getpid()}"
@@ -240,24 +242,6 @@ def cached_tiny_checkpoint(request, tmp_path_factory, name: str, answers: dict[s
         shutil.rmtree(path, ignore_errors=True)
         os.rename(tmp, path)
     return path
-
-
-@contextlib.contextmanager
-def exclusive(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `lock_path` (made if missing) across processes.
-
-    The suite runs in pytest-xdist workers; what they build once and share (the tiny
-    checkpoints in .pytest_cache, the sample studies) is built by one of them at a time.
-    """
-    import fcntl
-
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")
