@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,16 +30,12 @@ def pytest_xdist_auto_num_workers(config) -> int:
 if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
     _share = len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     _share = max(1, min(MAX_THREADS, _share))
-    os.environ["OMP_NUM_THREADS"] = str(_share)
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(_share)
+    os.environ["OMP_NUM_THREADS"] = str(_share)  # read when the worker first imports torch
 
 
 @pytest.fixture(scope="session")
 def sample_root() -> Path:
     """The built sample_data folder; builds it (from the pinned wheels) if it is missing."""
-    from filelock import FileLock
-
     from sample_data.build import ROOT, build_all, is_built
 
     # one pytest-xdist worker builds, the other waits

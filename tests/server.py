@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "monailabel_app"
@@ -231,8 +232,6 @@ def cached_tiny_checkpoint(request, tmp_path_factory, name: str, answers: dict[s
     cache = getattr(request.config, "cache", None)
     root = Path(cache.mkdir(name)) if cache is not None else tmp_path_factory.mktemp(name)
     path = root / _engine_fingerprint(answers)
-    from filelock import FileLock
-
     with FileLock(root / ".lock"):  # the other pytest-xdist worker waits, then reuses it
         if (path / "config.json").exists():
             return path
