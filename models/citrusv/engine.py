@@ -34,7 +34,7 @@ from .generation import (
     token_char_ends,
 )
 from .imaging import FrameMap
-from .parsing import SEG_TOKEN, TASKS, infer_task, parse_output
+from .parsing import SEG_TOKEN, TASKS, infer_task, parse_output, unasked_warning
 from .prompting import pixel_inputs, stop_token_ids, text_inputs
 from .result import Box, Mask, Result, Step
 from .slice_cache import SliceCache, SliceState, content_hash
@@ -56,6 +56,9 @@ GROUND_MAX_NEW_TOKENS = 64
 # a structure the answer says is not visible gets its mask's box only from a mask this large:
 # the line at which the evaluation counts a structure as on a slice (MIN_AREA_PX), not tuned
 GROUND_MIN_ABSENT_PX = 40
+# what closer_look asks when given no prompt (with no label: "the structure", which names
+# nothing, so its answer is not checked against the question)
+CLOSER_LOOK_PROMPT = "Please segment the {label} in this image."
 
 
 def empty_mask_warning(label: str, slices: int | None = None) -> str:
@@ -266,7 +269,7 @@ class Engine:
         the model saw), `area_px_before` (of `mask` or the first pass), `area_px_after`."""
         t0 = time.perf_counter()
         if not (prompt or "").strip():
-            prompt = f"Please segment the {label or 'structure'} in this image."
+            prompt = CLOSER_LOOK_PROMPT.format(label=label or "structure")
         prompt = self._check_prompt(prompt)
         arr = imaging.check_slice(image, self.max_pixels)
         h, w = arr.shape[:2]
@@ -590,6 +593,11 @@ class Engine:
         absent = parsed.absent if task == "detect" else []
         if ground and self.box_source == "mask" and (res.boxes or absent):
             self._ground_boxes(state, res, absent)
+        if task != "report" and prompt != CLOSER_LOOK_PROMPT.format(label="structure"):
+            off = unasked_warning(prompt, [m.label for m in res.masks]
+                                  + [b.label for b in res.boxes] + [a for a, _ in parsed.absent])
+            if off:
+                res.warnings.append(off)
         return res
 
     def _ground_boxes(self, state: SliceState, res: Result,

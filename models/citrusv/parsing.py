@@ -153,6 +153,60 @@ def parse_output(text: str, prompt: str = "") -> Parsed:
     return out
 
 
+# ----------------------------------------------------------------------------- asked vs answered
+SIDES = frozenset({"left", "right"})
+# label words that name no structure ("segment 2" is the engine's name for an unlabelled mask)
+_UNNAMING = frozenset({"the", "a", "an", "of", "and", "segment", "structure", "region"})
+# adjectives a question may use for what an answer names by its noun ("renal" -> "kidney")
+_ADJECTIVE_NOUN = {"hepatic": "liver", "renal": "kidney", "pulmonary": "lung",
+                   "cardiac": "heart", "gastric": "stomach", "splenic": "spleen",
+                   "aortic": "aorta"}
+
+
+def _stems(text: str) -> set[str]:
+    """Lower-case words, plural -s / -ies cut and adjectives turned into their nouns, so that
+    "Find the kidneys." and "left kidney" share "kidney"."""
+    out = set()
+    for w in re.findall(r"[a-z]+", (text or "").lower()):
+        if w.endswith("ies") and len(w) > 4:
+            w = w[:-3] + "y"
+        elif w.endswith("s") and len(w) > 3 and not w.endswith(("ss", "us")):
+            w = w[:-1]
+        out.add(_ADJECTIVE_NOUN.get(w, w))
+    return out
+
+
+def _listed(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def unasked_warning(prompt: str, labels) -> str | None:
+    """A sentence for the radiologist when an answer is about something the question did not
+    ask for: none of the answer's structures is named in the question (nano, asked for the
+    pancreas, which it was never taught, segments the liver), or the question names one side
+    and every sided structure of the answer is on the other ("left kidney" asked, "right
+    kidney" answered). `labels`: the answer's mask and box labels and the structures it says
+    are not visible. None when the answer keeps to the question, or has no named structure."""
+    asked = _stems(prompt)
+    named, unnamed = [], []
+    for label in dict.fromkeys(str(x).strip() for x in labels if x and str(x).strip()):
+        words = _stems(label) - SIDES - _UNNAMING
+        if words:
+            (named if words & asked else unnamed).append(label)
+    if unnamed and not named:
+        return (f"the answer is about the {_listed(unnamed)}, which the question does not name: "
+                "the model may have answered about something other than what was asked "
+                "(it may not know that structure), so check the answer is what you wanted.")
+    sides = asked & SIDES
+    sided = [x for x in named if _stems(x) & SIDES]
+    if len(sides) == 1 and sided and not any(_stems(x) & sides for x in sided):
+        side = next(iter(sides))
+        return (f"the question says {side}, but the answer is about the {_listed(sided)}: "
+                f"check which side is meant (the patient's {side} is on the image's "
+                f"{'right' if side == 'left' else 'left'} in the usual radiological view).")
+    return None
+
+
 def absent_labels(text: str) -> list[tuple[str, str]]:
     """The structures an answer says are not in the image ("No liver is visible in this
     image." -> [("liver", "is")]), each once, in the order written."""

@@ -241,6 +241,38 @@ def test_closer_look_from_previous_mask(engine):
     assert res.prompt == "Please segment the liver in this image."
 
 
+def test_an_answer_about_another_structure_than_asked_warns(engine):
+    img = ct_slice(seed=8)
+    off = engine.ask(img, "Please segment the pancreas.", window="abdomen",
+                     forced_text="Sure, the liver is [SEG] liver.")
+    assert [m.label for m in off.masks] == ["liver"]
+    assert [w for w in off.warnings if "does not name" in w] == [
+        "the answer is about the liver, which the question does not name: the model may have "
+        "answered about something other than what was asked (it may not know that structure), "
+        "so check the answer is what you wanted."]
+    side = engine.ask(img, "Locate the left kidney.", window="abdomen", task="detect",
+                      forced_text='```json\n[{"bbox_2d": [1, 2, 30, 40], "label": "right '
+                                  'kidney"}]\n```')
+    assert any(w.startswith("the question says left, but the answer is about the right kidney")
+               for w in side.warnings)
+    for res in (engine.ask(img, "Please segment the liver.", window="abdomen",
+                           forced_text="Sure, the liver is [SEG] liver."),
+                # a report names what it finds, asked or not
+                engine.ask(img, "Write a report, think step by step.", window="abdomen",
+                           forced_text=FORCED),
+                # closer look at a mask with no name: its question names nothing to compare
+                engine.closer_look(img, "", mask=img > 0, window="abdomen",
+                                   forced_text="Sure, the liver is [SEG] liver.")):
+        assert not [w for w in res.warnings if "question" in w], res.warnings
+    vol = np.stack([ct_slice(40, 50, seed=s) for s in range(3)])
+    over = engine.ask_volume(vol, "Please segment the pancreas.", slices=range(3),
+                             window="abdomen", forced_text="Sure, the liver is [SEG] liver.")
+    assert [w for w in over.warnings if "does not name" in w] == [
+        "slices 0-2: the answer is about the liver, which the question does not name: the model "
+        "may have answered about something other than what was asked (it may not know that "
+        "structure), so check the answer is what you wanted."]
+
+
 def test_ask_volume_returns_3d_masks_in_volume_index_space(engine):
     vol = np.stack([ct_slice(40, 50, seed=s) for s in range(6)])
     res = engine.ask_volume(vol, "Segment the liver.", slices=range(1, 4), axis=0,

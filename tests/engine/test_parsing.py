@@ -1,5 +1,7 @@
+import pytest
+
 from citrusv.parsing import (absent_labels, infer_task, modality_warning, named_modalities,
-                             parse_output, prompt_target)
+                             parse_output, prompt_target, unasked_warning)
 
 TEXT = (
     "<think>1. The rib cage <bbox>[10, 20, 30, 40]</bbox> is intact.\n"
@@ -99,3 +101,42 @@ def test_answer_naming_another_kind_of_image_than_the_dicom_is_flagged():
     assert modality_warning("Sure, the liver is [SEG].", "CR") is None
     assert modality_warning("Compared with the prior CT, this X-ray shows ...", "CR") is None
     assert named_modalities("Mr. Smith's scan; act on the CTA? crisp outline") == set()
+
+
+@pytest.mark.parametrize("prompt, labels", [
+    ("Please segment the liver in this scan.", ["liver"]),
+    ("find the kidneys", ["left kidney", "right kidney"]),
+    ("Find the kidneys.", ["kidneys"]),  # "No kidneys are visible in this image."
+    ("Where are the lungs?", ["right lung", "left lung"]),
+    ("Segment the renal cortex.", ["left kidney"]),  # the adjective names the organ
+    ("Outline the spinal cord in this CT slice.", ["spinal cord"]),
+    ("Find the left and right kidneys.", ["right kidney"]),  # both sides asked
+    ("Find the liver and the pancreas.", ["liver", "stomach"]),  # one asked structure answered
+    ("Segment the pancreas.", ["segment 1"]),  # the engine's name for an unlabelled mask
+    ("Segment the pancreas.", []),
+])
+def test_an_answer_about_what_was_asked_gets_no_warning(prompt, labels):
+    assert unasked_warning(prompt, labels) is None
+
+
+def test_an_answer_about_another_structure_is_said():
+    # nano, asked for the pancreas (not one of its ten structures), segments the liver
+    assert unasked_warning("Please segment the pancreas in this scan.", ["liver"]) == (
+        "the answer is about the liver, which the question does not name: the model may have "
+        "answered about something other than what was asked (it may not know that structure), "
+        "so check the answer is what you wanted.")
+    said = unasked_warning("find the gallbladder", ["lungs", "right lung", "right lung"])
+    assert said.startswith("the answer is about the lungs and right lung, which")
+
+
+def test_an_answer_on_the_other_side_is_said():
+    said = unasked_warning("Please segment the left kidney in this scan.", ["right kidney"])
+    assert said == ("the question says left, but the answer is about the right kidney: check "
+                    "which side is meant (the patient's left is on the image's right in the "
+                    "usual radiological view).")
+    assert unasked_warning("Locate the right lung.", ["left lung"]).startswith(
+        "the question says right, but the answer is about the left lung: check which side is "
+        "meant (the patient's right is on the image's left")
+    # an answer with the asked side as well as the other, or a structure with no side: fine
+    assert unasked_warning("Segment the left lung.", ["left lung", "right lung"]) is None
+    assert unasked_warning("Segment the liver on the left.", ["liver"]) is None

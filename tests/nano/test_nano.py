@@ -196,6 +196,27 @@ def test_empty_masks_over_slices_are_said_once(engine, study):
         "as the model wrote it, not the box of a mask; treat it as unconfirmed."]
 
 
+def test_a_structure_nano_never_learnt_gets_an_answer_that_says_so(engine, study):
+    """nano knows ten structures. Asked for the pancreas on held-out slice 25 it segments the
+    liver, and asked for the bladder on slice 104, the right lung: each answer says the
+    question does not name what it is about, so the radiologist does not take the liver mask
+    for a pancreas. Asked for the liver, no such sentence."""
+    pancreas = engine.ask(study.volume[SLICE], "Please segment the pancreas in this scan.",
+                          window="abdomen")
+    assert [m.label for m in pancreas.masks] == ["liver"], pancreas.text
+    bladder = engine.ask(study.volume[104], "segment the bladder", window="abdomen")
+    assert [m.label for m in bladder.masks] == ["right lung"], bladder.text
+    for res in (pancreas, bladder):
+        label = res.masks[0].label
+        assert f"the answer is about the {label}, which the question does not name: the model " \
+               "may have answered about something other than what was asked (it may not know " \
+               "that structure), so check the answer is what you wanted." in res.warnings
+    liver = engine.ask(study.volume[SLICE], "Please segment the liver in this scan.",
+                       window="abdomen")
+    assert [m.label for m in liver.masks] == ["liver"]
+    assert not [w for w in liver.warnings if "question" in w], liver.warnings
+
+
 def test_radiograph_report_says_which_cited_boxes_no_mask_confirms(engine, sample_root):
     """On the real chest CR nano's report lists all ten structures it learnt from the DRRs.
     Its masks find lungs, heart, liver and stomach there, and nothing for the aorta, spleen,
@@ -252,6 +273,7 @@ def test_each_example_question_is_answered_as_its_task(engine, study, sample_roo
             k = max(held_out, key=lambda k: study.mask(name, k).sum())
             res = engine.ask(study.volume[k], question,
                              window="lung" if "lung" in name else "abdomen")
+            assert not [w for w in res.warnings if "question" in w], (question, res.warnings)
             if task == "segment":
                 assert [m.label for m in res.masks] == [name] and not res.boxes, res.text
                 pred = res.masks[0].array
