@@ -125,6 +125,19 @@ def test_nano_detection_box_over_http_is_the_box_of_its_liver_mask(pacs, pacs_se
     assert pacs_server.get("/info/").json()["citrusv"]["box_source"] == "mask"
 
 
+def test_an_answer_about_another_structure_than_asked_says_so_over_http(pacs, pacs_server):
+    # nano knows ten structures; asked for the pancreas it segments the liver (tests/nano)
+    params = {"params": json.dumps({"prompt": "Please segment the pancreas in this scan.",
+                                    "slice": SLICE})}
+    r = pacs_server.post(f"/infer/citrusv_segment?image={pacs.series_uid}&output=json",
+                         data=params)
+    assert r.status_code == 200, r.text
+    assert [m["label"] for m in r.json()["masks"]] == ["liver"]
+    assert ("the answer is about the liver, which the question does not name: the model may "
+            "have answered about something other than what was asked (it may not know that "
+            "structure), so check the answer is what you wanted.") in r.json()["warnings"]
+
+
 def test_xray_series_is_listed_and_answered_as_a_2d_image(pacs, pacs_server, tmp_path):
     # MONAI Label's default search lists CT series only; the app asks for every image series
     params = {"params": json.dumps({"prompt": "Segment the right lung."})}  # one nano knows
