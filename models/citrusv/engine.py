@@ -70,13 +70,30 @@ def empty_mask_warning(label: str, slices: int | None = None) -> str:
             "so the structure may not be in view.")
 
 
-def absent_box_warning(said: str, label: str) -> str:
-    """box_source "mask": the answer said `said` is not visible, the model's mask of it marks
-    `label`, so that mask's box is returned. No box id or pixel count in it, so that over a
-    slice range the same sentence comes once for all its slices."""
-    return (f"the answer says no {said} is visible, but the model's own segmentation marks the "
-            f"{label} in the image; the {label} box returned is the box of that mask, not one "
-            "the model wrote.")
+def absent_box_warning(said: str, label: str, verb: str = "is") -> str:
+    """box_source "mask": the answer said `said` is (or, for a pair, are) not visible, the
+    model's mask of it (or of one of the pair) marks `label`, so that mask's box is returned.
+    No box id or pixel count in it, so that over a slice range the same sentence comes once
+    for all its slices."""
+    return (f"the answer says no {said} {verb} visible, but the model's own segmentation marks "
+            f"the {label} in the image; the {label} box returned is the box of that mask, not "
+            "one the model wrote.")
+
+
+# paired organs an answer may call not visible together ("No kidneys are visible"): each side
+# is asked for on its own. Other plurals ("No gallstones are visible") are left alone.
+PAIRED_ORGANS = {"kidneys": "kidney", "lungs": "lung", "adrenal glands": "adrenal gland",
+                 "ureters": "ureter", "ovaries": "ovary", "breasts": "breast"}
+
+
+def absent_members(label: str, verb: str) -> list[str]:
+    """What to ask the model's masks about for a structure an answer calls not visible:
+    itself ("liver", "is"), both sides of a paired organ ("kidneys", "are" -> right and left
+    kidney), or nothing (another plural)."""
+    if verb == "is":
+        return [label]
+    one = PAIRED_ORGANS.get(label.strip().lower())
+    return [f"right {one}", f"left {one}"] if one else []
 
 
 def unconfirmed_boxes_warning(labels: list[str]) -> str:
@@ -606,8 +623,9 @@ class Engine:
         and put the box of that mask's main parts in place of the written one (kept as
         `text_xyxy`). A label the model gives no mask for keeps the written box, and a warning
         names it. A structure a detection answer says is not visible ("No liver is visible",
-        `absent`; plurals such as "No kidneys are visible" are left alone) but the model's own
-        mask marks (at least GROUND_MIN_ABSENT_PX pixels) gets the box of that mask (nothing
+        `absent`; for a paired organ, "No kidneys are visible", each side: `absent_members`)
+        but the model's own mask of it marks (at least GROUND_MIN_ABSENT_PX pixels; a mask the
+        model labels as something else does not count) gets the box of that mask (nothing
         written: `text_xyxy` None), with a warning that the two disagree."""
         t0 = time.perf_counter()
         masks_of: dict[str, dict[str, np.ndarray]] = {}  # label asked -> {mask label: pixels}
@@ -642,19 +660,21 @@ class Engine:
         boxed = {b.label.strip() for b in res.boxes}
         ids = {b.id for b in res.boxes}
         for label, verb in absent:
-            if label in boxed or verb != "is":
+            if label in boxed:
                 continue
-            for name, array in masks(label).items():
-                if name in boxed or np.count_nonzero(array) < GROUND_MIN_ABSENT_PX:
-                    continue
-                xyxy = main_parts_box(array)
-                n = len(ids) + 1
-                while f"b{n}" in ids:
-                    n += 1
-                ids.add(f"b{n}")
-                boxed.add(name)
-                res.boxes.append(Box(f"b{n}", name, list(xyxy), source="mask"))
-                res.warnings.append(absent_box_warning(label, name))
+            for member in absent_members(label, verb):
+                for name, array in masks(member).items():
+                    if (name in boxed or np.count_nonzero(array) < GROUND_MIN_ABSENT_PX
+                            or unasked_warning(member, [name])):  # a mask of something else
+                        continue
+                    xyxy = main_parts_box(array)
+                    n = len(ids) + 1
+                    while f"b{n}" in ids:
+                        n += 1
+                    ids.add(f"b{n}")
+                    boxed.add(name)
+                    res.boxes.append(Box(f"b{n}", name, list(xyxy), source="mask"))
+                    res.warnings.append(absent_box_warning(label, name, verb))
         res.timing_ms["ground"] = (time.perf_counter() - t0) * 1e3
 
     def _finish(self, res: Result, hw, slice_index, spacing, image_id, image_info,

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from citrusv import Engine, InputError, rle
-from citrusv.engine import main_parts_box, slice_list
+from citrusv.engine import absent_members, main_parts_box, slice_list
 from citrusv.generation import generate_capturing, image_embeddings, teacher_force
 from citrusv.imaging import smart_resize
 from citrusv.prompting import pixel_inputs, text_inputs
@@ -241,6 +241,14 @@ def test_closer_look_from_previous_mask(engine):
     assert res.prompt == "Please segment the liver in this image."
 
 
+def test_a_pair_called_not_visible_is_looked_for_side_by_side():
+    assert absent_members("liver", "is") == ["liver"]
+    assert absent_members("kidneys", "are") == ["right kidney", "left kidney"]
+    assert absent_members("Adrenal glands", "are") == ["right adrenal gland",
+                                                       "left adrenal gland"]
+    assert absent_members("gallstones", "are") == []  # not a paired organ: left alone
+
+
 def test_an_answer_about_another_structure_than_asked_warns(engine):
     img = ct_slice(seed=8)
     off = engine.ask(img, "Please segment the pancreas.", window="abdomen",
@@ -437,8 +445,9 @@ def test_box_source_mask_boxes_the_mask_of_a_structure_the_answer_calls_not_visi
         fitted_dir):
     """A detection answer "No liver is visible" while the model's own liver mask marks the
     liver: with box_source "mask" the box of that mask comes back (nothing written, no score)
-    with a sentence saying the two disagree; a plural ("No kidneys are visible") is left
-    alone, and box_source "text" returns the answer as written."""
+    with a sentence saying the two disagree. For "No kidneys are visible" each kidney is asked
+    for, and this model's masks are all labelled liver: a mask of something else than asked
+    gives no box. box_source "text" returns the answer as written."""
     e = Engine.load(fitted_dir, box_source="mask")
     img = ct_slice(120, 90, seed=3)
     seg = e.ask(img, "Please segment the liver in this scan.", window="abdomen")
@@ -455,6 +464,8 @@ def test_box_source_mask_boxes_the_mask_of_a_structure_the_answer_calls_not_visi
     assert data["text_xyxy"] is None and data["score"] is None and data["source"] == "mask"
     plural = e.ask(img, "Where are the kidneys?", window="abdomen",
                    forced_text="No kidneys are visible in this image.")
+    assert [m.label for m in e.ask(img, "Please segment the right kidney in this scan.",
+                                   window="abdomen").masks] == ["liver"]
     assert plural.boxes == [] and plural.warnings == []
     plain = Engine.load(fitted_dir).ask(img, "Where is the liver?", window="abdomen",
                                         forced_text="No liver is visible in this image.")

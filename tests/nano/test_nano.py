@@ -153,6 +153,24 @@ def test_a_structure_nano_calls_not_visible_gets_its_masks_box(engine, study):
     assert vol.warnings == ["slices 20-25: " + res.warnings[0]]
 
 
+def test_kidneys_nano_calls_not_visible_get_their_masks_boxes(engine, study):
+    """Asked "Find the kidneys." on held-out slices 20-25, where the kidneys' upper poles are,
+    nano answers "No kidneys are visible in this image." Its own masks of each kidney find
+    them: on slice 20 the engine returns both masks' boxes (IoU 0.921 and 0.849 with the
+    reference boxes), one sentence for each, and leaves the text alone."""
+    k = 20
+    res = engine.ask(study.volume[k], "Find the kidneys.", window="abdomen", task="detect")
+    assert res.text.startswith("No kidneys are visible in this image."), res.text
+    assert [(b.label, b.source, b.text_xyxy) for b in res.boxes] == [
+        ("right kidney", "mask", None), ("left kidney", "mask", None)]
+    for box in res.boxes:
+        assert box_iou(box.xyxy, mask_box(study.mask(box.label, k))) >= 0.8, box
+    assert res.warnings == [
+        f"the answer says no kidneys are visible, but the model's own segmentation marks the "
+        f"{side} kidney in the image; the {side} kidney box returned is the box of that mask, "
+        "not one the model wrote." for side in ("right", "left")]
+
+
 def test_a_box_whose_structure_gets_no_mask_stays_as_written(engine, study):
     """On held-out slice 23 nano writes a box for the right lung (its apex, 432 reference
     pixels) but its SAM2 marks no right lung there, so the written box comes back unchanged,
