@@ -106,6 +106,36 @@ def unconfirmed_boxes_warning(labels: list[str]) -> str:
             f"model wrote {it}, not the box of a mask; treat {it} as unconfirmed.")
 
 
+# a closer look whose mask overlaps the one before it less than this (Dice, inside the region
+# looked at) is said to disagree with it. Refining a mask's edges keeps far more; nano, never
+# trained on crops, keeps 0.52-0.58 of its lungs on held-out slices (MODEL_CARD.md, Limits)
+CLOSER_LOOK_MIN_DICE = 0.7
+
+
+def closer_look_agreement(before: np.ndarray, after: np.ndarray) -> float | None:
+    """Dice of two masks (None when both are empty)."""
+    total = int(before.sum()) + int(after.sum())
+    return None if not total else 2.0 * int(np.logical_and(before, after).sum()) / total
+
+
+def closer_look_warning(label: str, against: str, before_px: int, after_px: int,
+                        dice: float | None) -> str | None:
+    """Said when a closer look's mask loses the structure the mask before it marked, or agrees
+    little with it: a model not trained on zoomed-in crops (models/nano) does that, and the
+    Slicer module would otherwise put it in place of the earlier mask without a word."""
+    if before_px < GROUND_MIN_ABSENT_PX or dice is None:
+        return None
+    if not after_px:
+        return (f"the closer look marks no {label} in the crop, where {against} marks "
+                f"{before_px} pixels of it: the model may not handle zoomed-in crops well, so "
+                "keep the earlier mask unless the crop really shows none.")
+    if dice < CLOSER_LOOK_MIN_DICE:
+        return (f"the closer look's {label} mask agrees little with {against} (Dice "
+                f"{dice:.2f} inside the region looked at): the model may not handle zoomed-in "
+                "crops well, so compare the two before keeping it.")
+    return None
+
+
 def check_device(device: str | torch.device, what: str = "device") -> torch.device:
     """The torch device for `device`, or one sentence (naming the setting as `what`) when this
     process cannot use it: say so at load time, not with torch's words at the first question."""
@@ -283,7 +313,10 @@ class Engine:
         model size, paste the refined mask back into the full slice (kept inside `roi`).
 
         `closer_look` in the result: `roi` (the given box, else the square), `crop` (the square
-        the model saw), `area_px_before` (of `mask` or the first pass), `area_px_after`."""
+        the model saw), `area_px_before` (of `mask` or the first pass), `area_px_after`,
+        `dice_with_before`: the refined mask against `mask`, else against the model's own mask
+        of the whole slice for the same question (asked for that when `roi` is given), inside
+        `roi` (else the square); a warning says when it is low (`closer_look_warning`)."""
         t0 = time.perf_counter()
         if not (prompt or "").strip():
             prompt = CLOSER_LOOK_PROMPT.format(label=label or "structure")
@@ -344,15 +377,47 @@ class Engine:
                 keep[int(roi[1]):int(np.ceil(roi[3])), int(roi[0]):int(np.ceil(roi[2]))] = True
                 full &= keep
             m.array = full
+        # what the crop's answer is compared with: the mask sent, else the model's own mask of
+        # the whole slice (the first pass, asked here when a region was given instead)
+        compare, against = before, "the mask sent" if mask is not None else None
+        if compare is None and first is None and user_roi:
+            first = self.ask(arr, prompt, window, task="segment", photometric=photometric,
+                             forced_text=forced_text)
+        if compare is None and first is not None:
+            picked = [m.array for m in first.masks if label is None or m.label == label]
+            compare = np.logical_or.reduce(picked) if picked else np.zeros((h, w), dtype=bool)
+        if against is None:
+            against = "the model's own mask of the whole slice"
         if first is not None:
             res.timing_ms["first_pass"] = first.timing_ms.get("total", 0.0)
+        area = [int(v) for v in (roi if user_roi else square)]
+        region = np.zeros((h, w), dtype=bool)
+        region[area[1]:max(area[3], area[1] + 1), area[0]:max(area[2], area[0] + 1)] = True
+        after = np.zeros((h, w), dtype=bool)
+        for m in res.masks:
+            if label is None or m.label == label:
+                after |= m.array
+        agreement, lost = None, False
+        if compare is not None:
+            agreement = closer_look_agreement(compare & region, after & region)
+            said = closer_look_warning(label or (res.masks[0].label if res.masks else
+                                                 "structure"), against,
+                                       int((compare & region).sum()), int(after.sum()),
+                                       agreement)
+            if said:
+                res.warnings.append(said)
+                lost = not after.any()
         res.closer_look = {
             "roi": [round(float(v), 2) for v in roi] if user_roi else [int(v) for v in square],
             "crop": [int(v) for v in square],
             "area_px_before": int(before.sum()) if before is not None else None,
             "area_px_after": sum(m.area_px for m in res.masks),
+            "dice_with_before": None if agreement is None else round(agreement, 3),
         }
         self._finish(res, (h, w), slice_index, spacing, image_id, image_info, window)
+        if lost:  # said above, with what marked it before: not "may not be in view"
+            empty = {empty_mask_warning(m.label) for m in res.masks}
+            res.warnings = [x for x in res.warnings if x not in empty]
         res.timing_ms["total"] = (time.perf_counter() - t0) * 1e3
         return res
 

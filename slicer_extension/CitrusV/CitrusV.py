@@ -398,6 +398,10 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._rememberServer(self.serverUrl())
         applied = self.logic.applyResult(response, volume, self._segmentEditorUndo(volume))
         self._showResult(response.result, volume)
+        if getattr(applied, "kept", None):
+            self.ui.statusLabel.text += (
+                f" The closer look marked no {', '.join(applied.kept)}: the earlier mask is kept."
+            )
         return applied
 
     def _segmentEditorUndo(self, volume):

@@ -319,6 +319,8 @@ class AppliedResult:
     segment_ids: dict[str, str] = field(default_factory=dict)
     roi_nodes: dict[str, object] = field(default_factory=dict)
     text_node: object | None = None  # the answer's record (saved with the scene)
+    # structures a closer look came back empty for: their earlier mask was left as it was
+    kept: list[str] = field(default_factory=list)
 
 
 def _model_name(result: Result) -> str:
@@ -385,6 +387,12 @@ def apply_result(
     else:
         structures = structure_masks(result, shape, axis)
     applied = AppliedResult(segmentation_node=None)
+    if result.task == "closer_look":
+        # an empty closer look would wipe that slice of the segment (perhaps the user's own
+        # edits); a model not trained on crops (nano) often answers so. The answer's warning
+        # says why; the earlier mask stays.
+        applied.kept = [name for name, st in structures.items() if not st.mask.any()]
+        structures = {name: st for name, st in structures.items() if name not in applied.kept}
     if structures:
         seg = get_or_create_segmentation(volume_node, scene)
         applied.segmentation_node = seg

@@ -7,7 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from citrusv import Engine, InputError, rle
-from citrusv.engine import absent_members, main_parts_box, slice_list
+from citrusv.engine import (absent_members, closer_look_agreement, closer_look_warning,
+                            main_parts_box, slice_list)
 from citrusv.generation import generate_capturing, image_embeddings, teacher_force
 from citrusv.imaging import smart_resize
 from citrusv.prompting import pixel_inputs, text_inputs
@@ -279,6 +280,36 @@ def test_an_answer_about_another_structure_than_asked_warns(engine):
         "slices 0-2: the answer is about the liver, which the question does not name: the model "
         "may have answered about something other than what was asked (it may not know that "
         "structure), so check the answer is what you wanted."]
+
+
+def test_closer_look_is_compared_with_the_mask_before_it(engine):
+    # the lines the warning is said at
+    assert closer_look_warning("liver", "the mask sent", 39, 0, 0.0) is None  # too small
+    assert closer_look_warning("liver", "the mask sent", 500, 450, 0.8) is None
+    assert closer_look_warning("liver", "the mask sent", 500, 0, 0.0).startswith(
+        "the closer look marks no liver in the crop, where the mask sent marks 500 pixels")
+    assert closer_look_warning("liver", "the mask sent", 500, 200, 0.69).startswith(
+        "the closer look's liver mask agrees little with the mask sent (Dice 0.69 inside")
+    assert closer_look_agreement(np.zeros((4, 4), bool), np.zeros((4, 4), bool)) is None
+    a = np.zeros((4, 4), bool)
+    a[:2] = True
+    b = np.zeros((4, 4), bool)
+    b[1:3] = True
+    assert closer_look_agreement(a, b) == 0.5
+    # the figure in the result: the refined mask against the mask sent, inside the crop
+    img = ct_slice(120, 160, seed=6)
+    prev = np.zeros((120, 160), bool)
+    prev[50:70, 60:100] = True
+    res = engine.closer_look(img, "", mask=prev, label="liver", window="abdomen",
+                             forced_text="liver [SEG]")
+    x1, y1, x2, y2 = res.closer_look["crop"]
+    inside = np.zeros_like(prev)
+    inside[y1:y2, x1:x2] = True
+    want = closer_look_agreement(prev & inside, res.masks[0].array & inside)
+    assert res.closer_look["dice_with_before"] == round(want, 3)
+    assert res.to_json()["closer_look"]["dice_with_before"] == round(want, 3)
+    low = want < 0.7
+    assert any("closer look" in w for w in res.warnings) == low, res.warnings
 
 
 def test_ask_volume_returns_3d_masks_in_volume_index_space(engine):

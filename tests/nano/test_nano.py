@@ -235,6 +235,29 @@ def test_a_structure_nano_never_learnt_gets_an_answer_that_says_so(engine, study
     assert not [w for w in liver.warnings if "question" in w], liver.warnings
 
 
+def test_a_closer_look_nano_gets_wrong_says_so(engine, study):
+    """nano was never trained on zoomed-in crops, and a closer look loses what its mask of the
+    whole slice marks (MODEL_CARD.md, Limits). Asked as the Slicer module asks (the box of a
+    structure and its name): on held-out slice 22 the left kidney's closer look marks nothing
+    where nano's own mask marks 1387 px, and on slice 25 the liver's agrees with it at Dice
+    0.667. Each answer says so instead of passing the mask on without a word."""
+    kidney = engine.closer_look(study.volume[22], "", label="left kidney", window="abdomen",
+                                roi=mask_box(study.mask("left kidney", 22)))
+    assert [(m.label, m.area_px) for m in kidney.masks] == [("left kidney", 0)]
+    assert kidney.closer_look["dice_with_before"] == 0.0
+    assert kidney.warnings == [
+        "the closer look marks no left kidney in the crop, where the model's own mask of the "
+        "whole slice marks 1387 pixels of it: the model may not handle zoomed-in crops well, "
+        "so keep the earlier mask unless the crop really shows none."]
+    liver = engine.closer_look(study.volume[SLICE], "", label="liver", window="abdomen",
+                               roi=mask_box(study.mask("liver", SLICE)))
+    assert liver.closer_look["dice_with_before"] == pytest.approx(0.667, abs=0.005)
+    assert liver.warnings == [
+        "the closer look's liver mask agrees little with the model's own mask of the whole "
+        f"slice (Dice {liver.closer_look['dice_with_before']:.2f} inside the region looked at): "
+        "the model may not handle zoomed-in crops well, so compare the two before keeping it."]
+
+
 def test_radiograph_report_says_which_cited_boxes_no_mask_confirms(engine, sample_root):
     """On the real chest CR nano's report lists all ten structures it learnt from the DRRs.
     Its masks find lungs, heart, liver and stomach there, and nothing for the aorta, spleen,

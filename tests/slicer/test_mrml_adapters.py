@@ -41,13 +41,14 @@ def segment_result(
     axis="axial",
     shape=SHAPE,
     index=1,
+    task="segment",
 ):
     h, w = geometry.slice_shape(shape, axis)
     mask = np.zeros((h, w), dtype=bool)
     mask[rows, cols] = True
     return Result.from_json(
         {
-            "task": "segment",
+            "task": task,
             "prompt": f"segment the {label}",
             "boxes": [
                 {
@@ -118,6 +119,27 @@ def test_second_answer_on_another_slice_keeps_the_first(adapters, volume, mrml):
     adapters.apply_result(third, volume)
     back = su.arrayFromSegmentBinaryLabelmap(seg, applied.segment_ids["liver"], volume)
     assert back[1].sum() == 4 and back[4].sum() == 25
+
+
+def test_an_empty_closer_look_leaves_the_earlier_mask_as_it_was(adapters, volume, mrml):
+    su = mrml.slicer.util
+    first, _ = segment_result(slice_index=2)
+    applied = adapters.apply_result(first, volume)
+    closer, _ = segment_result(slice_index=2, rows=slice(0, 0), task="closer_look")
+    assert closer.masks[0].array().sum() == 0
+    kept = adapters.apply_result(closer, volume)
+    assert kept.kept == ["liver"] and kept.segment_ids == {}
+    back = su.arrayFromSegmentBinaryLabelmap(
+        applied.segmentation_node, applied.segment_ids["liver"], volume)
+    assert back[2].sum() == 200  # not wiped
+    # a closer look that marks something replaces the slice as any answer does
+    smaller, _ = segment_result(slice_index=2, rows=slice(10, 12), cols=slice(15, 20),
+                                task="closer_look")
+    done = adapters.apply_result(smaller, volume)
+    assert done.kept == []
+    back = su.arrayFromSegmentBinaryLabelmap(
+        applied.segmentation_node, applied.segment_ids["liver"], volume)
+    assert back[2].sum() == 10
 
 
 def test_two_structures_get_two_segments_with_names_and_colors(adapters, volume, mrml):
