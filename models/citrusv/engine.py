@@ -34,10 +34,11 @@ from .generation import (
     token_char_ends,
 )
 from .imaging import FrameMap
-from .parsing import SEG_TOKEN, TASKS, infer_task, parse_output, unasked_warning
+from .parsing import SEG_TOKEN, TASKS, infer_task, listed, parse_output, unasked_warning
 from .prompting import pixel_inputs, stop_token_ids, text_inputs
 from .result import Box, Mask, Result, Step
 from .slice_cache import SliceCache, SliceState, content_hash
+from .training import dice_score
 
 AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
 AXIS_NAMES = {v: k for k, v in AXES.items()}
@@ -99,8 +100,7 @@ def absent_members(label: str, verb: str) -> list[str]:
 def unconfirmed_boxes_warning(labels: list[str]) -> str:
     """box_source "mask": said when some boxes' labels get no mask, so those boxes stay as the
     model wrote them, with nothing to check them against."""
-    names = " or ".join(labels) if len(labels) < 3 else (
-        ", ".join(labels[:-1]) + " or " + labels[-1])
+    names = listed(labels, "or")
     boxes, it = ("that box is", "it") if len(labels) == 1 else ("those boxes are", "them")
     return (f"the model's own segmentation marks no {names} in the image, so {boxes} as the "
             f"model wrote {it}, not the box of a mask; treat {it} as unconfirmed.")
@@ -110,12 +110,6 @@ def unconfirmed_boxes_warning(labels: list[str]) -> str:
 # looked at) is said to disagree with it. Refining a mask's edges keeps far more; nano, never
 # trained on crops, keeps 0.52-0.58 of its lungs on held-out slices (MODEL_CARD.md, Limits)
 CLOSER_LOOK_MIN_DICE = 0.7
-
-
-def closer_look_agreement(before: np.ndarray, after: np.ndarray) -> float | None:
-    """Dice of two masks (None when both are empty)."""
-    total = int(before.sum()) + int(after.sum())
-    return None if not total else 2.0 * int(np.logical_and(before, after).sum()) / total
 
 
 def closer_look_warning(label: str, against: str, before_px: int, after_px: int,
@@ -399,7 +393,8 @@ class Engine:
                 after |= m.array
         agreement, lost = None, False
         if compare is not None:
-            agreement = closer_look_agreement(compare & region, after & region)
+            if (compare & region).any() or after.any():  # else there is nothing to compare
+                agreement = dice_score(compare & region, after & region)
             said = closer_look_warning(label or (res.masks[0].label if res.masks else
                                                  "structure"), against,
                                        int((compare & region).sum()), int(after.sum()),

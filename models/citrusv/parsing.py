@@ -176,8 +176,9 @@ def _stems(text: str) -> set[str]:
     return out
 
 
-def _listed(names: list[str]) -> str:
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+def listed(names: list[str], conj: str = "and") -> str:
+    """["a", "b", "c"] -> "a, b and c" ("a or b" with conj "or")."""
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + f" {conj} " + names[-1]
 
 
 def unasked_warning(prompt: str, labels) -> str | None:
@@ -194,14 +195,14 @@ def unasked_warning(prompt: str, labels) -> str | None:
         if words:
             (named if words & asked else unnamed).append(label)
     if unnamed and not named:
-        return (f"the answer is about the {_listed(unnamed)}, which the question does not name: "
+        return (f"the answer is about the {listed(unnamed)}, which the question does not name: "
                 "the model may have answered about something other than what was asked "
                 "(it may not know that structure), so check the answer is what you wanted.")
     sides = asked & SIDES
     sided = [x for x in named if _stems(x) & SIDES]
     if len(sides) == 1 and sided and not any(_stems(x) & sides for x in sided):
         side = next(iter(sides))
-        return (f"the question says {side}, but the answer is about the {_listed(sided)}: "
+        return (f"the question says {side}, but the answer is about the {listed(sided)}: "
                 f"check which side is meant (the patient's {side} is on the image's "
                 f"{'right' if side == 'left' else 'left'} in the usual radiological view).")
     return None

@@ -16,6 +16,7 @@ import numpy as np
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 
 from citrusv.imaging import resolve_window
+from citrusv.training import dice_score
 
 from .errors import RequestError
 from .images import read_study
@@ -129,6 +130,5 @@ def split(samples: list[Sample], val_every: int = 5) -> tuple[list[Sample], list
 
 
 def dice(pred: np.ndarray, target: np.ndarray) -> float:
-    pred, target = pred.astype(bool), target.astype(bool)
-    denom = pred.sum() + target.sum()
-    return 1.0 if denom == 0 else float(2.0 * np.logical_and(pred, target).sum() / denom)
+    """Dice of two masks of any dtype (non-zero = in); 1.0 when both are empty."""
+    return dice_score(pred.astype(bool), target.astype(bool))

@@ -7,11 +7,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from citrusv import Engine, InputError, rle
-from citrusv.engine import (absent_members, closer_look_agreement, closer_look_warning,
-                            main_parts_box, slice_list)
+from citrusv.engine import absent_members, closer_look_warning, main_parts_box, slice_list
 from citrusv.generation import generate_capturing, image_embeddings, teacher_force
 from citrusv.imaging import smart_resize
 from citrusv.prompting import pixel_inputs, text_inputs
+from citrusv.training import dice_score
 from .conftest import ANSWERS
 
 FORCED = (
@@ -290,12 +290,6 @@ def test_closer_look_is_compared_with_the_mask_before_it(engine):
         "the closer look marks no liver in the crop, where the mask sent marks 500 pixels")
     assert closer_look_warning("liver", "the mask sent", 500, 200, 0.69).startswith(
         "the closer look's liver mask agrees little with the mask sent (Dice 0.69 inside")
-    assert closer_look_agreement(np.zeros((4, 4), bool), np.zeros((4, 4), bool)) is None
-    a = np.zeros((4, 4), bool)
-    a[:2] = True
-    b = np.zeros((4, 4), bool)
-    b[1:3] = True
-    assert closer_look_agreement(a, b) == 0.5
     # the figure in the result: the refined mask against the mask sent, inside the crop
     img = ct_slice(120, 160, seed=6)
     prev = np.zeros((120, 160), bool)
@@ -305,7 +299,7 @@ def test_closer_look_is_compared_with_the_mask_before_it(engine):
     x1, y1, x2, y2 = res.closer_look["crop"]
     inside = np.zeros_like(prev)
     inside[y1:y2, x1:x2] = True
-    want = closer_look_agreement(prev & inside, res.masks[0].array & inside)
+    want = dice_score(prev & inside, res.masks[0].array & inside)
     assert res.closer_look["dice_with_before"] == round(want, 3)
     assert res.to_json()["closer_look"]["dice_with_before"] == round(want, 3)
     low = want < 0.7
