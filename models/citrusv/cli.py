@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from this checkpoint instead of from scratch")
     p.add_argument("--lr", type=float, default=None, help="joint-stage learning rate")
     p.add_argument("--seg-lr", type=float, default=None, help="segmentation-stage learning rate")
+    p.add_argument("--crop-share", type=float, default=None,
+                   help="share of segmentation-stage images that are closer-look crops (a "
+                        "structure's square around its box, as `closer_look` sends the model) "
+                        "instead of whole slices; with --seg-steps etc. (default: 0)")
     p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
                    help="after training, score the weights on the held-out blocks (as "
                    "`citrusv eval`, ~1 min), write OUT/evaluation.json and say whether they "

@@ -57,6 +57,8 @@ GROUND_MAX_NEW_TOKENS = 64
 # a structure the answer says is not visible gets its mask's box only from a mask this large:
 # the line at which the evaluation counts a structure as on a slice (MIN_AREA_PX), not tuned
 GROUND_MIN_ABSENT_PX = 40
+# a closer look's square: the box grown by this share of its side on each side
+CLOSER_LOOK_MARGIN = 0.15
 # what closer_look asks when given no prompt (with no label: "the structure", which names
 # nothing, so its answer is not checked against the question)
 CLOSER_LOOK_PROMPT = "Please segment the {label} in this image."
@@ -164,7 +166,8 @@ def resolve_dtype(dtype, device: str | torch.device, what: str = "dtype") -> tor
     return dtype
 
 
-def square_roi(xyxy, height: int, width: int, margin: float = 0.15, min_side: int = 16
+def square_roi(xyxy, height: int, width: int, margin: float = CLOSER_LOOK_MARGIN,
+               min_side: int = 16
                ) -> list[int]:
     """A square around a box, grown by `margin` per side, kept inside the slice."""
     x1, y1, x2, y2 = (float(v) for v in xyxy)
@@ -174,6 +177,15 @@ def square_roi(xyxy, height: int, width: int, margin: float = 0.15, min_side: in
     left = int(round(min(max(cx - side / 2, 0), width - side)))
     top = int(round(min(max(cy - side / 2, 0), height - side)))
     return [left, top, left + side, top + side]
+
+
+def closer_look_image(image: np.ndarray, square, window=None, size: int = 256,
+                      photometric: str | None = None) -> np.ndarray:
+    """What a closer look shows the model: the slice windowed, cut to `square`, scaled to
+    size x size RGB (training's closer-look crops are made by the same function)."""
+    x1, y1, x2, y2 = (int(v) for v in square)
+    crop = imaging.to_rgb_uint8(image, window, photometric)[y1:y2, x1:x2]
+    return np.asarray(Image.fromarray(crop).resize((size, size), Image.Resampling.BICUBIC))
 
 
 def mask_box(mask: np.ndarray) -> list[float] | None:
@@ -298,7 +310,7 @@ class Engine:
         return res
 
     @_serialised
-    def closer_look(self, image, prompt: str = "", roi=None, margin: float = 0.15, *,
+    def closer_look(self, image, prompt: str = "", roi=None, margin: float = CLOSER_LOOK_MARGIN, *,
                     mask: np.ndarray | None = None, label: str | None = None, window=None,
                     slice_index: int | None = None, spacing=None,
                     photometric: str | None = None, image_id: str | None = None,
@@ -346,10 +358,8 @@ class Engine:
                 raise InputError("mask", "mask is empty; send a mask with the region to refine.")
         square = square_roi(base, h, w, margin)
         x1, y1, x2, y2 = square
-        full_rgb = imaging.to_rgb_uint8(arr, window, photometric)
-        crop = full_rgb[y1:y2, x1:x2]
         size = int(self.config.image_size)
-        canon = np.asarray(Image.fromarray(crop).resize((size, size), Image.Resampling.BICUBIC))
+        canon = closer_look_image(arr, square, window, size, photometric)
         key = (content_hash(arr), imaging.window_key(window), tuple(square))
         state = self._state_from_rgb(canon, key)
         res = self._run(state, prompt, "closer_look", forced_text, None)

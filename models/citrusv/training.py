@@ -592,6 +592,11 @@ def _corpus(samples: list[dict]) -> list[str]:
     return texts
 
 
+# closer-look crops in a segmentation stage (crop_share): each edge of the structure's box
+# moved by up to this share of its size before the square is taken around it
+CROP_JITTER = 0.15
+
+
 # The recipe `citrusv train` runs by default, and how models/nano was made: rounds of
 # (joint stage, segmentation stage) with fixed step counts. Round r uses seed + r, a fresh
 # optimizer and a warm restart of the learning rate, and starts from the previous round's
@@ -695,8 +700,10 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
     slice, so SAM2 learns that from the image; the frozen MLLM's judgement of that is what
     lost the liver dome in run R (docs/nano_training_history.md).
     """
+    from .engine import CLOSER_LOOK_MARGIN, closer_look_image, square_roi
     from .nano_data import (MIN_AREA_PX, NAMES, NANO_MAX_PIXELS, NANO_MIN_PIXELS,
-                            TRAIN_WINDOWS, build_nano_data, data_is_current, load_nano_data)
+                            TRAIN_WINDOWS, build_nano_data, data_is_current, load_nano_data,
+                            mask_box)
 
     torch.set_num_threads(threads)
     t_start = time.perf_counter()
@@ -729,18 +736,62 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
     targets: dict[tuple[int, str], torch.Tensor] = {}
     rng = random.Random(seed)
 
-    def target(k: int, name: str) -> torch.Tensor:
+    def target(k: int, name: str, crop: list[int] | None = None) -> torch.Tensor:
+        if crop is not None:  # a closer-look crop: its own target, not kept
+            x1, y1, x2, y2 = crop
+            return target_mask(data.mask(name, k)[y1:y2, x1:x2])
         if (k, name) not in targets:
             targets[(k, name)] = target_mask(data.mask(name, k))
         return targets[(k, name)]
 
-    def pick_batch(with_text: bool, n_images: int = batch_images):
-        """Images (CT slices in random windows, sometimes a DRR) and their sequences."""
+    def closer_look_crop(k: int, window) -> tuple[ImageInputs, list[str], list[int]] | None:
+        """A square around a structure's box on slice k, as `Engine.closer_look` crops and
+        scales it (the box's edges moved by up to CROP_JITTER of its size, as a first pass's
+        mask would place it), the structures to ask for in it: that one, one other inside
+        the crop, one more at random."""
+        on = [n for n in NAMES if data.mask(n, k).sum() >= MIN_AREA_PX]
+        if not on:
+            return None
+        name = rng.choice(on)
+        x1, y1, x2, y2 = mask_box(data.mask(name, k))
+        jitter = [rng.uniform(-CROP_JITTER, CROP_JITTER) for _ in range(4)]
+        bw, bh = x2 - x1, y2 - y1
+        box = [x1 + jitter[0] * bw, y1 + jitter[1] * bh, x2 + jitter[2] * bw,
+               y2 + jitter[3] * bh]
+        vol_h, vol_w = data.volume.shape[1:]
+        crop = square_roi(box, vol_h, vol_w, CLOSER_LOOK_MARGIN)
+        inp = render(closer_look_image(data.volume[k], crop, window, int(config.image_size)),
+                     None, processor, config)
+        inside = [n for n in NAMES if n != name and
+                  data.mask(n, k)[crop[1]:crop[3], crop[0]:crop[2]].sum() >= MIN_AREA_PX]
+        names = [name] + rng.sample(inside, min(1, len(inside)))
+        names.append(rng.choice([n for n in NAMES if n not in names]))
+        return inp, names, crop
+
+    def pick_batch(with_text: bool, n_images: int = batch_images, crop_share: float = 0.0):
+        """Images (CT slices in random windows, sometimes a DRR, or, for a share
+        `crop_share` of the segmentation stage's, closer-look crops) and their sequences."""
         images, seqs, seg_meta = [], [], []
         for b in range(n_images):
             use_drr = with_text and drr_keys and rng.random() < 0.1
             key = rng.choice(drr_keys if use_drr else ct_keys)
             window = rng.choice(TRAIN_WINDOWS) if key.startswith("ct:") else None
+            cropped = None
+            if crop_share and not with_text and rng.random() < crop_share:
+                cropped = closer_look_crop(int(key.split(":")[1]), window)
+            if cropped is not None:
+                crops_made[0] += 1
+                inp, names, crop = cropped
+                images.append((key, window, inp))
+                pool = by_image[key]
+                for n in names:
+                    s = rng.choice([s for s in pool if s["task"] == "segment"
+                                    and s["structure"] == n])
+                    ids, start = encode_chat(tokenizer, config, s["prompt"], s["answer"],
+                                             inp.grid, s["task"])
+                    seqs.append(ChatSequence(ids, start, b))
+                    seg_meta.append({**s, "crop": crop})
+                continue
             inp = bank.get(key, window)
             images.append((key, window, inp))
             pool = by_image[key]
@@ -777,7 +828,8 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
         if swap:
             h = state_bank.swap(h, [meta[i]["structure"] for i in owners])
         pixels = torch.stack([im[2].sam for im in images])
-        tgt = torch.stack([target(meta[i]["slice"], meta[i]["structure"]) for i in owners])
+        tgt = torch.stack([target(meta[i]["slice"], meta[i]["structure"], meta[i].get("crop"))
+                           for i in owners])
         img_idx = [seqs[i].image for i in owners]
         if augment:
             pixels, tgt = augment_sam(pixels, tgt, img_idx, rng)
@@ -812,8 +864,12 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
                 parts.update(sp)
         return parts
 
+    crop_share = 0.0  # the round's, set below
+    crops_made = [0]  # closer-look crop images made in the round so far
+
     def segmentation_batch() -> dict:
-        images, seqs, meta = pick_batch(with_text=False, n_images=seg_batch_images)
+        images, seqs, meta = pick_batch(with_text=False, n_images=seg_batch_images,
+                                        crop_share=crop_share)
         with torch.no_grad():
             _, hidden, ids = mllm_forward(model, [im[2] for im in images], seqs, pad,
                                           want_ce=False)
@@ -839,6 +895,8 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
             model.eval()
             save_nano(model, processor, Path(joint_checkpoint), save_dtype)
         # stage 2: segmentation (MLLM frozen; projector + SAM2)
+        crop_share = float(spec.get("crop_share", 0.0))
+        crops_made[0] = 0
         model.train()
         model.mllm.requires_grad_(False)
         model.mllm.eval()
@@ -847,7 +905,8 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
                   list(model.seg_projector.parameters()) + list(model.sam2.parameters()),
                   segmentation_batch, segmentation_weights(recall_weight))
         seconds.append({"joint_seconds": round(joint_s, 1),
-                        "seg_seconds": round(time.perf_counter() - t2, 1)})
+                        "seg_seconds": round(time.perf_counter() - t2, 1),
+                        **({"crop_images": crops_made[0]} if crop_share else {})})
 
     model.eval()
     model.requires_grad_(False)
@@ -896,8 +955,9 @@ def save_nano(model: CitrusV, processor, out: Path, save_dtype: str = "float16")
 
 def train_nano_cli(args) -> int:
     """`citrusv train`: train nano and print where it went and how long it took."""
-    given = {k: getattr(args, k) for k in ("joint_steps", "seg_steps", "lr", "seg_lr")
-             if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in ("joint_steps", "seg_steps", "lr", "seg_lr",
+                                           "crop_share")
+             if getattr(args, k, None) is not None}
     # the recipe by default; step counts or rates on the command line make one round of them
     rounds = NANO_RECIPE["rounds"] if not given else ({**NANO_RECIPE["rounds"][0], **given},)
     whole_names = NANO_RECIPE["whole_names"] if args.whole_names is None else args.whole_names
