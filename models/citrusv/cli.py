@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from this checkpoint instead of from scratch")
     p.add_argument("--lr", type=float, default=None, help="joint-stage learning rate")
     p.add_argument("--seg-lr", type=float, default=None, help="segmentation-stage learning rate")
+    p.add_argument("--first-round", type=int, default=None,
+                   help="with --init: run the recipe's rounds from this one on, continuing a "
+                        "model saved after the round before it (it gives the weights the whole "
+                        "recipe gives; default: 1, from the start)")
     p.add_argument("--crop-share", type=float, default=None,
                    help="share of segmentation-stage images that are closer-look crops (a "
                         "structure's square around its box, as `closer_look` sends the model) "

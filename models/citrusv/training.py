@@ -16,6 +16,7 @@ import json
 import math
 import random
 import tempfile
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -687,7 +688,8 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
                save_dtype: str = "float16", max_minutes: float | None = None,
                joint_checkpoint: str | Path | None = None,
                init_from: str | Path | None = None,
-               state_swap: float = NANO_RECIPE["state_swap"]) -> dict:
+               state_swap: float = NANO_RECIPE["state_swap"],
+               first_round: int = 1) -> dict:
     """Build the data (if missing), train nano from scratch, save it in the released layout.
 
     `whole_names`: two-word structure names ("right kidney") are one token each. The state
@@ -699,7 +701,19 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
     batches). The state then names the structure but no longer says whether it is on the
     slice, so SAM2 learns that from the image; the frozen MLLM's judgement of that is what
     lost the liver dome in run R (docs/nano_training_history.md).
+
+    `first_round` N > 1: continue `init_from`, a model saved after round N-1 of these same
+    `rounds` (same seed and data), with rounds N... only. Each round starts from the previous
+    one's checkpoint as stored and is seeded by its number, so this writes the weights the
+    whole run would (tests/nano/test_recipe.py checks it byte for byte); the log's earlier
+    rounds are copied from `init_from`'s log.
     """
+    first = int(first_round)
+    if first < 1 or first > len(rounds):
+        raise ValueError(f"first_round must be 1 to {len(rounds)}; got {first_round}")
+    if first > 1 and not init_from:
+        raise ValueError("first_round > 1 continues a model saved after the round before it: "
+                         "give init_from")
     from .engine import CLOSER_LOOK_MARGIN, closer_look_image, square_roi
     from .nano_data import (MIN_AREA_PX, NAMES, NANO_MAX_PIXELS, NANO_MIN_PIXELS,
                             TRAIN_WINDOWS, build_nano_data, data_is_current, load_nano_data,
@@ -715,8 +729,12 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
     train = [s for s in data.samples if s["split"] == "train"]
     torch.manual_seed(seed)
     if init_from:  # continue from a saved nano (e.g. more segmentation-stage steps)
-        model, processor, config = load_checkpoint(init_from, dtype=torch.float32)
-        tokenizer = processor.tokenizer
+        model, loaded, config = load_checkpoint(init_from, dtype=torch.float32)
+        tokenizer = loaded.tokenizer
+        # the image processor a run from scratch has: a saved folder loads transformers' fast
+        # one, whose pixel values differ by up to 2.4e-7, so a continued round would not
+        # write the weights the whole run writes
+        processor = qwen_processor(tokenizer, config.min_pixels, config.max_pixels)
     else:
         tokenizer = train_tokenizer(_corpus(data.samples),
                                     whole_names=[n for n in NAMES if " " in n] if whole_names
@@ -878,6 +896,8 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
     history: list[dict] = []
     seconds: list[dict] = []
     for r, spec in enumerate(rounds):
+        if r < first - 1:  # ran before: init_from is its checkpoint
+            continue
         if r:  # the next round starts from this round's checkpoint as stored (as --init does)
             with tempfile.TemporaryDirectory() as tmp:
                 save_nano(model, processor, Path(tmp), save_dtype)
@@ -917,10 +937,15 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
             "joint_steps_run": sum(h["stage"] == "joint" and h["round"] == r + 1 for h in history),
             "seg_steps_run": sum(h["stage"] == "segmentation" and h["round"] == r + 1
                                  for h in history),
-            **seconds[r],
+            **secs,
             "final": {h["stage"]: h for h in history if h["round"] == r + 1}}
-           for r, spec in enumerate(rounds)]
+           for (r, spec), secs in zip(list(enumerate(rounds))[first - 1:], seconds)]
+    if first > 1:
+        init_log = Path(init_from) / "training_log.json"
+        earlier = json.loads(init_log.read_text())["rounds"] if init_log.is_file() else []
+        ran = earlier[:first - 1] + ran
     stats = {"seed": seed, "init_from": None if init_from is None else str(init_from),
+             **({"first_round": first} if first > 1 else {}),
              "whole_names": whole_names, "recall_weight": recall_weight,
              "state_swap": state_swap, "rounds": ran,
              "stopped_early": any(x["joint_steps_run"] < x["joint_steps"]
@@ -958,6 +983,11 @@ def train_nano_cli(args) -> int:
     given = {k: getattr(args, k) for k in ("joint_steps", "seg_steps", "lr", "seg_lr",
                                            "crop_share")
              if getattr(args, k, None) is not None}
+    first_round = getattr(args, "first_round", None) or 1
+    if first_round > 1 and (given or args.init is None):
+        print("--first-round continues the recipe from a model saved after the round before "
+              "it: give --init, and no step counts or rates.", file=sys.stderr)
+        return 2
     # the recipe by default; step counts or rates on the command line make one round of them
     rounds = NANO_RECIPE["rounds"] if not given else ({**NANO_RECIPE["rounds"][0], **given},)
     whole_names = NANO_RECIPE["whole_names"] if args.whole_names is None else args.whole_names
@@ -966,7 +996,7 @@ def train_nano_cli(args) -> int:
     is_recipe = (not given and seed == NANO_RECIPE["seed"] and args.init is None
                  and whole_names == NANO_RECIPE["whole_names"]
                  and state_swap == NANO_RECIPE["state_swap"] and args.threads == 1
-                 and args.max_minutes is None)
+                 and args.max_minutes is None and first_round == 1)
     note = recipe_host_note(training_host(), out=args.out) if is_recipe else None
     if note:
         print(note, flush=True)
@@ -974,7 +1004,8 @@ def train_nano_cli(args) -> int:
                        whole_names=whole_names,
                        state_swap=state_swap,
                        threads=args.threads, max_minutes=args.max_minutes,
-                       joint_checkpoint=args.joint_checkpoint, init_from=args.init)
+                       joint_checkpoint=args.joint_checkpoint, init_from=args.init,
+                       first_round=first_round)
     print(json.dumps({k: v for k, v in stats.items() if k != "rounds"}, indent=1))
     print(f"wrote {args.out} in {stats['total_seconds'] / 60:.1f} min")
     if note:

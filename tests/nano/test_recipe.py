@@ -37,7 +37,7 @@ def test_cli_defaults_are_the_recipe():
 
     args = build_parser().parse_args(["train"])
     assert (args.joint_steps, args.seg_steps, args.lr, args.seg_lr, args.whole_names,
-            args.state_swap, args.seed, args.crop_share) == (None,) * 8
+            args.state_swap, args.seed, args.crop_share, args.first_round) == (None,) * 9
     assert args.threads == 1 and args.out == "models/nano"
     assert args.eval is True  # a retrain is scored before anyone serves it
     assert build_parser().parse_args(["train", "--no-eval"]).eval is False
@@ -111,6 +111,33 @@ def test_two_rounds_write_a_loadable_checkpoint_with_whole_name_tokens(tmp_path)
     assert tok.tokenize(" right kidney") == [" right kidney"]
     assert tok.tokenize(" spinal cord") == [" spinal cord"]
     assert len(tok.tokenize(" right lung")) == 1 and len(tok.tokenize(" liver")) == 1
+
+
+@pytest.mark.usefixtures("sample_root")
+def test_continuing_from_a_rounds_checkpoint_gives_the_whole_runs_weights(tmp_path):
+    """A recipe round can be run on its own from the model saved after the round before it
+    (`citrusv train --init ... --first-round N`) and writes, byte for byte, what the whole run
+    writes: how a round added to the recipe can be run from the shipped weights."""
+    rounds = (dict(joint_steps=2, seg_steps=1, lr=1e-3, seg_lr=5e-4),
+              dict(joint_steps=1, seg_steps=2, lr=5e-4, seg_lr=5e-4, crop_share=0.5))
+    data = tmp_path / "data"
+    whole = train_nano(tmp_path / "whole", seed=3, data_dir=data, rounds=rounds,
+                       log=lambda rec: None)
+    train_nano(tmp_path / "round1", seed=3, data_dir=data, rounds=rounds[:1],
+               log=lambda rec: None)
+    cont = train_nano(tmp_path / "cont", seed=3, data_dir=data, rounds=rounds,
+                      init_from=tmp_path / "round1", first_round=2, log=lambda rec: None)
+    weights = "model-00001-of-00001.safetensors"
+    assert (tmp_path / "whole" / weights).read_bytes() == (tmp_path / "cont" / weights).read_bytes()
+    # its log lists both rounds: the first copied from round1's log, the second as run
+    assert cont["first_round"] == 2 and cont["init_from"] == str(tmp_path / "round1")
+    def losses(stats):
+        return [{stage: {k: v for k, v in rec.items() if k != "elapsed_s"}
+                 for stage, rec in r["final"].items()} for r in stats["rounds"]]
+
+    assert losses(cont) == losses(whole)
+    with pytest.raises(ValueError, match="give init_from"):
+        train_nano(tmp_path / "x", seed=3, data_dir=data, rounds=rounds, first_round=2)
 
 
 def test_training_host_names_the_kernel_pins_that_were_set(monkeypatch):
