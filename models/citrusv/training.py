@@ -15,8 +15,8 @@ import gc
 import json
 import math
 import random
-import tempfile
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
