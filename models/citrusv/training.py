@@ -990,6 +990,10 @@ def train_nano_cli(args) -> int:
         return 2
     # the recipe by default; step counts or rates on the command line make one round of them
     rounds = NANO_RECIPE["rounds"] if not given else ({**NANO_RECIPE["rounds"][0], **given},)
+    if not 1 <= first_round <= len(rounds):
+        print(f"--first-round must be 1 to {len(rounds)}, the recipe's rounds; got "
+              f"{first_round}.", file=sys.stderr)
+        return 2
     whole_names = NANO_RECIPE["whole_names"] if args.whole_names is None else args.whole_names
     seed = NANO_RECIPE["seed"] if args.seed is None else args.seed
     state_swap = NANO_RECIPE["state_swap"] if args.state_swap is None else args.state_swap

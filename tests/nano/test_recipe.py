@@ -43,6 +43,19 @@ def test_cli_defaults_are_the_recipe():
     assert build_parser().parse_args(["train", "--no-eval"]).eval is False
 
 
+def test_first_round_on_the_command_line_is_checked_before_any_work(capsys):
+    from citrusv.cli import build_parser
+
+    for argv, said in ((["--first-round", "2"], "give --init"),
+                       (["--init", "models/nano", "--first-round", "2", "--seg-steps", "5"],
+                        "no step counts"),
+                       (["--init", "models/nano", "--first-round", "9"],
+                        f"must be 1 to {len(NANO_RECIPE['rounds'])}")):
+        args = build_parser().parse_args(["train", *argv, "--out", "unused"])
+        assert args.func(args) == 2
+        assert said in capsys.readouterr().err
+
+
 def test_missed_targets_are_named_with_their_shortfall():
     from citrusv.evaluation import missed_targets
 
