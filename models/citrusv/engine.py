@@ -383,15 +383,15 @@ class Engine:
             m.array = full
         # what the crop's answer is compared with: the mask sent, else the model's own mask of
         # the whole slice (the first pass, asked here when a region was given instead)
-        compare, against = before, "the mask sent" if mask is not None else None
+        compare = before
+        against = ("the mask sent" if mask is not None
+                   else "the model's own mask of the whole slice")
         if compare is None and first is None and user_roi:
             first = self.ask(arr, prompt, window, task="segment", photometric=photometric,
                              forced_text=forced_text)
         if compare is None and first is not None:
             picked = [m.array for m in first.masks if label is None or m.label == label]
             compare = np.logical_or.reduce(picked) if picked else np.zeros((h, w), dtype=bool)
-        if against is None:
-            against = "the model's own mask of the whole slice"
         if first is not None:
             res.timing_ms["first_pass"] = first.timing_ms.get("total", 0.0)
         area = [int(v) for v in (roi if user_roi else square)]

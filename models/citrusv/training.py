@@ -797,20 +797,12 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
             cropped = None
             if crop_share and not with_text and rng.random() < crop_share:
                 cropped = closer_look_crop(int(key.split(":")[1]), window)
+            crop = None
             if cropped is not None:
                 crops_made[0] += 1
                 inp, names, crop = cropped
-                images.append((key, window, inp))
-                pool = by_image[key]
-                for n in names:
-                    s = rng.choice([s for s in pool if s["task"] == "segment"
-                                    and s["structure"] == n])
-                    ids, start = encode_chat(tokenizer, config, s["prompt"], s["answer"],
-                                             inp.grid, s["task"])
-                    seqs.append(ChatSequence(ids, start, b))
-                    seg_meta.append({**s, "crop": crop})
-                continue
-            inp = bank.get(key, window)
+            else:
+                inp = bank.get(key, window)
             images.append((key, window, inp))
             pool = by_image[key]
             if with_text:
@@ -823,18 +815,19 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
                 while len(chosen) < seqs_per_image:
                     chosen.append(rng.choice(dets if (rng.random() < 0.6 or not segs) else segs))
             else:
-                k = int(key.split(":")[1])
-                on = [n for n in NAMES if data.mask(n, k).sum() >= MIN_AREA_PX]
-                rng.shuffle(on)
-                names = on[:seqs_per_image - 1]
-                names.append(rng.choice([n for n in NAMES if n not in names]))
+                if crop is None:  # a crop's structures came with it
+                    k = int(key.split(":")[1])
+                    on = [n for n in NAMES if data.mask(n, k).sum() >= MIN_AREA_PX]
+                    rng.shuffle(on)
+                    names = on[:seqs_per_image - 1]
+                    names.append(rng.choice([n for n in NAMES if n not in names]))
                 chosen = [rng.choice([s for s in pool if s["task"] == "segment"
                                       and s["structure"] == n]) for n in names]
             for s in chosen:
                 ids, start = encode_chat(tokenizer, config, s["prompt"], s["answer"], inp.grid,
                                          s["task"])
                 seqs.append(ChatSequence(ids, start, b))
-                seg_meta.append(s)
+                seg_meta.append(s if crop is None else {**s, "crop": crop})
         return images, seqs, seg_meta
 
     state_bank = StateBank(state_swap, rng)
