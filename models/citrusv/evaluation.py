@@ -3,7 +3,9 @@
 `citrusv eval --model models/nano` asks, on every held-out axial slice, one segmentation and one
 detection question per structure and one report question, through the public `Engine`, and
 prints Dice per structure (summed over the held-out slices), detection precision@IoU0.5,
-report citation precision (cited structures really on the slice) and cited-box IoU.
+report citation precision (cited structures really on the slice) and cited-box IoU. Where the
+engine has a closer look, it also asks one at the model's own mask of each structure on the
+slice, as the Slicer module does, and scores the refined mask against the same reference.
 """
 
 from __future__ import annotations
@@ -105,7 +107,12 @@ class _Detections:
 def evaluate(engine, study: CTStudy, slices: list[int] | None = None,
              structures: list[str] | None = None, report: bool = True,
              progress=None) -> dict:
-    """Run the held-out protocol through `engine.ask`; return all scores as a dict."""
+    """Run the held-out protocol through `engine.ask`; return all scores as a dict.
+
+    Closer looks (when `engine` has `closer_look`): for each structure on the slice (>=
+    MIN_AREA_PX) whose segmentation mask is not empty, `engine.closer_look` with that mask;
+    Dice of the masks before and after, summed over those looks, and how many looks the
+    engine warned about (its "the closer look ..." sentences)."""
     slices = held_out_slices() if slices is None else list(slices)
     structures = NAMES if structures is None else list(structures)
     t0 = time.perf_counter()
@@ -121,6 +128,9 @@ def evaluate(engine, study: CTStudy, slices: list[int] | None = None,
     written_cite_ious: list[float] = []
     present_total = present_cited = 0
     steps_with_box = steps_total = 0
+    looks = {s: {"looks": 0, "warned": 0, "inter_before": 0, "sum_before": 0,
+                 "inter_after": 0, "sum_after": 0} for s in structures}
+    closer = getattr(engine, "closer_look", None)
     for n, k in enumerate(slices):
         image = study.volume[k]
         refs = {s: study.mask(s, k) for s in structures}
@@ -134,6 +144,16 @@ def evaluate(engine, study: CTStudy, slices: list[int] | None = None,
             inter[s] += int(np.logical_and(pred, ref).sum())
             sums[s] += int(pred.sum() + ref.sum())
             ref_px[s] += int(ref.sum())
+            if closer is not None and s in on and pred.any():
+                look = closer(image, "", mask=pred, label=s, window=window)
+                after = _union(look.masks, image.shape)
+                tally = looks[s]
+                tally["looks"] += 1
+                tally["warned"] += int(any(w.startswith("the closer look")
+                                           for w in look.warnings))
+                for when, m in (("before", pred), ("after", after)):
+                    tally[f"inter_{when}"] += int(np.logical_and(m, ref).sum())
+                    tally[f"sum_{when}"] += int(m.sum() + ref.sum())
 
             res = engine.ask(image, DETECT_PROMPT.format(s=s), window=window, task="detect",
                              max_new_tokens=48)
@@ -192,6 +212,11 @@ def evaluate(engine, study: CTStudy, slices: list[int] | None = None,
         "written_cited_box_iou": float(np.mean(written_cite_ious)) if written_cite_ious else None,
         "cited_boxes": cite_total,
         "steps_citing_boxes": steps_with_box / steps_total if steps_total else None,
+        "closer_look": {s: {"looks": t["looks"], "warned": t["warned"],
+                            **{f"dice_{when}": (2.0 * t[f"inter_{when}"] / t[f"sum_{when}"]
+                                                if t[f"sum_{when}"] else None)
+                               for when in ("before", "after")}}
+                        for s, t in looks.items()} if closer is not None else None,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     return out
@@ -248,6 +273,15 @@ def format_table(scores: dict) -> str:
     lines.append(f"| report citation recall (present structures cited) | "
                  f"{_fmt(scores['citation_recall'])} | | |")
     lines.append(f"| report steps that cite a box | {_fmt(scores['steps_citing_boxes'])} | | |")
+    if scores.get("closer_look"):
+        lines += ["", "| closer look at the model's own mask | looks | Dice before -> after | "
+                  "looks warned about |", "|---|---|---|---|"]
+        for s, t in scores["closer_look"].items():
+            lines.append(f"| {s} | {t['looks']} | {_fmt(t['dice_before'])} -> "
+                         f"{_fmt(t['dice_after'])} | {t['warned']} |")
+        total = {k: sum(t[k] for t in scores["closer_look"].values())
+                 for k in ("looks", "warned")}
+        lines.append(f"| **all** | **{total['looks']}** | | **{total['warned']}** |")
     if list(scores["slices"]) == held_out_slices():
         where = "Held-out axial slices " + ", ".join(f"{a}–{b}" for a, b in HELD_OUT_BLOCKS)
     else:

@@ -21,8 +21,9 @@ class ScriptedAnswerer:
     fraction of their width; `boxes_for_absent` also boxes structures that are not there."""
 
     def __init__(self, study, shift: float = 0.0, boxes_for_absent: bool = False,
-                 grounded: bool = False):
+                 grounded: bool = False, lost_in_closer_look: str | None = None):
         self.study, self.shift, self.boxes_for_absent = study, shift, boxes_for_absent
+        self.lost = lost_in_closer_look  # a structure whose closer look marks nothing
         self.grounded = grounded  # box_source "mask": right boxes, the written ones shifted
         self.box_source = "mask" if grounded else "text"
 
@@ -57,6 +58,18 @@ class ScriptedAnswerer:
                                  score=0.2)]
         return res
 
+    def closer_look(self, image, prompt, mask=None, label=None, window=None) -> Result:
+        """The reference inside the sent mask's box, or nothing for `lost_in_closer_look`."""
+        k = self._slice(image)
+        x1, y1, x2, y2 = (int(v) for v in mask_box(mask))
+        inside = np.zeros(image.shape, dtype=bool)
+        inside[y1:y2, x1:x2] = True
+        found = self.study.mask(label, k) & inside if label != self.lost else np.zeros_like(inside)
+        res = Result(task="closer_look", prompt=prompt, masks=[Mask(label=label, array=found)])
+        if label == self.lost:
+            res.warnings = [f"the closer look marks no {label} in the crop, ..."]
+        return res
+
 
 def _present(study) -> dict[str, int]:
     return {s: sum(int(study.mask(s, k).sum() >= MIN_AREA_PX) for k in SLICES) for s in NAMES}
@@ -80,6 +93,21 @@ def test_perfect_answers_score_one(study):
     assert present["liver"] == 2  # liver is on both slices (733 px on slice 64)
     assert f"| liver | 1.000 | {scores['reference_pixels']['liver']} | 2 / 2 | 2 / 2 |" in table
     assert "Axial slices 25, 64 (2 slices)" in table
+    # a closer look at each present structure's mask: nothing lost, nothing warned about
+    assert scores["closer_look"]["liver"] == {"looks": 2, "warned": 0, "dice_before": 1.0,
+                                              "dice_after": 1.0}
+    assert sum(t["looks"] for t in scores["closer_look"].values()) == sum(present.values())
+    assert "| liver | 2 | 1.000 -> 1.000 | 0 |" in table
+    assert f"| **all** | **{sum(present.values())}** | | **0** |" in table
+
+
+def test_a_closer_look_that_loses_the_structure_scores_zero_and_is_counted(study):
+    scores = evaluate(ScriptedAnswerer(study, lost_in_closer_look="liver"), study,
+                      slices=SLICES, report=False)
+    assert scores["closer_look"]["liver"] == {"looks": 2, "warned": 2, "dice_before": 1.0,
+                                              "dice_after": 0.0}
+    assert scores["closer_look"]["heart"]["warned"] == 0
+    assert "| liver | 2 | 1.000 -> 0.000 | 2 |" in format_table(scores)
 
 
 def test_boxes_shifted_by_half_their_width_miss(study):
