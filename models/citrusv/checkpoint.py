@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoProcessor, Qwen2_5_VLProcessor
+from transformers import AutoImageProcessor, AutoProcessor, Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 from transformers.utils import logging as hf_logging
@@ -229,6 +229,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
         processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
     finally:
         hf_logging.set_verbosity(verbosity)
+    # with the slow (numpy) Qwen image processor, the one training renders with: the default
+    # fast one gives pixel values up to 2.4e-7 apart, so inference would not see exactly what
+    # training saw, nor would a continued training round repeat the whole run. Only the image
+    # processor: `use_fast=False` on AutoProcessor also loads the slow tokenizer, which splits
+    # text into other ids than the fast one training used.
+    processor.image_processor = AutoImageProcessor.from_pretrained(
+        str(path), local_files_only=True, use_fast=False)
     return model, processor, config
 
 

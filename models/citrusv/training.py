@@ -729,12 +729,9 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
     train = [s for s in data.samples if s["split"] == "train"]
     torch.manual_seed(seed)
     if init_from:  # continue from a saved nano (e.g. more segmentation-stage steps)
-        model, loaded, config = load_checkpoint(init_from, dtype=torch.float32)
-        tokenizer = loaded.tokenizer
-        # the image processor a run from scratch has: a saved folder loads transformers' fast
-        # one, whose pixel values differ by up to 2.4e-7, so a continued round would not
-        # write the weights the whole run writes
-        processor = qwen_processor(tokenizer, config.min_pixels, config.max_pixels)
+        # the processor training has: the fast tokenizer and the slow image processor
+        model, processor, config = load_checkpoint(init_from, dtype=torch.float32)
+        tokenizer = processor.tokenizer
     else:
         tokenizer = train_tokenizer(_corpus(data.samples),
                                     whole_names=[n for n in NAMES if " " in n] if whole_names

@@ -41,6 +41,23 @@ def test_loads_back_the_same_weights(tiny_dir):
     assert processor.tokenizer.convert_tokens_to_ids("[SEG]") == config.seg_token_idx
 
 
+def test_loads_the_processor_training_renders_with(tiny_dir):
+    """The slow (numpy) image processor, as training has, not transformers' default fast one
+    (pixel values up to 2.4e-7 apart); and the fast tokenizer, not the slow one (other ids)."""
+    import numpy as np
+
+    from citrusv.checkpoint import qwen_processor
+
+    _, processor, config = load_checkpoint(tiny_dir)
+    assert type(processor.image_processor).__name__ == "Qwen2VLImageProcessor"
+    assert processor.tokenizer.is_fast
+    made = qwen_processor(processor.tokenizer, config.min_pixels, config.max_pixels)
+    image = np.random.default_rng(0).integers(0, 256, (100, 120, 3), dtype=np.uint8)
+    assert torch.equal(processor.image_processor(images=[image], return_tensors="pt")
+                       ["pixel_values"],
+                       made.image_processor(images=[image], return_tensors="pt")["pixel_values"])
+
+
 def _edit_shard(src, dst, edit):
     shutil.copytree(src, dst)
     index_file = dst / "model.safetensors.index.json"
