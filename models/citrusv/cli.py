@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "instead of whole slices; with --seg-steps etc. (default: 0)")
     p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
                    help="after training, score the weights on the held-out blocks (as "
-                   "`citrusv eval`, ~1 min), write OUT/evaluation.json and say whether they "
+                   "`citrusv eval`, ~1.5 min), write OUT/evaluation.json and say whether they "
                    "meet the targets (default: on)")
     p.add_argument("--state-swap", type=float, default=None,
                    help="share of [SEG] states swapped for the same structure's state from "

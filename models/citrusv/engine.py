@@ -117,8 +117,9 @@ CLOSER_LOOK_MIN_DICE = 0.7
 def closer_look_warning(label: str, against: str, before_px: int, after_px: int,
                         dice: float | None) -> str | None:
     """Said when a closer look's mask loses the structure the mask before it marked, or agrees
-    little with it: a model not trained on zoomed-in crops (models/nano) does that, and the
-    Slicer module would otherwise put it in place of the earlier mask without a word."""
+    little with it: a model not trained on zoomed-in crops does that (models/nano did before
+    its crop round; it still does for small structures such as the aorta), and the Slicer
+    module would otherwise put it in place of the earlier mask without a word."""
     if before_px < GROUND_MIN_ABSENT_PX or dice is None:
         return None
     if not after_px:

@@ -603,8 +603,9 @@ CROP_JITTER = 0.15
 # optimizer and a warm restart of the learning rate, and starts from the previous round's
 # checkpoint as stored (fp16, the released layout's separate lm_head), exactly as `--init`
 # continues a saved model; the same seed gives the same model (at one thread, on the same kind
-# of CPU). whole_names: see train_nano. Seed 1 made the shipped models/nano (run T2 in
-# MODEL_CARD.md); seed 0 made the weights shipped before it (W, at 2 threads).
+# of CPU). whole_names: see train_nano. Seed 1 made the shipped models/nano: run T2 in
+# MODEL_CARD.md made rounds 1-2, and `--init <T2> --first-round 3` added the crop round (T2c);
+# seed 0 made the weights shipped before T2 (W, at 2 threads).
 NANO_RECIPE: dict = dict(
     seed=1,
     whole_names=True,
@@ -612,7 +613,10 @@ NANO_RECIPE: dict = dict(
     state_swap=0.0,  # off: run S with 0.5 missed mean Dice and citation precision
     # (docs/nano_training_history.md)
     rounds=(dict(joint_steps=900, seg_steps=900, lr=1e-3, seg_lr=5e-4),
-            dict(joint_steps=450, seg_steps=3000, lr=5e-4, seg_lr=5e-4)),
+            dict(joint_steps=450, seg_steps=3000, lr=5e-4, seg_lr=5e-4),
+            # the crop round: half the segmentation images are closer-look crops, so that a
+            # closer look no longer spoils nano's masks (docs/nano_training_history.md)
+            dict(joint_steps=0, seg_steps=1200, lr=5e-4, seg_lr=5e-4, crop_share=0.5)),
 )
 
 
@@ -930,12 +934,16 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
             **secs,
             "final": {h["stage"]: h for h in history if h["round"] == r + 1}}
            for (r, spec), secs in zip(list(enumerate(rounds))[first - 1:], seconds)]
+    earlier_run = {}
     if first > 1:
         init_log = Path(init_from) / "training_log.json"
-        earlier = json.loads(init_log.read_text())["rounds"] if init_log.is_file() else []
-        ran = earlier[:first - 1] + ran
+        init_stats = json.loads(init_log.read_text()) if init_log.is_file() else {}
+        ran = init_stats.get("rounds", [])[:first - 1] + ran
+        # what ran the earlier rounds: their time and machine are part of the model's record
+        earlier_run = {"earlier_run": {k: init_stats.get(k) for k in (
+            "init_from", "total_seconds", "threads", "host")}}
     stats = {"seed": seed, "init_from": None if init_from is None else str(init_from),
-             **({"first_round": first} if first > 1 else {}),
+             **({"first_round": first} if first > 1 else {}), **earlier_run,
              "whole_names": whole_names, "recall_weight": recall_weight,
              "state_swap": state_swap, "rounds": ran,
              "stopped_early": any(x["joint_steps_run"] < x["joint_steps"]

@@ -109,7 +109,7 @@ def test_segments_a_pacs_series_in_the_studys_own_geometry(pacs, pacs_server, tm
 def test_nano_detection_box_over_http_is_the_box_of_its_liver_mask(pacs, pacs_server):
     """models/nano's config says box_source "mask": the reply's liver box is the box of nano's
     liver mask (source "mask"), and the box nano wrote comes with it (MODEL_CARD.md: on
-    held-out slice 61 the written box has IoU 0.134, the mask's 0.963)."""
+    held-out slice 61 the written box has IoU 0.134, the mask's 0.975)."""
     params = {"params": json.dumps({"prompt": "Locate the liver, output its bbox coordinates "
                                               "using JSON format.", "slice": 61})}
     r = pacs_server.post(f"/infer/citrusv_detect?image={pacs.series_uid}&output=json",
