@@ -56,6 +56,11 @@ def normalise_label(label: str) -> str:
     return low
 
 
+def _summed_dice(inter: int, total: int) -> float | None:
+    """Dice from overlap and size sums over many slices; None where both masks are empty."""
+    return 2.0 * inter / total if total else None
+
+
 def _union(masks, shape) -> np.ndarray:
     out = np.zeros(shape, dtype=bool)
     for m in masks:
@@ -190,7 +195,7 @@ def evaluate(engine, study: CTStudy, slices: list[int] | None = None,
             present_cited += len(on & cited_names)
         if progress is not None:
             progress(n + 1, len(slices))
-    dice = {s: (2.0 * inter[s] / sums[s] if sums[s] else None) for s in structures}
+    dice = {s: _summed_dice(inter[s], sums[s]) for s in structures}
     scored = [v for v in dice.values() if v is not None]
     det_present = sum(n for _, n in det.found_by.values())
     kept = [right for score, right in det_scored if score is not None and score >= SCORE_LINE]
@@ -213,8 +218,7 @@ def evaluate(engine, study: CTStudy, slices: list[int] | None = None,
         "cited_boxes": cite_total,
         "steps_citing_boxes": steps_with_box / steps_total if steps_total else None,
         "closer_look": {s: {"looks": t["looks"], "warned": t["warned"],
-                            **{f"dice_{when}": (2.0 * t[f"inter_{when}"] / t[f"sum_{when}"]
-                                                if t[f"sum_{when}"] else None)
+                            **{f"dice_{when}": _summed_dice(t[f"inter_{when}"], t[f"sum_{when}"])
                                for when in ("before", "after")}}
                         for s, t in looks.items()} if closer is not None else None,
         "seconds": round(time.perf_counter() - t0, 1),
