@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of segmentation-stage images that are closer-look crops (a "
                         "structure's square around its box, as `closer_look` sends the model) "
                         "instead of whole slices; with --seg-steps etc. (default: 0)")
+    p.add_argument("--joint-crop-share", type=float, default=None,
+                   help="the same share for the joint stage's CT images, each then asked "
+                        "segmentation questions only, so that the text side learns to answer "
+                        "one about a crop; with --joint-steps etc. (default: 0)")
     p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
                    help="after training, score the weights on the held-out blocks (as "
                    "`citrusv eval`, ~1.5 min), write OUT/evaluation.json and say whether they "

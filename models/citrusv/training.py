@@ -788,15 +788,17 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
         return inp, names, crop
 
     def pick_batch(with_text: bool, n_images: int = batch_images, crop_share: float = 0.0):
-        """Images (CT slices in random windows, sometimes a DRR, or, for a share
-        `crop_share` of the segmentation stage's, closer-look crops) and their sequences."""
+        """Images (CT slices in random windows, sometimes a DRR, or, for a share `crop_share`
+        of the CT slices, closer-look crops) and their sequences: a crop gets segmentation
+        questions only (its structures'), in the joint stage as well, where they teach the
+        text side to answer a segmentation question about a crop."""
         images, seqs, seg_meta = [], [], []
         for b in range(n_images):
             use_drr = with_text and drr_keys and rng.random() < 0.1
             key = rng.choice(drr_keys if use_drr else ct_keys)
             window = rng.choice(TRAIN_WINDOWS) if key.startswith("ct:") else None
             cropped = None
-            if crop_share and not with_text and rng.random() < crop_share:
+            if crop_share and key.startswith("ct:") and rng.random() < crop_share:
                 cropped = closer_look_crop(int(key.split(":")[1]), window)
             crop = None
             if cropped is not None:
@@ -806,7 +808,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
                 inp = bank.get(key, window)
             images.append((key, window, inp))
             pool = by_image[key]
-            if with_text:
+            if with_text and crop is None:
                 chosen = []
                 reports = [s for s in pool if s["task"] == "report"]
                 if reports and rng.random() < 0.5:
@@ -865,7 +867,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
         optimise(params, steps, lr, warmup, batch, weights, on_step, out_of_time)
 
     def joint_batch() -> dict:
-        images, seqs, meta = pick_batch(with_text=True)
+        images, seqs, meta = pick_batch(with_text=True, crop_share=joint_crop_share)
         ce, hidden, ids = mllm_forward(model, [im[2] for im in images], seqs, pad)
         ct_seg = [i for i, s in enumerate(meta) if s["task"] == "segment" and s["slice"] is not None]
         parts = {"ce": ce}
@@ -876,8 +878,8 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
                 parts.update(sp)
         return parts
 
-    crop_share = 0.0  # the round's, set below
-    crops_made = [0]  # closer-look crop images made in the round so far
+    crop_share = joint_crop_share = 0.0  # the round's, set below
+    crops_made = [0]  # closer-look crop images made in the stage so far
 
     def segmentation_batch() -> dict:
         images, seqs, meta = pick_batch(with_text=False, n_images=seg_batch_images,
@@ -899,12 +901,15 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
         rng.seed(seed + r)
         torch.manual_seed(seed + r)
         # stage 1: joint (token CE + 2 Dice + 1 BCE), everything trained
+        joint_crop_share = float(spec.get("joint_crop_share", 0.0))
+        crops_made[0] = 0
         model.requires_grad_(True)
         model.train()
         t1 = time.perf_counter()
         run_stage("joint", spec["joint_steps"], spec["lr"], 30, r,
                   [p for p in model.parameters() if p.requires_grad], joint_batch, LOSS_WEIGHTS)
         joint_s = time.perf_counter() - t1
+        joint_crops = crops_made[0]
         if joint_checkpoint and spec["joint_steps"] and r == 0:
             model.eval()
             save_nano(model, processor, Path(joint_checkpoint), save_dtype)
@@ -920,6 +925,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
                   segmentation_batch, segmentation_weights(recall_weight))
         seconds.append({"joint_seconds": round(joint_s, 1),
                         "seg_seconds": round(time.perf_counter() - t2, 1),
+                        **({"joint_crop_images": joint_crops} if joint_crop_share else {}),
                         **({"crop_images": crops_made[0]} if crop_share else {})})
 
     model.eval()
@@ -979,7 +985,7 @@ def save_nano(model: CitrusV, processor, out: Path, save_dtype: str = "float16")
 def train_nano_cli(args) -> int:
     """`citrusv train`: train nano and print where it went and how long it took."""
     given = {k: getattr(args, k) for k in ("joint_steps", "seg_steps", "lr", "seg_lr",
-                                           "crop_share")
+                                           "crop_share", "joint_crop_share")
              if getattr(args, k, None) is not None}
     first_round = getattr(args, "first_round", None) or 1
     if first_round > 1 and (given or args.init is None):

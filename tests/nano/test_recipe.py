@@ -49,7 +49,8 @@ def test_cli_defaults_are_the_recipe():
 
     args = build_parser().parse_args(["train"])
     assert (args.joint_steps, args.seg_steps, args.lr, args.seg_lr, args.whole_names,
-            args.state_swap, args.seed, args.crop_share, args.first_round) == (None,) * 9
+            args.state_swap, args.seed, args.crop_share, args.joint_crop_share,
+            args.first_round) == (None,) * 10
     assert args.threads == 1 and args.out == "models/nano"
     assert args.eval is True  # a retrain is scored before anyone serves it
     assert build_parser().parse_args(["train", "--no-eval"]).eval is False
@@ -114,7 +115,8 @@ def test_two_rounds_write_a_loadable_checkpoint_with_whole_name_tokens(tmp_path)
     from citrusv.engine import Engine
 
     rounds = (dict(joint_steps=2, seg_steps=2, lr=1e-3, seg_lr=5e-4),
-              dict(joint_steps=1, seg_steps=3, lr=5e-4, seg_lr=5e-4, crop_share=1.0))
+              dict(joint_steps=1, seg_steps=3, lr=5e-4, seg_lr=5e-4, crop_share=1.0,
+                   joint_crop_share=1.0))
     out = tmp_path / "nano"
     stats = train_nano(out, seed=3, data_dir=tmp_path / "data", rounds=rounds,
                        whole_names=True, log=lambda rec: None)
@@ -125,6 +127,9 @@ def test_two_rounds_write_a_loadable_checkpoint_with_whole_name_tokens(tmp_path)
     # round 2's segmentation stage saw only closer-look crops: 3 steps x 6 images
     assert "crop_images" not in log["rounds"][0]
     assert (log["rounds"][1]["crop_share"], log["rounds"][1]["crop_images"]) == (1.0, 18)
+    # and its joint step's 4 images (CT slices, no DRR drawn this time) were crops too
+    assert "joint_crop_images" not in log["rounds"][0]
+    assert log["rounds"][1]["joint_crop_images"] == 4
     assert log["stopped_early"] is False
     assert log["whole_names"] is True
     # what ran it: the CPU's kernels change the numbers, so the log says which ran
