@@ -11,6 +11,7 @@ the MONAI Label trainer; `train_nano` builds `models/nano` from the sample CT fr
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import math
@@ -763,12 +764,17 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
             targets[(k, name)] = target_mask(data.mask(name, k))
         return targets[(k, name)]
 
+    @functools.cache
+    def present_on(k: int) -> tuple[str, ...]:
+        """The structures on training slice k (at least MIN_AREA_PX), in NAMES order."""
+        return tuple(n for n in NAMES if data.mask(n, k).sum() >= MIN_AREA_PX)
+
     def closer_look_crop(k: int, window) -> tuple[ImageInputs, list[str], list[int]] | None:
         """A square around a structure's box on slice k, as `Engine.closer_look` crops and
         scales it (the box's edges moved by up to CROP_JITTER of its size, as a first pass's
         mask would place it), the structures to ask for in it: that one, one other inside
         the crop, one more at random."""
-        on = [n for n in NAMES if data.mask(n, k).sum() >= MIN_AREA_PX]
+        on = present_on(k)
         if not on:
             return None
         name = rng.choice(on)
@@ -819,8 +825,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
                     chosen.append(rng.choice(dets if (rng.random() < 0.6 or not segs) else segs))
             else:
                 if crop is None:  # a crop's structures came with it
-                    k = int(key.split(":")[1])
-                    on = [n for n in NAMES if data.mask(n, k).sum() >= MIN_AREA_PX]
+                    on = list(present_on(int(key.split(":")[1])))
                     rng.shuffle(on)
                     names = on[:seqs_per_image - 1]
                     names.append(rng.choice([n for n in NAMES if n not in names]))
