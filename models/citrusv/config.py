@@ -16,7 +16,7 @@ from .errors import CheckpointError
 CITRUS_KEYS = (
     "seg_token_idx", "grounding_encoder_config", "use_res_seg_projector", "image_size",
     "seg_hidden_offset", "min_pixels", "max_pixels", "out_dim", "system_prompt",
-    "task_system_prompts", "name", "version", "box_source",
+    "task_system_prompts", "name", "version", "box_source", "segment_answer",
 )
 # Where the boxes of an answer come from: "text", the numbers the model wrote (Citrus-V as
 # trained), or "mask", each written box replaced by the box of the model's own mask of that
@@ -42,11 +42,26 @@ class CitrusVConfig:
     name: str = "citrusv"
     version: str = ""
     box_source: str = "text"
+    # How the model was trained to answer a segmentation question, "{label}" standing for the
+    # structure (nano: "Sure, the {label} is [SEG] {label}."). Where set, a closer look at a
+    # named structure gives the model this answer rather than letting it write one: the
+    # structure is already named, and a model that writes no [SEG] for a crop gives no mask.
+    # Empty (the released Citrus-V): the model writes its own answer.
+    segment_answer: str = ""
 
     def __post_init__(self) -> None:
         if self.box_source not in BOX_SOURCES:
             raise CheckpointError(f"config.json has box_source '{self.box_source}'; use "
                                   f"{' or '.join(repr(b) for b in BOX_SOURCES)}.")
+        if self.segment_answer:
+            try:
+                filled = self.segment_answer.format(label="liver")
+            except (KeyError, IndexError, ValueError):
+                filled = ""
+            if "{label}" not in self.segment_answer or "[SEG]" not in filled:
+                raise CheckpointError(f"config.json has segment_answer "
+                                      f"'{self.segment_answer}'; it must hold [SEG] and {{label}} "
+                                      "(and no other {...}), or be empty.")
 
     @property
     def hidden_size(self) -> int:

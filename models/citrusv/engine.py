@@ -323,11 +323,21 @@ class Engine:
         the model saw), `area_px_before` (of `mask` or the first pass), `area_px_after`,
         `dice_with_before`: the refined mask against `mask`, else against the model's own mask
         of the whole slice for the same question (asked for that when `roi` is given), inside
-        `roi` (else the square); a warning says when it is low (`closer_look_warning`)."""
+        `roi` (else the square); a warning says when it is low (`closer_look_warning`);
+        `answer_given`: the crop's answer was the checkpoint's `segment_answer` for `label`
+        rather than one the model wrote (see `CitrusVConfig.segment_answer`): so when `label`
+        is given, no `forced_text`, and `prompt` is empty or names the label."""
         t0 = time.perf_counter()
-        if not (prompt or "").strip():
+        asked = bool((prompt or "").strip())
+        if not asked:
             prompt = CLOSER_LOOK_PROMPT.format(label=label or "structure")
         prompt = self._check_prompt(prompt)
+        # the structure is named and the question (if any) is about it: the model gets the
+        # answer it was trained to give (CitrusVConfig.segment_answer) rather than writing one
+        crop_text = forced_text
+        if (crop_text is None and label and self.config.segment_answer
+                and (not asked or unasked_warning(prompt, [label]) is None)):
+            crop_text = self.config.segment_answer.format(label=" ".join(label.split()).lower())
         arr = imaging.check_slice(image, self.max_pixels)
         h, w = arr.shape[:2]
         before = None
@@ -363,7 +373,7 @@ class Engine:
         canon = closer_look_image(arr, square, window, size, photometric)
         key = (content_hash(arr), imaging.window_key(window), tuple(square))
         state = self._state_from_rgb(canon, key)
-        res = self._run(state, prompt, "closer_look", forced_text, None)
+        res = self._run(state, prompt, "closer_look", crop_text, None)
         to_slice = FrameMap(y2 - y1, x2 - x1, size, size)
         for box in res.boxes:
             bx = to_slice.to_input(box.xyxy)
@@ -419,6 +429,7 @@ class Engine:
             "area_px_before": int(before.sum()) if before is not None else None,
             "area_px_after": sum(m.area_px for m in res.masks),
             "dice_with_before": None if agreement is None else round(agreement, 3),
+            "answer_given": crop_text is not None and forced_text is None,
         }
         self._finish(res, (h, w), slice_index, spacing, image_id, image_info, window)
         if lost:  # said above, with what marked it before: not "may not be in view"

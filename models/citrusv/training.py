@@ -114,6 +114,7 @@ def nano_sam2_config(image_size: int = 256, embed_dim: int = 24, d_model: int = 
 def nano_config(tokenizer, min_pixels: int, max_pixels: int, image_size: int = 256,
                 hidden: int = 192, layers: int = 4, vision_hidden: int = 128,
                 vision_depth: int = 3, sam_d_model: int = 64) -> CitrusVConfig:
+    from .nano_data import segment_answer
     ids = tokenizer.convert_tokens_to_ids
     vocab = ((len(tokenizer) + 63) // 64) * 64
     heads = max(1, hidden // 64)
@@ -141,7 +142,8 @@ def nano_config(tokenizer, min_pixels: int, max_pixels: int, image_size: int = 2
                          grounding_encoder_config=nano_sam2_config(image_size, d_model=sam_d_model),
                          image_size=image_size, min_pixels=min_pixels, max_pixels=max_pixels,
                          out_dim=sam_d_model, system_prompt=NANO_SYSTEM, name="citrusv-nano",
-                         version="1", box_source="mask")
+                         version="1", box_source="mask",
+                         segment_answer=segment_answer("{label}"))
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -722,7 +724,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
     from .engine import CLOSER_LOOK_MARGIN, closer_look_image, square_roi
     from .nano_data import (MIN_AREA_PX, NAMES, NANO_MAX_PIXELS, NANO_MIN_PIXELS,
                             TRAIN_WINDOWS, build_nano_data, data_is_current, load_nano_data,
-                            mask_box)
+                            mask_box, segment_answer)
 
     torch.set_num_threads(threads)
     t_start = time.perf_counter()
@@ -737,6 +739,8 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
         # the processor training has: the fast tokenizer and the slow image processor
         model, processor, config = load_checkpoint(init_from, dtype=torch.float32)
         tokenizer = processor.tokenizer
+        # what these rounds teach it to answer (a model saved before the setting lacks it)
+        config.segment_answer = segment_answer("{label}")
     else:
         tokenizer = train_tokenizer(_corpus(data.samples),
                                     whole_names=[n for n in NAMES if " " in n] if whole_names

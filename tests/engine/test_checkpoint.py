@@ -180,3 +180,23 @@ def test_box_source_is_read_from_config_json_and_checked(tiny_dir, tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="box_source 'masks'; use 'text' or 'mask'"):
         load_checkpoint(bad)
+
+
+def test_segment_answer_is_read_from_config_and_checked(tiny_dir, tmp_path):
+    """`segment_answer` (the answer a closer look at a named structure gives the model) is
+    optional; where set it must hold [SEG] and {label} and nothing else to fill."""
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg.pop("segment_answer", None)
+    (bad / "config.json").write_text(json.dumps(cfg))
+    assert load_checkpoint(bad)[2].segment_answer == ""
+    cfg["segment_answer"] = "Sure, the {label} is [SEG] {label}."
+    (bad / "config.json").write_text(json.dumps(cfg))
+    assert load_checkpoint(bad)[2].segment_answer == cfg["segment_answer"]
+    for wrong in ("Sure, it is [SEG].", "The {label} is here.", "The {label} {side} is [SEG]."):
+        cfg["segment_answer"] = wrong
+        (bad / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(CheckpointError, match=r"segment_answer '.*'; it must hold \[SEG\] "
+                                                  r"and \{label\} \(and no other \{\.\.\.\}\)"):
+            load_checkpoint(bad)

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -240,6 +241,38 @@ def test_closer_look_from_previous_mask(engine):
     x1, y1, x2, y2 = res.closer_look["crop"]
     assert x2 - x1 == 52 and x1 <= 60 and x2 >= 100 and y1 <= 50 and y2 >= 70
     assert res.prompt == "Please segment the liver in this image."
+
+
+def test_closer_look_at_a_named_structure_gives_the_models_segment_answer(tiny_dir, tmp_path):
+    """A checkpoint whose config has `segment_answer` gets that answer, filled with the label,
+    in a closer look at a named structure (nano writes no [SEG] for some crops); the answer is
+    the model's own without a label, with a caller's forced_text, with a question about
+    something else, or without the setting."""
+    img = ct_slice(120, 160, seed=6)
+    prev = np.zeros((120, 160), bool)
+    prev[50:70, 60:100] = True
+    ckpt = tmp_path / "answering"
+    shutil.copytree(tiny_dir, ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["segment_answer"] = "Sure, the {label} is [SEG] {label}."
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    e = Engine.load(ckpt)
+    res = e.closer_look(img, "", mask=prev, label="Left  Kidney", window="abdomen")
+    assert res.text == "Sure, the left kidney is [SEG] left kidney."
+    assert [m.label for m in res.masks] == ["left kidney"]
+    assert res.closer_look["answer_given"] is True
+    assert res.to_json()["closer_look"]["answer_given"] is True
+    own = e.closer_look(img, "", mask=prev, label="liver", window="abdomen",
+                        forced_text="liver [SEG]")
+    assert own.text == "liver [SEG]" and own.closer_look["answer_given"] is False
+    unnamed = e.closer_look(img, "Segment the liver.", roi=[40, 30, 80, 60], window="abdomen")
+    assert unnamed.closer_look["answer_given"] is False
+    # a question of the radiologist's own: given the answer only where it is about the label
+    for prompt, want in (("segment the liver", True), ("Where is the liver?", True),
+                         ("segment the left kidney", False), ("write a report", False)):
+        look = e.closer_look(img, prompt, mask=prev, label="liver", window="abdomen")
+        assert look.closer_look["answer_given"] is want, prompt
+        assert (look.text == "Sure, the liver is [SEG] liver.") is want, (prompt, look.text)
 
 
 def test_a_pair_called_not_visible_is_looked_for_side_by_side():

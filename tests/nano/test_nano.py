@@ -242,11 +242,25 @@ def test_a_closer_look_keeps_nanos_mask_or_says_it_does_not(engine, study):
     nano's whole-slice mask at Dice 0.909 and with the reference at 0.934 (whole slice: 0.871),
     on slice 25 the liver's at 0.930 (reference 0.918): no warning. On slice 64 the aorta's
     spreads (Dice 0.254 with the whole-slice mask) and the answer says so. (Before the crop
-    round nano's closer looks lost the kidney and halved the liver.)"""
-    for k, name, with_ref in ((22, "left kidney", 0.90), (25, "liver", 0.90)):
+    round nano's closer looks lost the kidney and halved the liver.) On slice 20 nano, left to
+    write its own answer about the cord's crop, writes box numbers and no [SEG]; given its
+    `segment_answer` (config.json) as a closer look at a named structure is, it marks the
+    cord at Dice 0.964 with the reference."""
+    cord = mask_box(study.mask("spinal cord", 20))
+    template, engine.config.segment_answer = engine.config.segment_answer, ""
+    try:
+        own = engine.closer_look(study.volume[20], "", label="spinal cord", window="abdomen",
+                                 roi=cord)
+    finally:
+        engine.config.segment_answer = template
+    assert "[SEG]" not in own.text and not own.masks, own.text
+    assert template == "Sure, the {label} is [SEG] {label}."
+    for k, name, with_ref in ((22, "left kidney", 0.90), (25, "liver", 0.90),
+                              (20, "spinal cord", 0.95)):
         look = engine.closer_look(study.volume[k], "", label=name, window="abdomen",
                                   roi=mask_box(study.mask(name, k)))
         assert [m.label for m in look.masks] == [name]
+        assert look.closer_look["answer_given"] is True
         assert look.closer_look["dice_with_before"] >= 0.9, look.closer_look
         assert dice_score(look.masks[0].array, study.mask(name, k)) >= with_ref
         assert look.warnings == [], look.warnings

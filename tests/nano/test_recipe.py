@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from citrusv.checkpoint import read_example_prompts, read_intended_use
-from citrusv.nano_data import NANO_INTENDED_USE, nano_example_prompts
+from citrusv.nano_data import NANO_INTENDED_USE, nano_example_prompts, segment_answer
 from citrusv.training import (NANO_RECIPE, cpu_vendor, host_differences, recipe_host_note,
                               train_nano, training_host)
 
@@ -144,6 +144,9 @@ def test_two_rounds_write_a_loadable_checkpoint_with_whole_name_tokens(tmp_path)
     assert tok.tokenize(" right kidney") == [" right kidney"]
     assert tok.tokenize(" spinal cord") == [" spinal cord"]
     assert len(tok.tokenize(" right lung")) == 1 and len(tok.tokenize(" liver")) == 1
+    # a closer look gives it the answer its training gave every segmentation question
+    assert engine.config.segment_answer.format(label="spinal cord") == \
+        segment_answer("spinal cord") == "Sure, the spinal cord is [SEG] spinal cord."
 
 
 @pytest.mark.usefixtures("sample_root")
@@ -158,10 +161,15 @@ def test_continuing_from_a_rounds_checkpoint_gives_the_whole_runs_weights(tmp_pa
                        log=lambda rec: None)
     train_nano(tmp_path / "round1", seed=3, data_dir=data, rounds=rounds[:1],
                log=lambda rec: None)
+    # as a model saved before config.json had segment_answer (T2): the run writes it anyway
+    config = json.loads((tmp_path / "round1" / "config.json").read_text())
+    config.pop("segment_answer")
+    (tmp_path / "round1" / "config.json").write_text(json.dumps(config, indent=2))
     cont = train_nano(tmp_path / "cont", seed=3, data_dir=data, rounds=rounds,
                       init_from=tmp_path / "round1", first_round=2, log=lambda rec: None)
     weights = "model-00001-of-00001.safetensors"
-    assert (tmp_path / "whole" / weights).read_bytes() == (tmp_path / "cont" / weights).read_bytes()
+    for name in (weights, "config.json"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "cont" / name).read_bytes()
     # its log lists both rounds: the first copied from round1's log, the second as run
     assert cont["first_round"] == 2 and cont["init_from"] == str(tmp_path / "round1")
     def losses(stats):
