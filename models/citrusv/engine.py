@@ -316,8 +316,10 @@ class Engine:
                     slice_index: int | None = None, spacing=None,
                     photometric: str | None = None, image_id: str | None = None,
                     forced_text: str | None = None, image_info: dict | None = None) -> Result:
-        """Crop a square (from `roi`, a previous `mask`, or a first pass) plus margin, re-ask at
-        model size, paste the refined mask back into the full slice (kept inside `roi`).
+        """Crop a square (from `roi`, or the box of the main parts of a previous `mask` or of a
+        first pass: parts under GROUND_MIN_PART of the largest would stretch it) plus margin,
+        re-ask at model size, paste the refined mask back into the full slice (kept inside
+        `roi`).
 
         `closer_look` in the result: `roi` (the given box, else the square), `crop` (the square
         the model saw), `area_px_before` (of `mask` or the first pass), `area_px_after`,
@@ -364,7 +366,7 @@ class Engine:
             roi = self._check_roi(roi, h, w)
             base = roi
         else:
-            base = mask_box(before)
+            base = main_parts_box(before)  # stray pixels would widen the crop (nano: worse)
             if base is None:
                 raise InputError("mask", "mask is empty; send a mask with the region to refine.")
         square = square_roi(base, h, w, margin)

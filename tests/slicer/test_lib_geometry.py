@@ -168,6 +168,23 @@ def test_mask_bbox_and_closer_look_square():
     assert geometry.mask_bbox(np.zeros((3, 3), bool)) is None
 
 
+def test_closer_look_square_is_around_the_masks_main_parts():
+    """Stray pixels (a part under a quarter of the largest) do not stretch the crop; a second
+    part at least that large does. Parts are 8-connected: a diagonal step joins."""
+    mask = np.zeros((100, 120), dtype=bool)
+    mask[40:50, 60:80] = True  # 200 px
+    mask[90:92, 5:7] = True  # 4 px, far away
+    assert geometry.mask_bbox(mask) == [5, 40, 80, 92]
+    assert geometry.main_parts_bbox(mask) == [60, 40, 80, 50]
+    assert geometry.closer_look_roi(mask, (100, 120), margin=0.25, min_size=8) == [55, 30, 85, 60]
+    mask[10:20, 100:105] = True  # 50 px: a quarter of the largest, kept
+    assert geometry.main_parts_bbox(mask) == [60, 10, 105, 50]
+    assert geometry.main_parts_bbox(mask, min_part=0.3) == [60, 40, 80, 50]
+    diagonal = np.eye(6, dtype=bool)
+    assert [len(p) for p in geometry.mask_parts(diagonal)] == [6]
+    assert geometry.main_parts_bbox(np.zeros((4, 4), bool)) is None
+
+
 def test_closer_look_shifts_inside_and_clips_only_when_the_image_is_smaller():
     # near the corner: the square is shifted, keeping its size
     assert geometry.closer_look_roi([0, 0, 10, 10], (100, 100), margin=0.5, min_size=4) == [

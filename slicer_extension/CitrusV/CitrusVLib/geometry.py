@@ -320,6 +320,43 @@ def mask_bbox(mask: np.ndarray) -> list[int] | None:
     return [int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1]
 
 
+def mask_parts(mask: np.ndarray) -> list[np.ndarray]:
+    """The 8-connected parts of a 2D mask, each as an ``(n, 2)`` array of (row, column)
+    pixels, largest first (pure numpy: Slicer's Python need not have scipy)."""
+    mask = np.asarray(mask, dtype=bool)
+    h, w = mask.shape
+    left = mask.copy()
+    parts = []
+    for start in zip(*np.nonzero(mask)):
+        if not left[start]:
+            continue
+        left[start] = False
+        stack, pixels = [start], []
+        while stack:
+            r, c = stack.pop()
+            pixels.append((r, c))
+            for dr in (-1, 0, 1):
+                for dc in (-1, 0, 1):
+                    rr, cc = r + dr, c + dc
+                    if 0 <= rr < h and 0 <= cc < w and left[rr, cc]:
+                        left[rr, cc] = False
+                        stack.append((rr, cc))
+        parts.append(np.asarray(pixels, dtype=int))
+    return sorted(parts, key=len, reverse=True)
+
+
+def main_parts_bbox(mask: np.ndarray, min_part: float = 0.25) -> list[int] | None:
+    """Pixel-edge box of the mask's 8-connected parts that are at least ``min_part`` times
+    the size of its largest part (the server's rule for the box of a structure's mask: a few
+    stray pixels away from it would otherwise stretch the box); None if the mask is empty."""
+    parts = mask_parts(mask)
+    if not parts:
+        return None
+    kept = np.concatenate([p for p in parts if len(p) >= min_part * len(parts[0])])
+    rows, cols = kept[:, 0], kept[:, 1]
+    return [int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1]
+
+
 def clip_box(xyxy: Sequence[float], image_size_hw: Sequence[int]) -> list[float]:
     h, w = image_size_hw
     x1, y1, x2, y2 = (float(v) for v in xyxy)
@@ -332,7 +369,9 @@ def closer_look_roi(
     margin: float = 0.25,
     min_size: int = 32,
 ) -> list[int]:
-    """Square crop ``[x1, y1, x2, y2]`` (integer pixel edges) around a box or a 2D mask.
+    """Square crop ``[x1, y1, x2, y2]`` (integer pixel edges) around a box or a 2D mask (the
+    box of its main parts, ``main_parts_bbox``: stray pixels would stretch the crop, and a
+    model shown a far wider crop than the structure marks it worse).
 
     The side is the region's longer edge plus ``margin`` of it on each side (at least
     ``min_size``); the square is shifted, not squashed, to stay inside the image, and only
@@ -341,7 +380,7 @@ def closer_look_roi(
     h, w = (int(v) for v in image_size_hw)
     region_arr = np.asarray(region)
     if region_arr.ndim == 2:
-        box = mask_bbox(region_arr)
+        box = main_parts_bbox(region_arr)
         if box is None:
             raise ValueError("The mask is empty: there is nothing to look at more closely.")
     else:
