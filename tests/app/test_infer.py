@@ -87,6 +87,7 @@ def test_closer_look_keeps_mask_inside_roi(citrusv_server, tmp_path):
     result, label = split_multipart(r, tmp_path)
     check_result(result, "closer_look")
     assert result["closer_look"]["roi"] == roi
+    assert result["closer_look"]["answer_given"] is False  # the tiny model has no segment_answer
     cx1, cy1, cx2, cy2 = result["closer_look"]["crop"]  # the square the model saw: ROI + margin
     assert cx1 <= roi[0] and cy1 <= roi[1] and cx2 >= roi[2] and cy2 >= roi[3]
     assert cx2 - cx1 == cy2 - cy1
