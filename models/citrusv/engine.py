@@ -62,6 +62,8 @@ CLOSER_LOOK_MARGIN = 0.15
 # what closer_look asks when given no prompt (with no label: "the structure", which names
 # nothing, so its answer is not checked against the question)
 CLOSER_LOOK_PROMPT = "Please segment the {label} in this image."
+# a closer look takes one model pass per box: at most this many in one request
+MAX_CLOSER_LOOK_ROIS = 8
 
 
 def empty_mask_warning(label: str, slices: int | None = None) -> str:
@@ -198,16 +200,50 @@ def mask_box(mask: np.ndarray) -> list[float] | None:
     return [float(x[0]), float(y[0]), float(x[-1] + 1), float(y[-1] + 1)]
 
 
-def main_parts_box(mask: np.ndarray | None, min_part: float = GROUND_MIN_PART
-                   ) -> list[float] | None:
-    """The box around the connected parts of `mask` (8-connected) that are at least
-    `min_part` times the size of its largest part; None for an empty mask."""
+def main_parts(mask: np.ndarray | None, min_part: float = GROUND_MIN_PART
+               ) -> list[np.ndarray]:
+    """The connected parts of `mask` (8-connected) that are at least `min_part` times the
+    size of its largest part, largest first; [] for an empty mask."""
     if mask is None or not np.any(mask):
-        return None
+        return []
     parts, n = ndimage.label(np.asarray(mask, dtype=bool), structure=np.ones((3, 3)))
     sizes = np.bincount(parts.ravel())[1:]
     keep = 1 + np.flatnonzero(sizes >= min_part * sizes.max())
-    return mask_box(np.isin(parts, keep))
+    return [parts == i for i in sorted(keep, key=lambda i: -sizes[i - 1])]
+
+
+def main_parts_box(mask: np.ndarray | None, min_part: float = GROUND_MIN_PART
+                   ) -> list[float] | None:
+    """The box around the main parts of `mask` (`main_parts`); None for an empty mask."""
+    parts = main_parts(mask, min_part)
+    return mask_box(np.logical_or.reduce(parts)) if parts else None
+
+
+def bounding_box(boxes: list) -> list[float]:
+    """The box around boxes [x1, y1, x2, y2]."""
+    return [min(b[0] for b in boxes), min(b[1] for b in boxes),
+            max(b[2] for b in boxes), max(b[3] for b in boxes)]
+
+
+def _join_looks(res: Result, more: Result) -> Result:
+    """Two closer-look passes (other squares of one slice) as one result: masks of a label
+    joined, boxes and warnings added, timings summed."""
+    for m in more.masks:
+        same = [k for k in res.masks if k.label == m.label]
+        if same:
+            same[0].array = same[0].array | m.array
+        else:
+            res.masks.append(m)
+    ids = {b.id for b in res.boxes}
+    for b in more.boxes:
+        while b.id in ids:
+            b.id += "'"
+        ids.add(b.id)
+        res.boxes.append(b)
+    res.warnings += [x for x in more.warnings if x not in res.warnings]
+    for k, v in more.timing_ms.items():
+        res.timing_ms[k] = res.timing_ms.get(k, 0.0) + v
+    return res
 
 
 def slice_list(ks: list[int]) -> str:
@@ -316,16 +352,20 @@ class Engine:
                     slice_index: int | None = None, spacing=None,
                     photometric: str | None = None, image_id: str | None = None,
                     forced_text: str | None = None, image_info: dict | None = None) -> Result:
-        """Crop a square (from `roi`, or the box of the main parts of a previous `mask` or of a
-        first pass: parts under GROUND_MIN_PART of the largest would stretch it) plus margin,
-        re-ask at model size, paste the refined mask back into the full slice (kept inside
-        `roi`).
+        """Crop a square plus margin around `roi` (a box, or a list of boxes: one square each),
+        else around each main part of a previous `mask` or of a first pass (`main_parts`: parts
+        under GROUND_MIN_PART of the largest are left out, they would stretch the square; parts
+        apart, such as the ascending and descending aorta, get a square each, as a small
+        structure in a wide square is marked worse), re-ask at model size, paste the refined
+        masks back into the full slice (each kept inside its `roi` box) and join them.
 
-        `closer_look` in the result: `roi` (the given box, else the square), `crop` (the square
-        the model saw), `area_px_before` (of `mask` or the first pass), `area_px_after`,
+        `closer_look` in the result: `roi` (the given box, the box around the given boxes, else
+        around the squares), `crop` (the square the model saw; the box around them when there
+        were several), `crops` (each square the model saw, largest part first),
+        `area_px_before` (of `mask` or the first pass), `area_px_after`,
         `dice_with_before`: the refined mask against `mask`, else against the model's own mask
         of the whole slice for the same question (asked for that when `roi` is given), inside
-        `roi` (else the square); a warning says when it is low (`closer_look_warning`);
+        the `roi` boxes (else the squares); a warning says when it is low (`closer_look_warning`);
         `answer_given`: the crop's answer was the checkpoint's `segment_answer` for `label`
         rather than one the model wrote (see `CitrusVConfig.segment_answer`): so when `label`
         is given, no `forced_text`, and `prompt` is empty or names the label."""
@@ -363,37 +403,20 @@ class Engine:
                                  "send roi=[x1, y1, x2, y2] or a mask.")
         user_roi = roi is not None
         if user_roi:
-            roi = self._check_roi(roi, h, w)
-            base = roi
+            rois = self._check_rois(roi, h, w)
+            bases = rois
         else:
-            base = main_parts_box(before)  # stray pixels would widen the crop (nano: worse)
-            if base is None:
+            # a square per main part: stray pixels would widen it, and so would a second part
+            # far from the first (nano marks a small structure worse in a wide square)
+            bases = [mask_box(p) for p in main_parts(before)]
+            if not bases:
                 raise InputError("mask", "mask is empty; send a mask with the region to refine.")
-        square = square_roi(base, h, w, margin)
-        x1, y1, x2, y2 = square
-        size = int(self.config.image_size)
-        canon = closer_look_image(arr, square, window, size, photometric)
-        key = (content_hash(arr), imaging.window_key(window), tuple(square))
-        state = self._state_from_rgb(canon, key)
-        res = self._run(state, prompt, "closer_look", crop_text, None)
-        to_slice = FrameMap(y2 - y1, x2 - x1, size, size)
-        for box in res.boxes:
-            bx = to_slice.to_input(box.xyxy)
-            box.xyxy = [bx[0] + x1, bx[1] + y1, bx[2] + x1, bx[3] + y1]
-            if box.text_xyxy is not None:
-                bx = to_slice.to_input(box.text_xyxy)
-                box.text_xyxy = [bx[0] + x1, bx[1] + y1, bx[2] + x1, bx[3] + y1]
-        for m in res.masks:
-            small = F.interpolate(torch.from_numpy(m.array.astype(np.float32))[None, None],
-                                  size=(y2 - y1, x2 - x1), mode="bilinear",
-                                  align_corners=False)[0, 0].numpy() >= 0.5
-            full = np.zeros((h, w), dtype=bool)
-            full[y1:y2, x1:x2] = small
-            if user_roi:  # the user's box bounds the refined structure
-                keep = np.zeros((h, w), dtype=bool)
-                keep[int(roi[1]):int(np.ceil(roi[3])), int(roi[0]):int(np.ceil(roi[2]))] = True
-                full &= keep
-            m.array = full
+        squares = [square_roi(b, h, w, margin) for b in bases]
+        res = None
+        for n, square in enumerate(squares):
+            look = self._look(arr, square, window, photometric, prompt, crop_text,
+                              rois[n] if user_roi else None)
+            res = look if res is None else _join_looks(res, look)
         # what the crop's answer is compared with: the mask sent, else the model's own mask of
         # the whole slice (the first pass, asked here when a region was given instead)
         compare = before
@@ -407,9 +430,10 @@ class Engine:
             compare = np.logical_or.reduce(picked) if picked else np.zeros((h, w), dtype=bool)
         if first is not None:
             res.timing_ms["first_pass"] = first.timing_ms.get("total", 0.0)
-        area = [int(v) for v in (roi if user_roi else square)]
         region = np.zeros((h, w), dtype=bool)
-        region[area[1]:max(area[3], area[1] + 1), area[0]:max(area[2], area[0] + 1)] = True
+        for area in (rois if user_roi else squares):
+            a = [int(v) for v in area]
+            region[a[1]:max(a[3], a[1] + 1), a[0]:max(a[2], a[0] + 1)] = True
         after = np.zeros((h, w), dtype=bool)
         for m in res.masks:
             if label is None or m.label == label:
@@ -426,8 +450,10 @@ class Engine:
                 res.warnings.append(said)
                 lost = not after.any()
         res.closer_look = {
-            "roi": [round(float(v), 2) for v in roi] if user_roi else [int(v) for v in square],
-            "crop": [int(v) for v in square],
+            "roi": ([round(float(v), 2) for v in bounding_box(rois)] if user_roi
+                    else [int(v) for v in bounding_box(squares)]),
+            "crop": [int(v) for v in bounding_box(squares)],
+            "crops": [[int(v) for v in sq] for sq in squares],
             "area_px_before": int(before.sum()) if before is not None else None,
             "area_px_after": sum(m.area_px for m in res.masks),
             "dice_with_before": None if agreement is None else round(agreement, 3),
@@ -537,11 +563,53 @@ class Engine:
             raise InputError("task", f"task '{task}' is unknown; use one of {', '.join(TASKS)}.")
         return task
 
+    def _look(self, arr: np.ndarray, square: list[int], window, photometric, prompt: str,
+              crop_text: str | None, roi: list[float] | None) -> Result:
+        """One closer-look pass: the model's answer about `square` of the slice, its boxes and
+        masks put back in slice pixels (masks kept inside `roi` when one was given)."""
+        h, w = arr.shape[:2]
+        x1, y1, x2, y2 = square
+        size = int(self.config.image_size)
+        canon = closer_look_image(arr, square, window, size, photometric)
+        key = (content_hash(arr), imaging.window_key(window), tuple(square))
+        state = self._state_from_rgb(canon, key)
+        res = self._run(state, prompt, "closer_look", crop_text, None)
+        to_slice = FrameMap(y2 - y1, x2 - x1, size, size)
+        for box in res.boxes:
+            bx = to_slice.to_input(box.xyxy)
+            box.xyxy = [bx[0] + x1, bx[1] + y1, bx[2] + x1, bx[3] + y1]
+            if box.text_xyxy is not None:
+                bx = to_slice.to_input(box.text_xyxy)
+                box.text_xyxy = [bx[0] + x1, bx[1] + y1, bx[2] + x1, bx[3] + y1]
+        for m in res.masks:
+            small = F.interpolate(torch.from_numpy(m.array.astype(np.float32))[None, None],
+                                  size=(y2 - y1, x2 - x1), mode="bilinear",
+                                  align_corners=False)[0, 0].numpy() >= 0.5
+            full = np.zeros((h, w), dtype=bool)
+            full[y1:y2, x1:x2] = small
+            if roi is not None:  # the user's box bounds the refined structure
+                keep = np.zeros((h, w), dtype=bool)
+                keep[int(roi[1]):int(np.ceil(roi[3])), int(roi[0]):int(np.ceil(roi[2]))] = True
+                full &= keep
+            m.array = full
+        return res
+
+    def _check_rois(self, roi, h: int, w: int) -> list[list[float]]:
+        """`roi` as one box [x1, y1, x2, y2] or a list of such boxes -> checked boxes."""
+        if (isinstance(roi, (list, tuple)) and roi
+                and all(isinstance(r, (list, tuple, np.ndarray)) for r in roi)):
+            if len(roi) > MAX_CLOSER_LOOK_ROIS:
+                raise InputError("roi", f"roi lists {len(roi)} boxes; send at most "
+                                 f"{MAX_CLOSER_LOOK_ROIS}, one per region to look at.")
+            return [self._check_roi(r, h, w) for r in roi]
+        return [self._check_roi(roi, h, w)]
+
     def _check_roi(self, roi, h: int, w: int) -> list[float]:
         try:
             x1, y1, x2, y2 = (float(v) for v in roi)
         except (TypeError, ValueError):
-            raise InputError("roi", "roi must be four numbers [x1, y1, x2, y2] in slice pixels.")
+            raise InputError("roi", "roi must be four numbers [x1, y1, x2, y2] in slice pixels, "
+                             "or a list of such boxes.")
         x1, x2 = sorted((min(max(x1, 0), w), min(max(x2, 0), w)))
         y1, y2 = sorted((min(max(y1, 0), h), min(max(y2, 0), h)))
         if x2 - x1 < 1 or y2 - y1 < 1:

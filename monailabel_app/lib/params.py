@@ -26,7 +26,7 @@ class InferParams:
     axis: int
     axis_name: str
     window: str | list[float] | None
-    roi: list[float] | None = None
+    roi: list[float] | list[list[float]] | None = None  # a box, or one per region
     label: str | None = None
     is_range: bool = False  # "all" or [first, last]: the answer is 3D
     warnings: list[str] = field(default_factory=list)
@@ -116,11 +116,27 @@ def _window(raw: Any, study: Study) -> str | list[float] | None:
                        "or [level, width].")
 
 
-def _roi(raw: Any, plane_hw: tuple[int, int]) -> list[float] | None:
+# a closer look takes one model pass per box (citrusv.engine.MAX_CLOSER_LOOK_ROIS)
+MAX_ROIS = 8
+
+
+def _roi(raw: Any, plane_hw: tuple[int, int]) -> list[float] | list[list[float]] | None:
+    """One box [x1, y1, x2, y2], or a list of boxes (a closer look at each, e.g. one per
+    part of a segment: the ascending and the descending aorta)."""
     if raw is None or raw == "":
         return None
+    if isinstance(raw, (list, tuple)) and raw and all(isinstance(r, (list, tuple)) for r in raw):
+        if len(raw) > MAX_ROIS:
+            raise RequestError(f"roi lists {len(raw)} boxes; send at most {MAX_ROIS}, one per "
+                               "region to look at.")
+        return [_one_roi(r, plane_hw) for r in raw]
+    return _one_roi(raw, plane_hw)
+
+
+def _one_roi(raw: Any, plane_hw: tuple[int, int]) -> list[float]:
     if not isinstance(raw, (list, tuple)) or len(raw) != 4:
-        raise RequestError("roi must be [x1, y1, x2, y2] in slice pixels.")
+        raise RequestError("roi must be [x1, y1, x2, y2] in slice pixels, or a list of such "
+                           "boxes.")
     try:
         x1, y1, x2, y2 = (float(v) for v in raw)
     except (TypeError, ValueError):

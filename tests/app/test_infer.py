@@ -99,6 +99,30 @@ def test_closer_look_keeps_mask_inside_roi(citrusv_server, tmp_path):
     assert [m["label"] for m in result["masks"]] == ["liver"]
 
 
+def test_closer_look_at_two_boxes_keeps_each_mask_inside_its_box(citrusv_server, tmp_path):
+    """A list of boxes (the Slicer module sends one per part of a segment): a square each,
+    masks kept inside the boxes, `roi` the box around them."""
+    rois = [[180, 200, 260, 280], [300, 120, 350, 170]]
+    r = citrusv_server.post("/infer/citrusv_closer_look?image=chest_ct",
+                            data=_params(prompt="Segment the liver.", slice=60, roi=rois,
+                                         label="liver"))
+    result, label = split_multipart(r, tmp_path)
+    check_result(result, "closer_look")
+    look = result["closer_look"]
+    assert look["roi"] == [180, 120, 350, 280]
+    assert len(look["crops"]) == 2
+    for (x1, y1, x2, y2), (rx1, ry1, rx2, ry2) in zip(look["crops"], rois):
+        assert x1 <= rx1 and y1 <= ry1 and x2 >= rx2 and y2 >= ry2 and x2 - x1 == y2 - y1
+    assert look["crop"] == [min(c[0] for c in look["crops"]), min(c[1] for c in look["crops"]),
+                            max(c[2] for c in look["crops"]), max(c[3] for c in look["crops"])]
+    inside = np.zeros((512, 512), dtype=bool)
+    for x1, y1, x2, y2 in rois:
+        inside[y1:y2, x1:x2] = True
+    plane = zyx(label)[60] > 0
+    assert plane.any() and not (plane & ~inside).any()
+    assert [m["label"] for m in result["masks"]] == ["liver"]
+
+
 def test_xray_dicom_2d_without_slice(citrusv_server, tmp_path):
     r = citrusv_server.post("/infer/citrusv_segment?image=chest_xray",
                             data=_params(prompt="Segment the lungs."))

@@ -243,6 +243,40 @@ def test_closer_look_from_previous_mask(engine):
     assert res.prompt == "Please segment the liver in this image."
 
 
+def test_closer_look_takes_a_square_per_main_part_or_per_box(engine):
+    """Parts apart (the ascending and descending aorta on one slice) get a square each, so
+    neither is a speck in a wide crop; a speck gets none; a list of boxes gets one each and
+    keeps each mask inside its box."""
+    img = ct_slice(120, 160, seed=6)
+    prev = np.zeros((120, 160), bool)
+    prev[20:36, 20:40] = True  # 320 px
+    prev[80:100, 110:130] = True  # 400 px: the largest part, looked at first
+    prev[5:7, 150:152] = True  # a speck
+    res = engine.closer_look(img, "", mask=prev, label="liver", window="abdomen",
+                             forced_text="liver [SEG]")
+    crops = res.closer_look["crops"]
+    assert [c[2] - c[0] for c in crops] == [26, 26]  # 20 px * (1 + 2 * 0.15)
+    (ax1, ay1, ax2, ay2), (bx1, by1, bx2, by2) = crops
+    assert ax1 <= 110 and ax2 >= 130 and ay1 <= 80 and ay2 >= 100
+    assert bx1 <= 20 and bx2 >= 40 and by1 <= 20 and by2 >= 36
+    assert res.closer_look["crop"] == res.closer_look["roi"] == [bx1, by1, ax2, ay2]
+    squares = np.zeros((120, 160), bool)
+    for x1, y1, x2, y2 in crops:
+        squares[y1:y2, x1:x2] = True
+    assert len(res.masks) == 1 and not (res.masks[0].array & ~squares).any()
+    assert res.closer_look["area_px_after"] == res.masks[0].area_px
+    boxes = [[40, 30, 80, 60], [100, 70, 150, 110]]
+    two = engine.closer_look(img, "Segment the liver.", roi=boxes, window="abdomen",
+                             forced_text="liver [SEG]")
+    assert two.closer_look["roi"] == [40, 30, 150, 110] and len(two.closer_look["crops"]) == 2
+    inside = np.zeros((120, 160), bool)
+    for x1, y1, x2, y2 in boxes:
+        inside[y1:y2, x1:x2] = True
+    assert two.masks[0].array.any() and not (two.masks[0].array & ~inside).any()
+    with pytest.raises(InputError, match="at most 8"):
+        engine.closer_look(img, "Segment the liver.", roi=[[40, 30, 80, 60]] * 9)
+
+
 def test_closer_look_at_a_named_structure_gives_the_models_segment_answer(tiny_dir, tmp_path):
     """A checkpoint whose config has `segment_answer` gets that answer, filled with the label,
     in a closer look at a named structure (nano writes no [SEG] for some crops); the answer is

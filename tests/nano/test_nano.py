@@ -273,6 +273,31 @@ def test_a_closer_look_keeps_nanos_mask_or_says_it_does_not(engine, study):
         "the model may not handle zoomed-in crops well, so compare the two before keeping it."]
 
 
+def test_a_closer_look_at_the_aorta_looks_at_each_of_its_parts(engine, study):
+    """Held-out slice 64 shows the ascending and the descending aorta, apart. A closer look at
+    nano's own mask (Dice 0.372 with the reference) crops each part on its own and marks the
+    aorta at Dice 0.610, agreeing with the mask sent (0.707): no warning. One square around
+    both parts (a box drawn around them; the engine's crop before 2026-12-05, Dice 0.245
+    then) shows each small in a wide crop: Dice 0.324, warned about."""
+    img, ref = study.volume[64], study.mask("aorta", 64)
+    own = engine.ask(img, "Please segment the aorta in this scan.", window="abdomen",
+                     task="segment")
+    assert [m.label for m in own.masks] == ["aorta"]
+    before = own.masks[0].array
+    assert dice_score(before, ref) == pytest.approx(0.372, abs=0.005)
+    look = engine.closer_look(img, "", mask=before, label="aorta", window="abdomen")
+    assert len(look.closer_look["crops"]) == 2 and look.closer_look["answer_given"] is True
+    assert dice_score(look.masks[0].array, ref) == pytest.approx(0.610, abs=0.005)
+    assert look.closer_look["dice_with_before"] == pytest.approx(0.707, abs=0.005)
+    assert look.warnings == []
+    wide = engine.closer_look(img, "", mask=before, label="aorta", window="abdomen",
+                              roi=main_parts_box(before))
+    assert len(wide.closer_look["crops"]) == 1
+    assert dice_score(wide.masks[0].array, ref) == pytest.approx(0.324, abs=0.005)
+    assert [w.split(" (Dice")[0] for w in wide.warnings] == [
+        "the closer look's aorta mask agrees little with the mask sent"]
+
+
 def test_radiograph_report_says_which_cited_boxes_no_mask_confirms(engine, sample_root):
     """On the real chest CR nano's report lists all ten structures it learnt from the DRRs,
     whose boxes it learnt without masks. Its masks (trained on CT slices only) mark none of
