@@ -753,7 +753,8 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
                 slicer.mrmlScene.RemoveNode(node)
 
     def closerLookRegion(self, volume, view, selectedBoxIds, segmentName):
-        """Square slice-pixel ROI around the selected box, else around the segment on this slice."""
+        """Square slice-pixel ROI around the selected box, else around the segment on this slice
+        (a list of squares, one per main part, where the segment has parts apart)."""
         shape = CitrusVMRML.volume_shape(volume)
         h, w = geometry.slice_shape(shape, view.axis)
         m = CitrusVMRML.ijk_to_ras(volume)
@@ -775,7 +776,8 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
             raise CitrusVError(
                 f"'{segmentName}' is empty on this slice: nothing to look at closer."
             )
-        return geometry.closer_look_roi(plane, (h, w)), segmentName
+        squares = geometry.closer_look_rois(plane, (h, w))
+        return (squares[0] if len(squares) == 1 else squares), segmentName
 
     def exportCorrection(self, volume, segmentId):
         seg = CitrusVMRML.find_segmentation(volume)

@@ -312,6 +312,9 @@ def test_infer_params_follow_the_api():
     assert infer_params("liver", scope="volume", window=(40, 400))["slice"] == "all"
     closer = infer_params(None, "axial", "slice", 3, roi=(1, 2, 30, 40), label="liver")
     assert closer == {"axis": "axial", "slice": 3, "roi": [1.0, 2.0, 30.0, 40.0], "label": "liver"}
+    parts = infer_params(None, "axial", "slice", 3, roi=[[1, 2, 30, 40], (50, 60, 70, 80)],
+                         label="aorta")
+    assert parts["roi"] == [[1.0, 2.0, 30.0, 40.0], [50.0, 60.0, 70.0, 80.0]]
     # 2D images: neither slice nor axis (docs/api.md, app details)
     assert infer_params("where is the heart?", "axial", "slice", 0, is_2d=True) == {
         "prompt": "where is the heart?"

@@ -185,6 +185,21 @@ def test_closer_look_square_is_around_the_masks_main_parts():
     assert geometry.main_parts_bbox(np.zeros((4, 4), bool)) is None
 
 
+def test_closer_look_squares_one_per_main_part():
+    """The server crops a sent mask around each main part: the module asks the same way, one
+    square per part at least a quarter of the largest (largest first), none for a speck."""
+    mask = np.zeros((100, 120), dtype=bool)
+    mask[40:50, 60:80] = True  # 200 px
+    mask[90:92, 5:7] = True  # 4 px, far away
+    assert geometry.closer_look_rois(mask, (100, 120), margin=0.25, min_size=8) == [
+        [55, 30, 85, 60]]
+    mask[10:20, 100:105] = True  # 50 px: a quarter of the largest, its own square
+    assert geometry.closer_look_rois(mask, (100, 120), margin=0.25, min_size=8) == [
+        [55, 30, 85, 60], [95, 8, 110, 23]]  # 10 px edge: side 15
+    with pytest.raises(ValueError, match="empty"):
+        geometry.closer_look_rois(np.zeros((5, 5), bool), (5, 5))
+
+
 def test_closer_look_shifts_inside_and_clips_only_when_the_image_is_smaller():
     # near the corner: the square is shifted, keeping its size
     assert geometry.closer_look_roi([0, 0, 10, 10], (100, 100), margin=0.5, min_size=4) == [

@@ -95,6 +95,16 @@ def test_upload_once_ask_apply_correct(citrusv_module, volume, http_server, mrml
     assert (roi2, label2) == (roi, "liver")
     with pytest.raises(Exception, match="empty on this slice"):
         logic.closerLookRegion(volume, geometry.ViewSlice("axial", 4, 4.0, True), [], "liver")
+    # a segment with a second part apart (ascending and descending aorta): a square each
+    two = back.copy()
+    ys, xs = np.nonzero(back[2])
+    two[2, ys.max() + 10 : ys.max() + 20, xs.min() : xs.min() + 20] = 1  # 200 px, 10 rows below
+    su.updateSegmentBinaryLabelmapFromArray(two, seg, applied.segment_ids["liver"], volume)
+    rois, _ = logic.closerLookRegion(volume, view, [], "liver")
+    assert len(rois) == 2 and rois[0] == roi
+    x1, y1, x2, y2 = rois[1]
+    assert x1 <= xs.min() and x2 >= xs.min() + 20 and y1 <= ys.max() + 10 and y2 >= ys.max() + 20
+    su.updateSegmentBinaryLabelmapFromArray(back, seg, applied.segment_ids["liver"], volume)
 
     # correction: the edited segment goes back as a label file with label_info and prompt
     edited = back.copy()

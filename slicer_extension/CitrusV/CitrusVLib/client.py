@@ -44,12 +44,13 @@ def infer_params(
     slice_index: int | None = None,
     slice_range: Sequence[int] | None = None,
     window: str | Sequence[float] | None = None,
-    roi: Sequence[float] | None = None,
+    roi: Sequence[float] | Sequence[Sequence[float]] | None = None,
     label: str | None = None,
     is_2d: bool = False,
 ) -> dict[str, Any]:
     """The ``params`` of ``POST /infer`` (docs/api.md) from what the user chose in the widget.
 
+    ``roi``: a closer look's box, or a list of boxes (one per part of a segment).
     ``is_2d``: the image is one plane (X-ray, picture): neither slice nor axis is sent.
     """
     params: dict[str, Any] = {} if is_2d else {"axis": axis}
@@ -75,7 +76,11 @@ def infer_params(
     if window is not None and window != "":
         params["window"] = window if isinstance(window, str) else [float(v) for v in window]
     if roi is not None:
-        params["roi"] = [float(v) for v in roi]
+        boxes = list(roi)
+        if boxes and all(isinstance(b, (list, tuple)) for b in boxes):
+            params["roi"] = [[float(v) for v in b] for b in boxes]
+        else:
+            params["roi"] = [float(v) for v in boxes]
     if label:
         params["label"] = label
     return params

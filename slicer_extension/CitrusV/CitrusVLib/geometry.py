@@ -357,6 +357,30 @@ def main_parts_bbox(mask: np.ndarray, min_part: float = 0.25) -> list[int] | Non
     return [int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1]
 
 
+def closer_look_rois(
+    mask: np.ndarray,
+    image_size_hw: Sequence[int],
+    margin: float = 0.25,
+    min_size: int = 32,
+    min_part: float = 0.25,
+) -> list[list[int]]:
+    """One ``closer_look_roi`` square per main part of a 2D mask (parts at least ``min_part``
+    times the largest, largest first), as the server crops a mask it is sent: parts apart,
+    such as the ascending and the descending aorta on one slice, each get their own square,
+    where one square around both would show each small in a wide crop."""
+    parts = mask_parts(np.asarray(mask, dtype=bool))
+    if not parts:
+        raise ValueError("The mask is empty: there is nothing to look at more closely.")
+    squares = []
+    for p in parts:
+        if len(p) < min_part * len(parts[0]):
+            break
+        rows, cols = p[:, 0], p[:, 1]
+        box = [int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1]
+        squares.append(closer_look_roi(box, image_size_hw, margin, min_size))
+    return squares
+
+
 def clip_box(xyxy: Sequence[float], image_size_hw: Sequence[int]) -> list[float]:
     h, w = image_size_hw
     x1, y1, x2, y2 = (float(v) for v in xyxy)

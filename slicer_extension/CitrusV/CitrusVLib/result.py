@@ -86,7 +86,8 @@ class CloserLook:
     roi: tuple[float, float, float, float]  # the asked box (or the engine's pick)
     area_px_before: int | None = None
     area_px_after: int | None = None
-    crop: tuple[float, float, float, float] | None = None  # the square the model saw
+    crop: tuple[float, float, float, float] | None = None  # the square the model saw (around all)
+    crops: list[tuple[float, float, float, float]] = field(default_factory=list)  # each square
 
 
 @dataclass
@@ -149,7 +150,9 @@ class Result:
         if when:
             lines.append(f"Asked: {when}")
         if self.closer_look is not None:
-            lines.append("Closer look at box " + _numbers(self.closer_look.roi))
+            several = len(self.closer_look.crops) > 1
+            lines.append("Closer look at box " + _numbers(self.closer_look.roi)
+                         + (f" ({len(self.closer_look.crops)} squares)" if several else ""))
         lines += ["", "Answer:", (self.answer or self.text or "(none)").strip()]
         if self.reasoning:
             lines += ["", "Reasoning:"]
@@ -256,6 +259,7 @@ class Result:
                 area_px_before=closer.get("area_px_before"),
                 area_px_after=closer.get("area_px_after"),
                 crop=None if not closer.get("crop") else tuple(float(v) for v in closer["crop"]),  # type: ignore[arg-type]
+                crops=[tuple(float(v) for v in c) for c in closer.get("crops") or []],  # type: ignore[misc]
             ),
             raw=dict(data),
         )
