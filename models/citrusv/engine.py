@@ -111,8 +111,8 @@ def unconfirmed_boxes_warning(labels: list[str]) -> str:
 
 
 # a closer look whose mask overlaps the one before it less than this (Dice, inside the region
-# looked at) is said to disagree with it. Refining a mask's edges keeps far more; nano, never
-# trained on crops, keeps 0.52-0.58 of its lungs on held-out slices (MODEL_CARD.md, Limits)
+# looked at) is said to disagree with it. Refining a mask's edges keeps far more; nano before
+# its crop round kept 0.52-0.58 of its lungs on held-out slices (MODEL_CARD.md, Limits)
 CLOSER_LOOK_MIN_DICE = 0.7
 
 
