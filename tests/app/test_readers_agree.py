@@ -1,6 +1,7 @@
-"""The server's reader (`monailabel_app/lib/images.py`) and the engine's (`citrusv.io`, used by
-`citrusv ask`) give the same pixels for a DICOM: MONOCHROME1 (low values shown white, as CR
-films often are) is mirrored at read, bone bright, once for a whole series."""
+"""The server and the engine agree. The server's reader (`monailabel_app/lib/images.py`) and
+the engine's (`citrusv.io`, used by `citrusv ask`) give the same pixels for a DICOM:
+MONOCHROME1 (low values shown white, as CR films often are) is mirrored at read, bone bright,
+once for a whole series; and they take as many closer-look boxes."""
 
 from __future__ import annotations
 
@@ -45,3 +46,11 @@ def test_the_demo_radiograph_reads_alike(sample_root):
     # the stored values mirrored within their range (the file has no rescale)
     stored = pydicom.dcmread(path).pixel_array.astype(np.float32)
     np.testing.assert_array_equal(ours.array, stored.max() + stored.min() - stored)
+
+
+def test_server_and_engine_allow_as_many_closer_look_boxes():
+    """A roi list the server lets through, the engine takes (one pass per box)."""
+    from citrusv.engine import MAX_CLOSER_LOOK_ROIS
+    from lib.params import MAX_ROIS
+
+    assert MAX_ROIS == MAX_CLOSER_LOOK_ROIS == 8

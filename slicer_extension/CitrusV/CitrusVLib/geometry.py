@@ -349,11 +349,19 @@ def main_parts_bbox(mask: np.ndarray, min_part: float = 0.25) -> list[int] | Non
     """Pixel-edge box of the mask's 8-connected parts that are at least ``min_part`` times
     the size of its largest part (the server's rule for the box of a structure's mask: a few
     stray pixels away from it would otherwise stretch the box); None if the mask is empty."""
-    parts = mask_parts(mask)
-    if not parts:
-        return None
-    kept = np.concatenate([p for p in parts if len(p) >= min_part * len(parts[0])])
-    rows, cols = kept[:, 0], kept[:, 1]
+    parts = main_parts(mask, min_part)
+    return _pixels_box(np.concatenate(parts)) if parts else None
+
+
+def main_parts(mask: np.ndarray, min_part: float = 0.25) -> list[np.ndarray]:
+    """``mask_parts`` at least ``min_part`` times the size of the largest, largest first."""
+    parts = mask_parts(np.asarray(mask, dtype=bool))
+    return [p for p in parts if len(p) >= min_part * len(parts[0])]
+
+
+def _pixels_box(pixels: np.ndarray) -> list[int]:
+    """Pixel-edge box [x1, y1, x2, y2] of (row, column) pixels."""
+    rows, cols = pixels[:, 0], pixels[:, 1]
     return [int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1]
 
 
@@ -368,17 +376,10 @@ def closer_look_rois(
     times the largest, largest first), as the server crops a mask it is sent: parts apart,
     such as the ascending and the descending aorta on one slice, each get their own square,
     where one square around both would show each small in a wide crop."""
-    parts = mask_parts(np.asarray(mask, dtype=bool))
+    parts = main_parts(mask, min_part)
     if not parts:
         raise ValueError("The mask is empty: there is nothing to look at more closely.")
-    squares = []
-    for p in parts:
-        if len(p) < min_part * len(parts[0]):
-            break
-        rows, cols = p[:, 0], p[:, 1]
-        box = [int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1]
-        squares.append(closer_look_roi(box, image_size_hw, margin, min_size))
-    return squares
+    return [closer_look_roi(_pixels_box(p), image_size_hw, margin, min_size) for p in parts]
 
 
 def clip_box(xyxy: Sequence[float], image_size_hw: Sequence[int]) -> list[float]:
