@@ -774,10 +774,12 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
         return tuple(n for n in NAMES if data.mask(n, k).sum() >= MIN_AREA_PX)
 
     def closer_look_crop(k: int, window) -> tuple[ImageInputs, list[str], list[int]] | None:
-        """A square around a structure's box on slice k, as `Engine.closer_look` crops and
-        scales it (the box's edges moved by up to CROP_JITTER of its size, as a first pass's
-        mask would place it), the structures to ask for in it: that one, one other inside
-        the crop, one more at random."""
+        """A square around a structure's box on slice k, cropped and scaled as
+        `Engine.closer_look` does (the box's edges moved by up to CROP_JITTER of its size, as a
+        first pass's mask would place it), the structures to ask for in it: that one, one other
+        inside the crop, one more at random. The box is the whole structure's: the engine has
+        since taken a square per main part (the aorta's two parts on one slice get two), which
+        these crops, part of the shipped recipe, do not do."""
         on = present_on(k)
         if not on:
             return None
