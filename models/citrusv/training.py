@@ -721,7 +721,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
     if first > 1 and not init_from:
         raise ValueError("first_round > 1 continues a model saved after the round before it: "
                          "give init_from")
-    from .engine import CLOSER_LOOK_MARGIN, closer_look_image, main_parts, square_roi
+    from .engine import CLOSER_LOOK_MARGIN, closer_look_image, square_roi
     from .nano_data import (MIN_AREA_PX, NAMES, NANO_MAX_PIXELS, NANO_MIN_PIXELS,
                             TRAIN_WINDOWS, build_nano_data, data_is_current, load_nano_data,
                             mask_box, segment_answer)
@@ -784,11 +784,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
         if not on:
             return None
         name = rng.choice(on)
-        whole = data.mask(name, k)
-        parts = main_parts(whole) if crop_parts else []
-        if len(parts) > 1:  # a square per main part, as the engine takes (one at random)
-            whole = parts[rng.randrange(len(parts))]
-        x1, y1, x2, y2 = mask_box(whole)
+        x1, y1, x2, y2 = mask_box(data.mask(name, k))
         jitter = [rng.uniform(-CROP_JITTER, CROP_JITTER) for _ in range(4)]
         bw, bh = x2 - x1, y2 - y1
         box = [x1 + jitter[0] * bw, y1 + jitter[1] * bh, x2 + jitter[2] * bw,
@@ -894,7 +890,6 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
         return parts
 
     crop_share = joint_crop_share = 0.0  # the round's, set below
-    crop_parts = False  # the round's: crops around one main part of the structure
     crops_made = [0]  # closer-look crop images made in the stage so far
 
     def segmentation_batch() -> dict:
@@ -918,7 +913,6 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
         torch.manual_seed(seed + r)
         # stage 1: joint (token CE + 2 Dice + 1 BCE), everything trained
         joint_crop_share = float(spec.get("joint_crop_share", 0.0))
-        crop_parts = bool(spec.get("crop_parts", False))
         crops_made[0] = 0
         model.requires_grad_(True)
         model.train()
