@@ -28,10 +28,15 @@ _STOP = {
     "shown", "mask", "segmentation", "found", "which", "as", "to", "for", "by", "be", "can",
     "see", "visible", "area", "compare", "compared", "like", "than", "near", "next", "lies", "appears", "i", "we", "you", "ok", "okay", "result",
 }
+# The task a question asks for, by its words: the first task in this order whose words it has
+# (a segmentation question may say "where": "Where is the spleen? Output its mask."); none:
+# "report", a question such as "Is this normal?" is answered in prose. Slicer's Python cannot
+# import this package, so `CitrusVLib.headless.guess_task` has a copy of the rule (what
+# `citrusv ask --server` routes by); tests/app/test_readers_agree.py keeps the two equal.
 _TASK_WORDS = [
-    ("report", r"\breport|\bdescribe|\bfindings?\b|step by step|\bdiagnos|\bimpression"),
-    ("segment", r"\bsegment|\bmask\b|\bdelineat|\boutline|\bcontour"),
-    ("detect", r"\bdetect|\blocat|\bwhere\b|\bfind\b|\bbox|\bbounding"),
+    ("report", r"\breport|\bdescrib|\bfindings?\b|step by step|\bdiagnos|\bimpression|\bsummar"),
+    ("segment", r"\bsegment|\bmasks?\b|\bdelineat|\boutline|\bcontour"),
+    ("detect", r"\bdetect|\blocat|\bwhere\b|\bfind\b|\bbox|\bbounding|\bhow many\b|\bcount\b"),
 ]
 
 

@@ -1,10 +1,13 @@
 """The server and the engine agree. The server's reader (`monailabel_app/lib/images.py`) and
 the engine's (`citrusv.io`, used by `citrusv ask`) give the same pixels for a DICOM:
 MONOCHROME1 (low values shown white, as CR films often are) is mirrored at read, bone bright,
-once for a whole series; and they take as many closer-look boxes."""
+once for a whole series; they take as many closer-look boxes; and `citrusv ask` routes a
+question to the same task with --server (the Slicer library's rule) as with --model (the
+engine's)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -13,7 +16,7 @@ import pydicom
 
 from citrusv.io import read_study as engine_read
 from tests.engine.test_io_overlay_cli import _dicom
-from tests.server import APP_DIR
+from tests.server import APP_DIR, REPO
 
 sys.path.insert(0, str(APP_DIR))
 from lib.images import read_study as server_read  # noqa: E402
@@ -54,3 +57,22 @@ def test_server_and_engine_allow_as_many_closer_look_boxes():
     from lib.params import MAX_ROIS
 
     assert MAX_ROIS == MAX_CLOSER_LOOK_ROIS == 8
+
+
+def test_a_question_goes_to_the_same_task_with_or_without_a_server():
+    from CitrusVLib.headless import guess_task
+
+    from citrusv.parsing import infer_task
+
+    examples = json.loads((REPO / "models/nano/example_prompts.json").read_text())
+    for task, prompts in examples.items():  # the questions the product suggests
+        for p in prompts:
+            assert (infer_task(p), guess_task(p)) == (task, task), p
+    for p, task in [("Where is the spleen? Output its mask.", "segment"),
+                    ("where are the kidneys", "detect"),
+                    ("How many kidneys are there?", "detect"),
+                    ("Summarise this slice.", "report"),
+                    ("Delineate the aorta", "segment"),
+                    ("Is there a pleural effusion?", "report"),
+                    ("liver", "report")]:
+        assert (infer_task(p), guess_task(p)) == (task, task), p

@@ -24,17 +24,25 @@ DISPLAY_WINDOWS: dict[str, tuple[float, float]] = {
     "bone": (400.0, 1800.0),
 }
 
-_REPORT = re.compile(r"\b(report|describe|findings|impression|summar\w*|think step)", re.I)
-_DETECT = re.compile(r"\b(where|detect|locate|find|box|boxes|bounding|how many|count)\b", re.I)
+# The engine's rule (`citrusv.parsing.infer_task`, which Slicer's Python cannot import), so
+# that `citrusv ask` routes a question alike with --server and with --model: the first task in
+# this order whose words the question has ("Where is the spleen? Output its mask." is a
+# segmentation question), else "report". tests/app/test_readers_agree.py keeps them equal.
+_TASK_WORDS = (
+    ("report", re.compile(r"\breport|\bdescrib|\bfindings?\b|step by step|\bdiagnos"
+                          r"|\bimpression|\bsummar", re.I)),
+    ("segment", re.compile(r"\bsegment|\bmasks?\b|\bdelineat|\boutline|\bcontour", re.I)),
+    ("detect", re.compile(r"\bdetect|\blocat|\bwhere\b|\bfind\b|\bbox|\bbounding"
+                          r"|\bhow many\b|\bcount\b", re.I)),
+)
 
 
 def guess_task(prompt: str) -> str:
-    """``report`` / ``detect`` / ``segment`` from the wording of a question."""
-    if _REPORT.search(prompt):
-        return "report"
-    if _DETECT.search(prompt):
-        return "detect"
-    return "segment"
+    """``report`` / ``segment`` / ``detect`` from the wording of a question."""
+    for task, pattern in _TASK_WORDS:
+        if pattern.search(prompt):
+            return task
+    return "report"
 
 
 def to_uint8(plane: np.ndarray, window: str | Sequence[float] | None = None) -> np.ndarray:
