@@ -762,7 +762,11 @@ class Engine:
         absent = parsed.absent if task == "detect" else []
         if ground and self.box_source == "mask" and (res.boxes or absent):
             self._ground_boxes(state, res, absent)
-        if task != "report" and prompt != CLOSER_LOOK_PROMPT.format(label="structure"):
+        # a report names what it finds, asked or not; an answer to a report question that is
+        # no report (no reasoning, no <answer>: nano asked "Is there a pleural effusion?"
+        # writes a left-lung box) is checked like any other
+        reported = task == "report" and (bool(parsed.steps) or "<answer>" in text)
+        if not reported and prompt != CLOSER_LOOK_PROMPT.format(label="structure"):
             off = unasked_warning(prompt, [m.label for m in res.masks]
                                   + [b.label for b in res.boxes] + [a for a, _ in parsed.absent])
             if off:

@@ -340,6 +340,15 @@ def test_an_answer_about_another_structure_than_asked_warns(engine):
                 engine.closer_look(img, "", mask=img > 0, window="abdomen",
                                    forced_text="Sure, the liver is [SEG] liver.")):
         assert not [w for w in res.warnings if "question" in w], res.warnings
+    # asked a question, given no report but a box of something it does not name
+    boxed = engine.ask(img, "Is there a pleural effusion?", window="abdomen",
+                       forced_text='```json\n[{"bbox_2d": [1, 2, 30, 40], "label": "left '
+                                   'lung"}]\n```')
+    assert boxed.task == "report" and not boxed.reasoning
+    assert [w for w in boxed.warnings if "does not name" in w] == [
+        "the answer is about the left lung, which the question does not name: the model may "
+        "have answered about something other than what was asked (it may not know that "
+        "structure), so check the answer is what you wanted."]
     vol = np.stack([ct_slice(40, 50, seed=s) for s in range(3)])
     over = engine.ask_volume(vol, "Please segment the pancreas.", slices=range(3),
                              window="abdomen", forced_text="Sure, the liver is [SEG] liver.")
