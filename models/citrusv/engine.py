@@ -759,13 +759,14 @@ class Engine:
                                 "rephrase the prompt, e.g. 'Please segment the liver'.")
         timing["mask"] = (time.perf_counter() - t1) * 1e3
         res.timing_ms = timing
-        absent = parsed.absent if task == "detect" else []
-        if ground and self.box_source == "mask" and (res.boxes or absent):
-            self._ground_boxes(state, res, absent)
         # a report names what it finds, asked or not; an answer to a report question that is
         # no report (no reasoning, no <answer>: nano asked "Is there a pleural effusion?"
-        # writes a left-lung box) is checked like any other
+        # writes a left-lung box, asked "Is the liver normal?" on a slice with the liver,
+        # "No liver is visible in this image.") is checked as a detection answer is
         reported = task == "report" and (bool(parsed.steps) or "<answer>" in text)
+        absent = parsed.absent if task == "detect" or (task == "report" and not reported) else []
+        if ground and self.box_source == "mask" and (res.boxes or absent):
+            self._ground_boxes(state, res, absent)
         if not reported and prompt != CLOSER_LOOK_PROMPT.format(label="structure"):
             off = unasked_warning(prompt, [m.label for m in res.masks]
                                   + [b.label for b in res.boxes] + [a for a, _ in parsed.absent])

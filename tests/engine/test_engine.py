@@ -563,6 +563,14 @@ def test_box_source_mask_boxes_the_mask_of_a_structure_the_answer_calls_not_visi
         "in the image; the liver box returned is the box of that mask, not one the model wrote."]
     data = json.loads(json.dumps(res.to_json()))["boxes"][0]
     assert data["text_xyxy"] is None and data["score"] is None and data["source"] == "mask"
+    # a report question answered with no report, the way nano answers "Is the liver normal?"
+    # on a slice with the liver, is checked alike
+    asked = e.ask(img, "Is the liver normal?", window="abdomen",
+                  forced_text="No liver is visible in this image.")
+    assert asked.task == "report"
+    assert [(b.label, b.source, b.xyxy) for b in asked.boxes] == [
+        ("liver", "mask", main_parts_box(seg.masks[0].array))]
+    assert asked.warnings == res.warnings
     plural = e.ask(img, "Where are the kidneys?", window="abdomen",
                    forced_text="No kidneys are visible in this image.")
     assert [m.label for m in e.ask(img, "Please segment the right kidney in this scan.",
