@@ -575,12 +575,15 @@ class Engine:
         state = self._state_from_rgb(canon, key)
         res = self._run(state, prompt, "closer_look", crop_text, None)
         to_slice = FrameMap(y2 - y1, x2 - x1, size, size)
+
+        def on_slice(xyxy):  # crop pixels of the model's frame -> slice pixels
+            bx = to_slice.to_input(xyxy)
+            return [bx[0] + x1, bx[1] + y1, bx[2] + x1, bx[3] + y1]
+
         for box in res.boxes:
-            bx = to_slice.to_input(box.xyxy)
-            box.xyxy = [bx[0] + x1, bx[1] + y1, bx[2] + x1, bx[3] + y1]
+            box.xyxy = on_slice(box.xyxy)
             if box.text_xyxy is not None:
-                bx = to_slice.to_input(box.text_xyxy)
-                box.text_xyxy = [bx[0] + x1, bx[1] + y1, bx[2] + x1, bx[3] + y1]
+                box.text_xyxy = on_slice(box.text_xyxy)
         for m in res.masks:
             small = F.interpolate(torch.from_numpy(m.array.astype(np.float32))[None, None],
                                   size=(y2 - y1, x2 - x1), mode="bilinear",
@@ -764,7 +767,7 @@ class Engine:
         # writes a left-lung box, asked "Is the liver normal?" on a slice with the liver,
         # "No liver is visible in this image.") is checked as a detection answer is
         reported = task == "report" and (bool(parsed.steps) or "<answer>" in text)
-        absent = parsed.absent if task == "detect" or (task == "report" and not reported) else []
+        absent = parsed.absent if task in ("detect", "report") and not reported else []
         if ground and self.box_source == "mask" and (res.boxes or absent):
             self._ground_boxes(state, res, absent)
         if not reported and prompt != CLOSER_LOOK_PROMPT.format(label="structure"):

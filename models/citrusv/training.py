@@ -779,7 +779,8 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
         first pass's mask would place it), the structures to ask for in it: that one, one other
         inside the crop, one more at random. The box is the whole structure's: the engine has
         since taken a square per main part (the aorta's two parts on one slice get two), which
-        these crops, part of the shipped recipe, do not do."""
+        these crops, part of the shipped recipe, do not do: a crop round that did (CP1 in
+        docs/nano_training_history.md) was not better."""
         on = present_on(k)
         if not on:
             return None
