@@ -34,7 +34,8 @@ from .generation import (
     token_char_ends,
 )
 from .imaging import FrameMap
-from .parsing import SEG_TOKEN, TASKS, infer_task, listed, parse_output, unasked_warning
+from .parsing import (SEG_TOKEN, TASKS, absent_labels, answers_about, infer_task, listed,
+                      parse_output, prompt_targets, unasked_warning)
 from .prompting import pixel_inputs, stop_token_ids, text_inputs
 from .result import Box, Mask, Result, Step
 from .slice_cache import SliceCache, SliceState, content_hash
@@ -64,6 +65,10 @@ CLOSER_LOOK_MARGIN = 0.15
 CLOSER_LOOK_PROMPT = "Please segment the {label} in this image."
 # a closer look takes one model pass per box: at most this many in one request
 MAX_CLOSER_LOOK_ROIS = 8
+# a question listing several structures, answered about only some: what each left-out one is
+# asked alone (the segmentation question is the one the boxes are grounded with)
+FOLLOW_UP_PROMPTS = {"segment": GROUND_PROMPT,
+                     "detect": "Locate the {label}, output its bbox coordinates using JSON format."}
 
 
 def empty_mask_warning(label: str, slices: int | None = None) -> str:
@@ -240,6 +245,31 @@ def _join_looks(res: Result, more: Result) -> Result:
             b.id += "'"
         ids.add(b.id)
         res.boxes.append(b)
+    res.warnings += [x for x in more.warnings if x not in res.warnings]
+    for k, v in more.timing_ms.items():
+        res.timing_ms[k] = res.timing_ms.get(k, 0.0) + v
+    return res
+
+
+def _join_answers(res: Result, more: Result) -> Result:
+    """The answer to a follow-up question (`Engine._ask_rest`) added to the first: masks of a
+    label joined, new labels numbered after the first's, boxes renumbered, the raw texts and
+    the answers one after the other, warnings added, timings summed."""
+    for m in more.masks:
+        same = [k for k in res.masks if k.label == m.label]
+        if same:
+            same[0].array = same[0].array | m.array
+        else:
+            m.label_index = max((k.label_index for k in res.masks), default=0) + 1
+            res.masks.append(m)
+    remap = {}
+    for b in more.boxes:
+        remap[b.id] = b.id = f"b{len(res.boxes) + 1}"
+        res.boxes.append(b)
+    res.reasoning += [Step(len(res.reasoning) + i + 1, s.text, [remap.get(x, x) for x in s.box_ids])
+                      for i, s in enumerate(more.reasoning)]
+    res.text = f"{res.text}\n{more.text}"
+    res.answer = f"{res.answer}\n{more.answer}".strip()
     res.warnings += [x for x in more.warnings if x not in res.warnings]
     for k, v in more.timing_ms.items():
         res.timing_ms[k] = res.timing_ms.get(k, 0.0) + v
@@ -698,7 +728,7 @@ class Engine:
         self.cache.trim()
 
     def _run(self, state: SliceState, prompt: str, task: str, forced_text: str | None,
-             max_new_tokens: int | None, ground: bool = True) -> Result:
+             max_new_tokens: int | None, ground: bool = True, follow: bool = True) -> Result:
         """Generation + parsing + masks for one prepared slice, in the state's own pixels."""
         timing = {}
         t0 = time.perf_counter()
@@ -725,11 +755,14 @@ class Engine:
                 state.prefixes[system] = gen.prefix
                 self.cache.trim()
             timing["prefill_reused_tokens"] = gen.prefill_reused
-        return self._result(state, prompt, task, gen, timing, ground)
+        return self._result(state, prompt, task, gen, timing, ground,
+                            follow and forced_text is None)
 
     def _result(self, state: SliceState, prompt: str, task: str, gen: Generation,
-                timing: dict, ground: bool = True) -> Result:
-        """Parse one generation and decode its [SEG] masks, in the state's own pixels."""
+                timing: dict, ground: bool = True, follow: bool = True) -> Result:
+        """Parse one generation and decode its [SEG] masks, in the state's own pixels.
+        `follow`: a segmentation or detection question that lists several structures gets one
+        more question for each one the answer leaves out (`_ask_rest`)."""
         timing["prefill"], timing["decode"] = gen.prefill_ms, gen.decode_ms
         text = self.tokenizer.decode(gen.token_ids, skip_special_tokens=False)
         parsed = parse_output(text, prompt)
@@ -757,9 +790,6 @@ class Engine:
                 index.setdefault(label, len(index) + 1)
                 res.masks.append(Mask(label, (logits[i] > 0).cpu().numpy(), index[label],
                                       score=float(scores[i])))
-        elif task in ("segment", "closer_look"):
-            res.warnings.append("the model wrote no [SEG] token, so there is no mask; "
-                                "rephrase the prompt, e.g. 'Please segment the liver'.")
         timing["mask"] = (time.perf_counter() - t1) * 1e3
         res.timing_ms = timing
         # a report names what it finds, asked or not; an answer to a report question that is
@@ -775,7 +805,51 @@ class Engine:
                                   + [b.label for b in res.boxes] + [a for a, _ in parsed.absent])
             if off:
                 res.warnings.append(off)
+        if follow and task in ("segment", "detect"):
+            self._ask_rest(state, prompt, task, res, [a for a, _ in parsed.absent])
+        if not res.masks and task in ("segment", "closer_look"):
+            res.warnings.append("the model wrote no [SEG] token, so there is no mask; "
+                                "rephrase the prompt, e.g. 'Please segment the liver'.")
         return res
+
+    def _ask_rest(self, state: SliceState, prompt: str, task: str, res: Result,
+                  absent: list[str]) -> None:
+        """A question listing several structures ("Segment the heart, aorta and stomach.") that
+        the model answers about only some of them (nano answers about one): each structure the
+        answer leaves out is asked about alone (FOLLOW_UP_PROMPTS), on the same slice, and that
+        answer is joined to `res` when it is about the structure: a mask for segmentation (nano
+        may answer one part of such a question with a box and no mask), a box for detection,
+        or for either an answer that says the structure is not visible. Structures the
+        model still answers nothing about are named in one warning. A model that answers about
+        all of them is asked nothing more."""
+        targets = prompt_targets(prompt)
+
+        def about(r: Result, absent: list[str]) -> list[str]:
+            return [x.label for x in (r.masks if task == "segment" else r.boxes)] + absent
+
+        said = about(res, absent)
+        missed: list[str] = []
+        instead: list[str] = []
+        for target in targets:
+            if answers_about(target, said):
+                continue
+            more = self._run(state, FOLLOW_UP_PROMPTS[task].format(label=target), task, None,
+                             None, follow=False)
+            more_absent = [a for a, _ in absent_labels(more.text)]
+            if answers_about(target, about(more, more_absent)):
+                _join_answers(res, more)
+                said += about(more, more_absent)
+            else:
+                missed.append(target)
+                named = [x.label for x in more.masks + more.boxes] + more_absent
+                instead += [x for x in named if x not in instead]
+        if missed:
+            it, alone = ("it", "it alone") if len(missed) == 1 else ("them", "each alone")
+            what = f"the {listed(instead)}" if instead else "nothing it names"
+            res.warnings.append(
+                f"the question also asks for the {listed(missed)}, but the answer has nothing "
+                f"about {it}: asked about {alone}, the model answered about {what} (it may not "
+                f"know {it}), so look for {it} yourself.")
 
     def _ground_boxes(self, state: SliceState, res: Result,
                       absent: list[tuple[str, str]] = ()) -> None:
@@ -794,7 +868,7 @@ class Engine:
             """The model's non-empty masks when asked to segment `label`, one per mask label."""
             if label not in masks_of:
                 seg = self._run(state, GROUND_PROMPT.format(label=label), "segment", None,
-                                GROUND_MAX_NEW_TOKENS, ground=False)
+                                GROUND_MAX_NEW_TOKENS, ground=False, follow=False)
                 by_name: dict[str, np.ndarray] = {}
                 for m in seg.masks:
                     if m.area_px:

@@ -213,6 +213,63 @@ def unasked_warning(prompt: str, labels) -> str | None:
     return None
 
 
+# "Segment the heart, aorta and stomach.": the names a question lists, split at commas, "&" and
+# "and"; a part that does not read as a structure's name stops the split
+_TARGETS = re.compile(r"(?:segment|outline|delineate|contour|detect|locate|find|mask|"
+                      r"where (?:is|are))\s+(?:all\s+|both\s+)?(?:the\s+)?"
+                      r"(?P<t>[a-z][a-z0-9 ,&\-]*?)"
+                      r"(?=\s+(?:in|on|from|of this|within|please)\b|[.?!;:]|$)")
+_LIST_SEP = re.compile(r"\s*(?:,|&|\band\b)\s*(?:and\s+)?(?:the\s+)?")
+_NOT_A_NAME = frozenset({"it", "its", "them", "their", "me", "us", "this", "that", "these",
+                         "those", "one", "ones", "size", "sizes", "volume", "measure", "show",
+                         "tell", "give", "then", "also", "other", "others", "everything"})
+
+
+def prompt_targets(prompt: str) -> list[str]:
+    """The structures a question lists when it names several ("Segment the heart, aorta and
+    stomach." -> ["heart", "aorta", "stomach"]; "Find the left and right kidneys." ->
+    ["left kidney", "right kidney"]). The list ends at the first part that does not read as a
+    name: more than three words, or a word such as "it" or "their" ("Locate the liver and
+    spleen, output their bbox coordinates ..." lists two; "Find the liver and measure it",
+    one). [] when it names one or none."""
+    m = _TARGETS.search((prompt or "").lower())
+    if not m:
+        return []
+    parts = [p.strip() for p in _LIST_SEP.split(m.group("t")) if p.strip()]
+    if len(parts) < 2:
+        return []
+    for i, part in enumerate(parts):  # "left and right kidneys": "left" takes the noun after it
+        if part in SIDES:
+            later = next((p.split() for p in parts[i + 1:] if p.split()[0] in SIDES
+                          and len(p.split()) > 1), None)
+            if later:
+                parts[i] = " ".join([part, *later[1:]])
+    out = []
+    for part in parts:
+        words = part.split()
+        if len(words) > 3 or set(words) & _NOT_A_NAME or not set(words) - SIDES - _UNNAMING:
+            break
+        if words[0] in SIDES and words[-1].endswith("s") and not words[-1].endswith(("ss", "us")):
+            words[-1] = words[-1][:-3] + "y" if words[-1].endswith("ies") else words[-1][:-1]
+        name = " ".join(words)
+        if name not in out:
+            out.append(name)
+    return out if len(out) > 1 else []
+
+
+def answers_about(target: str, labels) -> bool:
+    """Whether an answer's labels (masks, boxes, structures it says are not visible) include
+    `target`: a label shares its name ("kidney" for "Find the kidneys") and is not on the
+    other side ("right kidney" does not answer "left kidney"; "kidneys" does)."""
+    stems = _stems(target)
+    want, side = stems - SIDES - _UNNAMING, stems & SIDES
+    for label in labels:
+        got = _stems(str(label))
+        if want & got and (not side or not got & SIDES or side & got):
+            return True
+    return False
+
+
 def absent_labels(text: str) -> list[tuple[str, str]]:
     """The structures an answer says are not in the image ("No liver is visible in this
     image." -> [("liver", "is")]), each once, in the order written."""

@@ -309,6 +309,35 @@ def test_closer_look_at_a_named_structure_gives_the_models_segment_answer(tiny_d
         assert (look.text == "Sure, the liver is [SEG] liver.") is want, (prompt, look.text)
 
 
+def test_a_structure_a_listing_question_leaves_out_is_asked_about_alone(fitted_engine):
+    """The fitted tiny model answers every segmentation question about the liver, and every
+    detection question with a liver box: asked about the spleen alone it answers about the
+    liver again, so nothing is added and a warning names the spleen (nano, which answers
+    about each when asked alone, is in tests/nano)."""
+    img = ct_slice(120, 90, seed=3)
+    res = fitted_engine.ask(img, "Segment the liver and the spleen.", window="abdomen")
+    assert res.text == ANSWERS["segment"] and [m.label for m in res.masks] == ["liver"]
+    assert res.warnings == [
+        "the question also asks for the spleen, but the answer has nothing about it: asked "
+        "about it alone, the model answered about the liver (it may not know it), so look "
+        "for it yourself."]
+    assert fitted_engine.ask(img, "Segment the liver.", window="abdomen").warnings == []
+    # a forced answer is the answer: nothing more is asked
+    forced = fitted_engine.ask(img, "Segment the liver and the spleen.", window="abdomen",
+                               forced_text="Sure, the liver is [SEG] liver.")
+    assert forced.warnings == []
+    vol = np.stack([img, img[::-1]])
+    over = fitted_engine.ask_volume(vol, "Find the spleen and the kidneys.", window="abdomen")
+    assert over.task == "detect" and [b.label for b in over.boxes] == ["liver", "liver"]
+    assert over.warnings == [
+        "slices 0-1: the answer is about the liver, which the question does not name: the "
+        "model may have answered about something other than what was asked (it may not know "
+        "that structure), so check the answer is what you wanted.",
+        "slices 0-1: the question also asks for the spleen and kidneys, but the answer has "
+        "nothing about them: asked about each alone, the model answered about the liver (it "
+        "may not know them), so look for them yourself."]
+
+
 def test_a_pair_called_not_visible_is_looked_for_side_by_side():
     assert absent_members("liver", "is") == ["liver"]
     assert absent_members("kidneys", "are") == ["right kidney", "left kidney"]

@@ -1,7 +1,8 @@
 import pytest
 
-from citrusv.parsing import (absent_labels, infer_task, modality_warning, named_modalities,
-                             parse_output, prompt_target, unasked_warning)
+from citrusv.parsing import (absent_labels, answers_about, infer_task, modality_warning,
+                             named_modalities, parse_output, prompt_target, prompt_targets,
+                             unasked_warning)
 
 TEXT = (
     "<think>1. The rib cage <bbox>[10, 20, 30, 40]</bbox> is intact.\n"
@@ -140,3 +141,37 @@ def test_an_answer_on_the_other_side_is_said():
     # an answer with the asked side as well as the other, or a structure with no side: fine
     assert unasked_warning("Segment the left lung.", ["left lung", "right lung"]) is None
     assert unasked_warning("Segment the liver on the left.", ["liver"]) is None
+
+
+@pytest.mark.parametrize("prompt, targets", [
+    ("Segment the heart, aorta and stomach.", ["heart", "aorta", "stomach"]),
+    ("Find the liver and the spleen.", ["liver", "spleen"]),
+    ("Segment the liver, the spleen, and the stomach in this scan.",
+     ["liver", "spleen", "stomach"]),
+    ("Where is the liver and spleen on this slice?", ["liver", "spleen"]),
+    ("Segment the left and right lungs.", ["left lung", "right lung"]),
+    ("Find the left & right kidneys", ["left kidney", "right kidney"]),
+    ("Locate the spleen and the pancreas.", ["spleen", "pancreas"]),
+    ("Locate the liver and spleen, output their bbox coordinates using JSON format.",
+     ["liver", "spleen"]),
+    # one structure, or a part that reads as no name: the question is asked as it is
+    ("Where are the kidneys?", []),
+    ("Please segment the liver in this scan.", []),
+    ("Find the liver and measure it.", []),
+    ("Find the liver and tell me its size.", []),
+    ("Locate the liver, output its bbox coordinates using JSON format.", []),
+    ("Segment the liver and the liver.", []),
+    ("Write a report on the liver and the spleen.", []),
+])
+def test_the_structures_a_question_lists(prompt, targets):
+    assert prompt_targets(prompt) == targets
+
+
+def test_which_labels_answer_about_a_listed_structure():
+    assert answers_about("spleen", ["liver", "spleen"])
+    assert answers_about("kidneys", ["left kidney"])
+    assert answers_about("left kidney", ["kidneys"])  # no side said: not the other side
+    assert answers_about("hepatic", ["liver"])
+    assert not answers_about("left kidney", ["right kidney"])
+    assert not answers_about("pancreas", ["liver", "left lung"])
+    assert not answers_about("spleen", [])

@@ -235,6 +235,42 @@ def test_a_structure_nano_never_learnt_gets_an_answer_that_says_so(engine, study
     assert not [w for w in liver.warnings if "question" in w], liver.warnings
 
 
+def test_a_question_listing_structures_gets_an_answer_about_each(engine, study):
+    """nano answers a question that lists structures about one or some of them. On held-out
+    slice 25, "Segment the liver, the spleen and the stomach." gets a liver box and no mask;
+    the engine asks for each structure alone and returns the three masks, each the one its
+    own question gets (the spleen, not on this slice, empty and said to be). On slice 65,
+    "Find the heart and the aorta." gets the aorta; the heart's box comes from asking alone.
+    The pancreas, which nano never learnt, gets a sentence instead of a box."""
+    img = study.volume[SLICE]
+    res = engine.ask(img, "Segment the liver, the spleen and the stomach.", window="abdomen")
+    assert [(m.label, m.label_index) for m in res.masks] == [
+        ("liver", 1), ("spleen", 2), ("stomach", 3)], res.text
+    for m in res.masks:
+        alone = engine.ask(img, f"Please segment the {m.label} in this scan.", window="abdomen")
+        np.testing.assert_array_equal(m.array, alone.masks[0].array)
+    assert dice_score(res.masks[0].array, study.mask("liver", SLICE)) >= 0.9
+    assert dice_score(res.masks[2].array, study.mask("stomach", SLICE)) >= 0.5
+    assert res.masks[1].area_px == 0 and "the spleen mask is empty" in res.warnings[0]
+    assert not [w for w in res.warnings if "[SEG]" in w or "question" in w], res.warnings
+
+    chest = study.volume[65]
+    found = engine.ask(chest, "Find the heart and the aorta.", window="abdomen")
+    assert [b.label for b in found.boxes] == ["aorta", "heart"], found.text
+    heart = engine.ask(chest, "Locate the heart, output its bbox coordinates using JSON format.",
+                       window="abdomen")
+    assert found.boxes[1].xyxy == heart.boxes[0].xyxy and found.boxes[1].id == "b2"
+    assert box_iou(found.boxes[1].xyxy, mask_box(study.mask("heart", 65))) >= 0.9
+    assert not found.warnings, found.warnings
+
+    pancreas = engine.ask(img, "Locate the spleen and the pancreas.", window="abdomen")
+    assert pancreas.boxes == [] and pancreas.answer.startswith("No spleen is visible")
+    assert pancreas.warnings == [
+        "the question also asks for the pancreas, but the answer has nothing about it: asked "
+        "about it alone, the model answered about the left lung (it may not know it), so look "
+        "for it yourself."]
+
+
 def test_a_closer_look_keeps_nanos_mask_or_says_it_does_not(engine, study):
     """nano's recipe ends with a crop round (MODEL_CARD.md, Recipe), so a closer look mostly
     keeps what its mask of the whole slice marks. Asked as the Slicer module asks (the box of a
