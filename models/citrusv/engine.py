@@ -224,6 +224,17 @@ def main_parts_box(mask: np.ndarray | None, min_part: float = GROUND_MIN_PART
     return mask_box(np.logical_or.reduce(parts)) if parts else None
 
 
+def box_pixels(box, height: int, width: int) -> np.ndarray:
+    """The pixels a box [x1, y1, x2, y2] (floats) touches: near edges rounded down, far edges
+    up, at least one pixel; what a closer look both keeps its refined mask to and compares
+    it in."""
+    x1, y1 = int(box[0]), int(box[1])
+    x2, y2 = max(int(np.ceil(box[2])), x1 + 1), max(int(np.ceil(box[3])), y1 + 1)
+    out = np.zeros((height, width), dtype=bool)
+    out[y1:y2, x1:x2] = True
+    return out
+
+
 def bounding_box(boxes: list) -> list[float]:
     """The box around boxes [x1, y1, x2, y2]."""
     return [min(b[0] for b in boxes), min(b[1] for b in boxes),
@@ -462,8 +473,7 @@ class Engine:
             res.timing_ms["first_pass"] = first.timing_ms.get("total", 0.0)
         region = np.zeros((h, w), dtype=bool)
         for area in (rois if user_roi else squares):
-            a = [int(v) for v in area]
-            region[a[1]:max(a[3], a[1] + 1), a[0]:max(a[2], a[0] + 1)] = True
+            region |= box_pixels(area, h, w)
         after = np.zeros((h, w), dtype=bool)
         for m in res.masks:
             if label is None or m.label == label:
@@ -621,9 +631,7 @@ class Engine:
             full = np.zeros((h, w), dtype=bool)
             full[y1:y2, x1:x2] = small
             if roi is not None:  # the user's box bounds the refined structure
-                keep = np.zeros((h, w), dtype=bool)
-                keep[int(roi[1]):int(np.ceil(roi[3])), int(roi[0]):int(np.ceil(roi[2]))] = True
-                full &= keep
+                full &= box_pixels(roi, h, w)
             m.array = full
         return res
 

@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from citrusv import Engine, InputError, rle
-from citrusv.engine import absent_members, closer_look_warning, main_parts_box, slice_list
+from citrusv.engine import (absent_members, box_pixels, closer_look_warning, main_parts_box,
+                            slice_list)
 from citrusv.generation import generate_capturing, image_embeddings, teacher_force
 from citrusv.imaging import smart_resize
 from citrusv.prompting import pixel_inputs, text_inputs
@@ -409,6 +410,19 @@ def test_closer_look_is_compared_with_the_mask_before_it(engine):
     assert res.to_json()["closer_look"]["dice_with_before"] == round(want, 3)
     low = want < 0.7
     assert any("closer look" in w for w in res.warnings) == low, res.warnings
+    # a box sent with fractional edges: the refined mask is kept to the pixels it touches,
+    # and compared with the mask sent in those same pixels
+    roi = [55.5, 45.5, 99.5, 74.5]
+    assert box_pixels(roi, 120, 160).sum() == 45 * 30
+    assert box_pixels([3.2, 4.0, 3.4, 4.1], 10, 10).sum() == 1
+    boxed = engine.closer_look(img, "", roi=roi, mask=prev, label="liver", window="abdomen",
+                               forced_text="liver [SEG]")
+    touched = np.zeros_like(prev)
+    touched[45:75, 55:100] = True
+    after = boxed.masks[0].array
+    assert after.any() and not (after & ~touched).any()
+    assert boxed.closer_look["dice_with_before"] == round(
+        dice_score(prev & touched, after & touched), 3)
 
 
 def test_ask_volume_returns_3d_masks_in_volume_index_space(engine):
