@@ -65,8 +65,8 @@ CLOSER_LOOK_MARGIN = 0.15
 CLOSER_LOOK_PROMPT = "Please segment the {label} in this image."
 # a closer look takes one model pass per box: at most this many in one request
 MAX_CLOSER_LOOK_ROIS = 8
-# a question listing several structures, answered about only some: what each left-out one is
-# asked alone (the segmentation question is the one the boxes are grounded with)
+# what a structure a segmentation or detection answer leaves out is asked again with, alone
+# (`Engine._ask_rest`; nano's phrasing, the segmentation one that boxes are grounded with)
 FOLLOW_UP_PROMPTS = {"segment": GROUND_PROMPT,
                      "detect": "Locate the {label}, output its bbox coordinates using JSON format."}
 
@@ -80,14 +80,17 @@ def empty_mask_warning(label: str, slices: int | None = None) -> str:
             "so the structure may not be in view.")
 
 
-def absent_box_warning(said: str, label: str, verb: str = "is") -> str:
+def absent_box_warning(said: str, label: str, verb: str = "is", kind: str = "box") -> str:
     """box_source "mask": the answer said `said` is (or, for a pair, are) not visible, the
     model's mask of it (or of one of the pair) marks `label`, so that mask's box is returned.
-    No box id or pixel count in it, so that over a slice range the same sentence comes once
-    for all its slices."""
+    kind "mask": a segmentation answer said so, and the mask the model gave when asked for
+    `label` alone (`Engine._ask_rest`) is returned. No box id or pixel count in it, so that
+    over a slice range the same sentence comes once for all its slices."""
+    returned = (f"the {label} box returned is the box of that mask, not one the model wrote"
+                if kind == "box" else f"the {label} mask returned is the one it gives when "
+                f"asked for the {label} alone")
     return (f"the answer says no {said} {verb} visible, but the model's own segmentation marks "
-            f"the {label} in the image; the {label} box returned is the box of that mask, not "
-            "one the model wrote.")
+            f"the {label} in the image; {returned}.")
 
 
 # paired organs an answer may call not visible together ("No kidneys are visible"): each side
@@ -769,8 +772,8 @@ class Engine:
     def _result(self, state: SliceState, prompt: str, task: str, gen: Generation,
                 timing: dict, ground: bool = True, follow: bool = True) -> Result:
         """Parse one generation and decode its [SEG] masks, in the state's own pixels.
-        `follow`: a segmentation or detection question that lists several structures gets one
-        more question for each one the answer leaves out (`_ask_rest`)."""
+        `follow`: a structure a segmentation or detection answer leaves out is asked about
+        again, alone (`_ask_rest`)."""
         timing["prefill"], timing["decode"] = gen.prefill_ms, gen.decode_ms
         text = self.tokenizer.decode(gen.token_ids, skip_special_tokens=False)
         parsed = parse_output(text, prompt)
@@ -813,51 +816,73 @@ class Engine:
                                   + [b.label for b in res.boxes] + [a for a, _ in parsed.absent])
             if off:
                 res.warnings.append(off)
+        said = False  # a sentence on what is missing is already there
         if follow and task in ("segment", "detect"):
-            self._ask_rest(state, prompt, task, res, [a for a, _ in parsed.absent])
-        if not res.masks and task in ("segment", "closer_look"):
+            said = self._ask_rest(state, prompt, task, res, parsed.absent)
+        if not res.masks and task in ("segment", "closer_look") and not said:
             res.warnings.append("the model wrote no [SEG] token, so there is no mask; "
                                 "rephrase the prompt, e.g. 'Please segment the liver'.")
         return res
 
     def _ask_rest(self, state: SliceState, prompt: str, task: str, res: Result,
-                  absent: list[str]) -> None:
-        """A question listing several structures ("Segment the heart, aorta and stomach.") that
-        the model answers about only some of them (nano answers about one): each structure the
-        answer leaves out is asked about alone (FOLLOW_UP_PROMPTS), on the same slice, and that
-        answer is joined to `res` when it is about the structure: a mask for segmentation (nano
-        may answer one part of such a question with a box and no mask), a box for detection,
-        or for either an answer that says the structure is not visible. Structures the
-        model still answers nothing about are named in one warning. A model that answers about
-        all of them is asked nothing more."""
+                  absent: list[tuple[str, str]]) -> bool:
+        """Ask again about what a segmentation or detection answer leaves out, on the same
+        slice, one structure at a time (FOLLOW_UP_PROMPTS, the phrasing nano was trained on):
+        - a question that lists structures ("Segment the heart, aorta and stomach.", which
+          nano answers about one or some of them): each one the answer is not about;
+        - a question about one structure answered about nothing ("Delineate the aorta.":
+          nano writes an aorta box and no mask), unless it was asked in that phrasing;
+        - a paired organ in the plural ("Segment both lungs.") side by side, each side the
+          answer is not about (nano segments the right lung only).
+        An answer is about a structure with a mask of it for segmentation (nano may say "No
+        liver is visible" where its mask, asked alone, marks the liver: a warning says so, as
+        for detection), and with a box of it or by saying it is not visible for detection.
+        The new answer is joined to `res` when it is about the structure; the structures still
+        left out are named in one warning (True when one was added). A model that answers
+        about all of them is asked nothing more."""
         targets = prompt_targets(prompt)
 
         def about(r: Result, absent: list[str]) -> list[str]:
-            return [x.label for x in (r.masks if task == "segment" else r.boxes)] + absent
+            if task == "segment":
+                return [m.label for m in r.masks]
+            return [b.label for b in r.boxes] + absent
 
-        said = about(res, absent)
+        said = about(res, [a for a, _ in absent])
+        if len(targets) == 1 and said and not answers_about(targets[0], said):
+            return False  # about something else: unasked_warning has said so
+        asked = [side for t in targets for side in absent_members(t, "are") or [t]]
         missed: list[str] = []
         instead: list[str] = []
-        for target in targets:
-            if answers_about(target, said):
+        for target in asked:
+            question = FOLLOW_UP_PROMPTS[task].format(label=target)
+            if answers_about(target, said) or " ".join(question.lower().split()) == " ".join(
+                    prompt.lower().split()):
                 continue
-            more = self._run(state, FOLLOW_UP_PROMPTS[task].format(label=target), task, None,
-                             None, follow=False)
+            more = self._run(state, question, task, None, None, follow=False)
             more_absent = [a for a, _ in absent_labels(more.text)]
             if answers_about(target, about(more, more_absent)):
                 _join_answers(res, more)
                 said += about(more, more_absent)
+                for m in more.masks if task == "segment" else []:
+                    denied = [(a, v) for a, v in absent if answers_about(a, [m.label])]
+                    if denied and m.area_px >= GROUND_MIN_ABSENT_PX:
+                        said_absent, verb = denied[0]
+                        res.warnings.append(absent_box_warning(said_absent, m.label, verb,
+                                                               "mask"))
             else:
                 missed.append(target)
                 named = [x.label for x in more.masks + more.boxes] + more_absent
                 instead += [x for x in named if x not in instead]
-        if missed:
-            it, alone = ("it", "it alone") if len(missed) == 1 else ("them", "each alone")
-            what = f"the {listed(instead)}" if instead else "nothing it names"
-            res.warnings.append(
-                f"the question also asks for the {listed(missed)}, but the answer has nothing "
-                f"about {it}: asked about {alone}, the model answered about {what} (it may not "
-                f"know {it}), so look for {it} yourself.")
+        if not missed:
+            return False
+        it = "it" if len(missed) == 1 else "them"
+        alone = "it again" if len(asked) == 1 else ("it alone" if it == "it" else "each alone")
+        what = f"the {listed(instead)}" if instead else "nothing it names"
+        res.warnings.append(
+            f"the answer has nothing about the {listed(missed)}, which the question asks for: "
+            f"asked about {alone}, the model answered about {what} (it may not know {it}), so "
+            f"look for {it} yourself.")
+        return True
 
     def _ground_boxes(self, state: SliceState, res: Result,
                       absent: list[tuple[str, str]] = ()) -> None:

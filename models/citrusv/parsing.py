@@ -77,11 +77,16 @@ def infer_task(prompt: str) -> str:
     return "report"
 
 
+# what a question asks for follows one of these words ("a mask of both kidneys")
+_ASKED_FOR = (r"(?:segment|outline|delineate|contour|detect|locate|find|mask|where (?:is|are))"
+              r"\s+(?:of\s+)?(?:all\s+|both\s+)?(?:the\s+)?")
+_ASKED_END = r"\s+(?:in|on|from|of this|within|please)\b"
+
+
 def prompt_target(prompt: str) -> str:
     """The structure a prompt names ("segment the liver in ..." -> "liver"), or ""."""
-    m = re.search(r"(?:segment|outline|delineate|contour|detect|locate|find|mask|where (?:is|are))"
-                  r"\s+(?:all\s+)?(?:the\s+)?(?P<t>[a-z][a-z0-9 \-]*?)"
-                  r"(?=\s+(?:in|on|from|of this|within|please)\b|[.?!,]|$)", prompt.lower())
+    m = re.search(_ASKED_FOR + r"(?P<t>[a-z][a-z0-9 \-]*?)" + rf"(?={_ASKED_END}|[.?!,]|$)",
+                  prompt.lower())
     return m.group("t").strip() if m else ""
 
 
@@ -215,10 +220,7 @@ def unasked_warning(prompt: str, labels) -> str | None:
 
 # "Segment the heart, aorta and stomach.": the names a question lists, split at commas, "&" and
 # "and"; a part that does not read as a structure's name stops the split
-_TARGETS = re.compile(r"(?:segment|outline|delineate|contour|detect|locate|find|mask|"
-                      r"where (?:is|are))\s+(?:all\s+|both\s+)?(?:the\s+)?"
-                      r"(?P<t>[a-z][a-z0-9 ,&\-]*?)"
-                      r"(?=\s+(?:in|on|from|of this|within|please)\b|[.?!;:]|$)")
+_TARGETS = re.compile(_ASKED_FOR + r"(?P<t>[a-z][a-z0-9 ,&\-]*?)" + rf"(?={_ASKED_END}|[.?!;:]|$)")
 _LIST_SEP = re.compile(r"\s*(?:,|&|\band\b)\s*(?:and\s+)?(?:the\s+)?")
 _NOT_A_NAME = frozenset({"it", "its", "them", "their", "me", "us", "this", "that", "these",
                          "those", "one", "ones", "size", "sizes", "volume", "measure", "show",
@@ -226,18 +228,17 @@ _NOT_A_NAME = frozenset({"it", "its", "them", "their", "me", "us", "this", "that
 
 
 def prompt_targets(prompt: str) -> list[str]:
-    """The structures a question lists when it names several ("Segment the heart, aorta and
-    stomach." -> ["heart", "aorta", "stomach"]; "Find the left and right kidneys." ->
-    ["left kidney", "right kidney"]). The list ends at the first part that does not read as a
-    name: more than three words, or a word such as "it" or "their" ("Locate the liver and
-    spleen, output their bbox coordinates ..." lists two; "Find the liver and measure it",
-    one). [] when it names one or none."""
+    """The structures a segmentation or detection question asks for, in order ("Segment the
+    heart, aorta and stomach." -> ["heart", "aorta", "stomach"]; "Find the left and right
+    kidneys." -> ["left kidney", "right kidney"]; "Segment both kidneys." -> ["kidneys"]).
+    The list ends at the first part that does not read as a name: more than three words, or
+    a word such as "it" or "their" ("Locate the liver and spleen, output their bbox
+    coordinates ..." lists two; "Find the liver and measure it", one). [] when the question
+    has no such words ("Is the liver normal?")."""
     m = _TARGETS.search((prompt or "").lower())
     if not m:
         return []
     parts = [p.strip() for p in _LIST_SEP.split(m.group("t")) if p.strip()]
-    if len(parts) < 2:
-        return []
     for i, part in enumerate(parts):  # "left and right kidneys": "left" takes the noun after it
         if part in SIDES:
             later = next((p.split() for p in parts[i + 1:] if p.split()[0] in SIDES
@@ -254,7 +255,7 @@ def prompt_targets(prompt: str) -> list[str]:
         name = " ".join(words)
         if name not in out:
             out.append(name)
-    return out if len(out) > 1 else []
+    return out
 
 
 def answers_about(target: str, labels) -> bool:

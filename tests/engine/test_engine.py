@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from citrusv import Engine, InputError, rle
-from citrusv.engine import (absent_members, box_pixels, closer_look_warning, main_parts_box,
+from citrusv.engine import (absent_box_warning, absent_members, box_pixels, closer_look_warning, main_parts_box,
                             slice_list)
 from citrusv.generation import generate_capturing, image_embeddings, teacher_force
 from citrusv.imaging import smart_resize
@@ -319,9 +319,9 @@ def test_a_structure_a_listing_question_leaves_out_is_asked_about_alone(fitted_e
     res = fitted_engine.ask(img, "Segment the liver and the spleen.", window="abdomen")
     assert res.text == ANSWERS["segment"] and [m.label for m in res.masks] == ["liver"]
     assert res.warnings == [
-        "the question also asks for the spleen, but the answer has nothing about it: asked "
-        "about it alone, the model answered about the liver (it may not know it), so look "
-        "for it yourself."]
+        "the answer has nothing about the spleen, which the question asks for: asked about it "
+        "alone, the model answered about the liver (it may not know it), so look for it "
+        "yourself."]
     assert fitted_engine.ask(img, "Segment the liver.", window="abdomen").warnings == []
     # a forced answer is the answer: nothing more is asked
     forced = fitted_engine.ask(img, "Segment the liver and the spleen.", window="abdomen",
@@ -334,9 +334,13 @@ def test_a_structure_a_listing_question_leaves_out_is_asked_about_alone(fitted_e
         "slices 0-1: the answer is about the liver, which the question does not name: the "
         "model may have answered about something other than what was asked (it may not know "
         "that structure), so check the answer is what you wanted.",
-        "slices 0-1: the question also asks for the spleen and kidneys, but the answer has "
-        "nothing about them: asked about each alone, the model answered about the liver (it "
-        "may not know them), so look for them yourself."]
+        "slices 0-1: the answer has nothing about the spleen, right kidney and left kidney, "
+        "which the question asks for: asked about each alone, the model answered about the "
+        "liver (it may not know them), so look for them yourself."]
+    # one structure asked about, the answer about another: asked nothing more
+    other = fitted_engine.ask(img, "Find the spleen.", window="abdomen")
+    assert [b.label for b in other.boxes] == ["liver"] and other.text == ANSWERS["detect"]
+    assert [w for w in other.warnings if "asks for" in w] == []
 
 
 def test_a_pair_called_not_visible_is_looked_for_side_by_side():
@@ -345,6 +349,11 @@ def test_a_pair_called_not_visible_is_looked_for_side_by_side():
     assert absent_members("Adrenal glands", "are") == ["right adrenal gland",
                                                        "left adrenal gland"]
     assert absent_members("gallstones", "are") == []  # not a paired organ: left alone
+    # a segmentation answer that said so, and the mask asked for alone
+    assert absent_box_warning("liver", "liver", "is", "mask") == (
+        "the answer says no liver is visible, but the model's own segmentation marks the liver "
+        "in the image; the liver mask returned is the one it gives when asked for the liver "
+        "alone.")
 
 
 def test_an_answer_about_another_structure_than_asked_warns(engine):

@@ -154,14 +154,18 @@ def test_an_answer_on_the_other_side_is_said():
     ("Locate the spleen and the pancreas.", ["spleen", "pancreas"]),
     ("Locate the liver and spleen, output their bbox coordinates using JSON format.",
      ["liver", "spleen"]),
-    # one structure, or a part that reads as no name: the question is asked as it is
-    ("Where are the kidneys?", []),
-    ("Please segment the liver in this scan.", []),
-    ("Find the liver and measure it.", []),
-    ("Find the liver and tell me its size.", []),
-    ("Locate the liver, output its bbox coordinates using JSON format.", []),
-    ("Segment the liver and the liver.", []),
+    # one structure; the list ends where a part reads as no name
+    ("Where are the kidneys?", ["kidneys"]),
+    ("Segment both kidneys.", ["kidneys"]),
+    ("I need a mask of the liver.", ["liver"]),
+    ("Please segment the liver in this scan.", ["liver"]),
+    ("Find the liver and measure it.", ["liver"]),
+    ("Find the liver and tell me its size.", ["liver"]),
+    ("Locate the liver, output its bbox coordinates using JSON format.", ["liver"]),
+    ("Segment the liver and the liver.", ["liver"]),
+    ("Segment it.", []),
     ("Write a report on the liver and the spleen.", []),
+    ("Is the liver normal?", []),
 ])
 def test_the_structures_a_question_lists(prompt, targets):
     assert prompt_targets(prompt) == targets

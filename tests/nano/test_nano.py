@@ -241,7 +241,8 @@ def test_a_question_listing_structures_gets_an_answer_about_each(engine, study):
     the engine asks for each structure alone and returns the three masks, each the one its
     own question gets (the spleen, not on this slice, empty and said to be). On slice 65,
     "Find the heart and the aorta." gets the aorta; the heart's box comes from asking alone.
-    The pancreas, which nano never learnt, gets a sentence instead of a box."""
+    The pancreas, which nano never learnt, gets a sentence instead of a box. On slice 23 the
+    answer says "No liver is visible", and the liver mask asked for alone marks it."""
     img = study.volume[SLICE]
     res = engine.ask(img, "Segment the liver, the spleen and the stomach.", window="abdomen")
     assert [(m.label, m.label_index) for m in res.masks] == [
@@ -266,9 +267,43 @@ def test_a_question_listing_structures_gets_an_answer_about_each(engine, study):
     pancreas = engine.ask(img, "Locate the spleen and the pancreas.", window="abdomen")
     assert pancreas.boxes == [] and pancreas.answer.startswith("No spleen is visible")
     assert pancreas.warnings == [
-        "the question also asks for the pancreas, but the answer has nothing about it: asked "
-        "about it alone, the model answered about the left lung (it may not know it), so look "
-        "for it yourself."]
+        "the answer has nothing about the pancreas, which the question asks for: asked about "
+        "it alone, the model answered about the left lung (it may not know it), so look for it "
+        "yourself."]
+
+    k = 23
+    denied = engine.ask(study.volume[k], "Segment the liver, the spleen and the stomach.",
+                        window="abdomen")
+    assert denied.text.startswith("No liver is visible in this image.")
+    liver = [m for m in denied.masks if m.label == "liver"]
+    assert dice_score(liver[0].array, study.mask("liver", k)) >= 0.9
+    assert ("the answer says no liver is visible, but the model's own segmentation marks the "
+            "liver in the image; the liver mask returned is the one it gives when asked for the "
+            "liver alone.") in denied.warnings
+
+
+def test_a_question_nano_answers_with_no_mask_is_asked_again(engine, study):
+    """Other segmentation wording than nano's ("Delineate the aorta.") gets a box and no mask
+    from nano, and a paired organ ("Segment both kidneys.") gets no mask, or one side: the
+    engine asks again in nano's phrasing, side by side for a pair, and returns those masks."""
+    img = study.volume[SLICE]
+
+    def alone(name):
+        return engine.ask(img, f"Please segment the {name} in this scan.",
+                          window="abdomen").masks[0].array
+
+    aorta = engine.ask(img, "Delineate the aorta.", window="abdomen")
+    assert aorta.text.startswith("```json") and [m.label for m in aorta.masks] == ["aorta"]
+    np.testing.assert_array_equal(aorta.masks[0].array, alone("aorta"))
+    assert dice_score(aorta.masks[0].array, study.mask("aorta", SLICE)) >= 0.8
+    assert not [w for w in aorta.warnings if "[SEG]" in w], aorta.warnings
+    kidneys = engine.ask(img, "Segment both kidneys.", window="abdomen")
+    assert [m.label for m in kidneys.masks] == ["right kidney", "left kidney"], kidneys.text
+    for m in kidneys.masks:
+        np.testing.assert_array_equal(m.array, alone(m.label))
+    lungs = engine.ask(study.volume[65], "Segment both lungs.", window="abdomen")
+    assert [m.label for m in lungs.masks] == ["right lung", "left lung"], lungs.text
+    assert dice_score(lungs.masks[1].array, study.mask("left lung", 65)) >= 0.9
 
 
 def test_a_closer_look_keeps_nanos_mask_or_says_it_does_not(engine, study):
