@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import threading
 import time
 from collections import Counter
@@ -69,6 +70,9 @@ MAX_CLOSER_LOOK_ROIS = 8
 # (`Engine._ask_rest`; nano's phrasing, the segmentation one that boxes are grounded with)
 FOLLOW_UP_PROMPTS = {"segment": GROUND_PROMPT,
                      "detect": "Locate the {label}, output its bbox coordinates using JSON format."}
+# what a report question answered with no report is asked again with, after the question
+# (`Engine._ask_for_report`; Citrus-V's reports are step-by-step reasoning)
+REPORT_FOLLOW_UP = "Think step by step."
 
 
 def empty_mask_warning(label: str, slices: int | None = None) -> str:
@@ -808,6 +812,10 @@ class Engine:
         # writes a left-lung box, asked "Is the liver normal?" on a slice with the liver,
         # "No liver is visible in this image.") is checked as a detection answer is
         reported = task == "report" and (bool(parsed.steps) or "<answer>" in text)
+        if follow and task == "report" and not reported:
+            report = self._ask_for_report(state, prompt, res)
+            if report is not None:
+                return report
         absent = parsed.absent if task in ("detect", "report") and not reported else []
         if ground and self.box_source == "mask" and (res.boxes or absent):
             self._ground_boxes(state, res, absent)
@@ -823,6 +831,24 @@ class Engine:
             res.warnings.append("the model wrote no [SEG] token, so there is no mask; "
                                 "rephrase the prompt, e.g. 'Please segment the liver'.")
         return res
+
+    def _ask_for_report(self, state: SliceState, prompt: str, res: Result) -> Result | None:
+        """A report question answered with no report (no reasoning, no <answer>: nano, asked
+        "Write a report." or "What are the findings?", writes one left-lung box) is asked
+        again with REPORT_FOLLOW_UP after it, unless it says so already. When that answer is a
+        report, it is the result: its reasoning, boxes, masks, answer and warnings, `text` the
+        two raw outputs one per line, timings summed. None when it is no report either (the
+        first answer is then checked as a detection answer is)."""
+        if re.search(r"step by step|\bthink", prompt.lower()):
+            return None
+        more = self._run(state, f"{prompt.rstrip()} {REPORT_FOLLOW_UP}", "report", None, None,
+                         follow=False)
+        if not more.reasoning and "<answer>" not in more.text:
+            return None
+        more.prompt, more.text = prompt, f"{res.text}\n{more.text}"
+        for k, v in res.timing_ms.items():
+            more.timing_ms[k] = more.timing_ms.get(k, 0.0) + v
+        return more
 
     def _ask_rest(self, state: SliceState, prompt: str, task: str, res: Result,
                   absent: list[tuple[str, str]]) -> bool:

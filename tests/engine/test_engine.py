@@ -13,6 +13,7 @@ from citrusv.engine import (absent_box_warning, absent_members, box_pixels, clos
 from citrusv.generation import generate_capturing, image_embeddings, teacher_force
 from citrusv.imaging import smart_resize
 from citrusv.prompting import pixel_inputs, text_inputs
+from citrusv.testing import write_tiny_checkpoint
 from citrusv.training import dice_score
 from .conftest import ANSWERS
 
@@ -341,6 +342,22 @@ def test_a_structure_a_listing_question_leaves_out_is_asked_about_alone(fitted_e
     other = fitted_engine.ask(img, "Find the spleen.", window="abdomen")
     assert [b.label for b in other.boxes] == ["liver"] and other.text == ANSWERS["detect"]
     assert [w for w in other.warnings if "asks for" in w] == []
+
+
+def test_a_report_question_answered_with_no_report_keeps_it_when_asked_again_gives_none(
+        tmp_path):
+    """A tiny model fitted to answer every report question with a liver box: asked again
+    with "Think step by step." it writes the box again, so the first answer stays and is
+    checked as a detection answer (nano, which then writes a report, is in tests/nano)."""
+    boxed = ANSWERS["detect"]
+    e = Engine.load(write_tiny_checkpoint(tmp_path / "boxes", seed=0,
+                                          answers={"report": boxed}))
+    img = ct_slice(120, 90, seed=3)
+    res = e.ask(img, "Write a report.", window="abdomen")
+    assert res.task == "report" and res.text == boxed and res.reasoning == []
+    assert [b.label for b in res.boxes] == ["liver"]
+    # the answer is about the liver, which "Write a report." does not name: a detection check
+    assert [w for w in res.warnings if "does not name" in w]
 
 
 def test_a_pair_called_not_visible_is_looked_for_side_by_side():

@@ -282,6 +282,27 @@ def test_a_question_listing_structures_gets_an_answer_about_each(engine, study):
             "liver alone.") in denied.warnings
 
 
+def test_a_report_question_nano_answers_with_no_report_is_asked_again(engine, study):
+    """nano writes reports to questions that say "step by step", as all its trained ones do.
+    On held-out slice 25 "Write a report." first gets a left-lung box and "Is the liver
+    normal?" "No liver is visible in this image."; asked again with "Think step by step."
+    after them, each gets a report whose steps cite boxes, and that is the result."""
+    img = study.volume[SLICE]
+    for prompt, first in (("Write a report.", '```json\n[{"bbox_2d"'),
+                          ("Is the liver normal?", "No liver is visible in this image.")):
+        res = engine.ask(img, prompt, window="abdomen")
+        assert res.task == "report" and res.prompt == prompt
+        assert res.text.startswith(first), res.text
+        assert res.text.count("<think>") == 1 and res.reasoning, res.text
+        assert all(step.box_ids for step in res.reasoning)
+        boxes = {b.id: b for b in res.boxes}
+        assert "liver" in {boxes[i].label for s in res.reasoning for i in s.box_ids}
+        again = engine.ask(img, f"{prompt} Think step by step.", window="abdomen")
+        assert res.text.endswith(again.text) and res.answer == again.answer
+        assert [b.xyxy for b in res.boxes] == [b.xyxy for b in again.boxes]
+        assert not [w for w in res.warnings if "question" in w], res.warnings
+
+
 def test_a_question_nano_answers_with_no_mask_is_asked_again(engine, study):
     """Other segmentation wording than nano's ("Delineate the aorta.") gets a box and no mask
     from nano, and a paired organ ("Segment both kidneys.") gets no mask, or one side: the
