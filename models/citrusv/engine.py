@@ -776,8 +776,9 @@ class Engine:
     def _result(self, state: SliceState, prompt: str, task: str, gen: Generation,
                 timing: dict, ground: bool = True, follow: bool = True) -> Result:
         """Parse one generation and decode its [SEG] masks, in the state's own pixels.
-        `follow`: a structure a segmentation or detection answer leaves out is asked about
-        again, alone (`_ask_rest`)."""
+        `follow`: what the answer leaves out is asked about again: a report question answered
+        with no report (`_ask_for_report`), a structure a segmentation or detection answer
+        says nothing about (`_ask_rest`)."""
         timing["prefill"], timing["decode"] = gen.prefill_ms, gen.decode_ms
         text = self.tokenizer.decode(gen.token_ids, skip_special_tokens=False)
         parsed = parse_output(text, prompt)
@@ -810,7 +811,8 @@ class Engine:
         # a report names what it finds, asked or not; an answer to a report question that is
         # no report (no reasoning, no <answer>: nano asked "Is there a pleural effusion?"
         # writes a left-lung box, asked "Is the liver normal?" on a slice with the liver,
-        # "No liver is visible in this image.") is checked as a detection answer is
+        # "No liver is visible in this image.") is asked again, and when that gives no report
+        # either, it is checked as a detection answer is
         reported = task == "report" and (bool(parsed.steps) or "<answer>" in text)
         if follow and task == "report" and not reported:
             report = self._ask_for_report(state, prompt, res)
