@@ -263,10 +263,19 @@ def _join_looks(res: Result, more: Result) -> Result:
             b.id += "'"
         ids.add(b.id)
         res.boxes.append(b)
+    return _add_warnings_and_times(res, more)
+
+
+def _add_warnings_and_times(res: Result, more: Result) -> Result:
+    """`more`'s warnings that `res` lacks added to it, and its timings summed into it."""
     res.warnings += [x for x in more.warnings if x not in res.warnings]
-    for k, v in more.timing_ms.items():
-        res.timing_ms[k] = res.timing_ms.get(k, 0.0) + v
+    _sum_times(res.timing_ms, more.timing_ms)
     return res
+
+
+def _sum_times(timing: dict, more: dict) -> None:
+    for k, v in more.items():
+        timing[k] = timing.get(k, 0.0) + v
 
 
 def _join_answers(res: Result, more: Result) -> Result:
@@ -288,10 +297,7 @@ def _join_answers(res: Result, more: Result) -> Result:
                       for i, s in enumerate(more.reasoning)]
     res.text = f"{res.text}\n{more.text}"
     res.answer = f"{res.answer}\n{more.answer}".strip()
-    res.warnings += [x for x in more.warnings if x not in res.warnings]
-    for k, v in more.timing_ms.items():
-        res.timing_ms[k] = res.timing_ms.get(k, 0.0) + v
-    return res
+    return _add_warnings_and_times(res, more)
 
 
 def slice_list(ks: list[int]) -> str:
@@ -575,8 +581,7 @@ class Engine:
                     index[ax] = k
                     target.array[tuple(index)] |= m.array
                     target.score = max(target.score or 0.0, m.score or 0.0)
-                for name, value in res.timing_ms.items():
-                    out.timing_ms[name] = out.timing_ms.get(name, 0.0) + value
+                _sum_times(out.timing_ms, res.timing_ms)
         out.warnings += [f"{slice_list(on)}: {w}" for w, on in per_slice.items()]
         for m in merged.values():
             m.slices = list(ks)
@@ -848,8 +853,7 @@ class Engine:
         if not more.reasoning and "<answer>" not in more.text:
             return None
         more.prompt, more.text = prompt, f"{res.text}\n{more.text}"
-        for k, v in res.timing_ms.items():
-            more.timing_ms[k] = more.timing_ms.get(k, 0.0) + v
+        _sum_times(more.timing_ms, res.timing_ms)
         return more
 
     def _ask_rest(self, state: SliceState, prompt: str, task: str, res: Result,
