@@ -892,9 +892,10 @@ class Engine:
                 continue
             more = self._run(state, question, task, None, None, follow=False)
             more_absent = [a for a, _ in absent_labels(more.text)]
-            if answers_about(target, about(more, more_absent)):
+            got = about(more, more_absent)
+            if answers_about(target, got):
                 _join_answers(res, more)
-                said += about(more, more_absent)
+                said += got
                 for m in more.masks if task == "segment" else []:
                     denied = [(a, v) for a, v in absent if answers_about(a, [m.label])]
                     if denied and m.area_px >= GROUND_MIN_ABSENT_PX:
