@@ -331,7 +331,7 @@ class Engine:
                  dtype: torch.dtype = torch.float32, cache_budget_mb: float = 1024,
                  max_pixels: int = imaging.DEFAULT_MAX_PIXELS, max_new_tokens: int = 512,
                  name: str | None = None, reuse_prefix: bool = True,
-                 box_source: str | None = None) -> None:
+                 box_source: str | None = None, ask_again: bool = True) -> None:
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -343,6 +343,7 @@ class Engine:
         self.max_new_tokens = int(max_new_tokens)
         self.name = name or config.name
         self.reuse_prefix = reuse_prefix
+        self.ask_again = bool(ask_again)  # what an answer leaves out is asked again (_result)
         self.box_source = box_source or config.box_source
         if self.box_source not in BOX_SOURCES:
             raise ValueError(f"box_source '{self.box_source}' is unknown; use "
@@ -784,6 +785,7 @@ class Engine:
         `follow`: what the answer leaves out is asked about again: a report question answered
         with no report (`_ask_for_report`), a structure a segmentation or detection answer
         says nothing about (`_ask_rest`)."""
+        follow = follow and self.ask_again
         timing["prefill"], timing["decode"] = gen.prefill_ms, gen.decode_ms
         text = self.tokenizer.decode(gen.token_ids, skip_special_tokens=False)
         parsed = parse_output(text, prompt)

@@ -311,7 +311,8 @@ def test_closer_look_at_a_named_structure_gives_the_models_segment_answer(tiny_d
         assert (look.text == "Sure, the liver is [SEG] liver.") is want, (prompt, look.text)
 
 
-def test_a_structure_a_listing_question_leaves_out_is_asked_about_alone(fitted_engine):
+def test_a_structure_a_listing_question_leaves_out_is_asked_about_alone(fitted_engine,
+                                                                        fitted_dir):
     """The fitted tiny model answers every segmentation question about the liver, and every
     detection question with a liver box: asked about the spleen alone it answers about the
     liver again, so nothing is added and a warning names the spleen (nano, which answers
@@ -324,10 +325,14 @@ def test_a_structure_a_listing_question_leaves_out_is_asked_about_alone(fitted_e
         "alone, the model answered about the liver (it may not know it), so look for it "
         "yourself."]
     assert fitted_engine.ask(img, "Segment the liver.", window="abdomen").warnings == []
-    # a forced answer is the answer: nothing more is asked
+    # a forced answer is the answer: nothing more is asked; nor with asking again switched off
     forced = fitted_engine.ask(img, "Segment the liver and the spleen.", window="abdomen",
                                forced_text="Sure, the liver is [SEG] liver.")
     assert forced.warnings == []
+    as_typed = Engine.load(fitted_dir, ask_again=False)
+    off = as_typed.ask(img, "Segment the liver and the spleen.", window="abdomen")
+    assert off.warnings == [] and off.text == res.text
+    np.testing.assert_array_equal(off.masks[0].array, res.masks[0].array)
     vol = np.stack([img, img[::-1]])
     over = fitted_engine.ask_volume(vol, "Find the spleen and the kidneys.", window="abdomen")
     assert over.task == "detect" and [b.label for b in over.boxes] == ["liver", "liver"]

@@ -1,0 +1,109 @@
+"""How models/nano segments when asked in wording it was not trained on, as typed and with the
+engine asking again (docs/api.md, "Asked again"): Dice summed over the held-out slices (all
+30, every structure, as `citrusv eval` sums it) for
+- one structure in other words ("Delineate the liver.", "Outline ...", "Contour ..."),
+- nano's own question ("Please segment the liver in this scan."), for comparison,
+- one question listing every structure on the slice ("Segment the right lung, the heart and
+  the aorta."; on a slice with none of them, not asked, so scored as an empty mask),
+- both of a pair ("Segment both kidneys.", "Segment both lungs."),
+and how many answers came with no mask at all. One thread.
+
+    .venv/bin/python scripts/eval_wording.py
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from citrusv import Engine
+from citrusv.evaluation import held_out_slices
+from citrusv.nano_data import (HELD_OUT_BLOCKS, MIN_AREA_PX, NAMES, PAIRS, eval_window,
+                               load_study)
+
+NANO = Path(__file__).resolve().parents[1] / "models" / "nano"
+ONE = {"other words": ["Delineate the {s}.", "Outline the {s}.", "Contour the {s}."],
+       "nano's question": ["Please segment the {s} in this scan."]}
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.inter = {s: 0 for s in NAMES}
+        self.sums = {s: 0 for s in NAMES}
+        self.asked = self.no_mask = 0
+
+    def add(self, name: str, pred: np.ndarray, ref: np.ndarray) -> None:
+        self.inter[name] += int(np.logical_and(pred, ref).sum())
+        self.sums[name] += int(pred.sum() + ref.sum())
+
+    def answer(self, res) -> None:
+        self.asked += 1
+        self.no_mask += int(not res.masks)
+
+    def mean(self, names=NAMES) -> float:
+        return float(np.mean([2 * self.inter[s] / self.sums[s] if self.sums[s] else 1.0
+                              for s in names]))
+
+
+def masks_of(res, name: str, shape) -> np.ndarray:
+    """The answer's masks whose label is the structure (or, for a side, its pair's name)."""
+    pair = next((p for p, sides in PAIRS.items() if name in sides), None)
+    out = np.zeros(shape, dtype=bool)
+    for m in res.masks:
+        if m.label == name or (pair and m.label == pair):
+            out |= m.array
+    return out
+
+
+def run(engine: Engine, study, slices) -> dict[str, Tally]:
+    tallies = {k: Tally() for k in [*ONE, "one question listing all", "both of a pair"]}
+    for k in slices:
+        image = study.volume[k]
+        refs = {s: study.mask(s, k) for s in NAMES}
+        for kind, phrasings in ONE.items():
+            for s in NAMES:
+                for p in phrasings:
+                    res = engine.ask(image, p.format(s=s), window=eval_window(s))
+                    tallies[kind].answer(res)
+                    tallies[kind].add(s, masks_of(res, s, image.shape), refs[s])
+        on = [f"the {s}" for s in NAMES if refs[s].sum() >= MIN_AREA_PX]
+        listed = None
+        if on:
+            names = on[0] if len(on) == 1 else ", ".join(on[:-1]) + " and " + on[-1]
+            listed = engine.ask(image, f"Segment {names}.", window="abdomen")
+            tallies["one question listing all"].answer(listed)
+        for s in NAMES:
+            pred = masks_of(listed, s, image.shape) if listed is not None else np.zeros_like(refs[s])
+            tallies["one question listing all"].add(s, pred, refs[s])
+        for pair, sides in PAIRS.items():
+            res = engine.ask(image, f"Segment both {pair}.", window=eval_window(sides[0]))
+            tallies["both of a pair"].answer(res)
+            for s in sides:
+                tallies["both of a pair"].add(s, masks_of(res, s, image.shape), refs[s])
+    return tallies
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    study = load_study()
+    slices = held_out_slices()
+    t0 = time.perf_counter()
+    results = {again: run(Engine.load(NANO, ask_again=again), study, slices)
+               for again in (False, True)}
+    print("| question | mean Dice as typed | mean Dice asked again | answers with no mask, "
+          "as typed / asked again |")
+    print("|---|---|---|---|")
+    for kind in results[True]:
+        typed, again = results[False][kind], results[True][kind]
+        names = [s for p in PAIRS.values() for s in p] if kind == "both of a pair" else NAMES
+        print(f"| {kind} | {typed.mean(names):.3f} | {again.mean(names):.3f} | "
+              f"{typed.no_mask} / {again.no_mask} of {again.asked} |")
+    print(f"\nHeld-out slices: {len(slices)} ({', '.join(f'{a}-{b}' for a, b in HELD_OUT_BLOCKS)}); "
+          f"{time.perf_counter() - t0:.0f} s.")
+
+
+if __name__ == "__main__":
+    main()
