@@ -35,8 +35,8 @@ from .generation import (
     token_char_ends,
 )
 from .imaging import FrameMap
-from .parsing import (SEG_TOKEN, TASKS, absent_labels, answers_about, infer_task, listed,
-                      parse_output, prompt_targets, unasked_warning)
+from .parsing import (SEG_TOKEN, TASKS, absent_labels, answers_about, asks_for_report,
+                      infer_task, listed, parse_output, prompt_targets, unasked_warning)
 from .prompting import pixel_inputs, stop_token_ids, text_inputs
 from .result import Box, Mask, Result, Step
 from .slice_cache import SliceCache, SliceState, content_hash
@@ -818,8 +818,8 @@ class Engine:
         # a report names what it finds, asked or not; an answer to a report question that is
         # no report (no reasoning, no <answer>: nano asked "Is there a pleural effusion?"
         # writes a left-lung box, asked "Is the liver normal?" on a slice with the liver,
-        # "No liver is visible in this image.") is asked again, and when that gives no report
-        # either, it is checked as a detection answer is
+        # "No liver is visible in this image.") is checked as a detection answer is, unless
+        # the question asks for a report by its words and, asked again, the model writes one
         reported = task == "report" and (bool(parsed.steps) or "<answer>" in text)
         if follow and task == "report" and not reported:
             report = self._ask_for_report(state, prompt, res)
@@ -842,13 +842,16 @@ class Engine:
         return res
 
     def _ask_for_report(self, state: SliceState, prompt: str, res: Result) -> Result | None:
-        """A report question answered with no report (no reasoning, no <answer>: nano, asked
-        "Write a report." or "What are the findings?", writes one left-lung box) is asked
-        again with REPORT_FOLLOW_UP after it, unless it says so already. When that answer is a
-        report, it is the result: its reasoning, boxes, masks, answer and warnings, `text` the
-        two raw outputs one per line, timings summed. None when it is no report either (the
-        first answer is then checked as a detection answer is)."""
-        if re.search(r"step by step|\bthink", prompt.lower()):
+        """A question that asks for a report by its words, answered with no report (no
+        reasoning, no <answer>: nano, asked "Write a report." or "What are the findings?",
+        writes one left-lung box), is asked again with REPORT_FOLLOW_UP after it, unless it
+        says so already. When that answer is a report, it is the result: its reasoning, boxes,
+        masks, answer and warnings, `text` the two raw outputs one per line, timings summed.
+        None when it is no report either, or the question has no report words ("Is the liver
+        normal?", "Show the liver.": nano's box or "No liver is visible" answers what was
+        asked better than the report it then writes); the first answer is then checked as a
+        detection answer is."""
+        if not asks_for_report(prompt) or re.search(r"step by step|\bthink", prompt.lower()):
             return None
         more = self._run(state, f"{prompt.rstrip()} {REPORT_FOLLOW_UP}", "report", None, None,
                          follow=False)

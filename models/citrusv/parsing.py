@@ -68,6 +68,13 @@ class Parsed:
     absent: list[tuple[str, str]] = field(default_factory=list)  # (label, "is" | "are")
 
 
+def asks_for_report(prompt: str) -> bool:
+    """Whether a question's words ask for a report ("Write a report.", "What are the
+    findings?"), not only fall to the report task for want of other task words ("Is the
+    liver normal?")."""
+    return bool(re.search(_TASK_WORDS[0][1], prompt.lower()))
+
+
 def infer_task(prompt: str) -> str:
     """Route a free-text question to segment / detect / report from its wording."""
     low = prompt.lower()

@@ -1,8 +1,8 @@
 import pytest
 
-from citrusv.parsing import (absent_labels, answers_about, infer_task, modality_warning,
-                             named_modalities, parse_output, prompt_target, prompt_targets,
-                             unasked_warning)
+from citrusv.parsing import (absent_labels, answers_about, asks_for_report, infer_task,
+                             modality_warning, named_modalities, parse_output, prompt_target,
+                             prompt_targets, unasked_warning)
 
 TEXT = (
     "<think>1. The rib cage <bbox>[10, 20, 30, 40]</bbox> is intact.\n"
@@ -76,6 +76,9 @@ def test_task_routing_from_prompt():
     assert infer_task("Write a report, think step by step.") == "report"
     assert infer_task("Is this normal?") == "report"
     assert prompt_target("Please segment the liver in this scan.") == "liver"
+    # the report task by its words, or for want of other task words
+    assert asks_for_report("Write a report.") and asks_for_report("What are the findings?")
+    assert not asks_for_report("Is the liver normal?") and not asks_for_report("Show the liver.")
 
 
 def test_step_numbers_are_not_part_of_box_labels():

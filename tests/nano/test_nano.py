@@ -284,12 +284,14 @@ def test_a_question_listing_structures_gets_an_answer_about_each(engine, study):
 
 def test_a_report_question_nano_answers_with_no_report_is_asked_again(engine, study):
     """nano writes reports to questions that say "step by step", as all its trained ones do.
-    On held-out slice 25 "Write a report." first gets a left-lung box and "Is the liver
-    normal?" "No liver is visible in this image."; asked again with "Think step by step."
-    after them, each gets a report whose steps cite boxes, and that is the result."""
+    On held-out slice 25 "Write a report." and "What are the findings?" first get a
+    left-lung box; asked again with "Think step by step." after them, each gets a report
+    whose steps cite boxes, and that is the result. "Is the liver normal?", which asks for no
+    report by its words, is not asked again: its answer, "No liver is visible in this
+    image.", is checked as a detection answer (the box of nano's liver mask, a warning)."""
     img = study.volume[SLICE]
     for prompt, first in (("Write a report.", '```json\n[{"bbox_2d"'),
-                          ("Is the liver normal?", "No liver is visible in this image.")):
+                          ("What are the findings?", '```json\n[{"bbox_2d"')):
         res = engine.ask(img, prompt, window="abdomen")
         assert res.task == "report" and res.prompt == prompt
         assert res.text.startswith(first), res.text
@@ -301,6 +303,11 @@ def test_a_report_question_nano_answers_with_no_report_is_asked_again(engine, st
         assert res.text.endswith(again.text) and res.answer == again.answer
         assert [b.xyxy for b in res.boxes] == [b.xyxy for b in again.boxes]
         assert not [w for w in res.warnings if "question" in w], res.warnings
+    normal = engine.ask(img, "Is the liver normal?", window="abdomen")
+    assert normal.text.startswith("No liver is visible in this image.") and not normal.reasoning
+    assert "<think>" not in normal.text
+    assert [(b.label, b.source) for b in normal.boxes] == [("liver", "mask")]
+    assert [w for w in normal.warnings if w.startswith("the answer says no liver is visible")]
 
 
 def test_a_question_nano_answers_with_no_mask_is_asked_again(engine, study):
