@@ -74,10 +74,12 @@ def read_json(path: Path) -> dict:
 class SharedModel:
     """Checkpoint directory + versions + the loaded engine (one per process)."""
 
-    def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: str | None = None) -> None:
+    def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: str | None = None,
+                 ask_again: bool = True) -> None:
         self.model_dir = Path(model_dir).expanduser().resolve()
         self.device = device
         self.dtype = dtype
+        self.ask_again = ask_again  # the engine's setting (--conf ask_again)
         self._lock = threading.Lock()
         self._engine = None
         self._loaded: tuple[str, Path] | None = None  # (version name, path)
@@ -215,6 +217,7 @@ class SharedModel:
             "serving_version": name if self.installed() else None,
             "intended_use": self.intended_use(),
             "box_source": self.box_source(),
+            "ask_again": self.ask_again,
             "device": self.device,
             "dtype": self.dtype or "auto",
             "versions": self.versions_info(),
@@ -233,7 +236,7 @@ class SharedModel:
         except ImportError as e:
             raise ModelNotInstalled(f"{NOT_INSTALLED}: the citrusv engine is not importable ({e}).")
         return Engine.load(str(path), device=device or self.device,
-                           dtype=resolve_dtype(self.dtype, self.device))
+                           dtype=resolve_dtype(self.dtype, self.device), ask_again=self.ask_again)
 
     def engine(self):
         """(engine, version name); loads on first use and again when a newer version lands.
@@ -328,9 +331,10 @@ _shared: dict[tuple, SharedModel] = {}
 _shared_lock = threading.Lock()
 
 
-def shared_model(model_dir: str | Path, device: str = "cpu", dtype: str | None = None) -> SharedModel:
+def shared_model(model_dir: str | Path, device: str = "cpu", dtype: str | None = None,
+                 ask_again: bool = True) -> SharedModel:
     """The process-wide SharedModel for these settings (all tasks get the same object)."""
-    key = (str(Path(model_dir).expanduser().resolve()), device, dtype)
+    key = (str(Path(model_dir).expanduser().resolve()), device, dtype, ask_again)
     with _shared_lock:
         if key not in _shared:
             _shared[key] = SharedModel(*key)

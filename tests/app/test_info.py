@@ -53,6 +53,7 @@ def test_info_offers_the_models_example_questions_and_intended_use(tmp_path_fact
         assert examples() == {task: [] for task in TASKS}
         # the tiny checkpoint's config.json has box_source "text" (the engine's default)
         assert server.get("/info/").json()["citrusv"]["box_source"] == "text"
+        assert server.get("/info/").json()["citrusv"]["ask_again"] is True  # --conf default
         file = server.model_dir / "example_prompts.json"
         file.write_text(json.dumps({"segment": ["Segment the liver.", " Segment the spleen. "],
                                     "report": ["Write a report for this CT slice."]}))

@@ -2,7 +2,8 @@
 
 All of them share one `SharedModel` (one engine per process, loaded on first use) and one
 study cache. Settings come from `--conf`: `model_dir`, `device` (cuda|cpu), `dtype`
-(bf16|fp32), `train_mllm_device` (auto|cuda|cpu: where a training run computes its [SEG]
+(bf16|fp32), `ask_again` (true|false: whether the engine asks the model again about what an
+answer leaves out; docs/api.md, "Asked again"), `train_mllm_device` (auto|cuda|cpu: where a training run computes its [SEG]
 states), `keep_versions` (N: a published run prunes the weights of older versions; 0 keeps
 all), and the limits `max_slice_pixels`, `max_voxels`.
 """
@@ -65,19 +66,31 @@ def _dtype(value: str | None) -> str | None:
     return "bf16" if chosen == torch.bfloat16 else "fp32"  # as /info/ shows it
 
 
+def _ask_again(value: str | None) -> bool:
+    """`--conf ask_again true|false` (default true)."""
+    if value is None or str(value).strip() == "":
+        return True
+    word = str(value).strip().lower()
+    if word not in ("true", "false"):
+        raise ConfError(f"--conf ask_again must be true or false, not '{value}'.")
+    return word == "true"
+
+
 class CitrusV(TaskConfig):
     def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs) -> None:
         super().init(name, model_dir, conf, planner, **kwargs)
         self.model: SharedModel = shared_model(model_dir, _device(conf.get("device")),
-                                               _dtype(conf.get("dtype")))
+                                               _dtype(conf.get("dtype")),
+                                               _ask_again(conf.get("ask_again")))
         images.MAX_SLICE_PIXELS = int(conf.get("max_slice_pixels", images.MAX_SLICE_PIXELS))
         images.MAX_VOXELS = int(conf.get("max_voxels", images.MAX_VOXELS))
         self.studies = StudyCache(size=int(conf.get("study_cache", 2)))
         self.margin = float(conf.get("closer_look_margin", 0.15))
         self.mllm_device = parse_mllm_device(conf.get("train_mllm_device"))
         self.keep_versions = parse_keep_versions(conf.get("keep_versions"))
-        logger.info("Citrus-V model_dir=%s device=%s dtype=%s status=%s", self.model.model_dir,
-                    self.model.device, self.model.dtype or "auto", self.model.status())
+        logger.info("Citrus-V model_dir=%s device=%s dtype=%s ask_again=%s status=%s",
+                    self.model.model_dir, self.model.device, self.model.dtype or "auto",
+                    self.model.ask_again, self.model.status())
 
     def infer(self) -> dict[str, InferTask]:
         return {

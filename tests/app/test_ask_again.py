@@ -1,0 +1,46 @@
+"""`--conf ask_again false`: the engine answers as the model wrote, and asks nothing again
+(docs/api.md, "Asked again"). A private server on the shipped nano model, over real HTTP."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.server import assert_refuses_setting, copy_studies, private_citrusv_server
+
+NANO = Path(__file__).resolve().parents[2] / "models" / "nano"
+QUESTION = {"prompt": "Segment the liver, the spleen and the stomach.", "slice": 25}
+
+
+def _ask(server) -> dict:
+    r = server.post("/infer/citrusv_segment?image=chest_ct&output=json",
+                    data={"params": json.dumps(QUESTION)})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.fixture(scope="module")
+def as_typed_server(tmp_path_factory, citrusv_sample_studies):
+    with private_citrusv_server(tmp_path_factory.mktemp("as_typed_server"), NANO,
+                                citrusv_sample_studies, ask_again="false") as server:
+        yield server
+
+
+def test_switched_off_the_answer_is_nanos_as_written(as_typed_server):
+    """nano answers this question on held-out slice 25 with a liver box and no mask; asked
+    again (the default, tests/nano) it gives the three masks."""
+    assert as_typed_server.get("/info/").json()["citrusv"]["ask_again"] is False
+    res = _ask(as_typed_server)
+    assert res["masks"] == [] and [b["label"] for b in res["boxes"]] == ["liver"]
+    assert res["text"].startswith("```json") and res["text"].count("```json") == 1
+    assert "[SEG]" not in res["text"]
+    assert any("no [SEG] token" in w for w in res["warnings"]), res["warnings"]
+
+
+def test_bad_ask_again_stops_the_server_with_a_sentence(tiny_model_dir, citrusv_sample_studies,
+                                                        tmp_path):
+    assert_refuses_setting("--conf ask_again must be true or false, not 'maybe'",
+                           copy_studies(tmp_path / "studies", citrusv_sample_studies),
+                           tiny_model_dir, ask_again="maybe")
