@@ -249,14 +249,9 @@ def bounding_box(boxes: list) -> list[float]:
 
 
 def _join_looks(res: Result, more: Result) -> Result:
-    """Two closer-look passes (other squares of one slice) as one result: masks of a label
-    joined, boxes and warnings added, timings summed."""
-    for m in more.masks:
-        same = [k for k in res.masks if k.label == m.label]
-        if same:
-            same[0].array = same[0].array | m.array
-        else:
-            res.masks.append(m)
+    """Two closer-look passes (other squares of one slice) as one result: masks joined
+    (`_add_masks`), boxes and warnings added, timings summed."""
+    _add_masks(res, more)
     ids = {b.id for b in res.boxes}
     for b in more.boxes:
         while b.id in ids:
@@ -264,6 +259,18 @@ def _join_looks(res: Result, more: Result) -> Result:
         ids.add(b.id)
         res.boxes.append(b)
     return _add_warnings_and_times(res, more)
+
+
+def _add_masks(res: Result, more: Result) -> None:
+    """`more`'s masks into `res`: a label `res` has joined to its mask, a new one numbered
+    after `res`'s labels (each answer numbers its own labels from 1)."""
+    for m in more.masks:
+        same = [k for k in res.masks if k.label == m.label]
+        if same:
+            same[0].array = same[0].array | m.array
+        else:
+            m.label_index = max((k.label_index for k in res.masks), default=0) + 1
+            res.masks.append(m)
 
 
 def _add_warnings_and_times(res: Result, more: Result) -> Result:
@@ -282,13 +289,7 @@ def _join_answers(res: Result, more: Result) -> Result:
     """The answer to a follow-up question (`Engine._ask_rest`) added to the first: masks of a
     label joined, new labels numbered after the first's, boxes renumbered, the raw texts and
     the answers one after the other, warnings added, timings summed."""
-    for m in more.masks:
-        same = [k for k in res.masks if k.label == m.label]
-        if same:
-            same[0].array = same[0].array | m.array
-        else:
-            m.label_index = max((k.label_index for k in res.masks), default=0) + 1
-            res.masks.append(m)
+    _add_masks(res, more)
     remap = {}
     for b in more.boxes:
         remap[b.id] = b.id = f"b{len(res.boxes) + 1}"
