@@ -348,7 +348,10 @@ def _answer(text: str) -> str:
 
 
 def _seg_labels(text: str, prompt: str) -> list[str]:
-    """A label for each [SEG]: `<p>name</p>` before it, else the words before it, else the prompt."""
+    """A label for each [SEG]: `<p>name</p>` before it, else the words before it, else the
+    name right after it ("Sure, 85, 107, 104 is [SEG] spinal cord.": nano, asked in words it
+    was not taught, may garble what comes before; its answers end with the name), else the
+    prompt."""
     labels = []
     fallback = prompt_target(prompt)
     prev = 0
@@ -360,11 +363,19 @@ def _seg_labels(text: str, prompt: str) -> list[str]:
         if not label:
             head = re.sub(r"<[^>]*>", " ", head)
             clause = re.split(r"[.!?;\n:,]", head.rstrip(" :,="))[-1]
-            words = [w for w in re.findall(r"[A-Za-z][A-Za-z\-]*", clause)
-                     if w.lower() not in _STOP]
-            label = " ".join(words[-2:]).lower()
+            label = _name_in(clause, last=True)
+        if not label:
+            after = re.match(r"[ \t]*([A-Za-z][A-Za-z \-]*?)[ \t]*(?=[.!?;,\n<\[]|$)",
+                             text[m.end():])
+            label = _name_in(after.group(1), last=False) if after else ""
         labels.append(label or fallback or f"segment {len(labels) + 1}")
     return labels
+
+
+def _name_in(clause: str, last: bool) -> str:
+    """The last (or first) two words of a clause that are not _STOP words, lower case."""
+    words = [w for w in re.findall(r"[A-Za-z][A-Za-z\-]*", clause) if w.lower() not in _STOP]
+    return " ".join(words[-2:] if last else words[:2]).lower()
 
 
 # ----------------------------------------------------------------------------- image kind

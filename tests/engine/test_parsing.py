@@ -62,6 +62,13 @@ def test_answer_and_seg_labels():
     assert q.seg_labels == ["left kidney"] and q.answer == "Sure, it is [SEG]."
     r = parse_output("<p>aorta</p> [SEG] and <p>portal vein</p>[SEG]")
     assert r.seg_labels == ["aorta", "portal vein"]
+    # nothing but numbers before [SEG] (nano asked "Please segment the Right Kidney in this
+    # scan."): the name after it, not the question's
+    g = parse_output("Sure, 85, 107, 104 is [SEG] spinal cord.",
+                     "Please segment the Right Kidney in this scan.")
+    assert g.seg_labels == ["spinal cord"]
+    assert parse_output("Sure, [SEG] and [SEG].", "segment the liver").seg_labels == [
+        "liver", "liver"]
 
 
 def test_single_line_think_splits_into_sentences():
