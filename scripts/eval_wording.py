@@ -3,9 +3,12 @@ engine asking again (docs/api.md, "Asked again"): Dice summed over the held-out 
 30, every structure, as `citrusv eval` sums it) for
 - one structure in other words ("Delineate the liver.", "Outline ...", "Contour ..."),
 - nano's own question ("Please segment the liver in this scan."), for comparison,
+- names with capitals ("Segment the Liver.", "Please segment the Right Kidney in this
+  scan."; nano was taught names in lower case),
 - one question listing every structure on the slice ("Segment the right lung, the heart and
   the aorta."; on a slice with none of them, not asked, so scored as an empty mask),
-- both of a pair ("Segment both kidneys.", "Segment both lungs."),
+- both of a pair ("Segment both kidneys.", "Segment both lungs."), and a pair's name with no
+  side ("Segment the kidney.", "Segment the lung."),
 and how many answers came with no mask at all. One thread.
 
     .venv/bin/python scripts/eval_wording.py
@@ -26,7 +29,10 @@ from citrusv.nano_data import (HELD_OUT_BLOCKS, MIN_AREA_PX, NAMES, PAIRS, eval_
 
 NANO = Path(__file__).resolve().parents[1] / "models" / "nano"
 ONE = {"other words": ["Delineate the {s}.", "Outline the {s}.", "Contour the {s}."],
-       "nano's question": ["Please segment the {s} in this scan."]}
+       "nano's question": ["Please segment the {s} in this scan."],
+       "names with capitals": ["Segment the {S}.", "Please segment the {S} in this scan."]}
+PAIR_WORDINGS = {"both of a pair": "Segment both {pair}.", "a pair's name with no side":
+                 "Segment the {one}."}
 
 
 class Tally:
@@ -59,14 +65,14 @@ def masks_of(res, name: str, shape) -> np.ndarray:
 
 
 def run(engine: Engine, study, slices) -> dict[str, Tally]:
-    tallies = {k: Tally() for k in [*ONE, "one question listing all", "both of a pair"]}
+    tallies = {k: Tally() for k in [*ONE, "one question listing all", *PAIR_WORDINGS]}
     for k in slices:
         image = study.volume[k]
         refs = {s: study.mask(s, k) for s in NAMES}
         for kind, phrasings in ONE.items():
             for s in NAMES:
                 for p in phrasings:
-                    res = engine.ask(image, p.format(s=s), window=eval_window(s))
+                    res = engine.ask(image, p.format(s=s, S=s.title()), window=eval_window(s))
                     tallies[kind].answer(res)
                     tallies[kind].add(s, masks_of(res, s, image.shape), refs[s])
         on = [f"the {s}" for s in NAMES if refs[s].sum() >= MIN_AREA_PX]
@@ -78,11 +84,13 @@ def run(engine: Engine, study, slices) -> dict[str, Tally]:
         for s in NAMES:
             pred = masks_of(listed, s, image.shape) if listed is not None else np.zeros_like(refs[s])
             tallies["one question listing all"].add(s, pred, refs[s])
-        for pair, sides in PAIRS.items():
-            res = engine.ask(image, f"Segment both {pair}.", window=eval_window(sides[0]))
-            tallies["both of a pair"].answer(res)
-            for s in sides:
-                tallies["both of a pair"].add(s, masks_of(res, s, image.shape), refs[s])
+        for kind, wording in PAIR_WORDINGS.items():
+            for pair, sides in PAIRS.items():
+                res = engine.ask(image, wording.format(pair=pair, one=pair[:-1]),
+                                 window=eval_window(sides[0]))
+                tallies[kind].answer(res)
+                for s in sides:
+                    tallies[kind].add(s, masks_of(res, s, image.shape), refs[s])
     return tallies
 
 
@@ -98,7 +106,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for kind in results[True]:
         typed, again = results[False][kind], results[True][kind]
-        names = [s for p in PAIRS.values() for s in p] if kind == "both of a pair" else NAMES
+        names = [s for p in PAIRS.values() for s in p] if kind in PAIR_WORDINGS else NAMES
         print(f"| {kind} | {typed.mean(names):.3f} | {again.mean(names):.3f} | "
               f"{typed.no_mask} / {again.no_mask} of {again.asked} |")
     print(f"\nHeld-out slices: {len(slices)} ({', '.join(f'{a}-{b}' for a, b in HELD_OUT_BLOCKS)}); "

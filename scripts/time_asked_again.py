@@ -21,6 +21,8 @@ QUESTIONS = [
     "Segment the liver, the spleen and the stomach.",
     "Please segment the aorta in this scan.",
     "Delineate the aorta.",
+    "Please segment the heart in this scan.",
+    "Segment the Heart.",
     "Write a report for this CT slice. Think step by step.",
     "Write a report.",
 ]

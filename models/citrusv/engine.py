@@ -113,6 +113,14 @@ def absent_members(label: str, verb: str) -> list[str]:
     return [f"right {one}", f"left {one}"] if one else []
 
 
+def asked_members(target: str) -> list[str]:
+    """What `Engine._ask_rest` asks about, one at a time, for a structure a question names:
+    both sides of a paired organ named in the plural or with no side ("kidneys", "the
+    kidney" -> right kidney, left kidney), else the structure itself."""
+    one = PAIRED_ORGANS.get(target) or (target if target in PAIRED_ORGANS.values() else None)
+    return [f"right {one}", f"left {one}"] if one else [target]
+
+
 def unconfirmed_boxes_warning(labels: list[str]) -> str:
     """box_source "mask": said when some boxes' labels get no mask, so those boxes stay as the
     model wrote them, with nothing to check them against."""
@@ -870,14 +878,21 @@ class Engine:
           nano answers about one or some of them): each one the answer is not about;
         - a question about one structure answered about nothing ("Delineate the aorta.":
           nano writes an aorta box and no mask), unless it was asked in that phrasing;
-        - a paired organ in the plural ("Segment both lungs.") side by side, each side the
-          answer is not about (nano segments the right lung only).
+        - a paired organ in the plural or with no side ("Segment both lungs.", "Segment the
+          kidney.") side by side (`asked_members`), each side the answer is not about (nano
+          segments the right lung only);
+        - a question whose answer (masks, boxes, structures it calls not visible) is about
+          none of the structures it asks for ("Segment the Heart.": nano, taught names in
+          lower case, segments the right lung): each of them.
         An answer is about a structure with a mask of it for segmentation (nano may say "No
         liver is visible" where its mask, asked alone, marks the liver: a warning says so, as
         for detection), and with a box of it or by saying it is not visible for detection.
-        The new answer is joined to `res` when it is about the structure; the structures still
-        left out are named in one warning (True when one was added). A model that answers
-        about all of them is asked nothing more."""
+        The new answer is joined to `res` when it is about the structure; where the first
+        answer was about none of them, the new answers take its place (its text stays first in
+        `text`); if none of them is about a structure either, `res` stays as it was, with
+        the warning that it is about something not asked. The structures still left out are
+        named in one warning (True when one was added). A model that answers about all of
+        them is asked nothing more."""
         targets = prompt_targets(prompt)
 
         def about(r: Result, absent: list[str]) -> list[str]:
@@ -886,32 +901,41 @@ class Engine:
             return [b.label for b in r.boxes] + absent
 
         said = about(res, [a for a, _ in absent])
-        if len(targets) == 1 and said and not answers_about(targets[0], said):
-            return False  # about something else: unasked_warning has said so
-        asked = [side for t in targets for side in absent_members(t, "are") or [t]]
+        named = [x.label for x in res.masks + res.boxes] + [a for a, _ in absent]
+        into = res
+        if targets and named and not any(answers_about(t, named) for t in targets):
+            # about something else: asked afresh, the first answer kept only if that gets none
+            said, absent = [], []
+            into = Result(task=task, prompt=prompt, text=res.text, model=res.model,
+                          timing_ms=res.timing_ms)
+        asked = [side for t in targets for side in asked_members(t)]
         missed: list[str] = []
         instead: list[str] = []
         for target in asked:
             question = FOLLOW_UP_PROMPTS[task].format(label=target)
-            if answers_about(target, said) or " ".join(question.lower().split()) == " ".join(
-                    prompt.lower().split()):
+            # the same words give the same answer (nano reads "Liver" and "liver" apart)
+            if answers_about(target, said) or question.split() == prompt.split():
                 continue
             more = self._run(state, question, task, None, None, follow=False)
             more_absent = [a for a, _ in absent_labels(more.text)]
             got = about(more, more_absent)
             if answers_about(target, got):
-                _join_answers(res, more)
+                _join_answers(into, more)
                 said += got
                 for m in more.masks if task == "segment" else []:
                     denied = [(a, v) for a, v in absent if answers_about(a, [m.label])]
                     if denied and m.area_px >= GROUND_MIN_ABSENT_PX:
                         said_absent, verb = denied[0]
-                        res.warnings.append(absent_box_warning(said_absent, m.label, verb,
-                                                               "mask"))
+                        into.warnings.append(absent_box_warning(said_absent, m.label, verb,
+                                                                "mask"))
             else:
+                _sum_times(res.timing_ms, more.timing_ms)
                 missed.append(target)
                 named = [x.label for x in more.masks + more.boxes] + more_absent
                 instead += [x for x in named if x not in instead]
+        if into is not res and said:
+            res.text, res.answer, res.reasoning = into.text, into.answer, into.reasoning
+            res.boxes, res.masks, res.warnings = into.boxes, into.masks, into.warnings
         if not missed:
             return False
         it = "it" if len(missed) == 1 else "them"

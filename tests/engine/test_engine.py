@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from citrusv import Engine, InputError, rle
-from citrusv.engine import (absent_box_warning, absent_members, box_pixels, closer_look_warning, main_parts_box,
+from citrusv.engine import (FOLLOW_UP_PROMPTS, absent_box_warning, absent_members, asked_members, box_pixels, closer_look_warning, main_parts_box,
                             slice_list)
 from citrusv.generation import generate_capturing, image_embeddings, teacher_force
 from citrusv.imaging import smart_resize
@@ -343,10 +343,19 @@ def test_a_structure_a_listing_question_leaves_out_is_asked_about_alone(fitted_e
         "slices 0-1: the answer has nothing about the spleen, right kidney and left kidney, "
         "which the question asks for: asked about each alone, the model answered about the "
         "liver (it may not know them), so look for them yourself."]
-    # one structure asked about, the answer about another: asked nothing more
+    # one structure asked about, the answer about another: asked again in the model's
+    # phrasing, the answer about the liver again, so the first stays, said about twice
     other = fitted_engine.ask(img, "Find the spleen.", window="abdomen")
     assert [b.label for b in other.boxes] == ["liver"] and other.text == ANSWERS["detect"]
-    assert [w for w in other.warnings if "asks for" in w] == []
+    assert [w for w in other.warnings if "asks for" in w] == [
+        "the answer has nothing about the spleen, which the question asks for: asked about it "
+        "again, the model answered about the liver (it may not know it), so look for it "
+        "yourself."]
+    assert len(other.warnings) == 2, other.warnings
+    # asked in the model's phrasing already: not asked again
+    same = fitted_engine.ask(img, FOLLOW_UP_PROMPTS["detect"].format(label="spleen"),
+                             window="abdomen")
+    assert [w for w in same.warnings if "asks for" in w] == []
 
 
 def test_a_report_question_answered_with_no_report_keeps_it_when_asked_again_gives_none(
@@ -371,6 +380,10 @@ def test_a_pair_called_not_visible_is_looked_for_side_by_side():
     assert absent_members("Adrenal glands", "are") == ["right adrenal gland",
                                                        "left adrenal gland"]
     assert absent_members("gallstones", "are") == []  # not a paired organ: left alone
+    # what a question names is asked about: a pair with no side ("the kidney") side by side
+    assert asked_members("kidney") == asked_members("kidneys") == ["right kidney", "left kidney"]
+    assert asked_members("left kidney") == ["left kidney"]
+    assert asked_members("liver") == ["liver"] and asked_members("gallstones") == ["gallstones"]
     # a segmentation answer that said so, and the mask asked for alone
     assert absent_box_warning("liver", "liver", "is", "mask") == (
         "the answer says no liver is visible, but the model's own segmentation marks the liver "
