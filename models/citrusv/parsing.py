@@ -36,7 +36,8 @@ _STOP = {
 _TASK_WORDS = [
     ("report", r"\breport|\bdescrib|\bfindings?\b|step by step|\bdiagnos|\bimpression|\bsummar"),
     ("segment", r"\bsegment|\bmasks?\b|\bdelineat|\boutline|\bcontour"),
-    ("detect", r"\bdetect|\blocat|\bwhere\b|\bfind\b|\bbox|\bbounding|\bhow many\b|\bcount\b"),
+    ("detect", r"\bdetect|\blocat|\bwhere\b|\bfind\b|\bidentif|\bbox|\bbounding|\bhow many\b"
+               r"|\bcount\b"),
 ]
 
 
@@ -84,8 +85,10 @@ def infer_task(prompt: str) -> str:
     return "report"
 
 
-# what a question asks for follows one of these words ("a mask of both kidneys")
-_ASKED_FOR = (r"(?:segment|outline|delineate|contour|detect|locate|find|mask|where (?:is|are))"
+# what a question asks for follows one of these words ("a mask of both kidneys", "boxes
+# around the liver and the spleen")
+_ASKED_FOR = (r"(?:segment|outline|delineate|contour|detect|locate|find|identify|mask"
+              r"|where (?:is|are)|(?:bounding\s+)?box(?:es)?\s+(?:around|on|for|of))"
               r"\s+(?:of\s+)?(?:all\s+|both\s+)?(?:the\s+)?")
 _ASKED_END = r"\s+(?:in|on|from|of this|within|please)\b"
 

@@ -73,6 +73,8 @@ def test_a_question_goes_to_the_same_task_with_or_without_a_server():
                     ("How many kidneys are there?", "detect"),
                     ("Summarise this slice.", "report"),
                     ("Delineate the aorta", "segment"),
+                    ("Identify the liver and the spleen.", "detect"),
+                    ("Identify the findings.", "report"),
                     ("Is there a pleural effusion?", "report"),
                     ("liver", "report")]:
         assert (infer_task(p), guess_task(p)) == (task, task), p

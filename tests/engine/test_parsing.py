@@ -164,6 +164,10 @@ def test_an_answer_on_the_other_side_is_said():
     ("Locate the spleen and the pancreas.", ["spleen", "pancreas"]),
     ("Locate the liver and spleen, output their bbox coordinates using JSON format.",
      ["liver", "spleen"]),
+    ("Draw boxes around the liver and the spleen.", ["liver", "spleen"]),
+    ("Put bounding boxes on the heart and the aorta.", ["heart", "aorta"]),
+    ("Identify the liver and the spleen.", ["liver", "spleen"]),
+    ("Segment the Heart and the Aorta.", ["heart", "aorta"]),
     # one structure; the list ends where a part reads as no name
     ("Where are the kidneys?", ["kidneys"]),
     ("Segment both kidneys.", ["kidneys"]),

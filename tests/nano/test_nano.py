@@ -240,7 +240,8 @@ def test_a_question_listing_structures_gets_an_answer_about_each(engine, study):
     slice 25, "Segment the liver, the spleen and the stomach." gets a liver box and no mask;
     the engine asks for each structure alone and returns the three masks, each the one its
     own question gets (the spleen, not on this slice, empty and said to be). On slice 65,
-    "Find the heart and the aorta." gets the aorta; the heart's box comes from asking alone.
+    "Find the heart and the aorta." gets the aorta; the heart's box comes from asking alone
+    (so for "Draw boxes around ..." and "Identify ...", which nano answers alike).
     The pancreas, which nano never learnt, gets a sentence instead of a box. On slice 23 the
     answer says "No liver is visible", and the liver mask asked for alone marks it."""
     img = study.volume[SLICE]
@@ -263,6 +264,11 @@ def test_a_question_listing_structures_gets_an_answer_about_each(engine, study):
     assert found.boxes[1].xyxy == heart.boxes[0].xyxy and found.boxes[1].id == "b2"
     assert box_iou(found.boxes[1].xyxy, mask_box(study.mask("heart", 65))) >= 0.9
     assert not found.warnings, found.warnings
+    for other in ("Draw boxes around the heart and the aorta.",
+                  "Identify the heart and the aorta."):  # as typed: the aorta only, too
+        said = engine.ask(chest, other, window="abdomen")
+        assert said.task == "detect" and [b.xyxy for b in said.boxes] == [
+            b.xyxy for b in found.boxes], (other, said.text)
 
     pancreas = engine.ask(img, "Locate the spleen and the pancreas.", window="abdomen")
     assert pancreas.boxes == [] and pancreas.answer.startswith("No spleen is visible")

@@ -32,7 +32,7 @@ _TASK_WORDS = (
     ("report", re.compile(r"\breport|\bdescrib|\bfindings?\b|step by step|\bdiagnos"
                           r"|\bimpression|\bsummar", re.I)),
     ("segment", re.compile(r"\bsegment|\bmasks?\b|\bdelineat|\boutline|\bcontour", re.I)),
-    ("detect", re.compile(r"\bdetect|\blocat|\bwhere\b|\bfind\b|\bbox|\bbounding"
+    ("detect", re.compile(r"\bdetect|\blocat|\bwhere\b|\bfind\b|\bidentif|\bbox|\bbounding"
                           r"|\bhow many\b|\bcount\b", re.I)),
 )
 
