@@ -94,13 +94,22 @@ def run(engine: Engine, study, slices) -> dict[str, Tally]:
     return tallies
 
 
-def main() -> None:
+def both_ways(run) -> dict:
+    """`run(engine, study, slices)` over the held-out slices, with the engine asking again
+    (True) and not (False), one thread; prints the slices and the time taken after it."""
     torch.set_num_threads(1)
     study = load_study()
     slices = held_out_slices()
     t0 = time.perf_counter()
     results = {again: run(Engine.load(NANO, ask_again=again), study, slices)
                for again in (False, True)}
+    print(f"Held-out slices: {len(slices)} ({', '.join(f'{a}-{b}' for a, b in HELD_OUT_BLOCKS)}); "
+          f"{time.perf_counter() - t0:.0f} s.\n")
+    return results
+
+
+def main() -> None:
+    results = both_ways(run)
     print("| question | mean Dice as typed | mean Dice asked again | answers with no mask, "
           "as typed / asked again |")
     print("|---|---|---|---|")
@@ -109,8 +118,6 @@ def main() -> None:
         names = [s for p in PAIRS.values() for s in p] if kind in PAIR_WORDINGS else NAMES
         print(f"| {kind} | {typed.mean(names):.3f} | {again.mean(names):.3f} | "
               f"{typed.no_mask} / {again.no_mask} of {again.asked} |")
-    print(f"\nHeld-out slices: {len(slices)} ({', '.join(f'{a}-{b}' for a, b in HELD_OUT_BLOCKS)}); "
-          f"{time.perf_counter() - t0:.0f} s.")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,54 @@
+"""How models/nano answers detection questions in wording it was not trained on, as typed and
+with the engine asking again (docs/api.md, "Asked again"), scored as `citrusv eval` scores
+detection (the boxes returned, box_source "mask"): precision@IoU 0.5 and recall over the
+held-out slices, one question per structure and slice, for
+- nano's own question ("Locate the liver, output its bbox coordinates using JSON format."),
+- the same with the name capitalised ("Locate the Right Kidney, ..."; nano was taught names
+  in lower case),
+- other words ("Draw a box around the liver.", "Identify the liver.").
+The task is picked from the words, as for a radiologist's question. One thread.
+
+    .venv/bin/python scripts/eval_detect_wording.py
+"""
+
+from __future__ import annotations
+
+from eval_wording import both_ways
+
+from citrusv import Engine
+from citrusv.evaluation import DETECT_PROMPT, _Detections
+from citrusv.nano_data import MIN_AREA_PX, NAMES, eval_window, mask_box
+
+WORDINGS = {"nano's question": [DETECT_PROMPT],
+            "names with capitals": [DETECT_PROMPT.replace("{s}", "{S}")],
+            "other words": ["Draw a box around the {s}.", "Identify the {s}."]}
+
+
+def run(engine: Engine, study, slices) -> dict[str, _Detections]:
+    tallies = {k: _Detections(NAMES) for k in WORDINGS}
+    for k in slices:
+        image = study.volume[k]
+        for s in NAMES:
+            ref = study.mask(s, k)
+            ref_box = mask_box(ref) if ref.sum() >= MIN_AREA_PX else None
+            for kind, phrasings in WORDINGS.items():
+                for p in phrasings:
+                    res = engine.ask(image, p.format(s=s, S=s.title()), window=eval_window(s))
+                    tallies[kind].add(s, [(b.label, b.xyxy) for b in res.boxes], ref_box)
+    return tallies
+
+
+def main() -> None:
+    results = both_ways(run)
+    print("| question | P@0.5 as typed | P@0.5 asked again | recall as typed | recall asked "
+          "again | boxes, as typed / asked again |")
+    print("|---|---|---|---|---|---|")
+    for kind in WORDINGS:
+        typed, again = results[False][kind].scores("d"), results[True][kind].scores("d")
+        print(f"| {kind} | {typed['d_precision']:.3f} | {again['d_precision']:.3f} | "
+              f"{typed['d_recall']:.3f} | {again['d_recall']:.3f} | "
+              f"{typed['d_boxes']} / {again['d_boxes']} |")
+
+
+if __name__ == "__main__":
+    main()
