@@ -855,7 +855,9 @@ class Engine:
         reasoning, no <answer>: nano, asked "Write a report." or "What are the findings?",
         writes one left-lung box), is asked again with REPORT_FOLLOW_UP after it, unless it
         says so already. When that answer is a report, it is the result: its reasoning, boxes,
-        masks, answer and warnings, `text` the two raw outputs one per line, timings summed.
+        masks, answer and warnings, the first answer's masks added (nano answers "Segment the
+        heart and describe it." with a heart mask first), `text` the two raw outputs one per
+        line, timings summed.
         None when it is no report either, or the question has no report words ("Is the liver
         normal?", "Show the liver.": nano's box or "No liver is visible" answers what was
         asked better than the report it then writes); the first answer is then checked as a
@@ -867,6 +869,7 @@ class Engine:
         if not more.reasoning and "<answer>" not in more.text:
             return None
         more.prompt, more.text = prompt, f"{res.text}\n{more.text}"
+        _add_masks(more, res)  # "Segment the heart and describe it.": its heart mask stays
         _sum_times(more.timing_ms, res.timing_ms)
         return more
 

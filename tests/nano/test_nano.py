@@ -294,7 +294,9 @@ def test_a_report_question_nano_answers_with_no_report_is_asked_again(engine, st
     left-lung box; asked again with "Think step by step." after them, each gets a report
     whose steps cite boxes, and that is the result. "Is the liver normal?", which asks for no
     report by its words, is not asked again: its answer, "No liver is visible in this
-    image.", is checked as a detection answer (the box of nano's liver mask, a warning)."""
+    image.", is checked as a detection answer (the box of nano's liver mask, a warning).
+    "Segment the heart and describe it." (slice 65) first gets a heart mask, which stays with
+    the report it gets asked again."""
     img = study.volume[SLICE]
     for prompt, first in (("Write a report.", '```json\n[{"bbox_2d"'),
                           ("What are the findings?", '```json\n[{"bbox_2d"')):
@@ -309,6 +311,18 @@ def test_a_report_question_nano_answers_with_no_report_is_asked_again(engine, st
         assert res.text.endswith(again.text) and res.answer == again.answer
         assert [b.xyxy for b in res.boxes] == [b.xyxy for b in again.boxes]
         assert not [w for w in res.warnings if "question" in w], res.warnings
+    # a question that asks for a mask and a report: nano's mask answer first, then the
+    # report asked again; the mask stays with it
+    chest = study.volume[65]
+    both = engine.ask(chest, "Segment the heart and describe it.", window="abdomen")
+    assert both.task == "report" and both.reasoning, both.text
+    assert both.text.startswith("Sure, the heart is [SEG] heart.\n<think>"), both.text
+    assert [(m.label, m.label_index) for m in both.masks] == [("heart", 1)]
+    typed = Engine.load(NANO, ask_again=False).ask(chest, "Segment the heart and describe it.",
+                                                   window="abdomen")
+    assert not typed.reasoning and [m.label for m in typed.masks] == ["heart"]
+    np.testing.assert_array_equal(both.masks[0].array, typed.masks[0].array)
+    assert dice_score(both.masks[0].array, study.mask("heart", 65)) >= 0.85
     normal = engine.ask(img, "Is the liver normal?", window="abdomen")
     assert normal.text.startswith("No liver is visible in this image.") and not normal.reasoning
     assert "<think>" not in normal.text
