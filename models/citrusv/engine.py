@@ -934,8 +934,8 @@ class Engine:
             else:
                 _sum_times(res.timing_ms, more.timing_ms)
                 missed.append(target)
-                named = [x.label for x in more.masks + more.boxes] + more_absent
-                instead += [x for x in named if x not in instead]
+                instead += [x for x in [y.label for y in more.masks + more.boxes] + more_absent
+                            if x not in instead]
         if into is not res and said:
             res.text, res.answer, res.reasoning = into.text, into.answer, into.reasoning
             res.boxes, res.masks, res.warnings = into.boxes, into.masks, into.warnings
