@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-data", default=None, metavar="DIR",
                    help="the sample data folder to read studies/chest_ct.nii.gz and "
                         "reference/chest_ct from (default: the repository's sample_data)")
+    p.add_argument("--window", default=None, metavar="NAME",
+                   help="ask every question in this CT window: abdomen, lung, bone or "
+                        "soft_tissue (default: lung for the lungs, abdomen for the rest and the "
+                        "report, as the model card's table)")
     p.set_defaults(func=_eval)
     from .commands import add_commands
 

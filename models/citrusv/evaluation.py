@@ -11,6 +11,7 @@ slice, as the Slicer module does, and scores the refined mask against the same r
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -111,8 +112,10 @@ class _Detections:
 
 def evaluate(engine, study: CTStudy, slices: list[int] | None = None,
              structures: list[str] | None = None, report: bool = True,
-             progress=None) -> dict:
+             progress=None, window: str | None = None) -> dict:
     """Run the held-out protocol through `engine.ask`; return all scores as a dict.
+    `window`: one CT window for every question (as a radiologist who keeps one); None, the
+    protocol's: lung for the lungs, abdomen for the rest and for the report.
 
     Closer looks (when `engine` has `closer_look`): for each structure on the slice (>=
     MIN_AREA_PX) whose segmentation mask is not empty, `engine.closer_look` with that mask;
@@ -136,12 +139,13 @@ def evaluate(engine, study: CTStudy, slices: list[int] | None = None,
     looks = {s: {"looks": 0, "warned": 0, "inter_before": 0, "sum_before": 0,
                  "inter_after": 0, "sum_after": 0} for s in structures}
     closer = getattr(engine, "closer_look", None)
+    view = window
     for n, k in enumerate(slices):
         image = study.volume[k]
         refs = {s: study.mask(s, k) for s in structures}
         on = {s for s in structures if refs[s].sum() >= MIN_AREA_PX}
         for s in structures:
-            window = eval_window(s)
+            window = view or eval_window(s)
             res = engine.ask(image, SEGMENT_PROMPT.format(s=s), window=window, task="segment",
                              max_new_tokens=24)
             pred = _union(res.masks, image.shape)
@@ -170,7 +174,7 @@ def evaluate(engine, study: CTStudy, slices: list[int] | None = None,
             found_scored += int(any(r and b.score is not None and b.score >= SCORE_LINE
                                     for b, r in zip(res.boxes, rights)))
         if report:
-            res = engine.ask(image, REPORT_PROMPT, window="abdomen", task="report",
+            res = engine.ask(image, REPORT_PROMPT, window=view or "abdomen", task="report",
                              max_new_tokens=400)
             boxes = {b.id: b for b in res.boxes}
             cited_names = set()
@@ -221,6 +225,7 @@ def evaluate(engine, study: CTStudy, slices: list[int] | None = None,
                             **{f"dice_{when}": _summed_dice(t[f"inter_{when}"], t[f"sum_{when}"])
                                for when in ("before", "after")}}
                         for s, t in looks.items()} if closer is not None else None,
+        "window": view,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     return out
@@ -238,8 +243,10 @@ def _target_line(name: str, value, target: float) -> str:
 
 def format_table(scores: dict) -> str:
     """Markdown tables: Dice per structure, then the other metrics against the issue targets."""
-    lines = ["| structure | Dice | reference px | detected (IoU ≥ 0.5) / slices present: boxes "
-             "returned | boxes as written |", "|---|---|---|---|---|"]
+    lines = [f"Every question in the {scores['window']} window (the targets are set for lung "
+             "for the lungs, abdomen otherwise).", ""] if scores.get("window") else []
+    lines += ["| structure | Dice | reference px | detected (IoU ≥ 0.5) / slices present: boxes "
+              "returned | boxes as written |", "|---|---|---|---|---|"]
     written = scores.get("written_detection_found") or scores["detection_found"]
     for s, v in scores["dice"].items():
         found, present = scores["detection_found"][s]
@@ -327,14 +334,14 @@ def written_detection_miss(scores: dict) -> str | None:
 
 def evaluate_model(model_dir, threads: int = 1, slices: list[int] | None = None,
                    json_path=None, progress=None, device: str = "cpu", dtype=None,
-                   sample_data=None) -> dict:
+                   sample_data=None, window: str | None = None) -> dict:
     """Load `model_dir`, score it on the held-out blocks (or `slices`), write JSON if asked."""
     from .engine import Engine
 
     study = load_study(sample_data)
     torch.set_num_threads(threads)
     engine = Engine.load(model_dir, device=device, dtype=dtype)
-    scores = evaluate(engine, study, slices=slices, progress=progress)
+    scores = evaluate(engine, study, slices=slices, progress=progress, window=window)
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(scores, indent=1))
@@ -347,8 +354,15 @@ def _progress(i: int, n: int) -> None:
 
 def eval_cli(args) -> int:
     """`citrusv eval --model DIR`: print the table (and write JSON with --json)."""
+    from .imaging import WINDOWS
+
+    if args.window is not None and args.window not in WINDOWS:
+        print(f"citrusv eval: --window must be one of {', '.join(sorted(WINDOWS))}, not "
+              f"{args.window!r}.", file=sys.stderr)
+        return 2
     scores = evaluate_model(args.model, args.threads, json_path=args.json, progress=_progress,
-                            device=args.device, dtype=args.dtype, sample_data=args.sample_data)
+                            device=args.device, dtype=args.dtype, sample_data=args.sample_data,
+                            window=args.window)
     print()
     print(format_table(scores))
     return 0

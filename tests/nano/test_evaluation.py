@@ -155,3 +155,33 @@ def test_boxes_for_absent_structures_lower_precision_only(study):
     assert scores["scored_detection_precision"] == scores["scored_detection_recall"] == 1.0
     assert (f"| detection precision / recall, boxes scored ≥ 0.5 ({n_present} boxes) | "
             "1.000 / 1.000 | | |") in format_table(scores)
+
+
+def test_one_window_for_every_question_is_asked_and_said(study):
+    """`citrusv eval --window lung`: every question in that window, and the table says so; by
+    default the protocol's windows (lung for the lungs, abdomen for the rest and the report)."""
+
+    class Recorder(ScriptedAnswerer):
+        def __init__(self, study):
+            super().__init__(study)
+            self.windows: set[tuple[str, str | None]] = set()
+
+        def ask(self, image, prompt, window=None, task=None, max_new_tokens=None):
+            self.windows.add((task, window))
+            return super().ask(image, prompt, window=window, task=task,
+                               max_new_tokens=max_new_tokens)
+
+        def closer_look(self, image, prompt, mask=None, label=None, window=None):
+            self.windows.add(("closer_look", window))
+            return super().closer_look(image, prompt, mask=mask, label=label, window=window)
+
+    usual = Recorder(study)
+    scores = evaluate(usual, study, slices=SLICES)
+    assert scores["window"] is None and not format_table(scores).startswith("Every question")
+    assert usual.windows == {(t, w) for t in ("segment", "detect", "closer_look")
+                             for w in ("lung", "abdomen")} | {("report", "abdomen")}
+    one = Recorder(study)
+    lung = evaluate(one, study, slices=SLICES, window="lung")
+    assert {w for _, w in one.windows} == {"lung"} and lung["window"] == "lung"
+    assert format_table(lung).startswith("Every question in the lung window")
+    assert lung["mean_dice"] == scores["mean_dice"]  # the scripted answers ignore the window
