@@ -11,7 +11,6 @@ slice, as the Slicer module does, and scores the refined mask against the same r
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -354,12 +353,12 @@ def _progress(i: int, n: int) -> None:
 
 def eval_cli(args) -> int:
     """`citrusv eval --model DIR`: print the table (and write JSON with --json)."""
+    from .errors import InputError
     from .imaging import WINDOWS
 
     if args.window is not None and args.window not in WINDOWS:
-        print(f"citrusv eval: --window must be one of {', '.join(sorted(WINDOWS))}, not "
-              f"{args.window!r}.", file=sys.stderr)
-        return 2
+        raise InputError("window", f"--window must be one of {', '.join(sorted(WINDOWS))}, not "
+                         f"{args.window!r}.")
     scores = evaluate_model(args.model, args.threads, json_path=args.json, progress=_progress,
                             device=args.device, dtype=args.dtype, sample_data=args.sample_data,
                             window=args.window)

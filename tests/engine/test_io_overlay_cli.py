@@ -161,6 +161,13 @@ def test_cli_eval_on_a_missing_model_says_one_sentence(tmp_path, capsys):
     assert "Traceback" not in err and len(err.splitlines()) == 1
 
 
+def test_cli_eval_with_an_unknown_window_says_one_sentence(capsys):
+    rc = main(["eval", "--window", "purple"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == ("error: --window must be one of abdomen, bone, lung, soft_tissue, "
+                               "not 'purple'.")
+
+
 @pytest.mark.parametrize("device, words", [
     ("gpu", "error: --device gpu is not a device; use cuda or cpu."),
     ("cuda:x", "error: --device cuda:x is not a device; use cuda or cpu."),
