@@ -138,14 +138,13 @@ def evaluate(engine, study: CTStudy, slices: list[int] | None = None,
     looks = {s: {"looks": 0, "warned": 0, "inter_before": 0, "sum_before": 0,
                  "inter_after": 0, "sum_after": 0} for s in structures}
     closer = getattr(engine, "closer_look", None)
-    view = window
     for n, k in enumerate(slices):
         image = study.volume[k]
         refs = {s: study.mask(s, k) for s in structures}
         on = {s for s in structures if refs[s].sum() >= MIN_AREA_PX}
         for s in structures:
-            window = view or eval_window(s)
-            res = engine.ask(image, SEGMENT_PROMPT.format(s=s), window=window, task="segment",
+            shown = window or eval_window(s)
+            res = engine.ask(image, SEGMENT_PROMPT.format(s=s), window=shown, task="segment",
                              max_new_tokens=24)
             pred = _union(res.masks, image.shape)
             ref = refs[s]
@@ -153,7 +152,7 @@ def evaluate(engine, study: CTStudy, slices: list[int] | None = None,
             sums[s] += int(pred.sum() + ref.sum())
             ref_px[s] += int(ref.sum())
             if closer is not None and s in on and pred.any():
-                look = closer(image, "", mask=pred, label=s, window=window)
+                look = closer(image, "", mask=pred, label=s, window=shown)
                 after = _union(look.masks, image.shape)
                 tally = looks[s]
                 tally["looks"] += 1
@@ -163,7 +162,7 @@ def evaluate(engine, study: CTStudy, slices: list[int] | None = None,
                     tally[f"inter_{when}"] += int(np.logical_and(m, ref).sum())
                     tally[f"sum_{when}"] += int(m.sum() + ref.sum())
 
-            res = engine.ask(image, DETECT_PROMPT.format(s=s), window=window, task="detect",
+            res = engine.ask(image, DETECT_PROMPT.format(s=s), window=shown, task="detect",
                              max_new_tokens=48)
             ref_box = mask_box(ref) if s in on else None
             rights = det.add(s, [(b.label, b.xyxy) for b in res.boxes], ref_box)
@@ -173,7 +172,7 @@ def evaluate(engine, study: CTStudy, slices: list[int] | None = None,
             found_scored += int(any(r and b.score is not None and b.score >= SCORE_LINE
                                     for b, r in zip(res.boxes, rights)))
         if report:
-            res = engine.ask(image, REPORT_PROMPT, window=view or "abdomen", task="report",
+            res = engine.ask(image, REPORT_PROMPT, window=window or "abdomen", task="report",
                              max_new_tokens=400)
             boxes = {b.id: b for b in res.boxes}
             cited_names = set()
@@ -224,7 +223,7 @@ def evaluate(engine, study: CTStudy, slices: list[int] | None = None,
                             **{f"dice_{when}": _summed_dice(t[f"inter_{when}"], t[f"sum_{when}"])
                                for when in ("before", "after")}}
                         for s, t in looks.items()} if closer is not None else None,
-        "window": view,
+        "window": window,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     return out
