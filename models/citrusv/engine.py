@@ -73,6 +73,11 @@ FOLLOW_UP_PROMPTS = {"segment": GROUND_PROMPT,
 # what a report question answered with no report is asked again with, after the question
 # (`Engine._ask_for_report`; Citrus-V's reports are step-by-step reasoning)
 REPORT_FOLLOW_UP = "Think step by step."
+# what it is asked when that gives no report either, or the question says "step by step"
+# already ("Write a Report, Think Step by Step.": nano, taught lower-case words, writes a
+# left-lung box); nano's phrasing, its trained "Write a report for this CT slice. Think step
+# by step." with "image", which it also answers on a radiograph
+REPORT_AGAIN_PROMPT = "Write a report for this image. Think step by step."
 
 
 def empty_mask_warning(label: str, slices: int | None = None) -> str:
@@ -854,24 +859,33 @@ class Engine:
         """A question that asks for a report by its words, answered with no report (no
         reasoning, no <answer>: nano, asked "Write a report." or "What are the findings?",
         writes one left-lung box), is asked again with REPORT_FOLLOW_UP after it, unless it
-        says so already. When that answer is a report, it is the result: its reasoning, boxes,
-        masks, answer and warnings, the first answer's masks added (nano answers "Segment the
-        heart and describe it." with a heart mask first), `text` the two raw outputs one per
-        line, timings summed.
-        None when it is no report either, or the question has no report words ("Is the liver
+        says so already, and if that is no report either (or was not asked: "Write a Report,
+        Think Step by Step.", words nano was taught in lower case) with REPORT_AGAIN_PROMPT, unless
+        it is that question. The first report is the result: its reasoning, boxes, masks,
+        answer and warnings, the first answer's masks added (nano answers "Segment the heart
+        and describe it." with a heart mask first), `text` the raw outputs one per line,
+        timings summed.
+        None when no answer is a report, or the question has no report words ("Is the liver
         normal?", "Show the liver.": nano's box or "No liver is visible" answers what was
         asked better than the report it then writes); the first answer is then checked as a
         detection answer is."""
-        if not asks_for_report(prompt) or re.search(r"step by step|\bthink", prompt.lower()):
+        if not asks_for_report(prompt):
             return None
-        more = self._run(state, f"{prompt.rstrip()} {REPORT_FOLLOW_UP}", "report", None, None,
-                         follow=False)
-        if not more.reasoning and "<answer>" not in more.text:
-            return None
-        more.prompt, more.text = prompt, f"{res.text}\n{more.text}"
-        _add_masks(more, res)  # "Segment the heart and describe it.": its heart mask stays
-        _sum_times(more.timing_ms, res.timing_ms)
-        return more
+        questions = [] if re.search(r"step by step|\bthink", prompt.lower()) else [
+            f"{prompt.rstrip()} {REPORT_FOLLOW_UP}"]
+        if prompt.split() != REPORT_AGAIN_PROMPT.split():
+            questions.append(REPORT_AGAIN_PROMPT)
+        texts = [res.text]
+        for question in questions:
+            more = self._run(state, question, "report", None, None, follow=False)
+            texts.append(more.text)
+            if more.reasoning or "<answer>" in more.text:
+                more.prompt, more.text = prompt, "\n".join(texts)
+                _add_masks(more, res)  # "Segment the heart and describe it.": its mask stays
+                _sum_times(more.timing_ms, res.timing_ms)
+                return more
+            _sum_times(res.timing_ms, more.timing_ms)
+        return None
 
     def _ask_rest(self, state: SliceState, prompt: str, task: str, res: Result,
                   absent: list[tuple[str, str]]) -> bool:

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from citrusv import Engine, InputError, rle
-from citrusv.engine import (FOLLOW_UP_PROMPTS, absent_box_warning, absent_members, asked_members, box_pixels, closer_look_warning, main_parts_box,
+from citrusv.engine import (FOLLOW_UP_PROMPTS, REPORT_AGAIN_PROMPT, absent_box_warning, absent_members, asked_members, box_pixels, closer_look_warning, main_parts_box,
                             slice_list)
 from citrusv.generation import generate_capturing, image_embeddings, teacher_force
 from citrusv.imaging import smart_resize
@@ -361,14 +361,28 @@ def test_a_structure_a_listing_question_leaves_out_is_asked_about_alone(fitted_e
 def test_a_report_question_answered_with_no_report_keeps_it_when_asked_again_gives_none(
         tmp_path):
     """A tiny model fitted to answer every report question with a liver box: asked again
-    with "Think step by step." it writes the box again, so the first answer stays and is
-    checked as a detection answer (nano, which then writes a report, is in tests/nano)."""
+    with "Think step by step." and then in nano's phrasing it writes the box again, so the
+    first answer stays and is checked as a detection answer (nano, which then writes a
+    report, is in tests/nano). Each question asked is timed into the answer."""
     boxed = ANSWERS["detect"]
     e = Engine.load(write_tiny_checkpoint(tmp_path / "boxes", seed=0,
                                           answers={"report": boxed}))
     img = ct_slice(120, 90, seed=3)
     res = e.ask(img, "Write a report.", window="abdomen")
     assert res.task == "report" and res.text == boxed and res.reasoning == []
+    asked, run = [], e._run
+
+    def counted(state, prompt, *args, **kwargs):  # the engine's own pass, each question noted
+        asked.append(prompt)
+        return run(state, prompt, *args, **kwargs)
+
+    e._run = counted
+    caps = e.ask(img, "Write a Report, Think Step by Step.", window="abdomen")
+    assert caps.text == boxed and caps.reasoning == []
+    e.ask(img, "Write a report.", window="abdomen")
+    assert [q for q in asked if "report" in q.lower()] == [
+        "Write a Report, Think Step by Step.", REPORT_AGAIN_PROMPT,
+        "Write a report.", "Write a report. Think step by step.", REPORT_AGAIN_PROMPT]
     assert [b.label for b in res.boxes] == ["liver"]
     # the answer is about the liver, which "Write a report." does not name: a detection check
     assert [w for w in res.warnings if "does not name" in w]
