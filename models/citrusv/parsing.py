@@ -35,8 +35,11 @@ _STOP = {
 # `citrusv ask --server` routes by); tests/app/test_readers_agree.py keeps the two equal.
 _TASK_WORDS = [
     ("report", r"\breport|\bdescrib|\bfindings?\b|step by step|\bdiagnos|\bimpression|\bsummar"),
-    ("segment", r"\bsegment|\bmasks?\b|\bdelineat|\boutline|\bcontour"),
-    ("detect", r"\bdetect|\blocat|\bwhere\b|\bfind\b|\bidentif|\bbox|\bbounding|\bhow many\b"
+    # a size question ("How big is the liver?") is answered by a mask and its area in mm²
+    ("segment", r"\bsegment|\bmasks?\b|\bdelineat|\boutline|\bcontour|\bhighlight"
+                r"|\bhow (?:big|large)\b|\bsize\b|\bmeasur"),
+    ("detect", r"\bdetect|\blocat|\bwhere\b|\bfind\b|\bidentif|\bbox|\bbounding"
+               r"|\bshow (?:me )?(?:the|both|all)\b|\bpoint (?:out|to)\b|\bhow many\b"
                r"|\bcount\b"),
 ]
 
@@ -88,6 +91,8 @@ def infer_task(prompt: str) -> str:
 # what a question asks for follows one of these words ("a mask of both kidneys", "boxes
 # around the liver and the spleen")
 _ASKED_FOR = (r"(?:segment|outline|delineate|contour|detect|locate|find|identify|mask"
+              r"|highlight|show(?:\s+me)?(?=\s+(?:the|both|all)\b)|point\s+(?:out|to)"
+              r"|how (?:big|large) (?:is|are)|size of|measure"
               r"|where (?:is|are)|(?:bounding\s+)?box(?:es)?\s+(?:around|on|for|of))"
               r"\s+(?:of\s+)?(?:all\s+|both\s+)?(?:the\s+)?")
 _ASKED_END = r"\s+(?:in|on|from|of this|within|please)\b"

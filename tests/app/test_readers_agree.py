@@ -75,6 +75,12 @@ def test_a_question_goes_to_the_same_task_with_or_without_a_server():
                     ("Delineate the aorta", "segment"),
                     ("Identify the liver and the spleen.", "detect"),
                     ("Identify the findings.", "report"),
+                    ("Show me the spleen.", "detect"),
+                    ("Point out the aorta.", "detect"),
+                    ("Does this show a lesion?", "report"),
+                    ("Highlight the liver.", "segment"),
+                    ("How big is the liver?", "segment"),
+                    ("What is the size of the heart?", "segment"),
                     ("Is there a pleural effusion?", "report"),
                     ("liver", "report")]:
         assert (infer_task(p), guess_task(p)) == (task, task), p

@@ -86,6 +86,20 @@ def test_task_routing_from_prompt():
     # the report task by its words, or for want of other task words
     assert asks_for_report("Write a report.") and asks_for_report("What are the findings?")
     assert not asks_for_report("Is the liver normal?") and not asks_for_report("Show the liver.")
+    # a radiologist's other words: "show" a structure is detection, "highlight" it or ask its
+    # size is segmentation (the mask's area in mm² answers it), each read for what it names
+    for prompt, task, targets in [
+            ("Show the Spleen.", "detect", ["spleen"]),
+            ("Show me the liver and the spleen.", "detect", ["liver", "spleen"]),
+            ("Point out the aorta.", "detect", ["aorta"]),
+            ("Highlight the liver.", "segment", ["liver"]),
+            ("How big is the liver?", "segment", ["liver"]),
+            ("How large are the kidneys?", "segment", ["kidneys"]),
+            ("What is the size of the Heart?", "segment", ["heart"]),
+            ("Measure the spleen.", "segment", ["spleen"]),
+            # "show" with no structure after it asks for no box
+            ("Does this show any lesion?", "report", [])]:
+        assert (infer_task(prompt), prompt_targets(prompt)) == (task, targets), prompt
 
 
 def test_step_numbers_are_not_part_of_box_labels():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from citrusv import Engine
-from citrusv.engine import main_parts_box
+from citrusv.engine import REPORT_AGAIN_PROMPT, main_parts_box
 from citrusv.evaluation import box_iou, held_out_slices, normalise_label
 from citrusv.checkpoint import read_example_prompts, read_intended_use
 from citrusv.io import read_study
@@ -288,6 +288,19 @@ def test_a_question_listing_structures_gets_an_answer_about_each(engine, study):
             "liver alone.") in denied.warnings
 
 
+def test_a_size_question_is_answered_with_a_mask_and_its_area_in_mm2(engine, study):
+    """"How big is the Liver?" is a segmentation question (nano, asked it in those words,
+    writes "Sure, the liver is [SEG] liver."): on held-out slice 25 its mask is nano's liver,
+    and the answer's JSON gives the mask's area in mm² from the slice's spacing."""
+    img, spacing = study.volume[SLICE], (study.spacing[1], study.spacing[2])
+    res = engine.ask(img, "How big is the Liver?", window="abdomen", spacing=spacing)
+    assert res.task == "segment" and [m.label for m in res.masks] == ["liver"], res.text
+    assert dice_score(res.masks[0].array, study.mask("liver", SLICE)) >= 0.8
+    entry = res.to_json()["masks"][0]
+    assert entry["area_mm2"] == pytest.approx(res.masks[0].area_px * spacing[0] * spacing[1],
+                                              rel=1e-4)
+
+
 def test_a_report_question_nano_answers_with_no_report_is_asked_again(engine, study):
     """nano writes reports to questions that say "step by step", as all its trained ones do.
     On held-out slice 25 "Write a report." and "What are the findings?" first get a
@@ -323,6 +336,13 @@ def test_a_report_question_nano_answers_with_no_report_is_asked_again(engine, st
     assert not typed.reasoning and [m.label for m in typed.masks] == ["heart"]
     np.testing.assert_array_equal(both.masks[0].array, typed.masks[0].array)
     assert dice_score(both.masks[0].array, study.mask("heart", 65)) >= 0.85
+    # "step by step" said already, in capitals (nano was taught lower-case words): its box
+    # answer is asked again in nano's phrasing, whose report is the result
+    caps = engine.ask(img, "Write a Report, Think Step by Step.", window="abdomen")
+    assert caps.text.startswith('```json\n[{"bbox_2d"'), caps.text
+    assert caps.reasoning and all(step.box_ids for step in caps.reasoning), caps.text
+    assert caps.text.endswith(engine.ask(img, REPORT_AGAIN_PROMPT, window="abdomen").text)
+    assert caps.prompt == "Write a Report, Think Step by Step."
     normal = engine.ask(img, "Is the liver normal?", window="abdomen")
     assert normal.text.startswith("No liver is visible in this image.") and not normal.reasoning
     assert "<think>" not in normal.text

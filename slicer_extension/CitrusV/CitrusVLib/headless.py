@@ -31,8 +31,10 @@ DISPLAY_WINDOWS: dict[str, tuple[float, float]] = {
 _TASK_WORDS = (
     ("report", re.compile(r"\breport|\bdescrib|\bfindings?\b|step by step|\bdiagnos"
                           r"|\bimpression|\bsummar", re.I)),
-    ("segment", re.compile(r"\bsegment|\bmasks?\b|\bdelineat|\boutline|\bcontour", re.I)),
+    ("segment", re.compile(r"\bsegment|\bmasks?\b|\bdelineat|\boutline|\bcontour|\bhighlight"
+                           r"|\bhow (?:big|large)\b|\bsize\b|\bmeasur", re.I)),
     ("detect", re.compile(r"\bdetect|\blocat|\bwhere\b|\bfind\b|\bidentif|\bbox|\bbounding"
+                          r"|\bshow (?:me )?(?:the|both|all)\b|\bpoint (?:out|to)\b"
                           r"|\bhow many\b|\bcount\b", re.I)),
 )
 
