@@ -22,7 +22,8 @@ def print_result(data: dict) -> None:
     print(f"task: {data.get('task')}\ntext: {data.get('text')}\nanswer: {data.get('answer')}")
     for m in data.get("masks", []):
         score = "n/a" if m.get("score") is None else f"{m['score']:.3f}"
-        print(f"mask '{m['label']}': {m['area_px']} px, score {score}")
+        area = "" if m.get("area_mm2") is None else f" ({m['area_mm2']:.1f} mm²)"
+        print(f"mask '{m['label']}': {m['area_px']} px{area}, score {score}")
     for b in data.get("boxes", []):
         score = "" if b.get("score") is None else f", score {b['score']:.3f}"
         origin = ""
@@ -30,7 +31,9 @@ def print_result(data: dict) -> None:
             written = ("nothing written" if b.get("text_xyxy") is None else
                        f"written {[round(v, 1) for v in b['text_xyxy']]}")
             origin = f" (from the '{b['label']}' mask; {written})"
-        print(f"box {b['id']} '{b['label']}': {[round(v, 1) for v in b['xyxy']]}{origin}{score}")
+        size = "" if not b.get("size_mm") else f", {b['size_mm'][0]:.0f} x {b['size_mm'][1]:.0f} mm"
+        print(f"box {b['id']} '{b['label']}': {[round(v, 1) for v in b['xyxy']]}{size}{origin}"
+              f"{score}")
     for step in data.get("reasoning", []):
         print(f"step {step['step']}: {step['text']} {step['box_ids']}")
     for w in data.get("warnings", []):

@@ -582,7 +582,8 @@ class Engine:
                 remap = {}
                 for box in res.boxes:
                     remap[box.id] = f"b{len(out.boxes) + 1}"
-                    out.boxes.append(dataclasses.replace(box, id=remap[box.id], slice=k))
+                    out.boxes.append(dataclasses.replace(box, id=remap[box.id], slice=k,
+                                                         spacing=plane_spacing))
                 for step in res.reasoning:
                     out.reasoning.append(Step(len(out.reasoning) + 1, f"[slice {k}] {step.text}",
                                               [remap.get(b, b) for b in step.box_ids]))
@@ -1028,7 +1029,7 @@ class Engine:
                 window) -> None:
         plane = None if spacing is None else tuple(float(s) for s in spacing)[-2:]
         for box in res.boxes:
-            box.slice = slice_index
+            box.slice, box.spacing = slice_index, plane
         for m in res.masks:
             m.slice = slice_index
             m.spacing = plane

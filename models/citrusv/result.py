@@ -18,7 +18,9 @@ class Box:
     box of the model's own mask of `label`); `text_xyxy` is the box the model wrote, either
     way, and `score` is the model's probability of those numbers. A "mask" box with no
     `text_xyxy` is one the model wrote no box for (its answer said the structure is not
-    visible; its mask said otherwise): `text_xyxy` and `score` are null in JSON."""
+    visible; its mask said otherwise): `text_xyxy` and `score` are null in JSON.
+    `spacing` (row, column mm of one pixel, when the image's is known) gives `size_mm`, the
+    box's [width, height] in mm (x2, y2 exclusive), measured, not what an answer says."""
 
     id: str
     label: str
@@ -27,6 +29,15 @@ class Box:
     score: float | None = None
     source: str = "text"
     text_xyxy: list[float] | None = None
+    spacing: tuple[float, float] | None = None
+
+    @property
+    def size_mm(self) -> list[float] | None:
+        if self.spacing is None:
+            return None
+        x1, y1, x2, y2 = (float(v) for v in self.xyxy)
+        return [round((x2 - x1) * float(self.spacing[1]), 1),
+                round((y2 - y1) * float(self.spacing[0]), 1)]
 
     def to_json(self) -> dict:
         written = self.text_xyxy
@@ -40,6 +51,7 @@ class Box:
             "score": None if self.score is None else round(float(self.score), 4),
             "source": self.source,
             "text_xyxy": None if written is None else [round(float(v), 2) for v in written],
+            "size_mm": self.size_mm,
         }
 
 

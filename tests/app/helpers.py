@@ -8,13 +8,14 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 import requests
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 RESULT_KEYS = {"task", "prompt", "model", "text", "answer", "reasoning", "boxes", "masks", "image",
                "timing_ms", "warnings", "label_names"}
 MASK_KEYS = {"label", "label_index", "slice", "area_px", "area_mm2", "score", "rle"}
-BOX_KEYS = {"id", "label", "xyxy", "slice", "score", "source", "text_xyxy"}
+BOX_KEYS = {"id", "label", "xyxy", "slice", "score", "source", "text_xyxy", "size_mm"}
 
 
 def split_multipart(r: requests.Response, tmp: Path) -> tuple[dict, nib.Nifti1Image]:
@@ -70,6 +71,13 @@ def check_result(result: dict, task: str) -> None:
     image = result["image"]
     assert set(image) >= {"id", "shape", "spacing", "axis", "slices"}
     assert len(image["shape"]) == 3 and len(image["spacing"]) == 3
+    # a box's size in mm: its pixels times the plane's spacing (image spacing is z, y, x; a
+    # coronal plane's rows run along z, its columns along x; a sagittal one's along z and y)
+    z, y, x = image["spacing"]
+    rows, cols = {"axial": (y, x), "coronal": (z, x), "sagittal": (z, y)}[image["axis"]]
+    for box in result["boxes"]:
+        x1, y1, x2, y2 = box["xyxy"]
+        assert box["size_mm"] == pytest.approx([(x2 - x1) * cols, (y2 - y1) * rows], abs=0.06)
     assert isinstance(result["timing_ms"], dict) and isinstance(result["warnings"], list)
 
 

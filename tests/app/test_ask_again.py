@@ -1,5 +1,6 @@
 """`--conf ask_again false`: the engine answers as the model wrote, and asks nothing again
-(docs/api.md, "Asked again"). A private server on the shipped nano model, over real HTTP."""
+(docs/api.md, "Asked again"). A private server on the shipped nano model, over real HTTP;
+also where a real model's boxes are needed (their size in mm on each plane)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.app.helpers import check_result
 from tests.server import assert_refuses_setting, copy_studies, private_citrusv_server
 
 NANO = Path(__file__).resolve().parents[2] / "models" / "nano"
@@ -44,3 +46,23 @@ def test_bad_ask_again_stops_the_server_with_a_sentence(tiny_model_dir, citrusv_
     assert_refuses_setting("--conf ask_again must be true or false, not 'maybe'",
                            copy_studies(tmp_path / "studies", citrusv_sample_studies),
                            tiny_model_dir, ask_again="maybe")
+
+
+@pytest.mark.parametrize("axis, slice_index, rows, cols", [("axial", 25, 0.703125, 0.703125),
+                                                          ("coronal", 250, 2.5, 0.703125),
+                                                          ("sagittal", 200, 2.5, 0.703125)])
+def test_a_box_carries_its_size_in_mm_on_any_plane(as_typed_server, axis, slice_index, rows,
+                                                    cols):
+    """The CT's voxels are 0.703 x 0.703 x 2.5 mm: a coronal or sagittal box's height runs
+    along z, so it measures 2.5 mm a row. (nano writes a box for this question on each plane;
+    the tiny model of the shared server writes none.)"""
+    question = {"prompt": "Find the liver.", "slice": slice_index, "axis": axis}
+    r = as_typed_server.post("/infer/citrusv_detect?image=chest_ct&output=json",
+                             data={"params": json.dumps(question)})
+    assert r.status_code == 200, r.text
+    result = r.json()
+    check_result(result, "detect")
+    assert result["boxes"], result["text"]
+    for box in result["boxes"]:
+        x1, y1, x2, y2 = box["xyxy"]
+        assert box["size_mm"] == pytest.approx([(x2 - x1) * cols, (y2 - y1) * rows], abs=0.06)

@@ -67,6 +67,10 @@ def test_injected_generation_gives_masks_boxes_and_trace(engine):
     assert m0["area_mm2"] == pytest.approx(res.masks[0].area_px * 0.4, rel=1e-6)
     np.testing.assert_array_equal(rle.decode(m0["rle"]), res.masks[0].array)
     assert data["boxes"][0]["slice"] == 7 and data["label_names"] == {"liver": 1, "spleen": 2}
+    # a box's size in mm from the slice's spacing (rows 0.5 mm, columns 0.8 mm), measured
+    assert data["boxes"][0]["size_mm"] == [round(56 * sx * 0.8, 1), round(56 * sy * 0.5, 1)]
+    assert engine.ask(img, "Find the liver.", forced_text=FORCED).to_json()["boxes"][0][
+        "size_mm"] is None  # no spacing given: no size
     assert data["image"]["slices"] == [7] and data["image"]["shape"] == [1, 100, 150]
     assert set(data["timing_ms"]) >= {"prefill", "decode", "mask", "total"}
 
@@ -500,6 +504,13 @@ def test_ask_volume_returns_3d_masks_in_volume_index_space(engine):
     assert data["image"] == {"id": None, "shape": [6, 40, 50], "spacing": [2.5, 0.7, 0.7],
                              "axis": "axial", "slices": [1, 2, 3]}
     assert data["masks"][0]["area_mm2"] == pytest.approx(data["masks"][0]["area_px"] * 0.49)
+    # boxes on a coronal plane: rows run along z (2.5 mm), columns along x (0.7 mm)
+    boxed = engine.ask_volume(vol, "Find the liver.", slices=[10], axis="coronal",
+                              spacing=(2.5, 0.7, 0.7), forced_text=FORCED)
+    (box, *_) = boxed.to_json()["boxes"]
+    x1, y1, x2, y2 = box["xyxy"]
+    assert box["slice"] == 10 and box["size_mm"] == pytest.approx(
+        [(x2 - x1) * 0.7, (y2 - y1) * 2.5], abs=0.06)
     cor = engine.ask_volume(vol, "Segment the liver.", slices=[10], axis="coronal",
                             forced_text="liver [SEG]")
     assert cor.masks[0].array.shape == vol.shape and not cor.masks[0].array[:, :10].any()

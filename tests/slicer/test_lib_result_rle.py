@@ -99,3 +99,9 @@ def test_box_from_the_models_mask_says_so(sample_result):
     r = Result.from_json({**sample_result, "boxes": unwritten})
     assert [b.name for b in r.boxes] == ["b1 liver (from mask)"]
     assert "b1 liver: slice 3, [15, 10, 35, 20] (from the liver mask)" in r.record().splitlines()
+    # a server that knows the image's spacing sends each box's size in mm, measured
+    sized = [{**sample_result["boxes"][0], "source": "mask", "size_mm": [14.06, 7.03]}]
+    r = Result.from_json({**sample_result, "boxes": sized})
+    assert r.boxes[0].size_mm == (14.06, 7.03)
+    assert ("b1 liver: slice 3, [15, 10, 35, 20], 14 x 7 mm (from the liver mask), score "
+            "0.90") in r.record().splitlines()

@@ -42,6 +42,7 @@ class Box:
     score: float | None = None
     source: str = "text"  # "mask": the box of the model's own mask of `label`
     text_xyxy: tuple[float, float, float, float] | None = None  # the box the model wrote
+    size_mm: tuple[float, float] | None = None  # [width, height] measured from the pixels
 
     @property
     def name(self) -> str:
@@ -169,7 +170,9 @@ class Result:
                 if b.source == "mask":
                     written = f", written {_numbers(b.text_xyxy)}" if b.text_xyxy else ""
                     origin = f" (from the {b.label} mask{written})"
-                lines.append(f"{b.id} {b.label}: {where}{_numbers(b.xyxy)}{origin}{score}")
+                size = (f", {b.size_mm[0]:.0f} x {b.size_mm[1]:.0f} mm" if b.size_mm
+                        else "")
+                lines.append(f"{b.id} {b.label}: {where}{_numbers(b.xyxy)}{size}{origin}{score}")
         if self.masks:
             lines += ["", "Masks:"]
             for m in self.masks:
@@ -220,6 +223,8 @@ class Result:
                     source=str(b.get("source") or "text"),
                     text_xyxy=(None if b.get("text_xyxy") is None
                                else tuple(float(v) for v in b["text_xyxy"])),  # type: ignore[arg-type]
+                    size_mm=(None if not b.get("size_mm")
+                             else tuple(float(v) for v in b["size_mm"])),  # type: ignore[arg-type]
                 )
                 for n, b in enumerate(data.get("boxes") or [])
             ],
