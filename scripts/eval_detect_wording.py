@@ -5,7 +5,8 @@ held-out slices, one question per structure and slice, for
 - nano's own question ("Locate the liver, output its bbox coordinates using JSON format."),
 - the same with the name capitalised ("Locate the Right Kidney, ..."; nano was taught names
   in lower case),
-- other words ("Draw a box around the liver.", "Identify the liver.").
+- other words ("Draw a box around the liver.", "Identify the liver."),
+- "Show the liver." and "Point out the liver." (detection questions since 2026-12-05).
 The task is picked from the words, as for a radiologist's question. One thread.
 
     .venv/bin/python scripts/eval_detect_wording.py
@@ -21,7 +22,8 @@ from citrusv.nano_data import MIN_AREA_PX, NAMES, eval_window, mask_box
 
 WORDINGS = {"nano's question": [DETECT_PROMPT],
             "names with capitals": [DETECT_PROMPT.replace("{s}", "{S}")],
-            "other words": ["Draw a box around the {s}.", "Identify the {s}."]}
+            "other words": ["Draw a box around the {s}.", "Identify the {s}."],
+            "show, point out": ["Show the {s}.", "Point out the {s}."]}
 
 
 def run(engine: Engine, study, slices) -> dict[str, _Detections]:

@@ -5,6 +5,8 @@ engine asking again (docs/api.md, "Asked again"): Dice summed over the held-out 
 - nano's own question ("Please segment the liver in this scan."), for comparison,
 - names with capitals ("Segment the Liver.", "Please segment the Right Kidney in this
   scan."; nano was taught names in lower case),
+- "Highlight the liver." and "How big is the liver?" (segmentation questions since
+  2026-12-05: the mask's area in mm² answers the size),
 - one question listing every structure on the slice ("Segment the right lung, the heart and
   the aorta."; on a slice with none of them, not asked, so scored as an empty mask),
 - both of a pair ("Segment both kidneys.", "Segment both lungs."), and a pair's name with no
@@ -30,7 +32,8 @@ from citrusv.nano_data import (HELD_OUT_BLOCKS, MIN_AREA_PX, NAMES, PAIRS, eval_
 NANO = Path(__file__).resolve().parents[1] / "models" / "nano"
 ONE = {"other words": ["Delineate the {s}.", "Outline the {s}.", "Contour the {s}."],
        "nano's question": ["Please segment the {s} in this scan."],
-       "names with capitals": ["Segment the {S}.", "Please segment the {S} in this scan."]}
+       "names with capitals": ["Segment the {S}.", "Please segment the {S} in this scan."],
+       "highlight, size words": ["Highlight the {s}.", "How big is the {s}?"]}
 PAIR_WORDINGS = {"both of a pair": "Segment both {pair}.", "a pair's name with no side":
                  "Segment the {one}."}
 
