@@ -89,13 +89,17 @@ def infer_task(prompt: str) -> str:
 
 
 # what a question asks for follows one of these words ("a mask of both kidneys", "boxes
-# around the liver and the spleen")
+# around the liver and the spleen", "where's the heart")
 _ASKED_FOR = (r"(?:segment|outline|delineate|contour|detect|locate|find|identify|mask"
               r"|highlight|show(?:\s+me)?(?=\s+(?:the|both|all)\b)|point\s+(?:out|to)"
               r"|how (?:big|large) (?:is|are)|size of|measure"
-              r"|where (?:is|are)|(?:bounding\s+)?box(?:es)?\s+(?:around|on|for|of))"
+              r"|where(?:'s|\s+(?:is|are))|where(?=\s+the\b)"
+              r"|(?:bounding\s+)?box(?:es)?\s+(?:around|on|for|of))"
               r"\s+(?:of\s+)?(?:all\s+|both\s+)?(?:the\s+)?")
-_ASKED_END = r"\s+(?:in|on|from|of this|within|please)\b"
+# ... and ends before one of these ("Where is the liver located?", "Outline the aorta for
+# me.", "Show me where the spleen is.")
+_ASKED_END = (r"\s+(?:in|on|from|of this|within|please|for|is|are|located|lies|lie"
+              r"|compared)\b")
 
 
 def prompt_target(prompt: str) -> str:

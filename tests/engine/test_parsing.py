@@ -98,7 +98,13 @@ def test_task_routing_from_prompt():
             ("What is the size of the Heart?", "segment", ["heart"]),
             ("Measure the spleen.", "segment", ["spleen"]),
             # "show" with no structure after it asks for no box
-            ("Does this show any lesion?", "report", [])]:
+            ("Does this show any lesion?", "report", []),
+            # how a question goes on after the name
+            ("Where's the heart?", "detect", ["heart"]),
+            ("Where is the liver located?", "detect", ["liver"]),
+            ("Show me where the spleen is.", "detect", ["spleen"]),
+            ("Could you outline the aorta for me?", "segment", ["aorta"]),
+            ("How big is the left kidney compared to the right?", "segment", ["left kidney"])]:
         assert (infer_task(prompt), prompt_targets(prompt)) == (task, targets), prompt
 
 
