@@ -3,7 +3,8 @@ returns with them: over the held-out slices, nano's report question (as `citrusv
 it); for each structure its answer gives a size for ("liver (right side, 98 x 66 mm)") that
 is on the slice, the worse side's relative error against the reference mask's box in mm, for
 the size as written and for the returned box's `size_mm` (from nano's mask and the spacing).
-Sizes given for structures not on the slice are counted apart. One thread.
+Sizes given for structures not on the slice are counted apart, and the reports whose
+warnings say their sizes are off their boxes' (`citrusv.engine.size_warning`). One thread.
 
     .venv/bin/python scripts/eval_report_sizes.py
 """
@@ -33,12 +34,13 @@ def main() -> None:
     torch.set_num_threads(1)
     engine, study = Engine.load(NANO), load_study()
     spacing = (study.spacing[1], study.spacing[2])
-    written, returned, not_there = [], [], 0
+    written, returned, not_there, warned = [], [], 0, 0
     t0 = time.perf_counter()
     for k in held_out_slices():
         res = engine.ask(study.volume[k], REPORT_PROMPT, window="abdomen", spacing=spacing,
                          max_new_tokens=400)
         boxes = {normalise_label(b.label): b for b in res.boxes}
+        warned += any(w.startswith("the sizes the answer gives") for w in res.warnings)
         for name, w, h in SIZE.findall(res.answer):
             name = normalise_label(name.strip())
             if name not in NAMES:
@@ -58,6 +60,8 @@ def main() -> None:
         e = np.array(errors)
         print(f"{kind}: {len(e)} sizes, within 20 % on both sides {np.mean(e <= 0.2):.3f}, "
               f"median worse side off by {np.median(e):.3f}")
+    print(f"reports warned that their sizes are off their boxes': {warned} of "
+          f"{len(held_out_slices())}")
 
 
 if __name__ == "__main__":

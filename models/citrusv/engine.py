@@ -36,7 +36,8 @@ from .generation import (
 )
 from .imaging import FrameMap
 from .parsing import (SEG_TOKEN, TASKS, absent_labels, answers_about, asks_for_report,
-                      infer_task, listed, parse_output, prompt_targets, unasked_warning)
+                      infer_task, listed, parse_output, prompt_targets, size_mismatches,
+                      unasked_warning)
 from .prompting import pixel_inputs, stop_token_ids, text_inputs
 from .result import Box, Mask, Result, Step
 from .slice_cache import SliceCache, SliceState, content_hash
@@ -133,6 +134,17 @@ def unconfirmed_boxes_warning(labels: list[str]) -> str:
     boxes, it = ("that box is", "it") if len(labels) == 1 else ("those boxes are", "them")
     return (f"the model's own segmentation marks no {names} in the image, so {boxes} as the "
             f"model wrote {it}, not the box of a mask; treat {it} as unconfirmed.")
+
+
+def size_warning(mismatches) -> str:
+    """Said when sizes an answer gives are more than a fifth off its boxes' measured sizes
+    (`citrusv.parsing.size_mismatches`): nano's written sizes are within 20 % of the
+    reference on both sides for 56 % of the structures its held-out reports name."""
+    items = "; ".join(f"{label} {w[0]:g} x {w[1]:g} mm written, box {r[0]:.0f} x {r[1]:.0f} mm"
+                      for label, w, r in mismatches)
+    return (f"the sizes the answer gives differ by more than a fifth from those of its boxes "
+            f"({items}): the boxes' sizes are measured from the image's pixel spacing, the "
+            f"answer's are as the model wrote them.")
 
 
 # a closer look whose mask overlaps the one before it less than this (Dice, inside the region
@@ -1030,6 +1042,9 @@ class Engine:
         plane = None if spacing is None else tuple(float(s) for s in spacing)[-2:]
         for box in res.boxes:
             box.slice, box.spacing = slice_index, plane
+        off = size_mismatches(res.answer, [(b.label, b.size_mm) for b in res.boxes])
+        if off:
+            res.warnings.append(size_warning(off))
         for m in res.masks:
             m.slice = slice_index
             m.spacing = plane

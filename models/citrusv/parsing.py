@@ -423,3 +423,36 @@ def modality_warning(answer: str, dicom_modality: str | None) -> str | None:
     return (f"The answer calls this image {said}, but the study is {code} ({kind}) by its "
             f"DICOM header: the model may have taken it for another kind of image, so read its "
             f"findings (sizes included) with that in mind.")
+
+
+# a size an answer gives a structure: "liver (right side, 98 x 66 mm)", "a 12.5 x 10 mm
+# spleen" is not read (the name must come first, within the same clause)
+_SIZE_AFTER = r"(?:[^.;\n]|\.\d){0,40}?\b(\d+(?:\.\d+)?)\s*(?:x|×|by)\s*(\d+(?:\.\d+)?)\s*mm\b"
+# how far apart (relative, worse side) a written size and a measured one may be
+SIZE_TOLERANCE = 0.2
+
+
+def size_mismatches(answer: str, boxes) -> list[tuple[str, tuple[float, float],
+                                                    tuple[float, float]]]:
+    """The structures whose size the answer gives ("liver (right side, 33 x 66 mm)") more
+    than SIZE_TOLERANCE apart, on the worse side, from their box's measured size: `boxes` as
+    (label, [width, height] mm or None). Sides are compared smaller with smaller, larger with
+    larger, so an answer that writes height x width is not taken for wrong. Each label once,
+    its first size in the answer: [(label, written, measured)]."""
+    out, seen = [], set()
+    for label, size in boxes:
+        label = str(label).strip()
+        if not label or size is None or label in seen:
+            continue
+        seen.add(label)
+        m = re.search(re.escape(label) + _SIZE_AFTER, answer, re.I)
+        if not m:
+            continue
+        written = tuple(sorted((float(m.group(1)), float(m.group(2)))))
+        measured = tuple(sorted(float(v) for v in size))
+        if min(measured) <= 0:
+            continue
+        if max(abs(w - r) / r for w, r in zip(written, measured)) > SIZE_TOLERANCE:
+            out.append((label, (float(m.group(1)), float(m.group(2))),
+                        (float(size[0]), float(size[1]))))
+    return out

@@ -71,6 +71,16 @@ def test_injected_generation_gives_masks_boxes_and_trace(engine):
     assert data["boxes"][0]["size_mm"] == [round(56 * sx * 0.8, 1), round(56 * sy * 0.5, 1)]
     assert engine.ask(img, "Find the liver.", forced_text=FORCED).to_json()["boxes"][0][
         "size_mm"] is None  # no spacing given: no size
+    assert not [w for w in res.warnings if w.startswith("the sizes")]  # the answer gives none
+    # an answer whose size for a structure is off its box's by more than a fifth says so
+    sized = FORCED.replace("The liver is [SEG]", "The liver (30 x 20 mm) is [SEG]")
+    said = engine.ask(img, "Write a report, think step by step.", window="abdomen",
+                      forced_text=sized, slice_index=7, spacing=(0.5, 0.8))
+    w, h = said.boxes[0].size_mm
+    assert [x for x in said.warnings if x.startswith("the sizes")] == [
+        f"the sizes the answer gives differ by more than a fifth from those of its boxes (liver "
+        f"30 x 20 mm written, box {w:.0f} x {h:.0f} mm): the boxes' sizes are measured from "
+        f"the image's pixel spacing, the answer's are as the model wrote them."]
     assert data["image"]["slices"] == [7] and data["image"]["shape"] == [1, 100, 150]
     assert set(data["timing_ms"]) >= {"prefill", "decode", "mask", "total"}
 

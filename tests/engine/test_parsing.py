@@ -2,7 +2,7 @@ import pytest
 
 from citrusv.parsing import (absent_labels, answers_about, asks_for_report, infer_task,
                              modality_warning, named_modalities, parse_output, prompt_target,
-                             prompt_targets, unasked_warning)
+                             prompt_targets, size_mismatches, unasked_warning)
 
 TEXT = (
     "<think>1. The rib cage <bbox>[10, 20, 30, 40]</bbox> is intact.\n"
@@ -213,3 +213,20 @@ def test_which_labels_answer_about_a_listed_structure():
     assert not answers_about("left kidney", ["right kidney"])
     assert not answers_about("pancreas", ["liver", "left lung"])
     assert not answers_about("spleen", [])
+
+
+def test_sizes_an_answer_gives_are_checked_against_its_boxes():
+    answer = ("CT, 4 structures: aorta (midline, 15 x 17 mm); liver (right side, 33 x 66 mm); "
+              "right kidney (right side, 51 x 51 mm); spinal cord (midline, 12.5 x 15 mm).")
+    boxes = [("liver", [43.0, 86.0]),  # a quarter bigger on both sides: said
+             ("aorta", [16.0, 16.5]), ("right kidney", [44.0, 60.0]),  # within a fifth
+             ("spinal cord", [15.2, 13.0]),  # height x width: compared side for side
+             ("spleen", [40.0, 40.0]),  # no size given for it
+             ("liver", [10.0, 10.0]),  # each label once, its first box
+             ("stomach", None)]  # no spacing, no size
+    assert size_mismatches(answer, boxes) == [("liver", (33.0, 66.0), (43.0, 86.0))]
+    # the size must follow the name in the same clause
+    assert size_mismatches("The spleen is normal. A 40 x 40 mm liver.",
+                           [("spleen", [10.0, 10.0]), ("liver", [10.0, 10.0])]) == []
+    assert size_mismatches("Liver: 130 × 80 mm.", [("liver", [100.0, 100.0])]) == [
+        ("liver", (130.0, 80.0), (100.0, 100.0))]
