@@ -25,6 +25,8 @@ QUESTIONS = [
     "Segment the Heart.",
     "Write a report for this CT slice. Think step by step.",
     "Write a report.",
+    "Write a Report for this CT Slice. Think Step by Step.",
+    "How big is the liver?",
 ]
 
 
