@@ -873,8 +873,8 @@ class Engine:
         reasoning, no <answer>: nano, asked "Write a report." or "What are the findings?",
         writes one left-lung box), is asked again with REPORT_FOLLOW_UP after it, unless it
         says so already, and if that is no report either (or was not asked: "Write a Report,
-        Think Step by Step.", words nano was taught in lower case) with REPORT_AGAIN_PROMPT, unless
-        it is that question. The first report is the result: its reasoning, boxes, masks,
+        Think Step by Step.", words nano was taught in lower case) with REPORT_AGAIN_PROMPT,
+        unless it is that question. The first report is the result: its reasoning, boxes, masks,
         answer and warnings, the first answer's masks added (nano answers "Segment the heart
         and describe it." with a heart mask first), `text` the raw outputs one per line,
         timings summed.
