@@ -16,7 +16,7 @@ from .errors import CheckpointError
 CITRUS_KEYS = (
     "seg_token_idx", "grounding_encoder_config", "use_res_seg_projector", "image_size",
     "seg_hidden_offset", "min_pixels", "max_pixels", "out_dim", "system_prompt",
-    "task_system_prompts", "name", "version", "box_source", "segment_answer",
+    "task_system_prompts", "name", "version", "box_source", "segment_answer", "mask_modalities",
 )
 # Where the boxes of an answer come from: "text", the numbers the model wrote (Citrus-V as
 # trained), or "mask", each written box replaced by the box of the model's own mask of that
@@ -48,8 +48,18 @@ class CitrusVConfig:
     # structure is already named, and a model that writes no [SEG] for a crop gives no mask.
     # Empty (the released Citrus-V): the model writes its own answer.
     segment_answer: str = ""
+    # The kinds of image (DICOM Modality codes) the model was taught to segment (nano: CT;
+    # its radiographs taught boxes and reports only). On another kind an empty mask says
+    # nothing of the structure (`citrusv.engine.untaught_modality`). Empty (the released
+    # Citrus-V, which segments X-rays too): any.
+    mask_modalities: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if (not isinstance(self.mask_modalities, list)
+                or not all(isinstance(m, str) and m.strip() for m in self.mask_modalities)):
+            raise CheckpointError(f"config.json has mask_modalities {self.mask_modalities!r}; "
+                                  "use a list of DICOM Modality codes such as [\"CT\"], or [].")
+        self.mask_modalities = [m.strip().upper() for m in self.mask_modalities]
         if self.box_source not in BOX_SOURCES:
             raise CheckpointError(f"config.json has box_source '{self.box_source}'; use "
                                   f"{' or '.join(repr(b) for b in BOX_SOURCES)}.")

@@ -127,6 +127,25 @@ def asked_members(target: str) -> list[str]:
     return [f"right {one}", f"left {one}"] if one else [target]
 
 
+def untaught_modality(res: Result, modality: str | None, taught: list[str]) -> None:
+    """A model taught to segment only some kinds of image (`CitrusVConfig.mask_modalities`;
+    nano: CT), asked on another kind (`modality`, the image's DICOM Modality; nano on the
+    demo radiograph, CR): its masks there are untaught guesses, and an empty one does not
+    mean the structure is absent. The "may not be in view" sentences of its empty masks go,
+    and one sentence says so. Nothing when the modality is unknown (NIfTI, NRRD, a bare
+    array), taught, or there is no mask."""
+    code = (modality or "").strip().upper()
+    if not taught or not code or code in taught or not res.masks:
+        return
+    empty = {empty_mask_warning(m.label, len(m.slices) if m.array.ndim == 3 else None)
+             for m in res.masks}
+    res.warnings = [w for w in res.warnings if w not in empty]
+    res.warnings.append(
+        f"this model was taught to segment {listed(taught, 'and')} images only, and this image "
+        f"is {code} by its DICOM header: its masks here are guesses it was never taught, and "
+        f"an empty one does not mean the structure is absent.")
+
+
 def unconfirmed_boxes_warning(labels: list[str]) -> str:
     """box_source "mask": said when some boxes' labels get no mask, so those boxes stay as the
     model wrote them, with nothing to check them against."""

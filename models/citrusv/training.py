@@ -143,7 +143,7 @@ def nano_config(tokenizer, min_pixels: int, max_pixels: int, image_size: int = 2
                          image_size=image_size, min_pixels=min_pixels, max_pixels=max_pixels,
                          out_dim=sam_d_model, system_prompt=NANO_SYSTEM, name="citrusv-nano",
                          version="1", box_source="mask",
-                         segment_answer=segment_answer("{label}"))
+                         segment_answer=segment_answer("{label}"), mask_modalities=["CT"])
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -739,8 +739,10 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
         # the processor training has: the fast tokenizer and the slow image processor
         model, processor, config = load_checkpoint(init_from, dtype=torch.float32)
         tokenizer = processor.tokenizer
-        # what these rounds teach it to answer (a model saved before the setting lacks it)
+        # what these rounds teach it to answer, and on what kind of image it segments (a
+        # model saved before these settings lacks them)
         config.segment_answer = segment_answer("{label}")
+        config.mask_modalities = ["CT"]
     else:
         tokenizer = train_tokenizer(_corpus(data.samples),
                                     whole_names=[n for n in NAMES if " " in n] if whole_names

@@ -66,3 +66,18 @@ def test_a_box_carries_its_size_in_mm_on_any_plane(as_typed_server, axis, slice_
     for box in result["boxes"]:
         x1, y1, x2, y2 = box["xyxy"]
         assert box["size_mm"] == pytest.approx([(x2 - x1) * cols, (y2 - y1) * rows], abs=0.06)
+
+
+def test_masks_on_the_radiograph_say_nano_was_taught_ct_only(as_typed_server):
+    """Over HTTP as with `citrusv ask`: the demo CR (DICOM Modality CR), nano's empty masks."""
+    r = as_typed_server.post("/infer/citrusv_segment?image=chest_xray&output=json",
+                             data={"params": json.dumps(
+                                 {"prompt": "Please segment the heart in this scan."})})
+    assert r.status_code == 200, r.text
+    result = r.json()
+    assert [(m["label"], m["area_px"]) for m in result["masks"]] == [("heart", 0)]
+    assert not [w for w in result["warnings"] if "may not be in view" in w]
+    assert result["warnings"][-1] == (
+        "this model was taught to segment CT images only, and this image is CR by its DICOM "
+        "header: its masks here are guesses it was never taught, and an empty one does not "
+        "mean the structure is absent.")

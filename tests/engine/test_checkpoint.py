@@ -200,3 +200,17 @@ def test_segment_answer_is_read_from_config_and_checked(tiny_dir, tmp_path):
         with pytest.raises(CheckpointError, match=r"segment_answer '.*'; it must hold \[SEG\] "
                                                   r"and \{label\} \(and no other \{\.\.\.\}\)"):
             load_checkpoint(bad)
+
+
+def test_mask_modalities_are_dicom_codes(tiny_dir, tmp_path):
+    """config.json's mask_modalities: a list of Modality codes (upper-cased), [] for any; a
+    bare string or an empty code stops the load with a sentence."""
+    from citrusv.config import CitrusVConfig
+
+    data = json.loads((tiny_dir / "config.json").read_text())
+    assert CitrusVConfig.from_dict(data).mask_modalities == []  # the released layout: any
+    assert CitrusVConfig.from_dict({**data, "mask_modalities": [" ct", "MR"]}
+                                   ).mask_modalities == ["CT", "MR"]
+    for bad in ("CT", [""], [1]):
+        with pytest.raises(CheckpointError, match="config.json has mask_modalities"):
+            CitrusVConfig.from_dict({**data, "mask_modalities": bad})

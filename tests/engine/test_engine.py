@@ -721,3 +721,29 @@ def test_box_source_mask_in_a_closer_look_maps_both_boxes_to_the_slice(fitted_di
                                atol=1e-6)
     bx1, by1, bx2, by2 = box.xyxy  # the crop's mask box, in slice pixels: inside the crop
     assert x1 <= bx1 < bx2 <= x2 and y1 <= by1 < by2 <= y2
+
+
+def test_masks_on_an_image_kind_the_model_was_not_taught_to_segment_say_so():
+    """nano was taught to segment CT only: on a CR its empty masks do not mean "not in
+    view", so those sentences go and one says why; a taught or unknown kind is left alone."""
+    from citrusv.engine import empty_mask_warning, untaught_modality
+    from citrusv.result import Mask, Result
+
+    def answer() -> Result:
+        res = Result(task="segment", prompt="Segment the lungs.",
+                     masks=[Mask("right lung", np.zeros((4, 4), bool)),
+                            Mask("left lung", np.ones((4, 4), bool), 2)])
+        res.warnings = [empty_mask_warning("right lung"), "another sentence."]
+        return res
+
+    for modality, taught in (("CT", ["CT"]), ("", ["CT"]), (None, ["CT"]), ("CR", [])):
+        res = answer()
+        untaught_modality(res, modality, taught)
+        assert res.warnings == answer().warnings, modality
+    res = answer()
+    untaught_modality(res, "cr", ["CT"])
+    assert res.warnings == [
+        "another sentence.",
+        "this model was taught to segment CT images only, and this image is CR by its DICOM "
+        "header: its masks here are guesses it was never taught, and an empty one does not "
+        "mean the structure is absent."]

@@ -549,6 +549,26 @@ def test_each_example_question_is_answered_as_its_task(engine, study, sample_roo
     assert res.answer.startswith("X-ray, "), res.answer
 
 
+def test_cli_segmentation_on_the_radiograph_says_nano_was_taught_ct_only(sample_root, tmp_path):
+    """nano's config.json says it was taught to segment CT (`mask_modalities`): asked for the
+    lungs on the demo CR its masks are empty, and the answer says why instead of "may not be
+    in view"."""
+    from citrusv.cli import main
+
+    assert Engine.load(NANO).config.mask_modalities == ["CT"]
+    rc = main(["ask", "--model", str(NANO), "--image",
+               str(Path(sample_root) / "studies" / "chest_xray.dcm"),
+               "--prompt", "Please segment the left lung in this scan.",
+               "--json", str(tmp_path / "r.json")])
+    assert rc == 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert [m["label"] for m in data["masks"]] == ["left lung"]
+    assert data["masks"][0]["area_px"] == 0
+    assert not [w for w in data["warnings"] if "may not be in view" in w], data["warnings"]
+    assert ("this model was taught to segment CT images only, and this image is CR by its "
+            "DICOM header") in data["warnings"][-1]
+
+
 def test_cli_report_on_a_mislabelled_radiograph_warns_of_the_kind(sample_root, tmp_path, capsys):
     # the demo CR with its MONOCHROME1 header changed to MONOCHROME2 reaches nano bone dark;
     # nano then calls it a CT, and `citrusv ask` says the DICOM disagrees, as the server does

@@ -147,6 +147,8 @@ def test_two_rounds_write_a_loadable_checkpoint_with_whole_name_tokens(tmp_path)
     # a closer look gives it the answer its training gave every segmentation question
     assert engine.config.segment_answer.format(label="spinal cord") == \
         segment_answer("spinal cord") == "Sure, the spinal cord is [SEG] spinal cord."
+    # it learns masks from CT slices only (its radiographs teach boxes and reports)
+    assert engine.config.mask_modalities == ["CT"]
 
 
 @pytest.mark.usefixtures("sample_root")
@@ -161,9 +163,11 @@ def test_continuing_from_a_rounds_checkpoint_gives_the_whole_runs_weights(tmp_pa
                        log=lambda rec: None)
     train_nano(tmp_path / "round1", seed=3, data_dir=data, rounds=rounds[:1],
                log=lambda rec: None)
-    # as a model saved before config.json had segment_answer (T2): the run writes it anyway
+    # as a model saved before config.json had segment_answer (T2) and mask_modalities (T2c):
+    # the run writes them anyway
     config = json.loads((tmp_path / "round1" / "config.json").read_text())
     config.pop("segment_answer")
+    config.pop("mask_modalities")
     (tmp_path / "round1" / "config.json").write_text(json.dumps(config, indent=2))
     cont = train_nano(tmp_path / "cont", seed=3, data_dir=data, rounds=rounds,
                       init_from=tmp_path / "round1", first_round=2, log=lambda rec: None)

@@ -15,6 +15,7 @@ import numpy as np
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from citrusv.engine import untaught_modality
 from citrusv.parsing import modality_warning
 
 from ..errors import RequestError
@@ -82,6 +83,7 @@ class CitrusVInfer(InferTask):
             result = self._ask(engine, study, params, image_id)
         except _input_error() as e:
             raise RequestError(str(e)) from e
+        untaught_modality(result, study.modality, engine.config.mask_modalities)
         label_file, out = self._respond(study, params, result, version, image_id)
         out.setdefault("timing_ms", {})["server_total"] = round((time.perf_counter() - start) * 1e3, 2)
         return label_file, out
