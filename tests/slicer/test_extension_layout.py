@@ -86,3 +86,20 @@ def test_widget_rules_from_the_style_guide():
 def test_icon_is_128_png():
     with Image.open(MODULE / "Resources" / "Icons" / "CitrusV.png") as icon:
         assert icon.format == "PNG" and icon.size == (128, 128)
+
+
+def test_the_question_tooltip_names_words_as_the_task_rule_reads_them():
+    """The question box's tooltip tells a radiologist which words pick which answer; each
+    word it quotes goes to that task by the module's own rule (`guess_task`)."""
+    from CitrusVLib.headless import guess_task
+
+    ui = ET.parse(MODULE / "Resources" / "UI" / "CitrusV.ui").getroot()
+    box = next(w for w in ui.iter("widget") if w.get("name") == "promptComboBox")
+    tip = next(p for p in box.iter("property") if p.get("name") == "toolTip").find("string").text
+    kinds = {"a report": "report", "masks": "segment", "boxes": "detect"}
+    groups = re.findall(r'((?:"[^"]+", )*"[^"]+") (a report|masks|boxes)', tip)
+    assert [kind for _, kind in groups] == ["a report", "masks", "boxes"], tip
+    for words, kind in groups:
+        for word in re.findall(r'"([^"]+)"', words):
+            assert guess_task(f"{word} the liver") == kinds[kind], word
+    assert guess_task("Is the liver normal?") == "report"  # "anything else a report"
