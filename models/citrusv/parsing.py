@@ -34,7 +34,10 @@ _STOP = {
 # import this package, so `CitrusVLib.headless.guess_task` has a copy of the rule (what
 # `citrusv ask --server` routes by); tests/app/test_readers_agree.py keeps the two equal.
 _TASK_WORDS = [
-    ("report", r"\breport|\bdescrib|\bfindings?\b|step by step|\bdiagnos|\bimpression|\bsummar"),
+    ("report", r"\breport|\bdescrib|\bfindings?\b|step by step|\bdiagnos|\bimpression|\bsummar"
+               # what is on the slice ("What structures are visible?", "What do you see?")
+               r"|\b(?:what|which|list(?: the| all)?) (?:structures|organs|anatomy)\b"
+               r"|\bwhat do you see\b|\bwhat(?:'s| is) (?:on|in) (?:this|the) (?:slice|image|scan)\b"),
     # a size question ("How big is the liver?") is answered by a mask and its area in mm²
     ("segment", r"\bsegment|\bmasks?\b|\bdelineat|\boutline|\bcontour|\bhighlight"
                 r"|\bhow (?:big|large)\b|\bsize\b|\bmeasur"),

@@ -86,6 +86,12 @@ def test_task_routing_from_prompt():
     # the report task by its words, or for want of other task words
     assert asks_for_report("Write a report.") and asks_for_report("What are the findings?")
     assert not asks_for_report("Is the liver normal?") and not asks_for_report("Show the liver.")
+    # asking what is on the slice asks for a report (nano answers it with one box)
+    for prompt in ("What structures are visible?", "What organs are on this slice?",
+                   "What do you see?", "List the structures in this image.",
+                   "What is on this slice?"):
+        assert asks_for_report(prompt) and infer_task(prompt) == "report", prompt
+    assert not asks_for_report("Is the liver visible?")
     # a radiologist's other words: "show" a structure is detection, "highlight" it or ask its
     # size is segmentation (the mask's area in mm² answers it), each read for what it names
     for prompt, task, targets in [

@@ -30,7 +30,10 @@ DISPLAY_WINDOWS: dict[str, tuple[float, float]] = {
 # segmentation question), else "report". tests/app/test_readers_agree.py keeps them equal.
 _TASK_WORDS = (
     ("report", re.compile(r"\breport|\bdescrib|\bfindings?\b|step by step|\bdiagnos"
-                          r"|\bimpression|\bsummar", re.I)),
+                          r"|\bimpression|\bsummar"
+                          r"|\b(?:what|which|list(?: the| all)?) (?:structures|organs|anatomy)\b"
+                          r"|\bwhat do you see\b"
+                          r"|\bwhat(?:'s| is) (?:on|in) (?:this|the) (?:slice|image|scan)\b", re.I)),
     ("segment", re.compile(r"\bsegment|\bmasks?\b|\bdelineat|\boutline|\bcontour|\bhighlight"
                            r"|\bhow (?:big|large)\b|\bsize\b|\bmeasur", re.I)),
     ("detect", re.compile(r"\bdetect|\blocat|\bwhere\b|\bfind\b|\bidentif|\bbox|\bbounding"
