@@ -166,6 +166,15 @@ def size_warning(mismatches) -> str:
             f"answer's are as the model wrote them.")
 
 
+def size_range_warning(off: dict[str, list[int]]) -> str:
+    """`size_warning` over a slice range: each structure whose written size is more than a
+    fifth off its box's, with the slices (one sentence, not one per slice)."""
+    items = "; ".join(f"the {label} on {slice_list(ks)}" for label, ks in off.items())
+    return (f"the sizes the answers give differ by more than a fifth from those of their "
+            f"boxes for {items}: the boxes' sizes (size_mm) are measured from the image's "
+            f"pixel spacing, the answers' are as the model wrote them.")
+
+
 # a closer look whose mask overlaps the one before it less than this (Dice, inside the region
 # looked at) is said to disagree with it. Refining a mask's edges keeps far more; nano before
 # its crop round kept 0.52-0.58 of its lungs on held-out slices (MODEL_CARD.md, Limits)
@@ -601,6 +610,7 @@ class Engine:
         merged: dict[str, Mask] = {}
         texts, answers = [], []
         per_slice: dict[str, list[int]] = {}  # a warning -> the slices it was said on
+        sizes_off: dict[str, list[int]] = {}  # a structure -> slices its written size is off
         for start in range(0, len(ks), max(1, int(batch_size))):
             batch = ks[start:start + batch_size]
             states = [self._state(imaging.check_slice(np.take(vol, k, axis=ax), self.max_pixels),
@@ -615,6 +625,9 @@ class Engine:
                     remap[box.id] = f"b{len(out.boxes) + 1}"
                     out.boxes.append(dataclasses.replace(box, id=remap[box.id], slice=k,
                                                          spacing=plane_spacing))
+                for label, _, _ in size_mismatches(
+                        res.answer, [(b.label, b.size_mm) for b in out.boxes if b.slice == k]):
+                    sizes_off.setdefault(label, []).append(k)
                 for step in res.reasoning:
                     out.reasoning.append(Step(len(out.reasoning) + 1, f"[slice {k}] {step.text}",
                                               [remap.get(b, b) for b in step.box_ids]))
@@ -630,6 +643,8 @@ class Engine:
                     target.score = max(target.score or 0.0, m.score or 0.0)
                 _sum_times(out.timing_ms, res.timing_ms)
         out.warnings += [f"{slice_list(on)}: {w}" for w, on in per_slice.items()]
+        if sizes_off:  # one sentence for the range, not one per slice
+            out.warnings.append(size_range_warning(sizes_off))
         for m in merged.values():
             m.slices = list(ks)
             if not m.area_px:

@@ -514,6 +514,14 @@ def test_ask_volume_returns_3d_masks_in_volume_index_space(engine):
     assert data["image"] == {"id": None, "shape": [6, 40, 50], "spacing": [2.5, 0.7, 0.7],
                              "axis": "axial", "slices": [1, 2, 3]}
     assert data["masks"][0]["area_mm2"] == pytest.approx(data["masks"][0]["area_px"] * 0.49)
+    # a report over the range whose written liver size is off its boxes: one sentence
+    sized = FORCED.replace("The liver is [SEG]", "The liver (3 x 2 mm) is [SEG]")
+    reps = engine.ask_volume(vol, "Write a report, think step by step.", slices=[1, 2, 4],
+                             window="abdomen", spacing=(2.5, 0.7, 0.7), forced_text=sized)
+    assert [w for w in reps.warnings if "sizes" in w] == [
+        "the sizes the answers give differ by more than a fifth from those of their boxes for "
+        "the liver on slices 1-2, 4: the boxes' sizes (size_mm) are measured from the image's "
+        "pixel spacing, the answers' are as the model wrote them."]
     # boxes on a coronal plane: rows run along z (2.5 mm), columns along x (0.7 mm)
     boxed = engine.ask_volume(vol, "Find the liver.", slices=[10], axis="coronal",
                               spacing=(2.5, 0.7, 0.7), forced_text=FORCED)
