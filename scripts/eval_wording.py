@@ -9,6 +9,8 @@ engine asking again (docs/api.md, "Asked again"): Dice summed over the held-out 
   2026-12-05: the mask's area in mm² answers the size),
 - one question listing every structure on the slice ("Segment the right lung, the heart and
   the aorta."; on a slice with none of them, not asked, so scored as an empty mask),
+- "Segment all organs." (naming none: the engine asks the model's report which are there,
+  since the third 2026-12-05 session),
 - both of a pair ("Segment both kidneys.", "Segment both lungs."), and a pair's name with no
   side ("Segment the kidney.", "Segment the lung."),
 and how many answers came with no mask at all. One thread.
@@ -68,7 +70,8 @@ def masks_of(res, name: str, shape) -> np.ndarray:
 
 
 def run(engine: Engine, study, slices) -> dict[str, Tally]:
-    tallies = {k: Tally() for k in [*ONE, "one question listing all", *PAIR_WORDINGS]}
+    tallies = {k: Tally() for k in [*ONE, "one question listing all", "all organs",
+                                    *PAIR_WORDINGS]}
     for k in slices:
         image = study.volume[k]
         refs = {s: study.mask(s, k) for s in NAMES}
@@ -87,6 +90,10 @@ def run(engine: Engine, study, slices) -> dict[str, Tally]:
         for s in NAMES:
             pred = masks_of(listed, s, image.shape) if listed is not None else np.zeros_like(refs[s])
             tallies["one question listing all"].add(s, pred, refs[s])
+        every = engine.ask(image, "Segment all organs.", window="abdomen")
+        tallies["all organs"].answer(every)
+        for s in NAMES:
+            tallies["all organs"].add(s, masks_of(every, s, image.shape), refs[s])
         for kind, wording in PAIR_WORDINGS.items():
             for pair, sides in PAIRS.items():
                 res = engine.ask(image, wording.format(pair=pair, one=pair[:-1]),

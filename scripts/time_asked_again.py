@@ -27,6 +27,7 @@ QUESTIONS = [
     "Write a report.",
     "Write a Report for this CT Slice. Think Step by Step.",
     "How big is the liver?",
+    "Segment all organs.",
 ]
 
 

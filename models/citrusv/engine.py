@@ -35,7 +35,8 @@ from .generation import (
     token_char_ends,
 )
 from .imaging import FrameMap
-from .parsing import (SEG_TOKEN, TASKS, absent_labels, answers_about, asks_for_report,
+from .parsing import (SEG_TOKEN, TASKS, absent_labels, answers_about, asks_for_everything,
+                      asks_for_report,
                       infer_task, listed, parse_output, prompt_targets, size_mismatches,
                       unasked_warning)
 from .prompting import pixel_inputs, stop_token_ids, text_inputs
@@ -889,7 +890,8 @@ class Engine:
         absent = parsed.absent if task in ("detect", "report") and not reported else []
         if ground and self.box_source == "mask" and (res.boxes or absent):
             self._ground_boxes(state, res, absent)
-        if not reported and prompt != CLOSER_LOOK_PROMPT.format(label="structure"):
+        if (not reported and prompt != CLOSER_LOOK_PROMPT.format(label="structure")
+                and not asks_for_everything(prompt)):  # "Segment all organs." names them all
             off = unasked_warning(prompt, [m.label for m in res.masks]
                                   + [b.label for b in res.boxes] + [a for a, _ in parsed.absent])
             if off:
@@ -957,7 +959,8 @@ class Engine:
         the warning that it is about something not asked. The structures still left out are
         named in one warning (True when one was added). A model that answers about all of
         them is asked nothing more."""
-        targets = prompt_targets(prompt)
+        targets = (self._structures_listed(state, res) if asks_for_everything(prompt)
+                   else prompt_targets(prompt))
 
         def about(r: Result, absent: list[str]) -> list[str]:
             if task == "segment":
@@ -1010,6 +1013,22 @@ class Engine:
             f"asked about {alone}, the model answered about {what} (it may not know {it}), so "
             f"look for {it} yourself.")
         return True
+
+    def _structures_listed(self, state: SliceState, res: Result) -> list[str]:
+        """What a question for every structure ("Segment all organs.") asks for: the
+        structures the model's report on the same slice (REPORT_AGAIN_PROMPT) cites, in its
+        order (nano names the structures it knows that are on the slice). Its time is added
+        to `res`."""
+        rep = self._run(state, REPORT_AGAIN_PROMPT, "report", None, None, ground=False,
+                        follow=False)
+        _sum_times(res.timing_ms, rep.timing_ms)
+        cited = {i for step in rep.reasoning for i in step.box_ids}
+        names: list[str] = []
+        for box in rep.boxes:
+            label = " ".join(box.label.split()).lower()
+            if box.id in cited and label and label not in names:
+                names.append(label)
+        return names
 
     def _ground_boxes(self, state: SliceState, res: Result,
                       absent: list[tuple[str, str]] = ()) -> None:

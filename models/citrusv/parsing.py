@@ -249,6 +249,16 @@ _NOT_A_NAME = frozenset({"it", "its", "them", "their", "me", "us", "this", "that
                          "tell", "give", "then", "also", "other", "others", "everything"})
 
 
+_EVERYTHING = re.compile(r"\beverything\b|\b(?:all|every|each)\s+(?:of\s+)?(?:the\s+)?"
+                         r"(?:organs?|structures?|anatomy)\b")
+
+
+def asks_for_everything(prompt: str) -> bool:
+    """Whether a question asks for every structure on the image ("Segment all organs.",
+    "Find every structure.", "Segment everything."), naming none."""
+    return bool(_EVERYTHING.search((prompt or "").lower()))
+
+
 def prompt_targets(prompt: str) -> list[str]:
     """The structures a segmentation or detection question asks for, in order ("Segment the
     heart, aorta and stomach." -> ["heart", "aorta", "stomach"]; "Find the left and right

@@ -755,3 +755,25 @@ def test_masks_on_an_image_kind_the_model_was_not_taught_to_segment_say_so():
         "this model was taught to segment CT images only, and this image is CR by its DICOM "
         "header: its masks here are guesses it was never taught, and an empty one does not "
         "mean the structure is absent."]
+
+
+def test_a_question_for_every_structure_asks_the_models_report_which_are_there(fitted_engine):
+    """"Segment all organs." names none: the engine asks the model's report on the slice
+    which structures are there (the tiny model's report cites the liver) and asks about each
+    its first answer left out; the answer is not called one about something not asked."""
+    img = ct_slice(seed=5)
+    asked, run = [], fitted_engine._run
+
+    def counted(state, prompt, *args, **kwargs):  # the engine's own pass, each question noted
+        asked.append(prompt)
+        return run(state, prompt, *args, **kwargs)
+
+    fitted_engine._run = counted
+    try:
+        res = fitted_engine.ask(img, "Segment all organs.", window="abdomen")
+    finally:
+        del fitted_engine._run
+    assert asked[:2] == ["Segment all organs.", REPORT_AGAIN_PROMPT]
+    assert [m.label for m in res.masks] == ["liver"]  # the first answer is about it already
+    assert len(asked) == 2 and res.warnings == [], (asked, res.warnings)
+    assert res.timing_ms["decode"] > 0

@@ -1,8 +1,9 @@
 import pytest
 
-from citrusv.parsing import (absent_labels, answers_about, asks_for_report, infer_task,
-                             modality_warning, named_modalities, parse_output, prompt_target,
-                             prompt_targets, size_mismatches, unasked_warning)
+from citrusv.parsing import (absent_labels, answers_about, asks_for_everything,
+                             asks_for_report, infer_task, modality_warning, named_modalities,
+                             parse_output, prompt_target, prompt_targets, size_mismatches,
+                             unasked_warning)
 
 TEXT = (
     "<think>1. The rib cage <bbox>[10, 20, 30, 40]</bbox> is intact.\n"
@@ -236,3 +237,12 @@ def test_sizes_an_answer_gives_are_checked_against_its_boxes():
                            [("spleen", [10.0, 10.0]), ("liver", [10.0, 10.0])]) == []
     assert size_mismatches("Liver: 130 × 80 mm.", [("liver", [100.0, 100.0])]) == [
         ("liver", (130.0, 80.0), (100.0, 100.0))]
+
+
+def test_a_question_for_every_structure_is_told_apart():
+    for prompt in ("Segment all organs.", "Segment everything.", "Find all structures.",
+                   "Find every structure on this slice.", "Outline all of the organs."):
+        assert asks_for_everything(prompt), prompt
+    for prompt in ("Segment the liver.", "Segment all the kidneys.", "Write a report.",
+                   "Is everyone here?"):
+        assert not asks_for_everything(prompt), prompt

@@ -288,6 +288,19 @@ def test_a_question_listing_structures_gets_an_answer_about_each(engine, study):
             "liver alone.") in denied.warnings
 
 
+def test_segment_all_organs_gives_each_structure_nanos_report_finds(engine, study):
+    """"Segment all organs." names none; nano first segments one. Asked which are there, its
+    report on held-out slice 65 cites the lungs, the heart, the aorta and the spinal cord,
+    and each is segmented as its own question would be."""
+    k = 65
+    res = engine.ask(study.volume[k], "Segment all organs.", window="abdomen")
+    got = {m.label: m.array for m in res.masks}
+    assert {"right lung", "left lung", "heart", "aorta", "spinal cord"} <= set(got), res.text
+    for name in ("right lung", "left lung", "heart"):
+        assert dice_score(got[name], study.mask(name, k)) >= 0.85, name
+    assert not [w for w in res.warnings if "does not name" in w], res.warnings
+
+
 def test_a_size_question_is_answered_with_a_mask_and_its_area_in_mm2(engine, study):
     """"How big is the Liver?" is a segmentation question (nano, asked it in those words,
     writes "Sure, the liver is [SEG] liver."): on held-out slice 25 its mask is nano's liver,
