@@ -36,9 +36,8 @@ from .generation import (
 )
 from .imaging import FrameMap
 from .parsing import (SEG_TOKEN, TASKS, absent_labels, answers_about, asks_for_everything,
-                      asks_for_report,
-                      infer_task, listed, parse_output, prompt_targets, size_mismatches,
-                      unasked_warning)
+                      asks_for_report, infer_task, listed, parse_output, prompt_targets,
+                      size_mismatches, unasked_warning)
 from .prompting import pixel_inputs, stop_token_ids, text_inputs
 from .result import Box, Mask, Result, Step
 from .slice_cache import SliceCache, SliceState, content_hash
@@ -915,9 +914,8 @@ class Engine:
         and describe it." with a heart mask first), `text` the raw outputs one per line,
         timings summed.
         None when no answer is a report, or the question has no report words ("Is the liver
-        normal?", "Show the liver.": nano's box or "No liver is visible" answers what was
-        asked better than the report it then writes); the first answer is then checked as a
-        detection answer is."""
+        normal?": nano's box or "No liver is visible" answers what was asked better than the
+        report it then writes); the first answer is then checked as a detection answer is."""
         if not asks_for_report(prompt):
             return None
         questions = [] if re.search(r"step by step|\bthink", prompt.lower()) else [
