@@ -333,6 +333,11 @@ def _add_warnings_and_times(res: Result, more: Result) -> Result:
     return res
 
 
+def _is_report(res: Result) -> bool:
+    """An answer is a report when it has reasoning steps or an <answer> part."""
+    return bool(res.reasoning) or "<answer>" in res.text
+
+
 def _sum_times(timing: dict, more: dict) -> None:
     for k, v in more.items():
         timing[k] = timing.get(k, 0.0) + v
@@ -620,13 +625,13 @@ class Engine:
                 answers.append(res.answer)
                 for w in res.warnings:
                     per_slice.setdefault(w, []).append(k)
-                remap = {}
-                for box in res.boxes:
-                    remap[box.id] = f"b{len(out.boxes) + 1}"
-                    out.boxes.append(dataclasses.replace(box, id=remap[box.id], slice=k,
-                                                         spacing=plane_spacing))
-                for label, _, _ in size_mismatches(
-                        res.answer, [(b.label, b.size_mm) for b in out.boxes if b.slice == k]):
+                placed = [dataclasses.replace(box, id=f"b{len(out.boxes) + i + 1}", slice=k,
+                                              spacing=plane_spacing)
+                          for i, box in enumerate(res.boxes)]
+                remap = {box.id: new.id for box, new in zip(res.boxes, placed)}
+                out.boxes += placed
+                for label, _, _ in size_mismatches(res.answer,
+                                                   [(b.label, b.size_mm) for b in placed]):
                     sizes_off.setdefault(label, []).append(k)
                 for step in res.reasoning:
                     out.reasoning.append(Step(len(out.reasoning) + 1, f"[slice {k}] {step.text}",
@@ -881,7 +886,7 @@ class Engine:
         # writes a left-lung box, asked "Is the liver normal?" on a slice with the liver,
         # "No liver is visible in this image.") is checked as a detection answer is, unless
         # the question asks for a report by its words and, asked again, the model writes one
-        reported = task == "report" and (bool(parsed.steps) or "<answer>" in text)
+        reported = task == "report" and _is_report(res)
         if follow and task == "report" and not reported:
             report = self._ask_for_report(state, prompt, res)
             if report is not None:
@@ -926,7 +931,7 @@ class Engine:
         for question in questions:
             more = self._run(state, question, "report", None, None, follow=False)
             texts.append(more.text)
-            if more.reasoning or "<answer>" in more.text:
+            if _is_report(more):
                 more.prompt, more.text = prompt, "\n".join(texts)
                 _add_masks(more, res)  # "Segment the heart and describe it.": its mask stays
                 _sum_times(more.timing_ms, res.timing_ms)
