@@ -36,8 +36,9 @@ from .generation import (
 )
 from .imaging import FrameMap
 from .parsing import (SEG_TOKEN, TASKS, absent_labels, answers_about, asks_for_everything,
-                      asks_for_report, infer_task, listed, parse_output, prompt_targets,
-                      size_mismatches, unasked_warning)
+                      asks_for_report, infer_task, listed, misspelt_names, named_structures,
+                      parse_output, prompt_targets, respelled, size_mismatches,
+                      unasked_warning)
 from .prompting import pixel_inputs, stop_token_ids, text_inputs
 from .result import Box, Mask, Result, Step
 from .slice_cache import SliceCache, SliceState, content_hash
@@ -153,6 +154,14 @@ def unconfirmed_boxes_warning(labels: list[str]) -> str:
     boxes, it = ("that box is", "it") if len(labels) == 1 else ("those boxes are", "them")
     return (f"the model's own segmentation marks no {names} in the image, so {boxes} as the "
             f"model wrote {it}, not the box of a mask; treat {it} as unconfirmed.")
+
+
+def spelling_note(fixes: list[tuple[str, str]]) -> str:
+    """Said when a question's misspelt names (`parsing.misspelt_names`) were read as others."""
+    read = listed([f'"{typed}" as "{meant}"' for typed, meant in fixes])
+    names = "name" if len(fixes) == 1 else "names"
+    return (f"read {read} in the question, the closest {names} the engine knows, to check "
+            "the answer and to ask again.")
 
 
 def size_warning(mismatches) -> str:
@@ -894,18 +903,29 @@ class Engine:
         absent = parsed.absent if task in ("detect", "report") and not reported else []
         if ground and self.box_source == "mask" and (res.boxes or absent):
             self._ground_boxes(state, res, absent)
+        # a misspelt name ("Segment the livr.") is read as the name it is close to, for the
+        # checks below and for asking again; the model is asked the question as typed first
+        fixes = misspelt_names(prompt) if task in ("segment", "detect") else []
+        checked = respelled(prompt, fixes)
         if (not reported and prompt != CLOSER_LOOK_PROMPT.format(label="structure")
                 and not asks_for_everything(prompt)):  # "Segment all organs." names them all
-            off = unasked_warning(prompt, [m.label for m in res.masks]
+            off = unasked_warning(checked, [m.label for m in res.masks]
                                   + [b.label for b in res.boxes] + [a for a, _ in parsed.absent])
             if off:
                 res.warnings.append(off)
         said = False  # a sentence on what is missing is already there
         if follow and task in ("segment", "detect"):
-            said = self._ask_rest(state, prompt, task, res, parsed.absent)
+            said = self._ask_rest(state, checked, task, res, parsed.absent)
+        elif follow and task == "report" and not reported:
+            # a question with no report answered ("Is the Liver normal?": nano writes a left-lung
+            # box): the structures it names are asked for as detection asks for them
+            self._ask_rest(state, checked, "detect", res, parsed.absent,
+                           named_structures(prompt))
         if not res.masks and task in ("segment", "closer_look") and not said:
             res.warnings.append("the model wrote no [SEG] token, so there is no mask; "
                                 "rephrase the prompt, e.g. 'Please segment the liver'.")
+        if fixes:
+            res.warnings.insert(0, spelling_note(fixes))
         return res
 
     def _ask_for_report(self, state: SliceState, prompt: str, res: Result) -> Result | None:
@@ -940,7 +960,7 @@ class Engine:
         return None
 
     def _ask_rest(self, state: SliceState, prompt: str, task: str, res: Result,
-                  absent: list[tuple[str, str]]) -> bool:
+                  absent: list[tuple[str, str]], targets: list[str] | None = None) -> bool:
         """Ask again about what a segmentation or detection answer leaves out, on the same
         slice, one structure at a time (FOLLOW_UP_PROMPTS, the phrasing nano was trained on):
         - a question that lists structures ("Segment the heart, aorta and stomach.", which
@@ -961,9 +981,11 @@ class Engine:
         `text`); if none of them is about a structure either, `res` stays as it was, with
         the warning that it is about something not asked. The structures still left out are
         named in one warning (True when one was added). A model that answers about all of
-        them is asked nothing more."""
-        targets = (self._structures_listed(state, res) if asks_for_everything(prompt)
-                   else prompt_targets(prompt))
+        them is asked nothing more. `targets`: what is asked for, if not read from `prompt`
+        (the structures a question with no task words names, asked for as `task` asks)."""
+        if targets is None:
+            targets = (self._structures_listed(state, res) if asks_for_everything(prompt)
+                       else prompt_targets(prompt))
 
         def about(r: Result, absent: list[str]) -> list[str]:
             if task == "segment":
@@ -976,7 +998,7 @@ class Engine:
         if targets and named and not any(answers_about(t, named) for t in targets):
             # about something else: asked afresh, the first answer kept only if that gets none
             said, absent = [], []
-            into = Result(task=task, prompt=prompt, text=res.text, model=res.model,
+            into = Result(task=res.task, prompt=res.prompt, text=res.text, model=res.model,
                           timing_ms=res.timing_ms)
         asked = [side for t in targets for side in asked_members(t)]
         missed: list[str] = []
@@ -984,7 +1006,7 @@ class Engine:
         for target in asked:
             question = FOLLOW_UP_PROMPTS[task].format(label=target)
             # the same words give the same answer (nano reads "Liver" and "liver" apart)
-            if answers_about(target, said) or question.split() == prompt.split():
+            if answers_about(target, said) or question.split() == res.prompt.split():
                 continue
             more = self._run(state, question, task, None, None, follow=False)
             more_absent = [a for a, _ in absent_labels(more.text)]

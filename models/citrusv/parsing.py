@@ -5,6 +5,7 @@ Tolerant by design: a malformed box becomes a warning, never an exception.
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from dataclasses import dataclass, field
@@ -289,6 +290,91 @@ def prompt_targets(prompt: str) -> list[str]:
             out.append(name)
     return out
 
+
+
+# ----------------------------------------------------------------------------- names it knows
+# Anatomy a question may name: what a question with no task words is checked against ("Is the
+# liver normal?" names the liver), and, with FINDINGS and _NAME_WORDS, the words a misspelt
+# name is read as ("Segment the livr." -> liver). Names of the model's training (nano's ten)
+# and the common ones of abdominal and chest CT and radiographs; a word in none of them is
+# left as typed.
+ANATOMY = (
+    "liver", "spleen", "kidney", "stomach", "heart", "aorta", "lung", "spinal cord",
+    "pancreas", "gallbladder", "gall bladder", "esophagus", "oesophagus", "trachea", "bronchus",
+    "urinary bladder", "bladder", "colon", "rectum", "duodenum", "small bowel",
+    "small intestine", "bowel", "ileum", "jejunum", "appendix", "adrenal gland", "ureter",
+    "prostate", "uterus", "ovary", "brain", "thyroid", "vertebra", "spine", "rib", "sternum",
+    "clavicle", "scapula", "humerus", "femur", "hip", "pelvis", "sacrum", "ilium", "skull",
+    "diaphragm", "inferior vena cava", "superior vena cava", "vena cava", "portal vein",
+    "hepatic vein", "pulmonary artery", "pulmonary vein", "iliac artery", "iliac vein",
+    "carotid artery", "subclavian artery", "celiac trunk", "mesenteric artery", "atrium",
+    "ventricle", "myocardium", "pericardium", "mediastinum", "pleura", "psoas", "muscle",
+    "breast", "lymph node", "thymus", "larynx", "head", "neck", "chest", "thorax", "abdomen",
+    "ivc", "svc")
+# what a question may ask to find that is no structure ("Find the lesion.")
+FINDINGS = (
+    "lesion", "mass", "nodule", "tumor", "tumour", "cyst", "stone", "calculus", "fracture",
+    "effusion", "fluid", "ascites", "consolidation", "opacity", "pneumothorax", "hemorrhage",
+    "haemorrhage", "bleed", "abscess", "metastasis", "metastases", "calcification", "aneurysm",
+    "embolism", "thrombus", "infarct", "edema", "oedema", "emphysema", "atelectasis",
+    "pneumonia", "catheter", "tube", "stent", "pacemaker", "implant", "abnormality")
+# words that go with those names ("upper lobe", "common iliac artery", "lower pole")
+_NAME_WORDS = frozenset({
+    "left", "right", "upper", "lower", "middle", "inferior", "superior", "anterior",
+    "posterior", "common", "internal", "external", "main", "lobe", "lobes", "pole", "ascending",
+    "descending", "arch", "abdominal", "thoracic", "lumbar", "cervical", "pleural", "renal",
+    "hepatic", "pulmonary", "cardiac", "gastric", "splenic", "aortic", "iliac", "vessel",
+    "vessels", "artery", "vein", "gland", "cord", "node", "nodes", "bone", "bones", "organ",
+    "organs", "structure", "structures", "wall", "cavity", "root", "hilum", "segment"})
+_KNOWN_WORDS = frozenset(w for n in ANATOMY + FINDINGS for w in n.split()) | _NAME_WORDS
+_KNOWN_WORDS |= frozenset(w + "s" for w in _KNOWN_WORDS if not w.endswith("s"))  # "kidnys"
+_ANATOMY_RE = re.compile(
+    r"\b(?:(?P<side>left|right)\s+)?(?P<name>"
+    + "|".join(sorted((re.escape(n) for n in ANATOMY), key=len, reverse=True))
+    + r")(?P<plural>s|es)?\b")
+
+
+def named_structures(prompt: str) -> list[str]:
+    """The structures of ANATOMY a question names anywhere in it, in order, with their side
+    and plural as written ("Is the Liver normal?" -> ["liver"]; "Are the kidneys normal?" ->
+    ["kidneys"]; "Is the left kidney smaller than the spleen?" -> ["left kidney", "spleen"]):
+    what a question with no task words is about. An adjective names nothing ("Is there a
+    renal stone?" -> [])."""
+    out: list[str] = []
+    for m in _ANATOMY_RE.finditer((prompt or "").lower()):
+        name = " ".join(x for x in (m.group("side"), m.group("name")) if x) + (
+            m.group("plural") or "")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def _known(word: str) -> bool:
+    return word in _KNOWN_WORDS or bool(_stems(word) & _KNOWN_WORDS)
+
+
+def misspelt_names(prompt: str) -> list[tuple[str, str]]:
+    """(as typed, as read) for each word of the structures a question asks for
+    (`prompt_targets`) that is no word of ANATOMY, FINDINGS or _NAME_WORDS but close to one
+    (difflib's ratio ≥ 0.8, words of three letters or more: "livr" -> "liver", "kidny" ->
+    "kidney", "spleeen" -> "spleen"), each once. A word close to none is left as typed (the
+    model may know a name this list does not)."""
+    out: list[tuple[str, str]] = []
+    for target in prompt_targets(prompt):
+        for word in target.split():
+            if len(word) < 3 or _known(word) or word in [a for a, _ in out]:
+                continue
+            close = difflib.get_close_matches(word, _KNOWN_WORDS, n=1, cutoff=0.8)
+            if close:
+                out.append((word, close[0]))
+    return out
+
+
+def respelled(prompt: str, fixes: list[tuple[str, str]]) -> str:
+    """The question with each misspelt word (`misspelt_names`) replaced as read."""
+    for typed, meant in fixes:
+        prompt = re.sub(rf"(?i)\b{re.escape(typed)}\b", meant, prompt)
+    return prompt
 
 def answers_about(target: str, labels) -> bool:
     """Whether an answer's labels (masks, boxes, structures it says are not visible) include

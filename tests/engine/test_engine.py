@@ -402,6 +402,68 @@ def test_a_report_question_answered_with_no_report_keeps_it_when_asked_again_giv
     assert [w for w in res.warnings if "does not name" in w]
 
 
+
+def _asked(engine, monkeypatch) -> list[str]:
+    """The questions `engine` puts to its model from now on, in order."""
+    asked, run = [], engine._run
+
+    def counted(state, prompt, *args, **kwargs):
+        asked.append(prompt)
+        return run(state, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_run", counted)
+    return asked
+
+
+def test_a_misspelt_name_is_checked_and_asked_again_as_the_name_it_is_close_to(
+        fitted_engine, monkeypatch):
+    """"Find the livr.": the model is asked as typed; its liver box answers the question
+    read as "Find the liver.", so no "does not name" sentence, nothing asked again, and one
+    sentence says how the name was read. "Find the spleeen.": asked again about the spleen
+    (the fitted model answers about the liver again, and the warning names the spleen)."""
+    img = ct_slice(120, 90, seed=3)
+    asked = _asked(fitted_engine, monkeypatch)
+    liver = fitted_engine.ask(img, "Find the livr.", window="abdomen")
+    assert [b.label for b in liver.boxes] == ["liver"] and asked == ["Find the livr."]
+    assert liver.prompt == "Find the livr." and liver.warnings == [
+        'read "livr" as "liver" in the question, the closest name the engine knows, to check '
+        "the answer and to ask again."]
+    asked.clear()
+    spleen = fitted_engine.ask(img, "Find the spleeen.", window="abdomen")
+    assert asked == ["Find the spleeen.", FOLLOW_UP_PROMPTS["detect"].format(label="spleen")]
+    assert spleen.warnings[0].startswith('read "spleeen" as "spleen" in the question')
+    assert spleen.warnings[1:] == [
+        "the answer is about the liver, which the question does not name: the model may have "
+        "answered about something other than what was asked (it may not know that structure), "
+        "so check the answer is what you wanted.",
+        "the answer has nothing about the spleen, which the question asks for: asked about it "
+        "again, the model answered about the liver (it may not know it), so look for it "
+        "yourself."]
+
+
+def test_a_question_with_no_task_words_is_asked_for_the_structures_it_names(
+        tmp_path, monkeypatch):
+    """A tiny model fitted to answer report questions with a liver box and detection ones
+    with a spleen box. "Is the spleen normal?" (no task words: the report task) gets the liver
+    box; it names the spleen, so the spleen is asked for in the detection phrasing, and that
+    box is the answer, still of the report task. "Is the liver normal?" is answered: nothing
+    more is asked. A question naming no structure is left as answered."""
+    spleen_box = '```json\n[{"bbox_2d": [0, 42, 28, 84], "label": "spleen"}]\n```'
+    e = Engine.load(write_tiny_checkpoint(tmp_path / "boxes", seed=0, answers={
+        "report": ANSWERS["detect"], "detect": spleen_box}))
+    img = ct_slice(120, 90, seed=3)
+    asked = _asked(e, monkeypatch)
+    res = e.ask(img, "Is the spleen normal?", window="abdomen")
+    assert asked == ["Is the spleen normal?", FOLLOW_UP_PROMPTS["detect"].format(label="spleen")]
+    assert res.task == "report" and [b.label for b in res.boxes] == ["spleen"]
+    assert res.text == ANSWERS["detect"] + "\n" + spleen_box and res.warnings == []
+    asked.clear()
+    liver = e.ask(img, "Is the liver normal?", window="abdomen")
+    assert asked == ["Is the liver normal?"] and [b.label for b in liver.boxes] == ["liver"]
+    asked.clear()
+    e.ask(img, "Is this normal?", window="abdomen")
+    assert asked == ["Is this normal?"]
+
 def test_a_pair_called_not_visible_is_looked_for_side_by_side():
     assert absent_members("liver", "is") == ["liver"]
     assert absent_members("kidneys", "are") == ["right kidney", "left kidney"]

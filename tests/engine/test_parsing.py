@@ -1,9 +1,9 @@
 import pytest
 
 from citrusv.parsing import (absent_labels, answers_about, asks_for_everything,
-                             asks_for_report, infer_task, modality_warning, named_modalities,
-                             parse_output, prompt_target, prompt_targets, size_mismatches,
-                             unasked_warning)
+                             asks_for_report, infer_task, misspelt_names, modality_warning,
+                             named_modalities, named_structures, parse_output, prompt_target,
+                             prompt_targets, respelled, size_mismatches, unasked_warning)
 
 TEXT = (
     "<think>1. The rib cage <bbox>[10, 20, 30, 40]</bbox> is intact.\n"
@@ -246,3 +246,46 @@ def test_a_question_for_every_structure_is_told_apart():
     for prompt in ("Segment the liver.", "Segment all the kidneys.", "Write a report.",
                    "Is everyone here?"):
         assert not asks_for_everything(prompt), prompt
+
+
+@pytest.mark.parametrize("prompt,fixes,read", [
+    ("Segment the livr.", [("livr", "liver")], "Segment the liver."),
+    ("Find the Spleeen.", [("spleeen", "spleen")], "Find the spleen."),
+    ("Please segment the left kidny in this scan.", [("kidny", "kidney")],
+     "Please segment the left kidney in this scan."),
+    ("Segment the hert and the aota.", [("hert", "heart"), ("aota", "aorta")],
+     "Segment the heart and the aorta."),
+    ("Segment both lugns.", [("lugns", "lungs")], "Segment both lungs."),
+    ("Segment the spial cord.", [("spial", "spinal")], "Segment the spinal cord."),
+    ("Find the riht lung.", [("riht", "right")], "Find the right lung."),
+    ("Find the lesin.", [("lesin", "lesion")], "Find the lesion."),
+    # names it knows, and words close to none, are left as typed
+    ("Segment the liver.", [], "Segment the liver."),
+    ("Segment the Right Kidney.", [], "Segment the Right Kidney."),
+    ("Segment the pancreas.", [], "Segment the pancreas."),
+    ("Segment the gallstones.", [], "Segment the gallstones."),
+    ("Segment the IVC.", [], "Segment the IVC."),
+    ("Find the upper lobes.", [], "Find the upper lobes."),
+    # only what the question asks for is read: the other words are the question's own
+    ("Segmnet the liver.", [], "Segmnet the liver."),
+    ("Is the livr normal?", [], "Is the livr normal?"),
+])
+def test_a_misspelt_name_is_read_as_the_name_it_is_close_to(prompt, fixes, read):
+    assert misspelt_names(prompt) == fixes
+    assert respelled(prompt, fixes) == read
+
+
+@pytest.mark.parametrize("prompt,names", [
+    ("Is the Liver normal?", ["liver"]),
+    ("Are the kidneys normal?", ["kidneys"]),
+    ("Is the left kidney smaller than the spleen?", ["left kidney", "spleen"]),
+    ("Is the inferior vena cava dilated?", ["inferior vena cava"]),
+    ("Is the spinal cord compressed?", ["spinal cord"]),
+    ("Are both lungs clear?", ["lungs"]),
+    # an adjective names no structure; nor does a finding
+    ("Is there a renal stone?", []),
+    ("Is there a pleural effusion?", []),
+    ("Is this normal?", []),
+])
+def test_the_structures_a_question_names_anywhere(prompt, names):
+    assert named_structures(prompt) == names
