@@ -12,7 +12,8 @@ from CitrusVLib.colors import label_color
 from CitrusVLib.headless import ask_server, guess_task, to_uint8
 from CitrusVLib.label_io import LabelVolume, write_label_volume
 from CitrusVLib.multipart import parse_multipart
-from CitrusVLib.overlay import MIN_SIDE, PANEL_WIDTH, render_overlay
+from CitrusVLib.overlay import MIN_SIDE, PANEL_WIDTH, WARNING_COLOR, panel_lines, render_overlay
+from CitrusVLib.result import Result
 from PIL import Image
 
 
@@ -45,6 +46,28 @@ def test_overlay_draws_mask_box_label_and_step_numbers(sample_result):
     panel = px[:, 60 * scale :]
     assert (np.abs(panel - 24).sum(axis=2) > 60).sum() > 500
 
+
+
+def test_the_panel_lists_mask_areas_box_sizes_and_the_warnings(sample_result):
+    """What the PNG's side panel says after the answer and steps: each mask with its area,
+    each box with its size in mm (as the module's record does), and the warnings, which the
+    reader of the PNG would otherwise not see; a box on another slice is left out."""
+    data = json.loads(json.dumps(sample_result))
+    data["boxes"][0]["size_mm"] = [15.6, 7.8]
+    data["boxes"].append({"id": "b3", "label": "aorta", "xyxy": [1, 1, 5, 5], "slice": 9})
+    data["warnings"] = ['read "livr" as "liver" in the question, the closest name the engine '
+                        "knows, to check the answer and to ask again."]
+    lines = panel_lines(Result.from_json(data), slice_index=3)
+    texts = [t for t, _ in lines]
+    at = texts.index("liver, 123 mm2")
+    assert texts[at + 1:at + 3] == ["b1 liver, 16 x 8 mm", "b2 spleen"]
+    assert lines[at + 1][1] == label_color("liver", 1)
+    assert texts[at + 3] == "" and texts[at + 4].startswith('! read "livr" as "liver"')
+    warning = [t for t, c in lines if c == WARNING_COLOR]
+    assert " ".join(x.strip() for x in warning) == "! " + data["warnings"][0]
+    assert len(warning) > 1 and all(len(t) <= PANEL_WIDTH // 7 for t in warning)
+    assert not [t for t in texts if "aorta" in t]
+    assert [t for t, _ in panel_lines(Result.from_json(data))][-len(warning) - 2] == "b3 aorta"
 
 def test_overlay_skips_other_slices_and_accepts_rgb():
     result = {

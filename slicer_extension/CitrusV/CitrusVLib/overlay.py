@@ -126,6 +126,29 @@ def render_overlay(
 
     if not panel:
         return img
+    lines = panel_lines(result, slice_index)
+    height = max(img.height, 12 + line_h * len(lines))
+    out = Image.new("RGB", (img.width + panel_width, height), (24, 24, 24))
+    out.paste(img, (0, 0))
+    pd = ImageDraw.Draw(out)
+    for n, (t, color) in enumerate(lines):
+        pd.text((img.width + 10, 8 + n * line_h), t, fill=color, font=font)
+    return out
+
+
+WARNING_COLOR = (255, 170, 110)
+
+
+def panel_lines(
+    result: Result, slice_index: int | None = None
+) -> list[tuple[str, tuple[int, int, int]]]:
+    """The side panel's lines and their colours: the task and question, the answer, the
+    numbered steps, each mask on the slice with its area in mm², each box on it with its
+    size in mm, then the warnings (what the server says to check), wrapped to the panel."""
+
+    def on_slice(s: int | None) -> bool:
+        return slice_index is None or s is None or s == slice_index
+
     lines: list[tuple[str, tuple[int, int, int]]] = []
     title = f"{result.task or 'result'}: {result.prompt}".strip()
     chars = max(20, PANEL_WIDTH // 7)  # characters per line, independent of the text scale
@@ -148,10 +171,13 @@ def render_overlay(
         if on_slice(m.slice):
             area = f", {m.area_mm2:.0f} mm2" if m.area_mm2 is not None else ""
             lines.append((f"{m.label}{area}", label_color(m.label, m.label_index)))
-    height = max(img.height, 12 + line_h * len(lines))
-    out = Image.new("RGB", (img.width + panel_width, height), (24, 24, 24))
-    out.paste(img, (0, 0))
-    pd = ImageDraw.Draw(out)
-    for n, (t, color) in enumerate(lines):
-        pd.text((img.width + 10, 8 + n * line_h), t, fill=color, font=font)
-    return out
+    for n, b in enumerate(result.boxes):
+        if on_slice(b.slice):
+            size = f", {b.size_mm[0]:.0f} x {b.size_mm[1]:.0f} mm" if b.size_mm else ""
+            lines.append((f"{b.id} {b.label}{size}".strip(), label_color(b.label, n + 1)))
+    if result.warnings:
+        lines.append(("", (0, 0, 0)))
+        for w in result.warnings:
+            for t in textwrap.wrap(f"! {w}", chars, subsequent_indent="  "):
+                lines.append((t, WARNING_COLOR))
+    return lines
