@@ -159,9 +159,9 @@ def unconfirmed_boxes_warning(labels: list[str]) -> str:
 def spelling_note(fixes: list[tuple[str, str]]) -> str:
     """Said when a question's misspelt names (`parsing.misspelt_names`) were read as others."""
     read = listed([f'"{typed}" as "{meant}"' for typed, meant in fixes])
-    names = "name" if len(fixes) == 1 else "names"
-    return (f"read {read} in the question, the closest {names} the engine knows, to check "
-            "the answer and to ask again.")
+    known = "a word" if len(fixes) == 1 else "words"
+    return (f"read {read} in the question ({known} the engine knows) to check the answer "
+            "and to ask again.")
 
 
 def size_warning(mismatches) -> str:

@@ -99,11 +99,11 @@ _ASKED_FOR = (r"(?:segment|outline|delineate|contour|detect|locate|find|identify
               r"|how (?:big|large) (?:is|are)|size of|measure"
               r"|where(?:'s|\s+(?:is|are))|where(?=\s+the\b)"
               r"|(?:bounding\s+)?box(?:es)?\s+(?:around|on|for|of))"
-              r"\s+(?:of\s+)?(?:all\s+|both\s+)?(?:the\s+)?")
+              r"\s+(?:of\s+)?(?:all\s+|both\s+)?(?:the\s+)?(?:bilateral\s+)?")
 # ... and ends before one of these ("Where is the liver located?", "Outline the aorta for
 # me.", "Show me where the spleen is.")
 _ASKED_END = (r"\s+(?:in|on|from|of this|within|please|for|is|are|located|lies|lie"
-              r"|compared)\b")
+              r"|compared|bilaterally)\b")
 
 
 def prompt_target(prompt: str) -> str:
@@ -250,6 +250,7 @@ _NOT_A_NAME = frozenset({"it", "its", "them", "their", "me", "us", "this", "that
                          "tell", "give", "then", "also", "other", "others", "everything"})
 
 
+_SHORT_SIDE_DOT = re.compile(r"\b(rt|lt|r|l)\.(?=\s+[a-z])")
 _EVERYTHING = re.compile(r"\beverything\b|\b(?:all|every|each)\s+(?:of\s+)?(?:the\s+)?"
                          r"(?:organs?|structures?|anatomy)\b")
 
@@ -268,7 +269,8 @@ def prompt_targets(prompt: str) -> list[str]:
     a word such as "it" or "their" ("Locate the liver and spleen, output their bbox
     coordinates ..." lists two; "Find the liver and measure it", one). [] when the question
     has no such words ("Is the liver normal?")."""
-    m = _TARGETS.search((prompt or "").lower())
+    low = _SHORT_SIDE_DOT.sub(r"\1", (prompt or "").lower())  # "rt. kidney": one name
+    m = _TARGETS.search(low)
     if not m:
         return []
     parts = [p.strip() for p in _LIST_SEP.split(m.group("t")) if p.strip()]
@@ -353,16 +355,27 @@ def _known(word: str) -> bool:
     return word in _KNOWN_WORDS or bool(_stems(word) & _KNOWN_WORDS)
 
 
+# a side as radiologists shorten it, before a name ("Find the rt lung.", "the L kidney")
+SIDE_SHORT = {"r": "right", "rt": "right", "l": "left", "lt": "left"}
+
+
 def misspelt_names(prompt: str) -> list[tuple[str, str]]:
     """(as typed, as read) for each word of the structures a question asks for
-    (`prompt_targets`) that is no word of ANATOMY, FINDINGS or _NAME_WORDS but close to one
-    (difflib's ratio ≥ 0.8, words of three letters or more: "livr" -> "liver", "kidny" ->
-    "kidney", "spleeen" -> "spleen"), each once. A word close to none is left as typed (the
-    model may know a name this list does not)."""
+    (`prompt_targets`) that is a side shortened before a name (SIDE_SHORT: "rt lung" ->
+    "right lung", "L kidney" -> "left kidney"), or no word of ANATOMY, FINDINGS or
+    _NAME_WORDS but close to one (difflib's ratio ≥ 0.8, words of three letters or more:
+    "livr" -> "liver", "kidny" -> "kidney", "spleeen" -> "spleen"), each once. A word close to
+    none is left as typed (the model may know a name this list does not)."""
     out: list[tuple[str, str]] = []
     for target in prompt_targets(prompt):
-        for word in target.split():
-            if len(word) < 3 or _known(word) or word in [a for a, _ in out]:
+        words = target.split()
+        for i, word in enumerate(words):
+            if word in [a for a, _ in out]:
+                continue
+            if word in SIDE_SHORT and i + 1 < len(words):
+                out.append((word, SIDE_SHORT[word]))
+                continue
+            if len(word) < 3 or _known(word):
                 continue
             close = difflib.get_close_matches(word, _KNOWN_WORDS, n=1, cutoff=0.8)
             if close:
@@ -371,9 +384,11 @@ def misspelt_names(prompt: str) -> list[tuple[str, str]]:
 
 
 def respelled(prompt: str, fixes: list[tuple[str, str]]) -> str:
-    """The question with each misspelt word (`misspelt_names`) replaced as read."""
+    """The question with each misspelt word (`misspelt_names`) replaced as read (a shortened
+    side only where a word follows it)."""
     for typed, meant in fixes:
-        prompt = re.sub(rf"(?i)\b{re.escape(typed)}\b", meant, prompt)
+        after = r"\.?(?=\s+[a-z])" if typed in SIDE_SHORT else ""
+        prompt = re.sub(rf"(?i)\b{re.escape(typed)}\b{after}", meant, prompt)
     return prompt
 
 def answers_about(target: str, labels) -> bool:

@@ -426,8 +426,8 @@ def test_a_misspelt_name_is_checked_and_asked_again_as_the_name_it_is_close_to(
     liver = fitted_engine.ask(img, "Find the livr.", window="abdomen")
     assert [b.label for b in liver.boxes] == ["liver"] and asked == ["Find the livr."]
     assert liver.prompt == "Find the livr." and liver.warnings == [
-        'read "livr" as "liver" in the question, the closest name the engine knows, to check '
-        "the answer and to ask again."]
+        'read "livr" as "liver" in the question (a word the engine knows) to check the answer '
+        "and to ask again."]
     asked.clear()
     spleen = fitted_engine.ask(img, "Find the spleeen.", window="abdomen")
     assert asked == ["Find the spleeen.", FOLLOW_UP_PROMPTS["detect"].format(label="spleen")]

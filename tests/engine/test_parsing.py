@@ -207,6 +207,8 @@ def test_an_answer_on_the_other_side_is_said():
     ("Segment it.", []),
     ("Write a report on the liver and the spleen.", []),
     ("Is the liver normal?", []),
+    ("Segment the kidneys bilaterally.", ["kidneys"]),
+    ("Segment the bilateral lungs.", ["lungs"]),
 ])
 def test_the_structures_a_question_lists(prompt, targets):
     assert prompt_targets(prompt) == targets
@@ -259,6 +261,12 @@ def test_a_question_for_every_structure_is_told_apart():
     ("Segment the spial cord.", [("spial", "spinal")], "Segment the spinal cord."),
     ("Find the riht lung.", [("riht", "right")], "Find the right lung."),
     ("Find the lesin.", [("lesin", "lesion")], "Find the lesion."),
+    # a side shortened as radiologists write it, before a name
+    ("Segment the R kidney.", [("r", "right")], "Segment the right kidney."),
+    ("Find the rt lung.", [("rt", "right")], "Find the right lung."),
+    ("Segment the Lt. kidney and the spleen.", [("lt", "left")],
+     "Segment the left kidney and the spleen."),
+    ("Find the L.", [], "Find the L."),
     # names it knows, and words close to none, are left as typed
     ("Segment the liver.", [], "Segment the liver."),
     ("Segment the Right Kidney.", [], "Segment the Right Kidney."),

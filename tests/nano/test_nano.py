@@ -433,12 +433,13 @@ def test_a_misspelt_name_or_a_structure_named_with_no_task_words_is_asked_about(
     "Segment the hert and the aota." first gets the right lung; asked in nano's phrasing
     about the heart and the aorta, the heart mask has Dice 0.863. "Is the Heart normal?"
     (no task words) first gets a zero-area left-lung box; asked for the heart as detection
-    asks, the box returned is that of nano's heart mask (IoU 0.93 with the reference box)."""
+    asks, the box returned is that of nano's heart mask (IoU 0.93 with the reference box).
+    "Segment the R kidney." on slice 22 gets nano's right kidney."""
     liver = engine.ask(study.volume[SLICE], "Segment the livr.", window="abdomen")
     assert [m.label for m in liver.masks] == ["liver"], liver.text
     assert dice_score(liver.masks[0].array, study.mask("liver", SLICE)) >= 0.85
-    assert liver.warnings == ['read "livr" as "liver" in the question, the closest name the '
-                              "engine knows, to check the answer and to ask again."]
+    assert liver.warnings == ['read "livr" as "liver" in the question (a word the engine '
+                              "knows) to check the answer and to ask again."]
     k = 65
     pair = engine.ask(study.volume[k], "Segment the hert and the aota.", window="abdomen")
     assert pair.text.startswith("Sure, the right lung is [SEG] right lung.\n"), pair.text
@@ -450,6 +451,12 @@ def test_a_misspelt_name_or_a_structure_named_with_no_task_words_is_asked_about(
     assert [(b.label, b.source) for b in heart.boxes] == [("heart", "mask")], heart.text
     assert box_iou(heart.boxes[0].xyxy, mask_box(study.mask("heart", k))) >= 0.9
     assert not [w for w in heart.warnings if "question" in w], heart.warnings
+    # a side shortened as radiologists write it: "R kidney" is the right kidney
+    k = 22
+    right = engine.ask(study.volume[k], "Segment the R kidney.", window="abdomen")
+    assert [m.label for m in right.masks] == ["right kidney"], right.text
+    assert dice_score(right.masks[0].array, study.mask("right kidney", k)) >= 0.85
+    assert right.warnings[0].startswith('read "r" as "right" in the question')
 
 def test_a_closer_look_keeps_nanos_mask_or_says_it_does_not(engine, study):
     """nano's recipe ends with a crop round (MODEL_CARD.md, Recipe), so a closer look mostly
