@@ -896,17 +896,20 @@ class Engine:
         # "No liver is visible in this image.") is checked as a detection answer is, unless
         # the question asks for a report by its words and, asked again, the model writes one
         reported = task == "report" and _is_report(res)
+        # a misspelt name or task word ("Segment the livr.", "Descirbe this slice.") is read as
+        # the word it is close to, for the checks below and for asking again; the model is
+        # asked the question as typed first
+        fixes = misspelt_names(prompt) if task != "closer_look" else []
+        checked = respelled(prompt, fixes)
         if follow and task == "report" and not reported:
-            report = self._ask_for_report(state, prompt, res)
+            report = self._ask_for_report(state, prompt, res, checked)
             if report is not None:
+                if fixes:
+                    report.warnings.insert(0, spelling_note(fixes))
                 return report
         absent = parsed.absent if task in ("detect", "report") and not reported else []
         if ground and self.box_source == "mask" and (res.boxes or absent):
             self._ground_boxes(state, res, absent)
-        # a misspelt name ("Segment the livr.") is read as the name it is close to, for the
-        # checks below and for asking again; the model is asked the question as typed first
-        fixes = misspelt_names(prompt) if task in ("segment", "detect") else []
-        checked = respelled(prompt, fixes)
         if (not reported and prompt != CLOSER_LOOK_PROMPT.format(label="structure")
                 and not asks_for_everything(prompt)):  # "Segment all organs." names them all
             off = unasked_warning(checked, [m.label for m in res.masks]
@@ -920,7 +923,7 @@ class Engine:
             # a question with no report answered ("Is the Liver normal?": nano writes a left-lung
             # box): the structures it names are asked for as detection asks for them
             self._ask_rest(state, checked, "detect", res, parsed.absent,
-                           named_structures(prompt))
+                           named_structures(checked))
         if not res.masks and task in ("segment", "closer_look") and not said:
             res.warnings.append("the model wrote no [SEG] token, so there is no mask; "
                                 "rephrase the prompt, e.g. 'Please segment the liver'.")
@@ -928,7 +931,8 @@ class Engine:
             res.warnings.insert(0, spelling_note(fixes))
         return res
 
-    def _ask_for_report(self, state: SliceState, prompt: str, res: Result) -> Result | None:
+    def _ask_for_report(self, state: SliceState, prompt: str, res: Result,
+                        checked: str | None = None) -> Result | None:
         """A question that asks for a report by its words, answered with no report (no
         reasoning, no <answer>: nano, asked "Write a report." or "What are the findings?",
         writes one left-lung box), is asked again with REPORT_FOLLOW_UP after it, unless it
@@ -940,8 +944,10 @@ class Engine:
         timings summed.
         None when no answer is a report, or the question has no report words ("Is the liver
         normal?": nano's box or "No liver is visible" answers what was asked better than the
-        report it then writes); the first answer is then checked as a detection answer is."""
-        if not asks_for_report(prompt):
+        report it then writes); the first answer is then checked as a detection answer is.
+        `checked`: the question with its misspelt words read (`parsing.respelled`), whose words
+        say whether it asks for a report ("Descirbe this slice.")."""
+        if not asks_for_report(checked or prompt):
             return None
         questions = [] if re.search(r"step by step|\bthink", prompt.lower()) else [
             f"{prompt.rstrip()} {REPORT_FOLLOW_UP}"]

@@ -84,12 +84,42 @@ def asks_for_report(prompt: str) -> bool:
 
 
 def infer_task(prompt: str) -> str:
-    """Route a free-text question to segment / detect / report from its wording."""
+    """Route a free-text question to segment / detect / report from its wording, a misspelt
+    task word opening it read as the word it is close to (`misspelt_task_word`)."""
     low = prompt.lower()
     for task, pattern in _TASK_WORDS:
         if re.search(pattern, low):
             return task
-    return "report"
+    typo = misspelt_task_word(prompt)
+    return TASK_VERBS[typo[1]] if typo else "report"
+
+
+# a misspelt task word opening a question with no task words ("Segmnet the liver.", "Locte
+# the spleen.", "Descirbe this slice."), read as the closest of these
+TASK_VERBS = {"segment": "segment", "delineate": "segment", "outline": "segment",
+              "contour": "segment", "highlight": "segment", "detect": "detect",
+              "locate": "detect", "identify": "detect", "describe": "report",
+              "summarise": "report", "summarize": "report"}
+# English words as close to one of them as typos are, which are no typo
+_NOT_TASK_TYPOS = frozenset({"identity", "relocate", "allocate", "outlive", "scribe"})
+_OPENING = re.compile(r"\s*(?:(?:please|pls|can you|could you|would you)\s+)?([a-z]+)\b")
+
+
+def misspelt_task_word(prompt: str) -> tuple[str, str] | None:
+    """(as typed, as read) for the first word of a question that has no task words
+    (`infer_task`), after "please" or "can you", when it is five letters or more and close to
+    one of TASK_VERBS (difflib's ratio ≥ 0.85: "segmnet" -> "segment", "locte" -> "locate";
+    English words as close, "identity", are left alone), else None. Slicer's copy:
+    `CitrusVLib.headless.guess_task`."""
+    low = (prompt or "").lower()
+    if any(re.search(pattern, low) for _, pattern in _TASK_WORDS):
+        return None
+    m = _OPENING.match(low)
+    word = m.group(1) if m else ""
+    if len(word) < 5 or word in _NOT_TASK_TYPOS:
+        return None
+    close = difflib.get_close_matches(word, TASK_VERBS, n=1, cutoff=0.85)
+    return (word, close[0]) if close else None
 
 
 # what a question asks for follows one of these words ("a mask of both kidneys", "boxes
@@ -366,8 +396,9 @@ def misspelt_names(prompt: str) -> list[tuple[str, str]]:
     _NAME_WORDS but close to one (difflib's ratio ≥ 0.8, words of three letters or more:
     "livr" -> "liver", "kidny" -> "kidney", "spleeen" -> "spleen"), each once. A word close to
     none is left as typed (the model may know a name this list does not)."""
-    out: list[tuple[str, str]] = []
-    for target in prompt_targets(prompt):
+    verb = misspelt_task_word(prompt)  # "Segmnet the livr.": the names follow the task word
+    out: list[tuple[str, str]] = [verb] if verb else []
+    for target in prompt_targets(respelled(prompt, out)):
         words = target.split()
         for i, word in enumerate(words):
             if word in [a for a, _ in out]:

@@ -86,5 +86,12 @@ def test_a_question_goes_to_the_same_task_with_or_without_a_server():
                     ("How big is the liver?", "segment"),
                     ("What is the size of the heart?", "segment"),
                     ("Is there a pleural effusion?", "report"),
-                    ("liver", "report")]:
+                    ("liver", "report"),
+                    # a misspelt task word opening a question with none
+                    ("Segmnet the liver.", "segment"),
+                    ("Please locte the spleen.", "detect"),
+                    ("Descirbe this slice.", "report"),
+                    ("Can you higlight the heart?", "segment"),
+                    ("Identity of this structure?", "report"),
+                    ("Delete the liver.", "report")]:
         assert (infer_task(p), guess_task(p)) == (task, task), p

@@ -419,7 +419,7 @@ def test_a_misspelt_name_is_checked_and_asked_again_as_the_name_it_is_close_to(
         fitted_engine, monkeypatch):
     """"Find the livr.": the model is asked as typed; its liver box answers the question
     read as "Find the liver.", so no "does not name" sentence, nothing asked again, and one
-    sentence says how the name was read. "Find the spleeen.": asked again about the spleen
+    sentence says how the name was read; "Segmnet the livr." is a segmentation question. "Find the spleeen.": asked again about the spleen
     (the fitted model answers about the liver again, and the warning names the spleen)."""
     img = ct_slice(120, 90, seed=3)
     asked = _asked(fitted_engine, monkeypatch)
@@ -428,6 +428,12 @@ def test_a_misspelt_name_is_checked_and_asked_again_as_the_name_it_is_close_to(
     assert liver.prompt == "Find the livr." and liver.warnings == [
         'read "livr" as "liver" in the question (a word the engine knows) to check the answer '
         "and to ask again."]
+    asked.clear()
+    seg = fitted_engine.ask(img, "Segmnet the livr.", window="abdomen")
+    assert seg.task == "segment" and [m.label for m in seg.masks] == ["liver"]
+    assert asked == ["Segmnet the livr."] and seg.warnings == [
+        'read "segmnet" as "segment" and "livr" as "liver" in the question (words the engine '
+        "knows) to check the answer and to ask again."]
     asked.clear()
     spleen = fitted_engine.ask(img, "Find the spleeen.", window="abdomen")
     assert asked == ["Find the spleeen.", FOLLOW_UP_PROMPTS["detect"].format(label="spleen")]
@@ -463,6 +469,13 @@ def test_a_question_with_no_task_words_is_asked_for_the_structures_it_names(
     asked.clear()
     e.ask(img, "Is this normal?", window="abdomen")
     assert asked == ["Is this normal?"]
+    # a misspelt report word: asked again for a report as "Describe this slice." would be
+    asked.clear()
+    described = e.ask(img, "Descirbe this slice.", window="abdomen")
+    assert asked == ["Descirbe this slice.", "Descirbe this slice. Think step by step.",
+                     REPORT_AGAIN_PROMPT]
+    assert described.task == "report" and described.warnings[0].startswith(
+        'read "descirbe" as "describe" in the question')
 
 def test_a_pair_called_not_visible_is_looked_for_side_by_side():
     assert absent_members("liver", "is") == ["liver"]

@@ -274,9 +274,14 @@ def test_a_question_for_every_structure_is_told_apart():
     ("Segment the gallstones.", [], "Segment the gallstones."),
     ("Segment the IVC.", [], "Segment the IVC."),
     ("Find the upper lobes.", [], "Find the upper lobes."),
-    # only what the question asks for is read: the other words are the question's own
-    ("Segmnet the liver.", [], "Segmnet the liver."),
+    # a task word opening a question with none, then the names after it
+    ("Segmnet the livr.", [("segmnet", "segment"), ("livr", "liver")], "segment the liver."),
+    ("Please locte the spleen.", [("locte", "locate")], "Please locate the spleen."),
+    ("Descirbe this slice.", [("descirbe", "describe")], "describe this slice."),
+    # the other words are the question's own
     ("Is the livr normal?", [], "Is the livr normal?"),
+    ("Identity of this structure?", [], "Identity of this structure?"),
+    ("Segment the liver, and identiy the spleen.", [], "Segment the liver, and identiy the spleen."),
 ])
 def test_a_misspelt_name_is_read_as_the_name_it_is_close_to(prompt, fixes, read):
     assert misspelt_names(prompt) == fixes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tempfile
@@ -42,11 +43,27 @@ _TASK_WORDS = (
 )
 
 
+# a misspelt task word opening a question with no task words ("Segmnet the liver."): the
+# engine's `citrusv.parsing.misspelt_task_word`, read as the closest of these
+_TASK_VERBS = {"segment": "segment", "delineate": "segment", "outline": "segment",
+               "contour": "segment", "highlight": "segment", "detect": "detect",
+               "locate": "detect", "identify": "detect", "describe": "report",
+               "summarise": "report", "summarize": "report"}
+_NOT_TASK_TYPOS = frozenset({"identity", "relocate", "allocate", "outlive", "scribe"})
+_OPENING = re.compile(r"\s*(?:(?:please|pls|can you|could you|would you)\s+)?([a-z]+)\b")
+
+
 def guess_task(prompt: str) -> str:
     """``report`` / ``segment`` / ``detect`` from the wording of a question."""
     for task, pattern in _TASK_WORDS:
         if pattern.search(prompt):
             return task
+    m = _OPENING.match(prompt.lower())
+    word = m.group(1) if m else ""
+    if len(word) >= 5 and word not in _NOT_TASK_TYPOS:
+        close = difflib.get_close_matches(word, _TASK_VERBS, n=1, cutoff=0.85)
+        if close:
+            return _TASK_VERBS[close[0]]
     return "report"
 
 
