@@ -302,3 +302,13 @@ def test_a_misspelt_name_is_read_as_the_name_it_is_close_to(prompt, fixes, read)
 ])
 def test_the_structures_a_question_names_anywhere(prompt, names):
     assert named_structures(prompt) == names
+
+
+def test_a_shortened_side_is_checked_as_the_side_it_names():
+    prompt = "Find the rt lung."
+    read = respelled(prompt, misspelt_names(prompt))
+    assert unasked_warning(prompt, ["left lung"]) is None  # "rt" is no side as typed
+    assert unasked_warning(read, ["left lung"]).startswith(
+        "the question says right, but the answer is about the left lung")
+    assert prompt_targets(read) == ["right lung"] and not answers_about("right lung",
+                                                                         ["left lung"])
