@@ -7,6 +7,13 @@ engine asking again (docs/api.md, "Asked again"): Dice summed over the held-out 
   scan."; nano was taught names in lower case),
 - "Highlight the liver." and "How big is the liver?" (segmentation questions since
   2026-12-05: the mask's area in mm² answers the size),
+- names with a typo, a letter left out ("Segment the lier.", "Please segment the left kidey
+  in this scan."; read as the names they are close to since 2026-12-05's second session),
+- task words with a typo ("Segent the liver.", "Delieate the liver."; read as the task
+  words they are close to since the same session),
+- sides shortened, for the four sided structures, lungs and kidneys ("Segment the rt
+  kidney.", "Please segment the L lung in this scan."; read as "right" and "left" since the
+  same session),
 - one question listing every structure on the slice ("Segment the right lung, the heart and
   the aorta."; on a slice with none of them, not asked, so scored as an empty mask),
 - "Segment all organs." (naming none: the engine asks the model's report which are there,
@@ -32,12 +39,35 @@ from citrusv.nano_data import (HELD_OUT_BLOCKS, MIN_AREA_PX, NAMES, PAIRS, eval_
                                load_study)
 
 NANO = Path(__file__).resolve().parents[1] / "models" / "nano"
+
+
+def typo(name: str) -> str:
+    """The name with the middle letter of its longest word left out ("liver" -> "lier",
+    "left kidney" -> "left kidey", "spinal cord" -> "spial cord")."""
+    words = name.split()
+    i = max(range(len(words)), key=lambda j: len(words[j]))
+    w = words[i]
+    words[i] = w[:len(w) // 2] + w[len(w) // 2 + 1:]
+    return " ".join(words)
+
+
 ONE = {"other words": ["Delineate the {s}.", "Outline the {s}.", "Contour the {s}."],
        "nano's question": ["Please segment the {s} in this scan."],
        "names with capitals": ["Segment the {S}.", "Please segment the {S} in this scan."],
-       "highlight, size words": ["Highlight the {s}.", "How big is the {s}?"]}
+       "highlight, size words": ["Highlight the {s}.", "How big is the {s}?"],
+       "names with a typo": ["Segment the {t}.", "Please segment the {t} in this scan."],
+       "task words with a typo": [f"{typo('Segment')} the {{s}}.",
+                                  f"{typo('Delineate')} the {{s}}."]}
 PAIR_WORDINGS = {"both of a pair": "Segment both {pair}.", "a pair's name with no side":
                  "Segment the {one}."}
+SIDED = [s for s in NAMES if s.split()[0] in ("left", "right")]
+SHORT = {"sides shortened": ["Segment the {rt}.", "Please segment the {R} in this scan."]}
+
+
+def short_sides(name: str) -> dict[str, str]:
+    """The name with its side shortened two ways ("right lung" -> rt="rt lung", R="R lung")."""
+    side, rest = name.split(" ", 1)
+    return {"rt": f"{side[0]}t {rest}", "R": f"{side[0].upper()} {rest}"}
 
 
 class Tally:
@@ -70,7 +100,7 @@ def masks_of(res, name: str, shape) -> np.ndarray:
 
 
 def run(engine: Engine, study, slices) -> dict[str, Tally]:
-    tallies = {k: Tally() for k in [*ONE, "one question listing all", "all organs",
+    tallies = {k: Tally() for k in [*ONE, *SHORT, "one question listing all", "all organs",
                                     *PAIR_WORDINGS]}
     for k in slices:
         image = study.volume[k]
@@ -78,7 +108,14 @@ def run(engine: Engine, study, slices) -> dict[str, Tally]:
         for kind, phrasings in ONE.items():
             for s in NAMES:
                 for p in phrasings:
-                    res = engine.ask(image, p.format(s=s, S=s.title()), window=eval_window(s))
+                    res = engine.ask(image, p.format(s=s, S=s.title(), t=typo(s)),
+                                     window=eval_window(s))
+                    tallies[kind].answer(res)
+                    tallies[kind].add(s, masks_of(res, s, image.shape), refs[s])
+        for kind, phrasings in SHORT.items():
+            for s in SIDED:
+                for p in phrasings:
+                    res = engine.ask(image, p.format(**short_sides(s)), window=eval_window(s))
                     tallies[kind].answer(res)
                     tallies[kind].add(s, masks_of(res, s, image.shape), refs[s])
         on = [f"the {s}" for s in NAMES if refs[s].sum() >= MIN_AREA_PX]
@@ -125,7 +162,8 @@ def main() -> None:
     print("|---|---|---|---|")
     for kind in results[True]:
         typed, again = results[False][kind], results[True][kind]
-        names = [s for p in PAIRS.values() for s in p] if kind in PAIR_WORDINGS else NAMES
+        names = ([s for p in PAIRS.values() for s in p] if kind in PAIR_WORDINGS
+                 else SIDED if kind in SHORT else NAMES)
         print(f"| {kind} | {typed.mean(names):.3f} | {again.mean(names):.3f} | "
               f"{typed.no_mask} / {again.no_mask} of {again.asked} |")
 
