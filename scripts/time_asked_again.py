@@ -28,6 +28,7 @@ QUESTIONS = [
     "Write a Report for this CT Slice. Think Step by Step.",
     "How big is the liver?",
     "Segment all organs.",
+    "Segent the liver.",
 ]
 
 
