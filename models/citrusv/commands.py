@@ -48,7 +48,7 @@ def ask_cli(args: argparse.Namespace) -> int:
     from . import imaging
     from .checkpoint import read_intended_use
     from .engine import AXES, Engine, untaught_modality
-    from .io import read_study
+    from .io import is_picture, read_study
     from .parsing import modality_warning
 
     if args.server:
@@ -84,7 +84,8 @@ def ask_cli(args: argparse.Namespace) -> int:
         res = engine.closer_look(plane, args.prompt, roi=roi, window=window, **kwargs)
     else:
         res = engine.ask(plane, args.prompt, window, task=args.task, **kwargs)
-    untaught_modality(res, study.modality, engine.config.mask_modalities)  # as the server does
+    untaught_modality(res, study.modality, engine.config.mask_modalities,  # as the server does
+                      picture=is_picture(args.image))
     data = res.to_json()
     if use is not None:
         data.setdefault("model", {})["intended_use"] = use

@@ -128,14 +128,26 @@ def asked_members(target: str) -> list[str]:
     return [f"right {one}", f"left {one}"] if one else [target]
 
 
-def untaught_modality(res: Result, modality: str | None, taught: list[str]) -> None:
+def untaught_modality(res: Result, modality: str | None, taught: list[str],
+                      picture: bool = False) -> None:
     """A model taught to segment only some kinds of image (`CitrusVConfig.mask_modalities`;
     nano: CT), asked on another kind (`modality`, the image's DICOM Modality; nano on the
     demo radiograph, CR): its masks there are untaught guesses, and an empty one does not
     mean the structure is absent. The "may not be in view" sentences of its empty masks go,
-    and one sentence says so. Nothing when the modality is unknown (NIfTI, NRRD, a bare
-    array), taught, or there is no mask."""
+    and one sentence says so. `picture`: the image is a picture file (PNG, JPEG ...), which
+    names no kind and is often a radiograph or a screenshot: one sentence says the masks are
+    guesses if it is not of a taught kind (the other sentences stay: it may be a CT slice).
+    Nothing when the modality is taught, otherwise unknown (NIfTI, NRRD, a bare array), or
+    there is no mask."""
     code = (modality or "").strip().upper()
+    if taught and picture and not code and res.masks:
+        kinds = listed(taught, "or")
+        res.warnings.append(
+            f"this image is a picture file, which does not say what kind of image it is, and "
+            f"this model was taught to segment {listed(taught, 'and')} images only: if it is "
+            f"not {kinds}, its masks are guesses it was never taught, and an empty one does not "
+            f"mean the structure is absent.")
+        return
     if not taught or not code or code in taught or not res.masks:
         return
     empty = {empty_mask_warning(m.label, len(m.slices) if m.array.ndim == 3 else None)

@@ -48,7 +48,7 @@ def read_study(path: str | Path) -> Study:
             return read_nifti(path)
         if name.endswith((".nrrd", ".nhdr")):
             return read_nrrd(path)
-        if name.endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")):
+        if is_picture(name):
             return read_png(path)
         return read_dicom_file(path)
     except InputError:
@@ -173,6 +173,15 @@ def read_dicom_series(folder: Path) -> Study:
                  photometric=photometric,
                  modality=str(getattr(slices[0], "Modality", "")) or None,
                  meta={"series_uid": str(uid), "n_files": len(slices)})
+
+
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def is_picture(path) -> bool:
+    """Whether a file is a picture (PNG, JPEG, TIFF, BMP): pixels with no word on what kind of
+    image they are."""
+    return str(path).lower().endswith(PICTURE_SUFFIXES)
 
 
 def read_png(path: Path) -> Study:

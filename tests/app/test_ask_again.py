@@ -81,3 +81,35 @@ def test_masks_on_the_radiograph_say_nano_was_taught_ct_only(as_typed_server):
         "this model was taught to segment CT images only, and this image is CR by its DICOM "
         "header: its masks here are guesses it was never taught, and an empty one does not "
         "mean the structure is absent.")
+
+
+
+def test_masks_on_a_picture_file_say_it_names_no_kind(as_typed_server, tmp_path):
+    """A PNG of the demo radiograph (no DICOM header, so no Modality), uploaded as the Slicer
+    module would: nano's mask answer keeps its own sentences and gets one saying a picture
+    names no kind and nano was taught to segment CT only. The NIfTI CT gets no such sentence."""
+    import io
+
+    import pydicom
+    from PIL import Image
+
+    ds = pydicom.dcmread(as_typed_server.studies / "chest_xray.dcm")
+    px = ds.pixel_array.astype(float)
+    grey = (255 * (px.max() - px) / (px.max() - px.min())).astype("uint8")  # MONOCHROME1
+    buf = io.BytesIO()
+    Image.fromarray(grey).resize((512, 512)).save(buf, format="PNG")
+    r = as_typed_server.put("/datastore/image?image=cxr_png",
+                            files={"file": ("cxr.png", buf.getvalue())})
+    assert r.status_code == 200, r.text
+    question = {"params": json.dumps({"prompt": "Please segment the heart in this scan."})}
+    r = as_typed_server.post("/infer/citrusv_segment?image=cxr_png&output=json", data=question)
+    assert r.status_code == 200, r.text
+    result = r.json()
+    assert [m["label"] for m in result["masks"]] == ["heart"], result["text"]
+    assert result["warnings"][-1] == (
+        "this image is a picture file, which does not say what kind of image it is, and this "
+        "model was taught to segment CT images only: if it is not CT, its masks are guesses it "
+        "was never taught, and an empty one does not mean the structure is absent.")
+    r = as_typed_server.post("/infer/citrusv_segment?image=chest_ct&output=json", data={
+        "params": json.dumps({"prompt": "Please segment the heart in this scan.", "slice": 65})})
+    assert r.status_code == 200 and not [w for w in r.json()["warnings"] if "picture" in w]

@@ -808,7 +808,8 @@ def test_box_source_mask_in_a_closer_look_maps_both_boxes_to_the_slice(fitted_di
 
 def test_masks_on_an_image_kind_the_model_was_not_taught_to_segment_say_so():
     """nano was taught to segment CT only: on a CR its empty masks do not mean "not in
-    view", so those sentences go and one says why; a taught or unknown kind is left alone."""
+    view", so those sentences go and one says why; a taught or unknown kind is left alone,
+    but a picture file (PNG, JPEG), which names no kind, gets one sentence."""
     from citrusv.engine import empty_mask_warning, untaught_modality
     from citrusv.result import Mask, Result
 
@@ -830,6 +831,17 @@ def test_masks_on_an_image_kind_the_model_was_not_taught_to_segment_say_so():
         "this model was taught to segment CT images only, and this image is CR by its DICOM "
         "header: its masks here are guesses it was never taught, and an empty one does not "
         "mean the structure is absent."]
+    # a picture file names no kind: one sentence, the others stay (it may be a CT slice)
+    res = answer()
+    untaught_modality(res, "", ["CT"], picture=True)
+    assert res.warnings == answer().warnings + [
+        "this image is a picture file, which does not say what kind of image it is, and this "
+        "model was taught to segment CT images only: if it is not CT, its masks are guesses "
+        "it was never taught, and an empty one does not mean the structure is absent."]
+    for modality, taught in (("CT", ["CT"]), ("", [])):  # a picture said to be CT; any kind
+        res = answer()
+        untaught_modality(res, modality, taught, picture=True)
+        assert res.warnings == answer().warnings, modality
 
 
 def test_a_question_for_every_structure_asks_the_models_report_which_are_there(fitted_engine):

@@ -615,6 +615,28 @@ def test_cli_segmentation_on_the_radiograph_says_nano_was_taught_ct_only(sample_
             "DICOM header") in data["warnings"][-1]
 
 
+def test_cli_segmentation_on_a_picture_says_it_names_no_kind(sample_root, tmp_path):
+    """The same radiograph as a PNG carries no Modality: `citrusv ask` adds the sentence that
+    a picture names no kind and nano was taught to segment CT only, as the server does."""
+    import pydicom
+    from PIL import Image
+
+    from citrusv.cli import main
+
+    ds = pydicom.dcmread(Path(sample_root) / "studies" / "chest_xray.dcm")
+    px = ds.pixel_array.astype(float)
+    png = tmp_path / "cxr.png"
+    Image.fromarray((255 * (px.max() - px) / (px.max() - px.min())).astype(np.uint8)).save(png)
+    rc = main(["ask", "--model", str(NANO), "--image", str(png),
+               "--prompt", "Please segment the left lung in this scan.",
+               "--json", str(tmp_path / "r.json")])
+    assert rc == 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert [m["label"] for m in data["masks"]] == ["left lung"]
+    assert data["warnings"][-1].startswith(
+        "this image is a picture file, which does not say what kind of image it is, and this "
+        "model was taught to segment CT images only")
+
 def test_cli_report_on_a_mislabelled_radiograph_warns_of_the_kind(sample_root, tmp_path, capsys):
     # the demo CR with its MONOCHROME1 header changed to MONOCHROME2 reaches nano bone dark;
     # nano then calls it a CT, and `citrusv ask` says the DICOM disagrees, as the server does

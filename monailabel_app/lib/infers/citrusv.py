@@ -19,7 +19,7 @@ from citrusv.engine import untaught_modality
 from citrusv.parsing import modality_warning
 
 from ..errors import RequestError
-from ..images import Study, StudyCache, empty_label, paint, write_label
+from ..images import PICTURE_SUFFIXES, Study, StudyCache, empty_label, paint, write_label
 from ..model import SharedModel
 from ..params import AXES, InferParams, parse
 
@@ -83,7 +83,8 @@ class CitrusVInfer(InferTask):
             result = self._ask(engine, study, params, image_id)
         except _input_error() as e:
             raise RequestError(str(e)) from e
-        untaught_modality(result, study.modality, engine.config.mask_modalities)
+        untaught_modality(result, study.modality, engine.config.mask_modalities,
+                          picture=study.path.lower().endswith(PICTURE_SUFFIXES))
         label_file, out = self._respond(study, params, result, version, image_id)
         out.setdefault("timing_ms", {})["server_total"] = round((time.perf_counter() - start) * 1e3, 2)
         return label_file, out
