@@ -36,7 +36,7 @@ from .generation import (
 )
 from .imaging import FrameMap
 from .parsing import (SEG_TOKEN, TASKS, absent_labels, answers_about, asks_for_everything,
-                      asks_for_report, infer_task, listed, misspelt_names, named_structures,
+                      asks_for_report, excluded_structures, infer_task, listed, misspelt_names, named_structures,
                       parse_output, prompt_targets, respelled, size_mismatches,
                       unasked_warning)
 from .prompting import pixel_inputs, stop_token_ids, text_inputs
@@ -378,6 +378,30 @@ def _join_answers(res: Result, more: Result) -> Result:
     res.text = f"{res.text}\n{more.text}"
     res.answer = f"{res.answer}\n{more.answer}".strip()
     return _add_warnings_and_times(res, more)
+
+
+def _drop_excluded(res: Result, left_out: list[str]) -> None:
+    """A question for every structure that leaves some out ("Segment all organs except the
+    liver.", `parsing.excluded_structures`): masks and boxes of those go (the model's first
+    answer may be about one), masks renumbered, and one sentence says so."""
+    def out(label: str) -> bool:
+        return any(answers_about(x, [label]) for x in left_out)
+
+    gone = list(dict.fromkeys(x.label for x in res.masks + res.boxes if out(x.label)))
+    if not gone:
+        return
+    dropped = {b.id for b in res.boxes if out(b.label)}
+    res.masks = [m for m in res.masks if not out(m.label)]
+    res.boxes = [b for b in res.boxes if not out(b.label)]
+    for step in res.reasoning:
+        step.box_ids = [i for i in step.box_ids if i not in dropped]
+    index: dict[str, int] = {}
+    for m in res.masks:
+        m.label_index = index.setdefault(m.label, len(index) + 1)
+    res.warnings.append(f"the model's answer had the {listed(gone)}, which the question leaves "
+                        "out, so it is not returned." if len(gone) == 1 else
+                        f"the model's answer had the {listed(gone)}, which the question leaves "
+                        "out, so they are not returned.")
 
 
 def slice_list(ks: list[int]) -> str:
@@ -939,6 +963,8 @@ class Engine:
         if not res.masks and task in ("segment", "closer_look") and not said:
             res.warnings.append("the model wrote no [SEG] token, so there is no mask; "
                                 "rephrase the prompt, e.g. 'Please segment the liver'.")
+        if follow and task in ("segment", "detect"):
+            _drop_excluded(res, excluded_structures(checked))
         if fixes:
             res.warnings.insert(0, spelling_note(fixes))
         return res
@@ -1001,9 +1027,12 @@ class Engine:
         named in one warning (True when one was added). A model that answers about all of
         them is asked nothing more. `targets`: what is asked for, if not read from `prompt`
         (the structures a question with no task words names, asked for as `task` asks)."""
-        if targets is None:
-            targets = (self._structures_listed(state, res) if asks_for_everything(prompt)
-                       else prompt_targets(prompt))
+        if targets is None and asks_for_everything(prompt):
+            left_out = excluded_structures(prompt)  # "Segment all organs except the liver."
+            targets = [t for t in self._structures_listed(state, res)
+                       if not any(answers_about(x, [t]) for x in left_out)]
+        elif targets is None:
+            targets = prompt_targets(prompt)
 
         def about(r: Result, absent: list[str]) -> list[str]:
             if task == "segment":

@@ -285,6 +285,29 @@ _EVERYTHING = re.compile(r"\beverything\b|\b(?:all|every|each)\s+(?:of\s+)?(?:th
                          r"(?:organs?|structures?|anatomy)\b")
 
 
+# "Segment all organs except the liver.": what a question for every structure leaves out
+_EXCEPT = re.compile(r"\b(?:except(?:\s+for)?|but(?:\s+not)?|other\s+than|excluding"
+                     r"|apart\s+from|besides|without)\s+(?:the\s+)?"
+                     r"(?P<t>[a-z][a-z ,&\-]*?)" + rf"(?={_ASKED_END}|[.?!;:]|$)")
+
+
+def excluded_structures(prompt: str) -> list[str]:
+    """The structures a question for every structure (`asks_for_everything`) leaves out
+    ("Segment all organs except the liver and the spleen." -> ["liver", "spleen"];
+    "... but not the kidneys" -> ["kidneys"]); [] for other questions."""
+    low = (prompt or "").lower()
+    m = _EXCEPT.search(low) if asks_for_everything(low) else None
+    if not m:
+        return []
+    out = []
+    for part in (p.strip() for p in _LIST_SEP.split(m.group("t"))):
+        words = part.split()
+        if not words or len(words) > 3 or set(words) & _NOT_A_NAME:
+            break
+        out.append(part)
+    return out
+
+
 def asks_for_everything(prompt: str) -> bool:
     """Whether a question asks for every structure on the image ("Segment all organs.",
     "Find every structure.", "Segment everything."), naming none."""

@@ -864,3 +864,19 @@ def test_a_question_for_every_structure_asks_the_models_report_which_are_there(f
     assert [m.label for m in res.masks] == ["liver"]  # the first answer is about it already
     assert len(asked) == 2 and res.warnings == [], (asked, res.warnings)
     assert res.timing_ms["decode"] > 0
+
+
+def test_a_question_for_every_structure_but_some_leaves_those_out(fitted_engine, monkeypatch):
+    """"Segment all organs except the liver.": the liver the model's report cites is not
+    asked about, and the liver mask of its first answer is not returned; a sentence says so
+    (and not that no [SEG] was written)."""
+    img = ct_slice(seed=5)
+    asked = _asked(fitted_engine, monkeypatch)
+    res = fitted_engine.ask(img, "Segment all organs except the liver.", window="abdomen")
+    assert asked == ["Segment all organs except the liver.", REPORT_AGAIN_PROMPT]
+    assert res.masks == [] and res.text == ANSWERS["segment"]
+    assert res.warnings == ["the model's answer had the liver, which the question leaves out, "
+                            "so it is not returned."]
+    kept = fitted_engine.ask(img, "Segment all organs except the spleen.", window="abdomen")
+    assert [(m.label, m.label_index) for m in kept.masks] == [("liver", 1)]
+    assert kept.warnings == []

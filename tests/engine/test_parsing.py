@@ -1,7 +1,8 @@
 import pytest
 
 from citrusv.parsing import (absent_labels, answers_about, asks_for_everything,
-                             asks_for_report, infer_task, misspelt_names, modality_warning,
+                             asks_for_report, excluded_structures, infer_task, misspelt_names,
+                             modality_warning,
                              named_modalities, named_structures, parse_output, prompt_target,
                              prompt_targets, respelled, size_mismatches, unasked_warning)
 
@@ -312,3 +313,19 @@ def test_a_shortened_side_is_checked_as_the_side_it_names():
         "the question says right, but the answer is about the left lung")
     assert prompt_targets(read) == ["right lung"] and not answers_about("right lung",
                                                                          ["left lung"])
+
+
+
+@pytest.mark.parametrize("prompt,left_out", [
+    ("Segment all organs except the liver.", ["liver"]),
+    ("Segment everything except the liver and the spleen.", ["liver", "spleen"]),
+    ("Segment everything but not the kidneys", ["kidneys"]),
+    ("Find all structures other than the lungs.", ["lungs"]),
+    ("Segment everything apart from the heart, aorta and stomach in this slice.",
+     ["heart", "aorta", "stomach"]),
+    ("Segment all organs except the left kidney please", ["left kidney"]),
+    ("Segment all organs.", []),
+    ("Segment the liver except the tip.", []),  # not a question for every structure
+])
+def test_what_a_question_for_every_structure_leaves_out(prompt, left_out):
+    assert excluded_structures(prompt) == left_out

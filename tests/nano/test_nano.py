@@ -291,7 +291,8 @@ def test_a_question_listing_structures_gets_an_answer_about_each(engine, study):
 def test_segment_all_organs_gives_each_structure_nanos_report_finds(engine, study):
     """"Segment all organs." names none; nano first segments one. Asked which are there, its
     report on held-out slice 65 cites the lungs, the heart, the aorta and the spinal cord,
-    and each is segmented as its own question would be."""
+    and each is segmented as its own question would be. "Segment all organs except the
+    lungs." gets the same masks but the lungs'."""
     k = 65
     res = engine.ask(study.volume[k], "Segment all organs.", window="abdomen")
     got = {m.label: m.array for m in res.masks}
@@ -299,6 +300,11 @@ def test_segment_all_organs_gives_each_structure_nanos_report_finds(engine, stud
     for name in ("right lung", "left lung", "heart"):
         assert dice_score(got[name], study.mask(name, k)) >= 0.85, name
     assert not [w for w in res.warnings if "does not name" in w], res.warnings
+    # "... except the lungs": the same masks less the lungs
+    less = engine.ask(study.volume[k], "Segment all organs except the lungs.", window="abdomen")
+    assert [m.label for m in less.masks] == [m.label for m in res.masks if "lung" not in m.label]
+    for m in less.masks:
+        np.testing.assert_array_equal(m.array, got[m.label])
 
 
 def test_a_size_question_is_answered_with_a_mask_and_its_area_in_mm2(engine, study):
