@@ -169,7 +169,8 @@ def unconfirmed_boxes_warning(labels: list[str]) -> str:
 
 
 def spelling_note(fixes: list[tuple[str, str]]) -> str:
-    """Said when a question's misspelt names (`parsing.misspelt_names`) were read as others."""
+    """Said when words of a question were read as others (`parsing.misspelt_names`: a
+    misspelt name or task word, a shortened side), first among the answer's warnings."""
     read = listed([f'"{typed}" as "{meant}"' for typed, meant in fixes])
     known = "a word" if len(fixes) == 1 else "words"
     return (f"read {read} in the question ({known} the engine knows) to check the answer "
