@@ -1032,8 +1032,9 @@ class Engine:
             left_out = excluded_structures(prompt)  # "Segment all organs except the liver."
             targets = [t for t in self._structures_listed(state, res)
                        if not any(answers_about(x, [t]) for x in left_out)]
-        elif targets is None:
-            targets = prompt_targets(prompt)
+        elif targets is None:  # what follows its task words, else any structure it names
+            # (the Slicer module sends the task chosen: "liver", "Is the heart normal?")
+            targets = prompt_targets(prompt) or named_structures(prompt)
 
         def about(r: Result, absent: list[str]) -> list[str]:
             if task == "segment":

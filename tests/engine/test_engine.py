@@ -469,6 +469,12 @@ def test_a_question_with_no_task_words_is_asked_for_the_structures_it_names(
     asked.clear()
     e.ask(img, "Is this normal?", window="abdomen")
     assert asked == ["Is this normal?"]
+    # the task chosen, as the Slicer module sends it, and the structures named, no task words
+    asked.clear()
+    boxed = e.ask(img, "spleen and liver", window="abdomen", task="detect")
+    assert asked == ["spleen and liver", FOLLOW_UP_PROMPTS["detect"].format(label="liver")]
+    assert boxed.task == "detect" and [b.label for b in boxed.boxes] == ["spleen"]
+    assert boxed.warnings[-1].startswith("the answer has nothing about the liver")
     # a misspelt report word: asked again for a report as "Describe this slice." would be
     asked.clear()
     described = e.ask(img, "Descirbe this slice.", window="abdomen")
