@@ -414,14 +414,19 @@ SIDE_SHORT = {"r": "right", "rt": "right", "l": "left", "lt": "left"}
 
 def misspelt_names(prompt: str) -> list[tuple[str, str]]:
     """(as typed, as read) for each word of the structures a question asks for
-    (`prompt_targets`) that is a side shortened before a name (SIDE_SHORT: "rt lung" ->
+    (`prompt_targets`, or the whole question where it is three words or fewer: "livr", as the
+    Slicer module sends it with the task chosen) that is a side shortened before a name (SIDE_SHORT: "rt lung" ->
     "right lung", "L kidney" -> "left kidney"), or no word of ANATOMY, FINDINGS or
     _NAME_WORDS but close to one (difflib's ratio ≥ 0.8, words of three letters or more:
     "livr" -> "liver", "kidny" -> "kidney", "spleeen" -> "spleen"), each once. A word close to
     none is left as typed (the model may know a name this list does not)."""
     verb = misspelt_task_word(prompt)  # "Segmnet the livr.": the names follow the task word
     out: list[tuple[str, str]] = [verb] if verb else []
-    for target in prompt_targets(respelled(prompt, out)):
+    targets = prompt_targets(respelled(prompt, out))
+    bare = re.sub(r"[^a-z ,&\-]", " ", (prompt or "").lower()).split()
+    if not targets and len(bare) <= 3:  # a question that is names alone ("livr", "the hert")
+        targets = [p.strip() for p in _LIST_SEP.split(" ".join(bare)) if p.strip()]
+    for target in targets:
         words = target.split()
         for i, word in enumerate(words):
             if word in [a for a, _ in out]:

@@ -279,6 +279,11 @@ def test_a_question_for_every_structure_is_told_apart():
     ("Segmnet the livr.", [("segmnet", "segment"), ("livr", "liver")], "segment the liver."),
     ("Please locte the spleen.", [("locte", "locate")], "Please locate the spleen."),
     ("Descirbe this slice.", [("descirbe", "describe")], "describe this slice."),
+    # a question that is names alone (the Slicer module sends the task chosen)
+    ("livr", [("livr", "liver")], "liver"),
+    ("the hert", [("hert", "heart")], "the heart"),
+    ("livr and spleeen?", [("livr", "liver"), ("spleeen", "spleen")], "liver and spleen?"),
+    ("hello", [], "hello"),
     # the other words are the question's own
     ("Is the livr normal?", [], "Is the livr normal?"),
     ("Identity of this structure?", [], "Identity of this structure?"),
