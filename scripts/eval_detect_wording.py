@@ -13,6 +13,8 @@ held-out slices, one question per structure and slice, for
   kidney, ...", "Find the L lung."; read as "right" and "left" since the same session),
 - task words with a typo ("Locte the liver.", "Idenify the liver."; read as the task words
   they are close to since the same session),
+- names alone with the task given, as the Slicer module sends the task chosen ("liver",
+  "Right Kidney?" with Detect),
 - questions with no task words that name the structure ("Is the liver normal?", "Does the
   Liver look normal?"; report questions, whose structures are asked for as detection asks for
   them when the answer is no report, since the same session).
@@ -37,7 +39,8 @@ WORDINGS = {"nano's question": [DETECT_PROMPT],
             "task words with a typo": [f"{typo('Locate')} the {{s}}.",
                                        f"{typo('Identify')} the {{s}}."],
             "no task words": ["Is the {s} normal?", "Does the {S} look normal?"],
-            "sides shortened": [DETECT_PROMPT.replace("{s}", "{rt}"), "Find the {R}."]}
+            "sides shortened": [DETECT_PROMPT.replace("{s}", "{rt}"), "Find the {R}."],
+            "names alone, task chosen": ["{s}", "{S}?"]}
 
 
 def run(engine: Engine, study, slices) -> dict[str, _Detections]:
@@ -53,7 +56,8 @@ def run(engine: Engine, study, slices) -> dict[str, _Detections]:
                 for p in phrasings:
                     words = short_sides(s) if s in SIDED else {}
                     res = engine.ask(image, p.format(s=s, S=s.title(), t=typo(s), **words),
-                                     window=eval_window(s))
+                                     window=eval_window(s),
+                                     task="detect" if kind == "names alone, task chosen" else None)
                     tallies[kind].add(s, [(b.label, b.xyxy) for b in res.boxes], ref_box)
     return tallies
 

@@ -11,6 +11,9 @@ engine asking again (docs/api.md, "Asked again"): Dice summed over the held-out 
   in this scan."; read as the names they are close to since 2026-12-05's second session),
 - task words with a typo ("Segent the liver.", "Delieate the liver."; read as the task
   words they are close to since the same session),
+- names alone with the task given, as the Slicer module sends the task chosen ("liver",
+  "Right Kidney?" with Segment; asked again about the structures they name since the
+  second 2026-12-05 session),
 - sides shortened, for the four sided structures, lungs and kidneys ("Segment the rt
   kidney.", "Please segment the L lung in this scan."; read as "right" and "left" since the
   same session),
@@ -60,6 +63,8 @@ ONE = {"other words": ["Delineate the {s}.", "Outline the {s}.", "Contour the {s
                                   f"{typo('Delineate')} the {{s}}."]}
 PAIR_WORDINGS = {"both of a pair": "Segment both {pair}.", "a pair's name with no side":
                  "Segment the {one}."}
+# asked with the task given, as the Slicer module sends the task chosen
+CHOSEN = {"names alone, task chosen": ["{s}", "{S}?"]}
 SIDED = [s for s in NAMES if s.split()[0] in ("left", "right")]
 SHORT = {"sides shortened": ["Segment the {rt}.", "Please segment the {R} in this scan."]}
 
@@ -100,8 +105,8 @@ def masks_of(res, name: str, shape) -> np.ndarray:
 
 
 def run(engine: Engine, study, slices) -> dict[str, Tally]:
-    tallies = {k: Tally() for k in [*ONE, *SHORT, "one question listing all", "all organs",
-                                    *PAIR_WORDINGS]}
+    tallies = {k: Tally() for k in [*ONE, *CHOSEN, *SHORT, "one question listing all",
+                                    "all organs", *PAIR_WORDINGS]}
     for k in slices:
         image = study.volume[k]
         refs = {s: study.mask(s, k) for s in NAMES}
@@ -110,6 +115,13 @@ def run(engine: Engine, study, slices) -> dict[str, Tally]:
                 for p in phrasings:
                     res = engine.ask(image, p.format(s=s, S=s.title(), t=typo(s)),
                                      window=eval_window(s))
+                    tallies[kind].answer(res)
+                    tallies[kind].add(s, masks_of(res, s, image.shape), refs[s])
+        for kind, phrasings in CHOSEN.items():
+            for s in NAMES:
+                for p in phrasings:
+                    res = engine.ask(image, p.format(s=s, S=s.title()), window=eval_window(s),
+                                     task="segment")
                     tallies[kind].answer(res)
                     tallies[kind].add(s, masks_of(res, s, image.shape), refs[s])
         for kind, phrasings in SHORT.items():

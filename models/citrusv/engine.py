@@ -36,9 +36,9 @@ from .generation import (
 )
 from .imaging import FrameMap
 from .parsing import (SEG_TOKEN, TASKS, absent_labels, answers_about, asks_for_everything,
-                      asks_for_report, excluded_structures, infer_task, listed, misspelt_names, named_structures,
-                      parse_output, prompt_targets, respelled, size_mismatches,
-                      unasked_warning)
+                      asks_for_report, excluded_structures, infer_task, listed, misspelt_names,
+                      named_structures, parse_output, prompt_targets, respelled,
+                      size_mismatches, unasked_warning)
 from .prompting import pixel_inputs, stop_token_ids, text_inputs
 from .result import Box, Mask, Result, Step
 from .slice_cache import SliceCache, SliceState, content_hash
@@ -399,10 +399,9 @@ def _drop_excluded(res: Result, left_out: list[str]) -> None:
     index: dict[str, int] = {}
     for m in res.masks:
         m.label_index = index.setdefault(m.label, len(index) + 1)
+    it = "it is" if len(gone) == 1 else "they are"
     res.warnings.append(f"the model's answer had the {listed(gone)}, which the question leaves "
-                        "out, so it is not returned." if len(gone) == 1 else
-                        f"the model's answer had the {listed(gone)}, which the question leaves "
-                        "out, so they are not returned.")
+                        f"out, so {it} not returned.")
 
 
 def slice_list(ks: list[int]) -> str:
