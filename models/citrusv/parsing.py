@@ -228,9 +228,11 @@ _ADJECTIVE_NOUN = {"hepatic": "liver", "renal": "kidney", "pulmonary": "lung",
 
 def _stems(text: str) -> set[str]:
     """Lower-case words, plural -s / -ies cut and adjectives turned into their nouns, so that
-    "Find the kidneys." and "left kidney" share "kidney"."""
+    "Find the kidneys." and "left kidney" share "kidney" (and "cardiomegaly" has "heart")."""
     out = set()
     for w in re.findall(r"[a-z]+", (text or "").lower()):
+        if w in _ENLARGED:
+            out |= _stems(" ".join(_ENLARGED[w]))
         if w.endswith("ies") and len(w) > 4:
             w = w[:-3] + "y"
         elif w.endswith("s") and len(w) > 3 and not w.endswith(("ss", "us")):
@@ -389,16 +391,26 @@ _ANATOMY_RE = re.compile(
     + r")(?P<plural>s|es)?\b")
 
 
+# words for an organ's enlargement name the organ ("Is there cardiomegaly?": the heart)
+_ENLARGED = {"cardiomegaly": ["heart"], "hepatomegaly": ["liver"], "splenomegaly": ["spleen"],
+             "hepatosplenomegaly": ["liver", "spleen"], "nephromegaly": ["kidneys"]}
+_ENLARGED_RE = re.compile(r"\b(" + "|".join(_ENLARGED) + r")\b")
+
+
 def named_structures(prompt: str) -> list[str]:
     """The structures of ANATOMY a question names anywhere in it, in order, with their side
     and plural as written ("Is the Liver normal?" -> ["liver"]; "Are the kidneys normal?" ->
-    ["kidneys"]; "Is the left kidney smaller than the spleen?" -> ["left kidney", "spleen"]):
+    ["kidneys"]; "Is the left kidney smaller than the spleen?" -> ["left kidney", "spleen"]),
+    and the organ a word for its enlargement names ("Is there cardiomegaly?" -> ["heart"]):
     what a question with no task words is about. An adjective names nothing ("Is there a
     renal stone?" -> [])."""
+    low = (prompt or "").lower()
+    found = [(m.start(), " ".join(x for x in (m.group("side"), m.group("name")) if x)
+              + (m.group("plural") or "")) for m in _ANATOMY_RE.finditer(low)]
+    found += [(m.start(), name) for m in _ENLARGED_RE.finditer(low)
+              for name in _ENLARGED[m.group(1)]]
     out: list[str] = []
-    for m in _ANATOMY_RE.finditer((prompt or "").lower()):
-        name = " ".join(x for x in (m.group("side"), m.group("name")) if x) + (
-            m.group("plural") or "")
+    for _, name in sorted(found, key=lambda x: x[0]):
         if name not in out:
             out.append(name)
     return out

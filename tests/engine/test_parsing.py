@@ -301,6 +301,9 @@ def test_a_misspelt_name_is_read_as_the_name_it_is_close_to(prompt, fixes, read)
     ("Is the inferior vena cava dilated?", ["inferior vena cava"]),
     ("Is the spinal cord compressed?", ["spinal cord"]),
     ("Are both lungs clear?", ["lungs"]),
+    # a word for an organ's enlargement names the organ
+    ("Is there cardiomegaly?", ["heart"]),
+    ("Hepatosplenomegaly? Check the left kidney too.", ["liver", "spleen", "left kidney"]),
     # an adjective names no structure; nor does a finding
     ("Is there a renal stone?", []),
     ("Is there a pleural effusion?", []),
@@ -334,3 +337,10 @@ def test_a_shortened_side_is_checked_as_the_side_it_names():
 ])
 def test_what_a_question_for_every_structure_leaves_out(prompt, left_out):
     assert excluded_structures(prompt) == left_out
+
+
+
+def test_a_word_for_an_organs_enlargement_names_the_organ():
+    assert unasked_warning("Is there cardiomegaly?", ["heart"]) is None
+    assert unasked_warning("Is there splenomegaly?", ["left lung"]).startswith(
+        "the answer is about the left lung, which the question does not name")
