@@ -95,3 +95,11 @@ def test_a_question_goes_to_the_same_task_with_or_without_a_server():
                     ("Identity of this structure?", "report"),
                     ("Delete the liver.", "report")]:
         assert (infer_task(p), guess_task(p)) == (task, task), p
+    # the copy's lists of task words a misspelt one is read as, and of words left alone
+    from CitrusVLib import headless
+
+    from citrusv import parsing
+
+    assert headless._TASK_VERBS == parsing.TASK_VERBS
+    assert headless._NOT_TASK_TYPOS == parsing._NOT_TASK_TYPOS
+    assert headless._OPENING.pattern == parsing._OPENING.pattern
