@@ -348,7 +348,6 @@ def prompt_targets(prompt: str) -> list[str]:
     return out
 
 
-
 # ----------------------------------------------------------------------------- names it knows
 # Anatomy a question may name: what a question with no task words is checked against ("Is the
 # liver normal?" names the liver), and, with FINDINGS and _NAME_WORDS, the words a misspelt
@@ -425,19 +424,22 @@ SIDE_SHORT = {"r": "right", "rt": "right", "l": "left", "lt": "left"}
 
 
 def misspelt_names(prompt: str) -> list[tuple[str, str]]:
-    """(as typed, as read) for each word of the structures a question asks for
+    """(as typed, as read) for a misspelt task word opening the question
+    (`misspelt_task_word`), then for each word of the structures it asks for
     (`prompt_targets`, or the whole question where it is three words or fewer: "livr", as the
-    Slicer module sends it with the task chosen) that is a side shortened before a name (SIDE_SHORT: "rt lung" ->
-    "right lung", "L kidney" -> "left kidney"), or no word of ANATOMY, FINDINGS or
-    _NAME_WORDS but close to one (difflib's ratio ≥ 0.8, words of three letters or more:
-    "livr" -> "liver", "kidny" -> "kidney", "spleeen" -> "spleen"), each once. A word close to
-    none is left as typed (the model may know a name this list does not)."""
+    Slicer module sends it with the task chosen) that is a side shortened before a name
+    (SIDE_SHORT: "rt lung" -> "right lung", "L kidney" -> "left kidney"), or no word of
+    ANATOMY, FINDINGS or _NAME_WORDS but close to one (difflib's ratio ≥ 0.8, words of three
+    letters or more: "livr" -> "liver", "kidny" -> "kidney", "spleeen" -> "spleen"), each
+    once. A word close to none is left as typed (the model may know a name this list does
+    not)."""
     verb = misspelt_task_word(prompt)  # "Segmnet the livr.": the names follow the task word
     out: list[tuple[str, str]] = [verb] if verb else []
     targets = prompt_targets(respelled(prompt, out))
-    bare = re.sub(r"[^a-z ,&\-]", " ", (prompt or "").lower()).split()
-    if not targets and len(bare) <= 3:  # a question that is names alone ("livr", "the hert")
-        targets = [p.strip() for p in _LIST_SEP.split(" ".join(bare)) if p.strip()]
+    if not targets:  # a question that is names alone ("livr", "the hert")
+        bare = re.sub(r"[^a-z ,&\-]", " ", (prompt or "").lower()).split()
+        if len(bare) <= 3:
+            targets = [p.strip() for p in _LIST_SEP.split(" ".join(bare)) if p.strip()]
     for target in targets:
         words = target.split()
         for i, word in enumerate(words):
@@ -461,6 +463,7 @@ def respelled(prompt: str, fixes: list[tuple[str, str]]) -> str:
         after = r"\.?(?=\s+[a-z])" if typed in SIDE_SHORT else ""
         prompt = re.sub(rf"(?i)\b{re.escape(typed)}\b{after}", meant, prompt)
     return prompt
+
 
 def answers_about(target: str, labels) -> bool:
     """Whether an answer's labels (masks, boxes, structures it says are not visible) include

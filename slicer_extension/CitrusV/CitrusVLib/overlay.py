@@ -47,6 +47,11 @@ def _edge(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
+def _on_slice(s: int | None, slice_index: int | None) -> bool:
+    """Whether a mask or box on slice ``s`` is drawn for ``slice_index`` (None: all)."""
+    return slice_index is None or s is None or s == slice_index
+
+
 def render_overlay(
     image_uint8: np.ndarray,
     result_json: Mapping[str, Any] | Result,
@@ -66,11 +71,8 @@ def render_overlay(
     # upscale first (nearest) so that mask outlines stay one pixel thin
     canvas = np.repeat(np.repeat(base, scale, axis=0), scale, axis=1).astype(np.float32)
 
-    def on_slice(s: int | None) -> bool:
-        return slice_index is None or s is None or s == slice_index
-
     for m in result.masks:
-        if not on_slice(m.slice) or m.rle is None:
+        if not _on_slice(m.slice, slice_index) or m.rle is None:
             continue
         mask = m.array()
         if mask.shape != (h, w):
@@ -95,7 +97,7 @@ def render_overlay(
             steps_for_box.setdefault(box_id, []).append(s.step)
 
     for n, b in enumerate(result.boxes):
-        if not on_slice(b.slice):
+        if not _on_slice(b.slice, slice_index):
             continue
         x1, y1, x2, y2 = (v * scale for v in b.xyxy)
         x1, x2 = sorted((min(max(x1, 0), w * scale - 1), min(max(x2, 0), w * scale - 1)))
@@ -146,9 +148,6 @@ def panel_lines(
     numbered steps, each mask on the slice with its area in mm², each box on it with its
     size in mm, then the warnings (what the server says to check), wrapped to the panel."""
 
-    def on_slice(s: int | None) -> bool:
-        return slice_index is None or s is None or s == slice_index
-
     lines: list[tuple[str, tuple[int, int, int]]] = []
     title = f"{result.task or 'result'}: {result.prompt}".strip()
     chars = max(20, PANEL_WIDTH // 7)  # characters per line, independent of the text scale
@@ -168,11 +167,11 @@ def panel_lines(
             ):
                 lines.append(((t if k == 0 else "   " + t), (200, 220, 255)))
     for m in result.masks:
-        if on_slice(m.slice):
+        if _on_slice(m.slice, slice_index):
             area = f", {m.area_mm2:.0f} mm2" if m.area_mm2 is not None else ""
             lines.append((f"{m.label}{area}", label_color(m.label, m.label_index)))
     for n, b in enumerate(result.boxes):
-        if on_slice(b.slice):
+        if _on_slice(b.slice, slice_index):
             size = f", {b.size_mm[0]:.0f} x {b.size_mm[1]:.0f} mm" if b.size_mm else ""
             lines.append((f"{b.id} {b.label}{size}".strip(), label_color(b.label, n + 1)))
     if result.warnings:
