@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 
 from citrusv.imaging import bone_bright  # the engine's reader mirrors MONOCHROME1 alike
+from citrusv.io import PICTURE_SUFFIXES  # the engine's reader's picture files
 
 from .errors import RequestError
 
@@ -28,7 +29,6 @@ MAX_VOXELS = 1024 * 1024 * 1024
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
-PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
 @dataclass

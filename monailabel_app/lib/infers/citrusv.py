@@ -16,10 +16,11 @@ import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from citrusv.engine import untaught_modality
+from citrusv.io import is_picture
 from citrusv.parsing import modality_warning
 
 from ..errors import RequestError
-from ..images import PICTURE_SUFFIXES, Study, StudyCache, empty_label, paint, write_label
+from ..images import Study, StudyCache, empty_label, paint, write_label
 from ..model import SharedModel
 from ..params import AXES, InferParams, parse
 
@@ -84,7 +85,7 @@ class CitrusVInfer(InferTask):
         except _input_error() as e:
             raise RequestError(str(e)) from e
         untaught_modality(result, study.modality, engine.config.mask_modalities,
-                          picture=study.path.lower().endswith(PICTURE_SUFFIXES))
+                          picture=is_picture(study.path))
         label_file, out = self._respond(study, params, result, version, image_id)
         out.setdefault("timing_ms", {})["server_total"] = round((time.perf_counter() - start) * 1e3, 2)
         return label_file, out
