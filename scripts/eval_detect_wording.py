@@ -17,7 +17,8 @@ held-out slices, one question per structure and slice, for
   "Right Kidney?" with Detect),
 - questions with no task words that name the structure ("Is the liver normal?", "Does the
   Liver look normal?"; report questions, whose structures are asked for as detection asks for
-  them when the answer is no report, since the same session).
+  them when the answer is no report, since the same session), and the same with two
+  letters swapped in the name ("Is the lievr normal?"),
 The task is picked from the words, as for a radiologist's question. One thread.
 
     .venv/bin/python scripts/eval_detect_wording.py
@@ -25,7 +26,7 @@ The task is picked from the words, as for a radiologist's question. One thread.
 
 from __future__ import annotations
 
-from eval_wording import SIDED, both_ways, short_sides, typo
+from eval_wording import SIDED, both_ways, short_sides, swap, typo
 
 from citrusv import Engine
 from citrusv.evaluation import DETECT_PROMPT, _Detections
@@ -39,6 +40,7 @@ WORDINGS = {"nano's question": [DETECT_PROMPT],
             "task words with a typo": [f"{typo('Locate')} the {{s}}.",
                                        f"{typo('Identify')} the {{s}}."],
             "no task words": ["Is the {s} normal?", "Does the {S} look normal?"],
+            "no task words, letters swapped": ["Is the {w} normal?"],
             "sides shortened": [DETECT_PROMPT.replace("{s}", "{rt}"), "Find the {R}."],
             "names alone, task chosen": ["{s}", "{S}?"]}
 
@@ -55,7 +57,8 @@ def run(engine: Engine, study, slices) -> dict[str, _Detections]:
                     continue
                 for p in phrasings:
                     words = short_sides(s) if s in SIDED else {}
-                    res = engine.ask(image, p.format(s=s, S=s.title(), t=typo(s), **words),
+                    res = engine.ask(image, p.format(s=s, S=s.title(), t=typo(s), w=swap(s),
+                                                     **words),
                                      window=eval_window(s),
                                      task="detect" if kind == "names alone, task chosen" else None)
                     tallies[kind].add(s, [(b.label, b.xyxy) for b in res.boxes], ref_box)

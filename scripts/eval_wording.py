@@ -54,6 +54,16 @@ def typo(name: str) -> str:
     return " ".join(words)
 
 
+def swap(name: str) -> str:
+    """The name with the two middle letters of its longest word swapped ("liver" -> "lievr",
+    "left kidney" -> "left kindey")."""
+    words = name.split()
+    i = max(range(len(words)), key=lambda j: len(words[j]))
+    w, k = words[i], (len(words[i]) - 1) // 2
+    words[i] = w[:k] + w[k + 1] + w[k] + w[k + 2:]
+    return " ".join(words)
+
+
 ONE = {"other words": ["Delineate the {s}.", "Outline the {s}.", "Contour the {s}."],
        "nano's question": ["Please segment the {s} in this scan."],
        "names with capitals": ["Segment the {S}.", "Please segment the {S} in this scan."],

@@ -940,8 +940,9 @@ class Engine:
         if follow and task == "report" and not reported:
             report = self._ask_for_report(state, prompt, res, checked)
             if report is not None:
-                if fixes:
-                    report.warnings.insert(0, spelling_note(fixes))
+                note = spelling_note(fixes) if fixes else None
+                if note and note not in report.warnings:  # the question asked again has it
+                    report.warnings.insert(0, note)
                 return report
         absent = parsed.absent if task in ("detect", "report") and not reported else []
         if ground and self.box_source == "mask" and (res.boxes or absent):

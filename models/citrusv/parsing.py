@@ -86,12 +86,39 @@ def asks_for_report(prompt: str) -> bool:
 def infer_task(prompt: str) -> str:
     """Route a free-text question to segment / detect / report from its wording, a misspelt
     task word opening it read as the word it is close to (`misspelt_task_word`)."""
-    low = prompt.lower()
+    low = respelled(prompt, swapped_letters(prompt, _TASK_SPELLINGS)).lower()
     for task, pattern in _TASK_WORDS:
         if re.search(pattern, low):
             return task
     typo = misspelt_task_word(prompt)
     return TASK_VERBS[typo[1]] if typo else "report"
+
+
+# the words of _TASK_WORDS a question may have typed with two letters swapped ("Write a
+# reprot.", "Where is the liver? Output its maks."); Slicer's copy: `CitrusVLib.headless`
+_TASK_SPELLINGS = frozenset({
+    "report", "describe", "findings", "finding", "diagnosis", "impression", "summary",
+    "summarise", "summarize", "step", "segment", "mask", "delineate", "outline", "contour",
+    "highlight", "measure", "detect", "locate", "where", "find", "identify", "bounding",
+    "show", "point", "count", "structures", "organs", "anatomy"})
+
+
+def swapped_letters(prompt: str, known=None) -> list[tuple[str, str]]:
+    """(as typed, as read) for each word of four letters or more anywhere in a question that
+    is no word it knows (`known`: _TASK_SPELLINGS and the anatomy words, `misspelt_names`)
+    but one of them with two neighbouring letters swapped ("reprot" -> "report", "lvier" ->
+    "liver", "kindey" -> "kidney"), each once. No English word is one of them so swapped."""
+    known = _TASK_SPELLINGS | _KNOWN_WORDS if known is None else known
+    out: list[tuple[str, str]] = []
+    for word in dict.fromkeys(re.findall(r"[a-z]{4,}", (prompt or "").lower())):
+        if word in known:
+            continue
+        for i in range(len(word) - 1):
+            back = word[:i] + word[i + 1] + word[i] + word[i + 2:]
+            if word[i] != word[i + 1] and back in known:
+                out.append((word, back))
+                break
+    return out
 
 
 # a misspelt task word opening a question with no task words ("Segmnet the liver.", "Locte
@@ -424,8 +451,9 @@ SIDE_SHORT = {"r": "right", "rt": "right", "l": "left", "lt": "left"}
 
 
 def misspelt_names(prompt: str) -> list[tuple[str, str]]:
-    """(as typed, as read) for a misspelt task word opening the question
-    (`misspelt_task_word`), then for each word of the structures it asks for
+    """(as typed, as read) for each word with two letters swapped anywhere in the question
+    (`swapped_letters`), a misspelt task word opening it (`misspelt_task_word`), then for
+    each word of the structures it asks for
     (`prompt_targets`, or the whole question where it is three words or fewer: "livr", as the
     Slicer module sends it with the task chosen) that is a side shortened before a name
     (SIDE_SHORT: "rt lung" -> "right lung", "L kidney" -> "left kidney"), or no word of
@@ -433,8 +461,9 @@ def misspelt_names(prompt: str) -> list[tuple[str, str]]:
     letters or more: "livr" -> "liver", "kidny" -> "kidney", "spleeen" -> "spleen"), each
     once. A word close to none is left as typed (the model may know a name this list does
     not)."""
-    verb = misspelt_task_word(prompt)  # "Segmnet the livr.": the names follow the task word
-    out: list[tuple[str, str]] = [verb] if verb else []
+    out = swapped_letters(prompt)  # "Is the lvier normal?", "Write a reprot."
+    verb = misspelt_task_word(respelled(prompt, out))  # "Segmnet the livr.": the names follow
+    out += [verb] if verb else []
     targets = prompt_targets(respelled(prompt, out))
     if not targets:  # a question that is names alone ("livr", "the hert")
         bare = re.sub(r"[^a-z ,&\-]", " ", (prompt or "").lower()).split()

@@ -93,7 +93,12 @@ def test_a_question_goes_to_the_same_task_with_or_without_a_server():
                     ("Descirbe this slice.", "report"),
                     ("Can you higlight the heart?", "segment"),
                     ("Identity of this structure?", "report"),
-                    ("Delete the liver.", "report")]:
+                    ("Delete the liver.", "report"),
+                    # task words with two letters swapped, anywhere
+                    ("Where is the spleen? Output its maks.", "segment"),
+                    ("Pleaes sgement the liver.", "segment"),
+                    ("Is it there? Tell me wehre the liver is.", "detect"),
+                    ("Write a reprot.", "report")]:
         assert (infer_task(p), guess_task(p)) == (task, task), p
     # the copy's lists of task words a misspelt one is read as, and of words left alone
     from CitrusVLib import headless
@@ -103,3 +108,4 @@ def test_a_question_goes_to_the_same_task_with_or_without_a_server():
     assert headless._TASK_VERBS == parsing.TASK_VERBS
     assert headless._NOT_TASK_TYPOS == parsing._NOT_TASK_TYPOS
     assert headless._OPENING.pattern == parsing._OPENING.pattern
+    assert headless._TASK_SPELLINGS == parsing._TASK_SPELLINGS

@@ -284,6 +284,12 @@ def test_a_question_for_every_structure_is_told_apart():
     ("the hert", [("hert", "heart")], "the heart"),
     ("livr and spleeen?", [("livr", "liver"), ("spleeen", "spleen")], "liver and spleen?"),
     ("hello", [], "hello"),
+    # two neighbouring letters swapped, anywhere in the question
+    ("Write a reprot.", [("reprot", "report")], "Write a report."),
+    ("Is the lvier normal?", [("lvier", "liver")], "Is the liver normal?"),
+    ("Segment the kindey.", [("kindey", "kidney")], "Segment the kidney."),
+    ("Think step by setp.", [("setp", "step")], "Think step by step."),
+    ("Is it form or from?", [], "Is it form or from?"),
     # the other words are the question's own
     ("Is the livr normal?", [], "Is the livr normal?"),
     ("Identity of this structure?", [], "Identity of this structure?"),
@@ -344,3 +350,10 @@ def test_a_word_for_an_organs_enlargement_names_the_organ():
     assert unasked_warning("Is there cardiomegaly?", ["heart"]) is None
     assert unasked_warning("Is there splenomegaly?", ["left lung"]).startswith(
         "the answer is about the left lung, which the question does not name")
+
+
+
+def test_a_task_word_with_two_letters_swapped_picks_its_task():
+    assert infer_task("Where is the spleen? Output its maks.") == "segment"
+    assert infer_task("Write a reprot.") == infer_task("Write a report.") == "report"
+    assert asks_for_report("Write a report.") and not asks_for_report("Write a reprot.")

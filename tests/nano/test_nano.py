@@ -440,7 +440,8 @@ def test_a_misspelt_name_or_a_structure_named_with_no_task_words_is_asked_about(
     about the heart and the aorta, the heart mask has Dice 0.863. "Is the Heart normal?"
     (no task words) first gets a zero-area left-lung box; asked for the heart as detection
     asks, the box returned is that of nano's heart mask (IoU 0.93 with the reference box).
-    "Segment the R kidney." on slice 22 gets nano's right kidney."""
+    "Segment the R kidney." on slice 22 gets nano's right kidney; "Write a reprot." on slice
+    25 a report, asked again as "Write a report." would be."""
     liver = engine.ask(study.volume[SLICE], "Segment the livr.", window="abdomen")
     assert [m.label for m in liver.masks] == ["liver"], liver.text
     assert dice_score(liver.masks[0].array, study.mask("liver", SLICE)) >= 0.85
@@ -463,6 +464,12 @@ def test_a_misspelt_name_or_a_structure_named_with_no_task_words_is_asked_about(
     assert [m.label for m in right.masks] == ["right kidney"], right.text
     assert dice_score(right.masks[0].array, study.mask("right kidney", k)) >= 0.85
     assert right.warnings[0].startswith('read "r" as "right" in the question')
+    # two letters swapped in a report word: asked again for a report, the note said once
+    report = engine.ask(study.volume[SLICE], "Write a reprot.", window="abdomen")
+    assert report.reasoning and all(step.box_ids for step in report.reasoning), report.text
+    assert [w for w in report.warnings if w.startswith("read ")] == [
+        'read "reprot" as "report" in the question (a word the engine knows) to check the '
+        "answer and to ask again."]
 
 def test_a_closer_look_keeps_nanos_mask_or_says_it_does_not(engine, study):
     """nano's recipe ends with a crop round (MODEL_CARD.md, Recipe), so a closer look mostly

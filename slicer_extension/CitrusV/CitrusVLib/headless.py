@@ -51,12 +51,35 @@ _TASK_VERBS = {"segment": "segment", "delineate": "segment", "outline": "segment
                "summarise": "report", "summarize": "report"}
 _NOT_TASK_TYPOS = frozenset({"identity", "relocate", "allocate", "outlive", "scribe"})
 _OPENING = re.compile(r"\s*(?:(?:please|pls|can you|could you|would you)\s+)?([a-z]+)\b")
+# task words typed with two neighbouring letters swapped ("Write a reprot."): the engine's
+# `citrusv.parsing._TASK_SPELLINGS` and `swapped_letters`
+_TASK_SPELLINGS = frozenset({
+    "report", "describe", "findings", "finding", "diagnosis", "impression", "summary",
+    "summarise", "summarize", "step", "segment", "mask", "delineate", "outline", "contour",
+    "highlight", "measure", "detect", "locate", "where", "find", "identify", "bounding",
+    "show", "point", "count", "structures", "organs", "anatomy"})
+
+
+def _unswapped(prompt: str) -> str:
+    """The question in lower case, each word that is a task word with two neighbouring
+    letters swapped put back ("reprot" -> "report")."""
+    low = prompt.lower()
+    for word in dict.fromkeys(re.findall(r"[a-z]{4,}", low)):
+        if word in _TASK_SPELLINGS:
+            continue
+        for i in range(len(word) - 1):
+            back = word[:i] + word[i + 1] + word[i] + word[i + 2:]
+            if word[i] != word[i + 1] and back in _TASK_SPELLINGS:
+                low = re.sub(rf"\b{word}\b", back, low)
+                break
+    return low
 
 
 def guess_task(prompt: str) -> str:
     """``report`` / ``segment`` / ``detect`` from the wording of a question."""
+    low = _unswapped(prompt)
     for task, pattern in _TASK_WORDS:
-        if pattern.search(prompt):
+        if pattern.search(low):
             return task
     m = _OPENING.match(prompt.lower())
     word = m.group(1) if m else ""
