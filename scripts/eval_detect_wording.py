@@ -8,7 +8,7 @@ held-out slices, one question per structure and slice, for
 - other words ("Draw a box around the liver.", "Identify the liver."),
 - "Show the liver." and "Point out the liver." (detection questions since 2026-12-05),
 - names with a typo, a letter left out ("Locate the lier, ...", "Find the kidey."; read as
-  the names they are close to since 2026-12-05's second session),
+  the names they are close to since 2026-12-05's fourth session),
 - sides shortened, for the four sided structures, lungs and kidneys ("Locate the rt
   kidney, ...", "Find the L lung."; read as "right" and "left" since the same session),
 - task words with a typo ("Locte the liver.", "Idenify the liver."; read as the task words

@@ -8,12 +8,12 @@ engine asking again (docs/api.md, "Asked again"): Dice summed over the held-out 
 - "Highlight the liver." and "How big is the liver?" (segmentation questions since
   2026-12-05: the mask's area in mm² answers the size),
 - names with a typo, a letter left out ("Segment the lier.", "Please segment the left kidey
-  in this scan."; read as the names they are close to since 2026-12-05's second session),
+  in this scan."; read as the names they are close to since 2026-12-05's fourth session),
 - task words with a typo ("Segent the liver.", "Delieate the liver."; read as the task
   words they are close to since the same session),
 - names alone with the task given, as the Slicer module sends the task chosen ("liver",
   "Right Kidney?" with Segment; asked again about the structures they name since the
-  second 2026-12-05 session),
+  fourth 2026-12-05 session),
 - sides shortened, for the four sided structures, lungs and kidneys ("Segment the rt
   kidney.", "Please segment the L lung in this scan."; read as "right" and "left" since the
   same session),
