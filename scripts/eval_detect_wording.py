@@ -18,7 +18,8 @@ held-out slices, one question per structure and slice, for
 - questions with no task words that name the structure ("Is the liver normal?", "Does the
   Liver look normal?"; report questions, whose structures are asked for as detection asks for
   them when the answer is no report, since the same session), and the same with two
-  letters swapped in the name ("Is the lievr normal?"),
+  letters swapped in the name ("Is the lievr normal?") and with a letter of the name left out
+  ("Is the lier normal?"; read as the name since 2026-12-05's fifth session),
 The task is picked from the words, as for a radiologist's question. One thread.
 
     .venv/bin/python scripts/eval_detect_wording.py
@@ -41,6 +42,7 @@ WORDINGS = {"nano's question": [DETECT_PROMPT],
                                        f"{typo('Identify')} the {{s}}."],
             "no task words": ["Is the {s} normal?", "Does the {S} look normal?"],
             "no task words, letters swapped": ["Is the {w} normal?"],
+            "no task words, a letter dropped": ["Is the {t} normal?"],
             "sides shortened": [DETECT_PROMPT.replace("{s}", "{rt}"), "Find the {R}."],
             "names alone, task chosen": ["{s}", "{S}?"]}
 

@@ -8,7 +8,9 @@ question per slice and wording:
 - what is on the slice ("What structures are visible?", "What do you see?"; report questions
   by their words since the third 2026-12-05 session),
 - two letters swapped in the report word ("Write a reprot.", "What are the fidnings?"; read
-  as "report" and "findings" since the fourth 2026-12-05 session).
+  as "report" and "findings" since the fourth 2026-12-05 session),
+- a letter left out of the report word ("Write a repor.", "What are the findngs?"; read as
+  "report" and "findings" since the fifth 2026-12-05 session).
 For each: how many answers are reports (reasoning or an <answer>), and citation precision as
 `citrusv eval` scores it (cited structures that are on the slice). The task is picked from
 the words. One thread.
@@ -28,7 +30,8 @@ WORDINGS = {"nano's question": [REPORT_PROMPT],
             "capitals": ["Write a Report for this CT Slice. Think Step by Step."],
             "no \"step by step\"": ["Write a report.", "What are the findings?"],
             "what is on the slice": ["What structures are visible?", "What do you see?"],
-            "letters swapped": ["Write a reprot.", "What are the fidnings?"]}
+            "letters swapped": ["Write a reprot.", "What are the fidnings?"],
+            "a letter dropped": ["Write a repor.", "What are the findngs?"]}
 
 
 class Reports:

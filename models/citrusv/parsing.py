@@ -86,7 +86,7 @@ def asks_for_report(prompt: str) -> bool:
 def infer_task(prompt: str) -> str:
     """Route a free-text question to segment / detect / report from its wording, a misspelt
     task word opening it read as the word it is close to (`misspelt_task_word`)."""
-    low = respelled(prompt, swapped_letters(prompt, _TASK_SPELLINGS)).lower()
+    low = respelled(prompt, slipped_letters(prompt, _TASK_SPELLINGS)).lower()
     for task, pattern in _TASK_WORDS:
         if re.search(pattern, low):
             return task
@@ -94,7 +94,7 @@ def infer_task(prompt: str) -> str:
     return TASK_VERBS[typo[1]] if typo else "report"
 
 
-# the words of _TASK_WORDS a question may have typed with two letters swapped ("Write a
+# the words of _TASK_WORDS a question may have typed with a slip of one key ("Write a
 # reprot.", "Where is the liver? Output its maks."); Slicer's copy: `CitrusVLib.headless`
 _TASK_SPELLINGS = frozenset({
     "report", "describe", "findings", "finding", "diagnosis", "impression", "summary",
@@ -103,21 +103,49 @@ _TASK_SPELLINGS = frozenset({
     "show", "point", "count", "structures", "organs", "anatomy"})
 
 
-def swapped_letters(prompt: str, known=None) -> list[tuple[str, str]]:
+# English words (and names) a slip of a word it knows (`slipped_letters`) would be: the
+# words of wordfreq's 100,000 most frequent English ones that are a word of _TASK_SPELLINGS or
+# _KNOWN_WORDS with two neighbouring letters swapped, one letter dropped or one doubled, less
+# the typos that list holds ("maks", "wher"), plus anatomy terms ("cardia", "spina"). A
+# question that has one means it as typed ("Is there a pine?", "Are the eternal ...").
+_NOT_SLIPS = frozenset({
+    "arcs", "badder", "beast", "beasts", "bled", "bonding", "bowl", "bowls", "bran", "brian",
+    "cardia", "celia", "chess", "cods", "coord", "coords", "elvis",
+    "eternal", "eternals", "fining", "gals", "glad", "glans", "hart", "harts", "hear", "hears",
+    "hearst", "heat", "heats", "here", "ilia", "infact", "interna", "ladder", "ladders", "land",
+    "lands", "leeds", "lets", "live", "lives", "lobs", "lugs", "mall", "malls", "mans", "mins",
+    "nods", "noes", "odes", "ones", "pine", "pines", "pint", "plural", "plurals", "porta",
+    "rain", "rains", "real", "reals", "rectus", "roost", "rots", "scrum", "scrums", "sent",
+    "sine", "sines", "spies", "spin", "spina", "spins", "steep", "summaries", "tent", "tents",
+    "tone", "tones", "tubs", "tues", "vary", "were", "whee"})
+
+
+def slips(word: str) -> list[str]:
+    """The words `word` may be a slip of: with two neighbouring letters swapped back, one
+    letter put back where it was dropped (a word of five letters or more typed as four or
+    more: "repor" -> "report"), or one doubled letter single ("spleeen" -> "spleen")."""
+    out = [word[:i] + word[i + 1] + word[i] + word[i + 2:] for i in range(len(word) - 1)
+           if word[i] != word[i + 1]]
+    out += [word[:i] + word[i + 1:] for i in range(1, len(word)) if word[i] == word[i - 1]]
+    out += [word[:i] + c + word[i:] for i in range(len(word) + 1)
+            for c in "abcdefghijklmnopqrstuvwxyz"]
+    return list(dict.fromkeys(w for w in out if w != word))
+
+
+def slipped_letters(prompt: str, known=None) -> list[tuple[str, str]]:
     """(as typed, as read) for each word of four letters or more anywhere in a question that
     is no word it knows (`known`: _TASK_SPELLINGS and the anatomy words, `misspelt_names`)
-    but one of them with two neighbouring letters swapped ("reprot" -> "report", "lvier" ->
-    "liver", "kindey" -> "kidney"), each once. No English word is one of them so swapped."""
+    but one of them with a slip of one key (`slips`: "reprot" or "repor" -> "report",
+    "lvier" or "livr" -> "liver", "kidny" -> "kidney", "spleeen" -> "spleen"), each once. An
+    English word that is such a slip is meant as typed (_NOT_SLIPS: "live", "here")."""
     known = _TASK_SPELLINGS | _KNOWN_WORDS if known is None else known
     out: list[tuple[str, str]] = []
     for word in dict.fromkeys(re.findall(r"[a-z]{4,}", (prompt or "").lower())):
-        if word in known:
+        if word in known or word in _NOT_SLIPS or _known(word):
             continue
-        for i in range(len(word) - 1):
-            back = word[:i] + word[i + 1] + word[i] + word[i + 2:]
-            if word[i] != word[i + 1] and back in known:
-                out.append((word, back))
-                break
+        meant = next((w for w in slips(word) if w in known), None)
+        if meant:
+            out.append((word, meant))
     return out
 
 
@@ -451,8 +479,8 @@ SIDE_SHORT = {"r": "right", "rt": "right", "l": "left", "lt": "left"}
 
 
 def misspelt_names(prompt: str) -> list[tuple[str, str]]:
-    """(as typed, as read) for each word with two letters swapped anywhere in the question
-    (`swapped_letters`), a misspelt task word opening it (`misspelt_task_word`), then for
+    """(as typed, as read) for each word with a slip of one key anywhere in the question
+    (`slipped_letters`), a misspelt task word opening it (`misspelt_task_word`), then for
     each word of the structures it asks for
     (`prompt_targets`, or the whole question where it is three words or fewer: "livr", as the
     Slicer module sends it with the task chosen) that is a side shortened before a name
@@ -461,7 +489,7 @@ def misspelt_names(prompt: str) -> list[tuple[str, str]]:
     letters or more: "livr" -> "liver", "kidny" -> "kidney", "spleeen" -> "spleen"), each
     once. A word close to none is left as typed (the model may know a name this list does
     not)."""
-    out = swapped_letters(prompt)  # "Is the lvier normal?", "Write a reprot."
+    out = slipped_letters(prompt)  # "Is the lvier normal?", "Write a repor."
     verb = misspelt_task_word(respelled(prompt, out))  # "Segmnet the livr.": the names follow
     out += [verb] if verb else []
     targets = prompt_targets(respelled(prompt, out))

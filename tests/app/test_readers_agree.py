@@ -94,11 +94,16 @@ def test_a_question_goes_to_the_same_task_with_or_without_a_server():
                     ("Can you higlight the heart?", "segment"),
                     ("Identity of this structure?", "report"),
                     ("Delete the liver.", "report"),
-                    # task words with two letters swapped, anywhere
+                    # task words with a slip of one key, anywhere: letters swapped
                     ("Where is the spleen? Output its maks.", "segment"),
                     ("Pleaes sgement the liver.", "segment"),
                     ("Is it there? Tell me wehre the liver is.", "detect"),
-                    ("Write a reprot.", "report")]:
+                    ("Write a reprot.", "report"),
+                    # one letter dropped or doubled
+                    ("Where is the liver? Output its maskk.", "segment"),
+                    ("Please segmet the liver.", "segment"),
+                    ("Can you locatte the spleen?", "detect"),
+                    ("Were the kidneys there?", "report")]:
         assert (infer_task(p), guess_task(p)) == (task, task), p
     # the copy's lists of task words a misspelt one is read as, and of words left alone
     from CitrusVLib import headless
@@ -109,3 +114,6 @@ def test_a_question_goes_to_the_same_task_with_or_without_a_server():
     assert headless._NOT_TASK_TYPOS == parsing._NOT_TASK_TYPOS
     assert headless._OPENING.pattern == parsing._OPENING.pattern
     assert headless._TASK_SPELLINGS == parsing._TASK_SPELLINGS
+    assert headless._NOT_TASK_SLIPS == {w for w in parsing._NOT_SLIPS
+                                        if set(parsing.slips(w)) & parsing._TASK_SPELLINGS}
+    assert all(headless._slips(w) == parsing.slips(w) for w in ("repor", "lvier", "spleeen"))

@@ -284,16 +284,27 @@ def test_a_question_for_every_structure_is_told_apart():
     ("the hert", [("hert", "heart")], "the heart"),
     ("livr and spleeen?", [("livr", "liver"), ("spleeen", "spleen")], "liver and spleen?"),
     ("hello", [], "hello"),
-    # two neighbouring letters swapped, anywhere in the question
+    # a slip of one key anywhere in the question: two neighbouring letters swapped
     ("Write a reprot.", [("reprot", "report")], "Write a report."),
     ("Is the lvier normal?", [("lvier", "liver")], "Is the liver normal?"),
     ("Segment the kindey.", [("kindey", "kidney")], "Segment the kidney."),
     ("Think step by setp.", [("setp", "step")], "Think step by step."),
     ("Is it form or from?", [], "Is it form or from?"),
+    # one letter dropped or doubled, anywhere in the question
+    ("Is the livr normal?", [("livr", "liver")], "Is the liver normal?"),
+    ("Write a repor.", [("repor", "report")], "Write a report."),
+    ("What are the findngs?", [("findngs", "findings")], "What are the findings?"),
+    ("Is the right kidny enlarged?", [("kidny", "kidney")], "Is the right kidney enlarged?"),
+    ("Is the spleeen normal?", [("spleeen", "spleen")], "Is the spleen normal?"),
+    ("Segment the liver, and identiy the spleen.", [("identiy", "identify")],
+     "Segment the liver, and identify the spleen."),
+    # English words such a slip would be are meant as typed
+    ("Can you hear a bruit here? Is the heat map live?", [],
+     "Can you hear a bruit here? Is the heat map live?"),
+    ("Were the ladder and the pine tree in the summaries?", [],
+     "Were the ladder and the pine tree in the summaries?"),
     # the other words are the question's own
-    ("Is the livr normal?", [], "Is the livr normal?"),
     ("Identity of this structure?", [], "Identity of this structure?"),
-    ("Segment the liver, and identiy the spleen.", [], "Segment the liver, and identiy the spleen."),
 ])
 def test_a_misspelt_name_is_read_as_the_name_it_is_close_to(prompt, fixes, read):
     assert misspelt_names(prompt) == fixes

@@ -51,33 +51,43 @@ _TASK_VERBS = {"segment": "segment", "delineate": "segment", "outline": "segment
                "summarise": "report", "summarize": "report"}
 _NOT_TASK_TYPOS = frozenset({"identity", "relocate", "allocate", "outlive", "scribe"})
 _OPENING = re.compile(r"\s*(?:(?:please|pls|can you|could you|would you)\s+)?([a-z]+)\b")
-# task words typed with two neighbouring letters swapped ("Write a reprot."): the engine's
-# `citrusv.parsing._TASK_SPELLINGS` and `swapped_letters`
+# task words typed with a slip of one key ("Write a reprot.", "Write a repor."): the engine's
+# `citrusv.parsing._TASK_SPELLINGS`, `slips` and `slipped_letters`, and of its English words
+# that are such a slip (`_NOT_SLIPS`), those of task words
 _TASK_SPELLINGS = frozenset({
     "report", "describe", "findings", "finding", "diagnosis", "impression", "summary",
     "summarise", "summarize", "step", "segment", "mask", "delineate", "outline", "contour",
     "highlight", "measure", "detect", "locate", "where", "find", "identify", "bounding",
     "show", "point", "count", "structures", "organs", "anatomy"})
+_NOT_TASK_SLIPS = frozenset({"bonding", "fining", "here", "pint", "steep", "summaries", "were",
+                             "whee"})
 
 
-def _unswapped(prompt: str) -> str:
-    """The question in lower case, each word that is a task word with two neighbouring
-    letters swapped put back ("reprot" -> "report")."""
+def _slips(word: str) -> list[str]:
+    out = [word[:i] + word[i + 1] + word[i] + word[i + 2:] for i in range(len(word) - 1)
+           if word[i] != word[i + 1]]
+    out += [word[:i] + word[i + 1:] for i in range(1, len(word)) if word[i] == word[i - 1]]
+    out += [word[:i] + c + word[i:] for i in range(len(word) + 1)
+            for c in "abcdefghijklmnopqrstuvwxyz"]
+    return list(dict.fromkeys(w for w in out if w != word))
+
+
+def _unslipped(prompt: str) -> str:
+    """The question in lower case, each word that is a task word with a slip of one key put
+    right ("reprot" or "repor" -> "report")."""
     low = prompt.lower()
     for word in dict.fromkeys(re.findall(r"[a-z]{4,}", low)):
-        if word in _TASK_SPELLINGS:
+        if word in _TASK_SPELLINGS or word in _NOT_TASK_SLIPS:
             continue
-        for i in range(len(word) - 1):
-            back = word[:i] + word[i + 1] + word[i] + word[i + 2:]
-            if word[i] != word[i + 1] and back in _TASK_SPELLINGS:
-                low = re.sub(rf"\b{word}\b", back, low)
-                break
+        meant = next((w for w in _slips(word) if w in _TASK_SPELLINGS), None)
+        if meant:
+            low = re.sub(rf"\b{word}\b", meant, low)
     return low
 
 
 def guess_task(prompt: str) -> str:
     """``report`` / ``segment`` / ``detect`` from the wording of a question."""
-    low = _unswapped(prompt)
+    low = _unslipped(prompt)
     for task, pattern in _TASK_WORDS:
         if pattern.search(low):
             return task
