@@ -188,6 +188,19 @@ def size_warning(mismatches) -> str:
             f"answer's are as the model wrote them.")
 
 
+def cut_at_range_ends(mask: Mask, first: int, last: int) -> str | None:
+    """A sentence when a 3D mask has pixels on the first or the last slice asked: the
+    structure may go on beyond the range, and its volume counts the slices asked only."""
+    ends = [k for k in dict.fromkeys((first, last))
+            if np.take(mask.array, k, axis=mask.axis).any()]
+    if not ends:
+        return None
+    which = " and ".join(f"slice {k}" for k in ends)
+    return (f"the {mask.label} mask reaches {which}, at the end of the range asked: "
+            f"{mask.volume_ml:g} mL is its volume over the slices asked only; ask a range "
+            f"that goes past the {mask.label} for all of it.")
+
+
 def size_range_warning(off: dict[str, list[int]]) -> str:
     """`size_warning` over a slice range: each structure whose written size is more than a
     fifth off its box's, with the slices (one sentence, not one per slice)."""
@@ -695,10 +708,15 @@ class Engine:
         out.warnings += [f"{slice_list(on)}: {w}" for w, on in per_slice.items()]
         if sizes_off:  # one sentence for the range, not one per slice
             out.warnings.append(size_range_warning(sizes_off))
+        contiguous = sorted(ks) == list(range(min(ks), max(ks) + 1))
         for m in merged.values():
             m.slices = list(ks)
+            if spacing is not None and contiguous:
+                m.thickness = float(spacing[ax])
             if not m.area_px:
                 out.warnings.append(empty_mask_warning(m.label, len(ks)))
+            elif m.volume_ml is not None and (edges := cut_at_range_ends(m, min(ks), max(ks))):
+                out.warnings.append(edges)
         out.masks = list(merged.values())
         out.text = "\n".join(texts)
         out.answer = Counter(answers).most_common(1)[0][0] if answers else ""

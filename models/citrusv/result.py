@@ -67,10 +67,20 @@ class Mask:
     spacing: tuple[float, float] | None = None  # (row, column) mm of one slice pixel
     slices: list[int] = field(default_factory=list)  # for 3D masks: the slice indices asked
     axis: int = 0  # for 3D masks: the axis the slices run along
+    thickness: float | None = None  # for 3D masks over contiguous slices: mm between slices
 
     @property
     def area_px(self) -> int:
         return int(np.count_nonzero(self.array))
+
+    @property
+    def volume_ml(self) -> float | None:
+        """For a 3D mask over contiguous slices with a known spacing: its voxels' volume in mL
+        (those of the slices asked only), else None."""
+        if self.array.ndim != 3 or self.spacing is None or self.thickness is None:
+            return None
+        voxel = float(self.spacing[0]) * float(self.spacing[1]) * float(self.thickness)
+        return round(self.area_px * voxel / 1000.0, 2)
 
     def _entry(self, plane: np.ndarray, slice_index: int | None) -> dict:
         area = int(np.count_nonzero(plane))
@@ -142,6 +152,9 @@ class Result:
             "warnings": list(self.warnings),
             "label_names": self.label_names,
         }
+        volumes = {m.label: m.volume_ml for m in self.masks if m.volume_ml is not None}
+        if volumes:  # a slice range: each structure's volume over the slices asked
+            out["volumes_ml"] = volumes
         if self.closer_look is not None:
             out["closer_look"] = dict(self.closer_look)
         return out

@@ -595,6 +595,19 @@ def test_ask_volume_returns_3d_masks_in_volume_index_space(engine):
     assert data["image"] == {"id": None, "shape": [6, 40, 50], "spacing": [2.5, 0.7, 0.7],
                              "axis": "axial", "slices": [1, 2, 3]}
     assert data["masks"][0]["area_mm2"] == pytest.approx(data["masks"][0]["area_px"] * 0.49)
+    # the volume over the contiguous slices asked: voxels x 2.5 x 0.7 x 0.7 mm³, in mL
+    assert data["volumes_ml"] == {"liver": round(m.area_px * 2.5 * 0.49 / 1000, 2)}
+    ends = [k for k in (1, 3) if m.array[k].any()]
+    assert ends, "the tiny model marks pixels on the first and last slices asked"
+    assert [w for w in res.warnings if "end of the range" in w] == ([
+        f"the liver mask reaches {' and '.join(f'slice {k}' for k in ends)}, at the end of "
+        f"the range asked: {data['volumes_ml']['liver']:g} mL is its volume over the slices "
+        "asked only; ask a range that goes past the liver for all of it."] if ends else [])
+    # slices with a gap, or no spacing: no volume (it would not be measured)
+    gap = engine.ask_volume(vol, "Segment the liver.", slices=[1, 3], window="abdomen",
+                            spacing=(2.5, 0.7, 0.7), forced_text="liver [SEG]")
+    assert "volumes_ml" not in gap.to_json() and "volumes_ml" not in engine.ask_volume(
+        vol, "Segment the liver.", slices=[1, 2], forced_text="liver [SEG]").to_json()
     # a report over the range whose written liver size is off its boxes: one sentence
     sized = FORCED.replace("The liver is [SEG]", "The liver (3 x 2 mm) is [SEG]")
     reps = engine.ask_volume(vol, "Write a report, think step by step.", slices=[1, 2, 4],

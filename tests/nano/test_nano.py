@@ -214,6 +214,26 @@ def test_empty_masks_over_slices_are_said_once(engine, study):
         "as the model wrote it, not the box of a mask; treat it as unconfirmed."]
 
 
+def test_a_volume_over_a_slice_range_is_measured_and_said_when_cut(engine, study):
+    """The spleen lies on slices 29-51 (124.3 mL in the reference over slices 26-54, held-out
+    block 20-29 included). Asked over 26-54, nano's masks give 129.99 mL (+4.6 %), with no
+    sentence; asked over 35-45, the mask reaches both ends and the answer says the volume
+    counts those slices only."""
+    whole = engine.ask_volume(study.volume, "Please segment the spleen in this scan.",
+                              slices=range(26, 55), window="abdomen", spacing=study.spacing)
+    ref = sum(int(study.mask("spleen", k).sum()) for k in range(26, 55))
+    ref_ml = ref * float(np.prod(study.spacing)) / 1000
+    assert whole.to_json()["volumes_ml"]["spleen"] == pytest.approx(ref_ml, rel=0.1)
+    assert not [w for w in whole.warnings if "end of the range" in w], whole.warnings
+    cut = engine.ask_volume(study.volume, "Please segment the spleen in this scan.",
+                            slices=range(35, 46), window="abdomen", spacing=study.spacing)
+    ml = cut.to_json()["volumes_ml"]["spleen"]
+    assert cut.warnings == [
+        f"the spleen mask reaches slice 35 and slice 45, at the end of the range asked: {ml:g} "
+        "mL is its volume over the slices asked only; ask a range that goes past the spleen "
+        "for all of it."]
+
+
 def test_a_structure_nano_never_learnt_gets_an_answer_that_says_so(engine, study):
     """nano knows ten structures. Asked for the pancreas on held-out slice 25 it segments the
     liver, and asked for the bladder on slice 104, the right lung: each answer says the
@@ -439,7 +459,8 @@ def test_a_misspelt_name_or_a_structure_named_with_no_task_words_is_asked_about(
     "Segment the hert and the aota." first gets the right lung; asked in nano's phrasing
     about the heart and the aorta, the heart mask has Dice 0.863. "Is the Heart normal?"
     (no task words) first gets a zero-area left-lung box; asked for the heart as detection
-    asks, the box returned is that of nano's heart mask (IoU 0.93 with the reference box).
+    asks, the box returned is that of nano's heart mask (IoU 0.93 with the reference box);
+    "Is the hert normal?" gets the same box, with a sentence saying "hert" was read "heart".
     "Segment the R kidney." on slice 22 gets nano's right kidney; "Write a reprot." on slice
     25 a report, asked again as "Write a report." would be."""
     liver = engine.ask(study.volume[SLICE], "Segment the livr.", window="abdomen")
@@ -458,6 +479,10 @@ def test_a_misspelt_name_or_a_structure_named_with_no_task_words_is_asked_about(
     assert [(b.label, b.source) for b in heart.boxes] == [("heart", "mask")], heart.text
     assert box_iou(heart.boxes[0].xyxy, mask_box(study.mask("heart", k))) >= 0.9
     assert not [w for w in heart.warnings if "question" in w], heart.warnings
+    # a letter dropped from the name: read as typed it named nothing
+    hert = engine.ask(study.volume[k], "Is the hert normal?", window="abdomen")
+    assert [b.xyxy for b in hert.boxes] == [b.xyxy for b in heart.boxes], hert.text
+    assert hert.warnings[0].startswith('read "hert" as "heart" in the question')
     # a side shortened as radiologists write it: "R kidney" is the right kidney
     k = 22
     right = engine.ask(study.volume[k], "Segment the R kidney.", window="abdomen")

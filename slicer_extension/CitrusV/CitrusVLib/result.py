@@ -106,6 +106,7 @@ class Result:
     warnings: list[str] = field(default_factory=list)
     label_names: dict[str, int] = field(default_factory=dict)
     closer_look: CloserLook | None = None
+    volumes_ml: dict[str, float] = field(default_factory=dict)  # a slice range's, per structure
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def box(self, box_id: str) -> Box | None:
@@ -124,10 +125,19 @@ class Result:
         use = (self.model or {}).get("intended_use")
         return str(use) if use else None
 
+    def volumes_line(self) -> str:
+        """ "Volumes over slices 26-54: spleen 130.0 mL" for a slice range's answer."""
+        ks = self.image.slices
+        where = f"slices {min(ks)}-{max(ks)}" if ks else "the slices asked"
+        return f"Volumes over {where}: " + "; ".join(
+            f"{name} {ml:.1f} mL" for name, ml in self.volumes_ml.items())
+
     def shown_text(self) -> str:
         """What the module shows as the answer: the answer (else the raw text), the warnings,
         and the model's intended use."""
         text = (self.answer or self.text or "").strip()
+        if self.volumes_ml:
+            text += "\n\n" + self.volumes_line()
         if self.warnings:
             text += "\n\nWarnings:\n" + "\n".join(f"- {w}" for w in self.warnings)
         if self.intended_use:
@@ -181,6 +191,8 @@ class Result:
                         else f", {m.area_px} px" if m.area_px is not None else "")
                 score = f", score {m.score:.2f}" if m.score is not None else ""
                 lines.append(f"{m.label}: {where}{area}{score}")
+            if self.volumes_ml:
+                lines.append(self.volumes_line())
         if self.warnings:
             lines += ["", "Warnings:", *(f"- {w}" for w in self.warnings)]
         return "\n".join(lines) + "\n"
@@ -257,6 +269,7 @@ class Result:
             },
             warnings=[str(w) for w in data.get("warnings") or []],
             label_names={str(k): int(v) for k, v in (data.get("label_names") or {}).items()},
+            volumes_ml={str(k): float(v) for k, v in (data.get("volumes_ml") or {}).items()},
             closer_look=None
             if not closer
             else CloserLook(
