@@ -36,8 +36,8 @@ from .generation import (
 )
 from .imaging import FrameMap
 from .parsing import (SEG_TOKEN, TASKS, absent_labels, answers_about, asks_for_everything,
-                      asks_for_report, excluded_structures, infer_task, listed, misspelt_names,
-                      named_structures, parse_output, prompt_targets, respelled,
+                      asks_for_report, asks_for_volume, excluded_structures, infer_task, listed,
+                      misspelt_names, named_structures, parse_output, prompt_targets, respelled,
                       size_mismatches, unasked_warning)
 from .prompting import pixel_inputs, stop_token_ids, text_inputs
 from .result import Box, Mask, Result, Step
@@ -186,6 +186,12 @@ def size_warning(mismatches) -> str:
     return (f"the sizes the answer gives differ by more than a fifth from those of its boxes "
             f"({items}): the boxes' sizes are measured from the image's pixel spacing, the "
             f"answer's are as the model wrote them.")
+
+
+# a volume question about one slice ("What is the volume of the spleen?")
+ONE_SLICE_VOLUME = ("a volume needs a range of slices: this answer is one slice's mask, with its "
+                    "area in mm²; ask over a slice range or the whole volume for its volume in "
+                    "mL.")
 
 
 def cut_at_range_ends(mask: Mask, first: int, last: int) -> str | None:
@@ -515,6 +521,8 @@ class Engine:
         state = self._state(arr, window, photometric)
         res = self._run(state, prompt, task, forced_text, max_new_tokens)
         self._finish(res, arr.shape[:2], slice_index, spacing, image_id, image_info, window)
+        if res.masks and asks_for_volume(prompt):
+            res.warnings.append(ONE_SLICE_VOLUME)
         res.timing_ms["total"] = (time.perf_counter() - t0) * 1e3
         return res
 

@@ -29,6 +29,9 @@ _STOP = {
     "shown", "mask", "segmentation", "found", "which", "as", "to", "for", "by", "be", "can",
     "see", "visible", "area", "compare", "compared", "like", "than", "near", "next", "lies", "appears", "i", "we", "you", "ok", "okay", "result",
 }
+# words asking for a structure's volume ("What is the volume of the spleen?", "Liver volume?"),
+# not those of "Segment the liver in this volume."
+_VOLUME_WORDS = r"\bvolumes? of\b|(?<!this )(?<!the )(?<!a )(?<!whole )(?<!entire )\bvolumes?\?"
 # The task a question asks for, by its words: the first task in this order whose words it has
 # (a segmentation question may say "where": "Where is the spleen? Output its mask."); none:
 # "report", a question such as "Is this normal?" is answered in prose. Slicer's Python cannot
@@ -39,9 +42,12 @@ _TASK_WORDS = [
                # what is on the slice ("What structures are visible?", "What do you see?")
                r"|\b(?:what|which|list(?: the| all)?) (?:structures|organs|anatomy)\b"
                r"|\bwhat do you see\b|\bwhat(?:'s| is) (?:on|in) (?:this|the) (?:slice|image|scan)\b"),
-    # a size question ("How big is the liver?") is answered by a mask and its area in mm²
+    # a size question ("How big is the liver?") is answered by a mask and its area in mm², and
+    # a volume question ("What is the volume of the spleen?", "Liver volume?") likewise, with
+    # its volume in mL over a slice range (`Result.to_json`, "volumes_ml")
     ("segment", r"\bsegment|\bmasks?\b|\bdelineat|\boutline|\bcontour|\bhighlight"
-                r"|\bhow (?:big|large)\b|\bsize\b|\bmeasur"),
+                r"|\bhow (?:big|large)\b|\bsize\b|\bmeasur"
+                r"|" + _VOLUME_WORDS),
     ("detect", r"\bdetect|\blocat|\bwhere\b|\bfind\b|\bidentif|\bbox|\bbounding"
                r"|\bshow (?:me )?(?:the|both|all)\b|\bpoint (?:out|to)\b|\bhow many\b"
                r"|\bcount\b"),
@@ -81,6 +87,12 @@ def asks_for_report(prompt: str) -> bool:
     findings?"), not only fall to the report task for want of other task words ("Is the
     liver normal?")."""
     return bool(re.search(_TASK_WORDS[0][1], prompt.lower()))
+
+
+def asks_for_volume(prompt: str) -> bool:
+    """Whether a question asks for a structure's volume ("What is the volume of the
+    spleen?", "Liver volume?"), not "Segment the liver in this volume."."""
+    return bool(re.search(_VOLUME_WORDS, (prompt or "").lower()))
 
 
 def infer_task(prompt: str) -> str:

@@ -103,7 +103,12 @@ def test_a_question_goes_to_the_same_task_with_or_without_a_server():
                     ("Where is the liver? Output its maskk.", "segment"),
                     ("Please segmet the liver.", "segment"),
                     ("Can you locatte the spleen?", "detect"),
-                    ("Were the kidneys there?", "report")]:
+                    ("Were the kidneys there?", "report"),
+                    # a structure's volume: a mask (over a range, its volume in mL)
+                    ("What is the volume of the spleen?", "segment"),
+                    ("Liver volume?", "segment"),
+                    ("Find the liver in this volume.", "detect"),
+                    ("Is this the whole volume?", "report")]:
         assert (infer_task(p), guess_task(p)) == (task, task), p
     # the copy's lists of task words a misspelt one is read as, and of words left alone
     from CitrusVLib import headless

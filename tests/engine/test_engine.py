@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from citrusv import Engine, InputError, rle
-from citrusv.engine import (FOLLOW_UP_PROMPTS, REPORT_AGAIN_PROMPT, absent_box_warning, absent_members, asked_members, box_pixels, closer_look_warning, main_parts_box,
+from citrusv.engine import (FOLLOW_UP_PROMPTS, ONE_SLICE_VOLUME, REPORT_AGAIN_PROMPT, absent_box_warning, absent_members, asked_members, box_pixels, closer_look_warning, main_parts_box,
                             slice_list)
 from citrusv.generation import generate_capturing, image_embeddings, teacher_force
 from citrusv.imaging import smart_resize
@@ -628,6 +628,19 @@ def test_ask_volume_returns_3d_masks_in_volume_index_space(engine):
     assert cor.masks[0].array.shape == vol.shape and not cor.masks[0].array[:, :10].any()
     with pytest.raises(InputError, match="slice 40 is outside"):
         engine.ask_volume(vol, "Segment the liver.", slices=[40], axis=1)
+
+
+def test_a_volume_question_about_one_slice_says_a_volume_needs_a_range(engine):
+    img = ct_slice(40, 50, seed=1)
+    one = engine.ask(img, "What is the volume of the liver?", forced_text="liver [SEG]")
+    assert one.task == "segment" and one.masks
+    assert one.warnings[-1] == ONE_SLICE_VOLUME
+    plain = engine.ask(img, "Segment the liver in this volume.", forced_text="liver [SEG]")
+    assert ONE_SLICE_VOLUME not in plain.warnings
+    vol = np.stack([ct_slice(40, 50, seed=s) for s in range(3)])
+    over = engine.ask_volume(vol, "Liver volume?", spacing=(2.5, 0.7, 0.7),
+                             forced_text="liver [SEG]")
+    assert ONE_SLICE_VOLUME not in over.warnings and "liver" in over.to_json()["volumes_ml"]
 
 
 def test_uint8_rgb_input(engine):

@@ -1,7 +1,7 @@
 import pytest
 
 from citrusv.parsing import (absent_labels, answers_about, asks_for_everything,
-                             asks_for_report, excluded_structures, infer_task, misspelt_names,
+                             asks_for_report, asks_for_volume, excluded_structures, infer_task, misspelt_names,
                              modality_warning,
                              named_modalities, named_structures, parse_output, prompt_target,
                              prompt_targets, respelled, size_mismatches, unasked_warning)
@@ -362,6 +362,16 @@ def test_a_word_for_an_organs_enlargement_names_the_organ():
     assert unasked_warning("Is there splenomegaly?", ["left lung"]).startswith(
         "the answer is about the left lung, which the question does not name")
 
+
+
+def test_a_volume_question_is_a_segmentation_question():
+    for q in ("What is the volume of the spleen?", "Liver volume?", "Give the volumes of the "
+              "kidneys.", "What is the liver volume?"):
+        assert infer_task(q) == "segment" and asks_for_volume(q), q
+    for q, task in (("Find the liver in this volume.", "detect"), ("Describe this volume.",
+                    "report"), ("Is this the whole volume?", "report"),
+                    ("Segment the liver in the volume?", "segment")):
+        assert infer_task(q) == task and not asks_for_volume(q), q
 
 
 def test_a_task_word_with_two_letters_swapped_picks_its_task():

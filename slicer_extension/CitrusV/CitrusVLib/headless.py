@@ -36,7 +36,8 @@ _TASK_WORDS = (
                           r"|\bwhat do you see\b"
                           r"|\bwhat(?:'s| is) (?:on|in) (?:this|the) (?:slice|image|scan)\b", re.I)),
     ("segment", re.compile(r"\bsegment|\bmasks?\b|\bdelineat|\boutline|\bcontour|\bhighlight"
-                           r"|\bhow (?:big|large)\b|\bsize\b|\bmeasur", re.I)),
+                           r"|\bhow (?:big|large)\b|\bsize\b|\bmeasur"
+                           r"|\bvolumes? of\b|(?<!this )(?<!the )(?<!a )(?<!whole )(?<!entire )\bvolumes?\?", re.I)),
     ("detect", re.compile(r"\bdetect|\blocat|\bwhere\b|\bfind\b|\bidentif|\bbox|\bbounding"
                           r"|\bshow (?:me )?(?:the|both|all)\b|\bpoint (?:out|to)\b"
                           r"|\bhow many\b|\bcount\b", re.I)),
