@@ -140,6 +140,8 @@ def untaught_modality(res: Result, modality: str | None, taught: list[str],
     Nothing when the modality is taught, otherwise unknown (NIfTI, NRRD, a bare array), or
     there is no mask."""
     code = (modality or "").strip().upper()
+    if (picture or code) and NOT_CT_BY_VALUES in res.warnings:  # said better below, or CT
+        res.warnings.remove(NOT_CT_BY_VALUES)
     if taught and picture and not code and res.masks:
         kinds = listed(taught, "or")
         res.warnings.append(
@@ -157,6 +159,30 @@ def untaught_modality(res: Result, modality: str | None, taught: list[str],
         f"this model was taught to segment {listed(taught, 'and')} images only, and this image "
         f"is {code} by its DICOM header: its masks here are guesses it was never taught, and "
         f"an empty one does not mean the structure is absent.")
+
+
+# masks of a model taught CT only, on an image whose values are no CT's and whose kind no
+# header names (a bare array, NIfTI or NRRD: an MR volume, a radiograph's pixels)
+NOT_CT_BY_VALUES = ("this image has no values below -500, as a CT's air has, and nothing says "
+                    "what kind of image it is; this model was taught to segment CT images "
+                    "only: its masks here are likely guesses it was never taught, and an empty "
+                    "one does not mean the structure is absent.")
+
+
+def untaught_by_values(res: Result, values: np.ndarray, window, taught: list[str]) -> None:
+    """A model taught to segment CT only (`CitrusVConfig.mask_modalities` ["CT"]), asked with
+    no window about an image that is not 8-bit and has no values below -500 (no CT: its air
+    is about -1000 HU; `imaging.looks_like_ct`, the rule that picks percentile scaling): its
+    masks are likely untaught guesses. The "may not be in view" sentences of its empty masks
+    go, and NOT_CT_BY_VALUES says why. `untaught_modality` puts its own sentence in this one's
+    place where a DICOM header or a picture file says more."""
+    if (set(taught) != {"CT"} or not res.masks or window not in (None, "auto")
+            or values.dtype == np.uint8 or values.ndim == 3 and values.shape[-1] in (3, 4)
+            or imaging.looks_like_ct(np.asarray(values, dtype=np.float64))):
+        return
+    empty = {empty_mask_warning(m.label, len(m.slices) if m.array.ndim == 3 else None)
+             for m in res.masks}
+    res.warnings = [w for w in res.warnings if w not in empty] + [NOT_CT_BY_VALUES]
 
 
 def unconfirmed_boxes_warning(labels: list[str]) -> str:
@@ -521,6 +547,7 @@ class Engine:
         state = self._state(arr, window, photometric)
         res = self._run(state, prompt, task, forced_text, max_new_tokens)
         self._finish(res, arr.shape[:2], slice_index, spacing, image_id, image_info, window)
+        untaught_by_values(res, arr, window, self.config.mask_modalities)
         if res.masks and asks_for_volume(prompt):
             res.warnings.append(ONE_SLICE_VOLUME)
         res.timing_ms["total"] = (time.perf_counter() - t0) * 1e3
@@ -726,6 +753,7 @@ class Engine:
             elif m.volume_ml is not None and (edges := cut_at_range_ends(m, min(ks), max(ks))):
                 out.warnings.append(edges)
         out.masks = list(merged.values())
+        untaught_by_values(out, vol, window, self.config.mask_modalities)
         out.text = "\n".join(texts)
         out.answer = Counter(answers).most_common(1)[0][0] if answers else ""
         out.image = {"id": image_id, "shape": [int(s) for s in vol.shape],

@@ -93,7 +93,7 @@ def to_rgb_uint8(
             rgb = _scale(rgb.astype(np.float64), *_percentile_range(rgb, percentiles))
         return np.ascontiguousarray(rgb)
     values = arr.astype(np.float64)
-    if (window is None or window == "auto") and arr.dtype != np.uint8 and _looks_like_ct(values):
+    if (window is None or window == "auto") and arr.dtype != np.uint8 and looks_like_ct(values):
         window = "abdomen"
     if window is not None and window != "auto":
         level, width = resolve_window(window)
@@ -122,7 +122,7 @@ def bone_bright(pixels: np.ndarray, photometric: str | None) -> np.ndarray:
     return pixels.max() + pixels.min() - pixels
 
 
-def _looks_like_ct(values: np.ndarray) -> bool:
+def looks_like_ct(values: np.ndarray) -> bool:
     """Hounsfield units: air is about -1000, so values below -500 mean CT (docs/api.md)."""
     finite = values[np.isfinite(values)]
     return bool(finite.size) and float(finite.min()) < -500.0

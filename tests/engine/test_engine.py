@@ -863,6 +863,15 @@ def test_masks_on_an_image_kind_the_model_was_not_taught_to_segment_say_so():
         "this model was taught to segment CT images only, and this image is CR by its DICOM "
         "header: its masks here are guesses it was never taught, and an empty one does not "
         "mean the structure is absent."]
+    # the engine's sentence from the values alone gives way to what a header or file says
+    from citrusv.engine import NOT_CT_BY_VALUES
+    for modality, picture, last in (("CR", False, "this image is CR by its DICOM header"),
+                                    ("", True, "this image is a picture file"),
+                                    ("CT", False, "another sentence.")):
+        res = answer()
+        res.warnings.append(NOT_CT_BY_VALUES)
+        untaught_modality(res, modality, ["CT"], picture=picture)
+        assert NOT_CT_BY_VALUES not in res.warnings and last in res.warnings[-1], modality
     # a picture file names no kind: one sentence, the others stay (it may be a CT slice)
     res = answer()
     untaught_modality(res, "", ["CT"], picture=True)

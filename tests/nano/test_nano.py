@@ -653,6 +653,23 @@ def test_cli_segmentation_on_the_radiograph_says_nano_was_taught_ct_only(sample_
             "DICOM header") in data["warnings"][-1]
 
 
+def test_masks_on_a_bare_array_with_no_ct_values_say_nano_was_taught_ct_only(engine, study,
+                                                                             sample_root):
+    """The demo radiograph's pixels as a bare array (no header: as a NIfTI or NRRD of it, or
+    an MR volume, reaches the engine) have no value below -500, so they are no CT: nano's
+    left-lung mask there gets the sentence that it was taught CT only; a CT slice, or the
+    same pixels with a CT window chosen, does not."""
+    from citrusv.engine import NOT_CT_BY_VALUES
+
+    xray = read_study(Path(sample_root) / "studies" / "chest_xray.dcm")
+    question = "Please segment the left lung in this scan."
+    res = engine.ask(xray.array, question)
+    assert [m.label for m in res.masks] == ["left lung"] and res.warnings[-1] == NOT_CT_BY_VALUES
+    assert not [w for w in res.warnings if "may not be in view" in w], res.warnings
+    assert NOT_CT_BY_VALUES not in engine.ask(xray.array, question, window="lung").warnings
+    assert NOT_CT_BY_VALUES not in engine.ask(study.volume[SLICE], question).warnings
+
+
 def test_cli_segmentation_on_a_picture_says_it_names_no_kind(sample_root, tmp_path):
     """The same radiograph as a PNG carries no Modality: `citrusv ask` adds the sentence that
     a picture names no kind and nano was taught to segment CT only, as the server does."""
