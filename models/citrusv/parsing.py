@@ -492,8 +492,9 @@ SIDE_SHORT = {"r": "right", "rt": "right", "l": "left", "lt": "left"}
 
 def misspelt_names(prompt: str) -> list[tuple[str, str]]:
     """(as typed, as read) for each word with a slip of one key anywhere in the question
-    (`slipped_letters`), a misspelt task word opening it (`misspelt_task_word`), then for
-    each word of the structures it asks for
+    (`slipped_letters`), and a word of three letters before a name that is such a slip of a
+    side ("let lung" -> "left lung"), a misspelt task word opening it (`misspelt_task_word`),
+    then for each word of the structures it asks for
     (`prompt_targets`, or the whole question where it is three words or fewer: "livr", as the
     Slicer module sends it with the task chosen) that is a side shortened before a name
     (SIDE_SHORT: "rt lung" -> "right lung", "L kidney" -> "left kidney"), or no word of
@@ -502,6 +503,13 @@ def misspelt_names(prompt: str) -> list[tuple[str, str]]:
     once. A word close to none is left as typed (the model may know a name this list does
     not)."""
     out = slipped_letters(prompt)  # "Is the lvier normal?", "Write a repor."
+    # a side of three letters before a name, as read ("Is the let lung normal?")
+    for m in _ANATOMY_RE.finditer(respelled(prompt, out).lower()):
+        before = re.search(r"\b([a-z]{3})\s+$", respelled(prompt, out).lower()[:m.start()])
+        side = before and next((w for w in slips(before.group(1)) if w in ("left", "right")),
+                               None)
+        if side and not m.group("side") and (before.group(1), side) not in out:
+            out.append((before.group(1), side))
     verb = misspelt_task_word(respelled(prompt, out))  # "Segmnet the livr.": the names follow
     out += [verb] if verb else []
     targets = prompt_targets(respelled(prompt, out))

@@ -296,6 +296,9 @@ def test_a_question_for_every_structure_is_told_apart():
     ("What are the findngs?", [("findngs", "findings")], "What are the findings?"),
     ("Is the right kidny enlarged?", [("kidny", "kidney")], "Is the right kidney enlarged?"),
     ("Is the spleeen normal?", [("spleeen", "spleen")], "Is the spleen normal?"),
+    # a side of three letters before a name
+    ("Is the let lung normal?", [("let", "left")], "Is the left lung normal?"),
+    ("Let the lung be segmented.", [], "Let the lung be segmented."),
     ("Segment the liver, and identiy the spleen.", [("identiy", "identify")],
      "Segment the liver, and identify the spleen."),
     # English words such a slip would be are meant as typed
