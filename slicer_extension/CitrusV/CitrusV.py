@@ -762,7 +762,8 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
             for node in CitrusVMRML.roi_nodes(volume):
                 if node.GetAttribute(CitrusVMRML.BOX_ID_ATTR) == selectedBoxIds[0]:
                     box, _ = geometry.roi_to_box(m, view.axis, CitrusVMRML.roi_of_node(node))
-                    label = node.GetName().split(" ", 1)[-1]
+                    label = (node.GetAttribute(CitrusVMRML.BOX_LABEL_ATTR)
+                             or node.GetName().split(" ", 1)[-1])
                     return geometry.closer_look_roi(box, (h, w)), label
         seg = CitrusVMRML.find_segmentation(volume)
         if seg is None or not segmentName:

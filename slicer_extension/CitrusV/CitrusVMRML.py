@@ -18,11 +18,12 @@ from CitrusVLib import geometry
 from CitrusVLib.colors import label_color_float
 from CitrusVLib.label_io import LabelVolume, write_label_volume
 from CitrusVLib.placement import StructureMask, structure_masks, structure_masks_from_label_volume
-from CitrusVLib.result import Box, Result
+from CitrusVLib.result import Box, Result, range_boxes
 
 VOLUME_ATTR = "CitrusV.VolumeID"  # on segmentation / ROI nodes: the volume they belong to
 IMAGE_ID_ATTR = "CitrusV.ImageID"  # on volume nodes: the server datastore id
-BOX_ID_ATTR = "CitrusV.BoxID"  # on ROI nodes: the result's box id (b1, b2, ...)
+BOX_ID_ATTR = "CitrusV.BoxID"  # on ROI nodes: the result's box id (b1, b2, ...; "b1,b3,...")
+BOX_LABEL_ATTR = "CitrusV.BoxLabel"  # on ROI nodes: the structure the box is of
 LABEL_INDEX_TAG = "CitrusV.LabelIndex"
 MODEL_ATTR = "CitrusV.Model"  # on answer text nodes, and a tag on segments: "name version"
 PROMPT_ATTR = "CitrusV.Prompt"  # the question that made it
@@ -260,31 +261,44 @@ def create_box_rois(
     scene: slicer.vtkMRMLScene | None = None,
     interactive: bool = False,
     replace: bool = True,
+    per_structure: bool = False,
 ) -> dict[str, object]:
-    """One ``vtkMRMLMarkupsROINode`` per box, named ``b1 liver``; locked unless ``interactive``."""
+    """One ``vtkMRMLMarkupsROINode`` per box, named ``b1 liver``; locked unless ``interactive``.
+    ``per_structure`` (a slice-range answer: a box per slice): one node per structure instead,
+    the 3D box around its boxes (``range_boxes``), named ``liver, slices 40-60 (21 boxes)``;
+    the returned dict maps each of its box ids to it."""
     scene = _scene(scene)
     if replace:
         for old in roi_nodes(volume_node, scene):
             scene.RemoveNode(old)
     m = ijk_to_ras(volume_node)
     nodes: dict[str, object] = {}
-    for n, box in enumerate(boxes):
+    placed = []  # (ids, label, name, roi)
+    if per_structure:
+        for r in range_boxes(list(boxes)):
+            roi = geometry.box_to_roi(m, axis, (r.first + r.last) / 2, r.xyxy,
+                                      thickness_slices=r.last - r.first + 1)
+            placed.append((r.ids, r.label, r.name, roi))
+    for box in [] if per_structure else boxes:
         slice_index = box.slice if box.slice is not None else default_slice
         if slice_index is None:
             raise ValueError(f"Box {box.id} has no slice index.")
-        roi = geometry.box_to_roi(m, axis, slice_index, box.xyxy)
-        node = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", box.name)
+        placed.append(([box.id], box.label, box.name,
+                       geometry.box_to_roi(m, axis, slice_index, box.xyxy)))
+    for n, (ids, label, name, roi) in enumerate(placed):
+        node = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", name)
         node.CreateDefaultDisplayNodes()
         set_roi(node, roi)
         node.SetAttribute(VOLUME_ATTR, volume_node.GetID())
-        node.SetAttribute(BOX_ID_ATTR, box.id)
+        node.SetAttribute(BOX_ID_ATTR, ",".join(ids))
+        node.SetAttribute(BOX_LABEL_ATTR, label)
         node.SetLocked(not interactive)
         display = node.GetDisplayNode()
         if display is not None:
             display.SetHandlesInteractive(interactive)
-            display.SetSelectedColor(label_color_float(box.label, n + 1))
+            display.SetSelectedColor(label_color_float(label, n + 1))
             display.SetFillOpacity(0.05)
-        nodes[box.id] = node
+        nodes.update(dict.fromkeys(ids, node))
     return nodes
 
 
@@ -298,7 +312,7 @@ def select_boxes(
     wanted = set(box_ids)
     centres = []
     for node in roi_nodes(volume_node, scene):
-        selected = node.GetAttribute(BOX_ID_ATTR) in wanted
+        selected = bool(set((node.GetAttribute(BOX_ID_ATTR) or "").split(",")) & wanted)
         node.SetSelected(selected)
         if selected:
             c = [0.0, 0.0, 0.0]
@@ -407,7 +421,8 @@ def apply_result(
             if result.image.slices
             else (0 if shape[geometry.AXES.index(axis)] == 1 else None)
         )
-        applied.roi_nodes = create_box_rois(result.boxes, volume_node, axis, default_slice, scene)
+        applied.roi_nodes = create_box_rois(result.boxes, volume_node, axis, default_slice, scene,
+                                            per_structure=len(result.image.slices) > 1)
     applied.text_node = record_answer(result, volume_node, scene, when)
     return applied
 

@@ -242,6 +242,35 @@ def test_box_roi_encloses_exactly_the_box_in_ras(adapters, volume, scene):
     assert names == ["b1 kidney"]
 
 
+def test_a_slice_range_detection_gives_one_3d_box_per_structure(adapters, volume, scene):
+    """Over slices 1-4 a detection answer has a box per slice and structure: the scene gets
+    one ROI per structure, the box around its boxes from its first slice to its last, not one
+    per slice; the ROI knows its structure and its box ids."""
+    boxes = [{"id": f"b{n + 1}", "label": label, "xyxy": xyxy, "slice": k}
+             for n, (label, xyxy, k) in enumerate([
+                 ("liver", [15.0, 10.0, 35.0, 20.0], 1), ("liver", [12.0, 11.0, 30.0, 24.0], 2),
+                 ("spleen", [40.0, 25.0, 55.0, 38.0], 2), ("liver", [16.0, 9.0, 33.0, 22.0], 3)])]
+    result = Result.from_json({"task": "detect", "boxes": boxes,
+                               "image": {"axis": "axial", "slices": [1, 2, 3, 4]}})
+    applied = adapters.apply_result(result, volume)
+    nodes = adapters.roi_nodes(volume)
+    assert [n.GetName() for n in nodes] == ["liver, slices 1-3 (3 boxes)",
+                                            "spleen, slices 2-2 (1 box)"]
+    liver, spleen = nodes
+    assert applied.roi_nodes["b1"] is applied.roi_nodes["b4"] is liver
+    assert liver.GetAttribute(adapters.BOX_ID_ATTR) == "b1,b2,b4"
+    assert liver.GetAttribute(adapters.BOX_LABEL_ATTR) == "liver"
+    m = adapters.ijk_to_ras(volume)
+    corners = np.array([geometry.ijk_to_ras(m, [x - 0.5, y - 0.5, z])
+                        for x in (12.0, 35.0) for y in (9.0, 24.0) for z in (0.5, 3.5)])
+    node_corners = adapters.roi_of_node(liver).corners()
+    for c in corners:
+        assert np.min(np.linalg.norm(node_corners - c, axis=1)) < 1e-4
+    # any of its box ids selects it
+    adapters.select_boxes(volume, ["b2"], center=False)
+    assert [bool(n.GetSelected()) for n in nodes] == [True, False]
+
+
 def test_clicking_a_step_selects_its_boxes_and_centres_the_views(
     adapters, volume, scene, sample_result
 ):

@@ -56,6 +56,41 @@ class Box:
 
 
 @dataclass
+class RangeBox:
+    """A slice-range answer's boxes of one structure as one 3D box: the union of their pixel
+    boxes, from the first slice with one to the last (one ROI node, not one per slice)."""
+
+    label: str
+    ids: list[str]
+    xyxy: tuple[float, float, float, float]
+    first: int
+    last: int
+
+    @property
+    def name(self) -> str:
+        """``liver, slices 40-60 (21 boxes)``."""
+        n = len(self.ids)
+        return f"{self.label}, slices {self.first}-{self.last} ({n} box{'es' if n > 1 else ''})"
+
+
+def range_boxes(boxes: list[Box]) -> list[RangeBox]:
+    """The boxes (each with its slice) grouped by label, in the order labels first come."""
+    out: dict[str, RangeBox] = {}
+    for b in boxes:
+        if b.slice is None:
+            raise ValueError(f"Box {b.id} has no slice index.")
+        if b.label not in out:
+            out[b.label] = RangeBox(b.label, [b.id], tuple(b.xyxy), b.slice, b.slice)
+            continue
+        r = out[b.label]
+        r.ids.append(b.id)
+        r.xyxy = (min(r.xyxy[0], b.xyxy[0]), min(r.xyxy[1], b.xyxy[1]),
+                  max(r.xyxy[2], b.xyxy[2]), max(r.xyxy[3], b.xyxy[3]))
+        r.first, r.last = min(r.first, b.slice), max(r.last, b.slice)
+    return list(out.values())
+
+
+@dataclass
 class Mask:
     label: str
     label_index: int
