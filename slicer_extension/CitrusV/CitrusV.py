@@ -21,7 +21,7 @@ from CitrusVLib import geometry
 from CitrusVLib.client import CitrusVClient, infer_params
 from CitrusVLib.errors import CitrusVCancelled, CitrusVError
 from CitrusVLib.label_io import LabelVolume, upload_id, write_label_volume
-from CitrusVLib.result import step_text
+from CitrusVLib.result import box_label, step_text
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -763,7 +763,7 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
                 if node.GetAttribute(CitrusVMRML.BOX_ID_ATTR) == selectedBoxIds[0]:
                     box, _ = geometry.roi_to_box(m, view.axis, CitrusVMRML.roi_of_node(node))
                     label = (node.GetAttribute(CitrusVMRML.BOX_LABEL_ATTR)
-                             or node.GetName().split(" ", 1)[-1])
+                             or box_label(node.GetName()))
                     return geometry.closer_look_roi(box, (h, w)), label
         seg = CitrusVMRML.find_segmentation(volume)
         if seg is None or not segmentName:

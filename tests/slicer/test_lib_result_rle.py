@@ -111,3 +111,18 @@ def test_box_from_the_models_mask_says_so(sample_result):
     assert r.boxes[0].size_mm == (14.06, 7.03)
     assert ("b1 liver: slice 3, [15, 10, 35, 20], 14 x 7 mm (from the liver mask), score "
             "0.90") in r.record().splitlines()
+
+
+def test_an_roi_name_gives_back_its_structure():
+    """A closer look from a selected box sends the box's structure: from the ROI node's
+    BoxLabel attribute, else (a scene saved before) from its name as Box.name wrote it."""
+    from CitrusVLib.result import Box, RangeBox, box_label
+
+    for box in (Box("b1", "liver", (1, 2, 3, 4), 3, 0.9, "mask"),
+                Box("b12", "right kidney", (1, 2, 3, 4), 3, None, "text"),
+                Box("b2", "left lung", (1, 2, 3, 4), 3, 0.25, "text"),
+                Box("b3", "spinal cord", (1, 2, 3, 4), None, None, "mask")):
+        assert box_label(box.name) == box.label, box.name
+    assert box_label("b1 liver 0.90 (from mask)") == "liver"
+    assert box_label(RangeBox("left kidney", ["b1", "b2"], (1, 2, 3, 4), 4, 9).name) == (
+        "left kidney")

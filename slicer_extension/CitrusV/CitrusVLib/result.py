@@ -55,6 +55,18 @@ class Box:
         return f"{name} (from mask)" if self.source == "mask" else name
 
 
+_BOX_NAME = re.compile(r"^(?:b\d+\s+)?(?P<label>.*?)(?:\s+\d\.\d\d)?(?:\s+\(from mask\))?"
+                       r"(?:, slices \d+-\d+ \(\d+ box(?:es)?\))?$")
+
+
+def box_label(name: str) -> str:
+    """The structure of an ROI node named as ``Box.name`` or ``RangeBox.name`` gives it
+    (``b1 liver 0.90 (from mask)`` -> ``liver``), for a node from a scene saved before
+    nodes carried their label (``CitrusVMRML.BOX_LABEL_ATTR``)."""
+    m = _BOX_NAME.match(" ".join(name.split()))
+    return m.group("label") if m else name
+
+
 @dataclass
 class RangeBox:
     """A slice-range answer's boxes of one structure as one 3D box: the union of their pixel
