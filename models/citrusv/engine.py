@@ -222,15 +222,25 @@ ONE_SLICE_VOLUME = ("a volume needs a range of slices: this answer is one slice'
 
 def cut_at_range_ends(mask: Mask, first: int, last: int) -> str | None:
     """A sentence when a 3D mask has pixels on the first or the last slice asked: the
-    structure may go on beyond the range, and its volume counts the slices asked only."""
+    structure may go on beyond the range, and its volume counts the slices asked only. Where
+    that slice is the image's own first or last, the image cuts it, not the range."""
+    n = mask.array.shape[mask.axis]
     ends = [k for k in dict.fromkeys((first, last))
             if np.take(mask.array, k, axis=mask.axis).any()]
     if not ends:
         return None
-    which = " and ".join(f"slice {k}" for k in ends)
-    return (f"the {mask.label} mask reaches {which}, at the end of the range asked: "
-            f"{mask.volume_ml:g} mL is its volume over the slices asked only; ask a range "
-            f"that goes past the {mask.label} for all of it.")
+
+    def which(k: int) -> str:
+        if k in (0, n - 1):
+            return f"slice {k}, the image's {'first' if k == 0 else 'last'}"
+        return f"slice {k}, the {'first' if k == first else 'last'} asked"
+
+    said = f"the {mask.label} mask reaches " + ", and ".join(which(k) for k in ends)
+    if all(k in (0, n - 1) for k in ends):
+        return (f"{said}: the {mask.label} may go on past what the image holds, so "
+                f"{mask.volume_ml:g} mL is its volume in the image only.")
+    return (f"{said}: {mask.volume_ml:g} mL is its volume over the slices asked only; ask a "
+            f"range that goes past the {mask.label} for all of it.")
 
 
 def size_range_warning(off: dict[str, list[int]]) -> str:

@@ -597,12 +597,19 @@ def test_ask_volume_returns_3d_masks_in_volume_index_space(engine):
     assert data["masks"][0]["area_mm2"] == pytest.approx(data["masks"][0]["area_px"] * 0.49)
     # the volume over the contiguous slices asked: voxels x 2.5 x 0.7 x 0.7 mm³, in mL
     assert data["volumes_ml"] == {"liver": round(m.area_px * 2.5 * 0.49 / 1000, 2)}
-    ends = [k for k in (1, 3) if m.array[k].any()]
-    assert ends, "the tiny model marks pixels on the first and last slices asked"
-    assert [w for w in res.warnings if "end of the range" in w] == ([
-        f"the liver mask reaches {' and '.join(f'slice {k}' for k in ends)}, at the end of "
-        f"the range asked: {data['volumes_ml']['liver']:g} mL is its volume over the slices "
-        "asked only; ask a range that goes past the liver for all of it."] if ends else [])
+    assert m.array[1].any() and m.array[3].any()  # the tiny model marks both ends
+    assert [w for w in res.warnings if "mask reaches" in w] == [
+        "the liver mask reaches slice 1, the first asked, and slice 3, the last asked: "
+        f"{data['volumes_ml']['liver']:g} mL is its volume over the slices asked only; ask a "
+        "range that goes past the liver for all of it."]
+    # where the image itself ends, the image cuts the structure, not the range
+    whole = engine.ask_volume(vol, "Segment the liver.", window="abdomen",
+                              spacing=(2.5, 0.7, 0.7), forced_text="liver [SEG]")
+    ml = whole.to_json()["volumes_ml"]["liver"]
+    assert [w for w in whole.warnings if "mask reaches" in w] == [
+        "the liver mask reaches slice 0, the image's first, and slice 5, the image's last: the "
+        f"liver may go on past what the image holds, so {ml:g} mL is its volume in the image "
+        "only."]
     # slices with a gap, or no spacing: no volume (it would not be measured)
     gap = engine.ask_volume(vol, "Segment the liver.", slices=[1, 3], window="abdomen",
                             spacing=(2.5, 0.7, 0.7), forced_text="liver [SEG]")

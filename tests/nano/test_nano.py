@@ -224,14 +224,14 @@ def test_a_volume_over_a_slice_range_is_measured_and_said_when_cut(engine, study
     ref = sum(int(study.mask("spleen", k).sum()) for k in range(26, 55))
     ref_ml = ref * float(np.prod(study.spacing)) / 1000
     assert whole.to_json()["volumes_ml"]["spleen"] == pytest.approx(ref_ml, rel=0.1)
-    assert not [w for w in whole.warnings if "end of the range" in w], whole.warnings
+    assert not [w for w in whole.warnings if "mask reaches" in w], whole.warnings
     cut = engine.ask_volume(study.volume, "Please segment the spleen in this scan.",
                             slices=range(35, 46), window="abdomen", spacing=study.spacing)
     ml = cut.to_json()["volumes_ml"]["spleen"]
     assert cut.warnings == [
-        f"the spleen mask reaches slice 35 and slice 45, at the end of the range asked: {ml:g} "
-        "mL is its volume over the slices asked only; ask a range that goes past the spleen "
-        "for all of it."]
+        "the spleen mask reaches slice 35, the first asked, and slice 45, the last asked: "
+        f"{ml:g} mL is its volume over the slices asked only; ask a range that goes past the "
+        "spleen for all of it."]
 
 
 def test_a_structure_nano_never_learnt_gets_an_answer_that_says_so(engine, study):
