@@ -459,6 +459,32 @@ def _drop_excluded(res: Result, left_out: list[str]) -> None:
                         f"out, so {it} not returned.")
 
 
+def range_answer(masks: list[Mask], boxes: list[Box], ks: list[int]) -> str | None:
+    """The answer over a slice range, from what was marked rather than one slice's words
+    (each slice's answer is in `text`): each structure's slices and, with a known spacing
+    over contiguous slices, its volume ("Over slices 0-132 (133 slices): liver marked on
+    slices 4-66 (63 of them), 1037.4 mL."), then the labels boxed with no mask. None when
+    nothing was marked or boxed."""
+    parts, masked = [], set()
+    for m in masks:
+        masked.add(m.label)
+        on = [k for k in ks if np.take(m.array, k, axis=m.axis).any()]
+        if not on:
+            parts.append(f"no {m.label} marked on any of them")
+            continue
+        ml = f", {m.volume_ml:.1f} mL" if m.volume_ml is not None else ""
+        parts.append(f"{m.label} marked on {slice_list(on)} ({len(on)} of them){ml}")
+    boxed: dict[str, set[int]] = {}
+    for b in boxes:
+        if b.label not in masked and b.slice is not None:
+            boxed.setdefault(b.label or "an unnamed structure", set()).add(int(b.slice))
+    parts += [f"{label} boxed on {slice_list(sorted(on))} ({len(on)} of them)"
+              for label, on in boxed.items()]
+    if not parts:
+        return None
+    return f"Over {slice_list(ks)} ({len(ks)} slices): " + "; ".join(parts) + "."
+
+
 def slice_list(ks: list[int]) -> str:
     """"slice 4", or "slices 3-7, 9" for the slices a warning was said on (runs joined)."""
     if len(ks) == 1:
@@ -765,7 +791,9 @@ class Engine:
         out.masks = list(merged.values())
         untaught_by_values(out, vol, window, self.config.mask_modalities)
         out.text = "\n".join(texts)
-        out.answer = Counter(answers).most_common(1)[0][0] if answers else ""
+        summary = (range_answer(out.masks, out.boxes, ks)
+                   if len(ks) > 1 and task in ("segment", "detect") else None)
+        out.answer = summary or (Counter(answers).most_common(1)[0][0] if answers else "")
         out.image = {"id": image_id, "shape": [int(s) for s in vol.shape],
                      "spacing": None if spacing is None else [float(s) for s in spacing],
                      "axis": AXIS_NAMES[ax], "slices": list(ks)}

@@ -62,6 +62,7 @@ def test_segment_slice_range_gives_3d_mask_on_those_slices(citrusv_server, tmp_p
     assert sorted({m["slice"] for m in result["masks"]}) == [59, 60, 61]
     touched = set(np.flatnonzero(zyx(label).reshape(133, -1).any(axis=1)))
     assert touched and touched <= {59, 60, 61}
+    assert result["answer"].startswith("Over slices 59-61 (3 slices): "), result["answer"]
     # each structure's volume over the range: its voxels in the label file, in mL
     voxel_ml = float(np.prod(result["image"]["spacing"])) / 1000
     assert result["volumes_ml"] == {

@@ -598,6 +598,10 @@ def test_ask_volume_returns_3d_masks_in_volume_index_space(engine):
     # the volume over the contiguous slices asked: voxels x 2.5 x 0.7 x 0.7 mm³, in mL
     assert data["volumes_ml"] == {"liver": round(m.area_px * 2.5 * 0.49 / 1000, 2)}
     assert m.array[1].any() and m.array[3].any()  # the tiny model marks both ends
+    # the answer over the range is what was marked, not one slice's words
+    assert res.answer == (f"Over slices 1-3 (3 slices): liver marked on slices 1-3 (3 of "
+                          f"them), {m.volume_ml:.1f} mL.")
+    assert res.text.startswith("[slice 1] ")
     assert [w for w in res.warnings if "mask reaches" in w] == [
         "the liver mask reaches slice 1, the first asked, and slice 3, the last asked: "
         f"{data['volumes_ml']['liver']:g} mL is its volume over the slices asked only; ask a "

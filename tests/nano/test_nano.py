@@ -217,7 +217,7 @@ def test_empty_masks_over_slices_are_said_once(engine, study):
 def test_a_volume_over_a_slice_range_is_measured_and_said_when_cut(engine, study):
     """The spleen lies on slices 29-51 (124.3 mL in the reference over slices 26-54, held-out
     block 20-29 included). Asked over 26-54, nano's masks give 129.99 mL (+4.6 %), with no
-    sentence; asked over 35-45, the mask reaches both ends and the answer says the volume
+    sentence, and the answer says on which slices it marked the spleen; asked over 35-45, the mask reaches both ends and the answer says the volume
     counts those slices only."""
     whole = engine.ask_volume(study.volume, "Please segment the spleen in this scan.",
                               slices=range(26, 55), window="abdomen", spacing=study.spacing)
@@ -225,6 +225,8 @@ def test_a_volume_over_a_slice_range_is_measured_and_said_when_cut(engine, study
     ref_ml = ref * float(np.prod(study.spacing)) / 1000
     assert whole.to_json()["volumes_ml"]["spleen"] == pytest.approx(ref_ml, rel=0.1)
     assert not [w for w in whole.warnings if "mask reaches" in w], whole.warnings
+    assert whole.answer == ("Over slices 26-54 (29 slices): spleen marked on slices 28-51 (24 "
+                            "of them), 130.0 mL."), whole.answer
     cut = engine.ask_volume(study.volume, "Please segment the spleen in this scan.",
                             slices=range(35, 46), window="abdomen", spacing=study.spacing)
     ml = cut.to_json()["volumes_ml"]["spleen"]

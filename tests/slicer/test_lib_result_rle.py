@@ -78,11 +78,10 @@ def test_shown_answer_has_the_warnings_and_the_model_s_intended_use(sample_resul
                                     "intended_use": "Demonstration only; not for clinical use."}})
     assert r.shown_text() == ("The liver is normal in size.\n\nWarnings:\n- Slice 3 is outside "
                               "the CT.\n\nIntended use: Demonstration only; not for clinical use.")
-    # a slice range's answer gives each structure's volume over the slices asked
+    # a slice range's volumes (the server's answer says them) are kept in the record
     r = Result.from_json({**sample_result, "volumes_ml": {"liver": 1022.64, "spleen": 129.99},
                           "image": {**sample_result["image"], "slices": [26, 27, 28]}})
-    assert r.shown_text() == ("The liver is normal in size.\n\nVolumes over slices 26-28: "
-                              "liver 1022.6 mL; spleen 130.0 mL")
+    assert r.volumes_ml == {"liver": 1022.64, "spleen": 129.99}
     assert "Volumes over slices 26-28: liver 1022.6 mL; spleen 130.0 mL" in r.record()
 
 

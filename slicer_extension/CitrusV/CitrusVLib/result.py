@@ -183,8 +183,6 @@ class Result:
         """What the module shows as the answer: the answer (else the raw text), the warnings,
         and the model's intended use."""
         text = (self.answer or self.text or "").strip()
-        if self.volumes_ml:
-            text += "\n\n" + self.volumes_line()
         if self.warnings:
             text += "\n\nWarnings:\n" + "\n".join(f"- {w}" for w in self.warnings)
         if self.intended_use:
