@@ -193,14 +193,14 @@ def misspelt_task_word(prompt: str) -> tuple[str, str] | None:
 # around the liver and the spleen", "where's the heart")
 _ASKED_FOR = (r"(?:segment|outline|delineate|contour|detect|locate|find|identify|mask"
               r"|highlight|show(?:\s+me)?(?=\s+(?:the|both|all)\b)|point\s+(?:out|to)"
-              r"|how (?:big|large) (?:is|are)|size of|measure"
+              r"|how (?:big|large) (?:is|are)|size of|volumes? of|measure"
               r"|where(?:'s|\s+(?:is|are))|where(?=\s+the\b)"
               r"|(?:bounding\s+)?box(?:es)?\s+(?:around|on|for|of))"
               r"\s+(?:of\s+)?(?:all\s+|both\s+)?(?:the\s+)?(?:bilateral\s+)?")
 # ... and ends before one of these ("Where is the liver located?", "Outline the aorta for
 # me.", "Show me where the spleen is.")
 _ASKED_END = (r"\s+(?:in|on|from|of this|within|please|for|is|are|located|lies|lie"
-              r"|compared|bilaterally)\b")
+              r"|compared|than|versus|vs|bilaterally)\b")
 
 
 def prompt_target(prompt: str) -> str:
@@ -346,7 +346,10 @@ _TARGETS = re.compile(_ASKED_FOR + r"(?P<t>[a-z][a-z0-9 ,&\-]*?)" + rf"(?={_ASKE
 _LIST_SEP = re.compile(r"\s*(?:,|&|\band\b)\s*(?:and\s+)?(?:the\s+)?")
 _NOT_A_NAME = frozenset({"it", "its", "them", "their", "me", "us", "this", "that", "these",
                          "those", "one", "ones", "size", "sizes", "volume", "measure", "show",
-                         "tell", "give", "then", "also", "other", "others", "everything"})
+                         "tell", "give", "then", "also", "other", "others", "everything",
+                         # what a structure is compared with that is none ("than normal")
+                         "normal", "usual", "expected", "average", "before", "prior",
+                         "previous", "time", "scan", "study", "exam"})
 
 
 _SHORT_SIDE_DOT = re.compile(r"\b(rt|lt|r|l)\.(?=\s+[a-z])")
@@ -383,19 +386,39 @@ def asks_for_everything(prompt: str) -> bool:
     return bool(_EVERYTHING.search((prompt or "").lower()))
 
 
+# what is measured of a structure ("the aorta diameter", "the diameter of the aorta"): the
+# structure is what is asked for
+_MEASURES = (r"(?:diameters?|sizes?|volumes?|areas?|width|length|thickness|dimensions?|extent"
+             r"|measurements?|calibre|caliber)")
+_MEASURE_OF = re.compile(rf"^{_MEASURES}\s+of\s+(?:the\s+)?")
+_MEASURE_AFTER = re.compile(rf"(?<=[a-z])\s+{_MEASURES}$")
+# a structure compared with the one asked for is asked for too ("How large is the spleen
+# compared to the liver?")
+_COMPARED = re.compile(r"\s+(?:compared\s+(?:to|with)|than|versus|vs\.?)\s+(?:that\s+of\s+)?"
+                       r"(?:the\s+)?(?P<t>[a-z][a-z0-9 ,&\-]*?)"
+                       rf"(?={_ASKED_END}|[.?!;:]|$)")
+
+
 def prompt_targets(prompt: str) -> list[str]:
     """The structures a segmentation or detection question asks for, in order ("Segment the
     heart, aorta and stomach." -> ["heart", "aorta", "stomach"]; "Find the left and right
     kidneys." -> ["left kidney", "right kidney"]; "Segment both kidneys." -> ["kidneys"]).
     The list ends at the first part that does not read as a name: more than three words, or
     a word such as "it" or "their" ("Locate the liver and spleen, output their bbox
-    coordinates ..." lists two; "Find the liver and measure it", one). [] when the question
-    has no such words ("Is the liver normal?")."""
+    coordinates ..." lists two; "Find the liver and measure it", one). What is measured of a
+    structure is left out ("Measure the aorta diameter.", "Measure the diameter of the
+    aorta." -> ["aorta"]); a structure it is compared with is asked for too ("How large is
+    the spleen compared to the liver?" -> ["spleen", "liver"]). [] when the question has no
+    such words ("Is the liver normal?")."""
     low = _SHORT_SIDE_DOT.sub(r"\1", (prompt or "").lower())  # "rt. kidney": one name
     m = _TARGETS.search(low)
     if not m:
         return []
     parts = [p.strip() for p in _LIST_SEP.split(m.group("t")) if p.strip()]
+    also = _COMPARED.match(low, m.end())
+    if also:
+        parts += [p.strip() for p in _LIST_SEP.split(also.group("t")) if p.strip()]
+    parts = [_MEASURE_AFTER.sub("", _MEASURE_OF.sub("", p)) for p in parts]
     for i, part in enumerate(parts):  # "left and right kidneys": "left" takes the noun after it
         if part in SIDES:
             later = next((p.split() for p in parts[i + 1:] if p.split()[0] in SIDES

@@ -210,6 +210,19 @@ def test_an_answer_on_the_other_side_is_said():
     ("Is the liver normal?", []),
     ("Segment the kidneys bilaterally.", ["kidneys"]),
     ("Segment the bilateral lungs.", ["lungs"]),
+    # what is measured of a structure names the structure
+    ("Measure the aorta diameter.", ["aorta"]),
+    ("Measure the diameter of the aorta.", ["aorta"]),
+    ("What is the volume of the spleen?", ["spleen"]),
+    ("Measure the liver size in this scan.", ["liver"]),
+    # a structure it is compared with is asked for too; "normal", "the prior scan" are none
+    ("How large is the spleen compared to the liver?", ["spleen", "liver"]),
+    ("How big are the kidneys versus the spleen?", ["kidneys", "spleen"]),
+    ("How big is the left kidney compared with the right kidney?",
+     ["left kidney", "right kidney"]),
+    ("How big is the liver compared to normal?", ["liver"]),
+    ("How big is the liver compared to the prior scan?", ["liver"]),
+    ("Find the last rib.", ["last rib"]),
 ])
 def test_the_structures_a_question_lists(prompt, targets):
     assert prompt_targets(prompt) == targets
