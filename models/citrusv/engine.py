@@ -37,8 +37,8 @@ from .generation import (
 from .imaging import FrameMap
 from .parsing import (SEG_TOKEN, TASKS, absent_labels, answers_about, asks_for_everything,
                       asks_for_report, asks_for_volume, excluded_structures, infer_task, listed,
-                      misspelt_names, named_structures, parse_output, prompt_targets, respelled,
-                      size_mismatches, unasked_warning)
+                      misspelt_names, named_structures, names_slices, parse_output,
+                      prompt_targets, respelled, size_mismatches, unasked_warning)
 from .prompting import pixel_inputs, stop_token_ids, text_inputs
 from .result import Box, Mask, Result, Step
 from .slice_cache import SliceCache, SliceState, content_hash
@@ -212,6 +212,15 @@ def size_warning(mismatches) -> str:
     return (f"the sizes the answer gives differ by more than a fifth from those of its boxes "
             f"({items}): the boxes' sizes are measured from the image's pixel spacing, the "
             f"answer's are as the model wrote them.")
+
+
+def one_slice_warning(named: str, slice_index: int | None) -> str:
+    """Said when a question about one slice names slices ("on slices 40 to 60", "in the
+    whole volume"): the words do not choose them."""
+    this = "the one slice sent" if slice_index is None else f"slice {slice_index}"
+    return (f"the question says \"{named}\", but this answer is about {this} only: the slices "
+            "asked about are chosen with the request's slice (in the Slicer module, its "
+            "scope: slice range or whole volume), not by the question's words.")
 
 
 # a volume question about one slice ("What is the volume of the spleen?")
@@ -584,6 +593,9 @@ class Engine:
         res = self._run(state, prompt, task, forced_text, max_new_tokens)
         self._finish(res, arr.shape[:2], slice_index, spacing, image_id, image_info, window)
         untaught_by_values(res, arr, window, self.config.mask_modalities)
+        named = names_slices(prompt)
+        if named and re.findall(r"\d+", named) != [str(slice_index)]:  # not "on slice 45" of 45
+            res.warnings.append(one_slice_warning(named, slice_index))
         if res.masks and asks_for_volume(prompt):
             res.warnings.append(ONE_SLICE_VOLUME)
         res.timing_ms["total"] = (time.perf_counter() - t0) * 1e3

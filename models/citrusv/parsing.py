@@ -89,6 +89,21 @@ def asks_for_report(prompt: str) -> bool:
     return bool(re.search(_TASK_WORDS[0][1], prompt.lower()))
 
 
+_SLICES_NAMED = re.compile(
+    r"\b(?:slices?|images?|sections?)\s+(?:no\.?\s*)?\d+(?:\s*(?:-|–|to|through|and)\s*\d+)?"
+    r"|\b(?:all|every|each)\s+(?:of\s+the\s+)?(?:slices|sections|images)\b"
+    r"|\b(?:the\s+)?(?:whole|entire)\s+(?:volume|scan|ct|study|series)\b"
+    r"|\bin\s+3d\b")
+
+
+def names_slices(prompt: str) -> str | None:
+    """The slices a question's words name ("Segment the liver on slices 40 to 60." ->
+    "slices 40 to 60"; "... in the whole volume"), else None: the slices asked about are
+    chosen with the request, not by the words."""
+    m = _SLICES_NAMED.search((prompt or "").lower())
+    return prompt[m.start():m.end()] if m else None
+
+
 def asks_for_volume(prompt: str) -> bool:
     """Whether a question asks for a structure's volume ("What is the volume of the
     spleen?", "Liver volume?"), not "Segment the liver in this volume."."""

@@ -654,6 +654,23 @@ def test_a_volume_question_about_one_slice_says_a_volume_needs_a_range(engine):
     assert ONE_SLICE_VOLUME not in over.warnings and "liver" in over.to_json()["volumes_ml"]
 
 
+def test_a_question_naming_slices_about_one_slice_says_the_words_do_not_choose_them(engine):
+    img = ct_slice(40, 50, seed=1)
+    res = engine.ask(img, "Segment the liver on slices 40 to 60.", slice_index=45,
+                     forced_text="liver [SEG]")
+    assert res.warnings[-1] == (
+        'the question says "slices 40 to 60", but this answer is about slice 45 only: the '
+        "slices asked about are chosen with the request's slice (in the Slicer module, its "
+        "scope: slice range or whole volume), not by the question's words.")
+    whole = engine.ask(img, "Segment the liver in the whole volume.", forced_text="liver [SEG]")
+    assert whole.warnings[-1].startswith('the question says "the whole volume", but this '
+                                         "answer is about the one slice sent only")
+    for k, said in ((45, False), (44, True)):
+        one = engine.ask(img, "Segment the liver on slice 45.", slice_index=k,
+                         forced_text="liver [SEG]")
+        assert any("the question says" in w for w in one.warnings) == said, k
+
+
 def test_uint8_rgb_input(engine):
     rgb = np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)
     res = engine.ask(rgb, "Segment the liver.", forced_text="liver [SEG]")
