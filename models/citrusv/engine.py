@@ -178,7 +178,7 @@ def untaught_by_values(res: Result, values: np.ndarray, window, taught: list[str
     place where a DICOM header or a picture file says more."""
     if (set(taught) != {"CT"} or not res.masks or window not in (None, "auto")
             or values.dtype == np.uint8 or values.ndim == 3 and values.shape[-1] in (3, 4)
-            or imaging.looks_like_ct(np.asarray(values, dtype=np.float64))):
+            or imaging.looks_like_ct(np.asarray(values))):
         return
     empty = {empty_mask_warning(m.label, len(m.slices) if m.array.ndim == 3 else None)
              for m in res.masks}

@@ -149,8 +149,8 @@ _NOT_SLIPS = frozenset({
 
 def slips(word: str) -> list[str]:
     """The words `word` may be a slip of: with two neighbouring letters swapped back, one
-    letter put back where it was dropped (a word of five letters or more typed as four or
-    more: "repor" -> "report"), or one doubled letter single ("spleeen" -> "spleen")."""
+    letter put back where it was dropped ("repor" -> "report"), or one doubled letter single
+    ("spleeen" -> "spleen")."""
     out = [word[:i] + word[i + 1] + word[i] + word[i + 2:] for i in range(len(word) - 1)
            if word[i] != word[i + 1]]
     out += [word[:i] + word[i + 1:] for i in range(1, len(word)) if word[i] == word[i - 1]]
@@ -542,8 +542,9 @@ def misspelt_names(prompt: str) -> list[tuple[str, str]]:
     not)."""
     out = slipped_letters(prompt)  # "Is the lvier normal?", "Write a repor."
     # a side of three letters before a name, as read ("Is the let lung normal?")
-    for m in _ANATOMY_RE.finditer(respelled(prompt, out).lower()):
-        before = re.search(r"\b([a-z]{3})\s+$", respelled(prompt, out).lower()[:m.start()])
+    read = respelled(prompt, out).lower()
+    for m in _ANATOMY_RE.finditer(read):
+        before = re.search(r"\b([a-z]{3})\s+$", read[:m.start()])
         side = before and next((w for w in slips(before.group(1)) if w in ("left", "right")),
                                None)
         if side and not m.group("side") and (before.group(1), side) not in out:
