@@ -468,11 +468,16 @@ def _drop_excluded(res: Result, left_out: list[str]) -> None:
                         f"out, so {it} not returned.")
 
 
+# what the distance from a mask's first slice to its last is, along each axis's slices
+SPAN_NAMES = {0: "craniocaudal", 1: "anteroposterior", 2: "left to right"}
+
+
 def range_answer(masks: list[Mask], boxes: list[Box], ks: list[int]) -> str | None:
     """The answer over a slice range, from what was marked rather than one slice's words
     (each slice's answer is in `text`): each structure's slices and, with a known spacing
-    over contiguous slices, its volume ("Over slices 0-132 (133 slices): liver marked on
-    slices 4-66 (63 of them), 1037.4 mL."), then the labels boxed with no mask. None when
+    over contiguous slices, its volume and its span across the slices, first to last, each
+    slice whole ("Over slices 0-132 (133 slices): liver marked on slices 4-62 (59 of them),
+    1037.4 mL, 147.5 mm craniocaudal."), then the labels boxed with no mask. None when
     nothing was marked or boxed."""
     parts, masked = [], set()
     for m in masks:
@@ -482,6 +487,9 @@ def range_answer(masks: list[Mask], boxes: list[Box], ks: list[int]) -> str | No
             parts.append(f"no {m.label} marked on any of them")
             continue
         ml = f", {m.volume_ml:.1f} mL" if m.volume_ml is not None else ""
+        if m.thickness is not None:  # from its first slice to its last, slices whole
+            ml += (f", {(on[-1] - on[0] + 1) * m.thickness:.1f} mm "
+                   f"{SPAN_NAMES[m.axis]}")
         parts.append(f"{m.label} marked on {slice_list(on)} ({len(on)} of them){ml}")
     boxed: dict[str, set[int]] = {}
     for b in boxes:

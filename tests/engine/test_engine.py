@@ -600,7 +600,7 @@ def test_ask_volume_returns_3d_masks_in_volume_index_space(engine):
     assert m.array[1].any() and m.array[3].any()  # the tiny model marks both ends
     # the answer over the range is what was marked, not one slice's words
     assert res.answer == (f"Over slices 1-3 (3 slices): liver marked on slices 1-3 (3 of "
-                          f"them), {m.volume_ml:.1f} mL.")
+                          f"them), {m.volume_ml:.1f} mL, 7.5 mm craniocaudal.")
     assert res.text.startswith("[slice 1] ")
     assert [w for w in res.warnings if "mask reaches" in w] == [
         "the liver mask reaches slice 1, the first asked, and slice 3, the last asked: "

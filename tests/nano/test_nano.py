@@ -226,7 +226,7 @@ def test_a_volume_over_a_slice_range_is_measured_and_said_when_cut(engine, study
     assert whole.to_json()["volumes_ml"]["spleen"] == pytest.approx(ref_ml, rel=0.1)
     assert not [w for w in whole.warnings if "mask reaches" in w], whole.warnings
     assert whole.answer == ("Over slices 26-54 (29 slices): spleen marked on slices 28-51 (24 "
-                            "of them), 130.0 mL."), whole.answer
+                            "of them), 130.0 mL, 60.0 mm craniocaudal."), whole.answer
     cut = engine.ask_volume(study.volume, "Please segment the spleen in this scan.",
                             slices=range(35, 46), window="abdomen", spacing=study.spacing)
     ml = cut.to_json()["volumes_ml"]["spleen"]
