@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
+from scipy.spatial import ConvexHull
 
 from . import rle
 
@@ -55,6 +57,33 @@ class Box:
         }
 
 
+def diameters_mm(plane: np.ndarray, spacing) -> list[float] | None:
+    """[longest, across] in mm of a 2D mask's largest 8-connected part: the longest line
+    across its pixels (their corners, so one pixel is a pixel across) and its width at right
+    angles to that line, as a radiologist measures a long and a short axis; None for an
+    empty mask. `spacing`: (row, column) mm of one pixel."""
+    rows_on, cols_on = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    if not rows_on.size:
+        return None
+    plane = plane[rows_on[0]:rows_on[-1] + 1, cols_on[0]:cols_on[-1] + 1]  # lengths only
+    parts, n = ndimage.label(plane, structure=np.ones((3, 3), dtype=bool))
+    largest = 1 + int(np.argmax(ndimage.sum_labels(plane, parts, range(1, n + 1))))
+    ys, xs = np.nonzero(parts == largest)
+    rows = np.unique(ys)
+    left = ndimage.minimum(xs, ys, rows)
+    right = ndimage.maximum(xs, ys, rows) + 1
+    pts = np.array([(x, y + dy) for y, a, b in zip(rows, left, right)
+                    for x in (a, b) for dy in (0, 1)], dtype=np.float64)
+    pts *= [float(spacing[1]), float(spacing[0])]
+    pts = pts[ConvexHull(pts).vertices]  # the corners of a pixel span are never on one line
+    gaps = pts[:, None, :] - pts[None, :, :]
+    lengths = np.hypot(gaps[..., 0], gaps[..., 1])
+    i, j = np.unravel_index(int(np.argmax(lengths)), lengths.shape)
+    along = gaps[i, j] / lengths[i, j]
+    across = pts @ np.array([-along[1], along[0]])
+    return [round(float(lengths[i, j]), 1), round(float(np.ptp(across)), 1)]
+
+
 @dataclass
 class Mask:
     """A boolean mask: (H, W) for a slice, or (Z, Y, X) in volume index space for `ask_volume`."""
@@ -93,6 +122,8 @@ class Mask:
             "slice": slice_index,
             "area_px": area,
             "area_mm2": area_mm2,
+            "diameters_mm": (None if self.spacing is None or not area
+                             else diameters_mm(plane, self.spacing)),
             "score": None if self.score is None else round(float(self.score), 4),
             "rle": rle.encode(plane),
         }

@@ -14,7 +14,8 @@ from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 RESULT_KEYS = {"task", "prompt", "model", "text", "answer", "reasoning", "boxes", "masks", "image",
                "timing_ms", "warnings", "label_names"}
-MASK_KEYS = {"label", "label_index", "slice", "area_px", "area_mm2", "score", "rle"}
+MASK_KEYS = {"label", "label_index", "slice", "area_px", "area_mm2", "diameters_mm", "score",
+             "rle"}
 BOX_KEYS = {"id", "label", "xyxy", "slice", "score", "source", "text_xyxy", "size_mm"}
 
 

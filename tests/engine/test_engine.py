@@ -671,6 +671,27 @@ def test_a_question_naming_slices_about_one_slice_says_the_words_do_not_choose_t
         assert any("the question says" in w for w in one.warnings) == said, k
 
 
+def test_a_mask_s_long_and_short_axis_in_mm():
+    """diameters_mm: the longest line across a mask's largest part (pixel corners) and its
+    width at right angles, as a radiologist measures them."""
+    from citrusv.result import diameters_mm
+
+    yy, xx = np.mgrid[:200, :200]
+    disk = (yy - 100) ** 2 + (xx - 100) ** 2 <= 40 ** 2
+    assert diameters_mm(disk, (1, 1)) == [81.4, 81.4]
+    ellipse = ((yy - 100) / 30.0) ** 2 + ((xx - 100) / 60.0) ** 2 <= 1
+    assert diameters_mm(ellipse, (1, 1)) == [121.0, 61.0]
+    assert diameters_mm(ellipse, (0.5, 0.5)) == [60.5, 30.5]
+    assert diameters_mm(ellipse.T, (2.0, 1.0)) == [242.0, 61.0]  # rows 2 mm apart
+    speck = disk.copy()
+    speck[5:15, 5:15] = True  # a part apart does not stretch it
+    assert diameters_mm(speck, (1, 1)) == [81.4, 81.4]
+    assert diameters_mm(np.zeros((5, 5), bool), (1, 1)) is None
+    one = np.zeros((4, 4), bool)
+    one[1, 1:3] = True  # two pixels side by side: the diagonal, and across it
+    assert diameters_mm(one, (1, 1)) == [2.2, 1.8]
+
+
 def test_uint8_rgb_input(engine):
     rgb = np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)
     res = engine.ask(rgb, "Segment the liver.", forced_text="liver [SEG]")

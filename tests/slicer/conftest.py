@@ -180,6 +180,7 @@ def sample_result() -> dict:
                 "slice": 3,
                 "area_px": int(mask.sum()),
                 "area_mm2": 123.0,
+                "diameters_mm": [18.2, 11.4],
                 "score": 0.91,
                 "rle": encode_rle(mask),
             }

@@ -413,7 +413,7 @@ b1 liver: slice 3, [15, 10, 35, 20], score 0.90
 b2 spleen: slice 3, [40, 25, 55, 38], score 0.70
 
 Masks:
-liver: slice 3, 123.0 mm², score 0.91
+liver: slice 3, 123.0 mm², 18 x 11 mm, score 0.91
 """
 
 

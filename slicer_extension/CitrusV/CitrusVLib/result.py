@@ -111,6 +111,7 @@ class Mask:
     area_px: int | None = None
     area_mm2: float | None = None
     score: float | None = None
+    diameters_mm: tuple[float, float] | None = None  # long and short axis of its largest part
 
     def array(self) -> np.ndarray:
         """The boolean ``(H, W)`` mask of the slice."""
@@ -234,6 +235,8 @@ class Result:
                 where = f"slice {m.slice}" if m.slice is not None else "all slices"
                 area = (f", {m.area_mm2:.1f} mm²" if m.area_mm2 is not None
                         else f", {m.area_px} px" if m.area_px is not None else "")
+                if m.diameters_mm:
+                    area += f", {m.diameters_mm[0]:.0f} x {m.diameters_mm[1]:.0f} mm"
                 score = f", score {m.score:.2f}" if m.score is not None else ""
                 lines.append(f"{m.label}: {where}{area}{score}")
             if self.volumes_ml:
@@ -293,6 +296,8 @@ class Result:
                     rle=m.get("rle"),
                     area_px=None if m.get("area_px") is None else int(m["area_px"]),
                     area_mm2=None if m.get("area_mm2") is None else float(m["area_mm2"]),
+                    diameters_mm=(None if not m.get("diameters_mm")
+                                  else tuple(float(v) for v in m["diameters_mm"])),  # type: ignore[arg-type]
                     score=None if m.get("score") is None else float(m["score"]),
                 )
                 for n, m in enumerate(data.get("masks") or [])
