@@ -59,7 +59,7 @@ def test_the_panel_lists_mask_areas_box_sizes_and_the_warnings(sample_result):
                         "knows, to check the answer and to ask again."]
     lines = panel_lines(Result.from_json(data), slice_index=3)
     texts = [t for t, _ in lines]
-    at = texts.index("liver, 123 mm2")
+    at = texts.index("liver, 123 mm2, 18 x 11 mm")
     assert texts[at + 1:at + 3] == ["b1 liver, 16 x 8 mm", "b2 spleen"]
     assert lines[at + 1][1] == label_color("liver", 1)
     assert texts[at + 3] == "" and texts[at + 4].startswith('! read "livr" as "liver"')

@@ -145,8 +145,9 @@ def panel_lines(
     result: Result, slice_index: int | None = None
 ) -> list[tuple[str, tuple[int, int, int]]]:
     """The side panel's lines and their colours: the task and question, the answer, the
-    numbered steps, each mask on the slice with its area in mm², each box on it with its
-    size in mm, then the warnings (what the server says to check), wrapped to the panel."""
+    numbered steps, each mask on the slice with its area in mm² and its long and short axis,
+    each box on it with its size in mm, then the warnings (what the server says to check),
+    wrapped to the panel."""
 
     lines: list[tuple[str, tuple[int, int, int]]] = []
     title = f"{result.task or 'result'}: {result.prompt}".strip()
@@ -169,6 +170,8 @@ def panel_lines(
     for m in result.masks:
         if _on_slice(m.slice, slice_index):
             area = f", {m.area_mm2:.0f} mm2" if m.area_mm2 is not None else ""
+            if m.diameters_mm:
+                area += f", {m.diameters_mm[0]:.0f} x {m.diameters_mm[1]:.0f} mm"
             lines.append((f"{m.label}{area}", label_color(m.label, m.label_index)))
     for n, b in enumerate(result.boxes):
         if _on_slice(b.slice, slice_index):
