@@ -23,7 +23,9 @@ def print_result(data: dict) -> None:
     for m in data.get("masks", []):
         score = "n/a" if m.get("score") is None else f"{m['score']:.3f}"
         area = "" if m.get("area_mm2") is None else f" ({m['area_mm2']:.1f} mm²)"
-        print(f"mask '{m['label']}': {m['area_px']} px{area}, score {score}")
+        axes = ("" if not m.get("diameters_mm")
+                else f", {m['diameters_mm'][0]:.0f} x {m['diameters_mm'][1]:.0f} mm")
+        print(f"mask '{m['label']}': {m['area_px']} px{area}{axes}, score {score}")
     for b in data.get("boxes", []):
         score = "" if b.get("score") is None else f", score {b['score']:.3f}"
         origin = ""

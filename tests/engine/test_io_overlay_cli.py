@@ -128,13 +128,14 @@ def test_printed_boxes_carry_their_score(capsys):
     assert "box b2 'spleen': [5.0, 6.0, 7.0, 8.0]" in out
     assert ("box b3 'heart': [5.0, 6.0, 9.0, 8.0] (from the 'heart' mask; written "
             "[4.0, 6.0, 9.5, 8.2]), score 0.300") in out
-    # with the image's spacing: a box's size and a mask's area in mm
+    # with the image's spacing: a box's size, a mask's area and its axes in mm
     print_result({"task": "segment", "text": "", "answer": "", "masks": [
-        {"label": "liver", "area_px": 100, "area_mm2": 49.0, "score": 0.5}], "boxes": [
+        {"label": "liver", "area_px": 100, "area_mm2": 49.0, "diameters_mm": [11.3, 7.2],
+         "score": 0.5}], "boxes": [
         {"id": "b1", "label": "liver", "xyxy": [0.0, 0.0, 10.0, 20.0], "size_mm": [7.0, 14.0],
          "score": None}]})
     out = capsys.readouterr().out.splitlines()
-    assert "mask 'liver': 100 px (49.0 mm²), score 0.500" in out
+    assert "mask 'liver': 100 px (49.0 mm²), 11 x 7 mm, score 0.500" in out
     assert "box b1 'liver': [0.0, 0.0, 10.0, 20.0], 7 x 14 mm" in out
 
 
