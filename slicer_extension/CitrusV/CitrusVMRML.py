@@ -279,12 +279,13 @@ def create_box_rois(
             roi = geometry.box_to_roi(m, axis, (r.first + r.last) / 2, r.xyxy,
                                       thickness_slices=r.last - r.first + 1)
             placed.append((r.ids, r.label, r.name, roi))
-    for box in [] if per_structure else boxes:
-        slice_index = box.slice if box.slice is not None else default_slice
-        if slice_index is None:
-            raise ValueError(f"Box {box.id} has no slice index.")
-        placed.append(([box.id], box.label, box.name,
-                       geometry.box_to_roi(m, axis, slice_index, box.xyxy)))
+    else:
+        for box in boxes:
+            slice_index = box.slice if box.slice is not None else default_slice
+            if slice_index is None:
+                raise ValueError(f"Box {box.id} has no slice index.")
+            placed.append(([box.id], box.label, box.name,
+                           geometry.box_to_roi(m, axis, slice_index, box.xyxy)))
     for n, (ids, label, name, roi) in enumerate(placed):
         node = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", name)
         node.CreateDefaultDisplayNodes()
