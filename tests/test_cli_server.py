@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from citrusv.cli import main
@@ -45,3 +46,51 @@ def test_ask_server_without_png_prints_the_answer(citrusv_server, tmp_path, caps
     assert data["task"] == "segment" and [m["slice"] for m in data["masks"]] == [60]
     assert "mask 'liver'" in out and "overlay:" not in out
     assert list(tmp_path.iterdir()) == [tmp_path / "r.json"]
+
+
+def test_ask_over_a_slice_range_is_the_same_from_the_server_and_the_local_model(
+        citrusv_server, tiny_model_dir, sample_root, tmp_path, capsys):
+    """`--slice 58-62` asks over five slices: the server and the same checkpoint run here give
+    the same answer, the same masks on the same slices and the same volume."""
+    results = []
+    for where in (["--server", citrusv_server.url, "--image", "chest_ct"],
+                  ["--model", str(tiny_model_dir), "--image",
+                   str(sample_root / "studies" / "chest_ct.nii.gz")]):
+        out = tmp_path / f"r{len(results)}.json"
+        rc = main(["ask", *where, "--slice", "58-62", "--prompt", "Segment the liver.",
+                   "--window", "abdomen", "--json", str(out), "--png", str(tmp_path / "r.png")])
+        assert rc == 0, capsys.readouterr().err
+        results.append(json.loads(out.read_text()))
+        assert "shows slice " in capsys.readouterr().out
+    server, local = results
+    assert server["image"]["slices"] == local["image"]["slices"] == [58, 59, 60, 61, 62]
+    assert server["answer"] == local["answer"]
+    assert [(m["slice"], m["area_px"]) for m in server["masks"]] == \
+        [(m["slice"], m["area_px"]) for m in local["masks"]]
+    assert server["volumes_ml"] == pytest.approx(local["volumes_ml"], rel=1e-6)
+    assert set(server["volumes_ml"]) == {"liver"} and server["volumes_ml"]["liver"] > 0
+
+
+def test_a_bad_slice_range_is_one_sentence(capsys):
+    for value, said in (("40-30", "slice range 40-30 is reversed; give the first slice "
+                                  "first (30-40)."),
+                        ("x", "'x' is not a slice; give an index (65), a range (26-54) or all.")):
+        with pytest.raises(SystemExit) as stop:
+            main(["ask", "--server", "http://127.0.0.1:9", "--image", "chest_ct",
+                  "--slice", value, "--prompt", "Segment the liver."])
+        assert stop.value.code == 2
+        assert capsys.readouterr().err.strip().endswith(said)
+
+
+def test_a_slice_range_outside_the_image_or_on_an_xray_is_one_sentence(
+        tiny_model_dir, sample_root, capsys):
+    studies = sample_root / "studies"
+    for image, value, said in (
+            ("chest_ct.nii.gz", "26-200", "error: slice 200 is out of range; this image has 133 "
+             "axial slices, numbered 0 to 132."),
+            ("chest_xray.dcm", "3-5", "error: --slice 3-5 asks over slices, but chest_xray.dcm "
+             "is one image; leave --slice out.")):
+        rc = main(["ask", "--model", str(tiny_model_dir), "--image", str(studies / image),
+                   "--slice", value, "--prompt", "Segment the liver."])
+        assert rc == 2
+        assert capsys.readouterr().err.strip() == said

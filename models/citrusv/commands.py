@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from .errors import InputError
+
 
 def _window(value: str | None):
     if value is None or value.lower() == "auto":
@@ -17,15 +19,39 @@ def _window(value: str | None):
     return value
 
 
+def slice_arg(value: str) -> int | tuple[int, int] | str:
+    """`--slice`: one index (65), a range of slices (26-54, both ends asked) or all."""
+    text = value.strip().lower()
+    if text == "all":
+        return "all"
+    first, dash, last = text.partition("-")
+    if dash and first.strip().isdigit() and last.strip().isdigit():
+        a, b = int(first), int(last)
+        if b < a:
+            raise argparse.ArgumentTypeError(f"slice range {value} is reversed; give the "
+                                             f"first slice first ({b}-{a}).")
+        return (a, b)
+    if text.isdigit():
+        return int(text)
+    raise argparse.ArgumentTypeError(f"'{value}' is not a slice; give an index (65), a range "
+                                     "(26-54) or all.")
+
+
 def print_result(data: dict) -> None:
     """The result JSON as lines a person reads in a terminal (local engine or server alike)."""
     print(f"task: {data.get('task')}\ntext: {data.get('text')}\nanswer: {data.get('answer')}")
+    ranged = len(data.get("image", {}).get("slices") or []) > 1
     for m in data.get("masks", []):
+        if ranged and not m["area_px"]:
+            continue  # over a range, the slices where it was marked
         score = "n/a" if m.get("score") is None else f"{m['score']:.3f}"
         area = "" if m.get("area_mm2") is None else f" ({m['area_mm2']:.1f} mm²)"
         axes = ("" if not m.get("diameters_mm")
                 else f", {m['diameters_mm'][0]:.0f} x {m['diameters_mm'][1]:.0f} mm")
-        print(f"mask '{m['label']}': {m['area_px']} px{area}{axes}, score {score}")
+        where = f" slice {m.get('slice')}" if ranged else ""
+        print(f"mask '{m['label']}'{where}: {m['area_px']} px{area}{axes}, score {score}")
+    for label, ml in (data.get("volumes_ml") or {}).items():
+        print(f"volume '{label}': {ml:.1f} mL over the slices asked")
     for b in data.get("boxes", []):
         score = "" if b.get("score") is None else f", score {b['score']:.3f}"
         origin = ""
@@ -47,7 +73,6 @@ def print_result(data: dict) -> None:
 def ask_cli(args: argparse.Namespace) -> int:
     import torch
 
-    from . import imaging
     from .checkpoint import read_intended_use
     from .engine import AXES, Engine, untaught_modality
     from .io import is_picture, read_study
@@ -67,7 +92,16 @@ def ask_cli(args: argparse.Namespace) -> int:
     axis = AXES.get(args.axis, 0)
     slice_index = None
     spacing = study.spacing
-    if study.kind == "volume" and study.array.ndim == 3:
+    is_volume = study.kind == "volume" and study.array.ndim == 3
+    if isinstance(args.slice, (tuple, str)):
+        if not is_volume:
+            raise InputError("slice", f"--slice {_slice_text(args.slice)} asks over slices, "
+                             f"but {Path(args.image).name} is one image; leave --slice out.")
+        if args.roi:
+            raise InputError("roi", "a closer look (--roi) is about one slice; give --slice "
+                             "one index.")
+        return _ask_range(args, study, axis, window)
+    if is_volume:
         slice_index = study.array.shape[axis] // 2 if args.slice is None else args.slice
         plane = study.slice(slice_index, axis)
         spacing = None if study.spacing is None else tuple(
@@ -97,15 +131,63 @@ def ask_cli(args: argparse.Namespace) -> int:
         data["image"].update({"shape": [int(s) for s in study.array.shape], "axis": args.axis,
                               "spacing": None if study.spacing is None else
                               [float(s) for s in study.spacing]})
+    return _finish_cli(args, data, lambda _: plane, slice_index, window, study.photometric)
+
+
+def _slice_text(value) -> str:
+    return value if isinstance(value, str) else f"{value[0]}-{value[1]}"
+
+
+def _finish_cli(args: argparse.Namespace, data: dict, plane_of, slice_index, window,
+                photometric) -> int:
+    """Print the result, write --json, and draw --png on `slice_index` (a range: the slice
+    where the masks are largest)."""
     print_result(data)
     if args.json:
         Path(args.json).write_text(json.dumps(data, indent=2))
     if args.png:
-        from CitrusVLib.overlay import render_overlay  # the one renderer, shared with Slicer
+        from CitrusVLib.overlay import fullest_slice, render_overlay  # shared with Slicer
 
-        rgb = imaging.to_rgb_uint8(plane, window, study.photometric)
-        render_overlay(rgb, data).save(args.png)
+        from . import imaging
+
+        if isinstance(slice_index, list):  # a range: the slice where the masks are largest
+            slice_index = fullest_slice(data, slice_index[0])
+            print(f"overlay: {args.png} shows slice {slice_index}")
+        rgb = imaging.to_rgb_uint8(plane_of(slice_index), window, photometric)
+        render_overlay(rgb, data, slice_index=slice_index).save(args.png)
     return 0
+
+
+def _ask_range(args: argparse.Namespace, study, axis: int, window) -> int:
+    """`--slice A-B` / `--slice all` with a local model: `Engine.ask_volume`, as the server
+    answers a range (one question per slice, masks and volumes over the range)."""
+    from .checkpoint import read_intended_use
+    from .engine import Engine, untaught_modality
+    from .parsing import modality_warning
+
+    count = study.array.shape[axis]
+    if args.slice == "all":
+        ks = list(range(count))
+    else:
+        first, last = args.slice
+        if last >= count:
+            raise InputError("slice", f"slice {last} is out of range; this image has {count} "
+                             f"{args.axis} slices, numbered 0 to {count - 1}.")
+        ks = list(range(first, last + 1))
+    use = read_intended_use(args.model)
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
+    res = engine.ask_volume(study.array, args.prompt, slices=ks, axis=axis, window=window,
+                            task=args.task, spacing=study.spacing,
+                            photometric=study.photometric, image_id=Path(args.image).name,
+                            forced_text=args.forced_text)
+    untaught_modality(res, study.modality, engine.config.mask_modalities)
+    data = res.to_json()
+    if use is not None:
+        data.setdefault("model", {})["intended_use"] = use
+    if kind := modality_warning(res.answer or res.text, study.modality):
+        data["warnings"].append(kind)
+    return _finish_cli(args, data, lambda k: study.slice(k, axis), ks, window,
+                       study.photometric)
 
 
 def _ask_server(args: argparse.Namespace) -> int:
@@ -114,16 +196,23 @@ def _ask_server(args: argparse.Namespace) -> int:
     from CitrusVLib.headless import ask_server
 
     try:
-        result = ask_server(args.server, args.image, args.slice, args.prompt, args.png,
-                            task=args.task, axis=args.axis, window=_window(args.window),
-                            ca_certificate=args.ca_cert)
+        ranged = isinstance(args.slice, (tuple, str))
+        result = ask_server(args.server, args.image, None if ranged else args.slice,
+                            args.prompt, args.png, task=args.task, axis=args.axis,
+                            window=_window(args.window), ca_certificate=args.ca_cert,
+                            slices=args.slice if ranged else None)
     except CitrusVError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print_result(result.raw)
     if args.json:
         Path(args.json).write_text(json.dumps(result.raw, indent=2))
-    if args.png:
+    if args.png and ranged:  # ask_server drew the slice where the masks are largest
+        from CitrusVLib.overlay import fullest_slice
+
+        first = 0 if args.slice == "all" else args.slice[0]
+        print(f"overlay: {args.png} shows slice {fullest_slice(result.raw, first)}")
+    elif args.png:
         print(f"overlay: {args.png}")
     return 0
 
@@ -153,7 +242,9 @@ def add_commands(sub) -> None:
                    help="with an https --server: the CA certificate (PEM) that signed its certificate")
     p.add_argument("--image", required=True,
                    help="NIfTI, NRRD, DICOM file or folder, PNG; with --server: the image id")
-    p.add_argument("--slice", type=int, default=None, help="slice index (default: middle)")
+    p.add_argument("--slice", type=slice_arg, default=None,
+                   help="slice index (default: middle), a range 26-54 (one answer over the "
+                   "slices, with volumes) or all")
     p.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"])
     p.add_argument("--prompt", required=True)
     p.add_argument("--task", default=None, choices=["segment", "detect", "report"])

@@ -12,7 +12,8 @@ from CitrusVLib.colors import label_color
 from CitrusVLib.headless import ask_server, guess_task, to_uint8
 from CitrusVLib.label_io import LabelVolume, write_label_volume
 from CitrusVLib.multipart import parse_multipart
-from CitrusVLib.overlay import MIN_SIDE, PANEL_WIDTH, WARNING_COLOR, panel_lines, render_overlay
+from CitrusVLib.overlay import (MIN_SIDE, PANEL_WIDTH, WARNING_COLOR, fullest_slice,
+                                 panel_lines, render_overlay)
 from CitrusVLib.result import Result
 from PIL import Image
 
@@ -187,3 +188,16 @@ def test_step_text_replaces_box_tags_with_ids():
         == "the liver (b1) and (b2) ok"
     )
     assert step_text("<|box_start|>(1,2),(3,4)<|box_end|> spleen", []) == "(box) spleen"
+
+
+def test_the_slice_drawn_for_a_range_is_where_the_masks_are_largest():
+    def entry(label, k, area):
+        return {"label": label, "label_index": 1, "slice": k, "area_px": area, "rle": None}
+
+    masks = [entry("liver", 10, 50), entry("liver", 11, 70), entry("spleen", 10, 30),
+             entry("liver", 12, 0)]
+    assert fullest_slice({"task": "segment", "masks": masks}, 9) == 10  # 80 px over 70
+    boxes = [{"id": "b1", "label": "liver", "xyxy": [1, 2, 3, 4], "slice": 14},
+             {"id": "b2", "label": "liver", "xyxy": [1, 2, 3, 4], "slice": 13}]
+    assert fullest_slice({"task": "detect", "boxes": boxes}, 9) == 13  # no mask: first box
+    assert fullest_slice({"task": "segment", "masks": [entry("liver", 12, 0)]}, 9) == 9

@@ -14,7 +14,7 @@ from .client import CitrusVClient, infer_params
 from .errors import CitrusVError
 from .geometry import AXES, get_slice
 from .label_io import read_label_volume
-from .overlay import render_overlay
+from .overlay import fullest_slice, render_overlay
 from .result import Result
 
 # Display windows (level, width) for the PNG; the server applies its own for the model.
@@ -133,23 +133,34 @@ def ask_server(
     token: str | None = None,
     image_path: str | os.PathLike | None = None,
     ca_certificate: str | os.PathLike | None = None,
+    slices: Sequence[int] | str | None = None,
 ) -> Result:
     """Run one question on the server and, where ``png_path`` is given, save masks/boxes/steps
     drawn on the slice as a PNG.
 
     The slice pixels come from ``image_path`` when given, else from the server's datastore.
-    For a 2D image (X-ray) ``slice_index`` may be None and no slice is sent.
+    For a 2D image (X-ray) ``slice_index`` may be None and no slice is sent. ``slices``
+    asks over a range instead, ``(first, last)`` or ``"all"``; the PNG then shows the slice
+    where the answer's masks are largest.
     """
     client = CitrusVClient(url, token=token, ca_certificate=ca_certificate)
     task = task or guess_task(prompt)
     with tempfile.TemporaryDirectory() as tmp:
         volume = read_label_volume(image_path or client.download_image(image_id, tmp))
     is_2d = volume.array.shape[AXES.index(axis)] == 1
-    if slice_index is None and not is_2d:
-        raise CitrusVError(f"'{image_id}' is a volume: give the slice index to ask about.")
-    index = 0 if is_2d else int(slice_index)
-    params = infer_params(prompt, axis, "slice", index, window=window, is_2d=is_2d)
-    response = client.infer(task, image_id, params)
+    if slices is not None and not is_2d:
+        scope = "volume" if slices == "all" else "range"
+        params = infer_params(prompt, axis, scope, None, window=window, is_2d=is_2d,
+                              slice_range=None if scope == "volume" else slices)
+        response = client.infer(task, image_id, params)
+        first = 0 if scope == "volume" else min(int(v) for v in slices)
+        index = fullest_slice(response.result, first)
+    else:
+        if slice_index is None and not is_2d:
+            raise CitrusVError(f"'{image_id}' is a volume: give the slice index to ask about.")
+        index = 0 if is_2d else int(slice_index)
+        params = infer_params(prompt, axis, "slice", index, window=window, is_2d=is_2d)
+        response = client.infer(task, image_id, params)
     if png_path is not None:
         image = to_uint8(get_slice(volume.array, axis, index), window)
         overlay = render_overlay(image, response.result, slice_index=None if is_2d else index)

@@ -52,6 +52,20 @@ def _on_slice(s: int | None, slice_index: int | None) -> bool:
     return slice_index is None or s is None or s == slice_index
 
 
+def fullest_slice(result_json: Mapping[str, Any] | Result, default: int) -> int:
+    """The slice of a slice-range answer to draw: the one where its masks cover the most
+    pixels, else the first slice with a box, else ``default`` (nothing was marked)."""
+    result = result_json if isinstance(result_json, Result) else Result.from_json(result_json)
+    area: dict[int, int] = {}
+    for m in result.masks:
+        if m.slice is not None and m.area_px:
+            area[m.slice] = area.get(m.slice, 0) + int(m.area_px)
+    if area:
+        return max(sorted(area), key=lambda k: area[k])
+    boxed = sorted(b.slice for b in result.boxes if b.slice is not None)
+    return boxed[0] if boxed else default
+
+
 def render_overlay(
     image_uint8: np.ndarray,
     result_json: Mapping[str, Any] | Result,
