@@ -38,7 +38,8 @@ from .imaging import FrameMap
 from .parsing import (SEG_TOKEN, TASKS, absent_labels, answers_about, asks_for_everything,
                       asks_for_report, asks_for_volume, excluded_structures, infer_task, listed,
                       misspelt_names, named_structures, names_slices, parse_output,
-                      prompt_targets, respelled, size_mismatches, unasked_warning)
+                      prompt_targets, respelled, size_mismatches, unasked_warning,
+                      whole_of, whole_warning)
 from .prompting import pixel_inputs, stop_token_ids, text_inputs
 from .result import Box, Mask, Result, Step
 from .slice_cache import SliceCache, SliceState, content_hash
@@ -123,7 +124,9 @@ def absent_members(label: str, verb: str) -> list[str]:
 def asked_members(target: str) -> list[str]:
     """What `Engine._ask_rest` asks about, one at a time, for a structure a question names:
     both sides of a paired organ named in the plural or with no side ("kidneys", "the
-    kidney" -> right kidney, left kidney), else the structure itself."""
+    kidney" -> right kidney, left kidney), the lung of a lung lobe, else the structure
+    itself."""
+    target = whole_of(target) or target  # a lung lobe: its lung ("LUL" -> left lung)
     one = PAIRED_ORGANS.get(target) or (target if target in PAIRED_ORGANS.values() else None)
     return [f"right {one}", f"left {one}"] if one else [target]
 
@@ -1078,6 +1081,9 @@ class Engine:
                                 "rephrase the prompt, e.g. 'Please segment the liver'.")
         if follow and task in ("segment", "detect"):
             _drop_excluded(res, excluded_structures(checked))
+            if part := whole_warning(checked, task, [m.label for m in res.masks] if
+                                     task == "segment" else [b.label for b in res.boxes]):
+                res.warnings.append(part)
         if fixes:
             res.warnings.insert(0, spelling_note(fixes))
         return res

@@ -323,6 +323,54 @@ def _stems(text: str) -> set[str]:
     return out
 
 
+# a lung lobe, by its name or its usual abbreviation: upper, middle and lower lobes are the
+# lungs' (the liver's lobes are right, left, caudate and quadrate)
+_LOBE = re.compile(r"\b(?:(?P<side>left|right)\s+)?(?P<part>upper|middle|lower)\s+lobe(?P<s>s?)\b"
+                   r"|\b(?P<abbr>lul|lll|rul|rml|rll|lingula)\b")
+_LOBE_SIDE = {"lul": "left", "lll": "left", "lingula": "left", "rul": "right", "rml": "right",
+              "rll": "right"}
+
+
+def whole_of(name: str) -> str | None:
+    """The lung a lung lobe named in a question is part of ("left upper lobe", "LUL",
+    "lingula" -> "left lung"; "middle lobe" -> "right lung", which alone has one; "lower
+    lobes" or "upper lobe" with no side -> "lungs"), for a model that marks whole lungs (nano:
+    asked for the left upper lobe it segments the right lung; asked for the left lung, the left
+    one). None for anything else."""
+    m = _LOBE.search((name or "").lower())
+    if not m:
+        return None
+    side = _LOBE_SIDE.get(m.group("abbr") or "") or m.group("side") or (
+        "right" if m.group("part") == "middle" else None)
+    return f"{side} lung" if side else "lungs"
+
+
+def lobes_named(prompt: str) -> list[tuple[str, str]]:
+    """Each lung lobe a question names, as written, with the lung it is part of
+    ("Segment the LUL and the RML." -> [("LUL", "left lung"), ("RML", "right lung")])."""
+    return [(m.group(0), whole_of(m.group(0))) for m in _LOBE.finditer((prompt or "").lower())]
+
+
+def whole_warning(prompt: str, task: str, labels) -> str | None:
+    """A sentence when a question asks for a lung lobe and the answer is about its whole lung
+    (`whole_of`), not the lobe: the mask or box is the lung's. None otherwise (a model that
+    marks lobes answers with a lobe's name)."""
+    lobes = [(part, whole) for part, whole in lobes_named(prompt)
+             if answers_about(whole, labels)
+             and not any(_stems(str(x)) & {"lobe", "lingula"} for x in labels)]
+    if not lobes:
+        return None
+    wholes = list(dict.fromkeys(whole for _, whole in lobes))
+    many = len(wholes) > 1 or wholes == ["lungs"]
+    what = ("masks are" if many else "mask is") if task == "segment" else (
+        "boxes are" if many else "box is")
+    parts = listed([f"the {part.upper() if len(part) == 3 else part}" for part, _ in lobes])
+    lobe = "lobes" if many or len(lobes) > 1 or parts.endswith("s") else "lobe"
+    return (f"the question asks for {parts}, and the answer's {what} of the "
+            f"{listed(wholes)} as a whole: the model marks lungs, not their lobes, so mark the "
+            f"{lobe} yourself.")
+
+
 def listed(names: list[str], conj: str = "and") -> str:
     """["a", "b", "c"] -> "a, b and c" ("a or b" with conj "or")."""
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + f" {conj} " + names[-1]
@@ -335,7 +383,7 @@ def unasked_warning(prompt: str, labels) -> str | None:
     and every sided structure of the answer is on the other ("left kidney" asked, "right
     kidney" answered). `labels`: the answer's mask and box labels and the structures it says
     are not visible. None when the answer keeps to the question, or has no named structure."""
-    asked = _stems(prompt)
+    asked = _stems(prompt) | _stems(" ".join(whole for _, whole in lobes_named(prompt)))
     named, unnamed = [], []
     for label in dict.fromkeys(str(x).strip() for x in labels if x and str(x).strip()):
         words = _stems(label) - SIDES - _UNNAMING
@@ -584,7 +632,11 @@ def respelled(prompt: str, fixes: list[tuple[str, str]]) -> str:
 def answers_about(target: str, labels) -> bool:
     """Whether an answer's labels (masks, boxes, structures it says are not visible) include
     `target`: a label shares its name ("kidney" for "Find the kidneys") and is not on the
-    other side ("right kidney" does not answer "left kidney"; "kidneys" does)."""
+    other side ("right kidney" does not answer "left kidney"; "kidneys" does). A lung lobe is
+    answered by its lung too (`whole_of`: "left upper lobe" by "left lung")."""
+    whole = whole_of(target)
+    if whole and answers_about(whole, labels):
+        return True
     stems = _stems(target)
     want, side = stems - SIDES - _UNNAMING, stems & SIDES
     for label in labels:

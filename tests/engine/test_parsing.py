@@ -4,7 +4,8 @@ from citrusv.parsing import (absent_labels, answers_about, asks_for_everything,
                              asks_for_report, asks_for_volume, excluded_structures, infer_task, misspelt_names,
                              modality_warning,
                              named_modalities, named_structures, parse_output, prompt_target,
-                             prompt_targets, respelled, size_mismatches, unasked_warning)
+                             prompt_targets, respelled, size_mismatches, unasked_warning,
+                             whole_of, whole_warning)
 
 TEXT = (
     "<think>1. The rib cage <bbox>[10, 20, 30, 40]</bbox> is intact.\n"
@@ -394,3 +395,32 @@ def test_a_task_word_with_two_letters_swapped_picks_its_task():
     assert infer_task("Where is the spleen? Output its maks.") == "segment"
     assert infer_task("Write a reprot.") == infer_task("Write a report.") == "report"
     assert asks_for_report("Write a report.") and not asks_for_report("Write a reprot.")
+
+
+@pytest.mark.parametrize("name, whole", [
+    ("left upper lobe", "left lung"), ("LUL", "left lung"), ("lingula", "left lung"),
+    ("right lower lobe", "right lung"), ("rml", "right lung"), ("middle lobe", "right lung"),
+    ("lower lobes", "lungs"), ("upper lobe", "lungs"),
+    ("right lobe of the liver", None), ("caudate lobe", None), ("liver", None),
+    ("lower pole of the left kidney", None),
+])
+def test_a_lung_lobe_is_part_of_its_lung(name, whole):
+    assert whole_of(name) == whole
+
+
+def test_a_lobe_is_answered_by_its_lung_with_a_sentence_that_says_so():
+    assert answers_about("left upper lobe", ["left lung"])
+    assert not answers_about("left upper lobe", ["right lung"])
+    assert answers_about("left upper lobe", ["left upper lobe"])  # a model that marks lobes
+    assert unasked_warning("Segment the RLL.", ["right lung"]) is None
+    assert unasked_warning("Segment the RLL.", ["left lung"]).startswith("the question says "
+                                                                         "right")
+    assert whole_warning("Segment the RLL.", "segment", ["right lung"]) == (
+        "the question asks for the RLL, and the answer's mask is of the right lung as a whole: "
+        "the model marks lungs, not their lobes, so mark the lobe yourself.")
+    assert whole_warning("Find the lower lobes.", "detect", ["right lung", "left lung"]) == (
+        "the question asks for the lower lobes, and the answer's boxes are of the lungs as a "
+        "whole: the model marks lungs, not their lobes, so mark the lobes yourself.")
+    assert whole_warning("Segment the left upper lobe.", "segment", ["left upper lobe"]) is None
+    assert whole_warning("Segment the left upper lobe.", "segment", ["right lung"]) is None
+    assert whole_warning("Segment the left lung.", "segment", ["left lung"]) is None
