@@ -1081,8 +1081,8 @@ class Engine:
                                 "rephrase the prompt, e.g. 'Please segment the liver'.")
         if follow and task in ("segment", "detect"):
             _drop_excluded(res, excluded_structures(checked))
-            if part := whole_warning(checked, task, [m.label for m in res.masks] if
-                                     task == "segment" else [b.label for b in res.boxes]):
+            if part := whole_warning(checked, task, [m.label for m in res.masks if m.area_px]
+                                     if task == "segment" else [b.label for b in res.boxes]):
                 res.warnings.append(part)
         if fixes:
             res.warnings.insert(0, spelling_note(fixes))

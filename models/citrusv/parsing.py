@@ -317,58 +317,100 @@ def _stems(text: str) -> set[str]:
             out |= _stems(" ".join(_ENLARGED[w]))
         if w.endswith("ies") and len(w) > 4:
             w = w[:-3] + "y"
-        elif w.endswith("s") and len(w) > 3 and not w.endswith(("ss", "us")):
+        elif w.endswith("s") and len(w) > 3 and not w.endswith(("ss", "us", "is")):
             w = w[:-1]
         out.add(_ADJECTIVE_NOUN.get(w, w))
     return out
 
 
-# a lung lobe, by its name or its usual abbreviation: upper, middle and lower lobes are the
-# lungs' (the liver's lobes are right, left, caudate and quadrate)
-_LOBE = re.compile(r"\b(?:(?P<side>left|right)\s+)?(?P<part>upper|middle|lower)\s+lobe(?P<s>s?)\b"
-                   r"|\b(?P<abbr>lul|lll|rul|rml|rll|lingula)\b")
+# parts of a structure that a model may mark only as a whole, each with the whole it is part
+# of, what such a model marks and what to call the part: lung lobes by name or abbreviation
+# (upper, middle and lower lobes are the lungs'; the liver's are caudate and quadrate), heart
+# chambers, the liver's lobes and segments, the stomach's parts, the kidney's inner parts
 _LOBE_SIDE = {"lul": "left", "lll": "left", "lingula": "left", "rul": "right", "rml": "right",
               "rll": "right"}
 
 
-def whole_of(name: str) -> str | None:
-    """The lung a lung lobe named in a question is part of ("left upper lobe", "LUL",
-    "lingula" -> "left lung"; "middle lobe" -> "right lung", which alone has one; "lower
-    lobes" or "upper lobe" with no side -> "lungs"), for a model that marks whole lungs (nano:
-    asked for the left upper lobe it segments the right lung; asked for the left lung, the left
-    one). None for anything else."""
-    m = _LOBE.search((name or "").lower())
-    if not m:
-        return None
+def _lung_of(m: re.Match) -> str:
     side = _LOBE_SIDE.get(m.group("abbr") or "") or m.group("side") or (
         "right" if m.group("part") == "middle" else None)
     return f"{side} lung" if side else "lungs"
 
 
+def _kidney_of(m: re.Match) -> str:
+    return f"{m.group('side')} kidney" if m.group("side") else "kidneys"
+
+
+_PARTS = (
+    (re.compile(r"\b(?:(?P<side>left|right)\s+)?(?P<part>upper|middle|lower)\s+lobes?\b"
+                r"|\b(?P<abbr>lul|lll|rul|rml|rll|lingula)\b"),
+     _lung_of, "lungs, not their lobes", "lobe"),
+    (re.compile(r"\b(?:(?:left|right)\s+)?(?:ventricles?|atri(?:um|a))\b|\bmyocardium\b"
+                r"|\b(?:lv|rv)\b|\bcardiac\s+chambers?\b"),
+     lambda m: "heart", "the heart as one, not its chambers", "chamber"),
+    (re.compile(r"\b(?:caudate|quadrate)\s+lobe\b|\bcouinaud\s+segments?\b"),
+     lambda m: "liver", "the liver as one, not its lobes or segments", "part"),
+    (re.compile(r"\b(?:gastric\s+)?(?:fundus|antrum|pylorus)\b|\bgastric\s+body\b"),
+     lambda m: "stomach", "the stomach as one, not its parts", "part"),
+    (re.compile(r"\b(?:(?P<side>left|right)\s+)?renal\s+(?:pelvi|cort|medull|sinus)\w*"),
+     _kidney_of, "kidneys as wholes, not their parts", "part"),
+)
+
+
+def _parts_named(text: str) -> list[tuple[str, str, str, str]]:
+    """Each part `_PARTS` knows in `text`: (as written, its whole, what is marked, unit)."""
+    found = []
+    for pattern, whole, marks, unit in _PARTS:
+        found += [(m.start(), m.group(0), whole(m), marks, unit)
+                  for m in pattern.finditer((text or "").lower())]
+    return [f[1:] for f in sorted(found)]  # in the order written
+
+
+def whole_of(name: str) -> str | None:
+    """The structure a part named in a question belongs to, for a model that marks it only
+    as a whole: a lung lobe its lung ("left upper lobe", "LUL", "lingula" -> "left lung";
+    "middle lobe" -> "right lung", which alone has one; "lower lobes" or "upper lobe" with no
+    side -> "lungs"), a heart chamber the heart ("left ventricle", "LV", "myocardium"), the
+    caudate lobe the liver, the gastric fundus or antrum the stomach, the renal pelvis the
+    kidney (nano, asked for the left upper lobe, segments the right lung; asked for the left
+    lung, the left one). None for anything else."""
+    found = _parts_named(name)
+    return found[0][1] if found else None
+
+
 def lobes_named(prompt: str) -> list[tuple[str, str]]:
-    """Each lung lobe a question names, as written, with the lung it is part of
-    ("Segment the LUL and the RML." -> [("LUL", "left lung"), ("RML", "right lung")])."""
-    return [(m.group(0), whole_of(m.group(0))) for m in _LOBE.finditer((prompt or "").lower())]
+    """Each part of a structure a question names (`whole_of`), as written, with its whole
+    ("Segment the LUL and the RML." -> [("lul", "left lung"), ("rml", "right lung")])."""
+    return [(part, whole) for part, whole, _, _ in _parts_named(prompt)]
 
 
 def whole_warning(prompt: str, task: str, labels) -> str | None:
-    """A sentence when a question asks for a lung lobe and the answer is about its whole lung
-    (`whole_of`), not the lobe: the mask or box is the lung's. None otherwise (a model that
-    marks lobes answers with a lobe's name)."""
-    lobes = [(part, whole) for part, whole in lobes_named(prompt)
+    """A sentence when a question asks for a part of a structure (`whole_of`: a lung lobe, a
+    heart chamber ...) and the answer is about its whole, not the part: the mask or box is
+    the whole's. None otherwise (a model that marks lobes answers with a lobe's name)."""
+    labels = [str(x) for x in labels]
+    parts = [(part, whole, marks, unit) for part, whole, marks, unit in _parts_named(prompt)
              if answers_about(whole, labels)
-             and not any(_stems(str(x)) & {"lobe", "lingula"} for x in labels)]
-    if not lobes:
+             and not any(_stems(x) & (_stems(part) - _stems(whole) - SIDES - _UNNAMING)
+                         for x in labels)]
+    if not parts:
         return None
-    wholes = list(dict.fromkeys(whole for _, whole in lobes))
-    many = len(wholes) > 1 or wholes == ["lungs"]
+    wholes = list(dict.fromkeys(whole for _, whole, _, _ in parts))
+    many = len(wholes) > 1 or wholes[0] in PLURAL_WHOLES
     what = ("masks are" if many else "mask is") if task == "segment" else (
         "boxes are" if many else "box is")
-    parts = listed([f"the {part.upper() if len(part) == 3 else part}" for part, _ in lobes])
-    lobe = "lobes" if many or len(lobes) > 1 or parts.endswith("s") else "lobe"
-    return (f"the question asks for {parts}, and the answer's {what} of the "
-            f"{listed(wholes)} as a whole: the model marks lungs, not their lobes, so mark the "
-            f"{lobe} yourself.")
+    asked = listed([f"the {part.upper() if len(part) <= 3 else part}" for part, *_ in parts])
+    marks = ", and ".join(dict.fromkeys(m for _, _, m, _ in parts))
+    units = list(dict.fromkeys(u for *_, u in parts))
+    unit = units[0] if len(units) == 1 else "part"
+    several = len(parts) > 1 or bool(_MANY_PARTS.search(parts[0][0]))
+    return (f"the question asks for {asked}, and the answer's {what} of the {listed(wholes)} "
+            f"as a whole: the model marks {marks}, so mark the {unit}{'s' if several else ''} "
+            f"yourself.")
+
+
+PLURAL_WHOLES = frozenset({"lungs", "kidneys"})
+_MANY_PARTS = re.compile(r"(?:lobes|ventricles|atria|segments|chambers)$")
 
 
 def listed(names: list[str], conj: str = "and") -> str:
@@ -493,7 +535,7 @@ def prompt_targets(prompt: str) -> list[str]:
         words = part.split()
         if len(words) > 3 or set(words) & _NOT_A_NAME or not set(words) - SIDES - _UNNAMING:
             break
-        if words[0] in SIDES and words[-1].endswith("s") and not words[-1].endswith(("ss", "us")):
+        if words[0] in SIDES and words[-1].endswith("s") and not words[-1].endswith(("ss", "us", "is")):
             words[-1] = words[-1][:-3] + "y" if words[-1].endswith("ies") else words[-1][:-1]
         name = " ".join(words)
         if name not in out:
@@ -632,10 +674,11 @@ def respelled(prompt: str, fixes: list[tuple[str, str]]) -> str:
 def answers_about(target: str, labels) -> bool:
     """Whether an answer's labels (masks, boxes, structures it says are not visible) include
     `target`: a label shares its name ("kidney" for "Find the kidneys") and is not on the
-    other side ("right kidney" does not answer "left kidney"; "kidneys" does). A lung lobe is
-    answered by its lung too (`whole_of`: "left upper lobe" by "left lung")."""
+    other side ("right kidney" does not answer "left kidney"; "kidneys" does). A part of a
+    structure is answered by its whole too (`whole_of`: "left upper lobe" by "left lung",
+    "left ventricle" by "heart")."""
     whole = whole_of(target)
-    if whole and answers_about(whole, labels):
+    if whole and whole != target and answers_about(whole, labels):
         return True
     stems = _stems(target)
     want, side = stems - SIDES - _UNNAMING, stems & SIDES

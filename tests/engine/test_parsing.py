@@ -401,14 +401,17 @@ def test_a_task_word_with_two_letters_swapped_picks_its_task():
     ("left upper lobe", "left lung"), ("LUL", "left lung"), ("lingula", "left lung"),
     ("right lower lobe", "right lung"), ("rml", "right lung"), ("middle lobe", "right lung"),
     ("lower lobes", "lungs"), ("upper lobe", "lungs"),
-    ("right lobe of the liver", None), ("caudate lobe", None), ("liver", None),
-    ("lower pole of the left kidney", None),
+    ("left ventricle", "heart"), ("LV", "heart"), ("atria", "heart"), ("myocardium", "heart"),
+    ("caudate lobe", "liver"), ("gastric fundus", "stomach"), ("antrum", "stomach"),
+    ("left renal pelvis", "left kidney"), ("renal cortex", "kidneys"),
+    ("right lobe of the liver", None), ("liver", None), ("lower pole of the left kidney", None),
+    ("pulmonary artery", None), ("ventricular wall", None), ("left atrial appendage", None),
 ])
-def test_a_lung_lobe_is_part_of_its_lung(name, whole):
+def test_a_part_is_part_of_its_whole(name, whole):
     assert whole_of(name) == whole
 
 
-def test_a_lobe_is_answered_by_its_lung_with_a_sentence_that_says_so():
+def test_a_part_is_answered_by_its_whole_with_a_sentence_that_says_so():
     assert answers_about("left upper lobe", ["left lung"])
     assert not answers_about("left upper lobe", ["right lung"])
     assert answers_about("left upper lobe", ["left upper lobe"])  # a model that marks lobes
@@ -424,3 +427,9 @@ def test_a_lobe_is_answered_by_its_lung_with_a_sentence_that_says_so():
     assert whole_warning("Segment the left upper lobe.", "segment", ["left upper lobe"]) is None
     assert whole_warning("Segment the left upper lobe.", "segment", ["right lung"]) is None
     assert whole_warning("Segment the left lung.", "segment", ["left lung"]) is None
+    assert whole_warning("Segment the left ventricle and the LUL.", "segment",
+                         ["heart", "left lung"]) == (
+        "the question asks for the left ventricle and the LUL, and the answer's masks are of the "
+        "heart and left lung as a whole: the model marks the heart as one, not its chambers, "
+        "and lungs, not their lobes, so mark the parts yourself.")
+    assert whole_warning("Segment the left ventricle.", "segment", ["left ventricle"]) is None

@@ -761,15 +761,25 @@ def test_citrusv_ask_over_a_slice_range_gives_the_volume(study, tmp_path, capsys
         assert img.height >= 512
 
 
-def test_a_lung_lobe_is_answered_with_its_lung_and_a_sentence(engine, study):
-    """nano marks whole lungs: asked for the left upper lobe on held-out slice 65 it segments
-    the right lung; asked again for the lobe's lung, the left lung (Dice 0.957 measured), which
-    the answer gives with one sentence saying it is the whole lung."""
-    k = 65
-    res = engine.ask(study.volume[k], "Segment the left upper lobe.", window="abdomen",
-                     slice_index=k, spacing=tuple(study.spacing[1:]))
-    assert [m.label for m in res.masks] == ["left lung"], res.text
-    assert dice_score(res.masks[0].array, study.mask("left lung", k)) >= 0.9
+@pytest.mark.parametrize("k, question, whole, marks, dice", [
+    (65, "Segment the left upper lobe.", "left lung", "lungs, not their lobes, so mark the lobe",
+     0.9),
+    (65, "Segment the left ventricle.", "heart",
+     "the heart as one, not its chambers, so mark the chamber", 0.8),
+    (25, "Segment the caudate lobe.", "liver",
+     "the liver as one, not its lobes or segments, so mark the part", 0.85),
+])
+def test_a_part_is_answered_with_its_whole_and_a_sentence(engine, study, k, question, whole,
+                                                          marks, dice):
+    """nano marks wholes: asked for the left upper lobe on held-out slice 65 it segments the
+    right lung; asked again for the lobe's lung, the left lung (Dice 0.957 measured), which the
+    answer gives with one sentence saying it is the whole lung. The left ventricle there gets
+    the heart (0.863), the caudate lobe on slice 25 the liver (0.930)."""
+    res = engine.ask(study.volume[k], question, window="abdomen", slice_index=k,
+                     spacing=tuple(study.spacing[1:]))
+    assert [m.label for m in res.masks] == [whole], res.text
+    assert dice_score(res.masks[0].array, study.mask(whole, k)) >= dice
+    part = question.removeprefix("Segment the ").rstrip(".")
     assert res.warnings == [
-        "the question asks for the left upper lobe, and the answer's mask is of the left lung "
-        "as a whole: the model marks lungs, not their lobes, so mark the lobe yourself."]
+        f"the question asks for the {part}, and the answer's mask is of the {whole} as a whole: "
+        f"the model marks {marks} yourself."]
