@@ -306,13 +306,22 @@ _UNNAMING = frozenset({"the", "a", "an", "of", "and", "segment", "structure", "r
 _ADJECTIVE_NOUN = {"hepatic": "liver", "renal": "kidney", "pulmonary": "lung",
                    "cardiac": "heart", "gastric": "stomach", "splenic": "spleen",
                    "aortic": "aorta"}
+# what such an adjective names that is not its organ: "pulmonary artery" is no lung, "aortic
+# valve" no aorta, "splenic flexure" (of the colon) no spleen
+_NOT_THE_ORGAN = frozenset({"artery", "arteries", "vein", "veins", "valve", "valves", "trunk",
+                            "duct", "ducts", "embolism", "embolus", "emboli", "flexure"})
 
 
 def _stems(text: str) -> set[str]:
     """Lower-case words, plural -s / -ies cut and adjectives turned into their nouns, so that
-    "Find the kidneys." and "left kidney" share "kidney" (and "cardiomegaly" has "heart")."""
+    "Find the kidneys." and "left kidney" share "kidney" (and "cardiomegaly" has "heart"),
+    except before a vessel or other structure of its own ("pulmonary artery")."""
     out = set()
-    for w in re.findall(r"[a-z]+", (text or "").lower()):
+    words = re.findall(r"[a-z]+", (text or "").lower())
+    for i, w in enumerate(words):
+        if w in _ADJECTIVE_NOUN and i + 1 < len(words) and words[i + 1] in _NOT_THE_ORGAN:
+            out.add(w)
+            continue
         if w in _ENLARGED:
             out |= _stems(" ".join(_ENLARGED[w]))
         if w.endswith("ies") and len(w) > 4:
@@ -348,6 +357,8 @@ _PARTS = (
     (re.compile(r"\b(?:(?:left|right)\s+)?(?:ventricles?|atri(?:um|a))\b|\bmyocardium\b"
                 r"|\b(?:lv|rv)\b|\bcardiac\s+chambers?\b"),
      lambda m: "heart", "the heart as one, not its chambers", "chamber"),
+    (re.compile(r"\baortic\s+(?:arch|root|bulb)\b|\b(?:ascending|descending)\s+aorta\b"),
+     lambda m: "aorta", "the aorta as one, not its parts", "part"),
     (re.compile(r"\b(?:caudate|quadrate)\s+lobe\b|\bcouinaud\s+segments?\b"),
      lambda m: "liver", "the liver as one, not its lobes or segments", "part"),
     (re.compile(r"\b(?:gastric\s+)?(?:fundus|antrum|pylorus)\b|\bgastric\s+body\b"),
@@ -371,7 +382,7 @@ def whole_of(name: str) -> str | None:
     as a whole: a lung lobe its lung ("left upper lobe", "LUL", "lingula" -> "left lung";
     "middle lobe" -> "right lung", which alone has one; "lower lobes" or "upper lobe" with no
     side -> "lungs"), a heart chamber the heart ("left ventricle", "LV", "myocardium"), the
-    caudate lobe the liver, the gastric fundus or antrum the stomach, the renal pelvis the
+    aortic arch or the ascending aorta the aorta, the caudate lobe the liver, the gastric fundus or antrum the stomach, the renal pelvis the
     kidney (nano, asked for the left upper lobe, segments the right lung; asked for the left
     lung, the left one). None for anything else."""
     found = _parts_named(name)

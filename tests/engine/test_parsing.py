@@ -402,6 +402,7 @@ def test_a_task_word_with_two_letters_swapped_picks_its_task():
     ("right lower lobe", "right lung"), ("rml", "right lung"), ("middle lobe", "right lung"),
     ("lower lobes", "lungs"), ("upper lobe", "lungs"),
     ("left ventricle", "heart"), ("LV", "heart"), ("atria", "heart"), ("myocardium", "heart"),
+    ("aortic arch", "aorta"), ("ascending aorta", "aorta"), ("thoracic aorta", None),
     ("caudate lobe", "liver"), ("gastric fundus", "stomach"), ("antrum", "stomach"),
     ("left renal pelvis", "left kidney"), ("renal cortex", "kidneys"),
     ("right lobe of the liver", None), ("liver", None), ("lower pole of the left kidney", None),
@@ -433,3 +434,16 @@ def test_a_part_is_answered_by_its_whole_with_a_sentence_that_says_so():
         "heart and left lung as a whole: the model marks the heart as one, not its chambers, "
         "and lungs, not their lobes, so mark the parts yourself.")
     assert whole_warning("Segment the left ventricle.", "segment", ["left ventricle"]) is None
+
+
+@pytest.mark.parametrize("question, labels, warned", [
+    ("Segment the pulmonary artery.", ["right lung"], True),  # a vessel, not the lung
+    ("Find the splenic vein.", ["spleen"], True),
+    ("Segment the aortic valve.", ["aorta"], True),
+    ("Find the hepatic flexure.", ["liver"], True),  # of the colon
+    ("Segment the aortic arch.", ["aorta"], False),
+    ("Find the renal masses.", ["left kidney"], False),
+    ("Is there pulmonary edema?", ["right lung"], False),
+])
+def test_an_organ_adjective_before_a_vessel_does_not_name_the_organ(question, labels, warned):
+    assert (unasked_warning(question, labels) is not None) == warned
