@@ -94,3 +94,12 @@ def test_a_slice_range_outside_the_image_or_on_an_xray_is_one_sentence(
                    "--slice", value, "--prompt", "Segment the liver."])
         assert rc == 2
         assert capsys.readouterr().err.strip() == said
+
+
+def test_a_slice_range_on_the_servers_xray_is_one_sentence(citrusv_server, capsys):
+    rc = main(["ask", "--server", citrusv_server.url, "--image", "chest_xray", "--slice", "all",
+               "--prompt", "Segment the lungs."])
+    assert rc == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: 'chest_xray' is one image, not a volume: a slice range (all) does not apply to "
+        "it; leave the range out.")

@@ -148,7 +148,11 @@ def ask_server(
     with tempfile.TemporaryDirectory() as tmp:
         volume = read_label_volume(image_path or client.download_image(image_id, tmp))
     is_2d = volume.array.shape[AXES.index(axis)] == 1
-    if slices is not None and not is_2d:
+    if slices is not None and is_2d:
+        what = "all" if slices == "all" else f"{slices[0]}-{slices[1]}"
+        raise CitrusVError(f"'{image_id}' is one image, not a volume: a slice range ({what}) "
+                           "does not apply to it; leave the range out.")
+    if slices is not None:
         scope = "volume" if slices == "all" else "range"
         params = infer_params(prompt, axis, scope, None, window=window, is_2d=is_2d,
                               slice_range=None if scope == "volume" else slices)
