@@ -7,6 +7,8 @@ engine asking again (docs/api.md, "Asked again"): Dice summed over the held-out 
   scan."; nano was taught names in lower case),
 - "Highlight the liver." and "How big is the liver?" (segmentation questions since
   2026-12-05: the mask's area in mm² answers the size),
+- "Label the liver." and "Draw the liver." (segmentation questions since 2026-12-05's
+  twenty-sixth session: an annotation tool's verb opening a question),
 - names with a typo, a letter left out ("Segment the lier.", "Please segment the left kidey
   in this scan."; read as the names they are close to since 2026-12-05's fourth session),
 - task words with a typo ("Segent the liver.", "Delieate the liver."; read as the task
@@ -68,6 +70,7 @@ ONE = {"other words": ["Delineate the {s}.", "Outline the {s}.", "Contour the {s
        "nano's question": ["Please segment the {s} in this scan."],
        "names with capitals": ["Segment the {S}.", "Please segment the {S} in this scan."],
        "highlight, size words": ["Highlight the {s}.", "How big is the {s}?"],
+       "annotation verbs": ["Label the {s}.", "Draw the {s}."],
        "names with a typo": ["Segment the {t}.", "Please segment the {t} in this scan."],
        "task words with a typo": [f"{typo('Segment')} the {{s}}.",
                                   f"{typo('Delineate')} the {{s}}."]}

@@ -37,6 +37,7 @@ _VOLUME_WORDS = r"\bvolumes? of\b|(?<!this )(?<!the )(?<!a )(?<!whole )(?<!entir
 # "report", a question such as "Is this normal?" is answered in prose. Slicer's Python cannot
 # import this package, so `CitrusVLib.headless.guess_task` has a copy of the rule (what
 # `citrusv ask --server` routes by); tests/app/test_readers_agree.py keeps the two equal.
+_OPENING_VERB = r"^\s*(?:(?:please|pls|can you|could you|would you)\s+)?"
 _TASK_WORDS = [
     ("report", r"\breport|\bdescrib|\bfindings?\b|step by step|\bdiagnos|\bimpression|\bsummar"
                # what is on the slice ("What structures are visible?", "What do you see?")
@@ -48,9 +49,13 @@ _TASK_WORDS = [
     ("segment", r"\bsegment|\bmasks?\b|\bdelineat|\boutline|\bcontour|\bhighlight"
                 r"|\bhow (?:big|large)\b|\bsize\b|\bmeasur"
                 r"|" + _VOLUME_WORDS),
-    ("detect", r"\bdetect|\blocat|\bwhere\b|\bfind\b|\bidentif|\bbox|\bbounding"
+    ("detect", r"\bdetect|\blocat|\bwhere\b|\bfind\b|\bidentif|\bb?box|\bbounding"
                r"|\bshow (?:me )?(?:the|both|all)\b|\bpoint (?:out|to)\b|\bhow many\b"
                r"|\bcount\b"),
+    # an annotation tool's verbs opening a question ("Label the spleen.", "Draw the left
+    # kidney.", "Paint the liver.", "Seg the liver"), after the box words ("Draw a box around
+    # the liver." is a detection) and only as its first word ("trace ascites" is an amount)
+    ("segment", _OPENING_VERB + r"(?:draw|mark|label|annotate|paint|trace|seg)\b"),
 ]
 
 

@@ -85,6 +85,14 @@ def test_task_routing_from_prompt():
     assert infer_task("Where are the kidneys?") == "detect"
     assert infer_task("Write a report, think step by step.") == "report"
     assert infer_task("Is this normal?") == "report"
+    # an annotation tool's verb opening a question, after the box words
+    for q in ("Label the spleen.", "Draw the left kidney.", "Can you mark the kidneys?",
+              "Paint the liver.", "Seg the liver", "Annotate the lungs.", "Trace the aorta."):
+        assert infer_task(q) == "segment", q
+    for q, task in (("Draw a box around the liver.", "detect"), ("liver bbox", "detect"),
+                    ("Is there trace ascites?", "report"), ("What label is this?", "report"),
+                    ("Mark the liver and write a report.", "report")):
+        assert infer_task(q) == task, q
     assert prompt_target("Please segment the liver in this scan.") == "liver"
     # the report task by its words, or for want of other task words
     assert asks_for_report("Write a report.") and asks_for_report("What are the findings?")

@@ -38,9 +38,11 @@ _TASK_WORDS = (
     ("segment", re.compile(r"\bsegment|\bmasks?\b|\bdelineat|\boutline|\bcontour|\bhighlight"
                            r"|\bhow (?:big|large)\b|\bsize\b|\bmeasur"
                            r"|\bvolumes? of\b|(?<!this )(?<!the )(?<!a )(?<!whole )(?<!entire )\bvolumes?\?", re.I)),
-    ("detect", re.compile(r"\bdetect|\blocat|\bwhere\b|\bfind\b|\bidentif|\bbox|\bbounding"
+    ("detect", re.compile(r"\bdetect|\blocat|\bwhere\b|\bfind\b|\bidentif|\bb?box|\bbounding"
                           r"|\bshow (?:me )?(?:the|both|all)\b|\bpoint (?:out|to)\b"
                           r"|\bhow many\b|\bcount\b", re.I)),
+    ("segment", re.compile(r"^\s*(?:(?:please|pls|can you|could you|would you)\s+)?"
+                           r"(?:draw|mark|label|annotate|paint|trace|seg)\b", re.I)),
 )
 
 
