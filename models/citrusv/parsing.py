@@ -346,8 +346,8 @@ _LOBE_SIDE = {"lul": "left", "lll": "left", "lingula": "left", "rul": "right", "
 
 
 def _lung_of(m: re.Match) -> str:
-    side = _LOBE_SIDE.get(m.group("abbr") or "") or m.group("side") or (
-        "right" if m.group("part") == "middle" else None)
+    side = (_LOBE_SIDE.get(m.group("abbr") or "") or m.group("side") or m.group("lung_side")
+            or ("right" if m.group("part") == "middle" else None))
     return f"{side} lung" if side else "lungs"
 
 
@@ -356,7 +356,10 @@ def _kidney_of(m: re.Match) -> str:
 
 
 _PARTS = (
-    (re.compile(r"\b(?:(?P<side>left|right)\s+)?(?P<part>upper|middle|lower)\s+lobes?\b"
+    # "left upper lobe", "left lung upper lobe", "right lower lung lobe", "upper lobe of the
+    # left lung", "LUL"
+    (re.compile(r"\b(?:(?P<side>left|right)\s+)?(?:lung\s+)?(?P<part>upper|middle|lower)\s+"
+                r"(?:lung\s+)?lobes?\b(?:\s+of\s+the\s+(?P<lung_side>left|right)\s+lung\b)?"
                 r"|\b(?P<abbr>lul|lll|rul|rml|rll|lingula)\b"),
      _lung_of, "lungs, not their lobes", "lobe"),
     (re.compile(r"\b(?:(?:left|right)\s+)?(?:ventricles?|atri(?:um|a))\b|\bmyocardium\b"

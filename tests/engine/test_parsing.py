@@ -409,6 +409,8 @@ def test_a_task_word_with_two_letters_swapped_picks_its_task():
     ("left upper lobe", "left lung"), ("LUL", "left lung"), ("lingula", "left lung"),
     ("right lower lobe", "right lung"), ("rml", "right lung"), ("middle lobe", "right lung"),
     ("lower lobes", "lungs"), ("upper lobe", "lungs"),
+    ("upper lobe of the left lung", "left lung"), ("left lung upper lobe", "left lung"),
+    ("right lower lung lobe", "right lung"),
     ("left ventricle", "heart"), ("LV", "heart"), ("atria", "heart"), ("myocardium", "heart"),
     ("aortic arch", "aorta"), ("ascending aorta", "aorta"), ("thoracic aorta", None),
     ("caudate lobe", "liver"), ("gastric fundus", "stomach"), ("antrum", "stomach"),
