@@ -39,7 +39,7 @@ from .parsing import (SEG_TOKEN, TASKS, absent_labels, answers_about, asks_for_e
                       asks_for_report, asks_for_volume, excluded_structures, infer_task, listed,
                       misspelt_names, named_structures, names_slices, parse_output,
                       prompt_targets, respelled, size_mismatches, unasked_warning,
-                      lobes_named, whole_of, whole_warning)
+                      parts_named, whole_of, whole_warning)
 from .prompting import pixel_inputs, stop_token_ids, text_inputs
 from .result import Box, Mask, Result, Step
 from .slice_cache import SliceCache, SliceState, content_hash
@@ -1153,7 +1153,7 @@ class Engine:
         elif targets is None:  # what follows its task words, else any structure it names
             # (the Slicer module sends the task chosen: "liver", "Is the heart normal?")
             targets = prompt_targets(prompt) or named_structures(prompt)
-            wholes = [whole for _, whole in lobes_named(prompt)]
+            wholes = [whole for _, whole in parts_named(prompt)]
             if wholes:  # "the left upper lobe of the lung": the left lung, not both
                 targets = list(dict.fromkeys(
                     [*wholes, *(t for t in targets if not any(answers_about(t, [w])

@@ -376,7 +376,11 @@ _PARTS = (
 )
 
 
-def _parts_named(text: str) -> list[tuple[str, str, str, str]]:
+_PLURAL_WHOLES = frozenset({"lungs", "kidneys"})
+_MANY_PARTS = re.compile(r"(?:lobes|ventricles|atria|segments|chambers)$")
+
+
+def _parts_found(text: str) -> list[tuple[str, str, str, str]]:
     """Each part `_PARTS` knows in `text`: (as written, its whole, what is marked, unit)."""
     found = []
     for pattern, whole, marks, unit in _PARTS:
@@ -390,17 +394,18 @@ def whole_of(name: str) -> str | None:
     as a whole: a lung lobe its lung ("left upper lobe", "LUL", "lingula" -> "left lung";
     "middle lobe" -> "right lung", which alone has one; "lower lobes" or "upper lobe" with no
     side -> "lungs"), a heart chamber the heart ("left ventricle", "LV", "myocardium"), the
-    aortic arch or the ascending aorta the aorta, the caudate lobe the liver, the gastric fundus or antrum the stomach, the renal pelvis the
-    kidney (nano, asked for the left upper lobe, segments the right lung; asked for the left
-    lung, the left one). None for anything else."""
-    found = _parts_named(name)
+    aortic arch or the ascending aorta the aorta, the caudate lobe the liver, the gastric
+    fundus or antrum the stomach, the renal pelvis the kidney (nano, asked for the left upper
+    lobe, segments the right lung; asked for the left lung, the left one). None for anything
+    else."""
+    found = _parts_found(name)
     return found[0][1] if found else None
 
 
-def lobes_named(prompt: str) -> list[tuple[str, str]]:
+def parts_named(prompt: str) -> list[tuple[str, str]]:
     """Each part of a structure a question names (`whole_of`), as written, with its whole
     ("Segment the LUL and the RML." -> [("lul", "left lung"), ("rml", "right lung")])."""
-    return [(part, whole) for part, whole, _, _ in _parts_named(prompt)]
+    return [(part, whole) for part, whole, _, _ in _parts_found(prompt)]
 
 
 def whole_warning(prompt: str, task: str, labels) -> str | None:
@@ -408,14 +413,14 @@ def whole_warning(prompt: str, task: str, labels) -> str | None:
     heart chamber ...) and the answer is about its whole, not the part: the mask or box is
     the whole's. None otherwise (a model that marks lobes answers with a lobe's name)."""
     labels = [str(x) for x in labels]
-    parts = [(part, whole, marks, unit) for part, whole, marks, unit in _parts_named(prompt)
+    parts = [(part, whole, marks, unit) for part, whole, marks, unit in _parts_found(prompt)
              if answers_about(whole, labels)
              and not any(_stems(x) & (_stems(part) - _stems(whole) - SIDES - _UNNAMING)
                          for x in labels)]
     if not parts:
         return None
     wholes = list(dict.fromkeys(whole for _, whole, _, _ in parts))
-    many = len(wholes) > 1 or wholes[0] in PLURAL_WHOLES
+    many = len(wholes) > 1 or wholes[0] in _PLURAL_WHOLES
     what = ("masks are" if many else "mask is") if task == "segment" else (
         "boxes are" if many else "box is")
     asked = listed([f"the {part.upper() if len(part) <= 3 else part}" for part, *_ in parts])
@@ -426,10 +431,6 @@ def whole_warning(prompt: str, task: str, labels) -> str | None:
     return (f"the question asks for {asked}, and the answer's {what} of the {listed(wholes)} "
             f"as a whole: the model marks {marks}, so mark the {unit}{'s' if several else ''} "
             f"yourself.")
-
-
-PLURAL_WHOLES = frozenset({"lungs", "kidneys"})
-_MANY_PARTS = re.compile(r"(?:lobes|ventricles|atria|segments|chambers)$")
 
 
 def listed(names: list[str], conj: str = "and") -> str:
@@ -444,7 +445,7 @@ def unasked_warning(prompt: str, labels) -> str | None:
     and every sided structure of the answer is on the other ("left kidney" asked, "right
     kidney" answered). `labels`: the answer's mask and box labels and the structures it says
     are not visible. None when the answer keeps to the question, or has no named structure."""
-    asked = _stems(prompt) | _stems(" ".join(whole for _, whole in lobes_named(prompt)))
+    asked = _stems(prompt) | _stems(" ".join(whole for _, whole in parts_named(prompt)))
     named, unnamed = [], []
     for label in dict.fromkeys(str(x).strip() for x in labels if x and str(x).strip()):
         words = _stems(label) - SIDES - _UNNAMING
