@@ -19,6 +19,9 @@ engine asking again (docs/api.md, "Asked again"): Dice summed over the held-out 
 - sides shortened, for the four sided structures, lungs and kidneys ("Segment the rt
   kidney.", "Please segment the L lung in this scan."; read as "right" and "left" since the
   same session),
+- a part of a structure nano marks only as a whole ("Segment the left upper lobe.", "...
+  the RLL.", "... the left ventricle.", "... the caudate lobe."), scored against the whole
+  (asked again for the whole since 2026-12-05's twenty-sixth session),
 - one question listing every structure on the slice ("Segment the right lung, the heart and
   the aorta."; on a slice with none of them, not asked, so scored as an empty mask),
 - "Segment all organs." (naming none: the engine asks the model's report which are there,
@@ -27,7 +30,10 @@ engine asking again (docs/api.md, "Asked again"): Dice summed over the held-out 
   side ("Segment the kidney.", "Segment the lung."),
 and how many answers came with no mask at all. One thread.
 
-    .venv/bin/python scripts/eval_wording.py
+    .venv/bin/python scripts/eval_wording.py [--only "annotation verbs" ...]
+
+`--only` scores the rows named (each question is asked on its own, so a row's figures are
+the same alone or with the others).
 """
 
 from __future__ import annotations
@@ -76,6 +82,12 @@ ONE = {"other words": ["Delineate the {s}.", "Outline the {s}.", "Contour the {s
                                   f"{typo('Delineate')} the {{s}}."]}
 PAIR_WORDINGS = {"both of a pair": "Segment both {pair}.", "a pair's name with no side":
                  "Segment the {one}."}
+# a part of a structure nano marks only as a whole (`citrusv.parsing.whole_of`), scored against
+# the whole: the engine asks again for the whole and says the mask is the whole's
+PART_OF = {"left lung": "left upper lobe", "right lung": "RLL", "heart": "left ventricle",
+           "liver": "caudate lobe", "stomach": "gastric fundus",
+           "left kidney": "left renal pelvis", "right kidney": "right renal pelvis"}
+PARTS = {"a part, scored as its whole": "Segment the {part}."}
 # asked with the task given, as the Slicer module sends the task chosen
 CHOSEN = {"names alone, task chosen": ["{s}", "{S}?"]}
 SIDED = [s for s in NAMES if s.split()[0] in ("left", "right")]
@@ -117,13 +129,18 @@ def masks_of(res, name: str, shape) -> np.ndarray:
     return out
 
 
-def run(engine: Engine, study, slices) -> dict[str, Tally]:
-    tallies = {k: Tally() for k in [*ONE, *CHOSEN, *SHORT, "one question listing all",
-                                    "all organs", *PAIR_WORDINGS]}
+ROWS = [*ONE, *CHOSEN, *SHORT, *PARTS, "one question listing all", "all organs",
+        *PAIR_WORDINGS]
+
+
+def run(engine: Engine, study, slices, only=None) -> dict[str, Tally]:
+    tallies = {k: Tally() for k in ROWS if only is None or k in only}
     for k in slices:
         image = study.volume[k]
         refs = {s: study.mask(s, k) for s in NAMES}
         for kind, phrasings in ONE.items():
+            if kind not in tallies:
+                continue
             for s in NAMES:
                 for p in phrasings:
                     res = engine.ask(image, p.format(s=s, S=s.title(), t=typo(s)),
@@ -131,6 +148,8 @@ def run(engine: Engine, study, slices) -> dict[str, Tally]:
                     tallies[kind].answer(res)
                     tallies[kind].add(s, masks_of(res, s, image.shape), refs[s])
         for kind, phrasings in CHOSEN.items():
+            if kind not in tallies:
+                continue
             for s in NAMES:
                 for p in phrasings:
                     res = engine.ask(image, p.format(s=s, S=s.title()), window=eval_window(s),
@@ -138,25 +157,39 @@ def run(engine: Engine, study, slices) -> dict[str, Tally]:
                     tallies[kind].answer(res)
                     tallies[kind].add(s, masks_of(res, s, image.shape), refs[s])
         for kind, phrasings in SHORT.items():
+            if kind not in tallies:
+                continue
             for s in SIDED:
                 for p in phrasings:
                     res = engine.ask(image, p.format(**short_sides(s)), window=eval_window(s))
                     tallies[kind].answer(res)
                     tallies[kind].add(s, masks_of(res, s, image.shape), refs[s])
-        on = [f"the {s}" for s in NAMES if refs[s].sum() >= MIN_AREA_PX]
-        listed = None
-        if on:
-            names = on[0] if len(on) == 1 else ", ".join(on[:-1]) + " and " + on[-1]
-            listed = engine.ask(image, f"Segment {names}.", window="abdomen")
-            tallies["one question listing all"].answer(listed)
-        for s in NAMES:
-            pred = masks_of(listed, s, image.shape) if listed is not None else np.zeros_like(refs[s])
-            tallies["one question listing all"].add(s, pred, refs[s])
-        every = engine.ask(image, "Segment all organs.", window="abdomen")
-        tallies["all organs"].answer(every)
-        for s in NAMES:
-            tallies["all organs"].add(s, masks_of(every, s, image.shape), refs[s])
+        for kind, wording in PARTS.items():
+            if kind not in tallies:
+                continue
+            for s, part in PART_OF.items():
+                res = engine.ask(image, wording.format(part=part), window=eval_window(s))
+                tallies[kind].answer(res)
+                tallies[kind].add(s, masks_of(res, s, image.shape), refs[s])
+        if "one question listing all" in tallies:
+            on = [f"the {s}" for s in NAMES if refs[s].sum() >= MIN_AREA_PX]
+            listed = None
+            if on:
+                names = on[0] if len(on) == 1 else ", ".join(on[:-1]) + " and " + on[-1]
+                listed = engine.ask(image, f"Segment {names}.", window="abdomen")
+                tallies["one question listing all"].answer(listed)
+            for s in NAMES:
+                pred = (masks_of(listed, s, image.shape) if listed is not None
+                        else np.zeros_like(refs[s]))
+                tallies["one question listing all"].add(s, pred, refs[s])
+        if "all organs" in tallies:
+            every = engine.ask(image, "Segment all organs.", window="abdomen")
+            tallies["all organs"].answer(every)
+            for s in NAMES:
+                tallies["all organs"].add(s, masks_of(every, s, image.shape), refs[s])
         for kind, wording in PAIR_WORDINGS.items():
+            if kind not in tallies:
+                continue
             for pair, sides in PAIRS.items():
                 res = engine.ask(image, wording.format(pair=pair, one=pair[:-1]),
                                  window=eval_window(sides[0]))
@@ -181,14 +214,20 @@ def both_ways(run) -> dict:
 
 
 def main() -> None:
-    results = both_ways(run)
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", choices=ROWS, default=None, metavar="ROW",
+                        help="score only these rows: " + "; ".join(ROWS))
+    only = parser.parse_args().only
+    results = both_ways(lambda engine, study, slices: run(engine, study, slices, only))
     print("| question | mean Dice as typed | mean Dice asked again | answers with no mask, "
           "as typed / asked again |")
     print("|---|---|---|---|")
     for kind in results[True]:
         typed, again = results[False][kind], results[True][kind]
         names = ([s for p in PAIRS.values() for s in p] if kind in PAIR_WORDINGS
-                 else SIDED if kind in SHORT else NAMES)
+                 else SIDED if kind in SHORT else list(PART_OF) if kind in PARTS else NAMES)
         print(f"| {kind} | {typed.mean(names):.3f} | {again.mean(names):.3f} | "
               f"{typed.no_mask} / {again.no_mask} of {again.asked} |")
 
