@@ -211,7 +211,7 @@ def _ask_server(args: argparse.Namespace) -> int:
         from CitrusVLib.overlay import fullest_slice
 
         first = 0 if args.slice == "all" else args.slice[0]
-        print(f"overlay: {args.png} shows slice {fullest_slice(result.raw, first)}")
+        print(f"overlay: {args.png} shows slice {fullest_slice(result, first)}")
     elif args.png:
         print(f"overlay: {args.png}")
     return 0

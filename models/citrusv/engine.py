@@ -38,8 +38,8 @@ from .imaging import FrameMap
 from .parsing import (SEG_TOKEN, TASKS, absent_labels, answers_about, asks_for_everything,
                       asks_for_report, asks_for_volume, excluded_structures, infer_task, listed,
                       misspelt_names, named_structures, names_slices, parse_output,
-                      prompt_targets, respelled, size_mismatches, unasked_warning,
-                      parts_named, whole_of, whole_warning)
+                      parts_named, prompt_targets, respelled, size_mismatches,
+                      unasked_warning, whole_of, whole_warning)
 from .prompting import pixel_inputs, stop_token_ids, text_inputs
 from .result import Box, Mask, Result, Step
 from .slice_cache import SliceCache, SliceState, content_hash
@@ -124,9 +124,9 @@ def absent_members(label: str, verb: str) -> list[str]:
 def asked_members(target: str) -> list[str]:
     """What `Engine._ask_rest` asks about, one at a time, for a structure a question names:
     both sides of a paired organ named in the plural or with no side ("kidneys", "the
-    kidney" -> right kidney, left kidney), the lung of a lung lobe, else the structure
-    itself."""
-    target = whole_of(target) or target  # a lung lobe: its lung ("LUL" -> left lung)
+    kidney" -> right kidney, left kidney), the whole of a part (`whole_of`: "LUL" -> left
+    lung, "left ventricle" -> heart), else the structure itself."""
+    target = whole_of(target) or target
     one = PAIRED_ORGANS.get(target) or (target if target in PAIRED_ORGANS.values() else None)
     return [f"right {one}", f"left {one}"] if one else [target]
 

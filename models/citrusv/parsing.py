@@ -367,11 +367,14 @@ _PARTS = (
      lambda m: "heart", "the heart as one, not its chambers", "chamber"),
     (re.compile(r"\baortic\s+(?:arch|root|bulb)\b|\b(?:ascending|descending)\s+aorta\b"),
      lambda m: "aorta", "the aorta as one, not its parts", "part"),
-    (re.compile(r"\b(?:caudate|quadrate)\s+lobe\b|\bcouinaud\s+segments?\b"),
+    (re.compile(r"\b(?:caudate|quadrate)\s+lobe\b|\bcouinaud\s+segments?\b"
+                r"|\b(?:right|left)\s+(?:hepatic\s+lobe|lobe\s+of\s+the\s+liver)\b"),
      lambda m: "liver", "the liver as one, not its lobes or segments", "part"),
     (re.compile(r"\b(?:gastric\s+)?(?:fundus|antrum|pylorus)\b|\bgastric\s+body\b"),
      lambda m: "stomach", "the stomach as one, not its parts", "part"),
     (re.compile(r"\b(?:(?P<side>left|right)\s+)?renal\s+(?:pelvi|cort|medull|sinus)\w*"),
+     _kidney_of, "kidneys as wholes, not their parts", "part"),
+    (re.compile(r"\b(?:upper|lower)\s+poles?\s+of\s+the\s+(?P<side>left|right)\s+kidney\b"),
      _kidney_of, "kidneys as wholes, not their parts", "part"),
 )
 
@@ -394,10 +397,10 @@ def whole_of(name: str) -> str | None:
     as a whole: a lung lobe its lung ("left upper lobe", "LUL", "lingula" -> "left lung";
     "middle lobe" -> "right lung", which alone has one; "lower lobes" or "upper lobe" with no
     side -> "lungs"), a heart chamber the heart ("left ventricle", "LV", "myocardium"), the
-    aortic arch or the ascending aorta the aorta, the caudate lobe the liver, the gastric
-    fundus or antrum the stomach, the renal pelvis the kidney (nano, asked for the left upper
-    lobe, segments the right lung; asked for the left lung, the left one). None for anything
-    else."""
+    aortic arch or the ascending aorta the aorta, the caudate or right lobe the liver, the
+    gastric fundus or antrum the stomach, the renal pelvis or the lower pole of the left kidney
+    that kidney (nano, asked for the left upper lobe, segments the right lung; asked for the
+    left lung, the left one). None for anything else."""
     found = _parts_found(name)
     return found[0][1] if found else None
 

@@ -415,7 +415,8 @@ def test_a_task_word_with_two_letters_swapped_picks_its_task():
     ("aortic arch", "aorta"), ("ascending aorta", "aorta"), ("thoracic aorta", None),
     ("caudate lobe", "liver"), ("gastric fundus", "stomach"), ("antrum", "stomach"),
     ("left renal pelvis", "left kidney"), ("renal cortex", "kidneys"),
-    ("right lobe of the liver", None), ("liver", None), ("lower pole of the left kidney", None),
+    ("right lobe of the liver", "liver"), ("left hepatic lobe", "liver"),
+    ("lower pole of the left kidney", "left kidney"), ("liver", None), ("left lobe", None),
     ("pulmonary artery", None), ("ventricular wall", None), ("left atrial appendage", None),
 ])
 def test_a_part_is_part_of_its_whole(name, whole):
