@@ -38,6 +38,10 @@ _VOLUME_WORDS = r"\bvolumes? of\b|(?<!this )(?<!the )(?<!a )(?<!whole )(?<!entir
 # import this package, so `CitrusVLib.headless.guess_task` has a copy of the rule (what
 # `citrusv ask --server` routes by); tests/app/test_readers_agree.py keeps the two equal.
 _OPENING_VERB = r"^\s*(?:(?:please|pls|can you|could you|would you)\s+)?"
+# a question comparing structures' sizes ("Which kidney is larger?", "Compare the kidneys.",
+# "Is the spleen bigger than the liver?"); not "larger than normal", "compare with the prior"
+_COMPARE_WORDS = (r"\bcompare\s+the\b|\bwhich\b[^.?!]*\b(?:larger|bigger|smaller|largest"
+                  r"|biggest|smallest)\b|\b(?:larger|bigger|smaller)\s+than\s+the\b")
 _TASK_WORDS = [
     ("report", r"\breport|\bdescrib|\bfindings?\b|step by step|\bdiagnos|\bimpression|\bsummar"
                # what is on the slice ("What structures are visible?", "What do you see?")
@@ -48,7 +52,7 @@ _TASK_WORDS = [
     # its volume in mL over a slice range (`Result.to_json`, "volumes_ml")
     ("segment", r"\bsegment|\bmasks?\b|\bdelineat|\boutline|\bcontour|\bhighlight"
                 r"|\bhow (?:big|large)\b|\bsize\b|\bmeasur"
-                r"|" + _VOLUME_WORDS),
+                r"|" + _VOLUME_WORDS + "|" + _COMPARE_WORDS),
     ("detect", r"\bdetect|\blocat|\bwhere\b|\bfind\b|\bidentif|\bb?box|\bbounding"
                r"|\bshow (?:me )?(?:the|both|all)\b|\bpoint (?:out|to)\b|\bhow many\b"
                r"|\bcount\b"),
@@ -107,6 +111,13 @@ def names_slices(prompt: str) -> str | None:
     chosen with the request, not by the words."""
     m = _SLICES_NAMED.search((prompt or "").lower())
     return prompt[m.start():m.end()] if m else None
+
+
+def asks_to_compare(prompt: str) -> bool:
+    """Whether a question compares structures' sizes ("Which kidney is larger?", "Compare
+    the kidneys."): a segmentation, whose masks' areas (one slice) or volumes (a range) the
+    engine compares in its answer."""
+    return bool(re.search(_COMPARE_WORDS, (prompt or "").lower()))
 
 
 def asks_for_volume(prompt: str) -> bool:

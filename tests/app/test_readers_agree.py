@@ -81,6 +81,8 @@ def test_a_question_goes_to_the_same_task_with_or_without_a_server():
                     ("Label the spleen.", "segment"), ("Please paint the liver.", "segment"),
                     ("Draw a box around the liver.", "detect"), ("liver bbox", "detect"),
                     ("Is there trace ascites?", "report"), ("What label is this?", "report"),
+                    ("Which kidney is larger?", "segment"), ("Compare the lungs.", "segment"),
+                    ("Is the heart larger than normal?", "report"),
                     ("List all organs on this slice.", "report"),
                     ("What's in the image?", "report"),
                     ("Point out the aorta.", "detect"),

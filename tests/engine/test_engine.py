@@ -970,3 +970,47 @@ def test_a_question_for_every_structure_but_some_leaves_those_out(fitted_engine,
     kept = fitted_engine.ask(img, "Segment all organs except the spleen.", window="abdomen")
     assert [(m.label, m.label_index) for m in kept.masks] == [("liver", 1)]
     assert kept.warnings == []
+
+
+def test_a_size_comparison_is_answered_from_the_masks():
+    from citrusv.engine import compared_by_volume, compared_on_slice
+    from citrusv.result import Mask
+
+    def mask(label, rows, cols, spacing=(1.0, 1.0)):
+        a = np.zeros((40, 40), bool)
+        a[:rows, :cols] = True
+        return Mask(label, a, spacing=spacing)
+
+    big, small = mask("liver", 20, 30), mask("spleen", 10, 10)
+    assert compared_on_slice([small, big]) == (
+        "On this slice the liver is the larger (500 % more area than the spleen): liver 600.0 "
+        "mm², 36 x 33 mm; spleen 100.0 mm², 14 x 14 mm. One slice is one cross-section: ask "
+        "over a slice range for their volumes.")
+    # within a tenth: about the same, said so; with no spacing, pixels
+    assert compared_on_slice([mask("right kidney", 10, 10, None),
+                              mask("left kidney", 10, 11, None)]).startswith(
+        "On this slice the left kidney is the larger (10 % more area than the right kidney)")
+    near = [mask("right kidney", 10, 10, None), mask("left kidney", 10, 10, None)]
+    near[1].array[10, 0] = True  # 101 px against 100
+    assert compared_on_slice(near) == (
+        "On this slice the left kidney and the right kidney are about the same size (1 % apart, "
+        "within what masks can be off by): left kidney 101 px; right kidney 100 px. One slice "
+        "is one cross-section: ask over a slice range for their volumes.")
+    empty = mask("heart", 0, 0)
+    assert compared_on_slice([empty, big]) == (
+        "On this slice only the liver is marked (600.0 mm², 36 x 33 mm), not the heart: "
+        "nothing to compare it with here.")
+    assert compared_on_slice([empty, mask("aorta", 0, 0)]) == (
+        "On this slice the model marks neither the heart nor the aorta: nothing to compare "
+        "here.")
+    assert compared_on_slice([big]) is None  # one structure: the model's own answer stays
+
+    def volume(label, voxels):
+        a = np.zeros((3, 10, 10), bool)
+        a.reshape(-1)[:voxels] = True
+        return Mask(label, a, spacing=(10.0, 10.0), thickness=10.0)  # 1 mL a voxel
+
+    assert compared_by_volume([volume("spleen", 13), volume("liver", 85)]) == (
+        " By volume over these slices the liver is the larger (554 % more volume than the "
+        "spleen): liver 85.0 mL, spleen 13.0 mL.")
+    assert compared_by_volume([volume("liver", 85)]) == ""

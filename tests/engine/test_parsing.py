@@ -1,6 +1,6 @@
 import pytest
 
-from citrusv.parsing import (absent_labels, answers_about, asks_for_everything,
+from citrusv.parsing import (absent_labels, answers_about, asks_for_everything, asks_to_compare,
                              asks_for_report, asks_for_volume, excluded_structures, infer_task, misspelt_names,
                              modality_warning,
                              named_modalities, named_structures, parse_output, prompt_target,
@@ -89,6 +89,13 @@ def test_task_routing_from_prompt():
     for q in ("Label the spleen.", "Draw the left kidney.", "Can you mark the kidneys?",
               "Paint the liver.", "Seg the liver", "Annotate the lungs.", "Trace the aorta."):
         assert infer_task(q) == "segment", q
+    # a size comparison is a segmentation, its masks' areas or volumes compared
+    for q in ("Which kidney is larger?", "Compare the kidneys.",
+              "Is the spleen bigger than the liver?", "Which lung is smaller?"):
+        assert infer_task(q) == "segment" and asks_to_compare(q), q
+    for q in ("Is the heart larger than normal?", "Compare with the prior study.",
+              "Which structures are visible?"):
+        assert not asks_to_compare(q), q
     for q, task in (("Draw a box around the liver.", "detect"), ("liver bbox", "detect"),
                     ("Is there trace ascites?", "report"), ("What label is this?", "report"),
                     ("Mark the liver and write a report.", "report")):

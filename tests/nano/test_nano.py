@@ -799,3 +799,19 @@ def test_an_annotation_verb_gets_a_mask(engine, study, k, question, name, dice):
     assert res.task == "segment"
     assert [m.label for m in res.masks] == [name], res.text
     assert dice_score(res.masks[0].array, study.mask(name, k)) >= dice
+
+
+def test_which_kidney_is_larger_is_answered_from_the_masks(engine, study):
+    """On held-out slice 22 the reference left kidney has 55 % more pixels than the right
+    (1297 against 838); nano's masks, 74 % more (1558 against 896): the answer says which is
+    larger, with both areas, and that one slice is not the organs' size."""
+    k = 22
+    res = engine.ask(study.volume[k], "Which kidney is larger?", window="abdomen",
+                     slice_index=k, spacing=tuple(study.spacing[1:]))
+    assert res.task == "segment"
+    area = {m.label: m.area_px for m in res.masks}
+    assert area["left kidney"] > 1.1 * area["right kidney"] > 0
+    assert study.mask("left kidney", k).sum() > 1.1 * study.mask("right kidney", k).sum()
+    assert res.answer.startswith("On this slice the left kidney is the larger (")
+    assert res.answer.endswith("One slice is one cross-section: ask over a slice range for "
+                               "their volumes.")

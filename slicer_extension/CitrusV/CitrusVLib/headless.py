@@ -37,7 +37,10 @@ _TASK_WORDS = (
                           r"|\bwhat(?:'s| is) (?:on|in) (?:this|the) (?:slice|image|scan)\b", re.I)),
     ("segment", re.compile(r"\bsegment|\bmasks?\b|\bdelineat|\boutline|\bcontour|\bhighlight"
                            r"|\bhow (?:big|large)\b|\bsize\b|\bmeasur"
-                           r"|\bvolumes? of\b|(?<!this )(?<!the )(?<!a )(?<!whole )(?<!entire )\bvolumes?\?", re.I)),
+                           r"|\bvolumes? of\b|(?<!this )(?<!the )(?<!a )(?<!whole )(?<!entire )\bvolumes?\?"
+                           r"|\bcompare\s+the\b|\bwhich\b[^.?!]*\b(?:larger|bigger|smaller"
+                           r"|largest|biggest|smallest)\b|\b(?:larger|bigger|smaller)\s+than\s+the\b",
+                           re.I)),
     ("detect", re.compile(r"\bdetect|\blocat|\bwhere\b|\bfind\b|\bidentif|\bb?box|\bbounding"
                           r"|\bshow (?:me )?(?:the|both|all)\b|\bpoint (?:out|to)\b"
                           r"|\bhow many\b|\bcount\b", re.I)),
