@@ -40,7 +40,7 @@ _VOLUME_WORDS = r"\bvolumes? of\b|(?<!this )(?<!the )(?<!a )(?<!whole )(?<!entir
 _OPENING_VERB = r"^\s*(?:(?:please|pls|can you|could you|would you)\s+)?"
 # a question comparing structures' sizes ("Which kidney is larger?", "Compare the kidneys.",
 # "Is the spleen bigger than the liver?"); not "larger than normal", "compare with the prior"
-_COMPARE_WORDS = (r"\bcompare\s+the\b|\bwhich\b[^.?!]*\b(?:larger|bigger|smaller|largest"
+_COMPARE_WORDS = (r"\bcompare\s+the\b|\b(?:which|what)\b[^.?!]*\b(?:larger|bigger|smaller|largest"
                   r"|biggest|smallest)\b|\b(?:larger|bigger|smaller)\s+than\s+the\b")
 _TASK_WORDS = [
     ("report", r"\breport|\bdescrib|\bfindings?\b|step by step|\bdiagnos|\bimpression|\bsummar"
@@ -493,7 +493,11 @@ _NOT_A_NAME = frozenset({"it", "its", "them", "their", "me", "us", "this", "that
 
 _SHORT_SIDE_DOT = re.compile(r"\b(rt|lt|r|l)\.(?=\s+[a-z])")
 _EVERYTHING = re.compile(r"\beverything\b|\b(?:all|every|each)\s+(?:of\s+)?(?:the\s+)?"
-                         r"(?:organs?|structures?|anatomy)\b")
+                         r"(?:organs?|structures?|anatomy)\b"
+                         # "Which is the largest organ on this slice?": all, compared
+                         r"|\b(?:largest|biggest|smallest)\s+(?:organ|structure)s?\b"
+                         r"|\b(?:which|what)\s+(?:organ|structure)s?\b[^.?!]*"
+                         r"\b(?:largest|biggest|smallest)\b")
 
 
 # "Segment all organs except the liver.": what a question for every structure leaves out
@@ -521,7 +525,8 @@ def excluded_structures(prompt: str) -> list[str]:
 
 def asks_for_everything(prompt: str) -> bool:
     """Whether a question asks for every structure on the image ("Segment all organs.",
-    "Find every structure.", "Segment everything."), naming none."""
+    "Find every structure.", "Segment everything.", "Which is the largest organ?"), naming
+    none."""
     return bool(_EVERYTHING.search((prompt or "").lower()))
 
 

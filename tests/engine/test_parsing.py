@@ -96,6 +96,11 @@ def test_task_routing_from_prompt():
     for q in ("Is the heart larger than normal?", "Compare with the prior study.",
               "Which structures are visible?"):
         assert not asks_to_compare(q), q
+    # the largest of all: every structure, compared
+    for q in ("Which is the largest organ on this slice?", "Which organ is the largest?",
+              "What is the biggest structure here?"):
+        assert infer_task(q) == "segment" and asks_to_compare(q) and asks_for_everything(q), q
+    assert not asks_for_everything("Which kidney is larger?")
     for q, task in (("Draw a box around the liver.", "detect"), ("liver bbox", "detect"),
                     ("Is there trace ascites?", "report"), ("What label is this?", "report"),
                     ("Mark the liver and write a report.", "report")):

@@ -38,7 +38,7 @@ _TASK_WORDS = (
     ("segment", re.compile(r"\bsegment|\bmasks?\b|\bdelineat|\boutline|\bcontour|\bhighlight"
                            r"|\bhow (?:big|large)\b|\bsize\b|\bmeasur"
                            r"|\bvolumes? of\b|(?<!this )(?<!the )(?<!a )(?<!whole )(?<!entire )\bvolumes?\?"
-                           r"|\bcompare\s+the\b|\bwhich\b[^.?!]*\b(?:larger|bigger|smaller"
+                           r"|\bcompare\s+the\b|\b(?:which|what)\b[^.?!]*\b(?:larger|bigger|smaller"
                            r"|largest|biggest|smallest)\b|\b(?:larger|bigger|smaller)\s+than\s+the\b",
                            re.I)),
     ("detect", re.compile(r"\bdetect|\blocat|\bwhere\b|\bfind\b|\bidentif|\bb?box|\bbounding"
@@ -65,8 +65,8 @@ _TASK_SPELLINGS = frozenset({
     "summarise", "summarize", "step", "segment", "mask", "delineate", "outline", "contour",
     "highlight", "measure", "detect", "locate", "where", "find", "identify", "bounding",
     "show", "point", "count", "structures", "organs", "anatomy"})
-_NOT_TASK_SLIPS = frozenset({"bonding", "fining", "here", "pint", "steep", "summaries", "were",
-                             "whee"})
+_NOT_TASK_SLIPS = frozenset({"bonding", "fining", "here", "organ", "pint", "steep", "structure",
+                             "summaries", "were", "whee"})
 
 
 def _slips(word: str) -> list[str]:
