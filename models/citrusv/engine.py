@@ -475,13 +475,15 @@ def _drop_excluded(res: Result, left_out: list[str]) -> None:
 SPAN_NAMES = {0: "craniocaudal", 1: "anteroposterior", 2: "left to right"}
 
 
-def range_answer(masks: list[Mask], boxes: list[Box], ks: list[int]) -> str | None:
+def range_answer(masks: list[Mask], boxes: list[Box], ks: list[int],
+                 boxed_as: str = "boxed") -> str | None:
     """The answer over a slice range, from what was marked rather than one slice's words
     (each slice's answer is in `text`): each structure's slices and, with a known spacing
     over contiguous slices, its volume and its span across the slices, first to last, each
     slice whole ("Over slices 0-132 (133 slices): liver marked on slices 4-62 (59 of them),
-    1037.4 mL, 147.5 mm craniocaudal."), then the labels boxed with no mask. None when
-    nothing was marked or boxed."""
+    1037.4 mL, 147.5 mm craniocaudal."), then the labels boxed with no mask (`boxed_as`
+    "cited" for a report's boxes: "right lung cited on slices 60-69 (10 of them)"). None
+    when nothing was marked or boxed."""
     parts, masked = [], set()
     for m in masks:
         masked.add(m.label)
@@ -498,7 +500,7 @@ def range_answer(masks: list[Mask], boxes: list[Box], ks: list[int]) -> str | No
     for b in boxes:
         if b.label not in masked and b.slice is not None:
             boxed.setdefault(b.label or "an unnamed structure", set()).add(int(b.slice))
-    parts += [f"{label} boxed on {slice_list(sorted(on))} ({len(on)} of them)"
+    parts += [f"{label} {boxed_as} on {slice_list(sorted(on))} ({len(on)} of them)"
               for label, on in boxed.items()]
     if not parts:
         return None
@@ -879,8 +881,16 @@ class Engine:
         out.masks = list(merged.values())
         untaught_by_values(out, vol, window, self.config.mask_modalities)
         out.text = "\n".join(texts)
-        summary = (range_answer(out.masks, out.boxes, ks)
-                   if len(ks) > 1 and task in ("segment", "detect") else None)
+        summary = None
+        if len(ks) > 1 and task in ("segment", "detect"):
+            summary = range_answer(out.masks, out.boxes, ks)
+        elif len(ks) > 1 and task == "report" and out.reasoning:
+            # what the reports cite, slice by slice, not one slice's findings for the range
+            cited = {i for step in out.reasoning for i in step.box_ids}
+            summary = range_answer(out.masks, [b for b in out.boxes if b.id in cited], ks,
+                                   "cited")
+            if summary:
+                summary += " Each slice's findings are in its steps and in text."
         if summary and task == "segment" and asks_to_compare(prompt):
             summary += compared_by_volume(out.masks)
         out.answer = summary or (Counter(answers).most_common(1)[0][0] if answers else "")

@@ -812,6 +812,7 @@ def _seg_labels(text: str, prompt: str) -> list[str]:
         label = ref[-1].strip() if ref else ""
         if not label:
             head = re.sub(r"<[^>]*>", " ", head)
+            head = re.sub(r"\([^()]*\)", " ", head)  # "The liver (3 x 2 mm) is [SEG]"
             clause = re.split(r"[.!?;\n:,]", head.rstrip(" :,="))[-1]
             label = _name_in(clause, last=True)
         if not label:

@@ -627,6 +627,11 @@ def test_ask_volume_returns_3d_masks_in_volume_index_space(engine):
         "the sizes the answers give differ by more than a fifth from those of their boxes for "
         "the liver on slices 1-2, 4: the boxes' sizes (size_mm) are measured from the image's "
         "pixel spacing, the answers' are as the model wrote them."]
+    # its answer: what the reports mark and cite over the range, not one slice's words
+    assert reps.answer == (
+        "Over slices 1-2, 4 (3 slices): liver marked on slices 1-2, 4 (3 of them); spleen "
+        "marked on slices 1-2, 4 (3 of them). Each slice's findings are in its steps and in "
+        "text.")
     # boxes on a coronal plane: rows run along z (2.5 mm), columns along x (0.7 mm)
     boxed = engine.ask_volume(vol, "Find the liver.", slices=[10], axis="coronal",
                               spacing=(2.5, 0.7, 0.7), forced_text=FORCED)

@@ -470,3 +470,8 @@ def test_a_part_is_answered_by_its_whole_with_a_sentence_that_says_so():
 ])
 def test_an_organ_adjective_before_a_vessel_does_not_name_the_organ(question, labels, warned):
     assert (unasked_warning(question, labels) is not None) == warned
+
+
+def test_a_seg_label_skips_what_the_answer_puts_in_brackets():
+    assert parse_output("The liver (3 x 2 mm) is [SEG].", "Segment the spleen.").seg_labels == [
+        "liver"]
