@@ -36,12 +36,12 @@ from .generation import (
 )
 from .imaging import FrameMap
 from .parsing import (SEG_TOKEN, TASKS, absent_labels, answers_about, asks_for_everything,
-                      asks_for_report, asks_for_volume, asks_to_compare, excluded_structures, infer_task, listed,
-                      misspelt_names, named_structures, names_slices, parse_output,
-                      parts_named, prompt_targets, respelled, size_mismatches,
+                      asks_for_report, asks_for_volume, asks_to_compare, excluded_structures,
+                      infer_task, listed, misspelt_names, named_structures, names_slices,
+                      parse_output, parts_named, prompt_targets, respelled, size_mismatches,
                       unasked_warning, whole_of, whole_warning)
 from .prompting import pixel_inputs, stop_token_ids, text_inputs
-from .result import Box, Mask, Result, Step, diameters_mm
+from .result import Box, Mask, Result, Step
 from .slice_cache import SliceCache, SliceState, content_hash
 from .training import dice_score
 
@@ -509,11 +509,12 @@ def range_answer(masks: list[Mask], boxes: list[Box], ks: list[int],
 
 def compared_on_slice(masks: list[Mask]) -> str | None:
     """The answer to a question comparing sizes ("Which kidney is larger?") on one slice:
-    each marked structure's area, largest first, and which is larger there, with what one
-    slice can say ("On this slice the right kidney is larger: right kidney 1234.5 mm² (45 x
-    30 mm), left kidney 987.0 mm² (40 x 28 mm). One slice is one cross-section: ask over a
-    slice range for their volumes."); with one of them marked, that the others are not. None
-    with no mask marked, or one mask only."""
+    each marked structure's area and axes as its mask entry gives them, largest first, and
+    which is larger there, with what one slice can say ("On this slice the left kidney is
+    the larger (74 % more area than the right kidney): left kidney 770.3 mm², 36 x 30 mm;
+    right kidney 443.0 mm², 27 x 22 mm. One slice is one cross-section: ask over a slice
+    range for their volumes."); with one or none of them marked, that the others are not.
+    None with one mask only."""
     marked = sorted((m for m in masks if m.area_px), key=lambda m: -m.area_px)
     unmarked = [m.label for m in masks if not m.area_px]
     if len(masks) < 2:
@@ -523,12 +524,12 @@ def compared_on_slice(masks: list[Mask]) -> str | None:
                  else f"none of the {listed(unmarked)}")
         return f"On this slice the model marks {which}: nothing to compare here."
 
-    def size(m: Mask) -> str:  # "1234.5 mm², 45 x 30 mm", or pixels with no spacing
-        if m.spacing is None:
-            return f"{m.area_px} px"
-        mm2 = m.area_px * float(m.spacing[0]) * float(m.spacing[1])
-        axes = diameters_mm(m.array, m.spacing)
-        return f"{mm2:.1f} mm², {axes[0]:.0f} x {axes[1]:.0f} mm"
+    def size(m: Mask) -> str:  # "770.3 mm², 36 x 30 mm", or pixels with no spacing
+        entry = m.to_json()[0]  # the numbers the answer's mask entry carries
+        if entry["area_mm2"] is None:
+            return f"{entry['area_px']} px"
+        long, short = entry["diameters_mm"]
+        return f"{entry['area_mm2']:.1f} mm², {long:.0f} x {short:.0f} mm"
 
     if len(marked) == 1:
         return (f"On this slice only the {marked[0].label} is marked ({size(marked[0])}), not "
