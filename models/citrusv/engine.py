@@ -476,14 +476,17 @@ SPAN_NAMES = {0: "craniocaudal", 1: "anteroposterior", 2: "left to right"}
 
 
 def range_answer(masks: list[Mask], boxes: list[Box], ks: list[int],
-                 boxed_as: str = "boxed") -> str | None:
+                 boxed_as: str = "boxed", unconfirmed: frozenset[str] = frozenset()
+                 ) -> str | None:
     """The answer over a slice range, from what was marked rather than one slice's words
     (each slice's answer is in `text`): each structure's slices and, with a known spacing
     over contiguous slices, its volume and its span across the slices, first to last, each
     slice whole ("Over slices 0-132 (133 slices): liver marked on slices 4-62 (59 of them),
     1037.4 mL, 147.5 mm craniocaudal."), then the labels boxed with no mask (`boxed_as`
-    "cited" for a report's boxes: "right lung cited on slices 60-69 (10 of them)"). None
-    when nothing was marked or boxed."""
+    "cited" for a report's boxes: "right lung cited on slices 60-69 (10 of them)"), with the
+    slices where no mask confirms the box (`unconfirmed`: box ids; "liver cited on slices
+    60-62, 66-69 (7 of them; no liver mask confirms it on slices 66-69)"). None when nothing
+    was marked or boxed."""
     parts, masked = [], set()
     for m in masks:
         masked.add(m.label)
@@ -497,11 +500,17 @@ def range_answer(masks: list[Mask], boxes: list[Box], ks: list[int],
                    f"{SPAN_NAMES[m.axis]}")
         parts.append(f"{m.label} marked on {slice_list(on)} ({len(on)} of them){ml}")
     boxed: dict[str, set[int]] = {}
+    unsure: dict[str, set[int]] = {}
     for b in boxes:
         if b.label not in masked and b.slice is not None:
-            boxed.setdefault(b.label or "an unnamed structure", set()).add(int(b.slice))
-    parts += [f"{label} {boxed_as} on {slice_list(sorted(on))} ({len(on)} of them)"
-              for label, on in boxed.items()]
+            label = b.label or "an unnamed structure"
+            boxed.setdefault(label, set()).add(int(b.slice))
+            if b.id in unconfirmed:
+                unsure.setdefault(label, set()).add(int(b.slice))
+    for label, on in boxed.items():
+        note = (f"; no {label} mask confirms it on {slice_list(sorted(unsure[label]))}"
+                if label in unsure else "")
+        parts.append(f"{label} {boxed_as} on {slice_list(sorted(on))} ({len(on)} of them{note})")
     if not parts:
         return None
     return f"Over {slice_list(ks)} ({len(ks)} slices): " + "; ".join(parts) + "."
@@ -883,13 +892,15 @@ class Engine:
         untaught_by_values(out, vol, window, self.config.mask_modalities)
         out.text = "\n".join(texts)
         summary = None
+        unsure = frozenset(b.id for b in out.boxes  # boxes no mask of the model confirms
+                           if self.box_source == "mask" and b.source == "text")
         if len(ks) > 1 and task in ("segment", "detect"):
-            summary = range_answer(out.masks, out.boxes, ks)
+            summary = range_answer(out.masks, out.boxes, ks, unconfirmed=unsure)
         elif len(ks) > 1 and task == "report" and out.reasoning:
             # what the reports cite, slice by slice, not one slice's findings for the range
             cited = {i for step in out.reasoning for i in step.box_ids}
             summary = range_answer(out.masks, [b for b in out.boxes if b.id in cited], ks,
-                                   "cited")
+                                   "cited", unsure)
             if summary:
                 summary += " Each slice's findings are in its steps and in text."
         if summary and task == "segment" and asks_to_compare(prompt):
