@@ -534,7 +534,7 @@ def compared_on_slice(masks: list[Mask]) -> str | None:
         return f"On this slice the model marks {which}: nothing to compare here."
 
     def size(m: Mask) -> str:  # "770.3 mm², 36 x 30 mm", or pixels with no spacing
-        entry = m.to_json()[0]  # the numbers the answer's mask entry carries
+        entry = m.plane_sizes()  # the numbers the answer's mask entry carries
         if entry["area_mm2"] is None:
             return f"{entry['area_px']} px"
         long, short = entry["diameters_mm"]

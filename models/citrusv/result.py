@@ -111,19 +111,24 @@ class Mask:
         voxel = float(self.spacing[0]) * float(self.spacing[1]) * float(self.thickness)
         return round(self.area_px * voxel / 1000.0, 2)
 
-    def _entry(self, plane: np.ndarray, slice_index: int | None) -> dict:
+    def plane_sizes(self, plane: np.ndarray | None = None) -> dict:
+        """`area_px`, `area_mm2` and `diameters_mm` of one 2D plane of the mask (default: a
+        2D mask's own array), as its JSON entry gives them; mm only with a known spacing."""
+        plane = self.array if plane is None else plane
         area = int(np.count_nonzero(plane))
         area_mm2 = None
         if self.spacing is not None:
             area_mm2 = round(area * float(self.spacing[0]) * float(self.spacing[1]), 3)
+        return {"area_px": area, "area_mm2": area_mm2,
+                "diameters_mm": (None if self.spacing is None or not area
+                                 else diameters_mm(plane, self.spacing))}
+
+    def _entry(self, plane: np.ndarray, slice_index: int | None) -> dict:
         return {
             "label": self.label,
             "label_index": self.label_index,
             "slice": slice_index,
-            "area_px": area,
-            "area_mm2": area_mm2,
-            "diameters_mm": (None if self.spacing is None or not area
-                             else diameters_mm(plane, self.spacing)),
+            **self.plane_sizes(plane),
             "score": None if self.score is None else round(float(self.score), 4),
             "rle": rle.encode(plane),
         }
