@@ -17,6 +17,7 @@ CITRUS_KEYS = (
     "seg_token_idx", "grounding_encoder_config", "use_res_seg_projector", "image_size",
     "seg_hidden_offset", "min_pixels", "max_pixels", "out_dim", "system_prompt",
     "task_system_prompts", "name", "version", "box_source", "segment_answer", "mask_modalities",
+    "structures",
 )
 # Where the boxes of an answer come from: "text", the numbers the model wrote (Citrus-V as
 # trained), or "mask", each written box replaced by the box of the model's own mask of that
@@ -53,8 +54,19 @@ class CitrusVConfig:
     # nothing of the structure (`citrusv.engine.untaught_modality`). Empty (the released
     # Citrus-V, which segments X-rays too): any.
     mask_modalities: list[str] = field(default_factory=list)
+    # What the model was taught to find, by name (nano: its ten structures, and no findings).
+    # A question naming something else ("Segment the pancreas.", "Is there an effusion?",
+    # "Is this normal?") gets a sentence that the model cannot answer it
+    # (`citrusv.parsing.untaught_warning`), and the engine asks nothing again about it.
+    # Empty (the released Citrus-V, taught many structures and findings): not listed.
+    structures: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if (not isinstance(self.structures, list)
+                or not all(isinstance(m, str) and m.strip() for m in self.structures)):
+            raise CheckpointError(f"config.json has structures {self.structures!r}; use a "
+                                  "list of names such as [\"liver\", \"spleen\"], or [].")
+        self.structures = [" ".join(m.split()).lower() for m in self.structures]
         if (not isinstance(self.mask_modalities, list)
                 or not all(isinstance(m, str) and m.strip() for m in self.mask_modalities)):
             raise CheckpointError(f"config.json has mask_modalities {self.mask_modalities!r}; "

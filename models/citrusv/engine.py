@@ -37,9 +37,10 @@ from .generation import (
 from .imaging import FrameMap
 from .parsing import (SEG_TOKEN, TASKS, absent_labels, answers_about, asks_for_everything,
                       asks_for_report, asks_for_volume, asks_to_compare, excluded_structures,
-                      infer_task, listed, misspelt_names, named_structures, names_slices,
-                      parse_output, parts_named, prompt_targets, respelled, size_mismatches,
-                      unasked_warning, whole_of, whole_warning)
+                      findings_named, infer_task, listed, misspelt_names, named_structures,
+                      names_slices, parse_output, parts_named, prompt_targets, respelled,
+                      size_mismatches, unasked_warning, untaught, untaught_warning, whole_of,
+                      whole_warning)
 from .prompting import pixel_inputs, stop_token_ids, text_inputs
 from .result import Box, Mask, Result, Step
 from .slice_cache import SliceCache, SliceState, content_hash
@@ -1141,12 +1142,22 @@ class Engine:
         # asked the question as typed first
         fixes = misspelt_names(prompt) if task != "closer_look" else []
         checked = respelled(prompt, fixes)
+        # what the question names that the model was not taught (`CitrusVConfig.structures`:
+        # "Segment the pancreas.", "Is there an effusion?" asked of nano) is said first
+        unknown = (untaught_warning(checked, self.config.structures, self.config.name)
+                   if follow and task != "closer_look" else None)
         if follow and task == "report" and not reported:
-            report = self._ask_for_report(state, prompt, res, checked)
+            # a question naming nothing the model knows ("What is this?", "Is this normal?"
+            # asked of nano, which writes a left-lung box) is answered by a report too
+            off = bool(res.boxes or res.masks or parsed.absent or parsed.dropped)
+            report = self._ask_for_report(state, prompt, res, checked,
+                                          off and not self._known_named(checked))
             if report is not None:
                 note = spelling_note(fixes) if fixes else None
                 if note and note not in report.warnings:  # the question asked again has it
                     report.warnings.insert(0, note)
+                if unknown:
+                    report.warnings.insert(0, unknown)
                 return report
         absent = parsed.absent if task in ("detect", "report") and not reported else []
         if ground and self.box_source == "mask" and (res.boxes or absent):
@@ -1165,7 +1176,7 @@ class Engine:
             # box): the structures it names are asked for as detection asks for them
             self._ask_rest(state, checked, "detect", res, parsed.absent,
                            named_structures(checked))
-        if not res.masks and task in ("segment", "closer_look") and not said:
+        if not res.masks and task in ("segment", "closer_look") and not said and not unknown:
             res.warnings.append("the model wrote no [SEG] token, so there is no mask; "
                                 "rephrase the prompt, e.g. 'Please segment the liver'.")
         if follow and task in ("segment", "detect"):
@@ -1175,10 +1186,19 @@ class Engine:
                 res.warnings.append(part)
         if fixes:
             res.warnings.insert(0, spelling_note(fixes))
+        if unknown:
+            res.warnings.insert(0, unknown)
         return res
 
+    def _known_named(self, prompt: str) -> list[str]:
+        """The structures and findings a question names (`named_structures`, `findings_named`)
+        that the model was taught (all of them when `CitrusVConfig.structures` is empty)."""
+        names, findings = untaught(prompt, self.config.structures)
+        return ([n for n in named_structures(prompt) if n not in names]
+                + [f for f in findings_named(prompt) if f not in findings])
+
     def _ask_for_report(self, state: SliceState, prompt: str, res: Result,
-                        checked: str | None = None) -> Result | None:
+                        checked: str | None = None, anyway: bool = False) -> Result | None:
         """A question that asks for a report by its words, answered with no report (no
         reasoning, no <answer>: nano, asked "Write a report." or "What are the findings?",
         writes one left-lung box), is asked again with REPORT_FOLLOW_UP after it, unless it
@@ -1192,8 +1212,10 @@ class Engine:
         normal?": nano's box or "No liver is visible" answers what was asked better than the
         report it then writes); the first answer is then checked as a detection answer is.
         `checked`: the question with its misspelt words read (`parsing.respelled`), whose words
-        say whether it asks for a report ("Descirbe this slice.")."""
-        if not asks_for_report(checked or prompt):
+        say whether it asks for a report ("Descirbe this slice."). `anyway`: asked for one
+        whatever its words (a question naming nothing the model knows, answered with a box of
+        something: "What is this?", "Is there an effusion?" asked of nano)."""
+        if not anyway and not asks_for_report(checked or prompt):
             return None
         questions = [] if re.search(r"step by step|\bthink", prompt.lower()) else [
             f"{prompt.rstrip()} {REPORT_FOLLOW_UP}"]
@@ -1242,6 +1264,8 @@ class Engine:
         elif targets is None:  # what follows its task words, else any structure it names
             # (the Slicer module sends the task chosen: "liver", "Is the heart normal?")
             targets = prompt_targets(prompt) or named_structures(prompt)
+            # what the model was not taught is not asked again ("Segment the pancreas.")
+            targets = [t for t in targets if not any(untaught(t, self.config.structures))]
             wholes = [whole for _, whole in parts_named(prompt)]
             if wholes:  # "the left upper lobe of the lung": the left lung, not both
                 targets = list(dict.fromkeys(

@@ -89,6 +89,7 @@ class Parsed:
     seg_labels: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     absent: list[tuple[str, str]] = field(default_factory=list)  # (label, "is" | "are")
+    dropped: list[str] = field(default_factory=list)  # labels of boxes with no area
 
 
 def asks_for_report(prompt: str) -> bool:
@@ -297,6 +298,7 @@ def parse_output(text: str, prompt: str = "") -> Parsed:
             box.xyxy = [x1, y1, x2, y2]
         if x2 - x1 <= 0 or y2 - y1 <= 0:
             out.warnings.append(f"dropped box '{box.label}': it has zero area")
+            out.dropped.append(box.label)
             continue
         key = tuple(round(v, 1) for v in box.xyxy)
         if key not in ids:
@@ -647,6 +649,73 @@ def named_structures(prompt: str) -> list[str]:
         if name not in out:
             out.append(name)
     return out
+
+
+# words asking whether anything is abnormal ("Is this normal?", "Anything wrong here?")
+_ABNORMAL_RE = re.compile(r"\b(?:ab)?normal(?:ity|ities|ly)?\b|\bpatholog|\bdiseased?\b"
+                          r"|\bwrong\b|\bunremarkable\b|\bhealthy\b|\benlarge|\bdilat")
+_FINDINGS_RE = re.compile(r"\b(?P<name>" + "|".join(sorted(FINDINGS, key=len, reverse=True))
+                          + r")(?:s|es)?\b")
+
+
+def findings_named(prompt: str) -> list[str]:
+    """The findings a question asks about (FINDINGS: "Is there a pleural effusion?" ->
+    ["effusion"]; "Any stones?" -> ["stone"]; "Is there cardiomegaly?" -> ["cardiomegaly"]),
+    in order, and "abnormality" for a question asking whether something is normal ("Is the
+    liver normal?", "Anything wrong here?", "Is the heart enlarged?")."""
+    low = (prompt or "").lower()
+    found = [(m.start(), m.group("name")) for m in _FINDINGS_RE.finditer(low)]
+    found += [(m.start(), "abnormality") for m in _ABNORMAL_RE.finditer(low)]
+    found += [(m.start(), m.group(1)) for m in _ENLARGED_RE.finditer(low)]  # "cardiomegaly"
+    return list(dict.fromkeys(name for _, name in sorted(found)))
+
+
+def untaught(prompt: str, taught) -> tuple[list[str], list[str]]:
+    """What a question names that a model taught only `taught` (`CitrusVConfig.structures`,
+    nano's ten) was not taught: (structures, findings) ("Segment the pancreas." ->
+    (["pancreas"], []); "Is there a pleural effusion?" -> ([], ["effusion"]); "Is the liver
+    normal?" -> ([], ["abnormality"])). A part counts as taught with its whole ("left upper
+    lobe" with the left lung), a pair's plural with its sides ("kidneys"). Nothing when
+    `taught` is empty: the model's knowledge is not listed (the released Citrus-V)."""
+    taught = [str(t) for t in taught or []]
+    if not taught:
+        return [], []
+    parts = [(part, whole) for part, whole in parts_named(prompt) if answers_about(whole, taught)]
+    names = [n for n in named_structures(prompt) if not answers_about(n, taught)
+             and not any(n in part for part, _ in parts)]  # "renal pelvis": the kidney's
+    findings = [f for f in findings_named(prompt) if not _taught_finding(f, taught)]
+    return names, findings
+
+
+def _taught_finding(finding: str, taught) -> bool:
+    """Whether a finding's word is in a taught name ("nodule" in "lung nodule"); an organ's
+    name does not teach its enlargement ("cardiomegaly" is not the heart)."""
+    return any(finding in str(t).lower() for t in taught)
+
+
+def untaught_warning(prompt: str, taught, model: str = "the model") -> str | None:
+    """One sentence on what a question names that the model was not taught (`untaught`): it
+    cannot answer about it, whatever it writes. None when it was taught all it names."""
+    names, findings = untaught(prompt, taught)
+    if not names and not findings:
+        return None
+    taught = [str(t) for t in taught]
+    knows = f"it was taught only the {listed(taught)}"
+    out = []
+    if names:
+        it = "it" if len(names) == 1 else "them"
+        out.append(f"{model} was not taught the {listed(names)} ({knows}), so its answer "
+                   f"cannot be about {it}: look for {it} yourself.")
+        knows = "it was taught only those structures"
+    if findings:
+        what = [f for f in findings if f != "abnormality"]
+        asked = ("whether the image shows any " + listed(what, "or")) if what else ""
+        if "abnormality" in findings:
+            asked = (asked + ", or " if asked else "") + "whether anything here is abnormal"
+        none = not any(_taught_finding(f, taught) for f in FINDINGS)
+        out.append(f"{model} was taught {'no findings, only normal anatomy' if none else 'other findings'}"
+                   f" ({knows}): it cannot tell {asked}, so read the image yourself.")
+    return " ".join(out)
 
 
 def _known(word: str) -> bool:

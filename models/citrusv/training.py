@@ -114,7 +114,7 @@ def nano_sam2_config(image_size: int = 256, embed_dim: int = 24, d_model: int = 
 def nano_config(tokenizer, min_pixels: int, max_pixels: int, image_size: int = 256,
                 hidden: int = 192, layers: int = 4, vision_hidden: int = 128,
                 vision_depth: int = 3, sam_d_model: int = 64) -> CitrusVConfig:
-    from .nano_data import segment_answer
+    from .nano_data import NAMES, segment_answer
     ids = tokenizer.convert_tokens_to_ids
     vocab = ((len(tokenizer) + 63) // 64) * 64
     heads = max(1, hidden // 64)
@@ -143,7 +143,8 @@ def nano_config(tokenizer, min_pixels: int, max_pixels: int, image_size: int = 2
                          image_size=image_size, min_pixels=min_pixels, max_pixels=max_pixels,
                          out_dim=sam_d_model, system_prompt=NANO_SYSTEM, name="citrusv-nano",
                          version="1", box_source="mask",
-                         segment_answer=segment_answer("{label}"), mask_modalities=["CT"])
+                         segment_answer=segment_answer("{label}"), mask_modalities=["CT"],
+                         structures=list(NAMES))
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -743,6 +744,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
         # model saved before these settings lacks them)
         config.segment_answer = segment_answer("{label}")
         config.mask_modalities = ["CT"]
+        config.structures = list(NAMES)  # what it was taught to find: nothing else
     else:
         tokenizer = train_tokenizer(_corpus(data.samples),
                                     whole_names=[n for n in NAMES if " " in n] if whole_names

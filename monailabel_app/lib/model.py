@@ -172,12 +172,33 @@ class SharedModel:
         """Where the served model's boxes come from: "text" (as the model wrote them) or "mask"
         (its own mask's box; docs/api.md). The loaded engine's setting, else the serving
         checkpoint's config.json; None when there is no readable config."""
-        engine, loaded = self._engine, self._loaded
-        version, path = self.serving()
-        if engine is not None and loaded == (version, path):
+        engine = self._serving_engine()
+        if engine is not None:
             return engine.box_source
+        value = self._serving_config("box_source", "text")
+        return None if value is None else str(value)
+
+    def structures(self) -> list[str] | None:
+        """What the served model was taught to find, by name (`CitrusVConfig.structures`;
+        nano: its ten structures); [] when its config.json lists none (the released model);
+        None when there is no readable config."""
+        engine = self._serving_engine()
+        if engine is not None:
+            return list(engine.config.structures)
+        value = self._serving_config("structures", [])
+        return [str(x) for x in value] if isinstance(value, list) else None
+
+    def _serving_engine(self):
+        """The loaded engine when it is of the serving checkpoint, else None."""
+        engine, loaded = self._engine, self._loaded
+        return engine if engine is not None and loaded == self.serving() else None
+
+    def _serving_config(self, key: str, default):
+        """`key` of the serving checkpoint's config.json (`default` when absent); None when
+        there is no readable config."""
+        _, path = self.serving()
         try:
-            return str(json.loads((path / "config.json").read_text()).get("box_source", "text"))
+            return json.loads((path / "config.json").read_text()).get(key, default)
         except (OSError, ValueError, AttributeError):
             return None
 
@@ -217,6 +238,7 @@ class SharedModel:
             "serving_version": name if self.installed() else None,
             "intended_use": self.intended_use(),
             "box_source": self.box_source(),
+            "structures": self.structures(),
             "ask_again": self.ask_again,
             "device": self.device,
             "dtype": self.dtype or "auto",

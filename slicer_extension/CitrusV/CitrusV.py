@@ -801,7 +801,8 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def describeServer(info):
-        """One line for /info/: app, Citrus-V tasks, serving model version or why none."""
+        """One line for /info/: app, Citrus-V tasks, serving model version or why none, its
+        intended use and what it was taught to find, where the model folder says."""
         models = info.get("models", {}) or {}
         names = [m for m in models if m.startswith("citrusv_")]
         citrus = info.get("citrusv", {}) or {}
@@ -815,6 +816,9 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
         text += "."
         if citrus.get("intended_use"):  # the model folder's own words (intended_use.txt)
             text += f" Intended use: {citrus['intended_use']}"
+        taught = [str(s) for s in citrus.get("structures") or [] if str(s).strip()]
+        if taught:  # what the model was taught to find (config.json); none listed: the 8B
+            text += f" It was taught to find only: {', '.join(taught)}."
         return text
 
     @staticmethod

@@ -18,6 +18,7 @@ def test_info_without_model_says_not_installed(citrusv_server_without_model):
     assert "citrusv_uncertainty" in info["strategies"]
     assert info["citrusv"]["status"] == "model not installed yet"
     assert info["citrusv"]["box_source"] is None  # no config.json to say
+    assert info["citrusv"]["structures"] is None
     assert info["datastore"]["total"] == 2  # chest_ct.nii.gz and chest_xray.dcm
 
 
@@ -53,6 +54,8 @@ def test_info_offers_the_models_example_questions_and_intended_use(tmp_path_fact
         assert examples() == {task: [] for task in TASKS}
         # the tiny checkpoint's config.json has box_source "text" (the engine's default)
         assert server.get("/info/").json()["citrusv"]["box_source"] == "text"
+        # and lists no structures it was taught (the released layout: not limited)
+        assert server.get("/info/").json()["citrusv"]["structures"] == []
         assert server.get("/info/").json()["citrusv"]["ask_again"] is True  # --conf default
         file = server.model_dir / "example_prompts.json"
         file.write_text(json.dumps({"segment": ["Segment the liver.", " Segment the spleen. "],

@@ -25,6 +25,7 @@ import requests
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 from citrusv.evaluation import box_iou
+from citrusv.nano_data import NAMES
 from tests.app.helpers import (decode_rle, put_label, reference_label, run_training,
                                split_multipart, zyx)
 from tests.pacs import SAMPLE_SERIES, start_orthanc
@@ -123,6 +124,8 @@ def test_nano_detection_box_over_http_is_the_box_of_its_liver_mask(pacs, pacs_se
     assert box_iou(box["xyxy"], ref_box) >= 0.85
     assert box_iou(box["text_xyxy"], ref_box) < 0.5
     assert pacs_server.get("/info/").json()["citrusv"]["box_source"] == "mask"
+    # what nano was taught to find, read from the loaded engine (config.json's structures)
+    assert pacs_server.get("/info/").json()["citrusv"]["structures"] == NAMES
 
 
 def test_nano_closer_look_over_http_gets_its_segment_answer(pacs, pacs_server):

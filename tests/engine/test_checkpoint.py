@@ -214,3 +214,19 @@ def test_mask_modalities_are_dicom_codes(tiny_dir, tmp_path):
     for bad in ("CT", [""], [1]):
         with pytest.raises(CheckpointError, match="config.json has mask_modalities"):
             CitrusVConfig.from_dict({**data, "mask_modalities": bad})
+
+
+def test_structures_name_what_the_model_was_taught(tiny_dir, tmp_path):
+    """config.json's structures: the names the model was taught to find (spaces and case
+    evened), [] when not listed (the released layout); a bare string or an empty name stops
+    the load with a sentence, and the list is saved as read."""
+    from citrusv.config import CitrusVConfig
+
+    data = json.loads((tiny_dir / "config.json").read_text())
+    assert CitrusVConfig.from_dict(data).structures == []
+    config = CitrusVConfig.from_dict({**data, "structures": ["Liver", " left  kidney "]})
+    assert config.structures == ["liver", "left kidney"]
+    assert config.to_dict()["structures"] == ["liver", "left kidney"]
+    for bad in ("liver", [""], [3]):
+        with pytest.raises(CheckpointError, match="config.json has structures"):
+            CitrusVConfig.from_dict({**data, "structures": bad})

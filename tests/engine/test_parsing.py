@@ -5,7 +5,7 @@ from citrusv.parsing import (absent_labels, answers_about, asks_for_everything, 
                              modality_warning,
                              named_modalities, named_structures, parse_output, prompt_target,
                              prompt_targets, respelled, size_mismatches, unasked_warning,
-                             whole_of, whole_warning)
+                             untaught, untaught_warning, whole_of, whole_warning, findings_named)
 
 TEXT = (
     "<think>1. The rib cage <bbox>[10, 20, 30, 40]</bbox> is intact.\n"
@@ -475,3 +475,55 @@ def test_an_organ_adjective_before_a_vessel_does_not_name_the_organ(question, la
 def test_a_seg_label_skips_what_the_answer_puts_in_brackets():
     assert parse_output("The liver (3 x 2 mm) is [SEG].", "Segment the spleen.").seg_labels == [
         "liver"]
+
+
+NANO_TEN = ["right lung", "left lung", "heart", "aorta", "liver", "stomach", "spleen",
+            "right kidney", "left kidney", "spinal cord"]
+
+
+@pytest.mark.parametrize("prompt, names, findings", [
+    ("Segment the pancreas.", ["pancreas"], []),
+    ("Find the gallbladder and the portal vein.", ["gallbladder", "portal vein"], []),
+    ("Segment the pulmonary artery.", ["pulmonary artery"], []),
+    ("Is there a pleural effusion?", [], ["effusion"]),
+    ("Is there a liver mass?", [], ["mass"]),
+    ("Find the kidney stones.", [], ["stone"]),
+    ("Is this normal?", [], ["abnormality"]),
+    ("Anything wrong here?", [], ["abnormality"]),
+    ("Is the heart enlarged?", [], ["abnormality"]),
+    ("Is there cardiomegaly?", [], ["cardiomegaly"]),  # the heart's name teaches no size
+    ("Find the masses and the pancreas.", ["pancreas"], ["mass"]),
+    # what it was taught, by a part, a plural or a side
+    ("Segment the kidneys.", [], []),
+    ("Segment the LUL.", [], []),
+    ("Segment the right renal pelvis.", [], []),  # the kidney's, not the bone
+    ("Segment the left ventricle.", [], []),
+    ("What is this?", [], []),
+])
+def test_what_a_question_names_that_the_model_was_not_taught(prompt, names, findings):
+    assert untaught(prompt, NANO_TEN) == (names, findings)
+    assert untaught(prompt, []) == ([], [])  # not listed: the released model's knowledge
+    said = untaught_warning(prompt, NANO_TEN, "citrusv-nano")
+    assert (said is None) == (not names and not findings)
+
+
+def test_the_sentence_on_what_the_model_was_not_taught():
+    assert untaught_warning("Segment the pancreas.", NANO_TEN, "citrusv-nano") == (
+        "citrusv-nano was not taught the pancreas (it was taught only the right lung, left lung, "
+        "heart, aorta, liver, stomach, spleen, right kidney, left kidney and spinal cord), so "
+        "its answer cannot be about it: look for it yourself.")
+    assert untaught_warning("Is there a pleural effusion or ascites?", NANO_TEN, "nano") == (
+        "nano was taught no findings, only normal anatomy (it was taught only the right lung, "
+        "left lung, heart, aorta, liver, stomach, spleen, right kidney, left kidney and spinal "
+        "cord): it cannot tell whether the image shows any effusion or ascites, so read the "
+        "image yourself.")
+    both = untaught_warning("Is the spine normal?", NANO_TEN, "nano")
+    assert both.startswith("nano was not taught the spine (")
+    assert both.endswith("nano was taught no findings, only normal anatomy (it was taught only "
+                         "those structures): it cannot tell whether anything here is abnormal, "
+                         "so read the image yourself.")
+    # a model taught a finding is told apart from one taught none
+    assert untaught("Find the lung nodule.", [*NANO_TEN, "lung nodule"]) == ([], [])
+    assert "was taught other findings" in untaught_warning("Is there an effusion?",
+                                                           [*NANO_TEN, "lung nodule"])
+    assert findings_named("Any stones? Is it normal?") == ["stone", "abnormality"]

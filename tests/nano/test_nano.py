@@ -832,3 +832,45 @@ def test_the_largest_organ_is_found_among_all_the_structures(engine, study):
     order = [m.label for m in sorted(res.masks, key=lambda m: -m.area_px)]
     assert order[:3] == ["right lung", "left lung", "heart"], res.text
     assert res.answer.startswith("On this slice the right lung is the largest (")
+
+
+def test_a_question_naming_nothing_nano_knows_is_answered_with_a_report(engine, study):
+    """nano was taught ten structures and no findings (config.json's `structures`). Asked
+    "What is this?" or "Is there a pleural effusion?" on held-out slice 65 it wrote a box of
+    the left lung (of zero area for the first), which answered nothing; the engine now asks
+    for its report, whose steps cite boxes, and says first that nano cannot tell whether
+    there is an effusion."""
+    k = 65
+    for question in ("What is this?", "Is there a pleural effusion?"):
+        res = engine.ask(study.volume[k], question, window="abdomen", slice_index=k,
+                         spacing=tuple(study.spacing[1:]))
+        assert res.task == "report"
+        assert len(res.reasoning) >= 4 and all(s.box_ids for s in res.reasoning), res.text
+        assert res.answer.startswith("CT, "), res.answer
+        cited = {b.label for b in res.boxes}
+        assert {"right lung", "left lung", "heart"} <= cited, cited
+        if "effusion" in question:
+            assert res.warnings[0].startswith("citrusv-nano was taught no findings, only normal "
+                                              "anatomy (it was taught only the right lung, ")
+            assert "whether the image shows any effusion" in res.warnings[0]
+        else:
+            assert not [w for w in res.warnings if "was taught" in w], res.warnings
+
+
+def test_a_structure_nano_was_not_taught_is_said_and_not_asked_again(engine, study):
+    """"Segment the pancreas." on held-out slice 25: nano writes a liver mask; the answer says
+    first that nano was not taught the pancreas, and the engine asks it nothing again (before,
+    it asked "Please segment the pancreas in this scan." and said the model "may not know
+    it"). "Is the liver normal?" keeps its liver answer, with the sentence that nano cannot
+    tell whether anything is abnormal."""
+    k = SLICE
+    res = engine.ask(study.volume[k], "Segment the pancreas.", window="abdomen", slice_index=k,
+                     spacing=tuple(study.spacing[1:]))
+    assert res.warnings[0].startswith("citrusv-nano was not taught the pancreas (")
+    assert "\n" not in res.text.strip(), res.text  # one answer: nothing asked again
+    assert not [w for w in res.warnings if "asked about it again" in w or "rephrase" in w]
+    res = engine.ask(study.volume[k], "Is the liver normal?", window="abdomen", slice_index=k,
+                     spacing=tuple(study.spacing[1:]))
+    assert [b.label for b in res.boxes] == ["liver"], res.text
+    assert res.boxes[0].source == "mask"  # the box of nano's liver mask (IoU 0.46 measured)
+    assert "whether anything here is abnormal" in res.warnings[0]

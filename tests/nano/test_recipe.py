@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from citrusv.checkpoint import read_example_prompts, read_intended_use
-from citrusv.nano_data import NANO_INTENDED_USE, nano_example_prompts, segment_answer
+from citrusv.nano_data import NAMES, NANO_INTENDED_USE, nano_example_prompts, segment_answer
 from citrusv.training import (NANO_RECIPE, cpu_vendor, host_differences, recipe_host_note,
                               train_nano, training_host)
 
@@ -149,6 +149,8 @@ def test_two_rounds_write_a_loadable_checkpoint_with_whole_name_tokens(tmp_path)
         segment_answer("spinal cord") == "Sure, the spinal cord is [SEG] spinal cord."
     # it learns masks from CT slices only (its radiographs teach boxes and reports)
     assert engine.config.mask_modalities == ["CT"]
+    # what it was taught to find: its ten structures, as the shipped config.json lists them
+    assert engine.config.structures == NAMES == Engine.load(NANO).config.structures
 
 
 @pytest.mark.usefixtures("sample_root")
@@ -163,11 +165,13 @@ def test_continuing_from_a_rounds_checkpoint_gives_the_whole_runs_weights(tmp_pa
                        log=lambda rec: None)
     train_nano(tmp_path / "round1", seed=3, data_dir=data, rounds=rounds[:1],
                log=lambda rec: None)
-    # as a model saved before config.json had segment_answer (T2) and mask_modalities (T2c):
+    # as a model saved before config.json had segment_answer (T2), mask_modalities (T2c) and
+    # structures (2026-12-06):
     # the run writes them anyway
     config = json.loads((tmp_path / "round1" / "config.json").read_text())
     config.pop("segment_answer")
     config.pop("mask_modalities")
+    config.pop("structures")
     (tmp_path / "round1" / "config.json").write_text(json.dumps(config, indent=2))
     cont = train_nano(tmp_path / "cont", seed=3, data_dir=data, rounds=rounds,
                       init_from=tmp_path / "round1", first_round=2, log=lambda rec: None)

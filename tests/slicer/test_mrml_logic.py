@@ -160,6 +160,9 @@ def test_status_sentences(citrusv_module):
         "Connected: Citrus-V with 2 Citrus-V task(s); serving model version 3. "
         "Intended use: Research use only; not for diagnosis."
     )
+    info["citrusv"]["structures"] = ["liver", "spleen"]  # nano lists its ten
+    assert logic.describeServer(info).endswith(
+        "not for diagnosis. It was taught to find only: liver, spleen.")
 
 
 def test_example_questions_follow_the_served_model(citrusv_module):
