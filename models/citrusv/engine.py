@@ -1153,11 +1153,11 @@ class Engine:
             report = self._ask_for_report(state, prompt, res, checked,
                                           off and not self._known_named(checked))
             if report is not None:
+                if unknown:  # after how a misspelt word was read, before the rest
+                    report.warnings.insert(0, unknown)
                 note = spelling_note(fixes) if fixes else None
                 if note and note not in report.warnings:  # the question asked again has it
                     report.warnings.insert(0, note)
-                if unknown:
-                    report.warnings.insert(0, unknown)
                 return report
         absent = parsed.absent if task in ("detect", "report") and not reported else []
         if ground and self.box_source == "mask" and (res.boxes or absent):
@@ -1184,10 +1184,10 @@ class Engine:
             if part := whole_warning(checked, task, [m.label for m in res.masks if m.area_px]
                                      if task == "segment" else [b.label for b in res.boxes]):
                 res.warnings.append(part)
+        if unknown:  # after how a misspelt word was read, before the rest
+            res.warnings.insert(0, unknown)
         if fixes:
             res.warnings.insert(0, spelling_note(fixes))
-        if unknown:
-            res.warnings.insert(0, unknown)
         return res
 
     def _known_named(self, prompt: str) -> list[str]:
