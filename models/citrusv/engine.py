@@ -37,7 +37,8 @@ from .generation import (
 from .imaging import FrameMap
 from .parsing import (SEG_TOKEN, TASKS, absent_labels, answers_about, asks_for_everything,
                       asks_for_report, asks_for_volume, asks_to_compare, excluded_structures,
-                      findings_named, infer_task, listed, misspelt_names, named_structures,
+                      findings_named, infer_task, listed, misspelt_as_answered,
+                      misspelt_names, named_structures,
                       names_slices, parse_output, parts_named, prompt_targets, respelled,
                       size_mismatches, unasked_warning, untaught, untaught_warning, whole_of,
                       whole_warning)
@@ -198,13 +199,23 @@ def unconfirmed_boxes_warning(labels: list[str]) -> str:
             f"model wrote {it}, not the box of a mask; treat {it} as unconfirmed.")
 
 
-def spelling_note(fixes: list[tuple[str, str]]) -> str:
+def spelling_note(fixes: list[tuple[str, str]],
+                  answered: list[tuple[str, str]] = ()) -> str:
     """Said when words of a question were read as others (`parsing.misspelt_names`: a
-    misspelt name or task word, a shortened side), first among the answer's warnings."""
-    read = listed([f'"{typed}" as "{meant}"' for typed, meant in fixes])
-    known = "a word" if len(fixes) == 1 else "words"
-    return (f"read {read} in the question ({known} the engine knows) to check the answer "
-            "and to ask again.")
+    misspelt name or task word, a shortened side; `answered`: a word read as the name the
+    answer gives, `parsing.misspelt_as_answered`), first among the answer's warnings."""
+    out = []
+    if fixes:
+        read = listed([f'"{typed}" as "{meant}"' for typed, meant in fixes])
+        known = "a word" if len(fixes) == 1 else "words"
+        out.append(f"read {read} in the question ({known} the engine knows) to check the "
+                   "answer and to ask again.")
+    if answered:
+        read = listed([f'"{typed}" as "{meant}"' for typed, meant in answered])
+        names = "the name" if len(answered) == 1 else "names"
+        out.append(f"read {read} in the question ({names} the answer gives) to check the "
+                   "answer.")
+    return " ".join(out)
 
 
 def size_warning(mismatches) -> str:
@@ -1141,7 +1152,13 @@ class Engine:
         # the word it is close to, for the checks below and for asking again; the model is
         # asked the question as typed first
         fixes = misspelt_names(prompt) if task != "closer_look" else []
-        checked = respelled(prompt, fixes)
+        # a word close to nothing it knows but to the name the answer gives ("Segment the
+        # lvir." answered with a liver mask) is read as that name, to check the answer
+        answered = [m.label for m in res.masks] + [b.label for b in res.boxes] + [
+            a for a, _ in parsed.absent]
+        by_answer = (misspelt_as_answered(respelled(prompt, fixes), answered)
+                     if task != "closer_look" else [])
+        checked = respelled(prompt, fixes + by_answer)
         # what the question names that the model was not taught (`CitrusVConfig.structures`:
         # "Segment the pancreas.", "Is there an effusion?" asked of nano) is said first
         unknown = (untaught_warning(checked, self.config.structures, self.config.name)
@@ -1155,7 +1172,7 @@ class Engine:
             if report is not None:
                 if unknown:  # after how a misspelt word was read, before the rest
                     report.warnings.insert(0, unknown)
-                note = spelling_note(fixes) if fixes else None
+                note = spelling_note(fixes, by_answer) if fixes or by_answer else None
                 if note and note not in report.warnings:  # the question asked again has it
                     report.warnings.insert(0, note)
                 return report
@@ -1186,8 +1203,8 @@ class Engine:
                 res.warnings.append(part)
         if unknown:  # after how a misspelt word was read, before the rest
             res.warnings.insert(0, unknown)
-        if fixes:
-            res.warnings.insert(0, spelling_note(fixes))
+        if fixes or by_answer:
+            res.warnings.insert(0, spelling_note(fixes, by_answer))
         return res
 
     def _known_named(self, prompt: str) -> list[str]:

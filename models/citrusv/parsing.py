@@ -653,7 +653,8 @@ def named_structures(prompt: str) -> list[str]:
 
 # words asking whether anything is abnormal ("Is this normal?", "Anything wrong here?")
 _ABNORMAL_RE = re.compile(r"\b(?:ab)?normal(?:ity|ities|ly)?\b|\bpatholog|\bdiseased?\b"
-                          r"|\bwrong\b|\bunremarkable\b|\bhealthy\b|\benlarge|\bdilat")
+                          r"|\bwrong\b|\bunremarkable\b|\bhealthy\b|\benlarge|\bdilat"
+                          r"|\b(?:ok|okay|alright|fine)\s*\?")  # "Is the spleen ok?"
 _FINDINGS_RE = re.compile(r"\b(?P<name>" + "|".join(sorted(FINDINGS, key=len, reverse=True))
                           + r")(?:s|es)?\b")
 
@@ -749,12 +750,7 @@ def misspelt_names(prompt: str) -> list[tuple[str, str]]:
             out.append((before.group(1), side))
     verb = misspelt_task_word(respelled(prompt, out))  # "Segmnet the livr.": the names follow
     out += [verb] if verb else []
-    targets = prompt_targets(respelled(prompt, out))
-    if not targets:  # a question that is names alone ("livr", "the hert")
-        bare = re.sub(r"[^a-z ,&\-]", " ", (prompt or "").lower()).split()
-        if len(bare) <= 3:
-            targets = [p.strip() for p in _LIST_SEP.split(" ".join(bare)) if p.strip()]
-    for target in targets:
+    for target in _asked_names(respelled(prompt, out)):
         words = target.split()
         for i, word in enumerate(words):
             if word in [a for a, _ in out]:
@@ -767,6 +763,51 @@ def misspelt_names(prompt: str) -> list[tuple[str, str]]:
             close = difflib.get_close_matches(word, _KNOWN_WORDS, n=1, cutoff=0.8)
             if close:
                 out.append((word, close[0]))
+    return out
+
+
+def _asked_names(prompt: str) -> list[str]:
+    """What a question asks for (`prompt_targets`), or the whole question where it is three
+    words or fewer and has no task words ("livr", "the hert", as the Slicer module sends a
+    name with the task chosen)."""
+    targets = prompt_targets(prompt)
+    if not targets:
+        bare = re.sub(r"[^a-z ,&\-]", " ", (prompt or "").lower()).split()
+        if len(bare) <= 3:
+            targets = [p.strip() for p in _LIST_SEP.split(" ".join(bare)) if p.strip()]
+    return targets
+
+
+def _edits(a: str, b: str) -> int:
+    """Letters added, dropped, changed or swapped with a neighbour to make `a` into `b`
+    (optimal string alignment distance)."""
+    d = [[i + j if not i or not j else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1,
+                          d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[-1][-1]
+
+
+def misspelt_as_answered(prompt: str, labels) -> list[tuple[str, str]]:
+    """(as typed, as read) for each word of what a question asks for (`prompt_targets`, or a
+    question of three words or fewer) that `misspelt_names` leaves as typed, being close to
+    no word it knows, but is two slips or fewer (`_edits`) from a word of one name the answer
+    gives, with the same first letter: "Segment the lvir." answered with a liver mask reads
+    "lvir" as "liver" ("lvr" too), so that the answer is not said to be about something
+    not asked. Words of three letters or more; names' words of four or more."""
+    words = {w for label in labels for w in str(label).lower().split()
+             if len(w) >= 4 and w not in SIDES}
+    out: list[tuple[str, str]] = []
+    for target in _asked_names(prompt):
+        for word in target.split():
+            if len(word) < 3 or _known(word) or word in SIDE_SHORT or word in dict(out):
+                continue
+            near = [w for w in words if w[0] == word[0] and _edits(word, w) <= 2]
+            if len(near) == 1:
+                out.append((word, near[0]))
     return out
 
 

@@ -5,7 +5,8 @@ from citrusv.parsing import (absent_labels, answers_about, asks_for_everything, 
                              modality_warning,
                              named_modalities, named_structures, parse_output, prompt_target,
                              prompt_targets, respelled, size_mismatches, unasked_warning,
-                             untaught, untaught_warning, whole_of, whole_warning, findings_named)
+                             untaught, untaught_warning, whole_of, whole_warning, findings_named,
+                             misspelt_as_answered)
 
 TEXT = (
     "<think>1. The rib cage <bbox>[10, 20, 30, 40]</bbox> is intact.\n"
@@ -490,6 +491,8 @@ NANO_TEN = ["right lung", "left lung", "heart", "aorta", "liver", "stomach", "sp
     ("Find the kidney stones.", [], ["stone"]),
     ("Is this normal?", [], ["abnormality"]),
     ("Anything wrong here?", [], ["abnormality"]),
+    ("Is the spleen ok?", [], ["abnormality"]),
+    ("OK, segment the spleen.", [], []),
     ("Is the heart enlarged?", [], ["abnormality"]),
     ("Is there cardiomegaly?", [], ["cardiomegaly"]),  # the heart's name teaches no size
     ("Find the masses and the pancreas.", ["pancreas"], ["mass"]),
@@ -527,3 +530,29 @@ def test_the_sentence_on_what_the_model_was_not_taught():
     assert "was taught other findings" in untaught_warning("Is there an effusion?",
                                                            [*NANO_TEN, "lung nodule"])
     assert findings_named("Any stones? Is it normal?") == ["stone", "abnormality"]
+
+
+@pytest.mark.parametrize("prompt, labels, read", [
+    ("Segment the lvir.", ["liver"], [("lvir", "liver")]),  # two slips: close to nothing known
+    ("segment lvr", ["liver"], [("lvr", "liver")]),
+    ("lvr", ["liver"], [("lvr", "liver")]),  # a name alone, as the Slicer module sends it
+    ("Segment the stmch and the hrt", ["stomach", "heart"], [("stmch", "stomach"),
+                                                             ("hrt", "heart")]),
+    ("Find the spln.", ["spleen", "spinal cord"], [("spln", "spleen")]),
+    ("Segment the lvr.", ["left lung"], []),  # the answer is about something else
+    ("Segment the leg.", ["liver"], []),  # three slips
+    ("Segment the liver.", ["liver"], []),  # a word it knows
+    ("Segment the lng.", ["lung", "lens"], []),  # two names as close: none chosen
+])
+def test_a_word_close_to_the_name_the_answer_gives_is_read_as_it(prompt, labels, read):
+    assert misspelt_as_answered(prompt, labels) == read
+
+
+def test_engine_says_how_it_read_a_word_by_the_answer():
+    from citrusv.engine import spelling_note
+    assert spelling_note([], [("lvir", "liver")]) == (
+        'read "lvir" as "liver" in the question (the name the answer gives) to check the '
+        "answer.")
+    assert spelling_note([("livr", "liver")], [("hrt", "heart")]).startswith(
+        'read "livr" as "liver" in the question (a word the engine knows) to check the answer '
+        'and to ask again. read "hrt" as "heart"')

@@ -877,3 +877,18 @@ def test_a_structure_nano_was_not_taught_is_said_and_not_asked_again(engine, stu
     assert [b.label for b in res.boxes] == ["liver"], res.text
     assert res.boxes[0].source == "mask"  # the box of nano's liver mask (IoU 0.46 measured)
     assert "whether anything here is abnormal" in res.warnings[0]
+
+
+def test_a_name_typed_with_two_slips_is_read_as_the_name_nano_answers_with(engine, study):
+    """"Segment the lvir." (two slips from "liver", closer to no name than difflib's 0.8):
+    nano segments the liver on held-out slice 25, and the answer said the question did not
+    name the liver and had nothing about "the lvir". Read by the answer's name, it has one
+    sentence saying so, and the mask is nano's liver."""
+    k = SLICE
+    for typed in ("lvir", "lvr"):
+        res = engine.ask(study.volume[k], f"Segment the {typed}.", window="abdomen",
+                         slice_index=k, spacing=tuple(study.spacing[1:]))
+        assert [m.label for m in res.masks] == ["liver"], res.text
+        assert dice_score(res.masks[0].array, study.mask("liver", k)) >= 0.85
+        assert res.warnings == [f'read "{typed}" as "liver" in the question (the name the '
+                                "answer gives) to check the answer."]
