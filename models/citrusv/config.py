@@ -17,7 +17,7 @@ CITRUS_KEYS = (
     "seg_token_idx", "grounding_encoder_config", "use_res_seg_projector", "image_size",
     "seg_hidden_offset", "min_pixels", "max_pixels", "out_dim", "system_prompt",
     "task_system_prompts", "name", "version", "box_source", "segment_answer", "mask_modalities",
-    "structures",
+    "structures", "closer_look_blend",
 )
 # Where the boxes of an answer come from: "text", the numbers the model wrote (Citrus-V as
 # trained), or "mask", each written box replaced by the box of the model's own mask of that
@@ -60,8 +60,18 @@ class CitrusVConfig:
     # (`citrusv.parsing.untaught_warning`), and the engine asks nothing again about it.
     # Empty (the released Citrus-V, taught many structures and findings): not listed.
     structures: list[str] = field(default_factory=list)
+    # A closer look's mask where the crop and the whole slice both see it: the crop's
+    # probability weighted by this, the whole slice's (the model asked for the structure on
+    # it) by the rest (`Engine.closer_look`). 1.0 (the released Citrus-V): the crop alone.
+    # nano: 0.5, chosen on training slices; its crop alone loses Dice (MODEL_CARD.md).
+    closer_look_blend: float = 1.0
 
     def __post_init__(self) -> None:
+        blend = self.closer_look_blend
+        if isinstance(blend, bool) or not isinstance(blend, (int, float)) or not 0 < blend <= 1:
+            raise CheckpointError(f"config.json has closer_look_blend {blend!r}; use a number "
+                                  "above 0 and at most 1 (1: the crop's view alone).")
+        self.closer_look_blend = float(blend)
         if (not isinstance(self.structures, list)
                 or not all(isinstance(m, str) and m.strip() for m in self.structures)):
             raise CheckpointError(f"config.json has structures {self.structures!r}; use a "

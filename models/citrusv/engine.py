@@ -767,10 +767,13 @@ class Engine:
             if not bases:
                 raise InputError("mask", "mask is empty; send a mask with the region to refine.")
         squares = [square_roi(b, h, w, margin) for b in bases]
+        blend = float(self.config.closer_look_blend)
+        whole = (self._whole_view(arr, window, photometric, prompt, label, crop_text)
+                 if blend < 1 else None)
         res = None
         for n, square in enumerate(squares):
             look = self._look(arr, square, window, photometric, prompt, crop_text,
-                              rois[n] if user_roi else None)
+                              rois[n] if user_roi else None, whole, label, blend)
             res = look if res is None else _join_looks(res, look)
         # what the crop's answer is compared with: the mask sent, else the model's own mask of
         # the whole slice (the first pass, asked here when a region was given instead)
@@ -812,6 +815,7 @@ class Engine:
             "area_px_after": sum(m.area_px for m in res.masks),
             "dice_with_before": None if agreement is None else round(agreement, 3),
             "answer_given": crop_text is not None and forced_text is None,
+            "blend": blend if whole is not None else 1.0,
         }
         self._finish(res, (h, w), slice_index, spacing, image_id, image_info, window)
         if lost:  # said above, with what marked it before: not "may not be in view"
@@ -943,17 +947,37 @@ class Engine:
             raise InputError("task", f"task '{task}' is unknown; use one of {', '.join(TASKS)}.")
         return task
 
+    def _whole_view(self, arr: np.ndarray, window, photometric, prompt: str,
+                    label: str | None, crop_text: str | None) -> np.ndarray | None:
+        """The model's probability per pixel of the whole slice for what a closer look looks
+        at: asked for `label` in GROUND_PROMPT's words (else `prompt`), with the answer the
+        crop gets (`crop_text`), its masks of `label` (else all) joined by their maximum.
+        None when it gives no such mask."""
+        state = self._state(arr, window, photometric)
+        question = GROUND_PROMPT.format(label=" ".join(label.split())) if label else prompt
+        res = self._run(state, question, "segment", crop_text, None, ground=False,
+                        follow=False, keep_probability=True)
+        probs = [m.probability for m in res.masks
+                 if m.probability is not None and (label is None or m.label == label)]
+        return np.maximum.reduce(probs) if probs else None
+
     def _look(self, arr: np.ndarray, square: list[int], window, photometric, prompt: str,
-              crop_text: str | None, roi: list[float] | None) -> Result:
+              crop_text: str | None, roi: list[float] | None,
+              whole: np.ndarray | None = None, label: str | None = None,
+              blend: float = 1.0) -> Result:
         """One closer-look pass: the model's answer about `square` of the slice, its boxes and
-        masks put back in slice pixels (masks kept inside `roi` when one was given)."""
+        masks put back in slice pixels (masks kept inside `roi` when one was given). With
+        `whole` (the whole slice's probabilities, `_whole_view`), a mask of `label` (any, when
+        None) is where `blend` x the crop's probability + (1 - `blend`) x the whole slice's
+        is at least 0.5, inside the square."""
         h, w = arr.shape[:2]
         x1, y1, x2, y2 = square
         size = int(self.config.image_size)
         canon = closer_look_image(arr, square, window, size, photometric)
         key = (content_hash(arr), imaging.window_key(window), tuple(square))
         state = self._state_from_rgb(canon, key)
-        res = self._run(state, prompt, "closer_look", crop_text, None)
+        res = self._run(state, prompt, "closer_look", crop_text, None,
+                        keep_probability=whole is not None)
         to_slice = FrameMap(y2 - y1, x2 - x1, size, size)
 
         def on_slice(xyxy):  # crop pixels of the model's frame -> slice pixels
@@ -965,9 +989,16 @@ class Engine:
             if box.text_xyxy is not None:
                 box.text_xyxy = on_slice(box.text_xyxy)
         for m in res.masks:
-            small = F.interpolate(torch.from_numpy(m.array.astype(np.float32))[None, None],
+            blended = whole is not None and m.probability is not None and (
+                label is None or m.label == label)
+            small = F.interpolate(torch.from_numpy((m.probability if blended else
+                                                    m.array).astype(np.float32))[None, None],
                                   size=(y2 - y1, x2 - x1), mode="bilinear",
-                                  align_corners=False)[0, 0].numpy() >= 0.5
+                                  align_corners=False)[0, 0].numpy()
+            if blended:
+                small = blend * small + (1.0 - blend) * whole[y1:y2, x1:x2]
+            small = small >= 0.5
+            m.probability = None
             full = np.zeros((h, w), dtype=bool)
             full[y1:y2, x1:x2] = small
             if roi is not None:  # the user's box bounds the refined structure
@@ -1076,8 +1107,10 @@ class Engine:
         self.cache.trim()
 
     def _run(self, state: SliceState, prompt: str, task: str, forced_text: str | None,
-             max_new_tokens: int | None, ground: bool = True, follow: bool = True) -> Result:
-        """Generation + parsing + masks for one prepared slice, in the state's own pixels."""
+             max_new_tokens: int | None, ground: bool = True, follow: bool = True,
+             keep_probability: bool = False) -> Result:
+        """Generation + parsing + masks for one prepared slice, in the state's own pixels
+        (`keep_probability`: each mask keeps the model's probability per pixel)."""
         timing = {}
         t0 = time.perf_counter()
         embeds = self._vision(state)
@@ -1104,10 +1137,11 @@ class Engine:
                 self.cache.trim()
             timing["prefill_reused_tokens"] = gen.prefill_reused
         return self._result(state, prompt, task, gen, timing, ground,
-                            follow and forced_text is None)
+                            follow and forced_text is None, keep_probability)
 
     def _result(self, state: SliceState, prompt: str, task: str, gen: Generation,
-                timing: dict, ground: bool = True, follow: bool = True) -> Result:
+                timing: dict, ground: bool = True, follow: bool = True,
+                keep_probability: bool = False) -> Result:
         """Parse one generation and decode its [SEG] masks, in the state's own pixels.
         `follow`: what the answer leaves out is asked about again: a report question answered
         with no report (`_ask_for_report`), a structure a segmentation or detection answer
@@ -1140,6 +1174,8 @@ class Engine:
                 index.setdefault(label, len(index) + 1)
                 res.masks.append(Mask(label, (logits[i] > 0).cpu().numpy(), index[label],
                                       score=float(scores[i])))
+                if keep_probability:
+                    res.masks[-1].probability = torch.sigmoid(logits[i].float()).cpu().numpy()
         timing["mask"] = (time.perf_counter() - t1) * 1e3
         res.timing_ms = timing
         # a report names what it finds, asked or not; an answer to a report question that is

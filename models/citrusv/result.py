@@ -97,6 +97,9 @@ class Mask:
     slices: list[int] = field(default_factory=list)  # for 3D masks: the slice indices asked
     axis: int = 0  # for 3D masks: the axis the slices run along
     thickness: float | None = None  # for 3D masks over contiguous slices: mm between slices
+    # the model's probability per pixel, where the engine keeps it (a closer look's passes);
+    # never sent
+    probability: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def area_px(self) -> int:

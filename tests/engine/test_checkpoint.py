@@ -230,3 +230,16 @@ def test_structures_name_what_the_model_was_taught(tiny_dir, tmp_path):
     for bad in ("liver", [""], [3]):
         with pytest.raises(CheckpointError, match="config.json has structures"):
             CitrusVConfig.from_dict({**data, "structures": bad})
+
+
+def test_closer_look_blend_is_the_crops_weight(tiny_dir):
+    """config.json's closer_look_blend: the crop's weight in a closer look, above 0 and at
+    most 1; absent: 1.0, the crop alone (the released layout)."""
+    from citrusv.config import CitrusVConfig
+
+    data = json.loads((tiny_dir / "config.json").read_text())
+    assert CitrusVConfig.from_dict(data).closer_look_blend == 1.0
+    assert CitrusVConfig.from_dict({**data, "closer_look_blend": 0.5}).closer_look_blend == 0.5
+    for bad in (0, 1.5, "0.5", True, None):
+        with pytest.raises(CheckpointError, match="config.json has closer_look_blend"):
+            CitrusVConfig.from_dict({**data, "closer_look_blend": bad})

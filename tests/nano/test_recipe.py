@@ -151,6 +151,8 @@ def test_two_rounds_write_a_loadable_checkpoint_with_whole_name_tokens(tmp_path)
     assert engine.config.mask_modalities == ["CT"]
     # what it was taught to find: its ten structures, as the shipped config.json lists them
     assert engine.config.structures == NAMES == Engine.load(NANO).config.structures
+    # and its closer looks weigh the crop and the whole slice equally, as the shipped one's
+    assert engine.config.closer_look_blend == 0.5 == Engine.load(NANO).config.closer_look_blend
 
 
 @pytest.mark.usefixtures("sample_root")
@@ -172,6 +174,7 @@ def test_continuing_from_a_rounds_checkpoint_gives_the_whole_runs_weights(tmp_pa
     config.pop("segment_answer")
     config.pop("mask_modalities")
     config.pop("structures")
+    config.pop("closer_look_blend")
     (tmp_path / "round1" / "config.json").write_text(json.dumps(config, indent=2))
     cont = train_nano(tmp_path / "cont", seed=3, data_dir=data, rounds=rounds,
                       init_from=tmp_path / "round1", first_round=2, log=lambda rec: None)
