@@ -768,8 +768,10 @@ class Engine:
                 raise InputError("mask", "mask is empty; send a mask with the region to refine.")
         squares = [square_roi(b, h, w, margin) for b in bases]
         blend = float(self.config.closer_look_blend)
+        t_whole = time.perf_counter()
         whole = (self._whole_view(arr, window, photometric, prompt, label, crop_text)
                  if blend < 1 else None)
+        t_whole = (time.perf_counter() - t_whole) * 1e3
         res = None
         for n, square in enumerate(squares):
             look = self._look(arr, square, window, photometric, prompt, crop_text,
@@ -788,6 +790,8 @@ class Engine:
             compare = np.logical_or.reduce(picked) if picked else np.zeros((h, w), dtype=bool)
         if first is not None:
             res.timing_ms["first_pass"] = first.timing_ms.get("total", 0.0)
+        if blend < 1:
+            res.timing_ms["whole_view"] = t_whole
         region = np.zeros((h, w), dtype=bool)
         for area in (rois if user_roi else squares):
             region |= box_pixels(area, h, w)
