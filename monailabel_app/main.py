@@ -185,6 +185,49 @@ def _answer_missing_image_with_400() -> None:
     _patch_once(endpoint, "run_inference", make)
 
 
+def _no_such_image(image: str, store) -> str:
+    """The sentence for an image id the datastore does not hold (infer, download)."""
+    if isinstance(store, PacsDatastore):
+        return (f"image '{image}' is not a series on the PACS; use a SeriesInstanceUID that "
+                "the PACS lists, or upload the file.")
+    return (f"image '{image}' is not in the datastore; use an id from GET "
+            "/datastore/?output=all or upload the file.")
+
+
+def _name_missing_images() -> None:
+    """MONAI Label 0.8.5's `GET /datastore/image` and `GET /datastore/label` answer an id the
+    datastore does not hold with "Image NOT Found" / "Label NOT Found". The app wraps the
+    endpoint's module-level `download_image` and `download_label` (looked up at call time) so
+    that the 404 names the id and what to send instead."""
+    from fastapi import HTTPException
+
+    from monailabel.endpoints import datastore as endpoint
+    from monailabel.interfaces.utils.app import app_instance
+
+    def make_image(original):
+        def download_image(image: str, check_only=False, check_sum=None):
+            store = app_instance().datastore()
+            uri = store.get_image_uri(image) if isinstance(image, str) else ""
+            if not uri or not os.path.isfile(uri):
+                raise HTTPException(status_code=404, detail=_no_such_image(str(image), store))
+            return original(image, check_only, check_sum)
+        return download_image
+
+    def make_label(original):
+        def download_label(label: str, tag: str, check_only=False):
+            store = app_instance().datastore()
+            uri = store.get_label_uri(label, tag) if isinstance(label, str) else ""
+            if not uri or not os.path.isfile(uri):
+                raise HTTPException(status_code=404, detail=(
+                    f"there is no label '{label}' tagged '{tag}' in the datastore; GET "
+                    "/datastore/?output=all lists each image's labels and their tags."))
+            return original(label, tag, check_only)
+        return download_label
+
+    _patch_once(endpoint, "download_image", make_image)
+    _patch_once(endpoint, "download_label", make_label)
+
+
 DEFAULT_PACS_CACHE_GB = 50.0
 
 
@@ -323,6 +366,7 @@ class CitrusVApp(MONAILabelApp):
 
     def _init(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         _answer_missing_image_with_400()
+        _name_missing_images()
         _record_who_corrected()
         _check_training_options()
         _answer_full_disk_with_507()  # after the wrappers above: it wraps them too
@@ -432,12 +476,7 @@ class CitrusVApp(MONAILabelApp):
             if os.path.exists(image):
                 request = {**request, "image_id": "upload"}
             elif not (store := datastore or self.datastore()).get_image_uri(image):
-                if isinstance(store, PacsDatastore):
-                    raise RequestError(f"image '{image}' is not a series on the PACS; use a "
-                                       "SeriesInstanceUID that the PACS lists, or upload the "
-                                       "file.", status_code=404)
-                raise RequestError(f"image '{image}' is not in the datastore; use an id from "
-                                   "GET /datastore/?output=all or upload the file.", status_code=404)
+                raise RequestError(_no_such_image(image, store), status_code=404)
             else:
                 request = {**request, "image_id": image}
         return super().infer(request, datastore)

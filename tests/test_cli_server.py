@@ -31,7 +31,9 @@ def test_ask_server_on_an_unknown_image_is_one_sentence(citrusv_server, tmp_path
                "--png", str(tmp_path / "x.png")])
     assert rc == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and len(err.splitlines()) == 1
+    # the server's own sentence (MONAI Label's GET /datastore/image said "Image NOT Found")
+    assert err == ("error: image 'no_such_image' is not in the datastore; use an id from GET "
+                   "/datastore/?output=all or upload the file.")
     assert not (tmp_path / "x.png").exists()
 
 
@@ -69,6 +71,28 @@ def test_ask_over_a_slice_range_is_the_same_from_the_server_and_the_local_model(
         [(m["slice"], m["area_px"]) for m in local["masks"]]
     assert server["volumes_ml"] == pytest.approx(local["volumes_ml"], rel=1e-6)
     assert set(server["volumes_ml"]) == {"liver"} and server["volumes_ml"]["liver"] > 0
+
+
+def test_a_report_over_a_slice_range_is_the_same_from_the_server_and_the_local_model(
+        citrusv_server, tiny_model_dir, sample_root, tmp_path, capsys):
+    """A report question over slices 60-62: the server answers it (before 2026-12-06 its
+    report task refused a range, where the local engine answered) as the local model does."""
+    results = []
+    for where in (["--server", citrusv_server.url, "--image", "chest_ct"],
+                  ["--model", str(tiny_model_dir), "--image",
+                   str(sample_root / "studies" / "chest_ct.nii.gz")]):
+        out = tmp_path / f"r{len(results)}.json"
+        rc = main(["ask", *where, "--slice", "60-62", "--prompt",
+                   "Write a report for this CT slice. Think step by step.", "--window", "abdomen",
+                   "--json", str(out)])
+        assert rc == 0, capsys.readouterr().err
+        results.append(json.loads(out.read_text()))
+    server, local = results
+    assert server["task"] == local["task"] == "report"
+    assert server["image"]["slices"] == local["image"]["slices"] == [60, 61, 62]
+    assert server["text"] == local["text"] and server["answer"] == local["answer"]
+    assert [line.split("]")[0] for line in server["text"].splitlines()
+            if line.startswith("[slice ")] == ["[slice 60", "[slice 61", "[slice 62"]
 
 
 def test_a_bad_slice_range_is_one_sentence(capsys):

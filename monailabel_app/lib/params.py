@@ -165,9 +165,8 @@ def parse(request: dict, study: Study, task: str) -> InferParams:
         prompt = f"Segment the {label}."
     axis, axis_name = _axis(request.get("axis"), study)
     slices, is_range, warnings = _slices(request.get("slice"), study, axis, axis_name)
-    if is_range and task in ("report", "closer_look"):
-        raise RequestError(f"{task.replace('_', ' ')} works on one slice; send slice as a single "
-                           "number.")
+    if is_range and task == "closer_look":  # a report over a range: each slice's, and a summary
+        raise RequestError("closer look works on one slice; send slice as a single number.")
     plane_shape = study.plane(slices[0], axis).shape[:2]
     roi = _roi(request.get("roi"), plane_shape) if task == "closer_look" else None
     return InferParams(prompt=prompt, slices=slices, axis=axis, axis_name=axis_name,

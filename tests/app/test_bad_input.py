@@ -48,8 +48,8 @@ CASES = {
                               "four numbers"),
     "too many roi boxes": ("citrusv_closer_look", "chest_ct",
                            {**GOOD, "roi": [[10, 10, 50, 50]] * 9}, None, 400, "at most 8"),
-    "report on a range": ("citrusv_report", "chest_ct", {**GOOD, "slice": "all"}, None, 400,
-                          "one slice"),
+    "closer look on a range": ("citrusv_closer_look", "chest_ct", {**GOOD, "slice": "all"},
+                               None, 400, "one slice"),
     "non-image upload": ("citrusv_segment", "", {"prompt": "Segment the liver."},
                          ("notes.txt", b"this is not an image"), 400, "not an image"),
     "oversized image": ("citrusv_segment", "", {"prompt": "Segment the liver."},
@@ -176,3 +176,20 @@ def test_uploads_that_would_misfile_or_are_no_image_are_refused(citrusv_server):
 
     r = citrusv_server.delete("/datastore/image?id=no_such_image")
     assert r.status_code == 404 and "nothing was removed" in r.json()["detail"]
+
+
+def test_downloading_an_image_or_label_the_datastore_lacks_is_a_404_sentence(citrusv_server):
+    """MONAI Label's GET /datastore/image and /datastore/label said "Image NOT Found" and
+    "Label NOT Found"; the 404 now names the id and where the ids are listed, and the images
+    it has still download."""
+    r = citrusv_server.get("/datastore/image?image=no_such_image")
+    assert r.status_code == 404
+    assert r.json()["detail"] == ("image 'no_such_image' is not in the datastore; use an id "
+                                  "from GET /datastore/?output=all or upload the file.")
+    r = citrusv_server.get("/datastore/label?label=no_such_image&tag=final")
+    assert r.status_code == 404
+    assert r.json()["detail"] == ("there is no label 'no_such_image' tagged 'final' in the "
+                                  "datastore; GET /datastore/?output=all lists each image's "
+                                  "labels and their tags.")
+    ok = citrusv_server.get("/datastore/image?image=chest_ct")
+    assert ok.status_code == 200 and len(ok.content) > 1_000_000
