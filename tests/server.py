@@ -138,6 +138,11 @@ def start_citrusv_server(studies: Path | str, model_dir: Path, log_path: Path | 
                MONAI_LABEL_AUTO_UPDATE_SCORING="false", MONAI_LABEL_TRACKING_ENABLED="false",
                PYTHONUNBUFFERED="1", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"))
     env.update(extra)
+    # MONAI Label makes these in the app folder as it starts, checking first and creating
+    # after: on a fresh clone two servers started at once (two xdist workers) raced on it and
+    # one died with FileExistsError (2026-12-06 fresh-clone CI, 41 errors)
+    for name in ("model", "logs", "bin"):
+        (APP_DIR / name).mkdir(exist_ok=True)
     log = open(log_path, "w")
     process = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
