@@ -127,3 +127,42 @@ def test_a_slice_range_on_the_servers_xray_is_one_sentence(citrusv_server, capsy
     assert capsys.readouterr().err.strip() == (
         "error: 'chest_xray' is one image, not a volume: a slice range (all) does not apply to "
         "it; leave the range out.")
+
+
+def test_a_closer_look_with_roi_is_the_same_from_the_server_and_the_local_model(
+        citrusv_server, tiny_model_dir, sample_root, tmp_path, capsys):
+    """`--roi` asks for a closer look at that box: through the server as through a local
+    model (before 2026-12-06 `--server` dropped `--roi` and answered a plain segmentation)."""
+    results = []
+    for where in (["--server", citrusv_server.url, "--image", "chest_ct"],
+                  ["--model", str(tiny_model_dir), "--image",
+                   str(sample_root / "studies" / "chest_ct.nii.gz")]):
+        out = tmp_path / f"r{len(results)}.json"
+        rc = main(["ask", *where, "--slice", "60", "--prompt", "Segment the liver.",
+                   "--roi", "80,110,300,320", "--window", "abdomen", "--json", str(out)])
+        assert rc == 0, capsys.readouterr().err
+        results.append(json.loads(out.read_text()))
+    server, local = results
+    assert server["task"] == local["task"] == "closer_look"
+    assert server["closer_look"]["roi"] == local["closer_look"]["roi"] == [80.0, 110.0, 300.0,
+                                                                          320.0]
+    assert server["closer_look"]["crops"] == local["closer_look"]["crops"]
+    assert [m["area_px"] for m in server["masks"]] == [m["area_px"] for m in local["masks"]]
+
+
+@pytest.mark.parametrize("extra, said", [
+    (["--slice", "60", "--roi", "1,2,x"], "error: --roi 1,2,x is not a box; give four numbers "
+                                          "x1,y1,x2,y2 in slice pixels, e.g. --roi "
+                                          "80,110,300,320."),
+    (["--slice", "60", "--roi", "1,2,3"], "error: --roi 1,2,3 is not a box;"),
+    (["--slice", "20-25", "--roi", "1,2,3,4"], "error: a closer look (--roi) is about one "
+                                               "slice; give --slice one index."),
+])
+def test_a_bad_roi_is_one_sentence_for_the_server_and_the_local_model(
+        citrusv_server, tiny_model_dir, sample_root, capsys, extra, said):
+    for where in (["--server", citrusv_server.url, "--image", "chest_ct"],
+                  ["--model", str(tiny_model_dir), "--image",
+                   str(sample_root / "studies" / "chest_ct.nii.gz")]):
+        rc = main(["ask", *where, "--prompt", "Segment the liver.", *extra])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and err.startswith(said) and len(err.splitlines()) == 1, err

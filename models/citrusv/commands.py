@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -101,6 +102,7 @@ def ask_cli(args: argparse.Namespace) -> int:
             raise InputError("roi", "a closer look (--roi) is about one slice; give --slice "
                              "one index.")
         return _ask_range(args, study, axis, window)
+    roi = _roi_arg(args.roi)
     if is_volume:
         slice_index = study.array.shape[axis] // 2 if args.slice is None else args.slice
         plane = study.slice(slice_index, axis)
@@ -115,8 +117,7 @@ def ask_cli(args: argparse.Namespace) -> int:
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
     kwargs = dict(slice_index=slice_index, spacing=spacing, photometric=study.photometric,
                   image_id=Path(args.image).name, forced_text=args.forced_text)
-    if args.roi:
-        roi = [float(v) for v in args.roi.split(",")]
+    if roi is not None:
         res = engine.closer_look(plane, args.prompt, roi=roi, window=window, **kwargs)
     else:
         res = engine.ask(plane, args.prompt, window, task=args.task, **kwargs)
@@ -190,17 +191,36 @@ def _ask_range(args: argparse.Namespace, study, axis: int, window) -> int:
                        study.photometric)
 
 
+def _roi_arg(text: str | None) -> list[float] | None:
+    """`--roi x1,y1,x2,y2` as four numbers (None when not given); else one sentence."""
+    if text is None:
+        return None
+    try:
+        roi = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        roi = []
+    if len(roi) != 4 or not all(math.isfinite(v) for v in roi):
+        raise InputError("roi", f"--roi {text} is not a box; give four numbers x1,y1,x2,y2 in "
+                         "slice pixels, e.g. --roi 80,110,300,320.")
+    return roi
+
+
 def _ask_server(args: argparse.Namespace) -> int:
-    """The headless twin of the Slicer module: same client, same overlay, no Slicer."""
+    """The headless twin of the Slicer module: same client, same overlay, no Slicer. With
+    `--roi`, a closer look at that box, as the module's closer look asks."""
     from CitrusVLib.errors import CitrusVError
     from CitrusVLib.headless import ask_server
 
+    ranged = isinstance(args.slice, (tuple, str))
+    if ranged and args.roi:
+        raise InputError("roi", "a closer look (--roi) is about one slice; give --slice one "
+                         "index.")
+    roi = _roi_arg(args.roi)
     try:
-        ranged = isinstance(args.slice, (tuple, str))
         result = ask_server(args.server, args.image, None if ranged else args.slice,
                             args.prompt, args.png, task=args.task, axis=args.axis,
                             window=_window(args.window), ca_certificate=args.ca_cert,
-                            slices=args.slice if ranged else None)
+                            slices=args.slice if ranged else None, roi=roi)
     except CitrusVError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

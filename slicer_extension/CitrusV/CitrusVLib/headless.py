@@ -139,6 +139,7 @@ def ask_server(
     image_path: str | os.PathLike | None = None,
     ca_certificate: str | os.PathLike | None = None,
     slices: Sequence[int] | str | None = None,
+    roi: Sequence[float] | None = None,
 ) -> Result:
     """Run one question on the server and, where ``png_path`` is given, save masks/boxes/steps
     drawn on the slice as a PNG.
@@ -146,10 +147,14 @@ def ask_server(
     The slice pixels come from ``image_path`` when given, else from the server's datastore.
     For a 2D image (X-ray) ``slice_index`` may be None and no slice is sent. ``slices``
     asks over a range instead, ``(first, last)`` or ``"all"``; the PNG then shows the slice
-    where the answer's masks are largest.
+    where the answer's masks are largest. ``roi`` ([x1, y1, x2, y2] in slice pixels) asks
+    for a closer look at that box of the slice instead.
     """
+    if roi is not None and slices is not None:
+        raise CitrusVError("A closer look is about one slice: give one slice index, not a "
+                           "range.")
     client = CitrusVClient(url, token=token, ca_certificate=ca_certificate)
-    task = task or guess_task(prompt)
+    task = "closer_look" if roi is not None else (task or guess_task(prompt))
     with tempfile.TemporaryDirectory() as tmp:
         volume = read_label_volume(image_path or client.download_image(image_id, tmp))
     is_2d = volume.array.shape[AXES.index(axis)] == 1
@@ -168,7 +173,8 @@ def ask_server(
         if slice_index is None and not is_2d:
             raise CitrusVError(f"'{image_id}' is a volume: give the slice index to ask about.")
         index = 0 if is_2d else int(slice_index)
-        params = infer_params(prompt, axis, "slice", index, window=window, is_2d=is_2d)
+        params = infer_params(prompt, axis, "slice", index, window=window, is_2d=is_2d,
+                              roi=None if roi is None else [float(v) for v in roi])
         response = client.infer(task, image_id, params)
     if png_path is not None:
         image = to_uint8(get_slice(volume.array, axis, index), window)
