@@ -35,7 +35,7 @@ from .generation import (
     token_char_ends,
 )
 from .imaging import FrameMap
-from .parsing import (SEG_TOKEN, TASKS, absent_labels, answers_about, asks_for_everything,
+from .parsing import (REGIONS, SEG_TOKEN, TASKS, absent_labels, answers_about, asks_for_everything,
                       asks_for_report, asks_for_volume, asks_to_compare, excluded_structures,
                       findings_named, infer_task, listed, misspelt_as_answered,
                       misspelt_names, named_structures,
@@ -1249,9 +1249,10 @@ class Engine:
 
     def _known_named(self, prompt: str) -> list[str]:
         """The structures and findings a question names (`named_structures`, `findings_named`)
-        that the model was taught (all of them when `CitrusVConfig.structures` is empty)."""
+        that the model was taught (all of them when `CitrusVConfig.structures` is empty); a
+        body region ("abdomen") is none."""
         names, findings = untaught(prompt, self.config.structures)
-        return ([n for n in named_structures(prompt) if n not in names]
+        return ([n for n in named_structures(prompt) if n not in names and n not in REGIONS]
                 + [f for f in findings_named(prompt) if f not in findings])
 
     def _ask_for_report(self, state: SliceState, prompt: str, res: Result,

@@ -683,9 +683,14 @@ def untaught(prompt: str, taught) -> tuple[list[str], list[str]]:
         return [], []
     parts = [(part, whole) for part, whole in parts_named(prompt) if answers_about(whole, taught)]
     names = [n for n in named_structures(prompt) if not answers_about(n, taught)
-             and not any(n in part for part, _ in parts)]  # "renal pelvis": the kidney's
+             and not any(n in part for part, _ in parts)  # "renal pelvis": the kidney's
+             and n not in REGIONS]  # "What is in the abdomen?" asks about what is there
     findings = [f for f in findings_named(prompt) if not _taught_finding(f, taught)]
     return names, findings
+
+
+# body regions ANATOMY names, which no model is taught as a structure of its own
+REGIONS = frozenset({"head", "neck", "chest", "thorax", "abdomen"})
 
 
 def _taught_finding(finding: str, taught) -> bool:

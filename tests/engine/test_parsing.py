@@ -502,6 +502,7 @@ NANO_TEN = ["right lung", "left lung", "heart", "aorta", "liver", "stomach", "sp
     ("Segment the right renal pelvis.", [], []),  # the kidney's, not the bone
     ("Segment the left ventricle.", [], []),
     ("What is this?", [], []),
+    ("What is in the abdomen?", [], []),  # a region: what is there, not a structure
 ])
 def test_what_a_question_names_that_the_model_was_not_taught(prompt, names, findings):
     assert untaught(prompt, NANO_TEN) == (names, findings)
