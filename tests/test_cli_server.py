@@ -50,21 +50,35 @@ def test_ask_server_without_png_prints_the_answer(citrusv_server, tmp_path, caps
     assert list(tmp_path.iterdir()) == [tmp_path / "r.json"]
 
 
+def _wheres(server, model_dir, sample_root) -> list[list[str]]:
+    """`citrusv ask` through the server, then with the same checkpoint run here."""
+    return [["--server", server.url, "--image", "chest_ct"],
+            ["--model", str(model_dir), "--image",
+             str(sample_root / "studies" / "chest_ct.nii.gz")]]
+
+
+def _asked_both_ways(server, model_dir, sample_root, tmp_path, capsys, args: list[str],
+                     printed: str = "") -> tuple[dict, dict]:
+    """The JSON results of `citrusv ask ARGS` through the server and with the local model
+    (each run must succeed and, where `printed` is given, print it)."""
+    results = []
+    for where in _wheres(server, model_dir, sample_root):
+        out = tmp_path / f"r{len(results)}.json"
+        rc = main(["ask", *where, *args, "--json", str(out)])
+        assert rc == 0, capsys.readouterr().err
+        results.append(json.loads(out.read_text()))
+        assert printed in capsys.readouterr().out
+    return results[0], results[1]
+
+
 def test_ask_over_a_slice_range_is_the_same_from_the_server_and_the_local_model(
         citrusv_server, tiny_model_dir, sample_root, tmp_path, capsys):
     """`--slice 58-62` asks over five slices: the server and the same checkpoint run here give
     the same answer, the same masks on the same slices and the same volume."""
-    results = []
-    for where in (["--server", citrusv_server.url, "--image", "chest_ct"],
-                  ["--model", str(tiny_model_dir), "--image",
-                   str(sample_root / "studies" / "chest_ct.nii.gz")]):
-        out = tmp_path / f"r{len(results)}.json"
-        rc = main(["ask", *where, "--slice", "58-62", "--prompt", "Segment the liver.",
-                   "--window", "abdomen", "--json", str(out), "--png", str(tmp_path / "r.png")])
-        assert rc == 0, capsys.readouterr().err
-        results.append(json.loads(out.read_text()))
-        assert "shows slice " in capsys.readouterr().out
-    server, local = results
+    server, local = _asked_both_ways(
+        citrusv_server, tiny_model_dir, sample_root, tmp_path, capsys,
+        ["--slice", "58-62", "--prompt", "Segment the liver.", "--window", "abdomen",
+         "--png", str(tmp_path / "r.png")], printed="shows slice ")
     assert server["image"]["slices"] == local["image"]["slices"] == [58, 59, 60, 61, 62]
     assert server["answer"] == local["answer"]
     assert [(m["slice"], m["area_px"]) for m in server["masks"]] == \
@@ -77,17 +91,10 @@ def test_a_report_over_a_slice_range_is_the_same_from_the_server_and_the_local_m
         citrusv_server, tiny_model_dir, sample_root, tmp_path, capsys):
     """A report question over slices 60-62: the server answers it (before 2026-12-06 its
     report task refused a range, where the local engine answered) as the local model does."""
-    results = []
-    for where in (["--server", citrusv_server.url, "--image", "chest_ct"],
-                  ["--model", str(tiny_model_dir), "--image",
-                   str(sample_root / "studies" / "chest_ct.nii.gz")]):
-        out = tmp_path / f"r{len(results)}.json"
-        rc = main(["ask", *where, "--slice", "60-62", "--prompt",
-                   "Write a report for this CT slice. Think step by step.", "--window", "abdomen",
-                   "--json", str(out)])
-        assert rc == 0, capsys.readouterr().err
-        results.append(json.loads(out.read_text()))
-    server, local = results
+    server, local = _asked_both_ways(
+        citrusv_server, tiny_model_dir, sample_root, tmp_path, capsys,
+        ["--slice", "60-62", "--prompt", "Write a report for this CT slice. Think step by step.",
+         "--window", "abdomen"])
     assert server["task"] == local["task"] == "report"
     assert server["image"]["slices"] == local["image"]["slices"] == [60, 61, 62]
     assert server["text"] == local["text"] and server["answer"] == local["answer"]
@@ -133,16 +140,10 @@ def test_a_closer_look_with_roi_is_the_same_from_the_server_and_the_local_model(
         citrusv_server, tiny_model_dir, sample_root, tmp_path, capsys):
     """`--roi` asks for a closer look at that box: through the server as through a local
     model (before 2026-12-06 `--server` dropped `--roi` and answered a plain segmentation)."""
-    results = []
-    for where in (["--server", citrusv_server.url, "--image", "chest_ct"],
-                  ["--model", str(tiny_model_dir), "--image",
-                   str(sample_root / "studies" / "chest_ct.nii.gz")]):
-        out = tmp_path / f"r{len(results)}.json"
-        rc = main(["ask", *where, "--slice", "60", "--prompt", "Segment the liver.",
-                   "--roi", "80,110,300,320", "--window", "abdomen", "--json", str(out)])
-        assert rc == 0, capsys.readouterr().err
-        results.append(json.loads(out.read_text()))
-    server, local = results
+    server, local = _asked_both_ways(
+        citrusv_server, tiny_model_dir, sample_root, tmp_path, capsys,
+        ["--slice", "60", "--prompt", "Segment the liver.", "--roi", "80,110,300,320",
+         "--window", "abdomen"])
     assert server["task"] == local["task"] == "closer_look"
     assert server["closer_look"]["roi"] == local["closer_look"]["roi"] == [80.0, 110.0, 300.0,
                                                                           320.0]
@@ -160,9 +161,7 @@ def test_a_closer_look_with_roi_is_the_same_from_the_server_and_the_local_model(
 ])
 def test_a_bad_roi_is_one_sentence_for_the_server_and_the_local_model(
         citrusv_server, tiny_model_dir, sample_root, capsys, extra, said):
-    for where in (["--server", citrusv_server.url, "--image", "chest_ct"],
-                  ["--model", str(tiny_model_dir), "--image",
-                   str(sample_root / "studies" / "chest_ct.nii.gz")]):
+    for where in _wheres(citrusv_server, tiny_model_dir, sample_root):
         rc = main(["ask", *where, "--prompt", "Segment the liver.", *extra])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and err.startswith(said) and len(err.splitlines()) == 1, err
