@@ -35,13 +35,12 @@ from .generation import (
     token_char_ends,
 )
 from .imaging import FrameMap
-from .parsing import (REGIONS, SEG_TOKEN, TASKS, absent_labels, answers_about, asks_for_everything,
+from .parsing import (SEG_TOKEN, TASKS, absent_labels, answers_about, asks_for_everything,
                       asks_for_report, asks_for_volume, asks_to_compare, excluded_structures,
-                      findings_named, infer_task, listed, misspelt_as_answered,
-                      misspelt_names, named_structures,
-                      names_slices, parse_output, parts_named, prompt_targets, respelled,
-                      size_mismatches, unasked_warning, untaught, untaught_warning, whole_of,
-                      whole_warning)
+                      infer_task, known_named, listed, misspelt_as_answered, misspelt_names,
+                      named_structures, names_slices, parse_output, parts_named,
+                      prompt_targets, respelled, size_mismatches, unasked_warning, untaught,
+                      untaught_warning, whole_of, whole_warning)
 from .prompting import pixel_inputs, stop_token_ids, text_inputs
 from .result import Box, Mask, Result, Step
 from .slice_cache import SliceCache, SliceState, content_hash
@@ -1207,8 +1206,9 @@ class Engine:
             # a question naming nothing the model knows ("What is this?", "Is this normal?"
             # asked of nano, which writes a left-lung box) is answered by a report too
             off = bool(res.boxes or res.masks or parsed.absent or parsed.dropped)
-            report = self._ask_for_report(state, prompt, res, checked,
-                                          off and not self._known_named(checked))
+            report = self._ask_for_report(
+                state, prompt, res, checked,
+                off and not known_named(checked, self.config.structures))
             if report is not None:
                 if unknown:  # after how a misspelt word was read, before the rest
                     report.warnings.insert(0, unknown)
@@ -1246,14 +1246,6 @@ class Engine:
         if fixes or by_answer:
             res.warnings.insert(0, spelling_note(fixes, by_answer))
         return res
-
-    def _known_named(self, prompt: str) -> list[str]:
-        """The structures and findings a question names (`named_structures`, `findings_named`)
-        that the model was taught (all of them when `CitrusVConfig.structures` is empty); a
-        body region ("abdomen") is none."""
-        names, findings = untaught(prompt, self.config.structures)
-        return ([n for n in named_structures(prompt) if n not in names and n not in REGIONS]
-                + [f for f in findings_named(prompt) if f not in findings])
 
     def _ask_for_report(self, state: SliceState, prompt: str, res: Result,
                         checked: str | None = None, anyway: bool = False) -> Result | None:

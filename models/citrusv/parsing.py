@@ -671,6 +671,22 @@ def findings_named(prompt: str) -> list[str]:
     return list(dict.fromkeys(name for _, name in sorted(found)))
 
 
+def _named(prompt: str) -> tuple[list[str], list[str]]:
+    """(structures, findings) a question names: `named_structures` less body regions ("What
+    is in the abdomen?" asks about what is there), and `findings_named`."""
+    return ([n for n in named_structures(prompt) if n not in _REGIONS],
+            findings_named(prompt))
+
+
+def known_named(prompt: str, taught) -> list[str]:
+    """The structures and findings a question names (`_named`) that a model taught `taught`
+    was taught (`untaught`): all of them when `taught` is empty."""
+    names, findings = _named(prompt)
+    not_names, not_findings = untaught(prompt, taught)
+    return ([n for n in names if n not in not_names]
+            + [f for f in findings if f not in not_findings])
+
+
 def untaught(prompt: str, taught) -> tuple[list[str], list[str]]:
     """What a question names that a model taught only `taught` (`CitrusVConfig.structures`,
     nano's ten) was not taught: (structures, findings) ("Segment the pancreas." ->
@@ -682,15 +698,15 @@ def untaught(prompt: str, taught) -> tuple[list[str], list[str]]:
     if not taught:
         return [], []
     parts = [(part, whole) for part, whole in parts_named(prompt) if answers_about(whole, taught)]
-    names = [n for n in named_structures(prompt) if not answers_about(n, taught)
-             and not any(n in part for part, _ in parts)  # "renal pelvis": the kidney's
-             and n not in REGIONS]  # "What is in the abdomen?" asks about what is there
-    findings = [f for f in findings_named(prompt) if not _taught_finding(f, taught)]
+    names, findings = _named(prompt)
+    names = [n for n in names if not answers_about(n, taught)
+             and not any(n in part for part, _ in parts)]  # "renal pelvis": the kidney's
+    findings = [f for f in findings if not _taught_finding(f, taught)]
     return names, findings
 
 
 # body regions ANATOMY names, which no model is taught as a structure of its own
-REGIONS = frozenset({"head", "neck", "chest", "thorax", "abdomen"})
+_REGIONS = frozenset({"head", "neck", "chest", "thorax", "abdomen"})
 
 
 def _taught_finding(finding: str, taught) -> bool:

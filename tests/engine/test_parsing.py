@@ -557,3 +557,15 @@ def test_engine_says_how_it_read_a_word_by_the_answer():
     assert spelling_note([("livr", "liver")], [("hrt", "heart")]).startswith(
         'read "livr" as "liver" in the question (a word the engine knows) to check the answer '
         'and to ask again. read "hrt" as "heart"')
+
+
+def test_what_a_question_names_that_the_model_knows():
+    """What the engine checks before answering a report-task question with the report: a
+    question naming nothing known ("What is this?", a region, or only untaught things)."""
+    from citrusv.parsing import known_named
+    assert known_named("Is the liver normal?", NANO_TEN) == ["liver"]
+    assert known_named("Is the liver normal?", []) == ["liver", "abnormality"]
+    assert known_named("What is in the abdomen?", NANO_TEN) == []
+    assert known_named("Is there a pleural effusion?", NANO_TEN) == []
+    assert known_named("Is there a pleural effusion?", []) == ["effusion"]
+    assert known_named("Is the pancreas normal?", NANO_TEN) == []
