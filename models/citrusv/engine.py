@@ -772,9 +772,10 @@ class Engine:
                  if blend < 1 else None)
         t_whole = (time.perf_counter() - t_whole) * 1e3
         res = None
+        blended: set[str] = set()  # the labels whose crop masks were blended
         for n, square in enumerate(squares):
             look = self._look(arr, square, window, photometric, prompt, crop_text,
-                              rois[n] if user_roi else None, whole, label, blend)
+                              rois[n] if user_roi else None, whole, blend, blended)
             res = look if res is None else _join_looks(res, look)
         # what the crop's answer is compared with: the mask sent, else the model's own mask of
         # the whole slice (the first pass, asked here when a region was given instead)
@@ -818,7 +819,7 @@ class Engine:
             "area_px_after": sum(m.area_px for m in res.masks),
             "dice_with_before": None if agreement is None else round(agreement, 3),
             "answer_given": crop_text is not None and forced_text is None,
-            "blend": blend if whole is not None else 1.0,
+            "blend": blend if blended else 1.0,
         }
         self._finish(res, (h, w), slice_index, spacing, image_id, image_info, window)
         if lost:  # said above, with what marked it before: not "may not be in view"
@@ -951,28 +952,31 @@ class Engine:
         return task
 
     def _whole_view(self, arr: np.ndarray, window, photometric, prompt: str,
-                    label: str | None, crop_text: str | None) -> np.ndarray | None:
+                    label: str | None, crop_text: str | None) -> dict[str, np.ndarray]:
         """The model's probability per pixel of the whole slice for what a closer look looks
-        at: asked for `label` in GROUND_PROMPT's words (else `prompt`), with the answer the
-        crop gets (`crop_text`), its masks of `label` (else all) joined by their maximum.
-        None when it gives no such mask."""
+        at, by label: asked for `label` in GROUND_PROMPT's words (else `prompt`), with the
+        answer the crop gets (`crop_text`); its masks of `label` (else of each label it
+        gives), a label's masks joined by their maximum. Empty when it gives none."""
         state = self._state(arr, window, photometric)
         question = GROUND_PROMPT.format(label=" ".join(label.split())) if label else prompt
         res = self._run(state, question, "segment", crop_text, None, ground=False,
                         follow=False, keep_probability=True)
-        probs = [m.probability for m in res.masks
-                 if m.probability is not None and (label is None or m.label == label)]
-        return np.maximum.reduce(probs) if probs else None
+        out: dict[str, np.ndarray] = {}
+        for m in res.masks:
+            if m.probability is not None and (label is None or m.label == label):
+                out[m.label] = (np.maximum(out[m.label], m.probability) if m.label in out
+                                else m.probability)
+        return out
 
     def _look(self, arr: np.ndarray, square: list[int], window, photometric, prompt: str,
               crop_text: str | None, roi: list[float] | None,
-              whole: np.ndarray | None = None, label: str | None = None,
-              blend: float = 1.0) -> Result:
+              whole: dict[str, np.ndarray] | None = None, blend: float = 1.0,
+              blended: set[str] | None = None) -> Result:
         """One closer-look pass: the model's answer about `square` of the slice, its boxes and
         masks put back in slice pixels (masks kept inside `roi` when one was given). With
-        `whole` (the whole slice's probabilities, `_whole_view`), a mask of `label` (any, when
-        None) is where `blend` x the crop's probability + (1 - `blend`) x the whole slice's
-        is at least 0.5, inside the square."""
+        `whole` (the whole slice's probabilities by label, `_whole_view`), a mask whose label
+        it has is where `blend` x the crop's probability + (1 - `blend`) x the whole slice's
+        is at least 0.5, inside the square; its label is added to `blended`."""
         h, w = arr.shape[:2]
         x1, y1, x2, y2 = square
         size = int(self.config.image_size)
@@ -980,7 +984,7 @@ class Engine:
         key = (content_hash(arr), imaging.window_key(window), tuple(square))
         state = self._state_from_rgb(canon, key)
         res = self._run(state, prompt, "closer_look", crop_text, None,
-                        keep_probability=whole is not None)
+                        keep_probability=bool(whole))
         to_slice = FrameMap(y2 - y1, x2 - x1, size, size)
 
         def on_slice(xyxy):  # crop pixels of the model's frame -> slice pixels
@@ -992,14 +996,15 @@ class Engine:
             if box.text_xyxy is not None:
                 box.text_xyxy = on_slice(box.text_xyxy)
         for m in res.masks:
-            blended = whole is not None and m.probability is not None and (
-                label is None or m.label == label)
-            small = F.interpolate(torch.from_numpy((m.probability if blended else
-                                                    m.array).astype(np.float32))[None, None],
+            other = (whole or {}).get(m.label) if m.probability is not None else None
+            small = F.interpolate(torch.from_numpy((m.array if other is None else
+                                                    m.probability).astype(np.float32))[None, None],
                                   size=(y2 - y1, x2 - x1), mode="bilinear",
                                   align_corners=False)[0, 0].numpy()
-            if blended:
-                small = blend * small + (1.0 - blend) * whole[y1:y2, x1:x2]
+            if other is not None:  # the crop's view and the whole slice's, of one label
+                small = blend * small + (1.0 - blend) * other[y1:y2, x1:x2]
+                if blended is not None:
+                    blended.add(m.label)
             small = small >= 0.5
             m.probability = None
             full = np.zeros((h, w), dtype=bool)

@@ -246,6 +246,36 @@ def test_closer_look_crops_square_roi_and_pastes_back(engine):
     assert res.to_json()["closer_look"]["crop"] == [x1, y1, x2, y2]
 
 
+def test_a_closer_look_blends_each_label_with_its_own_whole_slice_view(tiny_dir):
+    """`closer_look_blend` below 1: a crop mask is blended with the whole slice's view of its
+    own label only (a liver certain on the whole slice fills the liver inside the square and
+    leaves the spleen as the crop marks it), and the result says which blend was used."""
+    engine = Engine.load(tiny_dir)  # its own: the config is changed
+    engine.config.closer_look_blend = 0.5
+    img = ct_slice(120, 160, seed=7)
+    text, square = "liver [SEG] spleen [SEG]", [40, 30, 92, 82]
+    question = "Segment the liver and the spleen."
+
+    def masks(**kw):
+        res = engine._look(img, square, "abdomen", None, question, text, None, **kw)
+        return {m.label: m.array for m in res.masks}
+
+    alone = masks()
+    blended: set[str] = set()
+    mixed = masks(whole={"liver": np.ones((120, 160), np.float32)}, blend=0.5,
+                  blended=blended)
+    assert set(alone) == set(mixed) == {"liver", "spleen"} and blended == {"liver"}
+    inside = np.zeros((120, 160), bool)
+    inside[30:82, 40:92] = True
+    np.testing.assert_array_equal(mixed["liver"], inside)
+    np.testing.assert_array_equal(mixed["spleen"], alone["spleen"])
+    res = engine.closer_look(img, question, roi=square, window="abdomen", forced_text=text)
+    assert res.closer_look["blend"] == 0.5 and res.timing_ms["whole_view"] > 0
+    engine.config.closer_look_blend = 1.0  # the crop alone: no whole-slice pass
+    res = engine.closer_look(img, question, roi=square, window="abdomen", forced_text=text)
+    assert res.closer_look["blend"] == 1.0 and "whole_view" not in res.timing_ms
+
+
 def test_closer_look_from_previous_mask(engine):
     img = ct_slice(120, 160, seed=6)
     prev = np.zeros((120, 160), bool)
