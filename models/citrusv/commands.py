@@ -79,8 +79,13 @@ def ask_cli(args: argparse.Namespace) -> int:
     from .io import is_picture, read_study
     from .parsing import modality_warning
 
+    # a closer look (--roi) is one slice's, through the server or here
+    if isinstance(args.slice, (tuple, str)) and args.roi:
+        raise InputError("roi", "a closer look (--roi) is about one slice; give --slice one "
+                         "index.")
+    roi = _roi_arg(args.roi)
     if args.server:
-        return _ask_server(args)
+        return _ask_server(args, roi)
     if not args.model:
         print("error: pass --model DIR (local engine) or --server URL (a running server)",
               file=sys.stderr)
@@ -98,11 +103,7 @@ def ask_cli(args: argparse.Namespace) -> int:
         if not is_volume:
             raise InputError("slice", f"--slice {_slice_text(args.slice)} asks over slices, "
                              f"but {Path(args.image).name} is one image; leave --slice out.")
-        if args.roi:
-            raise InputError("roi", "a closer look (--roi) is about one slice; give --slice "
-                             "one index.")
         return _ask_range(args, study, axis, window)
-    roi = _roi_arg(args.roi)
     if is_volume:
         slice_index = study.array.shape[axis] // 2 if args.slice is None else args.slice
         plane = study.slice(slice_index, axis)
@@ -205,17 +206,13 @@ def _roi_arg(text: str | None) -> list[float] | None:
     return roi
 
 
-def _ask_server(args: argparse.Namespace) -> int:
+def _ask_server(args: argparse.Namespace, roi: list[float] | None = None) -> int:
     """The headless twin of the Slicer module: same client, same overlay, no Slicer. With
-    `--roi`, a closer look at that box, as the module's closer look asks."""
+    `roi` (`--roi`), a closer look at that box, as the module's closer look asks."""
     from CitrusVLib.errors import CitrusVError
     from CitrusVLib.headless import ask_server
 
     ranged = isinstance(args.slice, (tuple, str))
-    if ranged and args.roi:
-        raise InputError("roi", "a closer look (--roi) is about one slice; give --slice one "
-                         "index.")
-    roi = _roi_arg(args.roi)
     try:
         result = ask_server(args.server, args.image, None if ranged else args.slice,
                             args.prompt, args.png, task=args.task, axis=args.axis,
