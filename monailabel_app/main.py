@@ -198,7 +198,7 @@ def _name_missing_images() -> None:
     """MONAI Label 0.8.5's `GET /datastore/image` and `GET /datastore/label` answer an id the
     datastore does not hold with "Image NOT Found" / "Label NOT Found". The app wraps the
     endpoint's module-level `download_image` and `download_label` (looked up at call time) so
-    that the 404 names the id and what to send instead."""
+    that that 404 names the id and what to send instead."""
     from fastapi import HTTPException
 
     from monailabel.endpoints import datastore as endpoint
@@ -206,22 +206,25 @@ def _name_missing_images() -> None:
 
     def make_image(original):
         def download_image(image: str, check_only=False, check_sum=None):
-            store = app_instance().datastore()
-            uri = store.get_image_uri(image) if isinstance(image, str) else ""
-            if not uri or not os.path.isfile(uri):
-                raise HTTPException(status_code=404, detail=_no_such_image(str(image), store))
-            return original(image, check_only, check_sum)
+            try:
+                return original(image, check_only, check_sum)
+            except HTTPException as e:
+                if e.status_code != 404 or e.detail != "Image NOT Found":
+                    raise
+                raise HTTPException(status_code=404, detail=_no_such_image(
+                    str(image), app_instance().datastore())) from None
         return download_image
 
     def make_label(original):
         def download_label(label: str, tag: str, check_only=False):
-            store = app_instance().datastore()
-            uri = store.get_label_uri(label, tag) if isinstance(label, str) else ""
-            if not uri or not os.path.isfile(uri):
+            try:
+                return original(label, tag, check_only)
+            except HTTPException as e:
+                if e.status_code != 404 or e.detail != "Label NOT Found":
+                    raise
                 raise HTTPException(status_code=404, detail=(
                     f"there is no label '{label}' tagged '{tag}' in the datastore; GET "
-                    "/datastore/?output=all lists each image's labels and their tags."))
-            return original(label, tag, check_only)
+                    "/datastore/?output=all lists each image's labels and their tags.")) from None
         return download_label
 
     _patch_once(endpoint, "download_image", make_image)
