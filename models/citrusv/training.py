@@ -118,10 +118,19 @@ def nano_sam2_config(image_size: int = 256, embed_dim: int = 24, d_model: int = 
 NANO_CLOSER_LOOK_BLEND = 0.5
 
 
+def nano_settings() -> dict:
+    """What nano's config.json says beside the architecture: the answer a closer look at a
+    named structure is given, the kinds of image it segments, what it was taught to find and
+    its closer look's blend (also written into a model continued with `init_from`, which may
+    have been saved before these settings)."""
+    from .nano_data import NAMES, segment_answer
+    return dict(segment_answer=segment_answer("{label}"), mask_modalities=["CT"],
+                structures=list(NAMES), closer_look_blend=NANO_CLOSER_LOOK_BLEND)
+
+
 def nano_config(tokenizer, min_pixels: int, max_pixels: int, image_size: int = 256,
                 hidden: int = 192, layers: int = 4, vision_hidden: int = 128,
                 vision_depth: int = 3, sam_d_model: int = 64) -> CitrusVConfig:
-    from .nano_data import NAMES, segment_answer
     ids = tokenizer.convert_tokens_to_ids
     vocab = ((len(tokenizer) + 63) // 64) * 64
     heads = max(1, hidden // 64)
@@ -149,9 +158,7 @@ def nano_config(tokenizer, min_pixels: int, max_pixels: int, image_size: int = 2
                          grounding_encoder_config=nano_sam2_config(image_size, d_model=sam_d_model),
                          image_size=image_size, min_pixels=min_pixels, max_pixels=max_pixels,
                          out_dim=sam_d_model, system_prompt=NANO_SYSTEM, name="citrusv-nano",
-                         version="1", box_source="mask",
-                         segment_answer=segment_answer("{label}"), mask_modalities=["CT"],
-                         structures=list(NAMES), closer_look_blend=NANO_CLOSER_LOOK_BLEND)
+                         version="1", box_source="mask", **nano_settings())
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -732,7 +739,7 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
     from .engine import CLOSER_LOOK_MARGIN, closer_look_image, square_roi
     from .nano_data import (MIN_AREA_PX, NAMES, NANO_MAX_PIXELS, NANO_MIN_PIXELS,
                             TRAIN_WINDOWS, build_nano_data, data_is_current, load_nano_data,
-                            mask_box, segment_answer)
+                            mask_box)
 
     torch.set_num_threads(threads)
     t_start = time.perf_counter()
@@ -747,12 +754,8 @@ def train_nano(out_dir: str | Path = "models/nano", seed: int = NANO_RECIPE["see
         # the processor training has: the fast tokenizer and the slow image processor
         model, processor, config = load_checkpoint(init_from, dtype=torch.float32)
         tokenizer = processor.tokenizer
-        # what these rounds teach it to answer, and on what kind of image it segments (a
-        # model saved before these settings lacks them)
-        config.segment_answer = segment_answer("{label}")
-        config.mask_modalities = ["CT"]
-        config.structures = list(NAMES)  # what it was taught to find: nothing else
-        config.closer_look_blend = NANO_CLOSER_LOOK_BLEND
+        for key, value in nano_settings().items():  # a model saved before them lacks them
+            setattr(config, key, value)
     else:
         tokenizer = train_tokenizer(_corpus(data.samples),
                                     whole_names=[n for n in NAMES if " " in n] if whole_names
