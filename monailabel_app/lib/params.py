@@ -157,6 +157,12 @@ def parse(request: dict, study: Study, task: str) -> InferParams:
         label = None  # MONAI Label puts an uploaded label *file* path here; not a name
     if label is not None and label.startswith("/") and label.endswith((".nii.gz", ".nrrd", ".bin")):
         label = None
+    if task != "closer_look":  # asked elsewhere, a region or a segment name would be dropped
+        for field, value in (("roi", request.get("roi")), ("label", label)):
+            if value is not None and value != "" and value != []:
+                raise RequestError(f"{field} is used only by a closer look; send the request to "
+                                   f"/infer/citrusv_closer_look, or leave {field} out to ask "
+                                   "about the whole slice.")
     prompt = _prompt(request.get("prompt"), required=task != "closer_look")
     if task == "closer_look" and not prompt:
         if not label:

@@ -58,6 +58,14 @@ CASES = {
                       ("broken.dcm", "corrupt"), 400, "DICOM"),
     "params a JSON list": ("citrusv_segment", "chest_ct", [1, 2], None, 400, "JSON object"),
     "params null": ("citrusv_segment", "chest_ct", None, None, 400, "JSON object"),
+    # a region or a segment name sent to another task was dropped without a word before
+    "roi on a segmentation": ("citrusv_segment", "chest_ct", {**GOOD, "roi": [80, 110, 300, 320]},
+                              None, 400, "roi is used only by a closer look; send the request "
+                              "to /infer/citrusv_closer_look"),
+    "malformed roi on a report": ("citrusv_report", "chest_ct", {**GOOD, "roi": "x"}, None, 400,
+                                  "roi is used only by a closer look"),
+    "label on a detection": ("citrusv_detect", "chest_ct", {**GOOD, "label": "liver"}, None, 400,
+                             "leave label out to ask about the whole slice"),
 }
 
 
@@ -84,6 +92,23 @@ def test_bad_request_is_4xx_then_good_request_succeeds(citrusv_server, tmp_path,
                              data={"params": json.dumps(GOOD)})
     assert ok.status_code == 200, ok.text
     assert ok.json()["image"]["slices"] == [60]
+
+
+def test_only_the_closer_look_offers_roi_and_label(citrusv_server):
+    """/info/ lists each model's options (the stock MONAI Label module shows them): a region
+    and a segment name only where they are used."""
+    models = citrusv_server.get("/info/").json()["models"]
+    assert {task: sorted(m["config"]) for task, m in models.items()} == {
+        "citrusv_segment": ["axis", "prompt", "slice", "window"],
+        "citrusv_detect": ["axis", "prompt", "slice", "window"],
+        "citrusv_report": ["axis", "prompt", "slice", "window"],
+        "citrusv_closer_look": ["axis", "label", "prompt", "roi", "slice", "window"]}
+    # the options as the stock module sends them back, roi and label empty: answered
+    empty = {"prompt": "Segment the liver.", "slice": 60, "axis": "axial", "window": "",
+             "roi": "", "label": ""}
+    r = citrusv_server.post("/infer/citrusv_segment?image=chest_ct&output=json",
+                            data={"params": json.dumps(empty)})
+    assert r.status_code == 200, r.text
 
 
 def _label(kind: str) -> np.ndarray:

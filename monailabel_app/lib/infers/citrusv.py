@@ -52,7 +52,10 @@ class CitrusVInfer(InferTask):
             labels=None,
             dimension=2,
             description=description,
-            config={"prompt": "", "slice": "", "axis": "axial", "window": "", "roi": "", "label": ""},
+            # roi and label only where they are used: the stock MONAI Label module offers
+            # every config key as an option of that model
+            config={"prompt": "", "slice": "", "axis": "axial", "window": "",
+                    **({"roi": "", "label": ""} if task == "closer_look" else {})},
         )
         self.task = task
         self.model = model
