@@ -5,6 +5,7 @@ Every check fails with a `RequestError` whose sentence names the field and the f
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,28 @@ from .images import Study
 
 AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
 CT_DEFAULT_WINDOW = "abdomen"
+# the params each task reads; /info/ lists them as the model's config (the stock MONAI Label
+# module offers each as an option, with these defaults)
+OPTIONS = {"prompt": "", "slice": "", "axis": "axial", "window": ""}
+CLOSER_LOOK_OPTIONS = {**OPTIONS, "roi": "", "label": ""}
+
+
+def options(task: str) -> dict[str, str]:
+    return dict(CLOSER_LOOK_OPTIONS if task == "closer_look" else OPTIONS)
+
+
+def _misspelt_options(request: dict) -> dict[str, str]:
+    """Keys that read as an option misspelt ("slices" -> "slice", "windw" -> "window"): left
+    out, they would leave the answer about the middle slice or in the default window without a
+    word. Other keys (MONAI Label's own, a client's) are not options and pass silently."""
+    out = {}
+    for key in request:
+        if not isinstance(key, str) or key in CLOSER_LOOK_OPTIONS:
+            continue
+        near = difflib.get_close_matches(key.lower(), list(CLOSER_LOOK_OPTIONS), n=1, cutoff=0.75)
+        if near:
+            out[key] = near[0]
+    return out
 
 
 @dataclass
@@ -163,6 +186,11 @@ def parse(request: dict, study: Study, task: str) -> InferParams:
                 raise RequestError(f"{field} is used only by a closer look; send the request to "
                                    f"/infer/citrusv_closer_look, or leave {field} out to ask "
                                    "about the whole slice.")
+    misspelt = _misspelt_options(request)
+    if request.get("prompt") is None and "prompt" in misspelt.values() and task != "closer_look":
+        key = next(k for k, v in misspelt.items() if v == "prompt")
+        raise RequestError(f"prompt is missing (params.{key} is not an option); send the "
+                           "question in params.prompt.")
     prompt = _prompt(request.get("prompt"), required=task != "closer_look")
     if task == "closer_look" and not prompt:
         if not label:
@@ -177,4 +205,6 @@ def parse(request: dict, study: Study, task: str) -> InferParams:
     roi = _roi(request.get("roi"), plane_shape) if task == "closer_look" else None
     return InferParams(prompt=prompt, slices=slices, axis=axis, axis_name=axis_name,
                        window=_window(request.get("window"), study), roi=roi, label=label,
-                       is_range=is_range, warnings=warnings)
+                       is_range=is_range,
+                       warnings=[f"params.{key} is not an option, so it was left out; did you "
+                                 f"mean {near}?" for key, near in misspelt.items()] + warnings)

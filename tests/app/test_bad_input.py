@@ -64,6 +64,8 @@ CASES = {
                               "to /infer/citrusv_closer_look"),
     "malformed roi on a report": ("citrusv_report", "chest_ct", {**GOOD, "roi": "x"}, None, 400,
                                   "roi is used only by a closer look"),
+    "prompt misspelt": ("citrusv_segment", "chest_ct", {"Prompt": "Segment the liver.", "slice": 60},
+                        None, 400, "prompt is missing (params.Prompt is not an option)"),
     "label on a detection": ("citrusv_detect", "chest_ct", {**GOOD, "label": "liver"}, None, 400,
                              "leave label out to ask about the whole slice"),
 }
@@ -109,6 +111,21 @@ def test_only_the_closer_look_offers_roi_and_label(citrusv_server):
     r = citrusv_server.post("/infer/citrusv_segment?image=chest_ct&output=json",
                             data={"params": json.dumps(empty)})
     assert r.status_code == 200, r.text
+
+
+def test_a_misspelt_option_is_named_in_the_warnings(citrusv_server):
+    """"slices" or "windw" were dropped without a word: the answer was about the middle slice
+    in the default window. MONAI Label's own keys (and a client's) pass silently."""
+    params = {"prompt": "Segment the liver.", "slices": [60, 62], "windw": "lung",
+              "client_id": "slicer-1", "label_info": []}
+    r = citrusv_server.post("/infer/citrusv_segment?image=chest_ct&output=json",
+                            data={"params": json.dumps(params)})
+    assert r.status_code == 200, r.text
+    assert r.json()["image"]["slices"] == [66]
+    assert r.json()["warnings"][:3] == [
+        "params.slices is not an option, so it was left out; did you mean slice?",
+        "params.windw is not an option, so it was left out; did you mean window?",
+        "slice was not given; used the middle axial slice 66."]
 
 
 def _label(kind: str) -> np.ndarray:

@@ -22,7 +22,7 @@ from citrusv.parsing import modality_warning
 from ..errors import RequestError
 from ..images import Study, StudyCache, empty_label, paint, write_label
 from ..model import SharedModel
-from ..params import AXES, InferParams, parse
+from ..params import AXES, InferParams, options, parse
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +52,7 @@ class CitrusVInfer(InferTask):
             labels=None,
             dimension=2,
             description=description,
-            # roi and label only where they are used: the stock MONAI Label module offers
-            # every config key as an option of that model
-            config={"prompt": "", "slice": "", "axis": "axial", "window": "",
-                    **({"roi": "", "label": ""} if task == "closer_look" else {})},
+            config=options(task),  # roi and label for the closer look only
         )
         self.task = task
         self.model = model
