@@ -753,8 +753,9 @@ class Engine:
             elif first.boxes:
                 roi = first.boxes[0].xyxy
             else:
-                raise InputError("roi", "the first pass found no region to look closer at; "
-                                 "send roi=[x1, y1, x2, y2] or a mask.")
+                what = f"no {label}" if label else "nothing the question asks for"
+                raise InputError("roi", f"the model marks {what} on this slice, so there is no "
+                                 "region to look closer at; send roi=[x1, y1, x2, y2] around it.")
         user_roi = roi is not None
         if user_roi:
             rois = self._check_rois(roi, h, w)

@@ -289,6 +289,17 @@ def test_closer_look_from_previous_mask(engine):
     assert res.prompt == "Please segment the liver in this image."
 
 
+def test_closer_look_where_the_first_pass_marks_nothing_asks_for_a_roi(engine):
+    """Over HTTP no mask can be sent, so the sentence asks for the box only."""
+    img = ct_slice(120, 160, seed=6)
+    for label, what in (("liver", "no liver"), (None, "nothing the question asks for")):
+        with pytest.raises(InputError) as err:
+            engine.closer_look(img, "Segment the liver.", label=label,
+                               forced_text="No liver is visible in this image.")
+        assert str(err.value) == (f"the model marks {what} on this slice, so there is no "
+                                  "region to look closer at; send roi=[x1, y1, x2, y2] around it.")
+
+
 def test_closer_look_takes_a_square_per_main_part_or_per_box(engine):
     """Parts apart (the ascending and descending aorta on one slice) get a square each, so
     neither is a speck in a wide crop; a speck gets none; a list of boxes gets one each and
