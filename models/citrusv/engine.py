@@ -615,6 +615,18 @@ def _serialised(method):
     return wrapper
 
 
+
+def _of_label(mask: Mask, label: str | None) -> bool:
+    """Whether `mask` is of the structure `label` names (any mask where none is named): a
+    Slicer segment named "Liver" or " liver " is the model's "liver"."""
+    return label is None or _label_words(mask.label) == _label_words(label)
+
+
+def _label_words(label: str | None) -> str:
+    """A structure's name as the model writes it: "Liver", " left  kidney" -> "liver",
+    "left kidney"."""
+    return " ".join(str(label or "").split()).lower()
+
 class Engine:
     """Citrus-V on one device: slice -> (masks, boxes, reasoning, answer) as a `Result`."""
 
@@ -726,14 +738,14 @@ class Engine:
         t0 = time.perf_counter()
         asked = bool((prompt or "").strip())
         if not asked:
-            prompt = CLOSER_LOOK_PROMPT.format(label=label or "structure")
+            prompt = CLOSER_LOOK_PROMPT.format(label=_label_words(label) or "structure")
         prompt = self._check_prompt(prompt)
         # the structure is named and the question (if any) is about it: the model gets the
         # answer it was trained to give (CitrusVConfig.segment_answer) rather than writing one
         crop_text = forced_text
         if (crop_text is None and label and self.config.segment_answer
                 and (not asked or unasked_warning(prompt, [label]) is None)):
-            crop_text = self.config.segment_answer.format(label=" ".join(label.split()).lower())
+            crop_text = self.config.segment_answer.format(label=_label_words(label))
         arr = imaging.check_slice(image, self.max_pixels)
         h, w = arr.shape[:2]
         before = None
@@ -747,7 +759,7 @@ class Engine:
         if roi is None and before is None:
             first = self.ask(arr, prompt, window, task="segment", photometric=photometric,
                              forced_text=forced_text)
-            picked = [m for m in first.masks if label is None or m.label == label]
+            picked = [m for m in first.masks if _of_label(m, label)]
             if picked and picked[0].area_px:
                 before = picked[0].array
             elif first.boxes:
@@ -787,7 +799,7 @@ class Engine:
             first = self.ask(arr, prompt, window, task="segment", photometric=photometric,
                              forced_text=forced_text)
         if compare is None and first is not None:
-            picked = [m.array for m in first.masks if label is None or m.label == label]
+            picked = [m.array for m in first.masks if _of_label(m, label)]
             compare = np.logical_or.reduce(picked) if picked else np.zeros((h, w), dtype=bool)
         if first is not None:
             res.timing_ms["first_pass"] = first.timing_ms.get("total", 0.0)
@@ -798,7 +810,7 @@ class Engine:
             region |= box_pixels(area, h, w)
         after = np.zeros((h, w), dtype=bool)
         for m in res.masks:
-            if label is None or m.label == label:
+            if _of_label(m, label):
                 after |= m.array
         agreement, lost = None, False
         if compare is not None:
@@ -959,12 +971,12 @@ class Engine:
         answer the crop gets (`crop_text`); its masks of `label` (else of each label it
         gives), a label's masks joined by their maximum. Empty when it gives none."""
         state = self._state(arr, window, photometric)
-        question = GROUND_PROMPT.format(label=" ".join(label.split())) if label else prompt
+        question = GROUND_PROMPT.format(label=_label_words(label)) if label else prompt
         res = self._run(state, question, "segment", crop_text, None, ground=False,
                         follow=False, keep_probability=True)
         out: dict[str, np.ndarray] = {}
         for m in res.masks:
-            if m.probability is not None and (label is None or m.label == label):
+            if m.probability is not None and _of_label(m, label):
                 out[m.label] = (np.maximum(out[m.label], m.probability) if m.label in out
                                 else m.probability)
         return out

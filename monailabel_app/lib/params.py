@@ -196,7 +196,7 @@ def parse(request: dict, study: Study, task: str) -> InferParams:
         if not label:
             raise RequestError("closer look needs a prompt or a label; send params.prompt such as "
                                "\"Segment the liver.\" or params.label.")
-        prompt = f"Segment the {label}."
+        prompt = f"Segment the {' '.join(label.split()).lower()}."  # a segment "Liver": the liver
     axis, axis_name = _axis(request.get("axis"), study)
     slices, is_range, warnings = _slices(request.get("slice"), study, axis, axis_name)
     if is_range and task == "closer_look":  # a report over a range: each slice's, and a summary

@@ -113,3 +113,22 @@ def test_masks_on_a_picture_file_say_it_names_no_kind(as_typed_server, tmp_path)
     r = as_typed_server.post("/infer/citrusv_segment?image=chest_ct&output=json", data={
         "params": json.dumps({"prompt": "Please segment the heart in this scan.", "slice": 65})})
     assert r.status_code == 200 and not [w for w in r.json()["warnings"] if "picture" in w]
+
+
+def test_a_closer_look_at_a_segment_named_with_capitals(as_typed_server):
+    """A Slicer segment "Liver" is nano's liver: the first pass asks for it in nano's words
+    (it asked "Segment the Liver.", which nano as typed may not answer with the liver) and
+    the look counts nano's "liver" masks as the segment's (it called them no liver); the mask
+    comes back under the segment's own name."""
+    looks = {}
+    for name in ("liver", "Liver", " Liver "):
+        r = as_typed_server.post("/infer/citrusv_closer_look?image=chest_ct&output=json",
+                                 data={"params": json.dumps({"label": name, "slice": 25})})
+        assert r.status_code == 200, r.text
+        looks[name] = r.json()
+    for name, res in looks.items():
+        assert res["prompt"] == "Segment the liver."
+        assert [m["label"] for m in res["masks"]] == [name]
+        assert res["masks"][0]["area_px"] == looks["liver"]["masks"][0]["area_px"] > 5000
+        assert res["closer_look"] == looks["liver"]["closer_look"]
+        assert res["closer_look"]["dice_with_before"] > 0.9 and res["warnings"] == []

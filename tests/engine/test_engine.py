@@ -289,6 +289,21 @@ def test_closer_look_from_previous_mask(engine):
     assert res.prompt == "Please segment the liver in this image."
 
 
+def test_closer_look_at_a_segment_named_with_capitals_is_the_models_structure(engine):
+    """A Slicer segment "Liver" (or " liver ") is the model's "liver": its masks count as the
+    look's (they did not: the look was said to mark nothing and compared as empty)."""
+    img = ct_slice(120, 160, seed=6)
+    looks = [engine.closer_look(img, "", roi=[40, 30, 100, 80], label=name, window="abdomen",
+                                forced_text="liver [SEG]")
+             for name in ("liver", "Liver", " liver ")]
+    assert looks[0].masks[0].label == "liver" and looks[0].masks[0].area_px > 0
+    assert looks[0].closer_look["dice_with_before"] > 0
+    for look in looks[1:]:
+        assert look.prompt == looks[0].prompt == "Please segment the liver in this image."
+        assert look.closer_look == looks[0].closer_look
+        assert look.warnings == looks[0].warnings
+
+
 def test_closer_look_where_the_first_pass_marks_nothing_asks_for_a_roi(engine):
     """Over HTTP no mask can be sent, so the sentence asks for the box only."""
     img = ct_slice(120, 160, seed=6)
