@@ -46,7 +46,8 @@ class Sample:
 
 def _names(info: dict, values: list[int]) -> dict[int, tuple[str, str, object]]:
     """label value -> (name, prompt, window) from the saved params: each structure's own
-    (kept by the datastore's merge), else the label's, else "Segment the <name>."."""
+    (kept by the datastore's merge), else the label's, else "Segment the <name>." (a segment
+    "Liver": "Segment the liver.", in the model's words)."""
     names: dict[int, tuple[str, str, object]] = {}
     entries = info.get("label_info") or []
     prompt = info.get("prompt") if isinstance(info.get("prompt"), str) else None
@@ -58,7 +59,7 @@ def _names(info: dict, values: list[int]) -> dict[int, tuple[str, str, object]]:
         name = str(entry.get("name") or f"label {idx}")
         own = entry.get("prompt") if isinstance(entry.get("prompt"), str) else None
         names[idx] = (name, own or (prompt if (prompt and len(entries) == 1)
-                                    else f"Segment the {name}."),
+                                    else f"Segment the {' '.join(name.split()).lower()}."),
                       entry.get("window", info.get("window")))
     for v in values:
         names.setdefault(v, (f"label {v}", prompt or f"Segment the label {v}.", info.get("window")))

@@ -64,3 +64,19 @@ def test_training_skips_a_structure_stored_with_a_bad_window(citrusv_sample_stud
     samples = collect(CorrectionsDatastore(str(studies), extensions=EXTENSIONS),
                       max_per_structure=4)
     assert {s.label for s in samples} == {"spleen"} and len(samples) >= 4
+
+
+def test_a_correction_named_with_capitals_is_asked_for_in_the_models_words(
+        citrusv_sample_studies, tmp_path):
+    """A Slicer segment "Spleen" sent without a question trains on "Segment the spleen."
+    (nano was taught lower-case names; as typed it answers capitals worse)."""
+    from lib.corrections import collect
+
+    studies = copy_studies(tmp_path / "studies", citrusv_sample_studies)
+    store = CorrectionsDatastore(str(studies), extensions=EXTENSIONS)
+    ct = studies / "chest_ct.nii.gz"
+    store.save_label("chest_ct", str(reference_label(tmp_path / "s.nii.gz", SPLEEN, ct)), "final",
+                     {"label_info": [{"name": " Spleen", "idx": 1}]})
+    samples = collect(CorrectionsDatastore(str(studies), extensions=EXTENSIONS),
+                      max_per_structure=4)
+    assert {(s.label, s.prompt) for s in samples} == {(" Spleen", "Segment the spleen.")}
