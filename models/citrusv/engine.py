@@ -36,7 +36,7 @@ from .generation import (
 )
 from .imaging import FrameMap
 from .parsing import (SEG_TOKEN, TASKS, absent_labels, answers_about, asks_for_everything,
-                      asks_for_report, asks_for_volume, asks_to_compare, excluded_structures,
+                      asks_for_report, asks_for_volume, asks_to_compare, excluded_structures, garbled_warning,
                       infer_task, known_named, listed, misspelt_as_answered, misspelt_names,
                       named_structures, names_slices, parse_output, parts_named,
                       prompt_targets, respelled, size_mismatches, unasked_warning, untaught,
@@ -1173,6 +1173,7 @@ class Engine:
         parsed = parse_output(text, prompt)
         res = Result(task=task, prompt=prompt, text=text, answer=parsed.answer,
                      model=self._model_info(), warnings=list(parsed.warnings))
+        garbled = garbled_warning(text)  # said first, whatever else is said
         ends = (token_char_ends(self.tokenizer, gen.token_ids, text)
                 if parsed.boxes and gen.token_probs else [])  # only when there is a box
         for box in parsed.boxes:
@@ -1263,6 +1264,8 @@ class Engine:
             res.warnings.insert(0, unknown)
         if fixes or by_answer:
             res.warnings.insert(0, spelling_note(fixes, by_answer))
+        if garbled:
+            res.warnings.insert(0, garbled)
         return res
 
     def _ask_for_report(self, state: SliceState, prompt: str, res: Result,

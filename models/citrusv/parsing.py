@@ -454,6 +454,43 @@ def listed(names: list[str], conj: str = "and") -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + f" {conj} " + names[-1]
 
 
+# a phrase said this many times in a row is no answer (nano on random noise: "right lung right
+# lung right lung ..."); a report lists each structure once
+GARBLED_REPEATS = 5
+
+
+def _longest_repeat(words: list[str]) -> tuple[str, int]:
+    """The phrase of one to four words said most often in a row, and how often."""
+    best = ("", 1)
+    for n in range(1, 5):
+        i = 0
+        while i + 2 * n <= len(words):
+            k = 1
+            while words[i + k * n:i + (k + 1) * n] == words[i:i + n]:
+                k += 1
+            if k > best[1]:
+                best = (" ".join(words[i:i + n]), k)
+            i += max(1, (k - 1) * n) if k > 1 else 1
+    return best
+
+
+def garbled_warning(text: str) -> str | None:
+    """A sentence when the model's answer is no language it was taught to write: a phrase over
+    and over, or a box list it opened and left with no box one can read. nano writes such
+    answers about images unlike its training (noise, a photograph); they were shown with no
+    word, or only with "the answer has nothing about the liver"."""
+    why = []
+    phrase, times = _longest_repeat(re.sub(r"[^\w\s]", " ", text).split())
+    if times >= GARBLED_REPEATS:
+        why.append(f'it says "{phrase}" {times} times in a row')
+    if "```json" in text and not _JSON_OBJ.search(text):
+        why.append("its box list cannot be read")
+    if not why:
+        return None
+    return (f"the model's answer is garbled ({'; '.join(why)}): trust nothing in it; the image "
+            "may be unlike those the model was trained on.")
+
+
 def unasked_warning(prompt: str, labels) -> str | None:
     """A sentence for the radiologist when an answer is about something the question did not
     ask for: none of the answer's structures is named in the question (nano, asked for the

@@ -289,6 +289,19 @@ def test_closer_look_from_previous_mask(engine):
     assert res.prompt == "Please segment the liver in this image."
 
 
+def test_a_garbled_answer_is_said_first(engine):
+    img = ct_slice(120, 160, seed=6)
+    res = engine.ask(img, "Find the liver.", window="abdomen",
+                     forced_text="```json, 104 " + "right lung " * 6 + "0, 112], \"left lung\"}]\n```")
+    assert res.boxes == []
+    assert res.warnings[0] == ('the model\'s answer is garbled (it says "right lung" 6 times in a '
+                               'row; its box list cannot be read): trust nothing in it; the image '
+                               'may be unlike those the model was trained on.')
+    plain = engine.ask(img, "Find the liver.", window="abdomen",
+                       forced_text='```json\n[{"bbox_2d": [10, 10, 40, 40], "label": "liver"}]\n```')
+    assert not any("garbled" in w for w in plain.warnings)
+
+
 def test_closer_look_at_a_segment_named_with_capitals_is_the_models_structure(engine):
     """A Slicer segment "Liver" (or " liver ") is the model's "liver": its masks count as the
     look's (they did not: the look was said to mark nothing and compared as empty)."""

@@ -6,7 +6,7 @@ from citrusv.parsing import (absent_labels, answers_about, asks_for_everything, 
                              named_modalities, named_structures, parse_output, prompt_target,
                              prompt_targets, respelled, size_mismatches, unasked_warning,
                              untaught, untaught_warning, whole_of, whole_warning, findings_named,
-                             misspelt_as_answered)
+                             misspelt_as_answered, garbled_warning)
 
 TEXT = (
     "<think>1. The rib cage <bbox>[10, 20, 30, 40]</bbox> is intact.\n"
@@ -569,3 +569,26 @@ def test_what_a_question_names_that_the_model_knows():
     assert known_named("Is there a pleural effusion?", NANO_TEN) == []
     assert known_named("Is there a pleural effusion?", []) == ["effusion"]
     assert known_named("Is the pancreas normal?", NANO_TEN) == []
+
+
+NOISE_ANSWER = ('```json, 104 right lung right lung right lung right lung right lung right lung '
+                'right lung 0, 0, 11225, 112],],],],15, 0, 114, 112], "left lung"}]\n```')
+
+
+@pytest.mark.parametrize("text, said", [
+    (NOISE_ANSWER, 'the model\'s answer is garbled (it says "right lung" 7 times in a row; its box '
+                   'list cannot be read): trust nothing in it; the image may be unlike those the '
+                   'model was trained on.'),
+    ('Sure, 104 0, 112, 112, 112, 112, 112, 112], "heart"}]\n```', 'it says "112" 6 times'),
+    ('```json\n[{"bbox_2 right lung, 0, 112]\n```', "(its box list cannot be read)"),
+    (TEXT, None),
+    ('```json\n[{"bbox_2d": [25, 13, 88, 118], "label": "right lung"}, '
+     '{"bbox_2d": [93, 7, 143, 107], "label": "left lung"}]\n```', None),
+    ("Sure, the right lung is [SEG] right lung.\nSure, the left lung is [SEG] left lung.", None),
+    ("No kidneys are visible in this image.", None),
+])
+def test_a_garbled_answer_is_called_so(text, said):
+    """nano's answers about random noise (what it wrote, cut short); its answers about the CT
+    are not garbled (0 of 690 on the held-out slices: work/probe_garbled.py)."""
+    got = garbled_warning(text)
+    assert (got is None) if said is None else (said in got), got
