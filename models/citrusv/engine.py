@@ -1173,7 +1173,6 @@ class Engine:
         parsed = parse_output(text, prompt)
         res = Result(task=task, prompt=prompt, text=text, answer=parsed.answer,
                      model=self._model_info(), warnings=list(parsed.warnings))
-        garbled = garbled_warning(text)  # said first, whatever else is said
         ends = (token_char_ends(self.tokenizer, gen.token_ids, text)
                 if parsed.boxes and gen.token_probs else [])  # only when there is a box
         for box in parsed.boxes:
@@ -1264,7 +1263,9 @@ class Engine:
             res.warnings.insert(0, unknown)
         if fixes or by_answer:
             res.warnings.insert(0, spelling_note(fixes, by_answer))
-        if garbled:
+        # said first; of the answer returned (a first answer that asking again replaced is
+        # not: nano, asked "heart", often begins a box and writes "the liver is [SEG] liver")
+        if garbled := garbled_warning(res.answer):
             res.warnings.insert(0, garbled)
         return res
 

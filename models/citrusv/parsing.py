@@ -487,8 +487,8 @@ def garbled_warning(text: str) -> str | None:
         why.append("its box list cannot be read")
     if not why:
         return None
-    return (f"the model's answer is garbled ({'; '.join(why)}): trust nothing in it; the image "
-            "may be unlike those the model was trained on.")
+    return (f"the model's answer is garbled ({'; '.join(why)}): check all of it against the "
+            "image, which may be unlike those the model was trained on.")
 
 
 def unasked_warning(prompt: str, labels) -> str | None:

@@ -295,8 +295,8 @@ def test_a_garbled_answer_is_said_first(engine):
                      forced_text="```json, 104 " + "right lung " * 6 + "0, 112], \"left lung\"}]\n```")
     assert res.boxes == []
     assert res.warnings[0] == ('the model\'s answer is garbled (it says "right lung" 6 times in a '
-                               'row; its box list cannot be read): trust nothing in it; the image '
-                               'may be unlike those the model was trained on.')
+                               'row; its box list cannot be read): check all of it against the '
+                               'image, which may be unlike those the model was trained on.')
     plain = engine.ask(img, "Find the liver.", window="abdomen",
                        forced_text='```json\n[{"bbox_2d": [10, 10, 40, 40], "label": "liver"}]\n```')
     assert not any("garbled" in w for w in plain.warnings)

@@ -577,8 +577,8 @@ NOISE_ANSWER = ('```json, 104 right lung right lung right lung right lung right 
 
 @pytest.mark.parametrize("text, said", [
     (NOISE_ANSWER, 'the model\'s answer is garbled (it says "right lung" 7 times in a row; its box '
-                   'list cannot be read): trust nothing in it; the image may be unlike those the '
-                   'model was trained on.'),
+                   'list cannot be read): check all of it against the image, which may be '
+                   'unlike those the model was trained on.'),
     ('Sure, 104 0, 112, 112, 112, 112, 112, 112], "heart"}]\n```', 'it says "112" 6 times'),
     ('```json\n[{"bbox_2 right lung, 0, 112]\n```', "(its box list cannot be read)"),
     (TEXT, None),
