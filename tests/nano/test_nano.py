@@ -924,3 +924,22 @@ def test_a_name_typed_with_two_slips_is_read_as_the_name_nano_answers_with(engin
         assert dice_score(res.masks[0].array, study.mask("liver", k)) >= 0.85
         assert res.warnings == [f'read "{typed}" as "liver" in the question (the name the '
                                 "answer gives) to check the answer."]
+
+
+def test_a_garbled_answer_is_called_so_where_it_is_returned(engine, study):
+    """nano asked by a name alone on held-out slice 108 often begins a box and breaks off
+    ('```json [{"bbox_2d": [84, the liver is [SEG] liver.'). Asked "heart", that answer is
+    about the liver, is asked again and replaced: no sentence. Asked "liver", it stands (its
+    mask is the liver's): the garbled sentence comes first."""
+    k = 108
+    heart = engine.ask(study.volume[k], "heart", task="segment", window="abdomen")
+    assert heart.text.startswith('```json\n[{"bbox_2d": [84, the liver is [SEG] liver.')
+    assert [m.label for m in heart.masks] == ["heart"]
+    assert not any("garbled" in w for w in heart.warnings), heart.warnings
+    liver = engine.ask(study.volume[k], "liver", task="segment", window="abdomen")
+    assert liver.answer.startswith('```json\n[{"bbox_2d": [84, the liver is [SEG] liver.')
+    assert liver.warnings[0].startswith("the model's answer is garbled (its box list cannot be "
+                                        "read)")
+    dice = dice_score(np.logical_or.reduce([m.array for m in liver.masks]),
+                      study.mask("liver", k))
+    assert dice >= 0.8, dice
