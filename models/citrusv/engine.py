@@ -443,6 +443,21 @@ def _sum_times(timing: dict, more: dict) -> None:
         timing[k] = timing.get(k, 0.0) + v
 
 
+def _shown(res: Result) -> str:
+    """What a reader is shown of an answer: its reasoning steps and its answer, else (neither
+    written) the model's raw output."""
+    shown = "\n".join([s.text for s in res.reasoning] + [res.answer]).strip()
+    return shown or res.text
+
+
+def _about(res: Result, absent: list[str], task: str) -> list[str]:
+    """The structures an answer is about: its masks' for segmentation; for detection its
+    boxes' and those it calls not visible (`absent`)."""
+    if task == "segment":
+        return [m.label for m in res.masks]
+    return [b.label for b in res.boxes] + absent
+
+
 def _join_answers(res: Result, more: Result) -> Result:
     """The answer to a follow-up question (`Engine._ask_rest`) added to the first: masks of a
     label joined, new labels numbered after the first's, boxes renumbered, the raw texts and
@@ -1245,7 +1260,9 @@ class Engine:
                 res.warnings.append(off)
         said = False  # a sentence on what is missing is already there
         if follow and task in ("segment", "detect"):
-            said = self._ask_rest(state, checked, task, res, parsed.absent)
+            now_absent = self._ask_garbled_again(state, checked, task, res)
+            said = self._ask_rest(state, checked, task, res,
+                                  parsed.absent if now_absent is None else now_absent)
         elif follow and task == "report" and not reported:
             # a question with no report answered ("Is the Liver normal?": nano writes a left-lung
             # box): the structures it names are asked for as detection asks for them
@@ -1265,7 +1282,7 @@ class Engine:
             res.warnings.insert(0, spelling_note(fixes, by_answer))
         # said first; of the answer returned (a first answer that asking again replaced is
         # not: nano, asked "heart", often begins a box and writes "the liver is [SEG] liver")
-        if garbled := garbled_warning(res.answer):
+        if garbled := garbled_warning(_shown(res)):
             res.warnings.insert(0, garbled)
         return res
 
@@ -1305,6 +1322,52 @@ class Engine:
             _sum_times(res.timing_ms, more.timing_ms)
         return None
 
+    def _asked_for(self, prompt: str) -> list[str]:
+        """The structures a segmentation or detection question asks for, to ask again about:
+        what follows its task words, else any structure it names (the Slicer module sends the
+        task chosen: "liver", "Is the heart normal?"), but nothing the model was not taught
+        ("Segment the pancreas."), and a part named as its whole ("the left upper lobe of the
+        lung": the left lung, not both)."""
+        targets = prompt_targets(prompt) or named_structures(prompt)
+        targets = [t for t in targets if not any(untaught(t, self.config.structures))]
+        wholes = [whole for _, whole in parts_named(prompt)]
+        if wholes:
+            targets = list(dict.fromkeys(
+                [*wholes, *(t for t in targets if not any(answers_about(t, [w])
+                                                          for w in wholes))]))
+        return targets
+
+    def _ask_garbled_again(self, state: SliceState, prompt: str, task: str,
+                           res: Result) -> list[tuple[str, str]] | None:
+        """A segmentation or detection answer the model garbled (`parsing.garbled_warning`;
+        nano asked "liver" on held-out slice 108 writes '```json [{"bbox_2d": [84, the liver
+        is [SEG] liver.', a right liver mask with words that are none) is asked again about
+        each structure asked for (FOLLOW_UP_PROMPTS), and the new answers take its place when
+        each is about its structure and none is garbled; its raw output stays first in `text`.
+        Returns what the new answers call not visible, or None when `res` is kept as it was
+        (not garbled, nothing asked for, or a new answer no better)."""
+        if not garbled_warning(_shown(res)) or asks_for_everything(prompt):
+            return None
+        asked = [side for t in self._asked_for(prompt) for side in asked_members(t)]
+        if not asked:
+            return None
+        fresh = Result(task=res.task, prompt=res.prompt, text=res.text, model=res.model,
+                       timing_ms=res.timing_ms)  # its times are summed into res's
+        absent: list[tuple[str, str]] = []
+        for target in asked:
+            more = self._run(state, FOLLOW_UP_PROMPTS[task].format(label=target), task, None,
+                             None, follow=False)
+            more_absent = absent_labels(more.text)
+            if (garbled_warning(_shown(more))
+                    or not answers_about(target, _about(more, [a for a, _ in more_absent], task))):
+                _sum_times(res.timing_ms, more.timing_ms)
+                return None
+            _join_answers(fresh, more)
+            absent += more_absent
+        res.text, res.answer, res.reasoning = fresh.text, fresh.answer, fresh.reasoning
+        res.boxes, res.masks, res.warnings = fresh.boxes, fresh.masks, fresh.warnings
+        return absent
+
     def _ask_rest(self, state: SliceState, prompt: str, task: str, res: Result,
                   absent: list[tuple[str, str]], targets: list[str] | None = None) -> bool:
         """Ask again about what a segmentation or detection answer leaves out, on the same
@@ -1333,21 +1396,11 @@ class Engine:
             left_out = excluded_structures(prompt)  # "Segment all organs except the liver."
             targets = [t for t in self._structures_listed(state, res)
                        if not any(answers_about(x, [t]) for x in left_out)]
-        elif targets is None:  # what follows its task words, else any structure it names
-            # (the Slicer module sends the task chosen: "liver", "Is the heart normal?")
-            targets = prompt_targets(prompt) or named_structures(prompt)
-            # what the model was not taught is not asked again ("Segment the pancreas.")
-            targets = [t for t in targets if not any(untaught(t, self.config.structures))]
-            wholes = [whole for _, whole in parts_named(prompt)]
-            if wholes:  # "the left upper lobe of the lung": the left lung, not both
-                targets = list(dict.fromkeys(
-                    [*wholes, *(t for t in targets if not any(answers_about(t, [w])
-                                                              for w in wholes))]))
+        elif targets is None:
+            targets = self._asked_for(prompt)
 
         def about(r: Result, absent: list[str]) -> list[str]:
-            if task == "segment":
-                return [m.label for m in r.masks]
-            return [b.label for b in r.boxes] + absent
+            return _about(r, absent, task)
 
         said = about(res, [a for a, _ in absent])
         named = [x.label for x in res.masks + res.boxes] + [a for a, _ in absent]
