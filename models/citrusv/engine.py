@@ -36,8 +36,8 @@ from .generation import (
 )
 from .imaging import FrameMap
 from .parsing import (SEG_TOKEN, TASKS, absent_labels, answers_about, asks_for_everything,
-                      asks_for_report, asks_for_volume, asks_to_compare, excluded_structures, garbled_warning,
-                      infer_task, known_named, listed, misspelt_as_answered, misspelt_names,
+                      asks_for_report, asks_for_volume, asks_to_compare, excluded_structures,
+                      garbled_warning, infer_task, known_named, listed, misspelt_as_answered, misspelt_names,
                       named_structures, names_slices, parse_output, parts_named,
                       prompt_targets, respelled, size_mismatches, unasked_warning, untaught,
                       untaught_warning, whole_of, whole_warning)
@@ -630,7 +630,6 @@ def _serialised(method):
     return wrapper
 
 
-
 def _of_label(mask: Mask, label: str | None) -> bool:
     """Whether `mask` is of the structure `label` names (any mask where none is named): a
     Slicer segment named "Liver" or " liver " is the model's "liver"."""
@@ -641,6 +640,7 @@ def _label_words(label: str | None) -> str:
     """A structure's name as the model writes it: "Liver", " left  kidney" -> "liver",
     "left kidney"."""
     return " ".join(str(label or "").split()).lower()
+
 
 class Engine:
     """Citrus-V on one device: slice -> (masks, boxes, reasoning, answer) as a `Result`."""
@@ -1355,8 +1355,10 @@ class Engine:
                        timing_ms=res.timing_ms)  # its times are summed into res's
         absent: list[tuple[str, str]] = []
         for target in asked:
-            more = self._run(state, FOLLOW_UP_PROMPTS[task].format(label=target), task, None,
-                             None, follow=False)
+            question = FOLLOW_UP_PROMPTS[task].format(label=target)
+            if question.split() == res.prompt.split():  # the same words, the same answer
+                return None
+            more = self._run(state, question, task, None, None, follow=False)
             more_absent = absent_labels(more.text)
             if (garbled_warning(_shown(more))
                     or not answers_about(target, _about(more, [a for a, _ in more_absent], task))):
@@ -1399,10 +1401,7 @@ class Engine:
         elif targets is None:
             targets = self._asked_for(prompt)
 
-        def about(r: Result, absent: list[str]) -> list[str]:
-            return _about(r, absent, task)
-
-        said = about(res, [a for a, _ in absent])
+        said = _about(res, [a for a, _ in absent], task)
         named = [x.label for x in res.masks + res.boxes] + [a for a, _ in absent]
         into = res
         if targets and named and not any(answers_about(t, named) for t in targets):
@@ -1420,7 +1419,7 @@ class Engine:
                 continue
             more = self._run(state, question, task, None, None, follow=False)
             more_absent = [a for a, _ in absent_labels(more.text)]
-            got = about(more, more_absent)
+            got = _about(more, more_absent, task)
             if answers_about(target, got):
                 _join_answers(into, more)
                 said += got
