@@ -37,10 +37,10 @@ from .generation import (
 from .imaging import FrameMap
 from .parsing import (SEG_TOKEN, TASKS, absent_labels, answers_about, asks_for_everything,
                       asks_for_report, asks_for_volume, asks_to_compare, excluded_structures,
-                      garbled_warning, infer_task, known_named, listed, misspelt_as_answered, misspelt_names,
-                      named_structures, names_slices, parse_output, parts_named,
-                      prompt_targets, respelled, size_mismatches, unasked_warning, untaught,
-                      untaught_warning, whole_of, whole_warning)
+                      garbled_warning, infer_task, known_named, listed, misspelt_as_answered,
+                      misspelt_names, named_structures, names_slices, parse_output, parts_named,
+                      prompt_targets, respelled, segment_structure, size_mismatches,
+                      unasked_warning, untaught, untaught_warning, whole_of, whole_warning)
 from .prompting import pixel_inputs, stop_token_ids, text_inputs
 from .result import Box, Mask, Result, Step
 from .slice_cache import SliceCache, SliceState, content_hash
@@ -633,7 +633,8 @@ def _serialised(method):
 def _of_label(mask: Mask, label: str | None) -> bool:
     """Whether `mask` is of the structure `label` names (any mask where none is named): a
     Slicer segment named "Liver" or " liver " is the model's "liver"."""
-    return label is None or _label_words(mask.label) == _label_words(label)
+    return (label is None or _label_words(mask.label) == _label_words(label)
+            or answers_about(label, [mask.label]))  # "kidneys": each side's
 
 
 def _label_words(label: str | None) -> str:
@@ -752,8 +753,15 @@ class Engine:
         is given, no `forced_text`, and `prompt` is empty or names the label."""
         t0 = time.perf_counter()
         asked = bool((prompt or "").strip())
+        # a segment's name as the model knows it ("Liver 2", "liver (edited)": the liver); a
+        # name that names nothing ("Segment_1", Slicer's default) is not the model's to read
+        named, label = label, segment_structure(label)
+        if named and label is None and not asked:
+            raise InputError("label", f"'{named}' names no structure the model knows, so it "
+                             "cannot be asked for it; send the question (\"Segment the "
+                             "liver.\") in prompt, or name the segment after its structure.")
         if not asked:
-            prompt = CLOSER_LOOK_PROMPT.format(label=_label_words(label) or "structure")
+            prompt = CLOSER_LOOK_PROMPT.format(label=label or "structure")
         prompt = self._check_prompt(prompt)
         # the structure is named and the question (if any) is about it: the model gets the
         # answer it was trained to give (CitrusVConfig.segment_answer) rather than writing one
@@ -853,6 +861,9 @@ class Engine:
         if lost:  # said above, with what marked it before: not "may not be in view"
             empty = {empty_mask_warning(m.label) for m in res.masks}
             res.warnings = [x for x in res.warnings if x not in empty]
+        if label and (unknown := untaught_warning(f"Segment the {label}.", self.config.structures,
+                                                  self.config.name)):
+            res.warnings.insert(0, unknown)  # "Segment the pancreas." is said so for any task
         res.timing_ms["total"] = (time.perf_counter() - t0) * 1e3
         return res
 

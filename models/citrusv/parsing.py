@@ -454,6 +454,21 @@ def listed(names: list[str], conj: str = "and") -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + f" {conj} " + names[-1]
 
 
+def segment_structure(label: str | None) -> str | None:
+    """What a segment's name names, in the model's words: the structure where it names one
+    ("Liver", "liver (edited)", "Liver 2" -> "liver"), its words in lower case where it names
+    several, a part or a finding ("LUL", "Lesion 1"), None where it names nothing
+    ("Segment_1") or no name is given."""
+    if not label or not label.strip():
+        return None
+    names = named_structures(label)
+    if len(names) == 1:
+        return names[0]
+    if names or parts_named(label) or findings_named(label):
+        return " ".join(label.split()).lower()
+    return None
+
+
 # a phrase said this many times in a row is no answer (nano on random noise: "right lung right
 # lung right lung ..."); a report lists each structure once
 GARBLED_REPEATS = 5

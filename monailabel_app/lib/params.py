@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from citrusv.parsing import segment_structure
+
 from .errors import RequestError
 from .images import Study
 
@@ -196,7 +198,12 @@ def parse(request: dict, study: Study, task: str) -> InferParams:
         if not label:
             raise RequestError("closer look needs a prompt or a label; send params.prompt such as "
                                "\"Segment the liver.\" or params.label.")
-        prompt = f"Segment the {' '.join(label.split()).lower()}."  # a segment "Liver": the liver
+        structure = segment_structure(label)  # a segment "Liver 2": the liver
+        if structure is None:
+            raise RequestError(f"label '{label}' names no structure the model knows, so it cannot "
+                               "be asked for it; send the question (\"Segment the liver.\") in "
+                               "params.prompt, or name the segment after its structure.")
+        prompt = f"Segment the {structure}."
     axis, axis_name = _axis(request.get("axis"), study)
     slices, is_range, warnings = _slices(request.get("slice"), study, axis, axis_name)
     if is_range and task == "closer_look":  # a report over a range: each slice's, and a summary

@@ -317,6 +317,22 @@ def test_closer_look_at_a_segment_named_with_capitals_is_the_models_structure(en
         assert look.warnings == looks[0].warnings
 
 
+def test_closer_look_at_a_segment_named_after_nothing(engine):
+    """Slicer's default name "Segment_1" names no structure: with no question there is
+    nothing to ask the model (it was asked "Please segment the Segment_1 in this image."
+    and given the answer "Sure, the segment_1 is [SEG] segment_1."); with one, the question
+    is asked as it stands and any mask it gives is the look's."""
+    img = ct_slice(120, 160, seed=6)
+    with pytest.raises(InputError) as err:
+        engine.closer_look(img, "", roi=[40, 30, 100, 80], label="Segment_1")
+    assert str(err.value).startswith("'Segment_1' names no structure the model knows")
+    named = engine.closer_look(img, "Segment the liver.", roi=[40, 30, 100, 80], label="Segment_1",
+                               window="abdomen", forced_text="liver [SEG]")
+    plain = engine.closer_look(img, "Segment the liver.", roi=[40, 30, 100, 80],
+                               window="abdomen", forced_text="liver [SEG]")
+    assert named.closer_look == plain.closer_look and named.masks[0].area_px > 0
+
+
 def test_closer_look_where_the_first_pass_marks_nothing_asks_for_a_roi(engine):
     """Over HTTP no mask can be sent, so the sentence asks for the box only."""
     img = ct_slice(120, 160, seed=6)

@@ -941,3 +941,9 @@ def test_a_garbled_answer_is_asked_again(engine, study):
         assert not any("garbled" in w for w in res.warnings), res.warnings
         dice = dice_score(res.masks[0].array, study.mask(name, k))
         assert dice >= 0.8, (name, dice)
+
+
+def test_a_closer_look_at_a_structure_nano_was_not_taught_says_so(engine, study):
+    res = engine.closer_look(study.volume[SLICE], "", roi=[21, 102, 264, 345], label="Pancreas",
+                             window="abdomen")
+    assert res.warnings[0].startswith("citrusv-nano was not taught the pancreas"), res.warnings
