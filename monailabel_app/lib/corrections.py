@@ -16,6 +16,7 @@ import numpy as np
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 
 from citrusv.imaging import resolve_window
+from citrusv.parsing import segment_structure
 from citrusv.training import dice_score
 
 from .errors import RequestError
@@ -47,7 +48,7 @@ class Sample:
 def _names(info: dict, values: list[int]) -> dict[int, tuple[str, str, object]]:
     """label value -> (name, prompt, window) from the saved params: each structure's own
     (kept by the datastore's merge), else the label's, else "Segment the <name>." (a segment
-    "Liver": "Segment the liver.", in the model's words)."""
+    "Liver" or "Liver 2": "Segment the liver.", in the model's words)."""
     names: dict[int, tuple[str, str, object]] = {}
     entries = info.get("label_info") or []
     prompt = info.get("prompt") if isinstance(info.get("prompt"), str) else None
@@ -59,7 +60,7 @@ def _names(info: dict, values: list[int]) -> dict[int, tuple[str, str, object]]:
         name = str(entry.get("name") or f"label {idx}")
         own = entry.get("prompt") if isinstance(entry.get("prompt"), str) else None
         names[idx] = (name, own or (prompt if (prompt and len(entries) == 1)
-                                    else f"Segment the {' '.join(name.split()).lower()}."),
+                                    else f"Segment the {segment_structure(name) or name}."),
                       entry.get("window", info.get("window")))
     for v in values:
         names.setdefault(v, (f"label {v}", prompt or f"Segment the label {v}.", info.get("window")))

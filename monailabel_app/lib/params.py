@@ -198,12 +198,9 @@ def parse(request: dict, study: Study, task: str) -> InferParams:
         if not label:
             raise RequestError("closer look needs a prompt or a label; send params.prompt such as "
                                "\"Segment the liver.\" or params.label.")
-        structure = segment_structure(label)  # a segment "Liver 2": the liver
-        if structure is None:
-            raise RequestError(f"label '{label}' names no structure the model knows, so it cannot "
-                               "be asked for it; send the question (\"Segment the liver.\") in "
-                               "params.prompt, or name the segment after its structure.")
-        prompt = f"Segment the {structure}."
+        # a segment "Liver 2": the liver; one naming nothing ("Segment_1"): the engine says so
+        structure = segment_structure(label)
+        prompt = f"Segment the {structure}." if structure else ""
     axis, axis_name = _axis(request.get("axis"), study)
     slices, is_range, warnings = _slices(request.get("slice"), study, axis, axis_name)
     if is_range and task == "closer_look":  # a report over a range: each slice's, and a summary

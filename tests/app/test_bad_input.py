@@ -50,7 +50,7 @@ CASES = {
                            {**GOOD, "roi": [[10, 10, 50, 50]] * 9}, None, 400, "at most 8"),
     "closer look at a segment named after nothing": (
         "citrusv_closer_look", "chest_ct", {"label": "Segment_1", "slice": 60}, None, 400,
-        "label 'Segment_1' names no structure the model knows"),
+        "'Segment_1' names no structure the model knows"),
     "closer look on a range": ("citrusv_closer_look", "chest_ct", {**GOOD, "slice": "all"},
                                None, 400, "one slice"),
     "non-image upload": ("citrusv_segment", "", {"prompt": "Segment the liver."},
