@@ -450,6 +450,13 @@ def _shown(res: Result) -> str:
     return shown or res.text
 
 
+def _take_place(res: Result, new: Result) -> None:
+    """Answers asked again (`Engine._ask_rest`, `_ask_garbled_again`) in place of the first:
+    their text (the first's raw output first), answer, reasoning, boxes, masks, warnings."""
+    res.text, res.answer, res.reasoning = new.text, new.answer, new.reasoning
+    res.boxes, res.masks, res.warnings = new.boxes, new.masks, new.warnings
+
+
 def _about(res: Result, absent: list[str], task: str) -> list[str]:
     """The structures an answer is about: its masks' for segmentation; for detection its
     boxes' and those it calls not visible (`absent`)."""
@@ -633,14 +640,10 @@ def _serialised(method):
 def _of_label(mask: Mask, label: str | None) -> bool:
     """Whether `mask` is of the structure `label` names (any mask where none is named): a
     Slicer segment named "Liver" or " liver " is the model's "liver"."""
-    return (label is None or _label_words(mask.label) == _label_words(label)
+    def words(name: str) -> str:
+        return " ".join(name.split()).lower()
+    return (label is None or words(mask.label) == words(label)
             or answers_about(label, [mask.label]))  # "kidneys": each side's
-
-
-def _label_words(label: str | None) -> str:
-    """A structure's name as the model writes it: "Liver", " left  kidney" -> "liver",
-    "left kidney"."""
-    return " ".join(str(label or "").split()).lower()
 
 
 class Engine:
@@ -768,7 +771,7 @@ class Engine:
         crop_text = forced_text
         if (crop_text is None and label and self.config.segment_answer
                 and (not asked or unasked_warning(prompt, [label]) is None)):
-            crop_text = self.config.segment_answer.format(label=_label_words(label))
+            crop_text = self.config.segment_answer.format(label=label)  # in the model's words
         arr = imaging.check_slice(image, self.max_pixels)
         h, w = arr.shape[:2]
         before = None
@@ -997,7 +1000,7 @@ class Engine:
         answer the crop gets (`crop_text`); its masks of `label` (else of each label it
         gives), a label's masks joined by their maximum. Empty when it gives none."""
         state = self._state(arr, window, photometric)
-        question = GROUND_PROMPT.format(label=_label_words(label)) if label else prompt
+        question = GROUND_PROMPT.format(label=label) if label else prompt
         res = self._run(state, question, "segment", crop_text, None, ground=False,
                         follow=False, keep_probability=True)
         out: dict[str, np.ndarray] = {}
@@ -1377,8 +1380,7 @@ class Engine:
                 return None
             _join_answers(fresh, more)
             absent += more_absent
-        res.text, res.answer, res.reasoning = fresh.text, fresh.answer, fresh.reasoning
-        res.boxes, res.masks, res.warnings = fresh.boxes, fresh.masks, fresh.warnings
+        _take_place(res, fresh)
         return absent
 
     def _ask_rest(self, state: SliceState, prompt: str, task: str, res: Result,
@@ -1446,8 +1448,7 @@ class Engine:
                 instead += [x for x in [y.label for y in more.masks + more.boxes] + more_absent
                             if x not in instead]
         if into is not res and said:
-            res.text, res.answer, res.reasoning = into.text, into.answer, into.reasoning
-            res.boxes, res.masks, res.warnings = into.boxes, into.masks, into.warnings
+            _take_place(res, into)
         if not missed:
             return False
         it = "it" if len(missed) == 1 else "them"
