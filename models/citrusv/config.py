@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ CITRUS_KEYS = (
     "seg_token_idx", "grounding_encoder_config", "use_res_seg_projector", "image_size",
     "seg_hidden_offset", "min_pixels", "max_pixels", "out_dim", "system_prompt",
     "task_system_prompts", "name", "version", "box_source", "segment_answer", "mask_modalities",
-    "structures", "closer_look_blend",
+    "structures", "closer_look_blend", "languages",
 )
 # Where the boxes of an answer come from: "text", the numbers the model wrote (Citrus-V as
 # trained), or "mask", each written box replaced by the box of the model's own mask of that
@@ -65,6 +66,12 @@ class CitrusVConfig:
     # it) by the rest (`Engine.closer_look`). 1.0 (the released Citrus-V): the crop alone.
     # nano: 0.5, chosen on training slices; its crop alone loses Dice (MODEL_CARD.md).
     closer_look_blend: float = 1.0
+    # The languages the model was taught questions in, as ISO 639-1 codes (nano: ["en"]). A
+    # question that reads as another (`citrusv.parsing.question_language`: "Segmentez le
+    # foie.") gets a sentence that the answer may not be about what was asked, and is not
+    # read for what it asks (no misspelt word read, nothing asked again). Empty (the released
+    # Citrus-V, taught Chinese and English questions): not listed.
+    languages: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         blend = self.closer_look_blend
@@ -72,6 +79,12 @@ class CitrusVConfig:
             raise CheckpointError(f"config.json has closer_look_blend {blend!r}; use a number "
                                   "above 0 and at most 1 (1: the crop's view alone).")
         self.closer_look_blend = float(blend)
+        if (not isinstance(self.languages, list)
+                or not all(isinstance(x, str) and re.fullmatch(r"\s*[A-Za-z]{2}\s*", x)
+                           for x in self.languages)):
+            raise CheckpointError(f"config.json has languages {self.languages!r}; use a list "
+                                  "of ISO 639-1 codes such as [\"en\"], or [].")
+        self.languages = [x.strip().lower() for x in self.languages]
         if (not isinstance(self.structures, list)
                 or not all(isinstance(m, str) and m.strip() for m in self.structures)):
             raise CheckpointError(f"config.json has structures {self.structures!r}; use a "

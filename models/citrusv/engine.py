@@ -37,10 +37,11 @@ from .generation import (
 from .imaging import FrameMap
 from .parsing import (SEG_TOKEN, TASKS, absent_labels, answers_about, asks_for_everything,
                       asks_for_report, asks_for_volume, asks_to_compare, excluded_structures,
-                      garbled_warning, infer_task, known_named, listed, misspelt_as_answered,
-                      misspelt_names, named_structures, names_slices, parse_output, parts_named,
-                      prompt_targets, respelled, segment_structure, size_mismatches,
-                      unasked_warning, untaught, untaught_warning, whole_of, whole_warning)
+                      garbled_warning, infer_task, known_named, language_warning, listed,
+                      misspelt_as_answered, misspelt_names, named_structures, names_slices,
+                      parse_output, parts_named, prompt_targets, respelled, segment_structure,
+                      size_mismatches, unasked_warning, untaught, untaught_warning, whole_of,
+                      whole_warning)
 from .prompting import pixel_inputs, stop_token_ids, text_inputs
 from .result import Box, Mask, Result, Step
 from .slice_cache import SliceCache, SliceState, content_hash
@@ -1234,16 +1235,23 @@ class Engine:
         # "No liver is visible in this image.") is checked as a detection answer is, unless
         # the question asks for a report by its words and, asked again, the model writes one
         reported = task == "report" and _is_report(res)
+        # a question in a language the model was not taught (`CitrusVConfig.languages`:
+        # "Segmentez le foie." asked of nano, which answers with a left-lung box) says so
+        # first, and is not read for what it asks: its words are no English ones misspelt,
+        # and what they name cannot be asked again in the model's words
+        foreign = (language_warning(prompt, self.config.languages, self.config.name, task)
+                   if follow and task != "closer_look" else None)
+        follow = follow and not foreign
         # a misspelt name or task word ("Segment the livr.", "Descirbe this slice.") is read as
         # the word it is close to, for the checks below and for asking again; the model is
         # asked the question as typed first
-        fixes = misspelt_names(prompt) if task != "closer_look" else []
+        fixes = misspelt_names(prompt) if task != "closer_look" and not foreign else []
         # a word close to nothing it knows but to the name the answer gives ("Segment the
         # lvir." answered with a liver mask) is read as that name, to check the answer
         answered = [m.label for m in res.masks] + [b.label for b in res.boxes] + [
             a for a, _ in parsed.absent]
         by_answer = (misspelt_as_answered(respelled(prompt, fixes), answered)
-                     if task != "closer_look" else [])
+                     if task != "closer_look" and not foreign else [])
         checked = respelled(prompt, fixes + by_answer)
         # what the question names that the model was not taught (`CitrusVConfig.structures`:
         # "Segment the pancreas.", "Is there an effusion?" asked of nano) is said first
@@ -1267,7 +1275,7 @@ class Engine:
         if ground and self.box_source == "mask" and (res.boxes or absent):
             self._ground_boxes(state, res, absent)
         if (not reported and prompt != CLOSER_LOOK_PROMPT.format(label="structure")
-                and not asks_for_everything(prompt)):  # "Segment all organs." names them all
+                and not asks_for_everything(prompt) and not foreign):  # "Segment all organs." names them all
             off = unasked_warning(checked, [m.label for m in res.masks]
                                   + [b.label for b in res.boxes] + [a for a, _ in parsed.absent])
             if off:
@@ -1282,7 +1290,8 @@ class Engine:
             # box): the structures it names are asked for as detection asks for them
             self._ask_rest(state, checked, "detect", res, parsed.absent,
                            named_structures(checked))
-        if not res.masks and task in ("segment", "closer_look") and not said and not unknown:
+        if (not res.masks and task in ("segment", "closer_look") and not said and not unknown
+                and not foreign):
             res.warnings.append("the model wrote no [SEG] token, so there is no mask; "
                                 "rephrase the prompt, e.g. 'Please segment the liver'.")
         if follow and task in ("segment", "detect"):
@@ -1298,6 +1307,8 @@ class Engine:
         # not: nano, asked "heart", often begins a box and writes "the liver is [SEG] liver")
         if garbled := garbled_warning(_shown(res)):
             res.warnings.insert(0, garbled)
+        if foreign:
+            res.warnings.insert(0, foreign)
         return res
 
     def _ask_for_report(self, state: SliceState, prompt: str, res: Result,

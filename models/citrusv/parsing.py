@@ -791,6 +791,94 @@ def untaught_warning(prompt: str, taught, model: str = "the model") -> str | Non
                    f" ({knows}): it cannot tell {asked}, so read the image yourself.")
     return " ".join(out)
 
+# ----------------------------------------------------------------------------- its language
+# Words that are no English words, in the languages a radiologist in Europe may type a
+# question in: their articles and task words, and the names of nano's structures
+# (`question_language`). Words English has too ("die", "de", "rate", "rein", "lever", "van",
+# "os", "links", "hart") are left out: they are no sign of another language.
+_FOREIGN_WORDS = {
+    "fr": ("le les du des une est et dans sur avec pour où quel quelle montrez montre "
+           "segmentez segmente trouvez trouve localisez foie poumon poumons estomac coeur "
+           "cœur aorte moelle épinière gauche droit droite"),
+    "es": ("el los las del una con para dónde donde cuál segmenta segmente encuentra "
+           "encuentre localiza localice muestra hígado higado bazo riñón riñon rinon riñones "
+           "pulmón pulmon pulmones estómago estomago corazón corazon médula izquierdo "
+           "izquierda derecho derecha"),
+    "de": ("der das dem ein eine einen und ist mit bitte wo zeige zeigen segmentiere "
+           "segmentieren finde finden leber milz niere nieren lunge lungen magen herz "
+           "rückenmark ruckenmark linke linken rechte rechten"),
+    "it": ("il gli della dello di dov dove segmenta trova mostra fegato milza rene reni "
+           "polmone polmoni stomaco cuore midollo sinistro sinistra destro destra"),
+    "pt": ("uma não onde segmente encontre mostre fígado figado baço baco pulmão pulmões "
+           "estômago coração medula esquerdo esquerda direito direita"),
+    "nl": ("het een waar segmenteer vind toon milt nier nieren maag ruggenmerg linker "
+           "rechter"),
+}
+_FOREIGN_WORDS = {lang: frozenset(words.split()) for lang, words in _FOREIGN_WORDS.items()}
+# letters of scripts other than the Latin one, by the start of their Unicode name
+_SCRIPTS = (("HIRAGANA", "ja"), ("KATAKANA", "ja"), ("HANGUL", "ko"), ("CJK", "zh"),
+            ("CYRILLIC", "ru"), ("ARABIC", "ar"), ("HEBREW", "he"), ("GREEK", "el"),
+            ("DEVANAGARI", "hi"), ("THAI", "th"))
+LANGUAGE_NAMES = {
+    "en": "English", "fr": "French", "es": "Spanish", "de": "German", "it": "Italian",
+    "pt": "Portuguese", "nl": "Dutch", "ja": "Japanese", "ko": "Korean", "zh": "Chinese",
+    "ru": "Russian", "ar": "Arabic", "he": "Hebrew", "el": "Greek", "hi": "Hindi",
+    "th": "Thai"}
+# an English question of each task, for a question in a language the model was not taught
+ENGLISH_EXAMPLES = {"segment": "Please segment the liver in this scan.",
+                    "detect": "Locate the liver, output its bbox coordinates using JSON format.",
+                    "report": "Write a report, think step by step."}
+
+
+def question_language(prompt: str) -> tuple[str, list[str]]:
+    """(ISO 639-1 code, what shows it) of the language a question reads as: a script other
+    than the Latin one ("肝脏分割" -> ("zh", ["肝脏分割"]); kana: "ja"; Cyrillic read as "ru"),
+    else the language of the most _FOREIGN_WORDS in it, at least two, or one of four letters
+    or more ("Segmentez le foie." -> ("fr", ["segmentez", "le", "foie"]); "Leber?" -> ("de",
+    ["leber"])), else ("en", []). One foreign word of three letters or fewer is no sign ("Is
+    the L1 vertebra del Toro's?")."""
+    import unicodedata
+
+    found: dict[str, list[str]] = {}
+    for ch in prompt or "":
+        if ch.isalpha() and not ch.isascii():
+            name = unicodedata.name(ch, "")
+            code = next((c for start, c in _SCRIPTS if name.startswith(start)), None)
+            if code:
+                found.setdefault(code, []).append(ch)
+    if found:  # kana beside Chinese characters: Japanese
+        code = "ja" if "ja" in found else max(found, key=lambda c: len(found[c]))
+        run = re.findall(r"[^\sA-Za-z0-9.,;:!?()\[\]\"'/-]+", prompt)
+        return code, run[:3]
+    words = re.findall(r"[^\W\d_]+", (prompt or "").lower())
+    best, shown = "en", []
+    for code, known in _FOREIGN_WORDS.items():
+        hits = list(dict.fromkeys(w for w in words if w in known))
+        if len(hits) > len(shown) and (len(hits) >= 2 or len(hits[0]) >= 4):
+            best, shown = code, hits
+    return best, shown[:3]
+
+
+def language_warning(prompt: str, languages, model: str = "the model",
+                     task: str = "segment") -> str | None:
+    """One sentence for a question in a language a model taught questions in `languages`
+    only (`CitrusVConfig.languages`; nano: ["en"]) was not taught (`question_language`): it
+    reads the words as it was taught them, so its answer may be about something else. None
+    when the question reads as a taught language, or `languages` is empty (the released
+    Citrus-V: not listed)."""
+    taught = [str(x) for x in languages or []]
+    code, shown = question_language(prompt)
+    if not taught or code in taught:
+        return None
+    reads = LANGUAGE_NAMES.get(code, code)
+    if shown:
+        reads += " (" + ", ".join(f'"{w}"' for w in shown) + ")"
+    names = listed([LANGUAGE_NAMES.get(t, t) for t in taught], "or")
+    ask = (f': ask in English ("{ENGLISH_EXAMPLES.get(task, ENGLISH_EXAMPLES["segment"])}")'
+           if "en" in taught else "")
+    return (f"the question reads as {reads}, and {model} was taught questions in {names} "
+            f"only, so its answer may not be about what you asked{ask}.")
+
 
 def _known(word: str) -> bool:
     return word in _KNOWN_WORDS or bool(_stems(word) & _KNOWN_WORDS)

@@ -182,10 +182,21 @@ class SharedModel:
         """What the served model was taught to find, by name (`CitrusVConfig.structures`;
         nano: its ten structures); [] when its config.json lists none (the released model);
         None when there is no readable config."""
+        return self._config_list("structures")
+
+    def languages(self) -> list[str] | None:
+        """The languages the served model was taught questions in, as ISO 639-1 codes
+        (`CitrusVConfig.languages`; nano: ["en"]); [] when its config.json lists none (the
+        released model); None when there is no readable config."""
+        return self._config_list("languages")
+
+    def _config_list(self, key: str) -> list[str] | None:
+        """A list setting of the served model: the loaded engine's, else the serving
+        checkpoint's config.json's ([] when absent); None when there is no readable config."""
         engine = self._serving_engine()
         if engine is not None:
-            return list(engine.config.structures)
-        value = self._serving_config("structures", [])
+            return list(getattr(engine.config, key))
+        value = self._serving_config(key, [])
         return [str(x) for x in value] if isinstance(value, list) else None
 
     def _serving_engine(self):
@@ -239,6 +250,7 @@ class SharedModel:
             "intended_use": self.intended_use(),
             "box_source": self.box_source(),
             "structures": self.structures(),
+            "languages": self.languages(),
             "ask_again": self.ask_again,
             "device": self.device,
             "dtype": self.dtype or "auto",

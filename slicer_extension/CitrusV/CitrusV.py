@@ -39,6 +39,9 @@ PROGRESS_DELAY_S = 0.8  # show the progress dialog only for calls slower than th
 WAIT_STEP_S = 0.03  # UI thread: event.wait step between processEvents
 TRAIN_POLL_MS = 5000
 PACS_FETCH_TIMEOUT_S = 600  # a server on a PACS fetches a series it has not cached before it answers
+# names of the languages /info/ may list as a model's (`CitrusVConfig.languages`, ISO 639-1)
+LANGUAGES = {"en": "English", "zh": "Chinese", "fr": "French", "de": "German", "es": "Spanish",
+             "it": "Italian", "pt": "Portuguese", "nl": "Dutch", "ja": "Japanese", "ko": "Korean"}
 
 EXAMPLE_PROMPTS = {
     "Segment": [
@@ -802,7 +805,8 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def describeServer(info):
         """One line for /info/: app, Citrus-V tasks, serving model version or why none, its
-        intended use and what it was taught to find, where the model folder says."""
+        intended use, what it was taught to find and the languages of its questions, where
+        the model folder says."""
         models = info.get("models", {}) or {}
         names = [m for m in models if m.startswith("citrusv_")]
         citrus = info.get("citrusv", {}) or {}
@@ -819,6 +823,10 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
         taught = [str(s) for s in citrus.get("structures") or [] if str(s).strip()]
         if taught:  # what the model was taught to find (config.json); none listed: the 8B
             text += f" It was taught to find only: {', '.join(taught)}."
+        spoken = [LANGUAGES.get(str(x), str(x)) for x in citrus.get("languages") or []
+                  if str(x).strip()]
+        if spoken:  # the languages of the questions it was taught (config.json)
+            text += f" Ask in {' or '.join(spoken)}: it was taught questions in no other language."
         return text
 
     @staticmethod

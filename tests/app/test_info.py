@@ -19,6 +19,7 @@ def test_info_without_model_says_not_installed(citrusv_server_without_model):
     assert info["citrusv"]["status"] == "model not installed yet"
     assert info["citrusv"]["box_source"] is None  # no config.json to say
     assert info["citrusv"]["structures"] is None
+    assert info["citrusv"]["languages"] is None
     assert info["datastore"]["total"] == 2  # chest_ct.nii.gz and chest_xray.dcm
 
 
@@ -56,6 +57,7 @@ def test_info_offers_the_models_example_questions_and_intended_use(tmp_path_fact
         assert server.get("/info/").json()["citrusv"]["box_source"] == "text"
         # and lists no structures it was taught (the released layout: not limited)
         assert server.get("/info/").json()["citrusv"]["structures"] == []
+        assert server.get("/info/").json()["citrusv"]["languages"] == []
         assert server.get("/info/").json()["citrusv"]["ask_again"] is True  # --conf default
         file = server.model_dir / "example_prompts.json"
         file.write_text(json.dumps({"segment": ["Segment the liver.", " Segment the spleen. "],

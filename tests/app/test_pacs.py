@@ -126,6 +126,7 @@ def test_nano_detection_box_over_http_is_the_box_of_its_liver_mask(pacs, pacs_se
     assert pacs_server.get("/info/").json()["citrusv"]["box_source"] == "mask"
     # what nano was taught to find, read from the loaded engine (config.json's structures)
     assert pacs_server.get("/info/").json()["citrusv"]["structures"] == NAMES
+    assert pacs_server.get("/info/").json()["citrusv"]["languages"] == ["en"]
 
 
 def test_nano_closer_look_over_http_gets_its_segment_answer(pacs, pacs_server):

@@ -232,6 +232,23 @@ def test_structures_name_what_the_model_was_taught(tiny_dir, tmp_path):
             CitrusVConfig.from_dict({**data, "structures": bad})
 
 
+def test_languages_are_iso_codes(tiny_dir):
+    """config.json's languages: the ISO 639-1 codes of the questions the model was taught
+    (lower-cased), [] when not listed (the released layout); a bare string or a name stops
+    the load with a sentence."""
+    from citrusv.config import CitrusVConfig
+
+    data = json.loads((tiny_dir / "config.json").read_text())
+    assert CitrusVConfig.from_dict(data).languages == []
+    config = CitrusVConfig.from_dict({**data, "languages": ["EN", " zh "]})
+    assert config.languages == ["en", "zh"]
+    assert config.to_dict()["languages"] == ["en", "zh"]
+    for bad in ("en", ["English"], [""], [1]):
+        with pytest.raises(CheckpointError, match=r"config.json has languages .*; use a list "
+                                                  r"of ISO 639-1 codes"):
+            CitrusVConfig.from_dict({**data, "languages": bad})
+
+
 def test_closer_look_blend_is_the_crops_weight(tiny_dir):
     """config.json's closer_look_blend: the crop's weight in a closer look, above 0 and at
     most 1; absent: 1.0, the crop alone (the released layout)."""

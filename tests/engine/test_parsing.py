@@ -6,7 +6,8 @@ from citrusv.parsing import (absent_labels, answers_about, asks_for_everything, 
                              named_modalities, named_structures, parse_output, prompt_target,
                              prompt_targets, respelled, size_mismatches, unasked_warning,
                              untaught, untaught_warning, whole_of, whole_warning, findings_named,
-                             misspelt_as_answered, garbled_warning)
+                             misspelt_as_answered, garbled_warning, question_language,
+                             language_warning)
 
 TEXT = (
     "<think>1. The rib cage <bbox>[10, 20, 30, 40]</bbox> is intact.\n"
@@ -592,3 +593,51 @@ def test_a_garbled_answer_is_called_so(text, said):
     are not garbled (0 of 690 on the held-out slices: work/probe_garbled.py)."""
     got = garbled_warning(text)
     assert (got is None) if said is None else (said in got), got
+
+
+@pytest.mark.parametrize("prompt,code,shown", [
+    ("Segmentez le foie.", "fr", ["segmentez", "le", "foie"]),
+    ("Trouvez le rein gauche.", "fr", ["trouvez", "le", "gauche"]),
+    ("Segmente el hígado.", "es", ["segmente", "el", "hígado"]),
+    ("Wo ist die Leber?", "de", ["wo", "ist", "leber"]),
+    ("Leber", "de", ["leber"]),  # one word of four letters or more
+    ("Segmenta il fegato", "it", ["segmenta", "il", "fegato"]),
+    ("肝脏分割", "zh", ["肝脏分割"]),
+    ("肝臓をセグメントしてください", "ja", ["肝臓をセグメントしてください"]),  # kana
+    ("Сегментируйте печень", "ru", ["Сегментируйте", "печень"]),
+    # English, also with a foreign word of three letters or an eponym's accent
+    ("Please segment the liver in this scan.", "en", []),
+    ("Is the L1 vertebra del Toro's?", "en", []),
+    ("Is there a mass in the liver? Est. size", "en", []),
+    ("Is this Ménétrier disease of the stomach?", "en", []),
+    ("Segment the left lung, the rate of the heart aside.", "en", []),
+    ("Locate the right kidney, output its bbox coordinates using JSON format.", "en", []),
+])
+def test_the_language_a_question_reads_as(prompt, code, shown):
+    assert question_language(prompt) == (code, shown)
+
+
+def test_every_question_nano_was_taught_reads_as_english():
+    from citrusv import nano_data as d
+
+    for template in (d.SEGMENT_PROMPTS + d.DETECT_PROMPTS + d.PLURAL_DETECT_PROMPTS
+                     + d.REPORT_PROMPTS + d.XRAY_REPORT_PROMPTS):
+        for name in d.NAMES:
+            prompt = template.replace("{labels}", name + "s").replace("{label}", name)
+            assert question_language(prompt) == ("en", []), prompt
+
+
+def test_the_sentence_on_a_question_in_a_language_the_model_was_not_taught():
+    assert language_warning("Segmentez le foie.", ["en"], "citrusv-nano") == (
+        'the question reads as French ("segmentez", "le", "foie"), and citrusv-nano was taught '
+        "questions in English only, so its answer may not be about what you asked: ask in "
+        'English ("Please segment the liver in this scan.").')
+    assert language_warning("肝脏分割", ["en"], "nano", "report").endswith(
+        'ask in English ("Write a report, think step by step.").')
+    assert language_warning("Segmentez le foie.", [], "x") is None  # not listed: the 8B
+    assert language_warning("Segment the liver.", ["en"], "x") is None
+    assert language_warning("肝脏分割", ["zh", "en"], "x") is None
+    # a model taught no English is not told to be asked in English
+    assert language_warning("Segment the liver.", ["zh"], "x") == (
+        "the question reads as English, and x was taught questions in Chinese only, so its "
+        "answer may not be about what you asked.")

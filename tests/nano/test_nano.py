@@ -911,6 +911,28 @@ def test_a_structure_nano_was_not_taught_is_said_and_not_asked_again(engine, stu
     assert "whether anything here is abnormal" in res.warnings[0]
 
 
+def test_a_question_in_french_says_nano_was_taught_english(engine, study):
+    """"Segmentez le foie." on held-out slice 25: nano writes a left-lung box. The answer
+    said the question asks for "the le foie" (its "segmentez" read as "segment") and asked
+    nano "Please segment the le foie in this scan."; now its first sentence says the question
+    reads as French and nano was taught English questions only, and nothing is asked again.
+    The same question in English gets no such sentence, and nano's liver (Dice >= 0.8)."""
+    k = SLICE
+    res = engine.ask(study.volume[k], "Segmentez le foie.", task="segment", window="abdomen",
+                     slice_index=k, spacing=tuple(study.spacing[1:]))
+    assert res.warnings[0] == (
+        'the question reads as French ("segmentez", "le", "foie"), and citrusv-nano was taught '
+        "questions in English only, so its answer may not be about what you asked: ask in "
+        'English ("Please segment the liver in this scan.").')
+    assert res.text.count("```json") == 1 == len(res.boxes), res.text  # nothing asked again
+    assert not [w for w in res.warnings[1:] if "foie" in w or "segmentez" in w
+                or "rephrase" in w], res.warnings
+    res = engine.ask(study.volume[k], "Please segment the liver in this scan.", task="segment",
+                     window="abdomen", slice_index=k, spacing=tuple(study.spacing[1:]))
+    assert not [w for w in res.warnings if "reads as" in w], res.warnings
+    assert dice_score(res.masks[0].array, study.mask("liver", k)) >= 0.8
+
+
 def test_a_name_typed_with_two_slips_is_read_as_the_name_nano_answers_with(engine, study):
     """"Segment the lvir." (two slips from "liver", closer to no name than difflib's 0.8):
     nano segments the liver on held-out slice 25, and the answer said the question did not

@@ -153,6 +153,8 @@ def test_two_rounds_write_a_loadable_checkpoint_with_whole_name_tokens(tmp_path)
     assert engine.config.structures == NAMES == Engine.load(NANO).config.structures
     # and its closer looks weigh the crop and the whole slice equally, as the shipped one's
     assert engine.config.closer_look_blend == 0.5 == Engine.load(NANO).config.closer_look_blend
+    # and its questions were in English
+    assert engine.config.languages == ["en"] == Engine.load(NANO).config.languages
 
 
 @pytest.mark.usefixtures("sample_root")
@@ -167,14 +169,15 @@ def test_continuing_from_a_rounds_checkpoint_gives_the_whole_runs_weights(tmp_pa
                        log=lambda rec: None)
     train_nano(tmp_path / "round1", seed=3, data_dir=data, rounds=rounds[:1],
                log=lambda rec: None)
-    # as a model saved before config.json had segment_answer (T2), mask_modalities (T2c) and
-    # structures (2026-12-06):
+    # as a model saved before config.json had segment_answer (T2), mask_modalities (T2c),
+    # structures, closer_look_blend and languages (2026-12-06):
     # the run writes them anyway
     config = json.loads((tmp_path / "round1" / "config.json").read_text())
     config.pop("segment_answer")
     config.pop("mask_modalities")
     config.pop("structures")
     config.pop("closer_look_blend")
+    config.pop("languages")
     (tmp_path / "round1" / "config.json").write_text(json.dumps(config, indent=2))
     cont = train_nano(tmp_path / "cont", seed=3, data_dir=data, rounds=rounds,
                       init_from=tmp_path / "round1", first_round=2, log=lambda rec: None)

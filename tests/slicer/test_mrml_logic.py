@@ -163,6 +163,12 @@ def test_status_sentences(citrusv_module):
     info["citrusv"]["structures"] = ["liver", "spleen"]  # nano lists its ten
     assert logic.describeServer(info).endswith(
         "not for diagnosis. It was taught to find only: liver, spleen.")
+    info["citrusv"]["languages"] = ["en"]  # nano's questions: English
+    assert logic.describeServer(info).endswith(
+        "only: liver, spleen. Ask in English: it was taught questions in no other language.")
+    info["citrusv"]["languages"] = ["zh", "en", "xx"]
+    assert logic.describeServer(info).endswith(
+        "Ask in Chinese or English or xx: it was taught questions in no other language.")
 
 
 def test_example_questions_follow_the_served_model(citrusv_module):
