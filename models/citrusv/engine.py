@@ -985,6 +985,9 @@ class Engine:
                              "'Segment the liver'.")
         if len(prompt) > 4000:
             raise InputError("prompt", f"prompt is {len(prompt)} characters; keep it under 4000.")
+        if not any(ch.isalpha() for ch in prompt):  # "???", "65": no question to answer
+            raise InputError("prompt", f"prompt {prompt.strip()[:40]!r} has no words; type a "
+                             "question, for example 'Segment the liver'.")
         return prompt.strip()
 
     def _check_task(self, task: str | None, prompt: str) -> str:

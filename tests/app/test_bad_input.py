@@ -35,6 +35,9 @@ CASES = {
     "missing prompt": ("citrusv_segment", "chest_ct", {"slice": 60}, None, 400, "prompt"),
     "empty prompt": ("citrusv_segment", "chest_ct", {"prompt": "  ", "slice": 60}, None, 400,
                      "prompt"),
+    # nano answered "???" with a zero-area left-lung box and "rephrase the prompt"
+    "prompt with no words": ("citrusv_segment", "chest_ct", {"prompt": "???", "slice": 60}, None,
+                             400, "prompt '???' has no words; type a question"),
     "slice out of range": ("citrusv_segment", "chest_ct", {**GOOD, "slice": 133}, None, 400,
                            "out of range"),
     "slice not a number": ("citrusv_segment", "chest_ct", {**GOOD, "slice": "middle"}, None, 400,

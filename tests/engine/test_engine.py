@@ -205,6 +205,8 @@ def test_cache_respects_memory_budget(tiny_dir):
 @pytest.mark.parametrize("image, prompt, field", [
     (np.zeros((32, 32)), "", "prompt"),
     (np.zeros((32, 32)), "   ", "prompt"),
+    (np.zeros((32, 32)), "???", "prompt"),  # nano answered it with a zero-area box
+    (np.zeros((32, 32)), " 65 ", "prompt"),
     (np.zeros(32), "Segment the liver.", "image"),
     (np.zeros((2, 3, 32, 32)), "Segment the liver.", "image"),
     (np.full((32, 32), np.nan), "Segment the liver.", "image"),
