@@ -226,17 +226,30 @@ def _read_dicom_series(path: str) -> Study:
     return Study(array, affine, len(slices) == 1, modality=str(first.get("Modality", "")), path=path)
 
 
+# picture modes with more than 8 bits a pixel (16-bit PNG or TIFF, 32-bit, float): their values
+# are kept, as the engine's reader (`citrusv.io.read_png`) keeps them
+_VALUE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
 def _read_picture(path: str) -> Study:
+    """A picture file as [1, H, W, 3] uint8, or, for a grayscale picture of more than 8 bits a
+    pixel (a 16-bit PNG of a CT slice or radiograph), its values as [1, H, W], for the window
+    sent or the engine's own scaling (converted to RGB they were clipped to 0-255: a 16-bit
+    PNG of a CT slice in HU + 1024 came out nearly all white, and nano found no liver on it)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             _check_size((im.height, im.width), "image")
-            rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            if im.mode in _VALUE_MODES:
+                values = np.asarray(im)
+                pixels = values.astype(np.float32 if values.dtype.kind == "f" else np.int32)[None]
+            else:
+                pixels = np.asarray(im.convert("RGB"), dtype=np.uint8)[None]
     except (UnidentifiedImageError, OSError) as e:
         raise RequestError("The file is not a readable picture; send PNG, JPEG, NIfTI, NRRD or DICOM.") from e
     affine = np.diag([-1.0, -1.0, 1.0, 1.0])
-    return Study(rgb[None], affine, True, path=path)
+    return Study(pixels, affine, True, path=path)
 
 
 def _looks_like_dicom(path: str) -> bool:

@@ -51,6 +51,23 @@ def test_the_demo_radiograph_reads_alike(sample_root):
     np.testing.assert_array_equal(ours.array, stored.max() + stored.min() - stored)
 
 
+def test_a_16_bit_png_keeps_its_values(tmp_path):
+    """A grayscale PNG of 16 bits a pixel (a CT slice exported in HU + 1024) keeps its values
+    in both readers; the server's turned it into 8-bit RGB, clipping every value over 255."""
+    from PIL import Image
+
+    values = (np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20)  # 0 .. 61420
+    path = tmp_path / "slice.png"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode.startswith("I")
+    ours, theirs = engine_read(path), server_read(str(path))
+    np.testing.assert_array_equal(ours.array, values)
+    np.testing.assert_array_equal(theirs.array, values[None])
+    # 8 bits a pixel stays a picture of 0-255 (RGB in the server)
+    Image.fromarray((values // 256).astype(np.uint8)).save(path)
+    np.testing.assert_array_equal(server_read(str(path)).array[0, ..., 1], values // 256)
+
+
 def test_server_and_engine_allow_as_many_closer_look_boxes():
     """A roi list the server lets through, the engine takes (one pass per box)."""
     from citrusv.engine import MAX_CLOSER_LOOK_ROIS

@@ -138,6 +138,8 @@ class CitrusVInfer(InferTask):
             "ijk_to_ras": [[round(float(v), 6) for v in row] for row in study.affine],
             "axis": p.axis_name,
             "slices": [] if study.is_2d else list(p.slices),
+            # the window the engine applied ("abdomen", "L40W400"; "auto": none sent)
+            "window": (out.get("image") or {}).get("window"),
         }
         out["warnings"] = list(p.warnings) + list(out.get("warnings") or [])
         if kind := modality_warning(result.answer or result.text, study.modality):
