@@ -1415,8 +1415,8 @@ class Engine:
         liver is visible" where its mask, asked alone, marks the liver: a warning says so, as
         for detection), and with a box of it or by saying it is not visible for detection.
         The new answer is joined to `res` when it is about the structure; where the first
-        answer was about none of them, the new answers take its place (its text stays first in
-        `text`); if none of them is about a structure either, `res` stays as it was, with
+        answer was about none of them (or, to a question for every structure, was garbled),
+        the new answers take its place (its text stays first in `text`); if none of them is about a structure either, `res` stays as it was, with
         the warning that it is about something not asked. The structures still left out are
         named in one warning (True when one was added). A model that answers about all of
         them is asked nothing more. `targets`: what is asked for, if not read from `prompt`
@@ -1431,8 +1431,11 @@ class Engine:
         said = _about(res, [a for a, _ in absent], task)
         named = [x.label for x in res.masks + res.boxes] + [a for a, _ in absent]
         into = res
-        if targets and named and not any(answers_about(t, named) for t in targets):
-            # about something else: asked afresh, the first answer kept only if that gets none
+        if targets and (named and not any(answers_about(t, named) for t in targets)
+                        or asks_for_everything(prompt) and garbled_warning(_shown(res))):
+            # about something else, or garbled where every structure is asked for (nano on
+            # slice 65: 'Sure, 43, 126, 126label": "label": "right lung"}]'): asked afresh,
+            # the first answer kept only if that gets none
             said, absent = [], []
             into = Result(task=res.task, prompt=res.prompt, text=res.text, model=res.model,
                           timing_ms=res.timing_ms)

@@ -472,6 +472,9 @@ def segment_structure(label: str | None) -> str | None:
 # a phrase said this many times in a row is no answer (nano on random noise: "right lung right
 # lung right lung ..."); a report lists each structure once
 GARBLED_REPEATS = 5
+# a key of a box list outside any box one can read (nano asked "Segment everything except the
+# lungs." on slice 65: 'Sure, 43, 126, 126label": "label": "right lung"}]')
+_BOX_LIST_PIECE = re.compile(r'"?\b(?:bbox_2d|label)"\s*:')
 
 
 def _longest_repeat(words: list[str]) -> tuple[str, int]:
@@ -498,7 +501,8 @@ def garbled_warning(text: str) -> str | None:
     phrase, times = _longest_repeat(re.sub(r"[^\w\s]", " ", text).split())
     if times >= GARBLED_REPEATS:
         why.append(f'it says "{phrase}" {times} times in a row')
-    if "```json" in text and not _JSON_OBJ.search(text):
+    if ("```json" in text and not _JSON_OBJ.search(text)
+            or _BOX_LIST_PIECE.search(_JSON_OBJ.sub("", text))):
         why.append("its box list cannot be read")
     if not why:
         return None

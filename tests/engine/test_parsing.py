@@ -582,6 +582,12 @@ NOISE_ANSWER = ('```json, 104 right lung right lung right lung right lung right 
                    'unlike those the model was trained on.'),
     ('Sure, 104 0, 112, 112, 112, 112, 112, 112], "heart"}]\n```', 'it says "112" 6 times'),
     ('```json\n[{"bbox_2 right lung, 0, 112]\n```', "(its box list cannot be read)"),
+    # a box list's key outside any box one can read (nano asked "Segment everything except
+    # the lungs." on held-out slice 65)
+    ('Sure, 43, 126, 126label": "label": "right lung"}]\n```', "(its box list cannot be read)"),
+    ('```json\n[{"bbox_2d": [1, 2, 3, 4], "label": "liver"}, "label": "spleen"}]\n```',
+     "(its box list cannot be read)"),
+    ("The label of this structure: liver.", None),
     (TEXT, None),
     ('```json\n[{"bbox_2d": [25, 13, 88, 118], "label": "right lung"}, '
      '{"bbox_2d": [93, 7, 143, 107], "label": "left lung"}]\n```', None),

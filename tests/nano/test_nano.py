@@ -965,6 +965,24 @@ def test_a_garbled_answer_is_asked_again(engine, study):
         assert dice >= 0.8, (name, dice)
 
 
+def test_a_garbled_answer_to_a_question_for_every_structure_gives_way(engine, study):
+    """nano asked "Segment everything except the lungs." on held-out slice 65 begins
+    'Sure, 43, 126, 126label": "label": "right lung"}]': broken pieces of a box list. That
+    first answer stayed in front of the structures asked for one by one, with no word; now it
+    is called garbled, so the answers asked again take its place (it stays first in `text`)."""
+    k = 65
+    res = engine.ask(study.volume[k], "Segment everything except the lungs.", window="abdomen",
+                     slice_index=k, spacing=tuple(study.spacing[1:]))
+    assert res.text.startswith('Sure, 43, 126, 126label": "label": "right lung"}]'), res.text
+    assert res.answer.startswith("Sure, the heart is [SEG] heart."), res.answer
+    assert '"label"' not in res.answer
+    assert not [w for w in res.warnings if "garbled" in w], res.warnings
+    labels = [m.label for m in res.masks]
+    assert "heart" in labels and "aorta" in labels and not any("lung" in x for x in labels)
+    heart = next(m for m in res.masks if m.label == "heart")
+    assert dice_score(heart.array, study.mask("heart", k)) >= 0.8
+
+
 def test_a_closer_look_at_a_structure_nano_was_not_taught_says_so(engine, study):
     res = engine.closer_look(study.volume[SLICE], "", roi=[21, 102, 264, 345], label="Pancreas",
                              window="abdomen")
