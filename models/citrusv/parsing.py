@@ -707,9 +707,12 @@ def named_structures(prompt: str) -> list[str]:
     return out
 
 
-# words asking whether anything is abnormal ("Is this normal?", "Anything wrong here?")
+# words asking whether anything is abnormal ("Is this normal?", "Anything wrong here?", "Is
+# there anything in the right kidney?", "Any issues with the aorta?")
 _ABNORMAL_RE = re.compile(r"\b(?:ab)?normal(?:ity|ities|ly)?\b|\bpatholog|\bdiseased?\b"
                           r"|\bwrong\b|\bunremarkable\b|\bhealthy\b|\benlarge|\bdilat"
+                          r"|\bunusual\b|\bsuspicious\b|\bintact\b|\bproblems?\b|\bissues?\b"
+                          r"|\banything\s+(?:in|inside|within|with|odd|strange)\b"
                           r"|\b(?:ok|okay|alright|fine)\s*\?")  # "Is the spleen ok?"
 _FINDINGS_RE = re.compile(r"\b(?P<name>" + "|".join(sorted(FINDINGS, key=len, reverse=True))
                           + r")(?:s|es)?\b")

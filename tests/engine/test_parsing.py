@@ -493,6 +493,15 @@ NANO_TEN = ["right lung", "left lung", "heart", "aorta", "liver", "stomach", "sp
     ("Is this normal?", [], ["abnormality"]),
     ("Anything wrong here?", [], ["abnormality"]),
     ("Is the spleen ok?", [], ["abnormality"]),
+    # a finding asked for in other words (nano answered the first "No right kidney is
+    # visible" on held-out slice 25 with no word that it cannot tell)
+    ("Is there anything in the right kidney?", [], ["abnormality"]),
+    ("Any issues with the aorta?", [], ["abnormality"]),
+    ("Is there a problem with the heart?", [], ["abnormality"]),
+    ("Anything unusual in the lungs?", [], ["abnormality"]),
+    ("Does the liver look suspicious?", [], ["abnormality"]),
+    ("Is there anything on this slice?", [], []),  # what is there: the report
+    ("Is there anything else?", [], []),
     ("OK, segment the spleen.", [], []),
     ("Is the heart enlarged?", [], ["abnormality"]),
     ("Is there cardiomegaly?", [], ["cardiomegaly"]),  # the heart's name teaches no size
