@@ -36,7 +36,8 @@ from .generation import (
 )
 from .imaging import FrameMap
 from .parsing import (SEG_TOKEN, TASKS, absent_labels, answers_about, asks_for_everything,
-                      asks_for_report, asks_for_volume, asks_to_compare, excluded_structures,
+                      asks_for_report, asks_for_volume, asks_to_compare, asks_to_measure,
+                      excluded_structures,
                       garbled_warning, infer_task, known_named, language_warning, listed,
                       misspelt_as_answered, misspelt_names, named_structures, names_slices,
                       parse_output, parts_named, prompt_targets, respelled, segment_structure,
@@ -558,8 +559,9 @@ def compared_on_slice(masks: list[Mask]) -> str | None:
     right kidney 443.0 mm², 27 x 22 mm. One slice is one cross-section: ask over a slice
     range for their volumes."); with one or none of them marked, that the others are not.
     None with one mask only."""
-    marked = sorted((m for m in masks if m.area_px), key=lambda m: -m.area_px)
-    unmarked = [m.label for m in masks if not m.area_px]
+    marked = sorted((m for m in masks if m.area_px >= GROUND_MIN_ABSENT_PX),
+                    key=lambda m: -m.area_px)
+    unmarked = [_unmarked(m) for m in masks if m.area_px < GROUND_MIN_ABSENT_PX]
     if len(masks) < 2:
         return None
     if not marked:
@@ -567,13 +569,7 @@ def compared_on_slice(masks: list[Mask]) -> str | None:
                  else f"none of the {listed(unmarked)}")
         return f"On this slice the model marks {which}: nothing to compare here."
 
-    def size(m: Mask) -> str:  # "770.3 mm², 36 x 30 mm", or pixels with no spacing
-        entry = m.plane_sizes()  # the numbers the answer's mask entry carries
-        if entry["area_mm2"] is None:
-            return f"{entry['area_px']} px"
-        long, short = entry["diameters_mm"]
-        return f"{entry['area_mm2']:.1f} mm², {long:.0f} x {short:.0f} mm"
-
+    size = _plane_size  # the numbers the answer's mask entry carries
     if len(marked) == 1:
         return (f"On this slice only the {marked[0].label} is marked ({size(marked[0])}), not "
                 f"the {listed(unmarked, 'or')}: nothing to compare it with here.")
@@ -581,6 +577,50 @@ def compared_on_slice(masks: list[Mask]) -> str | None:
                           "area")
     return (f"On this slice {which}: " + "; ".join(f"{m.label} {size(m)}" for m in marked)
             + ". One slice is one cross-section: ask over a slice range for their volumes.")
+
+
+# how a warning about what the model wrote begins where the answer is the engine's own sentence
+# (a size measured or compared on the masks): the model's words are in `text`
+WRITTEN_ANSWER = "the model's written answer says "
+
+
+def _unmarked(m: Mask) -> str:
+    """A mask's name where it marks too little to measure: under GROUND_MIN_ABSENT_PX pixels
+    (nano's right kidney of 1 px on held-out slice 25, where the reference has none) it is no
+    size ("right kidney (1 px, too few to measure)")."""
+    return f"{m.label} ({m.area_px} px, too few to measure)" if m.area_px else m.label
+
+
+def _plane_size(m: Mask) -> str:
+    """"6337.0 mm², 133 x 70 mm" as a 2D mask's entry gives them, or pixels with no spacing."""
+    entry = m.plane_sizes()
+    if entry["area_mm2"] is None:
+        return f"{entry['area_px']} px"
+    long, short = entry["diameters_mm"]
+    return f"{entry['area_mm2']:.1f} mm², {long:.0f} x {short:.0f} mm"
+
+
+def measured_on_slice(masks: list[Mask]) -> str:
+    """The answer to a question asking for a size on one slice ("Measure the liver.", which
+    nano answers "No liver is visible in this image." and a liver mask): each marked
+    structure's area and axes (long, across) as its mask entry gives them, and those it marks
+    too little of (under GROUND_MIN_ABSENT_PX pixels) or not at all ("On this slice, measured
+    on the model's mask: liver 6337.0 mm², 133 x 70 mm (area; longest axis x the axis across
+    it). One slice is one cross-section: ask over a slice range for a volume.")."""
+    marked = [m for m in masks if m.area_px >= GROUND_MIN_ABSENT_PX]
+    none = list(dict.fromkeys(m.label for m in masks if not m.area_px))
+    few = [f"{m.label} ({m.area_px} px)" for m in masks if 0 < m.area_px < GROUND_MIN_ABSENT_PX]
+    if not marked:
+        return ("On this slice the model marks nothing to measure: "
+                + "; ".join(f"{m.label} {m.area_px} px" for m in masks) + ".")
+    out = ("On this slice, measured on the model's mask: "
+           + "; ".join(f"{m.label} {_plane_size(m)}" for m in marked)
+           + " (area; longest axis x the axis across it).")
+    if few:
+        out += f" It marks too little of the {listed(few)} to measure."
+    if none:
+        out += f" It marks no {listed(none, 'or')} here."
+    return out + " One slice is one cross-section: ask over a slice range for a volume."
 
 
 def compared_by_volume(masks: list[Mask]) -> str:
@@ -727,8 +767,14 @@ class Engine:
             res.warnings.append(one_slice_warning(named, slice_index))
         if res.masks and asks_for_volume(prompt):
             res.warnings.append(ONE_SLICE_VOLUME)
+        written = res.answer
         if task == "segment" and asks_to_compare(prompt):
             res.answer = compared_on_slice(res.masks) or res.answer
+        elif task == "segment" and asks_to_measure(prompt) and res.masks:
+            res.answer = measured_on_slice(res.masks)
+        if res.answer != written:  # what the model wrote is in `text`; the sentences say so
+            res.warnings = [WRITTEN_ANSWER + w[len("the answer says "):]
+                            if w.startswith("the answer says ") else w for w in res.warnings]
         res.timing_ms["total"] = (time.perf_counter() - t0) * 1e3
         return res
 

@@ -121,6 +121,19 @@ def asks_to_compare(prompt: str) -> bool:
     return bool(re.search(_COMPARE_WORDS, (prompt or "").lower()))
 
 
+# words asking for a structure's size ("Measure the liver.", "How big is the spleen?", "Segment
+# the liver and tell me its size.")
+_MEASURE_WORDS = (r"\bmeasure|\bhow (?:big|large|long|wide|thick)\b|\b(?:diameters?|sizes?|areas?"
+                  r"|width|length|thickness|dimensions?|measurements?|calibre|caliber)\b")
+
+
+def asks_to_measure(prompt: str) -> bool:
+    """Whether a question asks for a structure's size ("Measure the liver.", "How big is the
+    spleen?", "What is the diameter of the aorta?"): a segmentation, whose masks' sizes the
+    engine gives in its answer."""
+    return bool(re.search(_MEASURE_WORDS, (prompt or "").lower()))
+
+
 def asks_for_volume(prompt: str) -> bool:
     """Whether a question asks for a structure's volume ("What is the volume of the
     spleen?", "Liver volume?"), not "Segment the liver in this volume."."""

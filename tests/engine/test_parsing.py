@@ -7,7 +7,7 @@ from citrusv.parsing import (absent_labels, answers_about, asks_for_everything, 
                              prompt_targets, respelled, size_mismatches, unasked_warning,
                              untaught, untaught_warning, whole_of, whole_warning, findings_named,
                              misspelt_as_answered, garbled_warning, question_language,
-                             language_warning)
+                             language_warning, asks_to_measure)
 
 TEXT = (
     "<think>1. The rib cage <bbox>[10, 20, 30, 40]</bbox> is intact.\n"
@@ -656,3 +656,13 @@ def test_the_sentence_on_a_question_in_a_language_the_model_was_not_taught():
     assert language_warning("Segment the liver.", ["zh"], "x") == (
         "the question reads as English, and x was taught questions in Chinese only, so its "
         "answer may not be about what you asked.")
+
+
+@pytest.mark.parametrize("prompt, measure", [
+    ("Measure the liver.", True), ("How big is the spleen?", True),
+    ("Segment the liver and tell me its size.", True), ("What is the diameter of the aorta?", True),
+    ("How large is the left kidney?", True), ("Please segment the liver in this scan.", False),
+    ("Where is the spleen? Output its mask.", False), ("Segment the liver.", False),
+])
+def test_a_question_asking_for_a_size(prompt, measure):
+    assert asks_to_measure(prompt) is measure

@@ -965,6 +965,25 @@ def test_a_garbled_answer_is_asked_again(engine, study):
         assert dice >= 0.8, (name, dice)
 
 
+def test_a_size_asked_for_is_measured_on_the_mask(engine, study):
+    """"Measure the liver." on held-out slice 25: nano writes "No liver is visible in this
+    image." and, asked again, gives its liver mask; that sentence was the answer, with no
+    size. Now the answer is the mask's area and axes, the sentence about what nano wrote says
+    it is the written answer (in `text`), and the area is the mask's."""
+    k = SLICE
+    res = engine.ask(study.volume[k], "Measure the liver.", window="abdomen", slice_index=k,
+                     spacing=tuple(study.spacing[1:]))
+    assert "No liver is visible" in res.text
+    liver = [m for m in res.masks if m.label == "liver"]
+    assert len(liver) == 1 and dice_score(liver[0].array, study.mask("liver", k)) >= 0.8
+    area = liver[0].plane_sizes()["area_mm2"]
+    assert res.answer.startswith(f"On this slice, measured on the model's mask: liver "
+                                 f"{area:.1f} mm², "), res.answer
+    assert any(w.startswith("the model's written answer says no liver is visible")
+               for w in res.warnings), res.warnings
+    assert not any(w.startswith("the answer says") for w in res.warnings)
+
+
 def test_a_garbled_answer_to_a_question_for_every_structure_gives_way(engine, study):
     """nano asked "Segment everything except the lungs." on held-out slice 65 begins
     'Sure, 43, 126, 126label": "label": "right lung"}]': broken pieces of a box list. That
