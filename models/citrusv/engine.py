@@ -914,6 +914,9 @@ class Engine:
         if label and (unknown := untaught_warning(f"Segment the {label}.", self.config.structures,
                                                   self.config.name)):
             res.warnings.insert(0, unknown)  # "Segment the pancreas." is said so for any task
+        if asked and (foreign := language_warning(prompt, self.config.languages,
+                                                  self.config.name, "segment")):
+            res.warnings.insert(0, foreign)  # "Segmentez le foie." as for the other tasks
         res.timing_ms["total"] = (time.perf_counter() - t0) * 1e3
         return res
 
@@ -1287,9 +1290,10 @@ class Engine:
         # a question in a language the model was not taught (`CitrusVConfig.languages`:
         # "Segmentez le foie." asked of nano, which answers with a left-lung box) says so
         # first, and is not read for what it asks: its words are no English ones misspelt,
-        # and what they name cannot be asked again in the model's words
+        # and what they name cannot be asked again in the model's words (a closer look says
+        # it once, in `closer_look`)
         foreign = (language_warning(prompt, self.config.languages, self.config.name, task)
-                   if follow and task != "closer_look" else None)
+                   if follow or task == "closer_look" else None)
         follow = follow and not foreign
         # a misspelt name or task word ("Segment the livr.", "Descirbe this slice.") is read as
         # the word it is close to, for the checks below and for asking again; the model is
@@ -1356,7 +1360,7 @@ class Engine:
         # not: nano, asked "heart", often begins a box and writes "the liver is [SEG] liver")
         if garbled := garbled_warning(_shown(res)):
             res.warnings.insert(0, garbled)
-        if foreign:
+        if foreign and task != "closer_look":
             res.warnings.insert(0, foreign)
         return res
 

@@ -931,6 +931,12 @@ def test_a_question_in_french_says_nano_was_taught_english(engine, study):
                      window="abdomen", slice_index=k, spacing=tuple(study.spacing[1:]))
     assert not [w for w in res.warnings if "reads as" in w], res.warnings
     assert dice_score(res.masks[0].array, study.mask("liver", k)) >= 0.8
+    # a closer look asked in French says so once, and nothing about what it does not name
+    look = engine.closer_look(study.volume[k], "Segmentez le foie.", roi=[80, 110, 300, 320],
+                              window="abdomen", slice_index=k)
+    assert look.warnings[0].startswith('the question reads as French ("segmentez", "le", "foie")')
+    assert not [w for w in look.warnings[1:] if "reads as" in w or "does not name" in w
+                or "rephrase" in w], look.warnings
 
 
 def test_a_name_typed_with_two_slips_is_read_as_the_name_nano_answers_with(engine, study):
