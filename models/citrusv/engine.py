@@ -37,12 +37,11 @@ from .generation import (
 from .imaging import FrameMap
 from .parsing import (SEG_TOKEN, TASKS, absent_labels, answers_about, asks_for_everything,
                       asks_for_report, asks_for_volume, asks_to_compare, asks_to_measure,
-                      excluded_structures,
-                      garbled_warning, infer_task, known_named, language_warning, listed,
-                      misspelt_as_answered, misspelt_names, named_structures, names_slices,
-                      parse_output, parts_named, prompt_targets, respelled, segment_structure,
-                      size_mismatches, unasked_warning, untaught, untaught_warning, whole_of,
-                      whole_warning)
+                      excluded_structures, garbled_warning, infer_task, known_named,
+                      language_warning, listed, misspelt_as_answered, misspelt_names,
+                      named_structures, names_slices, parse_output, parts_named,
+                      prompt_targets, respelled, segment_structure, size_mismatches,
+                      unasked_warning, untaught, untaught_warning, whole_of, whole_warning)
 from .prompting import pixel_inputs, stop_token_ids, text_inputs
 from .result import Box, Mask, Result, Step
 from .slice_cache import SliceCache, SliceState, content_hash
@@ -95,6 +94,12 @@ def empty_mask_warning(label: str, slices: int | None = None) -> str:
             "so the structure may not be in view.")
 
 
+# how a sentence on what the model wrote begins; WRITTEN_ANSWER where the answer returned is
+# the engine's own sentence (a size measured or compared on the masks), the model's in `text`
+ANSWER_SAYS = "the answer says "
+WRITTEN_ANSWER = "the model's written answer says "
+
+
 def absent_box_warning(said: str, label: str, verb: str = "is", kind: str = "box") -> str:
     """box_source "mask": the answer said `said` is (or, for a pair, are) not visible, the
     model's mask of it (or of one of the pair) marks `label`, so that mask's box is returned.
@@ -104,7 +109,7 @@ def absent_box_warning(said: str, label: str, verb: str = "is", kind: str = "box
     returned = (f"the {label} box returned is the box of that mask, not one the model wrote"
                 if kind == "box" else f"the {label} mask returned is the one it gives when "
                 f"asked for the {label} alone")
-    return (f"the answer says no {said} {verb} visible, but the model's own segmentation marks "
+    return (f"{ANSWER_SAYS}no {said} {verb} visible, but the model's own segmentation marks "
             f"the {label} in the image; {returned}.")
 
 
@@ -579,11 +584,6 @@ def compared_on_slice(masks: list[Mask]) -> str | None:
             + ". One slice is one cross-section: ask over a slice range for their volumes.")
 
 
-# how a warning about what the model wrote begins where the answer is the engine's own sentence
-# (a size measured or compared on the masks): the model's words are in `text`
-WRITTEN_ANSWER = "the model's written answer says "
-
-
 def _unmarked(m: Mask) -> str:
     """A mask's name where it marks too little to measure: under GROUND_MIN_ABSENT_PX pixels
     (nano's right kidney of 1 px on held-out slice 25, where the reference has none) it is no
@@ -773,8 +773,8 @@ class Engine:
         elif task == "segment" and asks_to_measure(prompt) and res.masks:
             res.answer = measured_on_slice(res.masks)
         if res.answer != written:  # what the model wrote is in `text`; the sentences say so
-            res.warnings = [WRITTEN_ANSWER + w[len("the answer says "):]
-                            if w.startswith("the answer says ") else w for w in res.warnings]
+            res.warnings = [WRITTEN_ANSWER + w[len(ANSWER_SAYS):] if w.startswith(ANSWER_SAYS)
+                            else w for w in res.warnings]
         res.timing_ms["total"] = (time.perf_counter() - t0) * 1e3
         return res
 
