@@ -143,6 +143,18 @@ def test_a_16_bit_png_of_a_ct_slice_is_read_with_the_window_sent(as_typed_server
     assert [m["label"] for m in result["masks"]] == ["liver"], result["text"]
     mask = decode_rle(result["masks"][0]["rle"]).astype(bool)
     assert dice_score(mask, study.mask("liver", k)) >= 0.8
+    assert not [w for w in result["warnings"] if "no window was sent" in w]
+    # sent with no window, its values are scaled by percentiles: said so, with what to send
+    del question["window"]
+    r = as_typed_server.post("/infer/citrusv_segment?output=json",
+                             files={"file": ("slice25.png", buf.getvalue())},
+                             data={"params": json.dumps(question)})
+    assert r.status_code == 200, r.text
+    assert r.json()["warnings"][-1] == (
+        "this picture has values of more than 8 bits (0 to 2175) and no window was sent, so "
+        "they were scaled by their percentiles, not by a CT window: if it is a CT slice, send "
+        "window [level, width] in its values (a slice exported as HU + 1024 takes [1064, 400] "
+        "for the abdomen).")
 
 
 def test_a_closer_look_at_a_segment_named_with_capitals(as_typed_server):
