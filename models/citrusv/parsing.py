@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import unicodedata
 from dataclasses import dataclass, field
 
 SEG_TOKEN = "[SEG]"
@@ -816,7 +817,7 @@ def untaught_warning(prompt: str, taught, model: str = "the model") -> str | Non
 # question in: their articles and task words, and the names of nano's structures
 # (`question_language`). Words English has too ("die", "de", "rate", "rein", "lever", "van",
 # "os", "links", "hart") are left out: they are no sign of another language.
-_FOREIGN_WORDS = {
+_FOREIGN_WORDS = {lang: frozenset(words.split()) for lang, words in {
     "fr": ("le les du des une est et dans sur avec pour où quel quelle montrez montre "
            "segmentez segmente trouvez trouve localisez foie poumon poumons estomac coeur "
            "cœur aorte moelle épinière gauche droit droite"),
@@ -833,8 +834,7 @@ _FOREIGN_WORDS = {
            "estômago coração medula esquerdo esquerda direito direita"),
     "nl": ("het een waar segmenteer vind toon milt nier nieren maag ruggenmerg linker "
            "rechter"),
-}
-_FOREIGN_WORDS = {lang: frozenset(words.split()) for lang, words in _FOREIGN_WORDS.items()}
+}.items()}
 # letters of scripts other than the Latin one, by the start of their Unicode name
 _SCRIPTS = (("HIRAGANA", "ja"), ("KATAKANA", "ja"), ("HANGUL", "ko"), ("CJK", "zh"),
             ("CYRILLIC", "ru"), ("ARABIC", "ar"), ("HEBREW", "he"), ("GREEK", "el"),
@@ -857,8 +857,6 @@ def question_language(prompt: str) -> tuple[str, list[str]]:
     or more ("Segmentez le foie." -> ("fr", ["segmentez", "le", "foie"]); "Leber?" -> ("de",
     ["leber"])), else ("en", []). One foreign word of three letters or fewer is no sign ("Is
     the L1 vertebra del Toro's?")."""
-    import unicodedata
-
     found: dict[str, list[str]] = {}
     for ch in prompt or "":
         if ch.isalpha() and not ch.isascii():

@@ -39,9 +39,13 @@ PROGRESS_DELAY_S = 0.8  # show the progress dialog only for calls slower than th
 WAIT_STEP_S = 0.03  # UI thread: event.wait step between processEvents
 TRAIN_POLL_MS = 5000
 PACS_FETCH_TIMEOUT_S = 600  # a server on a PACS fetches a series it has not cached before it answers
-# names of the languages /info/ may list as a model's (`CitrusVConfig.languages`, ISO 639-1)
-LANGUAGES = {"en": "English", "zh": "Chinese", "fr": "French", "de": "German", "es": "Spanish",
-             "it": "Italian", "pt": "Portuguese", "nl": "Dutch", "ja": "Japanese", "ko": "Korean"}
+# names of the languages /info/ may list as a model's (`CitrusVConfig.languages`, ISO 639-1), as
+# the engine names them (`citrusv.parsing.LANGUAGE_NAMES`; tests/app/test_readers_agree.py)
+LANGUAGES = {
+    "en": "English", "fr": "French", "es": "Spanish", "de": "German", "it": "Italian",
+    "pt": "Portuguese", "nl": "Dutch", "ja": "Japanese", "ko": "Korean", "zh": "Chinese",
+    "ru": "Russian", "ar": "Arabic", "he": "Hebrew", "el": "Greek", "hi": "Hindi",
+    "th": "Thai"}
 
 EXAMPLE_PROMPTS = {
     "Segment": [

@@ -68,6 +68,19 @@ def test_a_16_bit_png_keeps_its_values(tmp_path):
     np.testing.assert_array_equal(server_read(str(path)).array[0, ..., 1], values // 256)
 
 
+def test_the_slicer_module_names_languages_as_the_engine_does():
+    """The connection line names a model's languages (/info/ `citrusv.languages`) as the
+    engine's sentence on a question in another language does."""
+    import ast
+
+    from citrusv.parsing import LANGUAGE_NAMES
+
+    tree = ast.parse((REPO / "slicer_extension/CitrusV/CitrusV.py").read_text())
+    names = next(ast.literal_eval(node.value) for node in tree.body
+                 if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "LANGUAGES")
+    assert names == LANGUAGE_NAMES
+
+
 def test_server_and_engine_allow_as_many_closer_look_boxes():
     """A roi list the server lets through, the engine takes (one pass per box)."""
     from citrusv.engine import MAX_CLOSER_LOOK_ROIS

@@ -84,9 +84,9 @@ class CitrusVInfer(InferTask):
             result = self._ask(engine, study, params, image_id)
         except _input_error() as e:
             raise RequestError(str(e)) from e
-        untaught_modality(result, study.modality, engine.config.mask_modalities,
-                          picture=is_picture(study.path))
-        if is_picture(study.path) and study.array.dtype != np.uint8 and params.window is None:
+        picture = is_picture(study.path)
+        untaught_modality(result, study.modality, engine.config.mask_modalities, picture=picture)
+        if picture and study.array.dtype != np.uint8 and params.window is None:
             result.warnings.append(unwindowed_picture_warning(study.array))
         label_file, out = self._respond(study, params, result, version, image_id)
         out.setdefault("timing_ms", {})["server_total"] = round((time.perf_counter() - start) * 1e3, 2)
