@@ -988,7 +988,12 @@ class Engine:
                     target.array[tuple(index)] |= m.array
                     target.score = max(target.score or 0.0, m.score or 0.0)
                 _sum_times(out.timing_ms, res.timing_ms)
-        out.warnings += [f"{slice_list(on)}: {w}" for w, on in per_slice.items()]
+        # what is said of the question itself (its language, what the model was not taught) is
+        # said once, first, not as of each slice
+        of_question = [w for w, on in per_slice.items() if len(set(on)) == len(set(ks))
+                       and w.startswith(("the question reads as ", f"{self.config.name} was "))]
+        out.warnings = of_question + out.warnings + [
+            f"{slice_list(on)}: {w}" for w, on in per_slice.items() if w not in of_question]
         if sizes_off:  # one sentence for the range, not one per slice
             out.warnings.append(size_range_warning(sizes_off))
         contiguous = sorted(ks) == list(range(min(ks), max(ks) + 1))

@@ -939,6 +939,20 @@ def test_a_question_in_french_says_nano_was_taught_english(engine, study):
                 or "rephrase" in w], look.warnings
 
 
+def test_what_is_said_of_the_question_is_said_once_over_a_range(engine, study):
+    """Over slices 44-45, the sentence on the question's language and the one on a structure
+    nano was not taught come once, first, not as "slices 44-45: ..." (they are of the
+    question, not of a slice); what is of the answers keeps its slices."""
+    for question, first in (("Segmentez le foie.", "the question reads as French ("),
+                            ("Segment the pancreas.", "citrusv-nano was not taught the pancreas")):
+        res = engine.ask_volume(study.volume, question, slices=[44, 45], window="abdomen",
+                                spacing=tuple(study.spacing))
+        assert res.warnings[0].startswith(first), res.warnings
+        assert not [w for w in res.warnings[1:] if first in w], res.warnings
+        assert all(w.startswith("slices 44-45: ") for w in res.warnings
+                   if "the question does not name" in w), res.warnings
+
+
 def test_a_name_typed_with_two_slips_is_read_as_the_name_nano_answers_with(engine, study):
     """"Segment the lvir." (two slips from "liver", closer to no name than difflib's 0.8):
     nano segments the liver on held-out slice 25, and the answer said the question did not
