@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.app.helpers import check_result
@@ -155,6 +156,29 @@ def test_a_16_bit_png_of_a_ct_slice_is_read_with_the_window_sent(as_typed_server
         "they were scaled by their percentiles, not by a CT window: if it is a CT slice, send "
         "window [level, width] in its values (a slice exported as HU + 1024 takes [1064, 400] "
         "for the abdomen).")
+
+
+@pytest.mark.usefixtures("sample_root")
+def test_a_closer_look_at_a_segment_named_lungs(as_typed_server):
+    """A Slicer segment "Lungs" on held-out slice 65: each lung is looked at on its own and
+    both come back under the segment's name, one label (nano was given "lungs" as one
+    structure, and its crop marked 5178 px where the reference's lungs are 45935 px)."""
+    from citrusv.nano_data import load_study
+    from citrusv.training import dice_score
+    from tests.app.helpers import decode_rle
+
+    r = as_typed_server.post("/infer/citrusv_closer_look?image=chest_ct&output=json",
+                             data={"params": json.dumps({"label": "Lungs", "slice": 65,
+                                                         "window": "lung"})})
+    assert r.status_code == 200, r.text
+    res = r.json()
+    assert [m["label"] for m in res["masks"]] == ["Lungs", "Lungs"]
+    assert res["label_names"] == {"Lungs": 1}
+    assert [s["label"] for s in res["closer_look"]["sides"]] == ["right lung", "left lung"]
+    study = load_study(REPO / "sample_data")
+    ref = study.mask("right lung", 65).astype(bool) | study.mask("left lung", 65).astype(bool)
+    joined = np.logical_or.reduce([decode_rle(m["rle"]).astype(bool) for m in res["masks"]])
+    assert dice_score(joined, ref) >= 0.95
 
 
 def test_a_closer_look_at_a_segment_named_with_capitals(as_typed_server):

@@ -13,6 +13,7 @@ import torch
 
 from citrusv import Engine
 from citrusv.engine import REPORT_AGAIN_PROMPT, main_parts_box
+from citrusv.errors import InputError
 from citrusv.evaluation import box_iou, held_out_slices, normalise_label
 from citrusv.checkpoint import read_example_prompts, read_intended_use
 from citrusv.io import read_study
@@ -1020,6 +1021,42 @@ def test_a_garbled_answer_to_a_question_for_every_structure_gives_way(engine, st
     assert "heart" in labels and "aorta" in labels and not any("lung" in x for x in labels)
     heart = next(m for m in res.masks if m.label == "heart")
     assert dice_score(heart.array, study.mask("heart", k)) >= 0.8
+
+
+@pytest.mark.parametrize("k, label, window, pair, at_least", [
+    (65, "Lungs", "lung", "lung", 0.95),  # measured 0.978; was 5178 px of "lungs"
+    (20, "kidney", "abdomen", "kidney", 0.85),  # measured 0.918; was an empty mask
+])
+def test_a_closer_look_at_a_pair_named_as_one_looks_at_each_side(engine, study, k, label,
+                                                                 window, pair, at_least):
+    """A segment named after a pair ("Lungs", "kidney") was given to nano as one structure it
+    was never taught ("Sure, the lungs is [SEG] lungs."): on held-out slice 65 its crop marked
+    5178 px where the reference's lungs are 45935 px, and on slice 20 no kidney at all. Each
+    side is now looked at on its own and the masks joined."""
+    res = engine.closer_look(study.volume[k], "", label=label, window=window, slice_index=k)
+    sides = [f"right {pair}", f"left {pair}"]
+    assert [m.label for m in res.masks] == sides
+    assert [s["label"] for s in res.closer_look["sides"]] == sides
+    ref = study.mask(sides[0], k).astype(bool) | study.mask(sides[1], k).astype(bool)
+    joined = res.masks[0].array | res.masks[1].array
+    assert dice_score(joined, ref) >= at_least
+    assert res.closer_look["area_px_after"] == int(joined.sum())
+    assert res.closer_look["dice_with_before"] == min(
+        s["dice_with_before"] for s in res.closer_look["sides"])
+
+
+def test_a_closer_look_at_a_pair_says_which_side_it_left_out(engine, study):
+    """Slice 27 has nano's left kidney and no right one (the reference's right kidney ends on
+    slice 24): the look is of the left alone, with a sentence; slice 60 has neither, and
+    the one sentence that there is no region."""
+    res = engine.closer_look(study.volume[27], "", label="Kidneys", window="abdomen",
+                             slice_index=27)
+    assert [m.label for m in res.masks] == ["left kidney"]
+    assert res.warnings[-1] == ("the model marks no right kidney on this slice, so only the "
+                                "left kidney was looked at closer.")
+    with pytest.raises(InputError, match=r"^the model marks neither the right kidney nor the "
+                                         r"left kidney on this slice, so there is no region"):
+        engine.closer_look(study.volume[60], "", label="Kidneys", window="abdomen")
 
 
 def test_a_closer_look_at_a_structure_nano_was_not_taught_says_so(engine, study):
