@@ -810,11 +810,14 @@ class Engine:
             raise InputError("label", f"'{named}' names no structure the model knows, so it "
                              "cannot be asked for it; send the question (\"Segment the "
                              "liver.\") in prompt, or name the segment after its structure.")
-        sides = asked_members(label) if label else []
+        # a pair named as one (a segment "Lungs" or "kidney", or with no segment named the
+        # question "Segment the lungs."): the model marks each side on its own
+        targets = prompt_targets(prompt) if label is None and asked else []
+        pair = label or (targets[0] if len(targets) == 1 else None)
+        sides = asked_members(pair) if pair else []
         if (len(sides) > 1 and mask is None and forced_text is None
-                and (not asked or unasked_warning(prompt, [label]) is None)):
-            # a pair named as one ("Lungs", "kidney"): the model marks each side on its own
-            return self._closer_look_sides(image, prompt if asked else "", label, sides, roi,
+                and (not asked or unasked_warning(prompt, [pair]) is None)):
+            return self._closer_look_sides(image, prompt if asked else "", pair, sides, roi,
                                            margin, window=window, slice_index=slice_index,
                                            spacing=spacing, photometric=photometric,
                                            image_id=image_id, image_info=image_info)

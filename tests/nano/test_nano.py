@@ -1045,6 +1045,20 @@ def test_a_closer_look_at_a_pair_named_as_one_looks_at_each_side(engine, study, 
         s["dice_with_before"] for s in res.closer_look["sides"])
 
 
+def test_a_closer_look_asked_for_a_pair_looks_at_each_side(engine, study):
+    """With no segment named, "Segment the lungs." on held-out slice 65 gave an empty "lungs"
+    mask (the crop around the right lung, the model asked for "lungs" there); now each lung
+    is looked at on its own."""
+    k = 65
+    for question in ("Segment the lungs.", "Segment both lungs."):
+        res = engine.closer_look(study.volume[k], question, window="lung", slice_index=k)
+        assert [m.label for m in res.masks] == ["right lung", "left lung"], question
+        ref = study.mask("right lung", k).astype(bool) | study.mask("left lung", k).astype(bool)
+        assert dice_score(res.masks[0].array | res.masks[1].array, ref) >= 0.95  # 0.978
+    res = engine.closer_look(study.volume[k], "Segment the heart.", window="lung", slice_index=k)
+    assert "sides" not in res.closer_look  # one structure: one look
+
+
 def test_a_closer_look_at_a_pair_says_which_side_it_left_out(engine, study):
     """Slice 27 has nano's left kidney and no right one (the reference's right kidney ends on
     slice 24): the look is of the left alone, with a sentence; slice 60 has neither, and
