@@ -1395,8 +1395,9 @@ class Engine:
         absent = parsed.absent if task in ("detect", "report") and not reported else []
         if ground and self.box_source == "mask" and (res.boxes or absent):
             self._ground_boxes(state, res, absent)
+        # "Segment all organs." names them all; a question in another language names nothing
         if (not reported and prompt != CLOSER_LOOK_PROMPT.format(label="structure")
-                and not asks_for_everything(prompt) and not foreign):  # "Segment all organs." names them all
+                and not asks_for_everything(prompt) and not foreign):
             off = unasked_warning(checked, [m.label for m in res.masks]
                                   + [b.label for b in res.boxes] + [a for a, _ in parsed.absent])
             if off:
@@ -1534,8 +1535,8 @@ class Engine:
         for detection), and with a box of it or by saying it is not visible for detection.
         The new answer is joined to `res` when it is about the structure; where the first
         answer was about none of them (or, to a question for every structure, was garbled),
-        the new answers take its place (its text stays first in `text`); if none of them is about a structure either, `res` stays as it was, with
-        the warning that it is about something not asked. The structures still left out are
+        the new answers take its place (its text stays first in `text`); if none of them is
+        about a structure either, `res` stays as it was, with the warning that it is about something not asked. The structures still left out are
         named in one warning (True when one was added). A model that answers about all of
         them is asked nothing more. `targets`: what is asked for, if not read from `prompt`
         (the structures a question with no task words names, asked for as `task` asks)."""

@@ -120,9 +120,9 @@ NANO_CLOSER_LOOK_BLEND = 0.5
 
 def nano_settings() -> dict:
     """What nano's config.json says beside the architecture: the answer a closer look at a
-    named structure is given, the kinds of image it segments, what it was taught to find and
-    its closer look's blend and the language of its questions (also written into a model continued with `init_from`, which may
-    have been saved before these settings)."""
+    named structure is given, the kinds of image it segments, what it was taught to find, its
+    closer look's blend and the language of its questions (also written into a model
+    continued with `init_from`, which may have been saved before these settings)."""
     from .nano_data import NAMES, segment_answer
     return dict(segment_answer=segment_answer("{label}"), mask_modalities=["CT"],
                 structures=list(NAMES), closer_look_blend=NANO_CLOSER_LOOK_BLEND,
