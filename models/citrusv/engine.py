@@ -1088,7 +1088,8 @@ class Engine:
         out.answer = summary or (Counter(answers).most_common(1)[0][0] if answers else "")
         out.image = {"id": image_id, "shape": [int(s) for s in vol.shape],
                      "spacing": None if spacing is None else [float(s) for s in spacing],
-                     "axis": AXIS_NAMES[ax], "slices": list(ks)}
+                     "axis": AXIS_NAMES[ax], "slices": list(ks),
+                     "window": imaging.window_key(window)}
         out.timing_ms["total"] = (time.perf_counter() - t0) * 1e3
         return out
 

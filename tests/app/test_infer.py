@@ -59,6 +59,7 @@ def test_segment_slice_range_gives_3d_mask_on_those_slices(citrusv_server, tmp_p
     result, label = split_multipart(r, tmp_path)
     check_result(result, "segment")
     assert result["image"]["slices"] == [59, 60, 61]
+    assert result["image"]["window"] == "abdomen"  # the CT default, as for one slice (was null)
     assert sorted({m["slice"] for m in result["masks"]}) == [59, 60, 61]
     touched = set(np.flatnonzero(zyx(label).reshape(133, -1).any(axis=1)))
     assert touched and touched <= {59, 60, 61}
