@@ -61,8 +61,8 @@ _FP16 = ("float16", "fp16", "half")
 GROUND_PROMPT = "Please segment the {label} in this scan."
 GROUND_MIN_PART = 0.25
 GROUND_MAX_NEW_TOKENS = 64
-# a structure the answer says is not visible gets its mask's box only from a mask this large:
-# the line at which the evaluation counts a structure as on a slice (MIN_AREA_PX), not tuned
+# a written box is replaced by its mask's box, and a structure the answer says is not visible
+# gets one, only from a mask this large; a smaller one is named in a warning: the line at which the evaluation counts a structure as on a slice (MIN_AREA_PX), not tuned
 GROUND_MIN_ABSENT_PX = 40
 # a closer look's square: the box grown by this share of its side on each side
 CLOSER_LOOK_MARGIN = 0.15
@@ -83,6 +83,15 @@ REPORT_FOLLOW_UP = "Think step by step."
 # left-lung box); nano's phrasing, its trained "Write a report for this CT slice. Think step
 # by step." with "image", which it also answers on a radiograph
 REPORT_AGAIN_PROMPT = "Write a report for this image. Think step by step."
+
+
+def small_mask_warning(label: str, pixels: int, spacing=None) -> str:
+    """Said when a mask of one slice marks under GROUND_MIN_ABSENT_PX pixels: too little to take
+    as the structure's cross-section (nano's right-kidney mask on held-out slice 25, where the
+    reference has no right kidney: 16 pixels)."""
+    area = "" if spacing is None else f", {pixels * spacing[0] * spacing[1]:.0f} mm²"
+    return (f"the {label} mask marks only {pixels} px{area}, too few to be taken as the {label}: "
+            f"the model may not have found it here; treat that mask as unconfirmed.")
 
 
 def empty_mask_warning(label: str, slices: int | None = None) -> str:
@@ -196,13 +205,21 @@ def untaught_by_values(res: Result, values: np.ndarray, window, taught: list[str
     res.warnings = [w for w in res.warnings if w not in empty] + [NOT_CT_BY_VALUES]
 
 
-def unconfirmed_boxes_warning(labels: list[str]) -> str:
+def unconfirmed_boxes_warning(labels: list[str], few: dict[str, int] | None = None) -> str:
     """box_source "mask": said when some boxes' labels get no mask, so those boxes stay as the
-    model wrote them, with nothing to check them against."""
-    names = listed(labels, "or")
+    model wrote them, with nothing to check them against. `few`: labels whose mask marks under
+    GROUND_MIN_ABSENT_PX pixels ({label: pixels}), which is not taken as the structure (on
+    held-out slice 25, where the reference has no right kidney, nano's report cites one and its
+    right-kidney mask there is one pixel, whose box, 1 x 1 px, took the written box's place)."""
     boxes, it = ("that box is", "it") if len(labels) == 1 else ("those boxes are", "them")
-    return (f"the model's own segmentation marks no {names} in the image, so {boxes} as the "
-            f"model wrote {it}, not the box of a mask; treat {it} as unconfirmed.")
+    if few:
+        marked = listed([f"{n} px of the {label}" for label, n in few.items()], "and")
+        return (f"the model's own segmentation marks only {marked} in the image, too few to box "
+                f"(the structure may not be in view), so {boxes} as the model wrote {it}, not the "
+                f"box of a mask; treat {it} as unconfirmed.")
+    return (f"the model's own segmentation marks no {listed(labels, 'or')} in the image, so "
+            f"{boxes} as the model wrote {it}, not the box of a mask; treat {it} as "
+            "unconfirmed.")
 
 
 def spelling_note(fixes: list[tuple[str, str]],
@@ -1639,20 +1656,26 @@ class Engine:
             return masks_of[label]
 
         unconfirmed: list[str] = []
+        few: dict[str, int] = {}  # a label whose mask is too small to box -> its pixels
         for box in res.boxes:
             label = box.label.strip()
             if not label:
                 continue
             parts = list(masks(label).values())
-            found = main_parts_box(np.logical_or.reduce(parts)) if parts else None
-            if found is not None:
+            union = np.logical_or.reduce(parts) if parts else None
+            marked = 0 if union is None else int(np.count_nonzero(union))
+            if marked >= GROUND_MIN_ABSENT_PX:
                 box.text_xyxy = list(box.xyxy)
-                box.xyxy = list(found)
+                box.xyxy = list(main_parts_box(union))
                 box.source = "mask"
+            elif marked:
+                few[label] = marked
             elif label not in unconfirmed:
                 unconfirmed.append(label)
         if unconfirmed:
             res.warnings.append(unconfirmed_boxes_warning(unconfirmed))
+        if few:
+            res.warnings.append(unconfirmed_boxes_warning(list(few), few))
         boxed = {b.label.strip() for b in res.boxes}
         ids = {b.id for b in res.boxes}
         for label, verb in absent:
@@ -1686,6 +1709,8 @@ class Engine:
             m.spacing = plane
             if not m.area_px:
                 res.warnings.append(empty_mask_warning(m.label))
+            elif m.area_px < GROUND_MIN_ABSENT_PX:
+                res.warnings.append(small_mask_warning(m.label, m.area_px, plane))
         res.image = {"id": image_id, "shape": [1, int(hw[0]), int(hw[1])],
                      "spacing": None if plane is None else list(plane), "axis": "axial",
                      "slices": [] if slice_index is None else [int(slice_index)],

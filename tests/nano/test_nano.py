@@ -197,6 +197,35 @@ def test_a_box_whose_structure_gets_no_mask_stays_as_written(engine, study):
             "so the structure may not be in view."]
 
 
+def test_a_mask_of_a_few_pixels_neither_boxes_nor_passes_for_the_structure(engine, study):
+    """Held-out slice 25 has no right kidney (its upper pole starts lower). nano's report cites
+    one anyway, and its mask when asked is a pixel or a few: that used to become a 1 x 1 px
+    box in place of the written one. Now a mask under 40 px neither replaces a written box nor
+    comes back without a sentence."""
+    k = 25
+    assert study.mask("right kidney", k).sum() == 0
+    spacing = tuple(study.spacing[1:])
+    rep = engine.ask(study.volume[k], "Write a report for this CT slice. Think step by step.",
+                     window="abdomen", spacing=spacing)
+    (kidney,) = [b for b in rep.boxes if b.label == "right kidney"]
+    assert kidney.source == "text" and kidney.text_xyxy is None
+    x1, y1, x2, y2 = kidney.xyxy
+    assert x2 - x1 > 40 and y2 - y1 > 40, kidney.xyxy  # as written, not a pixel's box
+    assert rep.warnings[0] == (
+        "the model's own segmentation marks only 1 px of the right kidney in the image, too few "
+        "to box (the structure may not be in view), so that box is as the model wrote it, not "
+        "the box of a mask; treat it as unconfirmed.")
+    assert [b.source for b in rep.boxes if b.label != "right kidney"] == ["mask"] * 5
+    seg = engine.ask(study.volume[k], "Segment the right kidney.", window="abdomen",
+                     spacing=spacing)
+    (mask,) = seg.masks
+    assert 0 < mask.area_px < 40
+    assert seg.warnings == [
+        f"the right kidney mask marks only {mask.area_px} px, "
+        f"{mask.area_px * spacing[0] * spacing[1]:.0f} mm², too few to be taken as the right "
+        "kidney: the model may not have found it here; treat that mask as unconfirmed."]
+
+
 def test_empty_masks_over_slices_are_said_once(engine, study):
     """Asked over slices 100-102 (the chest; the kidneys lie below slice 40) nano marks no right
     kidney: one sentence for the whole range. A report over held-out slices 60-69 says once,
