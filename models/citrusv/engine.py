@@ -811,7 +811,8 @@ class Engine:
         `closer_look` in the result: `roi` (the given box, the box around the given boxes, else
         around the squares), `crop` (the square the model saw; the box around them when there
         were several), `crops` (each square the model saw, largest part first),
-        `area_px_before` (of `mask` or the first pass), `area_px_after`,
+        `area_px_before` (of `mask` or the first pass; with a `roi`, of the first pass inside
+        it), `area_px_after`,
         `dice_with_before`: the refined mask against `mask`, else against the model's own mask
         of the whole slice for the same question (asked for that when `roi` is given), inside
         the `roi` boxes (else the squares); a warning says when it is low (`closer_look_warning`);
@@ -929,7 +930,9 @@ class Engine:
                     else [int(v) for v in bounding_box(squares)]),
             "crop": [int(v) for v in bounding_box(squares)],
             "crops": [[int(v) for v in sq] for sq in squares],
-            "area_px_before": int(before.sum()) if before is not None else None,
+            # with a roi, the first pass's pixels inside it: what dice_with_before compared
+            "area_px_before": (int(before.sum()) if before is not None
+                               else None if compare is None else int((compare & region).sum())),
             "area_px_after": sum(m.area_px for m in res.masks),
             "dice_with_before": None if agreement is None else round(agreement, 3),
             "answer_given": crop_text is not None and forced_text is None,

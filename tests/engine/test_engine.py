@@ -240,7 +240,11 @@ def test_closer_look_crops_square_roi_and_pastes_back(engine):
     outside[30:60, 40:80] = False  # kept inside the user's roi
     assert not outside.any()
     assert res.closer_look["area_px_after"] == res.masks[0].area_px
-    assert res.closer_look["area_px_before"] is None
+    # the first pass, asked for the comparison: its pixels inside the roi (was None, beside a
+    # dice_with_before computed from them)
+    first = engine.ask(img, "Segment the liver.", window="abdomen",
+                       forced_text="liver [SEG] <bbox>[0, 0, 64, 64]</bbox>").masks[0].array
+    assert res.closer_look["area_px_before"] == int(first[30:60, 40:80].sum())
     box = res.boxes[0].xyxy  # model frame of the canonical crop -> slice pixels
     size = engine.config.image_size
     fh, fw = smart_resize(size, size, 28, engine.config.min_pixels, engine.config.max_pixels)
