@@ -107,12 +107,17 @@ def _shown(arr: np.ndarray, ds) -> tuple[np.ndarray, str | None]:
     return arr, photometric
 
 
-def _pixel_spacing(ds) -> list[float] | None:
-    """PixelSpacing, else ImagerPixelSpacing (X-ray); None when absent or zero."""
+def pixel_spacing(ds) -> list[float] | None:
+    """(row, column) mm from PixelSpacing, else ImagerPixelSpacing (X-ray); None when neither
+    gives two positive numbers (the sample CR's PixelSpacing is 0\\0). The server's reader
+    uses it too."""
     for tag in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = getattr(ds, tag, None)
-        if value is not None and len(value) == 2 and all(float(v) > 0 for v in value):
-            return [float(v) for v in value]
+        try:
+            value = [float(v) for v in getattr(ds, tag, None) or []]
+        except (TypeError, ValueError):
+            continue
+        if len(value) == 2 and all(v > 0 and np.isfinite(v) for v in value):
+            return value
     return None
 
 
@@ -120,7 +125,7 @@ def read_dicom_file(path: Path) -> Study:
     import pydicom
 
     ds = pydicom.dcmread(str(path))
-    ps = _pixel_spacing(ds)
+    ps = pixel_spacing(ds)
     arr, photometric = _shown(_dicom_pixels(ds), ds)
     modality = str(getattr(ds, "Modality", "")) or None
     if arr.ndim == 2 or (arr.ndim == 3 and photometric in ("RGB", "YBR_FULL")):
@@ -157,7 +162,7 @@ def read_dicom_series(folder: Path) -> Study:
 
     slices.sort(key=position)
     arr, photometric = _shown(np.stack([_dicom_pixels(s) for s in slices]), slices[0])
-    ps = _pixel_spacing(slices[0]) or [1.0, 1.0]
+    ps = pixel_spacing(slices[0]) or [1.0, 1.0]
     gaps = np.diff([position(s) for s in slices])
     dz = float(np.median(np.abs(gaps))) if len(gaps) else float(
         getattr(slices[0], "SliceThickness", 1.0) or 1.0)

@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 
 from citrusv.imaging import bone_bright  # the engine's reader mirrors MONOCHROME1 alike
+from citrusv.io import pixel_spacing  # the engine's reader's rule: no pixel size, no mm
 from citrusv.io import PICTURE_SUFFIXES  # the engine's reader's picture files
 
 from .errors import RequestError
@@ -42,6 +43,10 @@ class Study:
     path: str = ""
     nifti_codes: tuple[int, int] = (1, 1)  # (qform_code, sform_code) for the label file
     meta: dict = field(default_factory=dict)
+    # False where the file gives no pixel size (a picture; a DICOM image with no PixelSpacing
+    # or ImagerPixelSpacing, or zeros there, as the sample CR has): the affine then has 1 mm,
+    # which places a label but measures nothing
+    spacing_known: bool = True
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -140,13 +145,9 @@ def _read_nrrd(path: str) -> Study:
 
 
 def _dicom_affine(ds, n_slices: int = 1, last_position=None) -> np.ndarray:
-    """RAS affine of a DICOM image or series (LPS patient frame, converted)."""
-    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing") or [1.0, 1.0]
-    try:
-        row_mm, col_mm = float(spacing[0]), float(spacing[1])
-    except (TypeError, ValueError, IndexError):
-        row_mm, col_mm = 1.0, 1.0
-    row_mm, col_mm = (row_mm if row_mm > 0 else 1.0), (col_mm if col_mm > 0 else 1.0)
+    """RAS affine of a DICOM image or series (LPS patient frame, converted); 1 mm pixels where
+    the header gives no pixel size (`citrusv.io.pixel_spacing`)."""
+    row_mm, col_mm = pixel_spacing(ds) or (1.0, 1.0)
     iop = [float(v) for v in ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])]
     row_dir, col_dir = np.asarray(iop[:3]), np.asarray(iop[3:])
     normal = np.cross(row_dir, col_dir)
@@ -199,7 +200,8 @@ def _read_dicom_file(path: str) -> Study:
         raise RequestError("Colour DICOM images are not supported; send a grayscale image.")
     array = pixels[None] if pixels.ndim == 2 else pixels
     return Study(np.ascontiguousarray(array), _dicom_affine(ds), array.shape[0] == 1,
-                 modality=str(ds.get("Modality", "")), path=path)
+                 modality=str(ds.get("Modality", "")), path=path,
+                 spacing_known=pixel_spacing(ds) is not None)
 
 
 def _read_dicom_series(path: str) -> Study:
@@ -223,7 +225,8 @@ def _read_dicom_series(path: str) -> Study:
     array = bone_bright(np.stack([_dicom_pixels(s) for s in slices]),
                         first.get("PhotometricInterpretation"))
     affine = _dicom_affine(slices[0], len(slices), slices[-1].get("ImagePositionPatient"))
-    return Study(array, affine, len(slices) == 1, modality=str(first.get("Modality", "")), path=path)
+    return Study(array, affine, len(slices) == 1, modality=str(first.get("Modality", "")), path=path,
+                 spacing_known=pixel_spacing(first) is not None)
 
 
 # picture modes with more than 8 bits a pixel (16-bit PNG or TIFF, 32-bit, float): their values
@@ -249,7 +252,7 @@ def _read_picture(path: str) -> Study:
     except (UnidentifiedImageError, OSError) as e:
         raise RequestError("The file is not a readable picture; send PNG, JPEG, NIfTI, NRRD or DICOM.") from e
     affine = np.diag([-1.0, -1.0, 1.0, 1.0])
-    return Study(pixels, affine, True, path=path)
+    return Study(pixels, affine, True, path=path, spacing_known=False)
 
 
 def _looks_like_dicom(path: str) -> bool:

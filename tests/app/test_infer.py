@@ -131,12 +131,22 @@ def test_closer_look_at_two_boxes_keeps_each_mask_inside_its_box(citrusv_server,
 
 
 def test_xray_dicom_2d_without_slice(citrusv_server, tmp_path):
+    """The sample CR's PixelSpacing is 0\\0: no pixel size. Its label is placed with 1 mm pixels,
+    but nothing is measured in mm (its lungs' boxes came back 1026 x 1222 mm), and a sentence
+    says so."""
     r = citrusv_server.post("/infer/citrusv_segment?image=chest_xray",
                             data=_params(prompt="Segment the lungs."))
     result, label = split_multipart(r, tmp_path)
     check_result(result, "segment")
     assert result["image"]["shape"] == [1, 1955, 1841]
     assert result["image"]["slices"] == []
+    assert result["image"]["spacing"] is None
+    assert np.allclose(np.abs(np.diag(label.affine)[:2]), 1.0)
+    assert result["masks"] and all(m["area_mm2"] is None for m in result["masks"])
+    assert result["warnings"][-1] == (
+        "this DICOM image gives no pixel size (no PixelSpacing or ImagerPixelSpacing above zero), "
+        "so its masks and boxes are measured in pixels only: no size in mm is given or checked, "
+        "and sizes in mm the answer writes are the model's own, unchecked against the image.")
     assert label.shape[:2] == (1841, 1955)
     for mask in result["masks"]:
         assert mask["slice"] is None

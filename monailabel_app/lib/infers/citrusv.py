@@ -88,19 +88,25 @@ class CitrusVInfer(InferTask):
         untaught_modality(result, study.modality, engine.config.mask_modalities, picture=picture)
         if picture and study.array.dtype != np.uint8 and params.window is None:
             result.warnings.append(unwindowed_picture_warning(study.array))
+        if not study.spacing_known and (result.masks or result.boxes
+                                        or "mm" in (result.answer or "")):
+            result.warnings.append(no_spacing_warning(picture))
         label_file, out = self._respond(study, params, result, version, image_id)
         out.setdefault("timing_ms", {})["server_total"] = round((time.perf_counter() - start) * 1e3, 2)
         return label_file, out
 
     def _ask(self, engine, study: Study, p: InferParams, image_id: str):
-        spacing = study.spacing
+        # no pixel size in the file: nothing is measured in mm (1 mm pixels would give a
+        # radiograph's lung box as 1026 x 1222 mm)
+        spacing = study.spacing if study.spacing_known else None
         if p.is_range:
             return engine.ask_volume(study.array, p.prompt, slices=p.slices, axis=p.axis,
                                      window=p.window, task=self.task, spacing=spacing,
                                      image_id=image_id, batch_size=self.volume_batch_size)
         plane = study.plane(p.slices[0], p.axis)
         common = dict(window=p.window, slice_index=None if study.is_2d else p.slices[0],
-                      spacing=study.plane_spacing(p.axis), image_id=image_id)
+                      spacing=study.plane_spacing(p.axis) if spacing else None,
+                      image_id=image_id)
         if self.task == "closer_look":
             return engine.closer_look(plane, p.prompt, roi=p.roi, margin=self.closer_look_margin,
                                       label=p.label, **common)
@@ -116,7 +122,7 @@ class CitrusVInfer(InferTask):
             name = p.label if (self.task == "closer_look" and p.label) else mask.label
             mask.label = name
             mask.label_index = label_names.setdefault(name, len(label_names) + 1)
-            if mask.spacing is None:
+            if mask.spacing is None and study.spacing_known:
                 mask.spacing = study.plane_spacing(p.axis)
             if np.ndim(mask.array) == 2:
                 mask.slice = slice_index
@@ -136,7 +142,8 @@ class CitrusVInfer(InferTask):
         out["image"] = {
             "id": image_id,
             "shape": list(study.shape),
-            "spacing": study.spacing,
+            # null where the file gives no pixel size (ijk_to_ras then has 1 mm, for the label)
+            "spacing": study.spacing if study.spacing_known else None,
             "ijk_to_ras": [[round(float(v), 6) for v in row] for row in study.affine],
             "axis": p.axis_name,
             "slices": [] if study.is_2d else list(p.slices),
@@ -148,6 +155,17 @@ class CitrusVInfer(InferTask):
             out["warnings"].append(kind)
         out["label_names"] = label_names
         return write_label(study, label), out
+
+
+def no_spacing_warning(picture: bool) -> str:
+    """Said where the image file gives no pixel size (`Study.spacing_known`): its masks and
+    boxes come with no mm, and the mm an answer writes are not checked against them."""
+    what = ("this picture file gives no pixel size" if picture else
+            "this DICOM image gives no pixel size (no PixelSpacing or ImagerPixelSpacing above "
+            "zero)")
+    return (f"{what}, so its masks and boxes are measured in pixels only: no size in mm is "
+            "given or checked, and sizes in mm the answer writes are the model's own, unchecked "
+            "against the image.")
 
 
 def unwindowed_picture_warning(values: np.ndarray) -> str:
