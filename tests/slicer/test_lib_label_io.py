@@ -80,6 +80,14 @@ def test_single_dicom_file_reads_as_one_slice(tmp_path):
     assert np.allclose(vol.array[0], pixels.astype(float) * 2 - 5)
     assert np.allclose(np.linalg.norm(vol.ijk_to_ras[:3, :2], axis=0), [0.3, 0.2])
     assert pydicom.__version__
+    # no pixel size (the sample CR's PixelSpacing is 0\\0): 1 mm pixels, as the server places
+    # it; the zeros made the IJK-to-RAS singular
+    del ds.ImagerPixelSpacing
+    ds.PixelSpacing = [0, 0]
+    ds.save_as(str(tmp_path / "x.dcm"), write_like_original=False)
+    vol = read_label_volume(tmp_path / "x.dcm")
+    assert np.allclose(np.linalg.norm(vol.ijk_to_ras[:3, :2], axis=0), [1.0, 1.0])
+    assert abs(np.linalg.det(vol.ijk_to_ras)) > 0
 
 
 def test_upload_id_names_the_content_not_the_session():

@@ -169,7 +169,7 @@ def _read_dicom(data: bytes) -> LabelVolume:
     pixels = pixels * slope + intercept
     if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
         pixels = pixels.max() - pixels + pixels.min()
-    spacing = getattr(ds, "PixelSpacing", None) or getattr(ds, "ImagerPixelSpacing", None) or [1, 1]
+    spacing = _pixel_spacing(ds)
     origin = [float(v) for v in getattr(ds, "ImagePositionPatient", None) or [0, 0, 0]]
     cosines = [float(v) for v in getattr(ds, "ImageOrientationPatient", None) or [1, 0, 0, 0, 1, 0]]
     row, col = np.array(cosines[:3]), np.array(cosines[3:])
@@ -179,6 +179,20 @@ def _read_dicom(data: bytes) -> LabelVolume:
     m[:3, 2] = np.cross(row, col) * float(getattr(ds, "SliceThickness", None) or 1.0)
     m[:3, 3] = origin
     return LabelVolume(pixels, LPS_TO_RAS @ m)
+
+
+def _pixel_spacing(ds) -> list[float]:
+    """(row, column) mm from PixelSpacing, else ImagerPixelSpacing; 1 mm where neither gives two
+    positive numbers (the sample CR's PixelSpacing is 0\\0, which made a singular IJK-to-RAS),
+    as the server places such an image."""
+    for tag in ("PixelSpacing", "ImagerPixelSpacing"):
+        try:
+            value = [float(v) for v in getattr(ds, tag, None) or []]
+        except (TypeError, ValueError):
+            continue
+        if len(value) == 2 and all(v > 0 and np.isfinite(v) for v in value):
+            return value
+    return [1.0, 1.0]
 
 
 def _parse_vector(text: str) -> list[float] | None:
