@@ -421,12 +421,18 @@ class CitrusVApp(MONAILabelApp):
         if self.studies.startswith(("http://", "https://")):
             return super().init_datastore()  # DICOMweb: see _init_dicomweb_datastore
         extensions = list(dict.fromkeys([*settings.MONAI_LABEL_DATASTORE_FILE_EXT, *EXTENSIONS]))
-        return CorrectionsDatastore(
+        store = CorrectionsDatastore(
             self.studies,
             extensions=extensions,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )
+        for uid, n in store.loose_series().items():
+            logger.warning("%d DICOM files directly in %s are slices of one series (%s): each is "
+                           "served as an image of its own; move them into a folder of their own "
+                           "(%s/<name>/) to serve them as one volume, named <name>.",
+                           n, self.studies, uid, self.studies)
+        return store
 
     def _init_dicomweb_datastore(self) -> Datastore:
         """A PACS over DICOMweb (Orthanc, dcm4chee, ...): MONAI Label's client settings

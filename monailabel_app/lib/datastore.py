@@ -49,7 +49,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 
 from .errors import RequestError
 from .files import fsync_copy, fsync_dir, keep_submission, kept_records
-from .images import LPS_TO_RAS, Study, read_study, write_label
+from .images import LPS_TO_RAS, Study, is_dicom_file, read_study, series_files, write_label
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,12 @@ EXTENSIONS = ["*.nii.gz", "*.nii", "*.nrrd", "*.dcm", "*.png", "*.jpg"]
 
 
 class CorrectionsDatastore(LocalDatastore):
-    """LocalDatastore whose labels and index file are replaced atomically."""
+    """LocalDatastore whose labels and index file are replaced atomically, and which serves a
+    folder of DICOM files in the studies folder (`STUDIES/<id>/*.dcm`, a CT series as a
+    hospital exports it) as one image, its id the folder's name; MONAI Label lists files only,
+    so such a series was not served at all."""
+
+    series_folders = True  # the PACS datastore's cache folders are its own
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -94,6 +99,38 @@ class CorrectionsDatastore(LocalDatastore):
                                "image (its corrections belong to that one); upload this image "
                                "under another id.", status_code=409)
         return super().add_image(image_id, image_filename, image_info)
+
+    def _list_files(self, path, patterns):
+        found = super()._list_files(path, patterns)
+        if not self.series_folders or os.path.realpath(path) != os.path.realpath(
+                self._datastore.image_path()):
+            return found
+        labels = os.path.realpath(self._datastore.label_path(None))
+        for name in sorted(os.listdir(path)):
+            full = os.path.join(path, name)
+            if (name not in found and IMAGE_ID.match(name) and os.path.isdir(full)
+                    and os.path.realpath(full) != labels and any(series_files(full))):
+                found[name] = name
+        return found
+
+    def loose_series(self) -> dict[str, int]:
+        """DICOM files directly in the studies folder that are slices of one series
+        ({SeriesInstanceUID: files}, two or more): each is served as an image of its own (a
+        CT exported into the studies folder itself gave 133 one-slice images)."""
+        import pydicom
+
+        counts: dict[str, int] = {}
+        base = self._datastore.image_path()
+        for name in os.listdir(base):
+            path = os.path.join(base, name)
+            if not is_dicom_file(path):
+                continue
+            try:
+                uid = str(pydicom.dcmread(path, stop_before_pixels=True).get("SeriesInstanceUID"))
+            except Exception:
+                continue
+            counts[uid] = counts.get(uid, 0) + 1
+        return {uid: n for uid, n in counts.items() if n > 1 and uid != "None"}
 
     def remove_image(self, image_id: str) -> None:
         if image_id not in self._datastore.objects:  # MONAI Label answered 500
@@ -443,6 +480,7 @@ class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):
       and a series once fetched is served from the cache while the PACS is down.
     """
 
+    series_folders = False  # its cache's series folders are not local images
     _series_cache: tuple[float, list[str]] | None = None  # (when asked, series)
     cache_limit_bytes: int = 0  # 0: no limit; the app sets it from `--conf pacs_cache_gb`
 

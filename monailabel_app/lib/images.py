@@ -204,11 +204,30 @@ def _read_dicom_file(path: str) -> Study:
                  spacing_known=pixel_spacing(ds) is not None)
 
 
+def is_dicom_file(path) -> bool:
+    """A DICOM file by its name (.dcm, .dicom, .ima) or by the DICM mark DICOM files carry;
+    not DICOMDIR, an export's index, which holds no image."""
+    name = os.path.basename(str(path))
+    return (not name.startswith(".") and name.upper() != "DICOMDIR" and os.path.isfile(path)
+            and (_suffix(str(path)) in DICOM_SUFFIXES or _looks_like_dicom(str(path))))
+
+
+def series_files(path) -> list[Path]:
+    """The DICOM files directly in a folder, sorted by name (other files are left out)."""
+    return sorted(p for p in Path(path).iterdir() if is_dicom_file(p))
+
+
 def _read_dicom_series(path: str) -> Study:
-    files = sorted(p for p in Path(path).iterdir() if p.is_file() and not p.name.startswith("."))
+    files = series_files(path)
     if not files:
-        raise RequestError("The image folder is empty; put a DICOM series (one file per slice) in it.")
+        raise RequestError("The image folder holds no DICOM file; put a DICOM series (one file "
+                           "per slice) in it.")
     slices = [_read_dicom_header(str(f)) for f in files]
+    series = list(dict.fromkeys(str(s.get("SeriesInstanceUID", "")) for s in slices))
+    if len(series) > 1:  # their slices would be stacked into one volume, interleaved
+        raise RequestError(f"The folder '{os.path.basename(os.path.normpath(path))}' holds "
+                           f"{len(series)} DICOM series; put each series in a folder of its own "
+                           "in the studies folder.")
     first = slices[0]
     _check_size((len(slices), int(first.Rows), int(first.Columns)), "DICOM series")
     iop = [float(v) for v in first.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])]

@@ -1,0 +1,90 @@
+"""A DICOM series as a hospital exports it, one file per slice, in a folder of the studies
+folder: served as one volume under the folder's name (MONAI Label lists files only, so it was
+not served at all), on the same grid as the same CT as NIfTI; a folder mixing series gets a 400
+that says so, and slices of one series left loose in the studies folder are named in the log."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tests.app.helpers import put_label, reference_label, split_multipart, zyx
+from tests.server import start_citrusv_server
+
+LIVER = 5  # the reference label map's liver
+
+
+@pytest.fixture(scope="module")
+def series_server(tmp_path_factory, tiny_model_dir, sample_root):
+    root = tmp_path_factory.mktemp("series_server")
+    studies = root / "studies"
+    series = sample_root / "dicom" / "chest_ct"
+    slices = sorted(series.glob("*.dcm"))
+    (studies / "ct_series").mkdir(parents=True)
+    for f in slices:  # the 133 slices, as an export writes them (linked: 68 MB)
+        os.symlink(f, studies / "ct_series" / f.name)
+    (studies / "ct_series" / "README.txt").write_text("exported from the scanner\n")
+    (studies / "mixed").mkdir()
+    for f in slices[:3]:
+        os.symlink(f, studies / "mixed" / f.name)
+    shutil.copy(sample_root / "studies" / "chest_xray.dcm", studies / "mixed")
+    for f in slices[:2]:  # slices left loose in the studies folder itself
+        shutil.copy(f, studies / f"loose_{f.name}")
+    shutil.copy(sample_root / "studies" / "chest_ct.nii.gz", studies)
+    model_dir = shutil.copytree(tiny_model_dir, root / "model")
+    with start_citrusv_server(studies, model_dir) as server:
+        yield server
+
+
+def _ask(server, image: str, tmp_path, **params):
+    r = server.post(f"/infer/citrusv_segment?image={image}",
+                    data={"params": json.dumps({"prompt": "Segment the liver.", **params})})
+    assert r.status_code == 200, r.text
+    (tmp_path / image).mkdir()
+    return split_multipart(r, tmp_path / image)
+
+
+def test_a_series_folder_is_one_volume_on_the_ct_grid(series_server, tmp_path):
+    listed = series_server.get("/datastore/?output=all").json()["objects"]
+    assert {"ct_series", "mixed", "chest_ct", "loose_IM0000", "loose_IM0001"} <= set(listed)
+    assert "README" not in listed and "labels" not in listed
+    result, label = _ask(series_server, "ct_series", tmp_path, slice=60)
+    nifti, nifti_label = _ask(series_server, "chest_ct", tmp_path, slice=60)
+    assert result["image"]["shape"] == nifti["image"]["shape"] == [133, 512, 512]
+    assert result["image"]["spacing"] == pytest.approx(nifti["image"]["spacing"], abs=1e-4)
+    assert np.allclose(result["image"]["ijk_to_ras"], nifti["image"]["ijk_to_ras"], atol=1e-3)
+    assert np.allclose(label.affine, nifti_label.affine, atol=1e-3)
+    # the same voxels, so the same answer, on the same slice of the label file
+    assert [m["rle"] for m in result["masks"]] == [m["rle"] for m in nifti["masks"]]
+    np.testing.assert_array_equal(zyx(label), zyx(nifti_label))
+    assert set(np.flatnonzero(zyx(label).reshape(133, -1).any(axis=1))) <= {60}
+
+
+def test_a_correction_of_a_series_folder_is_kept(series_server, tmp_path):
+    liver = reference_label(tmp_path / "liver.nii.gz", LIVER,
+                            series_server.studies / "chest_ct.nii.gz")
+    r = put_label(series_server, "ct_series", liver,
+                  {"label_info": [{"name": "liver", "idx": 1}], "prompt": "Segment the liver."})
+    assert r.status_code == 200, r.text
+    stored = series_server.studies / "labels" / "final" / "ct_series.nii.gz"
+    expected = np.asarray(nib.load(liver).dataobj)
+    np.testing.assert_array_equal(np.asarray(nib.load(stored).dataobj) > 0, expected > 0)
+
+
+def test_a_folder_of_two_series_and_loose_slices_are_said(series_server):
+    r = series_server.post("/infer/citrusv_segment?image=mixed",
+                           data={"params": json.dumps({"prompt": "Segment the liver."})})
+    assert r.status_code == 400
+    assert r.json()["detail"] == ("The folder 'mixed' holds 2 DICOM series; put each series in "
+                                  "a folder of its own in the studies folder.")
+    assert series_server.get("/info/").status_code == 200  # the server is up
+    log = series_server.log(tail=10 ** 7)
+    assert ("2 DICOM files directly in " in log
+            and "are slices of one series (" in log
+            and "each is served as an image of its own; move them into a folder of their own"
+            in log), log[-3000:]
