@@ -73,6 +73,21 @@ class CorrectionsDatastore(LocalDatastore):
             # follow: without this, what another process (the training run, which imports
             # PACS SEGs) writes there would stay unseen by the server until it restarts
             handler.on_moved = self._on_moved_event
+        observer = getattr(self, "_observer", None)
+        if self.series_folders and handler is not None and observer is not None:
+            # MONAI Label watches files of the studies folder itself: a series folder copied in
+            # while the server runs would be listed only at the next restart
+            from watchdog.events import PatternMatchingEventHandler
+
+            base = self._datastore.image_path()
+            series = PatternMatchingEventHandler(patterns=[os.path.join(base, "*", "*")],
+                                                 ignore_directories=True)
+            series.on_created = series.on_deleted = lambda _event: self.refresh()
+            try:
+                observer.schedule(series, path=base, recursive=True)
+            except OSError as e:  # as MONAI Label's own watcher: listed at the next start
+                logger.warning("Series folders copied into %s while the server runs will be "
+                               "listed at its next start only (%s).", base, e)
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         """An uploaded image, checked first: an id that names a file in the studies folder and

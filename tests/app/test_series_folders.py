@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import nibabel as nib
 import numpy as np
@@ -88,3 +89,24 @@ def test_a_folder_of_two_series_and_loose_slices_are_said(series_server):
             and "are slices of one series (" in log
             and "each is served as an image of its own; move them into a folder of their own"
             in log), log[-3000:]
+
+
+def test_a_series_folder_copied_in_while_serving_is_listed(series_server, sample_root):
+    """MONAI Label watches the studies folder's own files: a series folder copied in while the
+    server runs was listed only at its next start."""
+    target = series_server.studies / "late_series"
+    target.mkdir()
+    for f in sorted((sample_root / "dicom" / "chest_ct").glob("*.dcm"))[:4]:
+        shutil.copy(f, target / f.name)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        listed = series_server.get("/datastore/?output=all").json()["objects"]
+        if "late_series" in listed:
+            break
+        time.sleep(0.5)
+    assert "late_series" in listed
+    r = series_server.post("/infer/citrusv_segment?image=late_series&output=json",
+                           data={"params": json.dumps({"prompt": "Segment the liver.",
+                                                       "slice": 2})})
+    assert r.status_code == 200, r.text
+    assert r.json()["image"]["shape"] == [4, 512, 512]
