@@ -143,10 +143,10 @@ def test_xray_dicom_2d_without_slice(citrusv_server, tmp_path):
     assert result["image"]["spacing"] is None
     assert np.allclose(np.abs(np.diag(label.affine)[:2]), 1.0)
     assert result["masks"] and all(m["area_mm2"] is None for m in result["masks"])
-    assert result["warnings"][-1] == (
+    assert result["warnings"] == [
         "this DICOM image gives no pixel size (no PixelSpacing or ImagerPixelSpacing above zero), "
         "so its masks and boxes are measured in pixels only: no size in mm is given or checked, "
-        "and sizes in mm the answer writes are the model's own, unchecked against the image.")
+        "and sizes in mm the answer writes are the model's own, unchecked against the image."]
     assert label.shape[:2] == (1841, 1955)
     for mask in result["masks"]:
         assert mask["slice"] is None

@@ -684,7 +684,7 @@ def test_ask_volume_returns_3d_masks_in_volume_index_space(engine):
     data = res.to_json()
     assert [e["slice"] for e in data["masks"]] == [1, 2, 3]
     assert data["image"] == {"id": None, "shape": [6, 40, 50], "spacing": [2.5, 0.7, 0.7],
-                             "axis": "axial", "slices": [1, 2, 3]}
+                             "axis": "axial", "slices": [1, 2, 3], "window": "abdomen"}
     assert data["masks"][0]["area_mm2"] == pytest.approx(data["masks"][0]["area_px"] * 0.49)
     # the volume over the contiguous slices asked: voxels x 2.5 x 0.7 x 0.7 mm³, in mL
     assert data["volumes_ml"] == {"liver": round(m.area_px * 2.5 * 0.49 / 1000, 2)}

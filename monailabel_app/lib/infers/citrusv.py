@@ -85,12 +85,12 @@ class CitrusVInfer(InferTask):
         except _input_error() as e:
             raise RequestError(str(e)) from e
         picture = is_picture(study.path)
-        untaught_modality(result, study.modality, engine.config.mask_modalities, picture=picture)
-        if picture and study.array.dtype != np.uint8 and params.window is None:
-            result.warnings.append(unwindowed_picture_warning(study.array))
         if not study.spacing_known and (result.masks or result.boxes
                                         or "mm" in (result.answer or "")):
             result.warnings.append(no_spacing_warning(picture))
+        untaught_modality(result, study.modality, engine.config.mask_modalities, picture=picture)
+        if picture and study.array.dtype != np.uint8 and params.window is None:
+            result.warnings.append(unwindowed_picture_warning(study.array))
         label_file, out = self._respond(study, params, result, version, image_id)
         out.setdefault("timing_ms", {})["server_total"] = round((time.perf_counter() - start) * 1e3, 2)
         return label_file, out
