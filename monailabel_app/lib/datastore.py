@@ -130,8 +130,9 @@ class CorrectionsDatastore(LocalDatastore):
 
     def loose_series(self) -> dict[str, int]:
         """DICOM files directly in the studies folder that are slices of one series
-        ({SeriesInstanceUID: files}, two or more): each is served as an image of its own (a
-        CT exported into the studies folder itself gave 133 one-slice images)."""
+        ({SeriesInstanceUID: files}, two or more with a slice position; radiographs have none,
+        and two views may share a series): each is served as an image of its own (a CT exported
+        into the studies folder itself gave 133 one-slice images)."""
         import pydicom
 
         counts: dict[str, int] = {}
@@ -141,10 +142,12 @@ class CorrectionsDatastore(LocalDatastore):
             if not is_dicom_file(path):
                 continue
             try:
-                uid = str(pydicom.dcmread(path, stop_before_pixels=True).get("SeriesInstanceUID"))
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
             except Exception:
                 continue
-            counts[uid] = counts.get(uid, 0) + 1
+            if ds.get("ImagePositionPatient") is not None:
+                uid = str(ds.get("SeriesInstanceUID"))
+                counts[uid] = counts.get(uid, 0) + 1
         return {uid: n for uid, n in counts.items() if n > 1 and uid != "None"}
 
     def remove_image(self, image_id: str) -> None:

@@ -36,6 +36,10 @@ def series_server(tmp_path_factory, tiny_model_dir, sample_root):
     shutil.copy(sample_root / "studies" / "chest_xray.dcm", studies / "mixed")
     for f in slices[:2]:  # slices left loose in the studies folder itself
         shutil.copy(f, studies / f"loose_{f.name}")
+    (studies / "two_views").mkdir()
+    for name in ("pa.dcm", "lateral.dcm"):  # radiographs of one series: no volume
+        shutil.copy(sample_root / "studies" / "chest_xray.dcm", studies / "two_views" / name)
+        shutil.copy(sample_root / "studies" / "chest_xray.dcm", studies / f"cr_{name}")
     shutil.copy(sample_root / "studies" / "chest_ct.nii.gz", studies)
     model_dir = shutil.copytree(tiny_model_dir, root / "model")
     with start_citrusv_server(studies, model_dir) as server:
@@ -83,8 +87,17 @@ def test_a_folder_of_two_series_and_loose_slices_are_said(series_server):
     assert r.status_code == 400
     assert r.json()["detail"] == ("The folder 'mixed' holds 2 DICOM series; put each series in "
                                   "a folder of its own in the studies folder.")
+    r = series_server.post("/infer/citrusv_segment?image=two_views",
+                           data={"params": json.dumps({"prompt": "Segment the lungs."})})
+    assert r.status_code == 400
+    assert r.json()["detail"] == (
+        "The folder 'two_views' holds 2 DICOM images without a slice position (radiographs have "
+        "none), which make no volume; put each image in the studies folder as a file of its "
+        "own.")
     assert series_server.get("/info/").status_code == 200  # the server is up
+    # the two loose CT slices are named; the two radiographs of one series beside them are not
     log = series_server.log(tail=10 ** 7)
+    assert log.count("DICOM files directly in ") == 1
     assert ("2 DICOM files directly in " in log
             and "are slices of one series (" in log
             and "each is served as an image of its own; move them into a folder of their own"
