@@ -41,9 +41,34 @@ def series_server(tmp_path_factory, tiny_model_dir, sample_root):
         shutil.copy(sample_root / "studies" / "chest_xray.dcm", studies / "two_views" / name)
         shutil.copy(sample_root / "studies" / "chest_xray.dcm", studies / f"cr_{name}")
     shutil.copy(sample_root / "studies" / "chest_ct.nii.gz", studies)
+    (studies / "ct_jpeg").mkdir()
+    for f in slices[24:27]:  # slices 24-26 as a PACS or CD export often stores them
+        _jpeg_lossless(f, studies / "ct_jpeg" / f.name)
     model_dir = shutil.copytree(tiny_model_dir, root / "model")
     with start_citrusv_server(studies, model_dir) as server:
         yield server
+
+
+def _jpeg_lossless(src, dst) -> None:
+    """A copy of a DICOM slice with its pixels compressed as JPEG Lossless (process 14, SV1),
+    by GDCM through SimpleITK; everything else as it was."""
+    import pydicom
+    import SimpleITK as sitk
+
+    ds = pydicom.dcmread(str(src))
+    writer = sitk.ImageFileWriter()
+    writer.SetImageIO("GDCMImageIO")
+    writer.SetFileName(str(dst))
+    writer.SetUseCompression(True)
+    writer.SetCompressor("JPEG")
+    writer.Execute(sitk.GetImageFromArray(ds.pixel_array[None]))
+    packed = pydicom.dcmread(str(dst))
+    assert packed.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
+    ds.file_meta.TransferSyntaxUID = packed.file_meta.TransferSyntaxUID
+    ds.PixelData = packed.PixelData
+    ds["PixelData"].is_undefined_length = True
+    ds.is_implicit_VR, ds.is_little_endian = False, True
+    ds.save_as(str(dst), write_like_original=False)
 
 
 def _ask(server, image: str, tmp_path, **params):
@@ -68,6 +93,18 @@ def test_a_series_folder_is_one_volume_on_the_ct_grid(series_server, tmp_path):
     assert [m["rle"] for m in result["masks"]] == [m["rle"] for m in nifti["masks"]]
     np.testing.assert_array_equal(zyx(label), zyx(nifti_label))
     assert set(np.flatnonzero(zyx(label).reshape(133, -1).any(axis=1))) <= {60}
+
+
+def test_a_jpeg_lossless_series_reads_as_stored_uncompressed(series_server, tmp_path):
+    """JPEG Lossless, the transfer syntax many scanners and PACS store CT in, needs a decoder
+    pydicom lacks alone (pylibjpeg-libjpeg): such a series was a 400 ("could not be
+    decoded")."""
+    result, label = _ask(series_server, "ct_jpeg", tmp_path, slice=1)
+    plain, _ = _ask(series_server, "ct_series", tmp_path, slice=25)
+    assert result["image"]["shape"] == [3, 512, 512]
+    assert [m["rle"] for m in result["masks"]] == [m["rle"] for m in plain["masks"]]
+    assert result["image"]["ijk_to_ras"][2][3] == pytest.approx(
+        plain["image"]["ijk_to_ras"][2][3] + 24 * 2.5, abs=1e-3)
 
 
 def test_a_correction_of_a_series_folder_is_kept(series_server, tmp_path):
