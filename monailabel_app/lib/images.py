@@ -250,8 +250,26 @@ def _read_dicom_series(path: str) -> Study:
     array = bone_bright(np.stack([_dicom_pixels(s) for s in slices]),
                         first.get("PhotometricInterpretation"))
     affine = _dicom_affine(slices[0], len(slices), slices[-1].get("ImagePositionPatient"))
-    return Study(array, affine, len(slices) == 1, modality=str(first.get("Modality", "")), path=path,
-                 spacing_known=pixel_spacing(first) is not None)
+    study = Study(array, affine, len(slices) == 1, modality=str(first.get("Modality", "")),
+                  path=path, spacing_known=pixel_spacing(first) is not None)
+    gaps = np.diff([position(s) for s in slices])
+    if len(gaps) and (gaps.min() <= 0 or gaps.max() > 1.1 * gaps.min()):
+        study.meta["uneven_slices"] = uneven_slices_warning(gaps)
+    return study
+
+
+def uneven_slices_warning(gaps: np.ndarray) -> str:
+    """Said with every answer on a DICOM series whose slices are not evenly spaced (a slice
+    missing from an export, two slices at one position): it is stacked as if they were, at
+    its mean spacing, so places and sizes along the slice axis are off."""
+    low, high = float(gaps.min()), float(gaps.max())
+    if low <= 0:
+        what = "two or more of its slices lie at the same position"
+    else:
+        what = f"the gaps between its slices run from {low:g} to {high:g} mm (a slice may be missing)"
+    return (f"this series' slices are not evenly spaced: {what}; it was read as evenly spaced, so "
+            "positions, lengths and volumes along the slice axis are off: send the complete "
+            "series.")
 
 
 # picture modes with more than 8 bits a pixel (16-bit PNG or TIFF, 32-bit, float): their values

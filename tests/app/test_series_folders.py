@@ -41,6 +41,10 @@ def series_server(tmp_path_factory, tiny_model_dir, sample_root):
         shutil.copy(sample_root / "studies" / "chest_xray.dcm", studies / "two_views" / name)
         shutil.copy(sample_root / "studies" / "chest_xray.dcm", studies / f"cr_{name}")
     shutil.copy(sample_root / "studies" / "chest_ct.nii.gz", studies)
+    (studies / "ct_gap").mkdir()
+    for f in slices[20:30]:  # slices 20-29 with slice 25 lost on the way
+        if f.name != "IM0025.dcm":
+            os.symlink(f, studies / "ct_gap" / f.name)
     (studies / "ct_jpeg").mkdir()
     for f in slices[24:27]:  # slices 24-26 as a PACS or CD export often stores them
         _jpeg_lossless(f, studies / "ct_jpeg" / f.name)
@@ -105,6 +109,19 @@ def test_a_jpeg_lossless_series_reads_as_stored_uncompressed(series_server, tmp_
     assert [m["rle"] for m in result["masks"]] == [m["rle"] for m in plain["masks"]]
     assert result["image"]["ijk_to_ras"][2][3] == pytest.approx(
         plain["image"]["ijk_to_ras"][2][3] + 24 * 2.5, abs=1e-3)
+
+
+def test_a_series_with_a_slice_missing_says_so_with_each_answer(series_server, tmp_path):
+    """Slices 20-29 without slice 25, 2.5 mm apart but one gap of 5 mm: stacked as 9 even
+    slices (2.81 mm), which an answer alone would not show."""
+    result, _ = _ask(series_server, "ct_gap", tmp_path, slice=4)
+    assert result["image"]["shape"] == [9, 512, 512]
+    assert result["warnings"][0] == (
+        "this series' slices are not evenly spaced: the gaps between its slices run from 2.5 to "
+        "5 mm (a slice may be missing); it was read as evenly spaced, so positions, lengths and "
+        "volumes along the slice axis are off: send the complete series.")
+    whole, _ = _ask(series_server, "ct_series", tmp_path, slice=25)
+    assert not [w for w in whole["warnings"] if "not evenly spaced" in w]
 
 
 def test_a_correction_of_a_series_folder_is_kept(series_server, tmp_path):

@@ -85,6 +85,8 @@ class CitrusVInfer(InferTask):
         except _input_error() as e:
             raise RequestError(str(e)) from e
         picture = is_picture(study.path)
+        if uneven := study.meta.get("uneven_slices"):
+            result.warnings.insert(0, uneven)  # of the image itself, first
         if not study.spacing_known and (result.masks or result.boxes
                                         or "mm" in (result.answer or "")):
             result.warnings.append(no_spacing_warning(picture))
