@@ -45,6 +45,7 @@ def series_server(tmp_path_factory, tiny_model_dir, sample_root):
     for f in slices[20:30]:  # slices 20-29 with slice 25 lost on the way
         if f.name != "IM0025.dcm":
             os.symlink(f, studies / "ct_gap" / f.name)
+    _enhanced(slices[40:50], studies / "ct_enhanced.dcm")
     (studies / "ct_jpeg").mkdir()
     for f in slices[24:27]:  # slices 24-26 as a PACS or CD export often stores them
         _jpeg_lossless(f, studies / "ct_jpeg" / f.name)
@@ -72,6 +73,48 @@ def _jpeg_lossless(src, dst) -> None:
     ds.PixelData = packed.PixelData
     ds["PixelData"].is_undefined_length = True
     ds.is_implicit_VR, ds.is_little_endian = False, True
+    ds.save_as(str(dst), write_like_original=False)
+
+
+def _enhanced(files, dst) -> None:
+    """Slices as one enhanced multi-frame CT file, as newer scanners write a series: frames in
+    reverse order, stored as HU + 2048 (unsigned) with the rescale, pixel size, orientation and
+    each frame's position in the functional groups only, none of them at the top level."""
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    slices = [pydicom.dcmread(str(f)) for f in reversed(files)]
+    ds = slices[0].copy()
+    hu = np.stack([s.pixel_array.astype(np.int32) * float(s.RescaleSlope)
+                   + float(s.RescaleIntercept) for s in slices])
+    assert hu.min() >= -2048  # outside the scanned circle: -2048
+    ds.PixelData = (hu + 2048).astype(np.uint16).tobytes()
+    ds.PixelRepresentation, ds.NumberOfFrames = 0, len(slices)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
+
+    def item(**groups) -> Dataset:
+        out = Dataset()
+        for group, values in groups.items():
+            inner = Dataset()
+            for key, value in values.items():
+                setattr(inner, key, value)
+            setattr(out, group, Sequence([inner]))
+        return out
+
+    ds.SharedFunctionalGroupsSequence = Sequence([item(
+        PixelMeasuresSequence={"PixelSpacing": slices[0].PixelSpacing,
+                               "SliceThickness": slices[0].SliceThickness},
+        PlaneOrientationSequence={"ImageOrientationPatient": slices[0].ImageOrientationPatient},
+        PixelValueTransformationSequence={"RescaleSlope": 1, "RescaleIntercept": -2048,
+                                          "RescaleType": "HU"})])
+    ds.PerFrameFunctionalGroupsSequence = Sequence([
+        item(PlanePositionSequence={"ImagePositionPatient": s.ImagePositionPatient})
+        for s in slices])
+    for key in ("PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient",
+                "SliceThickness", "RescaleSlope", "RescaleIntercept"):
+        if key in ds:
+            delattr(ds, key)
     ds.save_as(str(dst), write_like_original=False)
 
 
@@ -122,6 +165,21 @@ def test_a_series_with_a_slice_missing_says_so_with_each_answer(series_server, t
         "volumes along the slice axis are off: send the complete series.")
     whole, _ = _ask(series_server, "ct_series", tmp_path, slice=25)
     assert not [w for w in whole["warnings"] if "not evenly spaced" in w]
+
+
+def test_an_enhanced_multi_frame_ct_reads_as_its_slices(series_server, tmp_path):
+    """Slices 40-49 as one enhanced multi-frame file: its geometry and rescale are in its
+    functional groups, where the reader did not look (it read 1 mm pixels and a 1 mm slice
+    gap, and values 2048 above HU, so no window fitted)."""
+    result, _ = _ask(series_server, "ct_enhanced", tmp_path, slice=5)
+    whole, _ = _ask(series_server, "ct_series", tmp_path, slice=45)
+    assert result["image"]["shape"] == [10, 512, 512]
+    assert result["image"]["spacing"] == pytest.approx(whole["image"]["spacing"], abs=1e-4)
+    expected = np.asarray(whole["image"]["ijk_to_ras"])
+    expected[:3, 3] += expected[:3, 2] * 40  # slice 40 of the whole series is frame 0 here
+    assert np.allclose(result["image"]["ijk_to_ras"], expected, atol=1e-3)
+    assert [m["rle"] for m in result["masks"]] == [m["rle"] for m in whole["masks"]]
+    assert not [w for w in result["warnings"] if "pixel size" in w or "evenly" in w]
 
 
 def test_a_correction_of_a_series_folder_is_kept(series_server, tmp_path):
