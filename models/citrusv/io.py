@@ -121,10 +121,78 @@ def pixel_spacing(ds) -> list[float] | None:
     return None
 
 
+def _functional(ds, group: str, key: str, frame: int = 0):
+    """An attribute of an enhanced (multi-frame) DICOM image, where it keeps what a classic
+    slice has at its top level: the frame's own functional group, else the shared one."""
+    per = ds.get("PerFrameFunctionalGroupsSequence") or []
+    shared = ds.get("SharedFunctionalGroupsSequence") or []
+    for item in ([per[frame]] if frame < len(per) else []) + list(shared[:1]):
+        inner = item.get(group) or []
+        if len(inner) and inner[0].get(key) is not None:
+            return inner[0].get(key)
+    return None
+
+
+def enhanced_geometry(ds) -> dict | None:
+    """What an enhanced multi-frame DICOM image (one file per series, as newer scanners write
+    CT) keeps in its functional groups rather than at its top level, where a classic slice has
+    it: `order` (the frames sorted along the slice normal), `along` (their positions on it,
+    sorted, mm), `orientation` (ImageOrientationPatient), `first` and `last`
+    (ImagePositionPatient of the first and last frame in that order), `pixel_spacing` ([row,
+    column] mm or None), `thickness` (or None), `slope` and `intercept` (the rescale to HU).
+    None for a single-frame or classic multi-frame image. Read at the top level, such a file
+    gave 1 mm pixels 1 mm apart and no rescale. The server's reader uses it too."""
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames < 2 or ds.get("PerFrameFunctionalGroupsSequence") is None:
+        return None
+    iop = _functional(ds, "PlaneOrientationSequence", "ImageOrientationPatient")
+    positions = [_functional(ds, "PlanePositionSequence", "ImagePositionPatient", i)
+                 for i in range(frames)]
+    if iop is None or any(p is None for p in positions):
+        raise InputError("image", "the multi-frame DICOM image gives no plane position for "
+                         "each frame; send it as a classic series (one file per slice).")
+    iop = [float(v) for v in iop]
+    normal = np.cross(iop[:3], iop[3:])
+    along = np.array([float(np.dot(normal, [float(v) for v in p])) for p in positions])
+    order = np.argsort(along, kind="stable")
+    holder = type("Measures", (), {})()  # pixel_spacing() reads attributes
+    holder.PixelSpacing = _functional(ds, "PixelMeasuresSequence", "PixelSpacing")
+    thickness = _functional(ds, "PixelMeasuresSequence", "SliceThickness")
+    slope = _functional(ds, "PixelValueTransformationSequence", "RescaleSlope")
+    intercept = _functional(ds, "PixelValueTransformationSequence", "RescaleIntercept")
+    return {"order": order, "along": along[order], "orientation": iop,
+            "first": [float(v) for v in positions[order[0]]],
+            "last": [float(v) for v in positions[order[-1]]],
+            "pixel_spacing": pixel_spacing(holder),
+            "thickness": None if thickness is None else float(thickness),
+            "slope": float(slope if slope is not None else ds.get("RescaleSlope", 1) or 1),
+            "intercept": float(intercept if intercept is not None
+                               else ds.get("RescaleIntercept", 0) or 0)}
+
+
+def _read_enhanced(ds, geo: dict) -> Study:
+    arr = ds.pixel_array[geo["order"]].astype(np.float32) * geo["slope"] + geo["intercept"]
+    arr, photometric = _shown(arr, ds)
+    gaps = np.diff(geo["along"])
+    dz = float(np.median(gaps)) if len(gaps) else (geo["thickness"] or 1.0)
+    ps = geo["pixel_spacing"]
+    orient = np.asarray(geo["orientation"])
+    affine = np.eye(4)
+    affine[:3, 0] = orient[:3] * (ps[1] if ps else 1.0)
+    affine[:3, 1] = orient[3:] * (ps[0] if ps else 1.0)
+    affine[:3, 2] = np.cross(orient[:3], orient[3:]) * (dz or 1.0)
+    affine[:3, 3] = geo["first"]
+    affine[:2] *= -1  # DICOM LPS -> RAS
+    return Study(arr, None if ps is None else (dz or 1.0, *ps), affine=affine,
+                 photometric=photometric, modality=str(getattr(ds, "Modality", "")) or None)
+
+
 def read_dicom_file(path: Path) -> Study:
     import pydicom
 
     ds = pydicom.dcmread(str(path))
+    if (geo := enhanced_geometry(ds)) is not None:
+        return _read_enhanced(ds, geo)
     ps = pixel_spacing(ds)
     arr, photometric = _shown(_dicom_pixels(ds), ds)
     modality = str(getattr(ds, "Modality", "")) or None

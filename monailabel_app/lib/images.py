@@ -19,6 +19,8 @@ import nibabel as nib
 import numpy as np
 
 from citrusv.imaging import bone_bright  # the engine's reader mirrors MONOCHROME1 alike
+from citrusv.errors import InputError
+from citrusv.io import enhanced_geometry  # also what the engine's reader reads
 from citrusv.io import pixel_spacing  # the engine's reader's rule: no pixel size, no mm
 from citrusv.io import PICTURE_SUFFIXES  # the engine's reader's picture files
 
@@ -191,58 +193,30 @@ def _read_dicom_header(path: str):
     return ds
 
 
-def _functional(ds, group: str, key: str, frame: int = 0):
-    """An attribute of an enhanced (multi-frame) DICOM image, where it keeps what a classic
-    slice has at its top level: the frame's own functional group, else the shared one."""
-    per = ds.get("PerFrameFunctionalGroupsSequence") or []
-    shared = ds.get("SharedFunctionalGroupsSequence") or []
-    for item in ([per[frame]] if frame < len(per) else []) + list(shared[:1]):
-        inner = item.get(group) or []
-        if len(inner) and inner[0].get(key) is not None:
-            return inner[0].get(key)
-    return None
-
-
-def _read_enhanced(ds, path: str, frames: int) -> Study:
+def _read_enhanced(ds, path: str, geo: dict) -> Study:
     """An enhanced multi-frame DICOM image (one file holding a CT series, as newer scanners
-    write): pixel size, orientation, each frame's position and the rescale to HU are in its
-    functional groups, not at its top level, where the classic reader looked (it found 1 mm
-    pixels, a 1 mm slice gap and no rescale). Frames are stacked in position order."""
+    write) as a volume, its frames in position order, with the pixel size, orientation,
+    positions and rescale of its functional groups (`citrusv.io.enhanced_geometry`; read at its
+    top level it gave 1 mm pixels 1 mm apart and no rescale)."""
     from pydicom.dataset import Dataset
 
-    iop = _functional(ds, "PlaneOrientationSequence", "ImageOrientationPatient")
-    positions = [_functional(ds, "PlanePositionSequence", "ImagePositionPatient", i)
-                 for i in range(frames)]
-    if iop is None or any(p is None for p in positions):
-        raise RequestError("The multi-frame DICOM image gives no plane position for each frame; "
-                           "send it as a classic series (one file per slice).")
-    normal = np.cross([float(v) for v in iop[:3]], [float(v) for v in iop[3:]])
-    along = np.array([float(np.dot(normal, [float(v) for v in p])) for p in positions])
-    order = np.argsort(along, kind="stable")
     pixels = ds.pixel_array
-    if pixels.ndim != 3 or pixels.shape[0] != frames:
+    if pixels.ndim != 3 or pixels.shape[0] != len(geo["order"]):
         raise RequestError("The multi-frame DICOM image's frames could not be read as one "
                            "grayscale volume; send it as a classic series.")
-    slope = float(_functional(ds, "PixelValueTransformationSequence", "RescaleSlope")
-                  or ds.get("RescaleSlope", 1) or 1)
-    intercept = float(_functional(ds, "PixelValueTransformationSequence", "RescaleIntercept")
-                      or ds.get("RescaleIntercept", 0) or 0)
-    array = bone_bright(pixels[order].astype(np.float32) * slope + intercept,
+    array = bone_bright(pixels[geo["order"]].astype(np.float32) * geo["slope"] + geo["intercept"],
                         ds.get("PhotometricInterpretation"))
-    flat = Dataset()  # what the classic reader reads, from the functional groups
-    flat.ImageOrientationPatient = list(iop)
-    flat.ImagePositionPatient = list(positions[order[0]])
-    spacing = _functional(ds, "PixelMeasuresSequence", "PixelSpacing")
-    if spacing is not None:
-        flat.PixelSpacing = list(spacing)
-    thickness = _functional(ds, "PixelMeasuresSequence", "SliceThickness")
-    if thickness is not None:
-        flat.SliceThickness = thickness
-    affine = _dicom_affine(flat, frames, positions[order[-1]])
-    study = Study(np.ascontiguousarray(array), affine, False,
-                  modality=str(ds.get("Modality", "")), path=path,
-                  spacing_known=pixel_spacing(flat) is not None)
-    gaps = np.diff(along[order])
+    flat = Dataset()  # what a classic slice says at its top level, for _dicom_affine
+    flat.ImageOrientationPatient = geo["orientation"]
+    flat.ImagePositionPatient = geo["first"]
+    if geo["pixel_spacing"] is not None:
+        flat.PixelSpacing = geo["pixel_spacing"]
+    if geo["thickness"] is not None:
+        flat.SliceThickness = geo["thickness"]
+    study = Study(np.ascontiguousarray(array), _dicom_affine(flat, len(array), geo["last"]),
+                  False, modality=str(ds.get("Modality", "")), path=path,
+                  spacing_known=geo["pixel_spacing"] is not None)
+    gaps = np.diff(geo["along"])
     if len(gaps) and (gaps.min() <= 0 or gaps.max() > 1.1 * gaps.min()):
         study.meta["uneven_slices"] = uneven_slices_warning(gaps)
     return study
@@ -252,9 +226,13 @@ def _read_dicom_file(path: str) -> Study:
     ds = _read_dicom_header(path)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     _check_size((frames, int(ds.Rows), int(ds.Columns)), "DICOM image")
-    if frames > 1 and ds.get("PerFrameFunctionalGroupsSequence") is not None:
+    try:
+        geo = enhanced_geometry(ds)
+    except InputError as e:
+        raise RequestError(str(e)[0].upper() + str(e)[1:]) from e
+    if geo is not None:
         try:
-            return _read_enhanced(ds, path, frames)
+            return _read_enhanced(ds, path, geo)
         except RequestError:
             raise
         except Exception as e:  # a decoder's error, as for a classic file

@@ -235,3 +235,17 @@ def test_a_series_folder_copied_in_while_serving_is_listed(series_server, sample
                                                        "slice": 2})})
     assert r.status_code == 200, r.text
     assert r.json()["image"]["shape"] == [4, 512, 512]
+
+
+def test_the_engine_reader_reads_the_enhanced_file_as_its_slices(series_server, sample_root):
+    """`citrusv ask --model` reads files with citrusv.io, which shares the functional-group
+    reading with the server (it read the file as 10 frames 1 mm apart, 2048 above HU)."""
+    from citrusv.io import read_study
+
+    enhanced = read_study(series_server.studies / "ct_enhanced.dcm")
+    series = read_study(sample_root / "dicom" / "chest_ct")
+    np.testing.assert_array_equal(enhanced.array, series.array[40:50])
+    assert enhanced.spacing == pytest.approx(series.spacing, abs=1e-4)
+    expected = series.affine.copy()
+    expected[:3, 3] += expected[:3, 2] * 40
+    assert np.allclose(enhanced.affine, expected, atol=1e-3)
