@@ -216,9 +216,8 @@ def _read_enhanced(ds, path: str, geo: dict) -> Study:
     study = Study(np.ascontiguousarray(array), _dicom_affine(flat, len(array), geo["last"]),
                   False, modality=str(ds.get("Modality", "")), path=path,
                   spacing_known=geo["pixel_spacing"] is not None)
-    gaps = np.diff(geo["along"])
-    if len(gaps) and (gaps.min() <= 0 or gaps.max() > 1.1 * gaps.min()):
-        study.meta["uneven_slices"] = uneven_slices_warning(gaps)
+    if said := uneven_slices_warning(np.diff(geo["along"])):
+        study.meta["uneven_slices"] = said
     return study
 
 
@@ -295,16 +294,18 @@ def _read_dicom_series(path: str) -> Study:
     affine = _dicom_affine(slices[0], len(slices), slices[-1].get("ImagePositionPatient"))
     study = Study(array, affine, len(slices) == 1, modality=str(first.get("Modality", "")),
                   path=path, spacing_known=pixel_spacing(first) is not None)
-    gaps = np.diff([position(s) for s in slices])
-    if len(gaps) and (gaps.min() <= 0 or gaps.max() > 1.1 * gaps.min()):
-        study.meta["uneven_slices"] = uneven_slices_warning(gaps)
+    if said := uneven_slices_warning(np.diff([position(s) for s in slices])):
+        study.meta["uneven_slices"] = said
     return study
 
 
-def uneven_slices_warning(gaps: np.ndarray) -> str:
-    """Said with every answer on a DICOM series whose slices are not evenly spaced (a slice
-    missing from an export, two slices at one position): it is stacked as if they were, at
-    its mean spacing, so places and sizes along the slice axis are off."""
+def uneven_slices_warning(gaps: np.ndarray) -> str | None:
+    """Said with every answer on a DICOM series whose slices are not evenly spaced (`gaps`
+    between positions along the normal, sorted; more than 10 % apart: a slice missing from an
+    export, two slices at one position): it is stacked as if they were, at its mean spacing, so
+    places and sizes along the slice axis are off. None for an even series."""
+    if not len(gaps) or (gaps.min() > 0 and gaps.max() <= 1.1 * gaps.min()):
+        return None
     low, high = float(gaps.min()), float(gaps.max())
     if low <= 0:
         what = "two or more of its slices lie at the same position"
