@@ -176,3 +176,23 @@ def test_the_slicer_library_leaves_the_same_words_as_typed():
     as_typed = {w for w in near if w in parsing._NOT_SLIPS or parsing._known(w)}
     assert as_typed == headless._NOT_TASK_SLIPS
     assert headless.guess_task("Which organ is the largest?") == "segment"
+
+
+def test_the_slicer_library_reads_a_pixel_size_as_the_engine_does():
+    """The Slicer library carries its own copy of `citrusv.io.pixel_spacing` (Slicer's Python
+    has no citrusv package); it places an image with no pixel size at 1 mm, as the server."""
+    from pydicom.dataset import Dataset
+
+    sys.path.insert(0, str(REPO / "slicer_extension" / "CitrusV"))
+    from CitrusVLib.label_io import _pixel_spacing as slicer_pixel_spacing
+
+    from citrusv.io import pixel_spacing
+
+    cases = [{"PixelSpacing": [0.7, 0.8]}, {"PixelSpacing": [0, 0]},
+             {"PixelSpacing": [0, 0], "ImagerPixelSpacing": [0.15, 0.15]},
+             {"ImagerPixelSpacing": [0.2, 0.3]}, {}, {"PixelSpacing": [0.5]}]
+    for case in cases:
+        ds = Dataset()
+        for key, value in case.items():
+            setattr(ds, key, value)
+        assert slicer_pixel_spacing(ds) == (pixel_spacing(ds) or [1.0, 1.0]), case
