@@ -112,13 +112,18 @@ def pixel_spacing(ds) -> list[float] | None:
     gives two positive numbers (the sample CR's PixelSpacing is 0\\0). The server's reader
     uses it too."""
     for tag in ("PixelSpacing", "ImagerPixelSpacing"):
-        try:
-            value = [float(v) for v in getattr(ds, tag, None) or []]
-        except (TypeError, ValueError):
-            continue
-        if len(value) == 2 and all(v > 0 and np.isfinite(v) for v in value):
+        if (value := _pixel_size(getattr(ds, tag, None))) is not None:
             return value
     return None
+
+
+def _pixel_size(value) -> list[float] | None:
+    """[row, column] mm when `value` is two positive numbers, else None."""
+    try:
+        value = [float(v) for v in value or []]
+    except (TypeError, ValueError):
+        return None
+    return value if len(value) == 2 and all(v > 0 and np.isfinite(v) for v in value) else None
 
 
 def _functional(ds, group: str, key: str, frame: int = 0):
@@ -155,15 +160,14 @@ def enhanced_geometry(ds) -> dict | None:
     normal = np.cross(iop[:3], iop[3:])
     along = np.array([float(np.dot(normal, [float(v) for v in p])) for p in positions])
     order = np.argsort(along, kind="stable")
-    holder = type("Measures", (), {})()  # pixel_spacing() reads attributes
-    holder.PixelSpacing = _functional(ds, "PixelMeasuresSequence", "PixelSpacing")
     thickness = _functional(ds, "PixelMeasuresSequence", "SliceThickness")
     slope = _functional(ds, "PixelValueTransformationSequence", "RescaleSlope")
     intercept = _functional(ds, "PixelValueTransformationSequence", "RescaleIntercept")
     return {"order": order, "along": along[order], "orientation": iop,
             "first": [float(v) for v in positions[order[0]]],
             "last": [float(v) for v in positions[order[-1]]],
-            "pixel_spacing": pixel_spacing(holder),
+            "pixel_spacing": _pixel_size(_functional(ds, "PixelMeasuresSequence",
+                                                     "PixelSpacing")),
             "thickness": None if thickness is None else float(thickness),
             "slope": float(slope if slope is not None else ds.get("RescaleSlope", 1) or 1),
             "intercept": float(intercept if intercept is not None

@@ -166,15 +166,19 @@ def _dicom_affine(ds, n_slices: int = 1, last_position=None) -> np.ndarray:
     return LPS_TO_RAS @ lps
 
 
-def _dicom_pixels(ds) -> np.ndarray:
+def _pixel_array(ds) -> np.ndarray:
+    """The stored pixels, decoded; a 400 that says so where they cannot be."""
     try:
-        pixels = ds.pixel_array
+        return ds.pixel_array
     except Exception as e:
         raise RequestError(
             f"The DICOM pixel data could not be decoded ({e}); send an uncompressed or "
             "standard-compressed DICOM image."
         ) from e
-    pixels = pixels.astype(np.float32)
+
+
+def _dicom_pixels(ds) -> np.ndarray:
+    pixels = _pixel_array(ds).astype(np.float32)
     slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
     return pixels * slope + intercept
 
@@ -200,7 +204,7 @@ def _read_enhanced(ds, path: str, geo: dict) -> Study:
     top level it gave 1 mm pixels 1 mm apart and no rescale)."""
     from pydicom.dataset import Dataset
 
-    pixels = ds.pixel_array
+    pixels = _pixel_array(ds)
     if pixels.ndim != 3 or pixels.shape[0] != len(geo["order"]):
         raise RequestError("The multi-frame DICOM image's frames could not be read as one "
                            "grayscale volume; send it as a classic series.")
@@ -228,15 +232,9 @@ def _read_dicom_file(path: str) -> Study:
     try:
         geo = enhanced_geometry(ds)
     except InputError as e:
-        raise RequestError(str(e)[0].upper() + str(e)[1:]) from e
+        raise RequestError(str(e)) from e
     if geo is not None:
-        try:
-            return _read_enhanced(ds, path, geo)
-        except RequestError:
-            raise
-        except Exception as e:  # a decoder's error, as for a classic file
-            raise RequestError(f"The DICOM pixel data could not be decoded ({e}); send an "
-                               "uncompressed or standard-compressed DICOM image.") from e
+        return _read_enhanced(ds, path, geo)
     pixels = bone_bright(_dicom_pixels(ds), ds.get("PhotometricInterpretation"))
     if pixels.ndim == 3 and pixels.shape[-1] in (3, 4) and frames == 1:
         raise RequestError("Colour DICOM images are not supported; send a grayscale image.")
