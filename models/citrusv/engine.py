@@ -62,7 +62,8 @@ GROUND_PROMPT = "Please segment the {label} in this scan."
 GROUND_MIN_PART = 0.25
 GROUND_MAX_NEW_TOKENS = 64
 # a written box is replaced by its mask's box, and a structure the answer says is not visible
-# gets one, only from a mask this large; a smaller one is named in a warning: the line at which the evaluation counts a structure as on a slice (MIN_AREA_PX), not tuned
+# gets one, only from a mask this large; a smaller one is named in a warning: the line at which
+# the evaluation counts a structure as on a slice (MIN_AREA_PX), not tuned
 GROUND_MIN_ABSENT_PX = 40
 # a closer look's square: the box grown by this share of its side on each side
 CLOSER_LOOK_MARGIN = 0.15
@@ -91,7 +92,7 @@ def small_mask_warning(label: str, pixels: int, spacing=None) -> str:
     reference has no right kidney: 16 pixels)."""
     area = "" if spacing is None else f", {pixels * spacing[0] * spacing[1]:.0f} mm²"
     return (f"the {label} mask marks only {pixels} px{area}, too few to be taken as the {label}: "
-            f"the model may not have found it here; treat that mask as unconfirmed.")
+            "the model may not have found it here; treat that mask as unconfirmed.")
 
 
 def empty_mask_warning(label: str, slices: int | None = None) -> str:
