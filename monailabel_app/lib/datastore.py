@@ -49,7 +49,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 
 from .errors import RequestError
 from .files import fsync_copy, fsync_dir, keep_submission, kept_records
-from .images import LPS_TO_RAS, Study, is_dicom_file, read_study, series_files, write_label
+from .images import LPS_TO_RAS, Study, holds_dicom, is_dicom_file, read_study, write_label
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class CorrectionsDatastore(LocalDatastore):
         for name in sorted(os.listdir(path)):
             full = os.path.join(path, name)
             if (name not in found and IMAGE_ID.match(name) and os.path.isdir(full)
-                    and os.path.realpath(full) != labels and any(series_files(full))):
+                    and os.path.realpath(full) != labels and holds_dicom(full)):
                 found[name] = name
         return found
 

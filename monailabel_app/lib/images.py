@@ -257,6 +257,13 @@ def series_files(path) -> list[Path]:
     return sorted(p for p in Path(path).iterdir() if is_dicom_file(p))
 
 
+def holds_dicom(path) -> bool:
+    """Whether a folder holds a DICOM file directly; stops at the first (the datastore asks
+    this of every folder at each refresh, which a series being copied in sets off per file)."""
+    with os.scandir(path) as entries:
+        return any(is_dicom_file(entry.path) for entry in entries)
+
+
 def _read_dicom_series(path: str) -> Study:
     files = series_files(path)
     if not files:
