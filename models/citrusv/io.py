@@ -222,8 +222,11 @@ def read_dicom_series(folder: Path) -> Study:
             slices.append(ds)
     if not slices:
         raise InputError("image", f"{folder} holds no DICOM images; pick a series folder.")
+    uids = list(dict.fromkeys(str(s.get("SeriesInstanceUID")) for s in slices))
+    if len(uids) > 1:  # it took the first and said nothing (the server answers a 400 alike)
+        raise InputError("image", f"{folder.name} holds {len(uids)} DICOM series; pick the "
+                         "folder of one series.")
     uid = slices[0].get("SeriesInstanceUID")
-    slices = [s for s in slices if s.get("SeriesInstanceUID") == uid]
     orient = np.asarray(getattr(slices[0], "ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), float)
     normal = np.cross(orient[:3], orient[3:])
 

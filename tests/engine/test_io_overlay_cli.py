@@ -4,6 +4,7 @@ import re
 import nibabel as nib
 import nrrd
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 
@@ -72,6 +73,14 @@ def test_dicom_series_sorted_along_normal_and_rescaled(tmp_path):
     assert study.spacing == pytest.approx((5.0, 0.6, 0.9)) and study.modality == "CT"
     single = read_study(tmp_path / "im0.dcm")
     assert single.kind == "image" and single.array.shape == (4, 3)
+    # a second series in the folder: said, not one of them taken in silence
+    _dicom(tmp_path / "other.dcm", 10.0, 1000)
+    other = pydicom.dcmread(tmp_path / "other.dcm")
+    other.SeriesInstanceUID = "1.2.3.5"
+    other.save_as(str(tmp_path / "other.dcm"))
+    with pytest.raises(InputError, match=f"^{tmp_path.name} holds 2 DICOM series; pick the "
+                       "folder of one series.$"):
+        read_study(tmp_path)
 
 
 def test_png_and_unreadable(tmp_path):
