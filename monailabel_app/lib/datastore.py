@@ -128,6 +128,25 @@ class CorrectionsDatastore(LocalDatastore):
                 found[name] = name
         return found
 
+    def nested_series(self) -> list[str]:
+        """Folders of the studies folder that hold DICOM files only in folders below them (a
+        CD export: DICOMDIR beside DICOM/ST0/SE0/IM0...): not listed, since a series is read
+        from the folder its files are in, so the log at start names them."""
+        base = self._datastore.image_path()
+        labels = os.path.realpath(self._datastore.label_path(None))
+        out = []
+        for name in sorted(os.listdir(base)):
+            top = os.path.join(base, name)
+            if (name.startswith(".") or not os.path.isdir(top) or os.path.realpath(top) == labels
+                    or holds_dicom(top)):
+                continue
+            for folder, dirs, _files in os.walk(top):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                if folder != top and holds_dicom(folder):
+                    out.append(name)
+                    break
+        return out
+
     def loose_series(self) -> dict[str, int]:
         """DICOM files directly in the studies folder that are slices of one series
         ({SeriesInstanceUID: files}, two or more with a slice position; radiographs have none,

@@ -36,6 +36,10 @@ def series_server(tmp_path_factory, tiny_model_dir, sample_root):
     shutil.copy(sample_root / "studies" / "chest_xray.dcm", studies / "mixed")
     for f in slices[:2]:  # slices left loose in the studies folder itself
         shutil.copy(f, studies / f"loose_{f.name}")
+    cd = studies / "cd_export" / "DICOM" / "ST000" / "SE000"  # as a CD export nests it
+    cd.mkdir(parents=True)
+    for i, f in enumerate(slices[:3]):
+        os.symlink(f, cd / f"IM{i:03d}")  # CD exports' files have no extension
     (studies / "two_views").mkdir()
     for name in ("pa.dcm", "lateral.dcm"):  # radiographs of one series: no volume
         shutil.copy(sample_root / "studies" / "chest_xray.dcm", studies / "two_views" / name)
@@ -210,6 +214,9 @@ def test_a_folder_of_two_series_and_loose_slices_are_said(series_server):
     # the two loose CT slices are named; the two radiographs of one series beside them are not
     log = series_server.log(tail=10 ** 7)
     assert log.count("DICOM files directly in ") == 1
+    assert ("cd_export in " in log and "holds DICOM files only in folders below it (a CD or "
+            "DICOMDIR export?), so none of them is served: move each series' folder" in log)
+    assert "cd_export" not in series_server.get("/datastore/?output=all").json()["objects"]
     assert ("2 DICOM files directly in " in log
             and "are slices of one series (" in log
             and "each is served as an image of its own; move them into a folder of their own"
