@@ -23,6 +23,7 @@ import lib.configs
 from dicomweb_client.session_utils import create_session_from_user_pass
 from lib.datastore import SERVER_KEYS, EXTENSIONS, CorrectionsDatastore, PacsDatastore
 from lib.errors import EXIT_CONF, ConfError, RequestError
+from lib.images import read_study, write_image
 from lib.model import resolve_model_dir
 from lib.trainers.citrusv_finetune import check_options
 
@@ -194,6 +195,18 @@ def _no_such_image(image: str, store) -> str:
             "/datastore/?output=all or upload the file.")
 
 
+def _series_file(folder: str, image: str):
+    """`GET /datastore/image` of a series read from a folder of DICOM files: the volume the
+    server reads, as one NIfTI in its geometry (MONAI Label answered 404 "Image NOT Found", and
+    the app's 404 then said the image was not in the datastore)."""
+    from fastapi.responses import FileResponse
+    from starlette.background import BackgroundTask
+
+    path = write_image(read_study(folder))
+    return FileResponse(path, media_type="application/gzip", filename=f"{image}.nii.gz",
+                        background=BackgroundTask(os.remove, path))
+
+
 def _name_missing_images() -> None:
     """MONAI Label 0.8.5's `GET /datastore/image` and `GET /datastore/label` answer an id the
     datastore does not hold with "Image NOT Found" / "Label NOT Found". The app wraps the
@@ -206,6 +219,9 @@ def _name_missing_images() -> None:
 
     def make_image(original):
         def download_image(image: str, check_only=False, check_sum=None):
+            uri = app_instance().datastore().get_image_uri(image)
+            if uri and os.path.isdir(uri):  # a series folder: no one file to send
+                return {} if check_only else _series_file(uri, str(image))
             try:
                 return original(image, check_only, check_sum)
             except HTTPException as e:

@@ -427,14 +427,29 @@ def paint(label: np.ndarray, mask: np.ndarray, value: int, slice_index: int | No
 
 def write_label(study: Study, label: np.ndarray, directory: str | None = None) -> str:
     """Write `label` ([z, y, x]) as .nii.gz in the study's geometry; returns the file path."""
-    data = label.T if label.ndim == 3 else label
     if label.max(initial=0) > 255:
-        data = data.astype(np.uint16)
+        label = label.astype(np.uint16)
+    return _write_nifti(study, label, "citrusv_label_", directory)
+
+
+def write_image(study: Study, directory: str | None = None) -> str:
+    """The study's own voxels ([z, y, x] scanner values) as .nii.gz in its geometry, int16
+    where they are whole numbers in its range (a CT in HU); returns the file path. What `GET
+    /datastore/image` sends for a series read from a folder, which is no one file."""
+    data = study.array
+    if (np.issubdtype(data.dtype, np.floating) and np.all(np.mod(data, 1) == 0)
+            and data.min(initial=0) >= -32768 and data.max(initial=0) <= 32767):
+        data = data.astype(np.int16)
+    return _write_nifti(study, data, "citrusv_image_", directory)
+
+
+def _write_nifti(study: Study, data: np.ndarray, prefix: str, directory: str | None) -> str:
+    data = data.T if data.ndim == 3 else data
     img = nib.Nifti1Image(np.ascontiguousarray(data), study.affine)
     img.set_qform(study.affine, code=study.nifti_codes[0] or 1)
     img.set_sform(study.affine, code=study.nifti_codes[1] or 1)
     img.header.set_xyzt_units("mm")
-    fd, out = tempfile.mkstemp(suffix=".nii.gz", prefix="citrusv_label_", dir=directory)
+    fd, out = tempfile.mkstemp(suffix=".nii.gz", prefix=prefix, dir=directory)
     os.close(fd)
     nib.save(img, out)
     return out

@@ -13,6 +13,7 @@ import time
 import nibabel as nib
 import numpy as np
 import pytest
+import requests
 
 from tests.app.helpers import put_label, reference_label, split_multipart, zyx
 from tests.server import start_citrusv_server
@@ -256,3 +257,23 @@ def test_the_engine_reader_reads_the_enhanced_file_as_its_slices(series_server, 
     expected = series.affine.copy()
     expected[:3, 3] += expected[:3, 2] * 40
     assert np.allclose(enhanced.affine, expected, atol=1e-3)
+
+
+def test_a_series_folder_is_downloaded_as_one_nifti(series_server, tmp_path):
+    """`GET /datastore/image` (what the Slicer library's headless twin and MONAI Label clients
+    fetch) of a folder image: the volume the server reads, as one NIfTI. MONAI Label sends
+    files only, and the app's 404 then said the image was not in the datastore."""
+    r = series_server.get("/datastore/image?image=ct_series")
+    assert r.status_code == 200, r.text
+    assert r.headers["content-disposition"].endswith('filename="ct_series.nii.gz"')
+    (tmp_path / "ct_series.nii.gz").write_bytes(r.content)
+    got = nib.load(tmp_path / "ct_series.nii.gz")
+    nifti = nib.load(series_server.studies / "chest_ct.nii.gz")
+    assert got.shape == nifti.shape == (512, 512, 133)
+    assert np.allclose(got.affine, nifti.affine, atol=1e-3)
+    assert got.get_data_dtype() == np.int16
+    np.testing.assert_array_equal(np.asarray(got.dataobj), np.asarray(nifti.dataobj))
+    # HEAD: whether it is there (MONAI Label's check), without reading the series
+    assert requests.head(series_server.url + "/datastore/image?image=ct_series").status_code == 200
+    r = series_server.get("/datastore/image?image=mixed")
+    assert r.status_code == 400 and "holds 2 DICOM series" in r.json()["detail"]
