@@ -23,7 +23,7 @@ import lib.configs
 from dicomweb_client.session_utils import create_session_from_user_pass
 from lib.datastore import SERVER_KEYS, EXTENSIONS, CorrectionsDatastore, PacsDatastore
 from lib.errors import EXIT_CONF, ConfError, RequestError
-from lib.images import read_study, write_image
+from lib.images import StudyCache, read_study, write_image
 from lib.model import resolve_model_dir
 from lib.trainers.citrusv_finetune import check_options
 
@@ -195,14 +195,17 @@ def _no_such_image(image: str, store) -> str:
             "/datastore/?output=all or upload the file.")
 
 
-def _series_file(folder: str, image: str):
+def _series_file(app, folder: str, image: str):
     """`GET /datastore/image` of a series read from a folder of DICOM files: the volume the
     server reads, as one NIfTI in its geometry (MONAI Label answered 404 "Image NOT Found", and
-    the app's 404 then said the image was not in the datastore)."""
+    the app's 404 then said the image was not in the datastore). Read through the tasks'
+    study cache where there is one: a client that just asked about it fetches it next."""
     from fastapi.responses import FileResponse
     from starlette.background import BackgroundTask
 
-    path = write_image(read_study(folder))
+    cache = next((c.studies for c in getattr(app, "configs", {}).values()
+                  if isinstance(getattr(c, "studies", None), StudyCache)), None)
+    path = write_image(cache.get(folder) if cache is not None else read_study(folder))
     return FileResponse(path, media_type="application/gzip", filename=f"{image}.nii.gz",
                         background=BackgroundTask(os.remove, path))
 
@@ -219,9 +222,13 @@ def _name_missing_images() -> None:
 
     def make_image(original):
         def download_image(image: str, check_only=False, check_sum=None):
-            uri = app_instance().datastore().get_image_uri(image)
-            if uri and os.path.isdir(uri):  # a series folder: no one file to send
-                return {} if check_only else _series_file(uri, str(image))
+            app = app_instance()
+            store = app.datastore()
+            # a series folder of the studies folder: no one file to send (a PACS datastore's
+            # images are its own, and asking it twice would fetch twice)
+            uri = store.get_image_uri(image) if getattr(store, "series_folders", False) else ""
+            if uri and os.path.isdir(uri):
+                return {} if check_only else _series_file(app, uri, str(image))
             try:
                 return original(image, check_only, check_sum)
             except HTTPException as e:

@@ -120,25 +120,27 @@ class CorrectionsDatastore(LocalDatastore):
         if not self.series_folders or os.path.realpath(path) != os.path.realpath(
                 self._datastore.image_path()):
             return found
-        labels = os.path.realpath(self._datastore.label_path(None))
-        for name in sorted(os.listdir(path)):
-            full = os.path.join(path, name)
-            if (name not in found and IMAGE_ID.match(name) and os.path.isdir(full)
-                    and os.path.realpath(full) != labels and holds_dicom(full)):
+        for name, full in self._folders():
+            if name not in found and IMAGE_ID.match(name) and holds_dicom(full):
                 found[name] = name
         return found
+
+    def _folders(self) -> list[tuple[str, str]]:
+        """(name, path) of each folder directly in the studies folder, but hidden ones and the
+        labels folder: where a series folder may be."""
+        base = self._datastore.image_path()
+        labels = os.path.realpath(self._datastore.label_path(None))
+        return [(name, os.path.join(base, name)) for name in sorted(os.listdir(base))
+                if not name.startswith(".") and os.path.isdir(os.path.join(base, name))
+                and os.path.realpath(os.path.join(base, name)) != labels]
 
     def nested_series(self) -> list[str]:
         """Folders of the studies folder that hold DICOM files only in folders below them (a
         CD export: DICOMDIR beside DICOM/ST0/SE0/IM0...): not listed, since a series is read
         from the folder its files are in, so the log at start names them."""
-        base = self._datastore.image_path()
-        labels = os.path.realpath(self._datastore.label_path(None))
         out = []
-        for name in sorted(os.listdir(base)):
-            top = os.path.join(base, name)
-            if (name.startswith(".") or not os.path.isdir(top) or os.path.realpath(top) == labels
-                    or holds_dicom(top)):
+        for name, top in self._folders():
+            if holds_dicom(top):
                 continue
             for folder, dirs, _files in os.walk(top):
                 dirs[:] = [d for d in dirs if not d.startswith(".")]
