@@ -455,10 +455,9 @@ class CitrusVApp(MONAILabelApp):
                            "served as an image of its own; move them into a folder of their own "
                            "(%s/<name>/) to serve them as one volume, named <name>.",
                            n, self.studies, uid, self.studies)
-        for name in store.nested_series():
-            logger.warning("%s in %s holds DICOM files only in folders below it (a CD or DICOMDIR "
-                           "export?), so none of them is served: move each series' folder (the "
-                           "one its files are in) into %s.", name, self.studies, self.studies)
+        for note in store.series_below()[1]:
+            (logger.info if " served as " in note else logger.warning)("%s (in %s)", note,
+                                                                      self.studies)
         return store
 
     def _init_dicomweb_datastore(self) -> Datastore:

@@ -49,7 +49,8 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 
 from .errors import RequestError
 from .files import fsync_copy, fsync_dir, keep_submission, kept_records
-from .images import LPS_TO_RAS, Study, holds_dicom, is_dicom_file, read_study, write_label
+from .images import (LPS_TO_RAS, Study, holds_dicom, is_dicom_file, read_study, series_files,
+                     write_label)
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +62,12 @@ class CorrectionsDatastore(LocalDatastore):
     """LocalDatastore whose labels and index file are replaced atomically, and which serves a
     folder of DICOM files in the studies folder (`STUDIES/<id>/*.dcm`, a CT series as a
     hospital exports it) as one image, its id the folder's name; MONAI Label lists files only,
-    so such a series was not served at all."""
+    so such a series was not served at all. A folder whose DICOM files lie only in folders
+    below it (a CD or DICOMDIR export: `STUDIES/cd/DICOM/ST0/SE0/IM0`) serves each of those
+    folders as an image (`series_below`)."""
 
     series_folders = True  # the PACS datastore's cache folders are its own
+    _below: dict[str, str] = {}  # image id -> its series' folder, relative to the studies folder
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -77,12 +81,20 @@ class CorrectionsDatastore(LocalDatastore):
         if self.series_folders and handler is not None and observer is not None:
             # MONAI Label watches files of the studies folder itself: a series folder copied in
             # while the server runs would be listed only at the next restart
-            from watchdog.events import PatternMatchingEventHandler
+            from watchdog.events import FileSystemEventHandler
 
-            base = self._datastore.image_path()
-            series = PatternMatchingEventHandler(patterns=[os.path.join(base, "*", "*")],
-                                                 ignore_directories=True)
-            series.on_created = series.on_deleted = lambda _event: self.refresh()
+            base = os.path.realpath(self._datastore.image_path())
+            labels = os.path.realpath(self._datastore.label_path(None))
+
+            def changed(event) -> None:  # a file in a folder of the studies folder, any depth
+                path = os.path.realpath(event.src_path)
+                if (not event.is_directory and os.path.dirname(path) != base
+                        and not path.startswith(labels + os.sep)
+                        and not os.path.basename(path).startswith(".")):
+                    self.refresh()
+
+            series = FileSystemEventHandler()
+            series.on_created = series.on_deleted = changed
             try:
                 observer.schedule(series, path=base, recursive=True)
             except OSError as e:  # as MONAI Label's own watcher: listed at the next start
@@ -123,7 +135,16 @@ class CorrectionsDatastore(LocalDatastore):
         for name, full in self._folders():
             if name not in found and IMAGE_ID.match(name) and holds_dicom(full):
                 found[name] = name
+        self._below = below = self.series_below()[0]
+        found.update({image_id: image_id for image_id in below})
         return found
+
+    def _filename(self, id: str, ext: str) -> str:
+        # an image id of a series below a folder (no extension, unlike every label) names the
+        # folder its files are in, which MONAI Label's index and uri look-ups then find
+        if not ext and id in self._below:
+            return self._below[id]
+        return super()._filename(id, ext)
 
     def _folders(self) -> list[tuple[str, str]]:
         """(name, path) of each folder directly in the studies folder, but hidden ones and the
@@ -134,20 +155,70 @@ class CorrectionsDatastore(LocalDatastore):
                 if not name.startswith(".") and os.path.isdir(os.path.join(base, name))
                 and os.path.realpath(os.path.join(base, name)) != labels]
 
-    def nested_series(self) -> list[str]:
-        """Folders of the studies folder that hold DICOM files only in folders below them (a
-        CD export: DICOMDIR beside DICOM/ST0/SE0/IM0...): not listed, since a series is read
-        from the folder its files are in, so the log at start names them."""
-        out = []
+    def series_below(self) -> tuple[dict[str, str], list[str]]:
+        """The series in folders of the studies folder that hold DICOM files only in folders
+        below them (a CD export: DICOMDIR beside DICOM/ST0/SE0/IM0...): ({image id: the folder
+        its files are in, relative to the studies folder}, sentences for the log at start).
+
+        A top folder with one such folder is served under its own name; with several, each is
+        `<top>_<the parts of its path after the ones they share>` (DICOM/ST0/SE0 and
+        DICOM/ST0/SE1 in `cd` are `cd_SE0` and `cd_SE1`). A series whose files lie in several
+        folders, or an id already taken, is not served, and the sentences say why."""
+        import pydicom
+
+        ids: dict[str, str] = {}
+        notes: list[str] = []
+        base = self._datastore.image_path()
+        entries = os.listdir(base)
         for name, top in self._folders():
             if holds_dicom(top):
                 continue
+            folders = []
             for folder, dirs, _files in os.walk(top):
+                dirs.sort()
                 dirs[:] = [d for d in dirs if not d.startswith(".")]
                 if folder != top and holds_dicom(folder):
-                    out.append(name)
-                    break
-        return out
+                    folders.append(os.path.relpath(folder, top))
+            if not folders:
+                continue
+            # ids of what is served beside it: the other entries, the ids given so far
+            taken = {self._to_id(entry)[0] for entry in entries if entry != name} | set(ids)
+            uids: dict[str, list[str]] = {}
+            for rel in folders:
+                try:
+                    first = series_files(os.path.join(top, rel))[0]
+                    ds = pydicom.dcmread(first, stop_before_pixels=True)
+                    uid = str(ds.get("SeriesInstanceUID") or rel)
+                except Exception:  # unreadable (refused with its reason when asked) or just gone
+                    uid = rel
+                uids.setdefault(uid, []).append(rel)
+            split = [rels for rels in uids.values() if len(rels) > 1]
+            said = []
+            for rels in split:
+                said.append(f"{name}: the files of one series lie in {len(rels)} folders "
+                             f"({', '.join(rels[:3])}{', ...' if len(rels) > 3 else ''}), so it is "
+                             "not served; move them into one folder.")
+            whole = [rel for rel in folders if not any(rel in rels for rels in split)]
+            parts = [rel.split(os.sep) for rel in whole]
+            shared = 0
+            while (len(parts) > 1 and all(len(p) > shared + 1 for p in parts)
+                   and len({p[shared] for p in parts}) == 1):
+                shared += 1
+            served = []
+            for rel, p in zip(whole, parts):
+                image_id = name if len(folders) == 1 else re.sub(
+                    r"[^A-Za-z0-9_-]", "-", "_".join([name, *p[shared:]]))
+                if image_id in taken or image_id in ids or not IMAGE_ID.match(image_id):
+                    said.append(f"{name}: the series in {rel} is not served, since its id "
+                                 f"'{image_id}' is taken or not a valid id; rename {name}.")
+                    continue
+                ids[image_id] = os.path.relpath(os.path.join(top, rel), base)
+                served.append(f"{image_id} ({rel})")
+            if served:
+                notes.append(f"{name} holds DICOM files in folders below it (a CD or DICOMDIR "
+                             f"export?): served as {', '.join(served)}.")
+            notes += said
+        return ids, notes
 
     def loose_series(self) -> dict[str, int]:
         """DICOM files directly in the studies folder that are slices of one series

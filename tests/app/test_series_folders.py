@@ -37,10 +37,14 @@ def series_server(tmp_path_factory, tiny_model_dir, sample_root):
     shutil.copy(sample_root / "studies" / "chest_xray.dcm", studies / "mixed")
     for f in slices[:2]:  # slices left loose in the studies folder itself
         shutil.copy(f, studies / f"loose_{f.name}")
-    cd = studies / "cd_export" / "DICOM" / "ST000" / "SE000"  # as a CD export nests it
-    cd.mkdir(parents=True)
-    for i, f in enumerate(slices[:3]):
-        os.symlink(f, cd / f"IM{i:03d}")  # CD exports' files have no extension
+    # CD exports, written by pydicom's DICOMDIR writer: two series, one series, and one series
+    # whose files lie in two folders (as some exporters split long series)
+    _cd_export(studies / "cd_export", [slices[30:33], slices[40:42]])
+    _cd_export(studies / "cd_one", [slices[50:54]])
+    for part, files in (("A", slices[60:62]), ("B", slices[62:64])):
+        (studies / "cd_split" / "DICOM" / part).mkdir(parents=True)
+        for i, f in enumerate(files):
+            os.symlink(f, studies / "cd_split" / "DICOM" / part / f"IM{i}")
     (studies / "two_views").mkdir()
     for name in ("pa.dcm", "lateral.dcm"):  # radiographs of one series: no volume
         shutil.copy(sample_root / "studies" / "chest_xray.dcm", studies / "two_views" / name)
@@ -57,6 +61,29 @@ def series_server(tmp_path_factory, tiny_model_dir, sample_root):
     model_dir = shutil.copytree(tiny_model_dir, root / "model")
     with start_citrusv_server(studies, model_dir) as server:
         yield server
+
+
+def _cd_export(dst, series) -> None:
+    """The slices as a CD export writes them (DICOMDIR beside PT000000/ST000000/SE00000n/
+    IM00000k, files without an extension), each list of slices a series of its own."""
+    import pydicom
+    from pydicom.fileset import FileSet
+    from pydicom.uid import generate_uid
+
+    fs = FileSet()
+    for number, files in enumerate(series, start=2):
+        uid = generate_uid()
+        for f in files:
+            ds = pydicom.dcmread(str(f))
+            ds.SeriesInstanceUID, ds.SeriesNumber = uid, number
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            for key, value in (("StudyDate", "20240101"), ("StudyTime", "120000"),
+                               ("StudyID", "1"), ("PatientID", "sample"),
+                               ("PatientName", "sample")):
+                if not ds.get(key):
+                    setattr(ds, key, value)
+            fs.add(ds)
+    fs.write(str(dst))
 
 
 def _jpeg_lossless(src, dst) -> None:
@@ -215,13 +242,51 @@ def test_a_folder_of_two_series_and_loose_slices_are_said(series_server):
     # the two loose CT slices are named; the two radiographs of one series beside them are not
     log = series_server.log(tail=10 ** 7)
     assert log.count("DICOM files directly in ") == 1
-    assert ("cd_export in " in log and "holds DICOM files only in folders below it (a CD or "
-            "DICOMDIR export?), so none of them is served: move each series' folder" in log)
-    assert "cd_export" not in series_server.get("/datastore/?output=all").json()["objects"]
+    assert ("cd_split: the files of one series lie in 2 folders (DICOM/A, DICOM/B), so it is "
+            "not served; move them into one folder." in log)
     assert ("2 DICOM files directly in " in log
             and "are slices of one series (" in log
             and "each is served as an image of its own; move them into a folder of their own"
             in log), log[-3000:]
+
+
+def test_the_series_of_a_cd_export_are_served(series_server, tmp_path):
+    """A CD or DICOMDIR export copied into the studies folder as it is: each series folder
+    below it is an image (its files were not served at all, the log only named the folder)."""
+    listed = series_server.get("/datastore/?output=all").json()["objects"]
+    assert {"cd_export_SE000000", "cd_export_SE000001", "cd_one"} <= set(listed)
+    assert not {"cd_export", "cd_split", "cd_split_A", "cd_split_B"} & set(listed)
+    log = series_server.log(tail=10 ** 7)
+    assert ("cd_export holds DICOM files in folders below it (a CD or DICOMDIR export?): served "
+            "as cd_export_SE000000 (PT000000/ST000000/SE000000), cd_export_SE000001 "
+            "(PT000000/ST000000/SE000001)." in log)
+    assert "cd_one holds DICOM files in folders below it" in log
+    result, _ = _ask(series_server, "cd_export_SE000000", tmp_path, slice=1)
+    whole, _ = _ask(series_server, "ct_series", tmp_path, slice=31)
+    assert result["image"]["shape"] == [3, 512, 512]
+    assert [m["rle"] for m in result["masks"]] == [m["rle"] for m in whole["masks"]]
+    expected = np.asarray(whole["image"]["ijk_to_ras"])
+    expected[:3, 3] += expected[:3, 2] * 30
+    assert np.allclose(result["image"]["ijk_to_ras"], expected, atol=1e-3)
+    second, _ = _ask(series_server, "cd_export_SE000001", tmp_path, slice=0)
+    assert second["image"]["shape"] == [2, 512, 512]
+    # a correction is stored under the id; the volume downloads as one NIfTI
+    liver = tmp_path / "cd_one_liver.nii.gz"
+    image = series_server.get("/datastore/image?image=cd_one")
+    assert image.status_code == 200, image.text
+    (tmp_path / "cd_one.nii.gz").write_bytes(image.content)
+    grid = nib.load(tmp_path / "cd_one.nii.gz")
+    assert grid.shape == (512, 512, 4)
+    reference = reference_label(tmp_path / "ref.nii.gz", LIVER,
+                                series_server.studies / "chest_ct.nii.gz")
+    mask = (np.asarray(nib.load(reference).dataobj)[:, :, 50:54] > 0).astype(np.uint8)
+    nib.save(nib.Nifti1Image(mask, grid.affine), liver)
+    r = put_label(series_server, "cd_one", liver,
+                  {"label_info": [{"name": "liver", "idx": 1}], "prompt": "Segment the liver."})
+    assert r.status_code == 200, r.text
+    stored = series_server.studies / "labels" / "final" / "cd_one.nii.gz"
+    np.testing.assert_array_equal(np.asarray(nib.load(stored).dataobj) > 0, mask > 0)
+    assert mask.sum() > 1000
 
 
 def test_a_series_folder_copied_in_while_serving_is_listed(series_server, sample_root):
@@ -243,6 +308,17 @@ def test_a_series_folder_copied_in_while_serving_is_listed(series_server, sample
                                                        "slice": 2})})
     assert r.status_code == 200, r.text
     assert r.json()["image"]["shape"] == [4, 512, 512]
+    # a CD export copied in: its series folder lies two folders down
+    target = series_server.studies / "late_cd" / "DICOM" / "S1"
+    target.mkdir(parents=True)
+    for f in sorted((sample_root / "dicom" / "chest_ct").glob("*.dcm"))[:2]:
+        shutil.copy(f, target / f.stem)
+    while time.monotonic() < deadline + 60:
+        listed = series_server.get("/datastore/?output=all").json()["objects"]
+        if "late_cd" in listed:
+            break
+        time.sleep(0.5)
+    assert "late_cd" in listed
 
 
 def test_the_engine_reader_reads_the_enhanced_file_as_its_slices(series_server, sample_root):
