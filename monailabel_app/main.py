@@ -234,6 +234,11 @@ def _name_missing_images() -> None:
             except HTTPException as e:
                 if e.status_code != 404 or e.detail != "Image NOT Found":
                     raise
+                # a PACS series held as a folder (radiographs sharing a series): its reading
+                # says why no one file is sent (fetched by the first call, so not fetched twice)
+                folder = "" if uri else store.get_image_uri(image)
+                if folder and os.path.isdir(folder):
+                    return {} if check_only else _series_file(app, folder, str(image))
                 raise HTTPException(status_code=404, detail=_no_such_image(
                     str(image), app_instance().datastore())) from None
         return download_image

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import pydicom
 import pydicom_seg
 import requests
 import SimpleITK as sitk
@@ -675,8 +676,14 @@ class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):
                 return ""
             uri = super().get_image_uri(image_id)
             self.evict_over_limit(keep=image_id)
-        instances = os.listdir(series_dir) if os.path.isdir(series_dir) else []
-        return os.path.join(series_dir, instances[0]) if len(instances) == 1 else uri
+        instances = sorted(os.listdir(series_dir)) if os.path.isdir(series_dir) else []
+        if len(instances) == 1:
+            return os.path.join(series_dir, instances[0])
+        if instances and _radiograph(os.path.join(series_dir, instances[0])):
+            # radiographs sharing a series (a PA and a lateral view): MONAI Label's NIfTI
+            # stacks them as the slices of a volume; reading the folder says why it is refused
+            return series_dir
+        return uri
 
     def evict_over_limit(self, keep: str = "") -> list[str]:
         """Keep the cache under `cache_limit_bytes`: the PACS series asked least recently are
@@ -852,6 +859,15 @@ class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):
             self._datastore.label_path(DefaultLabelTag.FINAL.value), image_id)]
         return {str(e.get("name", "")).strip().lower() for r in records
                 for e in r.get("label_info") or [] if isinstance(e, dict)}
+
+
+def _radiograph(path: str) -> bool:
+    """Whether a DICOM file is an image without a slice position (a radiograph)."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:
+        return False  # MONAI Label's conversion says what is wrong with it
+    return ds.get("ImagePositionPatient") is None and not ds.get("PerFrameFunctionalGroupsSequence")
 
 
 def _tree_bytes(path: str) -> int:

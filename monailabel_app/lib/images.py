@@ -277,6 +277,12 @@ def _read_dicom_series(path: str) -> Study:
                            "in the studies folder.")
     if len(slices) > 1 and any(s.get("ImagePositionPatient") is None for s in slices):
         # radiographs (a PA and a lateral view share a series): no volume to stack them into
+        if os.path.basename(os.path.normpath(path)) == series[0]:
+            # the PACS datastore's cache: a folder per series, named by its SeriesInstanceUID
+            raise RequestError(f"The PACS series '{series[0]}' holds {len(slices)} DICOM images "
+                               "without a slice position (radiographs have none; a PA and a "
+                               "lateral view may share a series), which make no volume; upload "
+                               "the one image to ask about (the Slicer module does so itself).")
         raise RequestError(f"The folder '{os.path.basename(os.path.normpath(path))}' holds "
                            f"{len(slices)} DICOM images without a slice position (radiographs "
                            "have none), which make no volume; put each image in the studies "

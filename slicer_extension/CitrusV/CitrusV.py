@@ -692,8 +692,19 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
                 on_server, warning = False, (
                     f"The server could not look up DICOM series {series} ({e}); "
                     f"'{upload.get('name')}' was uploaded instead.")
+            response = None
             if on_server:
-                response = client.infer(task, series, params)
+                try:
+                    response = client.infer(task, series, params)
+                except CitrusVError as e:
+                    # the server cannot read the series as one image (two radiographs in one
+                    # series): its 400 names the series; a 400 about the question does not
+                    if e.status != 400 or series not in (e.detail or ""):
+                        raise
+                    warning = (f"The server could not read DICOM series {series} as one image "
+                               f"({str(e).rstrip('.')}); '{upload.get('name')}' was uploaded "
+                               "and asked about instead.")
+            if response is not None:
                 shape, ijk_to_ras = upload["grid"]
                 image = response.result.image
                 if image.ijk_to_ras is not None and geometry.same_voxel_grid(

@@ -34,7 +34,9 @@ def pacs(tmp_path_factory):
 def pacs_server(pacs, tiny_model_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("slicer_pacs_server")
     model_dir = shutil.copytree(tiny_model_dir, work / "model")
-    with start_citrusv_server(pacs.dicomweb, model_dir, workdir=work) as server:
+    # the series list cached 1 s (default 180 s): a series stored during the tests is seen
+    with start_citrusv_server(pacs.dicomweb, model_dir, workdir=work,
+                              env={"MONAI_LABEL_DICOMWEB_CACHE_EXPIRY": "1"}) as server:
         yield server
 
 
@@ -145,4 +147,61 @@ def test_series_the_server_does_not_have_is_uploaded_without_a_warning(
     logic, _, upload, response = _ask(citrusv_module, pacs_server, volume, SLICE)
     assert upload["image_id"].startswith("slicer_") and upload["uploaded"]
     assert response.result.warnings == []
+    logic.cleanup()
+
+
+def test_a_series_of_two_radiographs_is_refused_and_the_view_uploaded(
+        pacs, pacs_server, citrusv_module, mrml):
+    """A PA and a lateral view stored as one series on the PACS: MONAI Label's copy stacked them
+    as two slices of a volume (the server answered "slice 1", the lateral view, read as a CT
+    slice). The server now says why it reads no volume from them, and Slicer uploads the view
+    it shows and asks about that, saying so."""
+    import io
+    import json
+    import time
+
+    import pydicom
+    import requests
+    from pydicom.uid import generate_uid
+
+    series_uid = generate_uid()
+    views = []
+    for view in ("PA", "LL"):
+        ds = pydicom.dcmread(REPO / "sample_data" / "studies" / "chest_xray.dcm")
+        ds.SeriesInstanceUID, ds.ViewPosition = series_uid, view
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        requests.post(pacs.url + "/instances", data=buffer.getvalue(),
+                      timeout=30).raise_for_status()
+        views.append(ds)
+    params = {"params": json.dumps({"prompt": "Segment the right lung."})}
+    deadline = time.monotonic() + 30
+    while True:  # past the server's cached series list
+        r = pacs_server.post(f"/infer/citrusv_segment?image={series_uid}&output=json", data=params)
+        if r.status_code != 404 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"] == (
+        f"The PACS series '{series_uid}' holds 2 DICOM images without a slice position "
+        "(radiographs have none; a PA and a lateral view may share a series), which make no "
+        "volume; upload the one image to ask about (the Slicer module does so itself).")
+    download = pacs_server.get(f"/datastore/image?image={series_uid}")
+    assert download.status_code == 400 and download.json() == r.json()
+
+    mrml.fresh()
+    su = mrml.slicer.util
+    pixels = views[0].pixel_array.astype(np.int16)[None]  # Slicer: one slice [k, j, i]
+    volume = su.addVolumeFromArray(np.ascontiguousarray(pixels), name="PA")
+    sh = mrml.slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(mrml.slicer.mrmlScene)
+    sh.SetItemUID(sh.CreateItem(sh.GetSceneItemID(), volume),
+                  mrml.slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMUIDName(), series_uid)
+    logic, _, upload, response = _ask(citrusv_module, pacs_server, volume, 0)
+    assert upload["image_id"].startswith("slicer_") and upload["uploaded"]
+    assert response.result.image.shape == [1, 1955, 1841]
+    (warning,) = [w for w in response.result.warnings if series_uid in w]
+    assert warning.startswith(f"The server could not read DICOM series {series_uid} as one "
+                              f"image (The PACS series '{series_uid}' holds 2 DICOM images")
+    assert warning.endswith("'PA' was uploaded and asked about instead.")
     logic.cleanup()
