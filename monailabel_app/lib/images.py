@@ -9,6 +9,7 @@ source's sform/qform codes for NIfTI inputs), so any viewer overlays it on the i
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import threading
 from collections import OrderedDict
@@ -143,7 +144,11 @@ def _read_nrrd(path: str) -> Study:
     if space in ("left-posterior-superior", "lps"):
         affine = LPS_TO_RAS @ affine
     array = data.T[None] if is_2d else data.transpose(2, 1, 0)
-    return Study(np.ascontiguousarray(array), affine, is_2d, path=path)
+    # the DICOM Modality the Slicer module writes into an upload's NRRD (`modality:=CR`), so a
+    # radiograph sent from Slicer is not taken for a CT of unknown kind
+    modality = str(header.get("modality", "")).strip().upper()
+    return Study(np.ascontiguousarray(array), affine, is_2d, path=path,
+                 modality=modality if re.match(r"^[A-Z]{2,4}$", modality) else "")
 
 
 def _dicom_affine(ds, n_slices: int = 1, last_position=None) -> np.ndarray:

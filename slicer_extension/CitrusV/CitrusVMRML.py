@@ -125,7 +125,20 @@ def jump_to_ras(ras: Sequence[float], scene: slicer.vtkMRMLScene | None = None) 
 def volume_snapshot(volume_node: slicer.vtkMRMLVolumeNode) -> LabelVolume:
     """A copy of the voxels + own geometry (no parent transform): safe to hand to a worker."""
     array = slicer.util.arrayFromVolume(volume_node)
-    return LabelVolume(np.array(array), ijk_to_ras(volume_node, world=False))
+    return LabelVolume(np.array(array), ijk_to_ras(volume_node, world=False),
+                       modality=dicom_modality(volume_node))
+
+
+def dicom_modality(volume_node, scene: slicer.vtkMRMLScene | None = None) -> str:
+    """The Modality ("CR", "CT", "MR", ...) that Slicer's DICOM module recorded on the volume's
+    series item, or "" for a volume that was not loaded from DICOM."""
+    scene = volume_node.GetScene() or _scene(scene)
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    item = sh.GetItemByDataNode(volume_node) if sh is not None else 0
+    if not item:
+        return ""
+    name = slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMSeriesModalityAttributeName()
+    return (sh.GetItemAttribute(item, name) or "").strip().upper()
 
 
 def dicom_series_uid(volume_node, scene: slicer.vtkMRMLScene | None = None) -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -226,6 +227,37 @@ def test_report_names_the_kind_of_image_and_a_contradiction_comes_with_a_warning
     assert r.json()["answer"].startswith("CT, "), r.json()["answer"]
     assert [w for w in r.json()["warnings"] if w.startswith(
         "The answer calls this image CT, but the study is CR (X-ray) by its DICOM header")]
+
+
+def test_a_radiograph_uploaded_from_slicer_keeps_its_modality(pacs_server, tmp_path):
+    """Slicer uploads what it shows as NRRD, which has no Modality: a radiograph loaded from
+    DICOM in Slicer reached the server as an image of unknown kind. The Slicer library writes
+    the Modality Slicer recorded into the NRRD (`modality:=CR`), and the server reads it."""
+    from CitrusVLib.label_io import LabelVolume, write_label_volume
+    from citrusv.engine import NOT_CT_BY_VALUES
+    from citrusv.io import read_study
+
+    # the values as the server reads the file (MONOCHROME1 mirrored), one slice, 1 mm pixels
+    cr = read_study(REPO / "sample_data" / "studies" / "chest_xray.dcm")
+    volume = LabelVolume(cr.array[None].astype(np.int16), np.diag([-1.0, -1.0, 1.0, 1.0]))
+    params = {"params": json.dumps({"prompt": "Segment the right lung.", "slice": 0})}
+    answers = {}
+    for modality in ("CR", ""):
+        path = write_label_volume(tmp_path / f"cr_{modality or 'none'}.nrrd",
+                                  LabelVolume(volume.array, volume.ijk_to_ras, modality=modality))
+        with open(path, "rb") as f:
+            r = pacs_server.post("/infer/citrusv_segment?output=json", data=params,
+                                 files={"file": (os.path.basename(path), f, "application/octet-stream")})
+        assert r.status_code == 200, r.text
+        answers[modality] = r.json()
+    said = [w for w in answers["CR"]["warnings"] if "this image is CR by its DICOM header" in w]
+    assert said and NOT_CT_BY_VALUES not in answers["CR"]["warnings"]
+    assert NOT_CT_BY_VALUES in answers[""]["warnings"]
+    # the same pixels as the DICOM file, so the same mask
+    with open(REPO / "sample_data" / "studies" / "chest_xray.dcm", "rb") as f:
+        dicom = pacs_server.post("/infer/citrusv_segment?output=json", data=params,
+                                 files={"file": ("chest_xray.dcm", f, "application/dicom")})
+    assert [m["rle"] for m in dicom.json()["masks"]] == [m["rle"] for m in answers["CR"]["masks"]]
 
 
 def test_slicer_upload_works_beside_the_pacs(pacs_server):

@@ -195,9 +195,14 @@ def test_a_series_of_two_radiographs_is_refused_and_the_view_uploaded(
     pixels = views[0].pixel_array.astype(np.int16)[None]  # Slicer: one slice [k, j, i]
     volume = su.addVolumeFromArray(np.ascontiguousarray(pixels), name="PA")
     sh = mrml.slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(mrml.slicer.mrmlScene)
-    sh.SetItemUID(sh.CreateItem(sh.GetSceneItemID(), volume),
-                  mrml.slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMUIDName(), series_uid)
+    constants = mrml.slicer.vtkMRMLSubjectHierarchyConstants
+    item = sh.CreateItem(sh.GetSceneItemID(), volume)
+    sh.SetItemUID(item, constants.GetDICOMUIDName(), series_uid)
+    sh.SetItemAttribute(item, constants.GetDICOMSeriesModalityAttributeName(), "CR")
     logic, _, upload, response = _ask(citrusv_module, pacs_server, volume, 0)
+    # the upload says what Slicer recorded the image to be (NRRD has no Modality of its own)
+    (stored,) = [p for p in pacs_server.studies.rglob(f"{upload['image_id']}*") if p.is_file()]
+    assert b"\nmodality:=CR\n" in stored.read_bytes()[:1000]
     assert upload["image_id"].startswith("slicer_") and upload["uploaded"]
     assert response.result.image.shape == [1, 1955, 1841]
     (warning,) = [w for w in response.result.warnings if series_uid in w]

@@ -65,12 +65,18 @@ _NRRD_NAMES = {
 }
 
 
+MODALITY = re.compile(r"^[A-Z]{2,4}$")  # a DICOM Modality code: CT, MR, CR, DX, MG, ...
+
+
 @dataclass
 class LabelVolume:
-    """A volume array indexed ``[k, j, i]`` and the 4×4 matrix mapping IJK to RAS."""
+    """A volume array indexed ``[k, j, i]`` and the 4×4 matrix mapping IJK to RAS; for an
+    upload, the DICOM Modality Slicer recorded for it ("CR", "CT"; "" when unknown), which the
+    NRRD carries as ``modality:=CR`` so the server knows a radiograph from a CT."""
 
     array: np.ndarray
     ijk_to_ras: np.ndarray
+    modality: str = ""
 
 
 def upload_id(name: str, volume: LabelVolume) -> str:
@@ -83,6 +89,8 @@ def upload_id(name: str, volume: LabelVolume) -> str:
     digest.update(repr((array.shape, array.dtype.str)).encode())
     digest.update(np.round(np.asarray(volume.ijk_to_ras, dtype=float), 6).tobytes())
     digest.update(array.tobytes())
+    if volume.modality:  # the same voxels said to be another kind of image are another image
+        digest.update(volume.modality.encode())
     safe = "".join(ch if ch.isalnum() else "_" for ch in name)[:40] or "volume"
     return f"slicer_{safe}_{digest.hexdigest()}"
 
@@ -271,7 +279,9 @@ def _write_nrrd(path: str, volume: LabelVolume) -> None:
         "kinds: domain domain domain\n"
         "endian: little\n"
         "encoding: gzip\n"
-        f"space origin: {vec(lps[:3, 3])}\n\n"
+        f"space origin: {vec(lps[:3, 3])}\n"
+        + (f"modality:={volume.modality}\n" if MODALITY.match(volume.modality) else "")
+        + "\n"
     )
     payload = gzip.compress(array.astype(array.dtype.newbyteorder("<")).tobytes(), compresslevel=1)
     tmp = path + ".part"
