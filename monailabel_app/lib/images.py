@@ -264,9 +264,14 @@ def series_files(path) -> list[Path]:
 
 def holds_dicom(path) -> bool:
     """Whether a folder holds a DICOM file directly; stops at the first (the datastore asks
-    this of every folder at each refresh, which a series being copied in sets off per file)."""
-    with os.scandir(path) as entries:
-        return any(is_dicom_file(entry.path) for entry in entries)
+    this of every folder at each refresh, which a series being copied in sets off per file).
+    False for a folder it may not read or that is gone, so one such folder does not stop the
+    listing of the others."""
+    try:
+        with os.scandir(path) as entries:
+            return any(is_dicom_file(entry.path) for entry in entries)
+    except OSError:
+        return False
 
 
 def _read_dicom_series(path: str) -> Study:
