@@ -20,6 +20,12 @@ def _train(args: argparse.Namespace) -> int:
     return train_nano_cli(args)
 
 
+def _sort_dicom(args: argparse.Namespace) -> int:
+    from .dicom_sort import sort_dicom_cli
+
+    return sort_dicom_cli(args)
+
+
 def _eval(args: argparse.Namespace) -> int:
     from .evaluation import eval_cli
 
@@ -95,6 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "soft_tissue (default: lung for the lungs, abdomen for the rest and the "
                         "report, as the model card's table)")
     p.set_defaults(func=_eval)
+    p = sub.add_parser("sort-dicom", help="put DICOM files as exported (a CD, a study in one "
+                       "folder) into a studies folder: a folder per series, a file per radiograph")
+    p.add_argument("src", help="the folder the DICOM files are in, at any depth (a CD's top "
+                   "folder, with its DICOMDIR, will do)")
+    p.add_argument("dest", help="the studies folder (the server's --studies) or any folder")
+    p.add_argument("--name", default=None, help="the images' name, followed by _<SeriesNumber> "
+                   "where SRC holds several series (default: SRC's folder name)")
+    p.add_argument("--link", action="store_true", help="hard-link the files instead of copying "
+                   "them (same file system only; copies where links fail)")
+    p.set_defaults(func=_sort_dicom)
     from .commands import add_commands
 
     add_commands(sub)

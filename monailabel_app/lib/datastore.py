@@ -87,6 +87,8 @@ class CorrectionsDatastore(LocalDatastore):
             base = os.path.realpath(self._datastore.image_path())
             labels = os.path.realpath(self._datastore.label_path(None))
 
+            index = os.path.realpath(self._datastore_config_path)
+
             def changed(event) -> None:  # a file in a folder of the studies folder, any depth
                 path = os.path.realpath(event.src_path)
                 if (not event.is_directory and os.path.dirname(path) != base
@@ -94,8 +96,18 @@ class CorrectionsDatastore(LocalDatastore):
                         and not os.path.basename(path).startswith(".")):
                     self.refresh()
 
+            def moved(event) -> None:
+                # a series folder or image renamed into place (`citrusv sort-dicom` writes
+                # each under a hidden name first): MONAI Label's watcher sees no new file
+                path = os.path.realpath(getattr(event, "dest_path", "") or event.src_path)
+                if (path.startswith(base + os.sep) and path != index
+                        and not path.startswith(labels + os.sep)
+                        and not os.path.basename(path).startswith(".")):
+                    self.refresh()
+
             series = FileSystemEventHandler()
             series.on_created = series.on_deleted = changed
+            series.on_moved = moved
             try:
                 observer.schedule(series, path=base, recursive=True)
             except OSError as e:  # as MONAI Label's own watcher: listed at the next start
@@ -198,7 +210,8 @@ class CorrectionsDatastore(LocalDatastore):
             for rels in split:
                 said.append(f"{name}: the files of one series lie in {len(rels)} folders "
                              f"({', '.join(rels[:3])}{', ...' if len(rels) > 3 else ''}), so it is "
-                             "not served; move them into one folder.")
+                             "not served; move them into one folder (`citrusv sort-dicom "
+                             f"{name} <the studies folder>` puts each series of {name} in one).")
             whole = [rel for rel in folders if not any(rel in rels for rels in split)]
             parts = [rel.split(os.sep) for rel in whole]
             shared = 0

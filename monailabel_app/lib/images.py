@@ -284,7 +284,7 @@ def _read_dicom_series(path: str) -> Study:
     if len(series) > 1:  # their slices would be stacked into one volume, interleaved
         raise RequestError(f"The folder '{os.path.basename(os.path.normpath(path))}' holds "
                            f"{len(series)} DICOM series; put each series in a folder of its own "
-                           "in the studies folder.")
+                           "in the studies folder (`citrusv sort-dicom FOLDER STUDIES` does so).")
     if len(slices) > 1 and any(s.get("ImagePositionPatient") is None for s in slices):
         # radiographs (a PA and a lateral view share a series): no volume to stack them into
         if os.path.basename(os.path.normpath(path)) == series[0]:
@@ -296,7 +296,8 @@ def _read_dicom_series(path: str) -> Study:
         raise RequestError(f"The folder '{os.path.basename(os.path.normpath(path))}' holds "
                            f"{len(slices)} DICOM images without a slice position (radiographs "
                            "have none), which make no volume; put each image in the studies "
-                           "folder as a file of its own.")
+                           "folder as a file of its own (`citrusv sort-dicom FOLDER STUDIES` "
+                           "does so).")
     first = slices[0]
     _check_size((len(slices), int(first.Rows), int(first.Columns)), "DICOM series")
     iop = [float(v) for v in first.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])]

@@ -230,20 +230,22 @@ def test_a_folder_of_two_series_and_loose_slices_are_said(series_server):
                            data={"params": json.dumps({"prompt": "Segment the liver."})})
     assert r.status_code == 400
     assert r.json()["detail"] == ("The folder 'mixed' holds 2 DICOM series; put each series in "
-                                  "a folder of its own in the studies folder.")
+                                  "a folder of its own in the studies folder (`citrusv "
+                                  "sort-dicom FOLDER STUDIES` does so).")
     r = series_server.post("/infer/citrusv_segment?image=two_views",
                            data={"params": json.dumps({"prompt": "Segment the lungs."})})
     assert r.status_code == 400
     assert r.json()["detail"] == (
         "The folder 'two_views' holds 2 DICOM images without a slice position (radiographs have "
         "none), which make no volume; put each image in the studies folder as a file of its "
-        "own.")
+        "own (`citrusv sort-dicom FOLDER STUDIES` does so).")
     assert series_server.get("/info/").status_code == 200  # the server is up
     # the two loose CT slices are named; the two radiographs of one series beside them are not
     log = series_server.log(tail=10 ** 7)
     assert log.count("DICOM files directly in ") == 1
     assert ("cd_split: the files of one series lie in 2 folders (DICOM/A, DICOM/B), so it is "
-            "not served; move them into one folder." in log)
+            "not served; move them into one folder (`citrusv sort-dicom cd_split <the studies "
+            "folder>` puts each series of cd_split in one)." in log)
     assert ("2 DICOM files directly in " in log
             and "are slices of one series (" in log
             and "each is served as an image of its own; move them into a folder of their own"
@@ -319,6 +321,34 @@ def test_a_series_folder_copied_in_while_serving_is_listed(series_server, sample
             break
         time.sleep(0.5)
     assert "late_cd" in listed
+    # `citrusv sort-dicom` into the studies folder: each series renamed into place whole
+    from citrusv.dicom_sort import sort_dicom
+
+    done = sort_dicom(series_server.studies / "mixed", series_server.studies, name="sorted")
+    ids = [image_id for image_id, _ in done.series]
+    assert ids == ["sorted_1", "sorted_2"]  # both series are number 1: numbered in turn
+    while time.monotonic() < deadline + 120:
+        listed = series_server.get("/datastore/?output=all").json()["objects"]
+        if set(ids) <= set(listed):
+            break
+        time.sleep(0.5)
+    assert set(ids) <= set(listed)
+    # a radiograph alone: written as a hidden file, then renamed (no other file event)
+    (series_server.studies / ".incoming").mkdir()
+    shutil.copy(sample_root / "studies" / "chest_xray.dcm", series_server.studies / ".incoming")
+    sort_dicom(series_server.studies / ".incoming", series_server.studies, name="late_cr")
+    while time.monotonic() < deadline + 180:
+        listed = series_server.get("/datastore/?output=all").json()["objects"]
+        if "late_cr" in listed:
+            break
+        time.sleep(0.5)
+    assert "late_cr" in listed
+    (ct,) = [image_id for image_id, s in done.series if s.kind == "folder"]  # the CR: a file
+    r = series_server.post(f"/infer/citrusv_segment?image={ct}&output=json",
+                           data={"params": json.dumps({"prompt": "Segment the liver.",
+                                                       "slice": 1})})
+    assert r.status_code == 200, r.text
+    assert r.json()["image"]["shape"] == [3, 512, 512]
 
 
 def test_the_engine_reader_reads_the_enhanced_file_as_its_slices(series_server, sample_root):
