@@ -456,10 +456,11 @@ class CitrusVApp(MONAILabelApp):
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )
         for uid, n in store.loose_series().items():
-            logger.warning("%d DICOM files directly in %s are slices of one series (%s): each is "
-                           "served as an image of its own; move them into a folder of their own "
-                           "(%s/<name>/) to serve them as one volume, named <name>.",
-                           n, self.studies, uid, self.studies)
+            note = (f"{n} DICOM files directly in the studies folder are slices of one series "
+                    f"({uid}): each is served as an image of its own; move them into a folder of "
+                    "their own (<studies>/<name>/) to serve them as one volume, named <name>.")
+            store.start_notes.append(note)
+            logger.warning("%s (in %s)", note, self.studies)
         for note in store.series_below()[1]:
             (logger.info if " served as " in note else logger.warning)("%s (in %s)", note,
                                                                       self.studies)

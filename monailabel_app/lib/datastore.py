@@ -69,8 +69,10 @@ class CorrectionsDatastore(LocalDatastore):
 
     series_folders = True  # the PACS datastore's cache folders are its own
     _below: dict[str, str] = {}  # image id -> its series' folder, relative to the studies folder
+    _below_notes: list[str] = []  # series_below's sentences at the last listing
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.start_notes: list[str] = []  # what the server found at start (loose DICOM slices)
         super().__init__(*args, **kwargs)
         handler = getattr(self, "_handler", None)
         if handler is not None:
@@ -148,9 +150,19 @@ class CorrectionsDatastore(LocalDatastore):
         for name, full in self._folders():
             if name not in found and IMAGE_ID.match(name) and holds_dicom(full):
                 found[name] = name
-        self._below = below = self.series_below()[0]
+        below, self._below_notes = self.series_below()
+        self._below = below
         found.update({image_id: image_id for image_id in below})
         return found
+
+    def status(self) -> dict[str, Any]:
+        """MONAI Label's counts (`/info/` "datastore") plus, under "notes", what the server log
+        says about the studies folder (a CD export served as ..., a series split over folders
+        and not served, loose slices at start), for an admin who reads /info/ and not the log."""
+        out = super().status()
+        if self.series_folders:
+            out["notes"] = [*self.start_notes, *self._below_notes]
+        return out
 
     def _filename(self, id: str, ext: str) -> str:
         # an image id of a series below a folder (no extension, unlike every label) names the

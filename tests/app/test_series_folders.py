@@ -246,8 +246,7 @@ def test_a_folder_of_two_series_and_loose_slices_are_said(series_server):
     assert ("cd_split: the files of one series lie in 2 folders (DICOM/A, DICOM/B), so it is "
             "not served; move them into one folder (`citrusv sort-dicom cd_split <the studies "
             "folder>` puts each series of cd_split in one)." in log)
-    assert ("2 DICOM files directly in " in log
-            and "are slices of one series (" in log
+    assert ("2 DICOM files directly in the studies folder are slices of one series (" in log
             and "each is served as an image of its own; move them into a folder of their own"
             in log), log[-3000:]
 
@@ -263,6 +262,12 @@ def test_the_series_of_a_cd_export_are_served(series_server, tmp_path):
             "as cd_export_SE000000 (PT000000/ST000000/SE000000), cd_export_SE000001 "
             "(PT000000/ST000000/SE000001)." in log)
     assert "cd_one holds DICOM files in folders below it" in log
+    # and in /info/, for an admin who does not read the log
+    notes = series_server.get("/info/").json()["datastore"]["notes"]
+    assert [n for n in notes if n.startswith("cd_export holds DICOM files in folders below")]
+    assert [n for n in notes if n.startswith("cd_split: the files of one series lie in 2 ")]
+    assert [n for n in notes if n.startswith("2 DICOM files directly in the studies folder are "
+                                             "slices of one series (")]
     result, _ = _ask(series_server, "cd_export_SE000000", tmp_path, slice=1)
     whole, _ = _ask(series_server, "ct_series", tmp_path, slice=31)
     assert result["image"]["shape"] == [3, 512, 512]
