@@ -296,6 +296,16 @@ def test_the_series_of_a_cd_export_are_served(series_server, tmp_path):
     assert mask.sum() > 1000
 
 
+def _listed(server, ids: set[str], seconds: float = 60) -> set[str]:
+    """The datastore's image ids once they include `ids`, or after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        listed = set(server.get("/datastore/?output=all").json()["objects"])
+        if ids <= listed or time.monotonic() > deadline:
+            return listed
+        time.sleep(0.5)
+
+
 def test_a_series_folder_copied_in_while_serving_is_listed(series_server, sample_root):
     """MONAI Label watches the studies folder's own files: a series folder copied in while the
     server runs was listed only at its next start."""
@@ -303,13 +313,7 @@ def test_a_series_folder_copied_in_while_serving_is_listed(series_server, sample
     target.mkdir()
     for f in sorted((sample_root / "dicom" / "chest_ct").glob("*.dcm"))[:4]:
         shutil.copy(f, target / f.name)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        listed = series_server.get("/datastore/?output=all").json()["objects"]
-        if "late_series" in listed:
-            break
-        time.sleep(0.5)
-    assert "late_series" in listed
+    assert "late_series" in _listed(series_server, {"late_series"})
     r = series_server.post("/infer/citrusv_segment?image=late_series&output=json",
                            data={"params": json.dumps({"prompt": "Segment the liver.",
                                                        "slice": 2})})
@@ -320,34 +324,19 @@ def test_a_series_folder_copied_in_while_serving_is_listed(series_server, sample
     target.mkdir(parents=True)
     for f in sorted((sample_root / "dicom" / "chest_ct").glob("*.dcm"))[:2]:
         shutil.copy(f, target / f.stem)
-    while time.monotonic() < deadline + 60:
-        listed = series_server.get("/datastore/?output=all").json()["objects"]
-        if "late_cd" in listed:
-            break
-        time.sleep(0.5)
-    assert "late_cd" in listed
+    assert "late_cd" in _listed(series_server, {"late_cd"})
     # `citrusv sort-dicom` into the studies folder: each series renamed into place whole
     from citrusv.dicom_sort import sort_dicom
 
     done = sort_dicom(series_server.studies / "mixed", series_server.studies, name="sorted")
     ids = [image_id for image_id, _ in done.series]
     assert ids == ["sorted_1", "sorted_2"]  # both series are number 1: numbered in turn
-    while time.monotonic() < deadline + 120:
-        listed = series_server.get("/datastore/?output=all").json()["objects"]
-        if set(ids) <= set(listed):
-            break
-        time.sleep(0.5)
-    assert set(ids) <= set(listed)
+    assert set(ids) <= _listed(series_server, set(ids))
     # a radiograph alone: written as a hidden file, then renamed (no other file event)
     (series_server.studies / ".incoming").mkdir()
     shutil.copy(sample_root / "studies" / "chest_xray.dcm", series_server.studies / ".incoming")
     sort_dicom(series_server.studies / ".incoming", series_server.studies, name="late_cr")
-    while time.monotonic() < deadline + 180:
-        listed = series_server.get("/datastore/?output=all").json()["objects"]
-        if "late_cr" in listed:
-            break
-        time.sleep(0.5)
-    assert "late_cr" in listed
+    assert "late_cr" in _listed(series_server, {"late_cr"})
     (ct,) = [image_id for image_id, s in done.series if s.kind == "folder"]  # the CR: a file
     r = series_server.post(f"/infer/citrusv_segment?image={ct}&output=json",
                            data={"params": json.dumps({"prompt": "Segment the liver.",
