@@ -40,8 +40,12 @@ class Series:
     number: str = ""
     description: str = ""
     modality: str = ""
-    files: list[tuple[tuple, Path]] = field(default_factory=list)  # (order key, path)
-    positioned: bool = True
+    # (instance order key, position along the slice normal or None, path)
+    files: list[tuple[tuple, float | None, Path]] = field(default_factory=list)
+
+    @property
+    def positioned(self) -> bool:
+        return all(position is not None for _, position, _ in self.files)
 
     @property
     def kind(self) -> str:
@@ -88,29 +92,27 @@ def find_series(src: Path) -> tuple[list[Series], int]:
                 uid, str(ds.get("SeriesNumber", "") or "").strip(),
                 str(ds.get("SeriesDescription", "") or "").strip(),
                 str(ds.get("Modality", "") or "").strip()))
-            position = ds.get("ImagePositionPatient")
-            series.positioned &= position is not None
             number = ds.get("InstanceNumber")
             key = (float(number) if str(number or "").strip() else float("inf"), str(path))
-            series.files.append((key, path))
+            series.files.append((key, _along_normal(ds), path))
     return list(groups.values()), skipped
+
+
+def _along_normal(ds) -> float | None:
+    """Where an image lies along its slice normal (mm), None without a slice position."""
+    import numpy as np
+
+    position = ds.get("ImagePositionPatient")
+    if position is None:
+        return None
+    iop = [float(v) for v in ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])]
+    return float(np.dot(np.cross(iop[:3], iop[3:]), [float(v) for v in position]))
 
 
 def _slice_order(series: Series) -> list[Path]:
     """Files of a series of slices along the slice normal (instance order otherwise)."""
-    import numpy as np
-    import pydicom
-
-    if series.kind != "folder":
-        return [p for _, p in sorted(series.files)]
-    keyed = []
-    for _, path in series.files:
-        ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=True)
-        iop = [float(v) for v in ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])]
-        normal = np.cross(iop[:3], iop[3:])
-        keyed.append((float(np.dot(normal, [float(v) for v in ds.ImagePositionPatient])),
-                      str(path), path))
-    return [p for *_, p in sorted(keyed)]
+    key = (lambda f: (f[1], str(f[2]))) if series.kind == "folder" else (lambda f: f[0])
+    return [path for _, _, path in sorted(series.files, key=key)]
 
 
 def _ids(series: list[Series], name: str) -> list[str]:
@@ -158,12 +160,12 @@ def sort_dicom(src: str | os.PathLike, dest: str | os.PathLike, name: str | None
     series.sort(key=lambda s: (int(s.number) if s.number.isdigit() else 10 ** 9, s.uid))
     ids = _ids(series, name or src.resolve().name)
     dest.mkdir(parents=True, exist_ok=True)
+    there = {p.name.split(".")[0]: p for p in dest.iterdir()}  # the server's ids of them
     for image_id, s in zip(ids, series):
         for target in _targets(dest, image_id, s):
-            stem = target.name.split(".")[0]  # the server's id of it: one file or folder each
-            taken = [p for p in dest.iterdir() if p.name.split(".")[0] == stem]
-            if taken:
-                raise InputError("dest", f"{taken[0]} already exists (the server's image "
+            stem = target.name.split(".")[0]
+            if stem in there:
+                raise InputError("dest", f"{there[stem]} already exists (the server's image "
                                  f"'{stem}'); nothing was written: pick another --name, or move "
                                  "it away first.")
     for image_id, s in zip(ids, series):

@@ -88,23 +88,22 @@ class CorrectionsDatastore(LocalDatastore):
 
             base = os.path.realpath(self._datastore.image_path())
             labels = os.path.realpath(self._datastore.label_path(None))
-
             index = os.path.realpath(self._datastore_config_path)
+
+            def served(path: str) -> bool:  # may be an image: not hidden, not the app's own
+                return (path.startswith(base + os.sep) and path != index
+                        and not path.startswith(labels + os.sep)
+                        and not os.path.basename(path).startswith("."))
 
             def changed(event) -> None:  # a file in a folder of the studies folder, any depth
                 path = os.path.realpath(event.src_path)
-                if (not event.is_directory and os.path.dirname(path) != base
-                        and not path.startswith(labels + os.sep)
-                        and not os.path.basename(path).startswith(".")):
+                if not event.is_directory and os.path.dirname(path) != base and served(path):
                     self.refresh()
 
             def moved(event) -> None:
                 # a series folder or image renamed into place (`citrusv sort-dicom` writes
                 # each under a hidden name first): MONAI Label's watcher sees no new file
-                path = os.path.realpath(getattr(event, "dest_path", "") or event.src_path)
-                if (path.startswith(base + os.sep) and path != index
-                        and not path.startswith(labels + os.sep)
-                        and not os.path.basename(path).startswith(".")):
+                if served(os.path.realpath(event.dest_path)):
                     self.refresh()
 
             series = FileSystemEventHandler()
@@ -150,9 +149,8 @@ class CorrectionsDatastore(LocalDatastore):
         for name, full in self._folders():
             if name not in found and IMAGE_ID.match(name) and holds_dicom(full):
                 found[name] = name
-        below, self._below_notes = self.series_below()
-        self._below = below
-        found.update({image_id: image_id for image_id in below})
+        self._below, self._below_notes = self.series_below()
+        found.update({image_id: image_id for image_id in self._below})
         return found
 
     def status(self) -> dict[str, Any]:
@@ -189,8 +187,6 @@ class CorrectionsDatastore(LocalDatastore):
         `<top>_<the parts of its path after the ones they share>` (DICOM/ST0/SE0 and
         DICOM/ST0/SE1 in `cd` are `cd_SE0` and `cd_SE1`). A series whose files lie in several
         folders, or an id already taken, is not served, and the sentences say why."""
-        import pydicom
-
         ids: dict[str, str] = {}
         notes: list[str] = []
         base = self._datastore.image_path()
