@@ -33,6 +33,9 @@ MAX_VOXELS = 1024 * 1024 * 1024
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+# a DICOM Modality code (CT, MR, CR, DX, ...) in an NRRD's `modality:=` key; the Slicer
+# library's copy, which writes it, is `CitrusVLib.label_io.MODALITY`
+NRRD_MODALITY = re.compile(r"^[A-Z]{2,4}$")
 
 
 @dataclass
@@ -148,7 +151,7 @@ def _read_nrrd(path: str) -> Study:
     # radiograph sent from Slicer is not taken for a CT of unknown kind
     modality = str(header.get("modality", "")).strip().upper()
     return Study(np.ascontiguousarray(array), affine, is_2d, path=path,
-                 modality=modality if re.match(r"^[A-Z]{2,4}$", modality) else "")
+                 modality=modality if NRRD_MODALITY.match(modality) else "")
 
 
 def _dicom_affine(ds, n_slices: int = 1, last_position=None) -> np.ndarray:

@@ -196,3 +196,17 @@ def test_the_slicer_library_reads_a_pixel_size_as_the_engine_does():
         for key, value in case.items():
             setattr(ds, key, value)
         assert slicer_pixel_spacing(ds) == (pixel_spacing(ds) or [1.0, 1.0]), case
+
+
+def test_the_slicer_library_writes_the_modality_the_server_reads(tmp_path):
+    """Slicer uploads carry the DICOM Modality as an NRRD key; the two sides' patterns for it
+    are copies (Slicer's Python has no server code), so they are kept equal here."""
+    from CitrusVLib.label_io import MODALITY, LabelVolume, write_label_volume
+    from lib.images import NRRD_MODALITY
+
+    assert MODALITY.pattern == NRRD_MODALITY.pattern
+    array = np.zeros((1, 4, 5), np.int16)
+    for sent, read in (("CR", "CR"), ("", ""), ("C R", "")):
+        path = write_label_volume(tmp_path / f"m{len(sent)}.nrrd",
+                                  LabelVolume(array, np.eye(4), modality=sent))
+        assert server_read(str(path)).modality == read
