@@ -68,7 +68,8 @@ class CorrectionsDatastore(LocalDatastore):
     folders as an image (`series_below`)."""
 
     series_folders = True  # the PACS datastore's cache folders are its own
-    _below: dict[str, str] = {}  # image id -> its series' folder, relative to the studies folder
+    # image id -> its series' folder, relative to the studies folder (None: not looked yet)
+    _below: dict[str, str] | None = None
     _below_notes: list[str] = []  # series_below's sentences at the last listing
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -149,8 +150,7 @@ class CorrectionsDatastore(LocalDatastore):
         for name, full in self._folders():
             if name not in found and IMAGE_ID.match(name) and holds_dicom(full):
                 found[name] = name
-        self._below, self._below_notes = self.series_below()
-        found.update({image_id: image_id for image_id in self._below})
+        found.update({image_id: image_id for image_id in self._below or {}})
         return found
 
     def status(self) -> dict[str, Any]:
@@ -162,11 +162,22 @@ class CorrectionsDatastore(LocalDatastore):
             out["notes"] = [*self.start_notes, *self._below_notes]
         return out
 
+    def _reconcile_datastore(self) -> None:
+        # the series below folders, looked up once per refresh and before MONAI Label checks
+        # that each image's file is there (it does so first): unknown then, an image among them
+        # was dropped and listed again, its correction's names and prompts lost ("label 1")
+        if self.series_folders:
+            self._below, self._below_notes = self.series_below()
+        super()._reconcile_datastore()
+
     def _filename(self, id: str, ext: str) -> str:
         # an image id of a series below a folder (no extension, unlike every label) names the
         # folder its files are in, which MONAI Label's index and uri look-ups then find
-        if not ext and id in self._below:
-            return self._below[id]
+        if not ext and self.series_folders:
+            if self._below is None:  # a read-only datastore, which never refreshes
+                self._below, self._below_notes = self.series_below()
+            if id in self._below:
+                return self._below[id]
         return super()._filename(id, ext)
 
     def _folders(self) -> list[tuple[str, str]]:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import requests
 
-from tests.app.helpers import put_label, reference_label, split_multipart, zyx
+from tests.app.helpers import put_label, reference_label, run_training, split_multipart, zyx
 from tests.server import start_citrusv_server
 
 LIVER = 5  # the reference label map's liver
@@ -277,23 +277,37 @@ def test_the_series_of_a_cd_export_are_served(series_server, tmp_path):
     assert np.allclose(result["image"]["ijk_to_ras"], expected, atol=1e-3)
     second, _ = _ask(series_server, "cd_export_SE000001", tmp_path, slice=0)
     assert second["image"]["shape"] == [2, 512, 512]
-    # a correction is stored under the id; the volume downloads as one NIfTI
-    liver = tmp_path / "cd_one_liver.nii.gz"
+    # the volume downloads as one NIfTI; a correction is stored under the id
     image = series_server.get("/datastore/image?image=cd_one")
     assert image.status_code == 200, image.text
     (tmp_path / "cd_one.nii.gz").write_bytes(image.content)
-    grid = nib.load(tmp_path / "cd_one.nii.gz")
-    assert grid.shape == (512, 512, 4)
+    assert nib.load(tmp_path / "cd_one.nii.gz").shape == (512, 512, 4)
+    image_id = "cd_export_SE000000"  # slices 30-32, in cd_export/PT000000/ST000000/SE000000
+    image = series_server.get(f"/datastore/image?image={image_id}")
+    (tmp_path / f"{image_id}.nii.gz").write_bytes(image.content)
+    grid = nib.load(tmp_path / f"{image_id}.nii.gz")
     reference = reference_label(tmp_path / "ref.nii.gz", LIVER,
                                 series_server.studies / "chest_ct.nii.gz")
-    mask = (np.asarray(nib.load(reference).dataobj)[:, :, 50:54] > 0).astype(np.uint8)
+    mask = (np.asarray(nib.load(reference).dataobj)[:, :, 30:33] > 0).astype(np.uint8)
+    liver = tmp_path / "liver.nii.gz"
     nib.save(nib.Nifti1Image(mask, grid.affine), liver)
-    r = put_label(series_server, "cd_one", liver,
+    r = put_label(series_server, image_id, liver,
                   {"label_info": [{"name": "liver", "idx": 1}], "prompt": "Segment the liver."})
     assert r.status_code == 200, r.text
-    stored = series_server.studies / "labels" / "final" / "cd_one.nii.gz"
+    stored = series_server.studies / "labels" / "final" / f"{image_id}.nii.gz"
     np.testing.assert_array_equal(np.asarray(nib.load(stored).dataobj) > 0, mask > 0)
     assert mask.sum() > 1000
+    # a training run (its own process, its own look at the studies folder) trains on it by
+    # name, and leaves the server's record of the correction as it was (its first look
+    # dropped the image, whose id names no file or folder, and listed it again without its
+    # correction's names: "label 1")
+    task = run_training(series_server, steps=2, batch_images=2, max_per_structure=4,
+                        publish_if_worse=True)
+    assert task["status"] == "DONE", "\n".join(task.get("details", []))
+    last = series_server.get("/info/").json()["train_stats"]["citrusv_finetune"]["last_run"]
+    assert last["samples"]["structures"] == ["liver"], last
+    final = series_server.get("/datastore/?output=all").json()["objects"][image_id]["labels"]
+    assert [e["name"] for e in final["final"]["info"]["label_info"]] == ["liver"]
 
 
 def _listed(server, ids: set[str], seconds: float = 60) -> set[str]:
