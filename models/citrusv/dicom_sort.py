@@ -152,6 +152,10 @@ def sort_dicom(src: str | os.PathLike, dest: str | os.PathLike, name: str | None
     if not src.is_dir():
         raise InputError("src", f"{src} is not a folder; give the folder the DICOM files are in "
                          "(a CD's top folder, with its DICOMDIR, will do).")
+    if dest.resolve() == src.resolve() or src.resolve() in dest.resolve().parents:
+        raise InputError("dest", f"{dest} lies in {src}, so what is written would be read again "
+                         "as it is written; sort into a folder outside it (move loose files of "
+                         "the studies folder into a folder of their own first, then sort that).")
     series, skipped = find_series(src)
     if not series:
         others = f"{skipped} other file{'' if skipped == 1 else 's'}"

@@ -101,3 +101,8 @@ def test_a_folder_without_dicom_says_so(tmp_path, capsys):
         "DICOM files are in.\n")
     assert main(["sort-dicom", str(tmp_path / "nowhere"), str(tmp_path / "studies")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+    # into itself or a folder in it: what it writes it would read again
+    for dest in (tmp_path / "notes", tmp_path / "notes" / "sorted"):
+        assert main(["sort-dicom", str(tmp_path / "notes"), str(dest)]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {dest} lies in {tmp_path / 'notes'}, ")
+    assert not (tmp_path / "notes" / "sorted").exists()
