@@ -461,7 +461,7 @@ class CitrusVApp(MONAILabelApp):
                     "their own (<studies>/<name>/) to serve them as one volume, named <name>.")
             store.start_notes.append(note)
             logger.warning("%s (in %s)", note, self.studies)
-        for note in store.series_below()[1]:
+        for note in store.below_notes():  # as the first refresh found them
             (logger.info if " served as " in note else logger.warning)("%s (in %s)", note,
                                                                       self.studies)
         return store

@@ -70,7 +70,7 @@ class CorrectionsDatastore(LocalDatastore):
     series_folders = True  # the PACS datastore's cache folders are its own
     # image id -> its series' folder, relative to the studies folder (None: not looked yet)
     _below: dict[str, str] | None = None
-    _below_notes: list[str] = []  # series_below's sentences at the last listing
+    _below_notes: list[str] = []  # series_below's sentences at the last refresh
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.start_notes: list[str] = []  # what the server found at start (loose DICOM slices)
@@ -159,7 +159,7 @@ class CorrectionsDatastore(LocalDatastore):
         and not served, loose slices at start), for an admin who reads /info/ and not the log."""
         out = super().status()
         if self.series_folders:
-            out["notes"] = [*self.start_notes, *self._below_notes]
+            out["notes"] = [*self.start_notes, *self.below_notes()]
         return out
 
     def _reconcile_datastore(self) -> None:
@@ -167,15 +167,25 @@ class CorrectionsDatastore(LocalDatastore):
         # that each image's file is there (it does so first): unknown then, an image among them
         # was dropped and listed again, its correction's names and prompts lost ("label 1")
         if self.series_folders:
-            self._below, self._below_notes = self.series_below()
+            self._look_below()
         super()._reconcile_datastore()
+
+    def _look_below(self) -> None:
+        self._below, self._below_notes = self.series_below()
+
+    def below_notes(self) -> list[str]:
+        """series_below's sentences as the last refresh found them (looked up now if none has
+        run: a read-only datastore never refreshes)."""
+        if self._below is None:
+            self._look_below()
+        return list(self._below_notes)
 
     def _filename(self, id: str, ext: str) -> str:
         # an image id of a series below a folder (no extension, unlike every label) names the
         # folder its files are in, which MONAI Label's index and uri look-ups then find
         if not ext and self.series_folders:
             if self._below is None:  # a read-only datastore, which never refreshes
-                self._below, self._below_notes = self.series_below()
+                self._look_below()
             if id in self._below:
                 return self._below[id]
         return super()._filename(id, ext)
@@ -258,8 +268,6 @@ class CorrectionsDatastore(LocalDatastore):
         ({SeriesInstanceUID: files}, two or more with a slice position; radiographs have none,
         and two views may share a series): each is served as an image of its own (a CT exported
         into the studies folder itself gave 133 one-slice images)."""
-        import pydicom
-
         counts: dict[str, int] = {}
         base = self._datastore.image_path()
         for name in os.listdir(base):
