@@ -170,6 +170,25 @@ class CorrectionsDatastore(LocalDatastore):
             self._look_below()
         super()._reconcile_datastore()
 
+    def _remove_non_existing(self) -> int:
+        gone = super()._remove_non_existing()
+        if not self.series_folders:
+            return gone
+        # a folder id whose folder holds no DICOM files now: a CD folder whose one series was
+        # removed or renamed (its id then names the CD folder, which is there), or a series
+        # folder emptied. MONAI Label checks only that the path is there, so the id stayed
+        # listed, an image that cannot be read. Its correction stays on disk.
+        base = self._datastore.image_path()
+        for image_id, obj in list(self._datastore.objects.items()):
+            if obj.image.ext or image_id in (self._below or {}):
+                continue
+            path = os.path.join(base, self._filename(image_id, ""))
+            if os.path.isdir(path) and not holds_dicom(path):
+                logger.info("Removing image %s: its folder holds no DICOM files now", image_id)
+                del self._datastore.objects[image_id]
+                gone += 1
+        return gone
+
     def _look_below(self) -> None:
         self._below, self._below_notes = self.series_below()
 
@@ -206,12 +225,21 @@ class CorrectionsDatastore(LocalDatastore):
 
         A top folder with one such folder is served under its own name; with several, each is
         `<top>_<the parts of its path after the ones they share>` (DICOM/ST0/SE0 and
-        DICOM/ST0/SE1 in `cd` are `cd_SE0` and `cd_SE1`). A series whose files lie in several
-        folders, or an id already taken, is not served, and the sentences say why."""
+        DICOM/ST0/SE1 in `cd` are `cd_SE0` and `cd_SE1`). An id once given is kept while its
+        folder is there (the index records the folder): a second series copied into `cd` made
+        the first `cd_SE0`, and the correction stored under `cd` lost its image. An id whose
+        folder is gone is given to no other folder (its correction would then belong to
+        another image). A series whose files lie in several folders, or an id already taken,
+        is not served, and the sentences say why."""
         ids: dict[str, str] = {}
         notes: list[str] = []
         base = self._datastore.image_path()
         entries = os.listdir(base)
+        # folder (relative to the studies folder) -> the id the index gives it
+        known = {str(obj.image.info.get("name")): image_id
+                 for image_id, obj in self._datastore.objects.items() if not obj.image.ext}
+        retired = {image_id for folder, image_id in known.items()
+                   if not os.path.isdir(os.path.join(base, folder))}
         for name, top in self._folders():
             if holds_dicom(top):
                 continue
@@ -249,13 +277,15 @@ class CorrectionsDatastore(LocalDatastore):
                 shared += 1
             served = []
             for rel, p in zip(whole, parts):
-                image_id = name if len(folders) == 1 else re.sub(
-                    r"[^A-Za-z0-9_-]", "-", "_".join([name, *p[shared:]]))
+                folder = os.path.relpath(os.path.join(top, rel), base)
+                image_id = known.get(folder) or (name if len(folders) == 1 else "")
+                if not image_id or image_id in retired:
+                    image_id = re.sub(r"[^A-Za-z0-9_-]", "-", "_".join([name, *p[shared:]]))
                 if image_id in taken or image_id in ids or not IMAGE_ID.match(image_id):
                     said.append(f"{name}: the series in {rel} is not served, since its id "
                                  f"'{image_id}' is taken or not a valid id; rename {name}.")
                     continue
-                ids[image_id] = os.path.relpath(os.path.join(top, rel), base)
+                ids[image_id] = folder
                 served.append(f"{image_id} ({rel})")
             if served:
                 notes.append(f"{name} holds DICOM files in folders below it (a CD or DICOMDIR "

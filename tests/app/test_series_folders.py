@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 
 import nibabel as nib
@@ -16,7 +17,7 @@ import pytest
 import requests
 
 from tests.app.helpers import put_label, reference_label, run_training, split_multipart, zyx
-from tests.server import start_citrusv_server
+from tests.server import APP_DIR, start_citrusv_server
 
 LIVER = 5  # the reference label map's liver
 
@@ -318,6 +319,93 @@ def _listed(server, ids: set[str], seconds: float = 60) -> set[str]:
         if ids <= listed or time.monotonic() > deadline:
             return listed
         time.sleep(0.5)
+
+
+def _series_copy(files, folder) -> None:
+    """The slices as a series of their own (new UIDs), written into `folder` as a CD does."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True)
+    uid = generate_uid()
+    for f in files:
+        ds = pydicom.dcmread(str(f))
+        ds.SeriesInstanceUID = uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(str(folder / f.stem))
+
+
+def test_a_cd_keeps_its_ids_when_series_are_added_or_removed(series_server, sample_root,
+                                                              tmp_path):
+    """A CD folder of one series is served under its own name; a second series copied into it
+    made the first `<cd>_<folder>`, and the correction stored under the first id lost its
+    image. An id once given is kept while its folder is there, also by a new process; an id
+    whose folder is gone is given to no other series."""
+    sys.path.insert(0, str(APP_DIR))
+    from lib.datastore import EXTENSIONS, CorrectionsDatastore
+
+    slices = sorted((sample_root / "dicom" / "chest_ct").glob("*.dcm"))
+    cd = series_server.studies / "grow_cd"
+    _series_copy(slices[70:73], cd / "DICOM" / "S1")
+    assert "grow_cd" in _listed(series_server, {"grow_cd"})
+    image = series_server.get("/datastore/image?image=grow_cd")
+    assert image.status_code == 200, image.text
+    (tmp_path / "grow_cd.nii.gz").write_bytes(image.content)
+    grid = nib.load(tmp_path / "grow_cd.nii.gz")
+    mask = np.zeros(grid.shape, np.uint8)
+    mask[200:260, 200:260, 1] = 1
+    nib.save(nib.Nifti1Image(mask, grid.affine), tmp_path / "mark.nii.gz")
+    r = put_label(series_server, "grow_cd", tmp_path / "mark.nii.gz",
+                  {"label_info": [{"name": "liver", "idx": 1}], "prompt": "Segment the liver."})
+    assert r.status_code == 200, r.text
+
+    _series_copy(slices[80:82], cd / "DICOM" / "S2")
+    listed = _listed(series_server, {"grow_cd_S2"})
+    assert {"grow_cd", "grow_cd_S2"} <= listed, sorted(listed)
+    objects = series_server.get("/datastore/?output=all").json()["objects"]
+    labels = objects["grow_cd"]["labels"]["final"]["info"]["label_info"]
+    assert [e["name"] for e in labels] == ["liver"]
+    result, _ = _ask(series_server, "grow_cd", tmp_path, slice=1)
+    assert result["image"]["shape"] == [3, 512, 512]
+    notes = series_server.get("/info/").json()["datastore"]["notes"]
+    assert ("grow_cd holds DICOM files in folders below it (a CD or DICOMDIR export?): served "
+            f"as grow_cd ({os.path.join('DICOM', 'S1')}), grow_cd_S2 "
+            f"({os.path.join('DICOM', 'S2')})." in notes), notes
+    # a new process (a restart, a training run) gives the same ids
+    fresh = CorrectionsDatastore(str(series_server.studies), extensions=EXTENSIONS)
+    assert {"grow_cd", "grow_cd_S2"} <= set(fresh.list_images())
+    assert fresh.get_label_uri("grow_cd", "final").endswith("grow_cd.nii.gz")
+
+    # the first series removed: its id goes, and is not given to the series left
+    shutil.rmtree(cd / "DICOM" / "S1")
+    deadline = time.monotonic() + 60
+    while "grow_cd" in _listed(series_server, set()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    listed = _listed(series_server, {"grow_cd_S2"})
+    assert "grow_cd" not in listed and "grow_cd_S2" in listed, sorted(listed)
+    second, _ = _ask(series_server, "grow_cd_S2", tmp_path, slice=0)
+    assert second["image"]["shape"] == [2, 512, 512]
+    # the correction stays on disk
+    assert (series_server.studies / "labels" / "final" / "grow_cd.nii.gz").is_file()
+
+
+def test_a_cd_series_swapped_while_the_server_is_down_gets_a_new_id(tmp_path, sample_root):
+    """The one series of `cd` replaced by another while no server ran: the id `cd`, and the
+    correction stored under it, are not handed to the other series."""
+    sys.path.insert(0, str(APP_DIR))
+    from lib.datastore import EXTENSIONS, CorrectionsDatastore
+
+    slices = sorted((sample_root / "dicom" / "chest_ct").glob("*.dcm"))
+    studies = tmp_path / "studies"
+    _series_copy(slices[70:72], studies / "cd" / "DICOM" / "S1")
+    assert "cd" in CorrectionsDatastore(str(studies), extensions=EXTENSIONS).list_images()
+    shutil.rmtree(studies / "cd" / "DICOM" / "S1")
+    _series_copy(slices[90:91], studies / "cd" / "DICOM" / "S2")
+    store = CorrectionsDatastore(str(studies), extensions=EXTENSIONS)
+    assert store.list_images() == ["cd_DICOM_S2"]
+    # and the next look keeps that id (the index no longer holds `cd`)
+    assert CorrectionsDatastore(str(studies), extensions=EXTENSIONS).list_images() == [
+        "cd_DICOM_S2"]
 
 
 def test_a_series_folder_copied_in_while_serving_is_listed(series_server, sample_root):
