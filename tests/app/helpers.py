@@ -127,3 +127,16 @@ def wait_for_training(server, timeout_s: float = 900) -> dict:
             return r.json()
         time.sleep(2)
     raise AssertionError(f"training did not finish in {timeout_s} s:\n{server.log()}")
+
+
+def read_as_slicer(path) -> np.ndarray:
+    """The pixels of a DICOM file as 3D Slicer's DICOM module loads them, [k, j, i]: with ITK's
+    GDCMImageIO (the module's default reader, "GDCM with DCMTK fallback", through vtkITK), here
+    through SimpleITK. It turns MONOCHROME1 into MONOCHROME2 at read (2^BitsStored - 1 minus
+    the stored value: bone bright), so that is what Slicer holds and uploads."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileName(str(path))
+    return sitk.GetArrayFromImage(reader.Execute())

@@ -27,8 +27,8 @@ from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 from citrusv.evaluation import box_iou
 from citrusv.nano_data import NAMES
-from tests.app.helpers import (decode_rle, put_label, reference_label, run_training,
-                               split_multipart, zyx)
+from tests.app.helpers import (decode_rle, put_label, read_as_slicer, reference_label,
+                               run_training, split_multipart, zyx)
 from tests.pacs import SAMPLE_SERIES, start_orthanc
 from tests.server import REPO, assert_refuses_setting, start_citrusv_server
 
@@ -235,11 +235,16 @@ def test_a_radiograph_uploaded_from_slicer_keeps_its_modality(pacs_server, tmp_p
     the Modality Slicer recorded into the NRRD (`modality:=CR`), and the server reads it."""
     from CitrusVLib.label_io import LabelVolume, write_label_volume
     from citrusv.engine import NOT_CT_BY_VALUES
-    from citrusv.io import read_study
 
-    # the values as the server reads the file (MONOCHROME1 mirrored), one slice, 1 mm pixels
-    cr = read_study(REPO / "sample_data" / "studies" / "chest_xray.dcm")
-    volume = LabelVolume(cr.array[None].astype(np.int16), np.diag([-1.0, -1.0, 1.0, 1.0]))
+    # the values as Slicer loads the MONOCHROME1 file (ITK turns it bone bright: 2^15 - 1 -
+    # stored; the server mirrors it within its range instead, the same image once scaled),
+    # one slice, 1 mm pixels (its PixelSpacing is 0\0, which ITK reads as 1 mm)
+    path = REPO / "sample_data" / "studies" / "chest_xray.dcm"
+    pixels = read_as_slicer(path)
+    stored = pydicom.dcmread(path).pixel_array
+    assert pixels.shape == (1, *stored.shape)
+    np.testing.assert_array_equal(pixels[0].astype(np.int32), 2 ** 15 - 1 - stored.astype(np.int32))
+    volume = LabelVolume(pixels, np.diag([-1.0, -1.0, 1.0, 1.0]))
     params = {"params": json.dumps({"prompt": "Segment the right lung.", "slice": 0})}
     answers = {}
     for modality in ("CR", ""):

@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from tests.app.helpers import read_as_slicer
 from tests.pacs import start_orthanc
 from tests.server import REPO, start_citrusv_server
 
@@ -151,7 +152,7 @@ def test_series_the_server_does_not_have_is_uploaded_without_a_warning(
 
 
 def test_a_series_of_two_radiographs_is_refused_and_the_view_uploaded(
-        pacs, pacs_server, citrusv_module, mrml):
+        pacs, pacs_server, citrusv_module, mrml, tmp_path):
     """A PA and a lateral view stored as one series on the PACS: MONAI Label's copy stacked them
     as two slices of a volume (the server answered "slice 1", the lateral view, read as a CT
     slice). The server now says why it reads no volume from them, and Slicer uploads the view
@@ -192,7 +193,8 @@ def test_a_series_of_two_radiographs_is_refused_and_the_view_uploaded(
 
     mrml.fresh()
     su = mrml.slicer.util
-    pixels = views[0].pixel_array.astype(np.int16)[None]  # Slicer: one slice [k, j, i]
+    views[0].save_as(tmp_path / "pa.dcm")
+    pixels = read_as_slicer(tmp_path / "pa.dcm")  # as Slicer loads it: one slice [k, j, i]
     volume = su.addVolumeFromArray(np.ascontiguousarray(pixels), name="PA")
     sh = mrml.slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(mrml.slicer.mrmlScene)
     constants = mrml.slicer.vtkMRMLSubjectHierarchyConstants
