@@ -36,6 +36,7 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 # a DICOM Modality code (CT, MR, CR, DX, ...) in an NRRD's `modality:=` key; the Slicer
 # library's copy, which writes it, is `CitrusVLib.label_io.MODALITY`
 NRRD_MODALITY = re.compile(r"^[A-Z]{2,4}$")
+NRRD_NO_PIXEL_SIZE = "unknown"  # `pixel_size:=unknown`: from DICOM files that give none
 
 
 @dataclass
@@ -150,8 +151,13 @@ def _read_nrrd(path: str) -> Study:
     # the DICOM Modality the Slicer module writes into an upload's NRRD (`modality:=CR`), so a
     # radiograph sent from Slicer is not taken for a CT of unknown kind
     modality = str(header.get("modality", "")).strip().upper()
+    # and whether the DICOM files it came from give a pixel size (`pixel_size:=unknown` when
+    # not: Slicer places such an image at 1 mm, which is no size), as the server reading the
+    # files itself would say
+    known = str(header.get("pixel_size", "")).strip().lower() != NRRD_NO_PIXEL_SIZE
     return Study(np.ascontiguousarray(array), affine, is_2d, path=path,
-                 modality=modality if NRRD_MODALITY.match(modality) else "")
+                 modality=modality if NRRD_MODALITY.match(modality) else "",
+                 spacing_known=known)
 
 
 def _dicom_affine(ds, n_slices: int = 1, last_position=None) -> np.ndarray:

@@ -16,7 +16,7 @@ import slicer
 import vtk
 from CitrusVLib import geometry
 from CitrusVLib.colors import label_color_float
-from CitrusVLib.label_io import LabelVolume, write_label_volume
+from CitrusVLib.label_io import LabelVolume, pixel_size, write_label_volume
 from CitrusVLib.placement import StructureMask, structure_masks, structure_masks_from_label_volume
 from CitrusVLib.result import Box, Result, range_boxes
 
@@ -126,7 +126,32 @@ def volume_snapshot(volume_node: slicer.vtkMRMLVolumeNode) -> LabelVolume:
     """A copy of the voxels + own geometry (no parent transform): safe to hand to a worker."""
     array = slicer.util.arrayFromVolume(volume_node)
     return LabelVolume(np.array(array), ijk_to_ras(volume_node, world=False),
-                       modality=dicom_modality(volume_node))
+                       modality=dicom_modality(volume_node),
+                       pixel_size_known=dicom_pixel_size_known(volume_node))
+
+
+# the tags Slicer's DICOM database is asked for, as it names them
+_SOP_INSTANCE_UID, _PIXEL_SPACING, _IMAGER_PIXEL_SPACING = "0008,0018", "0028,0030", "0018,1164"
+
+
+def dicom_pixel_size_known(volume_node, database=None) -> bool:
+    """False when the volume was loaded from DICOM files that give no pixel size (no
+    PixelSpacing or ImagerPixelSpacing of two positive numbers, as the sample CR): Slicer then
+    shows it at 1 mm, which is no size, and the upload says so. True otherwise, and wherever
+    Slicer's DICOM database (``slicer.dicomDatabase``) cannot say: a volume not loaded from
+    DICOM, no database, an instance the database no longer holds."""
+    uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
+    database = database if database is not None else getattr(slicer, "dicomDatabase", None)
+    if not uids or database is None:
+        return True
+    try:
+        if not database.instanceValue(uids[0], _SOP_INSTANCE_UID):
+            return True  # not in the database (any more)
+        values = {"PixelSpacing": database.instanceValue(uids[0], _PIXEL_SPACING),
+                  "ImagerPixelSpacing": database.instanceValue(uids[0], _IMAGER_PIXEL_SPACING)}
+    except RuntimeError:  # an instance the database cannot reach
+        return True
+    return pixel_size(values) is not None
 
 
 def dicom_modality(volume_node, scene: slicer.vtkMRMLScene | None = None) -> str:

@@ -180,11 +180,11 @@ def test_the_slicer_library_leaves_the_same_words_as_typed():
 
 def test_the_slicer_library_reads_a_pixel_size_as_the_engine_does():
     """The Slicer library carries its own copy of `citrusv.io.pixel_spacing` (Slicer's Python
-    has no citrusv package); it places an image with no pixel size at 1 mm, as the server."""
+    has no citrusv package): the same images have no pixel size on both sides."""
     from pydicom.dataset import Dataset
 
     sys.path.insert(0, str(REPO / "slicer_extension" / "CitrusV"))
-    from CitrusVLib.label_io import _pixel_spacing as slicer_pixel_spacing
+    from CitrusVLib.label_io import pixel_size as slicer_pixel_size
 
     from citrusv.io import pixel_spacing
 
@@ -195,7 +195,10 @@ def test_the_slicer_library_reads_a_pixel_size_as_the_engine_does():
         ds = Dataset()
         for key, value in case.items():
             setattr(ds, key, value)
-        assert slicer_pixel_spacing(ds) == (pixel_spacing(ds) or [1.0, 1.0]), case
+        assert slicer_pixel_size(ds) == pixel_spacing(ds), case
+        # as Slicer's DICOM database gives the values: text, several values split by "\\"
+        text = {key: "\\".join(str(v) for v in value) for key, value in case.items()}
+        assert slicer_pixel_size(text) == pixel_spacing(ds), case
 
 
 def test_the_slicer_library_writes_the_modality_the_server_reads(tmp_path):
@@ -210,3 +213,20 @@ def test_the_slicer_library_writes_the_modality_the_server_reads(tmp_path):
         path = write_label_volume(tmp_path / f"m{len(sent)}.nrrd",
                                   LabelVolume(array, np.eye(4), modality=sent))
         assert server_read(str(path)).modality == read
+
+
+def test_the_slicer_library_writes_an_unknown_pixel_size_the_server_reads(tmp_path):
+    """An upload of an image whose DICOM files give no pixel size says so (Slicer places it at
+    1 mm); the server then measures nothing in mm, as for the DICOM file itself."""
+    from CitrusVLib.label_io import PIXEL_SIZE_UNKNOWN, LabelVolume, upload_id, write_label_volume
+    from lib.images import NRRD_NO_PIXEL_SIZE
+
+    assert PIXEL_SIZE_UNKNOWN == NRRD_NO_PIXEL_SIZE
+    array = np.zeros((1, 4, 5), np.int16)
+    volumes = [LabelVolume(array, np.eye(4), modality="CR", pixel_size_known=known)
+               for known in (True, False)]
+    for volume in volumes:
+        path = write_label_volume(tmp_path / f"p{volume.pixel_size_known}.nrrd", volume)
+        assert server_read(str(path)).spacing_known is volume.pixel_size_known
+    # two uploads, not one image under one id
+    assert upload_id("cr", volumes[0]) != upload_id("cr", volumes[1])

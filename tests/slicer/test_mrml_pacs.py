@@ -151,8 +151,33 @@ def test_series_the_server_does_not_have_is_uploaded_without_a_warning(
     logic.cleanup()
 
 
+class _FilesDatabase:
+    """What the module asks of Slicer's DICOM database (ctkDICOMDatabase, which needs Qt and
+    cannot run here): `instanceValue(sopInstanceUID, "gggg,eeee")`, as text the way it gives
+    it ("" for an instance or tag it does not hold, several values joined by "\\"), read
+    from real DICOM files by pydicom."""
+
+    def __init__(self, files):
+        import pydicom
+
+        self._datasets = {}
+        for f in files:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            self._datasets[str(ds.SOPInstanceUID)] = ds
+
+    def instanceValue(self, uid: str, tag: str) -> str:  # noqa: N802 (Slicer's name)
+        from pydicom.multival import MultiValue
+
+        ds = self._datasets.get(uid)
+        element = ds.get(tuple(int(x, 16) for x in tag.split(","))) if ds else None
+        if element is None or element.value is None:
+            return ""
+        value = element.value
+        return "\\".join(str(v) for v in value) if isinstance(value, MultiValue) else str(value)
+
+
 def test_a_series_of_two_radiographs_is_refused_and_the_view_uploaded(
-        pacs, pacs_server, citrusv_module, mrml, tmp_path):
+        pacs, pacs_server, citrusv_module, mrml, tmp_path, monkeypatch):
     """A PA and a lateral view stored as one series on the PACS: MONAI Label's copy stacked them
     as two slices of a volume (the server answered "slice 1", the lateral view, read as a CT
     slice). The server now says why it reads no volume from them, and Slicer uploads the view
@@ -201,10 +226,26 @@ def test_a_series_of_two_radiographs_is_refused_and_the_view_uploaded(
     item = sh.CreateItem(sh.GetSceneItemID(), volume)
     sh.SetItemUID(item, constants.GetDICOMUIDName(), series_uid)
     sh.SetItemAttribute(item, constants.GetDICOMSeriesModalityAttributeName(), "CR")
+    volume.SetAttribute("DICOM.instanceUIDs", str(views[0].SOPInstanceUID))  # as Slicer does
+    monkeypatch.setattr(mrml.slicer, "dicomDatabase", _FilesDatabase([tmp_path / "pa.dcm"]),
+                        raising=False)
     logic, _, upload, response = _ask(citrusv_module, pacs_server, volume, 0)
-    # the upload says what Slicer recorded the image to be (NRRD has no Modality of its own)
+    # the upload says what Slicer recorded the image to be (NRRD has no Modality of its own),
+    # and that its 1 mm pixels are no size (the CR's PixelSpacing is 0\0)
     (stored,) = [p for p in pacs_server.studies.rglob(f"{upload['image_id']}*") if p.is_file()]
     assert b"\nmodality:=CR\n" in stored.read_bytes()[:1000]
+    assert b"\npixel_size:=unknown\n" in stored.read_bytes()[:1000]
+    assert [w for w in response.result.warnings
+            if w.startswith("this DICOM image gives no pixel size")], response.result.warnings
+    # a CT slice gives its pixel size; an instance the database does not hold says nothing
+    import CitrusVMRML
+
+    ct = sorted((REPO / "sample_data" / "dicom" / "chest_ct").glob("*.dcm"))[0]
+    database = _FilesDatabase([ct, tmp_path / "pa.dcm"])
+    for uid, known in ((str(pydicom.dcmread(ct).SOPInstanceUID), True),
+                       (str(views[0].SOPInstanceUID), False), ("1.2.3.4", True)):
+        volume.SetAttribute("DICOM.instanceUIDs", uid)
+        assert CitrusVMRML.dicom_pixel_size_known(volume, database) is known, uid
     assert upload["image_id"].startswith("slicer_") and upload["uploaded"]
     assert response.result.image.shape == [1, 1955, 1841]
     (warning,) = [w for w in response.result.warnings if series_uid in w]

@@ -66,17 +66,22 @@ _NRRD_NAMES = {
 
 
 MODALITY = re.compile(r"^[A-Z]{2,4}$")  # a DICOM Modality code: CT, MR, CR, DX, MG, ...
+PIXEL_SIZE_UNKNOWN = "unknown"  # the NRRD key `pixel_size:=unknown` of an upload
 
 
 @dataclass
 class LabelVolume:
     """A volume array indexed ``[k, j, i]`` and the 4×4 matrix mapping IJK to RAS; for an
     upload, the DICOM Modality Slicer recorded for it ("CR", "CT"; "" when unknown), which the
-    NRRD carries as ``modality:=CR`` so the server knows a radiograph from a CT."""
+    NRRD carries as ``modality:=CR`` so the server knows a radiograph from a CT; and whether
+    its pixel size is known: False for an image from DICOM files that give none (Slicer then
+    places it at 1 mm), which the NRRD carries as ``pixel_size:=unknown``, so the server
+    measures nothing in mm, as it does for the DICOM file itself."""
 
     array: np.ndarray
     ijk_to_ras: np.ndarray
     modality: str = ""
+    pixel_size_known: bool = True
 
 
 def upload_id(name: str, volume: LabelVolume) -> str:
@@ -91,6 +96,8 @@ def upload_id(name: str, volume: LabelVolume) -> str:
     digest.update(array.tobytes())
     if volume.modality:  # the same voxels said to be another kind of image are another image
         digest.update(volume.modality.encode())
+    if not volume.pixel_size_known:  # its 1 mm is not a size: another image than one at 1 mm
+        digest.update(b"pixel_size:=unknown")
     safe = "".join(ch if ch.isalnum() else "_" for ch in name)[:40] or "volume"
     return f"slicer_{safe}_{digest.hexdigest()}"
 
@@ -177,7 +184,8 @@ def _read_dicom(data: bytes) -> LabelVolume:
     pixels = pixels * slope + intercept
     if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
         pixels = pixels.max() - pixels + pixels.min()
-    spacing = _pixel_spacing(ds)
+    known = pixel_size(ds)
+    spacing = known or [1.0, 1.0]  # where the server places such an image
     origin = [float(v) for v in getattr(ds, "ImagePositionPatient", None) or [0, 0, 0]]
     cosines = [float(v) for v in getattr(ds, "ImageOrientationPatient", None) or [1, 0, 0, 0, 1, 0]]
     row, col = np.array(cosines[:3]), np.array(cosines[3:])
@@ -186,21 +194,26 @@ def _read_dicom(data: bytes) -> LabelVolume:
     m[:3, 1] = col * float(spacing[0])
     m[:3, 2] = np.cross(row, col) * float(getattr(ds, "SliceThickness", None) or 1.0)
     m[:3, 3] = origin
-    return LabelVolume(pixels, LPS_TO_RAS @ m)
+    return LabelVolume(pixels, LPS_TO_RAS @ m, pixel_size_known=known is not None)
 
 
-def _pixel_spacing(ds) -> list[float]:
-    """(row, column) mm from PixelSpacing, else ImagerPixelSpacing; 1 mm where neither gives two
-    positive numbers (the sample CR's PixelSpacing is 0\\0, which made a singular IJK-to-RAS),
-    as the server places such an image."""
+def pixel_size(ds) -> list[float] | None:
+    """(row, column) mm from PixelSpacing, else ImagerPixelSpacing; None where neither gives two
+    positive numbers (the sample CR's PixelSpacing is 0\\0, which made a singular IJK-to-RAS):
+    the server's rule (`citrusv.io.pixel_spacing`). `ds` is a pydicom dataset, or a mapping
+    from those keywords to values as Slicer's DICOM database gives them ("0.14\\0.14")."""
+    get = ds.get if isinstance(ds, dict) else (lambda tag: getattr(ds, tag, None))
     for tag in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = get(tag)
+        if isinstance(value, str):
+            value = value.split("\\") if value.strip() else []
         try:
-            value = [float(v) for v in getattr(ds, tag, None) or []]
+            value = [float(v) for v in value or []]
         except (TypeError, ValueError):
             continue
         if len(value) == 2 and all(v > 0 and np.isfinite(v) for v in value):
             return value
-    return [1.0, 1.0]
+    return None
 
 
 def _parse_vector(text: str) -> list[float] | None:
@@ -281,6 +294,7 @@ def _write_nrrd(path: str, volume: LabelVolume) -> None:
         "encoding: gzip\n"
         f"space origin: {vec(lps[:3, 3])}\n"
         + (f"modality:={volume.modality}\n" if MODALITY.match(volume.modality) else "")
+        + ("" if volume.pixel_size_known else f"pixel_size:={PIXEL_SIZE_UNKNOWN}\n")
         + "\n"
     )
     payload = gzip.compress(array.astype(array.dtype.newbyteorder("<")).tobytes(), compresslevel=1)
