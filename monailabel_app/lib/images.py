@@ -151,13 +151,12 @@ def _read_nrrd(path: str) -> Study:
     # the DICOM Modality the Slicer module writes into an upload's NRRD (`modality:=CR`), so a
     # radiograph sent from Slicer is not taken for a CT of unknown kind
     modality = str(header.get("modality", "")).strip().upper()
-    # and whether the DICOM files it came from give a pixel size (`pixel_size:=unknown` when
-    # not: Slicer places such an image at 1 mm, which is no size), as the server reading the
-    # files itself would say
+    # and whether its pixel size is its DICOM image's (`pixel_size:=unknown` when the files
+    # give none, and Slicer shows the image at 1 mm, or Slicer shows it at another size)
     known = str(header.get("pixel_size", "")).strip().lower() != NRRD_NO_PIXEL_SIZE
     return Study(np.ascontiguousarray(array), affine, is_2d, path=path,
                  modality=modality if NRRD_MODALITY.match(modality) else "",
-                 spacing_known=known)
+                 spacing_known=known, meta={} if known else {"pixel_size_unknown": True})
 
 
 def _dicom_affine(ds, n_slices: int = 1, last_position=None) -> np.ndarray:

@@ -135,9 +135,13 @@ _SOP_INSTANCE_UID, _PIXEL_SPACING, _IMAGER_PIXEL_SPACING = "0008,0018", "0028,00
 
 
 def dicom_pixel_size_known(volume_node, database=None) -> bool:
-    """False when the volume was loaded from DICOM files that give no pixel size (no
-    PixelSpacing or ImagerPixelSpacing of two positive numbers, as the sample CR): Slicer then
-    shows it at 1 mm, which is no size, and the upload says so. True otherwise, and wherever
+    """Whether the volume's pixel size in Slicer is its DICOM image's, by the server's rule
+    (PixelSpacing, else ImagerPixelSpacing, two positive numbers); the upload says so when not,
+    and the server then measures nothing in mm, as it would reading the DICOM file. False
+    where the DICOM files give no pixel size (the sample CR: Slicer shows it at 1 mm, which is
+    no size), and where Slicer shows another: its reader (ITK's GDCMImageIO) takes a CR's
+    ImagerPixelSpacing only, so a CR with PixelSpacing 0.2 and no ImagerPixelSpacing is shown
+    at 1 mm, and one with both at the ImagerPixelSpacing. True otherwise, and wherever
     Slicer's DICOM database (``slicer.dicomDatabase``) cannot say: a volume not loaded from
     DICOM, no database, an instance the database no longer holds."""
     uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
@@ -151,7 +155,11 @@ def dicom_pixel_size_known(volume_node, database=None) -> bool:
                   "ImagerPixelSpacing": database.instanceValue(uids[0], _IMAGER_PIXEL_SPACING)}
     except RuntimeError:  # an instance the database cannot reach
         return True
-    return pixel_size(values) is not None
+    size = pixel_size(values)  # (row, column) mm
+    if size is None:
+        return False
+    column, row = (float(v) for v in volume_node.GetSpacing()[:2])  # along i, j
+    return bool(np.allclose([row, column], size, rtol=1e-3, atol=0))
 
 
 def dicom_modality(volume_node, scene: slicer.vtkMRMLScene | None = None) -> str:

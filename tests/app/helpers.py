@@ -140,3 +140,16 @@ def read_as_slicer(path) -> np.ndarray:
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileName(str(path))
     return sitk.GetArrayFromImage(reader.Execute())
+
+
+def slicer_spacing(path) -> tuple[float, float, float]:
+    """The voxel size (i, j, k) that 3D Slicer's DICOM module gives a DICOM file, by the same
+    reader as `read_as_slicer` (for a CR, GDCM takes ImagerPixelSpacing only: 1 mm where there
+    is none, PixelSpacing or not)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return tuple(float(v) for v in reader.GetSpacing())

@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.app.helpers import read_as_slicer
+from tests.app.helpers import read_as_slicer, slicer_spacing
 from tests.pacs import start_orthanc
 from tests.server import REPO, start_citrusv_server
 
@@ -236,16 +236,8 @@ def test_a_series_of_two_radiographs_is_refused_and_the_view_uploaded(
     assert b"\nmodality:=CR\n" in stored.read_bytes()[:1000]
     assert b"\npixel_size:=unknown\n" in stored.read_bytes()[:1000]
     assert [w for w in response.result.warnings
-            if w.startswith("this DICOM image gives no pixel size")], response.result.warnings
-    # a CT slice gives its pixel size; an instance the database does not hold says nothing
-    import CitrusVMRML
-
-    ct = sorted((REPO / "sample_data" / "dicom" / "chest_ct").glob("*.dcm"))[0]
-    database = _FilesDatabase([ct, tmp_path / "pa.dcm"])
-    for uid, known in ((str(pydicom.dcmread(ct).SOPInstanceUID), True),
-                       (str(views[0].SOPInstanceUID), False), ("1.2.3.4", True)):
-        volume.SetAttribute("DICOM.instanceUIDs", uid)
-        assert CitrusVMRML.dicom_pixel_size_known(volume, database) is known, uid
+            if w.startswith("this volume sent from Slicer does not have its DICOM image's "
+                            "pixel size")], response.result.warnings
     assert upload["image_id"].startswith("slicer_") and upload["uploaded"]
     assert response.result.image.shape == [1, 1955, 1841]
     (warning,) = [w for w in response.result.warnings if series_uid in w]
@@ -253,3 +245,43 @@ def test_a_series_of_two_radiographs_is_refused_and_the_view_uploaded(
                               f"image (The PACS series '{series_uid}' holds 2 DICOM images")
     assert warning.endswith("'PA' was uploaded and asked about instead.")
     logic.cleanup()
+
+
+def test_an_upload_says_when_its_pixel_size_is_not_the_dicom_images(mrml, tmp_path):
+    """Slicer's DICOM reader (ITK's GDCMImageIO, here through SimpleITK) gives a CR the size of
+    its ImagerPixelSpacing only: a CR with PixelSpacing and no ImagerPixelSpacing is shown at
+    1 mm, one with both at the ImagerPixelSpacing, while the server reads PixelSpacing first.
+    Where the size in Slicer is not the DICOM image's by the server's rule, the upload says
+    its pixel size is unknown."""
+    import CitrusVMRML
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    cases = [({}, (1.0, 1.0), False),  # the sample CR: PixelSpacing 0\0
+             ({"ImagerPixelSpacing": [0.15, 0.16]}, (0.16, 0.15), True),
+             ({"PixelSpacing": [0.2, 0.21]}, (1.0, 1.0), False),
+             ({"PixelSpacing": [0.2, 0.21], "ImagerPixelSpacing": [0.15, 0.16]}, (0.16, 0.15),
+              False)]
+    files = []
+    for n, (tags, _, _) in enumerate(cases):
+        ds = pydicom.dcmread(REPO / "sample_data" / "studies" / "chest_xray.dcm")
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        for key, value in tags.items():
+            setattr(ds, key, value)
+        ds.save_as(tmp_path / f"cr{n}.dcm")
+        files.append(tmp_path / f"cr{n}.dcm")
+    ct = sorted((REPO / "sample_data" / "dicom" / "chest_ct").glob("*.dcm"))[0]
+    database = _FilesDatabase([*files, ct])
+    mrml.fresh()
+    for path, (tags, spacing, known) in zip(files, cases):
+        assert slicer_spacing(path)[:2] == pytest.approx(spacing), tags
+        volume = mrml.slicer.util.addVolumeFromArray(np.zeros((1, 4, 4), np.uint16))
+        volume.SetSpacing(*slicer_spacing(path))
+        volume.SetAttribute("DICOM.instanceUIDs", str(pydicom.dcmread(path).SOPInstanceUID))
+        assert CitrusVMRML.dicom_pixel_size_known(volume, database) is known, tags
+    # a CT slice as Slicer places it; an instance the database does not hold: nothing said
+    volume = mrml.slicer.util.addVolumeFromArray(np.zeros((1, 4, 4), np.int16))
+    volume.SetSpacing(*slicer_spacing(ct))
+    for uid in (str(pydicom.dcmread(ct).SOPInstanceUID), "1.2.3.4"):
+        volume.SetAttribute("DICOM.instanceUIDs", uid)
+        assert CitrusVMRML.dicom_pixel_size_known(volume, database) is True, uid

@@ -89,7 +89,8 @@ class CitrusVInfer(InferTask):
             result.warnings.insert(0, uneven)  # of the image itself, first
         if not study.spacing_known and (result.masks or result.boxes
                                         or "mm" in (result.answer or "")):
-            result.warnings.append(no_spacing_warning(picture))
+            result.warnings.append(no_spacing_warning(
+                picture, from_slicer=bool(study.meta.get("pixel_size_unknown"))))
         untaught_modality(result, study.modality, engine.config.mask_modalities, picture=picture)
         if picture and study.array.dtype != np.uint8 and params.window is None:
             result.warnings.append(unwindowed_picture_warning(study.array))
@@ -159,10 +160,14 @@ class CitrusVInfer(InferTask):
         return write_label(study, label), out
 
 
-def no_spacing_warning(picture: bool) -> str:
+def no_spacing_warning(picture: bool, from_slicer: bool = False) -> str:
     """Said where the image file gives no pixel size (`Study.spacing_known`): its masks and
-    boxes come with no mm, and the mm an answer writes are not checked against them."""
+    boxes come with no mm, and the mm an answer writes are not checked against them.
+    `from_slicer`: a volume the Slicer module uploaded with `pixel_size:=unknown`."""
     what = ("this picture file gives no pixel size" if picture else
+            "this volume sent from Slicer does not have its DICOM image's pixel size (the "
+            "DICOM gives none, or Slicer shows the image at another size than its "
+            "PixelSpacing or ImagerPixelSpacing)" if from_slicer else
             "this DICOM image gives no pixel size (no PixelSpacing or ImagerPixelSpacing above "
             "zero)")
     return (f"{what}, so its masks and boxes are measured in pixels only: no size in mm is "
