@@ -13,7 +13,9 @@ keeps the prompt, window and time of the correction that last set it.
 Every final label is also kept *as it was sent* in `labels/final/.history/<image id>/`, with
 what it said (structures, prompt, window, sender, time), before it is merged: a structure that a
 later correction re-draws or removes can be put back (`monailabel_app/history.py`), and a
-correction whose merge fails is still on disk. The server never deletes that history.
+correction whose merge fails is still on disk. The server never deletes that history. The
+stored label's info (structure names, prompts) is kept beside it too (`labels/<tag>/.info/`),
+so a label found again after the index lost its image keeps its names.
 
 Two processes write the datastore: the server (corrections) and its training run (SEGs that
 other tools stored on the PACS, imported at the start of each run). Both hold the index in
@@ -49,7 +51,8 @@ from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from .errors import RequestError
-from .files import fsync_copy, fsync_dir, keep_submission, kept_records
+from .files import (fsync_copy, fsync_dir, keep_label_info, keep_submission, kept_label_info,
+                    kept_records)
 from .images import (LPS_TO_RAS, Study, holds_dicom, is_dicom_file, read_study, series_files,
                      write_label)
 
@@ -188,6 +191,24 @@ class CorrectionsDatastore(LocalDatastore):
                 del self._datastore.objects[image_id]
                 gone += 1
         return gone
+
+    def _add_non_existing_labels(self, tag) -> int:
+        added = super()._add_non_existing_labels(tag)
+        # a label listed with no info (MONAI Label found its file again after its image left
+        # the index) gets back the info kept beside it when it was saved
+        label_path = self._datastore.label_path(tag)
+        for image_id, obj in self._datastore.objects.items():
+            label = obj.labels.get(tag)
+            if label is None or "label_info" in label.info:
+                continue
+            name = self._filename(image_id, label.ext)
+            kept = kept_label_info(label_path, image_id, os.path.join(label_path, name))
+            if kept is not None:
+                label.info = {**kept, "ts": label.info.get("ts"), "name": name}
+                logger.info("The %s label of %s was found again; its names are back: %s", tag,
+                            image_id, [e.get("name") for e in kept.get("label_info") or []])
+                added += 1
+        return added
 
     def _look_below(self) -> None:
         self._below, self._below_notes = self.series_below()
@@ -414,6 +435,11 @@ class CorrectionsDatastore(LocalDatastore):
             label_info["name"] = name
             obj.labels[label_tag] = DataModel(info=label_info, ext=label_ext)
             self._update_datastore_file(lock=False)
+            try:
+                keep_label_info(label_path, image_id, dest, label_info)
+            except OSError as e:  # the index has it; only a lost index would need this copy
+                logger.warning("The info of the %s label of %s was not kept beside it: %s",
+                               label_tag, image_id, e)
         logger.info("Saved %s label for %s: %s", label_tag, image_id, label_info.get("label_info"))
         return image_id
 

@@ -6,6 +6,7 @@ corrections with it on the workstation.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -16,6 +17,7 @@ from typing import Any
 from .model import write_json_atomic
 
 HISTORY_DIR = ".history"  # under labels/final; MONAI Label lists only label files there
+INFO_DIR = ".info"  # under labels/<tag>: each label's info beside it (`keep_label_info`)
 
 
 def fsync_copy(src: str, dst: str) -> None:
@@ -77,3 +79,38 @@ def kept_records(label_path: str, image_id: str) -> list[dict[str, Any]]:
             except (OSError, ValueError):
                 continue
     return records
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def keep_label_info(label_path: str, image_id: str, label_file: str,
+                    info: dict[str, Any]) -> None:
+    """A label's info (its structures' names, prompts, window) written beside it, to
+    labels/<tag>/.info/<image id>.json with the label file's SHA-256. The index holds it too,
+    but a label MONAI Label finds again after its image left the index (the index deleted, the
+    image moved out and back, a series folder emptied and filled) is listed with no info, its
+    structures then "label 1"; `kept_label_info` gives it back."""
+    folder = os.path.join(label_path, INFO_DIR)
+    os.makedirs(folder, exist_ok=True)
+    write_json_atomic(Path(folder) / f"{image_id}.json",
+                      {"sha256": file_sha256(label_file), "info": info})
+
+
+def kept_label_info(label_path: str, image_id: str, label_file: str) -> dict[str, Any] | None:
+    """The info `keep_label_info` kept for this label, if the label file is still the one it
+    was kept with (a label file replaced by another gets none: its names may not fit it)."""
+    path = os.path.join(label_path, INFO_DIR, f"{image_id}.json")
+    try:
+        with open(path) as f:
+            kept = json.load(f)
+        if kept.get("sha256") == file_sha256(label_file) and isinstance(kept.get("info"), dict):
+            return kept["info"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None

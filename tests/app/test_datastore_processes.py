@@ -80,3 +80,37 @@ def test_a_correction_named_with_capitals_is_asked_for_in_the_models_words(
     samples = collect(CorrectionsDatastore(str(studies), extensions=EXTENSIONS),
                       max_per_structure=4)
     assert {(s.label, s.prompt) for s in samples} == {(" Spleen", "Segment the spleen.")}
+
+
+def test_a_label_found_again_gets_its_names_back(citrusv_sample_studies, tmp_path):
+    """The index holds what a correction named. A label MONAI Label finds again after its image
+    left the index (the index file deleted, the image moved out and back) was listed with no
+    names, its structure then trained as "label 1". The info is kept beside the label too, and
+    taken back while the label file is the one saved."""
+    import os
+    import shutil
+
+    studies = copy_studies(tmp_path / "studies", citrusv_sample_studies)
+    ct = studies / "chest_ct.nii.gz"
+    liver = reference_label(tmp_path / "liver.nii.gz", LIVER, ct)
+    CorrectionsDatastore(str(studies), extensions=EXTENSIONS).save_label(
+        "chest_ct", str(liver), "final",
+        {"label_info": [{"name": "liver", "idx": 1}], "prompt": "Segment the liver."})
+
+    def names() -> list[str] | None:
+        info = CorrectionsDatastore(str(studies), extensions=EXTENSIONS).get_label_info(
+            "chest_ct", "final")
+        return [e["name"] for e in info["label_info"]] if "label_info" in info else None
+
+    assert names() == ["liver"]
+    os.unlink(studies / "datastore_v2.json")  # the index lost
+    assert names() == ["liver"]
+    shutil.move(ct, tmp_path / "away.nii.gz")  # the image moved out: it leaves the index
+    assert "chest_ct" not in CorrectionsDatastore(str(studies), extensions=EXTENSIONS).list_images()
+    shutil.move(tmp_path / "away.nii.gz", ct)  # and back
+    assert names() == ["liver"]
+    # a label file replaced by another: the kept names are not given to it
+    spleen = reference_label(tmp_path / "spleen.nii.gz", SPLEEN, ct)
+    shutil.copy(spleen, studies / "labels" / "final" / "chest_ct.nii.gz")
+    os.unlink(studies / "datastore_v2.json")
+    assert names() is None
