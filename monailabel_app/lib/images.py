@@ -36,7 +36,9 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 # a DICOM Modality code (CT, MR, CR, DX, ...) in an NRRD's `modality:=` key; the Slicer
 # library's copy, which writes it, is `CitrusVLib.label_io.MODALITY`
 NRRD_MODALITY = re.compile(r"^[A-Z]{2,4}$")
-NRRD_NO_PIXEL_SIZE = "unknown"  # `pixel_size:=unknown`: from DICOM files that give none
+# `pixel_size:=unknown`: the upload's pixel size is not its DICOM image's (the Slicer
+# library's copy, which writes it, is `CitrusVLib.label_io.PIXEL_SIZE_UNKNOWN`)
+NRRD_NO_PIXEL_SIZE = "unknown"
 
 
 @dataclass

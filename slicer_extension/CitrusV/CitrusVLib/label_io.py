@@ -74,9 +74,10 @@ class LabelVolume:
     """A volume array indexed ``[k, j, i]`` and the 4×4 matrix mapping IJK to RAS; for an
     upload, the DICOM Modality Slicer recorded for it ("CR", "CT"; "" when unknown), which the
     NRRD carries as ``modality:=CR`` so the server knows a radiograph from a CT; and whether
-    its pixel size is known: False for an image from DICOM files that give none (Slicer then
-    places it at 1 mm), which the NRRD carries as ``pixel_size:=unknown``, so the server
-    measures nothing in mm, as it does for the DICOM file itself."""
+    its pixel size is known: False where it is not the DICOM image's (the files give none and
+    Slicer places the image at 1 mm, or Slicer places it at another size; see
+    ``CitrusVMRML.dicom_pixel_size_known``), which the NRRD carries as ``pixel_size:=unknown``,
+    so the server measures nothing in mm, as it does for such a DICOM file itself."""
 
     array: np.ndarray
     ijk_to_ras: np.ndarray
