@@ -74,7 +74,9 @@ def test_submitted_correction_lands_in_labels_final(citrusv_server, spleen_label
     np.testing.assert_allclose(stored.affine, sent.affine, atol=1e-4)
     assert np.array_equal(np.asarray(stored.dataobj), np.asarray(sent.dataobj))
     leftovers = [p.name for p in saved.parent.iterdir() if p.name.startswith(".")]
-    assert leftovers == [".history"]  # no temporary file; the kept submissions (below)
+    # no temporary file; the kept submissions (below) and the label's info kept beside it
+    assert sorted(leftovers) == [".history", ".info"]
+    assert sorted(p.name for p in (saved.parent / ".info").iterdir()) == ["chest_ct.json"]
     # kept as sent, byte for byte, with what it said; the two refused labels above are not
     kept = _kept(citrusv_server)
     assert len(kept) == 1 and kept[0]["label_info"] == [{"name": "spleen", "idx": 1}]
