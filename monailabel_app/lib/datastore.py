@@ -202,7 +202,8 @@ class CorrectionsDatastore(LocalDatastore):
             if label is None or "label_info" in label.info:
                 continue
             name = self._filename(image_id, label.ext)
-            kept = kept_label_info(label_path, image_id, os.path.join(label_path, name))
+            kept = kept_label_info(label_path, image_id, os.path.join(label_path, name),
+                                   image=self._filename(image_id, obj.image.ext))
             if kept is not None:
                 label.info = {**kept, "ts": label.info.get("ts"), "name": name}
                 logger.info("The %s label of %s was found again; its names are back: %s", tag,
@@ -436,7 +437,8 @@ class CorrectionsDatastore(LocalDatastore):
             obj.labels[label_tag] = DataModel(info=label_info, ext=label_ext)
             self._update_datastore_file(lock=False)
             try:
-                keep_label_info(label_path, image_id, dest, label_info)
+                keep_label_info(label_path, image_id, dest, label_info,
+                                image=self._filename(image_id, obj.image.ext))
             except OSError as e:  # the index has it; only a lost index would need this copy
                 logger.warning("The info of the %s label of %s was not kept beside it: %s",
                                label_tag, image_id, e)

@@ -86,7 +86,7 @@ def test_a_label_found_again_gets_its_names_back(citrusv_sample_studies, tmp_pat
     """The index holds what a correction named. A label MONAI Label finds again after its image
     left the index (the index file deleted, the image moved out and back) was listed with no
     names, its structure then trained as "label 1". The info is kept beside the label too, and
-    taken back while the label file is the one saved."""
+    taken back while the label file is the one saved and the id names the same image file."""
     import os
     import shutil
 
@@ -108,6 +108,12 @@ def test_a_label_found_again_gets_its_names_back(citrusv_sample_studies, tmp_pat
     shutil.move(ct, tmp_path / "away.nii.gz")  # the image moved out: it leaves the index
     assert "chest_ct" not in CorrectionsDatastore(str(studies), extensions=EXTENSIONS).list_images()
     shutil.move(tmp_path / "away.nii.gz", ct)  # and back
+    assert names() == ["liver"]
+    # another image file under the id: the names are not given to its label
+    shutil.move(ct, studies / "chest_ct.nii")
+    assert names() is None
+    shutil.move(studies / "chest_ct.nii", ct)
+    os.unlink(studies / "datastore_v2.json")
     assert names() == ["liver"]
     # a label file replaced by another: the kept names are not given to it
     spleen = reference_label(tmp_path / "spleen.nii.gz", SPLEEN, ct)
