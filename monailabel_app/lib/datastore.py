@@ -51,8 +51,8 @@ from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from .errors import RequestError
-from .files import (fsync_copy, fsync_dir, keep_label_info, keep_submission, kept_label_info,
-                    kept_records)
+from .files import (fsync_copy, fsync_dir, keep_label_info, keep_submission,
+                    kept_label_record, kept_records)
 from .images import (LPS_TO_RAS, Study, holds_dicom, is_dicom_file, read_study, series_files,
                      write_label)
 
@@ -74,6 +74,7 @@ class CorrectionsDatastore(LocalDatastore):
     # image id -> its series' folder, relative to the studies folder (None: not looked yet)
     _below: dict[str, str] | None = None
     _below_notes: list[str] = []  # series_below's sentences at the last refresh
+    _kept_apart: set[tuple[str, str]] = set()  # label files said to be saved for another image
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.start_notes: list[str] = []  # what the server found at start (loose DICOM slices)
@@ -147,6 +148,9 @@ class CorrectionsDatastore(LocalDatastore):
 
     def _list_files(self, path, patterns):
         found = super()._list_files(path, patterns)
+        if os.path.dirname(os.path.realpath(path)) == os.path.realpath(
+                self._datastore.label_path(None)):
+            return self._labels_of_their_images(path, found)
         if not self.series_folders or os.path.realpath(path) != os.path.realpath(
                 self._datastore.image_path()):
             return found
@@ -192,18 +196,45 @@ class CorrectionsDatastore(LocalDatastore):
                 gone += 1
         return gone
 
+    def _labels_of_their_images(self, label_path: str, found: dict[str, str]) -> dict[str, str]:
+        """The label files MONAI Label may attach to the images listed under their ids, less
+        those kept (`keep_label_info`) as saved for another image file or folder than the one
+        the id names now: a CD series' correction, its id then taken by a file `cd.nii.gz`,
+        was listed on that file. Such a label stays on disk, unlisted, and the log says so.
+        Only labels not yet attached are looked at (each is hashed)."""
+        kept_apart = {}
+        for name in list(found):
+            image_id, _ = self._to_id(name)
+            obj = self._datastore.objects.get(image_id)
+            if obj is None or obj.labels.get(os.path.basename(label_path)):
+                continue
+            kept = kept_label_record(label_path, image_id, os.path.join(label_path, name))
+            image = self._filename(image_id, obj.image.ext)
+            if kept is not None and kept.get("image") != image:
+                kept_apart[found.pop(name)] = (kept.get("image"), image)
+        for name, (saved_for, now) in kept_apart.items():
+            if (label_path, name) not in self._kept_apart:
+                logger.warning("The label %s was saved for the image %s, not %s, which its id "
+                               "names now; it is kept on disk and not listed with it.",
+                               os.path.join(label_path, name), saved_for, now)
+        self._kept_apart = ({k for k in self._kept_apart if k[0] != label_path}
+                            | {(label_path, name) for name in kept_apart})
+        return found
+
     def _add_non_existing_labels(self, tag) -> int:
         added = super()._add_non_existing_labels(tag)
         # a label listed with no info (MONAI Label found its file again after its image left
-        # the index) gets back the info kept beside it when it was saved
+        # the index) gets back the info kept beside it when it was saved (a label saved for
+        # another image is not listed at all: `_labels_of_their_images`)
         label_path = self._datastore.label_path(tag)
         for image_id, obj in self._datastore.objects.items():
             label = obj.labels.get(tag)
             if label is None or "label_info" in label.info:
                 continue
             name = self._filename(image_id, label.ext)
-            kept = kept_label_info(label_path, image_id, os.path.join(label_path, name),
-                                   image=self._filename(image_id, obj.image.ext))
+            record = kept_label_record(label_path, image_id, os.path.join(label_path, name))
+            image = self._filename(image_id, obj.image.ext)
+            kept = record["info"] if record and record.get("image") == image else None
             if kept is not None:
                 label.info = {**kept, "ts": label.info.get("ts"), "name": name}
                 logger.info("The %s label of %s was found again; its names are back: %s", tag,

@@ -96,25 +96,23 @@ def keep_label_info(label_path: str, image_id: str, label_file: str, info: dict[
     folder (`image`, relative to the studies folder). The index holds it too,
     but a label MONAI Label finds again after its image left the index (the index deleted, the
     image moved out and back, a series folder emptied and filled) is listed with no info, its
-    structures then "label 1"; `kept_label_info` gives it back."""
+    structures then "label 1"; `kept_label_record` gives it back."""
     folder = os.path.join(label_path, INFO_DIR)
     os.makedirs(folder, exist_ok=True)
     write_json_atomic(Path(folder) / f"{image_id}.json",
                       {"sha256": file_sha256(label_file), "image": image, "info": info})
 
 
-def kept_label_info(label_path: str, image_id: str, label_file: str,
-                    image: str) -> dict[str, Any] | None:
-    """The info `keep_label_info` kept for this label, if the label file is still the one it
-    was kept with and the id still names the same image file or folder (a label file replaced
-    by another, or another image under the id, gets none: its names may not fit)."""
+def kept_label_record(label_path: str, image_id: str, label_file: str) -> dict[str, Any] | None:
+    """What `keep_label_info` kept for this label ({"image": its image's file or folder,
+    "info": ...}), if the label file is still the one it was kept with (a label file replaced
+    by another gets none: the names may not fit it)."""
     path = os.path.join(label_path, INFO_DIR, f"{image_id}.json")
     try:
         with open(path) as f:
             kept = json.load(f)
-        if (kept.get("image") == image and kept.get("sha256") == file_sha256(label_file)
-                and isinstance(kept.get("info"), dict)):
-            return kept["info"]
+        if kept.get("sha256") == file_sha256(label_file) and isinstance(kept.get("info"), dict):
+            return kept
     except (OSError, ValueError, AttributeError):
         pass
     return None

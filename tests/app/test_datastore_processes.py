@@ -109,9 +109,13 @@ def test_a_label_found_again_gets_its_names_back(citrusv_sample_studies, tmp_pat
     assert "chest_ct" not in CorrectionsDatastore(str(studies), extensions=EXTENSIONS).list_images()
     shutil.move(tmp_path / "away.nii.gz", ct)  # and back
     assert names() == ["liver"]
-    # another image file under the id: the names are not given to its label
+    # another image file under the id: the label, saved for the other file, is not listed
+    # with it (it stays on disk)
     shutil.move(ct, studies / "chest_ct.nii")
-    assert names() is None
+    store = CorrectionsDatastore(str(studies), extensions=EXTENSIONS)
+    assert sorted(store.list_images()) == ["chest_ct", "chest_xray"]
+    assert store.get_labels_by_image_id("chest_ct") == {}
+    assert (studies / "labels" / "final" / "chest_ct.nii.gz").is_file()
     shutil.move(studies / "chest_ct.nii", ct)
     os.unlink(studies / "datastore_v2.json")
     assert names() == ["liver"]
