@@ -74,7 +74,8 @@ class CorrectionsDatastore(LocalDatastore):
     # image id -> its series' folder, relative to the studies folder (None: not looked yet)
     _below: dict[str, str] | None = None
     _below_notes: list[str] = []  # series_below's sentences at the last refresh
-    _kept_apart: set[tuple[str, str]] = set()  # label files said to be saved for another image
+    # (label folder, file) -> the sentence on a label saved for another image (not listed)
+    _kept_apart: dict[tuple[str, str], str] = {}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.start_notes: list[str] = []  # what the server found at start (loose DICOM slices)
@@ -163,10 +164,13 @@ class CorrectionsDatastore(LocalDatastore):
     def status(self) -> dict[str, Any]:
         """MONAI Label's counts (`/info/` "datastore") plus, under "notes", what the server log
         says about the studies folder (a CD export served as ..., a series split over folders
-        and not served, loose slices at start), for an admin who reads /info/ and not the log."""
+        and not served, loose slices at start, labels kept apart from the image their id now
+        names), for an admin who reads /info/ and not the log."""
         out = super().status()
         if self.series_folders:
             out["notes"] = [*self.start_notes, *self.below_notes()]
+        if self._kept_apart:
+            out["notes"] = [*out.get("notes", []), *self._kept_apart.values()]
         return out
 
     def _reconcile_datastore(self) -> None:
@@ -212,13 +216,16 @@ class CorrectionsDatastore(LocalDatastore):
             image = self._filename(image_id, obj.image.ext)
             if kept is not None and kept.get("image") != image:
                 kept_apart[found.pop(name)] = (kept.get("image"), image)
+        said = {key: text for key, text in self._kept_apart.items() if key[0] != label_path}
         for name, (saved_for, now) in kept_apart.items():
+            where = os.path.relpath(os.path.join(label_path, name), self._datastore.image_path())
+            text = (f"The label {where} was saved for the image "
+                    f"{saved_for}, not {now}, which its id names now; it is kept on disk and "
+                    "not listed with it.")
             if (label_path, name) not in self._kept_apart:
-                logger.warning("The label %s was saved for the image %s, not %s, which its id "
-                               "names now; it is kept on disk and not listed with it.",
-                               os.path.join(label_path, name), saved_for, now)
-        self._kept_apart = ({k for k in self._kept_apart if k[0] != label_path}
-                            | {(label_path, name) for name in kept_apart})
+                logger.warning(text)
+            said[label_path, name] = text
+        self._kept_apart = said
         return found
 
     def _add_non_existing_labels(self, tag) -> int:

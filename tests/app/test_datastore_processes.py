@@ -116,6 +116,10 @@ def test_a_label_found_again_gets_its_names_back(citrusv_sample_studies, tmp_pat
     assert sorted(store.list_images()) == ["chest_ct", "chest_xray"]
     assert store.get_labels_by_image_id("chest_ct") == {}
     assert (studies / "labels" / "final" / "chest_ct.nii.gz").is_file()
+    label = os.path.join("labels", "final", "chest_ct.nii.gz")  # relative to the studies folder
+    assert store.status()["notes"] == [
+        f"The label {label} was saved for the image chest_ct.nii.gz, not chest_ct.nii, which its "
+        "id names now; it is kept on disk and not listed with it."]
     shutil.move(studies / "chest_ct.nii", ct)
     os.unlink(studies / "datastore_v2.json")
     assert names() == ["liver"]
