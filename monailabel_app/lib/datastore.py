@@ -76,6 +76,8 @@ class CorrectionsDatastore(LocalDatastore):
     _below_notes: list[str] = []  # series_below's sentences at the last refresh
     # (label folder, file) -> the sentence on a label saved for another image (not listed)
     _kept_apart: dict[tuple[str, str], str] = {}
+    # image id -> the info kept beside its label, for labels the listing just found again
+    _found_again: dict[str, dict[str, Any]] = {}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.start_notes: list[str] = []  # what the server found at start (loose DICOM slices)
@@ -205,8 +207,10 @@ class CorrectionsDatastore(LocalDatastore):
         those kept (`keep_label_info`) as saved for another image file or folder than the one
         the id names now: a CD series' correction, its id then taken by a file `cd.nii.gz`,
         was listed on that file. Such a label stays on disk, unlisted, and the log says so.
-        Only labels not yet attached are looked at (each is hashed)."""
+        Only labels not yet attached are looked at (each is hashed); the info kept for those
+        that stay goes to `_add_non_existing_labels`, which attaches them."""
         kept_apart = {}
+        self._found_again = {}
         for name in list(found):
             image_id, _ = self._to_id(name)
             obj = self._datastore.objects.get(image_id)
@@ -214,8 +218,12 @@ class CorrectionsDatastore(LocalDatastore):
                 continue
             kept = kept_label_record(label_path, image_id, os.path.join(label_path, name))
             image = self._filename(image_id, obj.image.ext)
-            if kept is not None and kept.get("image") != image:
+            if kept is None:
+                continue
+            if kept.get("image") != image:
                 kept_apart[found.pop(name)] = (kept.get("image"), image)
+            else:
+                self._found_again[image_id] = kept["info"]
         said = {key: text for key, text in self._kept_apart.items() if key[0] != label_path}
         for name, (saved_for, now) in kept_apart.items():
             where = os.path.relpath(os.path.join(label_path, name), self._datastore.image_path())
@@ -229,24 +237,22 @@ class CorrectionsDatastore(LocalDatastore):
         return found
 
     def _add_non_existing_labels(self, tag) -> int:
+        self._found_again = {}
         added = super()._add_non_existing_labels(tag)
-        # a label listed with no info (MONAI Label found its file again after its image left
-        # the index) gets back the info kept beside it when it was saved (a label saved for
-        # another image is not listed at all: `_labels_of_their_images`)
-        label_path = self._datastore.label_path(tag)
-        for image_id, obj in self._datastore.objects.items():
-            label = obj.labels.get(tag)
+        # a label MONAI Label just listed with no info (it found the file again after its
+        # image left the index) gets back the info kept beside it when it was saved, as its
+        # listing read it (`_labels_of_their_images`, which leaves out a label saved for
+        # another image)
+        for image_id, kept in self._found_again.items():
+            obj = self._datastore.objects.get(image_id)
+            label = obj.labels.get(tag) if obj is not None else None
             if label is None or "label_info" in label.info:
                 continue
-            name = self._filename(image_id, label.ext)
-            record = kept_label_record(label_path, image_id, os.path.join(label_path, name))
-            image = self._filename(image_id, obj.image.ext)
-            kept = record["info"] if record and record.get("image") == image else None
-            if kept is not None:
-                label.info = {**kept, "ts": label.info.get("ts"), "name": name}
-                logger.info("The %s label of %s was found again; its names are back: %s", tag,
-                            image_id, [e.get("name") for e in kept.get("label_info") or []])
-                added += 1
+            label.info = {**kept, "ts": label.info.get("ts"), "name": label.info.get("name")}
+            logger.info("The %s label of %s was found again; its names are back: %s", tag,
+                        image_id, [e.get("name") for e in kept.get("label_info") or []])
+            added += 1
+        self._found_again = {}
         return added
 
     def _look_below(self) -> None:

@@ -136,20 +136,23 @@ def read_as_slicer(path) -> np.ndarray:
     the stored value: bone bright), so that is what Slicer holds and uploads."""
     import SimpleITK as sitk
 
-    reader = sitk.ImageFileReader()
-    reader.SetImageIO("GDCMImageIO")
-    reader.SetFileName(str(path))
-    return sitk.GetArrayFromImage(reader.Execute())
+    return sitk.GetArrayFromImage(_slicer_reader(path).Execute())
 
 
 def slicer_spacing(path) -> tuple[float, float, float]:
     """The voxel size (i, j, k) that 3D Slicer's DICOM module gives a DICOM file, by the same
     reader as `read_as_slicer` (for a CR, GDCM takes ImagerPixelSpacing only: 1 mm where there
     is none, PixelSpacing or not)."""
+    reader = _slicer_reader(path)
+    reader.ReadImageInformation()
+    return tuple(float(v) for v in reader.GetSpacing())
+
+
+def _slicer_reader(path):
+    """A SimpleITK reader with ITK's GDCMImageIO, the reader of Slicer's DICOM module."""
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileName(str(path))
-    reader.ReadImageInformation()
-    return tuple(float(v) for v in reader.GetSpacing())
+    return reader
