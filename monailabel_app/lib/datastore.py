@@ -15,7 +15,10 @@ what it said (structures, prompt, window, sender, time), before it is merged: a 
 later correction re-draws or removes can be put back (`monailabel_app/history.py`), and a
 correction whose merge fails is still on disk. The server never deletes that history. The
 stored label's info (structure names, prompts) is kept beside it too (`labels/<tag>/.info/`),
-so a label found again after the index lost its image keeps its names.
+so a label found again after the index lost its image keeps its names, with a digest of the
+image's content: a label whose image was replaced on disk by another scan under the same name
+is not listed with it, and the next correction for that image moves it to
+`labels/<tag>/.set_aside/` rather than merging into it.
 
 Two processes write the datastore: the server (corrections) and its training run (SEGs that
 other tools stored on the PACS, imported at the start of each run). Both hold the index in
@@ -51,8 +54,8 @@ from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from .errors import RequestError
-from .files import (fsync_copy, fsync_dir, keep_label_info, keep_submission,
-                    kept_label_record, kept_records)
+from .files import (fsync_copy, fsync_dir, image_sha256, image_stat, keep_label_info,
+                    keep_submission, kept_label_record, kept_records, set_aside)
 from .images import (LPS_TO_RAS, Study, holds_dicom, is_dicom_file, read_study, series_files,
                      write_label)
 
@@ -71,6 +74,11 @@ class CorrectionsDatastore(LocalDatastore):
     folders as an image (`series_below`)."""
 
     series_folders = True  # the PACS datastore's cache folders are its own
+    # a label is listed only with the image content it was saved for (the PACS datastore's
+    # images are series UIDs, their cached copies rewritten when fetched again)
+    check_image_content = True
+    # image file or folder -> (image_stat, image_sha256) as last taken
+    _contents: dict[str, tuple[str, str]] = {}
     # image id -> its series' folder, relative to the studies folder (None: not looked yet)
     _below: dict[str, str] | None = None
     _below_notes: list[str] = []  # series_below's sentences at the last refresh
@@ -81,6 +89,7 @@ class CorrectionsDatastore(LocalDatastore):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.start_notes: list[str] = []  # what the server found at start (loose DICOM slices)
+        self._contents, self._kept_apart = {}, {}
         super().__init__(*args, **kwargs)
         handler = getattr(self, "_handler", None)
         if handler is not None:
@@ -183,8 +192,29 @@ class CorrectionsDatastore(LocalDatastore):
             self._look_below()
         super()._reconcile_datastore()
 
+    def _image_content(self, path: str) -> dict[str, str]:
+        """{"image_stat", "image_sha256"} of an image file or series folder (files.py); the
+        content is hashed again only when names, sizes or times changed."""
+        stat = image_stat(path)
+        taken = self._contents.get(path)
+        if taken is None or taken[0] != stat:
+            taken = self._contents[path] = (stat, image_sha256(path))
+        return {"image_stat": taken[0], "image_sha256": taken[1]}
+
+    def _image_replaced(self, kept: dict[str, Any], image: str) -> bool:
+        """Whether the image file or folder (relative to the studies folder) that a label was
+        kept with (`kept`, files.py's record) holds other content now. A record without the
+        content (none was kept before) says no."""
+        if not self.check_image_content or not kept.get("image_sha256"):
+            return False
+        path = os.path.join(self._datastore.image_path(), image)
+        if image_stat(path) in ("", kept.get("image_stat")):
+            return False
+        return self._image_content(path)["image_sha256"] != kept["image_sha256"]
+
     def _remove_non_existing(self) -> int:
         gone = super()._remove_non_existing()
+        gone += self._detach_labels_of_replaced_images()
         if not self.series_folders:
             return gone
         # a folder id whose folder holds no DICOM files now: a CD folder whose one series was
@@ -202,11 +232,34 @@ class CorrectionsDatastore(LocalDatastore):
                 gone += 1
         return gone
 
+    def _detach_labels_of_replaced_images(self) -> int:
+        """Take out of the index the labels saved for an image whose file or folder holds
+        another image now (a scan replaced on disk under the same name): the first one's
+        correction was listed, shown and trained with the second. The listing
+        (`_labels_of_their_images`) then leaves them out; their files stay on disk."""
+        detached = 0
+        for image_id, obj in self._datastore.objects.items():
+            image = self._filename(image_id, obj.image.ext)
+            for tag, label in list(obj.labels.items()):
+                label_path = self._datastore.label_path(tag)
+                kept = kept_label_record(label_path, image_id, None)
+                if kept is None or kept.get("image") != image or not self._image_replaced(
+                        kept, image):
+                    continue
+                label_file = os.path.join(label_path, self._filename(image_id, label.ext))
+                if kept_label_record(label_path, image_id, label_file) is None:
+                    continue  # the label file is not the one kept with that image
+                del obj.labels[tag]
+                detached += 1
+        return detached
+
     def _labels_of_their_images(self, label_path: str, found: dict[str, str]) -> dict[str, str]:
         """The label files MONAI Label may attach to the images listed under their ids, less
         those kept (`keep_label_info`) as saved for another image file or folder than the one
-        the id names now: a CD series' correction, its id then taken by a file `cd.nii.gz`,
-        was listed on that file. Such a label stays on disk, unlisted, and the log says so.
+        the id names now (a CD series' correction, its id then taken by a file `cd.nii.gz`,
+        was listed on that file), or for other content than that file or folder holds now (an
+        image replaced on disk under its name). Such a label stays on disk, unlisted, and the
+        log says so; a new label saved for the image sets it aside (`set_aside`).
         Only labels not yet attached are looked at (each is hashed); the info kept for those
         that stay goes to `_add_non_existing_labels`, which attaches them."""
         kept_apart = {}
@@ -221,15 +274,18 @@ class CorrectionsDatastore(LocalDatastore):
             if kept is None:
                 continue
             if kept.get("image") != image:
-                kept_apart[found.pop(name)] = (kept.get("image"), image)
+                kept_apart[found.pop(name)] = (f"the image {kept.get('image')}, not {image}, "
+                                               "which its id names now")
+            elif self._image_replaced(kept, image):
+                kept_apart[found.pop(name)] = (f"another image than the {image} there now (it "
+                                               "was replaced)")
             else:
                 self._found_again[image_id] = kept["info"]
         said = {key: text for key, text in self._kept_apart.items() if key[0] != label_path}
-        for name, (saved_for, now) in kept_apart.items():
+        for name, saved_for in kept_apart.items():
             where = os.path.relpath(os.path.join(label_path, name), self._datastore.image_path())
-            text = (f"The label {where} was saved for the image "
-                    f"{saved_for}, not {now}, which its id names now; it is kept on disk and "
-                    "not listed with it.")
+            text = (f"The label {where} was saved for {saved_for}; it is kept on disk and not "
+                    "listed with it.")
             if (label_path, name) not in self._kept_apart:
                 logger.warning(text)
             said[label_path, name] = text
@@ -435,6 +491,12 @@ class CorrectionsDatastore(LocalDatastore):
                                    "nothing was saved.", status_code=404)
             os.makedirs(label_path, exist_ok=True)
             previous = obj.labels.get(label_tag)
+            if previous is None and os.path.exists(dest):  # kept apart: saved for another image
+                moved = set_aside(label_path, image_id, name)
+                self._kept_apart.pop((label_path, name), None)
+                logger.warning("The %s label file %s, not listed with %s, was moved to %s before "
+                               "the new one took its name.", label_tag, name, image_id,
+                               os.path.join(label_path, moved))
             kept_file = label_filename
             if decide is not None:
                 decided = decide(previous, incoming, label_info)
@@ -481,8 +543,11 @@ class CorrectionsDatastore(LocalDatastore):
             obj.labels[label_tag] = DataModel(info=label_info, ext=label_ext)
             self._update_datastore_file(lock=False)
             try:
-                keep_label_info(label_path, image_id, dest, label_info,
-                                image=self._filename(image_id, obj.image.ext))
+                image_file = self._filename(image_id, obj.image.ext)
+                keep_label_info(label_path, image_id, dest, label_info, image=image_file,
+                                image_content=self._image_content(os.path.join(
+                                    self._datastore.image_path(), image_file))
+                                if self.check_image_content else None)
             except OSError as e:  # the index has it; only a lost index would need this copy
                 logger.warning("The info of the %s label of %s was not kept beside it: %s",
                                label_tag, image_id, e)
@@ -734,6 +799,7 @@ class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):
     """
 
     series_folders = False  # its cache's series folders are not local images
+    check_image_content = False
     _series_cache: tuple[float, list[str]] | None = None  # (when asked, series)
     cache_limit_bytes: int = 0  # 0: no limit; the app sets it from `--conf pacs_cache_gb`
 

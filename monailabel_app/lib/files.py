@@ -18,6 +18,7 @@ from .model import write_json_atomic
 
 HISTORY_DIR = ".history"  # under labels/final; MONAI Label lists only label files there
 INFO_DIR = ".info"  # under labels/<tag>: each label's info beside it (`keep_label_info`)
+SET_ASIDE_DIR = ".set_aside"  # under labels/<tag>: labels saved for an image since replaced
 
 
 def fsync_copy(src: str, dst: str) -> None:
@@ -89,30 +90,87 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def _image_files(path: str) -> list[os.DirEntry]:
+    """An image's files: the file itself, or a series folder's files directly in it (hidden
+    ones left out), sorted by name."""
+    if not os.path.isdir(path):
+        return []
+    with os.scandir(path) as entries:
+        return sorted((e for e in entries if e.is_file() and not e.name.startswith(".")),
+                      key=lambda e: e.name)
+
+
+def image_stat(path: str) -> str:
+    """A digest of an image's files' names, sizes and modification times: cheap to take at
+    every refresh, and unchanged while nobody writes the image ("" if it is gone)."""
+    digest = hashlib.sha256()
+    try:
+        if not os.path.isdir(path):
+            st = os.stat(path)
+            digest.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        for entry in _image_files(path):
+            st = entry.stat()
+            digest.update(f"{entry.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    except OSError:
+        return ""
+    return digest.hexdigest()
+
+
+def image_sha256(path: str) -> str:
+    """A digest of an image's content: the file's bytes, or a series folder's files' names and
+    bytes (a copy of the same image, with other modification times, has the same digest)."""
+    if not os.path.isdir(path):
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for entry in _image_files(path):
+        digest.update(f"{entry.name}:{file_sha256(entry.path)}\n".encode())
+    return digest.hexdigest()
+
+
 def keep_label_info(label_path: str, image_id: str, label_file: str, info: dict[str, Any],
-                    image: str) -> None:
+                    image: str, image_content: dict[str, str] | None = None) -> None:
     """A label's info (its structures' names, prompts, window) written beside it, to
-    labels/<tag>/.info/<image id>.json with the label file's SHA-256 and the image's file or
-    folder (`image`, relative to the studies folder). The index holds it too,
-    but a label MONAI Label finds again after its image left the index (the index deleted, the
-    image moved out and back, a series folder emptied and filled) is listed with no info, its
-    structures then "label 1"; `kept_label_record` gives it back."""
+    labels/<tag>/.info/<image id>.json with the label file's SHA-256, the image's file or
+    folder (`image`, relative to the studies folder) and what identifies the image's content
+    (`image_content`: {"image_stat": `image_stat`, "image_sha256": `image_sha256`}). The index
+    holds the info too, but a label MONAI Label finds again after its image left the index (the
+    index deleted, the image moved out and back, a series folder emptied and filled) is listed
+    with no info, its structures then "label 1"; `kept_label_record` gives it back. The image's
+    content tells a label from one saved for another image put in its place."""
     folder = os.path.join(label_path, INFO_DIR)
     os.makedirs(folder, exist_ok=True)
     write_json_atomic(Path(folder) / f"{image_id}.json",
-                      {"sha256": file_sha256(label_file), "image": image, "info": info})
+                      {"sha256": file_sha256(label_file), "image": image,
+                       **(image_content or {}), "info": info})
 
 
-def kept_label_record(label_path: str, image_id: str, label_file: str) -> dict[str, Any] | None:
+def kept_label_record(label_path: str, image_id: str,
+                      label_file: str | None) -> dict[str, Any] | None:
     """What `keep_label_info` kept for this label ({"image": its image's file or folder,
     "info": ...}), if the label file is still the one it was kept with (a label file replaced
-    by another gets none: the names may not fit it)."""
+    by another gets none: the names may not fit it); `label_file` None: not checked."""
     path = os.path.join(label_path, INFO_DIR, f"{image_id}.json")
     try:
         with open(path) as f:
             kept = json.load(f)
-        if kept.get("sha256") == file_sha256(label_file) and isinstance(kept.get("info"), dict):
+        if isinstance(kept.get("info"), dict) and (
+                label_file is None or kept.get("sha256") == file_sha256(label_file)):
             return kept
     except (OSError, ValueError, AttributeError):
         pass
     return None
+
+
+def set_aside(label_path: str, image_id: str, name: str) -> str:
+    """Move a label file that is not listed with its image (kept apart: saved for another
+    image) to labels/<tag>/.set_aside/<stamp>-<name>, with its kept info, before a new label
+    for the image takes its name. Returns the new path, relative to `label_path`."""
+    folder = os.path.join(label_path, SET_ASIDE_DIR)
+    os.makedirs(folder, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{uuid.uuid4().hex[:6]}"
+    info = os.path.join(label_path, INFO_DIR, f"{image_id}.json")
+    if os.path.exists(info):
+        os.replace(info, os.path.join(folder, f"{stamp}-{image_id}.json"))
+    os.replace(os.path.join(label_path, name), os.path.join(folder, f"{stamp}-{name}"))
+    fsync_dir(folder)
+    return os.path.join(SET_ASIDE_DIR, f"{stamp}-{name}")

@@ -128,3 +128,65 @@ def test_a_label_found_again_gets_its_names_back(citrusv_sample_studies, tmp_pat
     shutil.copy(spleen, studies / "labels" / "final" / "chest_ct.nii.gz")
     os.unlink(studies / "datastore_v2.json")
     assert names() is None
+
+
+def test_a_label_saved_for_an_image_since_replaced_is_kept_apart(citrusv_sample_studies,
+                                                                  tmp_path):
+    """An image replaced on disk by another under the same file name kept the first one's
+    correction: listed with it, shown on it, trained with it. The content it was saved for is
+    kept beside the label; a label whose image holds other content now is taken out of the
+    index (its file stays), and a new correction for the image sets the old file aside instead
+    of merging into it. A copy of the same image (new times, same bytes) keeps its label."""
+    import os
+    import shutil
+
+    from lib.corrections import collect
+
+    studies = copy_studies(tmp_path / "studies", citrusv_sample_studies)
+    ct = studies / "chest_ct.nii.gz"
+    final = studies / "labels" / "final"
+    liver = reference_label(tmp_path / "liver.nii.gz", LIVER, ct)
+    server = CorrectionsDatastore(str(studies), extensions=EXTENSIONS)
+    server.save_label("chest_ct", str(liver), "final",
+                      {"label_info": [{"name": "liver", "idx": 1}], "prompt": "Segment the liver."})
+    saved = (final / "chest_ct.nii.gz").read_bytes()
+
+    def names(store) -> list[str]:
+        info = store.get_labels_by_image_id("chest_ct")
+        return [e["name"] for e in store.get_label_info("chest_ct", "final")["label_info"]] \
+            if info else []
+
+    shutil.copy(ct, tmp_path / "same.nii.gz")  # the same image copied over itself: new times
+    shutil.copy(tmp_path / "same.nii.gz", ct)
+    os.utime(ct, ns=(1, 1))
+    server.refresh()
+    assert names(server) == ["liver"]
+    assert names(CorrectionsDatastore(str(studies), extensions=EXTENSIONS)) == ["liver"]
+
+    # another scan of the same size under the same name
+    image = nib.load(ct)
+    other = np.flip(np.asarray(image.dataobj), axis=0).copy()
+    nib.save(nib.Nifti1Image(other, image.affine, image.header), ct)
+    server.refresh()  # the running server (its watcher refreshes on the change)
+    assert names(server) == []
+    fresh = CorrectionsDatastore(str(studies), extensions=EXTENSIONS)  # and a restart
+    assert names(fresh) == [] and fresh.get_labeled_images() == []
+    assert collect(fresh, max_per_structure=4) == []
+    assert (final / "chest_ct.nii.gz").read_bytes() == saved  # kept on disk
+    label = os.path.join("labels", "final", "chest_ct.nii.gz")
+    assert fresh.status()["notes"] == [
+        f"The label {label} was saved for another image than the chest_ct.nii.gz there now (it "
+        "was replaced); it is kept on disk and not listed with it."]
+
+    # a correction for the new scan: the old label is set aside, not merged into
+    spleen = reference_label(tmp_path / "spleen.nii.gz", SPLEEN, ct)
+    server.save_label("chest_ct", str(spleen), "final",
+                      {"label_info": [{"name": "spleen", "idx": 1}]})
+    fresh = CorrectionsDatastore(str(studies), extensions=EXTENSIONS)
+    assert names(fresh) == ["spleen"] and fresh.status().get("notes", []) == []
+    stored = np.asarray(nib.load(final / "chest_ct.nii.gz").dataobj)
+    assert np.array_equal(stored > 0, np.asarray(nib.load(spleen).dataobj) > 0)
+    aside = sorted(p.name for p in (final / ".set_aside").iterdir())
+    assert len(aside) == 2 and aside[0].endswith("-chest_ct.json"), aside
+    assert aside[1].endswith("-chest_ct.nii.gz")
+    assert (final / ".set_aside" / aside[1]).read_bytes() == saved

@@ -389,6 +389,68 @@ def test_a_cd_keeps_its_ids_when_series_are_added_or_removed(series_server, samp
     assert (series_server.studies / "labels" / "final" / "grow_cd.nii.gz").is_file()
 
 
+def test_a_series_folder_refilled_with_another_series_drops_its_correction(
+        series_server, sample_root, tmp_path):
+    """A series folder emptied and filled with another scan while the server runs: the
+    correction saved for the first scan was listed with the second, shown and trained on it.
+    It is taken out of the listing (its file stays, /info/ says so), and the next correction
+    sets it aside instead of merging into it."""
+    slices = sorted((sample_root / "dicom" / "chest_ct").glob("*.dcm"))
+    folder = series_server.studies / "refilled"
+    folder.mkdir()
+    for f in slices[70:73]:
+        shutil.copy(f, folder / f.name)
+    assert "refilled" in _listed(series_server, {"refilled"})
+    image = series_server.get("/datastore/image?image=refilled")
+    assert image.status_code == 200, image.text
+    (tmp_path / "refilled.nii.gz").write_bytes(image.content)
+    grid = nib.load(tmp_path / "refilled.nii.gz")
+    mask = np.zeros(grid.shape, np.uint8)
+    mask[200:260, 200:260, 1] = 1
+    nib.save(nib.Nifti1Image(mask, grid.affine), tmp_path / "mark.nii.gz")
+    r = put_label(series_server, "refilled", tmp_path / "mark.nii.gz",
+                  {"label_info": [{"name": "liver", "idx": 1}], "prompt": "Segment the liver."})
+    assert r.status_code == 200, r.text
+    stored = series_server.studies / "labels" / "final" / "refilled.nii.gz"
+    first = stored.read_bytes()
+
+    def labels() -> dict:
+        objects = series_server.get("/datastore/?output=all").json()["objects"]
+        return objects.get("refilled", {}).get("labels", {})
+
+    assert set(labels()) == {"final"}
+    for f in folder.iterdir():  # another scan of the same size into the same folder
+        f.unlink()
+    for f in slices[90:93]:
+        shutil.copy(f, folder / f.name)
+    deadline = time.monotonic() + 60
+    while labels() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert labels() == {} and "refilled" in _listed(series_server, {"refilled"})
+    assert stored.read_bytes() == first
+    notes = series_server.get("/info/").json()["datastore"]["notes"]
+    label = os.path.join("labels", "final", "refilled.nii.gz")
+    assert (f"The label {label} was saved for another image than the refilled there now (it "
+            "was replaced); it is kept on disk and not listed with it.") in notes, notes
+
+    image = series_server.get("/datastore/image?image=refilled")  # the new scan's grid
+    (tmp_path / "refilled.nii.gz").write_bytes(image.content)
+    grid = nib.load(tmp_path / "refilled.nii.gz")
+    mask[...] = 0
+    mask[100:140, 100:140, 2] = 1
+    nib.save(nib.Nifti1Image(mask, grid.affine), tmp_path / "mark.nii.gz")
+    r = put_label(series_server, "refilled", tmp_path / "mark.nii.gz",
+                  {"label_info": [{"name": "spleen", "idx": 1}]})
+    assert r.status_code == 200, r.text
+    assert [e["name"] for e in labels()["final"]["info"]["label_info"]] == ["spleen"]
+    np.testing.assert_array_equal(np.asarray(nib.load(stored).dataobj), mask)
+    aside = [p for p in (stored.parent / ".set_aside").iterdir() if p.name.endswith(
+        "-refilled.nii.gz")]
+    assert len(aside) == 1 and aside[0].read_bytes() == first
+    notes = series_server.get("/info/").json()["datastore"]["notes"]
+    assert not any("refilled" in n for n in notes), notes
+
+
 def test_a_cd_series_swapped_while_the_server_is_down_gets_a_new_id(tmp_path, sample_root):
     """The one series of `cd` replaced by another while no server ran: the id `cd`, and the
     correction stored under it, are not handed to the other series."""
