@@ -115,11 +115,15 @@ def _slice_order(series: Series) -> list[Path]:
     return [path for _, _, path in sorted(series.files, key=key)]
 
 
+def series_id(text: str, limit: int = MAX_ID) -> str:
+    """An image id made of a folder name (or of a path's parts joined by "_"): each run of
+    characters other than letters, digits, "_" and "-" becomes one "-", none at either end,
+    at most `limit` characters. The server names the series of a CD export this way too."""
+    return (ID_CHARS.sub("-", text).strip("-_") or "series")[:limit]
+
+
 def _ids(series: list[Series], name: str) -> list[str]:
-    base = ID_CHARS.sub("-", name).strip("-_") or "series"
-    base = base[:MAX_ID - 12]
-    if not base[0].isalnum():
-        base = "s" + base
+    base = series_id(name, MAX_ID - 12)
     if len(series) == 1:
         return [base]
     numbers = [s.number for s in series]

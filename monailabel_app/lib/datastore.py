@@ -53,6 +53,8 @@ from monailabel.datastore.utils.convert import nifti_to_dicom_seg
 from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
 from monailabel.interfaces.datastore import DefaultLabelTag
 
+from citrusv.dicom_sort import series_id  # the ids `citrusv sort-dicom` gives series
+
 from .errors import RequestError
 from .files import (fsync_copy, fsync_dir, image_sha256, image_stat, keep_label_info,
                     keep_submission, kept_label_record, kept_records, set_aside)
@@ -351,8 +353,10 @@ class CorrectionsDatastore(LocalDatastore):
         folder is there (the index records the folder): a second series copied into `cd` made
         the first `cd_SE0`, and the correction stored under `cd` lost its image. An id whose
         folder is gone is given to no other folder (its correction would then belong to
-        another image). A series whose files lie in several folders, or an id already taken,
-        is not served, and the sentences say why."""
+        another image), nor is an id another entry of the studies folder takes (a file
+        `cd.nii.gz` beside `cd/`): such a series gets the long form `<top>_<its path's parts>`.
+        A series whose files lie in several folders, or whose long id is taken too or not a
+        valid id, is not served, and the sentences say why."""
         ids: dict[str, str] = {}
         notes: list[str] = []
         base = self._datastore.image_path()
@@ -401,8 +405,9 @@ class CorrectionsDatastore(LocalDatastore):
             for rel, p in zip(whole, parts):
                 folder = os.path.relpath(os.path.join(top, rel), base)
                 image_id = known.get(folder) or (name if len(folders) == 1 else "")
-                if not image_id or image_id in retired:
-                    image_id = re.sub(r"[^A-Za-z0-9_-]", "-", "_".join([name, *p[shared:]]))
+                if not image_id or image_id in retired or image_id in taken:
+                    # the long form: a file `cd.nii.gz` beside `cd/` takes the id `cd`
+                    image_id = series_id("_".join([name, *p[shared:]]))
                 if image_id in taken or image_id in ids or not IMAGE_ID.match(image_id):
                     said.append(f"{name}: the series in {rel} is not served, since its id "
                                  f"'{image_id}' is taken or not a valid id; rename {name}.")

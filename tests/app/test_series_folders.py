@@ -470,6 +470,44 @@ def test_a_cd_series_swapped_while_the_server_is_down_gets_a_new_id(tmp_path, sa
         "cd_DICOM_S2"]
 
 
+def test_a_cd_whose_id_a_file_takes_is_served_under_its_long_id(tmp_path, sample_root):
+    """A file `cd.nii.gz` beside a CD folder `cd/` takes the id `cd`: the CD's series was not
+    served at all ("rename cd"). It is served under the long form of its id, as a series whose
+    id was retired is; the correction stored under `cd` for the CD stays apart from the file
+    that took the id (and is said)."""
+    sys.path.insert(0, str(APP_DIR))
+    from lib.datastore import EXTENSIONS, CorrectionsDatastore
+
+    slices = sorted((sample_root / "dicom" / "chest_ct").glob("*.dcm"))
+    studies = tmp_path / "studies"
+    _series_copy(slices[70:72], studies / "cd" / "DICOM" / "S1")
+    store = CorrectionsDatastore(str(studies), extensions=EXTENSIONS)
+    assert store.list_images() == ["cd"]
+    from lib.images import read_study, write_label
+
+    study = read_study(store.get_image_uri("cd"))
+    mask = np.zeros(study.array.shape, np.uint8)
+    mask[1, 200:260, 200:260] = 1
+    store.save_label("cd", write_label(study, mask, str(tmp_path)), "final",
+                     {"label_info": [{"name": "liver", "idx": 1}]})
+
+    shutil.copy(sample_root / "studies" / "chest_ct.nii.gz", studies / "cd.nii.gz")
+    store = CorrectionsDatastore(str(studies), extensions=EXTENSIONS)
+    assert sorted(store.list_images()) == ["cd", "cd_DICOM_S1"]
+    assert store.get_image_uri("cd").endswith("cd.nii.gz")
+    assert read_study(store.get_image_uri("cd_DICOM_S1")).array.shape[0] == 2
+    assert store.get_labels_by_image_id("cd") == {}
+    label = os.path.join("labels", "final", "cd.nii.gz")
+    assert store.status()["notes"] == [
+        f"cd holds DICOM files in folders below it (a CD or DICOMDIR export?): served as "
+        f"cd_DICOM_S1 ({os.path.join('DICOM', 'S1')}).",
+        f"The label {label} was saved for the image {os.path.join('cd', 'DICOM', 'S1')}, not "
+        "cd.nii.gz, which its id names now; it is kept on disk and not listed with it."]
+    # the next look keeps the long id
+    assert sorted(CorrectionsDatastore(str(studies), extensions=EXTENSIONS).list_images()) == [
+        "cd", "cd_DICOM_S1"]
+
+
 def test_a_series_folder_copied_in_while_serving_is_listed(series_server, sample_root):
     """MONAI Label watches the studies folder's own files: a series folder copied in while the
     server runs was listed only at its next start."""
