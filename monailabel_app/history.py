@@ -12,7 +12,9 @@ running server again as a new correction (PUT /datastore/label), with the struct
 and window it had: those structures are put back, the others stay as they are. With sign-in on,
 pass an annotator's access token; the server then records that person as the sender (without
 sign-in, the name the entry's sender gave is sent again, marked as claimed). Run it with
-the server's Python (`.venv/bin/python`); it loads no model.
+the server's Python (`.venv/bin/python`); it loads no model. A correction sent for an image
+that was since replaced on disk by another under the same name is marked `*` in the listing,
+and `restore` does not send it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ APP_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(APP_DIR))
 
 from lib.cli import run, table  # noqa: E402
-from lib.files import HISTORY_DIR, kept_records  # noqa: E402
+from lib.files import HISTORY_DIR, image_sha256, kept_records  # noqa: E402
 
 LABELS = Path("labels") / "final"
 HISTORY = LABELS / HISTORY_DIR
@@ -40,6 +42,29 @@ def entries(datastore: Path, image: str | None = None) -> list[dict]:
     images = [image] if image else sorted(p.name for p in root.glob("*") if p.is_dir())
     return [{**r, "path": root / name / r.get("file", "")} for name in images
             for r in kept_records(str(datastore / LABELS), name)]
+
+
+def replaced(datastore: Path, record: dict, digests: dict[str, str] | None = None) -> bool:
+    """Whether a kept correction was sent for other content than its image's file or folder
+    holds now (a scan replaced on disk under the same name); the server keeps the image's
+    digest with each correction since 2026-12-06 (older ones, and a PACS's, say no).
+    `digests` caches the images' digests over one listing."""
+    want = record.get("image_sha256")
+    try:
+        index = json.loads((datastore / "datastore_v2.json").read_text())
+        name = index["objects"][record["image"]]["image"]["info"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # no image under that id now: nothing to compare
+    path = datastore / str(name)
+    if not want or not path.exists():
+        return False
+    digests = {} if digests is None else digests
+    if str(path) not in digests:
+        try:
+            digests[str(path)] = image_sha256(str(path))
+        except OSError:
+            return False
+    return digests[str(path)] != want
 
 
 def _structures(record: dict, count: bool) -> str:
@@ -75,10 +100,17 @@ def list_entries(datastore: Path, image: str | None) -> str:
         where = datastore / HISTORY / (image or "")
         return f"No corrections kept in {where}."
     rows = [("image", "entry", "received", "sender", "structures")]
+    digests: dict[str, str] = {}
+    marked = False
     for r in found:
-        rows.append((r.get("image", "?"), Path(r["file"]).name.split(".")[0], r.get("received", "?"),
+        entry = Path(r["file"]).name.split(".")[0]
+        if replaced(datastore, r, digests):
+            entry, marked = entry + " *", True
+        rows.append((r.get("image", "?"), entry, r.get("received", "?"),
                      sender(r), _structures(r, count=image is not None)))
-    return table(rows)
+    return table(rows) + ("\n* sent for an image since replaced on disk by another under the "
+                          "same name; `restore` does not send it to the one there now."
+                          if marked else "")
 
 
 def restore(datastore: Path, image: str, entry: str, server: str, token: str | None,
@@ -90,6 +122,10 @@ def restore(datastore: Path, image: str, entry: str, server: str, token: str | N
         raise ValueError(f"image '{image}' has no kept correction '{entry}'; run "
                          f"`list {image}` to see its entries.")
     record = match[0]
+    if replaced(datastore, record):
+        raise ValueError(f"entry {entry} was sent for the image that '{image}' named then, which "
+                         "was replaced on disk by another since; it is not sent to the one there "
+                         "now.")
     # without sign-in the entry's sender is sent again as it was given (a server with sign-in
     # drops it and records the token's user)
     params = {k: record[k] for k in ("label_info", "prompt", "window", "claimed_by") if k in record}

@@ -200,7 +200,10 @@ class CorrectionsDatastore(LocalDatastore):
         stat = image_stat(path)
         taken = self._contents.get(path)
         if taken is None or taken[0] != stat:
-            taken = self._contents[path] = (stat, image_sha256(path))
+            try:
+                taken = self._contents[path] = (stat, image_sha256(path))
+            except OSError:  # gone meanwhile: nothing to identify
+                return {}
         return {"image_stat": taken[0], "image_sha256": taken[1]}
 
     def _image_replaced(self, kept: dict[str, Any], image: str) -> bool:
@@ -212,7 +215,8 @@ class CorrectionsDatastore(LocalDatastore):
         path = os.path.join(self._datastore.image_path(), image)
         if image_stat(path) in ("", kept.get("image_stat")):
             return False
-        return self._image_content(path)["image_sha256"] != kept["image_sha256"]
+        now = self._image_content(path).get("image_sha256")
+        return now is not None and now != kept["image_sha256"]
 
     def _remove_non_existing(self) -> int:
         gone = super()._remove_non_existing()
@@ -496,6 +500,11 @@ class CorrectionsDatastore(LocalDatastore):
                                    "nothing was saved.", status_code=404)
             os.makedirs(label_path, exist_ok=True)
             previous = obj.labels.get(label_tag)
+            image_file = self._filename(image_id, obj.image.ext)
+            # what identifies the image this label is for (kept with the label and with each
+            # correction as sent: `history.py restore` sends none to an image since replaced)
+            content = self._image_content(os.path.join(self._datastore.image_path(), image_file)
+                                          ) if self.check_image_content else {}
             if previous is None and os.path.exists(dest):  # kept apart: saved for another image
                 moved = set_aside(label_path, image_id, name)
                 self._kept_apart.pop((label_path, name), None)
@@ -514,7 +523,8 @@ class CorrectionsDatastore(LocalDatastore):
             if final:
                 try:
                     keep_submission(label_path, image_id, kept_file, {
-                        k: label_info[k] for k in KEPT_KEYS if label_info.get(k) is not None})
+                        **{k: label_info[k] for k in KEPT_KEYS if label_info.get(k) is not None},
+                        **{k: content[k] for k in ("image_sha256",) if k in content}})
                 finally:
                     if kept_file != label_filename:
                         os.unlink(kept_file)
@@ -548,11 +558,8 @@ class CorrectionsDatastore(LocalDatastore):
             obj.labels[label_tag] = DataModel(info=label_info, ext=label_ext)
             self._update_datastore_file(lock=False)
             try:
-                image_file = self._filename(image_id, obj.image.ext)
                 keep_label_info(label_path, image_id, dest, label_info, image=image_file,
-                                image_content=self._image_content(os.path.join(
-                                    self._datastore.image_path(), image_file))
-                                if self.check_image_content else None)
+                                image_content=content)
             except OSError as e:  # the index has it; only a lost index would need this copy
                 logger.warning("The info of the %s label of %s was not kept beside it: %s",
                                label_tag, image_id, e)

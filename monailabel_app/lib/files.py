@@ -117,13 +117,13 @@ def image_stat(path: str) -> str:
 
 
 def image_sha256(path: str) -> str:
-    """A digest of an image's content: the file's bytes, or a series folder's files' names and
-    bytes (a copy of the same image, with other modification times, has the same digest)."""
+    """A digest of an image's content: the file's bytes, or the set of a series folder's files'
+    bytes (a copy of the same image, with other times or file names, has the same digest)."""
     if not os.path.isdir(path):
         return file_sha256(path)
     digest = hashlib.sha256()
-    for entry in _image_files(path):
-        digest.update(f"{entry.name}:{file_sha256(entry.path)}\n".encode())
+    for file_digest in sorted(file_sha256(entry.path) for entry in _image_files(path)):
+        digest.update(f"{file_digest}\n".encode())
     return digest.hexdigest()
 
 

@@ -7,6 +7,7 @@ the index once when created, as each process does)."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import nibabel as nib
@@ -19,6 +20,12 @@ sys.path.insert(0, str(APP_DIR))
 from lib.datastore import EXTENSIONS, CorrectionsDatastore  # noqa: E402
 
 LIVER, SPLEEN = 5, 1  # labels.json
+
+
+def _history(studies, *args: str) -> subprocess.CompletedProcess:
+    """The admin's history command on a studies folder."""
+    return subprocess.run([sys.executable, str(APP_DIR / "history.py"), "--datastore",
+                           str(studies), *args], capture_output=True, text=True, timeout=120)
 
 
 def test_a_stale_process_merges_into_the_label_another_one_saved(citrusv_sample_studies, tmp_path):
@@ -177,6 +184,14 @@ def test_a_label_saved_for_an_image_since_replaced_is_kept_apart(citrusv_sample_
     assert fresh.status()["notes"] == [
         f"The label {label} was saved for another image than the chest_ct.nii.gz there now (it "
         "was replaced); it is kept on disk and not listed with it."]
+    # the correction as it was sent is kept too; the admin's history command marks it and does
+    # not send it to the scan there now
+    (kept,) = (studies / "labels" / "final" / ".history" / "chest_ct").glob("*.json")
+    stamp = kept.name[:-len(".json")]
+    r = _history(studies, "restore", "chest_ct", stamp, "--server", "http://127.0.0.1:9")
+    assert (r.returncode, r.stderr) == (2, (
+        f"error: entry {stamp} was sent for the image that 'chest_ct' named then, which was "
+        "replaced on disk by another since; it is not sent to the one there now.\n"))
 
     # a correction for the new scan: the old label is set aside, not merged into
     spleen = reference_label(tmp_path / "spleen.nii.gz", SPLEEN, ct)
@@ -190,3 +205,7 @@ def test_a_label_saved_for_an_image_since_replaced_is_kept_apart(citrusv_sample_
     assert len(aside) == 2 and aside[0].endswith("-chest_ct.json"), aside
     assert aside[1].endswith("-chest_ct.nii.gz")
     assert (final / ".set_aside" / aside[1]).read_bytes() == saved
+    listing = _history(studies, "list", "chest_ct").stdout.splitlines()
+    rows = [line.split() for line in listing[1:-1]]  # oldest first: the liver, the spleen
+    assert [(row[1] == stamp, row[2] == "*") for row in rows] == [(True, True), (False, False)]
+    assert listing[-1].startswith("* sent for an image since replaced on disk"), listing
