@@ -245,19 +245,23 @@ class CorrectionsDatastore(LocalDatastore):
         (`_labels_of_their_images`) then leaves them out; their files stay on disk."""
         detached = 0
         for image_id, obj in self._datastore.objects.items():
-            image = self._filename(image_id, obj.image.ext)
-            for tag, label in list(obj.labels.items()):
-                label_path = self._datastore.label_path(tag)
-                kept = kept_label_record(label_path, image_id, None)
-                if kept is None or kept.get("image") != image or not self._image_replaced(
-                        kept, image):
-                    continue
-                label_file = os.path.join(label_path, self._filename(image_id, label.ext))
-                if kept_label_record(label_path, image_id, label_file) is None:
-                    continue  # the label file is not the one kept with that image
-                del obj.labels[tag]
-                detached += 1
+            for tag in list(obj.labels):
+                if self._saved_for_a_replaced_image(image_id, obj, tag):
+                    del obj.labels[tag]
+                    detached += 1
         return detached
+
+    def _saved_for_a_replaced_image(self, image_id: str, obj, tag: str) -> bool:
+        """Whether the `tag` label attached to an image was saved for the image file or folder
+        the id names while it held other content (its kept record says so, and the label file
+        is the one kept with it)."""
+        label_path = self._datastore.label_path(tag)
+        image = self._filename(image_id, obj.image.ext)
+        kept = kept_label_record(label_path, image_id, None)
+        if kept is None or kept.get("image") != image or not self._image_replaced(kept, image):
+            return False
+        label_file = os.path.join(label_path, self._filename(image_id, obj.labels[tag].ext))
+        return kept_label_record(label_path, image_id, label_file) is not None
 
     def _labels_of_their_images(self, label_path: str, found: dict[str, str]) -> dict[str, str]:
         """The label files MONAI Label may attach to the images listed under their ids, less
@@ -265,7 +269,8 @@ class CorrectionsDatastore(LocalDatastore):
         the id names now (a CD series' correction, its id then taken by a file `cd.nii.gz`,
         was listed on that file), or for other content than that file or folder holds now (an
         image replaced on disk under its name). Such a label stays on disk, unlisted, and the
-        log says so; a new label saved for the image sets it aside (`set_aside`).
+        log says so; a new label saved for the image sets it aside (`set_aside`). A label whose
+        image is gone is said once too (MONAI Label warned at every refresh).
         Only labels not yet attached are looked at (each is hashed); the info kept for those
         that stay goes to `_add_non_existing_labels`, which attaches them."""
         kept_apart = {}
@@ -273,6 +278,13 @@ class CorrectionsDatastore(LocalDatastore):
         for name in list(found):
             image_id, _ = self._to_id(name)
             obj = self._datastore.objects.get(image_id)
+            if obj is None and self.series_folders:
+                # its image is gone (moved out, deleted): MONAI Label logged that at every
+                # refresh, which each file copied into the studies folder sets off
+                kept_apart[found.pop(name)] = (
+                    f"has no image: nothing in the studies folder has the id '{image_id}' now; "
+                    "it is kept on disk, and listed again when its image is back.")
+                continue
             if obj is None or obj.labels.get(os.path.basename(label_path)):
                 continue
             kept = kept_label_record(label_path, image_id, os.path.join(label_path, name))
@@ -280,18 +292,20 @@ class CorrectionsDatastore(LocalDatastore):
             if kept is None:
                 continue
             if kept.get("image") != image:
-                kept_apart[found.pop(name)] = (f"the image {kept.get('image')}, not {image}, "
-                                               "which its id names now")
+                saved_for = f"the image {kept.get('image')}, not {image}, which its id names now"
             elif self._image_replaced(kept, image):
-                kept_apart[found.pop(name)] = (f"another image than the {image} there now (it "
-                                               "was replaced)")
+                saved_for = f"another image than the {image} there now (it was replaced)"
+            else:
+                saved_for = ""
+            if saved_for:
+                kept_apart[found.pop(name)] = (f"was saved for {saved_for}; it is kept on disk "
+                                               "and not listed with it.")
             else:
                 self._found_again[image_id] = kept["info"]
         said = {key: text for key, text in self._kept_apart.items() if key[0] != label_path}
-        for name, saved_for in kept_apart.items():
+        for name, why in kept_apart.items():
             where = os.path.relpath(os.path.join(label_path, name), self._datastore.image_path())
-            text = (f"The label {where} was saved for {saved_for}; it is kept on disk and not "
-                    "listed with it.")
+            text = f"The label {where} {why}"
             if (label_path, name) not in self._kept_apart:
                 logger.warning(text)
             said[label_path, name] = text
@@ -505,6 +519,11 @@ class CorrectionsDatastore(LocalDatastore):
             # correction as sent: `history.py restore` sends none to an image since replaced)
             content = self._image_content(os.path.join(self._datastore.image_path(), image_file)
                                           ) if self.check_image_content else {}
+            if previous is not None and self._saved_for_a_replaced_image(image_id, obj, label_tag):
+                # replaced with no refresh since (a watcher misses a network folder's changes):
+                # merged into, the first image's structures would land on this one
+                del obj.labels[label_tag]
+                previous = None
             if previous is None and os.path.exists(dest):  # kept apart: saved for another image
                 moved = set_aside(label_path, image_id, name)
                 self._kept_apart.pop((label_path, name), None)

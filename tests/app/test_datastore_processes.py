@@ -89,7 +89,7 @@ def test_a_correction_named_with_capitals_is_asked_for_in_the_models_words(
     assert {(s.label, s.prompt) for s in samples} == {(" Spleen", "Segment the spleen.")}
 
 
-def test_a_label_found_again_gets_its_names_back(citrusv_sample_studies, tmp_path):
+def test_a_label_found_again_gets_its_names_back(citrusv_sample_studies, tmp_path, caplog):
     """The index holds what a correction named. A label MONAI Label finds again after its image
     left the index (the index file deleted, the image moved out and back) was listed with no
     names, its structure then trained as "label 1". The info is kept beside the label too, and
@@ -113,7 +113,17 @@ def test_a_label_found_again_gets_its_names_back(citrusv_sample_studies, tmp_pat
     os.unlink(studies / "datastore_v2.json")  # the index lost
     assert names() == ["liver"]
     shutil.move(ct, tmp_path / "away.nii.gz")  # the image moved out: it leaves the index
-    assert "chest_ct" not in CorrectionsDatastore(str(studies), extensions=EXTENSIONS).list_images()
+    with caplog.at_level("INFO"):
+        store = CorrectionsDatastore(str(studies), extensions=EXTENSIONS)
+        assert "chest_ct" not in store.list_images()
+        for _ in range(3):  # a refresh per file event: the label is said once, in /info/ too
+            store.refresh()
+    label = os.path.join("labels", "final", "chest_ct.nii.gz")  # relative to the studies folder
+    gone = (f"The label {label} has no image: nothing in the studies folder has the id "
+            "'chest_ct' now; it is kept on disk, and listed again when its image is back.")
+    assert store.status()["notes"] == [gone]
+    assert [r.getMessage() for r in caplog.records if "chest_ct" in r.getMessage()
+            and r.levelname == "WARNING"] == [gone]
     shutil.move(tmp_path / "away.nii.gz", ct)  # and back
     assert names() == ["liver"]
     # another image file under the id: the label, saved for the other file, is not listed
@@ -123,7 +133,6 @@ def test_a_label_found_again_gets_its_names_back(citrusv_sample_studies, tmp_pat
     assert sorted(store.list_images()) == ["chest_ct", "chest_xray"]
     assert store.get_labels_by_image_id("chest_ct") == {}
     assert (studies / "labels" / "final" / "chest_ct.nii.gz").is_file()
-    label = os.path.join("labels", "final", "chest_ct.nii.gz")  # relative to the studies folder
     assert store.status()["notes"] == [
         f"The label {label} was saved for the image chest_ct.nii.gz, not chest_ct.nii, which its "
         "id names now; it is kept on disk and not listed with it."]
@@ -209,3 +218,28 @@ def test_a_label_saved_for_an_image_since_replaced_is_kept_apart(citrusv_sample_
     rows = [line.split() for line in listing[1:-1]]  # oldest first: the liver, the spleen
     assert [(row[1] == stamp, row[2] == "*") for row in rows] == [(True, True), (False, False)]
     assert listing[-1].startswith("* sent for an image since replaced on disk"), listing
+
+
+def test_a_correction_for_a_replaced_image_is_not_merged_before_any_refresh(
+        citrusv_sample_studies, tmp_path):
+    """The image replaced on disk and no refresh since (a watcher sees no change made on a
+    network folder by another machine): a correction for it set the first image's label's
+    structures onto it in the merge."""
+    studies = copy_studies(tmp_path / "studies", citrusv_sample_studies)
+    ct = studies / "chest_ct.nii.gz"
+    final = studies / "labels" / "final"
+    server = CorrectionsDatastore(str(studies), extensions=EXTENSIONS)
+    server.save_label("chest_ct", str(reference_label(tmp_path / "liver.nii.gz", LIVER, ct)),
+                      "final", {"label_info": [{"name": "liver", "idx": 1}]})
+    saved = (final / "chest_ct.nii.gz").read_bytes()
+    image = nib.load(ct)
+    nib.save(nib.Nifti1Image(np.flip(np.asarray(image.dataobj), axis=1).copy(), image.affine,
+                             image.header), ct)
+    spleen = reference_label(tmp_path / "spleen.nii.gz", SPLEEN, ct)
+    server.save_label("chest_ct", str(spleen), "final", {"label_info": [{"name": "spleen", "idx": 1}]})
+    info = server.get_label_info("chest_ct", "final")
+    assert [e["name"] for e in info["label_info"]] == ["spleen"]
+    stored = np.asarray(nib.load(final / "chest_ct.nii.gz").dataobj)
+    assert np.array_equal(stored > 0, np.asarray(nib.load(spleen).dataobj) > 0)
+    (aside,) = (final / ".set_aside").glob("*.nii.gz")
+    assert aside.read_bytes() == saved
