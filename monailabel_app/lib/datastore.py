@@ -33,6 +33,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -62,6 +63,9 @@ from .images import (LPS_TO_RAS, Study, holds_dicom, is_dicom_file, read_study, 
                      write_label)
 
 logger = logging.getLogger(__name__)
+
+# seconds after the last write to an image overwritten in place before its labels are checked
+REFRESH_AFTER_WRITES_S = 1.0
 
 # MONAI Label's defaults plus DICOM files (the sample chest X-ray is a single .dcm).
 EXTENSIONS = ["*.nii.gz", "*.nii", "*.nrrd", "*.dcm", "*.png", "*.jpg"]
@@ -125,9 +129,25 @@ class CorrectionsDatastore(LocalDatastore):
                 if served(os.path.realpath(event.dest_path)):
                     self.refresh()
 
+            pending: list[threading.Timer] = []
+
+            def modified(event) -> None:
+                # an image overwritten in place (MONAI Label refreshes on created and deleted
+                # files only): its labels are checked against its new content once the writes
+                # stop, so one saved for the first image is not listed with it
+                if event.is_directory or not served(os.path.realpath(event.src_path)):
+                    return
+                while pending:
+                    pending.pop().cancel()
+                timer = threading.Timer(REFRESH_AFTER_WRITES_S, self.refresh)
+                timer.daemon = True
+                pending.append(timer)
+                timer.start()
+
             series = FileSystemEventHandler()
             series.on_created = series.on_deleted = changed
             series.on_moved = moved
+            series.on_modified = modified
             try:
                 observer.schedule(series, path=base, recursive=True)
             except OSError as e:  # as MONAI Label's own watcher: listed at the next start

@@ -470,6 +470,39 @@ def test_a_cd_series_swapped_while_the_server_is_down_gets_a_new_id(tmp_path, sa
         "cd_DICOM_S2"]
 
 
+def test_an_image_overwritten_in_place_loses_its_correction_from_the_listing(
+        series_server, sample_root, tmp_path):
+    """A scan overwritten in place by another (`cp other.nii.gz ct.nii.gz`): MONAI Label
+    refreshes on files created and deleted only, so the first scan's correction stayed listed
+    with the second until something else changed."""
+    ct = series_server.studies / "overwritten.nii.gz"
+    shutil.copy(sample_root / "studies" / "chest_ct.nii.gz", ct)
+    assert "overwritten" in _listed(series_server, {"overwritten"})
+    liver = reference_label(tmp_path / "liver.nii.gz", LIVER, ct)
+    r = put_label(series_server, "overwritten", liver, {"label_info": [{"name": "liver", "idx": 1}]})
+    assert r.status_code == 200, r.text
+
+    def labels() -> dict:
+        objects = series_server.get("/datastore/?output=all").json()["objects"]
+        return objects.get("overwritten", {}).get("labels", {})
+
+    assert set(labels()) == {"final"}
+    image = nib.load(ct)
+    nib.save(nib.Nifti1Image(np.flip(np.asarray(image.dataobj), axis=0).copy(), image.affine,
+                             image.header), tmp_path / "other.nii.gz")
+    with open(ct, "r+b") as f:  # in place: the file is modified, not created
+        f.write((tmp_path / "other.nii.gz").read_bytes())
+        f.truncate()
+    deadline = time.monotonic() + 60
+    while labels() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert labels() == {}
+    notes = series_server.get("/info/").json()["datastore"]["notes"]
+    label = os.path.join("labels", "final", "overwritten.nii.gz")
+    assert (f"The label {label} was saved for another image than the overwritten.nii.gz there "
+            "now (it was replaced); it is kept on disk and not listed with it.") in notes, notes
+
+
 def test_a_cd_whose_id_a_file_takes_is_served_under_its_long_id(tmp_path, sample_root):
     """A file `cd.nii.gz` beside a CD folder `cd/` takes the id `cd`: the CD's series was not
     served at all ("rename cd"). It is served under the long form of its id, as a series whose
