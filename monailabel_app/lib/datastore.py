@@ -544,12 +544,6 @@ class CorrectionsDatastore(LocalDatastore):
                 # merged into, the first image's structures would land on this one
                 del obj.labels[label_tag]
                 previous = None
-            if previous is None and os.path.exists(dest):  # kept apart: saved for another image
-                moved = set_aside(label_path, image_id, name)
-                self._kept_apart.pop((label_path, name), None)
-                logger.warning("The %s label file %s, not listed with %s, was moved to %s before "
-                               "the new one took its name.", label_tag, name, image_id,
-                               os.path.join(label_path, moved))
             kept_file = label_filename
             if decide is not None:
                 decided = decide(previous, incoming, label_info)
@@ -571,6 +565,12 @@ class CorrectionsDatastore(LocalDatastore):
                 for key in CARRIED_KEYS:  # what the server keeps of a label's PACS SEGs
                     if previous.info.get(key) and key not in label_info:
                         label_info[key] = previous.info[key]
+            if previous is None and os.path.exists(dest):  # kept apart (kept as sent first)
+                moved = set_aside(label_path, image_id, name)
+                self._kept_apart.pop((label_path, name), None)
+                logger.warning("The %s label file %s, not listed with %s, was moved to %s before "
+                               "the new one took its name.", label_tag, name, image_id,
+                               os.path.join(label_path, moved))
             merged = None  # the merged final label, written outside labels/ first
             try:
                 if final:
