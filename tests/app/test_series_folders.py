@@ -321,6 +321,21 @@ def _listed(server, ids: set[str], seconds: float = 60) -> set[str]:
         time.sleep(0.5)
 
 
+def _put_square(server, image_id: str, tmp_path, name: str, corner: int, k: int,
+                prompt: str = ""):
+    """A correction naming `name`: a 60 px square from (corner, corner) on slice k, on the grid
+    of the image as the server sends it now. Returns (the response, the mask sent)."""
+    image = server.get(f"/datastore/image?image={image_id}")
+    assert image.status_code == 200, image.text
+    (tmp_path / f"{image_id}.nii.gz").write_bytes(image.content)
+    grid = nib.load(tmp_path / f"{image_id}.nii.gz")
+    mask = np.zeros(grid.shape, np.uint8)
+    mask[corner:corner + 60, corner:corner + 60, k] = 1
+    nib.save(nib.Nifti1Image(mask, grid.affine), tmp_path / "mark.nii.gz")
+    params = {"label_info": [{"name": name, "idx": 1}], **({"prompt": prompt} if prompt else {})}
+    return put_label(server, image_id, tmp_path / "mark.nii.gz", params), mask
+
+
 def _series_copy(files, folder) -> None:
     """The slices as a series of their own (new UIDs), written into `folder` as a CD does."""
     import pydicom
@@ -348,15 +363,7 @@ def test_a_cd_keeps_its_ids_when_series_are_added_or_removed(series_server, samp
     cd = series_server.studies / "grow_cd"
     _series_copy(slices[70:73], cd / "DICOM" / "S1")
     assert "grow_cd" in _listed(series_server, {"grow_cd"})
-    image = series_server.get("/datastore/image?image=grow_cd")
-    assert image.status_code == 200, image.text
-    (tmp_path / "grow_cd.nii.gz").write_bytes(image.content)
-    grid = nib.load(tmp_path / "grow_cd.nii.gz")
-    mask = np.zeros(grid.shape, np.uint8)
-    mask[200:260, 200:260, 1] = 1
-    nib.save(nib.Nifti1Image(mask, grid.affine), tmp_path / "mark.nii.gz")
-    r = put_label(series_server, "grow_cd", tmp_path / "mark.nii.gz",
-                  {"label_info": [{"name": "liver", "idx": 1}], "prompt": "Segment the liver."})
+    r, _ = _put_square(series_server, "grow_cd", tmp_path, "liver", 200, 1, "Segment the liver.")
     assert r.status_code == 200, r.text
 
     _series_copy(slices[80:82], cd / "DICOM" / "S2")
@@ -401,15 +408,7 @@ def test_a_series_folder_refilled_with_another_series_drops_its_correction(
     for f in slices[70:73]:
         shutil.copy(f, folder / f.name)
     assert "refilled" in _listed(series_server, {"refilled"})
-    image = series_server.get("/datastore/image?image=refilled")
-    assert image.status_code == 200, image.text
-    (tmp_path / "refilled.nii.gz").write_bytes(image.content)
-    grid = nib.load(tmp_path / "refilled.nii.gz")
-    mask = np.zeros(grid.shape, np.uint8)
-    mask[200:260, 200:260, 1] = 1
-    nib.save(nib.Nifti1Image(mask, grid.affine), tmp_path / "mark.nii.gz")
-    r = put_label(series_server, "refilled", tmp_path / "mark.nii.gz",
-                  {"label_info": [{"name": "liver", "idx": 1}], "prompt": "Segment the liver."})
+    r, _ = _put_square(series_server, "refilled", tmp_path, "liver", 200, 1, "Segment the liver.")
     assert r.status_code == 200, r.text
     stored = series_server.studies / "labels" / "final" / "refilled.nii.gz"
     first = stored.read_bytes()
@@ -433,14 +432,7 @@ def test_a_series_folder_refilled_with_another_series_drops_its_correction(
     assert (f"The label {label} was saved for another image than the refilled there now (it "
             "was replaced); it is kept on disk and not listed with it.") in notes, notes
 
-    image = series_server.get("/datastore/image?image=refilled")  # the new scan's grid
-    (tmp_path / "refilled.nii.gz").write_bytes(image.content)
-    grid = nib.load(tmp_path / "refilled.nii.gz")
-    mask[...] = 0
-    mask[100:140, 100:140, 2] = 1
-    nib.save(nib.Nifti1Image(mask, grid.affine), tmp_path / "mark.nii.gz")
-    r = put_label(series_server, "refilled", tmp_path / "mark.nii.gz",
-                  {"label_info": [{"name": "spleen", "idx": 1}]})
+    r, mask = _put_square(series_server, "refilled", tmp_path, "spleen", 100, 2)  # the new grid
     assert r.status_code == 200, r.text
     assert [e["name"] for e in labels()["final"]["info"]["label_info"]] == ["spleen"]
     np.testing.assert_array_equal(np.asarray(nib.load(stored).dataobj), mask)
