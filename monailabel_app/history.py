@@ -44,27 +44,29 @@ def entries(datastore: Path, image: str | None = None) -> list[dict]:
             for r in kept_records(str(datastore / LABELS), name)]
 
 
-def replaced(datastore: Path, record: dict, digests: dict[str, str] | None = None) -> bool:
+def replaced(datastore: Path, record: dict, now: dict[str, str | None] | None = None) -> bool:
     """Whether a kept correction was sent for other content than its image's file or folder
     holds now (a scan replaced on disk under the same name); the server keeps the image's
-    digest with each correction since 2026-12-06 (older ones, and a PACS's, say no).
-    `digests` caches the images' digests over one listing."""
+    digest with each correction since 2026-12-06 (older ones, and a PACS's, say no). `now`
+    keeps each image's digest over one listing."""
     want = record.get("image_sha256")
+    if not want:
+        return False
+    now = {} if now is None else now
+    image = str(record.get("image"))
+    if image not in now:
+        now[image] = _image_digest(datastore, image)
+    return now[image] is not None and now[image] != want
+
+
+def _image_digest(datastore: Path, image: str) -> str | None:
+    """`image_sha256` of the file or folder the server's index names for `image` now (None: no
+    such image, nothing to compare)."""
     try:
         index = json.loads((datastore / "datastore_v2.json").read_text())
-        name = index["objects"][record["image"]]["image"]["info"]["name"]
+        return image_sha256(str(datastore / str(index["objects"][image]["image"]["info"]["name"])))
     except (OSError, ValueError, KeyError, TypeError):
-        return False  # no image under that id now: nothing to compare
-    path = datastore / str(name)
-    if not want or not path.exists():
-        return False
-    digests = {} if digests is None else digests
-    if str(path) not in digests:
-        try:
-            digests[str(path)] = image_sha256(str(path))
-        except OSError:
-            return False
-    return digests[str(path)] != want
+        return None
 
 
 def _structures(record: dict, count: bool) -> str:
@@ -100,11 +102,11 @@ def list_entries(datastore: Path, image: str | None) -> str:
         where = datastore / HISTORY / (image or "")
         return f"No corrections kept in {where}."
     rows = [("image", "entry", "received", "sender", "structures")]
-    digests: dict[str, str] = {}
+    now: dict[str, str | None] = {}
     marked = False
     for r in found:
         entry = Path(r["file"]).name.split(".")[0]
-        if replaced(datastore, r, digests):
+        if replaced(datastore, r, now):
             entry, marked = entry + " *", True
         rows.append((r.get("image", "?"), entry, r.get("received", "?"),
                      sender(r), _structures(r, count=image is not None)))

@@ -42,6 +42,11 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _stamp(when: float) -> str:
+    """UTC time + 6 hex digits: names that sort in the order they were given."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(when)) + f"-{uuid.uuid4().hex[:6]}"
+
+
 def keep_submission(label_path: str, image_id: str, label_filename: str,
                     said: dict[str, Any]) -> str:
     """Copy a final label as it was sent to labels/final/.history/<image id>/<stamp><ext>, with
@@ -52,7 +57,7 @@ def keep_submission(label_path: str, image_id: str, label_filename: str,
     name = os.path.basename(label_filename).lower()
     ext = next((e for e in (".nii.gz", ".nii", ".nrrd") if name.endswith(e)), ".nii.gz")
     now = time.time()
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"-{uuid.uuid4().hex[:6]}"
+    stamp = _stamp(now)
     record = {"image": image_id, "file": stamp + ext, "ts": int(now),
               "received": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now)), **said}
     tmp = os.path.join(folder, f".{stamp}{ext}.part")
@@ -91,8 +96,8 @@ def file_sha256(path: str) -> str:
 
 
 def _image_files(path: str) -> list[os.DirEntry]:
-    """An image's files: the file itself, or a series folder's files directly in it (hidden
-    ones left out), sorted by name."""
+    """A series folder's files directly in it (hidden ones left out), sorted by name; [] for an
+    image that is one file."""
     if not os.path.isdir(path):
         return []
     with os.scandir(path) as entries:
@@ -167,7 +172,7 @@ def set_aside(label_path: str, image_id: str, name: str) -> str:
     for the image takes its name. Returns the new path, relative to `label_path`."""
     folder = os.path.join(label_path, SET_ASIDE_DIR)
     os.makedirs(folder, exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{uuid.uuid4().hex[:6]}"
+    stamp = _stamp(time.time())
     info = os.path.join(label_path, INFO_DIR, f"{image_id}.json")
     if os.path.exists(info):
         os.replace(info, os.path.join(folder, f"{stamp}-{image_id}.json"))
