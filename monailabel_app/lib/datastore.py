@@ -28,6 +28,7 @@ it, so neither puts back an older index over a label the other just saved.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -63,6 +64,9 @@ from .images import (LPS_TO_RAS, Study, holds_dicom, is_dicom_file, read_study, 
                      write_label)
 
 logger = logging.getLogger(__name__)
+
+# under the studies folder: a folder of links per series whose files lie in several folders
+JOINED_DIR = ".joined"
 
 # seconds after the last write to an image overwritten in place before its labels are checked
 REFRESH_AFTER_WRITES_S = 1.0
@@ -103,6 +107,16 @@ class CorrectionsDatastore(LocalDatastore):
             # follow: without this, what another process (the training run, which imports
             # PACS SEGs) writes there would stay unseen by the server until it restarts
             handler.on_moved = self._on_moved_event
+            # the links `series_below` keeps for a series split over folders are its own:
+            # MONAI Label's watcher refreshed at each one (a refresh per file of the series)
+            on_any_event = handler.on_created
+
+            def unless_joined(event) -> None:
+                if JOINED_DIR not in os.path.relpath(event.src_path, self._datastore.image_path(
+                        )).split(os.sep)[:1]:
+                    on_any_event(event)
+
+            handler.on_created = handler.on_deleted = unless_joined
         observer = getattr(self, "_observer", None)
         if self.series_folders and handler is not None and observer is not None:
             # MONAI Label watches files of the studies folder itself: a series folder copied in
@@ -113,20 +127,25 @@ class CorrectionsDatastore(LocalDatastore):
             labels = os.path.realpath(self._datastore.label_path(None))
             index = os.path.realpath(self._datastore_config_path)
 
+            def real(path: str) -> str:  # its folder resolved, not a link it may be
+                return os.path.join(os.path.realpath(os.path.dirname(path)),
+                                    os.path.basename(path))
+
             def served(path: str) -> bool:  # may be an image: not hidden, not the app's own
                 return (path.startswith(base + os.sep) and path != index
                         and not path.startswith(labels + os.sep)
-                        and not os.path.basename(path).startswith("."))
+                        and not any(part.startswith(".") for part in
+                                    os.path.relpath(path, base).split(os.sep)))
 
             def changed(event) -> None:  # a file in a folder of the studies folder, any depth
-                path = os.path.realpath(event.src_path)
+                path = real(event.src_path)
                 if not event.is_directory and os.path.dirname(path) != base and served(path):
                     self.refresh()
 
             def moved(event) -> None:
                 # a series folder or image renamed into place (`citrusv sort-dicom` writes
                 # each under a hidden name first): MONAI Label's watcher sees no new file
-                if served(os.path.realpath(event.dest_path)):
+                if served(real(event.dest_path)):
                     self.refresh()
 
             pending: list[threading.Timer] = []
@@ -135,7 +154,7 @@ class CorrectionsDatastore(LocalDatastore):
                 # an image overwritten in place (MONAI Label refreshes on created and deleted
                 # files only): its labels are checked against its new content once the writes
                 # stop, so one saved for the first image is not listed with it
-                if event.is_directory or not served(os.path.realpath(event.src_path)):
+                if event.is_directory or not served(real(event.src_path)):
                     return
                 while pending:
                     pending.pop().cancel()
@@ -196,9 +215,9 @@ class CorrectionsDatastore(LocalDatastore):
 
     def status(self) -> dict[str, Any]:
         """MONAI Label's counts (`/info/` "datastore") plus, under "notes", what the server log
-        says about the studies folder (a CD export served as ..., a series split over folders
-        and not served, loose slices at start, labels kept apart from the image their id now
-        names), for an admin who reads /info/ and not the log."""
+        says about the studies folder (a CD export served as ..., the folders a split series
+        joins, loose slices at start, labels kept apart from the image their id now names or
+        whose image is gone), for an admin who reads /info/ and not the log."""
         out = super().status()
         if self.series_folders:
             out["notes"] = [*self.start_notes, *self.below_notes()]
@@ -393,10 +412,14 @@ class CorrectionsDatastore(LocalDatastore):
         folder is gone is given to no other folder (its correction would then belong to
         another image), nor is an id another entry of the studies folder takes (a file
         `cd.nii.gz` beside `cd/`): such a series gets the long form `<top>_<its path's parts>`.
-        A series whose files lie in several folders, or whose long id is taken too or not a
-        valid id, is not served, and the sentences say why."""
+        A series whose files lie in several folders (some exporters split long series) is one
+        image, named as its first folder, read from `STUDIES/.joined/<top>_<first folder>/`:
+        links to its files, kept in step with the folders at each look. A series whose long
+        id is taken too or not a valid id, or whose files could not be linked, is not served,
+        and the sentences say why."""
         ids: dict[str, str] = {}
         notes: list[str] = []
+        joined: set[str] = set()  # the folders of links made for split series this time
         base = self._datastore.image_path()
         entries = os.listdir(base)
         # folder (relative to the studies folder) -> the id the index gives it
@@ -426,14 +449,11 @@ class CorrectionsDatastore(LocalDatastore):
                 except Exception:  # unreadable (refused with its reason when asked) or just gone
                     uid = rel
                 uids.setdefault(uid, []).append(rel)
-            split = [rels for rels in uids.values() if len(rels) > 1]
+            # a series whose files lie in several folders (some exporters split long series)
+            # is one image, named by its first folder and read from links to all its files
+            groups = {rels[0]: rels for rels in uids.values()}
             said = []
-            for rels in split:
-                said.append(f"{name}: the files of one series lie in {len(rels)} folders "
-                             f"({', '.join(rels[:3])}{', ...' if len(rels) > 3 else ''}), so it is "
-                             "not served; move them into one folder (`citrusv sort-dicom "
-                             f"{name} <the studies folder>` puts each series of {name} in one).")
-            whole = [rel for rel in folders if not any(rel in rels for rels in split)]
+            whole = [rel for rel in folders if rel in groups]
             parts = [rel.split(os.sep) for rel in whole]
             shared = 0
             while (len(parts) > 1 and all(len(p) > shared + 1 for p in parts)
@@ -441,8 +461,24 @@ class CorrectionsDatastore(LocalDatastore):
                 shared += 1
             served = []
             for rel, p in zip(whole, parts):
+                rels = groups[rel]
                 folder = os.path.relpath(os.path.join(top, rel), base)
-                image_id = known.get(folder) or (name if len(folders) == 1 else "")
+                if len(rels) > 1:
+                    folder = os.path.join(JOINED_DIR, series_id("_".join([name, *rel.split(
+                        os.sep)]), 128))
+                    try:
+                        _link_files_into(os.path.join(base, folder),
+                                         [os.path.join(top, r) for r in rels])
+                    except OSError as e:
+                        said.append(f"{name}: the files of one series lie in {len(rels)} "
+                                    f"folders ({', '.join(rels[:3])}"
+                                    f"{', ...' if len(rels) > 3 else ''}) and could not be linked "
+                                    f"into one ({e}), so it is not served; `citrusv sort-dicom "
+                                    f"{name} <the studies folder>` puts each series of {name} "
+                                    "in one folder.")
+                        continue
+                    joined.add(folder)
+                image_id = known.get(folder) or (name if len(whole) == 1 else "")
                 if not image_id or image_id in retired or image_id in taken:
                     # the long form: a file `cd.nii.gz` beside `cd/` takes the id `cd`
                     image_id = series_id("_".join([name, *p[shared:]]))
@@ -451,11 +487,13 @@ class CorrectionsDatastore(LocalDatastore):
                                  f"'{image_id}' is taken or not a valid id; rename {name}.")
                     continue
                 ids[image_id] = folder
-                served.append(f"{image_id} ({rel})")
+                served.append(f"{image_id} ({rel})" if len(rels) == 1 else
+                              f"{image_id} ({' + '.join(rels)}: one series in {len(rels)} folders)")
             if served:
                 notes.append(f"{name} holds DICOM files in folders below it (a CD or DICOMDIR "
                              f"export?): served as {', '.join(served)}.")
             notes += said
+        _remove_stale_joins(os.path.join(base, JOINED_DIR), joined)
         return ids, notes
 
     def loose_series(self) -> dict[str, int]:
@@ -1118,6 +1156,37 @@ class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):
             self._datastore.label_path(DefaultLabelTag.FINAL.value), image_id)]
         return {str(e.get("name", "")).strip().lower() for r in records
                 for e in r.get("label_info") or [] if isinstance(e, dict)}
+
+
+def _link_files_into(dest: str, folders: list[str]) -> None:
+    """Make `dest` hold a link to each DICOM file of `folders`, named `<folder number>_<name>`
+    (the folders of a split series may reuse names), and nothing else; links already right are
+    left as they are (a second process, the training run, may keep them too)."""
+    want = {f"{i}_{path.name}": str(path) for i, folder in enumerate(folders)
+            for path in series_files(folder)}
+    os.makedirs(dest, exist_ok=True)
+    for entry in os.scandir(dest):
+        if not entry.is_symlink() or want.get(entry.name) != os.readlink(entry.path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+    have = set(os.listdir(dest))
+    for name, target in want.items():
+        if name not in have:
+            try:
+                os.symlink(target, os.path.join(dest, name))
+            except FileExistsError:
+                if os.readlink(os.path.join(dest, name)) != target:
+                    raise
+
+
+def _remove_stale_joins(root: str, keep: set[str]) -> None:
+    """Remove the folders of links under `root` (`JOINED_DIR`) made for split series that are
+    not there any more (the links only; the series' files are elsewhere)."""
+    if not os.path.isdir(root):
+        return
+    for name in os.listdir(root):
+        if os.path.join(JOINED_DIR, name) not in keep:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def _radiograph(path: str) -> bool:

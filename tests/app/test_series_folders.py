@@ -155,8 +155,9 @@ def _ask(server, image: str, tmp_path, **params):
     r = server.post(f"/infer/citrusv_segment?image={image}",
                     data={"params": json.dumps({"prompt": "Segment the liver.", **params})})
     assert r.status_code == 200, r.text
-    (tmp_path / image).mkdir()
-    return split_multipart(r, tmp_path / image)
+    folder = tmp_path / f"{image}_{params.get('slice', '')}"
+    folder.mkdir()
+    return split_multipart(r, folder)
 
 
 def test_a_series_folder_is_one_volume_on_the_ct_grid(series_server, tmp_path):
@@ -244,9 +245,8 @@ def test_a_folder_of_two_series_and_loose_slices_are_said(series_server):
     # the two loose CT slices are named; the two radiographs of one series beside them are not
     log = series_server.log(tail=10 ** 7)
     assert log.count("DICOM files directly in ") == 1
-    assert ("cd_split: the files of one series lie in 2 folders (DICOM/A, DICOM/B), so it is "
-            "not served; move them into one folder (`citrusv sort-dicom cd_split <the studies "
-            "folder>` puts each series of cd_split in one)." in log)
+    assert ("cd_split holds DICOM files in folders below it (a CD or DICOMDIR export?): served "
+            "as cd_split (DICOM/A + DICOM/B: one series in 2 folders)." in log)
     assert ("2 DICOM files directly in the studies folder are slices of one series (" in log
             and "each is served as an image of its own; move them into a folder of their own"
             in log), log[-3000:]
@@ -254,10 +254,11 @@ def test_a_folder_of_two_series_and_loose_slices_are_said(series_server):
 
 def test_the_series_of_a_cd_export_are_served(series_server, tmp_path):
     """A CD or DICOMDIR export copied into the studies folder as it is: each series folder
-    below it is an image (its files were not served at all, the log only named the folder)."""
+    below it is an image (its files were not served at all, the log only named the folder),
+    and a series whose files lie in two folders is one image (it was not served)."""
     listed = series_server.get("/datastore/?output=all").json()["objects"]
-    assert {"cd_export_SE000000", "cd_export_SE000001", "cd_one"} <= set(listed)
-    assert not {"cd_export", "cd_split", "cd_split_A", "cd_split_B"} & set(listed)
+    assert {"cd_export_SE000000", "cd_export_SE000001", "cd_one", "cd_split"} <= set(listed)
+    assert not {"cd_export", "cd_split_A", "cd_split_B"} & set(listed)
     log = series_server.log(tail=10 ** 7)
     assert ("cd_export holds DICOM files in folders below it (a CD or DICOMDIR export?): served "
             "as cd_export_SE000000 (PT000000/ST000000/SE000000), cd_export_SE000001 "
@@ -266,7 +267,9 @@ def test_the_series_of_a_cd_export_are_served(series_server, tmp_path):
     # and in /info/, for an admin who does not read the log
     notes = series_server.get("/info/").json()["datastore"]["notes"]
     assert [n for n in notes if n.startswith("cd_export holds DICOM files in folders below")]
-    assert [n for n in notes if n.startswith("cd_split: the files of one series lie in 2 ")]
+    a, b = os.path.join("DICOM", "A"), os.path.join("DICOM", "B")
+    assert ("cd_split holds DICOM files in folders below it (a CD or DICOMDIR export?): served "
+            f"as cd_split ({a} + {b}: one series in 2 folders)." in notes), notes
     assert [n for n in notes if n.startswith("2 DICOM files directly in the studies folder are "
                                              "slices of one series (")]
     result, _ = _ask(series_server, "cd_export_SE000000", tmp_path, slice=1)
@@ -278,6 +281,13 @@ def test_the_series_of_a_cd_export_are_served(series_server, tmp_path):
     assert np.allclose(result["image"]["ijk_to_ras"], expected, atol=1e-3)
     second, _ = _ask(series_server, "cd_export_SE000001", tmp_path, slice=0)
     assert second["image"]["shape"] == [2, 512, 512]
+    split, _ = _ask(series_server, "cd_split", tmp_path, slice=2)  # slices 60-63
+    whole, _ = _ask(series_server, "ct_series", tmp_path, slice=62)
+    assert split["image"]["shape"] == [4, 512, 512]
+    assert [m["rle"] for m in split["masks"]] == [m["rle"] for m in whole["masks"]]
+    expected = np.asarray(whole["image"]["ijk_to_ras"])
+    expected[:3, 3] += expected[:3, 2] * 60
+    assert np.allclose(split["image"]["ijk_to_ras"], expected, atol=1e-3)
     # the volume downloads as one NIfTI; a correction is stored under the id
     image = series_server.get("/datastore/image?image=cd_one")
     assert image.status_code == 200, image.text
@@ -531,6 +541,34 @@ def test_a_cd_whose_id_a_file_takes_is_served_under_its_long_id(tmp_path, sample
     # the next look keeps the long id
     assert sorted(CorrectionsDatastore(str(studies), extensions=EXTENSIONS).list_images()) == [
         "cd", "cd_DICOM_S1"]
+
+
+def test_a_series_split_over_folders_is_read_through_links_kept_in_step(tmp_path, sample_root):
+    """The links that join a split series follow its folders: a slice added to one folder is
+    in the next look's volume, and the links go with the series."""
+    sys.path.insert(0, str(APP_DIR))
+    from lib.datastore import EXTENSIONS, CorrectionsDatastore
+    from lib.images import read_study
+
+    slices = sorted((sample_root / "dicom" / "chest_ct").glob("*.dcm"))
+    studies = tmp_path / "studies"
+    for part, files in (("A", slices[60:62]), ("B", slices[62:64])):
+        (studies / "cd" / "DICOM" / part).mkdir(parents=True)
+        for f in files:  # the same names in both folders, as exporters number each folder
+            shutil.copy(f, studies / "cd" / "DICOM" / part / f"IM{files.index(f)}")
+    store = CorrectionsDatastore(str(studies), extensions=EXTENSIONS)
+    assert store.list_images() == ["cd"]
+    first = read_study(store.get_image_uri("cd"))
+    assert first.array.shape == (4, 512, 512)
+    shutil.copy(slices[64], studies / "cd" / "DICOM" / "B" / "IM2")
+    store = CorrectionsDatastore(str(studies), extensions=EXTENSIONS)
+    grown = read_study(store.get_image_uri("cd"))
+    assert grown.array.shape == (5, 512, 512)
+    np.testing.assert_array_equal(grown.array[:4], first.array)
+    assert np.allclose(grown.affine, first.affine)
+    shutil.rmtree(studies / "cd")
+    store = CorrectionsDatastore(str(studies), extensions=EXTENSIONS)
+    assert store.list_images() == [] and os.listdir(studies / ".joined") == []
 
 
 def test_a_series_folder_copied_in_while_serving_is_listed(series_server, sample_root):
