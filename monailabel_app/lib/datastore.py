@@ -107,16 +107,6 @@ class CorrectionsDatastore(LocalDatastore):
             # follow: without this, what another process (the training run, which imports
             # PACS SEGs) writes there would stay unseen by the server until it restarts
             handler.on_moved = self._on_moved_event
-            # the links `series_below` keeps for a series split over folders are its own:
-            # MONAI Label's watcher refreshed at each one (a refresh per file of the series)
-            on_any_event = handler.on_created
-
-            def unless_joined(event) -> None:
-                if JOINED_DIR not in os.path.relpath(event.src_path, self._datastore.image_path(
-                        )).split(os.sep)[:1]:
-                    on_any_event(event)
-
-            handler.on_created = handler.on_deleted = unless_joined
         observer = getattr(self, "_observer", None)
         if self.series_folders and handler is not None and observer is not None:
             # MONAI Label watches files of the studies folder itself: a series folder copied in
@@ -127,6 +117,8 @@ class CorrectionsDatastore(LocalDatastore):
             labels = os.path.realpath(self._datastore.label_path(None))
             index = os.path.realpath(self._datastore_config_path)
 
+            # a path below a hidden folder is not served: the links `series_below` keeps in
+            # .joined/ set off a refresh each (the target of a link is a served file)
             def real(path: str) -> str:  # its folder resolved, not a link it may be
                 return os.path.join(os.path.realpath(os.path.dirname(path)),
                                     os.path.basename(path))
