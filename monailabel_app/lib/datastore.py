@@ -92,6 +92,7 @@ class CorrectionsDatastore(LocalDatastore):
     # image id -> its series' folder, relative to the studies folder (None: not looked yet)
     _below: dict[str, str] | None = None
     _below_notes: list[str] = []  # series_below's sentences at the last refresh
+    _moved_folders = 0  # ids the last look found read from another folder than the index says
     # (label folder, file) -> the sentence on a label saved for another image (not listed)
     _kept_apart: dict[tuple[str, str], str] = {}
     # image id -> the info kept beside its label, for labels the listing just found again
@@ -250,7 +251,8 @@ class CorrectionsDatastore(LocalDatastore):
         return now is not None and now != kept["image_sha256"]
 
     def _remove_non_existing(self) -> int:
-        gone = super()._remove_non_existing()
+        gone = super()._remove_non_existing() + self._moved_folders  # the index to write
+        self._moved_folders = 0
         gone += self._detach_labels_of_replaced_images()
         if not self.series_folders:
             return gone
@@ -364,6 +366,14 @@ class CorrectionsDatastore(LocalDatastore):
 
     def _look_below(self) -> None:
         self._below, self._below_notes = self.series_below()
+        # the index names the folder each id is read from now, which the next look goes by
+        # (a split series left with one folder is read from it, not from links, and its id
+        # would else be retired with the links)
+        for image_id, folder in self._below.items():
+            obj = self._datastore.objects.get(image_id)
+            if obj is not None and not obj.image.ext and obj.image.info.get("name") != folder:
+                obj.image.info["name"] = folder
+                self._moved_folders += 1
 
     def below_notes(self) -> list[str]:
         """series_below's sentences as the last refresh found them (looked up now if none has

@@ -566,6 +566,12 @@ def test_a_series_split_over_folders_is_read_through_links_kept_in_step(tmp_path
     assert grown.array.shape == (5, 512, 512)
     np.testing.assert_array_equal(grown.array[:4], first.array)
     assert np.allclose(grown.affine, first.affine)
+    # one folder left: read from it, under the same id, also at the look after
+    shutil.rmtree(studies / "cd" / "DICOM" / "B")
+    for _ in range(2):
+        store = CorrectionsDatastore(str(studies), extensions=EXTENSIONS)
+        assert store.list_images() == ["cd"]
+        assert store.get_image_uri("cd") == str(studies / "cd" / "DICOM" / "A")
     shutil.rmtree(studies / "cd")
     store = CorrectionsDatastore(str(studies), extensions=EXTENSIONS)
     assert store.list_images() == [] and os.listdir(studies / ".joined") == []
