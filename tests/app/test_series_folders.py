@@ -577,6 +577,28 @@ def test_a_series_split_over_folders_is_read_through_links_kept_in_step(tmp_path
     assert store.list_images() == [] and os.listdir(studies / ".joined") == []
 
 
+def test_a_split_series_whose_files_cannot_be_linked_says_so(tmp_path, sample_root):
+    """Where the links cannot be made (here a file takes the name of their folder), the split
+    series is not served and /info/ says why and what to do."""
+    sys.path.insert(0, str(APP_DIR))
+    from lib.datastore import EXTENSIONS, CorrectionsDatastore
+
+    slices = sorted((sample_root / "dicom" / "chest_ct").glob("*.dcm"))
+    studies = tmp_path / "studies"
+    for part, files in (("A", slices[60:62]), ("B", slices[62:64])):
+        (studies / "cd" / part).mkdir(parents=True)
+        for f in files:
+            shutil.copy(f, studies / "cd" / part / f.name)
+    (studies / ".joined").write_text("not a folder\n")
+    store = CorrectionsDatastore(str(studies), extensions=EXTENSIONS)
+    assert store.list_images() == []
+    (note,) = store.status()["notes"]
+    assert note.startswith("cd: the files of one series lie in 2 folders (A, B) and could not be "
+                           "linked into one ([Errno 20] Not a directory: "), note
+    assert note.endswith("so it is not served; `citrusv sort-dicom cd <the studies folder>` puts "
+                         "each series of cd in one folder."), note
+
+
 def test_a_series_folder_copied_in_while_serving_is_listed(series_server, sample_root):
     """MONAI Label watches the studies folder's own files: a series folder copied in while the
     server runs was listed only at its next start."""
