@@ -38,6 +38,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -226,10 +227,11 @@ class CorrectionsDatastore(LocalDatastore):
             self._look_below()
         super()._reconcile_datastore()
 
-    def _image_content(self, path: str) -> dict[str, str]:
+    def _image_content(self, path: str, stat: str | None = None) -> dict[str, str]:
         """{"image_stat", "image_sha256"} of an image file or series folder (files.py); the
-        content is hashed again only when names, sizes or times changed."""
-        stat = image_stat(path)
+        content is hashed again only when names, sizes or times changed (`stat`: its
+        `image_stat` if the caller took it)."""
+        stat = image_stat(path) if stat is None else stat
         taken = self._contents.get(path)
         if taken is None or taken[0] != stat:
             try:
@@ -245,9 +247,10 @@ class CorrectionsDatastore(LocalDatastore):
         if not self.check_image_content or not kept.get("image_sha256"):
             return False
         path = os.path.join(self._datastore.image_path(), image)
-        if image_stat(path) in ("", kept.get("image_stat")):
+        stat = image_stat(path)
+        if stat in ("", kept.get("image_stat")):
             return False
-        now = self._image_content(path).get("image_sha256")
+        now = self._image_content(path, stat).get("image_sha256")
         return now is not None and now != kept["image_sha256"]
 
     def _remove_non_existing(self) -> int:
@@ -443,10 +446,11 @@ class CorrectionsDatastore(LocalDatastore):
             # ids of what is served beside it: the other entries, the ids given so far
             taken = {self._to_id(entry)[0] for entry in entries if entry != name} | set(ids)
             uids: dict[str, list[str]] = {}
+            listed: dict[str, list[Path]] = {}  # folder -> its DICOM files (for the links)
             for rel in folders:
                 try:
-                    first = series_files(os.path.join(top, rel))[0]
-                    ds = pydicom.dcmread(first, stop_before_pixels=True)
+                    listed[rel] = series_files(os.path.join(top, rel))
+                    ds = pydicom.dcmread(listed[rel][0], stop_before_pixels=True)
                     uid = str(ds.get("SeriesInstanceUID") or rel)
                 except Exception:  # unreadable (refused with its reason when asked) or just gone
                     uid = rel
@@ -469,8 +473,7 @@ class CorrectionsDatastore(LocalDatastore):
                     folder = os.path.join(JOINED_DIR, series_id("_".join([name, *rel.split(
                         os.sep)]), 128))
                     try:
-                        _link_files_into(os.path.join(base, folder),
-                                         [os.path.join(top, r) for r in rels])
+                        _link_files_into(os.path.join(base, folder), [listed[r] for r in rels])
                     except OSError as e:
                         said.append(f"{name}: the files of one series lie in {len(rels)} "
                                     f"folders ({', '.join(rels[:3])}"
@@ -1160,12 +1163,12 @@ class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):
                 for e in r.get("label_info") or [] if isinstance(e, dict)}
 
 
-def _link_files_into(dest: str, folders: list[str]) -> None:
-    """Make `dest` hold a link to each DICOM file of `folders`, named `<folder number>_<name>`
-    (the folders of a split series may reuse names), and nothing else; links already right are
-    left as they are (a second process, the training run, may keep them too)."""
-    want = {f"{i}_{path.name}": str(path) for i, folder in enumerate(folders)
-            for path in series_files(folder)}
+def _link_files_into(dest: str, folders: list[list[Path]]) -> None:
+    """Make `dest` hold a link to each DICOM file of `folders` (their `series_files`), named
+    `<folder number>_<name>` (the folders of a split series may reuse names), and nothing else;
+    links already right are left as they are (a second process, the training run, may keep
+    them too)."""
+    want = {f"{i}_{path.name}": str(path) for i, files in enumerate(folders) for path in files}
     os.makedirs(dest, exist_ok=True)
     for entry in os.scandir(dest):
         if not entry.is_symlink() or want.get(entry.name) != os.readlink(entry.path):
