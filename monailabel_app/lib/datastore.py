@@ -94,6 +94,7 @@ class CorrectionsDatastore(LocalDatastore):
     _below: dict[str, str] | None = None
     _below_notes: list[str] = []  # series_below's sentences at the last refresh
     _moved_folders = 0  # ids the last look found read from another folder than the index says
+    _replaced_checked = False  # labels of replaced images looked for in this refresh
     # (label folder, file) -> the sentence on a label saved for another image (not listed)
     _kept_apart: dict[tuple[str, str], str] = {}
     # image id -> the info kept beside its label, for labels the listing just found again
@@ -225,6 +226,7 @@ class CorrectionsDatastore(LocalDatastore):
         # was dropped and listed again, its correction's names and prompts lost ("label 1")
         if self.series_folders:
             self._look_below()
+        self._replaced_checked = False
         super()._reconcile_datastore()
 
     def _image_content(self, path: str, stat: str | None = None) -> dict[str, str]:
@@ -256,7 +258,11 @@ class CorrectionsDatastore(LocalDatastore):
     def _remove_non_existing(self) -> int:
         gone = super()._remove_non_existing() + self._moved_folders  # the index to write
         self._moved_folders = 0
-        gone += self._detach_labels_of_replaced_images()
+        # once per refresh: MONAI Label calls this again after attaching the labels it found,
+        # and those were checked as they were listed (`_labels_of_their_images`)
+        if not self._replaced_checked:
+            gone += self._detach_labels_of_replaced_images()
+            self._replaced_checked = True
         if not self.series_folders:
             return gone
         # a folder id whose folder holds no DICOM files now: a CD folder whose one series was

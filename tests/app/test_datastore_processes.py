@@ -147,7 +147,7 @@ def test_a_label_found_again_gets_its_names_back(citrusv_sample_studies, tmp_pat
 
 
 def test_a_label_saved_for_an_image_since_replaced_is_kept_apart(citrusv_sample_studies,
-                                                                  tmp_path):
+                                                                  tmp_path, monkeypatch):
     """An image replaced on disk by another under the same file name kept the first one's
     correction: listed with it, shown on it, trained with it. The content it was saved for is
     kept beside the label; a label whose image holds other content now is taken out of the
@@ -178,6 +178,17 @@ def test_a_label_saved_for_an_image_since_replaced_is_kept_apart(citrusv_sample_
     server.refresh()
     assert names(server) == ["liver"]
     assert names(CorrectionsDatastore(str(studies), extensions=EXTENSIONS)) == ["liver"]
+    # a refresh looks at a labelled image's files once (twice before: MONAI Label asks twice
+    # per refresh what is gone)
+    import lib.datastore
+    import lib.files
+
+    looked = []
+    hash_file, stat_image = lib.files.file_sha256, lib.datastore.image_stat
+    monkeypatch.setattr(lib.datastore, "image_stat", lambda p: looked.append(p) or stat_image(p))
+    server.refresh()
+    assert [os.path.normpath(p) for p in looked] == [str(ct)] and names(server) == ["liver"]
+    monkeypatch.undo()
 
     # another scan of the same size under the same name
     image = nib.load(ct)
@@ -185,6 +196,12 @@ def test_a_label_saved_for_an_image_since_replaced_is_kept_apart(citrusv_sample_
     nib.save(nib.Nifti1Image(other, image.affine, image.header), ct)
     server.refresh()  # the running server (its watcher refreshes on the change)
     assert names(server) == []
+    # nothing changed since: a refresh hashes no file (the label kept apart was hashed at each)
+    hashed = []
+    monkeypatch.setattr(lib.files, "file_sha256", lambda p: hashed.append(p) or hash_file(p))
+    server.refresh()
+    assert hashed == [] and names(server) == []
+    monkeypatch.undo()
     fresh = CorrectionsDatastore(str(studies), extensions=EXTENSIONS)  # and a restart
     assert names(fresh) == [] and fresh.get_labeled_images() == []
     assert collect(fresh, max_per_structure=4) == []
