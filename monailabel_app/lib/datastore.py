@@ -88,8 +88,6 @@ class CorrectionsDatastore(LocalDatastore):
     # a label is listed only with the image content it was saved for (the PACS datastore's
     # images are series UIDs, their cached copies rewritten when fetched again)
     check_image_content = True
-    # image file or folder -> (image_stat, image_sha256) as last taken
-    _contents: dict[str, tuple[str, str]] = {}
     # image id -> its series' folder, relative to the studies folder (None: not looked yet)
     _below: dict[str, str] | None = None
     _below_notes: list[str] = []  # series_below's sentences at the last refresh
@@ -102,7 +100,7 @@ class CorrectionsDatastore(LocalDatastore):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.start_notes: list[str] = []  # what the server found at start (loose DICOM slices)
-        self._contents, self._kept_apart = {}, {}
+        self._kept_apart = {}
         super().__init__(*args, **kwargs)
         handler = getattr(self, "_handler", None)
         if handler is not None:
@@ -230,17 +228,14 @@ class CorrectionsDatastore(LocalDatastore):
         super()._reconcile_datastore()
 
     def _image_content(self, path: str, stat: str | None = None) -> dict[str, str]:
-        """{"image_stat", "image_sha256"} of an image file or series folder (files.py); the
-        content is hashed again only when names, sizes or times changed (`stat`: its
-        `image_stat` if the caller took it)."""
-        stat = image_stat(path) if stat is None else stat
-        taken = self._contents.get(path)
-        if taken is None or taken[0] != stat:
-            try:
-                taken = self._contents[path] = (stat, image_sha256(path))
-            except OSError:  # gone meanwhile: nothing to identify
-                return {}
-        return {"image_stat": taken[0], "image_sha256": taken[1]}
+        """{"image_stat", "image_sha256"} of an image file or series folder (files.py, which
+        reads a file again only once it was written; `stat`: its `image_stat` if the caller
+        took it)."""
+        try:
+            return {"image_stat": image_stat(path) if stat is None else stat,
+                    "image_sha256": image_sha256(path)}
+        except OSError:  # gone meanwhile: nothing to identify
+            return {}
 
     def _image_replaced(self, kept: dict[str, Any], image: str) -> bool:
         """Whether the image file or folder (relative to the studies folder) that a label was

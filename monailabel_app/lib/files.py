@@ -87,27 +87,29 @@ def kept_records(label_path: str, image_id: str) -> list[dict[str, Any]]:
     return records
 
 
+# file -> ((size, mtime_ns, ctime_ns, inode), SHA-256) as last read: the server looks at the
+# same label and image files at every refresh (a label kept apart from a replaced image, that
+# image's files)
+_digests: dict[str, tuple[tuple[int, int, int, int], str]] = {}
+
+
 def file_sha256(path: str) -> str:
+    """SHA-256 of a file's bytes, read again only when the file was written or replaced since
+    it was last read (its size, times or inode changed)."""
+    st = os.stat(path)
+    key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    taken = _digests.get(path)
+    if taken is None or taken[0] != key:
+        taken = _digests[path] = (key, _read_sha256(path))
+    return taken[1]
+
+
+def _read_sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-# label file -> ((size, mtime_ns, ctime_ns, inode), SHA-256) as last taken: a label kept apart
-# from its image (`kept_label_record`) is looked at again at every refresh
-_label_digests: dict[str, tuple[tuple[int, int, int, int], str]] = {}
-
-
-def _label_sha256(path: str) -> str:
-    """file_sha256 of a label file, taken again only when the file was written or replaced."""
-    st = os.stat(path)
-    key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-    taken = _label_digests.get(path)
-    if taken is None or taken[0] != key:
-        taken = _label_digests[path] = (key, file_sha256(path))
-    return taken[1]
 
 
 def _image_files(path: str) -> list[os.DirEntry]:
@@ -174,7 +176,7 @@ def kept_label_record(label_path: str, image_id: str,
         with open(path) as f:
             kept = json.load(f)
         if isinstance(kept.get("info"), dict) and (
-                label_file is None or kept.get("sha256") == _label_sha256(label_file)):
+                label_file is None or kept.get("sha256") == file_sha256(label_file)):
             return kept
     except (OSError, ValueError, AttributeError):
         pass

@@ -184,7 +184,7 @@ def test_a_label_saved_for_an_image_since_replaced_is_kept_apart(citrusv_sample_
     import lib.files
 
     looked = []
-    hash_file, stat_image = lib.files.file_sha256, lib.datastore.image_stat
+    read_file, stat_image = lib.files._read_sha256, lib.datastore.image_stat
     monkeypatch.setattr(lib.datastore, "image_stat", lambda p: looked.append(p) or stat_image(p))
     server.refresh()
     assert [os.path.normpath(p) for p in looked] == [str(ct)] and names(server) == ["liver"]
@@ -196,9 +196,9 @@ def test_a_label_saved_for_an_image_since_replaced_is_kept_apart(citrusv_sample_
     nib.save(nib.Nifti1Image(other, image.affine, image.header), ct)
     server.refresh()  # the running server (its watcher refreshes on the change)
     assert names(server) == []
-    # nothing changed since: a refresh hashes no file (the label kept apart was hashed at each)
+    # nothing changed since: a refresh reads no file (the label kept apart was read at each)
     hashed = []
-    monkeypatch.setattr(lib.files, "file_sha256", lambda p: hashed.append(p) or hash_file(p))
+    monkeypatch.setattr(lib.files, "_read_sha256", lambda p: hashed.append(p) or read_file(p))
     server.refresh()
     assert hashed == [] and names(server) == []
     monkeypatch.undo()
