@@ -155,7 +155,10 @@ def test_bench_figures_on_tiny_model(tiny_dir):
     assert r["new_tokens"] == 8 and r["prompt_tokens"] > 40
     assert r["plain_generate_ms"] > 0 and r["capture_generate_ms"] > 0
     assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["peak_rss_mb"] > 0
-    assert r["mask_cached_ms"] < r["mask_cold_ms"]
+    # figures, not a race: that a cached slice skips the image encoders is counted, not timed,
+    # in test_engine.py (cached < cold in ms failed beside a training run: 16.2 against 15.4)
+    assert r["mask_cold_ms"] > 0 and r["mask_cached_ms"] > 0
+    assert r["mask_cached_over_cold"] == r["mask_cached_ms"] / r["mask_cold_ms"]
 
 
 def test_finetune_memory_figure_runs_each_mode_in_its_own_process(tiny_dir):
