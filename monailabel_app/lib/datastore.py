@@ -227,13 +227,12 @@ class CorrectionsDatastore(LocalDatastore):
         self._replaced_checked = False
         super()._reconcile_datastore()
 
-    def _image_content(self, path: str, stat: str | None = None) -> dict[str, str]:
+    @staticmethod
+    def _image_content(path: str) -> dict[str, str]:
         """{"image_stat", "image_sha256"} of an image file or series folder (files.py, which
-        reads a file again only once it was written; `stat`: its `image_stat` if the caller
-        took it)."""
+        reads a file again only once it was written)."""
         try:
-            return {"image_stat": image_stat(path) if stat is None else stat,
-                    "image_sha256": image_sha256(path)}
+            return {"image_stat": image_stat(path), "image_sha256": image_sha256(path)}
         except OSError:  # gone meanwhile: nothing to identify
             return {}
 
@@ -244,11 +243,12 @@ class CorrectionsDatastore(LocalDatastore):
         if not self.check_image_content or not kept.get("image_sha256"):
             return False
         path = os.path.join(self._datastore.image_path(), image)
-        stat = image_stat(path)
-        if stat in ("", kept.get("image_stat")):
+        if image_stat(path) in ("", kept.get("image_stat")):
             return False
-        now = self._image_content(path, stat).get("image_sha256")
-        return now is not None and now != kept["image_sha256"]
+        try:
+            return image_sha256(path) != kept["image_sha256"]
+        except OSError:  # gone meanwhile: nothing to compare
+            return False
 
     def _remove_non_existing(self) -> int:
         gone = super()._remove_non_existing() + self._moved_folders  # the index to write
