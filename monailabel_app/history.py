@@ -44,29 +44,48 @@ def entries(datastore: Path, image: str | None = None) -> list[dict]:
             for r in kept_records(str(datastore / LABELS), name)]
 
 
-def replaced(datastore: Path, record: dict, now: dict[str, str | None] | None = None) -> bool:
+class ImagesNow:
+    """Each image's digest as its file or folder holds it now, over one listing: the server's
+    index is read once, each image hashed once (files.py keeps the file digests)."""
+
+    def __init__(self, datastore: Path):
+        self.datastore = datastore
+        self._names: dict[str, str] | None = None
+        self._digests: dict[str, str | None] = {}
+
+    def digest(self, image: str) -> str | None:
+        """`image_sha256` of the file or folder the server's index names for `image` (None: no
+        such image, nothing to compare)."""
+        if image not in self._digests:
+            name = self._index().get(image)
+            try:
+                self._digests[image] = image_sha256(str(self.datastore / name)) if name else None
+            except OSError:
+                self._digests[image] = None
+        return self._digests[image]
+
+    def _index(self) -> dict[str, str]:
+        if self._names is None:
+            self._names = {}
+            try:
+                index = json.loads((self.datastore / "datastore_v2.json").read_text())
+                for image, obj in index["objects"].items():
+                    self._names[image] = str(obj["image"]["info"]["name"])
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                pass
+        return self._names
+
+
+def replaced(datastore: Path, record: dict, now: ImagesNow | None = None) -> bool:
     """Whether a kept correction was sent for other content than its image's file or folder
     holds now (a scan replaced on disk under the same name); the server keeps the image's
     digest with each correction since 2026-12-06 (older ones, and a PACS's, say no). `now`
-    keeps each image's digest over one listing."""
+    keeps the index and each image's digest over one listing."""
     want = record.get("image_sha256")
     if not want:
         return False
-    now = {} if now is None else now
-    image = str(record.get("image"))
-    if image not in now:
-        now[image] = _image_digest(datastore, image)
-    return now[image] is not None and now[image] != want
-
-
-def _image_digest(datastore: Path, image: str) -> str | None:
-    """`image_sha256` of the file or folder the server's index names for `image` now (None: no
-    such image, nothing to compare)."""
-    try:
-        index = json.loads((datastore / "datastore_v2.json").read_text())
-        return image_sha256(str(datastore / str(index["objects"][image]["image"]["info"]["name"])))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    have = (now or ImagesNow(datastore)).digest(str(record.get("image")))
+    return have is not None and have != want
 
 
 def _structures(record: dict, count: bool) -> str:
@@ -102,7 +121,7 @@ def list_entries(datastore: Path, image: str | None) -> str:
         where = datastore / HISTORY / (image or "")
         return f"No corrections kept in {where}."
     rows = [("image", "entry", "received", "sender", "structures")]
-    now: dict[str, str | None] = {}
+    now = ImagesNow(datastore)
     marked = False
     for r in found:
         entry = Path(r["file"]).name.split(".")[0]

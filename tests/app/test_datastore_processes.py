@@ -7,6 +7,7 @@ the index once when created, as each process does)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -260,3 +261,37 @@ def test_a_correction_for_a_replaced_image_is_not_merged_before_any_refresh(
     assert np.array_equal(stored > 0, np.asarray(nib.load(spleen).dataobj) > 0)
     (aside,) = (final / ".set_aside").glob("*.nii.gz")
     assert aside.read_bytes() == saved
+
+
+def test_the_history_listing_reads_the_index_once(tmp_path, monkeypatch):
+    """`history.py list` over many images' corrections reads the server's index once and hashes
+    each image once, and marks the corrections sent for an image replaced since."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("citrusv_history", APP_DIR / "history.py")
+    history = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(history)
+    objects = {}
+    for i in range(5):
+        (tmp_path / f"ct{i}.nii.gz").write_bytes(b"image %d" % i)
+        objects[f"ct{i}"] = {"image": {"info": {"name": f"ct{i}.nii.gz"}}, "labels": {}}
+        folder = tmp_path / "labels" / "final" / ".history" / f"ct{i}"
+        folder.mkdir(parents=True)
+        digest = history.image_sha256(str(tmp_path / f"ct{i}.nii.gz"))
+        for j, sent_for in enumerate((digest, digest if i else "another image")):
+            stamp = f"2026120{j + 1}T000000-00000{j}"
+            (folder / f"{stamp}.nii.gz").write_bytes(b"label")
+            (folder / f"{stamp}.json").write_text(json.dumps(
+                {"image": f"ct{i}", "file": f"{stamp}.nii.gz", "image_sha256": sent_for,
+                 "received": "then", "label_info": [{"idx": 1, "name": "liver"}]}))
+    (tmp_path / "datastore_v2.json").write_text(json.dumps({"objects": objects}))
+    reads, hashed = [], []
+    read_text, image_sha256 = Path.read_text, history.image_sha256
+    monkeypatch.setattr(Path, "read_text", lambda p, *a, **k: reads.append(p.name)
+                        or read_text(p, *a, **k))
+    monkeypatch.setattr(history, "image_sha256", lambda p: hashed.append(p) or image_sha256(p))
+    listing = history.list_entries(tmp_path, None).splitlines()
+    assert reads == ["datastore_v2.json"] and len(hashed) == 5 == len(set(hashed))
+    rows = [line.split() for line in listing[1:-1]]  # a header, then the footnote
+    assert len(rows) == 10 and [r[0] for r in rows if r[2] == "*"] == ["ct0"], listing
