@@ -59,7 +59,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from citrusv.dicom_sort import series_id  # the ids `citrusv sort-dicom` gives series
 
 from .errors import RequestError
-from .files import (fsync_copy, fsync_dir, image_sha256, image_stat, keep_label_info,
+from .files import (adopt_image_content, fsync_copy, fsync_dir, image_sha256, image_stat, keep_label_info,
                     keep_submission, kept_label_record, kept_records, set_aside)
 from .images import (LPS_TO_RAS, Study, holds_dicom, is_dicom_file, read_study, series_files,
                      write_label)
@@ -101,6 +101,7 @@ class CorrectionsDatastore(LocalDatastore):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.start_notes: list[str] = []  # what the server found at start (loose DICOM slices)
         self._kept_apart = {}
+        self._undated: set[tuple[str, str]] = set()  # said: labels no image content tells of
         super().__init__(*args, **kwargs)
         handler = getattr(self, "_handler", None)
         if handler is not None:
@@ -236,6 +237,30 @@ class CorrectionsDatastore(LocalDatastore):
         except OSError:  # gone meanwhile: nothing to identify
             return {}
 
+    def _with_image_content(self, label_path: str, image_id: str, kept: dict[str, Any],
+                            image: str) -> dict[str, Any]:
+        """A label's kept record with the content of the image it was saved for: one kept by a
+        server older than 2026-12-06 held none, and gets the image's content now where the
+        image was not written since (`adopt_image_content`); elsewhere the log says once that
+        nothing tells, and the label stays listed as before."""
+        if not self.check_image_content or kept.get("image_sha256"):
+            return kept
+        path = os.path.join(self._datastore.image_path(), image)
+        adopted = adopt_image_content(label_path, image_id, kept, path)
+        tag = os.path.basename(label_path)
+        if adopted is not None:
+            logger.info("The %s label of %s was kept by a server that recorded no digest of its "
+                        "image; %s was not written since, so its digest is recorded now.", tag,
+                        image_id, image)
+            return adopted
+        if (label_path, image_id) not in self._undated and os.path.exists(path):
+            self._undated.add((label_path, image_id))
+            logger.warning("The %s label of %s was saved by a server older than 2026-12-06, "
+                           "which recorded no digest of its image, and %s was written since: "
+                           "whether it is the image the label was drawn on cannot be told; the "
+                           "label stays listed with it.", tag, image_id, image)
+        return kept
+
     def _image_replaced(self, kept: dict[str, Any], image: str) -> bool:
         """Whether the image file or folder (relative to the studies folder) that a label was
         kept with (`kept`, files.py's record) holds other content now. A record without the
@@ -295,7 +320,10 @@ class CorrectionsDatastore(LocalDatastore):
         label_path = self._datastore.label_path(tag)
         image = self._filename(image_id, obj.image.ext)
         kept = kept_label_record(label_path, image_id, None)
-        if kept is None or kept.get("image") != image or not self._image_replaced(kept, image):
+        if kept is None or kept.get("image") != image:
+            return False
+        kept = self._with_image_content(label_path, image_id, kept, image)
+        if not self._image_replaced(kept, image):
             return False
         label_file = os.path.join(label_path, self._filename(image_id, obj.labels[tag].ext))
         return kept_label_record(label_path, image_id, label_file) is not None
@@ -330,7 +358,8 @@ class CorrectionsDatastore(LocalDatastore):
                 continue
             if kept.get("image") != image:
                 saved_for = f"the image {kept.get('image')}, not {image}, which its id names now"
-            elif self._image_replaced(kept, image):
+            elif self._image_replaced(
+                    self._with_image_content(label_path, image_id, kept, image), image):
                 saved_for = f"another image than the {image} there now (it was replaced)"
             else:
                 saved_for = ""

@@ -166,6 +166,43 @@ def keep_label_info(label_path: str, image_id: str, label_file: str, info: dict[
                        **(image_content or {}), "info": info})
 
 
+def image_written_ns(path: str) -> int | None:
+    """When an image's file or series folder was last written, renamed or had files added or
+    taken out (the newest modification or status-change time, ns; None if it is gone)."""
+    try:
+        st = os.stat(path)
+        times = [st.st_mtime_ns, st.st_ctime_ns]
+        for entry in _image_files(path):
+            st = entry.stat()
+            times += [st.st_mtime_ns, st.st_ctime_ns]
+    except OSError:
+        return None
+    return max(times)
+
+
+def adopt_image_content(label_path: str, image_id: str, kept: dict[str, Any],
+                        image_path: str) -> dict[str, Any] | None:
+    """A label's kept record (`kept_label_record`) written before records held the image's
+    content (before 2026-12-06), given it now where the image was provably not written since
+    the record was (`image_written_ns` older than the record): the label was saved for what the
+    image holds now. The record is rewritten with it (returned), so the image being replaced
+    later is seen. None where the image was written since (or is gone): nothing tells which
+    image the label was drawn on. A record that holds the content is returned as it is."""
+    if kept.get("image_sha256"):
+        return kept
+    record = os.path.join(label_path, INFO_DIR, f"{image_id}.json")
+    try:
+        written = image_written_ns(image_path)
+        if written is None or written >= os.stat(record).st_mtime_ns:
+            return None
+        kept = {**kept, "image_stat": image_stat(image_path),
+                "image_sha256": image_sha256(image_path)}
+        write_json_atomic(Path(record), kept)
+    except OSError:  # gone meanwhile, or a read-only folder: told another time
+        return None
+    return kept
+
+
 def kept_label_record(label_path: str, image_id: str,
                       label_file: str | None) -> dict[str, Any] | None:
     """What `keep_label_info` kept for this label ({"image": its image's file or folder,

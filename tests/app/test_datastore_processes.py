@@ -295,3 +295,67 @@ def test_the_history_listing_reads_the_index_once(tmp_path, monkeypatch):
     assert reads == ["datastore_v2.json"] and len(hashed) == 5 == len(set(hashed))
     rows = [line.split() for line in listing[1:-1]]  # a header, then the footnote
     assert len(rows) == 10 and [r[0] for r in rows if r[2] == "*"] == ["ct0"], listing
+
+
+def test_a_label_kept_before_image_digests_gets_one_where_its_image_was_not_written_since(
+        citrusv_sample_studies, tmp_path, caplog):
+    """A label kept by a server older than 2026-12-06 has no digest of its image, so its image
+    being replaced went unseen. Where the image was not written since the label's record was,
+    the label was saved for what it holds now: the record gets that digest at the next refresh,
+    and a later replacement is seen. Where it was written since, nothing tells: the log says
+    so once and the label stays listed."""
+    import logging
+    import os
+    import time
+
+    from lib.files import image_sha256
+
+    studies = copy_studies(tmp_path / "studies", citrusv_sample_studies)
+    ct = studies / "chest_ct.nii.gz"
+    record = studies / "labels" / "final" / ".info" / "chest_ct.json"
+    liver = reference_label(tmp_path / "liver.nii.gz", LIVER, ct)
+    CorrectionsDatastore(str(studies), extensions=EXTENSIONS).save_label(
+        "chest_ct", str(liver), "final", {"label_info": [{"name": "liver", "idx": 1}]})
+
+    def as_kept_before_digests() -> None:
+        kept = json.loads(record.read_text())
+        assert kept.pop("image_sha256") == image_sha256(str(ct)) and kept.pop("image_stat")
+        record.write_text(json.dumps(kept))
+
+    def names(store) -> list[str]:
+        info = store.get_labels_by_image_id("chest_ct")
+        return [e["name"] for e in store.get_label_info("chest_ct", "final")["label_info"]] \
+            if info else []
+
+    # written since (touched here; a copy over it alike): nothing tells, said once
+    as_kept_before_digests()
+    time.sleep(0.05)
+    os.utime(ct)
+    with caplog.at_level(logging.INFO, logger="lib.datastore"):
+        server = CorrectionsDatastore(str(studies), extensions=EXTENSIONS)
+        server.refresh()
+    assert names(server) == ["liver"] and "image_sha256" not in json.loads(record.read_text())
+    told = [r.getMessage() for r in caplog.records if "older than 2026-12-06" in r.getMessage()]
+    assert told == [
+        "The final label of chest_ct was saved by a server older than 2026-12-06, which recorded "
+        "no digest of its image, and chest_ct.nii.gz was written since: whether it is the image "
+        "the label was drawn on cannot be told; the label stays listed with it."]
+
+    # not written since the record was: the record gets the image's digest
+    caplog.clear()
+    time.sleep(0.05)
+    record.write_text(record.read_text())  # as kept by an older server after the image came
+    with caplog.at_level(logging.INFO, logger="lib.datastore"):
+        server = CorrectionsDatastore(str(studies), extensions=EXTENSIONS)
+    assert names(server) == ["liver"]
+    assert json.loads(record.read_text())["image_sha256"] == image_sha256(str(ct))
+    assert [r.getMessage() for r in caplog.records if "digest" in r.getMessage()] == [
+        "The final label of chest_ct was kept by a server that recorded no digest of its image; "
+        "chest_ct.nii.gz was not written since, so its digest is recorded now."]
+    # so another scan put in its place later is seen
+    image = nib.load(ct)
+    other = np.flip(np.asarray(image.dataobj), axis=0).copy()
+    nib.save(nib.Nifti1Image(other, image.affine, image.header), ct)
+    server.refresh()
+    assert names(server) == []
+    assert names(CorrectionsDatastore(str(studies), extensions=EXTENSIONS)) == []
