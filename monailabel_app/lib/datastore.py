@@ -207,6 +207,19 @@ class CorrectionsDatastore(LocalDatastore):
         found.update({image_id: image_id for image_id in self._below or {}})
         return found
 
+    def get_image_info(self, image_id: str) -> dict[str, Any]:
+        """MONAI Label's image info (`GET /datastore/image/info`) plus `image_stat` (files.py:
+        its file's or folder's files' names, sizes and times now; stat calls only, no read).
+        A client that downloaded the image (the Slicer module) tells from it that the image was
+        written since, maybe replaced on disk by another scan under the same name, and sends
+        no question or correction drawn on its copy under this id."""
+        info = super().get_image_info(image_id)
+        if info and self.check_image_content:
+            stamp = image_stat(str(info.get("path") or ""))
+            if stamp:
+                info["image_stat"] = stamp
+        return info
+
     def status(self) -> dict[str, Any]:
         """MONAI Label's counts (`/info/` "datastore") plus, under "notes", what the server log
         says about the studies folder (a CD export served as ..., the folders a split series

@@ -19,7 +19,7 @@ import qt
 import slicer
 from CitrusVLib import geometry
 from CitrusVLib.client import CitrusVClient, infer_params
-from CitrusVLib.errors import CitrusVCancelled, CitrusVError
+from CitrusVLib.errors import CitrusVCancelled, CitrusVError, ImageReplacedError
 from CitrusVLib.label_io import LabelVolume, upload_id, write_label_volume
 from CitrusVLib.result import box_label, step_text
 from slicer.ScriptedLoadableModule import (
@@ -400,7 +400,15 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _ask(self, volume, task, params, label):
         client = self.client()
         upload = self.logic.prepareImage(volume, self.serverUrl())  # UI thread: reads MRML
-        response = self.callServer(label, self.logic.infer, client, upload, task, params)
+        try:
+            response = self.callServer(label, self.logic.infer, client, upload, task, params)
+        except ImageReplacedError as replaced:
+            # the volume stands for itself now: uploaded and asked about as its own image
+            self.logic.unlinkImage(volume)
+            upload = self.logic.prepareImage(volume, self.serverUrl())
+            response = self.callServer(label, self.logic.infer, client, upload, task, params)
+            response.result.warnings.append(
+                f"{replaced} It was uploaded and asked about as its own image.")
         self.logic.rememberImage(volume, self.serverUrl(), upload)
         self._rememberServer(self.serverUrl())
         applied = self.logic.applyResult(response, volume, self._segmentEditorUndo(volume))
@@ -505,20 +513,31 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             # with a token it records the token's user
             sender = None if self.ui.tokenLineEdit.text.strip() else self.logic.senderName(
                 slicer.app.applicationLogic().GetUserInformation())
-            answer = self.callServer(
-                f"Sending the corrected {labelInfo[0]['name']}...",
-                self.logic.submitCorrection,
-                client,
-                upload,
-                path,
-                labelInfo,
-                prompt,
-                sender,
-            )
+            def send(upload):
+                return self.callServer(
+                    f"Sending the corrected {labelInfo[0]['name']}...",
+                    self.logic.submitCorrection,
+                    client,
+                    upload,
+                    path,
+                    labelInfo,
+                    prompt,
+                    sender,
+                )
+
+            replaced = ""
+            try:
+                answer = send(upload)
+            except ImageReplacedError as e:
+                # drawn on the scan the server had then: it goes with this volume, uploaded
+                self.logic.unlinkImage(volume)
+                upload = self.logic.prepareImage(volume, self.serverUrl())
+                answer = send(upload)
+                replaced = f" {e} The correction went with the volume, uploaded as its own image."
             self.logic.rememberImage(volume, self.serverUrl(), upload)
             self.ui.trainStatusLabel.text = (
                 f"Correction of {labelInfo[0]['name']} saved on the server "
-                f"(label {answer.get('label', '?')}); press Train to learn from it."
+                f"(label {answer.get('label', '?')}); press Train to learn from it.{replaced}"
             )
         except Exception as exc:
             self._report(exc, "Submit correction")
@@ -568,14 +587,19 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if sample is None:
                 self.ui.trainStatusLabel.text = "The server has no unlabelled image left."
                 return
-            volume = self.logic.volumeForImage(sample.image_id, self.serverUrl())
+            # asked before the download: a scan replaced meanwhile is then seen at the next ask
+            info = self.callServer(
+                f"Looking up {sample.image_id}...", client.image_info, sample.image_id
+            )
+            stamp = info.get("image_stat")
+            volume = self.logic.volumeForImage(sample.image_id, self.serverUrl(), stamp)
             if volume is None:
                 tmp = self.logic.tempDirectory()
                 path = self.callServer(
                     f"Downloading {sample.image_id}...", client.download_image, sample.image_id, tmp
                 )
                 volume = slicer.util.loadVolume(path)
-                self.logic.rememberImage(volume, self.serverUrl(), sample.image_id)
+                self.logic.rememberImage(volume, self.serverUrl(), sample.image_id, stamp)
             self.ui.volumeSelector.setCurrentNode(volume)
             slicer.util.setSliceViewerLayers(background=volume, fit=True)
             CitrusVMRML.align_views_to_volume(volume)
@@ -640,7 +664,9 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
         """
         imageId = volume.GetAttribute(CitrusVMRML.IMAGE_ID_ATTR)
         if imageId:
-            return {"image_id": imageId}
+            stamp = volume.GetAttribute(CitrusVMRML.IMAGE_STAT_ATTR)
+            return {"image_id": imageId, "image_stat": stamp, "name": volume.GetName()} if stamp \
+                else {"image_id": imageId}
         known = self._uploads.get(self._uploadKey(volume, url))
         if known:
             return {"image_id": known}
@@ -655,7 +681,14 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
         return upload
 
     def ensureUploaded(self, client, upload):
-        """Worker thread: write (NRRD, gzip) and upload the snapshot if the server lacks it."""
+        """Worker thread: write (NRRD, gzip) and upload the snapshot if the server lacks it. A
+        volume downloaded from the server (``rememberImage`` with its ``image_stat``) is first
+        checked to be what the server's image still holds: ``ImageReplacedError`` if its files
+        were written since (the widget then unlinks the volume and uploads it)."""
+        if upload.get("image_stat"):
+            now = client.image_info(upload["image_id"]).get("image_stat")
+            if now and now != upload["image_stat"]:
+                raise ImageReplacedError(upload["image_id"], upload.get("name") or "the volume")
         if "path" in upload and not upload.get("uploaded"):
             if upload.get("volume") is not None:
                 write_label_volume(upload["path"], upload.pop("volume"))
@@ -663,17 +696,38 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
             upload["uploaded"] = True
         return upload["image_id"]
 
-    def rememberImage(self, volume, url, upload):
+    def rememberImage(self, volume, url, upload, imageStat=None):
+        """Which server image a volume is: ``upload`` a datastore id (the volume was downloaded
+        from it; ``imageStat`` the ``image_stat`` its info gave just before) or what
+        ``prepareImage`` gave."""
         imageId = upload if isinstance(upload, str) else upload.get("image_id")
         if isinstance(upload, str) or upload.get("uploaded") or "path" not in upload:
             self._uploads[self._uploadKey(volume, url)] = imageId
         if isinstance(upload, str):
             volume.SetAttribute(CitrusVMRML.IMAGE_ID_ATTR, imageId)
+            if imageStat:
+                volume.SetAttribute(CitrusVMRML.IMAGE_STAT_ATTR, imageStat)
 
-    def volumeForImage(self, imageId, url):
+    def unlinkImage(self, volume):
+        """The volume is no longer the server's image it was downloaded from (replaced there):
+        the next question or correction uploads it as its own image."""
+        volume.RemoveAttribute(CitrusVMRML.IMAGE_ID_ATTR)
+        volume.RemoveAttribute(CitrusVMRML.IMAGE_STAT_ATTR)
+        for key in [k for k in self._uploads if k[1] == volume.GetID()]:
+            del self._uploads[key]
+
+    def volumeForImage(self, imageId, url, imageStat=None):
+        """The volume downloaded for a datastore id, if the server's image is still what it was
+        then (``imageStat``: its ``image_stat`` now); one whose image was written since is
+        unlinked (``unlinkImage``), and None is returned: download it again."""
         for volume in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
-            if volume.GetAttribute(CitrusVMRML.IMAGE_ID_ATTR) == imageId:
-                return volume
+            if volume.GetAttribute(CitrusVMRML.IMAGE_ID_ATTR) != imageId:
+                continue
+            then = volume.GetAttribute(CitrusVMRML.IMAGE_STAT_ATTR)
+            if imageStat and then and then != imageStat:
+                self.unlinkImage(volume)
+                continue
+            return volume
         return None
 
     # -- worker-thread steps -----------------------------------------------------------------------

@@ -93,3 +93,76 @@ def test_upload_ask_apply_and_correct_over_http(citrusv_module, ct_volume, citru
     assert np.allclose(back.ijk_to_ras, CitrusVMRML.ijk_to_ras(ct_volume, world=False), atol=1e-3)
     assert geometry.slice_shape(back.array.shape, "axial") == mask[k].shape
     logic.cleanup()
+
+
+def test_a_volume_whose_server_image_was_replaced_goes_as_its_own_image(
+        citrusv_module, mrml, tiny_model_dir, citrusv_sample_studies, tmp_path):
+    """A volume downloaded from the server (Next sample) is asked about by its datastore id.
+    Once the server's image under that id is replaced on disk by another scan, nothing drawn on
+    the volume goes to that id: the question and the correction are refused with a sentence
+    before anything is sent, the next download is not answered with the old volume, and the
+    volume, uploaded, goes as its own image."""
+    import shutil
+
+    import CitrusVMRML
+    from CitrusVLib.errors import ImageReplacedError
+
+    from tests.server import copy_studies, start_citrusv_server
+
+    studies = copy_studies(tmp_path / "studies", citrusv_sample_studies)
+    shutil.copytree(tiny_model_dir, tmp_path / "model")
+    su = mrml.slicer.util
+    mrml.fresh()
+    with start_citrusv_server(studies, tmp_path / "model") as server:
+        url = server.url
+        logic = citrusv_module.CitrusVLogic()
+        client = logic.client(url)
+        # Next sample as the widget does it: the image's info first, then the download
+        stamp = client.image_info("chest_ct")["image_stat"]
+        img = nib.load(client.download_image("chest_ct", str(tmp_path)))
+        array = np.ascontiguousarray(np.asanyarray(img.dataobj).transpose(2, 1, 0))
+        volume = su.addVolumeFromArray(array.astype(np.int16), ijkToRAS=img.affine, name="chest_ct")
+        logic.rememberImage(volume, url, "chest_ct", stamp)
+        assert logic.volumeForImage("chest_ct", url, stamp) is volume
+        upload = logic.prepareImage(volume, url)
+        assert upload == {"image_id": "chest_ct", "image_stat": stamp, "name": "chest_ct"}
+        params = {"prompt": "Segment the liver.", "slice": 60, "axis": "axial"}
+        applied = logic.applyResult(logic.infer(client, upload, "segment", params), volume)
+        logic.rememberImage(volume, url, upload)
+        segment_id = next(iter(applied.segment_ids.values()))
+        path, info = logic.exportCorrection(volume, segment_id)
+        assert sorted(server.get("/datastore/?output=all").json()["objects"]) == [
+            "chest_ct", "chest_xray"]  # asked by its id: nothing uploaded
+
+        # another scan put in its place on the server, same grid, same file name
+        ct = studies / "chest_ct.nii.gz"
+        other = np.flip(np.asarray(nib.load(ct).dataobj), axis=0).copy()
+        nib.save(nib.Nifti1Image(other, img.affine, img.header), ct)
+        sentence = ("The server's image 'chest_ct' was written since 'chest_ct' was downloaded "
+                    "from it (another scan may have replaced it there), so the volume is no "
+                    "longer taken for it.")
+        with pytest.raises(ImageReplacedError) as refused:
+            logic.infer(client, logic.prepareImage(volume, url), "segment", params)
+        assert str(refused.value) == sentence
+        with pytest.raises(ImageReplacedError):
+            logic.submitCorrection(client, logic.prepareImage(volume, url), path, info, "liver")
+        assert not (studies / "labels" / "final" / "chest_ct.nii.gz").exists()
+
+        # Next sample names chest_ct again: the old volume is not shown for it (and unlinked)
+        assert logic.volumeForImage("chest_ct", url, client.image_info("chest_ct")["image_stat"]
+                                    ) is None
+        assert volume.GetAttribute(CitrusVMRML.IMAGE_ID_ATTR) is None
+        # the volume goes as its own image now, its correction with it
+        upload = logic.prepareImage(volume, url)
+        assert "path" in upload
+        logic.infer(client, upload, "segment", params)
+        logic.rememberImage(volume, url, upload)
+        assert upload["image_id"].startswith("slicer_chest_ct_")
+        answer = logic.submitCorrection(client, logic.prepareImage(volume, url), path, info, "liver")
+        assert answer["image"] == upload["image_id"]
+        saved = read_label_volume(next((studies / "labels" / "final").glob(
+            f"{upload['image_id']}.*")))
+        assert np.array_equal(saved.array > 0, su.arrayFromSegmentBinaryLabelmap(
+            applied.segmentation_node, segment_id, volume) > 0)
+        assert not (studies / "labels" / "final" / "chest_ct.nii.gz").exists()
+        logic.cleanup()

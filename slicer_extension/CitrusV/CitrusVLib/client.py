@@ -320,6 +320,13 @@ class CitrusVClient:
         )
         return response.status_code == 200
 
+    def image_info(self, image_id: str) -> dict[str, Any]:
+        """``GET /datastore/image/info``: the server's info on an image ({} if it has none). A
+        Citrus-V server adds ``image_stat``, which changes whenever the image's files are
+        written (a scan replaced on disk under the same name)."""
+        body = self._json(self.request("GET", "/datastore/image/info", query={"image": image_id}))
+        return body if isinstance(body, dict) else {}
+
     def download_image(self, image_id: str, directory: str) -> str:
         """``GET /datastore/image`` to ``directory``; returns the written path."""
         response = self.request("GET", "/datastore/image", query={"image": image_id})
