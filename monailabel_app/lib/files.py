@@ -197,9 +197,12 @@ def adopt_image_content(label_path: str, image_id: str, kept: dict[str, Any],
             return None
         kept = {**kept, "image_stat": image_stat(image_path),
                 "image_sha256": image_sha256(image_path)}
-        write_json_atomic(Path(record), kept)
-    except OSError:  # gone meanwhile, or a read-only folder: told another time
+    except OSError:  # gone meanwhile
         return None
+    try:
+        write_json_atomic(Path(record), kept)
+    except OSError:  # a read-only or full disk: true all the same, written at a later refresh
+        pass
     return kept
 
 
