@@ -102,6 +102,12 @@ class CorrectionsDatastore(LocalDatastore):
         self.start_notes: list[str] = []  # what the server found at start (loose DICOM slices)
         self._kept_apart = {}
         self._undated: set[tuple[str, str]] = set()  # said: labels no image content tells of
+        # one thread at a time walks or changes the index in memory: the folder watcher's
+        # thread, the timer after an image's writes and request threads each refresh it, and
+        # two refreshes at once ended the watcher's thread ("dictionary changed size during
+        # iteration"): nothing copied in after was listed until a restart. Taken before the
+        # file lock (the index file, shared with the training process), never after it.
+        self._mutex = threading.RLock()
         super().__init__(*args, **kwargs)
         handler = getattr(self, "_handler", None)
         if handler is not None:
@@ -134,13 +140,13 @@ class CorrectionsDatastore(LocalDatastore):
             def changed(event) -> None:  # a file in a folder of the studies folder, any depth
                 path = real(event.src_path)
                 if not event.is_directory and os.path.dirname(path) != base and served(path):
-                    self.refresh()
+                    self._watched_refresh()
 
             def moved(event) -> None:
                 # a series folder or image renamed into place (`citrusv sort-dicom` writes
                 # each under a hidden name first): MONAI Label's watcher sees no new file
                 if served(real(event.dest_path)):
-                    self.refresh()
+                    self._watched_refresh()
 
             pending: list[threading.Timer] = []
 
@@ -152,7 +158,7 @@ class CorrectionsDatastore(LocalDatastore):
                     return
                 while pending:
                     pending.pop().cancel()
-                timer = threading.Timer(REFRESH_AFTER_WRITES_S, self.refresh)
+                timer = threading.Timer(REFRESH_AFTER_WRITES_S, self._watched_refresh)
                 timer.daemon = True
                 pending.append(timer)
                 timer.start()
@@ -167,6 +173,37 @@ class CorrectionsDatastore(LocalDatastore):
                 logger.warning("Series folders copied into %s while the server runs will be "
                                "listed at its next start only (%s).", base, e)
 
+    def _watched_refresh(self) -> None:
+        """A refresh that a change on disk starts (the watcher's thread, or the timer after an
+        image's writes): an error is logged, not raised, since it would end the watcher's thread
+        and nothing copied in after would be listed until a restart."""
+        try:
+            self.refresh()
+        except Exception:
+            logger.exception("Listing the studies folder again after a change on disk failed; "
+                             "the next change (or a restart) lists it.")
+
+    def _on_any_event(self, event) -> None:  # MONAI Label's watcher: an image file came or went
+        try:
+            super()._on_any_event(event)
+        except Exception:
+            logger.exception("Listing the studies folder again after a change on disk failed; "
+                             "the next change (or a restart) lists it.")
+
+    def _on_modify_event(self, event) -> None:  # MONAI Label's watcher: the index file written
+        try:
+            super()._on_modify_event(event)
+        except Exception:
+            logger.exception("Reading the datastore index again after it was written failed.")
+
+    def _init_from_datastore_file(self, throw_exception: bool = False) -> None:
+        with self._mutex:
+            super()._init_from_datastore_file(throw_exception)
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        with self._mutex:
+            super().remove_label(label_id, label_tag)
+
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         """An uploaded image, checked first: an id that names a file in the studies folder and
         nowhere else (before, "../x" wrote outside it), an image this server reads (an empty
@@ -180,6 +217,11 @@ class CorrectionsDatastore(LocalDatastore):
                                "letters, digits, '.', '_' or '-', not starting with a dot, e.g. "
                                "?image=patient12_ct.")
         new = read_study(image_filename)  # RequestError: not an image this server reads
+        with self._mutex:
+            return self._add_checked_image(image_id, image_filename, image_info, new)
+
+    def _add_checked_image(self, image_id: str, image_filename: str, image_info: dict[str, Any],
+                           new) -> str:
         existing = self._datastore.objects.get(image_id)
         if existing is not None:
             old = read_study(self.get_image_uri(image_id))
@@ -233,13 +275,14 @@ class CorrectionsDatastore(LocalDatastore):
         return out
 
     def _reconcile_datastore(self) -> None:
-        # the series below folders, looked up once per refresh and before MONAI Label checks
-        # that each image's file is there (it does so first): unknown then, an image among them
-        # was dropped and listed again, its correction's names and prompts lost ("label 1")
-        if self.series_folders:
-            self._look_below()
-        self._replaced_checked = False
-        super()._reconcile_datastore()
+        with self._mutex:  # one refresh at a time (see __init__)
+            # the series below folders, looked up once per refresh and before MONAI Label
+            # checks that each image's file is there (it does so first): unknown then, an image
+            # among them was dropped and listed again, its correction's names and prompts lost
+            if self.series_folders:
+                self._look_below()
+            self._replaced_checked = False
+            super()._reconcile_datastore()
 
     @staticmethod
     def _image_content(path: str) -> dict[str, str]:
@@ -568,12 +611,17 @@ class CorrectionsDatastore(LocalDatastore):
         if image_id not in self._datastore.objects:  # MONAI Label answered 500
             raise RequestError(f"image '{str(image_id)[:60]}' is not in the datastore; nothing "
                                "was removed.", status_code=404)
-        super().remove_image(image_id)
+        with self._mutex:
+            super().remove_image(image_id)
 
     def _on_moved_event(self, event) -> None:
         if os.path.realpath(getattr(event, "dest_path", "")) == os.path.realpath(
                 self._datastore_config_path):
-            self._init_from_datastore_file()  # a no-op for this process's own writes (mtime)
+            try:  # a no-op for this process's own writes (mtime)
+                self._init_from_datastore_file()
+            except Exception:  # the watcher's thread: raised, it would end it
+                logger.exception("Reading the datastore index again after it was replaced "
+                                 "failed.")
 
     def _reload_index(self) -> None:
         """Re-read the index if another process (the server, or its training run, which imports
@@ -612,7 +660,7 @@ class CorrectionsDatastore(LocalDatastore):
         dest = os.path.join(label_path, name)
         tmp = os.path.join(label_path, f".{name}.{uuid.uuid4().hex}.part")
 
-        with FileLock(self._lock_file):
+        with self._mutex, FileLock(self._lock_file):
             self._reload_index()
             obj = self._datastore.objects.get(image_id)
             if obj is None:
@@ -765,7 +813,7 @@ class CorrectionsDatastore(LocalDatastore):
             self._config_ts = os.stat(self._datastore_config_path).st_mtime
 
         if lock:
-            with FileLock(self._lock_file):
+            with self._mutex, FileLock(self._lock_file):
                 write()
         else:
             write()
@@ -1046,7 +1094,7 @@ class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):
         for _, size, image_id in sorted(candidates):
             if total <= self.cache_limit_bytes:
                 break
-            with FileLock(self._lock_file):
+            with self._mutex, FileLock(self._lock_file):
                 shutil.rmtree(self._series_dir(image_id), ignore_errors=True)
                 if os.path.exists(self._nifti_path(image_id)):
                     os.unlink(self._nifti_path(image_id))
@@ -1089,7 +1137,7 @@ class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):
         except Exception as e:  # the PACS copy is best effort; the correction is already safe
             logger.error("Correction for %s kept locally; the PACS did not take it: %s", image_id, e)
             error = f"{type(e).__name__}: {e}"
-        with FileLock(self._lock_file):
+        with self._mutex, FileLock(self._lock_file):
             self._reload_index()  # another correction or import may have landed meanwhile
             info = self._datastore.objects[image_id].labels[DefaultLabelTag.FINAL.value].info
             if uid:
@@ -1134,7 +1182,7 @@ class PacsDatastore(DICOMWebDatastore, CorrectionsDatastore):
         except requests.RequestException as e:
             logger.warning("The PACS did not answer (%s); no new DICOM SEGs imported.", e)
             return []
-        with FileLock(self._lock_file):
+        with self._mutex, FileLock(self._lock_file):
             self._reload_index()  # the server's latest corrections and their SEGs
         done: set[str] = set()  # SEGs written here or imported before
         for obj in self._datastore.objects.values():

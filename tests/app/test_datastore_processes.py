@@ -359,3 +359,99 @@ def test_a_label_kept_before_image_digests_gets_one_where_its_image_was_not_writ
     server.refresh()
     assert names(server) == []
     assert names(CorrectionsDatastore(str(studies), extensions=EXTENSIONS)) == []
+
+
+def test_an_image_digest_is_adopted_where_the_record_cannot_be_written(tmp_path, monkeypatch):
+    """`adopt_image_content` on a read-only (or full) disk: the image's digest still stands for
+    this run (the record is written at a later refresh); an image written after the record was
+    gets none."""
+    import os
+    import time
+
+    import lib.files as files
+
+    image = tmp_path / "ct.nii.gz"
+    image.write_bytes(b"the scan")
+    time.sleep(0.05)
+    record = tmp_path / "labels" / "final" / ".info" / "ct.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"image": "ct.nii.gz", "info": {}}))
+
+    def refuse(*_args):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(files, "write_json_atomic", refuse)
+    kept = files.adopt_image_content(str(record.parents[1]), "ct", {"image": "ct.nii.gz",
+                                                                     "info": {}}, str(image))
+    assert kept["image_sha256"] == files.image_sha256(str(image))
+    assert "image_sha256" not in json.loads(record.read_text())
+    time.sleep(0.05)
+    os.utime(image)  # written after the record: nothing tells
+    assert files.adopt_image_content(str(record.parents[1]), "ct", {"image": "ct.nii.gz",
+                                                                    "info": {}}, str(image)) is None
+
+
+def test_one_refresh_at_a_time(citrusv_sample_studies, tmp_path, monkeypatch):
+    """The folder watcher's thread, the timer after an image's writes and request threads each
+    refresh the index; two at once ended the watcher's thread ("dictionary changed size during
+    iteration", seen in a test run), and nothing copied in after was listed."""
+    import threading
+    import time
+
+    studies = copy_studies(tmp_path / "studies", citrusv_sample_studies)
+    store = CorrectionsDatastore(str(studies), extensions=EXTENSIONS)
+    walk, inside, peak = store._add_non_existing_images, [0], [0]
+
+    def slow() -> int:
+        inside[0] += 1
+        peak[0] = max(peak[0], inside[0])
+        time.sleep(0.2)  # a refresh walking the index while another starts
+        try:
+            return walk()
+        finally:
+            inside[0] -= 1
+
+    monkeypatch.setattr(store, "_add_non_existing_images", slow)
+    threads = [threading.Thread(target=store.refresh) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert peak[0] == 1 and sorted(store.list_images()) == ["chest_ct", "chest_xray"]
+
+
+def test_a_failed_refresh_does_not_end_the_folder_watcher(citrusv_sample_studies, sample_root,
+                                                          tmp_path, monkeypatch):
+    """A refresh the watcher starts that fails is logged; the watcher goes on, and a series
+    folder copied in after is listed (raised in its thread, the error ended it)."""
+    import shutil
+    import time
+
+    studies = copy_studies(tmp_path / "studies", citrusv_sample_studies)
+    store = CorrectionsDatastore(str(studies), extensions=EXTENSIONS, auto_reload=True)
+    try:
+        look, failures = store._look_below, []
+
+        def fails_once() -> None:
+            if not failures:
+                failures.append(1)
+                raise RuntimeError("dictionary changed size during iteration")
+            look()
+
+        monkeypatch.setattr(store, "_look_below", fails_once)
+        slices = sorted((sample_root / "dicom" / "chest_ct").glob("*.dcm"))[:2]
+        for name in ("first", "second"):
+            (tmp_path / name).mkdir()
+            for f in slices:
+                shutil.copy(f, tmp_path / name / f.name)
+            (tmp_path / name).rename(studies / name)  # renamed into place whole
+            deadline = time.monotonic() + 30
+            while not failures and time.monotonic() < deadline:
+                time.sleep(0.2)
+        deadline = time.monotonic() + 30
+        while "second" not in store.list_images() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert failures and "second" in store.list_images()
+    finally:
+        store._observer.stop()
+        store._observer.join(timeout=10)
