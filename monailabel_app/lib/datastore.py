@@ -71,6 +71,8 @@ JOINED_DIR = ".joined"
 
 # seconds after the last write to an image overwritten in place before its labels are checked
 REFRESH_AFTER_WRITES_S = 1.0
+REFRESH_FAILED = ("Listing the studies folder again after a change on disk failed; the next "
+                  "change (or a restart) lists it.")
 
 # MONAI Label's defaults plus DICOM files (the sample chest X-ray is a single .dcm).
 EXTENSIONS = ["*.nii.gz", "*.nii", "*.nrrd", "*.dcm", "*.png", "*.jpg"]
@@ -101,7 +103,8 @@ class CorrectionsDatastore(LocalDatastore):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.start_notes: list[str] = []  # what the server found at start (loose DICOM slices)
         self._kept_apart = {}
-        self._undated: set[tuple[str, str]] = set()  # said: labels no image content tells of
+        # labels kept with no digest of their image (before 2026-12-06): said once in the log
+        self._undated: set[tuple[str, str]] = set()
         # one thread at a time walks or changes the index in memory: the folder watcher's
         # thread, the timer after an image's writes and request threads each refresh it, and
         # two refreshes at once ended the watcher's thread ("dictionary changed size during
@@ -180,15 +183,13 @@ class CorrectionsDatastore(LocalDatastore):
         try:
             self.refresh()
         except Exception:
-            logger.exception("Listing the studies folder again after a change on disk failed; "
-                             "the next change (or a restart) lists it.")
+            logger.exception(REFRESH_FAILED)
 
     def _on_any_event(self, event) -> None:  # MONAI Label's watcher: an image file came or went
         try:
-            super()._on_any_event(event)
+            super()._on_any_event(event)  # a refresh
         except Exception:
-            logger.exception("Listing the studies folder again after a change on disk failed; "
-                             "the next change (or a restart) lists it.")
+            logger.exception(REFRESH_FAILED)
 
     def _on_modify_event(self, event) -> None:  # MONAI Label's watcher: the index file written
         try:
@@ -304,13 +305,15 @@ class CorrectionsDatastore(LocalDatastore):
         path = os.path.join(self._datastore.image_path(), image)
         adopted = adopt_image_content(label_path, image_id, kept, path)
         tag = os.path.basename(label_path)
+        said = (label_path, image_id) in self._undated  # each said once (a read-only disk)
+        self._undated.add((label_path, image_id))
         if adopted is not None:
-            logger.info("The %s label of %s was kept by a server that recorded no digest of its "
-                        "image; %s was not written since, so its digest is recorded now.", tag,
-                        image_id, image)
+            if not said:
+                logger.info("The %s label of %s was kept by a server that recorded no digest of "
+                            "its image; %s was not written since, so its digest is recorded now.",
+                            tag, image_id, image)
             return adopted
-        if (label_path, image_id) not in self._undated and os.path.exists(path):
-            self._undated.add((label_path, image_id))
+        if not said and os.path.exists(path):
             logger.warning("The %s label of %s was saved by a server older than 2026-12-06, "
                            "which recorded no digest of its image, and %s was written since: "
                            "whether it is the image the label was drawn on cannot be told; the "
