@@ -101,8 +101,10 @@ def test_a_volume_whose_server_image_was_replaced_goes_as_its_own_image(
     Once the server's image under that id is replaced on disk by another scan, nothing drawn on
     the volume goes to that id: the question and the correction are refused with a sentence
     before anything is sent, the next download is not answered with the old volume, and the
-    volume, uploaded, goes as its own image."""
+    widget sends the correction and the question again with the volume uploaded as its own
+    image, saying so."""
     import shutil
+    from types import SimpleNamespace
 
     import CitrusVMRML
     from CitrusVLib.errors import ImageReplacedError
@@ -152,17 +154,37 @@ def test_a_volume_whose_server_image_was_replaced_goes_as_its_own_image(
         assert logic.volumeForImage("chest_ct", url, client.image_info("chest_ct")["image_stat"]
                                     ) is None
         assert volume.GetAttribute(CitrusVMRML.IMAGE_ID_ATTR) is None
-        # the volume goes as its own image now, its correction with it
+
+        # the widget's own steps (its Qt parts stood in for; the server call made in place):
+        # the correction, then a question, each sent with the volume uploaded as its own image
+        logic.rememberImage(volume, url, "chest_ct", stamp)  # as downloaded before the swap
+        shown, reported = [], []
+        ui = SimpleNamespace(
+            volumeSelector=SimpleNamespace(currentNode=lambda: volume),
+            promptComboBox=SimpleNamespace(currentText="Segment the liver."),
+            tokenLineEdit=SimpleNamespace(text="signed in"), trainStatusLabel=SimpleNamespace(),
+            statusLabel=SimpleNamespace(text=""))
+        widget = SimpleNamespace(
+            logic=logic, ui=ui, _busy=False, client=lambda: client, serverUrl=lambda: url,
+            callServer=lambda _label, function, *args: function(*args),
+            _currentSegmentId=lambda: segment_id, _report=lambda e, what: reported.append(e),
+            _rememberServer=lambda _url: None, _segmentEditorUndo=lambda _volume: None,
+            _showResult=lambda result, _volume: shown.append(result))
+        citrusv_module.CitrusVWidget.onSubmitCorrection(widget)
+        assert reported == [] and volume.GetAttribute(CitrusVMRML.IMAGE_ID_ATTR) is None
         upload = logic.prepareImage(volume, url)
-        assert "path" in upload
-        logic.infer(client, upload, "segment", params)
-        logic.rememberImage(volume, url, upload)
+        assert upload == {"image_id": upload["image_id"]}  # uploaded: known by its id now
         assert upload["image_id"].startswith("slicer_chest_ct_")
-        answer = logic.submitCorrection(client, logic.prepareImage(volume, url), path, info, "liver")
-        assert answer["image"] == upload["image_id"]
+        assert ui.trainStatusLabel.text.endswith(
+            f"press Train to learn from it. {sentence} The correction went with the volume, "
+            "uploaded as its own image.")
+        logic.rememberImage(volume, url, "chest_ct", stamp)
+        citrusv_module.CitrusVWidget._ask(widget, volume, "segment", params, "Asking")
+        assert shown[0].warnings[-1] == f"{sentence} It was uploaded and asked about as its own image."
+        assert shown[0].image.id == upload["image_id"]
+        assert logic.prepareImage(volume, url) == {"image_id": upload["image_id"]}
         saved = read_label_volume(next((studies / "labels" / "final").glob(
             f"{upload['image_id']}.*")))
-        assert np.array_equal(saved.array > 0, su.arrayFromSegmentBinaryLabelmap(
-            applied.segmentation_node, segment_id, volume) > 0)
+        assert np.array_equal(saved.array, read_label_volume(path).array)  # as exported
         assert not (studies / "labels" / "final" / "chest_ct.nii.gz").exists()
         logic.cleanup()
