@@ -59,8 +59,9 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from citrusv.dicom_sort import series_id  # the ids `citrusv sort-dicom` gives series
 
 from .errors import RequestError
-from .files import (adopt_image_content, fsync_copy, fsync_dir, image_sha256, image_stat, keep_label_info,
-                    keep_submission, kept_label_record, kept_records, set_aside)
+from .files import (adopt_image_content, fsync_copy, fsync_dir, image_content, image_sha256,
+                    image_stat, keep_label_info, keep_submission, kept_label_record, kept_records,
+                    set_aside)
 from .images import (LPS_TO_RAS, Study, holds_dicom, is_dicom_file, read_study, series_files,
                      write_label)
 
@@ -290,7 +291,7 @@ class CorrectionsDatastore(LocalDatastore):
         """{"image_stat", "image_sha256"} of an image file or series folder (files.py, which
         reads a file again only once it was written)."""
         try:
-            return {"image_stat": image_stat(path), "image_sha256": image_sha256(path)}
+            return image_content(path)
         except OSError:  # gone meanwhile: nothing to identify
             return {}
 

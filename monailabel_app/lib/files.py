@@ -149,6 +149,12 @@ def image_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def image_content(path: str) -> dict[str, str]:
+    """{"image_stat", "image_sha256"}: what identifies an image file's or series folder's
+    content, as a label's kept record holds it (OSError if it is gone)."""
+    return {"image_stat": image_stat(path), "image_sha256": image_sha256(path)}
+
+
 def keep_label_info(label_path: str, image_id: str, label_file: str, info: dict[str, Any],
                     image: str, image_content: dict[str, str] | None = None) -> None:
     """A label's info (its structures' names, prompts, window) written beside it, to
@@ -195,8 +201,7 @@ def adopt_image_content(label_path: str, image_id: str, kept: dict[str, Any],
         written = image_written_ns(image_path)
         if written is None or written >= os.stat(record).st_mtime_ns:
             return None
-        kept = {**kept, "image_stat": image_stat(image_path),
-                "image_sha256": image_sha256(image_path)}
+        kept = {**kept, **image_content(image_path)}
     except OSError:  # gone meanwhile
         return None
     try:
