@@ -253,15 +253,16 @@ class CorrectionsDatastore(LocalDatastore):
 
     def get_image_info(self, image_id: str) -> dict[str, Any]:
         """MONAI Label's image info (`GET /datastore/image/info`) plus `image_stat` (files.py:
-        its file's or folder's files' names, sizes and times now; stat calls only, no read).
-        A client that downloaded the image (the Slicer module) tells from it that the image was
-        written since, maybe replaced on disk by another scan under the same name, and sends
-        no question or correction drawn on its copy under this id."""
+        its file's or folder's files' names, sizes and times now; stat calls only) and
+        `image_sha256` (a digest of its bytes; read once after each write, then kept). A client
+        that downloaded the image (the Slicer module) tells from them that the image holds other
+        content since, maybe another scan put on disk under the same name, and sends no
+        question or correction drawn on its copy under this id; the same bytes copied over the
+        image change `image_stat` only."""
         info = super().get_image_info(image_id)
         if info and self.check_image_content:
-            stamp = image_stat(str(info.get("path") or ""))
-            if stamp:
-                info["image_stat"] = stamp
+            info.update({k: v for k, v in self._image_content(str(info.get("path") or "")).items()
+                         if v})
         return info
 
     def status(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import CitrusVMRML
 import qt
 import slicer
 from CitrusVLib import geometry
-from CitrusVLib.client import CitrusVClient, infer_params
+from CitrusVLib.client import CitrusVClient, image_stamp, infer_params
 from CitrusVLib.errors import CitrusVCancelled, CitrusVError, ImageReplacedError
 from CitrusVLib.label_io import LabelVolume, upload_id, write_label_volume
 from CitrusVLib.result import box_label, step_text
@@ -591,7 +591,7 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             info = self.callServer(
                 f"Looking up {sample.image_id}...", client.image_info, sample.image_id
             )
-            stamp = info.get("image_stat")
+            stamp = image_stamp(info)
             volume = self.logic.volumeForImage(sample.image_id, self.serverUrl(), stamp)
             if volume is None:
                 tmp = self.logic.tempDirectory()
@@ -682,11 +682,12 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
 
     def ensureUploaded(self, client, upload):
         """Worker thread: write (NRRD, gzip) and upload the snapshot if the server lacks it. A
-        volume downloaded from the server (``rememberImage`` with its ``image_stat``) is first
-        checked to be what the server's image still holds: ``ImageReplacedError`` if its files
-        were written since (the widget then unlinks the volume and uploads it)."""
+        volume downloaded from the server (``rememberImage`` with its image's stamp,
+        ``CitrusVClient.image_stamp``) is first checked to be what the server's image still
+        holds: ``ImageReplacedError`` if it holds other content since (the widget then unlinks
+        the volume and uploads it)."""
         if upload.get("image_stat"):
-            now = client.image_info(upload["image_id"]).get("image_stat")
+            now = client.image_stamp(upload["image_id"])
             if now and now != upload["image_stat"]:
                 raise ImageReplacedError(upload["image_id"], upload.get("name") or "the volume")
         if "path" in upload and not upload.get("uploaded"):
@@ -698,7 +699,7 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
 
     def rememberImage(self, volume, url, upload, imageStat=None):
         """Which server image a volume is: ``upload`` a datastore id (the volume was downloaded
-        from it; ``imageStat`` the ``image_stat`` its info gave just before) or what
+        from it; ``imageStat`` its image's stamp just before, ``CitrusVClient.image_stamp``) or what
         ``prepareImage`` gave."""
         imageId = upload if isinstance(upload, str) else upload.get("image_id")
         if isinstance(upload, str) or upload.get("uploaded") or "path" not in upload:
@@ -718,7 +719,7 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
 
     def volumeForImage(self, imageId, url, imageStat=None):
         """The volume downloaded for a datastore id, if the server's image is still what it was
-        then (``imageStat``: its ``image_stat`` now); one whose image was written since is
+        then (``imageStat``: its image's stamp now); one whose image holds other content is
         unlinked (``unlinkImage``), and None is returned: download it again."""
         for volume in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
             if volume.GetAttribute(CitrusVMRML.IMAGE_ID_ATTR) != imageId:

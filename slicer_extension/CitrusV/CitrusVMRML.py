@@ -22,7 +22,8 @@ from CitrusVLib.result import Box, Result, range_boxes
 
 VOLUME_ATTR = "CitrusV.VolumeID"  # on segmentation / ROI nodes: the volume they belong to
 IMAGE_ID_ATTR = "CitrusV.ImageID"  # on volume nodes: the server datastore id
-# on volume nodes downloaded from the server: its image's files (names, sizes, times) then
+# on volume nodes downloaded from the server: its image's stamp then (CitrusVClient.image_stamp:
+# a digest of its bytes; from a server that gives none, of its files' names, sizes, times)
 IMAGE_STAT_ATTR = "CitrusV.ImageStat"
 BOX_ID_ATTR = "CitrusV.BoxID"  # on ROI nodes: the result's box id (b1, b2, ...; "b1,b3,...")
 BOX_LABEL_ATTR = "CitrusV.BoxLabel"  # on ROI nodes: the structure the box is of

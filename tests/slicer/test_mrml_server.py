@@ -5,6 +5,7 @@ lands on that slice of the segmentation, and the edited segment arrives in label
 from __future__ import annotations
 
 import json
+import os
 
 import nibabel as nib
 import numpy as np
@@ -120,7 +121,7 @@ def test_a_volume_whose_server_image_was_replaced_goes_as_its_own_image(
         logic = citrusv_module.CitrusVLogic()
         client = logic.client(url)
         # Next sample as the widget does it: the image's info first, then the download
-        stamp = client.image_info("chest_ct")["image_stat"]
+        stamp = client.image_stamp("chest_ct")
         img = nib.load(client.download_image("chest_ct", str(tmp_path)))
         array = np.ascontiguousarray(np.asanyarray(img.dataobj).transpose(2, 1, 0))
         volume = su.addVolumeFromArray(array.astype(np.int16), ijkToRAS=img.affine, name="chest_ct")
@@ -136,13 +137,24 @@ def test_a_volume_whose_server_image_was_replaced_goes_as_its_own_image(
         assert sorted(server.get("/datastore/?output=all").json()["objects"]) == [
             "chest_ct", "chest_xray"]  # asked by its id: nothing uploaded
 
-        # another scan put in its place on the server, same grid, same file name
+        # the same bytes written over the image again (a backup put back): its files' times
+        # change, its content does not, so the volume is still taken for chest_ct
         ct = studies / "chest_ct.nii.gz"
+        before = client.image_info("chest_ct")
+        ct.write_bytes(ct.read_bytes())
+        os.utime(ct, ns=(ct.stat().st_atime_ns, ct.stat().st_mtime_ns + 2_000_000_000))
+        after = client.image_info("chest_ct")
+        assert after["image_stat"] != before["image_stat"]
+        assert after["image_sha256"] == before["image_sha256"] == stamp
+        assert logic.ensureUploaded(client, logic.prepareImage(volume, url)) == "chest_ct"
+        assert logic.volumeForImage("chest_ct", url, client.image_stamp("chest_ct")) is volume
+
+        # another scan put in its place on the server, same grid, same file name
         other = np.flip(np.asarray(nib.load(ct).dataobj), axis=0).copy()
         nib.save(nib.Nifti1Image(other, img.affine, img.header), ct)
-        sentence = ("The server's image 'chest_ct' was written since 'chest_ct' was downloaded "
-                    "from it (another scan may have replaced it there), so the volume is no "
-                    "longer taken for it.")
+        sentence = ("The server's image 'chest_ct' holds other content than when 'chest_ct' was "
+                    "downloaded from it (another scan may have replaced it there), so the volume "
+                    "is no longer taken for it.")
         with pytest.raises(ImageReplacedError) as refused:
             logic.infer(client, logic.prepareImage(volume, url), "segment", params)
         assert str(refused.value) == sentence
@@ -151,8 +163,7 @@ def test_a_volume_whose_server_image_was_replaced_goes_as_its_own_image(
         assert not (studies / "labels" / "final" / "chest_ct.nii.gz").exists()
 
         # Next sample names chest_ct again: the old volume is not shown for it (and unlinked)
-        assert logic.volumeForImage("chest_ct", url, client.image_info("chest_ct")["image_stat"]
-                                    ) is None
+        assert logic.volumeForImage("chest_ct", url, client.image_stamp("chest_ct")) is None
         assert volume.GetAttribute(CitrusVMRML.IMAGE_ID_ATTR) is None
 
         # the widget's own steps (its Qt parts stood in for; the server call made in place):

@@ -322,10 +322,16 @@ class CitrusVClient:
 
     def image_info(self, image_id: str) -> dict[str, Any]:
         """``GET /datastore/image/info``: the server's info on an image ({} if it has none). A
-        Citrus-V server adds ``image_stat``, which changes whenever the image's files are
-        written (a scan replaced on disk under the same name)."""
+        Citrus-V server adds ``image_sha256``, a digest of the image's bytes (servers since
+        2026-12-06), and ``image_stat``, which changes whenever the image's files are written."""
         body = self._json(self.request("GET", "/datastore/image/info", query={"image": image_id}))
         return body if isinstance(body, dict) else {}
+
+    def image_stamp(self, image_id: str) -> str | None:
+        """What tells whether the server's image still holds what it held: its
+        ``image_sha256`` (the same bytes copied over it keep it), else, from a server that
+        gives none, its ``image_stat``; None from a server that gives neither."""
+        return image_stamp(self.image_info(image_id))
 
     def download_image(self, image_id: str, directory: str) -> str:
         """``GET /datastore/image`` to ``directory``; returns the written path."""
@@ -406,6 +412,11 @@ class CitrusVClient:
             axis=str(body.get("axis") or "axial"),
             raw=body,
         )
+
+
+def image_stamp(info: dict[str, Any]) -> str | None:
+    """``CitrusVClient.image_stamp`` of an image info body already read."""
+    return info.get("image_sha256") or info.get("image_stat") or None
 
 
 def _filename_from_disposition(disposition: str) -> str | None:

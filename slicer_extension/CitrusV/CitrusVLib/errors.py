@@ -22,15 +22,15 @@ class CitrusVError(Exception):
 
 
 class ImageReplacedError(CitrusVError):
-    """The server's image under a volume's datastore id was written since the volume was
-    downloaded from it (maybe replaced on disk by another scan): nothing drawn on the volume
-    may go to that id."""
+    """The server's image under a volume's datastore id holds other content than when the volume
+    was downloaded from it (maybe replaced on disk by another scan): nothing drawn on the
+    volume may go to that id."""
 
     def __init__(self, image_id: str, name: str) -> None:
         super().__init__(
-            f"The server's image '{image_id}' was written since '{name}' was downloaded from "
-            "it (another scan may have replaced it there), so the volume is no longer taken "
-            "for it."
+            f"The server's image '{image_id}' holds other content than when '{name}' was "
+            "downloaded from it (another scan may have replaced it there), so the volume is no "
+            "longer taken for it."
         )
         self.image_id = image_id
 
