@@ -21,6 +21,7 @@ from typing import Any
 
 import lib.configs
 from dicomweb_client.session_utils import create_session_from_user_pass
+from fastapi import HTTPException
 from lib.datastore import SERVER_KEYS, EXTENSIONS, CorrectionsDatastore, PacsDatastore
 from lib.errors import EXIT_CONF, ConfError, RequestError
 from lib.images import StudyCache, read_study, write_image
@@ -277,8 +278,10 @@ def pacs_cache_bytes(value: str | None) -> int:
 def _check_training_options() -> None:
     """MONAI Label 0.8.5 starts any training request and its options fail, if at all, inside
     the run (a bad value gave a raw Python error in `last_run`; an unknown option was silently
-    ignored). The app wraps the endpoint's `run_model` so the Citrus-V trainer's options are
-    checked first: 400 with a sentence, and no run is started."""
+    ignored), and a run for a task name it lacks started and failed in the run (200, then
+    "ERROR" in `GET /train/`). The app wraps the endpoint's `run_model` so the task name and
+    the Citrus-V trainer's options are checked first: 404 or 400 with a sentence, and no run is
+    started."""
     from fastapi import HTTPException
 
     from monailabel.endpoints import train as endpoint
@@ -286,7 +289,11 @@ def _check_training_options() -> None:
 
     def make(original):
         def run_model(model, params=None, run_sync=False, enqueue=False):
-            trainer = getattr(app_instance(), "_trainers", {}).get(model) if model else None
+            trainers = getattr(app_instance(), "_trainers", {})
+            if model and model not in trainers:
+                raise HTTPException(status_code=404, detail=_unknown_task(
+                    "training task", model, trainers, " (or leave the name out: POST /train/)"))
+            trainer = trainers.get(model) if model else None
             defaults = getattr(trainer, "defaults", None)
             if defaults is not None:
                 try:
@@ -297,6 +304,61 @@ def _check_training_options() -> None:
         return run_model
 
     _patch_once(endpoint, "run_model", make)
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _unknown_task(kind: str, name: str, known, alternative: str = "") -> str:
+    """The 404 sentence for a task, strategy or method name the server does not offer."""
+    if not known:
+        return f"{kind} '{name}' is unknown; this server offers none."
+    return f"{kind} '{name}' is unknown; use one of {', '.join(sorted(known))}{alternative}."
+
+
+def _check_batch_and_scoring_requests() -> None:
+    """MONAI Label 0.8.5 starts a batch inference (`POST /batch/infer/{model}`) or a scoring
+    run (`POST /scoring/{method}`) for any name and any params, and they fail, if at all,
+    inside the run: an unknown scoring method answered 200 "SUBMITTED" and then "ERROR" with a
+    traceback in `GET /scoring/`. The app wraps the endpoints' `run` and `run_method`: an
+    unknown task or method gets a 404 sentence, and a batch's question is checked as one
+    infer request checks it where that needs no image (`params.check_question`: a missing
+    prompt, a closer look's options sent to another task): 400 with its sentence. No run is
+    started then."""
+    from lib.params import check_question
+
+    from monailabel.endpoints import batch_infer, scoring
+    from monailabel.interfaces.utils.app import app_instance
+
+    def make_batch(original):
+        def run(model, images=None, params=None, run_sync=False):
+            infers = getattr(app_instance(), "_infers", {})
+            if model not in infers:
+                raise HTTPException(status_code=404,
+                                    detail=_unknown_task("task", model, infers))
+            task = getattr(infers[model], "task", None)
+            if task:
+                try:
+                    check_question(params or {}, task)
+                except RequestError as e:
+                    raise HTTPException(status_code=e.status_code, detail=e.detail) from None
+            return original(model, images, params, run_sync)
+        return run
+
+    def make_scoring(original):
+        def run_method(method, params=None, run_sync=False):
+            methods = getattr(app_instance(), "_scoring_methods", {})
+            if method not in methods:
+                raise HTTPException(status_code=404, detail=_unknown_task(
+                    "scoring method", method, methods))
+            return original(method, params, run_sync)
+        return run_method
+
+    _patch_once(batch_infer, "run", make_batch)
+    _patch_once(scoring, "run_method", make_scoring)
 
 
 MAX_SENDER = 128  # characters of a claimed sender's name
@@ -400,6 +462,7 @@ class CitrusVApp(MONAILabelApp):
         _name_missing_images()
         _record_who_corrected()
         _check_training_options()
+        _check_batch_and_scoring_requests()
         _answer_full_disk_with_507()  # after the wrappers above: it wraps them too
         _receive_uploads_with_507()
         _check_tokens_with_pyjwt2()
@@ -510,8 +573,7 @@ class CitrusVApp(MONAILabelApp):
     def infer(self, request: dict, datastore=None) -> dict:
         task = request.get("model")
         if task not in self._infers:
-            raise RequestError(f"task '{task}' is unknown; use one of "
-                               f"{', '.join(sorted(self._infers))}.", status_code=404)
+            raise RequestError(_unknown_task("task", task, self._infers), status_code=404)
         image = request.get("image")
         if isinstance(image, str):
             if os.path.exists(image):
@@ -522,9 +584,30 @@ class CitrusVApp(MONAILabelApp):
                 request = {**request, "image_id": image}
         return super().infer(request, datastore)
 
+    def batch_infer(self, request: dict, datastore=None) -> dict:
+        """`POST /batch/infer/{model}`: the same question asked about each image (params as
+        for one infer request; `images` all, labeled or unlabeled), each answer's label map
+        saved under `label_tag` (MONAI Label's default "original", never the radiologists'
+        "final"). MONAI Label 0.8.5 hands the images out to the CUDA devices and on a server
+        with none divided by zero (500); there the model's own device answers. An image whose
+        request is refused (a slice it lacks, a 2D image asked over a range) gets `{"error":
+        sentence}` in the result, and the others are asked; MONAI Label stopped the batch there."""
+        request = dict(request)
+        if request.get("multi_gpu", True) and not _cuda_devices():
+            request.update(multi_gpu=False, device="cpu")
+
+        def infer_one(one: dict, store) -> dict:
+            try:
+                return self.infer(one, store)
+            except HTTPException as e:
+                logger.warning("Batch inference: %s was not asked: %s", one.get("image"), e.detail)
+                return {"error": e.detail}
+
+        return self._batch_infer(request, datastore or self.datastore(), infer_one)
+
     def next_sample(self, request: dict) -> dict:
         strategy = request.get("strategy") or "random"
         if strategy not in self._strategies:
-            raise RequestError(f"strategy '{strategy}' is unknown; use one of "
-                               f"{', '.join(sorted(self._strategies))}.", status_code=404)
+            raise RequestError(_unknown_task("strategy", strategy, self._strategies),
+                               status_code=404)
         return super().next_sample(request)

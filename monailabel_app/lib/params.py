@@ -94,8 +94,9 @@ def _int(raw: Any, what: str) -> int:
 
 
 def _slices(raw: Any, study: Study, axis: int, axis_name: str) -> tuple[list[int], bool, list[str]]:
-    if study.is_2d:
-        if raw in (None, "", 0, "0", [0, 0]):
+    if study.is_2d:  # its one plane: slice 0, or all its slices
+        if raw in (None, "", 0, "0", [0, 0]) or (isinstance(raw, str)
+                                                 and raw.strip().lower() == "all"):
             return [0], False, []
         raise RequestError(f"slice {raw!r} does not apply to a 2D image; leave slice out.")
     count = study.shape[axis]
@@ -175,8 +176,11 @@ def _one_roi(raw: Any, plane_hw: tuple[int, int]) -> list[float]:
     return [x1, y1, x2, y2]
 
 
-def parse(request: dict, study: Study, task: str) -> InferParams:
-    """Check and resolve one infer request for `task` (segment, detect, report, closer_look)."""
+def check_question(request: dict, task: str) -> tuple[str, str | None]:
+    """The checks of an infer request for `task` that need no image: a closer look's options
+    sent to another task, the prompt (missing, misspelt, not text) and, for a closer look
+    without one, its label. Returns (prompt, label). `parse` runs them first; a batch
+    inference runs them once before it starts (main.py)."""
     label = request.get("label")
     if label is not None and not isinstance(label, str):
         label = None  # MONAI Label puts an uploaded label *file* path here; not a name
@@ -201,6 +205,13 @@ def parse(request: dict, study: Study, task: str) -> InferParams:
         # a segment "Liver 2": the liver; one naming nothing ("Segment_1"): the engine says so
         structure = segment_structure(label)
         prompt = f"Segment the {structure}." if structure else ""
+    return prompt, label
+
+
+def parse(request: dict, study: Study, task: str) -> InferParams:
+    """Check and resolve one infer request for `task` (segment, detect, report, closer_look)."""
+    prompt, label = check_question(request, task)
+    misspelt = _misspelt_options(request)
     axis, axis_name = _axis(request.get("axis"), study)
     slices, is_range, warnings = _slices(request.get("slice"), study, axis, axis_name)
     if is_range and task == "closer_look":  # a report over a range: each slice's, and a summary
