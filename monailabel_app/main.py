@@ -361,6 +361,58 @@ def _check_batch_and_scoring_requests() -> None:
     _patch_once(scoring, "run_method", make_scoring)
 
 
+def _send_dataset_and_delete_it() -> None:
+    """`GET /datastore/dataset`: MONAI Label 0.8.5 left each downloaded ZIP in the temporary
+    folder (a copy of every labelled image per download). The app wraps the endpoint's
+    `download_dataset`: the ZIP (`CorrectionsDatastore.get_dataset_archive`) is deleted once
+    sent, and a disk that fills while it is written answers 507 with a sentence."""
+    from fastapi.responses import FileResponse
+    from starlette.background import BackgroundTask
+
+    from monailabel.endpoints import datastore as endpoint
+    from monailabel.interfaces.utils.app import app_instance
+
+    def make(original):
+        def download_dataset(limit_cases=None):
+            try:
+                path = app_instance().datastore().get_dataset_archive(limit_cases)
+            except OSError as e:
+                answer = _storage_error_507(e, "writing the dataset ZIP",
+                                            ": ask IT to free space on the server, then ask again.")
+                if answer is None:
+                    raise
+                raise answer from None
+            return FileResponse(path, media_type="application/zip", filename="dataset.zip",
+                                background=BackgroundTask(os.unlink, path))
+        return download_dataset
+
+    _patch_once(endpoint, "download_dataset", make)
+
+
+def _gpu_info_without_nvidia_smi() -> None:
+    """`GET /logs/gpu` runs nvidia-smi, and on a server without it (no NVIDIA driver: a CPU
+    server) MONAI Label 0.8.5 answered 500 (FileNotFoundError). The endpoint's module is given a
+    `subprocess` whose `run` answers 404 with a sentence then; all else is the real module."""
+    import subprocess
+    import types
+
+    from monailabel.endpoints import logs
+
+    def run(args, **kwargs):
+        try:
+            return subprocess.run(args, **kwargs)
+        except FileNotFoundError:
+            raise HTTPException(status_code=404, detail=(
+                "nvidia-smi is not installed on this server, so it cannot report GPUs; "
+                "GET /info/ says where the model runs (citrusv.device).")) from None
+
+    if isinstance(logs.subprocess, types.ModuleType):  # once per process
+        shim = types.SimpleNamespace(**{k: getattr(subprocess, k) for k in dir(subprocess)
+                                        if not k.startswith("__")})
+        shim.run = run
+        logs.subprocess = shim
+
+
 MAX_SENDER = 128  # characters of a claimed sender's name
 
 
@@ -463,6 +515,8 @@ class CitrusVApp(MONAILabelApp):
         _record_who_corrected()
         _check_training_options()
         _check_batch_and_scoring_requests()
+        _send_dataset_and_delete_it()
+        _gpu_info_without_nvidia_smi()
         _answer_full_disk_with_507()  # after the wrappers above: it wraps them too
         _receive_uploads_with_507()
         _check_tokens_with_pyjwt2()

@@ -59,9 +59,9 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from citrusv.dicom_sort import series_id  # the ids `citrusv sort-dicom` gives series
 
 from .errors import RequestError
-from .files import (adopt_image_content, fsync_copy, fsync_dir, image_content, image_sha256,
+from .files import (INFO_DIR, adopt_image_content, fsync_copy, fsync_dir, image_content, image_sha256,
                     image_stat, keep_label_info, keep_submission, kept_label_record, kept_records,
-                    set_aside)
+                    set_aside, write_dataset_zip)
 from .images import (LPS_TO_RAS, Study, holds_dicom, is_dicom_file, read_study, series_files,
                      write_label)
 
@@ -77,6 +77,15 @@ REFRESH_FAILED = ("Listing the studies folder again after a change on disk faile
 
 # MONAI Label's defaults plus DICOM files (the sample chest X-ray is a single .dcm).
 EXTENSIONS = ["*.nii.gz", "*.nii", "*.nrrd", "*.dcm", "*.png", "*.jpg"]
+
+
+def _label_stem(path: str) -> str:
+    """The image id a label file is named for (`<image id><ext>`)."""
+    name = os.path.basename(path)
+    for ext in (".nii.gz", ".nii", ".nrrd"):
+        if name.lower().endswith(ext):
+            return name[:-len(ext)]
+    return os.path.splitext(name)[0]
 
 
 class CorrectionsDatastore(LocalDatastore):
@@ -475,6 +484,28 @@ class CorrectionsDatastore(LocalDatastore):
         if self._below is None:
             self._look_below()
         return list(self._below_notes)
+
+    def get_dataset_archive(self, limit_cases: int | None) -> str:
+        """`GET /datastore/dataset`: a ZIP, in the temporary folder, of the images with a final
+        label, their labels, each label's structure names and the index (`files.
+        write_dataset_zip`); `limit_cases` N: the first N of them by id. MONAI Label 0.8.5
+        wrote a series folder as one empty entry, and with no final label yet answered 500."""
+        if limit_cases is not None and limit_cases < 1:
+            raise RequestError(f"limit_cases must be a number of images >= 1, not {limit_cases}; "
+                               "leave it out for all.")
+        # the PACS's new SEGs imported (and its labelled series fetched) first, with no lock
+        # held: corrections go on being saved meanwhile
+        cases = sorted((_label_stem(d["label"]), d["image"], d["label"]) for d in self.datalist()
+                       if os.path.exists(d["image"]) and os.path.exists(d["label"]))
+        if not cases:
+            raise RequestError("no image has a final label yet, so there is no dataset to "
+                               "download; corrections sent from Slicer become final labels.",
+                               status_code=404)
+        with self._mutex:
+            metadata = self._datastore.model_dump_json(exclude={"base_path"})
+        return write_dataset_zip(cases[:limit_cases], self._datastore.image_path(),
+                                 os.path.join(self._datastore.label_path(DefaultLabelTag.FINAL),
+                                              INFO_DIR), metadata)
 
     def _filename(self, id: str, ext: str) -> str:
         # an image id of a series below a folder (no extension, unlike every label) names the

@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +122,36 @@ def _image_files(path: str) -> list[os.DirEntry]:
     with os.scandir(path) as entries:
         return sorted((e for e in entries if e.is_file() and not e.name.startswith(".")),
                       key=lambda e: e.name)
+
+
+def write_dataset_zip(cases: list[tuple[str, str, str]], image_root: str, info_folder: str,
+                      metadata: str) -> str:
+    """A ZIP of (image id, image path, label path) cases, in the temporary folder (the caller
+    deletes it): `image/<name>` (a series folder's files as `image/<folder>/<file>`, the folder
+    named as in the studies folder, `image_root`), `label/<file>`, each label's kept record
+    (its structures' names; `keep_label_info`) as `label/.info/<image id>.json` where
+    `info_folder` holds one, and `metadata.json` (the index). OSError as the disk gives it."""
+    fd, path = tempfile.mkstemp(prefix="citrusv-dataset-", suffix=".zip")
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(path, "w", allowZip64=True) as archive:
+            for image_id, image, label in cases:
+                if os.path.isdir(image):
+                    inside = os.path.relpath(image, image_root)
+                    name = inside if not inside.startswith("..") else os.path.basename(image)
+                    for entry in _image_files(image):
+                        archive.write(entry.path, f"image/{name}/{entry.name}")
+                else:
+                    archive.write(image, f"image/{os.path.basename(image)}")
+                archive.write(label, f"label/{os.path.basename(label)}")
+                record = os.path.join(info_folder, f"{image_id}.json")
+                if os.path.isfile(record):
+                    archive.write(record, f"label/{INFO_DIR}/{image_id}.json")
+            archive.writestr("metadata.json", metadata)
+    except BaseException:
+        os.unlink(path)
+        raise
+    return path
 
 
 def image_stat(path: str) -> str:

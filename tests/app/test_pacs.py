@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
 import nibabel as nib
@@ -355,6 +356,13 @@ def test_correction_is_kept_locally_and_stored_on_the_pacs_as_dicom_seg(pacs, pa
 
     final = info["labels"]["final"]["info"]
     assert "pacs_error" not in final
+    # the dataset download: the series as the server read it from the PACS, and its label
+    got = pacs_server.get("/datastore/dataset")
+    assert got.status_code == 200, got.text
+    archive = zipfile.ZipFile(io.BytesIO(got.content))
+    assert archive.read(f"label/{pacs.series_uid}.nii.gz") == (
+        _final_labels(pacs_server) / f"{pacs.series_uid}.nii.gz").read_bytes()
+    assert [n for n in archive.namelist() if n.startswith("image/")], archive.namelist()
     # the SEG is on the PACS but is not an image to ask about
     r = pacs_server.post(f"/infer/citrusv_segment?image={series}&output=json",
                          data={"params": json.dumps({"prompt": "Segment the liver.", "slice": 3})})
