@@ -148,9 +148,9 @@ def _receive_uploads_with_507() -> None:
     _patch_once(MultiPartParser, "parse", make, tag="507")
 
 
-def _json_object(params: str | None, example: str) -> dict:
-    """A request's `params` form field as a dict; anything but a JSON object is a 400 sentence
-    (MONAI Label answered 500)."""
+def _json_object(params: str | None, example: str, field: str = "params") -> dict:
+    """A request's `params` (or other `field`) form field as a dict; anything but a JSON object
+    is a 400 sentence (MONAI Label answered 500)."""
     from fastapi import HTTPException
 
     try:
@@ -158,7 +158,7 @@ def _json_object(params: str | None, example: str) -> dict:
     except ValueError:
         body = None
     if not isinstance(body, dict):
-        raise HTTPException(status_code=400, detail=f"params must be a JSON object, e.g. {example}.")
+        raise HTTPException(status_code=400, detail=f"{field} must be a JSON object, e.g. {example}.")
     return body
 
 
@@ -211,14 +211,23 @@ def _series_file(app, folder: str, image: str):
                         background=BackgroundTask(os.remove, path))
 
 
+def _no_such_label(label: str, tag: str) -> str:
+    return (f"there is no label '{label}' tagged '{tag}' in the datastore; GET "
+            "/datastore/?output=all lists each image's labels and their tags.")
+
+
 def _name_missing_images() -> None:
     """MONAI Label 0.8.5's `GET /datastore/image` and `GET /datastore/label` answer an id the
-    datastore does not hold with "Image NOT Found" / "Label NOT Found". The app wraps the
-    endpoint's module-level `download_image` and `download_label` (looked up at call time) so
-    that that 404 names the id and what to send instead."""
-    from fastapi import HTTPException
-
+    datastore does not hold with "Image NOT Found" / "Label NOT Found", and `PUT
+    /datastore/image/info` and `PUT /datastore/label/info` with a 500 (and info that is not a
+    JSON object with another). The app wraps the endpoint's module-level `download_image`,
+    `download_label`, `update_image_info` and `update_label_info` (looked up at call time) so
+    that a 404 names the id and what to send instead, and bad info gets a 400 sentence. Label
+    info sent this way cannot say who sent the label, or which PACS SEGs it came from or went
+    to (as with `PUT /datastore/label`): those keys are dropped, and with sign-in on MONAI Label
+    puts the signed-in user; nor can it replace the label's structures (`label_info`: 400)."""
     from monailabel.endpoints import datastore as endpoint
+    from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
     from monailabel.interfaces.utils.app import app_instance
 
     def make_image(original):
@@ -251,13 +260,55 @@ def _name_missing_images() -> None:
             except HTTPException as e:
                 if e.status_code != 404 or e.detail != "Label NOT Found":
                     raise
-                raise HTTPException(status_code=404, detail=(
-                    f"there is no label '{label}' tagged '{tag}' in the datastore; GET "
-                    "/datastore/?output=all lists each image's labels and their tags.")) from None
+                raise HTTPException(status_code=404, detail=_no_such_label(label, tag)) from None
         return download_label
+
+    def make_image_info(original):
+        def update_image_info(image: str, info="{}", user=None):
+            _json_object(info, '{"note": "..."}', field="info")
+            try:  # without sign-in nobody is known (MONAI Label's stand-in user is "admin")
+                return original(image, info, user if settings.MONAI_LABEL_AUTH_ENABLE else None)
+            except ImageNotFoundException:
+                raise HTTPException(status_code=404, detail=_no_such_image(
+                    str(image), app_instance().datastore())) from None
+        return update_image_info
+
+    def make_label_info(original):
+        def update_label_info(label: str, tag: str, info="{}", user=None):
+            body = _json_object(info, '{"note": "..."}', field="info")
+            if "label_info" in body:
+                raise HTTPException(status_code=400, detail=(
+                    "info.label_info (the label's structures, with who sent each) is set by "
+                    "sending the label (PUT /datastore/label?tag=final); leave it out here."))
+            for key in (*SERVER_KEYS, "claimed_by"):
+                body.pop(key, None)
+            try:
+                return original(label, tag, json.dumps(body),
+                                user if settings.MONAI_LABEL_AUTH_ENABLE else None)
+            except LabelNotFoundException:
+                raise HTTPException(status_code=404, detail=_no_such_label(label, tag)) from None
+        return update_label_info
 
     _patch_once(endpoint, "download_image", make_image)
     _patch_once(endpoint, "download_label", make_label)
+    _patch_once(endpoint, "update_image_info", make_image_info)
+    _patch_once(endpoint, "update_label_info", make_label_info)
+
+
+def _no_whole_slide_inference() -> None:
+    """MONAI Label's `POST /infer/wsi_v2/{model}` and `/infer/wsi/{model}` tile a pathology
+    whole-slide image; Citrus-V does not read those, and MONAI Label 0.8.5 answered 500 when
+    no image was named. The app wraps the endpoint's `run_wsi_inference`: 404 with a sentence."""
+    from monailabel.endpoints import wsi_infer as endpoint
+
+    def make(original):
+        def run_wsi_inference(*args, **kwargs):
+            raise HTTPException(status_code=404, detail=(
+                "whole-slide (pathology) inference is not offered: Citrus-V answers about CT, MR "
+                "and X-ray images; ask with POST /infer/{task}?image=ID."))
+        return run_wsi_inference
+
+    _patch_once(endpoint, "run_wsi_inference", make)
 
 
 DEFAULT_PACS_CACHE_GB = 50.0
@@ -512,6 +563,7 @@ class CitrusVApp(MONAILabelApp):
     def _init(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         _answer_missing_image_with_400()
         _name_missing_images()
+        _no_whole_slide_inference()
         _record_who_corrected()
         _check_training_options()
         _check_batch_and_scoring_requests()
