@@ -72,8 +72,6 @@ def _storage_error_507(e: OSError, what: str, then: str, where: str = ""):
     what the sender does."""
     if e.errno not in STORAGE_ERRORS:
         return None
-    from fastapi import HTTPException
-
     logger.error("Storage error while %s: %s (%s)", what, e, e.filename or where)
     return HTTPException(status_code=507, detail=(
         f"The server {STORAGE_ERRORS[e.errno]} while {what} ({e.strerror}){then}"))
@@ -151,8 +149,6 @@ def _receive_uploads_with_507() -> None:
 def _json_object(params: str | None, example: str, field: str = "params") -> dict:
     """A request's `params` (or other `field`) form field as a dict; anything but a JSON object
     is a 400 sentence (MONAI Label answered 500)."""
-    from fastapi import HTTPException
-
     try:
         body = json.loads(params) if params else {}
     except ValueError:
@@ -168,8 +164,6 @@ def _answer_missing_image_with_400() -> None:
     That check runs before any app code, so the app wraps the endpoint's module-level
     `run_inference` (looked up at call time) to answer the same case with a 400 sentence.
     """
-    from fastapi import HTTPException
-
     from monailabel.endpoints import infer as endpoint
 
     def make(original):
@@ -333,8 +327,6 @@ def _check_training_options() -> None:
     "ERROR" in `GET /train/`). The app wraps the endpoint's `run_model` so the task name and
     the Citrus-V trainer's options are checked first: 404 or 400 with a sentence, and no run is
     started."""
-    from fastapi import HTTPException
-
     from monailabel.endpoints import train as endpoint
     from monailabel.interfaces.utils.app import app_instance
 
@@ -392,10 +384,7 @@ def _check_batch_and_scoring_requests() -> None:
                                     detail=_unknown_task("task", model, infers))
             task = getattr(infers[model], "task", None)
             if task:
-                try:
-                    check_question(params or {}, task)
-                except RequestError as e:
-                    raise HTTPException(status_code=e.status_code, detail=e.detail) from None
+                check_question(params or {}, task)  # a RequestError: its 400 sentence
             return original(model, images, params, run_sync)
         return run
 
@@ -425,17 +414,11 @@ def _send_dataset_and_delete_it() -> None:
 
     def make(original):
         def download_dataset(limit_cases=None):
-            try:
-                path = app_instance().datastore().get_dataset_archive(limit_cases)
-            except OSError as e:
-                answer = _storage_error_507(e, "writing the dataset ZIP",
-                                            ": ask IT to free space on the server, then ask again.")
-                if answer is None:
-                    raise
-                raise answer from None
+            path = app_instance().datastore().get_dataset_archive(limit_cases)
             return FileResponse(path, media_type="application/zip", filename="dataset.zip",
                                 background=BackgroundTask(os.unlink, path))
-        return download_dataset
+        return _storage_errors_as_507("writing the dataset ZIP", ": ask IT to free space on "
+                                      "the server, then ask again.", image_arg=1)(download_dataset)
 
     _patch_once(endpoint, "download_dataset", make)
 
@@ -470,8 +453,6 @@ MAX_SENDER = 128  # characters of a claimed sender's name
 def _claimed_sender(body: dict) -> str | None:
     """The name a client gives for who sent a correction (`claimed_by`, the Slicer user's name)
     when nobody signs in: trimmed, 1 to MAX_SENDER printable characters, else a 400 sentence."""
-    from fastapi import HTTPException
-
     claim = body.get("claimed_by")
     if claim is None:
         return None

@@ -96,6 +96,21 @@ def test_the_dataset_zip_holds_each_labelled_image_its_label_and_names(server, t
     assert (r.status_code, r.json()) == (400, {"detail": (
         "limit_cases must be a number of images >= 1, not 0; leave it out for all.")})
 
+    # a disk that fills while the ZIP is written: a sentence, and no part of it left behind
+    import resource
+
+    server.limit_writes(1 << 20)
+    try:
+        r = server.get("/datastore/dataset")
+    finally:
+        server.limit_writes(resource.RLIM_INFINITY)
+    assert r.status_code == 507, r.text
+    assert r.json()["detail"].startswith("The server hit the file size limit set for its "
+                                         "process while writing the dataset ZIP")
+    assert r.json()["detail"].endswith(": ask IT to free space on the server, then ask again.")
+    assert _zips() == before
+    assert server.get("/datastore/dataset").status_code == 200
+
 
 def test_gpu_info_without_nvidia_smi_is_a_sentence(server):
     r = server.get("/logs/gpu")
