@@ -79,15 +79,6 @@ REFRESH_FAILED = ("Listing the studies folder again after a change on disk faile
 EXTENSIONS = ["*.nii.gz", "*.nii", "*.nrrd", "*.dcm", "*.png", "*.jpg"]
 
 
-def _label_stem(path: str) -> str:
-    """The image id a label file is named for (`<image id><ext>`)."""
-    name = os.path.basename(path)
-    for ext in (".nii.gz", ".nii", ".nrrd"):
-        if name.lower().endswith(ext):
-            return name[:-len(ext)]
-    return os.path.splitext(name)[0]
-
-
 class CorrectionsDatastore(LocalDatastore):
     """LocalDatastore whose labels and index file are replaced atomically, and which serves a
     folder of DICOM files in the studies folder (`STUDIES/<id>/*.dcm`, a CT series as a
@@ -495,7 +486,8 @@ class CorrectionsDatastore(LocalDatastore):
                                "leave it out for all.")
         # the PACS's new SEGs imported (and its labelled series fetched) first, with no lock
         # held: corrections go on being saved meanwhile
-        cases = sorted((_label_stem(d["label"]), d["image"], d["label"]) for d in self.datalist()
+        cases = sorted((self._to_id(os.path.basename(d["label"]))[0], d["image"], d["label"])
+                       for d in self.datalist()
                        if os.path.exists(d["image"]) and os.path.exists(d["label"]))
         if not cases:
             raise RequestError("no image has a final label yet, so there is no dataset to "
