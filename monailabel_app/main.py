@@ -370,7 +370,10 @@ def _check_batch_and_scoring_requests() -> None:
     unknown task or method gets a 404 sentence, and a batch's question is checked as one
     infer request checks it where that needs no image (`params.check_question`: a missing
     prompt, a closer look's options sent to another task): 400 with its sentence. No run is
-    started then."""
+    started then. A batch without `run_sync` runs on a thread of this process (`lib.batch`:
+    MONAI Label started a process that loaded the model again), and `DELETE /batch/infer`
+    stops it after the image it is asking; while a batch runs, another gets a 429 sentence."""
+    from lib import batch
     from lib.params import check_question
 
     from monailabel.endpoints import batch_infer, scoring
@@ -385,8 +388,17 @@ def _check_batch_and_scoring_requests() -> None:
             task = getattr(infers[model], "task", None)
             if task:
                 check_question(params or {}, task)  # a RequestError: its 400 sentence
+            if not run_sync:
+                return batch.start(app_instance(), model, images, params)
+            batch.check_none_running()
             return original(model, images, params, run_sync)
         return run
+
+    def make_stop(original):
+        def stop():
+            run = batch.running()
+            return run.stop() if run else original()
+        return stop
 
     def make_scoring(original):
         def run_method(method, params=None, run_sync=False):
@@ -398,6 +410,7 @@ def _check_batch_and_scoring_requests() -> None:
         return run_method
 
     _patch_once(batch_infer, "run", make_batch)
+    _patch_once(batch_infer, "stop", make_stop)
     _patch_once(scoring, "run_method", make_scoring)
 
 
@@ -671,24 +684,34 @@ class CitrusVApp(MONAILabelApp):
                 request = {**request, "image_id": image}
         return super().infer(request, datastore)
 
-    def batch_infer(self, request: dict, datastore=None) -> dict:
+    def batch_infer(self, request: dict, datastore=None, run=None) -> dict:
         """`POST /batch/infer/{model}`: the same question asked about each image (params as
         for one infer request; `images` all, labeled or unlabeled), each answer's label map
         saved under `label_tag` (MONAI Label's default "original", never the radiologists'
         "final"). MONAI Label 0.8.5 hands the images out to the CUDA devices and on a server
         with none divided by zero (500); there the model's own device answers. An image whose
         request is refused (a slice it lacks, a 2D image asked over a range) gets `{"error":
-        sentence}` in the result, and the others are asked; MONAI Label stopped the batch there."""
+        sentence}` in the result, and the others are asked; MONAI Label stopped the batch there.
+        `run`: the `lib.batch.BatchRun` of a batch on a thread (None: `run_sync`), which
+        gets a line per image and is checked for a stop before each."""
         request = dict(request)
         if request.get("multi_gpu", True) and not _cuda_devices():
             request.update(multi_gpu=False, device="cpu")
 
         def infer_one(one: dict, store) -> dict:
+            image = one.get("image")
+            if run:
+                run.check(image)
             try:
-                return self.infer(one, store)
+                out = self.infer(one, store)
             except HTTPException as e:
-                logger.warning("Batch inference: %s was not asked: %s", one.get("image"), e.detail)
+                logger.warning("Batch inference: %s was not asked: %s", image, e.detail)
+                if run:
+                    run.note(f"{image}: not asked: {e.detail}")
                 return {"error": e.detail}
+            if run:
+                run.note(f"{image}: answered; its label is saved under '{one.get('label_tag')}'")
+            return out
 
         return self._batch_infer(request, datastore or self.datastore(), infer_one)
 

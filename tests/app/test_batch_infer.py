@@ -7,6 +7,8 @@ then "ERROR" with a traceback."""
 
 from __future__ import annotations
 
+import time
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -86,3 +88,59 @@ def test_a_name_the_server_lacks_or_a_batch_without_a_question_starts_nothing(
              for kind in ("/batch/infer", "/scoring", "/train")}
     assert after == before  # no run was started
     assert server.get("/info/").status_code == 200
+
+
+def _wait_for_batch(server, timeout_s: float = 180) -> dict:
+    """The batch's task once it has ended (MONAI Label's status of the latest run)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        task = server.get("/batch/infer").json()
+        if task["status"] not in ("RUNNING", "STOPPING") or time.monotonic() > deadline:
+            return task
+        time.sleep(0.5)
+
+
+def test_a_batch_without_run_sync_runs_in_the_servers_process_and_stops_between_images(server):
+    """MONAI Label started a process that loaded the model a second time (on a GPU, a second
+    copy of the weights); here the batch asks the served engine on a thread, one run at a
+    time, and a stop ends it after the image being asked."""
+    question = {"prompt": "Segment the liver.", "slice": "all", "label_tag": "async_a"}
+    r = server.post("/batch/infer/citrusv_segment", params={"images": "all"}, json=question)
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "RUNNING" and r.json()["request"]["label_tag"] == "async_a"
+    busy = ("a batch inference is already running; GET /batch/infer shows its progress, and "
+            "DELETE /batch/infer stops it after the image it is asking.")
+    for run_sync in ("false", "true"):  # one batch at a time
+        again = server.post("/batch/infer/citrusv_segment",
+                            params={"images": "all", "run_sync": run_sync}, json=question)
+        assert (again.status_code, again.json()) == (429, {"detail": busy})
+    assert server.get("/info/").status_code == 200  # the server answers meanwhile
+    # chest_ct (133 slices) is asked first; the stop comes while it is
+    stopping = server.delete("/batch/infer")
+    assert stopping.status_code == 200 and stopping.json()["status"] == "STOPPING"
+    task = _wait_for_batch(server)
+    assert task["status"] == "STOPPED" and task["end_ts"]
+    assert task["details"] == [
+        "stop asked: the image being asked is finished first",
+        "chest_ct: answered; its label is saved under 'async_a'",
+        "stopped before chest_xray"]
+    saved = server.studies / "labels" / "async_a"
+    assert sorted(p.name for p in saved.glob("*.nii*")) == ["chest_ct.nii.gz"]
+    assert zyx(nib.load(saved / "chest_ct.nii.gz")).shape == (133, 512, 512)
+
+    detect = {"prompt": "Locate the liver, output its bbox coordinates using JSON format.",
+              "slice": 60, "label_tag": "async_b"}
+    r = server.post("/batch/infer/citrusv_detect", params={"images": "all"}, json=detect)
+    assert r.status_code == 200, r.text
+    task = _wait_for_batch(server)
+    assert task["status"] == "DONE" and task["id"] == r.json()["id"]
+    assert task["details"] == [
+        "chest_ct: answered; its label is saved under 'async_b'",
+        "chest_xray: not asked: slice 60 does not apply to a 2D image; leave slice out.",
+        "done: 1 of 2 images answered"]
+    assert server.get("/batch/infer", params={"check_if_running": "true"}).status_code == 404
+    assert len(server.get("/batch/infer", params={"all": "true"}).json()) >= 2
+    log = server.log(tail=10**7)
+    assert "-m batch_infer" not in log  # MONAI Label's command for a process of its own
+    assert log.count("Loading Citrus-V engine version") == 1  # the model was loaded once
+

@@ -1,0 +1,122 @@
+"""Batch inference (`POST /batch/infer/{model}` without `run_sync`) on a thread of the server's
+own process.
+
+MONAI Label 0.8.5 runs such a batch in a new process (`python -m monailabel.interfaces.utils.app
+-m batch_infer`) that loads the model again: on a GPU, a second copy of the weights next to the
+serving one (bf16 8B: 15816 MiB). On a 24 GB card serving the 8B there is no room for it, and
+whichever process allocates last runs out of memory, the radiologists' questions included.
+Here the batch asks the engine the server has loaded, on a thread; the engine answers one
+question at a time, so a radiologist's question waits at most for the image the batch is
+asking. MONAI Label's task table is kept, so `GET /batch/infer` lists the run, a second batch
+while one runs gets a 429, and `DELETE /batch/infer` stops the run after the image it is
+asking."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections import deque
+from datetime import datetime
+
+from lib.errors import RequestError
+
+from monailabel.utils.async_tasks import utils as task_table
+
+logger = logging.getLogger(__name__)
+
+METHOD = "batch_infer"
+RUNNING = ("a batch inference is already running; GET /batch/infer shows its progress, and "
+           "DELETE /batch/infer stops it after the image it is asking.")
+_lock = threading.Lock()
+
+
+class BatchStopped(Exception):
+    """A stop was asked: raised before the next image is asked."""
+
+
+def _now() -> str:
+    return datetime.today().strftime("%Y-%m-%d %H:%M:%S")  # MONAI Label's task time stamps
+
+
+class BatchRun:
+    """One batch on a thread, entered in MONAI Label's task table as its own runs are: `task`
+    is the dict `GET /batch/infer` answers with (status RUNNING, STOPPING after a stop is
+    asked, then DONE, STOPPED or ERROR; `details`: the last 20 lines of progress)."""
+
+    def __init__(self, request: dict) -> None:
+        self._stop = threading.Event()
+        self.task = {"id": str(uuid.uuid4()), "status": "RUNNING", "request": request,
+                     "start_ts": _now(), "details": deque(maxlen=20)}
+
+    def note(self, line: str) -> None:
+        self.task["details"].append(line)
+        logger.info("Batch inference: %s", line)
+
+    def check(self, image: str) -> None:
+        """Before asking `image`: BatchStopped if a stop was asked."""
+        if self._stop.is_set():
+            self.note(f"stopped before {image}")
+            raise BatchStopped
+
+    def stop(self) -> dict:
+        if not self._stop.is_set():
+            self._stop.set()
+            self.task["status"] = "STOPPING"
+            self.note("stop asked: the image being asked is finished first")
+        return self.task
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+
+def running() -> BatchRun | None:
+    """The thread's run, while it runs (None: none, or MONAI Label's own process runs one)."""
+    for run in task_table.processes(METHOD).values():
+        if isinstance(run, BatchRun):
+            return run
+    return None
+
+
+def start(app, model: str, images, params: dict | None) -> dict:
+    """Start `app.batch_infer` on a thread with the request MONAI Label's AsyncTask would make
+    (the app's batch config, then the params sent); the task's dict, or a 429 sentence when a
+    batch already runs."""
+    request = {"model": model, "images": images}
+    request.update(app.info().get("config", {}).get(METHOD, {}))
+    request.update(params or {})
+    with _lock:
+        check_none_running()
+        run = BatchRun(request)
+        task_table.background_tasks.setdefault(METHOD, []).append(run.task)
+        task_table.background_processes.setdefault(METHOD, {})[run.task["id"]] = run
+    logger.info("Batch inference in the server's process: %s", request)
+    # a daemon thread: stopping the server does not wait for the batch to end
+    threading.Thread(target=_run, args=(app, run), name="citrusv-batch", daemon=True).start()
+    return run.task
+
+
+def _run(app, run: BatchRun) -> None:
+    status = "ERROR"
+    try:
+        result = app.batch_infer(dict(run.task["request"]), run=run)
+        status = "STOPPED" if run.stopped else "DONE"
+        if status == "DONE":
+            failed = sum(1 for r in result.values() if not r or "error" in r)
+            run.note(f"done: {len(result) - failed} of {len(result)} images answered")
+    except BatchStopped:
+        status = "STOPPED"
+    except Exception as e:  # noqa: BLE001 (the run's end is reported in its task, not raised)
+        logger.exception("Batch inference failed")
+        run.note(f"failed: {e}")
+    finally:
+        run.task.update(status=status, end_ts=_now())
+        with _lock:
+            task_table.background_processes.get(METHOD, {}).pop(run.task["id"], None)
+
+
+def check_none_running() -> None:
+    """A 429 sentence while a batch runs (a `run_sync` batch, too: one batch at a time)."""
+    if task_table.processes(METHOD):
+        raise RequestError(RUNNING, status_code=429)
