@@ -7,6 +7,7 @@ then "ERROR" with a traceback."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import nibabel as nib
@@ -144,3 +145,27 @@ def test_a_batch_without_run_sync_runs_in_the_servers_process_and_stops_between_
     assert "-m batch_infer" not in log  # MONAI Label's command for a process of its own
     assert log.count("Loading Citrus-V engine version") == 1  # the model was loaded once
 
+
+@pytest.mark.parametrize("path, kwargs", [
+    ("/infer/citrusv_segment", {"params": {"image": "chest_ct"}, "data": {
+        "params": '{"prompt": "Segment the liver.", "slice": "all"}'}}),
+    ("/batch/infer/citrusv_segment", {"params": {"images": "all", "run_sync": "true"}, "json": {
+        "prompt": "Segment the liver.", "slice": "all", "label_tag": "sync_c"}}),
+], ids=["question", "run_sync batch"])
+def test_while_the_model_answers_the_server_answers_other_requests(server, path, kwargs):
+    """MONAI Label's endpoints ran the model on the server's one event loop: while one
+    question over 133 slices was answered (about 12 s here), a connection test or an image
+    download of anyone's waited for it."""
+    answered = {}
+    asking = threading.Thread(target=lambda: answered.update(r=server.post(path, **kwargs)))
+    asking.start()
+    try:
+        time.sleep(1.0)  # the question is being answered
+        assert server.get("/info/").status_code == 200
+        download = server.get("/datastore/image", params={"image": "chest_xray"})
+        still_asking = asking.is_alive()
+    finally:
+        asking.join(timeout=300)
+    assert download.status_code == 200 and len(download.content) > 100_000
+    assert still_asking  # both were answered while the model was still at it
+    assert answered["r"].status_code == 200, answered["r"].text
