@@ -37,6 +37,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -265,12 +266,26 @@ class CorrectionsDatastore(LocalDatastore):
                          if v})
         return info
 
+    def get_labels_by_image_id(self, image_id: str) -> dict[str, str]:
+        """MONAI Label's {tag: image id} of an image's labels, read with the index mutex held:
+        its loop over the image's labels ends in "dictionary changed size during iteration"
+        if another thread saves a label of the image meanwhile (a batch inference runs on one
+        since 2026-12-06, `lib.batch`)."""
+        with self._mutex:
+            return super().get_labels_by_image_id(image_id)
+
     def status(self) -> dict[str, Any]:
         """MONAI Label's counts (`/info/` "datastore") plus, under "notes", what the server log
         says about the studies folder (a CD export served as ..., the folders a split series
         joins, loose slices at start, labels kept apart from the image their id now names or
-        whose image is gone), for an admin who reads /info/ and not the log."""
-        out = super().status()
+        whose image is gone), for an admin who reads /info/ and not the log. MONAI Label's
+        counts, with each image's labels walked under the index mutex (as
+        `get_labels_by_image_id`) and the images listed outside it (a PACS's list is a
+        network call)."""
+        with self._mutex:
+            tags = Counter(tag for obj in self._datastore.objects.values() for tag in obj.labels)
+        out = {"total": len(self.list_images()), "completed": len(self.get_labeled_images()),
+               "label_tags": dict(tags)}
         if self.series_folders:
             out["notes"] = [*self.start_notes, *self.below_notes()]
         if self._kept_apart:
