@@ -448,7 +448,7 @@ def _ask_the_model_off_the_event_loop() -> None:
         call = getattr(route, "endpoint", None)
         if call in asking:
             @functools.wraps(call)  # the same signature: the same parameters are parsed
-            async def on_a_thread(*args, _call=call, **values):
+            async def on_a_thread(_call=call, **values):
                 return await run_in_threadpool(_run_to_its_end, _call, values)
             route.endpoint = route.dependant.call = on_a_thread
 
@@ -745,9 +745,11 @@ class CitrusVApp(MONAILabelApp):
             try:
                 out = self.infer(one, store)
             except HTTPException as e:
-                logger.warning("Batch inference: %s was not asked: %s", image, e.detail)
+                said = f"{image}: not asked: {e.detail}"
                 if run:
-                    run.note(f"{image}: not asked: {e.detail}")
+                    run.note(said)  # logged there
+                else:
+                    logger.warning("Batch inference: %s", said)
                 return {"error": e.detail}
             if run:
                 run.note(f"{image}: answered; its label is saved under '{one.get('label_tag')}'")

@@ -72,7 +72,7 @@ class BatchRun:
 
 
 def running() -> BatchRun | None:
-    """The thread's run, while it runs (None: none, or MONAI Label's own process runs one)."""
+    """The batch running on its thread (None: none runs)."""
     for run in task_table.processes(METHOD).values():
         if isinstance(run, BatchRun):
             return run
