@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import functools
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -425,31 +426,36 @@ def _run_to_its_end(call, values: dict):
     raise RuntimeError(f"{call.__name__} awaits; it must run on the event loop")
 
 
-def _ask_the_model_off_the_event_loop() -> None:
+def _run_off_the_event_loop() -> None:
     """MONAI Label 0.8.5's endpoints are `async def` functions that call the app directly, on
     the server's one event loop: while the model answered one question (`POST
-    /infer/{model}`), a `run_sync` batch or an active-learning pick (which asks slices), the
-    server took no other request of anyone's: no connection test, image download or
-    correction. Those three endpoints now run on a worker thread; the model itself still
-    answers one question at a time (the engine's lock), the rest of the server goes on. The
-    endpoints await nothing, so each runs to its end on the thread with no event loop. Only
-    in the server's process (the training process has no routes)."""
+    /infer/{model}`), a `run_sync` batch or an active-learning pick (which asks slices), or
+    while a correction was merged and sent to the PACS, an upload written or a dataset ZIP
+    made, the server took no other request of anyone's: no connection test, image download or
+    correction. The endpoints of questions, batches, active learning and the datastore now run
+    on a worker thread; the model itself still answers one question at a time (the engine's
+    lock), and the datastore changes its index under its mutex. The endpoints await nothing,
+    so each runs to its end on the thread with no event loop. Only in the server's process
+    (the training process has no routes)."""
     if "monailabel.app" not in sys.modules:
         return
     from starlette.concurrency import run_in_threadpool
 
-    from monailabel.endpoints import activelearning, batch_infer, infer
+    from monailabel.endpoints import activelearning, batch_infer, datastore, infer
 
-    asking = {infer.api_run_inference, batch_infer.api_run, activelearning.api_sample}
     # the endpoint modules' own routes: FastAPI 0.165 includes a router by reference and
     # builds each included route's handler from `route.endpoint` at its first request
-    for route in [*infer.router.routes, *batch_infer.router.routes,
-                  *activelearning.router.routes]:
-        call = getattr(route, "endpoint", None)
-        if call in asking:
+    for module in (infer, batch_infer, activelearning, datastore):
+        for route in module.router.routes:
+            call = getattr(route, "endpoint", None)
+            if (not inspect.iscoroutinefunction(call) or call.__module__ != module.__name__
+                    or getattr(call, "_citrusv_threaded", False)):
+                continue
+
             @functools.wraps(call)  # the same signature: the same parameters are parsed
             async def on_a_thread(_call=call, **values):
                 return await run_in_threadpool(_run_to_its_end, _call, values)
+            on_a_thread._citrusv_threaded = True
             route.endpoint = route.dependant.call = on_a_thread
 
 
@@ -600,7 +606,7 @@ class CitrusVApp(MONAILabelApp):
         _record_who_corrected()
         _check_training_options()
         _check_batch_and_scoring_requests()
-        _ask_the_model_off_the_event_loop()
+        _run_off_the_event_loop()
         _send_dataset_and_delete_it()
         _gpu_info_without_nvidia_smi()
         _answer_full_disk_with_507()  # after the wrappers above: it wraps them too

@@ -3,7 +3,9 @@ asks each image the same question and saves each answer's label map under "origi
 the server does not offer and a batch without a question get a 4xx sentence, and no run
 starts. MONAI Label 0.8.5 answered a batch on a server without CUDA with a 500
 (ZeroDivisionError), and an unknown scoring method or training task with 200 "SUBMITTED",
-then "ERROR" with a traceback."""
+then "ERROR" with a traceback. A batch without `run_sync` runs on a thread of the server's
+process; while the model answers or a correction is merged, the server answers other
+requests."""
 
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.app.helpers import decode_rle, zyx
+from tests.app.helpers import decode_rle, put_label, reference_label, zyx
 from tests.server import private_citrusv_server
+
+LIVER = 5  # the reference label map's liver
 
 
 @pytest.fixture(scope="module")
@@ -146,26 +150,33 @@ def test_a_batch_without_run_sync_runs_in_the_servers_process_and_stops_between_
     assert log.count("Loading Citrus-V engine version") == 1  # the model was loaded once
 
 
-@pytest.mark.parametrize("path, kwargs", [
-    ("/infer/citrusv_segment", {"params": {"image": "chest_ct"}, "data": {
-        "params": '{"prompt": "Segment the liver.", "slice": [0, 59]}'}}),
-    ("/batch/infer/citrusv_segment", {"params": {"images": "all", "run_sync": "true"}, "json": {
-        "prompt": "Segment the liver.", "slice": [0, 59], "label_tag": "sync_c"}}),
-], ids=["question", "run_sync batch"])
-def test_while_the_model_answers_the_server_answers_other_requests(server, path, kwargs):
-    """MONAI Label's endpoints ran the model on the server's one event loop: while one
-    question over 60 slices was answered (about 3 s here), a connection test or an image
-    download of anyone's waited for it."""
+def _correction(server, tmp_path):
+    liver = reference_label(tmp_path / "liver.nii.gz", LIVER, server.studies / "chest_ct.nii.gz")
+    return put_label(server, "chest_ct", liver, {"label_info": [{"name": "liver", "idx": 1}]})
+
+
+@pytest.mark.parametrize("send", [
+    lambda server, _: server.post("/infer/citrusv_segment", params={"image": "chest_ct"}, data={
+        "params": '{"prompt": "Segment the liver.", "slice": [0, 59]}'}),
+    lambda server, _: server.post("/batch/infer/citrusv_segment", params={
+        "images": "all", "run_sync": "true"}, json={
+        "prompt": "Segment the liver.", "slice": [0, 59], "label_tag": "sync_c"}),
+    _correction,
+], ids=["question", "run_sync batch", "correction"])
+def test_while_the_model_answers_the_server_answers_other_requests(server, send, tmp_path):
+    """MONAI Label's endpoints ran on the server's one event loop: while one question over 60
+    slices was answered (about 3 s here) or a correction of the CT's liver was merged (3.5 to
+    4.8 s), a connection test or an image download of anyone's waited for it."""
     answered = {}
-    asking = threading.Thread(target=lambda: answered.update(r=server.post(path, **kwargs)))
+    asking = threading.Thread(target=lambda: answered.update(r=send(server, tmp_path)))
     asking.start()
     try:
-        time.sleep(0.5)  # the question is being answered
+        time.sleep(0.5)  # the request is being answered
         assert server.get("/info/").status_code == 200
         download = server.get("/datastore/image", params={"image": "chest_xray"})
         still_asking = asking.is_alive()
     finally:
         asking.join(timeout=300)
     assert download.status_code == 200 and len(download.content) > 100_000
-    assert still_asking  # both were answered while the model was still at it
+    assert still_asking  # both were answered while the request was still being answered
     assert answered["r"].status_code == 200, answered["r"].text
