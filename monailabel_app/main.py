@@ -373,7 +373,7 @@ def _check_batch_and_scoring_requests() -> None:
     prompt, a closer look's options sent to another task): 400 with its sentence. No run is
     started then. A batch without `run_sync` runs on a thread of this process (`lib.batch`:
     MONAI Label started a process that loaded the model again), and `DELETE /batch/infer`
-    stops it after the image it is asking; while a batch runs, another gets a 429 sentence."""
+    stops it after the image it is asking; while it runs, another batch gets a 429 sentence."""
     from lib import batch
     from lib.params import check_question
 

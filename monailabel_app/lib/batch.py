@@ -7,8 +7,8 @@ serving one (bf16 8B: 15816 MiB). On a 24 GB card serving the 8B there is no roo
 whichever process allocates last runs out of memory, the radiologists' questions included.
 Here the batch asks the engine the server has loaded, on a thread; the engine answers one
 question at a time, so a radiologist's question waits at most for the image the batch is
-asking. MONAI Label's task table is kept, so `GET /batch/infer` lists the run, a second batch
-while one runs gets a 429, and `DELETE /batch/infer` stops the run after the image it is
+asking. MONAI Label's task table is kept, so `GET /batch/infer` lists the run, another batch
+while it runs gets a 429, and `DELETE /batch/infer` stops the run after the image it is
 asking."""
 
 from __future__ import annotations
@@ -117,6 +117,7 @@ def _run(app, run: BatchRun) -> None:
 
 
 def check_none_running() -> None:
-    """A 429 sentence while a batch runs (a `run_sync` batch, too: one batch at a time)."""
+    """A 429 sentence while a batch started here runs, for any batch sent, `run_sync` too. A
+    `run_sync` batch is not entered in the task table, so it does not block another."""
     if task_table.processes(METHOD):
         raise RequestError(RUNNING, status_code=429)
