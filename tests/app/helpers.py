@@ -120,13 +120,19 @@ def wait_for_training(server, timeout_s: float = 900) -> dict:
     """Poll GET /train/ until the running training task ends; its last status. The limit only
     says when to give up: 420 s was enough with the suite alone on a 2-core box, and ran out
     (a 200-step run at ~4 s a step) with another training run beside the suite."""
+    return wait_for_task(server, "/train/", timeout_s, every_s=2)
+
+
+def wait_for_task(server, path: str, timeout_s: float, every_s: float) -> dict:
+    """Poll a MONAI Label task list (GET /train/, GET /batch/infer) until its latest task has
+    ended (DONE, ERROR or STOPPED); that task's status."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        r = server.get("/train/")
+        r = server.get(path)
         if r.status_code == 200 and r.json().get("status") in ("DONE", "ERROR", "STOPPED"):
             return r.json()
-        time.sleep(2)
-    raise AssertionError(f"training did not finish in {timeout_s} s:\n{server.log()}")
+        time.sleep(every_s)
+    raise AssertionError(f"the task of {path} did not end in {timeout_s} s:\n{server.log()}")
 
 
 def read_as_slicer(path) -> np.ndarray:

@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.app.helpers import decode_rle, put_label, reference_label, zyx
+from tests.app.helpers import decode_rle, put_label, reference_label, wait_for_task, zyx
 from tests.server import private_citrusv_server
 
 LIVER = 5  # the reference label map's liver
@@ -95,14 +95,8 @@ def test_a_name_the_server_lacks_or_a_batch_without_a_question_starts_nothing(
     assert server.get("/info/").status_code == 200
 
 
-def _wait_for_batch(server, timeout_s: float = 180) -> dict:
-    """The batch's task once it has ended (MONAI Label's status of the latest run)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        task = server.get("/batch/infer").json()
-        if task["status"] not in ("RUNNING", "STOPPING") or time.monotonic() > deadline:
-            return task
-        time.sleep(0.5)
+def _wait_for_batch(server) -> dict:
+    return wait_for_task(server, "/batch/infer", timeout_s=180, every_s=0.5)
 
 
 def test_a_batch_without_run_sync_runs_in_the_servers_process_and_stops_between_images(server):
