@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 import lib.configs
@@ -327,7 +328,9 @@ def _check_training_options() -> None:
     ignored), and a run for a task name it lacks started and failed in the run (200, then
     "ERROR" in `GET /train/`). The app wraps the endpoint's `run_model` so the task name and
     the Citrus-V trainer's options are checked first: 404 or 400 with a sentence, and no run is
-    started."""
+    started. A `run_sync` run (`POST /train/...?run_sync=true`, with or without a task name)
+    runs in a process of its own like any run, and the request waits for it
+    (`_wait_for_training`)."""
     from monailabel.endpoints import train as endpoint
     from monailabel.interfaces.utils.app import app_instance
 
@@ -344,10 +347,56 @@ def _check_training_options() -> None:
                     check_options(params, defaults)
                 except ValueError as e:
                     raise HTTPException(status_code=400, detail=str(e)) from None
-            return original(model, params, run_sync, enqueue)
+            if not run_sync:
+                return original(model, params, run_sync, enqueue)
+            task = original(model, params, False, enqueue)  # a 429 while one runs
+            return _wait_for_training(task, trainers.get(model) if model else None)
         return run_model
 
+    def make_run(original):
+        def run(params=None, run_sync=False):
+            started = original(params, False)  # each trainer's run, queued one after another
+            if not run_sync:
+                return started
+            trainers = getattr(app_instance(), "_trainers", {})
+            return {name: {**entry, "result": _wait_for_training(entry["result"],
+                                                                 trainers.get(name))}
+                    for name, entry in started.items()}
+        return run
+
     _patch_once(endpoint, "run_model", make)
+    _patch_once(endpoint, "run", make_run)
+
+
+TRAINING_ENDED = ("DONE", "ERROR", "STOPPED")
+
+
+def _wait_for_training(task: dict, trainer, poll_s: float = 0.2) -> dict:
+    """A `run_sync` training request: MONAI Label 0.8.5 ran the fine-tune in the server's own
+    process, which then held a second copy of the model beside the one it serves (on a GPU
+    serving the 8B, more than a 24 GB card has), left the run out of the task table (so it
+    ran beside another run, deleted that run's unfinished version folder, and `DELETE
+    /train/` could not stop it) and, on the event loop, held every other request for the
+    whole run. The run is now started as any run is (`task`: MONAI Label's task entry) and
+    the request, on a worker thread, waits for it to end. The answer is the run's record
+    (`last_run`: `status` `done`, `rejected`, `failed` or `killed`, and what the run wrote) with
+    `task`: the task's `id` and `status` (`DONE`, `ERROR`, `STOPPED`). A run that left no
+    record of its own (its process died before writing one) is a 500 with a sentence."""
+    from monailabel.utils.async_tasks.utils import processes
+
+    pid = None
+    while task.get("status") not in TRAINING_ENDED:
+        process = processes("train").get(task["id"])
+        if process is not None:
+            pid = process.pid
+        time.sleep(poll_s)
+    ended = {"id": task["id"], "status": task["status"]}
+    last = trainer.stats()["last_run"] if trainer is not None else {}
+    if pid is None or last.get("pid") != pid:
+        raise HTTPException(status_code=500, detail=(
+            f"The training run {task['id']} ended with {task['status']} and left no record; "
+            "GET /train/?all=true shows its output, and the server log has the rest."))
+    return {**last, "task": ended}
 
 
 def _cuda_devices() -> int:
@@ -432,8 +481,9 @@ def _run_off_the_event_loop() -> None:
     /infer/{model}`), a `run_sync` batch or an active-learning pick (which asks slices), or
     while a correction was merged and sent to the PACS, an upload written or a dataset ZIP
     made, the server took no other request of anyone's: no connection test, image download or
-    correction. The endpoints of questions, batches, active learning and the datastore now run
-    on a worker thread; the model itself still answers one question at a time (the engine's
+    correction. The endpoints of questions, batches, active learning, the datastore, training
+    (a `run_sync` run waits there for its process), info, logs, model files, scoring and
+    sessions now run on a worker thread; the model itself still answers one question at a time (the engine's
     lock), and the datastore changes its index under its mutex. The endpoints await nothing,
     so each runs to its end on the thread with no event loop. Only in the server's process
     (the training process has no routes)."""
@@ -441,11 +491,14 @@ def _run_off_the_event_loop() -> None:
         return
     from starlette.concurrency import run_in_threadpool
 
-    from monailabel.endpoints import activelearning, batch_infer, datastore, infer
+    from monailabel.endpoints import (activelearning, batch_infer, datastore, infer, info,
+                                      logs, model, scoring, session, train, wsi_infer)
 
     # the endpoint modules' own routes: FastAPI 0.165 includes a router by reference and
     # builds each included route's handler from `route.endpoint` at its first request
-    for module in (infer, batch_infer, activelearning, datastore):
+    # (login, the OHIF viewer's files and the DICOMweb proxy stay on the loop: the proxy awaits)
+    for module in (infer, batch_infer, activelearning, datastore, info, logs, model, scoring,
+                   session, train, wsi_infer):
         for route in module.router.routes:
             call = getattr(route, "endpoint", None)
             if (not inspect.iscoroutinefunction(call) or call.__module__ != module.__name__

@@ -12,6 +12,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -291,15 +292,52 @@ def test_run_from_a_version_withdrawn_meanwhile_is_not_published(citrusv_server)
     _assert_serves_version(citrusv_server, "base")
 
 
+def test_a_run_sync_training_runs_in_its_own_process_while_the_server_answers(citrusv_server):
+    """MONAI Label 0.8.5 ran a `run_sync` training in the server's own process: a second copy
+    of the model there, a run outside the task table (another could start beside it, and
+    `DELETE /train/` could not stop it), and every other request waited for the whole run.
+    Here (1 and 2 withdrawn, base served) it publishes 3 from base."""
+    commands = citrusv_server.log(tail=10**8).count("-m train -r")  # MONAI Label's run command
+    options = {"steps": 2, "batch_images": 2, "max_per_structure": 4, "publish_if_worse": True}
+    answered = {}
+    sending = threading.Thread(target=lambda: answered.update(r=citrusv_server.post(
+        "/train/citrusv_finetune", params={"run_sync": "true"}, json=options, timeout=900)))
+    sending.start()
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # the run is in MONAI Label's task table
+            running = citrusv_server.get("/train/", params={"check_if_running": "true"})
+            if (running.status_code == 200 or not sending.is_alive()
+                    or time.monotonic() > deadline):
+                break
+            time.sleep(0.1)
+        info = citrusv_server.get("/info/")
+        second = citrusv_server.post("/train/citrusv_finetune", json=options)
+        still_training = sending.is_alive()
+    finally:
+        sending.join(timeout=900)
+    assert running.status_code == 200 and running.json()["status"] == "RUNNING", running.text
+    assert info.status_code == 200 and still_training  # answered during the run
+    assert second.status_code == 429, second.text  # one run at a time, run_sync or not
+    r = answered["r"]
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert (out["status"], out["version"], out["base_version"]) == ("done", "3", "base"), out
+    assert out["task"] == {"id": running.json()["id"], "status": "DONE"}
+    assert citrusv_server.log(tail=10**8).count("-m train -r") == commands + 1
+    last = citrusv_server.get("/info/").json()["train_stats"]["citrusv_finetune"]["last_run"]
+    assert last["version"] == "3" and last["pid"] == out["pid"]
+    _assert_serves_version(citrusv_server, "3")
+
+
 def test_admin_prunes_old_versions_and_keeps_their_records(citrusv_server):
-    # here: 1 and 2 withdrawn, base served; two more runs publish 3 (from base) and 4 (from 3)
-    for number, base in (("3", "base"), ("4", "3")):
-        task = run_training(citrusv_server, steps=2, batch_images=2, max_per_structure=4,
-                            publish_if_worse=True)
-        assert task["status"] == "DONE", "\n".join(task.get("details", []))
-        last = citrusv_server.get("/info/").json()["train_stats"]["citrusv_finetune"]["last_run"]
-        assert (last["version"], last["base_version"]) == (number, base), last
-        assert "pruned" not in last  # no keep_versions on this server: nothing is pruned
+    # here: 1 and 2 withdrawn, 3 (from base) served; one more run publishes 4 (from 3)
+    task = run_training(citrusv_server, steps=2, batch_images=2, max_per_structure=4,
+                        publish_if_worse=True)
+    assert task["status"] == "DONE", "\n".join(task.get("details", []))
+    last = citrusv_server.get("/info/").json()["train_stats"]["citrusv_finetune"]["last_run"]
+    assert (last["version"], last["base_version"]) == ("4", "3"), last
+    assert "pruned" not in last  # no keep_versions on this server: nothing is pruned
     versions = citrusv_server.model_dir / "versions"
     size_3 = sum(f.stat().st_size for f in (versions / "3").iterdir())
 
