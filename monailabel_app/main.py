@@ -420,9 +420,10 @@ def _check_batch_and_scoring_requests() -> None:
     unknown task or method gets a 404 sentence, and a batch's question is checked as one
     infer request checks it where that needs no image (`params.check_question`: a missing
     prompt, a closer look's options sent to another task): 400 with its sentence. No run is
-    started then. A batch without `run_sync` runs on a thread of this process (`lib.batch`:
-    MONAI Label started a process that loaded the model again), and `DELETE /batch/infer`
-    stops it after the image it is asking; while it runs, another batch gets a 429 sentence."""
+    started then. A batch runs on a thread of this process (`lib.batch`: without `run_sync`
+    MONAI Label started a process that loaded the model again; with it, it ran outside the
+    task table), and `DELETE /batch/infer` stops it after the image it is asking; while it
+    runs, another batch gets a 429 sentence. A `run_sync` request waits for its batch."""
     from lib import batch
     from lib.params import check_question
 
@@ -440,8 +441,7 @@ def _check_batch_and_scoring_requests() -> None:
                 check_question(params or {}, task)  # a RequestError: its 400 sentence
             if not run_sync:
                 return batch.start(app_instance(), model, images, params)
-            batch.check_none_running()
-            return original(model, images, params, run_sync)
+            return batch.run_and_wait(app_instance(), model, images, params)
         return run
 
     def make_stop(original):
@@ -791,8 +791,9 @@ class CitrusVApp(MONAILabelApp):
         with none divided by zero (500); there the model's own device answers. An image whose
         request is refused (a slice it lacks, a 2D image asked over a range) gets `{"error":
         sentence}` in the result, and the others are asked; MONAI Label stopped the batch there.
-        `run`: the `lib.batch.BatchRun` of a batch on a thread (None: `run_sync`), which
-        gets a line per image and is checked for a stop before each."""
+        `run`: the `lib.batch.BatchRun` of the batch (None: called directly, as MONAI Label's
+        own batch process would), which gets a line per image and is checked for a stop
+        before each."""
         request = dict(request)
         if request.get("multi_gpu", True) and not _cuda_devices():
             request.update(multi_gpu=False, device="cpu")
@@ -811,7 +812,7 @@ class CitrusVApp(MONAILabelApp):
                     logger.warning("Batch inference: %s", said)
                 return {"error": e.detail}
             if run:
-                run.note(f"{image}: answered; its label is saved under '{one.get('label_tag')}'")
+                run.answer(image, one.get("label_tag"))
             return out
 
         return self._batch_infer(request, datastore or self.datastore(), infer_one)

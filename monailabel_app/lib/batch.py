@@ -1,5 +1,4 @@
-"""Batch inference (`POST /batch/infer/{model}` without `run_sync`) on a thread of the server's
-own process.
+"""Batch inference (`POST /batch/infer/{model}`) on a thread of the server's own process.
 
 MONAI Label 0.8.5 runs such a batch in a new process (`python -m monailabel.interfaces.utils.app
 -m batch_infer`) that loads the model again: on a GPU, a second copy of the weights next to the
@@ -9,7 +8,9 @@ Here the batch asks the engine the server has loaded, on a thread; the engine an
 question at a time, so a radiologist's question waits at most for the image the batch is
 asking. MONAI Label's task table is kept, so `GET /batch/infer` lists the run, another batch
 while it runs gets a 429, and `DELETE /batch/infer` stops the run after the image it is
-asking."""
+asking. A `run_sync` batch is such a run too, and its request waits for it (`run_and_wait`):
+MONAI Label ran it on the request's own thread, outside the task table, so it could not be
+stopped, and two sent at once both ran."""
 
 from __future__ import annotations
 
@@ -46,12 +47,21 @@ class BatchRun:
 
     def __init__(self, request: dict) -> None:
         self._stop = threading.Event()
+        self.ended = threading.Event()
         self.task = {"id": str(uuid.uuid4()), "status": "RUNNING", "request": request,
                      "start_ts": _now(), "details": deque(maxlen=20)}
+        self.answered: list[str] = []  # the images answered so far, in order
+        self.result: dict | None = None  # {image id: answer}, once DONE
+        self.error: str | None = None  # what failed, once ERROR
 
     def note(self, line: str) -> None:
         self.task["details"].append(line)
         logger.info("Batch inference: %s", line)
+
+    def answer(self, image: str, tag: str) -> None:
+        """`image` was answered and its label saved under `tag`."""
+        self.answered.append(image)
+        self.note(f"{image}: answered; its label is saved under '{tag}'")
 
     def check(self, image: str) -> None:
         """Before asking `image`: BatchStopped if a stop was asked."""
@@ -83,6 +93,29 @@ def start(app, model: str, images, params: dict | None) -> dict:
     """Start `app.batch_infer` on a thread with the request MONAI Label's AsyncTask would make
     (the app's batch config, then the params sent); the task's dict, or a 429 sentence when a
     batch already runs."""
+    return _start(app, model, images, params).task
+
+
+def run_and_wait(app, model: str, images, params: dict | None) -> dict:
+    """A `run_sync` batch: started as `start` starts one, then waited for (on the request's
+    worker thread). Its answer is MONAI Label's `run_sync` answer, `{image id: {"label", "tag",
+    "params"}}` (`{"error": sentence}` for an image not asked); a batch stopped by `DELETE
+    /batch/infer` is a 409 sentence naming the images answered, a failed one a 500 sentence."""
+    run = _start(app, model, images, params)
+    run.ended.wait()
+    if run.task["status"] == "DONE" and run.result is not None:
+        return run.result
+    if run.task["status"] == "STOPPED":
+        tag = run.task["request"].get("label_tag") or "original"
+        done = (f"after {', '.join(run.answered)} had been answered (labels saved under "
+                f"'{tag}')" if run.answered else "before any image had been answered")
+        raise RequestError(f"the batch was stopped (DELETE /batch/infer) {done}; the other "
+                           "images were not asked.", status_code=409)
+    raise RequestError(f"the batch failed: {run.error or 'see the server log'}; GET "
+                       "/batch/infer shows its last lines.", status_code=500)
+
+
+def _start(app, model: str, images, params: dict | None) -> BatchRun:
     request = {"model": model, "images": images}
     request.update(app.info().get("config", {}).get(METHOD, {}))
     request.update(params or {})
@@ -94,7 +127,7 @@ def start(app, model: str, images, params: dict | None) -> dict:
     logger.info("Batch inference in the server's process: %s", request)
     # a daemon thread: stopping the server does not wait for the batch to end
     threading.Thread(target=_run, args=(app, run), name="citrusv-batch", daemon=True).start()
-    return run.task
+    return run
 
 
 def _run(app, run: BatchRun) -> None:
@@ -105,19 +138,21 @@ def _run(app, run: BatchRun) -> None:
         if status == "DONE":
             failed = sum(1 for r in result.values() if not r or "error" in r)
             run.note(f"done: {len(result) - failed} of {len(result)} images answered")
+            run.result = result
     except BatchStopped:
         status = "STOPPED"
     except Exception as e:  # noqa: BLE001 (the run's end is reported in its task, not raised)
         logger.exception("Batch inference failed")
+        run.error = str(e)
         run.note(f"failed: {e}")
     finally:
         run.task.update(status=status, end_ts=_now())
         with _lock:
             task_table.background_processes.get(METHOD, {}).pop(run.task["id"], None)
+        run.ended.set()
 
 
 def check_none_running() -> None:
-    """A 429 sentence while a batch started here runs, for any batch sent, `run_sync` too. A
-    `run_sync` batch is not entered in the task table, so it does not block another."""
+    """A 429 sentence while a batch runs (`run_sync` or not), for any batch sent."""
     if task_table.processes(METHOD):
         raise RequestError(RUNNING, status_code=429)

@@ -144,6 +144,41 @@ def test_a_batch_without_run_sync_runs_in_the_servers_process_and_stops_between_
     assert log.count("Loading Citrus-V engine version") == 1  # the model was loaded once
 
 
+def test_a_run_sync_batch_is_a_task_that_blocks_others_and_can_be_stopped(server):
+    """MONAI Label ran a `run_sync` batch on the request's own thread, outside the task table:
+    `DELETE /batch/infer` could not stop it and two sent at once both ran."""
+    question = {"prompt": "Segment the liver.", "slice": [0, 59], "label_tag": "sync_s"}
+    answered = {}
+    sending = threading.Thread(target=lambda: answered.update(
+        r=_batch(server, "citrusv_segment", question)))
+    sending.start()
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # the batch is in MONAI Label's task table
+            running = server.get("/batch/infer", params={"check_if_running": "true"})
+            if (running.status_code == 200 or not sending.is_alive()
+                    or time.monotonic() > deadline):
+                break
+            time.sleep(0.05)
+        again = _batch(server, "citrusv_segment", question)
+        stopping = server.delete("/batch/infer")
+    finally:
+        sending.join(timeout=300)
+    assert running.status_code == 200, running.text
+    assert running.json()["status"] == "RUNNING"
+    assert running.json()["request"]["label_tag"] == "sync_s"
+    assert again.status_code == 429, again.text
+    assert stopping.status_code == 200 and stopping.json()["status"] == "STOPPING"
+    r = answered["r"]  # chest_ct (60 slices) is asked first; the stop came while it was
+    assert (r.status_code, r.json()) == (409, {"detail": (
+        "the batch was stopped (DELETE /batch/infer) after chest_ct had been answered (labels "
+        "saved under 'sync_s'); the other images were not asked.")})
+    task = _wait_for_batch(server)
+    assert task["status"] == "STOPPED" and task["id"] == running.json()["id"]
+    saved = server.studies / "labels" / "sync_s"
+    assert sorted(p.name for p in saved.glob("*.nii*")) == ["chest_ct.nii.gz"]
+
+
 def _correction(server, tmp_path):
     liver = reference_label(tmp_path / "liver.nii.gz", LIVER, server.studies / "chest_ct.nii.gz")
     return put_label(server, "chest_ct", liver, {"label_info": [{"name": "liver", "idx": 1}]})
