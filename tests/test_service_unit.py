@@ -95,7 +95,7 @@ def test_unit_command_starts_the_server_and_stop_ends_it(tmp_path, tiny_model_di
 
 def test_the_unit_under_real_systemd():
     """scripts/systemd_check.py: the unit under Debian's systemd, PID 1 of namespaces of its own
-    (root only, ~90 s): `enable --now`; the server as the unit's user with its state directory,
+    (root only, ~75–90 s): `enable --now`; the server as the unit's user with its state directory,
     private /tmp, read-only /usr and /etc; `systemctl stop` during a training run ends the
     whole control group within TimeoutStopSec and the correction sent before is stored whole;
     SIGKILL is followed by a restart; `--conf device cuda` without a GPU fails with status 78,
