@@ -374,10 +374,10 @@ TRAINING_ENDED = ("DONE", "ERROR", "STOPPED")
 def _wait_for_training(task: dict, trainer, poll_s: float = 0.2) -> dict:
     """A `run_sync` training request: MONAI Label 0.8.5 ran the fine-tune in the server's own
     process, which then held a second copy of the model beside the one it serves (on a GPU
-    serving the 8B, more than a 24 GB card has), left the run out of the task table (so it
-    ran beside another run, deleted that run's unfinished version folder, and `DELETE
-    /train/` could not stop it) and, on the event loop, held every other request for the
-    whole run. The run is now started as any run is (`task`: MONAI Label's task entry) and
+    serving the 8B, more than a 24 GB card has), left the run out of the task table (so
+    another run could start beside it, each deleting at its start the unfinished version
+    folders it finds, and `DELETE /train/` could not stop it) and, on the event loop, held
+    every other request for the whole run. The run is now started as any run is (`task`: MONAI Label's task entry) and
     the request, on a worker thread, waits for it to end. The answer is the run's record
     (`last_run`: `status` `done`, `rejected`, `failed` or `killed`, and what the run wrote) with
     `task`: the task's `id` and `status` (`DONE`, `ERROR`, `STOPPED`). A run that left no
@@ -483,8 +483,8 @@ def _run_off_the_event_loop() -> None:
     made, the server took no other request of anyone's: no connection test, image download or
     correction. The endpoints of questions, batches, active learning, the datastore, training
     (a `run_sync` run waits there for its process), info, logs, model files, scoring and
-    sessions now run on a worker thread; the model itself still answers one question at a time (the engine's
-    lock), and the datastore changes its index under its mutex. The endpoints await nothing,
+    sessions now run on a worker thread; the model itself still answers one question at a
+    time (the engine's lock), and the datastore changes its index under its mutex. The endpoints await nothing,
     so each runs to its end on the thread with no event loop. Only in the server's process
     (the training process has no routes)."""
     if "monailabel.app" not in sys.modules:

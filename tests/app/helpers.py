@@ -123,6 +123,19 @@ def wait_for_training(server, timeout_s: float = 900) -> dict:
     return wait_for_task(server, "/train/", timeout_s, every_s=2)
 
 
+def wait_until_listed_running(server, path: str, sending, timeout_s: float = 60,
+                              every_s: float = 0.05):
+    """Poll `GET {path}?check_if_running=true` (GET /train/, GET /batch/infer) while the
+    thread `sending` waits for a `run_sync` request, until the run is in MONAI Label's task
+    table (200), the request has been answered, or `timeout_s` has passed; the last answer."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        running = server.get(path, params={"check_if_running": "true"})
+        if running.status_code == 200 or not sending.is_alive() or time.monotonic() > deadline:
+            return running
+        time.sleep(every_s)
+
+
 def wait_for_task(server, path: str, timeout_s: float, every_s: float) -> dict:
     """Poll a MONAI Label task list (GET /train/, GET /batch/infer) until its latest task has
     ended (DONE, ERROR or STOPPED); that task's status."""

@@ -16,7 +16,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.app.helpers import decode_rle, put_label, reference_label, wait_for_task, zyx
+from tests.app.helpers import (decode_rle, put_label, reference_label, wait_for_task,
+                               wait_until_listed_running, zyx)
 from tests.server import private_citrusv_server
 
 LIVER = 5  # the reference label map's liver
@@ -153,13 +154,7 @@ def test_a_run_sync_batch_is_a_task_that_blocks_others_and_can_be_stopped(server
         r=_batch(server, "citrusv_segment", question)))
     sending.start()
     try:
-        deadline = time.monotonic() + 60
-        while True:  # the batch is in MONAI Label's task table
-            running = server.get("/batch/infer", params={"check_if_running": "true"})
-            if (running.status_code == 200 or not sending.is_alive()
-                    or time.monotonic() > deadline):
-                break
-            time.sleep(0.05)
+        running = wait_until_listed_running(server, "/batch/infer", sending)
         again = _batch(server, "citrusv_segment", question)
         stopping = server.delete("/batch/infer")
     finally:

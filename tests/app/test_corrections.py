@@ -20,7 +20,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.app.helpers import put_label, reference_label, run_training, wait_for_training
+from tests.app.helpers import (put_label, reference_label, run_training, wait_for_training,
+                               wait_until_listed_running)
 from tests.server import private_citrusv_server
 
 SPLEEN = 1  # labels.json: {"1": "spleen", ...}
@@ -304,13 +305,7 @@ def test_a_run_sync_training_runs_in_its_own_process_while_the_server_answers(ci
         "/train/citrusv_finetune", params={"run_sync": "true"}, json=options, timeout=900)))
     sending.start()
     try:
-        deadline = time.monotonic() + 60
-        while True:  # the run is in MONAI Label's task table
-            running = citrusv_server.get("/train/", params={"check_if_running": "true"})
-            if (running.status_code == 200 or not sending.is_alive()
-                    or time.monotonic() > deadline):
-                break
-            time.sleep(0.1)
+        running = wait_until_listed_running(citrusv_server, "/train/", sending)
         info = citrusv_server.get("/info/")
         second = citrusv_server.post("/train/citrusv_finetune", json=options)
         still_training = sending.is_alive()
