@@ -347,6 +347,7 @@ def _check_training_options() -> None:
                     check_options(params, defaults)
                 except ValueError as e:
                     raise HTTPException(status_code=400, detail=str(e)) from None
+            _check_corrections_to_learn_from()
             if not run_sync:
                 return original(model, params, run_sync, enqueue)
             task = original(model, params, False, enqueue)  # a 429 while one runs
@@ -355,10 +356,15 @@ def _check_training_options() -> None:
 
     def make_run(original):
         def run(params=None, run_sync=False):
+            trainers = getattr(app_instance(), "_trainers", {})
+            for name, trainer in trainers.items():
+                defaults = getattr(trainer, "defaults", None)
+                if defaults is not None:
+                    _check_options_for(name, params, trainers, defaults)
+            _check_corrections_to_learn_from()
             started = original(params, False)  # each trainer's run, queued one after another
             if not run_sync:
                 return started
-            trainers = getattr(app_instance(), "_trainers", {})
             return {name: {**entry, "result": _wait_for_training(entry["result"],
                                                                  trainers.get(name))}
                     for name, entry in started.items()}
@@ -366,6 +372,44 @@ def _check_training_options() -> None:
 
     _patch_once(endpoint, "run_model", make)
     _patch_once(endpoint, "run", make_run)
+
+
+def _check_options_for(name: str, params, trainers, defaults: dict) -> None:
+    """`POST /train/` (no task name) runs every trainer; MONAI Label gives trainer `name` the
+    options under `params[name]` and, over them, the top-level ones that name no trainer. A
+    bad one is a 400 with its sentence, as for `POST /train/{name}`."""
+    if params is None:
+        return
+    if not isinstance(params, dict):
+        raise HTTPException(status_code=400, detail=(
+            "The training options must be a JSON object, e.g. {\"steps\": 200}."))
+    own = params.get(name, {})
+    if not isinstance(own, dict):
+        raise HTTPException(status_code=400, detail=(
+            f"params.{name} must be a JSON object of {name}'s options, e.g. "
+            f"{{\"{name}\": {{\"steps\": 200}}}}, not {own!r}."))
+    options = {**own, **{k: v for k, v in params.items() if k not in trainers}}
+    try:
+        check_options(options, defaults)
+    except ValueError as e:
+        raise HTTPException(status_code=400, detail=str(e)) from None
+
+
+def _check_corrections_to_learn_from() -> None:
+    """A training run learns from the radiologists' corrections (final labels); with none
+    saved it could only fail inside its process (MONAI Label started it, 200, then "ERROR" in
+    `GET /train/`). Such a request is a 409 with a sentence, and no run is started. On a PACS
+    the run first imports the SEGs other tools stored there (`PacsDatastore.import_pacs_segs`,
+    a query of the PACS), so the run itself finds out there."""
+    from monailabel.interfaces.utils.app import app_instance
+
+    datastore = app_instance().datastore()
+    if getattr(datastore, "import_pacs_segs", None) is not None:
+        return
+    if not datastore.get_labeled_images():
+        raise HTTPException(status_code=409, detail=(
+            "There is no correction to learn from yet: save a corrected label first (Submit in "
+            "Slicer's Citrus-V module, or PUT /datastore/label?tag=final); no run was started."))
 
 
 TRAINING_ENDED = ("DONE", "ERROR", "STOPPED")
@@ -380,8 +424,12 @@ def _wait_for_training(task: dict, trainer, poll_s: float = 0.2) -> dict:
     every other request for the whole run. The run is now started as any run is (`task`: MONAI Label's task entry) and
     the request, on a worker thread, waits for it to end. The answer is the run's record
     (`last_run`: `status` `done`, `rejected`, `failed` or `killed`, and what the run wrote) with
-    `task`: the task's `id` and `status` (`DONE`, `ERROR`, `STOPPED`). A run that left no
-    record of its own (its process died before writing one) is a 500 with a sentence."""
+    `task`: the task's `id` and `status` (`DONE`). A run that did not end as `done` or
+    `rejected` is not answered 200: one stopped by `DELETE /train/` is a 409, one that failed
+    on what the server holds (no corrected structure, the model not installed: the trainer's
+    ValueError) a 409 and any other failure a 500, each with a sentence that says why and
+    that no version was published; a run that left no record of its own (its process died
+    before writing one) is a 500 too."""
     from monailabel.utils.async_tasks.utils import processes
 
     pid = None
@@ -391,11 +439,24 @@ def _wait_for_training(task: dict, trainer, poll_s: float = 0.2) -> dict:
             pid = process.pid
         time.sleep(poll_s)
     ended = {"id": task["id"], "status": task["status"]}
+    unchanged = "no version was published, and the server serves what it served before."
+    if task["status"] == "STOPPED":
+        raise HTTPException(status_code=409, detail=(
+            f"The training run {task['id']} was stopped (DELETE /train/) before it ended; "
+            f"{unchanged}"))
     last = trainer.stats()["last_run"] if trainer is not None else {}
     if pid is None or last.get("pid") != pid:
         raise HTTPException(status_code=500, detail=(
             f"The training run {task['id']} ended with {task['status']} and left no record; "
             "GET /train/?all=true shows its output, and the server log has the rest."))
+    if last.get("status") == "failed":
+        error = last.get("error") or "it wrote no reason"
+        on_what_is_held = error.startswith("ValueError: ")
+        if on_what_is_held:
+            error = error[len("ValueError: "):]
+        raise HTTPException(status_code=409 if on_what_is_held else 500, detail=(
+            f"The training run {task['id']} failed: {error.rstrip('.')}. {unchanged[0].upper()}"
+            f"{unchanged[1:]} GET /info/ has the run's record (train_stats)."))
     return {**last, "task": ended}
 
 

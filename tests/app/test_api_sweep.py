@@ -1,6 +1,7 @@
 """Every route the real server lists in its OpenAPI schema, called with ids it does not hold,
 junk query values and a junk body, answers below 500 (a 4xx sentence or an answer), and
-starts no training or batch run. MONAI Label 0.8.5 answered 500 to, among others, `PUT
+starts no training or batch run (a training request on this server, which holds no final
+label yet, is a 409 or 400). MONAI Label 0.8.5 answered 500 to, among others, `PUT
 /datastore/image/info` and `PUT /datastore/label/info` of an unknown id and `POST
 /infer/wsi_v2/{model}` without an image."""
 
@@ -33,8 +34,6 @@ def test_no_route_answers_junk_with_a_server_error(server):
     for path, operations in spec["paths"].items():
         names = [part.strip("{}") for part in path.split("/") if part.startswith("{")]
         for method, operation in operations.items():
-            if method == "post" and path.startswith("/train/"):
-                continue  # a real training run (its options are checked in test_batch_infer)
             junk = {p["name"]: "junk" for p in operation.get("parameters", []) if p["in"] == "query"}
             for values in itertools.product(*[NAMES.get(n, ["x"]) for n in names]):
                 url = path

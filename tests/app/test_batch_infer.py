@@ -71,6 +71,11 @@ def test_an_image_the_question_does_not_fit_is_reported_and_the_others_are_asked
     assert out["chest_ct"]["params"]["image"]["slices"] == [60]
 
 
+NO_CORRECTION = ("There is no correction to learn from yet: save a corrected label first "
+                 "(Submit in Slicer's Citrus-V module, or PUT /datastore/label?tag=final); no "
+                 "run was started.")
+
+
 @pytest.mark.parametrize("path, body, status, sentence", [
     ("/batch/infer/citrusv_segmentt", {"prompt": "Segment the liver."}, 404,
      "task 'citrusv_segmentt' is unknown; use one of citrusv_closer_look, citrusv_detect, "
@@ -83,6 +88,18 @@ def test_an_image_the_question_does_not_fit_is_reported_and_the_others_are_asked
     ("/scoring/dice", {}, 404, "scoring method 'dice' is unknown; this server offers none."),
     ("/train/citrusv_finetun", {}, 404, "training task 'citrusv_finetun' is unknown; use one "
      "of citrusv_finetune (or leave the name out: POST /train/)."),
+    # POST /train/ runs every trainer, each with params[its name] and the top-level options
+    ("/train/", {"citrusv_finetune": {"steps": 0}}, 400,
+     "steps must be a whole number from 1 to 100000, not 0."),
+    ("/train/", {"citrusv_finetune": {"steps": 2}, "step": 5}, 400,
+     "Unknown training option 'step'; the options are steps, learning_rate, batch_images, "
+     "val_every, negatives_per_positive, max_per_structure, seed, publish_if_worse."),
+    ("/train/", {"citrusv_finetune": 3}, 400,
+     "params.citrusv_finetune must be a JSON object of citrusv_finetune's options, e.g. "
+     '{"citrusv_finetune": {"steps": 200}}, not 3.'),
+    # this server holds no final label (the batches save theirs under other tags)
+    ("/train/citrusv_finetune", {"steps": 2}, 409, NO_CORRECTION),
+    ("/train/", {"citrusv_finetune": {"steps": 2}}, 409, NO_CORRECTION),
 ])
 def test_a_name_the_server_lacks_or_a_batch_without_a_question_starts_nothing(
         server, path, body, status, sentence):

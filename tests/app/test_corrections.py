@@ -138,18 +138,26 @@ def test_training_publishes_a_new_version_that_infer_serves(citrusv_server, sple
 
 
 def test_failed_training_leaves_the_serving_model(citrusv_server):
-    # the disk fills up while the run writes its version: no new version, still serving
+    # the disk fills up while the run writes its version: no new version, still serving; the
+    # run_sync request is a 500 that says why (not a 200 with the failed run's record)
     citrusv_server.limit_writes(100_000)  # the run (a child of the server) inherits it
     try:
-        task = run_training(citrusv_server, steps=2, batch_images=2, max_per_structure=4,
-                            publish_if_worse=True)
+        r = citrusv_server.post("/train/citrusv_finetune", params={"run_sync": "true"}, json={
+            "steps": 2, "batch_images": 2, "max_per_structure": 4, "publish_if_worse": True},
+            timeout=900)
     finally:
         citrusv_server.limit_writes(resource.RLIM_INFINITY)
+    assert r.status_code == 500, r.text
+    task = citrusv_server.get("/train/").json()
     assert task["status"] == "ERROR"
     info = citrusv_server.get("/info/").json()
     assert [v["version"] for v in info["citrusv"]["versions"]] == ["1"]
     last = info["train_stats"]["citrusv_finetune"]["last_run"]
     assert last["status"] == "failed" and "File too large" in last["error"], last
+    assert r.json()["detail"] == (
+        f"The training run {task['id']} failed: {last['error'].rstrip('.')}. No version was "
+        "published, and the server serves what it served before. GET /info/ has the run's "
+        "record (train_stats).")
     assert not list((citrusv_server.model_dir / "versions").glob(".tmp-*"))
     _assert_serves_version(citrusv_server, "1")
 
@@ -176,18 +184,30 @@ def test_bad_training_option_is_400_and_starts_no_run(citrusv_server, option):
 
 
 def test_killed_training_leaves_the_serving_model(citrusv_server):
+    # a run_sync run: the waiting request is a 409 that says it was stopped
     last_run = citrusv_server.model_dir / "versions" / "last_run.json"
-    r = citrusv_server.post("/train/citrusv_finetune", json={"steps": 100000, "batch_images": 1})
-    assert r.status_code == 200, r.text
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # wait until the run is really training
-        if last_run.exists() and json.loads(last_run.read_text()).get("status") == "running":
-            break
-        time.sleep(0.5)
-    time.sleep(3)
-    stopped = citrusv_server.delete("/train/")
+    answered = {}
+    sending = threading.Thread(target=lambda: answered.update(r=citrusv_server.post(
+        "/train/citrusv_finetune", params={"run_sync": "true"},
+        json={"steps": 100000, "batch_images": 1}, timeout=900)))
+    sending.start()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # wait until the run is really training
+            if last_run.exists() and json.loads(last_run.read_text()).get("status") == "running":
+                break
+            time.sleep(0.5)
+        time.sleep(3)
+        stopped = citrusv_server.delete("/train/")
+    finally:
+        sending.join(timeout=900)
     assert stopped.status_code == 200, stopped.text
-    assert wait_for_training(citrusv_server)["status"] == "STOPPED"
+    task = wait_for_training(citrusv_server)
+    assert task["status"] == "STOPPED"
+    r = answered["r"]
+    assert (r.status_code, r.json()["detail"]) == (409, (
+        f"The training run {task['id']} was stopped (DELETE /train/) before it ended; no "
+        "version was published, and the server serves what it served before.")), r.text
     deadline = time.monotonic() + 15  # the kill lands within moments of STOPPED
     while True:
         info = citrusv_server.get("/info/").json()
