@@ -24,7 +24,8 @@ from typing import Any
 import lib.configs
 from dicomweb_client.session_utils import create_session_from_user_pass
 from fastapi import HTTPException
-from lib.datastore import SERVER_KEYS, EXTENSIONS, CorrectionsDatastore, PacsDatastore
+from lib.datastore import (SERVER_KEYS, EXTENSIONS, CorrectionsDatastore, PacsDatastore,
+                           pacs_cache_bytes)
 from lib.errors import EXIT_CONF, ConfError, RequestError
 from lib.images import StudyCache, read_study, write_image
 from lib.model import resolve_model_dir
@@ -305,21 +306,6 @@ def _no_whole_slide_inference() -> None:
         return run_wsi_inference
 
     _patch_once(endpoint, "run_wsi_inference", make)
-
-
-DEFAULT_PACS_CACHE_GB = 50.0
-
-
-def pacs_cache_bytes(value: str | None) -> int:
-    """`--conf pacs_cache_gb N`: the PACS cache's size limit (default 50 GB; 0 = no limit)."""
-    try:
-        gb = float(DEFAULT_PACS_CACHE_GB if value is None or str(value).strip() == "" else value)
-    except ValueError:
-        gb = -1.0
-    if not gb >= 0:  # also NaN
-        raise ConfError(f"--conf pacs_cache_gb must be a number of gigabytes >= 0 (0: no "
-                        f"limit), not '{value}'.")
-    return int(gb * 1e9)
 
 
 def _check_training_options() -> None:

@@ -157,17 +157,22 @@ def start_citrusv_server(studies: Path | str, model_dir: Path, log_path: Path | 
         log.close()
 
 
-def assert_refuses_setting(sentence: str, studies: Path | str, model_dir: Path,
+def assert_refuses_setting(sentences: str | list[str], studies: Path | str, model_dir: Path,
                            **kwargs) -> None:
-    """A server started with a `--conf` setting it cannot start with (in `kwargs`, as for
+    """A server started with `--conf` settings it cannot start with (in `kwargs`, as for
     start_citrusv_server) exits with status 78 (EX_CONFIG: the systemd unit does not restart
-    on it) and logs "Citrus-V cannot start: " and the sentence (a regex), with no traceback."""
+    on it) and logs one line, "Citrus-V cannot start: " and the sentences (regexes) in that
+    order, one for each bad setting, with no traceback."""
     with pytest.raises(RuntimeError) as info:
         with start_citrusv_server(studies, model_dir, **kwargs):
             pass
     said = str(info.value)
     assert said.startswith("server exited with 78:"), said[-3000:]
-    assert re.search("Citrus-V cannot start: " + sentence, said), said[-3000:]
+    if isinstance(sentences, str):
+        sentences = [sentences]
+    line = re.search("Citrus-V cannot start: (.*)", said)
+    assert line, said[-3000:]
+    assert re.fullmatch(" ".join(sentences), line.group(1)), line.group(1)
     assert "Traceback" not in said, said[-3000:]
 
 

@@ -59,7 +59,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 
 from citrusv.dicom_sort import series_id  # the ids `citrusv sort-dicom` gives series
 
-from .errors import RequestError
+from .errors import ConfError, RequestError
 from .files import (INFO_DIR, adopt_image_content, fsync_copy, fsync_dir, image_content, image_sha256,
                     image_stat, keep_label_info, keep_submission, kept_label_record, kept_records,
                     set_aside, write_dataset_zip)
@@ -78,6 +78,21 @@ REFRESH_FAILED = ("Listing the studies folder again after a change on disk faile
 
 # MONAI Label's defaults plus DICOM files (the sample chest X-ray is a single .dcm).
 EXTENSIONS = ["*.nii.gz", "*.nii", "*.nrrd", "*.dcm", "*.png", "*.jpg"]
+
+
+DEFAULT_PACS_CACHE_GB = 50.0
+
+
+def pacs_cache_bytes(value: str | None) -> int:
+    """`--conf pacs_cache_gb N`: the PACS cache's size limit (default 50 GB; 0 = no limit)."""
+    try:
+        gb = float(DEFAULT_PACS_CACHE_GB if value is None or str(value).strip() == "" else value)
+    except ValueError:
+        gb = -1.0
+    if not gb >= 0:  # also NaN
+        raise ConfError(f"--conf pacs_cache_gb must be a number of gigabytes >= 0 (0: no "
+                        f"limit), not '{value}'.")
+    return int(gb * 1e9)
 
 
 class CorrectionsDatastore(LocalDatastore):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.app.helpers import check_result
-from tests.server import REPO, assert_refuses_setting, copy_studies, private_citrusv_server
+from tests.server import REPO, private_citrusv_server
 
 NANO = Path(__file__).resolve().parents[2] / "models" / "nano"
 QUESTION = {"prompt": "Segment the liver, the spleen and the stomach.", "slice": 25}
@@ -40,13 +40,6 @@ def test_switched_off_the_answer_is_nanos_as_written(as_typed_server):
     assert res["text"].startswith("```json") and res["text"].count("```json") == 1
     assert "[SEG]" not in res["text"]
     assert any("no [SEG] token" in w for w in res["warnings"]), res["warnings"]
-
-
-def test_bad_ask_again_stops_the_server_with_a_sentence(tiny_model_dir, citrusv_sample_studies,
-                                                        tmp_path):
-    assert_refuses_setting("--conf ask_again must be true or false, not 'maybe'",
-                           copy_studies(tmp_path / "studies", citrusv_sample_studies),
-                           tiny_model_dir, ask_again="maybe")
 
 
 @pytest.mark.parametrize("axis, slice_index, rows, cols", [("axial", 25, 0.703125, 0.703125),

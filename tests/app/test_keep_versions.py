@@ -9,7 +9,7 @@ import json
 import pytest
 
 from tests.app.helpers import put_label, reference_label, run_training
-from tests.server import assert_refuses_setting, copy_studies, private_citrusv_server
+from tests.server import private_citrusv_server
 
 SPLEEN = 1  # labels.json
 
@@ -48,9 +48,3 @@ def test_published_run_prunes_the_older_versions(keep_one_server, tmp_path):
     assert [(v["version"], v["pruned"] is not None) for v in info["versions"]] == [
         ("1", True), ("2", False)]
 
-
-def test_bad_keep_versions_stops_the_server_with_a_sentence(tiny_model_dir,
-                                                             citrusv_sample_studies, tmp_path):
-    assert_refuses_setting("--conf keep_versions two is not a whole number >= 0",
-                           copy_studies(tmp_path / "studies", citrusv_sample_studies),
-                           tiny_model_dir, keep_versions="two")

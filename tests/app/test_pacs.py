@@ -31,7 +31,7 @@ from citrusv.nano_data import NAMES
 from tests.app.helpers import (decode_rle, put_label, read_as_slicer, reference_label,
                                run_training, split_multipart, zyx)
 from tests.pacs import SAMPLE_SERIES, start_orthanc
-from tests.server import REPO, assert_refuses_setting, start_citrusv_server
+from tests.server import REPO, start_citrusv_server
 
 REFERENCE = REPO / "sample_data" / "reference" / "chest_ct"
 NANO = REPO / "models" / "nano"
@@ -475,11 +475,6 @@ def test_cache_over_its_limit_drops_the_least_recently_asked_series_without_labe
         ask(pacs.xray_uid)
         assert cached() == {pacs.series_uid, pacs.xray_uid}  # a labelled series stays
         assert (cache / "labels" / "final" / f"{pacs.series_uid}.nii.gz").exists()
-
-
-def test_bad_cache_limit_stops_the_server_with_a_sentence(pacs, tiny_model_dir, tmp_path):
-    assert_refuses_setting("--conf pacs_cache_gb must be a number of gigabytes >= 0",
-                           pacs.dicomweb, tiny_model_dir, workdir=tmp_path, pacs_cache_gb="lots")
 
 
 def test_correction_is_kept_while_the_pacs_is_down(pacs, pacs_server, tmp_path):

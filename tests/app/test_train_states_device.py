@@ -38,17 +38,34 @@ def test_asked_device_is_used_and_cpu_training_stays_on_cpu():
     assert parse_mllm_device(None) == "auto" and parse_mllm_device(" CPU ") == "cpu"
 
 
-def test_unknown_choice_stops_the_server_with_a_sentence(tiny_model_dir, citrusv_sample_studies,
-                                                         tmp_path):
+def test_every_bad_setting_is_said_at_once_and_the_server_stops(tiny_model_dir,
+                                                                 citrusv_sample_studies, tmp_path):
+    """One sentence per bad `--conf` value, all in the one line the server stops with, so an
+    admin mends them in one go. Before 2026-12-07 the server stopped at the first, and a bad
+    study_cache, closer_look_margin, max_slice_pixels or max_voxels ended in a traceback; a
+    misspelt setting ("keep_version") was silently not used."""
     studies = copy_studies(tmp_path / "studies", citrusv_sample_studies)
-    assert_refuses_setting("--conf train_mllm_device gpu is not one of auto, cuda, cpu",
-                           studies, tiny_model_dir, train_mllm_device="gpu")
-    assert_refuses_setting(r"--conf dtype fp8 is not supported; use bf16 or fp32\.",
-                           studies, tiny_model_dir, dtype="fp8")
-    # accepted without a word before; Qwen2.5 in fp16 can overflow (configs/citrusv.py)
-    assert_refuses_setting(r"--conf dtype fp16 is not supported: Qwen2.5-VL was trained in bf16 "
-                           r"and can overflow in fp16; use bf16, or fp32 on a GPU without bf16\.",
-                           studies, tiny_model_dir, dtype="fp16")
+    assert_refuses_setting([
+        r"--conf keep_version is not a setting; did you mean keep_versions\?",
+        r"--conf device gpu0 is not a device; use cuda or cpu\.",
+        r"--conf dtype fp8 is not supported; use bf16 or fp32\.",
+        r"--conf ask_again must be true or false, not 'maybe'\.",
+        r"--conf train_mllm_device gpu is not one of auto, cuda, cpu\.",
+        r"--conf keep_versions two is not a whole number >= 0 \(0 keeps every fine-tuned "
+        r"version; N keeps the N newest\)\.",
+        r"--conf study_cache two is not a whole number >= 0 \(how many studies a server keeps "
+        r"read for the next question; default 2\)\.",
+        r"--conf closer_look_margin wide is not a number from 0 to 2 \(what a closer look adds "
+        r"on each side of the region, as a share of its larger side; default 0\.15\)\.",
+        r"--conf max_slice_pixels 0 is not a whole number >= 1 \(the most pixels a slice may "
+        r"have; default 67108864\)\.",
+        r"--conf max_voxels -5 is not a whole number >= 1 \(the most voxels an image may have; "
+        r"default 1073741824\)\.",
+        r"--conf pacs_cache_gb must be a number of gigabytes >= 0 \(0: no limit\), not "
+        r"'lots'\.",
+    ], studies, tiny_model_dir, keep_version="3", device="gpu0", dtype="fp8", ask_again="maybe",
+        train_mllm_device="gpu", keep_versions="two", study_cache="two",
+        closer_look_margin="wide", max_slice_pixels="0", max_voxels="-5", pacs_cache_gb="lots")
 
 
 def test_device_the_process_cannot_use_stops_the_server_with_a_sentence(
@@ -58,12 +75,14 @@ def test_device_the_process_cannot_use_stops_the_server_with_a_sentence(
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU; the check is for a server that sees none")
     studies = copy_studies(tmp_path / "studies", citrusv_sample_studies)
-    # before: the server started and answered the first question 503 with torch's words
-    assert_refuses_setting(r"--conf device cuda: this process sees no CUDA GPU "
-                           r"\(check the NVIDIA driver with nvidia-smi", studies, tiny_model_dir,
-                           device="cuda")
-    assert_refuses_setting("--conf device gpu0 is not a device; use cuda or cpu", studies,
-                           tiny_model_dir, device="gpu0")
+    # before: the server started and answered the first question 503 with torch's words;
+    # fp16 was accepted without a word before, and Qwen2.5 in fp16 can overflow
+    assert_refuses_setting([
+        r"--conf device cuda: this process sees no CUDA GPU \(check the NVIDIA driver with "
+        r"nvidia-smi.*",
+        r"--conf dtype fp16 is not supported: Qwen2.5-VL was trained in bf16 and can overflow "
+        r"in fp16; use bf16, or fp32 on a GPU without bf16\.",
+    ], studies, tiny_model_dir, device="cuda", dtype="fp16")
 
 
 def test_a_run_out_of_gpu_memory_says_what_to_do():
