@@ -529,8 +529,8 @@ def _run_off_the_event_loop() -> None:
     while a correction was merged and sent to the PACS, an upload written or a dataset ZIP
     made, the server took no other request of anyone's: no connection test, image download or
     correction. The endpoints of questions, batches, active learning, the datastore, training
-    (a `run_sync` run waits there for its process), info, logs, model files, scoring and
-    sessions now run on a worker thread; the model itself still answers one question at a
+    (a `run_sync` run waits there for its process), sign-in (it waits for the sign-in server,
+    up to 30 s), info, logs, model files, scoring and sessions now run on a worker thread; the model itself still answers one question at a
     time (the engine's lock), and the datastore changes its index under its mutex. The endpoints await nothing,
     so each runs to its end on the thread with no event loop. Only in the server's process
     (the training process has no routes)."""
@@ -539,13 +539,13 @@ def _run_off_the_event_loop() -> None:
     from starlette.concurrency import run_in_threadpool
 
     from monailabel.endpoints import (activelearning, batch_infer, datastore, infer, info,
-                                      logs, model, scoring, session, train, wsi_infer)
+                                      login, logs, model, scoring, session, train, wsi_infer)
 
     # the endpoint modules' own routes: FastAPI 0.165 includes a router by reference and
     # builds each included route's handler from `route.endpoint` at its first request
-    # (login, the OHIF viewer's files and the DICOMweb proxy stay on the loop: the proxy awaits)
-    for module in (infer, batch_infer, activelearning, datastore, info, logs, model, scoring,
-                   session, train, wsi_infer):
+    # (the OHIF viewer's files and the DICOMweb proxy stay on the loop: the proxy awaits)
+    for module in (infer, batch_infer, activelearning, datastore, info, login, logs, model,
+                   scoring, session, train, wsi_infer):
         for route in module.router.routes:
             call = getattr(route, "endpoint", None)
             if (not inspect.iscoroutinefunction(call) or call.__module__ != module.__name__
@@ -681,6 +681,86 @@ def _check_tokens_with_pyjwt2() -> None:
     _patch_once(auth, "jwt", lambda original: _Jwt())
 
 
+class SignInServerError(HTTPException):
+    """503: the sign-in server (Keycloak, `MONAI_LABEL_AUTH_REALM_URI`) did not answer as one."""
+
+    def __init__(self, what: str, error: BaseException | str) -> None:
+        why = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        super().__init__(status_code=503, detail=(
+            f"The sign-in server ({settings.MONAI_LABEL_AUTH_REALM_URI}) could not be asked "
+            f"{what} ({why}); ask IT to check it (MONAI_LABEL_AUTH_REALM_URI), then try again."))
+
+
+def _answer_sign_in_failures_with_sentences() -> None:
+    """With sign-in on (`MONAI_LABEL_AUTH_ENABLE`), MONAI Label 0.8.5 answered a wrong user
+    name or password at `POST /auth/token` with 500 and a traceback (Keycloak's 401 raised as
+    it came), and a sign-in server that was down or answered no JSON with 500 to every request
+    that carried a token (the realm's key is fetched at the first one); a JSON error answered
+    where the OpenID configuration should be was kept for good, so sign-in failed until a
+    restart.
+    Now a refused sign-in is
+    a 401 with a sentence and Keycloak's own words, and a sign-in server that cannot be asked is
+    a 503 that names it (`SignInServerError`); a key fetched once is kept, as before."""
+    import requests
+
+    from monailabel.endpoints import login
+    from monailabel.endpoints.user import auth
+
+    def make_open_id_configuration(original):
+        found = {}  # MONAI Label cached any JSON answer, also an error, for good
+
+        def open_id_configuration(realm_uri):
+            if realm_uri not in found:
+                try:
+                    r = requests.get(f"{realm_uri}/.well-known/openid-configuration",
+                                     timeout=settings.MONAI_LABEL_AUTH_TIMEOUT)
+                    r.raise_for_status()
+                    config = r.json()
+                except (requests.RequestException, ValueError) as e:
+                    raise SignInServerError("for its token address", e) from None
+                if not isinstance(config, dict) or not config.get("token_endpoint"):
+                    raise SignInServerError("for its token address",
+                                            "its OpenID configuration names no token_endpoint")
+                found[realm_uri] = config
+            return found[realm_uri]
+        return open_id_configuration
+
+    class _SignIn:
+        def __getattr__(self, name):
+            return getattr(requests, name)
+
+        @staticmethod
+        def post(url, **kwargs):
+            try:
+                r = requests.post(url, **kwargs)
+            except requests.RequestException as e:
+                raise SignInServerError("to sign in", e) from None
+            if r.status_code in (400, 401):  # Keycloak: "invalid_grant", "Invalid user credentials"
+                try:
+                    said = r.json().get("error_description") or r.json().get("error")
+                except ValueError:
+                    said = None
+                raise HTTPException(status_code=401, detail=(
+                    "Sign-in refused: the user name or password is wrong, or the account may "
+                    "not sign in this way" + (f" (the sign-in server said: {said})." if said
+                                              else ".")))
+            if r.status_code >= 400:
+                raise SignInServerError("to sign in", f"it answered {r.status_code}")
+            return r
+
+    def make_public_key(original):
+        def get_public_key(realm_uri):
+            try:
+                return original(realm_uri)
+            except (requests.RequestException, ValueError, KeyError) as e:
+                raise SignInServerError("for its key, so no token can be checked", e) from None
+        return get_public_key
+
+    _patch_once(auth, "open_id_configuration", make_open_id_configuration)
+    _patch_once(login, "requests", lambda original: _SignIn())
+    _patch_once(auth, "get_public_key", make_public_key)
+
+
 def _stop_for_setting(e: ConfError) -> None:
     """A `--conf` setting the server cannot start with: its sentence alone in the log (MONAI
     Label and uvicorn would print it under a traceback) and exit status EXIT_CONF (78), on
@@ -712,6 +792,7 @@ class CitrusVApp(MONAILabelApp):
         _answer_full_disk_with_507()  # after the wrappers above: it wraps them too
         _receive_uploads_with_507()
         _check_tokens_with_pyjwt2()
+        _answer_sign_in_failures_with_sentences()
         self.model_dir = resolve_model_dir(app_dir, conf.get("model_dir"))
 
         self.configs: dict[str, TaskConfig] = {}

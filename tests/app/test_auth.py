@@ -1,8 +1,10 @@
 """With MONAI Label's authentication on, each corrected structure records who sent it.
 
 The identity provider is a stand-in for Keycloak (not installable here): a real HTTP server on
-127.0.0.1 that publishes the realm's public key, as Keycloak's realm endpoint does, and tokens
-signed RS256 with the matching private key. MONAI Label itself checks the signatures and roles.
+127.0.0.1 that publishes the realm's public key and OpenID configuration, as Keycloak's realm
+endpoints do, signs tokens RS256 with the matching private key, and answers sign-ins with a
+password (Keycloak's password grant and its 401 "invalid_grant"). MONAI Label itself checks the
+signatures and roles. The tests run in file order: the first finds the sign-in server down.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import shutil
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs
 
 import jwt
 import numpy as np
@@ -28,33 +31,68 @@ LIVER, SPLEEN = 5, 1  # labels.json
 ANNOTATOR, USER = "monailabel-annotator", "monailabel-user"  # MONAI Label's default role names
 
 
+PASSWORDS = {"dr.lee": "right", "dr.slow": "right"}  # dr.slow's sign-in takes SLOW_S
+SLOW_S = 3.0
+TOKEN_PATH = "/realms/citrus/protocol/openid-connect/token"
+
+
 @pytest.fixture(scope="module")
 def realm():
-    """(realm URL, sign(username, roles) -> bearer token)."""
+    """(realm URL, sign(username, roles) -> bearer token, state: {"down": True} makes every
+    answer a 503 page, as a proxy in front of a stopped Keycloak gives)."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     public = key.public_key().public_bytes(serialization.Encoding.DER,
                                            serialization.PublicFormat.SubjectPublicKeyInfo)
-    body = json.dumps({"realm": "citrus", "public_key": base64.b64encode(public).decode()}).encode()
+    state = {"down": False}
 
     class Realm(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            self.send_response(200 if self.path == "/realms/citrus" else 404)
-            self.send_header("Content-Type", "application/json")
+        def _answer(self, code: int, body, kind: str = "application/json"):
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(body if self.path == "/realms/citrus" else b"{}")
+            self.wfile.write(data)
+
+        def do_GET(self):  # noqa: N802
+            if state["down"]:
+                return self._answer(503, b"<html>503 Service Unavailable</html>", "text/html")
+            if self.path == "/realms/citrus":
+                return self._answer(200, {"realm": "citrus",
+                                          "public_key": base64.b64encode(public).decode()})
+            if self.path == "/realms/citrus/.well-known/openid-configuration":
+                return self._answer(200, {"token_endpoint": f"{url.rsplit('/realms', 1)[0]}"
+                                                            f"{TOKEN_PATH}"})
+            self._answer(404, {})
+
+        def do_POST(self):  # noqa: N802
+            form = parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
+            if state["down"]:
+                return self._answer(503, b"<html>503 Service Unavailable</html>", "text/html")
+            if self.path != TOKEN_PATH or form.get("grant_type") != ["password"]:
+                return self._answer(400, {"error": "unsupported_grant_type"})
+            user, password = form["username"][0], form.get("password", [""])[0]
+            if user == "dr.slow":
+                time.sleep(SLOW_S)
+            if PASSWORDS.get(user) != password:
+                return self._answer(401, {"error": "invalid_grant",
+                                          "error_description": "Invalid user credentials"})
+            self._answer(200, {"access_token": sign(user, [ANNOTATOR, USER]), "token_type": "Bearer",
+                               "expires_in": 300})
 
         def log_message(self, *args):
             pass
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Realm)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_port}/realms/citrus"
 
     def sign(username: str, roles: list[str], valid_s: int = 3600) -> str:
         claims = {"preferred_username": username, "realm_access": {"roles": roles},
                   "exp": int(time.time()) + valid_s}
         return jwt.encode(claims, key, algorithm="RS256")
 
-    yield f"http://127.0.0.1:{httpd.server_port}/realms/citrus", sign
+    yield url, sign, state
     httpd.shutdown()
 
 
@@ -66,6 +104,64 @@ def auth_server(realm, tmp_path_factory, tiny_model_dir, citrusv_sample_studies)
     env = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm[0]}
     with start_citrusv_server(studies, root / "model", env=env) as server:
         yield server
+
+
+def _sign_in(server, user: str, password: str):
+    return server.post("/auth/token", data={"username": user, "password": password,
+                                            "grant_type": "password"}, timeout=60)
+
+
+def test_a_sign_in_server_that_is_down_is_a_503_that_names_it(auth_server, realm):
+    """MONAI Label 0.8.5 answered 500 with a traceback to a sign-in, and to every request with
+    a token (its key is fetched at the first), while the sign-in server was down. First in
+    the file: the server has not fetched the realm's key yet."""
+    url, sign, state = realm
+    state["down"] = True
+    try:
+        r = _sign_in(auth_server, "dr.lee", "right")
+        token_check = auth_server.get("/datastore/?output=all", headers={
+            "Authorization": f"Bearer {sign('dr.lee', [ANNOTATOR])}"})
+    finally:
+        state["down"] = False
+    assert r.status_code == 503, r.text
+    assert r.json()["detail"].startswith(
+        f"The sign-in server ({url}) could not be asked for its token address (HTTPError: 503 "
+        "Server Error: Service Unavailable for url: "), r.text
+    assert r.json()["detail"].endswith(
+        "); ask IT to check it (MONAI_LABEL_AUTH_REALM_URI), then try again."), r.text
+    assert token_check.status_code == 503, token_check.text
+    assert token_check.json()["detail"].startswith(
+        f"The sign-in server ({url}) could not be asked for its key, so no token can be "
+        "checked (HTTPError: 503 "), token_check.text
+    # back up: nothing of the outage was kept
+    r = _sign_in(auth_server, "dr.lee", "right")
+    assert r.status_code == 200, r.text
+    token = r.json()["access_token"]
+    r = auth_server.get("/datastore/?output=all", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 200 and "chest_ct" in r.json()["objects"], r.text
+
+
+def test_a_wrong_password_is_a_401_and_a_slow_sign_in_holds_no_one_else(auth_server):
+    r = _sign_in(auth_server, "dr.lee", "wrong")
+    assert (r.status_code, r.json()) == (401, {"detail": (
+        "Sign-in refused: the user name or password is wrong, or the account may not sign in "
+        "this way (the sign-in server said: Invalid user credentials).")})
+    # MONAI Label asked the sign-in server on the event loop: every request waited for it
+    answered = {}
+    signing_in = threading.Thread(target=lambda: answered.update(
+        r=_sign_in(auth_server, "dr.slow", "right")))
+    signing_in.start()
+    try:
+        time.sleep(0.5)
+        started = time.monotonic()
+        other = auth_server.get("/auth/")
+        took = time.monotonic() - started
+        still_signing_in = signing_in.is_alive()
+    finally:
+        signing_in.join(timeout=60)
+    assert other.status_code == 200 and other.json()["enabled"] is True, other.text
+    assert still_signing_in and took < SLOW_S / 2, took
+    assert answered["r"].status_code == 200 and answered["r"].json()["token_type"] == "Bearer"
 
 
 def test_each_corrected_structure_records_who_sent_it(auth_server, realm, tmp_path):
