@@ -116,6 +116,8 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._fillExamplePrompts()
 
         self.ui.testConnectionButton.connect("clicked(bool)", self.onTestConnection)
+        self.ui.signInButton.connect("clicked(bool)", self.onSignIn)
+        self.ui.passwordLineEdit.connect("returnPressed()", self.onSignIn)
         self.ui.caCertificatePathLineEdit.connect(
             "currentPathChanged(QString)",
             lambda path: qt.QSettings().setValue(SETTINGS_CA, path.strip()),
@@ -261,6 +263,7 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trainButton.enabled = not self._busy
         self.ui.nextSampleButton.enabled = not self._busy
         self.ui.testConnectionButton.enabled = not self._busy
+        self.ui.signInButton.enabled = not self._busy
         isRange = self.ui.scopeComboBox.currentText == "Slice range"
         self.ui.rangeFirstSpinBox.visible = isRange
         self.ui.rangeLastSpinBox.visible = isRange
@@ -362,6 +365,25 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.serverStatusLabel.text = CitrusVLogic.describeServer(info)
         self._examples = CitrusVLogic.examplePrompts(info)
         self._fillExamplePrompts()
+
+    def onSignIn(self):
+        """Sign in with a user name and password (the server asks the department's sign-in
+        server); the client keeps them in memory and signs in again when the token runs out.
+        A pasted access token, if any, is left out from then on."""
+        user = self.ui.userLineEdit.text.strip()
+        password = self.ui.passwordLineEdit.text
+        self.ui.tokenLineEdit.text = ""
+        client = self.client()
+        try:
+            self.callServer(f"Signing in to {self.serverUrl()}...", client.sign_in, user,
+                            password)
+        except Exception as exc:
+            self.ui.serverStatusLabel.text = str(exc)
+            self._report(exc, "Sign in")
+            return
+        finally:
+            self.ui.passwordLineEdit.text = ""
+        self.ui.serverStatusLabel.text = f"Signed in as {client.signed_in_as}."
 
     def _askContext(self):
         volume = self.ui.volumeSelector.currentNode()
@@ -510,8 +532,9 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             path, labelInfo = self.logic.exportCorrection(volume, segmentId)
             prompt = self.ui.promptComboBox.currentText.strip() or None
             # without sign-in, the server keeps the Slicer user's name as who sent it (claimed);
-            # with a token it records the token's user
-            sender = None if self.ui.tokenLineEdit.text.strip() else self.logic.senderName(
+            # with a token (pasted, or from signing in) it records the token's user
+            signedIn = self.ui.tokenLineEdit.text.strip() or client.signed_in_as
+            sender = None if signedIn else self.logic.senderName(
                 slicer.app.applicationLogic().GetUserInformation())
             def send(upload):
                 return self.callServer(

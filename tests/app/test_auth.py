@@ -15,6 +15,7 @@ import shutil
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 from urllib.parse import parse_qs
 
 import jwt
@@ -26,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.app.helpers import put_label, reference_label
 from tests.server import copy_studies, start_citrusv_server
+from tests.slicer.conftest import citrusv_module, mrml  # noqa: F401 (CitrusV.py on slicer-core)
 
 LIVER, SPLEEN = 5, 1  # labels.json
 ANNOTATOR, USER = "monailabel-annotator", "monailabel-user"  # MONAI Label's default role names
@@ -34,6 +36,8 @@ ANNOTATOR, USER = "monailabel-annotator", "monailabel-user"  # MONAI Label's def
 PASSWORDS = {"dr.lee": "right", "dr.slow": "right"}  # dr.slow's sign-in takes SLOW_S
 SLOW_S = 3.0
 TOKEN_PATH = "/realms/citrus/protocol/openid-connect/token"
+REFUSED = ("Sign-in refused: the user name or password is wrong, or the account may not sign "
+           "in this way (the sign-in server said: Invalid user credentials).")
 
 
 @pytest.fixture(scope="module")
@@ -143,9 +147,7 @@ def test_a_sign_in_server_that_is_down_is_a_503_that_names_it(auth_server, realm
 
 def test_a_wrong_password_is_a_401_and_a_slow_sign_in_holds_no_one_else(auth_server):
     r = _sign_in(auth_server, "dr.lee", "wrong")
-    assert (r.status_code, r.json()) == (401, {"detail": (
-        "Sign-in refused: the user name or password is wrong, or the account may not sign in "
-        "this way (the sign-in server said: Invalid user credentials).")})
+    assert (r.status_code, r.json()) == (401, {"detail": REFUSED})
     # MONAI Label asked the sign-in server on the event loop: every request waited for it
     answered = {}
     signing_in = threading.Thread(target=lambda: answered.update(
@@ -162,6 +164,60 @@ def test_a_wrong_password_is_a_401_and_a_slow_sign_in_holds_no_one_else(auth_ser
     assert other.status_code == 200 and other.json()["enabled"] is True, other.text
     assert still_signing_in and took < SLOW_S / 2, took
     assert answered["r"].status_code == 200 and answered["r"].json()["token_type"] == "Bearer"
+
+
+def test_the_slicer_client_signs_in_and_again_when_its_token_runs_out(auth_server, realm):
+    """The module's client (`CitrusVLib`): sign in with a password (the module's Sign in row)
+    instead of pasting a token; a token that ran out is replaced by signing in again."""
+    from CitrusVLib import CitrusVClient, CitrusVError
+
+    sign = realm[1]
+    client = CitrusVClient(auth_server.url)
+    with pytest.raises(CitrusVError) as refused:
+        client.sign_in("dr.lee", "wrong")
+    assert str(refused.value) == REFUSED
+    assert client.signed_in_as is None
+    assert client.sign_in("dr.lee", "right") == client.token and client.signed_in_as == "dr.lee"
+    assert "citrusv_segment" in client.info()["models"]
+    ran_out = sign("dr.lee", [USER], valid_s=-60)
+    client.token = ran_out  # as the token is after Keycloak's few minutes
+    assert "citrusv_segment" in client.info()["models"]
+    assert client.token != ran_out
+    # with no sign-in to repeat, the sentence says what to do
+    with pytest.raises(CitrusVError) as stale:
+        CitrusVClient(auth_server.url, token=ran_out).info()
+    assert str(stale.value) == (
+        "The server refused the request (not authorised: Could not validate credentials): "
+        "sign in again, or check the access token in the CitrusV settings.")
+
+
+def test_the_modules_sign_in_row_signs_in_and_forgets_the_typed_password(
+        auth_server, citrusv_module):  # noqa: F811 (the fixture imported above)
+    """The module's Sign in button (`CitrusVWidget.onSignIn`), its Qt parts stood in for and
+    the server call made in place: a pasted token is dropped, the password field is emptied
+    either way, a wrong password is the server's sentence in the status line."""
+    from CitrusVLib import CitrusVClient
+
+    client, reported = CitrusVClient(auth_server.url), []
+
+    def widget(password: str) -> SimpleNamespace:
+        ui = SimpleNamespace(userLineEdit=SimpleNamespace(text=" dr.lee "),
+                             passwordLineEdit=SimpleNamespace(text=password),
+                             tokenLineEdit=SimpleNamespace(text="a token pasted before"),
+                             serverStatusLabel=SimpleNamespace(text="Not connected."))
+        return SimpleNamespace(ui=ui, client=lambda: client, serverUrl=lambda: auth_server.url,
+                               callServer=lambda _label, function, *args: function(*args),
+                               _report=lambda e, what: reported.append((what, str(e))))
+
+    wrong = widget("wrong")
+    citrusv_module.CitrusVWidget.onSignIn(wrong)
+    assert wrong.ui.serverStatusLabel.text == REFUSED and reported == [("Sign in", REFUSED)]
+    assert (wrong.ui.passwordLineEdit.text, wrong.ui.tokenLineEdit.text) == ("", "")
+    right = widget("right")
+    citrusv_module.CitrusVWidget.onSignIn(right)
+    assert right.ui.serverStatusLabel.text == "Signed in as dr.lee." and len(reported) == 1
+    assert (right.ui.passwordLineEdit.text, right.ui.tokenLineEdit.text) == ("", "")
+    assert client.signed_in_as == "dr.lee" and "citrusv_segment" in client.info()["models"]
 
 
 def test_each_corrected_structure_records_who_sent_it(auth_server, realm, tmp_path):

@@ -25,6 +25,7 @@ from .result import Result
 TASK_PREFIX = "citrusv_"
 INFER_TASKS = ("segment", "detect", "report", "closer_look")
 TRAINER = "citrusv_finetune"
+SIGN_IN_PATH = "/auth/token"
 STRATEGY = "citrusv_uncertainty"
 
 
@@ -173,6 +174,12 @@ class CitrusVClient:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.session = session or requests.Session()
+        self._credentials: tuple[str, str] | None = None  # in memory only (sign_in)
+
+    @property
+    def signed_in_as(self) -> str | None:
+        """The user name of a sign-in with a password (`sign_in`), else None."""
+        return self._credentials[0] if self._credentials else None
 
     # -- plumbing -----------------------------------------------------------------------
     def headers(self) -> dict[str, str]:
@@ -194,7 +201,39 @@ class CitrusVClient:
         read_timeout: float | None = None,
         ok: Sequence[int] = (200,),
     ) -> requests.Response:
-        """One HTTP call with timeouts, auth and a single retry on a reset connection."""
+        """One HTTP call with timeouts, auth and a single retry on a reset connection. Signed
+        in with a password (`sign_in`), a 401 (the token ran out: Keycloak's last minutes)
+        signs in again once and sends the request again."""
+        response = self._send(method, path, query, data, files, json_body, read_timeout)
+        if (response.status_code == 401 and self._credentials is not None
+                and path != SIGN_IN_PATH):
+            self.sign_in(*self._credentials)
+            response = self._send(method, path, query, data, files, json_body, read_timeout)
+        if response.status_code not in ok:
+            raise error_for_response(response, task)
+        return response
+
+    def sign_in(self, username: str, password: str) -> str:
+        """``POST /auth/token``: sign in on a server with sign-in on (MONAI Label's, with the
+        department's identity provider) and use the token it gives from now on; the user name
+        and password are kept in memory, to sign in again when the token runs out. Returns the
+        token. A wrong password is a CitrusVError with the server's sentence."""
+        username = (username or "").strip()
+        if not username or not password:
+            raise CitrusVError("Enter your user name and password to sign in.")
+        response = self._send("POST", SIGN_IN_PATH, None, {"username": username,
+                                                           "password": password}, None, None, 60)
+        if response.status_code != 200:
+            self._credentials = None
+            raise error_for_response(response)
+        token = self._json(response).get("access_token")
+        if not token:
+            raise CitrusVError("The server has sign-in switched off: no token is needed.")
+        self.token = token
+        self._credentials = (username, password)
+        return token
+
+    def _send(self, method, path, query, data, files, json_body, read_timeout):
         url = self.url + path
         timeout = (self.connect_timeout, read_timeout or self.read_timeout)
         if self.ca_certificate and not os.path.isfile(self.ca_certificate):
@@ -234,8 +273,6 @@ class CitrusVClient:
                 for handle in opened:
                     if hasattr(handle, "close"):
                         handle.close()
-            if response.status_code not in ok:
-                raise error_for_response(response, task)
             return response
         raise CitrusVError(f"Could not reach the server at {self.url}.")  # pragma: no cover
 

@@ -85,10 +85,14 @@ def error_for_response(response: requests.Response, task: str | None = None) -> 
     """Map an HTTP error response to a CitrusVError with one sentence."""
     status = response.status_code
     detail = server_detail(response)
-    if status in (401, 403):
+    if status == 401 and (detail or "").startswith("Sign-in refused"):
+        message = _sentence(detail)  # POST /auth/token: the server's sentence
+    elif status in (401, 403):
+        # MONAI Label: 401 "Could not validate credentials", 403 'Role "..." is required ...'
+        said = f": {detail.rstrip('.')}" if detail else ""
         message = (
-            "The server refused the request (not authorised): check the access token in the "
-            "CitrusV settings."
+            f"The server refused the request (not authorised{said}): sign in again, or check "
+            "the access token in the CitrusV settings."
         )
     elif task and _unknown_task(status, detail, task):
         message = (
@@ -113,6 +117,8 @@ def error_for_response(response: requests.Response, task: str | None = None) -> 
             if detail
             else "The server's disk is full (HTTP 507): ask IT to free space, then try again."
         )
+    elif status == 503 and (detail or "").startswith("The sign-in server"):
+        message = _sentence(detail)  # the department's identity provider, not this server
     elif status == 503:
         message = "The server is not ready yet (HTTP 503)" + (
             f": {detail.rstrip('.')}." if detail else "; try again in a minute."
