@@ -364,19 +364,16 @@ def _check_options_for(name: str, params, trainers, defaults: dict) -> None:
     """`POST /train/` (no task name) runs every trainer; MONAI Label gives trainer `name` the
     options under `params[name]` and, over them, the top-level ones that name no trainer. A
     bad one is a 400 with its sentence, as for `POST /train/{name}`."""
-    if params is None:
-        return
-    if not isinstance(params, dict):
-        raise HTTPException(status_code=400, detail=(
-            "The training options must be a JSON object, e.g. {\"steps\": 200}."))
-    own = params.get(name, {})
-    if not isinstance(own, dict):
-        raise HTTPException(status_code=400, detail=(
-            f"params.{name} must be a JSON object of {name}'s options, e.g. "
-            f"{{\"{name}\": {{\"steps\": 200}}}}, not {own!r}."))
-    options = {**own, **{k: v for k, v in params.items() if k not in trainers}}
     try:
-        check_options(options, defaults)
+        if not isinstance(params, dict):
+            check_options(params, defaults)  # None passes; anything else: its sentence
+            return
+        own = params.get(name, {})
+        if not isinstance(own, dict):
+            raise ValueError(f"params.{name} must be a JSON object of {name}'s options, e.g. "
+                             f"{{\"{name}\": {{\"steps\": 200}}}}, not {own!r}.")
+        check_options({**own, **{k: v for k, v in params.items() if k not in trainers}},
+                      defaults)
     except ValueError as e:
         raise HTTPException(status_code=400, detail=str(e)) from None
 
@@ -737,8 +734,9 @@ def _answer_sign_in_failures_with_sentences() -> None:
                 raise SignInServerError("to sign in", e) from None
             if r.status_code in (400, 401):  # Keycloak: "invalid_grant", "Invalid user credentials"
                 try:
-                    said = r.json().get("error_description") or r.json().get("error")
-                except ValueError:
+                    body = r.json()
+                    said = body.get("error_description") or body.get("error")
+                except (ValueError, AttributeError):  # not JSON, or not an object
                     said = None
                 raise HTTPException(status_code=401, detail=(
                     "Sign-in refused: the user name or password is wrong, or the account may "
