@@ -404,8 +404,8 @@ def _wait_for_training(task: dict, trainer, poll_s: float = 0.2) -> dict:
     serving the 8B, more than a 24 GB card has), left the run out of the task table (so
     another run could start beside it, each deleting at its start the unfinished version
     folders it finds, and `DELETE /train/` could not stop it) and, on the event loop, held
-    every other request for the whole run. The run is now started as any run is (`task`: MONAI Label's task entry) and
-    the request, on a worker thread, waits for it to end. The answer is the run's record
+    every other request for the whole run. The run is now started as any run is (`task`:
+    MONAI Label's task entry) and the request, on a worker thread, waits for it to end. The answer is the run's record
     (`last_run`: `status` `done`, `rejected`, `failed` or `killed`, and what the run wrote) with
     `task`: the task's `id` and `status` (`DONE`). A run that did not end as `done` or
     `rejected` is not answered 200: one stopped by `DELETE /train/` is a 409, one that failed
@@ -438,8 +438,8 @@ def _wait_for_training(task: dict, trainer, poll_s: float = 0.2) -> dict:
         if on_what_is_held:
             error = error[len("ValueError: "):]
         raise HTTPException(status_code=409 if on_what_is_held else 500, detail=(
-            f"The training run {task['id']} failed: {error.rstrip('.')}. {unchanged[0].upper()}"
-            f"{unchanged[1:]} GET /info/ has the run's record (train_stats)."))
+            f"The training run {task['id']} failed: {error.rstrip('.')}. "
+            f"{unchanged.capitalize()} GET /info/ has the run's record (train_stats)."))
     return {**last, "task": ended}
 
 
@@ -527,10 +527,11 @@ def _run_off_the_event_loop() -> None:
     made, the server took no other request of anyone's: no connection test, image download or
     correction. The endpoints of questions, batches, active learning, the datastore, training
     (a `run_sync` run waits there for its process), sign-in (it waits for the sign-in server,
-    up to 30 s), info, logs, model files, scoring and sessions now run on a worker thread; the model itself still answers one question at a
-    time (the engine's lock), and the datastore changes its index under its mutex. The endpoints await nothing,
-    so each runs to its end on the thread with no event loop. Only in the server's process
-    (the training process has no routes)."""
+    up to 30 s), info, logs, model files, scoring and sessions now run on a worker thread; the
+    model itself still answers one question at a time (the engine's lock), and the datastore
+    changes its index under its mutex. The endpoints await nothing, so each runs to its end on
+    the thread with no event loop. Only in the server's process (the training process has no
+    routes)."""
     if "monailabel.app" not in sys.modules:
         return
     from starlette.concurrency import run_in_threadpool

@@ -81,8 +81,8 @@ def realm():
             if PASSWORDS.get(user) != password:
                 return self._answer(401, {"error": "invalid_grant",
                                           "error_description": "Invalid user credentials"})
-            self._answer(200, {"access_token": sign(user, [ANNOTATOR, USER]), "token_type": "Bearer",
-                               "expires_in": 300})
+            self._answer(200, {"access_token": sign(user, [ANNOTATOR, USER]),
+                               "token_type": "Bearer", "expires_in": 300})
 
         def log_message(self, *args):
             pass
