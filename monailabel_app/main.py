@@ -23,7 +23,7 @@ from typing import Any
 
 import lib.configs
 from dicomweb_client.session_utils import create_session_from_user_pass
-from fastapi import HTTPException
+from fastapi import Form, HTTPException
 from lib.datastore import (SERVER_KEYS, EXTENSIONS, CorrectionsDatastore, PacsDatastore,
                            pacs_cache_bytes)
 from lib.errors import EXIT_CONF, ConfError, RequestError
@@ -41,6 +41,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.class_utils import get_class_names
+from pydantic import BaseModel
 
 logger = logging.getLogger(__name__)
 
@@ -689,6 +690,23 @@ class SignInServerError(HTTPException):
             f"{what} ({why}); ask IT to check it (MONAI_LABEL_AUTH_REALM_URI), then try again."))
 
 
+class SignedIn(BaseModel):
+    """What `POST /auth/token` and `POST /auth/token/refresh` answer: MONAI Label's `Token`
+    (`access_token`, `token_type`; both null with sign-in off) and, from the sign-in server's
+    answer, how long the token lasts and the refresh token that gets the next one, so that a
+    client stays signed in without keeping the password. Keycloak's other keys (`id_token`,
+    `session_state`, `scope`, ...) are not passed on."""
+    access_token: str | None = None
+    token_type: str | None = None
+    expires_in: int | None = None
+    refresh_token: str | None = None
+    refresh_expires_in: int | None = None
+
+
+SIGNED_OUT = ("Your sign-in has run out or was ended: sign in again with your user name and "
+              "password")
+
+
 def _answer_sign_in_failures_with_sentences() -> None:
     """With sign-in on (`MONAI_LABEL_AUTH_ENABLE`), MONAI Label 0.8.5 answered a wrong user
     name or password at `POST /auth/token` with 500 and a traceback (Keycloak's 401 raised as
@@ -698,7 +716,12 @@ def _answer_sign_in_failures_with_sentences() -> None:
     restart.
     Now a refused sign-in is
     a 401 with a sentence and Keycloak's own words, and a sign-in server that cannot be asked is
-    a 503 that names it (`SignInServerError`); a key fetched once is kept, as before."""
+    a 503 that names it (`SignInServerError`); a key fetched once is kept, as before.
+    MONAI Label 0.8.5 answered a sign-in with the access token alone, so a client had to keep
+    the password to sign in again when the token ran out (Keycloak's default: 5 minutes).
+    The answer now carries the refresh token too (`SignedIn`), and `POST /auth/token/refresh`
+    (form field `refresh_token`) gets a new token with it (Keycloak's refresh grant); a refresh
+    token that ran out or whose session was ended is a 401 that says to sign in again."""
     import requests
 
     from monailabel.endpoints import login
@@ -739,10 +762,11 @@ def _answer_sign_in_failures_with_sentences() -> None:
                     said = body.get("error_description") or body.get("error")
                 except (ValueError, AttributeError):  # not JSON, or not an object
                     said = None
-                raise HTTPException(status_code=401, detail=(
-                    "Sign-in refused: the user name or password is wrong, or the account may "
-                    "not sign in this way" + (f" (the sign-in server said: {said})." if said
-                                              else ".")))
+                refreshing = (kwargs.get("data") or {}).get("grant_type") == "refresh_token"
+                refused = (SIGNED_OUT if refreshing else "Sign-in refused: the user name or "
+                           "password is wrong, or the account may not sign in this way")
+                raise HTTPException(status_code=401, detail=refused + (
+                    f" (the sign-in server said: {said})." if said else "."))
             if r.status_code >= 400:
                 raise SignInServerError("to sign in", f"it answered {r.status_code}")
             return r
@@ -758,6 +782,29 @@ def _answer_sign_in_failures_with_sentences() -> None:
     _patch_once(auth, "open_id_configuration", make_open_id_configuration)
     _patch_once(login, "requests", lambda original: _SignIn())
     _patch_once(auth, "get_public_key", make_public_key)
+
+    def refresh_sign_in(refresh_token: str = Form("")) -> dict:
+        if not settings.MONAI_LABEL_AUTH_ENABLE:
+            return {"access_token": None, "token_type": None}
+        if not refresh_token.strip():
+            raise HTTPException(status_code=400, detail=(
+                "Send the form field refresh_token: the one the sign-in (POST /auth/token) or "
+                "the last refresh answered with."))
+        return login.requests.post(
+            auth.token_uri(), headers={"Content-Type": "application/x-www-form-urlencoded"},
+            data={"client_id": settings.MONAI_LABEL_AUTH_CLIENT_ID,
+                  "grant_type": "refresh_token", "refresh_token": refresh_token.strip()},
+            timeout=30).json()
+
+    # the routes are read at their first request (FastAPI 0.165 includes a router by
+    # reference), so the answer's model and the new route count from the first sign-in
+    for route in login.router.routes:
+        if getattr(route, "path", "") == "/auth/token":
+            route.response_model = SignedIn
+    if not any(getattr(r, "path", "") == "/auth/token/refresh" for r in login.router.routes):
+        login.router.add_api_route(
+            "/token/refresh", refresh_sign_in, methods=["POST"], response_model=SignedIn,
+            summary="Get a new access token with the refresh token of a sign-in")
 
 
 def _stop_for_setting(e: ConfError) -> None:

@@ -368,8 +368,9 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSignIn(self):
         """Sign in with a user name and password (the server asks the department's sign-in
-        server); the client keeps them in memory and signs in again when the token runs out.
-        A pasted access token, if any, is left out from then on."""
+        server); the client keeps the sign-in's refresh token in memory, not the password, and
+        gets a new token with it when the token runs out. A pasted access token, if any, is
+        left out from then on."""
         user = self.ui.userLineEdit.text.strip()
         password = self.ui.passwordLineEdit.text
         self.ui.tokenLineEdit.text = ""

@@ -4,13 +4,16 @@ The identity provider is a stand-in for Keycloak (not installable here): a real 
 127.0.0.1 that publishes the realm's public key and OpenID configuration, as Keycloak's realm
 endpoints do, signs tokens RS256 with the matching private key, and answers sign-ins with a
 password (Keycloak's password grant and its 401 "invalid_grant"). MONAI Label itself checks the
-signatures and roles. The tests run in file order: the first finds the sign-in server down.
+signatures and roles. Sign-ins are kept with Keycloak's refresh grant (a refresh token used
+once, as Keycloak rotates them). The tests run in file order: the first finds the sign-in server
+down.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import secrets
 import shutil
 import threading
 import time
@@ -38,16 +41,20 @@ SLOW_S = 3.0
 TOKEN_PATH = "/realms/citrus/protocol/openid-connect/token"
 REFUSED = ("Sign-in refused: the user name or password is wrong, or the account may not sign "
            "in this way (the sign-in server said: Invalid user credentials).")
+SIGNED_OUT = ("Your sign-in has run out or was ended: sign in again with your user name and "
+              "password (the sign-in server said: Token is not active).")
 
 
 @pytest.fixture(scope="module")
 def realm():
     """(realm URL, sign(username, roles) -> bearer token, state: {"down": True} makes every
-    answer a 503 page, as a proxy in front of a stopped Keycloak gives)."""
+    answer a 503 page, as a proxy in front of a stopped Keycloak gives; "refresh": the refresh
+    tokens that hold, each to its user (cleared: every sign-in ended); "grants": the grant
+    type of each token asked for)."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     public = key.public_key().public_bytes(serialization.Encoding.DER,
                                            serialization.PublicFormat.SubjectPublicKeyInfo)
-    state = {"down": False}
+    state = {"down": False, "refresh": {}, "grants": []}
 
     class Realm(BaseHTTPRequestHandler):
         def _answer(self, code: int, body, kind: str = "application/json"):
@@ -73,16 +80,28 @@ def realm():
             form = parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
             if state["down"]:
                 return self._answer(503, b"<html>503 Service Unavailable</html>", "text/html")
-            if self.path != TOKEN_PATH or form.get("grant_type") != ["password"]:
+            grant = form.get("grant_type", [""])[0]
+            if self.path != TOKEN_PATH or grant not in ("password", "refresh_token"):
                 return self._answer(400, {"error": "unsupported_grant_type"})
-            user, password = form["username"][0], form.get("password", [""])[0]
-            if user == "dr.slow":
-                time.sleep(SLOW_S)
-            if PASSWORDS.get(user) != password:
-                return self._answer(401, {"error": "invalid_grant",
-                                          "error_description": "Invalid user credentials"})
+            state["grants"].append(grant)
+            if grant == "refresh_token":
+                user = state["refresh"].pop(form.get("refresh_token", [""])[0], None)
+                if user is None:  # Keycloak: ran out, used already, or the session ended
+                    return self._answer(400, {"error": "invalid_grant",
+                                              "error_description": "Token is not active"})
+            else:
+                user, password = form["username"][0], form.get("password", [""])[0]
+                if user == "dr.slow":
+                    time.sleep(SLOW_S)
+                if PASSWORDS.get(user) != password:
+                    return self._answer(401, {"error": "invalid_grant",
+                                              "error_description": "Invalid user credentials"})
+            refresh = secrets.token_urlsafe(16)
+            state["refresh"][refresh] = user
             self._answer(200, {"access_token": sign(user, [ANNOTATOR, USER]),
-                               "token_type": "Bearer", "expires_in": 300})
+                               "token_type": "Bearer", "expires_in": 300,
+                               "refresh_token": refresh, "refresh_expires_in": 1800,
+                               "id_token": "not passed on", "session_state": "x"})
 
         def log_message(self, *args):
             pass
@@ -93,7 +112,7 @@ def realm():
 
     def sign(username: str, roles: list[str], valid_s: int = 3600) -> str:
         claims = {"preferred_username": username, "realm_access": {"roles": roles},
-                  "exp": int(time.time()) + valid_s}
+                  "exp": int(time.time()) + valid_s, "jti": secrets.token_hex(8)}
         return jwt.encode(claims, key, algorithm="RS256")
 
     yield url, sign, state
@@ -166,23 +185,62 @@ def test_a_wrong_password_is_a_401_and_a_slow_sign_in_holds_no_one_else(auth_ser
     assert answered["r"].status_code == 200 and answered["r"].json()["token_type"] == "Bearer"
 
 
-def test_the_slicer_client_signs_in_and_again_when_its_token_runs_out(auth_server, realm):
+def test_a_sign_in_answers_a_refresh_token_that_gets_the_next_token(auth_server, realm):
+    """MONAI Label 0.8.5 answered a sign-in with the access token alone (a client had to keep
+    the password to sign in again after Keycloak's 5 minutes); now with the refresh token, and
+    `POST /auth/token/refresh` turns it into the next token."""
+    state = realm[2]
+    r = _sign_in(auth_server, "dr.lee", "right")
+    assert r.status_code == 200, r.text
+    first = r.json()
+    assert set(first) == {"access_token", "token_type", "expires_in", "refresh_token",
+                          "refresh_expires_in"}, first  # not Keycloak's id_token, session_state
+    assert (first["expires_in"], first["refresh_expires_in"]) == (300, 1800)
+    r = auth_server.post("/auth/token/refresh", data={"refresh_token": first["refresh_token"]})
+    assert r.status_code == 200, r.text
+    second = r.json()
+    assert second["access_token"] != first["access_token"], second
+    assert second["refresh_token"] != first["refresh_token"], second
+    assert state["grants"][-2:] == ["password", "refresh_token"]
+    r = auth_server.get("/datastore/?output=all",
+                        headers={"Authorization": f"Bearer {second['access_token']}"})
+    assert r.status_code == 200 and "chest_ct" in r.json()["objects"], r.text
+    # used once already (Keycloak rotates them), ran out, or the sign-in was ended
+    r = auth_server.post("/auth/token/refresh", data={"refresh_token": first["refresh_token"]})
+    assert (r.status_code, r.json()) == (401, {"detail": SIGNED_OUT})
+    r = auth_server.post("/auth/token/refresh", data={"refresh_token": " "})
+    assert (r.status_code, r.json()) == (400, {"detail": (
+        "Send the form field refresh_token: the one the sign-in (POST /auth/token) or the last "
+        "refresh answered with.")})
+
+
+def test_the_slicer_client_signs_in_and_refreshes_its_token_without_the_password(auth_server,
+                                                                                 realm):
     """The module's client (`CitrusVLib`): sign in with a password (the module's Sign in row)
-    instead of pasting a token; a token that ran out is replaced by signing in again."""
+    instead of pasting a token; the password is not kept, and a token that ran out is replaced
+    with the sign-in's refresh token; a sign-in that ended is said."""
     from CitrusVLib import CitrusVClient, CitrusVError
 
-    sign = realm[1]
+    sign, state = realm[1], realm[2]
     client = CitrusVClient(auth_server.url)
     with pytest.raises(CitrusVError) as refused:
         client.sign_in("dr.lee", "wrong")
     assert str(refused.value) == REFUSED
     assert client.signed_in_as is None
     assert client.sign_in("dr.lee", "right") == client.token and client.signed_in_as == "dr.lee"
+    assert '"right"' not in json.dumps(vars(client), default=str)  # not kept
     assert "citrusv_segment" in client.info()["models"]
+    asked = len(state["grants"])
     ran_out = sign("dr.lee", [USER], valid_s=-60)
     client.token = ran_out  # as the token is after Keycloak's few minutes
     assert "citrusv_segment" in client.info()["models"]
-    assert client.token != ran_out
+    assert client.token != ran_out and state["grants"][asked:] == ["refresh_token"]
+    state["refresh"].clear()  # the sign-in ended at the identity provider (idle, signed out)
+    client.token = ran_out
+    with pytest.raises(CitrusVError) as ended:
+        client.info()
+    assert str(ended.value) == SIGNED_OUT
+    assert client.signed_in_as is None
     # with no sign-in to repeat, the sentence says what to do
     with pytest.raises(CitrusVError) as stale:
         CitrusVClient(auth_server.url, token=ran_out).info()

@@ -26,6 +26,7 @@ TASK_PREFIX = "citrusv_"
 INFER_TASKS = ("segment", "detect", "report", "closer_look")
 TRAINER = "citrusv_finetune"
 SIGN_IN_PATH = "/auth/token"
+REFRESH_PATH = "/auth/token/refresh"
 STRATEGY = "citrusv_uncertainty"
 
 
@@ -174,12 +175,14 @@ class CitrusVClient:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.session = session or requests.Session()
-        self._credentials: tuple[str, str] | None = None  # in memory only (sign_in)
+        # a sign-in's (`sign_in`): in memory only; the password is not kept
+        self._signed_in_as: str | None = None
+        self._refresh_token: str | None = None
 
     @property
     def signed_in_as(self) -> str | None:
-        """The user name of a sign-in with a password (`sign_in`), else None."""
-        return self._credentials[0] if self._credentials else None
+        """The user name of a sign-in with a password (`sign_in`) that still holds, else None."""
+        return self._signed_in_as
 
     # -- plumbing -----------------------------------------------------------------------
     def headers(self) -> dict[str, str]:
@@ -203,11 +206,13 @@ class CitrusVClient:
     ) -> requests.Response:
         """One HTTP call with timeouts, auth and a single retry on a reset connection. Signed
         in with a password (`sign_in`), a 401 (the token ran out: Keycloak's last minutes)
-        signs in again once and sends the request again."""
+        gets a new token with the sign-in's refresh token, once, and sends the request again;
+        where the sign-in has run out too, the CitrusVError says to sign in again."""
         response = self._send(method, path, query, data, files, json_body, read_timeout)
-        if (response.status_code == 401 and self._credentials is not None
-                and path != SIGN_IN_PATH):
-            self.sign_in(*self._credentials)
+        if (response.status_code == 401 and self._refresh_token
+                and path not in (SIGN_IN_PATH, REFRESH_PATH)):
+            self._take_token(self._sign_in_call(REFRESH_PATH,
+                                                {"refresh_token": self._refresh_token}))
             response = self._send(method, path, query, data, files, json_body, read_timeout)
         if response.status_code not in ok:
             raise error_for_response(response, task)
@@ -215,22 +220,36 @@ class CitrusVClient:
 
     def sign_in(self, username: str, password: str) -> str:
         """``POST /auth/token``: sign in on a server with sign-in on (MONAI Label's, with the
-        department's identity provider) and use the token it gives from now on; the user name
-        and password are kept in memory, to sign in again when the token runs out. Returns the
-        token. A wrong password is a CitrusVError with the server's sentence."""
+        department's identity provider) and use the token it gives from now on. The password
+        is not kept: the answer's refresh token (in memory) gets the next token when this one
+        runs out (`POST /auth/token/refresh`), for as long as the identity provider keeps the
+        sign-in (Keycloak's defaults: 30 minutes idle, 10 hours in all). Returns the token. A
+        wrong password is a CitrusVError with the server's sentence."""
         username = (username or "").strip()
         if not username or not password:
             raise CitrusVError("Enter your user name and password to sign in.")
-        response = self._send("POST", SIGN_IN_PATH, None, {"username": username,
-                                                           "password": password}, None, None, 60)
+        token = self._take_token(self._sign_in_call(SIGN_IN_PATH, {"username": username,
+                                                                   "password": password}))
+        self._signed_in_as = username
+        return token
+
+    def _sign_in_call(self, path: str, fields: dict[str, str]) -> requests.Response:
+        """A sign-in or refresh; refused, the sign-in held before is forgotten."""
+        response = self._send("POST", path, None, fields, None, None, 60)
         if response.status_code != 200:
-            self._credentials = None
+            self._signed_in_as = self._refresh_token = None
             raise error_for_response(response)
-        token = self._json(response).get("access_token")
+        return response
+
+    def _take_token(self, response: requests.Response) -> str:
+        answer = self._json(response)
+        token = answer.get("access_token")
         if not token:
             raise CitrusVError("The server has sign-in switched off: no token is needed.")
         self.token = token
-        self._credentials = (username, password)
+        # a server before 2026-12-07 answers no refresh token: when the token runs out, the
+        # request's 401 says to sign in again
+        self._refresh_token = answer.get("refresh_token") or None
         return token
 
     def _send(self, method, path, query, data, files, json_body, read_timeout):

@@ -85,8 +85,8 @@ def error_for_response(response: requests.Response, task: str | None = None) -> 
     """Map an HTTP error response to a CitrusVError with one sentence."""
     status = response.status_code
     detail = server_detail(response)
-    if status == 401 and (detail or "").startswith("Sign-in refused"):
-        message = _sentence(detail)  # POST /auth/token: the server's sentence
+    if status == 401 and (detail or "").startswith(("Sign-in refused", "Your sign-in has run")):
+        message = _sentence(detail)  # POST /auth/token(/refresh): the server's sentence
     elif status in (401, 403):
         # MONAI Label: 401 "Could not validate credentials", 403 'Role "..." is required ...'
         said = f": {detail.rstrip('.')}" if detail else ""
