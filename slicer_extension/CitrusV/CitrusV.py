@@ -87,6 +87,9 @@ class CitrusV(ScriptedLoadableModule):
 
 
 # ------------------------------------------------------------------------------------------------
+SIGNED_OUT = "Not signed in: the sign-in ran out or was ended; sign in again."
+
+
 class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -349,6 +352,9 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             logging.exception("Citrus-V: %s failed", what)
             message = f"{what} failed: {exc}"
+        if (self.ui.serverStatusLabel.text.startswith("Signed in as ")
+                and not self.client().signed_in_as):  # the sign-in ended (CitrusVClient.request)
+            self.ui.serverStatusLabel.text = SIGNED_OUT
         self.ui.statusLabel.text = message
         slicer.util.errorDisplay(message, windowTitle="Citrus-V")
 

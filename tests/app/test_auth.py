@@ -249,6 +249,29 @@ def test_the_slicer_client_signs_in_and_refreshes_its_token_without_the_password
         "sign in again, or check the access token in the CitrusV settings.")
 
 
+def test_the_modules_server_line_says_when_the_sign_in_has_ended(
+        auth_server, realm, citrusv_module, monkeypatch):  # noqa: F811 (the fixture imported above)
+    """`CitrusVWidget._report`, its Qt parts stood in for: an error after which the client is no
+    longer signed in replaces "Signed in as dr.lee." in the Server section."""
+    from CitrusVLib import CitrusVClient, CitrusVError
+
+    client = CitrusVClient(auth_server.url)
+    client.sign_in("dr.lee", "right")
+    realm[2]["refresh"].clear()
+    client.token = realm[1]("dr.lee", [USER], valid_s=-60)
+    with pytest.raises(CitrusVError) as ended:
+        client.info()
+    shown = []
+    monkeypatch.setattr(citrusv_module.slicer.util, "errorDisplay",
+                        lambda message, **kw: shown.append(message))
+    ui = SimpleNamespace(serverStatusLabel=SimpleNamespace(text="Signed in as dr.lee."),
+                         statusLabel=SimpleNamespace(text=""))
+    citrusv_module.CitrusVWidget._report(SimpleNamespace(ui=ui, client=lambda: client),
+                                         ended.value, "Run")
+    assert ui.serverStatusLabel.text == citrusv_module.SIGNED_OUT
+    assert ui.statusLabel.text == SIGNED_OUT and shown == [SIGNED_OUT]
+
+
 def test_the_modules_sign_in_row_signs_in_and_forgets_the_typed_password(
         auth_server, citrusv_module):  # noqa: F811 (the fixture imported above)
     """The module's Sign in button (`CitrusVWidget.onSignIn`), its Qt parts stood in for and
