@@ -542,7 +542,8 @@ def _run_off_the_event_loop() -> None:
 
     # the endpoint modules' own routes: FastAPI 0.165 includes a router by reference and
     # builds each included route's handler from `route.endpoint` at its first request
-    # (the OHIF viewer's files and the DICOMweb proxy stay on the loop: the proxy awaits)
+    # (the OHIF viewer's files stay on the loop; the DICOMweb proxy:
+    # `_dicomweb_proxy_off_the_event_loop`)
     for module in (infer, batch_infer, activelearning, datastore, info, login, logs, model,
                    scoring, session, train, wsi_infer):
         for route in module.router.routes:
@@ -556,6 +557,84 @@ def _run_off_the_event_loop() -> None:
                 return await run_in_threadpool(_run_to_its_end, _call, values)
             on_a_thread._citrusv_threaded = True
             route.endpoint = route.dependant.call = on_a_thread
+
+
+# what the proxy does not pass on from the PACS's answer (Starlette sets the length; the body is
+# passed on decoded)
+_NOT_PASSED_ON = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
+                  "proxy-authenticate", "proxy-authorization", "content-length",
+                  "content-encoding"}
+
+
+def _ask_pacs_for_the_viewer(method: str, op: str, path: str, query: str,
+                             headers: dict[str, str], body: bytes | None):
+    """One DICOMweb request of `/proxy/dicom/{op}/{path}` passed on to the PACS (blocking)."""
+    import requests
+    from starlette.responses import Response
+
+    pacs = settings.MONAI_LABEL_STUDIES.rstrip("/")
+    prefixes = {"wado": settings.MONAI_LABEL_WADO_PREFIX, "qido": settings.MONAI_LABEL_QIDO_PREFIX,
+                "stow": settings.MONAI_LABEL_STOW_PREFIX}
+    # as MONAI Label: some OHIF versions ask for metadata with QIDO
+    prefix = prefixes["wado" if op == "qido" and path.endswith("metadata") else op] if op else ""
+    url = "/".join(part.strip("/") for part in (pacs, prefix or "", path) if part)
+    user, password = (settings.MONAI_LABEL_DICOMWEB_USERNAME,
+                      settings.MONAI_LABEL_DICOMWEB_PASSWORD)
+    wait_s = settings.MONAI_LABEL_DICOMWEB_PROXY_TIMEOUT
+    try:
+        r = requests.request(method, url + (f"?{query}" if query else ""), headers=headers,
+                             data=body, auth=(user, password) if user and password else None,
+                             timeout=(wait_s, wait_s))
+    except requests.Timeout:
+        raise HTTPException(status_code=504, detail=(
+            f"The PACS ({pacs}) did not answer the viewer's request within {wait_s:g} s "
+            "(MONAI_LABEL_DICOMWEB_PROXY_TIMEOUT); check that it is running, then try "
+            "again.")) from None
+    except requests.RequestException as e:
+        raise HTTPException(status_code=503, detail=(
+            f"The PACS ({pacs}) could not be asked for the viewer ({type(e).__name__}); check "
+            "that it is running and reachable from this server, then try again.")) from None
+    return Response(content=r.content, status_code=r.status_code, headers={
+        k: v for k, v in r.headers.items() if k.lower() not in _NOT_PASSED_ON})
+
+
+def _dicomweb_proxy_off_the_event_loop() -> None:
+    """`/proxy/dicom/{wado,qido,stow}/...`, MONAI Label's DICOMweb proxy to the PACS (the OHIF
+    viewer's way to it): MONAI Label 0.8.5 asked the PACS with `requests` on the server's one
+    event loop and with no time limit, so while the PACS answered (a series' images take
+    seconds) the server took no one else's request, and a PACS that hung held the whole server;
+    it dropped the query string (a QIDO search's filters: every series came back), passed the
+    client's own headers to the PACS on a POST (its sign-in token among them), and answered a
+    PACS it could not reach, or any proxy request on a server of a studies folder, with 500
+    and a traceback. Now each request is passed on from a worker thread with its query string
+    and only its `Accept` and `Content-Type` headers, waits for the PACS at most
+    `MONAI_LABEL_DICOMWEB_PROXY_TIMEOUT` seconds (MONAI Label's setting, 30 s, which it did not
+    use) to connect and between bytes (then 504), and a PACS it cannot reach is a 503; on a
+    studies folder there is no PACS: 404. A Google Healthcare URL keeps MONAI Label's own proxy
+    (its token comes from Google's library)."""
+    if "monailabel.app" not in sys.modules:
+        return
+    from starlette.concurrency import run_in_threadpool
+
+    from monailabel.endpoints import proxy
+
+    def make(original):
+        async def proxy_dicom(request, op: str, path: str):
+            studies = settings.MONAI_LABEL_STUDIES
+            if "googleapis.com" in studies:
+                return await original(request, op, path)
+            if not studies.startswith(("http://", "https://")):
+                raise HTTPException(status_code=404, detail=(
+                    "This server's studies are a folder, not a PACS: it has no DICOMweb to "
+                    "pass requests on to (start it with --studies the PACS's DICOMweb URL)."))
+            body = await request.body() if request.method == "POST" else None
+            headers = {k: v for k, v in request.headers.items()
+                       if k.lower() in ("accept", "content-type")}
+            return await run_in_threadpool(_ask_pacs_for_the_viewer, request.method, op, path,
+                                           request.url.query, headers, body)
+        return proxy_dicom
+
+    _patch_once(proxy, "proxy_dicom", make)
 
 
 def _send_dataset_and_delete_it() -> None:
@@ -833,6 +912,7 @@ class CitrusVApp(MONAILabelApp):
         _check_training_options()
         _check_batch_and_scoring_requests()
         _run_off_the_event_loop()
+        _dicomweb_proxy_off_the_event_loop()
         _send_dataset_and_delete_it()
         _gpu_info_without_nvidia_smi()
         _answer_full_disk_with_507()  # after the wrappers above: it wraps them too

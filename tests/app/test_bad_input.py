@@ -226,6 +226,16 @@ def test_uploads_that_would_misfile_or_are_no_image_are_refused(citrusv_server):
     assert r.status_code == 404 and "nothing was removed" in r.json()["detail"]
 
 
+def test_the_dicomweb_proxy_of_a_server_on_a_studies_folder_is_a_404_sentence(citrusv_server):
+    # MONAI Label 0.8.5 asked requests for the URL "<folder>/series": 500 and a traceback
+    for method, path in (("GET", "/proxy/dicom/qido/series"), ("POST", "/proxy/dicom/stow/")):
+        r = citrusv_server.post(path) if method == "POST" else citrusv_server.get(path)
+        assert (r.status_code, r.json()) == (404, {"detail": (
+            "This server's studies are a folder, not a PACS: it has no DICOMweb to pass requests "
+            "on to (start it with --studies the PACS's DICOMweb URL).")}), (method, path)
+    assert citrusv_server.get("/info/").status_code == 200
+
+
 def test_downloading_an_image_or_label_the_datastore_lacks_is_a_404_sentence(citrusv_server):
     """MONAI Label's GET /datastore/image and /datastore/label said "Image NOT Found" and
     "Label NOT Found"; the 404 now names the id and where the ids are listed, and the images

@@ -5,17 +5,22 @@ sample CT series and the app on the shipped nano model, and check, in file order
 starts without reaching the internet; a segment request by SeriesInstanceUID gives the same
 geometry as the NIfTI study and a real liver mask; an unknown series is a 404 sentence; a
 correction lands in the local cache (what fine-tuning reads) and on the PACS as a DICOM SEG
-that reads back voxel for voxel; and while the PACS is down a correction is still kept.
+that reads back voxel for voxel; MONAI Label's DICOMweb proxy (the OHIF viewer's) passes
+searches on whole and waits for a slow PACS without holding anyone else; and while the PACS is
+down a correction is still kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import shutil
+import threading
 import time
 import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import nibabel as nib
@@ -30,7 +35,7 @@ from citrusv.evaluation import box_iou
 from citrusv.nano_data import NAMES
 from tests.app.helpers import (decode_rle, put_label, read_as_slicer, reference_label,
                                run_training, split_multipart, zyx)
-from tests.pacs import SAMPLE_SERIES, start_orthanc
+from tests.pacs import SAMPLE_SERIES, Pacs, start_orthanc
 from tests.server import REPO, start_citrusv_server
 
 REFERENCE = REPO / "sample_data" / "reference" / "chest_ct"
@@ -475,6 +480,102 @@ def test_cache_over_its_limit_drops_the_least_recently_asked_series_without_labe
         ask(pacs.xray_uid)
         assert cached() == {pacs.series_uid, pacs.xray_uid}  # a labelled series stays
         assert (cache / "labels" / "final" / f"{pacs.series_uid}.nii.gz").exists()
+
+
+SLOW_S, PROXY_WAIT_S, HANG_S = 2.0, 4, 8.0  # the proxy waits past SLOW_S, not HANG_S
+
+
+@contextlib.contextmanager
+def _in_front_of(pacs: Pacs):
+    """A stand-in between the server and the PACS that passes each request on: one whose path
+    starts /dicom-web/slow/ after SLOW_S, /dicom-web/hang/ after HANG_S (past the proxy's
+    PROXY_WAIT_S), the marker taken out. Yields (its URL, the paths it was asked, its server)."""
+    seen: list[str] = []
+
+    class Front(BaseHTTPRequestHandler):
+        def _pass_on(self, method: str) -> None:
+            seen.append(self.path)
+            path = self.path
+            for marker, wait_s in (("slow/", SLOW_S), ("hang/", HANG_S)):
+                if path.startswith("/dicom-web/" + marker):
+                    time.sleep(wait_s)
+                    path = path.replace(marker, "", 1)
+            length = int(self.headers.get("Content-Length") or 0)
+            r = requests.request(method, pacs.url + path,
+                                 data=self.rfile.read(length) if length else None, timeout=60,
+                                 headers={k: v for k, v in self.headers.items()
+                                          if k.lower() in ("accept", "content-type")})
+            self.send_response(r.status_code)
+            self.send_header("Content-Type", r.headers.get("Content-Type", "text/plain"))
+            self.send_header("Content-Length", str(len(r.content)))
+            self.end_headers()
+            self.wfile.write(r.content)
+
+        def do_GET(self):  # noqa: N802
+            self._pass_on("GET")
+
+        def do_POST(self):  # noqa: N802
+            self._pass_on("POST")
+
+        def log_message(self, *args):
+            pass
+
+    class Quiet(ThreadingHTTPServer):
+        def handle_error(self, request, client_address):
+            pass  # the hung answer's client has gone: a broken pipe
+
+    httpd = Quiet(("127.0.0.1", 0), Front)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_port}", seen, httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_the_viewers_dicomweb_proxy_keeps_searches_and_holds_no_one_else(
+        pacs, tiny_model_dir, tmp_path_factory):
+    """`/proxy/dicom/...` (MONAI Label's, for the OHIF viewer): 0.8.5 dropped the query string,
+    asked the PACS on the event loop with no time limit, and answered an unreachable PACS with
+    500 and a traceback."""
+    work = tmp_path_factory.mktemp("proxy")
+    model_dir = shutil.copytree(tiny_model_dir, work / "model")
+    with _in_front_of(pacs) as (front, seen, httpd), start_citrusv_server(
+            front + "/dicom-web", model_dir, workdir=work,
+            env={"MONAI_LABEL_DICOMWEB_PROXY_TIMEOUT": str(PROXY_WAIT_S)}) as server:
+        r = server.get("/proxy/dicom/qido/series", params={"Modality": "CR"})
+        assert r.status_code == 200, r.text
+        assert [s["0020000E"]["Value"][0] for s in r.json()] == [pacs.xray_uid]
+        assert seen[-1] == "/dicom-web/series?Modality=CR"
+
+        answered = {}
+        slow = threading.Thread(target=lambda: answered.update(r=server.get(
+            "/proxy/dicom/qido/slow/series", params={"Modality": "CR"}, timeout=60)))
+        slow.start()
+        try:
+            time.sleep(0.5)
+            started = time.monotonic()
+            info = server.get("/info/")
+            took = time.monotonic() - started
+            still_waiting = slow.is_alive()
+        finally:
+            slow.join(timeout=60)
+        assert info.status_code == 200 and still_waiting and took < SLOW_S / 2, took
+        assert answered["r"].status_code == 200, answered["r"].text
+        assert [s["0020000E"]["Value"][0] for s in answered["r"].json()] == [pacs.xray_uid]
+
+        r = server.get("/proxy/dicom/qido/hang/series", timeout=60)
+        assert (r.status_code, r.json()) == (504, {"detail": (
+            f"The PACS ({front}/dicom-web) did not answer the viewer's request within "
+            f"{PROXY_WAIT_S} s (MONAI_LABEL_DICOMWEB_PROXY_TIMEOUT); check that it is running, "
+            "then try again.")})
+        httpd.shutdown()
+        httpd.server_close()
+        r = server.get("/proxy/dicom/wado/studies", timeout=60)
+        assert (r.status_code, r.json()) == (503, {"detail": (
+            f"The PACS ({front}/dicom-web) could not be asked for the viewer (ConnectionError); "
+            "check that it is running and reachable from this server, then try again.")})
+        assert server.get("/info/").status_code == 200
 
 
 def test_correction_is_kept_while_the_pacs_is_down(pacs, pacs_server, tmp_path):
