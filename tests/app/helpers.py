@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +18,24 @@ RESULT_KEYS = {"task", "prompt", "model", "text", "answer", "reasoning", "boxes"
 MASK_KEYS = {"label", "label_index", "slice", "area_px", "area_mm2", "diameters_mm", "score",
              "rle"}
 BOX_KEYS = {"id", "label", "xyxy", "slice", "score", "source", "text_xyxy", "size_mm"}
+
+
+def while_it_waits(slow, other, after_s: float = 0.5):
+    """Call `slow` on a thread and, `after_s` later, `other` here: (slow's answer, other's
+    answer, the seconds other took, whether slow was still waiting when other answered), for
+    a test that one request held no one else's."""
+    answered = {}
+    waiting = threading.Thread(target=lambda: answered.update(r=slow()))
+    waiting.start()
+    try:
+        time.sleep(after_s)
+        started = time.monotonic()
+        quick = other()
+        took = time.monotonic() - started
+        still_waiting = waiting.is_alive()
+    finally:
+        waiting.join(timeout=60)
+    return answered.get("r"), quick, took, still_waiting
 
 
 def split_multipart(r: requests.Response, tmp: Path) -> tuple[dict, nib.Nifti1Image]:

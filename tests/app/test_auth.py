@@ -28,7 +28,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.app.helpers import put_label, reference_label
+from tests.app.helpers import put_label, reference_label, while_it_waits
 from tests.server import copy_studies, start_citrusv_server
 from tests.slicer.conftest import citrusv_module, mrml  # noqa: F401 (CitrusV.py on slicer-core)
 
@@ -168,21 +168,11 @@ def test_a_wrong_password_is_a_401_and_a_slow_sign_in_holds_no_one_else(auth_ser
     r = _sign_in(auth_server, "dr.lee", "wrong")
     assert (r.status_code, r.json()) == (401, {"detail": REFUSED})
     # MONAI Label asked the sign-in server on the event loop: every request waited for it
-    answered = {}
-    signing_in = threading.Thread(target=lambda: answered.update(
-        r=_sign_in(auth_server, "dr.slow", "right")))
-    signing_in.start()
-    try:
-        time.sleep(0.5)
-        started = time.monotonic()
-        other = auth_server.get("/auth/")
-        took = time.monotonic() - started
-        still_signing_in = signing_in.is_alive()
-    finally:
-        signing_in.join(timeout=60)
+    signed_in, other, took, still_signing_in = while_it_waits(
+        lambda: _sign_in(auth_server, "dr.slow", "right"), lambda: auth_server.get("/auth/"))
     assert other.status_code == 200 and other.json()["enabled"] is True, other.text
     assert still_signing_in and took < SLOW_S / 2, took
-    assert answered["r"].status_code == 200 and answered["r"].json()["token_type"] == "Bearer"
+    assert signed_in.status_code == 200 and signed_in.json()["token_type"] == "Bearer"
 
 
 def test_a_sign_in_answers_a_refresh_token_that_gets_the_next_token(auth_server, realm):

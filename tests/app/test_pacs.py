@@ -34,7 +34,7 @@ from requests_toolbelt.multipart.decoder import MultipartDecoder
 from citrusv.evaluation import box_iou
 from citrusv.nano_data import NAMES
 from tests.app.helpers import (decode_rle, put_label, read_as_slicer, reference_label,
-                               run_training, split_multipart, zyx)
+                               run_training, split_multipart, while_it_waits, zyx)
 from tests.pacs import SAMPLE_SERIES, Pacs, start_orthanc
 from tests.server import REPO, start_citrusv_server
 
@@ -548,21 +548,12 @@ def test_the_viewers_dicomweb_proxy_keeps_searches_and_holds_no_one_else(
         assert [s["0020000E"]["Value"][0] for s in r.json()] == [pacs.xray_uid]
         assert seen[-1] == "/dicom-web/series?Modality=CR"
 
-        answered = {}
-        slow = threading.Thread(target=lambda: answered.update(r=server.get(
-            "/proxy/dicom/qido/slow/series", params={"Modality": "CR"}, timeout=60)))
-        slow.start()
-        try:
-            time.sleep(0.5)
-            started = time.monotonic()
-            info = server.get("/info/")
-            took = time.monotonic() - started
-            still_waiting = slow.is_alive()
-        finally:
-            slow.join(timeout=60)
+        slow, info, took, still_waiting = while_it_waits(
+            lambda: server.get("/proxy/dicom/qido/slow/series", params={"Modality": "CR"},
+                               timeout=60), lambda: server.get("/info/"))
         assert info.status_code == 200 and still_waiting and took < SLOW_S / 2, took
-        assert answered["r"].status_code == 200, answered["r"].text
-        assert [s["0020000E"]["Value"][0] for s in answered["r"].json()] == [pacs.xray_uid]
+        assert slow.status_code == 200, slow.text
+        assert [s["0020000E"]["Value"][0] for s in slow.json()] == [pacs.xray_uid]
 
         r = server.get("/proxy/dicom/qido/hang/series", timeout=60)
         assert (r.status_code, r.json()) == (504, {"detail": (
