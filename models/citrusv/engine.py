@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -46,6 +45,7 @@ from .prompting import pixel_inputs, stop_token_ids, text_inputs
 from .result import Box, Mask, Result, Step
 from .slice_cache import SliceCache, SliceState, content_hash
 from .training import dice_score
+from .turns import TurnLock
 
 AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
 AXIS_NAMES = {v: k for k, v in AXES.items()}
@@ -729,7 +729,7 @@ class Engine:
         if self.box_source not in BOX_SOURCES:
             raise ValueError(f"box_source '{self.box_source}' is unknown; use "
                              f"{' or '.join(repr(b) for b in BOX_SOURCES)}.")
-        self._lock = threading.RLock()
+        self._lock = TurnLock()  # questions take turns, a range's slice chunks among them
         self.eos_ids = stop_token_ids(self.tokenizer)
         vc = config.mllm.vision_config
         self.merge_size = int(vc.spatial_merge_size)
@@ -1004,15 +1004,18 @@ class Engine:
         res.timing_ms["total"] = (time.perf_counter() - t0) * 1e3
         return res
 
-    @_serialised
     def ask_volume(self, volume, prompt: str, slices=None, axis: int | str = 0, window=None, *,
                    task: str | None = None, spacing=None, photometric: str | None = None,
                    image_id: str | None = None, batch_size: int = 8,
-                   forced_text: str | None = None) -> Result:
+                   forced_text: str | None = None, progress=None) -> Result:
         """Ask about each slice along `axis`; masks come back as 3D arrays in volume index space.
 
         `batch_size` slices at a time go through the SAM2 image encoder, the vision tower and
-        one batched greedy decode together.
+        one batched greedy decode together, and each such chunk takes its own turn at the
+        engine: a question asked meanwhile is answered between two chunks, not after the last
+        slice. `progress(asked, total)`, when given, is called before each chunk, outside the
+        engine's turn, with the number of slices asked so far; what it raises ends the range
+        there (a batch's stop).
         """
         t0 = time.perf_counter()
         prompt = self._check_prompt(prompt)
@@ -1041,11 +1044,17 @@ class Engine:
         texts, answers = [], []
         per_slice: dict[str, list[int]] = {}  # a warning -> the slices it was said on
         sizes_off: dict[str, list[int]] = {}  # a structure -> slices its written size is off
-        for start in range(0, len(ks), max(1, int(batch_size))):
-            batch = ks[start:start + batch_size]
-            states = [self._state(imaging.check_slice(np.take(vol, k, axis=ax), self.max_pixels),
-                                  window, photometric) for k in batch]
-            for k, res in zip(batch, self._run_batch(states, prompt, task, forced_text)):
+        per_turn = max(1, int(batch_size))
+        for start in range(0, len(ks), per_turn):
+            batch = ks[start:start + per_turn]
+            if progress is not None:
+                progress(start, len(ks))
+            with self._lock:  # this chunk's turn
+                states = [self._state(imaging.check_slice(np.take(vol, k, axis=ax),
+                                                          self.max_pixels), window, photometric)
+                          for k in batch]
+                answered = self._run_batch(states, prompt, task, forced_text)
+            for k, res in zip(batch, answered):
                 texts.append(f"[slice {k}] {res.text}")
                 answers.append(res.answer)
                 for w in res.warnings:
