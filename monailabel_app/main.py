@@ -467,7 +467,7 @@ def _check_batch_and_scoring_requests() -> None:
     prompt, a closer look's options sent to another task): 400 with its sentence. No run is
     started then. A batch runs on a thread of this process (`lib.batch`: without `run_sync`
     MONAI Label started a process that loaded the model again; with it, it ran outside the
-    task table), and `DELETE /batch/infer` stops it after the image it is asking; while it
+    task table), and `DELETE /batch/infer` stops it after the slices it is asking; while it
     runs, another batch gets a 429 sentence. A `run_sync` request waits for its batch."""
     from lib import batch
     from lib.params import check_question
@@ -529,8 +529,8 @@ def _run_off_the_event_loop() -> None:
     correction. The endpoints of questions, batches, active learning, the datastore, training
     (a `run_sync` run waits there for its process), sign-in (it waits for the sign-in server,
     up to 30 s), info, logs, model files, scoring and sessions now run on a worker thread; the
-    model itself still answers one question at a time (the engine's lock), and the datastore
-    changes its index under its mutex. The endpoints await nothing, so each runs to its end on
+    model itself still answers one question at a time (the engine's turns; a slice range
+    takes them 8 slices at a time), and the datastore changes its index under its mutex. The endpoints await nothing, so each runs to its end on
     the thread with no event loop. Only in the server's process (the training process has no
     routes)."""
     if "monailabel.app" not in sys.modules:

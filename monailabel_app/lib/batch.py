@@ -5,10 +5,12 @@ MONAI Label 0.8.5 runs such a batch in a new process (`python -m monailabel.inte
 serving one (bf16 8B: 15816 MiB). On a 24 GB card serving the 8B there is no room for it, and
 whichever process allocates last runs out of memory, the radiologists' questions included.
 Here the batch asks the engine the server has loaded, on a thread; the engine answers one
-question at a time, so a radiologist's question waits at most for the image the batch is
-asking. MONAI Label's task table is kept, so `GET /batch/infer` lists the run, another batch
-while it runs gets a 429, and `DELETE /batch/infer` stops the run after the image it is
-asking. A `run_sync` batch is such a run too, and its request waits for it (`run_and_wait`):
+question at a time, and over a slice range one chunk of slices at a time (the engine's
+turns), so a radiologist's question waits at most for the slices the batch is asking (8 of a
+volume, or one 2D image), not for its whole volume. MONAI Label's task table is kept, so `GET
+/batch/infer` lists the run (with `progress` while a volume's slices are asked), another batch
+while it runs gets a 429, and `DELETE /batch/infer` stops the run after the slices it is
+asking; a volume stopped part way has no label saved. A `run_sync` batch is such a run too, and its request waits for it (`run_and_wait`):
 MONAI Label ran it on the request's own thread, outside the task table, so it could not be
 stopped, and two sent at once both ran."""
 
@@ -28,12 +30,13 @@ logger = logging.getLogger(__name__)
 
 METHOD = "batch_infer"
 RUNNING = ("a batch inference is already running; GET /batch/infer shows its progress, and "
-           "DELETE /batch/infer stops it after the image it is asking.")
+           "DELETE /batch/infer stops it after the slices it is asking.")
 _lock = threading.Lock()
+_this_thread = threading.local()  # .run: the BatchRun a batch thread asks for
 
 
 class BatchStopped(Exception):
-    """A stop was asked: raised before the next image is asked."""
+    """A stop was asked: raised before the next image, or a volume's next slices, is asked."""
 
 
 def _now() -> str:
@@ -52,6 +55,7 @@ class BatchRun:
                      "start_ts": _now(), "details": deque(maxlen=20)}
         self.answered: list[str] = []  # the images answered so far, in order
         self.result: dict | None = None  # {image id: answer}, once DONE
+        self.cut_short: str | None = None  # "chest_ct after 16 of 60 slices": stopped in it
         self.error: str | None = None  # what failed, once ERROR
 
     def note(self, line: str) -> None:
@@ -61,6 +65,7 @@ class BatchRun:
     def answer(self, image: str, tag: str) -> None:
         """`image` was answered and its label saved under `tag`."""
         self.answered.append(image)
+        self.task.pop("progress", None)
         self.note(f"{image}: answered; its label is saved under '{tag}'")
 
     def check(self, image: str) -> None:
@@ -69,16 +74,34 @@ class BatchRun:
             self.note(f"stopped before {image}")
             raise BatchStopped
 
+    def slices(self, image: str, asked: int, total: int) -> None:
+        """Before a volume's next slices: its progress in the task, BatchStopped if a stop
+        was asked (the volume's label is then not saved)."""
+        self.task["progress"] = f"{image}: {asked} of {total} slices asked"
+        if self._stop.is_set():
+            self.cut_short = f"{image} after {asked} of {total} slices"
+            self.note(f"{image}: stopped after {asked} of {total} slices; its label is not saved")
+            raise BatchStopped
+
     def stop(self) -> dict:
         if not self._stop.is_set():
             self._stop.set()
             self.task["status"] = "STOPPING"
-            self.note("stop asked: the image being asked is finished first")
+            self.note("stop asked: the slices being asked are finished first")
         return self.task
 
     @property
     def stopped(self) -> bool:
         return self._stop.is_set()
+
+
+def progress(image: str):
+    """For a slice range asked by a batch on this thread: the engine's `progress` callback
+    (`BatchRun.slices` for `image`); None on any other thread (a radiologist's question)."""
+    run = getattr(_this_thread, "run", None)
+    if run is None:
+        return None
+    return lambda asked, total: run.slices(image, asked, total)
 
 
 def running() -> BatchRun | None:
@@ -107,8 +130,11 @@ def run_and_wait(app, model: str, images, params: dict | None) -> dict:
         return run.result
     if run.task["status"] == "STOPPED":
         tag = run.task["request"].get("label_tag") or "original"
+        other = "other " if run.cut_short else ""
         done = (f"after {', '.join(run.answered)} had been answered (labels saved under "
-                f"'{tag}')" if run.answered else "before any image had been answered")
+                f"'{tag}')" if run.answered else f"before any {other}image had been answered")
+        if run.cut_short:  # in a volume's slices
+            done = f"in {run.cut_short} (its label is not saved), {done}"
         raise RequestError(f"the batch was stopped (DELETE /batch/infer) {done}; the other "
                            "images were not asked.", status_code=409)
     raise RequestError(f"the batch failed: {run.error or 'see the server log'}; GET "
@@ -132,6 +158,7 @@ def _start(app, model: str, images, params: dict | None) -> BatchRun:
 
 def _run(app, run: BatchRun) -> None:
     status = "ERROR"
+    _this_thread.run = run
     try:
         result = app.batch_infer(dict(run.task["request"]), run=run)
         status = "STOPPED" if run.stopped else "DONE"
@@ -146,6 +173,8 @@ def _run(app, run: BatchRun) -> None:
         run.error = str(e)
         run.note(f"failed: {e}")
     finally:
+        _this_thread.run = None
+        run.task.pop("progress", None)
         run.task.update(status=status, end_ts=_now())
         with _lock:
             task_table.background_processes.get(METHOD, {}).pop(run.task["id"], None)

@@ -9,6 +9,7 @@ requests."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -117,33 +118,60 @@ def _wait_for_batch(server) -> dict:
     return wait_for_task(server, "/batch/infer", timeout_s=180, every_s=0.5)
 
 
-def test_a_batch_without_run_sync_runs_in_the_servers_process_and_stops_between_images(server):
+def _wait_for_progress(server) -> dict:
+    """Poll `GET /batch/infer` until the run tells how far it is in a volume's slices (or
+    has ended); the task."""
+    deadline = time.monotonic() + 120
+    while True:
+        task = server.get("/batch/infer").json()
+        if "progress" in task or task.get("status") not in ("RUNNING", None) \
+                or time.monotonic() > deadline:
+            return task
+        time.sleep(0.05)
+
+
+def _slices_asked(line: str, image: str, total: int) -> int:
+    """How many of the volume's slices a progress or stop line says were asked."""
+    m = re.fullmatch(rf"{image}: (?:stopped after )?(\d+) of {total} slices"
+                     r"(?: asked|; its label is not saved)", line)
+    assert m, line
+    return int(m.group(1))
+
+
+def test_a_batch_without_run_sync_runs_in_the_servers_process_and_stops_between_slices(server):
     """MONAI Label started a process that loaded the model a second time (on a GPU, a second
     copy of the weights); here the batch asks the served engine on a thread, one run at a
-    time, and a stop ends it after the image being asked."""
-    question = {"prompt": "Segment the liver.", "slice": [0, 59], "label_tag": "async_a"}
+    time. The engine takes a volume 8 slices at a time, so a radiologist's question is
+    answered between two of them (before, it waited for the whole volume), and a stop ends
+    the batch there, the volume's label not saved."""
+    question = {"prompt": "Segment the liver.", "slice": "all", "label_tag": "async_a"}
     r = server.post("/batch/infer/citrusv_segment", params={"images": "all"}, json=question)
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "RUNNING" and r.json()["request"]["label_tag"] == "async_a"
     busy = ("a batch inference is already running; GET /batch/infer shows its progress, and "
-            "DELETE /batch/infer stops it after the image it is asking.")
+            "DELETE /batch/infer stops it after the slices it is asking.")
     for run_sync in ("false", "true"):  # one batch at a time
         again = server.post("/batch/infer/citrusv_segment",
                             params={"images": "all", "run_sync": run_sync}, json=question)
         assert (again.status_code, again.json()) == (429, {"detail": busy})
     assert server.get("/info/").status_code == 200  # the server answers meanwhile
-    # chest_ct (60 slices) is asked first; the stop comes while it is
+    # chest_ct (133 slices) is asked first
+    before = _slices_asked(_wait_for_progress(server)["progress"], "chest_ct", 133)
+    asked = server.post("/infer/citrusv_segment", params={"image": "chest_ct"}, data={
+        "params": '{"prompt": "Segment the spleen.", "slice": 70}'})
+    during = server.get("/batch/infer").json()
+    assert asked.status_code == 200, asked.text
+    assert during["status"] == "RUNNING"  # answered while the batch is in chest_ct's slices
+    assert before <= _slices_asked(during["progress"], "chest_ct", 133) < 133
     stopping = server.delete("/batch/infer")
     assert stopping.status_code == 200 and stopping.json()["status"] == "STOPPING"
     task = _wait_for_batch(server)
-    assert task["status"] == "STOPPED" and task["end_ts"]
-    assert task["details"] == [
-        "stop asked: the image being asked is finished first",
-        "chest_ct: answered; its label is saved under 'async_a'",
-        "stopped before chest_xray"]
-    saved = server.studies / "labels" / "async_a"
-    assert sorted(p.name for p in saved.glob("*.nii*")) == ["chest_ct.nii.gz"]
-    assert zyx(nib.load(saved / "chest_ct.nii.gz")).shape == (133, 512, 512)
+    assert task["status"] == "STOPPED" and task["end_ts"] and "progress" not in task
+    assert task["details"][0] == "stop asked: the slices being asked are finished first"
+    assert len(task["details"]) == 2
+    stopped_after = _slices_asked(task["details"][1], "chest_ct", 133)
+    assert 8 <= stopped_after < 133 and stopped_after % 8 == 0
+    assert not list((server.studies / "labels" / "async_a").glob("*.nii*"))
 
     detect = {"prompt": "Locate the liver, output its bbox coordinates using JSON format.",
               "slice": 60, "label_tag": "async_b"}
@@ -172,6 +200,7 @@ def test_a_run_sync_batch_is_a_task_that_blocks_others_and_can_be_stopped(server
     sending.start()
     try:
         running = wait_until_listed_running(server, "/batch/infer", sending)
+        progress = _wait_for_progress(server).get("progress", "")
         again = _batch(server, "citrusv_segment", question)
         stopping = server.delete("/batch/infer")
     finally:
@@ -181,14 +210,17 @@ def test_a_run_sync_batch_is_a_task_that_blocks_others_and_can_be_stopped(server
     assert running.json()["request"]["label_tag"] == "sync_s"
     assert again.status_code == 429, again.text
     assert stopping.status_code == 200 and stopping.json()["status"] == "STOPPING"
+    assert _slices_asked(progress, "chest_ct", 60) < 60
     r = answered["r"]  # chest_ct (60 slices) is asked first; the stop came while it was
-    assert (r.status_code, r.json()) == (409, {"detail": (
-        "the batch was stopped (DELETE /batch/infer) after chest_ct had been answered (labels "
-        "saved under 'sync_s'); the other images were not asked.")})
+    assert r.status_code == 409, r.text
+    n = int(re.search(r"in chest_ct after (\d+) of", r.json()["detail"]).group(1))
+    assert 8 <= n < 60 and r.json() == {"detail": (
+        f"the batch was stopped (DELETE /batch/infer) in chest_ct after {n} of 60 slices (its "
+        "label is not saved), before any other image had been answered; the other images were "
+        "not asked.")}
     task = _wait_for_batch(server)
     assert task["status"] == "STOPPED" and task["id"] == running.json()["id"]
-    saved = server.studies / "labels" / "sync_s"
-    assert sorted(p.name for p in saved.glob("*.nii*")) == ["chest_ct.nii.gz"]
+    assert not list((server.studies / "labels" / "sync_s").glob("*.nii*"))
 
 
 def _correction(server, tmp_path):

@@ -19,6 +19,7 @@ from citrusv.engine import untaught_modality
 from citrusv.io import is_picture
 from citrusv.parsing import modality_warning
 
+from .. import batch
 from ..errors import RequestError
 from ..images import Study, StudyCache, empty_label, paint, write_label
 from ..model import SharedModel
@@ -105,7 +106,8 @@ class CitrusVInfer(InferTask):
         if p.is_range:
             return engine.ask_volume(study.array, p.prompt, slices=p.slices, axis=p.axis,
                                      window=p.window, task=self.task, spacing=spacing,
-                                     image_id=image_id, batch_size=self.volume_batch_size)
+                                     image_id=image_id, batch_size=self.volume_batch_size,
+                                     progress=batch.progress(image_id))
         plane = study.plane(p.slices[0], p.axis)
         common = dict(window=p.window, slice_index=None if study.is_2d else p.slices[0],
                       spacing=study.plane_spacing(p.axis) if spacing else None,
