@@ -598,6 +598,26 @@ def _ask_pacs_for_the_viewer(method: str, op: str, path: str, query: str,
         k: v for k, v in r.headers.items() if k.lower() not in _NOT_PASSED_ON})
 
 
+def _notice_clients_leaving() -> None:
+    """Wrap the server's ASGI app (`lib.leaving.NoticeLeaving`) so that a question over a
+    slice range stops before its next slices once its client has gone. Starlette built the app's
+    middleware stack for its start (the lifespan, where this app is made): it is wrapped as
+    built, or as it will be built. Only in the server's process."""
+    if "monailabel.app" not in sys.modules:
+        return
+    from lib.leaving import NoticeLeaving
+
+    server = sys.modules["monailabel.app"].app
+    stack = server.middleware_stack
+    if isinstance(stack, NoticeLeaving):
+        return
+    if stack is None:
+        build = server.build_middleware_stack
+        server.build_middleware_stack = lambda: NoticeLeaving(build())
+    else:
+        server.middleware_stack = NoticeLeaving(stack)
+
+
 def _dicomweb_proxy_off_the_event_loop() -> None:
     """`/proxy/dicom/{wado,qido,stow}/...`, MONAI Label's DICOMweb proxy to the PACS (the OHIF
     viewer's way to it): MONAI Label 0.8.5 asked the PACS with `requests` on the server's one
@@ -913,6 +933,7 @@ class CitrusVApp(MONAILabelApp):
         _check_batch_and_scoring_requests()
         _run_off_the_event_loop()
         _dicomweb_proxy_off_the_event_loop()
+        _notice_clients_leaving()
         _send_dataset_and_delete_it()
         _gpu_info_without_nvidia_smi()
         _answer_full_disk_with_507()  # after the wrappers above: it wraps them too

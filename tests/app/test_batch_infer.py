@@ -9,6 +9,7 @@ requests."""
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -16,6 +17,7 @@ import time
 import nibabel as nib
 import numpy as np
 import pytest
+import requests
 
 from tests.app.helpers import (decode_rle, put_label, reference_label, wait_for_task,
                                wait_until_listed_running, zyx)
@@ -221,6 +223,32 @@ def test_a_run_sync_batch_is_a_task_that_blocks_others_and_can_be_stopped(server
     task = _wait_for_batch(server)
     assert task["status"] == "STOPPED" and task["id"] == running.json()["id"]
     assert not list((server.studies / "labels" / "sync_s").glob("*.nii*"))
+
+
+def wait_for_line(server, pattern: str, timeout_s: float = 120) -> re.Match:
+    """Poll the server's log until a line matches `pattern`; the match."""
+    deadline = time.monotonic() + timeout_s
+    while not (m := re.search(pattern, server.log(tail=10**6))):
+        assert time.monotonic() < deadline, f"no line {pattern!r} in:\n{server.log()}"
+        time.sleep(0.1)
+    return m
+
+
+def test_a_question_over_slices_stops_once_its_client_has_gone(server):
+    """A question over a CT's slices went on to its last slice after its client had gone (a
+    script's time limit, Slicer's Cancel, a closed laptop), taking its turns at the model for
+    no one. Now the server notices the connection close and stops before the next slices."""
+    question = {"prompt": "Write a report, think step by step.", "slice": "all"}
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        server.post("/infer/citrusv_report", params={"image": "chest_ct"},
+                    data={"params": json.dumps(question)}, timeout=(5, 1.5))
+    m = wait_for_line(server, r"The question about chest_ct was stopped after (\d+) of 133 "
+                              r"slices: its client closed the connection before the answer came\.")
+    assert 0 < int(m.group(1)) < 133
+    # the model is free for the next question
+    r = server.post("/infer/citrusv_segment", params={"image": "chest_ct"},
+                    data={"params": '{"prompt": "Segment the liver.", "slice": 60}'})
+    assert r.status_code == 200, r.text
 
 
 def _correction(server, tmp_path):

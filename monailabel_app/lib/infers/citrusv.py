@@ -21,6 +21,7 @@ from citrusv.parsing import modality_warning
 
 from .. import batch
 from ..errors import RequestError
+from ..leaving import CLIENT_GONE
 from ..images import Study, StudyCache, empty_label, paint, write_label
 from ..model import SharedModel
 from ..params import AXES, InferParams, options, parse
@@ -41,6 +42,24 @@ def _input_error():
     except ImportError:  # engine not installed: nothing can raise it
         return ()
     return InputError
+
+
+def _progress(image_id: str):
+    """The engine's `progress` callback for a slice range asked now: on a batch's thread the
+    batch's (its progress line, its stop); for a question, one that stops the range once its
+    client has gone (`lib.leaving`), with a line in the log; None for neither."""
+    in_batch = batch.progress(image_id)
+    gone = CLIENT_GONE.get()
+    if in_batch is not None or gone is None:
+        return in_batch
+
+    def check(asked: int, total: int) -> None:
+        if gone.is_set():
+            said = (f"the question about {image_id} was stopped after {asked} of {total} "
+                    "slices: its client closed the connection before the answer came.")
+            logger.info("Citrus-V: %s", said[0].upper() + said[1:])
+            raise RequestError(said, status_code=499)  # nginx's "client closed request"
+    return check
 
 
 class CitrusVInfer(InferTask):
@@ -107,7 +126,7 @@ class CitrusVInfer(InferTask):
             return engine.ask_volume(study.array, p.prompt, slices=p.slices, axis=p.axis,
                                      window=p.window, task=self.task, spacing=spacing,
                                      image_id=image_id, batch_size=self.volume_batch_size,
-                                     progress=batch.progress(image_id))
+                                     progress=_progress(image_id))
         plane = study.plane(p.slices[0], p.axis)
         common = dict(window=p.window, slice_index=None if study.is_2d else p.slices[0],
                       spacing=study.plane_spacing(p.axis) if spacing else None,
