@@ -332,6 +332,8 @@ class CitrusVWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     dialog.setCancelButtonText("Cancel")
                     dialog.show()
                 if dialog is not None and dialog.wasCanceled:
+                    # the request is closed, so the server stops a question over slices too
+                    self.logic.abandonRequests()
                     raise CitrusVCancelled()
         finally:
             if dialog is not None:
@@ -669,6 +671,11 @@ class CitrusVLogic(ScriptedLoadableModuleLogic):
         if self._tmp is None or not os.path.isdir(self._tmp):
             self._tmp = tempfile.mkdtemp(prefix="CitrusV-")
         return self._tmp
+
+    def abandonRequests(self):
+        """Close every request in flight (Cancel): the server stops answering them."""
+        for client in self._clients.values():
+            client.abandon()
 
     def client(self, url, token=None, caCertificate=None):
         key = (url, token, caCertificate)

@@ -6,9 +6,14 @@ sample studies). Every call goes over HTTP through CitrusVClient exactly as Slic
 
 from __future__ import annotations
 
+import re
+import threading
+import time
+
 import numpy as np
 import pytest
 from CitrusVLib import CitrusVClient, CitrusVError
+from CitrusVLib.errors import CitrusVCancelled
 from CitrusVLib.geometry import get_slice, slice_shape
 from CitrusVLib.headless import ask_server
 from CitrusVLib.label_io import LabelVolume, read_label_volume, write_label_volume
@@ -134,6 +139,44 @@ def test_bad_requests_are_one_sentence_and_the_server_keeps_serving(client, ct):
         client.infer("citrusv_nonsense", IMAGE, {"prompt": "liver", "slice": 1})
     assert "nonsense" in str(err.value)
     assert client.info()["models"]
+
+
+def test_a_cancelled_question_over_slices_stops_on_the_server(server):
+    """Slicer's Cancel (`CitrusVClient.abandon`, from the UI thread) closes the question's
+    connection: the waiting thread gets CitrusVCancelled at once, the question is not sent
+    again, and the server stops its slices there. Before, Cancel only stopped waiting, and
+    the server went on to the last slice."""
+    client = CitrusVClient(server.url, read_timeout=300)
+    question = {"prompt": "Write a report, think step by step.", "slice": "all"}
+    outcome = {}
+
+    def ask():
+        try:
+            outcome["answer"] = client.infer("citrusv_report", IMAGE, question)
+        except CitrusVError as e:
+            outcome["error"] = e
+
+    before = len(server.log(tail=10**7))
+    asked = "Infer Request: {'model': 'citrusv_report', 'image': 'chest_ct', 'prompt': 'Write"
+    asking = threading.Thread(target=ask)
+    asking.start()
+    deadline = time.monotonic() + 60
+    while asked not in server.log(tail=10**7)[before:]:  # the server is answering it
+        assert time.monotonic() < deadline and asking.is_alive(), server.log()
+        time.sleep(0.02)
+    cancelled = time.monotonic()
+    client.abandon()
+    asking.join(30)
+    assert not asking.is_alive() and time.monotonic() - cancelled < 5
+    assert isinstance(outcome.get("error"), CitrusVCancelled), outcome
+    deadline = time.monotonic() + 120
+    line = r"The question about chest_ct was stopped after (\d+) of 133 slices: its client"
+    while not (m := re.search(line, server.log(tail=10**7)[before:])):
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.1)
+    assert int(m.group(1)) < 133
+    assert server.log(tail=10**7)[before:].count(asked) == 1  # not sent again
+    assert "citrusv_report" in client.info()["models"]  # the client goes on
 
 
 def test_correction_lands_in_the_datastore(client, server, ct, tmp_path):

@@ -9,15 +9,20 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import socket
+import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from .errors import CitrusVError, error_for_exception, error_for_response
+from .errors import CitrusVCancelled, CitrusVError, error_for_exception, error_for_response
 from .label_io import LabelVolume, read_label_volume
 from .multipart import parse_multipart
 from .result import Result
@@ -153,6 +158,61 @@ def _is_connection_reset(exc: BaseException) -> bool:
 FileSpec = tuple[str, Callable[[], Any], str]  # field name -> (filename, opener, content type)
 
 
+class _AbandonableAdapter(HTTPAdapter):
+    """requests' adapter, keeping the connections of the requests in flight so that another
+    thread can close them (`CitrusVClient.abandon`, Slicer's Cancel): the server then sees the
+    client leave and stops a question over a slice range before its next slices, where before
+    a cancelled question went on to its last slice."""
+
+    def __init__(self) -> None:
+        self._in_flight: weakref.WeakSet = weakref.WeakSet()  # urllib3 connections lent out
+        self._guard = threading.Lock()
+        super().__init__()
+
+    def _tracked(self, base: type) -> type:
+        adapter = self
+
+        class Tracked(base):  # type: ignore[misc, valid-type]
+            def _get_conn(self, timeout=None):
+                conn = super()._get_conn(timeout)
+                with adapter._guard:
+                    adapter._in_flight.add(conn)
+                return conn
+
+            def _put_conn(self, conn):
+                if conn is not None:  # None: the connection was closed and dropped
+                    with adapter._guard:
+                        adapter._in_flight.discard(conn)
+                super()._put_conn(conn)
+
+        return Tracked
+
+    def _track(self, manager):
+        manager.pool_classes_by_scheme = {"http": self._tracked(HTTPConnectionPool),
+                                          "https": self._tracked(HTTPSConnectionPool)}
+        return manager
+
+    def init_poolmanager(self, *args, **kwargs) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self._track(self.poolmanager)
+
+    def proxy_manager_for(self, proxy, **proxy_kwargs):
+        known = proxy in self.proxy_manager
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        return manager if known else self._track(manager)
+
+    def close_in_flight(self) -> None:
+        with self._guard:
+            connections = list(self._in_flight)
+        for conn in connections:
+            sock = getattr(conn, "sock", None)
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # the waiting thread's read ends now
+                except OSError:
+                    pass
+
+
 class CitrusVClient:
     """Talks to one MONAI Label server running the Citrus-V app."""
 
@@ -175,9 +235,24 @@ class CitrusVClient:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.session = session or requests.Session()
+        if session is None:
+            adapter = _AbandonableAdapter()
+            self.session.mount("http://", adapter)
+            self.session.mount("https://", adapter)
+        self._abandoned = 0  # how many times `abandon` was called
         # a sign-in's (`sign_in`): in memory only; the password is not kept
         self._signed_in_as: str | None = None
         self._refresh_token: str | None = None
+
+    def abandon(self) -> None:
+        """Close this client's requests in flight (from another thread: Slicer's Cancel). Each
+        raises CitrusVCancelled in its own thread and is not sent again; the server, seeing the
+        client leave, stops a question over a slice range before its next slices. Later
+        requests open new connections."""
+        self._abandoned += 1
+        for adapter in {id(a): a for a in self.session.adapters.values()}.values():
+            if isinstance(adapter, _AbandonableAdapter):
+                adapter.close_in_flight()
 
     @property
     def signed_in_as(self) -> str | None:
@@ -260,6 +335,7 @@ class CitrusVClient:
                 f"The CA certificate file '{self.ca_certificate}' does not exist: choose the "
                 "department's CA certificate (.pem or .crt), or leave the field empty."
             )
+        abandoned = self._abandoned
         for attempt in (1, 2):
             opened: list[Any] = []
             try:
@@ -284,6 +360,8 @@ class CitrusVClient:
                     verify=self.ca_certificate or True,
                 )
             except requests.exceptions.RequestException as exc:
+                if self._abandoned != abandoned:  # closed by `abandon`: not sent again
+                    raise CitrusVCancelled() from exc
                 if attempt == 1 and _is_connection_reset(exc):
                     time.sleep(0.2)
                     continue
