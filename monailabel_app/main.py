@@ -530,9 +530,9 @@ def _run_off_the_event_loop() -> None:
     (a `run_sync` run waits there for its process), sign-in (it waits for the sign-in server,
     up to 30 s), info, logs, model files, scoring and sessions now run on a worker thread; the
     model itself still answers one question at a time (the engine's turns; a slice range
-    takes them 8 slices at a time), and the datastore changes its index under its mutex. The endpoints await nothing, so each runs to its end on
-    the thread with no event loop. Only in the server's process (the training process has no
-    routes)."""
+    takes them 8 slices at a time), and the datastore changes its index under its mutex. The
+    endpoints await nothing, so each runs to its end on the thread with no event loop. Only in
+    the server's process (the training process has no routes)."""
     if "monailabel.app" not in sys.modules:
         return
     from starlette.concurrency import run_in_threadpool
@@ -600,9 +600,9 @@ def _ask_pacs_for_the_viewer(method: str, op: str, path: str, query: str,
 
 def _notice_clients_leaving() -> None:
     """Wrap the server's ASGI app (`lib.leaving.NoticeLeaving`) so that a question over a
-    slice range stops before its next slices once its client has gone. Starlette built the app's
-    middleware stack for its start (the lifespan, where this app is made): it is wrapped as
-    built, or as it will be built. Only in the server's process."""
+    slice range stops before its next slices once its client has gone. Starlette built the
+    app's middleware stack for its start (the lifespan, where this app is made): it is wrapped
+    as built, or as it will be built. Only in the server's process."""
     if "monailabel.app" not in sys.modules:
         return
     from lib.leaving import NoticeLeaving

@@ -10,9 +10,9 @@ turns), so a radiologist's question waits at most for the slices the batch is as
 volume, or one 2D image), not for its whole volume. MONAI Label's task table is kept, so `GET
 /batch/infer` lists the run (with `progress` while a volume's slices are asked), another batch
 while it runs gets a 429, and `DELETE /batch/infer` stops the run after the slices it is
-asking; a volume stopped part way has no label saved. A `run_sync` batch is such a run too, and its request waits for it (`run_and_wait`):
-MONAI Label ran it on the request's own thread, outside the task table, so it could not be
-stopped, and two sent at once both ran."""
+asking; a volume stopped part way has no label saved. A `run_sync` batch is such a run too,
+and its request waits for it (`run_and_wait`): MONAI Label ran it on the request's own
+thread, outside the task table, so it could not be stopped, and two sent at once both ran."""
 
 from __future__ import annotations
 
@@ -52,7 +52,10 @@ class BatchRun:
         self._stop = threading.Event()
         self.ended = threading.Event()
         self.task = {"id": str(uuid.uuid4()), "status": "RUNNING", "request": request,
-                     "start_ts": _now(), "details": deque(maxlen=20)}
+                     "start_ts": _now(), "details": deque(maxlen=20),
+                     # "chest_ct: 40 of 133 slices asked" while a volume's slices are asked;
+                     # the key stays (a GET reads the dict while this thread writes it)
+                     "progress": None}
         self.answered: list[str] = []  # the images answered so far, in order
         self.result: dict | None = None  # {image id: answer}, once DONE
         self.cut_short: str | None = None  # "chest_ct after 16 of 60 slices": stopped in it
@@ -65,7 +68,7 @@ class BatchRun:
     def answer(self, image: str, tag: str) -> None:
         """`image` was answered and its label saved under `tag`."""
         self.answered.append(image)
-        self.task.pop("progress", None)
+        self.task["progress"] = None
         self.note(f"{image}: answered; its label is saved under '{tag}'")
 
     def check(self, image: str) -> None:
@@ -174,8 +177,7 @@ def _run(app, run: BatchRun) -> None:
         run.note(f"failed: {e}")
     finally:
         _this_thread.run = None
-        run.task.pop("progress", None)
-        run.task.update(status=status, end_ts=_now())
+        run.task.update(status=status, end_ts=_now(), progress=None)
         with _lock:
             task_table.background_processes.get(METHOD, {}).pop(run.task["id"], None)
         run.ended.set()

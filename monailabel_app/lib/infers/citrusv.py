@@ -21,8 +21,8 @@ from citrusv.parsing import modality_warning
 
 from .. import batch
 from ..errors import RequestError
-from ..leaving import CLIENT_GONE
 from ..images import Study, StudyCache, empty_label, paint, write_label
+from ..leaving import CLIENT_GONE
 from ..model import SharedModel
 from ..params import AXES, InferParams, options, parse
 
