@@ -1,7 +1,8 @@
 """`citrusv bench`: the engine's own overheads, measured in one run on one model.
 
 Figures: plain `generate` vs capture-while-generating, cold vs cached mask step on the same
-slice, prefill/decode tokens/s, peak RSS (and GPU memory on CUDA).
+slice, prefill/decode tokens/s, a question's wait while a slice range is asked (the engine's
+turns), peak RSS (and GPU memory on CUDA).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import resource
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -227,9 +229,57 @@ def run_bench(engine: Engine, size: int = 512, new_tokens: int = 32, repeats: in
         "mask_cached_over_cold": cached_ms / cold_ms,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    out.update(turns(engine, ct, repeats))
     if dev.type == "cuda":
         out["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 1024**2
     return out
+
+
+RANGE_SLICES = 24  # three of the server's chunks of 8 slices
+
+
+def turns(engine: Engine, ct: np.ndarray, repeats: int) -> dict:
+    """A one-slice question asked while a range of RANGE_SLICES slices is being asked (once its
+    first chunk has begun), against the same question alone and the range alone: with the
+    engine's turns it waits for at most one chunk; without them it waited for the range."""
+    dev = engine.device
+    rng = np.random.default_rng(1)
+    vol = ct[None] + rng.normal(0, 5, (RANGE_SLICES, *ct.shape)).astype(np.float32)
+
+    def question() -> float:
+        engine.cache.clear()
+        t0 = time.perf_counter()
+        engine.ask(ct, PROMPT, window="abdomen", forced_text=FORCED)
+        _sync(dev)
+        return (time.perf_counter() - t0) * 1e3
+
+    def ranged(progress=None) -> float:
+        engine.cache.clear()
+        t0 = time.perf_counter()
+        engine.ask_volume(vol, PROMPT, window="abdomen", forced_text=FORCED, progress=progress)
+        _sync(dev)
+        return (time.perf_counter() - t0) * 1e3
+
+    def during() -> float:
+        begun, waited = threading.Event(), {}
+
+        def progress(asked, total):
+            if asked == 8:  # the second chunk is about to take its turn
+                begun.set()
+
+        asking = threading.Thread(target=lambda: waited.update(ms=ranged(progress)))
+        asking.start()
+        begun.wait()
+        ms = question()
+        asking.join()
+        return ms
+
+    question(), ranged()  # warm-up
+    alone = statistics.median(question() for _ in range(repeats))
+    range_ms = statistics.median(ranged() for _ in range(max(1, repeats // 2)))
+    waits = statistics.median(during() for _ in range(repeats))
+    return {"question_alone_ms": alone, "range_slices": RANGE_SLICES, "range_alone_ms": range_ms,
+            "question_during_range_ms": waits, "question_during_over_alone": waits / alone}
 
 
 def format_bench(r: dict) -> str:
@@ -246,6 +296,12 @@ def format_bench(r: dict) -> str:
         f"{100 * r['mask_cached_over_cold']:.1f}% of cold (target <= 20%)",
         f"vision+prefill, 1st question on a slice {r['prompt_first_ms']:9.1f} ms",
         f"vision+prefill, 2nd question (cached)   {r['prompt_second_ms']:9.1f} ms",
+        f"a question alone         {r['question_alone_ms']:9.1f} ms",
+        f"  asked during a range   {r['question_during_range_ms']:9.1f} ms   = "
+        f"{r['question_during_over_alone']:.2f} x alone (it waits for the chunk of 8 slices "
+        "being asked)",
+        f"the range alone          {r['range_alone_ms']:9.1f} ms   ({r['range_slices']} slices; "
+        "before the engine's turns a question waited for all of the range left)",
         f"peak RSS                 {r['peak_rss_mb']:9.1f} MB",
     ]
     if "gpu_peak_mb" in r:

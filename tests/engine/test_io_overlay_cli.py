@@ -159,6 +159,9 @@ def test_bench_figures_on_tiny_model(tiny_dir):
     # in test_engine.py (cached < cold in ms failed beside a training run: 16.2 against 15.4)
     assert r["mask_cold_ms"] > 0 and r["mask_cached_ms"] > 0
     assert r["mask_cached_over_cold"] == r["mask_cached_ms"] / r["mask_cold_ms"]
+    assert r["range_slices"] == 24 and r["range_alone_ms"] > 0 and r["question_alone_ms"] > 0
+    assert r["question_during_over_alone"] == (r["question_during_range_ms"]
+                                               / r["question_alone_ms"])
 
 
 def test_finetune_memory_figure_runs_each_mode_in_its_own_process(tiny_dir):
