@@ -92,6 +92,18 @@ class CitrusVServer:
         except OSError:
             return ""
 
+    def log_size(self) -> int:
+        """How many characters the log holds now (`wait_for_log`'s `since`)."""
+        return len(self.log(tail=10**9))
+
+    def wait_for_log(self, pattern: str, since: int = 0, timeout_s: float = 120) -> re.Match:
+        """Poll the log, from character `since` on, until `pattern` matches; the match."""
+        deadline = time.monotonic() + timeout_s
+        while not (m := re.search(pattern, self.log(tail=10**9)[since:])):
+            assert time.monotonic() < deadline, f"no line {pattern!r} in the log:\n{self.log()}"
+            time.sleep(0.05)
+        return m
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

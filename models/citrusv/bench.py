@@ -261,13 +261,13 @@ def turns(engine: Engine, ct: np.ndarray, repeats: int) -> dict:
         return (time.perf_counter() - t0) * 1e3
 
     def during() -> float:
-        begun, waited = threading.Event(), {}
+        begun = threading.Event()
 
         def progress(asked, total):
             if asked == 8:  # the second chunk is about to take its turn
                 begun.set()
 
-        asking = threading.Thread(target=lambda: waited.update(ms=ranged(progress)))
+        asking = threading.Thread(target=ranged, args=(progress,))
         asking.start()
         begun.wait()
         ms = question()

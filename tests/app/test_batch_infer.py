@@ -225,25 +225,18 @@ def test_a_run_sync_batch_is_a_task_that_blocks_others_and_can_be_stopped(server
     assert not list((server.studies / "labels" / "sync_s").glob("*.nii*"))
 
 
-def wait_for_line(server, pattern: str, timeout_s: float = 120) -> re.Match:
-    """Poll the server's log until a line matches `pattern`; the match."""
-    deadline = time.monotonic() + timeout_s
-    while not (m := re.search(pattern, server.log(tail=10**6))):
-        assert time.monotonic() < deadline, f"no line {pattern!r} in:\n{server.log()}"
-        time.sleep(0.1)
-    return m
-
-
 def test_a_question_over_slices_stops_once_its_client_has_gone(server):
     """A question over a CT's slices went on to its last slice after its client had gone (a
     script's time limit, Slicer's Cancel, a closed laptop), taking its turns at the model for
     no one. Now the server notices the connection close and stops before the next slices."""
     question = {"prompt": "Write a report, think step by step.", "slice": "all"}
+    before = server.log_size()
     with pytest.raises(requests.exceptions.ReadTimeout):
         server.post("/infer/citrusv_report", params={"image": "chest_ct"},
                     data={"params": json.dumps(question)}, timeout=(5, 1.5))
-    m = wait_for_line(server, r"The question about chest_ct was stopped after (\d+) of 133 "
-                              r"slices: its client closed the connection before the answer came\.")
+    m = server.wait_for_log(r"The question about chest_ct was stopped after (\d+) of 133 "
+                            r"slices: its client closed the connection before the answer came\.",
+                            since=before)
     assert 0 < int(m.group(1)) < 133
     # the model is free for the next question
     r = server.post("/infer/citrusv_segment", params={"image": "chest_ct"},
