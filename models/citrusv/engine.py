@@ -796,7 +796,6 @@ class Engine:
         res.timing_ms["total"] = (time.perf_counter() - t0) * 1e3
         return res
 
-    @_serialised
     def closer_look(self, image, prompt: str = "", roi=None, margin: float = CLOSER_LOOK_MARGIN, *,
                     mask: np.ndarray | None = None, label: str | None = None, window=None,
                     slice_index: int | None = None, spacing=None,
@@ -883,15 +882,19 @@ class Engine:
                 raise InputError("mask", "mask is empty; send a mask with the region to refine.")
         squares = [square_roi(b, h, w, margin) for b in bases]
         blend = float(self.config.closer_look_blend)
+        # each model pass takes its own turn at the engine (as a range's chunks do): the first
+        # pass (`ask`), the whole slice's view, each square's look
         t_whole = time.perf_counter()
-        whole = (self._whole_view(arr, window, photometric, prompt, label, crop_text)
-                 if blend < 1 else None)
+        with self._lock:
+            whole = (self._whole_view(arr, window, photometric, prompt, label, crop_text)
+                     if blend < 1 else None)
         t_whole = (time.perf_counter() - t_whole) * 1e3
         res = None
         blended: set[str] = set()  # the labels whose crop masks were blended
         for n, square in enumerate(squares):
-            look = self._look(arr, square, window, photometric, prompt, crop_text,
-                              rois[n] if user_roi else None, whole, blend, blended)
+            with self._lock:
+                look = self._look(arr, square, window, photometric, prompt, crop_text,
+                                  rois[n] if user_roi else None, whole, blend, blended)
             res = look if res is None else _join_looks(res, look)
         # what the crop's answer is compared with: the mask sent, else the model's own mask of
         # the whole slice (the first pass, asked here when a region was given instead)

@@ -107,3 +107,40 @@ def test_a_range_is_told_its_progress_and_stops_where_progress_raises(fitted_eng
                           batch_size=2, progress=progress)
     assert seen == [(0, 5), (2, 5), (4, 5)]
     assert engine._lock.waiting == 0 and engine.ask(vol[0], "Segment the liver.").task
+
+
+def test_a_question_asked_during_a_closer_look_is_answered_between_its_looks(fitted_engine):
+    """A closer look at several regions takes one turn per region's look (and one for its
+    first pass), so a question asked meanwhile does not wait for all of them."""
+    engine = fitted_engine
+    ct = _volume()[2]
+    rois = [[4, 4, 30, 30], [34, 34, 60, 60], [4, 34, 30, 60]]
+    alone = engine.closer_look(ct, "Segment the liver.", roi=rois, window="abdomen")
+    events, answered = [], {}
+    look = engine._look
+
+    def question():
+        answered["r"] = engine.ask(ct, "Segment the spleen.", window="abdomen")
+        events.append("question")
+
+    def one_look(*args, **kwargs):
+        events.append(f"look {len(events)}")
+        if len(events) == 1:  # the first look holds the engine when the question comes
+            asking = threading.Thread(target=question)
+            asking.start()
+            _until(lambda: engine._lock.waiting == 1)
+            answered["thread"] = asking
+        return look(*args, **kwargs)
+
+    engine._look = one_look
+    try:
+        shared = engine.closer_look(ct, "Segment the liver.", roi=rois, window="abdomen")
+    finally:
+        del engine._look
+        answered["thread"].join(30)
+    assert events == ["look 0", "question", "look 2", "look 3"]
+    assert answered["r"].task == "segment"
+    assert shared.answer == alone.answer and shared.closer_look == alone.closer_look
+    assert [m.label for m in shared.masks] == [m.label for m in alone.masks]
+    for a, b in zip(shared.masks, alone.masks):
+        np.testing.assert_array_equal(a.array, b.array)
