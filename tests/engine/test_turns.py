@@ -1,7 +1,8 @@
 """Questions take turns at the engine: a question over a slice range holds the engine one
 chunk of slices at a time, and a question asked meanwhile is answered between two chunks,
 not after the range's last slice (before, the range held the engine from its first slice to
-its last: on a CT's 133 slices every other radiologist's question waited for all of them)."""
+its last: on a CT's 133 slices every other radiologist's question waited for all of them).
+A closer look takes a turn per model pass in the same way."""
 
 from __future__ import annotations
 
@@ -53,40 +54,57 @@ def _volume() -> np.ndarray:
     return rng.integers(-1000, 400, size=(6, 64, 64)).astype(np.int16)
 
 
-def test_a_question_asked_during_a_range_is_answered_between_its_chunks(fitted_engine):
-    engine = fitted_engine
-    vol = _volume()
-    alone = engine.ask_volume(vol, "Segment the liver.", window="abdomen", batch_size=1)
+def _asked_meanwhile(engine, method: str, name: str, nth: int, image, call):
+    """Run `call()` with a one-slice question asked while the engine's `method` (one model
+    pass) runs for the `nth` time and holds the engine; (what `call` returns, the order of the
+    passes, named `name` and numbered, and the question, the question's answer)."""
     events, answered = [], {}
-    run_batch = engine._run_batch
+    original = getattr(engine, method)
 
     def question():
-        answered["r"] = engine.ask(vol[3], "Segment the spleen.", window="abdomen")
+        answered["r"] = engine.ask(image, "Segment the spleen.", window="abdomen")
         events.append("question")
 
-    def chunk(states, *args):
-        events.append(f"chunk {len(events)}")
-        if len(events) == 3:  # the third chunk holds the engine when the question comes
+    def one_pass(*args, **kwargs):
+        events.append(f"{name} {len(events)}")
+        if len(events) == nth:  # this pass holds the engine when the question comes
             asking = threading.Thread(target=question)
             asking.start()
             _until(lambda: engine._lock.waiting == 1)
             answered["thread"] = asking
-        return run_batch(states, *args)
+        return original(*args, **kwargs)
 
-    engine._run_batch = chunk
+    setattr(engine, method, one_pass)
     try:
-        shared = engine.ask_volume(vol, "Segment the liver.", window="abdomen", batch_size=1)
+        out = call()
     finally:
-        del engine._run_batch
+        delattr(engine, method)
         answered["thread"].join(30)
+    return out, events, answered["r"]
+
+
+def _same_masks(a, b) -> None:
+    assert [m.label for m in a.masks] == [m.label for m in b.masks]
+    for x, y in zip(a.masks, b.masks):
+        np.testing.assert_array_equal(x.array, y.array)
+
+
+def test_a_question_asked_during_a_range_is_answered_between_its_chunks(fitted_engine):
+    engine = fitted_engine
+    vol = _volume()
+
+    def ask_range():
+        return engine.ask_volume(vol, "Segment the liver.", window="abdomen", batch_size=1)
+
+    alone = ask_range()
+    shared, events, question = _asked_meanwhile(engine, "_run_batch", "chunk", 3, vol[3],
+                                                ask_range)
     assert events == ["chunk 0", "chunk 1", "chunk 2", "question", "chunk 4", "chunk 5",
                       "chunk 6"]
-    assert answered["r"].task == "segment"
+    assert question.task == "segment"
     # taking turns changed nothing in the range's answer
     assert shared.answer == alone.answer and shared.text == alone.text
-    assert [m.label for m in shared.masks] == [m.label for m in alone.masks]
-    for a, b in zip(shared.masks, alone.masks):
-        np.testing.assert_array_equal(a.array, b.array)
+    _same_masks(shared, alone)
 
 
 def test_a_range_is_told_its_progress_and_stops_where_progress_raises(fitted_engine):
@@ -115,32 +133,13 @@ def test_a_question_asked_during_a_closer_look_is_answered_between_its_looks(fit
     engine = fitted_engine
     ct = _volume()[2]
     rois = [[4, 4, 30, 30], [34, 34, 60, 60], [4, 34, 30, 60]]
-    alone = engine.closer_look(ct, "Segment the liver.", roi=rois, window="abdomen")
-    events, answered = [], {}
-    look = engine._look
 
-    def question():
-        answered["r"] = engine.ask(ct, "Segment the spleen.", window="abdomen")
-        events.append("question")
+    def look():
+        return engine.closer_look(ct, "Segment the liver.", roi=rois, window="abdomen")
 
-    def one_look(*args, **kwargs):
-        events.append(f"look {len(events)}")
-        if len(events) == 1:  # the first look holds the engine when the question comes
-            asking = threading.Thread(target=question)
-            asking.start()
-            _until(lambda: engine._lock.waiting == 1)
-            answered["thread"] = asking
-        return look(*args, **kwargs)
-
-    engine._look = one_look
-    try:
-        shared = engine.closer_look(ct, "Segment the liver.", roi=rois, window="abdomen")
-    finally:
-        del engine._look
-        answered["thread"].join(30)
+    alone = look()
+    shared, events, question = _asked_meanwhile(engine, "_look", "look", 1, ct, look)
     assert events == ["look 0", "question", "look 2", "look 3"]
-    assert answered["r"].task == "segment"
+    assert question.task == "segment"
     assert shared.answer == alone.answer and shared.closer_look == alone.closer_look
-    assert [m.label for m in shared.masks] == [m.label for m in alone.masks]
-    for a, b in zip(shared.masks, alone.masks):
-        np.testing.assert_array_equal(a.array, b.array)
+    _same_masks(shared, alone)
