@@ -155,13 +155,14 @@ def wait_until_listed_running(server, path: str, sending, timeout_s: float = 60,
         time.sleep(every_s)
 
 
-def wait_for_task(server, path: str, timeout_s: float, every_s: float) -> dict:
+def wait_for_task(server, path: str, timeout_s: float, every_s: float, until=None) -> dict:
     """Poll a MONAI Label task list (GET /train/, GET /batch/infer) until its latest task has
-    ended (DONE, ERROR or STOPPED); that task's status."""
+    ended (DONE, ERROR or STOPPED), or `until(task)` holds; that task's status."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         r = server.get(path)
-        if r.status_code == 200 and r.json().get("status") in ("DONE", "ERROR", "STOPPED"):
+        if r.status_code == 200 and (r.json().get("status") in ("DONE", "ERROR", "STOPPED")
+                                     or (until is not None and until(r.json()))):
             return r.json()
         time.sleep(every_s)
     raise AssertionError(f"the task of {path} did not end in {timeout_s} s:\n{server.log()}")

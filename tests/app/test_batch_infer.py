@@ -121,15 +121,9 @@ def _wait_for_batch(server) -> dict:
 
 
 def _wait_for_progress(server) -> dict:
-    """Poll `GET /batch/infer` until the run tells how far it is in a volume's slices (or
-    has ended); the task."""
-    deadline = time.monotonic() + 120
-    while True:
-        task = server.get("/batch/infer").json()
-        if task.get("progress") or task.get("status") not in ("RUNNING", None) \
-                or time.monotonic() > deadline:
-            return task
-        time.sleep(0.05)
+    """The batch's task once it tells how far it is in a volume's slices (or has ended)."""
+    return wait_for_task(server, "/batch/infer", timeout_s=120, every_s=0.05,
+                         until=lambda task: task.get("progress"))
 
 
 def _slices_asked(line: str, image: str, total: int) -> int:
